@@ -1,0 +1,43 @@
+"""candle_ckpt: crash-consistent checkpoint and restart of Keras training jobs on HPC.
+
+Usage in a CANDLE-style benchmark::
+
+    parser = argparse.ArgumentParser(); candle_ckpt.ckpt_parser(parser)
+    params = vars(parser.parse_args())
+    model = build_and_compile_model(params)
+    J = candle_ckpt.restart(params, model)       # None, or the ckpt-info.json dict
+    initial_epoch = J["epoch"] if J else 0
+    ckpt = candle_ckpt.CandleCheckpointCallback(params)
+    model.fit(..., epochs=params["epochs"], initial_epoch=initial_epoch, callbacks=[ckpt])
+
+`import candle_ckpt` does not import TensorFlow: the Keras names (`restart`,
+`CandleCheckpointCallback`) are loaded on first access.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (CheckpointError, CheckpointFormatError, ChecksumMismatchError,
+                     CorruptCheckpointError, LinkError, NoCheckpointError,
+                     ParameterTypeError, ParameterValueError)
+from .params import (ParamRequired, ParamType, ckpt_defs, ckpt_parser, param, str2bool,
+                     validate_params)
+
+_LAZY = {
+    "CandleCheckpointCallback": "candle_ckpt.keras_callback",
+    "restart": "candle_ckpt.keras_restart",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'candle_ckpt' has no attribute {name!r}")
+
+
+__all__ = ["CandleCheckpointCallback", "restart", "ckpt_parser", "ckpt_defs", "param",
+           "ParamType", "ParamRequired", "str2bool", "validate_params", "CheckpointError",
+           "CheckpointFormatError", "ChecksumMismatchError", "CorruptCheckpointError",
+           "LinkError", "NoCheckpointError", "ParameterTypeError", "ParameterValueError"]

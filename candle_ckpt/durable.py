@@ -1,0 +1,135 @@
+"""Tiny durable file-system primitives, each with one job and one guarantee.
+
+Every step of the save protocol is one of these. Each states what holds after a crash
+(kill -9 or power loss) at any instant. All paths of one call must be on the same file
+system, as `rename(2)` requires. POSIX only.
+"""
+
+import os
+import shutil
+import uuid
+
+
+def fsync_file(path):
+    """Flush a file's data and metadata to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path):
+    """Flush a directory's entries (creations, renames, removals) to stable storage."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_name(path):
+    """A sibling of `path` that no other writer uses: `.<name>.tmp.<unique>`.
+
+    Temporary names start with a dot and never parse as an epoch number, so no reader
+    can mistake one for a checkpoint.
+    """
+    head, tail = os.path.split(os.fspath(path))
+    return os.path.join(head, f".{tail}.tmp.{uuid.uuid4().hex[:12]}")
+
+
+def write_bytes_atomic(path, data):
+    """Replace the file `path` by `data`: readers see the old file or the whole new one.
+
+    Writes a temporary sibling, fsyncs it, renames it over `path` and fsyncs the
+    directory. After a crash `path` is either the old or the new file; at worst a
+    temporary sibling is left behind.
+    """
+    temporary = temporary_name(path)
+    try:
+        with open(temporary, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def rename_durable(source, destination):
+    """Rename `source` to `destination` and make the rename durable.
+
+    After a crash, exactly one of the two names exists. Both parent directories are
+    fsynced (once if they are the same).
+    """
+    os.rename(source, destination)
+    destination_parent = os.path.dirname(os.path.abspath(destination))
+    source_parent = os.path.dirname(os.path.abspath(source))
+    fsync_dir(destination_parent)
+    if source_parent != destination_parent:
+        fsync_dir(source_parent)
+
+
+def replace_symlink(target, link_path):
+    """Point the symlink `link_path` at `target` atomically, replacing any old link.
+
+    Creates the link under a temporary name and `os.replace`s it over `link_path`, then
+    fsyncs the directory: at every instant `link_path` is the old link or the new one,
+    never absent. `target` is stored as given (pass a relative path for a movable tree).
+    """
+    temporary = temporary_name(link_path)
+    os.symlink(target, temporary)
+    try:
+        os.replace(temporary, link_path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(link_path)))
+
+
+def remove_link(link_path):
+    """Remove the symlink `link_path` if it exists, durably."""
+    try:
+        os.unlink(link_path)
+    except FileNotFoundError:
+        return
+    fsync_dir(os.path.dirname(os.path.abspath(link_path)))
+
+
+def discard_tree(path, trash_dir):
+    """Delete the directory `path` so that no reader ever sees it half-deleted.
+
+    First renames it (durably) into `trash_dir`, which must be on the same file system
+    and which readers ignore, then removes it there. A crash leaves either the whole
+    tree at `path` or a leftover in `trash_dir`, which `empty_trash` finishes.
+    Returns the trash path it was moved to, or None when `path` did not exist.
+    """
+    os.makedirs(trash_dir, exist_ok=True)
+    moved = os.path.join(trash_dir, f"{os.path.basename(path)}.{uuid.uuid4().hex[:12]}")
+    try:
+        rename_durable(path, moved)
+    except FileNotFoundError:
+        return None
+    shutil.rmtree(moved)
+    return moved
+
+
+def empty_trash(trash_dir):
+    """Finish deletions a crash interrupted: remove everything inside `trash_dir`.
+
+    Returns the names removed.
+    """
+    try:
+        names = sorted(os.listdir(trash_dir))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        entry = os.path.join(trash_dir, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry)
+        else:
+            os.unlink(entry)
+    return names

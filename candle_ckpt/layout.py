@@ -1,0 +1,118 @@
+"""Where everything lives in a checkpoint tree, and how links are resolved.
+
+::
+
+    <ckpt_directory>/
+      ckpt.log
+      ckpts/
+        work/          a save in progress
+        trash/         directories being deleted (renamed here first, then removed)
+        epochs/001/    one directory per saved epoch, "%03d" of the 1-based epoch
+        last -> epochs/NNN
+        best -> epochs/NNN
+
+Every path derives from `ckpt_directory`; nothing here touches the disk except to read.
+"""
+
+import os
+import re
+
+from .errors import LinkError
+
+INFO_FILE = "ckpt-info.json"
+LOG_FILE = "ckpt.log"
+LINK_NAMES = ("last", "best")
+
+_EPOCH_NAME = re.compile(r"[0-9]+\Z")
+
+
+def epoch_dirname(epoch):
+    """The directory name of a 1-based epoch: "001", ..., "999", "1000"."""
+    return "%03d" % epoch
+
+
+def parse_epoch_dirname(name):
+    """The epoch number of an epoch directory name, or None if it is not one.
+
+    Only canonical names count ("007", not "7" or "0007"), so that every epoch has
+    exactly one directory.
+    """
+    if not _EPOCH_NAME.match(name):
+        return None
+    epoch = int(name)
+    return epoch if epoch >= 1 and epoch_dirname(epoch) == name else None
+
+
+class CheckpointLayout:
+    """The paths of one checkpoint tree rooted at `ckpt_directory`.
+
+    Args:
+        ckpt_directory: the top directory, absolute or relative (to the current
+            directory at construction time; it is made absolute once here).
+    """
+
+    def __init__(self, ckpt_directory):
+        self.root = os.path.abspath(os.fspath(ckpt_directory))
+        self.log_file = os.path.join(self.root, LOG_FILE)
+        self.ckpts = os.path.join(self.root, "ckpts")
+        self.work = os.path.join(self.ckpts, "work")
+        self.trash = os.path.join(self.ckpts, "trash")
+        self.epochs = os.path.join(self.ckpts, "epochs")
+
+    def __repr__(self):
+        return f"CheckpointLayout({self.root!r})"
+
+    def link(self, name):
+        """The path of the `last` or `best` link."""
+        return os.path.join(self.ckpts, name)
+
+    def epoch_dir(self, epoch):
+        """The directory of a 1-based epoch."""
+        return os.path.join(self.epochs, epoch_dirname(epoch))
+
+    def relative_epoch_target(self, epoch):
+        """What `last`/`best` store to point at an epoch: relative, so the tree can move."""
+        return os.path.join("epochs", epoch_dirname(epoch))
+
+    def list_epochs(self):
+        """The epochs present in `epochs/`, in numeric order (1000 after 999)."""
+        try:
+            names = os.listdir(self.epochs)
+        except FileNotFoundError:
+            return []
+        return sorted(epoch for epoch in map(parse_epoch_dirname, names)
+                      if epoch is not None)
+
+    def resolve_link(self, name):
+        """The epoch a `last`/`best` link points at, or None if there is none.
+
+        A link written by hand, relative or absolute, is accepted when it resolves to a
+        directory directly inside `ckpts/epochs/`. A missing or dangling link means "no
+        checkpoint" (None).
+
+        Raises:
+            LinkError: the link resolves outside `ckpts/epochs/`, to something that is
+                not an epoch directory, or loops.
+        """
+        path = self.link(name)
+        if not os.path.lexists(path):
+            return None
+        if not os.path.islink(path):
+            raise LinkError(f"'{path}' is not a symlink; expected a link to "
+                            f"epochs/NNN (found a {'directory' if os.path.isdir(path) else 'file'})")
+        try:
+            target = os.path.realpath(path, strict=True)
+        except FileNotFoundError:
+            return None  # dangling: the epoch it named was deleted
+        except OSError as error:  # ELOOP
+            raise LinkError(f"'{path}' -> '{os.readlink(path)}' cannot be resolved "
+                            f"({error.strerror}); expected a link to epochs/NNN") from None
+        epochs_real = os.path.realpath(self.epochs)
+        if os.path.dirname(target) != epochs_real:
+            raise LinkError(f"'{path}' -> '{os.readlink(path)}' resolves to '{target}', "
+                            f"outside '{epochs_real}'; expected a link to epochs/NNN")
+        epoch = parse_epoch_dirname(os.path.basename(target))
+        if epoch is None or not os.path.isdir(target):
+            raise LinkError(f"'{path}' -> '{os.readlink(path)}' resolves to '{target}', "
+                            f"which is not an epoch directory; expected epochs/NNN")
+        return epoch

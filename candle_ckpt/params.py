@@ -1,0 +1,297 @@
+"""The `--ckpt_*` parameters: one table, from which everything else is derived.
+
+`PARAMETERS` defines each parameter once (type, default, allowed values, help).
+`ckpt_parser` (argparse flags), `ckpt_defs` (CANDLE's list of dicts) and
+`validate_params` (a whole gParameters dict, checked before anything is written) are
+all generated from it, so a default or an allowed value can never disagree between
+them. `param`, `ParamType` and `ParamRequired` keep CANDLE's call signature.
+
+Example::
+
+    parser = argparse.ArgumentParser()
+    candle_ckpt.ckpt_parser(parser)
+    settings = candle_ckpt.validate_params(vars(parser.parse_args()))
+    settings["ckpt_keep_limit"]   # -> 1000000, an int
+"""
+
+import argparse
+import difflib
+import enum
+import os
+from dataclasses import dataclass
+
+from .errors import ParameterTypeError, ParameterValueError
+
+
+class ParamType(enum.Enum):
+    """The value types of gParameters, as in CANDLE."""
+    STRING = "a string"
+    BOOLEAN = "a boolean (true/false/yes/no/t/f/y/n/1/0, any case)"
+    INTEGER = "an integer"
+    INTEGER_NN = "an integer >= 0"
+    INTEGER_GZ = "an integer > 0"
+    FLOAT = "a number"
+    FLOAT_NN = "a number >= 0"
+
+
+class ParamRequired:
+    """Marks a parameter that has no default: the user must give it."""
+
+
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0"}
+
+
+def str2bool(value):
+    """Parse a boolean the way CANDLE's `str2bool` does, in any case.
+
+    Accepts a bool, or one of true/false/yes/no/t/f/y/n/1/0 as a string; raises
+    ValueError for anything else.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"received {value!r}; expected one of "
+                     f"{sorted(_TRUE | _FALSE)} (any case)")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One row of the parameter table.
+
+    Args:
+        name: the gParameters key; the argparse flag is `--<name>`.
+        type: a `ParamType`.
+        default: the value when absent; `ParamRequired()` when it must be given.
+        help: one line for `--help`.
+        allowed: the allowed values of a string parameter, or None.
+        nullable: whether None is a valid value.
+        flag: whether `ckpt_parser` adds it (False for keys the benchmark owns).
+    """
+    name: str
+    type: ParamType
+    default: object
+    help: str
+    allowed: tuple = None
+    nullable: bool = False
+    flag: bool = True
+
+    def check(self, value):
+        """Return `value` converted to this parameter's type, or raise."""
+        return _check_value(self.name, value, self.type, self.allowed, self.nullable)
+
+    def argparse_type(self, text):
+        """The `type=` callable of the argparse flag: same checks, argparse's error."""
+        try:
+            return self.check(text)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+
+P = ParamType
+PARAMETERS = (
+    Parameter("ckpt_restart_mode", P.STRING, "auto",
+              "restart from ckpts/last: off, auto (if there is one) or required",
+              allowed=("off", "auto", "required")),
+    Parameter("ckpt_checksum", P.BOOLEAN, True,
+              "record the CRC32 of every file and verify it at restart"),
+    Parameter("ckpt_skip_epochs", P.INTEGER_NN, 0,
+              "save nothing before this (1-based) epoch"),
+    Parameter("ckpt_directory", P.STRING, "./save",
+              "top directory of the checkpoint tree and ckpt.log"),
+    Parameter("ckpt_save_best", P.BOOLEAN, True,
+              "save whenever ckpt_save_best_metric improves, and link ckpts/best to it"),
+    Parameter("ckpt_save_best_metric", P.STRING, "val_loss",
+              "the metric in the Keras logs that defines the best epoch"),
+    Parameter("ckpt_best_metric_mode", P.STRING, "auto",
+              "whether the best metric is the min or the max; auto infers it from the name",
+              allowed=("auto", "min", "max")),
+    Parameter("ckpt_save_weights_only", P.BOOLEAN, False,
+              "save the weights only, without the optimizer state (restart is then not exact)"),
+    Parameter("ckpt_save_interval", P.INTEGER_NN, 1,
+              "save every N epochs; 0 disables saving altogether"),
+    Parameter("ckpt_keep_mode", P.STRING, "linear",
+              "which of this run's epochs to keep: linear (the newest ckpt_keep_limit), "
+              "exponential (one per doubling window) or all",
+              allowed=("linear", "exponential", "all")),
+    Parameter("ckpt_keep_limit", P.INTEGER_GZ, 1000000,
+              "at most this many of this run's epochs are kept (plus last and best)"),
+    Parameter("metadata", P.STRING, None,
+              "free text stored in every ckpt-info.json (job id, machine, ...)",
+              nullable=True),
+    Parameter("epochs", P.INTEGER_NN, ParamRequired(),
+              "the number of epochs of the run (the benchmark's own flag)", flag=False),
+)
+del P
+
+PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
+
+# Keys upstream CANDLE read from gParameters that are internal state here.
+_IGNORED_CANDLE_KEYS = {"ckpt_best_metric_last", "ckpt_timestamp_last"}
+
+
+def _what(value):
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_value(key, value, type_, allowed=None, nullable=False):
+    if value is None:
+        if nullable:
+            return None
+        raise ParameterTypeError(f"parameter '{key}': received None; expected {type_.value}")
+    checker = _CHECKERS[type_]
+    result = checker(key, value, type_)
+    if allowed is not None and result not in allowed:
+        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
+                                  f"expected one of {list(allowed)}")
+    return result
+
+
+def _check_string(key, value, type_):
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if not isinstance(value, str):
+        raise ParameterTypeError(f"parameter '{key}': received {_what(value)}; "
+                                 f"expected {type_.value}")
+    return value
+
+
+def _check_bool(key, value, type_):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if not isinstance(value, str):
+        raise ParameterTypeError(f"parameter '{key}': received {_what(value)}; "
+                                 f"expected {type_.value}")
+    try:
+        return str2bool(value)
+    except ValueError:
+        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
+                                  f"expected {type_.value}") from None
+
+
+def _check_number(key, value, type_):
+    integral = type_ in (ParamType.INTEGER, ParamType.INTEGER_NN, ParamType.INTEGER_GZ)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ParameterTypeError(f"parameter '{key}': received {_what(value)}; "
+                                 f"expected {type_.value}")
+    try:
+        number = float(value) if not isinstance(value, int) else value
+    except ValueError:
+        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
+                                  f"expected {type_.value}") from None
+    if integral:
+        if isinstance(number, float) and not number.is_integer():
+            raise ParameterValueError(f"parameter '{key}': received {value!r}; "
+                                      f"expected {type_.value}")
+        number = int(number)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
+                                  f"expected a finite number")
+    if type_ in (ParamType.INTEGER_NN, ParamType.FLOAT_NN) and number < 0:
+        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
+                                  f"expected {type_.value}")
+    if type_ is ParamType.INTEGER_GZ and number <= 0:
+        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
+                                  f"expected {type_.value}")
+    return number
+
+
+_CHECKERS = {
+    ParamType.STRING: _check_string,
+    ParamType.BOOLEAN: _check_bool,
+    ParamType.INTEGER: _check_number,
+    ParamType.INTEGER_NN: _check_number,
+    ParamType.INTEGER_GZ: _check_number,
+    ParamType.FLOAT: _check_number,
+    ParamType.FLOAT_NN: _check_number,
+}
+
+
+def param(gParameters, key, dflt, type_=ParamType.STRING, allowed=None):
+    """Return gParameters[key] checked and converted, or `dflt` when absent (CANDLE's API).
+
+    Args:
+        gParameters: the parameter dict.
+        key: the key to read.
+        dflt: the default, or a `ParamRequired()` instance if the key must be present.
+        type_: a `ParamType`.
+        allowed: a collection of allowed values, or None.
+
+    Raises:
+        ParameterTypeError / ParameterValueError (a TypeError / ValueError) naming the
+        key, the value received and what is allowed.
+    """
+    if key in gParameters:
+        value = gParameters[key]
+    elif isinstance(dflt, ParamRequired):
+        raise ParameterValueError(f"parameter '{key}' is required but was not given")
+    else:
+        value = dflt
+    return _check_value(key, value, type_, allowed, nullable=dflt is None)
+
+
+def validate_params(gParameters, require_epochs=False):
+    """Check every parameter of the table at once and return their values.
+
+    Call it before writing anything. Unknown `ckpt_*` keys (usually typos) are
+    errors, with the nearest known name suggested.
+
+    Args:
+        gParameters: a dict, e.g. `vars(parser.parse_args())` or CANDLE's gParameters.
+        require_epochs: whether `epochs` must be present (the callback needs it).
+
+    Returns:
+        A dict with a checked value (or the default) for every parameter in the table;
+        `epochs` is None when absent and not required.
+    """
+    unknown = [key for key in gParameters
+               if key.startswith("ckpt_") and key not in PARAMETERS_BY_NAME
+               and key not in _IGNORED_CANDLE_KEYS]
+    if unknown:
+        key = sorted(unknown)[0]
+        near = difflib.get_close_matches(key, PARAMETERS_BY_NAME, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ParameterValueError(f"unknown parameter '{key}' (value {gParameters[key]!r})"
+                                  f"{hint} known: {sorted(PARAMETERS_BY_NAME)}")
+    settings = {}
+    for parameter in PARAMETERS:
+        default = parameter.default
+        if isinstance(default, ParamRequired) and not require_epochs:
+            default = None
+        if parameter.name not in gParameters and default is None:
+            settings[parameter.name] = None
+            continue
+        settings[parameter.name] = param(gParameters, parameter.name, default,
+                                         parameter.type, parameter.allowed)
+    return settings
+
+
+def ckpt_parser(parser):
+    """Add a `--<name>` flag for every parameter of the table to an argparse parser."""
+    for parameter in PARAMETERS:
+        if not parameter.flag:
+            continue
+        parser.add_argument(f"--{parameter.name}", type=parameter.argparse_type,
+                            default=parameter.default, choices=parameter.allowed,
+                            help=f"{parameter.help} (default: {parameter.default})")
+    return parser
+
+
+def ckpt_defs(defs):
+    """Return `defs` (CANDLE's list of parameter dicts) plus one dict per parameter."""
+    new_defs = []
+    for parameter in PARAMETERS:
+        if not parameter.flag:
+            continue
+        entry = {"name": parameter.name, "type": parameter.argparse_type,
+                 "default": parameter.default, "help": parameter.help}
+        if parameter.allowed is not None:
+            entry["choices"] = list(parameter.allowed)
+        new_defs.append(entry)
+    return list(defs) + new_defs

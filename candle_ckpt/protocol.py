@@ -1,0 +1,114 @@
+"""The crash-consistent save protocol of one epoch (DESIGN.md, "The save protocol").
+
+`save_epoch` runs steps 2-7 with a caller-supplied function that writes the model's
+files into a directory; `discard_epochs` is step 8's deletion. A process killed at any
+instant leaves `last` pointing at a complete, verifiable epoch (or absent if none was
+ever completed): the files are fsynced and checksummed in `work/` before `work/` is
+renamed to `epochs/NNN`, and links are repointed only after that rename is durable.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+from . import durable
+from .checksum import crc32_file
+from .info import write_info
+
+
+@dataclass(frozen=True)
+class WrittenFiles:
+    """What step 3-4 produced: {name: {"size", "crc32"}}, the model file, timings."""
+    files: dict
+    model_file: str
+    nbytes: int
+    write_seconds: float
+
+
+def prepare_tree(layout, logger):
+    """Create the tree's directories; finish deletions and drop a save a crash interrupted."""
+    os.makedirs(layout.epochs, exist_ok=True)
+    finished = durable.empty_trash(layout.trash)
+    if finished:
+        logger.info("finished interrupted deletions: %s", ", ".join(finished))
+    _drop_leftover_work(layout, logger)
+
+
+def _drop_leftover_work(layout, logger):
+    if os.path.lexists(layout.work):
+        durable.discard_tree(layout.work, layout.trash)
+        logger.warning("removed leftover '%s' of an interrupted save", layout.work)
+
+
+def _write_into_work(layout, write_files, checksum):
+    started = time.perf_counter()
+    os.mkdir(layout.work)
+    model_file = write_files(layout.work)
+    files, nbytes = {}, 0
+    for name in sorted(os.listdir(layout.work)):
+        path = os.path.join(layout.work, name)
+        if not os.path.isfile(path) or os.path.islink(path):
+            raise ValueError(f"the model writer left '{path}', which is not a regular file; "
+                             f"expected only files in the epoch directory")
+        durable.fsync_file(path)
+        size = os.path.getsize(path)
+        nbytes += size
+        files[name] = {"size": size, "crc32": str(crc32_file(path)) if checksum else None}
+    if model_file not in files:
+        raise ValueError(f"the model writer reported model file {model_file!r} but wrote "
+                         f"{sorted(files)} into '{layout.work}'")
+    return WrittenFiles(files, model_file, nbytes, time.perf_counter() - started)
+
+
+def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
+    """Write one epoch and make `last` point at it.
+
+    Args:
+        layout: the tree's `CheckpointLayout` (`prepare_tree` must have run).
+        epoch: the 1-based epoch.
+        write_files: callable(directory) that writes the model's files into `directory`
+            and returns the model file's name. It need not fsync.
+        build_info: callable(WrittenFiles) returning the ckpt-info dict to record.
+        checksum: whether to compute the CRC32 of every file.
+        logger: where to log.
+
+    Returns:
+        (info dict, WrittenFiles).
+
+    On an error before the rename, `work/` is removed and the error re-raised: `last`
+    and the epochs on disk are as they were.
+    """
+    _drop_leftover_work(layout, logger)
+    try:
+        written = _write_into_work(layout, write_files, checksum)
+        info = build_info(written)
+        write_info(layout.work, info)
+    except BaseException:
+        if os.path.lexists(layout.work):
+            durable.discard_tree(layout.work, layout.trash)
+        raise
+    destination = layout.epoch_dir(epoch)
+    if os.path.lexists(destination):
+        durable.discard_tree(destination, layout.trash)
+        logger.info("replaced existing epoch %d (a timeline abandoned by a rollback or a "
+                    "restart from an earlier epoch)", epoch)
+    durable.rename_durable(layout.work, destination)
+    return info, written
+
+
+def point_link(layout, name, epoch):
+    """Atomically point `last`/`best` at `epoch` (relative link), or remove it if None."""
+    if epoch is None:
+        durable.remove_link(layout.link(name))
+    else:
+        durable.replace_symlink(layout.relative_epoch_target(epoch), layout.link(name))
+
+
+def discard_epochs(layout, epochs, logger):
+    """Delete whole epoch directories crash-safely (renamed out of `epochs/` first)."""
+    for epoch in epochs:
+        if durable.discard_tree(layout.epoch_dir(epoch), layout.trash) is None:
+            logger.warning("epoch %d was to be deleted but is already gone", epoch)
+        else:
+            logger.debug("deleted epoch %d (keep policy)", epoch)
+

@@ -1,0 +1,92 @@
+"""Check the files of an epoch directory against what its ckpt-info.json records."""
+
+import os
+from dataclasses import dataclass
+
+from .checksum import crc32_file
+from .errors import ChecksumMismatchError, CorruptCheckpointError
+from .info import CHECKSUM_DISABLED, is_legacy
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """The outcome of checking one file.
+
+    `problem` is None when the file is intact, else "missing", "size" or "crc32".
+    `actual_crc32` is None when the CRC was not computed (none recorded, or not asked).
+    """
+    path: str
+    expected_size: int
+    actual_size: int
+    expected_crc32: str
+    actual_crc32: str
+    problem: str
+
+    def describe(self):
+        """One line for a person: what is wrong with the file, or that it is fine."""
+        if self.problem == "missing":
+            return f"{self.path}: listed in ckpt-info.json but missing"
+        if self.problem == "size":
+            return (f"{self.path}: size {self.actual_size} bytes, "
+                    f"ckpt-info.json records {self.expected_size}")
+        if self.problem == "crc32":
+            return (f"{self.path}: CRC32 {self.actual_crc32}, "
+                    f"ckpt-info.json records {self.expected_crc32}")
+        state = "ok" if self.actual_crc32 is not None else "not verified (no CRC32 recorded)"
+        return f"{self.path}: {state}"
+
+
+def recorded_files(info):
+    """{file name: (size or None, CRC32 string or None)} of a new or legacy ckpt-info dict."""
+    if is_legacy(info):
+        crc = info["checksum"]
+        return {info["model_file"]: (None, None if crc == CHECKSUM_DISABLED else crc)}
+    return {name: (entry["size"], entry["crc32"]) for name, entry in info["files"].items()}
+
+
+def check_files(epoch_dir, info, checksums=True, progress=None):
+    """Check every file recorded in `info`, in name order; returns a list of FileCheck.
+
+    Args:
+        epoch_dir: the epoch directory.
+        info: its ckpt-info dict (already validated).
+        checksums: whether to compute CRC32s (sizes and presence are always checked).
+        progress: optional callable(path, bytes_done, bytes_total) for long files.
+    """
+    results = []
+    for name, (size, crc) in sorted(recorded_files(info).items()):
+        path = os.path.join(epoch_dir, name)
+        try:
+            actual_size = os.stat(path).st_size
+        except FileNotFoundError:
+            results.append(FileCheck(path, size, None, crc, None, "missing"))
+            continue
+        if size is not None and actual_size != size:
+            results.append(FileCheck(path, size, actual_size, crc, None, "size"))
+            continue
+        actual_crc = None
+        if checksums and crc is not None:
+            report = None if progress is None else (
+                lambda done, path=path, total=actual_size: progress(path, done, total))
+            actual_crc = str(crc32_file(path, progress=report))
+        problem = "crc32" if actual_crc is not None and actual_crc != crc else None
+        results.append(FileCheck(path, size, actual_size, crc, actual_crc, problem))
+    return results
+
+
+def verify_files(epoch_dir, info, checksums=True):
+    """Raise on the first file that is missing, truncated or fails its CRC32.
+
+    Returns the list of FileCheck (all intact) so callers can report unverified files.
+
+    Raises:
+        CorruptCheckpointError: a file is missing or has the wrong size.
+        ChecksumMismatchError: a file's CRC32 differs (names file, expected, actual).
+    """
+    results = check_files(epoch_dir, info, checksums)
+    for result in results:
+        if result.problem == "crc32":
+            raise ChecksumMismatchError(result.path, result.expected_crc32, result.actual_crc32)
+        if result.problem is not None:
+            raise CorruptCheckpointError(result.describe() + "; refusing to load this checkpoint")
+    return results

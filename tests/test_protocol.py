@@ -1,0 +1,151 @@
+"""The save protocol and the run's checkpointing state, with a plain-file model writer."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from candle_ckpt.errors import ParameterValueError
+from candle_ckpt.info import read_info
+from candle_ckpt.layout import CheckpointLayout
+from candle_ckpt.verify import check_files
+from conftest import file_writer
+
+
+def run(checkpointer, losses, start=1):
+    for epoch, loss in enumerate(losses, start):
+        checkpointer.epoch_end(epoch, {"loss": loss}, file_writer(b"epoch %d" % epoch))
+
+
+def test_tree_after_a_run(make_checkpointer, ckpt_dir):
+    run(make_checkpointer(epochs=4), [3.0, 1.0, 2.0, 2.5])
+    layout = CheckpointLayout(ckpt_dir)
+    assert layout.list_epochs() == [1, 2, 3, 4]
+    assert os.readlink(layout.link("last")) == "epochs/004"
+    assert os.readlink(layout.link("best")) == "epochs/002"
+    assert not os.path.exists(layout.work)
+    info = read_info(layout.epoch_dir(4))
+    assert (info["epoch"], info["epoch_best"], info["best_metric_last"]) == (4, 2, 1.0)
+    assert all(check.problem is None and check.actual_crc32 for check in
+               check_files(layout.epoch_dir(4), info))
+    assert "epoch 4 saved (final)" in open(layout.log_file).read()
+
+
+def test_writer_failing_midway_leaves_last_on_the_previous_epoch(make_checkpointer, ckpt_dir):
+    checkpointer = make_checkpointer(epochs=5)
+    run(checkpointer, [3.0, 2.0])
+
+    def half_write(directory):
+        file_writer(b"partial")(directory)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        checkpointer.epoch_end(3, {"loss": 1.0}, half_write)
+    layout = CheckpointLayout(ckpt_dir)
+    assert layout.resolve_link("last") == 2 and layout.list_epochs() == [1, 2]
+    assert not os.path.exists(layout.work) and os.listdir(layout.trash) == []
+    assert read_info(layout.epoch_dir(2))["epoch"] == 2
+
+
+def test_leftover_work_of_a_killed_save_is_removed_and_logged(make_checkpointer, ckpt_dir):
+    layout = CheckpointLayout(ckpt_dir)
+    os.makedirs(layout.work)
+    open(os.path.join(layout.work, "model.h5"), "w").close()
+    run(make_checkpointer(epochs=1), [1.0])
+    assert layout.list_epochs() == [1]
+    assert "removed leftover" in open(layout.log_file).read()
+
+
+def test_rerun_epoch_is_replaced_with_a_log_line(make_checkpointer, ckpt_dir):
+    run(make_checkpointer(epochs=3), [3.0, 2.0, 1.0])
+    os.unlink(os.path.join(ckpt_dir, "ckpts", "last"))
+    run(make_checkpointer(epochs=2), [5.0, 4.0])
+    layout = CheckpointLayout(ckpt_dir)
+    with open(os.path.join(layout.epoch_dir(2), "model.h5"), "rb") as stream:
+        assert stream.read() == b"epoch 2"
+    assert layout.resolve_link("last") == 2 and layout.resolve_link("best") == 2
+    assert "replaced existing epoch 2" in open(layout.log_file).read()
+
+
+def test_interval_zero_writes_nothing(make_checkpointer, ckpt_dir):
+    run(make_checkpointer(epochs=3, ckpt_save_interval=0), [3.0, 2.0, 1.0])
+    assert not os.path.exists(os.path.join(ckpt_dir, "ckpts"))
+
+
+def test_skip_epochs_and_interval(make_checkpointer, ckpt_dir):
+    run(make_checkpointer(epochs=9, ckpt_skip_epochs=4, ckpt_save_interval=3,
+                          ckpt_save_best=False), [1.0] * 9)
+    assert CheckpointLayout(ckpt_dir).list_epochs() == [6, 9]
+    assert not os.path.lexists(os.path.join(ckpt_dir, "ckpts", "best"))
+
+
+def test_keep_policy_spares_last_best_and_earlier_runs(make_checkpointer, ckpt_dir):
+    run(make_checkpointer(epochs=3, ckpt_save_best=False), [1.0, 1.0, 1.0])
+    os.unlink(os.path.join(ckpt_dir, "ckpts", "last"))
+    # A new run from scratch into the same tree; epochs 1-3 are rewritten by it,
+    # and it saves 10 epochs with a limit of 2 plus a best at epoch 1.
+    run(make_checkpointer(epochs=10, ckpt_keep_limit=2), [0.1] + [1.0] * 9)
+    layout = CheckpointLayout(ckpt_dir)
+    assert layout.list_epochs() == [1, 9, 10]
+    assert layout.resolve_link("best") == 1 and layout.resolve_link("last") == 10
+
+
+def test_epochs_of_an_earlier_run_are_never_deleted(make_checkpointer, ckpt_dir):
+    run(make_checkpointer(epochs=20, ckpt_save_best=False), [1.0] * 20)  # epochs 1..20
+    checkpointer = make_checkpointer(epochs=3, ckpt_keep_limit=1, ckpt_save_best=False)
+    run(checkpointer, [1.0, 1.0, 1.0])
+    assert CheckpointLayout(ckpt_dir).list_epochs() == [3] + list(range(4, 21))
+
+
+def test_missing_metric_lists_the_metrics_there(make_checkpointer):
+    checkpointer = make_checkpointer(ckpt_save_best_metric="val_loss")
+    with pytest.raises(ParameterValueError, match=r"'val_loss'.*\['acc', 'loss'\]"):
+        checkpointer.epoch_end(1, {"loss": 1.0, "acc": 0.5}, file_writer())
+
+
+def test_accuracy_like_metric_produces_a_best_link(make_checkpointer, ckpt_dir):
+    checkpointer = make_checkpointer(epochs=4, ckpt_save_best_metric="val_accuracy")
+    for epoch, acc in enumerate([0.2, 0.7, 0.5, 0.6], 1):
+        checkpointer.epoch_end(epoch, {"val_accuracy": acc}, file_writer())
+    assert CheckpointLayout(ckpt_dir).resolve_link("best") == 2
+
+
+def test_resume_continues_best_and_repairs_best_after_rollback(make_checkpointer, ckpt_dir):
+    run(make_checkpointer(epochs=6), [5.0, 4.0, 3.0, 2.0, 1.0, 1.5])
+    layout = CheckpointLayout(ckpt_dir)
+    assert layout.resolve_link("best") == 5
+    os.unlink(layout.link("last"))
+    os.symlink("epochs/003", layout.link("last"))         # operator rolls back
+    checkpointer = make_checkpointer(epochs=6)
+    checkpointer.resume(read_info(layout.epoch_dir(3)))
+    assert (checkpointer.best.value, checkpointer.best.epoch) == (3.0, 3)
+    assert checkpointer.run_epochs == [1, 2, 3]
+    run(checkpointer, [3.5], start=4)                        # worse than 3.0
+    assert layout.resolve_link("best") == 3 and layout.resolve_link("last") == 4
+    info = read_info(layout.epoch_dir(4))
+    assert info["epochs_saved"] == [1, 2, 3, 4] and info["epoch_best"] == 3
+    assert isinstance(info["time_elapsed"], float)
+
+
+def test_logger_none_is_silent_and_custom_logger_is_used(ckpt_dir, caplog):
+    from candle_ckpt.checkpointer import Checkpointer
+    Checkpointer({"epochs": 1, "ckpt_directory": ckpt_dir, "ckpt_save_best": False},
+                 logger=None).epoch_end(1, {}, file_writer())
+    assert not os.path.exists(os.path.join(ckpt_dir, "ckpt.log"))
+    mine = logging.getLogger("my.benchmark")
+    with caplog.at_level(logging.INFO, logger="my.benchmark"):
+        Checkpointer({"epochs": 1, "ckpt_directory": ckpt_dir, "ckpt_save_best": False},
+                     logger=mine).epoch_end(1, {}, file_writer())
+    assert any("epoch 1 saved" in record.getMessage() for record in caplog.records)
+
+
+def test_core_modules_do_not_import_tensorflow():
+    code = ("import sys, candle_ckpt, candle_ckpt.checkpointer, candle_ckpt.verify, "
+            "candle_ckpt.protocol; print(json.dumps(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('tensorflow', 'keras', 'h5py'))))")
+    out = subprocess.run([sys.executable, "-c", "import json; " + code], check=True,
+                         capture_output=True, text=True).stdout
+    assert json.loads(out) == []
