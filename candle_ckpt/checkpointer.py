@@ -126,6 +126,9 @@ class Checkpointer:
 
     def report_final(self):
         """Log how many of this run's epochs are kept, and which."""
+        if self.last_save_time is None:
+            self.logger.info("this run saved no checkpoint")
+            return
         self.logger.info("checkpoints kept: %d", len(self.run_epochs))
         self.logger.info("checkpoints list: %s", self.run_epochs)
 

@@ -120,6 +120,9 @@ PARAMETERS = (
               allowed=("linear", "exponential", "all")),
     Parameter("ckpt_keep_limit", P.INTEGER_GZ, 1000000,
               "at most this many of this run's epochs are kept (plus last and best)"),
+    Parameter("ckpt_restart_fallback", P.BOOLEAN, False,
+              "if ckpts/last is corrupt, restart from the newest earlier epoch that "
+              "verifies (logged loudly) instead of failing"),
     Parameter("metadata", P.STRING, None,
               "free text stored in every ckpt-info.json (job id, machine, ...)",
               nullable=True),

@@ -20,6 +20,7 @@ BAD_VALUES = {
     "ckpt_save_interval": [(-3, ValueError), ("x", ValueError)],
     "ckpt_keep_mode": [("fifo", ValueError)],
     "ckpt_keep_limit": [(0, ValueError), (-1, ValueError), (float("inf"), ValueError)],
+    "ckpt_restart_fallback": [("sure", ValueError)],
     "metadata": [(12, TypeError)],
     "epochs": [(-1, ValueError), ("ten", ValueError)],
 }

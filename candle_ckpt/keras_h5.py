@@ -1,0 +1,474 @@
+"""What is written: a Keras 3 model's full training state as ``model.h5``, and back, exactly.
+
+`snapshot` copies the state to host memory on the training thread, `write` turns the
+copy into ``model.h5`` with h5py alone (so it may run in a background thread), and
+`restore` loads a file into a built and compiled model, validating everything first.
+
+File layout (format version 1)
+------------------------------
+The file is Keras' legacy HDF5 *full-model* layout (``keras/src/legacy/saving/
+legacy_h5_format.py``), so that plain ``model.load_weights("model.h5")`` restores the
+weights, ``keras.models.load_model("model.h5", compile=False)`` rebuilds the model, and
+any HDF5 tool can read it. Two groups and a few root attributes are added; plain Keras
+ignores them::
+
+    /                              attrs: keras_version, backend, model_config (JSON,
+    |                              taken at snapshot time; absent if the model has no
+    |                              config), candle_ckpt_format_version = 1,
+    |                              candle_ckpt_weights_only (bool)
+    +- model_weights/              attrs: layer_names (model.layers order), backend,
+    |  |                           keras_version
+    |  +- <layer name>/            one group per layer, created in name order as Keras
+    |  |                           does; attr weight_names = the layer's
+    |  |                           trainable_weights + non_trainable_weights (Keras'
+    |  |                           "legacy weight order"), each a dataset named by the
+    |  |                           variable's path. A nested model is one layer holding
+    |  |                           all its weights.
+    |  +- top_level_model_weights/ weights owned by the model itself (usually none)
+    +- optimizer_weights/          attr weight_names = optimizer.variables in order:
+    |                              iteration, learning_rate (unless it is a schedule),
+    |                              then the slots in the order the optimizer built them
+    |                              (Adam: momentum, velocity of each trainable variable
+    |                              in turn). Absent in a weights-only file.
+    +- candle_ckpt_rng/            attr weight_names = the SeedGenerator states of the
+                                   model (Dropout, noise layers), model.variables order.
+
+A list of names larger than the HDF5 attribute limit is split into ``weight_names0``,
+``weight_names1``, ... exactly as Keras does. Datasets are contiguous and uncompressed:
+the file is written as fast as the disk takes it and read without decoding.
+
+Why these choices
+-----------------
+- No ``training_config``: ``load_model`` would then compile an optimizer and load only
+  part of its state (MEASUREMENTS.md: Adam gets 2 of N variables, the next step fails).
+  The optimizer state is restored here, by position, after ``optimizer.build``.
+- SeedGenerator states are not weights, so the legacy layout has no place for them; a
+  fresh model starts its Dropout streams elsewhere, and a resumed run would diverge
+  from an uninterrupted one. They are tiny; ``candle_ckpt_rng`` keeps them.
+- Only datasets and name lists are read back: ``model_config`` is never deserialised,
+  so restoring never runs code from the file.
+
+Files written by upstream CANDLE (plain ``model.save("model.h5")``) have no
+``candle_ckpt_format_version``; they restore as ``legacy``. If Keras 3 wrote them, the
+optimizer state maps one to one and restores exactly; a Keras 2 optimizer stored
+different variables (``Adam/iter:0``, no learning rate, all ``m`` then all ``v``), so
+only the weights are restored and a warning says so. Legacy files hold no RNG state.
+
+Matching is by position, as Keras' own h5 loading does. Layer and weight names are
+compared with the numeric suffix Keras adds to automatic names ignored (a model built
+second in a process has ``dense_2`` where the first had ``dense``): a difference is an
+error in our own files and a warning in upstream ones, whose writer (Keras 2) named
+some layers differently.
+"""
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from candle_ckpt.errors import CheckpointFormatError
+
+MODEL_FILE = "model.h5"
+FORMAT_VERSION = 1
+FORMAT_ATTR = "candle_ckpt_format_version"
+WEIGHTS_ONLY_ATTR = "candle_ckpt_weights_only"
+RNG_GROUP = "candle_ckpt_rng"
+
+# HDF5 keeps attributes in a 64 KiB object header; Keras splits longer name lists.
+_ATTR_LIMIT = 64512
+_AUTO_SUFFIX = re.compile(r"(_\d+)?(:\d+)?$")
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    """One group of the file: dataset names (Keras' weight_names) and their values."""
+    names: tuple
+    arrays: tuple
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """An immutable host-memory copy of a model's training state (read-only arrays).
+
+    Safe to hand to another thread: nothing in it refers to Keras or TensorFlow.
+    """
+    keras_version: str
+    backend: str
+    model_config: str | None   # JSON; None if the model has no config
+    layer_names: tuple         # every layer of model.layers, in that order
+    layers: tuple              # an _Arrays per layer, parallel to layer_names
+    top_level: _Arrays
+    optimizer: _Arrays | None  # None when weights_only
+    rng: _Arrays
+    weights_only: bool
+    nbytes: int
+
+
+def snapshot(model, weights_only=False):
+    """Copy every weight, SeedGenerator state and (unless `weights_only`) optimizer variable.
+
+    Runs on the training thread. The arrays are fresh copies, marked read-only, so
+    training after the call does not change the snapshot. An optimizer that was never
+    built is built first (``restore`` does the same), so that the file always holds
+    its slot variables. Raises ValueError if `weights_only` is false and the model has
+    no optimizer.
+    """
+    optimizer = None
+    if not weights_only:
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError(
+                f"cannot snapshot the optimizer state of model '{model.name}': it has no "
+                f"optimizer; compile it first, or pass weights_only=True")
+        _build_optimizer(model)
+    layers = tuple(_copy(_legacy_weights(layer), f"layer '{layer.name}'")
+                   for layer in model.layers)
+    top_level = _copy(_top_level_weights(model), "the model's top-level weights")
+    rng = _copy(_rng_states(model), "the SeedGenerator states")
+    opt = _copy(optimizer.variables, "the optimizer variables") if optimizer else None
+    groups = layers + (top_level, rng) + ((opt,) if opt else ())
+    keras_version, backend, model_config = _model_metadata(model)
+    return TrainingState(
+        keras_version=keras_version, backend=backend, model_config=model_config,
+        layer_names=tuple(layer.name for layer in model.layers), layers=layers,
+        top_level=top_level, optimizer=opt, rng=rng, weights_only=bool(weights_only),
+        nbytes=sum(a.nbytes for g in groups for a in g.arrays))
+
+
+def write(state, path):
+    """Write `state` to `path` (created or truncated) in the layout of the module docstring.
+
+    Uses h5py only, so it may run in a background thread. Does not fsync: the save
+    protocol does that once for every file of the epoch.
+    """
+    with h5py.File(os.fspath(path), "w") as f:
+        f.attrs[FORMAT_ATTR] = FORMAT_VERSION
+        f.attrs[WEIGHTS_ONLY_ATTR] = state.weights_only
+        f.attrs["keras_version"] = state.keras_version
+        f.attrs["backend"] = state.backend
+        if state.model_config is not None:
+            f.attrs["model_config"] = state.model_config.encode("utf8")
+        weights = f.create_group("model_weights")
+        _write_names(weights, "layer_names", state.layer_names)
+        weights.attrs["backend"] = state.backend
+        weights.attrs["keras_version"] = state.keras_version
+        # Name order, as Keras writes them: no group name is created before its prefix.
+        for name, arrays in sorted(zip(state.layer_names, state.layers), key=lambda p: p[0]):
+            _write_arrays(weights.create_group(name), arrays)
+        _write_arrays(weights.create_group("top_level_model_weights"), state.top_level)
+        if state.optimizer is not None:
+            _write_arrays(f.create_group("optimizer_weights"), state.optimizer)
+        _write_arrays(f.create_group(RNG_GROUP), state.rng)
+
+
+def restore(model, path, *, logger=None):
+    """Load `path` into the built and compiled `model`: weights, optimizer, RNG state.
+
+    Everything is read and checked against the model (layer count and names, weight
+    counts, shapes and dtypes, optimizer and SeedGenerator variables) before the first
+    assignment, so on any CheckpointFormatError the model's values are untouched; only
+    an unbuilt optimizer may have been built, which the first training step would do
+    anyway. Reads datasets and name lists only; never deserialises code.
+
+    Returns {"optimizer_restored", "rng_restored", "legacy", "nbytes"}: `legacy` is true
+    for a file without candle_ckpt's format attribute (plain Keras ``model.save``),
+    `nbytes` the bytes loaded. An upstream file whose optimizer state cannot be mapped
+    exactly restores its weights only, with a warning on `logger`.
+    """
+    log = logger if logger is not None else _log
+    path = os.fspath(path)
+    try:
+        with h5py.File(path, "r") as f:
+            version = _format_version(f, path)
+            ours = version is not None
+            pairs = _plan_weights(f, model, path, ours, log)
+            pairs += _plan_rng(f, model, path, ours, log)
+            optimizer = _plan_optimizer(f, model, path, version, log)
+            pairs += optimizer or []
+            values = [np.asarray(dataset[()]) for _, dataset in pairs]
+    except CheckpointFormatError:
+        raise
+    except (OSError, KeyError, RuntimeError) as e:
+        # What h5py raises for a truncated or corrupt file, at open or at any later read.
+        raise CheckpointFormatError(f"'{path}' is not a readable HDF5 file: {e}") from e
+    for (variable, _), value in zip(pairs, values):
+        variable.assign(value)
+    # Lookup and normalization layers derive tensors from their weights (Keras'
+    # loader does this only for top-level layers; nested ones need it as well).
+    for layer in model._flatten_layers(include_self=False):
+        if hasattr(layer, "finalize_state") and layer.weights:
+            layer.finalize_state()
+    return {"optimizer_restored": optimizer is not None, "rng_restored": ours,
+            "legacy": not ours, "nbytes": sum(v.nbytes for v in values)}
+
+
+# -- what the model holds ------------------------------------------------------------
+
+def _legacy_weights(layer):
+    # The order Keras' h5 layout uses, which differs from layer.weights.
+    return layer.trainable_weights + layer.non_trainable_weights
+
+
+def _top_level_weights(model):
+    # Keras' own expression (legacy_h5_format.save_weights_to_hdf5_group): load_weights
+    # counts these, so our file must hold exactly the same list.
+    owned = {id(w) for w in model.weights}
+    return [v for v in model._trainable_variables + model._non_trainable_variables
+            if id(v) in owned]
+
+
+def _rng_states(model):
+    # model.variables = weights + SeedGenerator states (metrics are excluded).
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _build_optimizer(model):
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+
+
+def _copy(variables, where):
+    names = tuple(v.path for v in variables)
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise CheckpointFormatError(
+            f"cannot store {where}: two variables share the path '{duplicate}', and the "
+            f"Keras h5 layout names each dataset by its variable's path")
+    arrays = []
+    for v in variables:
+        array = np.asarray(v.numpy())  # a copy: TF's Tensor.numpy() always copies
+        array.flags.writeable = False
+        arrays.append(array)
+    return _Arrays(names, tuple(arrays))
+
+
+def _model_metadata(model):
+    """(keras_version, backend, model_config JSON or None), as Keras' h5 save computes them."""
+    from keras.src.legacy.saving import json_utils, saving_options, saving_utils
+
+    with saving_options.keras_option_scope(use_legacy_config=True):
+        metadata = saving_utils.model_metadata(model, include_optimizer=False,
+                                               require_config=False)
+        config = metadata["model_config"]
+        # The config only serves load_model; a model without a (JSON-able) config, which
+        # Keras' own h5 save refuses, is still checkpointed, just not rebuildable.
+        try:
+            model_config = (json.dumps(config, default=json_utils.get_json_type)
+                            if "config" in config else None)
+        except TypeError as e:
+            _log.debug("model_config of '%s' omitted: %s", model.name, e)
+            model_config = None
+    return metadata["keras_version"], metadata["backend"], model_config
+
+
+# -- writing -------------------------------------------------------------------------
+
+def _write_arrays(group, arrays):
+    _write_names(group, "weight_names", arrays.names)
+    for name, array in zip(arrays.names, arrays.arrays):
+        # Contiguous, uncompressed; h5py hands a C-contiguous array to HDF5 uncopied.
+        group.create_dataset(name, data=array)
+
+
+def _write_names(group, key, names):
+    data = np.array([n.encode("utf8") for n in names], dtype=bytes)
+    if data.nbytes <= _ATTR_LIMIT:
+        group.attrs[key] = data
+        return
+    per_chunk = max(1, _ATTR_LIMIT // data.itemsize)
+    for i, start in enumerate(range(0, len(data), per_chunk)):
+        group.attrs[f"{key}{i}"] = data[start:start + per_chunk]
+
+
+# -- reading and validating ----------------------------------------------------------
+
+def _format_version(f, path):
+    """candle_ckpt's format version of the file, or None for an upstream Keras file."""
+    if FORMAT_ATTR not in f.attrs:
+        return None
+    version = f.attrs[FORMAT_ATTR]
+    if not isinstance(version, (int, np.integer)) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"'{path}': {FORMAT_ATTR} is {version!r}; this candle_ckpt reads versions 1 to "
+            f"{FORMAT_VERSION} (a newer candle_ckpt may have written the file)")
+    return int(version)
+
+
+def _plan_weights(f, model, path, ours, log):
+    """[(variable, dataset)] for every layer weight; checks counts, shapes, dtypes, names."""
+    root = f
+    if "layer_names" not in f.attrs and "model_weights" in f:
+        root = _group(f, "model_weights", path)
+    if not _has_names(root, "layer_names"):
+        raise CheckpointFormatError(
+            f"'{path}' is not a Keras HDF5 model file: no 'layer_names' attribute in "
+            f"'{root.name}'")
+    saved = [name for name in _read_names(root, "layer_names")
+             if _read_names(_group(root, name, path), "weight_names")]
+    layers = [layer for layer in model.layers if _legacy_weights(layer)]
+    if len(saved) != len(layers):
+        raise CheckpointFormatError(
+            f"'{path}' holds weights for {len(saved)} layers {_brief(saved)}, the model "
+            f"has {len(layers)} layers with weights {_brief([x.name for x in layers])}")
+    pairs, renamed = [], []
+    for k, (name, layer) in enumerate(zip(saved, layers)):
+        if not _same_name(name, layer.name):
+            renamed.append(f"layer #{k} is '{name}' in the file, '{layer.name}' in the model")
+        pairs += _match(_group(root, name, path), _legacy_weights(layer),
+                        f"layer #{k} '{layer.name}' ('{name}' in the file)", path, renamed)
+    if "top_level_model_weights" in root:
+        pairs += _match(_group(root, "top_level_model_weights", path),
+                        _top_level_weights(model), "group 'top_level_model_weights'", path,
+                        renamed)
+    if renamed and ours:
+        raise CheckpointFormatError(
+            f"'{path}' does not match the model's names: {'; '.join(renamed)}")
+    if renamed:
+        log.warning("'%s' was written with other names (loaded by position, as Keras "
+                    "does): %s", path, "; ".join(renamed))
+    return pairs
+
+
+def _plan_rng(f, model, path, ours, log):
+    if not ours:
+        if _rng_states(model):
+            log.info("'%s' holds no SeedGenerator state (Dropout, noise layers): their "
+                     "random streams continue from the model's current seeds", path)
+        return []
+    if RNG_GROUP not in f:
+        raise CheckpointFormatError(f"'{path}' has no '{RNG_GROUP}' group; every "
+                                    f"candle_ckpt file of format {FORMAT_VERSION} has one")
+    return _match(_group(f, RNG_GROUP, path), _rng_states(model),
+                  f"group '{RNG_GROUP}' (SeedGenerator states)", path)
+
+
+def _plan_optimizer(f, model, path, version, log):
+    """[(variable, dataset)] for the optimizer, or None if it is not to be restored."""
+    if "optimizer_weights" not in f:
+        if version is not None and not f.attrs.get(WEIGHTS_ONLY_ATTR, False):
+            raise CheckpointFormatError(
+                f"'{path}' has no 'optimizer_weights' group, but its {WEIGHTS_ONLY_ATTR} "
+                f"is not true: the file is incomplete")
+        return None
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        log.warning("'%s' holds optimizer state but the model is not compiled: the "
+                    "optimizer state was not restored", path)
+        return None
+    keras_version = _attr_str(f.attrs.get("keras_version", "unknown"))
+    if version is None and _major(keras_version) < 3:
+        log.warning("'%s' was written by Keras %s, whose optimizer variables do not map "
+                    "one to one onto Keras 3's: weights restored, the optimizer state was "
+                    "not restored (it starts fresh)", path, keras_version)
+        return None
+    _build_optimizer(model)
+    group = _group(f, "optimizer_weights", path)
+    try:
+        return _match(group, optimizer.variables,
+                      f"optimizer '{optimizer.name}'", path)
+    except CheckpointFormatError as e:
+        if version is not None:
+            raise
+        log.warning("%s; weights restored, the optimizer state was not restored", e)
+        return None
+
+
+def _match(group, variables, where, path, renamed=None):
+    """Pair `group`'s datasets (in weight_names order) with `variables`, position by
+    position, after checking count, shape and dtype. Leaf-name differences are appended
+    to `renamed` if given."""
+    names = _read_names(group, "weight_names")
+    if len(names) != len(variables):
+        raise CheckpointFormatError(
+            f"'{path}': {where} has {len(names)} variables in the file {_brief(names)}, "
+            f"the model expects {len(variables)} {_brief([v.path for v in variables])}")
+    pairs = []
+    for name, variable in zip(names, variables):
+        dataset = _dataset(group, name, path)
+        found = (tuple(dataset.shape), dataset.dtype.name)
+        expected = (tuple(variable.shape), str(variable.dtype))
+        if found != expected:
+            raise CheckpointFormatError(
+                f"'{path}': {where}, variable '{name}' is {_describe(*found)} in the file, "
+                f"the model's '{variable.path}' is {_describe(*expected)}")
+        if renamed is not None and not _same_name(name, variable.name):
+            renamed.append(f"{where}: weight '{name}' in the file, '{variable.path}' in "
+                           f"the model")
+        pairs.append((variable, dataset))
+    return pairs
+
+
+def _describe(shape, dtype):
+    return f"{dtype} of shape {shape}"
+
+
+def _brief(names, limit=6):
+    shown = ", ".join(names[:limit])
+    return f"[{shown}, ... {len(names) - limit} more]" if len(names) > limit else f"[{shown}]"
+
+
+def _same_name(saved, current):
+    """Equal up to the numeric suffix of Keras' automatic names and TF's ':0'."""
+    def base(name):
+        return _AUTO_SUFFIX.sub("", name.rsplit("/", 1)[-1])
+    return base(saved) == base(current)
+
+
+def _major(version):
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _has_names(group, key):
+    return key in group.attrs or f"{key}0" in group.attrs
+
+
+def _read_names(group, key):
+    """A name list written whole or split in chunks (key0, key1, ...), as Keras does."""
+    if key in group.attrs:
+        chunks = [group.attrs[key]]
+    else:
+        chunks = []
+        while f"{key}{len(chunks)}" in group.attrs:
+            chunks.append(group.attrs[f"{key}{len(chunks)}"])
+    return [_attr_str(n) for chunk in chunks for n in np.atleast_1d(chunk)]
+
+
+def _attr_str(value):
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def _group(parent, name, path):
+    return _follow(parent, name, h5py.Group, path)
+
+
+def _dataset(parent, name, path):
+    dataset = _follow(parent, name, h5py.Dataset, path)
+    # Refuse data stored in other files: only this file's contents may reach the model.
+    if dataset.external or dataset.is_virtual:
+        raise CheckpointFormatError(
+            f"'{path}': dataset '{dataset.name}' stores its data outside the file")
+    return dataset
+
+
+def _follow(parent, name, kind, path):
+    """parent[name] through hard links only, checked to be a `kind`."""
+    node = parent
+    for part in name.split("/"):
+        if not (isinstance(node, h5py.Group) and part
+                and isinstance(node.get(part, getlink=True), h5py.HardLink)):
+            raise CheckpointFormatError(
+                f"'{path}': no '{name}' under '{parent.name}' (stopped at '{node.name}': "
+                f"no entry '{part}', or a soft or external link)")
+        node = node[part]
+    if not isinstance(node, kind):
+        raise CheckpointFormatError(
+            f"'{path}': '{node.name}' is a {type(node).__name__}, expected a "
+            f"{kind.__name__}")
+    return node

@@ -1,0 +1,91 @@
+"""Which checkpoint a restart loads, verified, without any framework.
+
+`find_checkpoint` follows `ckpts/last` (or wherever an operator relinked it), reads and
+validates its ckpt-info.json and verifies every file it lists. With
+`ckpt_restart_fallback`, a corrupt `last` is skipped (loudly) for the newest earlier
+epoch that verifies. The framework adapter then loads the model file.
+"""
+
+import os
+from dataclasses import dataclass
+
+from .errors import CheckpointError, NoCheckpointError
+from .info import is_legacy, read_info
+from .verify import verify_files
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified epoch directory: its epoch, path, ckpt-info dict and model file path."""
+    epoch: int
+    directory: str
+    info: dict
+
+    @property
+    def model_path(self):
+        return os.path.join(self.directory, self.info["model_file"])
+
+
+def load_verified(layout, epoch, checksums, logger):
+    """Read and verify epoch `epoch`; return a `Checkpoint` or raise a CheckpointError."""
+    directory = layout.epoch_dir(epoch)
+    try:
+        info = read_info(directory)
+    except FileNotFoundError:
+        raise NoCheckpointError(f"'{directory}' has no ckpt-info.json; expected a complete "
+                                f"epoch directory") from None
+    if info["epoch"] != epoch:
+        raise CheckpointError(f"'{directory}/ckpt-info.json': key 'epoch' is {info['epoch']}; "
+                              f"expected {epoch}, the epoch of its directory")
+    results = verify_files(directory, info, checksums)
+    unverified = [r.path for r in results if r.expected_crc32 is None]
+    if checksums and unverified:
+        logger.warning("checkpoint of epoch %d was written without checksums: %s not "
+                       "verified", epoch, ", ".join(unverified))
+    if is_legacy(info):
+        logger.info("epoch %d is a legacy (upstream CANDLE) checkpoint", epoch)
+    return Checkpoint(epoch, directory, info)
+
+
+def find_checkpoint(layout, settings, logger):
+    """The verified checkpoint a restart should load, or None to start from scratch.
+
+    Args:
+        layout: the tree.
+        settings: validated parameters (restart mode, checksum, fallback).
+        logger: where to log what was found and why.
+
+    Raises:
+        NoCheckpointError: mode "required" and no usable `last`.
+        CheckpointError: `last` is invalid or corrupt (and fallback is off or finds
+            nothing that verifies).
+    """
+    mode = settings["ckpt_restart_mode"]
+    epoch = layout.resolve_link("last")
+    if epoch is None:
+        link = layout.link("last")
+        state = "dangling" if os.path.lexists(link) else "absent"
+        if mode == "required":
+            raise NoCheckpointError(f"ckpt_restart_mode is 'required' but '{link}' is "
+                                    f"{state}; expected a link to a saved epoch")
+        logger.info("no checkpoint to restart from ('%s' is %s): starting from scratch",
+                    link, state)
+        return None
+    checksums = settings["ckpt_checksum"]
+    try:
+        return load_verified(layout, epoch, checksums, logger)
+    except CheckpointError as error:
+        if not settings["ckpt_restart_fallback"]:
+            raise
+        logger.error("CHECKPOINT OF EPOCH %d IS UNUSABLE: %s", epoch, error)
+        for earlier in reversed([e for e in layout.list_epochs() if e < epoch]):
+            try:
+                found = load_verified(layout, earlier, checksums, logger)
+            except CheckpointError as skipped:
+                logger.error("skipping epoch %d as well: %s", earlier, skipped)
+                continue
+            logger.error("FALLING BACK to epoch %d (ckpt_restart_fallback=true); epoch %d "
+                         "was skipped", earlier, epoch)
+            return found
+        raise CheckpointError(f"'{layout.link('last')}' (epoch {epoch}) is unusable ({error}) "
+                              f"and no earlier epoch verifies; nothing to fall back to") from error

@@ -1,0 +1,47 @@
+"""Helpers for the Keras tests: run the job in a subprocess, compare model files."""
+
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+
+JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keras_job.py")
+
+
+def run_job(ckpt_dir, *args, expect_killed=False):
+    """Run tests/keras_job.py; return the CompletedProcess (killed ones too)."""
+    result = subprocess.run([sys.executable, JOB, "--ckpt_directory", str(ckpt_dir), *args],
+                            capture_output=True, text=True, timeout=300)
+    if expect_killed:
+        assert result.returncode == -9, result.stderr[-3000:]
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def datasets(path):
+    """{dataset path: numpy array} of every dataset in an HDF5 file."""
+    found = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def assert_same_state(path_a, path_b):
+    """Every weight, optimizer variable and RNG state is bit-identical."""
+    a, b = datasets(path_a), datasets(path_b)
+    assert sorted(a) == sorted(b)
+    assert any(name.startswith("optimizer_weights/") for name in a)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert np.array_equal(a[name], b[name]), f"{name} differs"
+
+
+def tree_summary(ckpt_dir):
+    """(epochs on disk, last target, best target) of a checkpoint tree."""
+    ckpts = os.path.join(ckpt_dir, "ckpts")
+    epochs = sorted(os.listdir(os.path.join(ckpts, "epochs")))
+    return epochs, os.readlink(os.path.join(ckpts, "last")), os.readlink(os.path.join(ckpts, "best"))
