@@ -13,6 +13,7 @@ import time
 
 from . import __version__
 from .errors import LinkError, ParameterValueError
+from .faults import fault_point
 from .info import (CHECKSUM_DISABLED, FIRST_SAVE, FORMAT, FORMAT_VERSION,
                    TIMESTAMP_FORMAT, finite_or_none, is_legacy)
 from .layout import CheckpointLayout
@@ -114,7 +115,9 @@ class Checkpointer:
         self.last_save_time = now
         if self.best is not None:
             self._point_best()
+        fault_point("after_best")
         point_link(self.layout, "last", epoch)
+        fault_point("after_last")
         self.run_epochs = info["epochs_saved"]
         self._apply_keep_policy(epoch)
         self.logger.info("epoch %d saved (%s%s): %d bytes in %.3f s (%.1f MB/s) -> %s",

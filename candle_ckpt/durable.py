@@ -9,6 +9,8 @@ import os
 import shutil
 import uuid
 
+from .faults import fault_point
+
 
 def fsync_file(path):
     """Flush a file's data and metadata to stable storage."""
@@ -113,6 +115,7 @@ def discard_tree(path, trash_dir):
         rename_durable(path, moved)
     except FileNotFoundError:
         return None
+    fault_point("after_trash_rename")
     shutil.rmtree(moved)
     return moved
 

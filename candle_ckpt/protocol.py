@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from . import durable
 from .checksum import crc32_file
+from .faults import fault_point
 from .info import write_info
 
 
@@ -44,6 +45,7 @@ def _write_into_work(layout, write_files, checksum):
     started = time.perf_counter()
     os.mkdir(layout.work)
     model_file = write_files(layout.work)
+    fault_point("after_write")
     files, nbytes = {}, 0
     for name in sorted(os.listdir(layout.work)):
         path = os.path.join(layout.work, name)
@@ -57,6 +59,7 @@ def _write_into_work(layout, write_files, checksum):
     if model_file not in files:
         raise ValueError(f"the model writer reported model file {model_file!r} but wrote "
                          f"{sorted(files)} into '{layout.work}'")
+    fault_point("after_fsync")
     return WrittenFiles(files, model_file, nbytes, time.perf_counter() - started)
 
 
@@ -83,6 +86,7 @@ def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
         written = _write_into_work(layout, write_files, checksum)
         info = build_info(written)
         write_info(layout.work, info)
+        fault_point("after_info")
     except BaseException:
         if os.path.lexists(layout.work):
             durable.discard_tree(layout.work, layout.trash)
@@ -93,6 +97,7 @@ def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
         logger.info("replaced existing epoch %d (a timeline abandoned by a rollback or a "
                     "restart from an earlier epoch)", epoch)
     durable.rename_durable(layout.work, destination)
+    fault_point("after_rename")
     return info, written
 
 

@@ -1,0 +1,42 @@
+"""Test-only fault injection: kill this process at a named step of the save protocol.
+
+The crash tests set `CANDLE_CKPT_FAULT=<point>` or `<point>:<n>` in a training
+subprocess; at the n-th time (default 1st) the protocol reaches that point the process
+sends itself SIGKILL, hitting windows too narrow for a randomly timed kill. Without the
+variable, `fault_point` is one string comparison.
+
+Points, in protocol order: after_write (model written into work/, not yet fsynced),
+after_fsync, after_info (ckpt-info.json written, before the rename), after_rename
+(epochs/NNN in place, links not yet moved), after_best (between the two link updates),
+after_last (before the keep policy), after_trash_rename (an epoch being deleted is in
+trash/ but not yet removed).
+"""
+
+import os
+import signal
+
+POINTS = ("after_write", "after_fsync", "after_info", "after_rename", "after_best",
+          "after_last", "after_trash_rename")
+
+
+def _parse(spec):
+    if not spec:
+        return None, 0
+    name, _, count = spec.partition(":")
+    if name not in POINTS:
+        raise ValueError(f"CANDLE_CKPT_FAULT={spec!r}: unknown point {name!r}; "
+                         f"expected one of {list(POINTS)}")
+    return name, int(count or 1)
+
+
+_armed, _remaining = _parse(os.environ.get("CANDLE_CKPT_FAULT"))
+
+
+def fault_point(name):
+    """Kill this process with SIGKILL if the armed fault is `name` and its count is due."""
+    global _remaining
+    if name != _armed:
+        return
+    _remaining -= 1
+    if _remaining == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
