@@ -59,6 +59,11 @@ compared with the numeric suffix Keras adds to automatic names ignored (a model 
 second in a process has ``dense_2`` where the first had ``dense``): a difference is an
 error in our own files and a warning in upstream ones, whose writer (Keras 2) named
 some layers differently.
+
+Not in the file, because it is not the model's: the input pipeline's shuffling, the
+Python/NumPy/TF global generators and Keras' global SeedGenerator (unseeded
+``keras.random`` calls), callback state (e.g. ReduceLROnPlateau's counters; the learning
+rate itself is an optimizer variable and is restored).
 """
 
 import json
