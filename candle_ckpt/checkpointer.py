@@ -13,6 +13,7 @@ import time
 
 from . import __version__
 from .errors import LinkError, ParameterValueError
+from .background import TrashCollector
 from .faults import fault_point
 from .info import (CHECKSUM_DISABLED, FIRST_SAVE, FORMAT, FORMAT_VERSION,
                    TIMESTAMP_FORMAT, finite_or_none, is_legacy)
@@ -46,7 +47,7 @@ class Checkpointer:
             metric, self.settings["ckpt_best_metric_mode"])) if self.save_best else None)
         self.run_epochs = []
         self.last_save_time = None
-        self.prepared = False
+        self.trash = None  # the trash collector, once the tree is prepared
         self.versions = {"candle_ckpt": __version__, "python": platform.python_version(),
                          **(versions or {})}
 
@@ -104,14 +105,17 @@ class Checkpointer:
         if reason is None:
             self.logger.debug("epoch %d: not saved", epoch)
             return None
-        if not self.prepared:
+        if self.trash is None:
             prepare_tree(self.layout, self.logger)
-            self.prepared = True
+            self.trash = TrashCollector(self.layout.trash, self.logger)
         now = time.time()
-        info, written = save_epoch(
-            self.layout, epoch, write_files,
-            lambda written: self._build_info(epoch, written, now),
-            checksum=self.settings["ckpt_checksum"], logger=self.logger)
+        try:
+            info, written = save_epoch(
+                self.layout, epoch, write_files,
+                lambda written: self._build_info(epoch, written, now),
+                checksum=self.settings["ckpt_checksum"], logger=self.logger)
+        finally:
+            self.trash.poke()  # whatever the save moved aside, even if it failed
         self.last_save_time = now
         if self.best is not None:
             self._point_best()
@@ -120,6 +124,7 @@ class Checkpointer:
         fault_point("after_last")
         self.run_epochs = info["epochs_saved"]
         self._apply_keep_policy(epoch)
+        self.trash.poke()
         self.logger.info("epoch %d saved (%s%s): %d bytes in %.3f s (%.1f MB/s) -> %s",
                          epoch, reason, ", best" if improved and reason != "best" else "",
                          written.nbytes, written.write_seconds,

@@ -9,6 +9,7 @@ import numpy
 
 from . import keras_h5
 from .checkpointer import Checkpointer
+from .durable import WritebackStarter
 from .info import read_info
 
 
@@ -99,5 +100,6 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
 
     def _write_files(self, directory):
         state = keras_h5.snapshot(self.model, weights_only=self.weights_only)
-        keras_h5.write(state, os.path.join(directory, keras_h5.MODEL_FILE))
+        path = os.path.join(directory, keras_h5.MODEL_FILE)
+        keras_h5.write(state, path, progress=WritebackStarter(path))
         return keras_h5.MODEL_FILE

@@ -1,12 +1,15 @@
 """The crash-consistent save protocol of one epoch (DESIGN.md, "The save protocol").
 
 `save_epoch` runs steps 2-7 with a caller-supplied function that writes the model's
-files into a directory; `discard_epochs` is step 8's deletion. A process killed at any
+files into a directory; `discard_epochs` is step 8's deletion. Whatever is deleted is
+only renamed into `ckpts/trash/` here; a `background.TrashCollector` removes it off the
+training thread. A process killed at any
 instant leaves `last` pointing at a complete, verifiable epoch (or absent if none was
 ever completed): the files are fsynced and checksummed in `work/` before `work/` is
 renamed to `epochs/NNN`, and links are repointed only after that rename is durable.
 """
 
+import concurrent.futures
 import os
 import time
 from dataclasses import dataclass
@@ -27,18 +30,27 @@ class WrittenFiles:
 
 
 def prepare_tree(layout, logger):
-    """Create the tree's directories; finish deletions and drop a save a crash interrupted."""
+    """Create the tree's directories and drop a save a crash interrupted.
+
+    Deletions a crash interrupted are left in `trash/` for the trash collector.
+    """
     os.makedirs(layout.epochs, exist_ok=True)
-    finished = durable.empty_trash(layout.trash)
-    if finished:
-        logger.info("finished interrupted deletions: %s", ", ".join(finished))
     _drop_leftover_work(layout, logger)
 
 
 def _drop_leftover_work(layout, logger):
     if os.path.lexists(layout.work):
-        durable.discard_tree(layout.work, layout.trash)
+        durable.move_to_trash(layout.work, layout.trash)
         logger.warning("removed leftover '%s' of an interrupted save", layout.work)
+
+
+def _flush_and_checksum(path, checksum):
+    """fsync `path` while computing its CRC32: both release the GIL, so they overlap."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        flushed = pool.submit(durable.fsync_file, path)
+        crc = str(crc32_file(path)) if checksum else None
+        flushed.result()
+    return crc
 
 
 def _write_into_work(layout, write_files, checksum):
@@ -52,10 +64,9 @@ def _write_into_work(layout, write_files, checksum):
         if not os.path.isfile(path) or os.path.islink(path):
             raise ValueError(f"the model writer left '{path}', which is not a regular file; "
                              f"expected only files in the epoch directory")
-        durable.fsync_file(path)
         size = os.path.getsize(path)
         nbytes += size
-        files[name] = {"size": size, "crc32": str(crc32_file(path)) if checksum else None}
+        files[name] = {"size": size, "crc32": _flush_and_checksum(path, checksum)}
     if model_file not in files:
         raise ValueError(f"the model writer reported model file {model_file!r} but wrote "
                          f"{sorted(files)} into '{layout.work}'")
@@ -89,11 +100,11 @@ def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
         fault_point("after_info")
     except BaseException:
         if os.path.lexists(layout.work):
-            durable.discard_tree(layout.work, layout.trash)
+            durable.move_to_trash(layout.work, layout.trash)
         raise
     destination = layout.epoch_dir(epoch)
     if os.path.lexists(destination):
-        durable.discard_tree(destination, layout.trash)
+        durable.move_to_trash(destination, layout.trash)
         logger.info("replaced existing epoch %d (a timeline abandoned by a rollback or a "
                     "restart from an earlier epoch)", epoch)
     durable.rename_durable(layout.work, destination)
@@ -110,9 +121,9 @@ def point_link(layout, name, epoch):
 
 
 def discard_epochs(layout, epochs, logger):
-    """Delete whole epoch directories crash-safely (renamed out of `epochs/` first)."""
+    """Move whole epoch directories out of `epochs/` into `trash/` (crash-safe deletion)."""
     for epoch in epochs:
-        if durable.discard_tree(layout.epoch_dir(epoch), layout.trash) is None:
+        if durable.move_to_trash(layout.epoch_dir(epoch), layout.trash) is None:
             logger.warning("epoch %d was to be deleted but is already gone", epoch)
         else:
             logger.debug("deleted epoch %d (keep policy)", epoch)

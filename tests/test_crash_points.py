@@ -57,6 +57,7 @@ def test_kill_at_each_protocol_step_leaves_last_complete(tmp_path, point, hit):
     for epoch in range(start, 7):
         checkpointer.epoch_end(epoch, {"loss": 1.0 / epoch}, file_writer(b"x"))
     assert layout.resolve_link("last") == 6 and layout.resolve_link("best") == 6
+    checkpointer.trash.wait()
     assert not os.path.exists(layout.work)
     assert not os.path.exists(layout.trash) or os.listdir(layout.trash) == []
     assert not [name for name in os.listdir(layout.ckpts) if ".tmp." in name]

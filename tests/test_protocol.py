@@ -46,6 +46,7 @@ def test_writer_failing_midway_leaves_last_on_the_previous_epoch(make_checkpoint
         checkpointer.epoch_end(3, {"loss": 1.0}, half_write)
     layout = CheckpointLayout(ckpt_dir)
     assert layout.resolve_link("last") == 2 and layout.list_epochs() == [1, 2]
+    checkpointer.trash.wait()
     assert not os.path.exists(layout.work) and os.listdir(layout.trash) == []
     assert read_info(layout.epoch_dir(2))["epoch"] == 2
 
@@ -149,3 +150,22 @@ def test_core_modules_do_not_import_tensorflow():
     out = subprocess.run([sys.executable, "-c", "import json; " + code], check=True,
                          capture_output=True, text=True).stdout
     assert json.loads(out) == []
+
+
+def test_deleted_epochs_leave_the_training_thread_at_once(make_checkpointer, ckpt_dir):
+    """Keep-policy deletions are renames into trash/; a background thread removes them."""
+    checkpointer = make_checkpointer(epochs=5, ckpt_keep_limit=1, ckpt_save_best=False)
+    run(checkpointer, [1.0] * 5)
+    layout = CheckpointLayout(ckpt_dir)
+    assert layout.list_epochs() == [5]
+    checkpointer.trash.wait()
+    assert os.listdir(layout.trash) == []
+
+
+def test_trash_left_by_a_crash_is_emptied_by_the_next_run(make_checkpointer, ckpt_dir):
+    layout = CheckpointLayout(ckpt_dir)
+    os.makedirs(os.path.join(layout.trash, "007.deadbeef"))
+    checkpointer = make_checkpointer(epochs=1)
+    run(checkpointer, [1.0])
+    checkpointer.trash.wait()
+    assert os.listdir(layout.trash) == []

@@ -1,0 +1,84 @@
+"""Shared pieces of the benchmarks: models of a given size, interleaved timing, reports.
+
+The machine is shared and noisy, so every benchmark measures its baseline in the same
+run, interleaving baseline and candidate repetitions, and reports the ratio of medians
+with the min-max range of each.
+"""
+
+import os
+import platform
+import statistics
+import sys
+import time
+
+SIZES_MB = {"10MB": 10, "100MB": 100, "1GB": 1000}
+
+
+def quiet_tensorflow():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import absl.logging
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    import warnings
+    warnings.filterwarnings("ignore")
+
+
+def build_model(megabytes, seed=0):
+    """A compiled 4-layer MLP with about `megabytes` MB of float32 parameters, Adam built.
+
+    One training step has run, so the optimizer's slot variables exist: the state is
+    about 3x the parameter bytes, as in MEASUREMENTS.md.
+    """
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(seed)
+    width = int((megabytes * 1e6 / 4 / 4) ** 0.5)
+    model = keras.Sequential([keras.Input((width,))] +
+                             [keras.layers.Dense(width) for _ in range(4)])
+    model.compile(optimizer="adam", loss="mean_squared_error")
+    x = np.zeros((8, width), "float32")
+    model.train_on_batch(x, x)
+    return model
+
+
+def state_bytes(model):
+    return sum(v.numpy().nbytes for v in model.weights + model.optimizer.variables)
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def timed(function):
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def interleave(repetitions, **candidates):
+    """Run each candidate `repetitions` times, interleaved; {name: [seconds]}."""
+    times = {name: [] for name in candidates}
+    for _ in range(repetitions):
+        for name, function in candidates.items():
+            times[name].append(timed(function))
+    return times
+
+
+def summary(seconds):
+    return (f"median {statistics.median(seconds):.4f} s "
+            f"(min {min(seconds):.4f}, max {max(seconds):.4f}, n={len(seconds)})")
+
+
+def ratio_line(label, candidate, baseline):
+    ratio = statistics.median(candidate) / statistics.median(baseline)
+    return f"{label}: ratio {ratio:.3f}"
+
+
+def header(title):
+    print(f"# {title}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, command: {' '.join([sys.executable] + sys.argv)}")
