@@ -6,14 +6,14 @@ and applies the keep policy. The Keras callback is a thin adapter around it; so 
 tests, with plain-file writers.
 """
 
-import datetime
 import os
 import platform
 import time
+from dataclasses import dataclass
 
 from . import __version__
 from .errors import LinkError, ParameterValueError
-from .background import TrashCollector
+from .background import BackgroundWriter, TrashCollector
 from .faults import fault_point
 from .info import (CHECKSUM_DISABLED, FIRST_SAVE, FORMAT, FORMAT_VERSION,
                    TIMESTAMP_FORMAT, finite_or_none, is_legacy)
@@ -22,6 +22,17 @@ from .logs import silent_logger, tree_logger
 from .params import validate_params
 from .policies import BestMetric, epochs_to_keep, infer_metric_mode, save_reason
 from .protocol import discard_epochs, point_link, prepare_tree, save_epoch
+
+
+@dataclass(frozen=True)
+class SaveDecision:
+    """That an epoch is saved, why, and the best-metric state as of that epoch."""
+    epoch: int
+    reason: str          # "best", "final", "interval" (or another caller's reason)
+    improved: bool
+    time: float          # time.time() at the epoch's end
+    best_value: float
+    best_epoch: int
 
 
 class Checkpointer:
@@ -48,6 +59,7 @@ class Checkpointer:
         self.run_epochs = []
         self.last_save_time = None
         self.trash = None  # the trash collector, once the tree is prepared
+        self.background = BackgroundWriter() if self.settings["ckpt_async"] else None
         self.versions = {"candle_ckpt": __version__, "python": platform.python_version(),
                          **(versions or {})}
 
@@ -89,12 +101,22 @@ class Checkpointer:
     # -- each epoch ------------------------------------------------------------------
 
     def epoch_end(self, epoch, logs, write_files):
-        """Save 1-based `epoch` if the policy says so; return the ckpt-info dict or None.
+        """Save 1-based `epoch` if the policy says so (`decide`, then `save`).
 
         Args:
             epoch: the 1-based epoch that just ended.
             logs: the metrics of the epoch (Keras' `logs`).
             write_files: callable(directory) -> model file name, writing the state.
+        """
+        decision = self.decide(epoch, logs)
+        if decision is not None:
+            self.save(decision, lambda: write_files)
+
+    def decide(self, epoch, logs):
+        """Whether 1-based `epoch` is saved: a `SaveDecision`, or None. Training thread.
+
+        Updates the best-metric state; the decision carries a copy of it, so that a
+        save running in the background records the state of its own epoch.
         """
         interval = self.settings["ckpt_save_interval"]
         improved = False
@@ -105,32 +127,64 @@ class Checkpointer:
         if reason is None:
             self.logger.debug("epoch %d: not saved", epoch)
             return None
+        best = self.best
+        return SaveDecision(epoch, reason, improved, time.time(),
+                            best.value if best else None, best.epoch if best else None)
+
+    def save(self, decision, capture):
+        """Save the epoch of `decision`; with ckpt_async, in the background.
+
+        Args:
+            decision: from `decide`.
+            capture: callable() run on the calling (training) thread that takes what
+                must be written (e.g. a host-memory snapshot of the model) and returns
+                write_files(directory) -> model file name, which may run in another
+                thread.
+
+        With ckpt_async, the previous background save is waited for first (at most one
+        in flight, and at most one snapshot held), and its error, if any, is raised
+        here; `finish` waits for the last one.
+        """
         if self.trash is None:
             prepare_tree(self.layout, self.logger)
             self.trash = TrashCollector(self.layout.trash, self.logger)
-        now = time.time()
+        if self.background is None:
+            self._save_now(decision, capture())
+        else:
+            self.background.wait()
+            write_files = capture()
+            self.background.submit(lambda: self._save_now(decision, write_files))
+
+    def finish(self):
+        """Wait for a background save (raising its error), then log the final report."""
+        if self.background is not None:
+            self.background.wait()
+        self.report_final()
+
+    def _save_now(self, decision, write_files):
+        epoch = decision.epoch
         try:
             info, written = save_epoch(
                 self.layout, epoch, write_files,
-                lambda written: self._build_info(epoch, written, now),
+                lambda written: self._build_info(decision, written),
                 checksum=self.settings["ckpt_checksum"], logger=self.logger)
         finally:
             self.trash.poke()  # whatever the save moved aside, even if it failed
-        self.last_save_time = now
+        self.last_save_time = decision.time
         if self.best is not None:
-            self._point_best()
+            self._point_best(decision.best_epoch)
         fault_point("after_best")
         point_link(self.layout, "last", epoch)
         fault_point("after_last")
         self.run_epochs = info["epochs_saved"]
-        self._apply_keep_policy(epoch)
+        self._apply_keep_policy(epoch, decision.best_epoch)
         self.trash.poke()
         self.logger.info("epoch %d saved (%s%s): %d bytes in %.3f s (%.1f MB/s) -> %s",
-                         epoch, reason, ", best" if improved and reason != "best" else "",
+                         epoch, decision.reason,
+                         ", best" if decision.improved and decision.reason != "best" else "",
                          written.nbytes, written.write_seconds,
                          written.nbytes / 1e6 / max(written.write_seconds, 1e-9),
                          self.layout.epoch_dir(epoch))
-        return info
 
     def report_final(self):
         """Log how many of this run's epochs are kept, and which."""
@@ -151,33 +205,32 @@ class Checkpointer:
                 f"(or ckpt_save_best=false)")
         return float(logs[self.best.metric])
 
-    def _build_info(self, epoch, written, now):
+    def _build_info(self, decision, written):
         crc = written.files[written.model_file]["crc32"]
         elapsed = FIRST_SAVE if self.last_save_time is None else round(
-            max(now - self.last_save_time, 0.0), 3)
+            max(decision.time - self.last_save_time, 0.0), 3)
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "epoch": epoch,
+            "epoch": decision.epoch,
             "model_file": written.model_file,
             "checksum": crc if crc is not None else CHECKSUM_DISABLED,
             "save_best_metric": self.best.metric if self.best else None,
-            "best_metric_last": finite_or_none(self.best.value) if self.best else None,
-            "timestamp": datetime.datetime.fromtimestamp(now).strftime(TIMESTAMP_FORMAT),
+            "best_metric_last": finite_or_none(decision.best_value),
+            "timestamp": time.strftime(TIMESTAMP_FORMAT, time.localtime(decision.time)),
             "time_elapsed": elapsed,
             "metadata": self.settings["metadata"],
             "files": written.files,
             "best_metric_mode": self.best.mode if self.best else None,
-            "epoch_best": self.best.epoch if self.best else None,
-            "epochs_saved": sorted(set(self.run_epochs) | {epoch}),
+            "epoch_best": decision.best_epoch,
+            "epochs_saved": sorted(set(self.run_epochs) | {decision.epoch}),
             "weights_only": self.settings["ckpt_save_weights_only"],
             "write_seconds": round(written.write_seconds, 6),
             "versions": self.versions,
         }
 
-    def _point_best(self):
-        """Make `best` point at the best epoch of this run, repairing it after a restart."""
-        wanted = self.best.epoch
+    def _point_best(self, wanted):
+        """Make `best` point at epoch `wanted` (None: no link), repairing it after a restart."""
         if wanted is not None and not os.path.isdir(self.layout.epoch_dir(wanted)):
             self.logger.warning("best epoch %d is no longer on disk; removing the best link",
                                 wanted)
@@ -190,12 +243,10 @@ class Checkpointer:
         if current != wanted or (wanted is None and os.path.lexists(self.layout.link("best"))):
             point_link(self.layout, "best", wanted)
 
-    def _apply_keep_policy(self, epoch):
+    def _apply_keep_policy(self, epoch, best_epoch):
         keep = epochs_to_keep(self.run_epochs, epoch, self.settings["ckpt_keep_mode"],
                               self.settings["ckpt_keep_limit"])
-        keep |= {epoch}
-        if self.best is not None and self.best.epoch is not None:
-            keep.add(self.best.epoch)
+        keep |= {epoch, best_epoch} - {None}
         doomed = [e for e in self.run_epochs if e not in keep]
         discard_epochs(self.layout, doomed, self.logger)
         self.run_epochs = [e for e in self.run_epochs if e in keep]
@@ -203,7 +254,7 @@ class Checkpointer:
 
 def _parse_timestamp(text):
     try:
-        return datetime.datetime.strptime(text, TIMESTAMP_FORMAT).timestamp()
+        return time.mktime(time.strptime(text, TIMESTAMP_FORMAT))
     except ValueError:
         return None
 

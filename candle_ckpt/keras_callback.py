@@ -8,6 +8,7 @@ import keras
 import numpy
 
 from . import keras_h5
+from .background import check_snapshot_fits
 from .checkpointer import Checkpointer
 from .durable import WritebackStarter
 from .info import read_info
@@ -48,6 +49,12 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     training reaches them. Under a `tf.distribute` strategy only the worker that should
     checkpoint (the chief) writes.
 
+    With `ckpt_async`, the training thread only copies the state to host memory (one
+    extra copy of weights and optimizer variables, checked against available memory
+    before each save) and a background thread writes it; at most one save is in
+    flight, its errors are raised at the next save or at the end of fit, and the end
+    of fit waits for it.
+
     Args:
         gParameters: dict of parameters; every `ckpt_*` key is type-checked here, before
             anything is written, and `epochs` (the run's last epoch) is required.
@@ -71,12 +78,15 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
                 self._resume(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._is_writer():
-            self.checkpointer.epoch_end(epoch + 1, logs, self._write_files)
+        if not self._is_writer():
+            return
+        decision = self.checkpointer.decide(epoch + 1, logs)
+        if decision is not None:
+            self.checkpointer.save(decision, self._capture)
 
     def on_train_end(self, logs=None):
         if self._is_writer():
-            self.checkpointer.report_final()
+            self.checkpointer.finish()
 
     def report_final(self):
         """Log the epochs this run keeps (CANDLE's API; also done at the end of fit)."""
@@ -98,8 +108,14 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         strategy = getattr(self.model, "distribute_strategy", None)
         return getattr(getattr(strategy, "extended", None), "should_checkpoint", True)
 
-    def _write_files(self, directory):
+    def _capture(self):
+        """Snapshot the state now (training thread); return the function that writes it."""
+        if self.checkpointer.background is not None:
+            check_snapshot_fits(keras_h5.state_nbytes(self.model, self.weights_only))
         state = keras_h5.snapshot(self.model, weights_only=self.weights_only)
-        path = os.path.join(directory, keras_h5.MODEL_FILE)
-        keras_h5.write(state, path, progress=WritebackStarter(path))
-        return keras_h5.MODEL_FILE
+
+        def write_files(directory):
+            path = os.path.join(directory, keras_h5.MODEL_FILE)
+            keras_h5.write(state, path, progress=WritebackStarter(path))
+            return keras_h5.MODEL_FILE
+        return write_files

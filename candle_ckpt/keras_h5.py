@@ -145,6 +145,16 @@ def snapshot(model, weights_only=False):
         nbytes=sum(a.nbytes for g in groups for a in g.arrays))
 
 
+def state_nbytes(model, weights_only=False):
+    """The bytes `snapshot` would copy, computed from shapes without copying anything."""
+    variables = [w for layer in model.layers for w in _legacy_weights(layer)]
+    variables += list(_top_level_weights(model)) + list(_rng_states(model))
+    optimizer = None if weights_only else getattr(model, "optimizer", None)
+    if optimizer is not None:
+        variables += list(optimizer.variables)
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+
+
 def write(state, path, progress=None):
     """Write `state` to `path` (created or truncated) in the layout of the module docstring.
 

@@ -123,6 +123,9 @@ PARAMETERS = (
     Parameter("ckpt_restart_fallback", P.BOOLEAN, False,
               "if ckpts/last is corrupt, restart from the newest earlier epoch that "
               "verifies (logged loudly) instead of failing"),
+    Parameter("ckpt_async", P.BOOLEAN, False,
+              "the training thread only snapshots the state to host memory; a background "
+              "thread writes it (one save in flight, one extra copy of the state in memory)"),
     Parameter("metadata", P.STRING, None,
               "free text stored in every ckpt-info.json (job id, machine, ...)",
               nullable=True),

@@ -13,8 +13,8 @@ from conftest import file_writer
 @pytest.fixture
 def info(make_checkpointer):
     checkpointer = make_checkpointer(epochs=1)
-    saved = checkpointer.epoch_end(1, {"loss": 0.5}, file_writer())
-    return saved
+    checkpointer.epoch_end(1, {"loss": 0.5}, file_writer())
+    return read_info(checkpointer.layout.epoch_dir(1))
 
 
 def write_raw(directory, info):

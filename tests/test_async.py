@@ -1,0 +1,78 @@
+"""ckpt_async: saves run in the background, one at a time, and never lose an error."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from candle_ckpt.background import check_snapshot_fits
+from candle_ckpt.errors import CheckpointError
+from candle_ckpt.info import read_info
+from candle_ckpt.layout import CheckpointLayout
+from conftest import file_writer
+
+
+def test_async_run_produces_the_same_tree(make_checkpointer, ckpt_dir, tmp_path):
+    synchronous = make_checkpointer(epochs=5, ckpt_keep_limit=2,
+                                    ckpt_directory=str(tmp_path / "sync"))
+    asynchronous = make_checkpointer(epochs=5, ckpt_keep_limit=2, ckpt_async=True)
+    for epoch, loss in enumerate([3.0, 1.0, 2.0, 2.5, 2.7], 1):
+        for checkpointer in (synchronous, asynchronous):
+            checkpointer.epoch_end(epoch, {"loss": loss}, file_writer(b"%d" % epoch))
+    asynchronous.finish()
+    a, b = CheckpointLayout(tmp_path / "sync"), CheckpointLayout(ckpt_dir)
+    assert a.list_epochs() == b.list_epochs() == [2, 4, 5]
+    assert (b.resolve_link("last"), b.resolve_link("best")) == (5, 2)
+    for epoch in (2, 4, 5):
+        info_a, info_b = read_info(a.epoch_dir(epoch)), read_info(b.epoch_dir(epoch))
+        for key in ("epoch_best", "best_metric_last", "epochs_saved", "checksum"):
+            assert info_a[key] == info_b[key], (epoch, key)
+
+
+def test_training_thread_only_captures_and_one_save_is_in_flight(make_checkpointer):
+    checkpointer = make_checkpointer(epochs=3, ckpt_async=True, ckpt_save_best=False)
+    running, overlaps = [], []
+
+    def slow_writer(directory):
+        if running:
+            overlaps.append(directory)
+        running.append(threading.get_ident())
+        time.sleep(0.3)
+        running.pop()
+        return file_writer()(directory)
+
+    started = time.perf_counter()
+    checkpointer.epoch_end(1, {}, slow_writer)
+    assert time.perf_counter() - started < 0.2  # returned before the write
+    checkpointer.epoch_end(2, {}, slow_writer)  # waits for epoch 1's save
+    checkpointer.epoch_end(3, {}, slow_writer)
+    checkpointer.finish()
+    assert overlaps == [] and checkpointer.layout.list_epochs() == [1, 2, 3]
+
+
+def failing_writer(directory):
+    raise OSError(5, "Input/output error")
+
+
+def test_background_error_is_raised_at_the_next_save(make_checkpointer):
+    checkpointer = make_checkpointer(epochs=3, ckpt_async=True, ckpt_save_best=False)
+    checkpointer.epoch_end(1, {}, file_writer())
+    checkpointer.epoch_end(2, {}, failing_writer)
+    with pytest.raises(OSError, match="Input/output error"):
+        checkpointer.epoch_end(3, {}, file_writer())
+    assert checkpointer.layout.resolve_link("last") == 1
+    assert not os.path.exists(checkpointer.layout.work)
+
+
+def test_background_error_is_raised_at_the_end_of_training(make_checkpointer):
+    checkpointer = make_checkpointer(epochs=1, ckpt_async=True, ckpt_save_best=False)
+    checkpointer.epoch_end(1, {}, failing_writer)
+    with pytest.raises(OSError, match="Input/output error"):
+        checkpointer.finish()
+
+
+def test_a_snapshot_that_does_not_fit_is_refused():
+    with pytest.raises(CheckpointError, match=r"ckpt_async=true needs .* MB.*available"):
+        check_snapshot_fits(1 << 60)
+    check_snapshot_fits(1 << 20)
