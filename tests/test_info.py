@@ -116,3 +116,13 @@ def test_upstream_candle_info_is_still_validated(tmp_path):
         '"time_elapsed": 2.5, "metadata": null}')
     with pytest.raises(CheckpointFormatError, match="model_file"):
         read_info(tmp_path)
+
+
+@pytest.mark.parametrize("epochs,key", [
+    ([1, 2, 0, 5], "epochs_saved/2"), ([3, 1, 2, 2], "epochs_saved"),
+    ([1, 2, True, 4], "epochs_saved/2"), ([1, 2, 3, 10 ** 10], "epochs_saved/3")])
+def test_long_epochs_saved_lists_are_checked_item_by_item(tmp_path, info, epochs, key):
+    info["epochs_saved"] = epochs
+    write_raw(tmp_path, info)
+    with pytest.raises(CheckpointFormatError, match=f"key '{key}'"):
+        read_info(tmp_path)
