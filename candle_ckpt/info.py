@@ -10,9 +10,6 @@ import functools
 import json
 import math
 import os
-from importlib import resources
-
-import jsonschema
 
 from . import durable
 from .errors import CheckpointFormatError
@@ -34,11 +31,21 @@ LEGACY_SCHEMA_FILE = "candle-legacy-ckpt-info.schema.json"
 
 @functools.lru_cache(maxsize=None)
 def _validator(schema_file):
+    # Imported here, not at the top: importing jsonschema and importlib.resources takes
+    # ~0.1 s, which the command line's `list` (no validation) would pay on every call.
+    from importlib import resources
+
+    import jsonschema
     text = resources.files("candle_ckpt.schemas").joinpath(schema_file).read_text("utf-8")
     schema = json.loads(text)
     validator_class = jsonschema.validators.validator_for(schema)
     validator_class.check_schema(schema)
     return validator_class(schema)
+
+
+def _best_match(errors):
+    import jsonschema  # imported by _validator already; see there
+    return jsonschema.exceptions.best_match(errors)
 
 
 def is_legacy(info):
@@ -66,7 +73,7 @@ def validate_info(info, source):
     """
     legacy = is_legacy(info)
     validator = _validator(LEGACY_SCHEMA_FILE if legacy else SCHEMA_FILE)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(info))
+    error = _best_match(validator.iter_errors(info))
     if error is not None:
         key = "/".join(str(part) for part in error.absolute_path) or "(top level)"
         found = repr(error.instance)
