@@ -18,6 +18,7 @@ and prints medians and the ratio measured in the same run, and the command.
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -90,13 +91,17 @@ def load_every_file_whole(layout):
             json.load(stream)
 
 
-def median_seconds(function, repeat):
-    times = []
+def timed(function, repeat):
+    """(median, min, max) wall seconds, and the median CPU seconds of child processes."""
+    walls, cpus = [], []
     for _ in range(repeat):
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), min(times), max(times)
+        walls.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime)
+    return statistics.median(walls), min(walls), max(walls), statistics.median(cpus)
 
 
 def main(argv=None):
@@ -113,24 +118,29 @@ def main(argv=None):
                          for e in layout.list_epochs())
         print(f"tree: {args.epochs} epochs, {json_bytes / 1e6:.0f} MB of ckpt-info.json, "
               f"built in {time.perf_counter() - started:.1f} s")
-        command = [sys.executable, "-m", "candle_ckpt", "list", layout.root]
+        # The installed console script when there is one next to this Python, else -m.
+        script = os.path.join(os.path.dirname(sys.executable), "candle-ckpt")
+        command = ([script] if os.path.exists(script) else
+                   [sys.executable, "-m", "candle_ckpt"]) + ["list", layout.root]
         environment = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
 
         def run_cli():
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment)
 
         run_cli()  # warm the page cache and the bytecode cache
-        cli = median_seconds(run_cli, args.repeat)
-        inside = median_seconds(lambda: survey(layout), args.repeat)
-        baseline = median_seconds(lambda: load_every_file_whole(layout), args.repeat)
-        print(f"candle-ckpt list, subprocess: median {cli[0]:.3f} s "
-              f"(min {cli[1]:.3f}, max {cli[2]:.3f}); target <= 0.5 s")
-        print(f"survey in-process:            median {inside[0]:.3f} s "
-              f"(min {inside[1]:.3f}, max {inside[2]:.3f})")
-        print(f"baseline, json.load of every whole file: median {baseline[0]:.3f} s "
-              f"(min {baseline[1]:.3f}, max {baseline[2]:.3f}); "
-              f"survey / baseline = {inside[0] / baseline[0]:.3f}")
-        print("command: " + " ".join(command[1:] if False else command))
+        load = os.getloadavg()[0]
+        cli = timed(run_cli, args.repeat)
+        inside = timed(lambda: survey(layout), args.repeat)
+        baseline = timed(lambda: load_every_file_whole(layout), args.repeat)
+        print(f"{' '.join(command)}: wall median {cli[0]:.3f} s (min {cli[1]:.3f}, "
+              f"max {cli[2]:.3f}), CPU {cli[3]:.3f} s; target <= 0.5 s wall")
+        print(f"survey in-process: median {inside[0]:.3f} s (min {inside[1]:.3f}, "
+              f"max {inside[2]:.3f})")
+        print(f"baseline, json.load of every whole ckpt-info.json: median {baseline[0]:.3f} s "
+              f"(min {baseline[1]:.3f}, max {baseline[2]:.3f}); survey / baseline = "
+              f"{inside[0] / baseline[0]:.3f}")
+        print(f"load average before: {load:.2f} on {os.cpu_count()} cores, "
+              f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
         print(f"reproduce: python benchmarks/bench_cli_list.py --epochs {args.epochs} "
               f"--repeat {args.repeat}")
         if args.keep:

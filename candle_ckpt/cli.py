@@ -105,7 +105,8 @@ def build_parser():
                              help="default ./save")
     list_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     list_parser.add_argument("--verify", action="store_true",
-                             help="also compute every CRC32 (reads every model file)")
+                             help="also validate every ckpt-info.json and compute every "
+                                  "CRC32 (reads every model file, as verify --all)")
 
     info_parser = commands.add_parser("info", help="the ckpt-info.json of an epoch, validated")
     info_parser.add_argument("where", nargs="*", metavar="ARG", help=where + " (default last)")
@@ -190,8 +191,17 @@ def _progress():
             bar.clear()
 
 
-def _check_state(checks):
-    """The checksum column after verification: ok, off, or what is wrong."""
+def _check_state(layout, epoch, progress):
+    """The checksum column of `list --verify`: ok, off, or what is wrong.
+
+    The ckpt-info.json is read whole and validated first, as `verify` does, so that no
+    file name from an unvalidated file is ever opened.
+    """
+    try:
+        info = read_epoch_info(layout, epoch)
+    except CheckpointError:
+        return "BAD: invalid ckpt-info.json"
+    checks = check_files(layout.epoch_dir(epoch), info, progress=progress)
     problems = sorted({check.problem for check in checks if check.problem is not None})
     if problems:
         return "BAD: " + ", ".join(problems)
@@ -206,8 +216,7 @@ def _rows(tree, verify):
         checksum = summary.checksum
         if verify and summary.problem is None:
             with _progress() as progress:
-                checksum = _check_state(check_files(summary.directory, summary.head,
-                                                    progress=progress))
+                checksum = _check_state(tree.layout, summary.epoch, progress)
         rows.append({
             "epoch": summary.epoch, "size": summary.size, "timestamp": summary.timestamp,
             "metric": summary.metric, "best_metric_last": summary.best_value,

@@ -87,13 +87,11 @@ class EpochSummary:
     bytes of the directory's files). `checksum` is "not verified" when CRC32s are
     recorded (a survey reads no model file) and "off" when none are. `best_value` is
     `best_metric_last`, the best value of `metric` up to this epoch (the file does not
-    record the epoch's own value). `head` holds the members of ckpt-info.json that were
-    read (enough for `verify.check_files`). `problem` is None or why the ckpt-info.json
-    cannot be summarised; the other fields are then None.
+    record the epoch's own value). `problem` is None or why the ckpt-info.json cannot be
+    summarised; the other fields are then None.
     """
     epoch: int
     directory: str
-    head: dict = None
     timestamp: str = None
     metric: str = None
     best_value: float = None
@@ -123,7 +121,7 @@ def summarise_epoch(layout, epoch):
         size = (_bytes_in(directory) if legacy
                 else sum(recorded_size for recorded_size, _ in files.values()))
         recorded_crc = any(crc is not None for _, crc in files.values())
-        return EpochSummary(epoch, directory, head, head["timestamp"], head["save_best_metric"],
+        return EpochSummary(epoch, directory, head["timestamp"], head["save_best_metric"],
                             finite_or_none(head["best_metric_last"]), size,
                             "not verified" if recorded_crc else "off", legacy)
     except KeyError as error:

@@ -116,11 +116,15 @@ def test_list_reads_no_model_file(tree):
     assert len(listing(tree)["epochs"]) == 5
 
 
-def test_list_verify_computes_every_crc32(tree):
+def test_list_verify_validates_and_computes_every_crc32(tree):
     flip_byte(os.path.join(tree.epoch_dir(2), "model.h5"))
+    path = os.path.join(tree.epoch_dir(3), "ckpt-info.json")
+    info = read_info(tree.epoch_dir(3))
+    with open(path, "w") as stream:  # invalid after the head that list reads
+        json.dump({**info, "versions": {"x": 1}}, stream)
     states = [row["checksum"] for row in
               json.loads(cli("list", tree.root, "--json", "--verify").stdout)["epochs"]]
-    assert states == ["ok", "BAD: crc32", "ok", "ok", "ok"]
+    assert states == ["ok", "BAD: crc32", "BAD: invalid ckpt-info.json", "ok", "ok"]
 
 
 def test_list_shows_an_epoch_with_a_broken_info_and_goes_on(tree):
@@ -157,7 +161,7 @@ print("\\nSTATUS", status, "HEAVY", ",".join(heavy))
 
 @pytest.mark.parametrize("args, allowed", [
     (["list"], ""),
-    (["list", "--json", "--verify"], ""),
+    (["list", "--json", "--verify"], "jsonschema"),
     (["info"], "jsonschema"),
     (["verify", "--all"], "jsonschema"),
     (["rollback", "2", "--dry-run"], "jsonschema"),
