@@ -53,11 +53,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _is_selector(text):
-    return text in LINK_SELECTORS or text.isdigit()
+    return text in LINK_SELECTORS or (text.isascii() and text.isdigit())
 
 
-def _split_positionals(values, command, epoch_required=False, default_epoch="last"):
-    """(DIR, EPOCH) from `[DIR] [EPOCH]`; see the module docstring for one argument."""
+def _split_positionals(values, command, epoch_required=False):
+    """(DIR, EPOCH) from `[DIR] [EPOCH]`, EPOCH "last" if not given.
+
+    See the module docstring for how a single argument is read.
+    """
     if len(values) > 2:
         raise UsageError(f"{command}: expected at most DIR and EPOCH, received "
                          f"{' '.join(values)!r}")
@@ -70,7 +73,7 @@ def _split_positionals(values, command, epoch_required=False, default_epoch="las
     if epoch is None:
         if epoch_required:
             raise UsageError(f"{command}: expected an EPOCH to roll back to")
-        epoch = default_epoch
+        epoch = "last"
     if not _is_selector(epoch):
         raise UsageError(f"{command}: EPOCH is {epoch!r}; expected a number, 'last' or 'best'")
     return directory, epoch
@@ -243,6 +246,7 @@ def _notes(tree):
 
 
 def _table(rows):
+    """The lines of the `list` table: aligned columns, the metric named in the header."""
     metrics = {row["metric"] for row in rows if row["problem"] is None}
     one_metric = len(metrics) == 1 and None not in metrics
     header = ["epoch", "size", "saved at",
@@ -256,9 +260,9 @@ def _table(rows):
         value = "-" if row["best_metric_last"] is None else f"{row['best_metric_last']:.6g}"
         if not one_metric and row["metric"] is not None:
             value = f"{row['metric']}={value}"
-        lines.append([str(row["epoch"]), _human_size(row["size"]), row["timestamp"], value,
-                      row["checksum"], flags])
-    widths = [max(len(line[column]) for line in lines) for column in range(4)]
+        lines.append([str(row["epoch"]), _human_size(row["size"]), str(row["timestamp"]),
+                      value, row["checksum"], flags])
+    widths = [max(map(len, column)) for column in list(zip(*lines))[:4]]
     return [f"{line[0]:>{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]:<{widths[2]}}  "
             f"{line[3]:>{widths[3]}}  {line[4]}  {line[5]}".rstrip() for line in lines]
 
@@ -348,14 +352,15 @@ def cmd_rollback(args):
     before = {name: link_state(layout, name).describe() for name in ("last", "best")}
     with _progress() as progress:
         plan = plan_rollback(layout, int(selector), progress=progress)
-    best = "absent" if plan.best is None else layout.relative_epoch_target(plan.best)
-    prefix = "would point" if args.dry_run else "pointed"
     print(f"epoch {plan.epoch}: {_verified(plan.checks)}")
-    print(f"{prefix} last -> {layout.relative_epoch_target(plan.epoch)} "
-          f"(was {before['last']})")
-    print(f"{prefix} best -> {best} (was {before['best']}): {plan.best_reason}")
     if not args.dry_run:
         apply_rollback(layout, plan, tree_logger("operator", layout, verbose=False))
+    point, remove = ("would point", "would remove") if args.dry_run else ("pointed", "removed")
+    print(f"{point} last -> {layout.relative_epoch_target(plan.epoch)} (was {before['last']})")
+    best = ("best" if plan.best is None else
+            f"best -> {layout.relative_epoch_target(plan.best)}")
+    print(f"{remove if plan.best is None else point} {best} (was {before['best']}): "
+          f"{plan.best_reason}")
     return EXIT_OK
 
 
