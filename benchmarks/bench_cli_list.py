@@ -66,7 +66,9 @@ def build_tree(root, epochs):
         checkpointer.best.update(1.0 / epoch ** 0.5 + 0.05 * ((epoch * 7919) % 13) / 13,
                                  epoch)
         checkpointer.run_epochs = []
-        info = checkpointer._build_info(epoch, written, time.time())
+        now = time.time()
+        checkpointer.last_save_time = now - 0.5 if epoch > 1 else None
+        info = checkpointer._build_info(epoch, written, now)
         text = encode_info(info).decode("utf-8").replace(
             '"epochs_saved": ' + _epochs_saved_text(["  %d" % epoch], 1),
             '"epochs_saved": ' + _epochs_saved_text(lines, epoch))

@@ -3,20 +3,21 @@
 Each operation is planned first, reading only (that plan is what `--dry-run` prints),
 then applied with the save protocol's own crash-safe steps: links are repointed
 atomically and stored relative (`protocol.point_link`), epochs are deleted by renaming
-them out of `epochs/` before removing them (`protocol.discard_epochs`). Neither touches
-`work/` or `trash/`, which the next save cleans. Run them between jobs: the writer's
+them out of `epochs/` before removing them (`durable.discard_tree`). Neither touches
+`work/` or the leftovers in `trash/`, which the next run cleans. Run them between jobs: the writer's
 lock (DESIGN.md, "Several processes") is not consulted here.
 """
 
 import os
 from dataclasses import dataclass
 
+from . import durable
 from .errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from .info import finite_or_none, is_legacy
 from .inventory import describe_epochs, link_state, summarise_epoch
 from .layout import LINK_NAMES
 from .policies import epochs_to_keep
-from .protocol import discard_epochs, point_link
+from .protocol import point_link
 from .resume import read_epoch_info
 from .verify import check_files
 
@@ -139,6 +140,13 @@ def plan_abandoned(layout):
 
 
 def apply_prune(layout, epochs, reason, logger):
-    """Delete `epochs` crash-safely (each renamed out of `epochs/` first), logging why."""
+    """Delete `epochs` now, crash-safely: each is renamed out of `epochs/`, then removed.
+
+    `durable.discard_tree` rather than the save path's `protocol.discard_epochs`, which
+    may leave the removal to the training job's background trash collector: a prune
+    frees the space before it returns.
+    """
     logger.info("prune (%s): deleting epochs %s", reason, describe_epochs(epochs))
-    discard_epochs(layout, epochs, logger)
+    for epoch in epochs:
+        if durable.discard_tree(layout.epoch_dir(epoch), layout.trash) is None:
+            logger.warning("epoch %d was to be deleted but is already gone", epoch)

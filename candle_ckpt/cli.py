@@ -241,7 +241,7 @@ def _notes(tree):
         notes.append("leftover: ckpts/work/ (a save was interrupted; the next save removes it)")
     if tree.trash:
         deletions = _count(len(tree.trash), "interrupted deletion")
-        notes.append(f"leftover: ckpts/trash/ holds {deletions} (the next save finishes it)")
+        notes.append(f"leftover: ckpts/trash/ holds {deletions} (the next run finishes it)")
     return notes
 
 

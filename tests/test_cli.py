@@ -404,6 +404,7 @@ def test_upstream_candle_tree(tmp_path):
     assert [(r["best_metric_last"], r["checksum"], r["legacy"], r["size"]) for r in rows] == [
         (None, "off", True, 16), (0.75, "not verified", True, 16),
         (0.75, "not verified", True, 16), (0.5, "not verified", True, 16)]
+    assert json.loads(cli("info", layout.root).stdout)["epoch"] == 4  # an absolute link
     assert json.loads(cli("info", layout.root, "1").stdout)["best_metric_last"] == float("inf")
     assert cli("verify", layout.root, "--all").stdout.count(": ok (") == 4
     assert "1 without a recorded CRC32" in cli("verify", layout.root, "1").stdout
