@@ -29,10 +29,15 @@ SCHEMA_FILE = "ckpt-info.schema.json"
 LEGACY_SCHEMA_FILE = "candle-legacy-ckpt-info.schema.json"
 
 
+jsonschema = None  # bound on first use by _validator
+
+
 @functools.lru_cache(maxsize=None)
 def _validator(schema_file):
     # Imported here, not at the top: importing jsonschema and importlib.resources takes
     # ~0.1 s, which the command line's `list` (no validation) would pay on every call.
+    # validate_info calls this first, then uses the module-level name bound here.
+    global jsonschema
     from importlib import resources
 
     import jsonschema
@@ -41,11 +46,6 @@ def _validator(schema_file):
     validator_class = jsonschema.validators.validator_for(schema)
     validator_class.check_schema(schema)
     return validator_class(schema)
-
-
-def _best_match(errors):
-    import jsonschema  # imported by _validator already; see there
-    return jsonschema.exceptions.best_match(errors)
 
 
 def is_legacy(info):
@@ -73,7 +73,7 @@ def validate_info(info, source):
     """
     legacy = is_legacy(info)
     validator = _validator(LEGACY_SCHEMA_FILE if legacy else SCHEMA_FILE)
-    error = _best_match(validator.iter_errors(info))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(info))
     if error is not None:
         key = "/".join(str(part) for part in error.absolute_path) or "(top level)"
         found = repr(error.instance)
