@@ -31,5 +31,5 @@ setup(
         "numpy",
     ],
     extras_require={"test": ["pytest>=7"]},
-    entry_points={},
+    entry_points={"console_scripts": ["candle-ckpt = candle_ckpt.cli:main"]},
 )

@@ -10,9 +10,6 @@ import functools
 import json
 import math
 import os
-from importlib import resources
-
-import jsonschema
 
 from . import durable
 from .errors import CheckpointFormatError
@@ -32,8 +29,18 @@ SCHEMA_FILE = "ckpt-info.schema.json"
 LEGACY_SCHEMA_FILE = "candle-legacy-ckpt-info.schema.json"
 
 
+jsonschema = None  # bound on first use by _validator
+
+
 @functools.lru_cache(maxsize=None)
 def _validator(schema_file):
+    # Imported here, not at the top: importing jsonschema and importlib.resources takes
+    # ~0.1 s, which the command line's `list` (no validation) would pay on every call.
+    # validate_info calls this first, then uses the module-level name bound here.
+    global jsonschema
+    from importlib import resources
+
+    import jsonschema
     text = resources.files("candle_ckpt.schemas").joinpath(schema_file).read_text("utf-8")
     schema = json.loads(text)
     validator_class = jsonschema.validators.validator_for(schema)

@@ -26,8 +26,14 @@ class Checkpoint:
         return os.path.join(self.directory, self.info["model_file"])
 
 
-def load_verified(layout, epoch, checksums, logger):
-    """Read and verify epoch `epoch`; return a `Checkpoint` or raise a CheckpointError."""
+def read_epoch_info(layout, epoch):
+    """The validated ckpt-info dict of epoch `epoch`, which must record that epoch.
+
+    Raises:
+        NoCheckpointError: the epoch directory has no ckpt-info.json.
+        CheckpointFormatError: the file is unreadable or invalid (see `read_info`).
+        CheckpointError: the file records another epoch than its directory's.
+    """
     directory = layout.epoch_dir(epoch)
     try:
         info = read_info(directory)
@@ -37,6 +43,13 @@ def load_verified(layout, epoch, checksums, logger):
     if info["epoch"] != epoch:
         raise CheckpointError(f"'{directory}/ckpt-info.json': key 'epoch' is {info['epoch']}; "
                               f"expected {epoch}, the epoch of its directory")
+    return info
+
+
+def load_verified(layout, epoch, checksums, logger):
+    """Read and verify epoch `epoch`; return a `Checkpoint` or raise a CheckpointError."""
+    directory = layout.epoch_dir(epoch)
+    info = read_epoch_info(layout, epoch)
     results = verify_files(directory, info, checksums)
     unverified = [r.path for r in results if r.expected_crc32 is None]
     if checksums and unverified:

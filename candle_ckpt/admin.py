@@ -1,0 +1,152 @@
+"""What an operator does to a checkpoint tree between jobs: roll back and prune.
+
+Each operation is planned first, reading only (that plan is what `--dry-run` prints),
+then applied with the save protocol's own crash-safe steps: links are repointed
+atomically and stored relative (`protocol.point_link`), epochs are deleted by renaming
+them out of `epochs/` before removing them (`durable.discard_tree`). Neither touches
+`work/` or the leftovers in `trash/`, which the next run cleans. Run them between jobs: the writer's
+lock (DESIGN.md, "Several processes") is not consulted here.
+"""
+
+import os
+from dataclasses import dataclass
+
+from . import durable
+from .errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from .info import finite_or_none, is_legacy
+from .inventory import describe_epochs, link_state, summarise_epoch
+from .layout import LINK_NAMES
+from .policies import epochs_to_keep
+from .protocol import point_link
+from .resume import read_epoch_info
+from .verify import check_files
+
+
+def require_epoch_dir(layout, epoch):
+    """Raise NoCheckpointError, naming the epochs there are, if `epoch` has no directory."""
+    if not os.path.isdir(layout.epoch_dir(epoch)):
+        raise NoCheckpointError(f"epoch {epoch}: '{layout.epoch_dir(epoch)}' does not exist; "
+                                f"epochs on disk: {describe_epochs(layout.list_epochs())}")
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    """Where `last` and `best` will point, and why `best` points there."""
+    epoch: int
+    best: int
+    best_reason: str
+    checks: list
+
+
+def best_epoch_at(layout, info):
+    """The best epoch at or before the epoch of `info`, by its recorded metric: (epoch, why).
+
+    A candle_ckpt file records `epoch_best`, the best epoch of its run so far. An
+    upstream CANDLE file records only `best_metric_last`, the best value so far: the
+    best epoch is then the first epoch on disk that records that value (CANDLE saves
+    every improvement). None when no metric is tracked or that epoch is gone.
+    """
+    epoch, metric = info["epoch"], info["save_best_metric"]
+    value = finite_or_none(info["best_metric_last"])
+    if metric is None or value is None:
+        return None, f"epoch {epoch} records no best {metric or 'metric'} value"
+    if not is_legacy(info):
+        best = info["epoch_best"]
+        if best is not None and best <= epoch and os.path.isdir(layout.epoch_dir(best)):
+            return best, f"epoch_best recorded by epoch {epoch} ({metric}={value:.6g})"
+        return None, f"epoch_best {best} recorded by epoch {epoch} is not on disk"
+    for earlier in layout.list_epochs():
+        if earlier > epoch:
+            break
+        summary = summarise_epoch(layout, earlier)
+        if summary.metric == metric and summary.best_value == value:
+            return earlier, (f"first epoch recording the best {metric}={value:.6g} "
+                             f"of epoch {epoch}")
+    return None, f"no epoch on disk at or before {epoch} records {metric}={value:.6g}"
+
+
+def plan_rollback(layout, epoch, progress=None):
+    """Verify epoch `epoch` and decide where `best` goes; change nothing.
+
+    Args:
+        layout: the tree.
+        epoch: the epoch `last` is to point at.
+        progress: optional callable(path, bytes_done, bytes_total) while checksumming.
+
+    Raises:
+        NoCheckpointError: the epoch has no directory or no ckpt-info.json.
+        CheckpointFormatError: its ckpt-info.json is invalid.
+        CorruptCheckpointError: a file it lists is missing, truncated or fails its CRC32.
+    """
+    require_epoch_dir(layout, epoch)
+    info = read_epoch_info(layout, epoch)
+    checks = check_files(layout.epoch_dir(epoch), info, progress=progress)
+    bad = [check.describe() for check in checks if check.problem is not None]
+    if bad:
+        raise CorruptCheckpointError(f"refusing to roll back to epoch {epoch}, which does "
+                                     f"not verify: {'; '.join(bad)}")
+    best, reason = best_epoch_at(layout, info)
+    return RollbackPlan(epoch, best, reason, checks)
+
+
+def apply_rollback(layout, plan, logger):
+    """Repoint `best`, then `last` (the save protocol's order), each atomically."""
+    point_link(layout, "best", plan.best)
+    point_link(layout, "last", plan.epoch)
+    logger.info("rollback: last -> epoch %d, best -> %s (%s)", plan.epoch,
+                "none" if plan.best is None else f"epoch {plan.best}", plan.best_reason)
+
+
+def protected_epochs(layout):
+    """The epochs `last` and `best` point at: (last, best), each possibly None.
+
+    Raises:
+        CheckpointError: a link is dangling or invalid, so what it protects is unknown.
+    """
+    states = [link_state(layout, name) for name in LINK_NAMES]
+    for state in states:
+        if state.problem is not None:
+            raise CheckpointError(f"{state.problem}; refusing to delete anything until "
+                                  f"it is repaired (candle-ckpt rollback EPOCH)")
+    return tuple(state.epoch for state in states)
+
+
+def plan_prune(layout, keep, mode):
+    """The epochs a keep policy deletes, across all runs; never `last` or `best`.
+
+    The policy (`policies.epochs_to_keep`, "linear" or "exponential", at most `keep`)
+    applies to the epochs up to `last` as if they were one run ending at `last`.
+    Epochs after `last` are left to `plan_abandoned`.
+    """
+    last, best = protected_epochs(layout)
+    epochs = [e for e in layout.list_epochs() if last is None or e <= last]
+    if not epochs:
+        return []
+    kept = epochs_to_keep(epochs, last or epochs[-1], mode, keep) | {last, best}
+    return [e for e in epochs if e not in kept]
+
+
+def plan_abandoned(layout):
+    """The epochs after `last` (a timeline a rollback left), except `best`.
+
+    Raises:
+        CheckpointError: there is no `last`, so no timeline to compare with.
+    """
+    last, best = protected_epochs(layout)
+    if last is None:
+        raise CheckpointError(f"'{layout.link('last')}' does not exist, so no epoch is "
+                              f"after it; expected a link to the epoch to keep")
+    return [e for e in layout.list_epochs() if e > last and e != best]
+
+
+def apply_prune(layout, epochs, reason, logger):
+    """Delete `epochs` now, crash-safely: each is renamed out of `epochs/`, then removed.
+
+    `durable.discard_tree` rather than the save path's `protocol.discard_epochs`, which
+    may leave the removal to the training job's background trash collector: a prune
+    frees the space before it returns.
+    """
+    logger.info("prune (%s): deleting epochs %s", reason, describe_epochs(epochs))
+    for epoch in epochs:
+        if durable.discard_tree(layout.epoch_dir(epoch), layout.trash) is None:
+            logger.warning("epoch %d was to be deleted but is already gone", epoch)

@@ -1,0 +1,413 @@
+"""candle-ckpt: inspect, verify, roll back and prune a checkpoint tree from the shell.
+
+Installed as the `candle-ckpt` console script, also run as `python -m candle_ckpt`.
+Built on the framework-free core only: it never imports TensorFlow or Keras, so it
+starts in a fraction of a second on a login node. DIR is a `ckpt_directory` (default
+./save); EPOCH is a number, `last` or `best`::
+
+    candle-ckpt list [DIR] [--json] [--verify]
+    candle-ckpt info [DIR] [EPOCH]                  (default: last)
+    candle-ckpt verify [DIR] [EPOCH | --all]        (default: last)
+    candle-ckpt rollback [DIR] EPOCH [--dry-run]
+    candle-ckpt prune [DIR] (--keep N [--mode linear|exponential] | --abandoned) [--dry-run]
+
+A single positional argument is an EPOCH if it is a number, `last` or `best`, else the
+DIR (write ./5 for a directory named 5).
+
+Exit status: 0 success; 1 a file listed in ckpt-info.json is missing or fails its
+size or CRC32 check (verify, rollback); 2 a usage error, a DIR that is not a checkpoint
+tree, a missing epoch, a dangling or invalid link, an invalid ckpt-info.json. Errors
+are one line on stderr, never a traceback.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+from .admin import (apply_prune, apply_rollback, plan_abandoned, plan_prune, plan_rollback,
+                    require_epoch_dir)
+from .errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from .inventory import describe_epochs, link_state, open_tree, survey
+from .logs import tree_logger
+from .resume import read_epoch_info
+from .verify import check_files
+
+EXIT_OK, EXIT_CORRUPT, EXIT_ERROR = 0, 1, 2
+PROG = "candle-ckpt"
+DEFAULT_DIRECTORY = "./save"
+LINK_SELECTORS = ("last", "best")
+
+
+class UsageError(Exception):
+    """The command line is wrong: reported on one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage too, and exit itself
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# -- arguments --------------------------------------------------------------------
+
+
+def _is_selector(text):
+    return text in LINK_SELECTORS or (text.isascii() and text.isdigit())
+
+
+def _split_positionals(values, command, epoch_required=False):
+    """(DIR, EPOCH) from `[DIR] [EPOCH]`, EPOCH "last" if not given.
+
+    See the module docstring for how a single argument is read.
+    """
+    if len(values) > 2:
+        raise UsageError(f"{command}: expected at most DIR and EPOCH, received "
+                         f"{' '.join(values)!r}")
+    if len(values) == 2:
+        directory, epoch = values
+    elif len(values) == 1 and _is_selector(values[0]):
+        directory, epoch = DEFAULT_DIRECTORY, values[0]
+    else:
+        directory, epoch = (values or [DEFAULT_DIRECTORY])[0], None
+    if epoch is None:
+        if epoch_required:
+            raise UsageError(f"{command}: expected an EPOCH to roll back to")
+        epoch = "last"
+    if not _is_selector(epoch):
+        raise UsageError(f"{command}: EPOCH is {epoch!r}; expected a number, 'last' or 'best'")
+    return directory, epoch
+
+
+def _select_epoch(layout, selector):
+    """The epoch a selector names: a number (its directory must exist), last or best."""
+    if selector not in LINK_SELECTORS:
+        require_epoch_dir(layout, int(selector))
+        return int(selector)
+    state = link_state(layout, selector)
+    if state.problem is not None:
+        raise CheckpointError(state.problem)
+    if state.epoch is None:
+        raise NoCheckpointError(f"'{layout.link(selector)}' does not exist; expected a "
+                                f"link to an epoch (or give an EPOCH number)")
+    return state.epoch
+
+
+def build_parser():
+    """The argparse parser of `candle-ckpt` and its five subcommands."""
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+                     epilog="Exit status: 0 ok; 1 a file is missing or corrupt; 2 usage, "
+                            "tree, link or format error.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                     metavar="{list,info,verify,rollback,prune}")
+    where = "[DIR] (default ./save), then EPOCH: a number, last or best"
+
+    list_parser = commands.add_parser(
+        "list", help="one row per epoch: size, time, metric, checksum, last/best marks")
+    list_parser.add_argument("where", nargs="?", default=DEFAULT_DIRECTORY, metavar="DIR",
+                             help="default ./save")
+    list_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    list_parser.add_argument("--verify", action="store_true",
+                             help="also validate every ckpt-info.json and compute every "
+                                  "CRC32 (reads every model file, as verify --all)")
+
+    info_parser = commands.add_parser("info", help="the ckpt-info.json of an epoch, validated")
+    info_parser.add_argument("where", nargs="*", metavar="ARG", help=where + " (default last)")
+
+    verify_parser = commands.add_parser(
+        "verify", help="recompute the CRC32 of every file an epoch lists")
+    verify_parser.add_argument("where", nargs="*", metavar="ARG", help=where + " (default last)")
+    verify_parser.add_argument("--all", action="store_true", help="verify every epoch")
+
+    rollback_parser = commands.add_parser(
+        "rollback", help="verify EPOCH, then point last at it and best at the best before it")
+    rollback_parser.add_argument("where", nargs="*", metavar="ARG", help="[DIR] EPOCH")
+    rollback_parser.add_argument("--dry-run", action="store_true",
+                                 help="print what would change, change nothing")
+
+    prune_parser = commands.add_parser(
+        "prune", help="delete epochs by keep policy or after last; never last or best")
+    prune_parser.add_argument("where", nargs="?", default=DEFAULT_DIRECTORY, metavar="DIR")
+    how = prune_parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--keep", type=int, metavar="N",
+                     help="keep at most N epochs up to last (plus last and best)")
+    how.add_argument("--abandoned", action="store_true",
+                     help="delete the epochs after last (a timeline a rollback left)")
+    prune_parser.add_argument("--mode", choices=("linear", "exponential"),
+                              help="with --keep: the N newest (linear, the default), or "
+                                   "spread exponentially")
+    prune_parser.add_argument("--dry-run", action="store_true",
+                              help="print what would be deleted, delete nothing")
+    return parser
+
+
+# -- output -----------------------------------------------------------------------
+
+
+def _count(number, noun):
+    """ "1 file", "2 files"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _human_size(size):
+    """Bytes for a person, in decimal units as the save log's MB/s: "2.0 MB"."""
+    if size is None:
+        return "-"
+    units, value = ["B", "kB", "MB", "GB", "TB"], float(size)
+    while value >= 1000 and len(units) > 1:
+        value /= 1000
+        units.pop(0)
+    return f"{size} B" if units[0] == "B" else f"{value:.1f} {units[0]}"
+
+
+class _ProgressBar:
+    """A one-line progress bar on a terminal (stderr) while CRC32s are computed."""
+
+    WIDTH = 30
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.shown = False
+
+    def __call__(self, path, done, total):
+        filled = self.WIDTH * done // max(total, 1)
+        self.stream.write(f"\r{os.path.basename(path)} [{'#' * filled:<{self.WIDTH}}] "
+                          f"{_human_size(done)} / {_human_size(total)}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self):
+        if self.shown:
+            self.stream.write("\r" + " " * (self.WIDTH + 60) + "\r")
+            self.stream.flush()
+            self.shown = False
+
+
+@contextlib.contextmanager
+def _progress():
+    """A `_ProgressBar` when stderr is a terminal, else None (no output); erased at the end."""
+    bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.clear()
+
+
+def _check_state(layout, epoch, progress):
+    """The checksum column of `list --verify`: ok, off, or what is wrong.
+
+    The ckpt-info.json is read whole and validated first, as `verify` does, so that no
+    file name from an unvalidated file is ever opened.
+    """
+    try:
+        info = read_epoch_info(layout, epoch)
+    except CheckpointError:
+        return "BAD: invalid ckpt-info.json"
+    checks = check_files(layout.epoch_dir(epoch), info, progress=progress)
+    problems = sorted({check.problem for check in checks if check.problem is not None})
+    if problems:
+        return "BAD: " + ", ".join(problems)
+    return "ok" if all(check.actual_crc32 is not None for check in checks) else "off"
+
+
+def _rows(tree, verify):
+    """One dict per epoch, as `list --json` prints it."""
+    abandoned = set(tree.abandoned)
+    rows = []
+    for summary in tree.epochs:
+        checksum = summary.checksum
+        if verify and summary.problem is None:
+            with _progress() as progress:
+                checksum = _check_state(tree.layout, summary.epoch, progress)
+        rows.append({
+            "epoch": summary.epoch, "size": summary.size, "timestamp": summary.timestamp,
+            "metric": summary.metric, "best_metric_last": summary.best_value,
+            "checksum": checksum, "legacy": summary.legacy,
+            "last": tree.links["last"].epoch == summary.epoch,
+            "best": tree.links["best"].epoch == summary.epoch,
+            "abandoned": summary.epoch in abandoned, "problem": summary.problem})
+    return rows
+
+
+def _notes(tree):
+    """Lines after the table: abandoned epochs, leftovers."""
+    notes = []
+    if tree.abandoned:
+        notes.append(f"abandoned: epochs {describe_epochs(tree.abandoned)} lie after last "
+                     f"(a rollback left them; the next run overwrites them, "
+                     f"'{PROG} prune --abandoned' deletes them)")
+    if tree.work:
+        notes.append("leftover: ckpts/work/ (a save was interrupted; the next save removes it)")
+    if tree.trash:
+        deletions = _count(len(tree.trash), "interrupted deletion")
+        notes.append(f"leftover: ckpts/trash/ holds {deletions} (the next run finishes it)")
+    return notes
+
+
+def _table(rows):
+    """The lines of the `list` table: aligned columns, the metric named in the header."""
+    metrics = {row["metric"] for row in rows if row["problem"] is None}
+    one_metric = len(metrics) == 1 and None not in metrics
+    header = ["epoch", "size", "saved at",
+              f"best {next(iter(metrics))}" if one_metric else "best metric", "checksum", ""]
+    lines = [header]
+    for row in rows:
+        flags = " ".join(name for name in ("last", "best", "abandoned") if row[name])
+        if row["problem"] is not None:
+            lines.append([str(row["epoch"]), "-", "-", "-", "INVALID: " + row["problem"], flags])
+            continue
+        value = "-" if row["best_metric_last"] is None else f"{row['best_metric_last']:.6g}"
+        if not one_metric and row["metric"] is not None:
+            value = f"{row['metric']}={value}"
+        lines.append([str(row["epoch"]), _human_size(row["size"]), str(row["timestamp"]),
+                      value, row["checksum"], flags])
+    widths = [max(map(len, column)) for column in list(zip(*lines))[:4]]
+    return [f"{line[0]:>{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]:<{widths[2]}}  "
+            f"{line[3]:>{widths[3]}}  {line[4]}  {line[5]}".rstrip() for line in lines]
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def cmd_list(args):
+    """Print the table (or JSON) of every epoch; reads no model file unless --verify."""
+    tree = survey(open_tree(args.where))
+    rows = _rows(tree, args.verify)
+    if args.json:
+        print(json.dumps({
+            "directory": tree.layout.root,
+            "links": {name: vars(state) for name, state in tree.links.items()},
+            "abandoned": tree.abandoned, "work": tree.work, "trash": tree.trash,
+            "epochs": rows}, indent=1))
+        return EXIT_OK
+    lines = [tree.layout.root, "   ".join(state.describe() for state in tree.links.values())]
+    lines += _table(rows) if rows else ["no epochs saved"]
+    lines += _notes(tree)
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_info(args):
+    """Print the validated ckpt-info.json of one epoch."""
+    directory, selector = _split_positionals(args.where, "info")
+    layout = open_tree(directory)
+    print(json.dumps(read_epoch_info(layout, _select_epoch(layout, selector)), indent=1))
+    return EXIT_OK
+
+
+def _verify_epoch(layout, epoch):
+    """Verify one epoch, print the outcome; return its exit status."""
+    try:
+        info = read_epoch_info(layout, epoch)
+    except NoCheckpointError as error:
+        print(f"epoch {epoch}: MISSING: {error}")
+        return EXIT_CORRUPT
+    except CheckpointError as error:
+        print(f"{PROG}: error: epoch {epoch}: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    with _progress() as progress:
+        checks = check_files(layout.epoch_dir(epoch), info, progress=progress)
+    bad = [check for check in checks if check.problem is not None]
+    for check in bad:
+        print(f"epoch {epoch}: {check.describe()}")
+    if bad:
+        print(f"epoch {epoch}: CORRUPT ({len(bad)} of {_count(len(checks), 'file')})")
+        return EXIT_CORRUPT
+    print(f"epoch {epoch}: {_verified(checks)}")
+    return EXIT_OK
+
+
+def _verified(checks):
+    """ "ok (...)" for intact files, saying how many were only size-checked."""
+    unverified = sum(check.actual_crc32 is None for check in checks)
+    if unverified:
+        return (f"ok ({len(checks) - unverified} of {_count(len(checks), 'file')} "
+                f"CRC32-verified, {unverified} without a recorded CRC32: size checked only)")
+    return f"ok ({_count(len(checks), 'file')} CRC32-verified)"
+
+
+def cmd_verify(args):
+    """Verify one epoch (default last) or every epoch; exit 0, 1 or 2."""
+    if args.all:
+        if len(args.where) > 1 or (args.where and _is_selector(args.where[0])):
+            raise UsageError("verify: --all takes no EPOCH")
+        layout = open_tree((args.where or [DEFAULT_DIRECTORY])[0])
+        epochs = layout.list_epochs()
+        if not epochs:
+            raise NoCheckpointError(f"'{layout.epochs}' holds no epoch to verify")
+    else:
+        directory, selector = _split_positionals(args.where, "verify")
+        layout = open_tree(directory)
+        epochs = [_select_epoch(layout, selector)]
+    return max(_verify_epoch(layout, epoch) for epoch in epochs)
+
+
+def cmd_rollback(args):
+    """Verify EPOCH, then point best and last (atomically, relative links)."""
+    directory, selector = _split_positionals(args.where, "rollback", epoch_required=True)
+    if not selector.isdigit():
+        raise UsageError(f"rollback: EPOCH is {selector!r}; expected an epoch number")
+    layout = open_tree(directory)
+    before = {name: link_state(layout, name).describe() for name in ("last", "best")}
+    with _progress() as progress:
+        plan = plan_rollback(layout, int(selector), progress=progress)
+    print(f"epoch {plan.epoch}: {_verified(plan.checks)}")
+    if not args.dry_run:
+        apply_rollback(layout, plan, tree_logger("operator", layout, verbose=False))
+    point, remove = ("would point", "would remove") if args.dry_run else ("pointed", "removed")
+    print(f"{point} last -> {layout.relative_epoch_target(plan.epoch)} (was {before['last']})")
+    best = ("best" if plan.best is None else
+            f"best -> {layout.relative_epoch_target(plan.best)}")
+    print(f"{remove if plan.best is None else point} {best} (was {before['best']}): "
+          f"{plan.best_reason}")
+    return EXIT_OK
+
+
+def cmd_prune(args):
+    """Delete epochs by policy or after last, never last or best."""
+    layout = open_tree(args.where)
+    if args.abandoned:
+        if args.mode is not None:
+            raise UsageError("prune: --mode applies to --keep, not to --abandoned")
+        doomed, reason = plan_abandoned(layout), "--abandoned"
+    else:
+        if args.keep < 1:
+            raise UsageError(f"prune: --keep is {args.keep}; expected an integer >= 1")
+        mode = args.mode or "linear"
+        doomed, reason = plan_prune(layout, args.keep, mode), f"--keep {args.keep} --mode {mode}"
+    verb = "would delete" if args.dry_run else "deleted"
+    if doomed and not args.dry_run:
+        apply_prune(layout, doomed, reason, tree_logger("operator", layout, verbose=False))
+    print(f"{verb} {_count(len(doomed), 'epoch')}: {describe_epochs(doomed)}")
+    return EXIT_OK
+
+
+COMMANDS = {"list": cmd_list, "info": cmd_info, "verify": cmd_verify,
+            "rollback": cmd_rollback, "prune": cmd_prune}
+
+
+def main(argv=None):
+    """Run the command line; return the exit status (the console script exits with it)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader went away (`candle-ckpt list | head`): nothing is wrong. Point
+        # stdout at /dev/null so that the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except CorruptCheckpointError as error:
+        return _fail(error, EXIT_CORRUPT)
+    except (UsageError, CheckpointError, OSError, ValueError) as error:
+        return _fail(error, EXIT_ERROR)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as error:  # a bug: still one line, as promised, but say so
+        return _fail(f"internal error, please report it: {type(error).__name__}: {error}",
+                     EXIT_ERROR)
+
+
+def _fail(error, status):
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    return status

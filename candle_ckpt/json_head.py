@@ -1,0 +1,105 @@
+"""Read the head of a JSON object file: the members before one large member.
+
+A ckpt-info.json lists `epochs_saved`, every epoch its run has written, so with the
+default keep policy (keep everything) the file of epoch 10 000 is about 80 kB and a
+10 000-epoch tree holds about 400 MB of JSON: O(n^2) in the number of epochs, seconds
+to parse. What `candle-ckpt list` shows comes before `epochs_saved` in the files the
+library writes. `read_members` reads a file in growing chunks until it finds the stop
+key, and parses only what precedes it, with `json.loads` itself.
+
+Why a cut found by a text search is safe: a cut just before `"epochs_saved"` is taken
+only if the text before it, with its trailing comma replaced by `}`, parses as a JSON
+object. That succeeds only when the cut is outside every string (a cut inside a string
+leaves it unterminated) and at the top level (a cut inside a nested value leaves a
+bracket unclosed), so the key found is a top-level member's, and everything before it
+has been parsed and checked by `json.loads`. What lies after the cut is not read, so
+not checked either: `info.read_info` reads and validates a whole file.
+"""
+
+import functools
+import json
+import os
+
+# The first read, doubled until the stop key is found: the head of a ckpt-info.json
+# as the library writes it, up to `epochs_saved`, is about 500 bytes.
+FIRST_READ_BYTES = 2048
+_WHITESPACE = b" \t\n\r"
+_DECODER = json.JSONDecoder()
+
+
+def _parse_object(data):
+    # What json.loads does, minus its encoding detection: a ckpt-info.json is UTF-8.
+    value = _DECODER.decode(data.decode("utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"the top level is a {type(value).__name__}; expected a JSON object")
+    return value
+
+
+def _cut_before(data, quoted_key):
+    """The members before the first top-level member `quoted_key` in `data`, or None."""
+    start = data.find(quoted_key)
+    while start >= 0:
+        end = start + len(quoted_key)
+        # 64 bytes: more whitespace than that before the colon only costs a whole parse.
+        after = data[end:end + 64].lstrip(_WHITESPACE)
+        before = data[:start].rstrip(_WHITESPACE)
+        if after[:1] == b":" and before[-1:] in (b",", b"{"):
+            try:
+                return _parse_object((before[:-1] if before[-1:] == b"," else before) + b"}")
+            except ValueError:
+                pass  # the text inside a string or a nested value: look further
+        start = data.find(quoted_key, start + 1)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _quoted(key):
+    return json.dumps(key).encode("utf-8")
+
+
+def read_members(path, keys, stop_key, limit):
+    """The members of the top-level JSON object in file `path`, read only as far as needed.
+
+    Args:
+        path: the file.
+        keys: the keys wanted.
+        stop_key: the key of a large member, written after the wanted ones.
+        limit: the most bytes read; a longer file is an error.
+
+    Returns:
+        The members before `stop_key` when they include every one of `keys` (the rest
+        of the file is not read); otherwise every member (the whole file is read). So
+        each of `keys` that the object has is in the dict. Values are parsed as by
+        `json.loads` (`Infinity` and `NaN` included).
+
+    Raises:
+        OSError: the file cannot be opened or read.
+        ValueError: larger than `limit`, not UTF-8, not JSON, or not an object (a
+            `json.JSONDecodeError` names the line and column).
+    """
+    # os.open/os.read rather than open(): a survey reads 10 000 heads, and a Python
+    # file object costs more than the read itself.
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        return _read_members(descriptor, set(keys), _quoted(stop_key), limit)
+    finally:
+        os.close(descriptor)
+
+
+def _read_members(descriptor, keys, quoted_key, limit):
+    data, chunk, looking = b"", FIRST_READ_BYTES, True
+    while True:
+        block = os.read(descriptor, min(chunk, limit + 1 - len(data)))
+        data += block
+        if len(data) > limit:
+            raise ValueError(f"larger than {limit} bytes")
+        if not block:
+            return _parse_object(data)
+        if looking:
+            # Rescan from the start, in case the key straddled the previous chunk's end.
+            members = _cut_before(data, quoted_key)
+            if members is not None:
+                if members.keys() >= keys:
+                    return members
+                looking = False  # a wanted key comes after the stop key: read it all
+        chunk *= 2
