@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import zlib
 from importlib import resources
 
 import jsonschema
@@ -23,6 +24,7 @@ FORMAT_VERSION = 1
 CHECKSUM_DISABLED = "__DISABLED__"
 FIRST_SAVE = "__FIRST__"
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
+INFO_CRC_KEY = "info_crc32"
 
 # A ckpt-info.json is a few kB even with 10 000 epochs listed; anything far larger is
 # not one, and reading it whole would be a denial of service.
@@ -98,11 +100,21 @@ def encode_info(info):
     return (json.dumps(info, indent=1, allow_nan=False) + "\n").encode("utf-8")
 
 
+def _content_crc32(info):
+    """CRC32 of a ckpt-info dict's content: its encoding without the `info_crc32` key."""
+    content = {key: value for key, value in info.items() if key != INFO_CRC_KEY}
+    return str(zlib.crc32(encode_info(content)))
+
+
 def write_info(directory, info):
-    """Validate `info` and write it atomically as `<directory>/ckpt-info.json`."""
+    """Validate `info` and write it atomically as `<directory>/ckpt-info.json`.
+
+    The file also records `info_crc32`, the CRC32 of its own content, so that a
+    corrupted value (a flipped digit in `best_metric_last`, say) is refused on reading.
+    """
     path = os.path.join(directory, INFO_FILE)
     validate_info(info, f"{path} (about to be written)")
-    durable.write_bytes_atomic(path, encode_info(info))
+    durable.write_bytes_atomic(path, encode_info({**info, INFO_CRC_KEY: _content_crc32(info)}))
     return path
 
 
@@ -113,12 +125,13 @@ def _reject_constant(name):
 def read_info(directory):
     """Read, parse and validate `<directory>/ckpt-info.json`.
 
-    Returns the dict as written. Legacy (upstream CANDLE) files may contain
+    Returns the dict as written (without `info_crc32`, which is checked here). Legacy (upstream CANDLE) files may contain
     `Infinity`, which parses as a float; new files must be strict JSON.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        CheckpointFormatError: too large, not UTF-8, not JSON, or invalid by the schema.
+        CheckpointFormatError: too large, not UTF-8, not JSON, invalid by the schema, or
+            its content does not match its `info_crc32`.
     """
     path = os.path.join(directory, INFO_FILE)
     with open(path, "rb") as stream:
@@ -146,4 +159,9 @@ def read_info(directory):
             raise CheckpointFormatError(f"{path}: {error}; a format {FORMAT} file must be "
                                         f"strict JSON (null, not Infinity/NaN)") from None
     validate_info(info, path)
+    recorded = info.pop(INFO_CRC_KEY, None)
+    if recorded is not None and recorded != _content_crc32(info):
+        raise CheckpointFormatError(
+            f"{path}: key '{INFO_CRC_KEY}' is {recorded!r} but the file's content has CRC32 "
+            f"{_content_crc32(info)}; the file is corrupt")
     return info
