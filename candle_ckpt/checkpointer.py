@@ -17,6 +17,7 @@ from .faults import fault_point
 from .info import (CHECKSUM_DISABLED, FIRST_SAVE, FORMAT, FORMAT_VERSION,
                    TIMESTAMP_FORMAT, finite_or_none, is_legacy)
 from .layout import CheckpointLayout
+from .lock import WriterLock
 from .logs import silent_logger, tree_logger
 from .params import validate_params
 from .policies import BestMetric, epochs_to_keep, infer_metric_mode, save_reason
@@ -49,6 +50,7 @@ class Checkpointer:
         self.prepared = False
         self.versions = {"candle_ckpt": __version__, "python": platform.python_version(),
                          **(versions or {})}
+        self.writer_lock = WriterLock(self.layout.ckpts, self.logger)
 
     # -- restart -------------------------------------------------------------------
 

@@ -41,3 +41,7 @@ class ChecksumMismatchError(CorruptCheckpointError):
 
 class LinkError(CheckpointError):
     """A `last`/`best` link resolves outside `ckpts/epochs/`, to a file, or in a loop."""
+
+
+class WriterLockedError(CheckpointError):
+    """Another process holds the writer lock (`ckpts/.lock`) of the checkpoint tree."""

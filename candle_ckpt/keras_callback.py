@@ -47,6 +47,11 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     training reaches them. Under a `tf.distribute` strategy only the worker that should
     checkpoint (the chief) writes.
 
+    The writer holds an advisory lock on `ckpts/.lock` from the start of fit to its end
+    (the kernel drops it if the process dies): a second job writing the same tree fails
+    in `on_train_begin` with a `WriterLockedError` naming the holder's pid, host and
+    start time. `restart()` does not take it.
+
     Args:
         gParameters: dict of parameters; every `ckpt_*` key is type-checked here, before
             anything is written, and `epochs` (the run's last epoch) is required.
@@ -63,6 +68,10 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.weights_only = self.checkpointer.settings["ckpt_save_weights_only"]
         self._first_epoch_seen = False
 
+    def on_train_begin(self, logs=None):
+        if self._is_writer():
+            self.checkpointer.writer_lock.acquire()
+
     def on_epoch_begin(self, epoch, logs=None):
         if not self._first_epoch_seen:
             self._first_epoch_seen = True
@@ -76,6 +85,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._is_writer():
             self.checkpointer.report_final()
+            self.checkpointer.writer_lock.release()
 
     def report_final(self):
         """Log the epochs this run keeps (CANDLE's API; also done at the end of fit)."""
