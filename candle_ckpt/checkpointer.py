@@ -12,7 +12,7 @@ import platform
 import time
 
 from . import __version__
-from .errors import LinkError, ParameterValueError
+from .errors import CheckpointWriteError, LinkError, ParameterValueError
 from .faults import fault_point
 from .info import (CHECKSUM_DISABLED, FIRST_SAVE, FORMAT, FORMAT_VERSION,
                    TIMESTAMP_FORMAT, finite_or_none, is_legacy)
@@ -87,6 +87,23 @@ class Checkpointer:
                          epoch, self.best.metric, self.best.value, self.best.epoch,
                          self.run_epochs)
 
+    def start_writing(self):
+        """Become the tree's one writer: take `ckpts/.lock`, then finish what a killed
+        writer left (work/, trash/). Nothing happens when saving is disabled.
+
+        Raises:
+            WriterLockedError: another process writes this tree.
+        """
+        if self.settings["ckpt_save_interval"] == 0:
+            return
+        self.writer_lock.acquire()
+        self._prepare_once()
+
+    def _prepare_once(self):
+        if not self.prepared:
+            prepare_tree(self.layout, self.logger)
+            self.prepared = True
+
     # -- each epoch ------------------------------------------------------------------
 
     def epoch_end(self, epoch, logs, write_files):
@@ -106,9 +123,18 @@ class Checkpointer:
         if reason is None:
             self.logger.debug("epoch %d: not saved", epoch)
             return None
-        if not self.prepared:
-            prepare_tree(self.layout, self.logger)
-            self.prepared = True
+        try:
+            return self._save(epoch, reason, improved, write_files)
+        except OSError as error:
+            # The next save starts by finishing what this one left (work/, trash/).
+            self.prepared = False
+            raise CheckpointWriteError(error.errno, (
+                f"saving epoch {epoch} into '{self.layout.ckpts}' failed: {error}; 'last' "
+                f"names epoch {self.layout.resolve_link('last')}")) from error
+
+    def _save(self, epoch, reason, improved, write_files):
+        """Steps 2-8 of the save protocol for `epoch`; returns the ckpt-info dict."""
+        self._prepare_once()
         now = time.time()
         info, written = save_epoch(
             self.layout, epoch, write_files,

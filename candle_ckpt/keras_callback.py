@@ -70,7 +70,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self._is_writer():
-            self.checkpointer.writer_lock.acquire()
+            self.checkpointer.start_writing()
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._first_epoch_seen:
