@@ -6,10 +6,12 @@ Infinity/NaN). Files written by upstream CANDLE (8 keys, `best_metric_last` poss
 `Infinity`) are read through a separate legacy schema; they are never written.
 """
 
+import errno
 import functools
 import json
 import math
 import os
+import stat
 import zlib
 from importlib import resources
 
@@ -122,19 +124,36 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
 def read_info(directory):
     """Read, parse and validate `<directory>/ckpt-info.json`.
 
-    Returns the dict as written (without `info_crc32`, which is checked here). Legacy (upstream CANDLE) files may contain
-    `Infinity`, which parses as a float; new files must be strict JSON.
+    Returns the dict as written (without `info_crc32`, which is checked here). Legacy
+    (upstream CANDLE) files may contain `Infinity`, which parses as a float; new files
+    must be strict JSON, with finite numbers. The file must be a regular file, not a link.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        CheckpointFormatError: too large, not UTF-8, not JSON, invalid by the schema, or
-            its content does not match its `info_crc32`.
+        CheckpointFormatError: a link or not a regular file, too large, not UTF-8, not
+            JSON, invalid by the schema, or its content does not match its `info_crc32`.
     """
     path = os.path.join(directory, INFO_FILE)
-    with open(path, "rb") as stream:
+    try:  # not through a link, and never blocking on a FIFO
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise CheckpointFormatError(f"{path}: a symbolic link (-> '{os.readlink(path)}'); "
+                                    f"expected a regular file") from None
+    with open(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointFormatError(f"{path}: not a regular file; expected JSON text")
         data = stream.read(MAX_INFO_BYTES + 1)
     if len(data) > MAX_INFO_BYTES:
         raise CheckpointFormatError(f"{path}: larger than {MAX_INFO_BYTES} bytes; "
@@ -149,12 +168,15 @@ def read_info(directory):
     except json.JSONDecodeError as error:
         raise CheckpointFormatError(f"{path}: not valid JSON: {error.msg} at line "
                                     f"{error.lineno} column {error.colno}") from None
+    except RecursionError:
+        raise CheckpointFormatError(f"{path}: not valid JSON: arrays or objects nested "
+                                    f"too deeply; expected a ckpt-info object") from None
     if not isinstance(info, dict):
         raise CheckpointFormatError(f"{path}: the top level is a {type(info).__name__}; "
                                     f"expected a JSON object")
     if not is_legacy(info):
         try:
-            json.loads(text, parse_constant=_reject_constant)
+            json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         except ValueError as error:
             raise CheckpointFormatError(f"{path}: {error}; a format {FORMAT} file must be "
                                         f"strict JSON (null, not Infinity/NaN)") from None
