@@ -50,9 +50,11 @@ from candle_ckpt.params import validate_params  # noqa: E402
 from candle_ckpt.resume import find_checkpoint  # noqa: E402
 from candle_ckpt.verify import verify_files  # noqa: E402
 
-# Every fault point of candle_ckpt.faults, at a hit that comes after a complete epoch
-# (pruning first runs at epoch 3, after the first checkpoint already existed).
-FAULTS = tuple(f"{point}:{1 if point == 'after_trash_rename' else 2}" for point in POINTS)
+# Every fault point of candle_ckpt.faults, for consecutive lives of one trial: the first
+# is killed saving epoch 2 (epoch 1 is complete), each later one at its first save.
+# after_trash_rename comes after after_last, whose kill leaves no work/ to delete, so it
+# stops the keep policy's deletion.
+FAULTS = (f"{POINTS[0]}:2",) + tuple(f"{point}:1" for point in POINTS[1:])
 _KNOWN = {"epochs", "work", "trash", "last", "best", ".lock"}
 
 
@@ -193,17 +195,17 @@ def run_one_life(root, target, log_path, kill_after, fault, tally, after_kill):
 def soak(workdir, kills, seed=0, target=3, max_delay=4.0, faults=(), progress=None):
     """Kill jobs `kills` times at random instants and once at each of `faults`.
 
-    Each trial trains a fresh tree to `target`: its first life is killed at the next
-    pending fault, later lives at random instants while kills remain, the last life
-    runs to the end. Every life after a kill checks the restart.
+    Each trial trains a fresh tree: the first one's lives are killed at each of `faults`
+    in turn, then lives are killed at random instants while kills remain; the last life
+    of a trial runs to the end. Every life after a kill checks the restart.
 
     Args:
         workdir: where the trees are made (each trial's tree is removed when it passes).
         kills: how many random-instant kills.
         seed: of the random kill instants.
-        target: the epoch each trial trains to.
+        target: the epoch each trial trains to (plus one per fault for the first).
         max_delay: kill instants are uniform in [0, max_delay] s after the restart.
-        faults: CANDLE_CKPT_FAULT values, each the first life of its own trial.
+        faults: CANDLE_CKPT_FAULT values, one life each.
         progress: optional callable(Tally) after each life.
 
     Returns:
@@ -214,20 +216,20 @@ def soak(workdir, kills, seed=0, target=3, max_delay=4.0, faults=(), progress=No
     pending, random_kills = list(faults), 0
     while pending or random_kills < kills:
         root = os.path.join(workdir, f"trial{tally.trials:04d}")
-        fault = pending.pop(0) if pending else None
-        after_kill = False
+        trial_target, after_kill = target + len(pending), False
         while True:
+            fault = pending.pop(0) if pending else None
             kill_after = None
             if fault is None and random_kills < kills:
                 kill_after = rng.uniform(0, max_delay)
-            finished = run_one_life(root, target, log_path, kill_after, fault, tally,
+            finished = run_one_life(root, trial_target, log_path, kill_after, fault, tally,
                                     after_kill)
             random_kills += kill_after is not None and not finished
             if progress:
                 progress(tally)
             if finished:
                 break
-            fault, after_kill = None, True
+            after_kill = True
         shutil.rmtree(root)
         tally.trials += 1
     return tally

@@ -27,7 +27,7 @@ def test_killed_at_each_save_step_and_at_random_instants_every_restart_is_good(t
     soak = load_soak()
     tally = soak.soak(str(tmp_path), kills=13, seed=5, faults=soak.FAULTS)
     print(tally.summary())
-    assert tally.kills == 13 + len(POINTS)
+    assert tally.kills == 13 + len(soak.FAULTS)
     assert tally.good_restarts == tally.kills
     assert sorted(tally.by_fault) == sorted(soak.FAULTS)
 
