@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 from .errors import (CheckpointError, CheckpointFormatError, ChecksumMismatchError,
                      CorruptCheckpointError, LinkError, NoCheckpointError,
-                     ParameterTypeError, ParameterValueError)
+                     ParameterTypeError, ParameterValueError, WriterLockedError)
 from .params import (ParamRequired, ParamType, ckpt_defs, ckpt_parser, param, str2bool,
                      validate_params)
 
@@ -40,4 +40,5 @@ def __getattr__(name):
 __all__ = ["CandleCheckpointCallback", "restart", "ckpt_parser", "ckpt_defs", "param",
            "ParamType", "ParamRequired", "str2bool", "validate_params", "CheckpointError",
            "CheckpointFormatError", "ChecksumMismatchError", "CorruptCheckpointError",
-           "LinkError", "NoCheckpointError", "ParameterTypeError", "ParameterValueError"]
+           "LinkError", "NoCheckpointError", "ParameterTypeError", "ParameterValueError",
+           "WriterLockedError"]

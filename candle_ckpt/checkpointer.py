@@ -12,12 +12,13 @@ import time
 from dataclasses import dataclass
 
 from . import __version__
-from .errors import LinkError, ParameterValueError
 from .background import BackgroundWriter, TrashCollector
+from .errors import CheckpointWriteError, LinkError, ParameterValueError
 from .faults import fault_point
 from .info import (CHECKSUM_DISABLED, FIRST_SAVE, FORMAT, FORMAT_VERSION,
                    TIMESTAMP_FORMAT, finite_or_none, is_legacy)
 from .layout import CheckpointLayout
+from .lock import WriterLock
 from .logs import silent_logger, tree_logger
 from .params import validate_params
 from .policies import BestMetric, epochs_to_keep, infer_metric_mode, save_reason
@@ -58,10 +59,12 @@ class Checkpointer:
             metric, self.settings["ckpt_best_metric_mode"])) if self.save_best else None)
         self.run_epochs = []
         self.last_save_time = None
-        self.trash = None  # the trash collector, once the tree is prepared
+        self.prepared = False
+        self.trash = TrashCollector(self.layout.trash, self.logger)
         self.background = BackgroundWriter() if self.settings["ckpt_async"] else None
         self.versions = {"candle_ckpt": __version__, "python": platform.python_version(),
                          **(versions or {})}
+        self.writer_lock = WriterLock(self.layout.ckpts, self.logger)
 
     # -- restart -------------------------------------------------------------------
 
@@ -97,6 +100,24 @@ class Checkpointer:
         self.logger.info("resuming after epoch %d: best %s=%s at epoch %s, run epochs %s",
                          epoch, self.best.metric, self.best.value, self.best.epoch,
                          self.run_epochs)
+
+    def start_writing(self):
+        """Become the tree's one writer: take `ckpts/.lock`, then finish what a killed
+        writer left (work/, trash/). Nothing happens when saving is disabled.
+
+        Raises:
+            WriterLockedError: another process writes this tree.
+        """
+        if self.settings["ckpt_save_interval"] == 0:
+            return
+        self.writer_lock.acquire()
+        self._prepare_once()
+
+    def _prepare_once(self):
+        if not self.prepared:
+            prepare_tree(self.layout, self.logger)
+            self.trash.poke()  # deletions a killed writer left in trash/
+            self.prepared = True
 
     # -- each epoch ------------------------------------------------------------------
 
@@ -145,9 +166,7 @@ class Checkpointer:
         in flight, and at most one snapshot held), and its error, if any, is raised
         here; `finish` waits for the last one.
         """
-        if self.trash is None:
-            prepare_tree(self.layout, self.logger)
-            self.trash = TrashCollector(self.layout.trash, self.logger)
+        self._prepare_once()
         if self.background is None:
             self._save_now(decision, capture())
         else:
@@ -162,14 +181,25 @@ class Checkpointer:
         self.report_final()
 
     def _save_now(self, decision, write_files):
-        epoch = decision.epoch
+        """Run the save protocol; an OSError becomes a CheckpointWriteError naming `last`."""
         try:
-            info, written = save_epoch(
-                self.layout, epoch, write_files,
-                lambda written: self._build_info(decision, written),
-                checksum=self.settings["ckpt_checksum"], logger=self.logger)
+            self._run_protocol(decision, write_files)
+        except OSError as error:
+            # The next save starts by finishing what this one left (work/, trash/).
+            self.prepared = False
+            raise CheckpointWriteError(error.errno, (
+                f"saving epoch {decision.epoch} into '{self.layout.ckpts}' failed: {error}; "
+                f"'last' names epoch {self.layout.resolve_link('last')}")) from error
         finally:
             self.trash.poke()  # whatever the save moved aside, even if it failed
+
+    def _run_protocol(self, decision, write_files):
+        """Steps 2-8 of the save protocol for the epoch of `decision`."""
+        epoch = decision.epoch
+        info, written = save_epoch(
+            self.layout, epoch, write_files,
+            lambda written: self._build_info(decision, written),
+            checksum=self.settings["ckpt_checksum"], logger=self.logger)
         self.last_save_time = decision.time
         if self.best is not None:
             self._point_best(decision.best_epoch)
@@ -178,7 +208,6 @@ class Checkpointer:
         fault_point("after_last")
         self.run_epochs = info["epochs_saved"]
         self._apply_keep_policy(epoch, decision.best_epoch)
-        self.trash.poke()
         self.logger.info("epoch %d saved (%s%s): %d bytes in %.3f s (%.1f MB/s) -> %s",
                          epoch, decision.reason,
                          ", best" if decision.improved and decision.reason != "best" else "",

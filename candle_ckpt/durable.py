@@ -7,11 +7,14 @@ system, as `rename(2)` requires. POSIX only.
 
 import ctypes
 import os
+import re
 import shutil
 import sys
 import uuid
 
 from .faults import fault_point
+
+_TEMPORARY_NAME = re.compile(r"\..+\.tmp\.[0-9a-f]{12}\Z")
 
 
 def fsync_file(path):
@@ -82,6 +85,11 @@ def temporary_name(path):
     """
     head, tail = os.path.split(os.fspath(path))
     return os.path.join(head, f".{tail}.tmp.{uuid.uuid4().hex[:12]}")
+
+
+def is_temporary_name(name):
+    """Whether a directory entry's name is one `temporary_name` makes."""
+    return _TEMPORARY_NAME.match(name) is not None
 
 
 def write_bytes_atomic(path, data):

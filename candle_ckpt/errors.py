@@ -39,5 +39,13 @@ class ChecksumMismatchError(CorruptCheckpointError):
         self.path, self.expected, self.actual = path, expected, actual
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A save failed on an I/O error (disk full, EIO); `last` still names a complete epoch."""
+
+
 class LinkError(CheckpointError):
     """A `last`/`best` link resolves outside `ckpts/epochs/`, to a file, or in a loop."""
+
+
+class WriterLockedError(CheckpointError):
+    """Another process holds the writer lock (`ckpts/.lock`) of the checkpoint tree."""

@@ -6,10 +6,13 @@ Infinity/NaN). Files written by upstream CANDLE (8 keys, `best_metric_last` poss
 `Infinity`) are read through a separate legacy schema; they are never written.
 """
 
+import errno
 import functools
 import json
 import math
 import os
+import stat
+import zlib
 
 from . import durable
 from .errors import CheckpointFormatError
@@ -20,6 +23,7 @@ FORMAT_VERSION = 1
 CHECKSUM_DISABLED = "__DISABLED__"
 FIRST_SAVE = "__FIRST__"
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
+INFO_CRC_KEY = "info_crc32"
 
 # A ckpt-info.json is a few kB even with 10 000 epochs listed; anything far larger is
 # not one, and reading it whole would be a denial of service.
@@ -124,11 +128,21 @@ def encode_info(info):
     return (json.dumps(info, indent=1, allow_nan=False) + "\n").encode("utf-8")
 
 
+def _content_crc32(info):
+    """CRC32 of a ckpt-info dict's content: its encoding without the `info_crc32` key."""
+    content = {key: value for key, value in info.items() if key != INFO_CRC_KEY}
+    return str(zlib.crc32(encode_info(content)))
+
+
 def write_info(directory, info):
-    """Validate `info` and write it atomically as `<directory>/ckpt-info.json`."""
+    """Validate `info` and write it atomically as `<directory>/ckpt-info.json`.
+
+    The file also records `info_crc32`, the CRC32 of its own content, so that a
+    corrupted value (a flipped digit in `best_metric_last`, say) is refused on reading.
+    """
     path = os.path.join(directory, INFO_FILE)
     validate_info(info, f"{path} (about to be written)")
-    durable.write_bytes_atomic(path, encode_info(info))
+    durable.write_bytes_atomic(path, encode_info({**info, INFO_CRC_KEY: _content_crc32(info)}))
     return path
 
 
@@ -136,18 +150,36 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
 def read_info(directory):
     """Read, parse and validate `<directory>/ckpt-info.json`.
 
-    Returns the dict as written. Legacy (upstream CANDLE) files may contain
-    `Infinity`, which parses as a float; new files must be strict JSON.
+    Returns the dict as written (without `info_crc32`, which is checked here). Legacy
+    (upstream CANDLE) files may contain `Infinity`, which parses as a float; new files
+    must be strict JSON, with finite numbers. The file must be a regular file, not a link.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        CheckpointFormatError: too large, not UTF-8, not JSON, or invalid by the schema.
+        CheckpointFormatError: a link or not a regular file, too large, not UTF-8, not
+            JSON, invalid by the schema, or its content does not match its `info_crc32`.
     """
     path = os.path.join(directory, INFO_FILE)
-    with open(path, "rb") as stream:
+    try:  # not through a link, and never blocking on a FIFO
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise CheckpointFormatError(f"{path}: a symbolic link (-> '{os.readlink(path)}'); "
+                                    f"expected a regular file") from None
+    with open(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointFormatError(f"{path}: not a regular file; expected JSON text")
         data = stream.read(MAX_INFO_BYTES + 1)
     if len(data) > MAX_INFO_BYTES:
         raise CheckpointFormatError(f"{path}: larger than {MAX_INFO_BYTES} bytes; "
@@ -162,14 +194,22 @@ def read_info(directory):
     except json.JSONDecodeError as error:
         raise CheckpointFormatError(f"{path}: not valid JSON: {error.msg} at line "
                                     f"{error.lineno} column {error.colno}") from None
+    except RecursionError:
+        raise CheckpointFormatError(f"{path}: not valid JSON: arrays or objects nested "
+                                    f"too deeply; expected a ckpt-info object") from None
     if not isinstance(info, dict):
         raise CheckpointFormatError(f"{path}: the top level is a {type(info).__name__}; "
                                     f"expected a JSON object")
     if not is_legacy(info):
         try:
-            json.loads(text, parse_constant=_reject_constant)
+            json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         except ValueError as error:
             raise CheckpointFormatError(f"{path}: {error}; a format {FORMAT} file must be "
                                         f"strict JSON (null, not Infinity/NaN)") from None
     validate_info(info, path)
+    recorded = info.pop(INFO_CRC_KEY, None)
+    if recorded is not None and recorded != _content_crc32(info):
+        raise CheckpointFormatError(
+            f"{path}: key '{INFO_CRC_KEY}' is {recorded!r} but the file's content has CRC32 "
+            f"{_content_crc32(info)}; the file is corrupt")
     return info

@@ -55,6 +55,11 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     flight, its errors are raised at the next save or at the end of fit, and the end
     of fit waits for it.
 
+    The writer holds an advisory lock on `ckpts/.lock` from the start of fit to its end
+    (the kernel drops it if the process dies): a second job writing the same tree fails
+    in `on_train_begin` with a `WriterLockedError` naming the holder's pid, host and
+    start time. `restart()` does not take it.
+
     Args:
         gParameters: dict of parameters; every `ckpt_*` key is type-checked here, before
             anything is written, and `epochs` (the run's last epoch) is required.
@@ -70,6 +75,10 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
                                          versions=_library_versions())
         self.weights_only = self.checkpointer.settings["ckpt_save_weights_only"]
         self._first_epoch_seen = False
+
+    def on_train_begin(self, logs=None):
+        if self._is_writer():
+            self.checkpointer.start_writing()
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._first_epoch_seen:

@@ -66,6 +66,7 @@ Python/NumPy/TF global generators and Keras' global SeedGenerator (unseeded
 rate itself is an optimizer variable and is restored).
 """
 
+import errno
 import json
 import logging
 import os
@@ -162,7 +163,22 @@ def write(state, path, progress=None):
     protocol does that once for every file of the epoch. `progress`, if given, is
     called with the array bytes written so far after each dataset (the save path uses
     it to start disk writeback early: `durable.WritebackStarter`).
+
+    Raises:
+        OSError: the file could not be written (disk full, EIO). h5py reports a write
+            that fails when the file is flushed as a RuntimeError; it is raised as an
+            OSError with the errno HDF5 reports, like any other I/O error.
     """
+    try:
+        _write_file(state, os.fspath(path), progress)
+    except RuntimeError as error:
+        found = re.search(r"errno = (\d+)", str(error))
+        number = int(found.group(1)) if found else errno.EIO
+        raise OSError(number, f"{os.strerror(number)} (HDF5: {str(error).splitlines()[0]})",
+                      os.fspath(path)) from error
+
+
+def _write_file(state, path, progress):
     written = 0
 
     def count(array):
@@ -171,7 +187,7 @@ def write(state, path, progress=None):
         if progress is not None:
             progress(written)
 
-    with h5py.File(os.fspath(path), "w") as f:
+    with h5py.File(path, "w") as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
         f.attrs[WEIGHTS_ONLY_ATTR] = state.weights_only
         f.attrs["keras_version"] = state.keras_version

@@ -89,8 +89,9 @@ def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
     Returns:
         (info dict, WrittenFiles).
 
-    On an error before the rename, `work/` is removed and the error re-raised: `last`
-    and the epochs on disk are as they were.
+    On an error up to and including the rename, `work/` is removed and the error
+    re-raised: `last` and the epochs on disk are as they were (but for an epoch this
+    one was replacing).
     """
     _drop_leftover_work(layout, logger)
     try:
@@ -98,16 +99,16 @@ def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
         info = build_info(written)
         write_info(layout.work, info)
         fault_point("after_info")
+        destination = layout.epoch_dir(epoch)
+        if os.path.lexists(destination):
+            durable.move_to_trash(destination, layout.trash)
+            logger.info("replaced existing epoch %d (a timeline abandoned by a rollback or "
+                        "a restart from an earlier epoch)", epoch)
+        durable.rename_durable(layout.work, destination)
     except BaseException:
         if os.path.lexists(layout.work):
             durable.move_to_trash(layout.work, layout.trash)
         raise
-    destination = layout.epoch_dir(epoch)
-    if os.path.lexists(destination):
-        durable.move_to_trash(destination, layout.trash)
-        logger.info("replaced existing epoch %d (a timeline abandoned by a rollback or a "
-                    "restart from an earlier epoch)", epoch)
-    durable.rename_durable(layout.work, destination)
     fault_point("after_rename")
     return info, written
 

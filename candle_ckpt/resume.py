@@ -9,7 +9,7 @@ epoch that verifies. The framework adapter then loads the model file.
 import os
 from dataclasses import dataclass
 
-from .errors import CheckpointError, NoCheckpointError
+from .errors import CheckpointError, LinkError, NoCheckpointError
 from .info import is_legacy, read_info
 from .verify import verify_files
 
@@ -35,6 +35,9 @@ def read_epoch_info(layout, epoch):
         CheckpointError: the file records another epoch than its directory's.
     """
     directory = layout.epoch_dir(epoch)
+    if os.path.islink(directory):
+        raise LinkError(f"'{directory}' is a symbolic link (-> '{os.readlink(directory)}'); "
+                        f"expected an epoch directory inside '{layout.epochs}'")
     try:
         info = read_info(directory)
     except FileNotFoundError:

@@ -1,6 +1,7 @@
 """Check the files of an epoch directory against what its ckpt-info.json records."""
 
 import os
+import stat
 from dataclasses import dataclass
 
 from .checksum import crc32_file
@@ -12,7 +13,8 @@ from .info import CHECKSUM_DISABLED, is_legacy
 class FileCheck:
     """The outcome of checking one file.
 
-    `problem` is None when the file is intact, else "missing", "size" or "crc32".
+    `problem` is None when the file is intact, else "missing", "type" (not a regular
+    file), "size" or "crc32".
     `actual_crc32` is None when the CRC was not computed (none recorded, or not asked).
     """
     path: str
@@ -26,6 +28,9 @@ class FileCheck:
         """One line for a person: what is wrong with the file, or that it is fine."""
         if self.problem == "missing":
             return f"{self.path}: listed in ckpt-info.json but missing"
+        if self.problem == "type":
+            return (f"{self.path}: not a regular file (a link, directory or device); "
+                    f"ckpt-info.json lists a file of the epoch directory")
         if self.problem == "size":
             return (f"{self.path}: size {self.actual_size} bytes, "
                     f"ckpt-info.json records {self.expected_size}")
@@ -57,10 +62,14 @@ def check_files(epoch_dir, info, checksums=True, progress=None):
     for name, (size, crc) in sorted(recorded_files(info).items()):
         path = os.path.join(epoch_dir, name)
         try:
-            actual_size = os.stat(path).st_size
+            status = os.lstat(path)
         except FileNotFoundError:
             results.append(FileCheck(path, size, None, crc, None, "missing"))
             continue
+        if not stat.S_ISREG(status.st_mode):  # a link could lead out of the tree
+            results.append(FileCheck(path, size, None, crc, None, "type"))
+            continue
+        actual_size = status.st_size
         if size is not None and actual_size != size:
             results.append(FileCheck(path, size, actual_size, crc, None, "size"))
             continue
@@ -80,7 +89,7 @@ def verify_files(epoch_dir, info, checksums=True):
     Returns the list of FileCheck (all intact) so callers can report unverified files.
 
     Raises:
-        CorruptCheckpointError: a file is missing or has the wrong size.
+        CorruptCheckpointError: a file is missing, not a regular file or has the wrong size.
         ChecksumMismatchError: a file's CRC32 differs (names file, expected, actual).
     """
     results = check_files(epoch_dir, info, checksums)
