@@ -38,8 +38,8 @@ class Checkpointer:
     def __init__(self, gParameters, logger="DEFAULT", verbose=True, versions=None):
         self.settings = validate_params(gParameters, require_epochs=True)
         self.layout = CheckpointLayout(self.settings["ckpt_directory"])
-        self.logger = (tree_logger("save", self.layout, verbose) if logger == "DEFAULT"
-                       else logger or silent_logger())
+        self.verbose = verbose
+        self._logger = None if logger == "DEFAULT" else logger or silent_logger()
         metric = self.settings["ckpt_save_best_metric"]
         self.save_best = self.settings["ckpt_save_best"]
         self.best = (BestMetric(metric, infer_metric_mode(
@@ -49,6 +49,14 @@ class Checkpointer:
         self.prepared = False
         self.versions = {"candle_ckpt": __version__, "python": platform.python_version(),
                          **(versions or {})}
+
+    @property
+    def logger(self):
+        """The logger; the default one opens ckpt.log on first use, so that a process
+        that never logs (a non-writer worker) leaves no file in the tree."""
+        if self._logger is None:
+            self._logger = tree_logger("save", self.layout, self.verbose)
+        return self._logger
 
     # -- restart -------------------------------------------------------------------
 
@@ -104,6 +112,19 @@ class Checkpointer:
         if reason is None:
             self.logger.debug("epoch %d: not saved", epoch)
             return None
+        if improved and reason != "best":
+            reason += ", best"
+        return self.save_now(epoch, write_files, reason)
+
+    def save_now(self, epoch, write_files, reason):
+        """Save 1-based `epoch`, then repoint the links and apply the keep policy.
+
+        `epoch_end` calls it when the policy says so; call it directly to save whatever
+        the policy says (pre-emption), after `epoch_end` has seen that epoch: the
+        best-metric state is the one recorded then. `write_files` must write the state
+        as it was at the end of `epoch` (e.g. from a snapshot taken then); `reason` is
+        logged. Returns the ckpt-info dict.
+        """
         if not self.prepared:
             prepare_tree(self.layout, self.logger)
             self.prepared = True
@@ -120,9 +141,8 @@ class Checkpointer:
         fault_point("after_last")
         self.run_epochs = info["epochs_saved"]
         self._apply_keep_policy(epoch)
-        self.logger.info("epoch %d saved (%s%s): %d bytes in %.3f s (%.1f MB/s) -> %s",
-                         epoch, reason, ", best" if improved and reason != "best" else "",
-                         written.nbytes, written.write_seconds,
+        self.logger.info("epoch %d saved (%s): %d bytes in %.3f s (%.1f MB/s) -> %s",
+                         epoch, reason, written.nbytes, written.write_seconds,
                          written.nbytes / 1e6 / max(written.write_seconds, 1e-9),
                          self.layout.epoch_dir(epoch))
         return info

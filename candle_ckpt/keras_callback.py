@@ -9,7 +9,9 @@ import numpy
 
 from . import keras_h5
 from .checkpointer import Checkpointer
+from .distributed import check_is_writer, writer_decision
 from .info import read_info
+from .logs import console_logger
 
 
 def _library_versions():
@@ -44,8 +46,13 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     When fit starts at `initial_epoch > 0`, the callback reads that epoch's
     ckpt-info.json and continues its best-metric state, best epoch, keep-policy list
     and save times; epochs after it (a timeline abandoned by a rollback) are replaced as
-    training reaches them. Under a `tf.distribute` strategy only the worker that should
-    checkpoint (the chief) writes.
+    training reaches them.
+
+    In a multi-process job only one process writes (see `candle_ckpt.distributed`):
+    by default the chief of a `MultiWorkerMirroredStrategy`, else the chief or worker 0
+    of `TF_CONFIG`, else rank 0 of `OMPI_COMM_WORLD_RANK`/`PMI_RANK`/`SLURM_PROCID`;
+    `is_writer` overrides the detection. The other processes write nothing in
+    `ckpt_directory`, not even ckpt.log.
 
     Args:
         gParameters: dict of parameters; every `ckpt_*` key is type-checked here, before
@@ -54,19 +61,24 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         logger: "DEFAULT" logs to `<ckpt_directory>/ckpt.log` (and the console when
             verbose); a `logging.Logger` to use instead; None for no log.
         verbose: whether INFO messages also go to the console.
+        is_writer: True/False to say whether this process writes the tree (Horovod:
+            `hvd.rank() == 0`), or None (default) to detect it as described above.
     """
 
-    def __init__(self, gParameters, logger="DEFAULT", verbose=True):
+    def __init__(self, gParameters, logger="DEFAULT", verbose=True, is_writer=None):
         super().__init__()
         self.checkpointer = Checkpointer(gParameters, logger=logger, verbose=verbose,
                                          versions=_library_versions())
         self.weights_only = self.checkpointer.settings["ckpt_save_weights_only"]
+        self._explicit_writer = check_is_writer(is_writer)
+        self._writer = None
+        self._verbose = verbose
         self._first_epoch_seen = False
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._first_epoch_seen:
             self._first_epoch_seen = True
-            if epoch > 0:
+            if epoch > 0 and self._is_writer():
                 self._resume(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -94,8 +106,15 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.checkpointer.resume(info)
 
     def _is_writer(self):
-        strategy = getattr(self.model, "distribute_strategy", None)
-        return getattr(getattr(strategy, "extended", None), "should_checkpoint", True)
+        """Whether this process writes the tree; decided once, when first asked."""
+        if self._writer is None:
+            decision = writer_decision(self.model, self._explicit_writer)
+            self._writer = decision.is_writer
+            if not decision.is_writer:
+                console_logger("save", self._verbose).info(
+                    "not the checkpoint writer (%s): this process writes nothing in '%s'",
+                    decision.reason, self.checkpointer.layout.root)
+        return self._writer
 
     def _write_files(self, directory):
         state = keras_h5.snapshot(self.model, weights_only=self.weights_only)
