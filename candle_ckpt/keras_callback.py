@@ -1,5 +1,6 @@
 """CandleCheckpointCallback: save a crash-consistent checkpoint at the end of epochs."""
 
+import functools
 import os
 import platform
 
@@ -9,9 +10,11 @@ import numpy
 
 from . import keras_h5
 from .checkpointer import Checkpointer
-from .distributed import check_is_writer, writer_decision
+from .distributed import check_is_writer, multi_worker_strategy, writer_decision
+from .errors import ParameterValueError
 from .info import read_info
 from .logs import console_logger
+from .preemption import PreemptionWatch
 
 
 def _library_versions():
@@ -54,6 +57,12 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     `is_writer` overrides the detection. The other processes write nothing in
     `ckpt_directory`, not even ckpt.log.
 
+    With `ckpt_signal` (USR1/USR2/TERM/INT, for a batch system's pre-emption warning)
+    the callback handles that signal during fit: at the end of the running batch it
+    stops, saves the last completed epoch if the interval skipped it (from a snapshot
+    taken at that epoch's end), logs it and exits with status 75 (see
+    `candle_ckpt.preemption`).
+
     Args:
         gParameters: dict of parameters; every `ckpt_*` key is type-checked here, before
             anything is written, and `epochs` (the run's last epoch) is required.
@@ -74,18 +83,39 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self._writer = None
         self._verbose = verbose
         self._first_epoch_seen = False
+        self._watch = None
+        self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self._watch = self._start_preemption_watch()
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
         if not self._first_epoch_seen:
             self._first_epoch_seen = True
+            if self._watch is not None:
+                self._watch.completed_epoch = epoch
             if epoch > 0 and self._is_writer():
                 self._resume(epoch)
 
+    def on_train_batch_end(self, batch, logs=None):
+        if self._watch is not None and self._watch.requested:
+            raise self._stop_preempted(f"epoch {self._epoch}, batch {batch + 1}")
+
     def on_epoch_end(self, epoch, logs=None):
+        info = None
         if self._is_writer():
-            self.checkpointer.epoch_end(epoch + 1, logs, self._write_files)
+            info = self.checkpointer.epoch_end(epoch + 1, logs, self._write_files)
+        if self._watch is not None:
+            self._watch.epoch_completed(
+                epoch + 1, saved=info is not None or self._not_saving() is not None,
+                take_snapshot=lambda: keras_h5.snapshot(self.model, self.weights_only))
+            if self._watch.requested:
+                raise self._stop_preempted(f"epoch {epoch + 1}")
 
     def on_train_end(self, logs=None):
+        if self._watch is not None:
+            self._watch.uninstall()
         if self._is_writer():
             self.checkpointer.report_final()
 
@@ -117,6 +147,40 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         return self._writer
 
     def _write_files(self, directory):
-        state = keras_h5.snapshot(self.model, weights_only=self.weights_only)
-        keras_h5.write(state, os.path.join(directory, keras_h5.MODEL_FILE))
-        return keras_h5.MODEL_FILE
+        return _write_state(keras_h5.snapshot(self.model, self.weights_only), directory)
+
+    # -- pre-emption (ckpt_signal) ----------------------------------------------------
+
+    def _start_preemption_watch(self):
+        name = self.checkpointer.settings["ckpt_signal"]
+        if name == "off":
+            return None
+        if multi_worker_strategy(self.model) is not None:
+            raise ParameterValueError(
+                f"parameter 'ckpt_signal' is {name!r} under a multi-worker tf.distribute "
+                f"strategy; expected 'off': workers could stop at different batches and "
+                f"wait for each other forever")
+        watch = PreemptionWatch(name)
+        watch.install()
+        return watch
+
+    def _not_saving(self):
+        """Why this process saves nothing at all, or None if it saves."""
+        if not self._is_writer():
+            return "this process does not write the checkpoint tree"
+        if self.checkpointer.settings["ckpt_save_interval"] == 0:
+            return "ckpt_save_interval is 0"
+        return None
+
+    def _stop_preempted(self, where):
+        def save_pending(epoch, state):
+            self.checkpointer.save_now(epoch, functools.partial(_write_state, state),
+                                       "pre-emption")
+        logger = self.checkpointer.logger if self._is_writer() else console_logger("save")
+        return self._watch.stop(where, self._not_saving() or save_pending, logger)
+
+
+def _write_state(state, directory):
+    """Write a `keras_h5.TrainingState` into an epoch directory; return the file name."""
+    keras_h5.write(state, os.path.join(directory, keras_h5.MODEL_FILE))
+    return keras_h5.MODEL_FILE

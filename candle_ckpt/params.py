@@ -123,6 +123,10 @@ PARAMETERS = (
     Parameter("ckpt_restart_fallback", P.BOOLEAN, False,
               "if ckpts/last is corrupt, restart from the newest earlier epoch that "
               "verifies (logged loudly) instead of failing"),
+    Parameter("ckpt_signal", P.STRING, "off",
+              "on this signal (Slurm --signal): stop at the end of the batch, make sure "
+              "the last completed epoch is on disk, exit with status 75 (requeue)",
+              allowed=("off", "USR1", "USR2", "TERM", "INT")),
     Parameter("metadata", P.STRING, None,
               "free text stored in every ckpt-info.json (job id, machine, ...)",
               nullable=True),
