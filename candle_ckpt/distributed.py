@@ -28,6 +28,7 @@ Example::
     if decision.is_writer: ...               # decision.reason: "TF_CONFIG task chief"
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -91,6 +92,17 @@ def multi_worker_strategy(model):
     if resolver is None or not resolver.cluster_spec().jobs:
         return None
     return strategy
+
+
+def strategy_scope(model):
+    """The scope of the model's tf.distribute strategy, or a null context without one.
+
+    Variables created while restoring (the optimizer's slots, built on first use) must
+    be created in it, as the model's were; otherwise TensorFlow raises "Need to be
+    inside with strategy.scope()".
+    """
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def _tf_config_decision(text):

@@ -4,7 +4,8 @@ import time
 
 from . import keras_h5
 from .layout import CheckpointLayout
-from .distributed import agree_on_checkpoint, multi_worker_strategy, writer_decision
+from .distributed import (agree_on_checkpoint, multi_worker_strategy, strategy_scope,
+                          writer_decision)
 from .logs import console_logger, tree_logger
 from .params import validate_params
 from .resume import find_checkpoint
@@ -65,7 +66,8 @@ def restart(gParameters, model, verbose=True, is_writer=None):
     if checkpoint is None:
         return None
     started = time.perf_counter()
-    loaded = keras_h5.restore(model, checkpoint.model_path, logger=logger)
+    with strategy_scope(model):
+        loaded = keras_h5.restore(model, checkpoint.model_path, logger=logger)
     seconds = time.perf_counter() - started
     logger.info("restarted from epoch %d: loaded %s (%s%s%s) %d bytes in %.3f s (%.1f MB/s)",
                 checkpoint.epoch, checkpoint.model_path,

@@ -56,27 +56,31 @@ def main(argv):
     argv, pause_at = take_point(argv, "--pause_at")
     example = load_example()
     params = example.initialize_parameters(SMALL + argv)
+    callbacks = []
+    if kill_at:
+        callbacks.append(at_batch(kill_at, kill_myself))
+    if pause_at:
+        callbacks.append(at_batch(pause_at, wait_for_a_signal))
+    example.run(params, callbacks=callbacks)
 
+
+def kill_myself():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def at_batch(point, action):
+    """A Keras callback calling `action()` after batch B of 1-based epoch E, point=(E, B)."""
     import keras
 
     class AtBatch(keras.callbacks.Callback):
-        def __init__(self, point, action):
-            super().__init__()
-            self.point, self.action = point, action
-
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch + 1
 
         def on_train_batch_end(self, batch, logs=None):
-            if (self.epoch, batch + 1) == self.point:
-                self.action()
+            if (self.epoch, batch + 1) == point:
+                action()
 
-    callbacks = []
-    if kill_at:
-        callbacks.append(AtBatch(kill_at, lambda: os.kill(os.getpid(), signal.SIGKILL)))
-    if pause_at:
-        callbacks.append(AtBatch(pause_at, wait_for_a_signal))
-    example.run(params, callbacks=callbacks)
+    return AtBatch()
 
 
 if __name__ == "__main__":
