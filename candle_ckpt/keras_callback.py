@@ -147,7 +147,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         return self._writer
 
     def _write_files(self, directory):
-        return _write_state(keras_h5.snapshot(self.model, self.weights_only), directory)
+        return write_state(keras_h5.snapshot(self.model, self.weights_only), directory)
 
     # -- pre-emption (ckpt_signal) ----------------------------------------------------
 
@@ -174,13 +174,13 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
 
     def _stop_preempted(self, where):
         def save_pending(epoch, state):
-            self.checkpointer.save_now(epoch, functools.partial(_write_state, state),
+            self.checkpointer.save_now(epoch, functools.partial(write_state, state),
                                        "pre-emption")
         logger = self.checkpointer.logger if self._is_writer() else console_logger("save")
         return self._watch.stop(where, self._not_saving() or save_pending, logger)
 
 
-def _write_state(state, directory):
+def write_state(state, directory):
     """Write a `keras_h5.TrainingState` into an epoch directory; return the file name."""
     keras_h5.write(state, os.path.join(directory, keras_h5.MODEL_FILE))
     return keras_h5.MODEL_FILE
