@@ -4,6 +4,7 @@ job keeps its last completed epoch, exits 75, and the requeued job ends bit-iden
 import os
 import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,3 +113,35 @@ def test_signal_in_the_last_batch_stops_at_the_epoch_end_which_is_saved_now(tmp_
     assert "at the end of epoch 2: training stopped" in log
     assert "epoch 2 saved now" in log
     assert os.readlink(tmp_path / "save" / "ckpts" / "last") == "epochs/002"
+
+
+SLURM_JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples",
+                         "slurm_job.sh")
+
+
+@pytest.mark.slow
+def test_slurm_job_script_forwards_the_signal_and_requeues_on_75(tmp_path):
+    """examples/slurm_job.sh as sbatch runs it: USR1 reaches the batch shell only."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.args\n')
+    scontrol.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "PYTHON": sys.executable, "BENCHMARK": job_command(tmp_path)[1],
+           "CKPT_DIR": str(tmp_path / "save")}
+    shell = subprocess.Popen(["bash", SLURM_JOB, *SPARSE[:-2], "--pause_at", "4:2"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in shell.stdout:
+            if line.startswith("PAUSED"):
+                os.kill(shell.pid, signal.SIGUSR1)
+                break
+        stdout, stderr = shell.communicate(timeout=120)
+    finally:
+        shell.kill()
+    assert shell.returncode == 0, stderr[-3000:]
+    assert "USR1 received: forwarding to" in stdout
+    assert "training exited with status 75" in stdout
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    assert os.readlink(tmp_path / "save" / "ckpts" / "last") == "epochs/003"
