@@ -148,18 +148,18 @@ def agree_on_checkpoint(strategy, find):
 
     Args:
         strategy: a multi-worker tf.distribute strategy, or None (then just `find()`).
-        find: callable() -> a `resume.Checkpoint` or None; may raise CheckpointError.
+        find: callable() -> a `resume.Checkpoint` or None; may raise.
 
     Returns:
         What `find()` returned, the same epoch on every worker.
 
     Raises:
-        The CheckpointError `find()` raised on this worker; or CheckpointError when any
-        other worker failed or found another (epoch, model CRC32) than this one.
+        What `find()` raised on this worker; or CheckpointError when any other worker
+        failed or found another (epoch, model CRC32) than this one.
     """
     try:
         checkpoint, error = find(), None
-    except CheckpointError as raised:
+    except Exception as raised:  # any failure: the other workers must not wait forever
         checkpoint, error = None, raised
     if strategy is None:
         if error is not None:

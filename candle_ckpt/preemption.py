@@ -22,7 +22,11 @@ the epoch, if it arrives during validation or a save) the callback:
 With `ckpt_save_interval 0` (saving disabled) nothing is saved, but training still
 stops and exits with 75. The signal is handled in the main thread only; it is refused
 under a multi-worker tf.distribute strategy, whose workers could stop at different
-batches and wait for each other forever.
+batches and wait for each other forever (with other multi-process launchers the same
+can happen: use it there only if every rank gets the signal between the same batches).
+The handler is installed from the start of fit to its end; outside fit the signal
+keeps its previous handler (for USR1/USR2/TERM by default: terminate, which loses
+nothing a restart needs).
 
 Example (what the callback does)::
 

@@ -24,21 +24,28 @@ def final_model(ckpt_dir, epoch=6):
     return os.path.join(ckpt_dir, "ckpts", "epochs", "%03d" % epoch, "model.h5")
 
 
+def usr1_when_paused(command, env=None):
+    """Start `command`; when it prints PAUSED (keras_job.py --pause_at), send SIGUSR1
+    to the process started; return (exit status, the rest of stdout, stderr)."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("PAUSED"):
+                os.kill(process.pid, signal.SIGUSR1)
+                break
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return process.returncode, stdout, stderr
+
+
 @pytest.mark.slow
 def test_usr1_mid_epoch_4_saves_epoch_3_exits_75_and_the_requeued_job_is_exact(tmp_path):
     reference, preempted = tmp_path / "reference", tmp_path / "preempted"
     run_job(reference, *SPARSE)
-    job = subprocess.Popen(job_command(preempted, *SPARSE, "--pause_at", "4:2"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in job.stdout:
-            if line.startswith("PAUSED"):
-                os.kill(job.pid, signal.SIGUSR1)
-                break
-        _, stderr = job.communicate(timeout=120)
-    finally:
-        job.kill()
-    assert job.returncode == PREEMPTED_EXIT_STATUS, stderr[-3000:]
+    status, _, stderr = usr1_when_paused(job_command(preempted, *SPARSE, "--pause_at", "4:2"))
+    assert status == PREEMPTED_EXIT_STATUS, stderr[-3000:]
     log = open(preempted / "ckpt.log").read()
     assert ("PRE-EMPTED by SIGUSR1 at the end of epoch 4, batch 3: training stopped, the "
             "partial epoch will be re-run; epoch 3 saved now; exiting with status 75") in log
@@ -130,17 +137,9 @@ def test_slurm_job_script_forwards_the_signal_and_requeues_on_75(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "PYTHON": sys.executable, "BENCHMARK": job_command(tmp_path)[1],
            "CKPT_DIR": str(tmp_path / "save")}
-    shell = subprocess.Popen(["bash", SLURM_JOB, *SPARSE[:-2], "--pause_at", "4:2"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in shell.stdout:
-            if line.startswith("PAUSED"):
-                os.kill(shell.pid, signal.SIGUSR1)
-                break
-        stdout, stderr = shell.communicate(timeout=120)
-    finally:
-        shell.kill()
-    assert shell.returncode == 0, stderr[-3000:]
+    status, stdout, stderr = usr1_when_paused(
+        ["bash", SLURM_JOB, *SPARSE[:-2], "--pause_at", "4:2"], env=env)
+    assert status == 0, stderr[-3000:]
     assert "USR1 received: forwarding to" in stdout
     assert "training exited with status 75" in stdout
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
