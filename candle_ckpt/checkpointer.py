@@ -6,6 +6,7 @@ and applies the keep policy. The Keras callback is a thin adapter around it; so 
 tests, with plain-file writers.
 """
 
+import functools
 import os
 import platform
 import time
@@ -51,8 +52,8 @@ class Checkpointer:
     def __init__(self, gParameters, logger="DEFAULT", verbose=True, versions=None):
         self.settings = validate_params(gParameters, require_epochs=True)
         self.layout = CheckpointLayout(self.settings["ckpt_directory"])
-        self.logger = (tree_logger("save", self.layout, verbose) if logger == "DEFAULT"
-                       else logger or silent_logger())
+        self.verbose = verbose
+        self._logger = None if logger == "DEFAULT" else logger or silent_logger()
         metric = self.settings["ckpt_save_best_metric"]
         self.save_best = self.settings["ckpt_save_best"]
         self.best = (BestMetric(metric, infer_metric_mode(
@@ -60,11 +61,28 @@ class Checkpointer:
         self.run_epochs = []
         self.last_save_time = None
         self.prepared = False
-        self.trash = TrashCollector(self.layout.trash, self.logger)
         self.background = BackgroundWriter() if self.settings["ckpt_async"] else None
         self.versions = {"candle_ckpt": __version__, "python": platform.python_version(),
                          **(versions or {})}
-        self.writer_lock = WriterLock(self.layout.ckpts, self.logger)
+
+    @property
+    def logger(self):
+        """The logger; the default one opens ckpt.log on first use, so that a process
+        that never logs (a non-writer worker) leaves no file in the tree."""
+        if self._logger is None:
+            self._logger = tree_logger("save", self.layout, self.verbose)
+        return self._logger
+
+    # Created on first use, like the logger they log to: a non-writer never needs them.
+    @functools.cached_property
+    def trash(self):
+        """The `TrashCollector` that empties this tree's trash/ in the background."""
+        return TrashCollector(self.layout.trash, self.logger)
+
+    @functools.cached_property
+    def writer_lock(self):
+        """The `WriterLock` on ckpts/.lock, held from `start_writing` to `finish`."""
+        return WriterLock(self.layout.ckpts, self.logger)
 
     # -- restart -------------------------------------------------------------------
 
@@ -148,6 +166,15 @@ class Checkpointer:
         if reason is None:
             self.logger.debug("epoch %d: not saved", epoch)
             return None
+        return self.decision_now(epoch, reason, improved)
+
+    def decision_now(self, epoch, reason, improved=False):
+        """A `SaveDecision` for 1-based `epoch` with the best-metric state as it is now.
+
+        `decide` makes one when the policy saves; call it right after a `decide` that
+        returned None to be able to save that epoch anyway later (pre-emption), from a
+        snapshot taken at the same time, with `save`.
+        """
         best = self.best
         return SaveDecision(epoch, reason, improved, time.time(),
                             best.value if best else None, best.epoch if best else None)
@@ -175,10 +202,14 @@ class Checkpointer:
             self.background.submit(lambda: self._save_now(decision, write_files))
 
     def finish(self):
-        """Wait for a background save (raising its error), then log the final report."""
-        if self.background is not None:
-            self.background.wait()
-        self.report_final()
+        """Wait for a background save (raising its error), log the final report and
+        release the writer lock."""
+        try:
+            if self.background is not None:
+                self.background.wait()
+            self.report_final()
+        finally:
+            self.writer_lock.release()
 
     def _save_now(self, decision, write_files):
         """Run the save protocol; an OSError becomes a CheckpointWriteError naming `last`."""

@@ -4,12 +4,14 @@ import time
 
 from . import keras_h5
 from .layout import CheckpointLayout
-from .logs import tree_logger
+from .distributed import (agree_on_checkpoint, multi_worker_strategy, strategy_scope,
+                          writer_decision)
+from .logs import console_logger, tree_logger
 from .params import validate_params
 from .resume import find_checkpoint
 
 
-def restart(gParameters, model, verbose=True):
+def restart(gParameters, model, verbose=True, is_writer=None):
     """Load the checkpoint `ckpts/last` points at into `model`, if the mode asks for it.
 
     Call it after building and compiling the model and before `model.fit`; pass
@@ -30,10 +32,17 @@ def restart(gParameters, model, verbose=True):
     With `ckpt_restart_fallback`, a corrupt `last` is skipped for the newest earlier
     epoch that verifies.
 
+    Several processes: every worker calls restart. Only the writer (see
+    `candle_ckpt.distributed`) logs to ckpt.log; the others log to the console. Under
+    a multi-worker `tf.distribute` strategy the workers check, with a collective, that
+    they all found the same epoch and model CRC32, and all raise CheckpointError
+    otherwise, before loading anything.
+
     Args:
         gParameters: the parameter dict (every `ckpt_*` key is checked first).
         model: a built and compiled Keras model of the same architecture.
         verbose: log INFO to the console too (everything goes to ckpt.log).
+        is_writer: as for `CandleCheckpointCallback`: True/False, or None to detect.
 
     Returns:
         The ckpt-info.json dict resumed from (J["epoch"] is the next initial_epoch), or
@@ -48,12 +57,17 @@ def restart(gParameters, model, verbose=True):
     if settings["ckpt_restart_mode"] == "off":
         return None
     layout = CheckpointLayout(settings["ckpt_directory"])
-    logger = tree_logger("restart", layout, verbose)
-    checkpoint = find_checkpoint(layout, settings, logger)
+    if writer_decision(model, is_writer).is_writer:
+        logger = tree_logger("restart", layout, verbose)
+    else:
+        logger = console_logger("restart", verbose)
+    checkpoint = agree_on_checkpoint(multi_worker_strategy(model),
+                                     lambda: find_checkpoint(layout, settings, logger))
     if checkpoint is None:
         return None
     started = time.perf_counter()
-    loaded = keras_h5.restore(model, checkpoint.model_path, logger=logger)
+    with strategy_scope(model):
+        loaded = keras_h5.restore(model, checkpoint.model_path, logger=logger)
     seconds = time.perf_counter() - started
     logger.info("restarted from epoch %d: loaded %s (%s%s%s) %d bytes in %.3f s (%.1f MB/s)",
                 checkpoint.epoch, checkpoint.model_path,

@@ -67,6 +67,21 @@ def tree_logger(name, layout, verbose=True):
                                  {"ckpt_directory": layout.root})
 
 
+def console_logger(name, verbose=True):
+    """A logger under `candle_ckpt` that reaches the console only, never a ckpt.log.
+
+    For processes that must write nothing in the checkpoint tree (the non-writer
+    workers of a multi-process job).
+
+    Args:
+        name: the suffix, e.g. "restart" gives the logger "candle_ckpt.restart".
+        verbose: INFO to the console when True, only warnings when False.
+    """
+    logging.getLogger("candle_ckpt").setLevel(logging.DEBUG)
+    _ensure_console_handler(verbose)
+    return logging.getLogger(f"candle_ckpt.{name}")
+
+
 def close_tree_log(layout):
     """Close and detach the file handler of a tree (e.g. before deleting the tree)."""
     with _lock:

@@ -126,6 +126,10 @@ PARAMETERS = (
     Parameter("ckpt_async", P.BOOLEAN, False,
               "the training thread only snapshots the state to host memory; a background "
               "thread writes it (one save in flight, one extra copy of the state in memory)"),
+    Parameter("ckpt_signal", P.STRING, "off",
+              "on this signal (Slurm --signal): stop at the end of the batch, make sure "
+              "the last completed epoch is on disk, exit with status 75 (requeue)",
+              allowed=("off", "USR1", "USR2", "TERM", "INT")),
     Parameter("metadata", P.STRING, None,
               "free text stored in every ckpt-info.json (job id, machine, ...)",
               nullable=True),

@@ -10,9 +10,14 @@ import numpy as np
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keras_job.py")
 
 
+def job_command(ckpt_dir, *args):
+    """The command line of tests/keras_job.py with these flags."""
+    return [sys.executable, JOB, "--ckpt_directory", str(ckpt_dir), *args]
+
+
 def run_job(ckpt_dir, *args, expect_killed=False):
     """Run tests/keras_job.py; return the CompletedProcess (killed ones too)."""
-    result = subprocess.run([sys.executable, JOB, "--ckpt_directory", str(ckpt_dir), *args],
+    result = subprocess.run(job_command(ckpt_dir, *args),
                             capture_output=True, text=True, timeout=300)
     if expect_killed:
         assert result.returncode == -9, result.stderr[-3000:]

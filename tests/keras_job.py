@@ -4,11 +4,17 @@
 
 `--kill_at E:B` sends SIGKILL to this process after batch B of (1-based) epoch E: a
 real kill -9 in the middle of an epoch, at a reproducible point.
+
+`--pause_at E:B` prints "PAUSED <pid>" on stdout after batch B of epoch E and waits
+(up to 120 s) until a signal arrives, e.g. the test's `os.kill(pid, SIGUSR1)`: a real
+signal from outside, always at the same point of training.
 """
 
 import importlib.util
 import os
+import select
 import signal
+import socket
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,26 +30,57 @@ def load_example():
     return module
 
 
+def take_point(argv, flag):
+    """Remove `flag E:B` from argv; return (argv, (E, B) or None)."""
+    if flag not in argv:
+        return argv, None
+    index = argv.index(flag)
+    point = tuple(int(part) for part in argv[index + 1].split(":"))
+    return argv[:index] + argv[index + 2:], point
+
+
+def wait_for_a_signal():
+    """Block until any signal arrives; its Python handler has run when this returns."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno())
+    print(f"PAUSED {os.getpid()}", flush=True)
+    ready, _, _ = select.select([reader], [], [], 120)
+    signal.set_wakeup_fd(-1)
+    if not ready:
+        sys.exit("no signal within 120 s")
+
+
 def main(argv):
-    kill_at = None
-    if "--kill_at" in argv:
-        index = argv.index("--kill_at")
-        kill_at = tuple(int(part) for part in argv[index + 1].split(":"))
-        argv = argv[:index] + argv[index + 2:]
+    argv, kill_at = take_point(argv, "--kill_at")
+    argv, pause_at = take_point(argv, "--pause_at")
     example = load_example()
     params = example.initialize_parameters(SMALL + argv)
+    callbacks = []
+    if kill_at:
+        callbacks.append(at_batch(kill_at, kill_myself))
+    if pause_at:
+        callbacks.append(at_batch(pause_at, wait_for_a_signal))
+    example.run(params, callbacks=callbacks)
 
+
+def kill_myself():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def at_batch(point, action):
+    """A Keras callback calling `action()` after batch B of 1-based epoch E, point=(E, B)."""
     import keras
 
-    class KillAt(keras.callbacks.Callback):
+    class AtBatch(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch + 1
 
         def on_train_batch_end(self, batch, logs=None):
-            if (self.epoch, batch + 1) == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if (self.epoch, batch + 1) == point:
+                action()
 
-    example.run(params, callbacks=[KillAt()] if kill_at else [])
+    return AtBatch()
 
 
 if __name__ == "__main__":

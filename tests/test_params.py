@@ -16,6 +16,7 @@ BAD_VALUES = {
     "ckpt_save_best": [("nope", ValueError), ([], TypeError)],
     "ckpt_save_best_metric": [(3, TypeError)],
     "ckpt_best_metric_mode": [("up", ValueError), ("MIN", ValueError)],
+    "ckpt_signal": [("HUP", ValueError), ("SIGUSR1", ValueError), (10, TypeError)],
     "ckpt_save_weights_only": [("2", ValueError)],
     "ckpt_save_interval": [(-3, ValueError), ("x", ValueError)],
     "ckpt_keep_mode": [("fifo", ValueError)],

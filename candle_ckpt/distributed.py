@@ -1,0 +1,204 @@
+"""Several processes, one checkpoint tree: who writes, and agreeing on the restart epoch.
+
+Only one process of a multi-process job writes `ckpt_directory` (the *writer*); the
+others train in lock-step and write nothing there: no epochs, no links, no ckpt.log.
+`writer_decision` finds the writer, in this order:
+
+1. the caller's explicit `is_writer=True/False` (Horovod: `is_writer=hvd.rank() == 0`);
+2. a multi-worker `tf.distribute` strategy of the model
+   (`MultiWorkerMirroredStrategy`): its `extended.should_checkpoint`, true on the chief;
+3. `TF_CONFIG`: task type "chief" writes; with no chief in the cluster, "worker" 0 does;
+   any other task (evaluator, ps, other workers) does not;
+4. the first rank variable set, in the order of `RANK_VARIABLES` (Open MPI, MPICH/Intel
+   MPI/PMI, Slurm): rank 0 writes;
+5. otherwise this is a single-process job, and it writes.
+
+`agree_on_checkpoint` makes every worker of a multi-worker strategy restart from the
+same epoch: each worker gathers every other's (epoch, CRC32 of the model file) with a
+collective, and if they differ (e.g. an operator relinked `last` between two workers'
+reads, or `ckpt_directory` is not on a file system every worker sees) every worker
+raises the same error, before anything is loaded into the model. It is a check, not
+a vote: nobody silently follows the chief. Launchers other than tf.distribute have no
+collective here; their ranks read the same `last` and the operator must not relink it
+while a job starts.
+
+Example::
+
+    decision = writer_decision(model, explicit=None)
+    if decision.is_writer: ...               # decision.reason: "TF_CONFIG task chief"
+"""
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+
+from .errors import CheckpointError
+
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+@dataclass(frozen=True)
+class WriterDecision:
+    """Whether this process writes the checkpoint tree, and which rule decided it."""
+    is_writer: bool
+    reason: str
+
+
+def writer_decision(model=None, explicit=None, environ=None):
+    """Decide whether this process writes the checkpoint tree (see the module docstring).
+
+    Args:
+        model: the Keras model (its `distribute_strategy` is consulted), or None.
+        explicit: True/False to decide without detection, or None to detect.
+        environ: the environment to read (default `os.environ`).
+
+    Returns:
+        A `WriterDecision`.
+
+    Raises:
+        TypeError: `explicit` is neither None nor a bool.
+        ValueError: `TF_CONFIG` or a rank variable is malformed (the message names it).
+    """
+    if check_is_writer(explicit) is not None:
+        return WriterDecision(explicit, f"is_writer={explicit} given by the caller")
+    environ = os.environ if environ is None else environ
+    strategy = multi_worker_strategy(model)
+    if strategy is not None:
+        should = bool(strategy.extended.should_checkpoint)
+        return WriterDecision(should, f"{type(strategy).__name__}.extended."
+                                      f"should_checkpoint is {should}")
+    if environ.get("TF_CONFIG"):
+        return _tf_config_decision(environ["TF_CONFIG"])
+    for variable in RANK_VARIABLES:
+        if variable in environ:
+            rank = _parse_rank(variable, environ[variable])
+            return WriterDecision(rank == 0, f"{variable}={rank}")
+    return WriterDecision(True, "a single process (no strategy, TF_CONFIG or rank variable)")
+
+
+def check_is_writer(value):
+    """Return the `is_writer` argument if it is None, True or False; else TypeError."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"argument 'is_writer': received {value!r} "
+                        f"({type(value).__name__}); expected True, False or None")
+    return value
+
+
+def multi_worker_strategy(model):
+    """The model's tf.distribute strategy if it spans several workers, else None."""
+    strategy = getattr(model, "distribute_strategy", None)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().jobs:
+        return None
+    return strategy
+
+
+def strategy_scope(model):
+    """The scope of the model's tf.distribute strategy, or a null context without one.
+
+    Variables created while restoring (the optimizer's slots, built on first use) must
+    be created in it, as the model's were; otherwise TensorFlow raises "Need to be
+    inside with strategy.scope()".
+    """
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def _tf_config_decision(text):
+    try:
+        config = json.loads(text)
+        task_type = config["task"]["type"]
+        index = int(config["task"].get("index", 0))
+        cluster = config.get("cluster", {})
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"environment variable TF_CONFIG is {text!r}: {error!r}; expected "
+                         f"JSON with 'cluster' and 'task': {{'type': ..., 'index': ...}}") from None
+    if task_type == "chief":
+        return WriterDecision(True, "TF_CONFIG task type chief")
+    if task_type == "worker" and "chief" not in cluster:
+        return WriterDecision(index == 0, f"TF_CONFIG worker {index} (no chief: worker 0 "
+                                          f"writes)")
+    return WriterDecision(False, f"TF_CONFIG task {task_type} {index} (not the chief)")
+
+
+def _parse_rank(variable, text):
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        raise ValueError(f"environment variable {variable} is {text!r}; expected a rank, "
+                         f"an integer >= 0")
+    return rank
+
+
+# -- agreeing on the restart checkpoint ---------------------------------------------
+
+_NOTHING = 0      # epoch reported by a worker that found no checkpoint
+_FAILED = -1      # epoch reported by a worker whose search raised
+
+
+def agree_on_checkpoint(strategy, find):
+    """Run `find()` on this worker and check that every worker found the same checkpoint.
+
+    Collective: every worker of `strategy` must call it, once, at the same point (restart
+    does, before loading). A worker whose `find()` raises still takes part, so the others
+    fail too instead of waiting forever.
+
+    Args:
+        strategy: a multi-worker tf.distribute strategy, or None (then just `find()`).
+        find: callable() -> a `resume.Checkpoint` or None; may raise.
+
+    Returns:
+        What `find()` returned, the same epoch on every worker.
+
+    Raises:
+        What `find()` raised on this worker; or CheckpointError when any other worker
+        failed or found another (epoch, model CRC32) than this one.
+    """
+    try:
+        checkpoint, error = find(), None
+    except Exception as raised:  # any failure: the other workers must not wait forever
+        checkpoint, error = None, raised
+    if strategy is None:
+        if error is not None:
+            raise error
+        return checkpoint
+    mine = _identity(checkpoint, error)
+    everyone = _all_gather(strategy, mine)
+    if error is not None:
+        raise error
+    if any(found[0] == _FAILED for found in everyone):
+        failed = [i for i, found in enumerate(everyone) if found[0] == _FAILED]
+        raise CheckpointError(f"restart failed on replica(s) {failed} (see their logs); "
+                              f"every worker stops so that none trains alone")
+    if any(found != mine for found in everyone):
+        raise CheckpointError(
+            f"the workers do not agree on the checkpoint to restart from: (epoch, model "
+            f"CRC32) per replica is {everyone} (epoch {_NOTHING}: none "
+            f"found); expected the same on every worker. Is ckpt_directory on a file "
+            f"system every worker sees, and was 'last' relinked while the job started?")
+    return checkpoint
+
+
+def _identity(checkpoint, error):
+    """(epoch, CRC32 of the model file or 0) of what this worker found, as two ints."""
+    if error is not None:
+        return (_FAILED, 0)
+    if checkpoint is None:
+        return (_NOTHING, 0)
+    checksum = checkpoint.info.get("checksum")
+    return (checkpoint.epoch, int(checksum) if str(checksum).isdigit() else 0)
+
+
+def _all_gather(strategy, values):
+    """Every replica's `values` (a tuple of ints), in replica order, via a collective.
+
+    A worker with several local replicas (GPUs) contributes its row once per replica.
+    """
+    import tensorflow as tf
+
+    local = tf.constant([values], dtype=tf.int64)
+    replicas = strategy.run(lambda: tf.identity(local))
+    return [tuple(int(v) for v in row) for row in strategy.gather(replicas, axis=0).numpy()]
