@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 
 from .admin import (apply_prune, apply_rollback, plan_abandoned, plan_prune, plan_rollback,
@@ -38,6 +39,9 @@ EXIT_OK, EXIT_CORRUPT, EXIT_ERROR = 0, 1, 2
 PROG = "candle-ckpt"
 DEFAULT_DIRECTORY = "./save"
 LINK_SELECTORS = ("last", "best")
+# A JSON list of numbers spread over lines by indenting; a newline cannot be inside a
+# JSON string, so this never matches string content.
+_NUMBER_LIST = re.compile(r"\[\n[-+0-9.eE,\s]*\n\s*\]")
 
 
 class UsageError(Exception):
@@ -292,7 +296,9 @@ def cmd_info(args):
     """Print the validated ckpt-info.json of one epoch."""
     directory, selector = _split_positionals(args.where, "info")
     layout = open_tree(directory)
-    print(json.dumps(read_epoch_info(layout, _select_epoch(layout, selector)), indent=1))
+    text = json.dumps(read_epoch_info(layout, _select_epoch(layout, selector)), indent=1)
+    # epochs_saved names every epoch of the run: one line, not 10 000
+    print(_NUMBER_LIST.sub(lambda match: json.dumps(json.loads(match.group())), text))
     return EXIT_OK
 
 
