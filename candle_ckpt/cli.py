@@ -27,11 +27,8 @@ import os
 import re
 import sys
 
-from .admin import (apply_prune, apply_rollback, plan_abandoned, plan_prune, plan_rollback,
-                    require_epoch_dir)
 from .errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
-from .inventory import describe_epochs, link_state, open_tree, survey
-from .logs import tree_logger
+from .inventory import describe_epochs, link_state, open_tree, require_epoch_dir, survey
 from .resume import read_epoch_info
 from .verify import check_files
 
@@ -351,6 +348,11 @@ def cmd_verify(args):
 
 def cmd_rollback(args):
     """Verify EPOCH, then point best and last (atomically, relative links)."""
+    # Imported here: admin and logs bring in the save protocol and logging (~0.06 s of
+    # imports), which only the two commands that change the tree need.
+    from .admin import apply_rollback, plan_rollback
+    from .logs import tree_logger
+
     directory, selector = _split_positionals(args.where, "rollback", epoch_required=True)
     if not selector.isdigit():
         raise UsageError(f"rollback: EPOCH is {selector!r}; expected an epoch number")
@@ -372,6 +374,9 @@ def cmd_rollback(args):
 
 def cmd_prune(args):
     """Delete epochs by policy or after last, never last or best."""
+    from .admin import apply_prune, plan_abandoned, plan_prune  # see cmd_rollback
+    from .logs import tree_logger
+
     layout = open_tree(args.where)
     if args.abandoned:
         if args.mode is not None:
