@@ -25,18 +25,36 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from candle_ckpt.checkpointer import Checkpointer, SaveDecision  # noqa: E402
-from candle_ckpt.info import encode_info  # noqa: E402
+from candle_ckpt.checkpointer import Checkpointer  # noqa: E402
+from candle_ckpt.info import TIMESTAMP_FORMAT, encode_info, read_info  # noqa: E402
 from candle_ckpt.inventory import survey  # noqa: E402
-from candle_ckpt.layout import INFO_FILE  # noqa: E402
-from candle_ckpt.protocol import WrittenFiles, point_link  # noqa: E402
+from candle_ckpt.layout import INFO_FILE, CheckpointLayout  # noqa: E402
+from candle_ckpt.policies import BestMetric  # noqa: E402
+from candle_ckpt.protocol import point_link  # noqa: E402
 
 PAYLOAD = b"weights"
+
+
+def write_payload(directory):
+    """The model writer of the benchmark: a 7-byte model.h5."""
+    with open(os.path.join(directory, "model.h5"), "wb") as stream:
+        stream.write(PAYLOAD)
+    return "model.h5"
+
+
+def template_info(scratch):
+    """A ckpt-info dict exactly as the library writes it: a real Checkpointer's 2nd save."""
+    checkpointer = Checkpointer({"ckpt_directory": scratch, "epochs": 2,
+                                 "ckpt_save_best_metric": "val_loss"}, logger=None)
+    for epoch in (1, 2):
+        checkpointer.epoch_end(epoch, {"val_loss": 1.0}, write_payload)
+    info = read_info(checkpointer.layout.epoch_dir(2))
+    shutil.rmtree(scratch)
+    return info
 
 
 def _epochs_saved_text(lines, count):
@@ -47,30 +65,24 @@ def _epochs_saved_text(lines, count):
 def build_tree(root, epochs):
     """Write the tree of an `epochs`-epoch run that kept every epoch; return its layout.
 
-    Each record comes from the library's own record builder (`Checkpointer._build_info`)
-    and `encode_info`. Encoding a 10 000-long `epochs_saved` 10 000 times is slow in the
-    pure-Python indenting encoder, so the list's text is spliced in; the splice is
-    checked against `encode_info` of the full record at a few epochs.
+    Each record is the record of a real save (`template_info`) with the fields that
+    change from epoch to epoch replaced, written by `encode_info`. Encoding a 10 000-long
+    `epochs_saved` 10 000 times is slow in the pure-Python indenting encoder, so the
+    list's text is spliced in; the splice is checked against `encode_info` of the full
+    record at a few epochs.
     """
-    checkpointer = Checkpointer({"ckpt_directory": root, "epochs": epochs,
-                                 "ckpt_save_best_metric": "val_loss"}, logger=None)
-    layout = checkpointer.layout
+    template = template_info(root + ".template")
+    layout = CheckpointLayout(root)
     os.makedirs(layout.epochs)
-    written = WrittenFiles({"model.h5": {"size": len(PAYLOAD),
-                                         "crc32": str(zlib.crc32(PAYLOAD))}},
-                           "model.h5", len(PAYLOAD), 0.001)
+    best = BestMetric("val_loss", "min")
     lines = ["  %d" % epoch for epoch in range(1, epochs + 1)]
     checks = {1, 2, min(epochs, 1000), epochs}
     for epoch in range(1, epochs + 1):
         # A loss that falls and plateaus with noise, so `best` lags behind `last`.
-        checkpointer.best.update(1.0 / epoch ** 0.5 + 0.05 * ((epoch * 7919) % 13) / 13,
-                                 epoch)
-        checkpointer.run_epochs = []
-        now = time.time()
-        checkpointer.last_save_time = now - 0.5 if epoch > 1 else None
-        decision = SaveDecision(epoch, "interval", False, now, checkpointer.best.value,
-                                checkpointer.best.epoch)
-        info = checkpointer._build_info(decision, written)
+        best.update(1.0 / epoch ** 0.5 + 0.05 * ((epoch * 7919) % 13) / 13, epoch)
+        info = {**template, "epoch": epoch, "best_metric_last": best.value,
+                "epoch_best": best.epoch, "epochs_saved": [epoch],
+                "timestamp": time.strftime(TIMESTAMP_FORMAT)}
         text = encode_info(info).decode("utf-8").replace(
             '"epochs_saved": ' + _epochs_saved_text(["  %d" % epoch], 1),
             '"epochs_saved": ' + _epochs_saved_text(lines, epoch))
@@ -79,11 +91,10 @@ def build_tree(root, epochs):
                 {**info, "epochs_saved": list(range(1, epoch + 1))}), epoch
         directory = layout.epoch_dir(epoch)
         os.mkdir(directory)
-        with open(os.path.join(directory, "model.h5"), "wb") as stream:
-            stream.write(PAYLOAD)
+        write_payload(directory)
         with open(os.path.join(directory, INFO_FILE), "w", encoding="utf-8") as stream:
             stream.write(text)
-    point_link(layout, "best", checkpointer.best.epoch)
+    point_link(layout, "best", best.epoch)
     point_link(layout, "last", epochs)
     return layout
 

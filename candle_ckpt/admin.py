@@ -12,21 +12,14 @@ import os
 from dataclasses import dataclass
 
 from . import durable
-from .errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError
 from .info import finite_or_none, is_legacy
-from .inventory import describe_epochs, link_state, summarise_epoch
+from .inventory import describe_epochs, link_state, require_epoch_dir, summarise_epoch
 from .layout import LINK_NAMES
 from .policies import epochs_to_keep
 from .protocol import point_link
 from .resume import read_epoch_info
 from .verify import check_files
-
-
-def require_epoch_dir(layout, epoch):
-    """Raise NoCheckpointError, naming the epochs there are, if `epoch` has no directory."""
-    if not os.path.isdir(layout.epoch_dir(epoch)):
-        raise NoCheckpointError(f"epoch {epoch}: '{layout.epoch_dir(epoch)}' does not exist; "
-                                f"epochs on disk: {describe_epochs(layout.list_epochs())}")
 
 
 @dataclass(frozen=True)

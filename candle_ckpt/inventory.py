@@ -16,7 +16,7 @@ does, for the one epoch an operator acts on.
 import os
 from dataclasses import dataclass
 
-from .errors import CheckpointError, LinkError
+from .errors import CheckpointError, LinkError, NoCheckpointError
 from .info import MAX_INFO_BYTES, finite_or_none, is_legacy
 from .json_head import read_members
 from .layout import INFO_FILE, LINK_NAMES, CheckpointLayout
@@ -41,6 +41,13 @@ def open_tree(directory):
         raise CheckpointError(f"'{layout.root}' is not a checkpoint tree: it has no "
                               f"'ckpts/' directory; expected a ckpt_directory (default ./save)")
     return layout
+
+
+def require_epoch_dir(layout, epoch):
+    """Raise NoCheckpointError, naming the epochs there are, if `epoch` has no directory."""
+    if not os.path.isdir(layout.epoch_dir(epoch)):
+        raise NoCheckpointError(f"epoch {epoch}: '{layout.epoch_dir(epoch)}' does not exist; "
+                                f"epochs on disk: {describe_epochs(layout.list_epochs())}")
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,12 @@ _DECODER = json.JSONDecoder()
 
 
 def _parse_object(data):
-    # What json.loads does, minus its encoding detection: a ckpt-info.json is UTF-8.
-    value = _DECODER.decode(data.decode("utf-8"))
+    # What json.loads does, minus its encoding detection (a ckpt-info.json is UTF-8)
+    # and its two whitespace regexes: this runs once per epoch of a `list`.
+    text = data.strip(_WHITESPACE).decode("utf-8")
+    value, end = _DECODER.raw_decode(text)
+    if end != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
     if not isinstance(value, dict):
         raise ValueError(f"the top level is a {type(value).__name__}; expected a JSON object")
     return value

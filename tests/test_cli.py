@@ -185,6 +185,11 @@ def test_info_prints_the_validated_json_of_last_best_or_an_epoch(tree, tmp_path)
     assert json.loads(cli("info", "3", cwd=tmp_path).stdout)["epoch"] == 3
 
 
+def test_info_prints_lists_of_numbers_on_one_line(tree):
+    lines = cli("info", tree.root).stdout.splitlines()
+    assert ' "epochs_saved": [1, 2, 3, 4, 5],' in lines and lines[0] == "{"
+
+
 def test_info_of_an_invalid_json_names_the_key(tree):
     path = os.path.join(tree.epoch_dir(5), "ckpt-info.json")
     info = read_info(tree.epoch_dir(5))

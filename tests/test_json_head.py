@@ -57,6 +57,7 @@ def test_the_tail_after_the_cut_is_not_read(tmp_path):
     ('{"a" 1, "big": 2}', "Expecting ':' delimiter"),
     (b'{"a": "\xff"}', "can't decode byte 0xff"),
     ('{"a": 1, "big"', "Expecting ':' delimiter"),
+    ('{"a": 1} {}', "Extra data"),
 ])
 def test_invalid_heads_are_value_errors_naming_the_position(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
