@@ -14,11 +14,11 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SIZES_MB, build_model, header, quiet_tensorflow, summary  # noqa: E402
+from common import (SIZES_MB, build_model, header, quiet_tensorflow,  # noqa: E402
+                    scratch_directory, summary)
 
 
 def run(model, mode, epochs, steps, directory):
@@ -68,8 +68,7 @@ def main():
     args = parser.parse_args()
     quiet_tensorflow()
     header("async save: training-thread stall and epoch time")
-    os.makedirs("save", exist_ok=True)
-    directory = tempfile.mkdtemp(prefix="bench-", dir="save")
+    directory = scratch_directory()
     try:
         for size in args.sizes.split(","):
             model = build_model(SIZES_MB[size])

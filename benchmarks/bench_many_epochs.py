@@ -12,11 +12,10 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (build_model, header, interleave, quiet_tensorflow, ratio_line,  # noqa: E402
-                    summary)
+                    summary, scratch_directory)
 
 
 def populate(root, count):
@@ -43,8 +42,7 @@ def main():
     import candle_ckpt
 
     header(f"save with {args.epochs} existing epochs / with 10")
-    os.makedirs("save", exist_ok=True)
-    directory = tempfile.mkdtemp(prefix="bench-", dir="save")
+    directory = scratch_directory()
     try:
         model = build_model(10)
         callbacks = {}

@@ -14,11 +14,11 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SIZES_MB, build_model, header, quiet_tensorflow, summary  # noqa: E402
+from common import (SIZES_MB, build_model, header, quiet_tensorflow,  # noqa: E402
+                    scratch_directory, summary)
 
 
 def main():
@@ -31,8 +31,7 @@ def main():
     from candle_ckpt import checkpointer as checkpointer_module
 
     header(f"training-thread time in pruning, {args.size} model, keep_limit 1")
-    os.makedirs("save", exist_ok=True)
-    directory = tempfile.mkdtemp(prefix="bench-", dir="save")
+    directory = scratch_directory()
     pruning = []
     original = checkpointer_module.discard_epochs
 

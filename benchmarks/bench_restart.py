@@ -15,11 +15,10 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (SIZES_MB, build_model, header, interleave, quiet_tensorflow,  # noqa: E402
-                    ratio_line, state_bytes, summary)
+                    ratio_line, state_bytes, summary, scratch_directory)
 
 
 def measure(size, repetitions, directory):
@@ -49,8 +48,7 @@ def main():
     args = parser.parse_args()
     quiet_tensorflow()
     header("restart with verification / raw load of the same file")
-    os.makedirs("save", exist_ok=True)
-    directory = tempfile.mkdtemp(prefix="bench-", dir="save")
+    directory = scratch_directory()
     try:
         for size in args.sizes.split(","):
             nbytes, times = measure(size, args.repetitions, directory)

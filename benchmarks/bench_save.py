@@ -14,11 +14,12 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (SIZES_MB, build_model, fsync_path, header, interleave,  # noqa: E402
-                    quiet_tensorflow, ratio_line, state_bytes, summary)
+from common import (SIZES_MB, build_model, header, interleave,  # noqa: E402
+                    quiet_tensorflow, ratio_line, scratch_directory, state_bytes, summary)
+
+from candle_ckpt.durable import fsync_file  # noqa: E402
 
 
 def measure(size, repetitions, directory, asynchronous=False):
@@ -40,7 +41,7 @@ def measure(size, repetitions, directory, asynchronous=False):
 
     def keras_save():
         model.save(raw)
-        fsync_path(raw)
+        fsync_file(raw)
 
     library_save(), keras_save()  # warm up both paths
     times = interleave(repetitions, keras=keras_save, candle_ckpt=library_save)
@@ -57,8 +58,7 @@ def main():
     args = parser.parse_args()
     quiet_tensorflow()
     header("save overhead: callback save / (model.save h5 + fsync)")
-    os.makedirs("save", exist_ok=True)
-    directory = args.directory or tempfile.mkdtemp(prefix="bench-", dir="save")
+    directory = args.directory or scratch_directory()
     try:
         for size in args.sizes.split(","):
             nbytes, times = measure(size, args.repetitions, directory)

@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 SIZES_MB = {"10MB": 10, "100MB": 100, "1GB": 1000}
@@ -45,12 +46,10 @@ def state_bytes(model):
     return sum(v.numpy().nbytes for v in model.weights + model.optimizer.variables)
 
 
-def fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def scratch_directory():
+    """A fresh temporary directory under ./save (the checkpoint file system); remove it."""
+    os.makedirs("save", exist_ok=True)
+    return tempfile.mkdtemp(prefix="bench-", dir="save")
 
 
 def timed(function):
