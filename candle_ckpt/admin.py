@@ -8,6 +8,7 @@ them out of `epochs/` before removing them (`durable.discard_tree`). Neither tou
 lock (DESIGN.md, "Several processes") is not consulted here.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from .errors import CheckpointError, CorruptCheckpointError
 from .info import finite_or_none, is_legacy
 from .inventory import describe_epochs, link_state, require_epoch_dir, summarise_epoch
 from .layout import LINK_NAMES
+from .lock import WriterLock
 from .policies import epochs_to_keep
 from .protocol import point_link
 from .resume import read_epoch_info
@@ -82,10 +84,27 @@ def plan_rollback(layout, epoch, progress=None):
     return RollbackPlan(epoch, best, reason, checks)
 
 
+@contextlib.contextmanager
+def as_the_writer(layout, logger):
+    """Change the tree only while no training job writes it: hold `ckpts/.lock`.
+
+    Raises:
+        WriterLockedError: a running job holds the lock (names its pid, host, start).
+    """
+    lock = WriterLock(layout.ckpts, logger)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def apply_rollback(layout, plan, logger):
-    """Repoint `best`, then `last` (the save protocol's order), each atomically."""
-    point_link(layout, "best", plan.best)
-    point_link(layout, "last", plan.epoch)
+    """Repoint `best`, then `last` (the save protocol's order), each atomically, as the
+    tree's writer (`as_the_writer`)."""
+    with as_the_writer(layout, logger):
+        point_link(layout, "best", plan.best)
+        point_link(layout, "last", plan.epoch)
     logger.info("rollback: last -> epoch %d, best -> %s (%s)", plan.epoch,
                 "none" if plan.best is None else f"epoch {plan.best}", plan.best_reason)
 
@@ -137,9 +156,10 @@ def apply_prune(layout, epochs, reason, logger):
 
     `durable.discard_tree` rather than the save path's `protocol.discard_epochs`, which
     may leave the removal to the training job's background trash collector: a prune
-    frees the space before it returns.
+    frees the space before it returns. Done as the tree's writer (`as_the_writer`).
     """
-    logger.info("prune (%s): deleting epochs %s", reason, describe_epochs(epochs))
-    for epoch in epochs:
-        if durable.discard_tree(layout.epoch_dir(epoch), layout.trash) is None:
-            logger.warning("epoch %d was to be deleted but is already gone", epoch)
+    with as_the_writer(layout, logger):
+        logger.info("prune (%s): deleting epochs %s", reason, describe_epochs(epochs))
+        for epoch in epochs:
+            if durable.discard_tree(layout.epoch_dir(epoch), layout.trash) is None:
+                logger.warning("epoch %d was to be deleted but is already gone", epoch)

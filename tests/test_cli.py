@@ -262,7 +262,7 @@ def test_rollback_repoints_last_and_the_best_epoch_before_it(tree):
     assert os.readlink(tree.link("best")) == "epochs/002"
     assert listing(tree)["abandoned"] == [4, 5]
     assert "rollback: last -> epoch 3, best -> epoch 2" in open(tree.log_file).read()
-    assert not [name for name in os.listdir(tree.ckpts) if name.startswith(".")]
+    assert not [name for name in os.listdir(tree.ckpts) if ".tmp." in name]  # no temp link left
 
 
 def test_rollback_dry_run_changes_nothing(tree):
@@ -453,3 +453,22 @@ def test_benchmark_tree_is_what_the_library_writes(make_checkpointer, ckpt_dir, 
         assert list(ours) == list(theirs) and ours["epochs_saved"] == theirs["epochs_saved"]
         assert ours["files"] == theirs["files"]
     assert len(listing(bench)["epochs"]) == 30
+
+
+@pytest.mark.parametrize("command", [("rollback", "2"), ("prune", "--keep", "1")])
+def test_rollback_and_prune_refuse_while_a_training_job_writes(tree, command):
+    """A running job holds ckpts/.lock: the operator is told who, and nothing changes."""
+    from candle_ckpt.lock import WriterLock
+    from candle_ckpt.logs import silent_logger
+
+    layout = tree
+    before = (layout.list_epochs(), os.readlink(layout.link("last")))
+    job = WriterLock(layout.ckpts, silent_logger())
+    job.acquire()
+    try:
+        result = cli(command[0], layout.root, *command[1:], expect=2)
+    finally:
+        job.release()
+    assert f"pid {os.getpid()}" in result.stderr and "held by another writer" in result.stderr
+    assert (layout.list_epochs(), os.readlink(layout.link("last"))) == before
+    cli(command[0], layout.root, *command[1:])  # the job has ended: allowed
