@@ -30,12 +30,16 @@ class WrittenFiles:
 
 
 def prepare_tree(layout, logger):
-    """Create the tree's directories and drop a save a crash interrupted.
+    """Create the tree's directories; drop a save and temporary links a crash interrupted.
 
     Deletions a crash interrupted are left in `trash/` for the trash collector.
     """
     os.makedirs(layout.epochs, exist_ok=True)
     _drop_leftover_work(layout, logger)
+    for name in os.listdir(layout.ckpts):  # a link update killed before its os.replace
+        if durable.is_temporary_name(name):
+            os.unlink(os.path.join(layout.ckpts, name))
+            logger.warning("removed leftover temporary link '%s'", name)
 
 
 def _drop_leftover_work(layout, logger):
