@@ -55,9 +55,9 @@ class Checkpointer:
         self.verbose = verbose
         self._logger = None if logger == "DEFAULT" else logger or silent_logger()
         metric = self.settings["ckpt_save_best_metric"]
-        self.save_best = self.settings["ckpt_save_best"]
         self.best = (BestMetric(metric, infer_metric_mode(
-            metric, self.settings["ckpt_best_metric_mode"])) if self.save_best else None)
+            metric, self.settings["ckpt_best_metric_mode"]))
+            if self.settings["ckpt_save_best"] else None)
         self.run_epochs = []
         self.last_save_time = None
         self.prepared = False
