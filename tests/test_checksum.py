@@ -31,3 +31,13 @@ def test_progress_reports_every_chunk(tmp_path):
     seen = []
     checksum.crc32_file(path, progress=seen.append)
     assert seen == [checksum.CHUNK_BYTES, checksum.CHUNK_BYTES + 1]
+
+
+def test_large_files_are_checksummed_in_two_halves_with_the_same_value(tmp_path, monkeypatch):
+    pytest.importorskip("isal.isal_zlib")
+    monkeypatch.setattr(checksum, "PARALLEL_MIN_BYTES", 1 << 20)
+    for size in (1 << 20, (3 << 20) + 12345, checksum.CHUNK_BYTES * 3 + 1):
+        data = os.urandom(size)
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        assert checksum.crc32_file(path) == zlib.crc32(data)
