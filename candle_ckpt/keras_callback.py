@@ -12,10 +12,10 @@ from .background import check_snapshot_fits
 from .checkpointer import Checkpointer
 from .distributed import check_is_writer, multi_worker_strategy, writer_decision
 from .durable import WritebackStarter
-from .errors import ParameterValueError
-from .info import read_info
+from .errors import NoCheckpointError, ParameterValueError
 from .logs import console_logger
 from .preemption import PreemptionWatch
+from .resume import read_epoch_info
 
 
 def _library_versions():
@@ -142,13 +142,13 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
 
     def _resume(self, initial_epoch):
         """Continue the run whose checkpoint of `initial_epoch` restart() loaded."""
-        directory = self.checkpointer.layout.epoch_dir(initial_epoch)
+        layout = self.checkpointer.layout
         try:
-            info = read_info(directory)
-        except FileNotFoundError:
+            info = read_epoch_info(layout, initial_epoch)
+        except NoCheckpointError:
             self.checkpointer.logger.warning(
                 "fit starts at epoch %d but '%s' has no checkpoint: best-metric and keep "
-                "state start afresh", initial_epoch + 1, directory)
+                "state start afresh", initial_epoch + 1, layout.epoch_dir(initial_epoch))
             return
         self.checkpointer.resume(info)
 
