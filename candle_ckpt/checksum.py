@@ -1,9 +1,14 @@
-"""CRC32 of files (zlib's polynomial), streamed in constant memory.
+"""CRC32 of files (zlib's polynomial): streamed in constant memory, or while reading a
+file into memory.
 
 Uses `isal.isal_zlib.crc32` when isal imports (about 3x faster than zlib here, and the
-same values, running value included), `zlib.crc32` otherwise. The file is mapped into
-memory rather than read: reading into a Python buffer costs an extra copy, and a
-misaligned one (bytearray, numpy) copies several times slower still.
+same values, running value included), `zlib.crc32` otherwise. `crc32_file` maps the
+file into memory rather than reading it: reading into a Python buffer costs an extra
+copy, and a misaligned one (bytearray, numpy) copies several times slower still.
+`read_file` is for a file about to be used whole (a restart's model file): it reads it
+once into a page-aligned buffer and checksums each chunk in a second thread while the
+next one is read, so the CRC costs almost nothing on top of the read (300 MB: 47 ms to
+read, 50 ms to read and checksum; the CRC alone over a mapping takes 13-25 ms).
 """
 
 import concurrent.futures
@@ -59,6 +64,55 @@ def crc32_file(path, progress=None, crc_function=None):
                 view.release()
 
 
+def read_file(path, checksum=True):
+    """Read the whole file at `path` into memory; return (contents, CRC32 or None).
+
+    `contents` is a read-only memoryview of the bytes read, in a page-aligned anonymous
+    mapping (shorter than the file was at open only if it shrank meanwhile). The CRC32,
+    computed when `checksum` is true, equals `zlib.crc32(contents)` and is computed over
+    exactly these bytes: what the caller verifies is what it uses.
+    """
+    with open(path, "rb", buffering=0) as stream:
+        size = os.fstat(stream.fileno()).st_size
+        view = memoryview(_anonymous_memory(size))
+        running = [0]
+
+        def add_to_crc(begin, end):  # runs in the CRC thread, one chunk after another
+            running[0] = crc32(view[begin:end], running[0])
+
+        pending, filled = [], 0
+        while filled < size:
+            count = stream.readinto(view[filled:min(filled + CHUNK_BYTES, size)])
+            if not count:
+                break
+            if checksum:
+                pending.append(_crc_thread().submit(add_to_crc, filled, filled + count))
+            filled += count
+        for chunk in pending:
+            chunk.result()
+    return view[:filled].toreadonly(), running[0] if checksum else None
+
+
+def _anonymous_memory(size):
+    """`size` bytes of private memory, page-aligned, in huge pages where the kernel has
+    them: reading 300 MB into it takes 46 ms here, against 180 ms in 4 KiB pages and
+    280 ms in mmap's default shared memory or a bytearray."""
+    mapping = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
+
+
+def _crc_thread():
+    """The one extra thread CRCs run in; a single worker runs its tasks in order."""
+    global _second_thread
+    with _second_thread_lock:
+        if _second_thread is None:
+            _second_thread = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="candle_ckpt-crc")
+    return _second_thread
+
+
 def _crc32_range(view, start, stop, crc_function, progress=None):
     value = 0
     for begin in range(start, stop, CHUNK_BYTES):
@@ -70,12 +124,7 @@ def _crc32_range(view, start, stop, crc_function, progress=None):
 
 
 def _crc32_halves(view, size):
-    global _second_thread
-    with _second_thread_lock:
-        if _second_thread is None:
-            _second_thread = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="candle_ckpt-crc")
     middle = (size // 2) & ~(mmap.PAGESIZE - 1)
-    second = _second_thread.submit(_crc32_range, view, middle, size, crc32)
+    second = _crc_thread().submit(_crc32_range, view, middle, size, crc32)
     first = _crc32_range(view, 0, middle, crc32)
     return _crc32_combine(first, second.result(), size - middle)

@@ -67,6 +67,7 @@ rate itself is an optimizer variable and is restored).
 """
 
 import errno
+import io
 import json
 import logging
 import os
@@ -76,6 +77,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from candle_ckpt.checksum import read_file
 from candle_ckpt.errors import CheckpointFormatError
 
 MODEL_FILE = "model.h5"
@@ -207,7 +209,7 @@ def _write_file(state, path, progress):
         _write_arrays(f.create_group(RNG_GROUP), state.rng, count)
 
 
-def restore(model, path, *, logger=None):
+def restore(model, path, *, contents=None, logger=None):
     """Load `path` into the built and compiled `model`: weights, optimizer, RNG state.
 
     Everything is read and checked against the model (layer count and names, weight
@@ -215,6 +217,12 @@ def restore(model, path, *, logger=None):
     assignment, so on any CheckpointFormatError the model's values are untouched; only
     an unbuilt optimizer may have been built, which the first training step would do
     anyway. Reads datasets and name lists only; never deserialises code.
+
+    The file is read into memory once and parsed there; its arrays are assigned from
+    that memory without another copy. `contents`, if given, are the file's bytes
+    already read (and verified) by the caller (`checksum.read_file`): they are what is
+    parsed and loaded, and the file is not opened at all. `path` then only names the
+    file in messages.
 
     Returns {"optimizer_restored", "rng_restored", "legacy", "nbytes"}: `legacy` is true
     for a file without candle_ckpt's format attribute (plain Keras ``model.save``),
@@ -224,14 +232,16 @@ def restore(model, path, *, logger=None):
     log = logger if logger is not None else _log
     path = os.fspath(path)
     try:
-        with h5py.File(path, "r") as f:
+        if contents is None:
+            contents, _ = read_file(path, checksum=False)
+        with h5py.File(_InMemoryFile(contents), "r") as f:
             version = _format_version(f, path)
             ours = version is not None
             pairs = _plan_weights(f, model, path, ours, log)
             pairs += _plan_rng(f, model, path, ours, log)
             optimizer = _plan_optimizer(f, model, path, version, log)
             pairs += optimizer or []
-            values = [np.asarray(dataset[()]) for _, dataset in pairs]
+            values = [_array(dataset, contents, path) for _, dataset in pairs]
     except CheckpointFormatError:
         raise
     except (OSError, KeyError, RuntimeError) as e:
@@ -444,6 +454,53 @@ def _match(group, variables, where, path, renamed=None):
                            f"the model")
         pairs.append((variable, dataset))
     return pairs
+
+
+def _array(dataset, contents, path):
+    """The dataset's values: a view of `contents` where the dataset is stored as one
+    contiguous run of bytes (as h5py and Keras write them), else read by HDF5."""
+    offset = dataset.id.get_offset()  # None unless contiguous and allocated
+    nbytes = dataset.size * dataset.dtype.itemsize
+    if offset is None or nbytes == 0 or dataset.id.get_storage_size() != nbytes:
+        return np.asarray(dataset[()])
+    if offset + nbytes > len(contents):
+        raise CheckpointFormatError(
+            f"'{path}': dataset '{dataset.name}' ({nbytes} bytes at offset {offset}) "
+            f"extends past the end of the file ({len(contents)} bytes)")
+    return np.frombuffer(contents, dataset.dtype, dataset.size, offset).reshape(dataset.shape)
+
+
+class _InMemoryFile(io.RawIOBase):
+    """A read-only, seekable file over bytes in memory, for h5py's file-object driver.
+
+    io.BytesIO would copy the bytes first; this reads from them in place.
+    """
+
+    def __init__(self, contents):
+        super().__init__()
+        self._contents = memoryview(contents).cast("B")
+        self._position = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position,
+                io.SEEK_END: len(self._contents)}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self):
+        return self._position
+
+    def readinto(self, buffer):
+        chunk = self._contents[self._position:self._position + len(buffer)]
+        memoryview(buffer).cast("B")[:len(chunk)] = chunk
+        self._position += len(chunk)
+        return len(chunk)
 
 
 def _describe(shape, dtype):

@@ -67,7 +67,8 @@ def restart(gParameters, model, verbose=True, is_writer=None):
         return None
     started = time.perf_counter()
     with strategy_scope(model):
-        loaded = keras_h5.restore(model, checkpoint.model_path, logger=logger)
+        loaded = keras_h5.restore(model, checkpoint.model_path,
+                                  contents=checkpoint.model_contents, logger=logger)
     seconds = time.perf_counter() - started
     logger.info("restarted from epoch %d: loaded %s (%s%s%s) %d bytes in %.3f s (%.1f MB/s)",
                 checkpoint.epoch, checkpoint.model_path,

@@ -7,7 +7,7 @@ epoch that verifies. The framework adapter then loads the model file.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import CheckpointError, LinkError, NoCheckpointError
 from .info import is_legacy, read_info
@@ -16,10 +16,16 @@ from .verify import verify_files
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A verified epoch directory: its epoch, path, ckpt-info dict and model file path."""
+    """A verified epoch directory: its epoch, path, ckpt-info dict and model file path.
+
+    `model_contents` holds the model file's bytes as they were verified (a read-only
+    memoryview): loading them, rather than reading the file again, means that what is
+    loaded is exactly what was verified, and the file is read only once.
+    """
     epoch: int
     directory: str
     info: dict
+    model_contents: memoryview = field(default=None, repr=False, compare=False)
 
     @property
     def model_path(self):
@@ -53,14 +59,15 @@ def load_verified(layout, epoch, checksums, logger):
     """Read and verify epoch `epoch`; return a `Checkpoint` or raise a CheckpointError."""
     directory = layout.epoch_dir(epoch)
     info = read_epoch_info(layout, epoch)
-    results = verify_files(directory, info, checksums)
+    results = verify_files(directory, info, checksums, keep=info["model_file"])
     unverified = [r.path for r in results if r.expected_crc32 is None]
     if checksums and unverified:
         logger.warning("checkpoint of epoch %d was written without checksums: %s not "
                        "verified", epoch, ", ".join(unverified))
     if is_legacy(info):
         logger.info("epoch %d is a legacy (upstream CANDLE) checkpoint", epoch)
-    return Checkpoint(epoch, directory, info)
+    model_contents = next(r.contents for r in results if r.contents is not None)
+    return Checkpoint(epoch, directory, info, model_contents)
 
 
 def find_checkpoint(layout, settings, logger):

@@ -2,9 +2,9 @@
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .checksum import crc32_file
+from .checksum import crc32_file, read_file
 from .errors import ChecksumMismatchError, CorruptCheckpointError
 from .info import CHECKSUM_DISABLED, is_legacy
 
@@ -16,6 +16,9 @@ class FileCheck:
     `problem` is None when the file is intact, else "missing", "type" (not a regular
     file), "size" or "crc32".
     `actual_crc32` is None when the CRC was not computed (none recorded, or not asked).
+    `contents` holds the file's bytes (a read-only memoryview) when the check was asked
+    to keep them, else None: the bytes that were checked, so a caller that uses them
+    uses exactly what was verified.
     """
     path: str
     expected_size: int
@@ -23,6 +26,7 @@ class FileCheck:
     expected_crc32: str
     actual_crc32: str
     problem: str
+    contents: memoryview = field(default=None, repr=False, compare=False)
 
     def describe(self):
         """One line for a person: what is wrong with the file, or that it is fine."""
@@ -49,7 +53,7 @@ def recorded_files(info):
     return {name: (entry["size"], entry["crc32"]) for name, entry in info["files"].items()}
 
 
-def check_files(epoch_dir, info, checksums=True, progress=None):
+def check_files(epoch_dir, info, checksums=True, progress=None, keep=None):
     """Check every file recorded in `info`, in name order; returns a list of FileCheck.
 
     Args:
@@ -57,6 +61,8 @@ def check_files(epoch_dir, info, checksums=True, progress=None):
         info: its ckpt-info dict (already validated).
         checksums: whether to compute CRC32s (sizes and presence are always checked).
         progress: optional callable(path, bytes_done, bytes_total) for long files.
+        keep: the name of one file to read into memory while it is checked; its
+            FileCheck's `contents` holds the bytes (no progress is reported for it).
     """
     results = []
     for name, (size, crc) in sorted(recorded_files(info).items()):
@@ -73,26 +79,34 @@ def check_files(epoch_dir, info, checksums=True, progress=None):
         if size is not None and actual_size != size:
             results.append(FileCheck(path, size, actual_size, crc, None, "size"))
             continue
-        actual_crc = None
-        if checksums and crc is not None:
+        compute = checksums and crc is not None
+        contents = actual_crc = None
+        if name == keep:
+            contents, actual_crc = read_file(path, checksum=compute)
+            if size is not None and len(contents) != size:  # it shrank while being read
+                results.append(FileCheck(path, size, len(contents), crc, None, "size"))
+                continue
+        elif compute:
             report = None if progress is None else (
                 lambda done, path=path, total=actual_size: progress(path, done, total))
-            actual_crc = str(crc32_file(path, progress=report))
+            actual_crc = crc32_file(path, progress=report)
+        actual_crc = None if actual_crc is None else str(actual_crc)
         problem = "crc32" if actual_crc is not None and actual_crc != crc else None
-        results.append(FileCheck(path, size, actual_size, crc, actual_crc, problem))
+        results.append(FileCheck(path, size, actual_size, crc, actual_crc, problem, contents))
     return results
 
 
-def verify_files(epoch_dir, info, checksums=True):
+def verify_files(epoch_dir, info, checksums=True, keep=None):
     """Raise on the first file that is missing, truncated or fails its CRC32.
 
-    Returns the list of FileCheck (all intact) so callers can report unverified files.
+    Returns the list of FileCheck (all intact) so callers can report unverified files;
+    the one named `keep`, if any, holds the file's verified bytes (see `check_files`).
 
     Raises:
         CorruptCheckpointError: a file is missing, not a regular file or has the wrong size.
         ChecksumMismatchError: a file's CRC32 differs (names file, expected, actual).
     """
-    results = check_files(epoch_dir, info, checksums)
+    results = check_files(epoch_dir, info, checksums, keep=keep)
     for result in results:
         if result.problem == "crc32":
             raise ChecksumMismatchError(result.path, result.expected_crc32, result.actual_crc32)

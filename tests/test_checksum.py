@@ -41,3 +41,31 @@ def test_large_files_are_checksummed_in_two_halves_with_the_same_value(tmp_path,
         path = tmp_path / f"f{size}"
         path.write_bytes(data)
         assert checksum.crc32_file(path) == zlib.crc32(data)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, checksum.CHUNK_BYTES, checksum.CHUNK_BYTES * 2 + 17])
+def test_read_file_returns_the_bytes_and_their_crc(tmp_path, size):
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    contents, crc = checksum.read_file(path)
+    assert bytes(contents) == data and crc == zlib.crc32(data)
+    assert contents.readonly
+    contents, crc = checksum.read_file(path, checksum=False)
+    assert bytes(contents) == data and crc is None
+
+
+def test_read_file_checksums_the_bytes_it_read_when_the_file_shrinks(tmp_path, monkeypatch):
+    data = os.urandom(checksum.CHUNK_BYTES * 2)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    real_fstat = os.fstat
+
+    def fstat_then_truncate(fd):  # the file shrinks between open and read
+        status = real_fstat(fd)
+        os.truncate(path, checksum.CHUNK_BYTES + 5)
+        return status
+    monkeypatch.setattr(checksum.os, "fstat", fstat_then_truncate)
+    contents, crc = checksum.read_file(path)
+    assert bytes(contents) == data[:checksum.CHUNK_BYTES + 5]
+    assert crc == zlib.crc32(data[:checksum.CHUNK_BYTES + 5])

@@ -248,6 +248,47 @@ def test_truncated_file_raises_format_error(tmp_path):
     assert_bit_equal(before, fresh.get_weights())
 
 
+def test_restore_loads_the_bytes_it_is_given_without_opening_the_file(tmp_path):
+    original = trained(dense_adam)
+    path = save(original, tmp_path)
+    contents = memoryview(path.read_bytes())
+    path.unlink()
+    fresh = dense_adam()
+    keras_h5.restore(fresh, path, contents=contents)
+    assert_bit_equal(state(original), state(fresh))
+
+
+def test_chunked_and_compressed_datasets_are_read_through_hdf5(tmp_path):
+    original = trained(bn_dropout_sgd_momentum)
+    path = save(original, tmp_path)
+    with h5py.File(path, "r+") as f:
+        datasets = []
+        f.visititems(lambda name, node: datasets.append(name)
+                     if isinstance(node, h5py.Dataset) and node.size > 1 else None)
+        for name in datasets:
+            values = f[name][()]
+            del f[name]
+            f.create_dataset(name, data=values, compression="gzip", chunks=True)
+        assert all(f[name].chunks for name in datasets)
+    fresh = bn_dropout_sgd_momentum()
+    fresh.optimizer.build(fresh.trainable_variables)
+    keras_h5.restore(fresh, path)
+    assert_bit_equal(state(original), state(fresh))
+
+
+def test_a_dataset_recorded_past_the_end_of_the_file_is_refused():
+    class CorruptDataset:  # what a damaged address in an object header would give
+        name, shape, size, dtype = "/model_weights/dense/kernel", (4,), 4, np.dtype("float32")
+
+        class id:
+            get_offset = staticmethod(lambda: 100)
+            get_storage_size = staticmethod(lambda: 16)
+    with pytest.raises(CheckpointFormatError,
+                       match=r"'f.h5': dataset '/model_weights/dense/kernel' \(16 bytes at "
+                             r"offset 100\) extends past the end of the file \(110 bytes\)"):
+        keras_h5._array(CorruptDataset, memoryview(bytes(110)), "f.h5")
+
+
 def test_long_name_lists_are_split_as_keras_splits_them(tmp_path):
     from keras.src.legacy.saving.legacy_h5_format import load_attributes_from_hdf5_group
 

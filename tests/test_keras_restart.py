@@ -153,6 +153,34 @@ def test_bit_flip_in_model_file_is_refused_and_model_untouched(tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_restart_loads_the_bytes_it_verified_and_reads_the_file_once(tmp_path, monkeypatch):
+    from candle_ckpt import keras_restart
+    params = params_for(tmp_path)
+    model = tiny_model()
+    fit(model, params, 2)
+    path = os.path.realpath(os.path.join(params["ckpt_directory"], "ckpts", "last", "model.h5"))
+    opened = []
+    real_open, real_find = open, keras_restart.find_checkpoint
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) == path:
+            opened.append(args)
+        return real_open(file, *args, **kwargs)
+
+    def find_then_damage_the_file(*args):
+        found = real_find(*args)
+        with real_open(path, "r+b") as stream:  # changed after it was verified
+            stream.write(b"\0" * 4096)
+        return found
+    monkeypatch.setattr("builtins.open", counting_open)
+    monkeypatch.setattr(keras_restart, "find_checkpoint", find_then_damage_the_file)
+    fresh = tiny_model(seed=7)
+    assert candle_ckpt.restart(params, fresh, verbose=False)["epoch"] == 2
+    assert len(opened) == 1
+    for a, b in zip(weights(model), weights(fresh)):
+        assert np.array_equal(a, b)
+
+
 def test_weights_only_checkpoint_restores_weights_with_a_warning(tmp_path, caplog):
     params = params_for(tmp_path, ckpt_save_weights_only=True)
     model = tiny_model()

@@ -1,0 +1,48 @@
+"""Verifying an epoch directory, and keeping the verified bytes of the model file."""
+
+import os
+
+import pytest
+
+from candle_ckpt import verify
+from candle_ckpt.errors import ChecksumMismatchError, CorruptCheckpointError
+from candle_ckpt.info import read_info
+from candle_ckpt.layout import CheckpointLayout
+from conftest import file_writer
+
+PAYLOAD = os.urandom(100_000)
+
+
+@pytest.fixture
+def epoch_dir(make_checkpointer, ckpt_dir):
+    make_checkpointer(epochs=1).epoch_end(1, {"loss": 1.0}, file_writer(PAYLOAD))
+    return CheckpointLayout(ckpt_dir).epoch_dir(1)
+
+
+def test_the_kept_file_holds_exactly_the_verified_bytes(epoch_dir):
+    results = verify.verify_files(epoch_dir, read_info(epoch_dir), keep="model.h5")
+    (model,) = results
+    assert model.problem is None and model.actual_crc32 == model.expected_crc32
+    assert bytes(model.contents) == PAYLOAD and model.contents.readonly
+    assert verify.verify_files(epoch_dir, read_info(epoch_dir))[0].contents is None
+
+
+def test_a_kept_file_with_a_flipped_byte_is_refused(epoch_dir):
+    path = os.path.join(epoch_dir, "model.h5")
+    with open(path, "r+b") as stream:
+        stream.seek(5000)
+        stream.write(bytes([PAYLOAD[5000] ^ 1]))
+    with pytest.raises(ChecksumMismatchError, match="model.h5"):
+        verify.verify_files(epoch_dir, read_info(epoch_dir), keep="model.h5")
+
+
+def test_a_kept_file_that_shrinks_while_it_is_read_is_refused(epoch_dir, monkeypatch):
+    real_read_file = verify.read_file
+
+    def shrink_then_read(path, checksum):
+        os.truncate(path, 4096)
+        return real_read_file(path, checksum=checksum)
+    monkeypatch.setattr(verify, "read_file", shrink_then_read)
+    with pytest.raises(CorruptCheckpointError,
+                       match=r"model.h5: size 4096 bytes, ckpt-info.json records 100000"):
+        verify.verify_files(epoch_dir, read_info(epoch_dir), keep="model.h5")
