@@ -4,7 +4,9 @@ The candidate is `candle_ckpt.restart(params, model)`: resolve `last`, read and 
 ckpt-info.json, verify the CRC32 of every file, load weights, optimizer and RNG state.
 The baseline is `keras_h5.restore(model, path)` on the same model.h5 (the same bytes
 loaded, no checks). Keras' own weights-only `model.load_weights(path)` is shown for
-reference. The file is in the page cache, as on a restart right after a save.
+reference. The file is in the page cache, as on a restart right after a save. Three untimed rounds
+come first: the first few loads in a process are 2-5x slower for both (TensorFlow's
+allocator and the process's memory grow), which would only measure the warm-up.
 
     .venv/bin/python benchmarks/bench_restart.py [--sizes 10MB,100MB] [--repetitions 7]
 """
@@ -34,7 +36,7 @@ def measure(size, repetitions, directory):
     logging.getLogger("candle_ckpt").propagate = False
     path = os.path.join(params["ckpt_directory"], "ckpts", "last", "model.h5")
     times = interleave(
-        repetitions,
+        repetitions, warmup=3,
         raw_restore=lambda: keras_h5.restore(model, path),
         restart=lambda: candle_ckpt.restart(params, model, verbose=False),
         keras_load_weights=lambda: model.load_weights(path))

@@ -58,8 +58,14 @@ def timed(function):
     return time.perf_counter() - started
 
 
-def interleave(repetitions, **candidates):
-    """Run each candidate `repetitions` times, interleaved; {name: [seconds]}."""
+def interleave(repetitions, warmup=0, **candidates):
+    """Run each candidate `repetitions` times, interleaved; {name: [seconds]}.
+
+    `warmup` untimed rounds of every candidate run first.
+    """
+    for _ in range(warmup):
+        for function in candidates.values():
+            function()
     times = {name: [] for name in candidates}
     for _ in range(repetitions):
         for name, function in candidates.items():
