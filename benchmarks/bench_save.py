@@ -43,8 +43,7 @@ def measure(size, repetitions, directory, asynchronous=False):
         model.save(raw)
         fsync_file(raw)
 
-    library_save(), keras_save()  # warm up both paths
-    times = interleave(repetitions, keras=keras_save, candle_ckpt=library_save)
+    times = interleave(repetitions, warmup=1, keras=keras_save, candle_ckpt=library_save)
     shutil.rmtree(root)
     return state_bytes(model), times
 

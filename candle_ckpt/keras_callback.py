@@ -126,7 +126,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
             self._watch.epoch_completed(
                 epoch + 1, saved=decision is not None or self._not_saving() is not None,
                 take_snapshot=lambda: (self.checkpointer.decision_now(epoch + 1, "pre-emption"),
-                                       self._capture()))
+                                       self._capture(held=True)))
             if self._watch.requested:
                 raise self._stop_preempted(f"epoch {epoch + 1}")
 
@@ -163,11 +163,19 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
                     decision.reason, self.checkpointer.layout.root)
         return self._writer
 
-    def _capture(self):
-        """Snapshot the state now (training thread); return the function that writes it."""
+    def _capture(self, held=None):
+        """Snapshot the state now (training thread); return the function that writes it.
+
+        A snapshot `held` while training goes on (by default: with ckpt_async) is a
+        copy in host memory; one written at once, before training goes on, is made of
+        views of the variables and costs neither a copy nor memory.
+        """
+        if held is None:
+            held = self.checkpointer.background is not None
         if self.checkpointer.background is not None:
             check_snapshot_fits(keras_h5.state_nbytes(self.model, self.weights_only))
-        return files_writer(keras_h5.snapshot(self.model, weights_only=self.weights_only))
+        return files_writer(keras_h5.snapshot(self.model, weights_only=self.weights_only,
+                                              copy=held))
 
     # -- pre-emption (ckpt_signal) ----------------------------------------------------
 

@@ -76,6 +76,7 @@ from dataclasses import dataclass
 
 import h5py
 import numpy as np
+import tensorflow as tf
 
 from candle_ckpt.checksum import read_file
 from candle_ckpt.errors import CheckpointFormatError
@@ -101,9 +102,10 @@ class _Arrays:
 
 @dataclass(frozen=True)
 class TrainingState:
-    """An immutable host-memory copy of a model's training state (read-only arrays).
+    """A model's training state at one instant, as read-only numpy arrays.
 
-    Safe to hand to another thread: nothing in it refers to Keras or TensorFlow.
+    Safe to hand to another thread: nothing in it refers to Keras or TensorFlow. The
+    arrays are copies, or views of the variables' buffers (see `snapshot`).
     """
     keras_version: str
     backend: str
@@ -117,14 +119,20 @@ class TrainingState:
     nbytes: int
 
 
-def snapshot(model, weights_only=False):
-    """Copy every weight, SeedGenerator state and (unless `weights_only`) optimizer variable.
+def snapshot(model, weights_only=False, copy=True):
+    """Every weight, SeedGenerator state and (unless `weights_only`) optimizer variable.
 
-    Runs on the training thread. The arrays are fresh copies, marked read-only, so
-    training after the call does not change the snapshot. An optimizer that was never
-    built is built first (``restore`` does the same), so that the file always holds
-    its slot variables. Raises ValueError if `weights_only` is false and the model has
-    no optimizer.
+    Runs on the training thread. With `copy`, the arrays are fresh copies in host
+    memory, marked read-only. Without, they are read-only views of the buffers the
+    variables hold now, where TensorFlow allows it (CPU): nothing is copied and no
+    memory is added. Training after the call leaves either unchanged: TensorFlow
+    updates a variable whose buffer is still referenced by copying it first
+    (copy-on-write; `test_keras_h5` checks it), so views are meant for a snapshot
+    written at once, before training goes on, where that copy never happens.
+
+    An optimizer that was never built is built first (``restore`` does the same), so
+    that the file always holds its slot variables. Raises ValueError if `weights_only`
+    is false and the model has no optimizer.
     """
     optimizer = None
     if not weights_only:
@@ -134,11 +142,13 @@ def snapshot(model, weights_only=False):
                 f"cannot snapshot the optimizer state of model '{model.name}': it has no "
                 f"optimizer; compile it first, or pass weights_only=True")
         _build_optimizer(model)
-    layers = tuple(_copy(_legacy_weights(layer), f"layer '{layer.name}'")
+    def arrays(variables, where):
+        return _arrays(variables, where, copy)
+    layers = tuple(arrays(_legacy_weights(layer), f"layer '{layer.name}'")
                    for layer in model.layers)
-    top_level = _copy(_top_level_weights(model), "the model's top-level weights")
-    rng = _copy(_rng_states(model), "the SeedGenerator states")
-    opt = _copy(optimizer.variables, "the optimizer variables") if optimizer else None
+    top_level = arrays(_top_level_weights(model), "the model's top-level weights")
+    rng = arrays(_rng_states(model), "the SeedGenerator states")
+    opt = arrays(optimizer.variables, "the optimizer variables") if optimizer else None
     groups = layers + (top_level, rng) + ((opt,) if opt else ())
     keras_version, backend, model_config = _model_metadata(model)
     return TrainingState(
@@ -284,7 +294,7 @@ def _build_optimizer(model):
         model.optimizer.build(model.trainable_variables)
 
 
-def _copy(variables, where):
+def _arrays(variables, where, copy):
     names = tuple(v.path for v in variables)
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
@@ -293,7 +303,10 @@ def _copy(variables, where):
             f"Keras h5 layout names each dataset by its variable's path")
     arrays = []
     for v in variables:
-        array = np.asarray(v.numpy())  # a copy: TF's Tensor.numpy() always copies
+        if copy:
+            array = np.asarray(v.numpy())  # TF's Tensor.numpy() always copies
+        else:  # numpy's array protocol on a CPU tensor: a view of its buffer
+            array = np.asarray(tf.convert_to_tensor(v))
         array.flags.writeable = False
         arrays.append(array)
     return _Arrays(names, tuple(arrays))
