@@ -1,73 +1,68 @@
 """What `ckpt_signal` costs: a host snapshot at every epoch end the interval skips.
 
 With `ckpt_signal` on, the callback copies the training state to host memory at each
-epoch end it does not save, so that a pre-emption can still save that epoch. This
-prints, for a few state sizes, the median time of that snapshot and of a full save
-(snapshot + model.h5 + fsync + CRC32 + ckpt-info.json + rename + links) measured in
-the same run, and their ratio::
+epoch end it does not save, so that a pre-emption can still save that epoch; every copy
+goes into the memory of the one before. This times that copy (`keras_h5.snapshot(model,
+into=previous)`) against a full synchronous save by the callback (decision, write,
+fsync, CRC32, ckpt-info.json, rename, links, keep policy), interleaved in the same run:
 
-    PYTHONPATH=. python benchmarks/preemption_snapshot.py [--sizes_mb 31 302] [--repeats 5]
+    .venv/bin/python benchmarks/preemption_snapshot.py [--sizes 10MB,100MB] [--repetitions 7]
 """
 
 import argparse
-import functools
+import logging
 import os
-import statistics
+import shutil
 import sys
-import tempfile
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (SIZES_MB, build_model, header, interleave,  # noqa: E402
+                    quiet_tensorflow, ratio_line, scratch_directory, state_bytes, summary)
 
 
-def model_with_state(megabytes):
-    """A compiled Dense model whose weights + Adam slots take about `megabytes` MB."""
-    import keras
-    import numpy as np
-
-    width = int((megabytes * 1e6 / 4 / 3 / 2) ** 0.5)  # two width x width kernels, x3 for Adam
-    model = keras.Sequential([keras.Input((width,)), keras.layers.Dense(width),
-                              keras.layers.Dense(width)])
-    model.compile(optimizer="adam", loss="mean_squared_error")
-    x = np.zeros((2, width), "float32")
-    model.train_on_batch(x, x)
-    return model
-
-
-def median_seconds(action, repeats):
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes_mb", type=float, nargs="+", default=[31, 302])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-
+def measure(size, repetitions, directory):
+    import candle_ckpt
     from candle_ckpt import keras_h5
-    from candle_ckpt.checkpointer import Checkpointer
-    from candle_ckpt.keras_callback import write_state
 
-    print(f"{'state MB':>9} {'snapshot s':>11} {'full save s':>12} {'ratio':>6}")
-    for size in args.sizes_mb:
-        model = model_with_state(size)
-        state = keras_h5.snapshot(model)
-        snapshot = median_seconds(lambda: keras_h5.snapshot(model), args.repeats)
-        with tempfile.TemporaryDirectory(dir=os.getcwd()) as root:
-            checkpointer = Checkpointer({"ckpt_directory": root, "epochs": 1,
-                                         "ckpt_save_best": False}, logger=None)
-            epochs = iter(range(1, 10 ** 6))
+    model = build_model(SIZES_MB[size])
+    params = {"ckpt_directory": os.path.join(directory, size), "epochs": 10 ** 6,
+              "ckpt_save_best": False, "ckpt_keep_limit": 2}
+    callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
+    logging.getLogger("candle_ckpt").propagate = False
+    callback.set_model(model)
+    held = [keras_h5.snapshot(model)]
+    epoch = [0]
 
-            def full_save():
-                checkpointer.save_now(next(epochs), functools.partial(
-                    write_state, keras_h5.snapshot(model)), "benchmark")
-            save = median_seconds(full_save, args.repeats)
-        print(f"{state.nbytes / 1e6:9.0f} {snapshot:11.3f} {save:12.3f} {snapshot / save:6.2f}")
-    print(f"command: PYTHONPATH=. python {' '.join(sys.argv)}")
+    def snapshot():
+        held[0] = keras_h5.snapshot(model, into=held[0])
+
+    def full_save():
+        callback.on_epoch_end(epoch[0], {})
+        epoch[0] += 1
+
+    return state_bytes(model), interleave(repetitions, warmup=1, snapshot=snapshot,
+                                          full_save=full_save)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10MB,100MB")
+    parser.add_argument("--repetitions", type=int, default=7)
+    args = parser.parse_args()
+    quiet_tensorflow()
+    header("ckpt_signal: snapshot at an epoch end that is not saved / full save")
+    directory = scratch_directory()
+    try:
+        for size in args.sizes.split(","):
+            nbytes, times = measure(size, args.repetitions, directory)
+            print(f"{size} model, {nbytes / 1e6:.0f} MB state")
+            for name, seconds in times.items():
+                print(f"  {name:10s} {summary(seconds)}")
+            print("  " + ratio_line("snapshot / full save", times["snapshot"],
+                                    times["full_save"]))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -95,8 +95,13 @@ def available_memory_bytes():
     return None
 
 
-def check_snapshot_fits(nbytes):
+def check_snapshot_fits(nbytes, setting, off):
     """Raise unless a host-memory snapshot of `nbytes` fits in available memory.
+
+    Args:
+        nbytes: the snapshot's size.
+        setting: what needs the snapshot, for the message (e.g. "ckpt_async=true").
+        off: the setting that needs none (e.g. "ckpt_async=false").
 
     Raises:
         CheckpointError: naming the bytes needed, the bytes available and the way out.
@@ -104,7 +109,6 @@ def check_snapshot_fits(nbytes):
     available = available_memory_bytes()
     if available is not None and nbytes > available:
         raise CheckpointError(
-            f"ckpt_async=true needs a host-memory snapshot of the training state, "
+            f"{setting} needs a host-memory snapshot of the training state, "
             f"{nbytes / 1e6:.0f} MB, but only {available / 1e6:.0f} MB are available "
-            f"(MemAvailable); expected the snapshot to fit: free memory or set "
-            f"ckpt_async=false")
+            f"(MemAvailable); expected the snapshot to fit: free memory or set {off}")

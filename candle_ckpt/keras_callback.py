@@ -97,6 +97,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self._first_epoch_seen = False
         self._watch = None
         self._epoch = 0
+        self._async_snapshot = self._held_snapshot = None  # reused copies (see _capture)
 
     def on_train_begin(self, logs=None):
         if self._is_writer():
@@ -126,7 +127,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
             self._watch.epoch_completed(
                 epoch + 1, saved=decision is not None or self._not_saving() is not None,
                 take_snapshot=lambda: (self.checkpointer.decision_now(epoch + 1, "pre-emption"),
-                                       self._capture(held=True)))
+                                       self._capture_held()))
             if self._watch.requested:
                 raise self._stop_preempted(f"epoch {epoch + 1}")
 
@@ -163,19 +164,35 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
                     decision.reason, self.checkpointer.layout.root)
         return self._writer
 
-    def _capture(self, held=None):
-        """Snapshot the state now (training thread); return the function that writes it.
+    def _capture(self):
+        """Snapshot the state for a save now (training thread); return its writer.
 
-        A snapshot `held` while training goes on (by default: with ckpt_async) is a
-        copy in host memory; one written at once, before training goes on, is made of
-        views of the variables and costs neither a copy nor memory.
+        A synchronous save is written at once, before training goes on: its snapshot
+        is made of views of the variables and costs neither a copy nor memory. With
+        ckpt_async it is written while training goes on, so it is a copy in host
+        memory, made into the previous save's (written by then: `Checkpointer.save`
+        waits for it), so that the memory is allocated once per run.
         """
-        if held is None:
-            held = self.checkpointer.background is not None
-        if self.checkpointer.background is not None:
-            check_snapshot_fits(keras_h5.state_nbytes(self.model, self.weights_only))
-        return files_writer(keras_h5.snapshot(self.model, weights_only=self.weights_only,
-                                              copy=held))
+        if self.checkpointer.background is None:
+            return files_writer(keras_h5.snapshot(self.model, self.weights_only, copy=False))
+        self._async_snapshot = self._copy_state(self._async_snapshot, "ckpt_async=true",
+                                                "ckpt_async=false")
+        return files_writer(self._async_snapshot)
+
+    def _capture_held(self):
+        """Copy the state (training thread) for a save pre-emption may ask for later."""
+        signal = self.checkpointer.settings["ckpt_signal"]
+        self._held_snapshot = self._copy_state(self._held_snapshot, f"ckpt_signal={signal}",
+                                               "ckpt_signal=off")
+        return files_writer(self._held_snapshot)
+
+    def _copy_state(self, spare, setting, off):
+        """A host-memory copy of the state, into `spare` (a snapshot no longer needed);
+        the first one is checked to fit in memory (`check_snapshot_fits`)."""
+        if spare is None:
+            check_snapshot_fits(keras_h5.state_nbytes(self.model, self.weights_only),
+                                setting, off)
+        return keras_h5.snapshot(self.model, self.weights_only, into=spare)
 
     # -- pre-emption (ckpt_signal) ----------------------------------------------------
 

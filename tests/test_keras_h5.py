@@ -231,13 +231,17 @@ def test_other_optimizer_raises_and_leaves_the_model_untouched(tmp_path):
     assert all(not np.any(v) for v in after[len(before):])
 
 
+def all_arrays(snap):
+    return [a for g in snap.layers + (snap.top_level, snap.rng, snap.optimizer)
+            for a in g.arrays]
+
+
 def check_snapshot_survives_training(build, copy, jit_compile):
     """Snapshot a trained model, train on, and check the snapshot did not move."""
     model = trained(build)
     model.compile(optimizer=model.optimizer, loss="mean_squared_error", jit_compile=jit_compile)
     snap = keras_h5.snapshot(model, copy=copy)
-    arrays = [a for g in snap.layers + (snap.top_level, snap.rng, snap.optimizer)
-              for a in g.arrays]
+    arrays = all_arrays(snap)
     assert len(arrays) == len(model.variables + model.optimizer.variables)
     values = [a.copy() for a in arrays]
     before = state(model)
@@ -266,6 +270,28 @@ def test_training_with_xla_after_a_snapshot_leaves_its_views_unchanged():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "unchanged", done.stderr[-3000:]
+
+
+def test_a_copy_into_an_earlier_snapshot_reuses_its_memory():
+    model = trained(bn_dropout_sgd_momentum)
+    first = keras_h5.snapshot(model)
+    first_arrays = all_arrays(first)
+    model.train_on_batch(X, Y)
+    second = keras_h5.snapshot(model, into=first)
+    assert all(a is b for a, b in zip(all_arrays(second), first_arrays))
+    assert_bit_equal(all_arrays(keras_h5.snapshot(model)), all_arrays(second))
+    assert not any(a.flags.writeable for a in all_arrays(second))
+
+
+def test_views_and_other_models_snapshots_are_never_overwritten():
+    model = trained(bn_dropout_sgd_momentum)
+    views = keras_h5.snapshot(model, copy=False)
+    copied = all_arrays(keras_h5.snapshot(model, into=views))
+    assert not any(a is b for a, b in zip(copied, all_arrays(views)))
+    other = keras_h5.snapshot(trained(dense_adam))
+    values = [a.copy() for a in all_arrays(other)]
+    keras_h5.snapshot(model, into=other)
+    assert_bit_equal(values, all_arrays(other))
 
 
 def test_truncated_file_raises_format_error(tmp_path):
