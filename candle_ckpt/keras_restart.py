@@ -61,16 +61,17 @@ def restart(gParameters, model, verbose=True, is_writer=None):
         logger = tree_logger("restart", layout, verbose)
     else:
         logger = console_logger("restart", verbose)
+    started = time.perf_counter()
     checkpoint = agree_on_checkpoint(multi_worker_strategy(model),
                                      lambda: find_checkpoint(layout, settings, logger))
     if checkpoint is None:
         return None
-    started = time.perf_counter()
     with strategy_scope(model):
         loaded = keras_h5.restore(model, checkpoint.model_path,
                                   contents=checkpoint.model_contents, logger=logger)
     seconds = time.perf_counter() - started
-    logger.info("restarted from epoch %d: loaded %s (%s%s%s) %d bytes in %.3f s (%.1f MB/s)",
+    logger.info("restarted from epoch %d: read, verified and loaded %s (%s%s%s) %d bytes "
+                "in %.3f s (%.1f MB/s)",
                 checkpoint.epoch, checkpoint.model_path,
                 "weights" if not loaded["optimizer_restored"] else "weights, optimizer",
                 ", RNG" if loaded["rng_restored"] else "",
