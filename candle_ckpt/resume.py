@@ -3,7 +3,8 @@
 `find_checkpoint` follows `ckpts/last` (or wherever an operator relinked it), reads and
 validates its ckpt-info.json and verifies every file it lists. With
 `ckpt_restart_fallback`, a corrupt `last` is skipped (loudly) for the newest earlier
-epoch that verifies. The framework adapter then loads the model file.
+epoch that verifies. The model file is read once, while it is verified; the framework
+adapter then loads those bytes.
 """
 
 import os

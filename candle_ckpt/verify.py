@@ -83,8 +83,9 @@ def check_files(epoch_dir, info, checksums=True, progress=None, keep=None):
         contents = actual_crc = None
         if name == keep:
             contents, actual_crc = read_file(path, checksum=compute)
-            if size is not None and len(contents) != size:  # it shrank while being read
-                results.append(FileCheck(path, size, len(contents), crc, None, "size"))
+            actual_size = len(contents)
+            if size is not None and actual_size != size:  # it shrank while being read
+                results.append(FileCheck(path, size, actual_size, crc, None, "size"))
                 continue
         elif compute:
             report = None if progress is None else (
