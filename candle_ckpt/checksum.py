@@ -7,8 +7,8 @@ file into memory rather than reading it: reading into a Python buffer costs an e
 copy, and a misaligned one (bytearray, numpy) copies several times slower still.
 `read_file` is for a file about to be used whole (a restart's model file): it reads it
 once into a page-aligned buffer and checksums each chunk in a second thread while the
-next one is read, so the CRC costs almost nothing on top of the read (300 MB: 47 ms to
-read, 50 ms to read and checksum; the CRC alone over a mapping takes 13-25 ms).
+next one is read, so the CRC costs almost nothing on top of the read (300 MB: 46 ms to
+read, 48-50 ms to read and checksum; the CRC alone over a mapping takes 13-25 ms).
 """
 
 import concurrent.futures
