@@ -70,8 +70,8 @@ def restart(gParameters, model, verbose=True, is_writer=None):
         loaded = keras_h5.restore(model, checkpoint.model_path,
                                   contents=checkpoint.model_contents, logger=logger)
     seconds = time.perf_counter() - started
-    logger.info("restarted from epoch %d: read, verified and loaded %s (%s%s%s) %d bytes "
-                "in %.3f s (%.1f MB/s)",
+    logger.info("restarted from epoch %d: loaded %s (%s%s%s) %d bytes in %.3f s (%.1f MB/s, "
+                "reading and checks included)",
                 checkpoint.epoch, checkpoint.model_path,
                 "weights" if not loaded["optimizer_restored"] else "weights, optimizer",
                 ", RNG" if loaded["rng_restored"] else "",
