@@ -1,14 +1,15 @@
 """One worker of a MultiWorkerMirroredStrategy job for the tests, on localhost, CPU only.
 
     python tests/multiworker_job.py --ckpt_directory DIR --epochs 3 --out W.npz \\
-        [--workers PORT0,PORT1 --index I] [--kill_at E:B]
+        [--workers PORT0,PORT1 --index I] [--kill_at E:B] [--fail_restore]
 
 With `--workers`, TF_CONFIG names one worker per loopback port and this process is
 worker `--index`; without it, the same training runs in a single process (the
 reference). Every worker restarts from DIR, trains to `--epochs` with the checkpoint
 callback, and saves its final weights and optimizer variables to `--out`.
 `--kill_at E:B` SIGKILLs the process after batch B of epoch E (every worker is given
-the same point, so that they all die after the same step).
+the same point, so that they all die after the same step). `--fail_restore` makes
+loading the checkpoint fail on this worker only, after the workers agreed on it.
 
 Keras 3.15 cannot run `model.fit` under MultiWorkerMirroredStrategy as it is
 (keras-team/keras#20585): it calls `strategy.reduce` on a tuple of tensors, and with
@@ -34,6 +35,7 @@ def parse(argv):
     parser.add_argument("--out", required=True)
     parser.add_argument("--workers", help="comma-separated loopback ports, one per worker")
     parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--fail_restore", action="store_true")
     return parser.parse_args(argv), kill_at
 
 
@@ -74,6 +76,12 @@ def main(argv):
         model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mean_squared_error")
     params = {"ckpt_directory": args.ckpt_directory, "epochs": args.epochs,
               "ckpt_save_best_metric": "loss"}
+    if args.fail_restore:
+        from candle_ckpt import keras_h5
+
+        def failing_restore(model, path, **_):
+            raise candle_ckpt.CheckpointFormatError(f"'{path}': injected load failure")
+        keras_h5.restore = failing_restore
     J = candle_ckpt.restart(params, model)
     callbacks = [candle_ckpt.CandleCheckpointCallback(params)]
     if kill_at:

@@ -30,15 +30,17 @@ def free_ports(n):
     return ports
 
 
-def run_workers(ckpt_dir, out_dir, *args):
+def run_workers(ckpt_dir, out_dir, *args, only_worker_1=()):
     """Run both workers to completion (or death); return [(returncode, stderr)].
 
-    `ckpt_dir` is the tree of both, or a list of one tree per worker."""
+    `ckpt_dir` is the tree of both, or a list of one tree per worker; `only_worker_1`
+    are more arguments for worker 1."""
     ckpt_dirs = ckpt_dir if isinstance(ckpt_dir, list) else [ckpt_dir] * 2
     ports = ",".join(map(str, free_ports(2)))
+    extra = [(), tuple(only_worker_1)]
     jobs = [subprocess.Popen(
         [sys.executable, JOB, "--ckpt_directory", str(ckpt_dirs[i]), "--workers", ports,
-         "--index", str(i), "--out", str(out_dir / f"worker{i}.npz"), *args],
+         "--index", str(i), "--out", str(out_dir / f"worker{i}.npz"), *args, *extra[i]],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = []
     try:
@@ -111,15 +113,33 @@ def test_two_workers_killed_in_epoch_2_restart_from_the_same_epoch_and_agree(tmp
                                    err_msg=name)
 
 
-def test_workers_that_see_different_trees_all_fail_before_training(tmp_path):
-    seen_by_chief = tmp_path / "chief" / "save"
+def one_epoch_tree(tmp_path, name):
+    """A tree with epoch 1, written by a single process."""
+    tree = tmp_path / name / "save"
     made = subprocess.run(
-        [sys.executable, JOB, "--ckpt_directory", str(seen_by_chief), "--epochs", "1",
-         "--out", str(tmp_path / "one.npz")], capture_output=True, text=True, timeout=TIMEOUT)
+        [sys.executable, JOB, "--ckpt_directory", str(tree), "--epochs", "1",
+         "--out", str(tmp_path / f"{name}.npz")], capture_output=True, text=True,
+        timeout=TIMEOUT)
     assert made.returncode == 0, made.stderr[-3000:]
+    return tree
+
+
+def test_workers_that_see_different_trees_all_fail_before_training(tmp_path):
+    seen_by_chief = one_epoch_tree(tmp_path, "chief")
     results = run_workers([seen_by_chief, tmp_path / "node-local" / "save"], tmp_path,
                           "--epochs", "3")
     for code, stderr in results:
         assert code != 0
         assert "the workers do not agree on the checkpoint to restart from" in stderr
     assert sorted(os.listdir(seen_by_chief / "ckpts" / "epochs")) == ["001"]
+
+
+def test_a_load_failing_on_one_worker_after_the_agreement_stops_every_worker(tmp_path):
+    # No hang: TensorFlow's coordination service aborts the chief's next collective
+    # (loading builds and assigns mirrored variables) once worker 1 has exited.
+    tree = one_epoch_tree(tmp_path, "shared")
+    (chief_code, chief_err), (code, stderr) = run_workers(
+        tree, tmp_path, "--epochs", "3", only_worker_1=["--fail_restore"])
+    assert code != 0 and "injected load failure" in stderr
+    assert chief_code != 0, chief_err[-3000:]
+    assert sorted(os.listdir(tree / "ckpts" / "epochs")) == ["001"]
