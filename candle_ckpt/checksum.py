@@ -30,6 +30,10 @@ BACKEND = "isal" if _isal_crc32 else "zlib"
 # can be called and the working set stays small (8 MiB measured fastest).
 CHUNK_BYTES = 8 << 20
 
+# `read_file` reads the last CHUNK_BYTES of a file in pieces of this size: the CRC of
+# the last piece is the only one no read overlaps, so it is kept short.
+LAST_PIECE_BYTES = 1 << 20
+
 # From this size on, isal's CRC runs on both halves of the file at once (it releases the
 # GIL) and combines them: 16 GiB/s instead of 10 on this machine's 2 cores, idle.
 PARALLEL_MIN_BYTES = 64 << 20
@@ -82,7 +86,8 @@ def read_file(path, checksum=True):
 
         pending, filled = [], 0
         while filled < size:
-            count = stream.readinto(view[filled:min(filled + CHUNK_BYTES, size)])
+            step = CHUNK_BYTES if size - filled > CHUNK_BYTES else LAST_PIECE_BYTES
+            count = stream.readinto(view[filled:min(filled + step, size)])
             if not count:
                 break
             if checksum:
