@@ -5,8 +5,12 @@ run, interleaving baseline and candidate repetitions, and reports the ratio of m
 with the min-max range of each.
 """
 
+import argparse
+import itertools
+import logging
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,10 +50,57 @@ def state_bytes(model):
     return sum(v.numpy().nbytes for v in model.weights + model.optimizer.variables)
 
 
-def scratch_directory():
-    """A fresh temporary directory under ./save (the checkpoint file system); remove it."""
-    os.makedirs("save", exist_ok=True)
-    return tempfile.mkdtemp(prefix="bench-", dir="save")
+def scratch_directory(parent=None):
+    """A fresh temporary directory under `parent` (default ./save, the checkpoint file
+    system); remove it when done."""
+    parent = parent or "save"
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix="bench-", dir=parent)
+
+
+def callback_save(model, root):
+    """A function that saves `model` into `root` through the callback's on_epoch_end,
+    one epoch further at each call: the full synchronous save (no best link; keep limit
+    2, so that saves also delete)."""
+    import candle_ckpt
+
+    params = {"ckpt_directory": root, "epochs": 10 ** 6, "ckpt_save_best": False,
+              "ckpt_keep_limit": 2}
+    callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
+    logging.getLogger("candle_ckpt").propagate = False
+    callback.set_model(model)
+    epochs = itertools.count()
+    return lambda: callback.on_epoch_end(next(epochs), {})
+
+
+def compare_by_size(description, title, measure, candidate, baseline):
+    """Run a benchmark that compares two timings at each model size, and report.
+
+    `measure(size, repetitions, directory)` returns (state bytes, {name: [seconds]});
+    the report gives every timing and the ratio `candidate` / `baseline`. Command line:
+    --sizes (default 10MB,100MB; 1GB as well), --repetitions (default 7), --directory
+    (where to write; a temporary directory is made in it and removed).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", default="10MB,100MB")
+    parser.add_argument("--repetitions", type=int, default=7)
+    parser.add_argument("--directory", default=None,
+                        help="where to write (default: ./save, the checkpoint file system)")
+    args = parser.parse_args()
+    quiet_tensorflow()
+    header(title)
+    directory = scratch_directory(args.directory)
+    try:
+        for size in args.sizes.split(","):
+            nbytes, times = measure(size, args.repetitions, directory)
+            print(f"{size} model, {nbytes / 1e6:.0f} MB state")
+            width = max(map(len, times))
+            for name, seconds in times.items():
+                print(f"  {name:{width}s} {summary(seconds)}")
+            print("  " + ratio_line(f"{candidate} / {baseline}", times[candidate],
+                                    times[baseline]))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def timed(function):
