@@ -1,4 +1,4 @@
-"""Install candle_ckpt: `pip install .` (or `pip install -e .`; `.[test]` adds pytest)."""
+"""Install candle_ckpt: `pip install .` (or `pip install -e .`; `.[test]` adds pytest, ruff, mypy)."""
 
 import re
 from pathlib import Path
@@ -20,7 +20,8 @@ setup(
     # The top-level schemas/ is the canonical copy; candle_ckpt/schemas links to it, so
     # it is installed as the package candle_ckpt.schemas and installed code never
     # reads the source tree.
-    packages=["candle_ckpt", "candle_ckpt.schemas"],
+    packages=["candle_ckpt", "candle_ckpt.core", "candle_ckpt.keras", "candle_ckpt.operator",
+              "candle_ckpt.schemas"],
     package_data={"candle_ckpt.schemas": ["*.json"]},
     install_requires=[
         "tensorflow>=2.16",   # Keras 3
@@ -30,6 +31,7 @@ setup(
         "isal>=1.0",          # CRC32 about 3x faster than zlib; zlib is the fallback
         "numpy",
     ],
-    extras_require={"test": ["pytest>=7"]},
-    entry_points={"console_scripts": ["candle-ckpt = candle_ckpt.cli:main"]},
+    # ruff and mypy are pinned: CI fails on their findings, which change between releases.
+    extras_require={"test": ["pytest>=7", "ruff==0.17.6", "mypy==2.4.1"]},
+    entry_points={"console_scripts": ["candle-ckpt = candle_ckpt.operator.cli:main"]},
 )

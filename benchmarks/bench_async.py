@@ -17,8 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (SIZES_MB, build_model, header, quiet_tensorflow,  # noqa: E402
-                    scratch_directory, summary)
+from common import SIZES_MB, build_model, header, quiet_tensorflow, scratch_directory, summary
 
 
 def run(model, mode, epochs, steps, directory):

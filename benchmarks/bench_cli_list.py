@@ -29,12 +29,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from candle_ckpt.checkpointer import Checkpointer  # noqa: E402
-from candle_ckpt.info import TIMESTAMP_FORMAT, encode_info, read_info  # noqa: E402
-from candle_ckpt.inventory import survey  # noqa: E402
-from candle_ckpt.layout import INFO_FILE, CheckpointLayout  # noqa: E402
-from candle_ckpt.policies import BestMetric  # noqa: E402
-from candle_ckpt.protocol import point_link  # noqa: E402
+from candle_ckpt.core.checkpointer import Checkpointer  # noqa: E402
+from candle_ckpt.core.info import TIMESTAMP_FORMAT, encode_info, read_info  # noqa: E402
+from candle_ckpt.core.layout import INFO_FILE, CheckpointLayout  # noqa: E402
+from candle_ckpt.core.policies import BestMetric  # noqa: E402
+from candle_ckpt.core.protocol import point_link  # noqa: E402
+from candle_ckpt.operator.inventory import survey  # noqa: E402
 
 PAYLOAD = b"weights"
 

@@ -14,13 +14,20 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (build_model, header, interleave, quiet_tensorflow, ratio_line,  # noqa: E402
-                    summary, scratch_directory)
+from common import (
+    build_model,
+    header,
+    interleave,
+    quiet_tensorflow,
+    ratio_line,
+    scratch_directory,
+    summary,
+)
 
 
 def populate(root, count):
     """A tree with `count` epochs of an earlier run, as the callback writes them."""
-    from candle_ckpt.checkpointer import Checkpointer
+    from candle_ckpt.core.checkpointer import Checkpointer
 
     def tiny(directory):
         with open(os.path.join(directory, "model.h5"), "wb") as stream:

@@ -17,8 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (SIZES_MB, build_model, header, quiet_tensorflow,  # noqa: E402
-                    scratch_directory, summary)
+from common import SIZES_MB, build_model, header, quiet_tensorflow, scratch_directory, summary
 
 
 def main():
@@ -28,7 +27,7 @@ def main():
     args = parser.parse_args()
     quiet_tensorflow()
     import candle_ckpt
-    from candle_ckpt import checkpointer as checkpointer_module
+    from candle_ckpt.core import checkpointer as checkpointer_module
 
     header(f"training-thread time in pruning, {args.size} model, keep_limit 1")
     directory = scratch_directory()
@@ -61,7 +60,8 @@ def main():
             inline.append(time.perf_counter() - started)
         print(f"  pruning on the training thread: {summary(pruning)}")
         print(f"  rmtree of the same epoch:       {summary(inline)}")
-        print(f"  ratio: {sorted(pruning)[len(pruning) // 2] / sorted(inline)[len(inline) // 2]:.4f}")
+        ratio = sorted(pruning)[len(pruning) // 2] / sorted(inline)[len(inline) // 2]
+        print(f"  ratio: {ratio:.4f}")
     finally:
         checkpointer_module.discard_epochs = original
         shutil.rmtree(directory, ignore_errors=True)

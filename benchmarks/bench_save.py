@@ -14,10 +14,9 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (SIZES_MB, build_model, callback_save, compare_by_size,  # noqa: E402
-                    interleave, state_bytes)
+from common import SIZES_MB, build_model, callback_save, compare_by_size, interleave, state_bytes
 
-from candle_ckpt.durable import fsync_file  # noqa: E402
+from candle_ckpt.core.durable import fsync_file
 
 
 def measure(size, repetitions, directory):

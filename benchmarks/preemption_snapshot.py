@@ -14,12 +14,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (SIZES_MB, build_model, callback_save, compare_by_size,  # noqa: E402
-                    interleave, state_bytes)
+from common import SIZES_MB, build_model, callback_save, compare_by_size, interleave, state_bytes
 
 
 def measure(size, repetitions, directory):
-    from candle_ckpt import keras_h5
+    from candle_ckpt.keras import h5 as keras_h5
 
     model = build_model(SIZES_MB[size])
     held = [keras_h5.snapshot(model)]

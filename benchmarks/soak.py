@@ -40,17 +40,17 @@ MODEL = ["--n_features", "64", "--dense", "[2048,2048]", "--n_samples", "256",
 STARTED = re.compile(r"restarted from epoch (\d+)|no checkpoint to restart from")
 sys.path.insert(0, TOP)
 
-from candle_ckpt.durable import is_temporary_name  # noqa: E402
-from candle_ckpt.errors import CheckpointError  # noqa: E402
-from candle_ckpt.faults import POINTS  # noqa: E402
-from candle_ckpt.info import read_info  # noqa: E402
-from candle_ckpt.layout import CheckpointLayout, parse_epoch_dirname  # noqa: E402
-from candle_ckpt.logs import silent_logger  # noqa: E402
-from candle_ckpt.params import validate_params  # noqa: E402
-from candle_ckpt.resume import find_checkpoint  # noqa: E402
-from candle_ckpt.verify import verify_files  # noqa: E402
+from candle_ckpt.core.durable import is_temporary_name  # noqa: E402
+from candle_ckpt.core.errors import CheckpointError  # noqa: E402
+from candle_ckpt.core.faults import POINTS  # noqa: E402
+from candle_ckpt.core.info import read_info  # noqa: E402
+from candle_ckpt.core.layout import CheckpointLayout, parse_epoch_dirname  # noqa: E402
+from candle_ckpt.core.logs import silent_logger  # noqa: E402
+from candle_ckpt.core.params import validate_params  # noqa: E402
+from candle_ckpt.core.resume import find_checkpoint  # noqa: E402
+from candle_ckpt.core.verify import verify_files  # noqa: E402
 
-# Every fault point of candle_ckpt.faults, for consecutive lives of one trial: the first
+# Every fault point of candle_ckpt.core.faults, for consecutive lives of one trial: the first
 # is killed saving epoch 2 (epoch 1 is complete), each later one at its first save.
 # after_trash_rename comes after after_last, whose kill leaves no work/ to delete, so it
 # stops the keep policy's deletion.
@@ -241,7 +241,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", default=None, help="default: a fresh temp directory")
     parser.add_argument("--faults", action="store_true",
-                        help="also one kill at each fault point of candle_ckpt.faults")
+                        help="also one kill at each fault point of candle_ckpt.core.faults")
     args = parser.parse_args(argv)
     import tempfile
 

@@ -16,15 +16,30 @@ Usage in a CANDLE-style benchmark::
 
 __version__ = "0.1.0"
 
-from .errors import (CheckpointError, CheckpointFormatError, ChecksumMismatchError,
-                     CorruptCheckpointError, LinkError, NoCheckpointError,
-                     ParameterTypeError, ParameterValueError, WriterLockedError)
-from .params import (ParamRequired, ParamType, ckpt_defs, ckpt_parser, param, str2bool,
-                     validate_params)
+from .core.errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    LinkError,
+    NoCheckpointError,
+    ParameterTypeError,
+    ParameterValueError,
+    WriterLockedError,
+)
+from .core.params import (
+    ParamRequired,
+    ParamType,
+    ckpt_defs,
+    ckpt_parser,
+    param,
+    str2bool,
+    validate_params,
+)
 
 _LAZY = {
-    "CandleCheckpointCallback": "candle_ckpt.keras_callback",
-    "restart": "candle_ckpt.keras_restart",
+    "CandleCheckpointCallback": "candle_ckpt.keras.callback",
+    "restart": "candle_ckpt.keras.restart",
 }
 
 
@@ -37,8 +52,23 @@ def __getattr__(name):
     raise AttributeError(f"module 'candle_ckpt' has no attribute {name!r}")
 
 
-__all__ = ["CandleCheckpointCallback", "restart", "ckpt_parser", "ckpt_defs", "param",
-           "ParamType", "ParamRequired", "str2bool", "validate_params", "CheckpointError",
-           "CheckpointFormatError", "ChecksumMismatchError", "CorruptCheckpointError",
-           "LinkError", "NoCheckpointError", "ParameterTypeError", "ParameterValueError",
-           "WriterLockedError"]
+__all__ = [
+    "CandleCheckpointCallback",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "ChecksumMismatchError",
+    "CorruptCheckpointError",
+    "LinkError",
+    "NoCheckpointError",
+    "ParamRequired",
+    "ParamType",
+    "ParameterTypeError",
+    "ParameterValueError",
+    "WriterLockedError",
+    "ckpt_defs",
+    "ckpt_parser",
+    "param",
+    "restart",
+    "str2bool",
+    "validate_params",
+]

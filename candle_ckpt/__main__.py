@@ -1,7 +1,7 @@
-"""`python -m candle_ckpt ...`: the `candle-ckpt` command line (see `candle_ckpt.cli`)."""
+"""`python -m candle_ckpt ...`: the `candle-ckpt` command line (see `candle_ckpt.operator.cli`)."""
 
 import sys
 
-from .cli import main
+from .operator.cli import main
 
 sys.exit(main())

@@ -106,7 +106,7 @@ def run(params, callbacks=()):
 
 def main(argv=None):
     params = initialize_parameters(argv)
-    model, history = run(params)
+    _, history = run(params)
     if history.history:
         print(f"final val_loss {history.history['val_loss'][-1]:.6f} after epoch "
               f"{history.epoch[-1] + 1}")

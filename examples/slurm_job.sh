@@ -32,7 +32,7 @@
 
 set -u
 
-PREEMPTED=75                                   # candle_ckpt.preemption.PREEMPTED_EXIT_STATUS
+PREEMPTED=75                                   # candle_ckpt.core.preemption.PREEMPTED_EXIT_STATUS
 PYTHON=${PYTHON:-python3}
 CKPT_DIR=${CKPT_DIR:-${SLURM_SUBMIT_DIR:-.}/save}
 CKPT_SIGNAL=${CKPT_SIGNAL:-USR1}

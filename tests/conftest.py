@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from candle_ckpt.checkpointer import Checkpointer
+from candle_ckpt.core.checkpointer import Checkpointer
 
 
 def file_writer(payload=b"weights", name="model.h5"):

@@ -49,4 +49,5 @@ def tree_summary(ckpt_dir):
     """(epochs on disk, last target, best target) of a checkpoint tree."""
     ckpts = os.path.join(ckpt_dir, "ckpts")
     epochs = sorted(os.listdir(os.path.join(ckpts, "epochs")))
-    return epochs, os.readlink(os.path.join(ckpts, "last")), os.readlink(os.path.join(ckpts, "best"))
+    links = (os.readlink(os.path.join(ckpts, name)) for name in ("last", "best"))
+    return (epochs, *links)

@@ -23,7 +23,6 @@ import os
 import sys
 
 import numpy as np
-
 from keras_job import at_batch, kill_myself, take_point
 
 
@@ -77,7 +76,7 @@ def main(argv):
     params = {"ckpt_directory": args.ckpt_directory, "epochs": args.epochs,
               "ckpt_save_best_metric": "loss"}
     if args.fail_restore:
-        from candle_ckpt import keras_h5
+        from candle_ckpt.keras import h5 as keras_h5
 
         def failing_restore(model, path, **_):
             raise candle_ckpt.CheckpointFormatError(f"'{path}': injected load failure")

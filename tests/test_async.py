@@ -5,12 +5,12 @@ import threading
 import time
 
 import pytest
-
-from candle_ckpt.background import check_snapshot_fits
-from candle_ckpt.errors import CheckpointError
-from candle_ckpt.info import read_info
-from candle_ckpt.layout import CheckpointLayout
 from conftest import file_writer
+
+from candle_ckpt.core.background import check_snapshot_fits
+from candle_ckpt.core.errors import CheckpointError
+from candle_ckpt.core.info import read_info
+from candle_ckpt.core.layout import CheckpointLayout
 
 
 def test_async_run_produces_the_same_tree(make_checkpointer, ckpt_dir, tmp_path):

@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 
-from candle_ckpt import checksum
+from candle_ckpt.core import checksum
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, checksum.CHUNK_BYTES, checksum.CHUNK_BYTES * 2 + 17])

@@ -12,12 +12,12 @@ import sys
 import zlib
 
 import pytest
-
-from candle_ckpt.info import read_info
-from candle_ckpt.layout import CheckpointLayout
-from candle_ckpt.policies import epochs_to_keep
 from conftest import file_writer
 from keras_helpers import run_job
+
+from candle_ckpt.core.info import read_info
+from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.policies import epochs_to_keep
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "candle-ckpt")
@@ -458,8 +458,8 @@ def test_benchmark_tree_is_what_the_library_writes(make_checkpointer, ckpt_dir, 
 @pytest.mark.parametrize("command", [("rollback", "2"), ("prune", "--keep", "1")])
 def test_rollback_and_prune_refuse_while_a_training_job_writes(tree, command):
     """A running job holds ckpts/.lock: the operator is told who, and nothing changes."""
-    from candle_ckpt.lock import WriterLock
-    from candle_ckpt.logs import silent_logger
+    from candle_ckpt.core.lock import WriterLock
+    from candle_ckpt.core.logs import silent_logger
 
     layout = tree
     before = (layout.list_epochs(), os.readlink(layout.link("last")))

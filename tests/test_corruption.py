@@ -12,10 +12,10 @@ import re
 
 import numpy as np
 import pytest
+from test_keras_restart import fit, params_for, tiny_model
 
 import candle_ckpt
-from candle_ckpt.layout import CheckpointLayout
-from test_keras_restart import fit, params_for, tiny_model
+from candle_ckpt.core.layout import CheckpointLayout
 
 keras = pytest.importorskip("keras")
 

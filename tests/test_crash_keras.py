@@ -8,9 +8,9 @@ import importlib.util
 import os
 
 import pytest
-
-from candle_ckpt.durable import temporary_name
 from conftest import file_writer
+
+from candle_ckpt.core.durable import temporary_name
 
 pytest.importorskip("keras")
 

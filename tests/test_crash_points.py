@@ -1,7 +1,7 @@
 """Killed with SIGKILL at every step of the save protocol: `last` is always complete.
 
 A subprocess saves epochs with a plain-file writer and kills itself at a named fault
-point (candle_ckpt.faults); afterwards `last` must resolve to an epoch whose
+point (candle_ckpt.core.faults); afterwards `last` must resolve to an epoch whose
 ckpt-info.json validates and whose files verify, and a new run must finish the job.
 """
 
@@ -11,19 +11,19 @@ import sys
 import textwrap
 
 import pytest
-
-from candle_ckpt.checkpointer import Checkpointer
-from candle_ckpt.faults import POINTS
-from candle_ckpt.layout import CheckpointLayout
-from candle_ckpt.logs import silent_logger
-from candle_ckpt.resume import find_checkpoint
-from candle_ckpt.params import validate_params
 from conftest import file_writer
+
+from candle_ckpt.core.checkpointer import Checkpointer
+from candle_ckpt.core.faults import POINTS
+from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.logs import silent_logger
+from candle_ckpt.core.params import validate_params
+from candle_ckpt.core.resume import find_checkpoint
 
 JOB = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
-    from candle_ckpt.checkpointer import Checkpointer
+    from candle_ckpt.core.checkpointer import Checkpointer
     from conftest import file_writer
     checkpointer = Checkpointer({{"epochs": 6, "ckpt_directory": {root!r}, "ckpt_keep_limit": 2,
                                  "ckpt_save_best_metric": "loss"}}, verbose=False)

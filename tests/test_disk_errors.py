@@ -16,13 +16,13 @@ import threading
 
 import numpy as np
 import pytest
-
-from candle_ckpt.errors import CheckpointWriteError
-from candle_ckpt.layout import CheckpointLayout
-from candle_ckpt.logs import silent_logger
-from candle_ckpt.params import validate_params
-from candle_ckpt.resume import find_checkpoint
 from conftest import file_writer
+
+from candle_ckpt.core.errors import CheckpointWriteError
+from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.logs import silent_logger
+from candle_ckpt.core.params import validate_params
+from candle_ckpt.core.resume import find_checkpoint
 
 CALLS = [(os, "mkdir"), (os, "open"), (os, "fsync"), (os, "rename"), (os, "replace"),
          (os, "symlink"), (os, "unlink"), (os, "rmdir"), (builtins, "open")]
@@ -130,8 +130,9 @@ def mount_tmpfs(path, size):
 @pytest.mark.slow
 def test_keras_save_on_a_full_disk_raises_and_keeps_the_previous_epoch(tmp_path):
     keras = pytest.importorskip("keras")
-    import candle_ckpt
     from test_keras_restart import fit, params_for, tiny_model
+
+    import candle_ckpt
 
     mount = str(tmp_path / "small")
     mount_tmpfs(mount, "256k")
@@ -166,7 +167,7 @@ def test_keras_save_on_a_full_disk_raises_and_keeps_the_previous_epoch(tmp_path)
         assert_clean(layout)
         del keras
     finally:
-        candle_ckpt.logs.close_tree_log(CheckpointLayout(str(tmp_path / "small" / "save")))
+        candle_ckpt.core.logs.close_tree_log(CheckpointLayout(str(tmp_path / "small" / "save")))
         subprocess.run(["umount", mount], check=True)
 
 
@@ -185,7 +186,7 @@ def open_files_under(directory):
 
 def test_a_failed_removal_is_retried_by_the_next_deletion(make_checkpointer, monkeypatch, caplog):
     """The trash collector logs a failed removal and empties the trash at the next poke."""
-    from candle_ckpt import durable
+    from candle_ckpt.core import durable
 
     checkpointer = make_checkpointer(ckpt_keep_limit=1, ckpt_save_best=False)
     real_empty_trash, failures = durable.empty_trash, []

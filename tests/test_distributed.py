@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from candle_ckpt.distributed import agree_on_checkpoint, writer_decision
-from candle_ckpt.errors import CheckpointError
+from candle_ckpt.core.errors import CheckpointError
+from candle_ckpt.core.writer import agree_on_checkpoint, writer_decision
 
 
 def tf_config(task_type, index, chief=False):
@@ -36,13 +36,13 @@ def test_detection_order(environ, expected):
 
 
 def test_explicit_is_writer_wins_over_the_environment():
-    decision = writer_decision(None, False, {})
+    decision = writer_decision(False, None, {})
     assert not decision.is_writer and "given by the caller" in decision.reason
-    assert writer_decision(None, True, {"SLURM_PROCID": "1"}).is_writer
+    assert writer_decision(True, None, {"SLURM_PROCID": "1"}).is_writer
 
 
 class FakeStrategy:
-    """What multi_worker_strategy reads of a MultiWorkerMirroredStrategy."""
+    """What keras.distributed.strategy_decision reads of a MultiWorkerMirroredStrategy."""
     def __init__(self, chief):
         self.extended = type("Extended", (), {"should_checkpoint": chief})()
         spec = type("Spec", (), {"jobs": ["worker"]})()
@@ -51,8 +51,10 @@ class FakeStrategy:
 
 @pytest.mark.parametrize("chief", [True, False])
 def test_a_multi_worker_strategy_comes_before_the_rank_variables(chief):
+    from candle_ckpt.keras.distributed import strategy_decision
     model = type("Model", (), {"distribute_strategy": FakeStrategy(chief)})()
-    decision = writer_decision(model, None, {"SLURM_PROCID": "0" if not chief else "1"})
+    decision = writer_decision(None, strategy_decision(model),
+                               {"SLURM_PROCID": "0" if not chief else "1"})
     assert decision.is_writer is chief and "should_checkpoint" in decision.reason
 
 
@@ -69,7 +71,7 @@ def test_malformed_environment_is_an_error_naming_the_variable(environ, named):
 
 def test_is_writer_must_be_a_bool():
     with pytest.raises(TypeError, match=r"'is_writer': received 'yes'"):
-        writer_decision(None, "yes", {})
+        writer_decision("yes", None, {})
 
 
 def test_without_a_strategy_agreement_is_the_local_search():

@@ -11,12 +11,12 @@ import shutil
 
 import numpy as np
 import pytest
+from test_keras_restart import fit, params_for, tiny_model
 
 import candle_ckpt
-from candle_ckpt import keras_h5
-from candle_ckpt.info import read_info, write_info
-from candle_ckpt.layout import CheckpointLayout
-from test_keras_restart import fit, params_for, tiny_model
+from candle_ckpt.core.info import read_info, write_info
+from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.keras import h5 as keras_h5
 
 keras = pytest.importorskip("keras")
 
@@ -190,7 +190,7 @@ def test_a_lambda_layer_in_the_file_is_never_executed(tree, tmp_path):
     import h5py
     with h5py.File(model_file, "r+") as f:
         f.attrs["model_config"] = model_config.encode("utf8")
-    from candle_ckpt.checksum import crc32_file
+    from candle_ckpt.core.checksum import crc32_file
     crc = str(crc32_file(model_file))
     write_info(layout.epoch_dir(2), {**info, "checksum": crc, "files": {
         "model.h5": {"size": os.path.getsize(model_file), "crc32": crc}}})

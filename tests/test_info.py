@@ -4,10 +4,10 @@ import json
 import os
 
 import pytest
-
-from candle_ckpt.errors import CheckpointFormatError
-from candle_ckpt.info import encode_info, read_info, write_info
 from conftest import file_writer
+
+from candle_ckpt.core.errors import CheckpointFormatError
+from candle_ckpt.core.info import encode_info, read_info, write_info
 
 
 @pytest.fixture
@@ -84,7 +84,8 @@ def test_output_is_strict_json(info):
 
 
 def test_infinity_in_a_new_file_is_refused(tmp_path, info):
-    text = encode_info(info).decode().replace('"best_metric_last": 0.5', '"best_metric_last": Infinity')
+    text = encode_info(info).decode().replace('"best_metric_last": 0.5',
+                                              '"best_metric_last": Infinity')
     (tmp_path / "ckpt-info.json").write_text(text)
     with pytest.raises(CheckpointFormatError, match="Infinity"):
         read_info(tmp_path)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from candle_ckpt import json_head
-from candle_ckpt.json_head import read_members
+from candle_ckpt.operator import json_head
+from candle_ckpt.operator.json_head import read_members
 
 DOCUMENT = {
     "a": 1,

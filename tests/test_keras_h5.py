@@ -18,8 +18,8 @@ import h5py  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
-from candle_ckpt import keras_h5  # noqa: E402
-from candle_ckpt.errors import CheckpointFormatError  # noqa: E402
+from candle_ckpt.core.errors import CheckpointFormatError  # noqa: E402
+from candle_ckpt.keras import h5 as keras_h5  # noqa: E402
 
 tf.config.experimental.enable_op_determinism()
 

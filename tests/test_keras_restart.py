@@ -8,10 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
+from keras_helpers import assert_same_state, run_job, tree_summary
 
 import candle_ckpt
-from candle_ckpt.layout import CheckpointLayout
-from keras_helpers import assert_same_state, run_job, tree_summary
+from candle_ckpt.core.layout import CheckpointLayout
 
 keras = pytest.importorskip("keras")
 
@@ -154,13 +154,13 @@ def test_bit_flip_in_model_file_is_refused_and_model_untouched(tmp_path):
 
 
 def test_restart_loads_the_bytes_it_verified_and_reads_the_file_once(tmp_path, monkeypatch):
-    from candle_ckpt import keras_restart
+    from candle_ckpt.core import restart as restart_flow
     params = params_for(tmp_path)
     model = tiny_model()
     fit(model, params, 2)
     path = os.path.realpath(os.path.join(params["ckpt_directory"], "ckpts", "last", "model.h5"))
     opened = []
-    real_open, real_find = open, keras_restart.find_checkpoint
+    real_open, real_find = open, restart_flow.find_checkpoint
 
     def counting_open(file, *args, **kwargs):
         if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) == path:
@@ -173,7 +173,7 @@ def test_restart_loads_the_bytes_it_verified_and_reads_the_file_once(tmp_path, m
             stream.write(b"\0" * 4096)
         return found
     monkeypatch.setattr("builtins.open", counting_open)
-    monkeypatch.setattr(keras_restart, "find_checkpoint", find_then_damage_the_file)
+    monkeypatch.setattr(restart_flow, "find_checkpoint", find_then_damage_the_file)
     fresh = tiny_model(seed=7)
     assert candle_ckpt.restart(params, fresh, verbose=False)["epoch"] == 2
     assert len(opened) == 1
@@ -229,6 +229,6 @@ def test_upstream_candle_tree_restarts(tmp_path, caplog):
 
 
 def test_keras_names_load_lazily():
-    assert candle_ckpt.CandleCheckpointCallback.__module__ == "candle_ckpt.keras_callback"
+    assert candle_ckpt.CandleCheckpointCallback.__module__ == "candle_ckpt.keras.callback"
     assert issubclass(candle_ckpt.CandleCheckpointCallback, keras.callbacks.Callback)
     assert callable(candle_ckpt.restart)

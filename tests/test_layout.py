@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from candle_ckpt.errors import LinkError
-from candle_ckpt.layout import CheckpointLayout, epoch_dirname, parse_epoch_dirname
+from candle_ckpt.core.errors import LinkError
+from candle_ckpt.core.layout import CheckpointLayout, epoch_dirname, parse_epoch_dirname
 
 
 @pytest.fixture

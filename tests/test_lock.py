@@ -12,20 +12,20 @@ import sys
 import time
 
 import pytest
-
-from candle_ckpt.errors import WriterLockedError
-from candle_ckpt.layout import CheckpointLayout
-from candle_ckpt.lock import WriterLock
-from candle_ckpt.logs import silent_logger
-from candle_ckpt.params import validate_params
-from candle_ckpt.resume import find_checkpoint
 from conftest import file_writer
 from keras_helpers import JOB, run_job
 
+from candle_ckpt.core.errors import WriterLockedError
+from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.lock import WriterLock
+from candle_ckpt.core.logs import silent_logger
+from candle_ckpt.core.params import validate_params
+from candle_ckpt.core.resume import find_checkpoint
+
 HOLD = """
 import sys, time
-from candle_ckpt.lock import WriterLock
-from candle_ckpt.logs import silent_logger
+from candle_ckpt.core.lock import WriterLock
+from candle_ckpt.core.logs import silent_logger
 lock = WriterLock(sys.argv[1], silent_logger())
 lock.acquire()
 print("locked", flush=True)

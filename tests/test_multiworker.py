@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from keras_helpers import datasets
 
 pytest.importorskip("tensorflow")

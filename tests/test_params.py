@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 import candle_ckpt
-from candle_ckpt.params import PARAMETERS, PARAMETERS_BY_NAME, validate_params
+from candle_ckpt.core.params import PARAMETERS, PARAMETERS_BY_NAME, validate_params
 
 BAD_VALUES = {
     "ckpt_restart_mode": [("sometimes", ValueError), (1, TypeError)],

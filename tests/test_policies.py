@@ -4,9 +4,14 @@ import math
 
 import pytest
 
-from candle_ckpt.errors import ParameterValueError
-from candle_ckpt.policies import (BestMetric, epochs_to_keep, exponential_survivors,
-                                  infer_metric_mode, save_reason)
+from candle_ckpt.core.errors import ParameterValueError
+from candle_ckpt.core.policies import (
+    BestMetric,
+    epochs_to_keep,
+    exponential_survivors,
+    infer_metric_mode,
+    save_reason,
+)
 
 
 @pytest.mark.parametrize("name,mode", [

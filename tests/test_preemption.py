@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from keras_helpers import assert_same_state, job_command, run_job
 
 import candle_ckpt
-from candle_ckpt.preemption import PREEMPTED_EXIT_STATUS
-from keras_helpers import assert_same_state, job_command, run_job
+from candle_ckpt.core.preemption import PREEMPTED_EXIT_STATUS
 
 keras = pytest.importorskip("keras")
 

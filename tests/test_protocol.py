@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
-
-from candle_ckpt.errors import ParameterValueError
-from candle_ckpt.info import read_info
-from candle_ckpt.layout import CheckpointLayout
-from candle_ckpt.verify import check_files
 from conftest import file_writer
+
+from candle_ckpt.core.errors import ParameterValueError
+from candle_ckpt.core.info import read_info
+from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.verify import check_files
 
 
 def run(checkpointer, losses, start=1):
@@ -132,7 +132,7 @@ def test_resume_continues_best_and_repairs_best_after_rollback(make_checkpointer
 
 
 def test_logger_none_is_silent_and_custom_logger_is_used(ckpt_dir, caplog):
-    from candle_ckpt.checkpointer import Checkpointer
+    from candle_ckpt.core.checkpointer import Checkpointer
     Checkpointer({"epochs": 1, "ckpt_directory": ckpt_dir, "ckpt_save_best": False},
                  logger=None).epoch_end(1, {}, file_writer())
     assert not os.path.exists(os.path.join(ckpt_dir, "ckpt.log"))
@@ -143,13 +143,22 @@ def test_logger_none_is_silent_and_custom_logger_is_used(ckpt_dir, caplog):
     assert any("epoch 1 saved" in record.getMessage() for record in caplog.records)
 
 
-def test_core_modules_do_not_import_tensorflow():
-    code = ("import sys, candle_ckpt, candle_ckpt.checkpointer, candle_ckpt.verify, "
-            "candle_ckpt.protocol; print(json.dumps(sorted(m for m in sys.modules "
-            "if m.split('.')[0] in ('tensorflow', 'keras', 'h5py'))))")
-    out = subprocess.run([sys.executable, "-c", "import json; " + code], check=True,
+def test_the_core_and_the_operator_side_import_no_framework():
+    """Every module of candle_ckpt.core and candle_ckpt.operator, and the package itself,
+    load without TensorFlow, Keras, torch or h5py."""
+    import pkgutil
+
+    import candle_ckpt.core
+    import candle_ckpt.operator
+    modules = ["candle_ckpt"] + [
+        f"{package.__name__}.{info.name}" for package in (candle_ckpt.core, candle_ckpt.operator)
+        for info in pkgutil.iter_modules(package.__path__)]
+    code = (f"import importlib, json, sys; [importlib.import_module(m) for m in {modules!r}]; "
+            "print(json.dumps(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('tensorflow', 'keras', 'torch', 'h5py'))))")
+    out = subprocess.run([sys.executable, "-c", code], check=True,
                          capture_output=True, text=True).stdout
-    assert json.loads(out) == []
+    assert len(modules) > 20 and json.loads(out) == []
 
 
 def test_deleted_epochs_leave_the_training_thread_at_once(make_checkpointer, ckpt_dir):

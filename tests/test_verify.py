@@ -3,12 +3,12 @@
 import os
 
 import pytest
-
-from candle_ckpt import verify
-from candle_ckpt.errors import ChecksumMismatchError, CorruptCheckpointError
-from candle_ckpt.info import read_info
-from candle_ckpt.layout import CheckpointLayout
 from conftest import file_writer
+
+from candle_ckpt.core import verify
+from candle_ckpt.core.errors import ChecksumMismatchError, CorruptCheckpointError
+from candle_ckpt.core.info import read_info
+from candle_ckpt.core.layout import CheckpointLayout
 
 PAYLOAD = os.urandom(100_000)
 

@@ -13,14 +13,16 @@ against the schema takes far longer. So a survey does not validate; `read_epoch_
 does, for the one epoch an operator acts on.
 """
 
+from __future__ import annotations
+
 import os
 from dataclasses import dataclass
 
-from .errors import CheckpointError, LinkError, NoCheckpointError
-from .info import MAX_INFO_BYTES, finite_or_none, is_legacy
+from ..core.errors import CheckpointError, LinkError, NoCheckpointError
+from ..core.info import MAX_INFO_BYTES, finite_or_none, is_legacy
+from ..core.layout import INFO_FILE, LINK_NAMES, CheckpointLayout
+from ..core.verify import recorded_files
 from .json_head import read_members
-from .layout import INFO_FILE, LINK_NAMES, CheckpointLayout
-from .verify import recorded_files
 
 # What a summary shows; all of them precede `epochs_saved` in the files the library writes.
 SUMMARY_KEYS = ("format", "epoch", "model_file", "checksum", "save_best_metric",
@@ -99,13 +101,13 @@ class EpochSummary:
     """
     epoch: int
     directory: str
-    timestamp: str = None
-    metric: str = None
-    best_value: float = None
-    size: int = None
-    checksum: str = None
-    legacy: bool = None
-    problem: str = None
+    timestamp: str | None = None
+    metric: str | None = None
+    best_value: float | None = None
+    size: int | None = None
+    checksum: str | None = None
+    legacy: bool | None = None
+    problem: str | None = None
 
 
 def summarise_epoch(layout, epoch):

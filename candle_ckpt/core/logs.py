@@ -13,8 +13,8 @@ import threading
 
 _FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 _lock = threading.Lock()
-_file_handlers = {}
-_console_handler = None
+_file_handlers: dict[str, logging.Handler] = {}
+_console_handler: logging.Handler | None = None
 
 
 class _TreeFilter(logging.Filter):

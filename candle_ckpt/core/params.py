@@ -14,6 +14,8 @@ Example::
     settings["ckpt_keep_limit"]   # -> 1000000, an int
 """
 
+from __future__ import annotations
+
 import argparse
 import difflib
 import enum
@@ -76,7 +78,7 @@ class Parameter:
     type: ParamType
     default: object
     help: str
-    allowed: tuple = None
+    allowed: tuple | None = None
     nullable: bool = False
     flag: bool = True
 

@@ -27,10 +27,10 @@ import os
 import re
 import sys
 
-from .errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from ..core.resume import read_epoch_info
+from ..core.verify import check_files
 from .inventory import describe_epochs, link_state, open_tree, require_epoch_dir, survey
-from .resume import read_epoch_info
-from .verify import check_files
 
 EXIT_OK, EXIT_CORRUPT, EXIT_ERROR = 0, 1, 2
 PROG = "candle-ckpt"
@@ -350,8 +350,8 @@ def cmd_rollback(args):
     """Verify EPOCH, then point best and last (atomically, relative links)."""
     # Imported here: admin and logs bring in the save protocol and logging (~0.06 s of
     # imports), which only the two commands that change the tree need.
+    from ..core.logs import tree_logger
     from .admin import apply_rollback, plan_rollback
-    from .logs import tree_logger
 
     directory, selector = _split_positionals(args.where, "rollback", epoch_required=True)
     if not selector.isdigit():
@@ -374,8 +374,8 @@ def cmd_rollback(args):
 
 def cmd_prune(args):
     """Delete epochs by policy or after last, never last or best."""
+    from ..core.logs import tree_logger
     from .admin import apply_prune, plan_abandoned, plan_prune  # see cmd_rollback
-    from .logs import tree_logger
 
     layout = open_tree(args.where)
     if args.abandoned:

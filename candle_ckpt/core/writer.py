@@ -5,35 +5,44 @@ others train in lock-step and write nothing there: no epochs, no links, no ckpt.
 `writer_decision` finds the writer, in this order:
 
 1. the caller's explicit `is_writer=True/False` (Horovod: `is_writer=hvd.rank() == 0`);
-2. a multi-worker `tf.distribute` strategy of the model
-   (`MultiWorkerMirroredStrategy`): its `extended.should_checkpoint`, true on the chief;
+2. the framework's own process group, as the adapter reports it: the chief of a
+   multi-worker `tf.distribute` strategy (`extended.should_checkpoint`), rank 0 of an
+   initialised `torch.distributed` process group;
 3. `TF_CONFIG`: task type "chief" writes; with no chief in the cluster, "worker" 0 does;
    any other task (evaluator, ps, other workers) does not;
 4. the first rank variable set, in the order of `RANK_VARIABLES` (Open MPI, MPICH/Intel
    MPI/PMI, Slurm): rank 0 writes;
 5. otherwise this is a single-process job, and it writes.
 
-`agree_on_checkpoint` makes every worker of a multi-worker strategy restart from the
+`agree_on_checkpoint` makes every worker of a multi-process job restart from the
 same epoch: each worker gathers every other's (epoch, CRC32 of the model file) with a
-collective, and if they differ (e.g. an operator relinked `last` between two workers'
+collective the adapter supplies (a tf.distribute gather, a torch.distributed
+all_gather), and if they differ (e.g. an operator relinked `last` between two workers'
 reads, or `ckpt_directory` is not on a file system every worker sees) every worker
 raises the same error, before anything is loaded into the model. It is a check, not
-a vote: nobody silently follows the chief. Launchers other than tf.distribute have no
-collective here; their ranks read the same `last` and the operator must not relink it
+a vote: nobody silently follows the chief. Launchers without a framework process group
+have no collective here; their ranks read the same `last` and the operator must not relink it
 while a job starts.
 
 Example::
 
-    decision = writer_decision(model, explicit=None)
+    decision = writer_decision(explicit=None)
     if decision.is_writer: ...               # decision.reason: "TF_CONFIG task chief"
 """
 
-import contextlib
+from __future__ import annotations
+
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .adapter import AllGather
+    from .resume import Checkpoint
 
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 
@@ -45,64 +54,42 @@ class WriterDecision:
     reason: str
 
 
-def writer_decision(model=None, explicit=None, environ=None):
+def writer_decision(explicit: bool | None = None,
+                    framework: WriterDecision | None = None,
+                    environ: Mapping[str, str] | None = None) -> WriterDecision:
     """Decide whether this process writes the checkpoint tree (see the module docstring).
 
     Args:
-        model: the Keras model (its `distribute_strategy` is consulted), or None.
         explicit: True/False to decide without detection, or None to detect.
+        framework: the adapter's decision from the framework's own process group
+            (rule 2), or None when the framework runs a single process.
         environ: the environment to read (default `os.environ`).
-
-    Returns:
-        A `WriterDecision`.
 
     Raises:
         TypeError: `explicit` is neither None nor a bool.
         ValueError: `TF_CONFIG` or a rank variable is malformed (the message names it).
     """
     if check_is_writer(explicit) is not None:
-        return WriterDecision(explicit, f"is_writer={explicit} given by the caller")
+        return WriterDecision(bool(explicit), f"is_writer={explicit} given by the caller")
+    if framework is not None:
+        return framework
     environ = os.environ if environ is None else environ
-    strategy = multi_worker_strategy(model)
-    if strategy is not None:
-        should = bool(strategy.extended.should_checkpoint)
-        return WriterDecision(should, f"{type(strategy).__name__}.extended."
-                                      f"should_checkpoint is {should}")
     if environ.get("TF_CONFIG"):
         return _tf_config_decision(environ["TF_CONFIG"])
     for variable in RANK_VARIABLES:
         if variable in environ:
             rank = _parse_rank(variable, environ[variable])
             return WriterDecision(rank == 0, f"{variable}={rank}")
-    return WriterDecision(True, "a single process (no strategy, TF_CONFIG or rank variable)")
+    return WriterDecision(True, "a single process (no process group, TF_CONFIG or rank "
+                                "variable)")
 
 
-def check_is_writer(value):
+def check_is_writer(value: object) -> bool | None:
     """Return the `is_writer` argument if it is None, True or False; else TypeError."""
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"argument 'is_writer': received {value!r} "
                         f"({type(value).__name__}); expected True, False or None")
     return value
-
-
-def multi_worker_strategy(model):
-    """The model's tf.distribute strategy if it spans several workers, else None."""
-    strategy = getattr(model, "distribute_strategy", None)
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().jobs:
-        return None
-    return strategy
-
-
-def strategy_scope(model):
-    """The scope of the model's tf.distribute strategy, or a null context without one.
-
-    Variables created while restoring (the optimizer's slots, built on first use) must
-    be created in it, as the model's were; otherwise TensorFlow raises "Need to be
-    inside with strategy.scope()".
-    """
-    strategy = getattr(model, "distribute_strategy", None)
-    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def _tf_config_decision(text):
@@ -139,15 +126,17 @@ _NOTHING = 0      # epoch reported by a worker that found no checkpoint
 _FAILED = -1      # epoch reported by a worker whose search raised
 
 
-def agree_on_checkpoint(strategy, find):
+def agree_on_checkpoint(all_gather: AllGather | None,
+                        find: Callable[[], Checkpoint | None]) -> Checkpoint | None:
     """Run `find()` on this worker and check that every worker found the same checkpoint.
 
-    Collective: every worker of `strategy` must call it, once, at the same point (restart
-    does, before loading). A worker whose `find()` raises still takes part, so the others
+    Collective: every process must call it, once, at the same point (restart does,
+    before loading). A worker whose `find()` raises still takes part, so the others
     fail too instead of waiting forever.
 
     Args:
-        strategy: a multi-worker tf.distribute strategy, or None (then just `find()`).
+        all_gather: the adapter's collective (`FrameworkAdapter.all_gather`), or None
+            for a single process (then just `find()`).
         find: callable() -> a `resume.Checkpoint` or None; may raise.
 
     Returns:
@@ -161,22 +150,22 @@ def agree_on_checkpoint(strategy, find):
         checkpoint, error = find(), None
     except Exception as raised:  # any failure: the other workers must not wait forever
         checkpoint, error = None, raised
-    if strategy is None:
+    if all_gather is None:
         if error is not None:
             raise error
         return checkpoint
     mine = _identity(checkpoint, error)
-    everyone = _all_gather(strategy, mine)
+    everyone = all_gather(mine)
     if error is not None:
         raise error
     if any(found[0] == _FAILED for found in everyone):
         failed = [i for i, found in enumerate(everyone) if found[0] == _FAILED]
-        raise CheckpointError(f"restart failed on replica(s) {failed} (see their logs); "
+        raise CheckpointError(f"restart failed on process(es) {failed} (see their logs); "
                               f"every worker stops so that none trains alone")
     if any(found != mine for found in everyone):
         raise CheckpointError(
             f"the workers do not agree on the checkpoint to restart from: (epoch, model "
-            f"CRC32) per replica is {everyone} (epoch {_NOTHING}: none "
+            f"CRC32) per process is {everyone} (epoch {_NOTHING}: none "
             f"found); expected the same on every worker. Is ckpt_directory on a file "
             f"system every worker sees, and was 'last' relinked while the job started?")
     return checkpoint
@@ -190,15 +179,3 @@ def _identity(checkpoint, error):
         return (_NOTHING, 0)
     checksum = checkpoint.info.get("checksum")
     return (checkpoint.epoch, int(checksum) if str(checksum).isdigit() else 0)
-
-
-def _all_gather(strategy, values):
-    """Every replica's `values` (a tuple of ints), in replica order, via a collective.
-
-    A worker with several local replicas (GPUs) contributes its row once per replica.
-    """
-    import tensorflow as tf
-
-    local = tf.constant([values], dtype=tf.int64)
-    replicas = strategy.run(lambda: tf.identity(local))
-    return [tuple(int(v) for v in row) for row in strategy.gather(replicas, axis=0).numpy()]

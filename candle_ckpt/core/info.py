@@ -36,7 +36,7 @@ LEGACY_SCHEMA_FILE = "candle-legacy-ckpt-info.schema.json"
 jsonschema = None  # bound on first use by _validator
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validator(schema_file):
     # Imported here, not at the top: importing jsonschema and importlib.resources takes
     # ~0.1 s, which the command line's `list` (no validation) would pay on every call.

@@ -78,8 +78,8 @@ import h5py
 import numpy as np
 import tensorflow as tf
 
-from candle_ckpt.checksum import read_file
-from candle_ckpt.errors import CheckpointFormatError
+from candle_ckpt.core.checksum import read_file
+from candle_ckpt.core.errors import CheckpointFormatError
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1

@@ -12,16 +12,16 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from . import durable
-from .errors import CheckpointError, CorruptCheckpointError
-from .info import finite_or_none, is_legacy
+from ..core import durable
+from ..core.errors import CheckpointError, CorruptCheckpointError
+from ..core.info import finite_or_none, is_legacy
+from ..core.layout import LINK_NAMES
+from ..core.lock import WriterLock
+from ..core.policies import epochs_to_keep
+from ..core.protocol import point_link
+from ..core.resume import read_epoch_info
+from ..core.verify import check_files
 from .inventory import describe_epochs, link_state, require_epoch_dir, summarise_epoch
-from .layout import LINK_NAMES
-from .lock import WriterLock
-from .policies import epochs_to_keep
-from .protocol import point_link
-from .resume import read_epoch_info
-from .verify import check_files
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,16 @@
 """restart(gParameters, model): resume a Keras model from the checkpoint `last` names."""
 
-import time
+from __future__ import annotations
 
-from . import keras_h5
-from .layout import CheckpointLayout
-from .distributed import (agree_on_checkpoint, multi_worker_strategy, strategy_scope,
-                          writer_decision)
-from .logs import console_logger, tree_logger
-from .params import validate_params
-from .resume import find_checkpoint
+from collections.abc import Mapping
+from typing import Any
+
+from ..core.restart import restart_run
+from .adapter import KerasAdapter
 
 
-def restart(gParameters, model, verbose=True, is_writer=None):
+def restart(gParameters: Mapping[str, Any], model: Any, verbose: bool = True,
+            is_writer: bool | None = None) -> dict | None:
     """Load the checkpoint `ckpts/last` points at into `model`, if the mode asks for it.
 
     Call it after building and compiling the model and before `model.fit`; pass
@@ -33,7 +32,7 @@ def restart(gParameters, model, verbose=True, is_writer=None):
     epoch that verifies.
 
     Several processes: every worker calls restart. Only the writer (see
-    `candle_ckpt.distributed`) logs to ckpt.log; the others log to the console. Under
+    `candle_ckpt.core.writer`) logs to ckpt.log; the others log to the console. Under
     a multi-worker `tf.distribute` strategy the workers check, with a collective, that
     they all found the same epoch and model CRC32, and all raise CheckpointError
     otherwise, before loading anything.
@@ -53,31 +52,4 @@ def restart(gParameters, model, verbose=True, is_writer=None):
         NoCheckpointError, LinkError, CheckpointFormatError, CorruptCheckpointError,
         ChecksumMismatchError: as their names say; each message names the path.
     """
-    settings = validate_params(gParameters)
-    if settings["ckpt_restart_mode"] == "off":
-        return None
-    layout = CheckpointLayout(settings["ckpt_directory"])
-    if writer_decision(model, is_writer).is_writer:
-        logger = tree_logger("restart", layout, verbose)
-    else:
-        logger = console_logger("restart", verbose)
-    started = time.perf_counter()
-    checkpoint = agree_on_checkpoint(multi_worker_strategy(model),
-                                     lambda: find_checkpoint(layout, settings, logger))
-    if checkpoint is None:
-        return None
-    with strategy_scope(model):
-        loaded = keras_h5.restore(model, checkpoint.model_path,
-                                  contents=checkpoint.model_contents, logger=logger)
-    seconds = time.perf_counter() - started
-    logger.info("restarted from epoch %d: loaded %s (%s%s%s) %d bytes in %.3f s (%.1f MB/s, "
-                "reading and checks included)",
-                checkpoint.epoch, checkpoint.model_path,
-                "weights" if not loaded["optimizer_restored"] else "weights, optimizer",
-                ", RNG" if loaded["rng_restored"] else "",
-                ", legacy upstream-CANDLE file" if loaded["legacy"] else "",
-                loaded["nbytes"], seconds, loaded["nbytes"] / 1e6 / max(seconds, 1e-9))
-    if not loaded["optimizer_restored"]:
-        logger.warning("epoch %d: no optimizer state restored; training continues from the "
-                       "weights only and will not match an uninterrupted run", checkpoint.epoch)
-    return checkpoint.info
+    return restart_run(gParameters, KerasAdapter(model), verbose=verbose, is_writer=is_writer)

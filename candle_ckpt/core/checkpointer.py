@@ -6,24 +6,37 @@ and applies the keep policy. The Keras callback is a thin adapter around it; so 
 tests, with plain-file writers.
 """
 
+from __future__ import annotations
+
 import functools
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import __version__
+from .. import __version__
 from .background import BackgroundWriter, TrashCollector
 from .errors import CheckpointWriteError, LinkError, ParameterValueError
 from .faults import fault_point
-from .info import (CHECKSUM_DISABLED, FIRST_SAVE, FORMAT, FORMAT_VERSION,
-                   TIMESTAMP_FORMAT, finite_or_none, is_legacy)
+from .info import (
+    CHECKSUM_DISABLED,
+    FIRST_SAVE,
+    FORMAT,
+    FORMAT_VERSION,
+    TIMESTAMP_FORMAT,
+    finite_or_none,
+    is_legacy,
+)
 from .layout import CheckpointLayout
 from .lock import WriterLock
 from .logs import silent_logger, tree_logger
 from .params import validate_params
 from .policies import BestMetric, epochs_to_keep, infer_metric_mode, save_reason
 from .protocol import discard_epochs, point_link, prepare_tree, save_epoch
+
+WriteFiles = Callable[[str], str]
+"""write_files(directory) -> the model file's name: writes an epoch's files there."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,13 @@ class Checkpointer:
         self.background = BackgroundWriter() if self.settings["ckpt_async"] else None
         self.versions = {"candle_ckpt": __version__, "python": platform.python_version(),
                          **(versions or {})}
+        self.adapter_name: str | None = None
+        self.model_format: str | None = None
+
+    def describe_writer(self, adapter_name, model_format, versions):
+        """Record which adapter and model-file format write, and their library versions."""
+        self.adapter_name, self.model_format = adapter_name, model_format
+        self.versions.update(versions)
 
     @property
     def logger(self):
@@ -287,6 +307,8 @@ class Checkpointer:
             "weights_only": self.settings["ckpt_save_weights_only"],
             "write_seconds": round(written.write_seconds, 6),
             "versions": self.versions,
+            **({"adapter": self.adapter_name, "model_format": self.model_format}
+               if self.adapter_name else {}),
         }
 
     def _point_best(self, wanted):

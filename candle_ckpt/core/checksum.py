@@ -15,16 +15,17 @@ import concurrent.futures
 import mmap
 import os
 import threading
-import zlib
+from collections.abc import Callable
 
+_crc32_combine: Callable[[int, int, int], int] | None
 try:
-    from isal.isal_zlib import crc32 as _isal_crc32
+    from isal.isal_zlib import crc32
     from isal.isal_zlib import crc32_combine as _crc32_combine
+    BACKEND = "isal"
 except ImportError:  # isal is optional: fall back to the standard library
-    _isal_crc32 = _crc32_combine = None
-
-crc32 = _isal_crc32 or zlib.crc32
-BACKEND = "isal" if _isal_crc32 else "zlib"
+    from zlib import crc32
+    _crc32_combine = None
+    BACKEND = "zlib"
 
 # Pages of the mapping are touched in slices of this size, so a progress callback
 # can be called and the working set stays small (8 MiB measured fastest).

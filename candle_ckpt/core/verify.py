@@ -1,5 +1,7 @@
 """Check the files of an epoch directory against what its ckpt-info.json records."""
 
+from __future__ import annotations
+
 import os
 import stat
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ class FileCheck:
     expected_crc32: str
     actual_crc32: str
     problem: str
-    contents: memoryview = field(default=None, repr=False, compare=False)
+    contents: memoryview | None = field(default=None, repr=False, compare=False)
 
     def describe(self):
         """One line for a person: what is wrong with the file, or that it is fine."""

@@ -7,6 +7,8 @@ epoch that verifies. The model file is read once, while it is verified; the fram
 adapter then loads those bytes.
 """
 
+from __future__ import annotations
+
 import os
 from dataclasses import dataclass, field
 
@@ -26,7 +28,7 @@ class Checkpoint:
     epoch: int
     directory: str
     info: dict
-    model_contents: memoryview = field(default=None, repr=False, compare=False)
+    model_contents: memoryview = field(repr=False, compare=False)
 
     @property
     def model_path(self):

@@ -98,8 +98,9 @@ class CheckpointLayout:
         if not os.path.lexists(path):
             return None
         if not os.path.islink(path):
+            kind = "directory" if os.path.isdir(path) else "file"
             raise LinkError(f"'{path}' is not a symlink; expected a link to "
-                            f"epochs/NNN (found a {'directory' if os.path.isdir(path) else 'file'})")
+                            f"epochs/NNN (found a {kind})")
         try:
             target = os.path.realpath(path, strict=True)
         except FileNotFoundError:

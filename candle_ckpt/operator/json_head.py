@@ -56,7 +56,7 @@ def _cut_before(data, quoted_key):
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _quoted(key):
     return json.dumps(key).encode("utf-8")
 

@@ -1,0 +1,79 @@
+"""The seam between the core and a framework: what an adapter supplies, typed.
+
+The core owns every step that is the same for every framework (when to save, the save
+protocol, links, keep policy, async writes, pre-emption, which process writes, finding
+and verifying the restart checkpoint). An adapter owns only what touches the
+framework's objects: copying the training state to host memory, writing that copy as
+the epoch's model file, loading a verified model file back, and the framework's view
+of a multi-process job. `candle_ckpt.keras.adapter` and `candle_ckpt.pytorch.adapter`
+are the two implementations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .resume import Checkpoint
+    from .writer import WriterDecision
+
+AllGather = Callable[[Sequence[int]], list[tuple[int, ...]]]
+"""A collective: every process's tuple of ints, in rank order (every process calls it)."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What an adapter's `restore` loaded, for the restart log and its warnings.
+
+    Attributes:
+        parts: what was restored, e.g. ("weights", "optimizer", "RNG").
+        exact: whether that is everything an exact resume needs.
+        missing: what an inexact restore lacks, for the warning ("optimizer state").
+        source: a note on where it came from, e.g. "legacy upstream-CANDLE file".
+    """
+    parts: tuple[str, ...]
+    exact: bool
+    missing: str = ""
+    source: str = ""
+
+
+class FrameworkAdapter(Protocol):
+    """A framework's part of checkpointing one model (and whatever trains with it)."""
+
+    adapter_name: str
+    """Recorded in ckpt-info.json as `adapter`, e.g. "keras"."""
+    model_format: str
+    """Recorded in ckpt-info.json as `model_format`: the model file's own format."""
+
+    def library_versions(self) -> dict[str, str]:
+        """The framework's library versions, recorded in every ckpt-info.json."""
+
+    def writer_decision(self, explicit: bool | None) -> WriterDecision:
+        """Whether this process writes the tree (`core.writer.writer_decision` rules)."""
+
+    def all_gather(self) -> AllGather | None:
+        """The collective the restart agreement runs on, or None for a single process."""
+
+    def trains_in_lockstep(self) -> bool:
+        """Whether processes run collectives every step (a stop at different batches
+        would hang them): pre-emption by signal is then refused."""
+
+    def state_nbytes(self) -> int:
+        """The bytes a copied snapshot holds, computed without copying."""
+
+    def snapshot(self, *, copy: bool, into: Any | None = None) -> Any:
+        """The training state now, on the training thread: views where the framework
+        keeps them unchanged until the save is written (`copy=False`, a synchronous
+        save), copies otherwise, made into `into` (an older snapshot nobody reads any
+        more) where possible. The result must not refer to live framework objects."""
+
+    def write_model_file(self, snapshot: Any, directory: str) -> str:
+        """Write `snapshot` into `directory`; return the model file's name. May run in
+        another thread; need not fsync (the protocol does)."""
+
+    def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+        """Load the verified `checkpoint` (its bytes: `checkpoint.model_contents`).
+        Everything is checked before the first value changes."""

@@ -1,0 +1,235 @@
+"""One training run's checkpointing, driven by any framework's training loop.
+
+`TrainingSession` is the end-of-epoch flow every adapter shares: which process writes,
+the writer lock, resuming the run's bookkeeping after a restart, deciding each epoch
+(`Checkpointer.decide`), capturing the state through the adapter (views for a save
+written at once, reused copies for one written in the background or held for
+pre-emption), the save itself (sync or async), and the pre-emption stop. A framework
+calls five methods at the matching points of its loop::
+
+    session = TrainingSession(params)           # checks every ckpt_* parameter
+    session.begin(adapter)                      # training starts (takes the lock)
+    for epoch in range(initial_epoch, params["epochs"]):
+        session.epoch_begin(epoch)              # epochs completed so far
+        for batch ...: train; session.batch_end(batch)
+        session.epoch_end(epoch + 1, logs)      # the 1-based epoch that just ended
+    session.end()                               # waits for the last save, unlocks
+
+The Keras callback maps its hooks onto these one to one; `CandleCkptPyTorch` calls
+them from `ckpt_epoch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .adapter import FrameworkAdapter
+from .background import check_snapshot_fits
+from .checkpointer import Checkpointer, SaveDecision, WriteFiles
+from .errors import NoCheckpointError, ParameterValueError
+from .logs import console_logger
+from .preemption import Preempted, PreemptionWatch
+from .resume import read_epoch_info
+from .writer import check_is_writer
+
+
+class TrainingSession:
+    """Checkpoints one training run for a framework's loop (see the module docstring).
+
+    Args:
+        gParameters: the parameter dict; every `ckpt_*` key is checked here, before
+            anything is written, and `epochs` (the run's last epoch) is required.
+        logger: "DEFAULT" logs to `<ckpt_directory>/ckpt.log` (and the console when
+            verbose); a `logging.Logger` to use instead; None for no log.
+        verbose: whether INFO messages also go to the console.
+        is_writer: True/False to say whether this process writes the tree, or None to
+            detect it (`core.writer`).
+    """
+
+    def __init__(self, gParameters: Mapping[str, Any], logger: Any = "DEFAULT",
+                 verbose: bool = True, is_writer: bool | None = None) -> None:
+        self.checkpointer = Checkpointer(gParameters, logger=logger, verbose=verbose)
+        self.settings = self.checkpointer.settings
+        self._explicit_writer = check_is_writer(is_writer)
+        self._verbose = verbose
+        self._adapter: FrameworkAdapter | None = None
+        self._writer: bool | None = None
+        self._watch: PreemptionWatch | None = None
+        self._epoch = 0                 # the running 1-based epoch
+        self._first_epoch_seen = False
+        self._async_snapshot: Any = None  # reused copies (see _capture)
+        self._held_snapshot: Any = None
+
+    @property
+    def adapter(self) -> FrameworkAdapter:
+        if self._adapter is None:
+            raise RuntimeError("TrainingSession.begin(adapter) was not called")
+        return self._adapter
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the tree; decided once, when first asked."""
+        if self._writer is None:
+            decision = self.adapter.writer_decision(self._explicit_writer)
+            self._writer = decision.is_writer
+            if not decision.is_writer:
+                console_logger("save", self._verbose).info(
+                    "not the checkpoint writer (%s): this process writes nothing in '%s'",
+                    decision.reason, self.checkpointer.layout.root)
+        return self._writer
+
+    # -- the training loop's points ----------------------------------------------------
+
+    def begin(self, adapter: FrameworkAdapter) -> None:
+        """Training starts: become the writer (lock, cleanup) and watch for the signal.
+
+        Raises:
+            WriterLockedError: another process writes this tree.
+            ParameterValueError: `ckpt_signal` under lock-step multi-process training.
+        """
+        self._adapter = adapter
+        self.checkpointer.describe_writer(adapter.adapter_name, adapter.model_format,
+                                          adapter.library_versions())
+        if self.is_writer:
+            self.checkpointer.start_writing()
+        self._watch = self._start_preemption_watch()
+
+    def epoch_begin(self, epoch: int) -> None:
+        """An epoch starts after `epoch` completed ones; the first one resumes the run."""
+        self._epoch = epoch + 1
+        if self._first_epoch_seen:
+            return
+        self._first_epoch_seen = True
+        if self._watch is not None:
+            self._watch.completed_epoch = epoch
+        if epoch > 0 and self.is_writer:
+            self._resume(epoch)
+
+    def batch_end(self, batch: int) -> None:
+        """0-based `batch` of the running epoch ended: stop here if pre-empted.
+
+        Raises:
+            Preempted: the signal came (a SystemExit with status 75).
+        """
+        if self._watch is not None and self._watch.requested:
+            raise self._stop_preempted(f"epoch {self._epoch}, batch {batch + 1}")
+
+    def epoch_end(self, epoch: int, logs: Mapping[str, Any] | None) -> None:
+        """1-based `epoch` ended with metrics `logs`: save it if the policy says so.
+
+        Raises:
+            CheckpointWriteError: the save failed (with ckpt_async: the previous one).
+            Preempted: the signal came during the epoch.
+        """
+        decision = None
+        if self.is_writer:
+            decision = self.checkpointer.decide(epoch, logs)
+            if decision is not None:
+                self.checkpointer.save(decision, self._capture)
+        if self._watch is not None:
+            self._watch.epoch_completed(
+                epoch, saved=decision is not None or self._not_saving() is not None,
+                take_snapshot=lambda: self._hold(epoch))
+            if self._watch.requested:
+                raise self._stop_preempted(f"epoch {epoch}")
+
+    def end(self) -> None:
+        """Training ended: wait for the last save, report, release the lock."""
+        if self._watch is not None:
+            self._watch.uninstall()
+        if self._adapter is not None and self.is_writer:
+            self.checkpointer.finish()
+
+    # -- resuming ----------------------------------------------------------------------
+
+    def _resume(self, initial_epoch: int) -> None:
+        """Continue the run whose checkpoint of `initial_epoch` the restart loaded."""
+        layout = self.checkpointer.layout
+        try:
+            info = read_epoch_info(layout, initial_epoch)
+        except NoCheckpointError:
+            self.checkpointer.logger.warning(
+                "training starts at epoch %d but '%s' has no checkpoint: best-metric and "
+                "keep state start afresh", initial_epoch + 1, layout.epoch_dir(initial_epoch))
+            return
+        self.checkpointer.resume(info)
+
+    # -- capturing the state -----------------------------------------------------------
+
+    def _capture(self) -> WriteFiles:
+        """Snapshot the state for a save now (training thread); return its writer.
+
+        A synchronous save is written at once, before training goes on: its snapshot
+        is made of views and costs neither a copy nor memory. With ckpt_async it is
+        written while training goes on, so it is a copy in host memory, made into the
+        previous save's (written by then: `Checkpointer.save` waits for it), so that
+        the memory is allocated once per run.
+        """
+        if self.checkpointer.background is None:
+            return self._files_writer(self.adapter.snapshot(copy=False))
+        self._async_snapshot = self._copy_state(self._async_snapshot, "ckpt_async=true",
+                                                "ckpt_async=false")
+        return self._files_writer(self._async_snapshot)
+
+    def _hold(self, epoch: int) -> tuple[SaveDecision, WriteFiles]:
+        """Copy the state of unsaved `epoch` for a save pre-emption may ask for later."""
+        signal = self.settings["ckpt_signal"]
+        self._held_snapshot = self._copy_state(self._held_snapshot, f"ckpt_signal={signal}",
+                                               "ckpt_signal=off")
+        return (self.checkpointer.decision_now(epoch, "pre-emption"),
+                self._files_writer(self._held_snapshot))
+
+    def _copy_state(self, spare: Any, setting: str, off: str) -> Any:
+        """A host-memory copy of the state, into `spare` (a snapshot no longer needed);
+        the first one is checked to fit in memory (`check_snapshot_fits`)."""
+        if spare is None:
+            check_snapshot_fits(self.adapter.state_nbytes(), setting, off)
+        return self.adapter.snapshot(copy=True, into=spare)
+
+    def _files_writer(self, snapshot: Any) -> WriteFiles:
+        adapter = self.adapter
+        return lambda directory: adapter.write_model_file(snapshot, directory)
+
+    # -- pre-emption (ckpt_signal) -----------------------------------------------------
+
+    def _start_preemption_watch(self) -> PreemptionWatch | None:
+        name = self.settings["ckpt_signal"]
+        if name == "off":
+            return None
+        if self.adapter.trains_in_lockstep():
+            raise ParameterValueError(
+                f"parameter 'ckpt_signal' is {name!r} while several processes train in "
+                f"lock-step ({self.adapter.adapter_name}); expected 'off': the processes "
+                f"could stop at different batches and wait for each other forever")
+        watch = PreemptionWatch(name)
+        watch.install()
+        return watch
+
+    def _not_saving(self) -> str | None:
+        """Why this process saves nothing at all, or None if it saves."""
+        if not self.is_writer:
+            return "this process does not write the checkpoint tree"
+        if self.settings["ckpt_save_interval"] == 0:
+            return "ckpt_save_interval is 0"
+        return None
+
+    def _stop_preempted(self, where: str) -> Preempted:
+        watch = self._watch
+        assert watch is not None
+        if not self.is_writer:
+            return watch.stop(where, self._not_saving() or "", console_logger("save"))
+        self._wait_for_saves()
+
+        def save_pending(epoch: int, pending: tuple[SaveDecision, WriteFiles]) -> None:
+            decision, write_files = pending
+            self.checkpointer.save(decision, lambda: write_files)
+            self._wait_for_saves()
+        saving: Callable[[int, Any], None] | str = self._not_saving() or save_pending
+        return watch.stop(where, saving, self.checkpointer.logger)
+
+    def _wait_for_saves(self) -> None:
+        """With ckpt_async: wait for the save in flight (raising its error)."""
+        if self.checkpointer.background is not None:
+            self.checkpointer.background.wait()
+

@@ -1,0 +1,79 @@
+"""`KerasAdapter`: the core's `FrameworkAdapter` for a Keras 3 model (`model.h5`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from typing import Any
+
+import h5py
+import keras
+import numpy
+
+from ..core.adapter import AllGather, Restored
+from ..core.durable import WritebackStarter
+from ..core.resume import Checkpoint
+from ..core.writer import WriterDecision, writer_decision
+from . import h5
+from .distributed import (
+    multi_worker_strategy,
+    strategy_all_gather,
+    strategy_decision,
+    strategy_scope,
+)
+
+
+class KerasAdapter:
+    """Checkpoints a built and compiled Keras model: weights, optimizer, RNG state.
+
+    Args:
+        model: the Keras model.
+        weights_only: snapshots leave out the optimizer (`ckpt_save_weights_only`).
+    """
+
+    adapter_name = "keras"
+    model_format = f"keras-h5/{h5.FORMAT_VERSION}"
+
+    def __init__(self, model: Any, weights_only: bool = False) -> None:
+        self.model = model
+        self.weights_only = weights_only
+
+    def library_versions(self) -> dict[str, str]:
+        versions = {"keras": keras.__version__, "h5py": h5py.__version__,
+                    "numpy": numpy.__version__, "backend": keras.backend.backend()}
+        if versions["backend"] == "tensorflow":
+            import tensorflow
+            versions["tensorflow"] = tensorflow.__version__
+        versions["platform"] = platform.platform()
+        return versions
+
+    def writer_decision(self, explicit: bool | None) -> WriterDecision:
+        return writer_decision(explicit, strategy_decision(self.model))
+
+    def all_gather(self) -> AllGather | None:
+        return strategy_all_gather(self.model)
+
+    def trains_in_lockstep(self) -> bool:
+        return multi_worker_strategy(self.model) is not None
+
+    def state_nbytes(self) -> int:
+        return h5.state_nbytes(self.model, self.weights_only)
+
+    def snapshot(self, *, copy: bool, into: Any | None = None) -> h5.TrainingState:
+        return h5.snapshot(self.model, self.weights_only, copy=copy, into=into)
+
+    def write_model_file(self, snapshot: h5.TrainingState, directory: str) -> str:
+        path = os.path.join(directory, h5.MODEL_FILE)
+        h5.write(snapshot, path, progress=WritebackStarter(path))
+        return h5.MODEL_FILE
+
+    def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+        with strategy_scope(self.model):
+            loaded = h5.restore(self.model, checkpoint.model_path,
+                                contents=checkpoint.model_contents, logger=logger)
+        parts = ("weights",) + (("optimizer",) if loaded["optimizer_restored"] else ()) + (
+            ("RNG",) if loaded["rng_restored"] else ())
+        return Restored(parts=parts, exact=loaded["optimizer_restored"],
+                        missing="optimizer state",
+                        source="legacy upstream-CANDLE file" if loaded["legacy"] else "")

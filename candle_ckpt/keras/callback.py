@@ -1,0 +1,97 @@
+"""CandleCheckpointCallback: save a crash-consistent checkpoint at the end of epochs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+
+from ..core.session import TrainingSession
+from .adapter import KerasAdapter
+
+
+class CandleCheckpointCallback(keras.callbacks.Callback):
+    """Checkpoint a Keras training run so a killed job restarts exactly where it stopped.
+
+    At the end of every epoch it decides whether to save (`ckpt_save_interval`,
+    `ckpt_skip_epochs`, an improvement of `ckpt_save_best_metric`, the final epoch), then
+    writes the weights, the optimizer state and the RNG state into
+    `<ckpt_directory>/ckpts/work/model.h5`, fsyncs and checksums it, records
+    `ckpt-info.json`, renames `work` to `epochs/NNN` and atomically repoints the
+    relative links `best` and `last`. It then deletes this run's epochs the keep policy
+    (`ckpt_keep_mode`, `ckpt_keep_limit`) no longer wants, never `last` or `best`.
+
+    Use it with `restart()`, which resumes from `last`::
+
+        J = candle_ckpt.restart(params, model)
+        initial_epoch = J["epoch"] if J else 0
+        ckpt = candle_ckpt.CandleCheckpointCallback(params)
+        model.fit(x, y, validation_data=(xv, yv), epochs=params["epochs"],
+                  initial_epoch=initial_epoch, callbacks=[ckpt])
+
+    When fit starts at `initial_epoch > 0`, the callback reads that epoch's
+    ckpt-info.json and continues its best-metric state, best epoch, keep-policy list
+    and save times; epochs after it (a timeline abandoned by a rollback) are replaced as
+    training reaches them.
+
+    In a multi-process job only one process writes (see `candle_ckpt.core.writer`):
+    by default the chief of a `MultiWorkerMirroredStrategy`, else the chief or worker 0
+    of `TF_CONFIG`, else rank 0 of `OMPI_COMM_WORLD_RANK`/`PMI_RANK`/`SLURM_PROCID`;
+    `is_writer` overrides the detection. The other processes write nothing in
+    `ckpt_directory`, not even ckpt.log.
+
+    With `ckpt_signal` (USR1/USR2/TERM/INT, for a batch system's pre-emption warning)
+    the callback handles that signal during fit: at the end of the running batch it
+    stops, saves the last completed epoch if the interval skipped it (from a snapshot
+    taken at that epoch's end), logs it and exits with status 75 (see
+    `candle_ckpt.core.preemption`).
+
+    The writer holds an advisory lock on `ckpts/.lock` from the start of fit to its end
+    (the kernel drops it if the process dies): a second job writing the same tree fails
+    in `on_train_begin` with a `WriterLockedError` naming the holder's pid, host and
+    start time. `restart()` does not take it.
+
+    With `ckpt_async`, the training thread only copies the state to host memory (one
+    extra copy of weights and optimizer variables, checked against available memory
+    before each save) and a background thread writes it; at most one save is in
+    flight, its errors are raised at the next save or at the end of fit, and the end
+    of fit waits for it.
+
+    Args:
+        gParameters: dict of parameters; every `ckpt_*` key is type-checked here, before
+            anything is written, and `epochs` (the run's last epoch) is required.
+            See `candle_ckpt.core.params.PARAMETERS` for every key, default and meaning.
+        logger: "DEFAULT" logs to `<ckpt_directory>/ckpt.log` (and the console when
+            verbose); a `logging.Logger` to use instead; None for no log.
+        verbose: whether INFO messages also go to the console.
+        is_writer: True/False to say whether this process writes the tree (Horovod:
+            `hvd.rank() == 0`), or None (default) to detect it as described above.
+    """
+
+    def __init__(self, gParameters: Mapping[str, Any], logger: Any = "DEFAULT",
+                 verbose: bool = True, is_writer: bool | None = None) -> None:
+        super().__init__()
+        self.session = TrainingSession(gParameters, logger=logger, verbose=verbose,
+                                       is_writer=is_writer)
+        self.checkpointer = self.session.checkpointer
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        weights_only = self.session.settings["ckpt_save_weights_only"]
+        self.session.begin(KerasAdapter(self.model, weights_only))
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.session.epoch_begin(epoch)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.session.batch_end(batch)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.session.epoch_end(epoch + 1, logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.session.end()
+
+    def report_final(self) -> None:
+        """Log the epochs this run keeps (CANDLE's API; also done at the end of fit)."""
+        self.checkpointer.report_final()

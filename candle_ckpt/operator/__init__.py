@@ -1,0 +1,4 @@
+"""The operator's side: inspecting and repairing a tree between jobs (`candle-ckpt`).
+
+Nothing here imports TensorFlow, Keras or torch.
+"""
