@@ -1,4 +1,4 @@
-"""Install candle_ckpt: `pip install .` (or `pip install -e .`; `.[test]` adds pytest, ruff, mypy)."""
+"""Install candle_ckpt: `pip install .` (`-e` to develop; `.[test]` adds pytest, ruff, mypy)."""
 
 import re
 from pathlib import Path
