@@ -5,19 +5,22 @@ Every step of the save protocol is one of these. Each states what holds after a 
 system, as `rename(2)` requires. POSIX only.
 """
 
+from __future__ import annotations
+
 import ctypes
 import os
 import re
 import shutil
 import sys
 import uuid
+from collections.abc import Callable
 
 from .faults import fault_point
 
 _TEMPORARY_NAME = re.compile(r"\..+\.tmp\.[0-9a-f]{12}\Z")
 
 
-def fsync_file(path):
+def fsync_file(path: str) -> None:
     """Flush a file's data and metadata to stable storage."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -26,7 +29,7 @@ def fsync_file(path):
         os.close(fd)
 
 
-def _load_sync_file_range():
+def _load_sync_file_range() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
@@ -54,10 +57,10 @@ class WritebackStarter:
         every_bytes: how much new data between two requests.
     """
 
-    def __init__(self, path, every_bytes=16 << 20):
+    def __init__(self, path: str, every_bytes: int = 16 << 20) -> None:
         self.path, self.every_bytes, self._next = path, every_bytes, every_bytes
 
-    def __call__(self, bytes_written):
+    def __call__(self, bytes_written: int) -> None:
         if _sync_file_range is None or bytes_written < self._next:
             return
         self._next = bytes_written + self.every_bytes
@@ -68,7 +71,7 @@ class WritebackStarter:
             os.close(fd)
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     """Flush a directory's entries (creations, renames, removals) to stable storage."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -77,7 +80,7 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def temporary_name(path):
+def temporary_name(path: str) -> str:
     """A sibling of `path` that no other writer uses: `.<name>.tmp.<unique>`.
 
     Temporary names start with a dot and never parse as an epoch number, so no reader
@@ -87,12 +90,12 @@ def temporary_name(path):
     return os.path.join(head, f".{tail}.tmp.{uuid.uuid4().hex[:12]}")
 
 
-def is_temporary_name(name):
+def is_temporary_name(name: str) -> bool:
     """Whether a directory entry's name is one `temporary_name` makes."""
     return _TEMPORARY_NAME.match(name) is not None
 
 
-def write_bytes_atomic(path, data):
+def write_bytes_atomic(path: str, data: bytes) -> None:
     """Replace the file `path` by `data`: readers see the old file or the whole new one.
 
     Writes a temporary sibling, fsyncs it, renames it over `path` and fsyncs the
@@ -113,7 +116,7 @@ def write_bytes_atomic(path, data):
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def rename_durable(source, destination):
+def rename_durable(source: str, destination: str) -> None:
     """Rename `source` to `destination` and make the rename durable.
 
     After a crash, exactly one of the two names exists. Both parent directories are
@@ -127,7 +130,7 @@ def rename_durable(source, destination):
         fsync_dir(source_parent)
 
 
-def replace_symlink(target, link_path):
+def replace_symlink(target: str, link_path: str) -> None:
     """Point the symlink `link_path` at `target` atomically, replacing any old link.
 
     Creates the link under a temporary name and `os.replace`s it over `link_path`, then
@@ -144,7 +147,7 @@ def replace_symlink(target, link_path):
     fsync_dir(os.path.dirname(os.path.abspath(link_path)))
 
 
-def remove_link(link_path):
+def remove_link(link_path: str) -> None:
     """Remove the symlink `link_path` if it exists, durably."""
     try:
         os.unlink(link_path)
@@ -153,7 +156,7 @@ def remove_link(link_path):
     fsync_dir(os.path.dirname(os.path.abspath(link_path)))
 
 
-def move_to_trash(path, trash_dir):
+def move_to_trash(path: str, trash_dir: str) -> str | None:
     """Rename the directory `path` into `trash_dir` durably; return where it went.
 
     After this, no reader sees `path`, and nothing was deleted yet: the slow removal
@@ -170,7 +173,7 @@ def move_to_trash(path, trash_dir):
     return moved
 
 
-def discard_tree(path, trash_dir):
+def discard_tree(path: str, trash_dir: str) -> str | None:
     """Delete the directory `path` now, so that no reader ever sees it half-deleted.
 
     `move_to_trash`, then remove it there. A crash leaves either the whole tree at
@@ -183,7 +186,7 @@ def discard_tree(path, trash_dir):
     return moved
 
 
-def empty_trash(trash_dir):
+def empty_trash(trash_dir: str) -> list[str]:
     """Finish deletions a crash interrupted: remove everything inside `trash_dir`.
 
     Returns the names removed.

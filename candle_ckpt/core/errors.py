@@ -4,6 +4,8 @@ Every message names the key or path involved, what was found and what was expect
 Parameter errors are also `TypeError`/`ValueError`, as CANDLE's were.
 """
 
+from __future__ import annotations
+
 
 class CheckpointError(Exception):
     """Base class of every error raised by candle_ckpt."""
@@ -32,7 +34,7 @@ class CorruptCheckpointError(CheckpointError):
 class ChecksumMismatchError(CorruptCheckpointError):
     """A file's CRC32 differs from the one recorded in ckpt-info.json."""
 
-    def __init__(self, path, expected, actual):
+    def __init__(self, path: str, expected: str, actual: str) -> None:
         super().__init__(
             f"checksum mismatch in '{path}': ckpt-info.json records CRC32 {expected}, "
             f"the file has {actual}; the checkpoint is corrupt, refusing to load it")

@@ -12,6 +12,8 @@ after_last (before the keep policy), after_trash_rename (an epoch being deleted 
 trash/ but not yet removed).
 """
 
+from __future__ import annotations
+
 import os
 import signal
 
@@ -19,7 +21,7 @@ POINTS = ("after_write", "after_fsync", "after_info", "after_rename", "after_bes
           "after_last", "after_trash_rename")
 
 
-def _parse(spec):
+def _parse(spec: str | None) -> tuple[str | None, int]:
     if not spec:
         return None, 0
     name, _, count = spec.partition(":")
@@ -32,7 +34,7 @@ def _parse(spec):
 _armed, _remaining = _parse(os.environ.get("CANDLE_CKPT_FAULT"))
 
 
-def fault_point(name):
+def fault_point(name: str) -> None:
     """Kill this process with SIGKILL if the armed fault is `name` and its count is due."""
     global _remaining
     if name != _armed:

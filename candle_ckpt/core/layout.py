@@ -14,6 +14,8 @@
 Every path derives from `ckpt_directory`; nothing here touches the disk except to read.
 """
 
+from __future__ import annotations
+
 import os
 import re
 
@@ -26,12 +28,12 @@ LINK_NAMES = ("last", "best")
 _EPOCH_NAME = re.compile(r"[0-9]+\Z")
 
 
-def epoch_dirname(epoch):
+def epoch_dirname(epoch: int) -> str:
     """The directory name of a 1-based epoch: "001", ..., "999", "1000"."""
     return "%03d" % epoch
 
 
-def parse_epoch_dirname(name):
+def parse_epoch_dirname(name: str) -> int | None:
     """The epoch number of an epoch directory name, or None if it is not one.
 
     Only canonical names count ("007", not "7" or "0007"), so that every epoch has
@@ -51,7 +53,7 @@ class CheckpointLayout:
             directory at construction time; it is made absolute once here).
     """
 
-    def __init__(self, ckpt_directory):
+    def __init__(self, ckpt_directory: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(ckpt_directory))
         self.log_file = os.path.join(self.root, LOG_FILE)
         self.ckpts = os.path.join(self.root, "ckpts")
@@ -59,22 +61,22 @@ class CheckpointLayout:
         self.trash = os.path.join(self.ckpts, "trash")
         self.epochs = os.path.join(self.ckpts, "epochs")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"CheckpointLayout({self.root!r})"
 
-    def link(self, name):
+    def link(self, name: str) -> str:
         """The path of the `last` or `best` link."""
         return os.path.join(self.ckpts, name)
 
-    def epoch_dir(self, epoch):
+    def epoch_dir(self, epoch: int) -> str:
         """The directory of a 1-based epoch."""
         return os.path.join(self.epochs, epoch_dirname(epoch))
 
-    def relative_epoch_target(self, epoch):
+    def relative_epoch_target(self, epoch: int) -> str:
         """What `last`/`best` store to point at an epoch: relative, so the tree can move."""
         return os.path.join("epochs", epoch_dirname(epoch))
 
-    def list_epochs(self):
+    def list_epochs(self) -> list[int]:
         """The epochs present in `epochs/`, in numeric order (1000 after 999)."""
         try:
             names = os.listdir(self.epochs)
@@ -83,7 +85,7 @@ class CheckpointLayout:
         return sorted(epoch for epoch in map(parse_epoch_dirname, names)
                       if epoch is not None)
 
-    def resolve_link(self, name):
+    def resolve_link(self, name: str) -> int | None:
         """The epoch a `last`/`best` link points at, or None if there is none.
 
         A link written by hand, relative or absolute, is accepted when it resolves to a

@@ -8,7 +8,10 @@
 Epochs are 1-based everywhere, as in CANDLE.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Iterable
 
 from .errors import ParameterValueError
 
@@ -18,7 +21,7 @@ _MINIMISED = ("loss", "error", "mse", "mae", "mape", "msle", "crossentropy", "hi
 _MAXIMISED = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
 
 
-def infer_metric_mode(metric, mode="auto"):
+def infer_metric_mode(metric: str, mode: str = "auto") -> str:
     """Return "min" or "max" for a metric name; `mode` other than "auto" wins.
 
     auto: names containing loss, error, mse, mae, ... are minimised; names containing
@@ -52,13 +55,14 @@ class BestMetric:
         epoch: the epoch of that value, or None.
     """
 
-    def __init__(self, metric, mode, value=None, epoch=None):
+    def __init__(self, metric: str, mode: str, value: float | None = None,
+                 epoch: int | None = None) -> None:
         if mode not in ("min", "max"):
             raise ParameterValueError(f"BestMetric mode: received {mode!r}; "
                                       f"expected 'min' or 'max'")
         self.metric, self.mode, self.value, self.epoch = metric, mode, value, epoch
 
-    def improves(self, value):
+    def improves(self, value: float) -> bool:
         """Whether `value` is strictly better than the best so far (NaN never is)."""
         if value is None or math.isnan(value):
             return False
@@ -66,7 +70,7 @@ class BestMetric:
             return True
         return value < self.value if self.mode == "min" else value > self.value
 
-    def update(self, value, epoch):
+    def update(self, value: float, epoch: int) -> bool:
         """Record `value` at `epoch` if it improves; return whether it did."""
         if not self.improves(value):
             return False
@@ -74,7 +78,8 @@ class BestMetric:
         return True
 
 
-def save_reason(epoch, *, final_epoch, interval, skip_epochs, improved):
+def save_reason(epoch: int, *, final_epoch: int, interval: int, skip_epochs: int,
+                improved: bool) -> str | None:
     """Why `epoch` is saved ("best", "final", "interval"), or None if it is not.
 
     The order is DESIGN.md's: interval 0 never saves; an epoch before `skip_epochs`
@@ -91,7 +96,7 @@ def save_reason(epoch, *, final_epoch, interval, skip_epochs, improved):
     return None
 
 
-def exponential_survivors(epochs, now):
+def exponential_survivors(epochs: Iterable[int], now: int) -> set[int]:
     """`now`, plus the newest epoch in each window of age about 2^k, k = 0, 1, 2, ...
 
     An epoch of age d = now - epoch >= 1 is at level k = floor(log2(d)) and falls in the
@@ -102,7 +107,7 @@ def exponential_survivors(epochs, now):
     relative to `now` would want back epochs already deleted). A window of age 2^k
     overlaps at most two aligned windows, so at most 2 log2(now) + 1 epochs survive.
     """
-    newest_in_window = {}
+    newest_in_window: dict[tuple[int, int] | None, int] = {}
     for epoch in epochs:
         age = now - epoch
         if age < 0:
@@ -114,7 +119,7 @@ def exponential_survivors(epochs, now):
     return set(newest_in_window.values())
 
 
-def epochs_to_keep(run_epochs, now, mode, limit):
+def epochs_to_keep(run_epochs: Iterable[int], now: int, mode: str, limit: int) -> set[int]:
     """Which of this run's epochs a keep policy keeps after saving epoch `now`.
 
     `last` and `best` are protected by the caller, not here. Epochs of earlier runs
