@@ -94,6 +94,8 @@ class Parameter:
             raise argparse.ArgumentTypeError(str(error)) from None
 
 
+DEFAULT_CKPT_DIRECTORY = "./save"
+
 P = ParamType
 PARAMETERS = (
     Parameter("ckpt_restart_mode", P.STRING, "auto",
@@ -103,7 +105,7 @@ PARAMETERS = (
               "record the CRC32 of every file and verify it at restart"),
     Parameter("ckpt_skip_epochs", P.INTEGER_NN, 0,
               "save nothing before this (1-based) epoch"),
-    Parameter("ckpt_directory", P.STRING, "./save",
+    Parameter("ckpt_directory", P.STRING, DEFAULT_CKPT_DIRECTORY,
               "top directory of the checkpoint tree and ckpt.log"),
     Parameter("ckpt_save_best", P.BOOLEAN, True,
               "save whenever ckpt_save_best_metric improves, and link ckpts/best to it"),

@@ -79,7 +79,7 @@ def _write_into_work(layout, write_files, checksum):
 
 
 def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
-    """Write one epoch and make `last` point at it.
+    """Write one epoch into `epochs/NNN` (steps 2-6); the caller then repoints the links.
 
     Args:
         layout: the tree's `CheckpointLayout` (`prepare_tree` must have run).

@@ -4,8 +4,9 @@ Each operation is planned first, reading only (that plan is what `--dry-run` pri
 then applied with the save protocol's own crash-safe steps: links are repointed
 atomically and stored relative (`protocol.point_link`), epochs are deleted by renaming
 them out of `epochs/` before removing them (`durable.discard_tree`). Neither touches
-`work/` or the leftovers in `trash/`, which the next run cleans. Run them between jobs: the writer's
-lock (DESIGN.md, "Several processes") is not consulted here.
+`work/` or the leftovers in `trash/`, which the next run cleans. Each takes the writer
+lock on `ckpts/.lock` while it applies (`as_the_writer`), so it refuses while a training
+job writes the tree.
 """
 
 import contextlib

@@ -28,13 +28,14 @@ import re
 import sys
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from ..core.params import DEFAULT_CKPT_DIRECTORY
 from ..core.resume import read_epoch_info
 from ..core.verify import check_files
 from .inventory import describe_epochs, link_state, open_tree, require_epoch_dir, survey
 
 EXIT_OK, EXIT_CORRUPT, EXIT_ERROR = 0, 1, 2
 PROG = "candle-ckpt"
-DEFAULT_DIRECTORY = "./save"
+
 LINK_SELECTORS = ("last", "best")
 # A JSON list of numbers spread over lines by indenting; a newline cannot be inside a
 # JSON string, so this never matches string content.
@@ -68,9 +69,9 @@ def _split_positionals(values, command, epoch_required=False):
     if len(values) == 2:
         directory, epoch = values
     elif len(values) == 1 and _is_selector(values[0]):
-        directory, epoch = DEFAULT_DIRECTORY, values[0]
+        directory, epoch = DEFAULT_CKPT_DIRECTORY, values[0]
     else:
-        directory, epoch = (values or [DEFAULT_DIRECTORY])[0], None
+        directory, epoch = (values or [DEFAULT_CKPT_DIRECTORY])[0], None
     if epoch is None:
         if epoch_required:
             raise UsageError(f"{command}: expected an EPOCH to roll back to")
@@ -101,12 +102,12 @@ def build_parser():
                             "tree, link or format error.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
                                      metavar="{list,info,verify,rollback,prune}")
-    where = "[DIR] (default ./save), then EPOCH: a number, last or best"
+    where = f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
 
     list_parser = commands.add_parser(
         "list", help="one row per epoch: size, time, metric, checksum, last/best marks")
-    list_parser.add_argument("where", nargs="?", default=DEFAULT_DIRECTORY, metavar="DIR",
-                             help="default ./save")
+    list_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR",
+                             help=f"default {DEFAULT_CKPT_DIRECTORY}")
     list_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     list_parser.add_argument("--verify", action="store_true",
                              help="also validate every ckpt-info.json and compute every "
@@ -128,7 +129,7 @@ def build_parser():
 
     prune_parser = commands.add_parser(
         "prune", help="delete epochs by keep policy or after last; never last or best")
-    prune_parser.add_argument("where", nargs="?", default=DEFAULT_DIRECTORY, metavar="DIR")
+    prune_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR")
     how = prune_parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--keep", type=int, metavar="N",
                      help="keep at most N epochs up to last (plus last and best)")
@@ -335,7 +336,7 @@ def cmd_verify(args):
     if args.all:
         if len(args.where) > 1 or (args.where and _is_selector(args.where[0])):
             raise UsageError("verify: --all takes no EPOCH")
-        layout = open_tree((args.where or [DEFAULT_DIRECTORY])[0])
+        layout = open_tree((args.where or [DEFAULT_CKPT_DIRECTORY])[0])
         epochs = layout.list_epochs()
         if not epochs:
             raise NoCheckpointError(f"'{layout.epochs}' holds no epoch to verify")

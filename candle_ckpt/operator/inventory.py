@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ..core.errors import CheckpointError, LinkError, NoCheckpointError
 from ..core.info import MAX_INFO_BYTES, finite_or_none, is_legacy
 from ..core.layout import INFO_FILE, LINK_NAMES, CheckpointLayout
+from ..core.params import DEFAULT_CKPT_DIRECTORY
 from ..core.verify import recorded_files
 from .json_head import read_members
 
@@ -38,7 +39,7 @@ def open_tree(directory):
     layout = CheckpointLayout(directory)
     if not os.path.isdir(layout.root):
         raise CheckpointError(f"'{layout.root}' does not exist or is not a directory; "
-                              f"expected a ckpt_directory (default ./save)")
+                              f"expected a ckpt_directory (default {DEFAULT_CKPT_DIRECTORY})")
     if not os.path.isdir(layout.ckpts):
         raise CheckpointError(f"'{layout.root}' is not a checkpoint tree: it has no "
                               f"'ckpts/' directory; expected a ckpt_directory (default ./save)")
