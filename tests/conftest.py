@@ -16,6 +16,16 @@ def file_writer(payload=b"weights", name="model.h5"):
     return write_files
 
 
+@pytest.fixture(autouse=True)
+def library_records_reach_caplog(monkeypatch):
+    """The `candle_ckpt` logger does not propagate (core/logs.py); caplog listens on the
+    root logger, so the tests let it propagate."""
+    import logging
+    monkeypatch.setattr(logging.getLogger("candle_ckpt"), "propagate", True)
+    yield
+    logging.getLogger("candle_ckpt").propagate = False
+
+
 @pytest.fixture
 def ckpt_dir(tmp_path):
     return str(tmp_path / "save")

@@ -4,7 +4,14 @@ Loggers are named under `candle_ckpt` ("candle_ckpt.save", "candle_ckpt.restart"
 One process may use several checkpoint trees (tests, ensembles), so each record
 carries the tree it is about, and each tree's file handler takes only its own records.
 The console gets INFO and up when `verbose`, else WARNING and up.
+
+The `candle_ckpt` logger does not propagate to the root logger: an application that
+configures logging (TensorFlow does) would otherwise print every record a second time,
+and INFO even with `verbose=False`. To receive the records elsewhere, add a handler to
+`logging.getLogger("candle_ckpt")` or set its `propagate` back to True.
 """
+
+from __future__ import annotations
 
 import logging
 import os
@@ -15,6 +22,24 @@ _FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 _lock = threading.Lock()
 _file_handlers: dict[str, logging.Handler] = {}
 _console_handler: logging.Handler | None = None
+logging.getLogger("candle_ckpt").propagate = False  # see the module docstring
+
+
+class _TreeLogHandler(logging.FileHandler):
+    """A tree's ckpt.log. A record it cannot write (a full disk) is reported once, in
+    one line, instead of logging's traceback per record; saving goes on or fails on its
+    own terms."""
+
+    def __init__(self, log_file: str) -> None:
+        super().__init__(log_file, encoding="utf-8")
+        self.failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            sys.stderr.write(f"candle_ckpt: cannot write '{self.baseFilename}' "
+                             f"({sys.exc_info()[1]}); its records are lost from now on, "
+                             f"the console still gets them\n")
 
 
 class _TreeFilter(logging.Filter):
@@ -31,7 +56,7 @@ def _ensure_file_handler(root, log_file):
         if root in _file_handlers:
             return
         os.makedirs(root, exist_ok=True)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler = _TreeLogHandler(log_file)
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler.addFilter(_TreeFilter(root))
         logging.getLogger("candle_ckpt").addHandler(handler)
@@ -59,8 +84,7 @@ def tree_logger(name, layout, verbose=True):
     Returns:
         A `logging.LoggerAdapter` whose records reach this tree's ckpt.log.
     """
-    base = logging.getLogger("candle_ckpt")
-    base.setLevel(logging.DEBUG)
+    _library_logger()
     _ensure_file_handler(layout.root, layout.log_file)
     _ensure_console_handler(verbose)
     return logging.LoggerAdapter(logging.getLogger(f"candle_ckpt.{name}"),
@@ -77,9 +101,15 @@ def console_logger(name, verbose=True):
         name: the suffix, e.g. "restart" gives the logger "candle_ckpt.restart".
         verbose: INFO to the console when True, only warnings when False.
     """
-    logging.getLogger("candle_ckpt").setLevel(logging.DEBUG)
+    _library_logger()
     _ensure_console_handler(verbose)
     return logging.getLogger(f"candle_ckpt.{name}")
+
+
+def _library_logger() -> logging.Logger:
+    logger = logging.getLogger("candle_ckpt")
+    logger.setLevel(logging.DEBUG)
+    return logger
 
 
 def close_tree_log(layout):
