@@ -124,15 +124,15 @@ def check_finished(root, target):
         raise SoakFailure(f"{root}: the finished run left {sorted(leftovers)} behind")
 
 
-def start_job(root, target, log_path, fault=None):
+def start_job(root, target, log_path, fault=None, job=(JOB, *MODEL)):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (TOP, os.environ.get("PYTHONPATH")) if p))
     env.pop("CANDLE_CKPT_FAULT", None)
     if fault:
         env["CANDLE_CKPT_FAULT"] = fault
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, JOB, "--ckpt_directory", root, "--epochs",
-                                str(target), *MODEL], stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen([sys.executable, job[0], "--ckpt_directory", root, "--epochs",
+                                str(target), *job[1:]], stdout=log, stderr=subprocess.STDOUT,
                                env=env)
     log.close()
     return process
@@ -154,14 +154,14 @@ def wait_started(process, log_path, timeout=180):
     raise SoakFailure(f"the job did not restart within {timeout} s")
 
 
-def run_one_life(root, target, log_path, kill_after, fault, tally, after_kill):
+def run_one_life(root, target, log_path, kill_after, fault, tally, after_kill, job):
     """Start the job, kill it (after `kill_after` s, or at `fault`), check the tree.
 
     With neither, the job must run to the end. `after_kill`: the previous life was
     killed, so this restart counts as a checked one. Returns True when the job finished.
     """
     expected = check_tree(root, None)[0]
-    process = start_job(root, target, log_path, fault)
+    process = start_job(root, target, log_path, fault, job)
     restarted = wait_started(process, log_path)
     if restarted != expected:
         raise SoakFailure(f"{root}: the job restarted from {restarted}, last is {expected}")
@@ -192,7 +192,8 @@ def run_one_life(root, target, log_path, kill_after, fault, tally, after_kill):
     return False
 
 
-def soak(workdir, kills, seed=0, target=3, max_delay=4.0, faults=(), progress=None):
+def soak(workdir, kills, seed=0, target=3, max_delay=4.0, faults=(), progress=None,
+         job=(JOB, *MODEL)):
     """Kill jobs `kills` times at random instants and once at each of `faults`.
 
     Each trial trains a fresh tree: the first one's lives are killed at each of `faults`
@@ -207,6 +208,8 @@ def soak(workdir, kills, seed=0, target=3, max_delay=4.0, faults=(), progress=No
         max_delay: kill instants are uniform in [0, max_delay] s after the restart.
         faults: CANDLE_CKPT_FAULT values, one life each.
         progress: optional callable(Tally) after each life.
+        job: the training script and its arguments (default: the Keras job above;
+            tests/test_crash_pytorch.py runs tests/torch_job.py).
 
     Returns:
         The Tally. Raises SoakFailure at the first broken invariant (the tree is kept).
@@ -223,7 +226,7 @@ def soak(workdir, kills, seed=0, target=3, max_delay=4.0, faults=(), progress=No
             if fault is None and random_kills < kills:
                 kill_after = rng.uniform(0, max_delay)
             finished = run_one_life(root, trial_target, log_path, kill_after, fault, tally,
-                                    after_kill)
+                                    after_kill, job)
             random_kills += kill_after is not None and not finished
             if progress:
                 progress(tally)

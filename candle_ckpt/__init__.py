@@ -10,8 +10,10 @@ Usage in a CANDLE-style benchmark::
     ckpt = candle_ckpt.CandleCheckpointCallback(params)
     model.fit(..., epochs=params["epochs"], initial_epoch=initial_epoch, callbacks=[ckpt])
 
-`import candle_ckpt` does not import TensorFlow: the Keras names (`restart`,
-`CandleCheckpointCallback`) are loaded on first access.
+In a PyTorch benchmark, `CandleCkptPyTorch(params)` (see `candle_ckpt.pytorch.ckpt`).
+
+`import candle_ckpt` imports neither TensorFlow nor torch: the Keras names (`restart`,
+`CandleCheckpointCallback`) and `CandleCkptPyTorch` are loaded on first access.
 """
 
 __version__ = "0.1.0"
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 from .core.errors import (
     CheckpointError,
     CheckpointFormatError,
+    CheckpointWriteError,
     ChecksumMismatchError,
     CorruptCheckpointError,
     LinkError,
@@ -39,6 +42,7 @@ from .core.params import (
 
 _LAZY = {
     "CandleCheckpointCallback": "candle_ckpt.keras.callback",
+    "CandleCkptPyTorch": "candle_ckpt.pytorch.ckpt",
     "restart": "candle_ckpt.keras.restart",
 }
 
@@ -54,8 +58,10 @@ def __getattr__(name):
 
 __all__ = [
     "CandleCheckpointCallback",
+    "CandleCkptPyTorch",
     "CheckpointError",
     "CheckpointFormatError",
+    "CheckpointWriteError",
     "ChecksumMismatchError",
     "CorruptCheckpointError",
     "LinkError",

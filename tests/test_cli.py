@@ -153,7 +153,7 @@ try:
     runpy.run_module("candle_ckpt", run_name="__main__", alter_sys=True)
 except SystemExit as exit:
     status = exit.code
-heavy = sorted(m for m in ("tensorflow", "keras", "h5py", "numpy", "jsonschema")
+heavy = sorted(m for m in ("tensorflow", "keras", "torch", "h5py", "numpy", "jsonschema")
                if m in sys.modules)
 print("\\nSTATUS", status, "HEAVY", ",".join(heavy))
 """

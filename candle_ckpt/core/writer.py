@@ -56,7 +56,8 @@ class WriterDecision:
 
 def writer_decision(explicit: bool | None = None,
                     framework: WriterDecision | None = None,
-                    environ: Mapping[str, str] | None = None) -> WriterDecision:
+                    environ: Mapping[str, str] | None = None,
+                    rank_variables: tuple[str, ...] = RANK_VARIABLES) -> WriterDecision:
     """Decide whether this process writes the checkpoint tree (see the module docstring).
 
     Args:
@@ -64,6 +65,8 @@ def writer_decision(explicit: bool | None = None,
         framework: the adapter's decision from the framework's own process group
             (rule 2), or None when the framework runs a single process.
         environ: the environment to read (default `os.environ`).
+        rank_variables: the rank variables of rule 4, in order; the PyTorch adapter
+            puts torchrun's `RANK` first.
 
     Raises:
         TypeError: `explicit` is neither None nor a bool.
@@ -76,7 +79,7 @@ def writer_decision(explicit: bool | None = None,
     environ = os.environ if environ is None else environ
     if environ.get("TF_CONFIG"):
         return _tf_config_decision(environ["TF_CONFIG"])
-    for variable in RANK_VARIABLES:
+    for variable in rank_variables:
         if variable in environ:
             rank = _parse_rank(variable, environ[variable])
             return WriterDecision(rank == 0, f"{variable}={rank}")

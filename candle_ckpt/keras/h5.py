@@ -66,8 +66,6 @@ Python/NumPy/TF global generators and Keras' global SeedGenerator (unseeded
 rate itself is an optimizer variable and is restored).
 """
 
-import errno
-import io
 import json
 import logging
 import os
@@ -80,6 +78,11 @@ import tensorflow as tf
 
 from candle_ckpt.core.checksum import read_file
 from candle_ckpt.core.errors import CheckpointFormatError
+from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
+from candle_ckpt.hdf5 import as_oserror
+from candle_ckpt.hdf5 import dataset as _dataset
+from candle_ckpt.hdf5 import dataset_array as _array
+from candle_ckpt.hdf5 import group as _group
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1
@@ -193,10 +196,7 @@ def write(state, path, progress=None):
     try:
         _write_file(state, os.fspath(path), progress)
     except RuntimeError as error:
-        found = re.search(r"errno = (\d+)", str(error))
-        number = int(found.group(1)) if found else errno.EIO
-        raise OSError(number, f"{os.strerror(number)} (HDF5: {str(error).splitlines()[0]})",
-                      os.fspath(path)) from error
+        raise as_oserror(error, path) from error
 
 
 def _write_file(state, path, progress):
@@ -498,53 +498,6 @@ def _match(group, variables, where, path, renamed=None):
     return pairs
 
 
-def _array(dataset, contents, path):
-    """The dataset's values: a view of `contents` where the dataset is stored as one
-    contiguous run of bytes (as h5py and Keras write them), else read by HDF5."""
-    offset = dataset.id.get_offset()  # None unless contiguous and allocated
-    nbytes = dataset.size * dataset.dtype.itemsize
-    if offset is None or nbytes == 0 or dataset.id.get_storage_size() != nbytes:
-        return np.asarray(dataset[()])
-    if offset + nbytes > len(contents):
-        raise CheckpointFormatError(
-            f"'{path}': dataset '{dataset.name}' ({nbytes} bytes at offset {offset}) "
-            f"extends past the end of the file ({len(contents)} bytes)")
-    return np.frombuffer(contents, dataset.dtype, dataset.size, offset).reshape(dataset.shape)
-
-
-class _InMemoryFile(io.RawIOBase):
-    """A read-only, seekable file over bytes in memory, for h5py's file-object driver.
-
-    io.BytesIO would copy the bytes first; this reads from them in place.
-    """
-
-    def __init__(self, contents):
-        super().__init__()
-        self._contents = memoryview(contents).cast("B")
-        self._position = 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position,
-                io.SEEK_END: len(self._contents)}[whence]
-        self._position = base + offset
-        return self._position
-
-    def tell(self):
-        return self._position
-
-    def readinto(self, buffer):
-        chunk = self._contents[self._position:self._position + len(buffer)]
-        memoryview(buffer).cast("B")[:len(chunk)] = chunk
-        self._position += len(chunk)
-        return len(chunk)
-
-
 def _describe(shape, dtype):
     return f"{dtype} of shape {shape}"
 
@@ -583,33 +536,3 @@ def _read_names(group, key):
 
 def _attr_str(value):
     return value.decode("utf8") if isinstance(value, bytes) else str(value)
-
-
-def _group(parent, name, path):
-    return _follow(parent, name, h5py.Group, path)
-
-
-def _dataset(parent, name, path):
-    dataset = _follow(parent, name, h5py.Dataset, path)
-    # Refuse data stored in other files: only this file's contents may reach the model.
-    if dataset.external or dataset.is_virtual:
-        raise CheckpointFormatError(
-            f"'{path}': dataset '{dataset.name}' stores its data outside the file")
-    return dataset
-
-
-def _follow(parent, name, kind, path):
-    """parent[name] through hard links only, checked to be a `kind`."""
-    node = parent
-    for part in name.split("/"):
-        if not (isinstance(node, h5py.Group) and part
-                and isinstance(node.get(part, getlink=True), h5py.HardLink)):
-            raise CheckpointFormatError(
-                f"'{path}': no '{name}' under '{parent.name}' (stopped at '{node.name}': "
-                f"no entry '{part}', or a soft or external link)")
-        node = node[part]
-    if not isinstance(node, kind):
-        raise CheckpointFormatError(
-            f"'{path}': '{node.name}' is a {type(node).__name__}, expected a "
-            f"{kind.__name__}")
-    return node

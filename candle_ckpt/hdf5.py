@@ -1,0 +1,105 @@
+"""HDF5 reading shared by the Keras and PyTorch model files: no framework, h5py only.
+
+A verified model file is parsed from the bytes that were checksummed (`InMemoryFile`),
+its contiguous datasets read as views of those bytes (`dataset_array`), and only hard
+links inside the file are followed (`group`, `dataset`): data stored in other files
+never reaches a model.
+"""
+
+import errno
+import io
+import os
+import re
+
+import h5py
+import numpy as np
+
+from .core.errors import CheckpointFormatError
+
+
+def as_oserror(error, path):
+    """h5py's RuntimeError for a write that failed when the file was flushed, as the
+    OSError (with HDF5's errno) every other I/O error of the save path is."""
+    found = re.search(r"errno = (\d+)", str(error))
+    number = int(found.group(1)) if found else errno.EIO
+    return OSError(number, f"{os.strerror(number)} (HDF5: {str(error).splitlines()[0]})",
+                   os.fspath(path))
+
+
+def dataset_array(dataset, contents, path):
+    """The dataset's values: a view of `contents` where the dataset is stored as one
+    contiguous run of bytes (as h5py and Keras write them), else read by HDF5."""
+    offset = dataset.id.get_offset()  # None unless contiguous and allocated
+    nbytes = dataset.size * dataset.dtype.itemsize
+    if offset is None or nbytes == 0 or dataset.id.get_storage_size() != nbytes:
+        return np.asarray(dataset[()])
+    if offset + nbytes > len(contents):
+        raise CheckpointFormatError(
+            f"'{path}': dataset '{dataset.name}' ({nbytes} bytes at offset {offset}) "
+            f"extends past the end of the file ({len(contents)} bytes)")
+    return np.frombuffer(contents, dataset.dtype, dataset.size, offset).reshape(dataset.shape)
+
+
+class InMemoryFile(io.RawIOBase):
+    """A read-only, seekable file over bytes in memory, for h5py's file-object driver.
+
+    io.BytesIO would copy the bytes first; this reads from them in place.
+    """
+
+    def __init__(self, contents):
+        super().__init__()
+        self._contents = memoryview(contents).cast("B")
+        self._position = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position,
+                io.SEEK_END: len(self._contents)}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self):
+        return self._position
+
+    def readinto(self, buffer):
+        chunk = self._contents[self._position:self._position + len(buffer)]
+        memoryview(buffer).cast("B")[:len(chunk)] = chunk
+        self._position += len(chunk)
+        return len(chunk)
+
+
+def group(parent, name, path):
+    """parent[name], a group reached through hard links only."""
+    return _follow(parent, name, h5py.Group, path)
+
+
+def dataset(parent, name, path):
+    """parent[name], a dataset reached through hard links, its data in this file."""
+    found = _follow(parent, name, h5py.Dataset, path)
+    # Refuse data stored in other files: only this file's contents may reach the model.
+    if found.external or found.is_virtual:
+        raise CheckpointFormatError(
+            f"'{path}': dataset '{found.name}' stores its data outside the file")
+    return found
+
+
+def _follow(parent, name, kind, path):
+    """parent[name] through hard links only, checked to be a `kind`."""
+    node = parent
+    for part in name.split("/"):
+        if not (isinstance(node, h5py.Group) and part
+                and isinstance(node.get(part, getlink=True), h5py.HardLink)):
+            raise CheckpointFormatError(
+                f"'{path}': no '{name}' under '{parent.name}' (stopped at '{node.name}': "
+                f"no entry '{part}', or a soft or external link)")
+        node = node[part]
+    if not isinstance(node, kind):
+        raise CheckpointFormatError(
+            f"'{path}': '{node.name}' is a {type(node).__name__}, expected a "
+            f"{kind.__name__}")
+    return node

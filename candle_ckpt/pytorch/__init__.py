@@ -1,0 +1,1 @@
+"""The PyTorch adapter: `CandleCkptPyTorch` and the `model.h5` (HDF5 + JSON) format."""

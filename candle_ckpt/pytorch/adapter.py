@@ -1,0 +1,85 @@
+"""`TorchAdapter`: the core's `FrameworkAdapter` for objects registered with set_model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import h5py
+import numpy
+import torch
+import torch.distributed as dist
+
+from ..core.adapter import AllGather, Restored
+from ..core.durable import WritebackStarter
+from ..core.resume import Checkpoint
+from ..core.writer import RANK_VARIABLES, WriterDecision, writer_decision
+from . import state
+
+
+def _group_size() -> int:
+    """The torch.distributed world size, 1 without an initialised process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class TorchAdapter:
+    """Checkpoints named objects: `state_dict`/`load_state_dict` ones and generators.
+
+    Args:
+        objects: {name: module, optimizer, LR scheduler, GradScaler, torch.Generator...}.
+        weights_only: snapshots hold the modules only (`ckpt_save_weights_only`).
+    """
+
+    adapter_name = "pytorch"
+    model_format = f"torch-h5/{state.FORMAT_VERSION}"
+
+    def __init__(self, objects: Mapping[str, Any], weights_only: bool = False) -> None:
+        self.objects = dict(objects)
+        self.weights_only = weights_only
+
+    def library_versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__, "h5py": h5py.__version__,
+                "numpy": numpy.__version__, "platform": platform.platform()}
+
+    def writer_decision(self, explicit: bool | None) -> WriterDecision:
+        framework = None
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank()
+            framework = WriterDecision(rank == 0, f"torch.distributed rank {rank} of "
+                                                  f"{_group_size()}")
+        return writer_decision(explicit, framework, os.environ, ("RANK", *RANK_VARIABLES))
+
+    def all_gather(self) -> AllGather | None:
+        if _group_size() == 1:
+            return None
+        # NCCL gathers CUDA tensors only; gloo and MPI take CPU ones.
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+
+        def gather(mine: Sequence[int]) -> list[tuple[int, ...]]:
+            tensor = torch.tensor(list(mine), dtype=torch.int64, device=device)
+            everyone = [torch.empty_like(tensor) for _ in range(_group_size())]
+            dist.all_gather(everyone, tensor)
+            return [tuple(int(v) for v in t.tolist()) for t in everyone]
+        return gather
+
+    def trains_in_lockstep(self) -> bool:
+        return _group_size() > 1
+
+    def state_nbytes(self) -> int:
+        return state.state_nbytes(self.objects, self.weights_only)
+
+    def snapshot(self, *, copy: bool, into: Any | None = None) -> state.TrainingState:
+        return state.snapshot(self.objects, self.weights_only, copy=copy, into=into)
+
+    def write_model_file(self, snapshot: state.TrainingState, directory: str) -> str:
+        path = os.path.join(directory, state.MODEL_FILE)
+        state.write(snapshot, path, progress=WritebackStarter(path))
+        return state.MODEL_FILE
+
+    def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+        return state.restore(self.objects, checkpoint.model_path,
+                             checkpoint.model_contents, logger)

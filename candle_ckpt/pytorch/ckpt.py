@@ -1,0 +1,150 @@
+"""CandleCkptPyTorch: upstream CANDLE's PyTorch checkpoint API, crash-consistent and exact."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..core.restart import restart_run
+from ..core.session import TrainingSession
+from .adapter import TorchAdapter
+from .state import is_generator
+
+
+class CandleCkptPyTorch:
+    """Checkpoint a PyTorch training loop so a killed job resumes bit-identically.
+
+    The API and semantics of upstream CANDLE's `CandleCkptPyTorch`; the tree, the keep
+    policies, `ckpt_async`, `ckpt_signal`, the writer lock and the `candle-ckpt` CLI are
+    those of `CandleCheckpointCallback`::
+
+        ckpt = candle_ckpt.CandleCkptPyTorch(params)
+        ckpt.set_model({"model": net, "optimizer": opt, "scheduler": sched,
+                        "generator": loader_generator})
+        J = ckpt.restart(net)                  # None, or the ckpt-info.json dict
+        for epoch in range(J["epoch"] if J else 0, params["epochs"]):
+            for batch, (x, y) in enumerate(loader):
+                ...train one step...
+                ckpt.batch_end(batch)          # optional: stop here on ckpt_signal
+            ckpt.ckpt_epoch(epoch, {"val_loss": val_loss})   # the last one finishes
+
+    Each save holds every registered object's `state_dict()` (a `torch.Generator`'s
+    `get_state()`) and the torch, CUDA, numpy and Python random states, in
+    `epochs/NNN/model.h5` (HDF5 + JSON: `candle_ckpt.pytorch.state`; loading never
+    unpickles). `epoch` is upstream's 0-based loop index: its checkpoint is epoch
+    directory `epoch + 1`, and `J["epoch"]` counts the completed epochs, so the loop
+    above starts where the checkpoint left off.
+
+    In a `torch.distributed` job rank 0 of the process group writes (else `RANK`, then
+    the MPI/Slurm rank variables); `restart` checks, with an all_gather, that every rank
+    found the same checkpoint before anything is loaded. `ckpt_signal` is refused when
+    the group has more than one process (the ranks could stop at different batches).
+
+    Args:
+        gParams: the parameter dict (every `ckpt_*` key is checked here; `epochs` is
+            required).
+        logger: "DEFAULT" logs to `<ckpt_directory>/ckpt.log` (and the console when
+            verbose); a `logging.Logger`; None for no log.
+        verbose: INFO messages also go to the console.
+        is_writer: True/False to say whether this process writes, or None to detect it.
+    """
+
+    def __init__(self, gParams: Mapping[str, Any], logger: Any = "DEFAULT",
+                 verbose: bool = True, is_writer: bool | None = None) -> None:
+        self.params = gParams
+        self.session = TrainingSession(gParams, logger=logger, verbose=verbose,
+                                       is_writer=is_writer)
+        self._is_writer = is_writer
+        self.model: dict[str, Any] | None = None
+        self._started = self._finished = False
+        self._next_epoch = 0
+
+    def set_model(self, model: Mapping[str, Any]) -> None:
+        """Register what a checkpoint holds: {"model": net, "optimizer": opt, ...}.
+
+        Any value with `state_dict`/`load_state_dict` (LR scheduler, GradScaler, EMA)
+        or a `torch.Generator` (the one a shuffled DataLoader draws from). Upstream's
+        older key "net" is taken as "model".
+        """
+        if not isinstance(model, Mapping) or not model:
+            raise TypeError(f"set_model: received {type(model).__name__}; expected a "
+                            f"non-empty dict such as {{'model': net, 'optimizer': opt}}")
+        objects = {("model" if k == "net" and "model" not in model else str(k)): v
+                   for k, v in model.items()}
+        for name, value in objects.items():
+            if not is_generator(value) and not (hasattr(value, "state_dict")
+                                                and hasattr(value, "load_state_dict")):
+                raise TypeError(f"set_model: entry {name!r} is a {type(value).__name__}; "
+                                f"expected an object with state_dict and load_state_dict, "
+                                f"or a torch.Generator")
+        self.model = objects
+
+    def restart(self, model: Any = None, verbose: bool = True) -> dict | None:
+        """Restore everything registered from `ckpts/last`, if `ckpt_restart_mode` asks.
+
+        Call it after `set_model` (upstream passes the model again; it is not needed),
+        or pass the set_model dict here. Everything is verified (checksums, the state
+        of each entry against its object) before the first value changes.
+
+        Returns:
+            The ckpt-info.json dict (`J["epoch"]`: epochs completed), or None.
+        """
+        if isinstance(model, Mapping):
+            self.set_model(model)
+        J = restart_run(self.params, self._adapter(), verbose=verbose,
+                        is_writer=self._is_writer)
+        self._next_epoch = J["epoch"] if J else 0
+        self._start(self._next_epoch)
+        return J
+
+    def batch_end(self, batch: int) -> None:
+        """0-based `batch` of the running epoch ended: with `ckpt_signal`, stop here
+        (saving the last completed epoch, exit status 75) if the signal came."""
+        self._start(self._next_epoch)
+        self.session.batch_end(batch)
+
+    def ckpt_epoch(self, epoch: int, metric_value: Any = None) -> None:
+        """0-based `epoch` ended: save it if the policy says so (epoch `epoch + 1`).
+
+        `metric_value`: a dict of metrics, or a number taken as the value of
+        `ckpt_save_best_metric` (better as `ckpt_best_metric_mode` says). The run's
+        last epoch (`epochs`) also finishes (`finish`).
+        """
+        self._start(epoch)
+        if isinstance(metric_value, Mapping):
+            logs = dict(metric_value)
+        else:
+            name = self.session.settings["ckpt_save_best_metric"]
+            logs = {} if metric_value is None or not name else {name: float(metric_value)}
+        self.session.epoch_end(epoch + 1, logs)
+        self._next_epoch = epoch + 1
+        self.session.epoch_begin(epoch + 1)
+        if epoch + 1 >= self.session.settings["epochs"]:
+            self.finish()
+
+    def finish(self) -> None:
+        """Training ended: wait for a background save, log the kept epochs, unlock."""
+        if self._started and not self._finished:
+            self._finished = True
+            self.session.end()
+
+    def __enter__(self) -> CandleCkptPyTorch:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if exc_info[0] is None:
+            self.finish()
+
+    def _adapter(self) -> TorchAdapter:
+        if self.model is None:
+            raise RuntimeError("CandleCkptPyTorch: call set_model({'model': net, "
+                               "'optimizer': opt, ...}) first")
+        return TorchAdapter(self.model, self.session.settings["ckpt_save_weights_only"])
+
+    def _start(self, completed: int) -> None:
+        """restart, or else the first batch or epoch end, starts the session: the
+        writer lock, the signal watch, the bookkeeping of a resumed run."""
+        if not self._started:
+            self._started = True
+            self.session.begin(self._adapter())
+            self.session.epoch_begin(completed)

@@ -1,0 +1,516 @@
+"""What is written: a PyTorch run's training state as ``model.h5``, and back, exactly.
+
+`snapshot` takes every registered object's state on the training thread, `write` turns
+it into ``model.h5`` with h5py alone (so it may run in a background thread), and
+`restore` loads a file into the registered objects, validating everything first.
+
+File layout (format version 1)
+------------------------------
+An HDF5 file, readable by any HDF5 tool::
+
+    /            attrs: candle_ckpt_torch_format_version = 1, weights_only (bool),
+    |                   torch_version
+    +- state     uint8 dataset: UTF-8 JSON (below)
+    +- tensors/  datasets "0", "1", ...: every tensor and numpy array of the state, in
+                 the order the JSON refers to them; attrs torch_dtype (e.g. "float32",
+                 "bfloat16"; "numpy:<dtype>" for a numpy array) and shape. Dtypes numpy
+                 lacks (bfloat16, float8) are stored as their raw bytes (uint8).
+
+The JSON is ``{"objects": {name: value}, "rng": value}``: each object registered with
+`set_model` (`state_dict()`, or `get_state()` of a `torch.Generator`), and the global
+random states (torch CPU, CUDA when initialised, numpy, Python `random`). JSON's own
+null, booleans, integers, floats (NaN and infinities included), strings and lists
+carry themselves, so `1`, `1.0`, `True` and `None` come back as the types they were;
+everything else is a one-key object: ``{"tensor": k}`` (dataset k), ``{"ndarray": k}``,
+``{"tuple": [...]}``, ``{"dict": [[key, value], ...]}`` (keys of any of these types:
+an optimizer's `state` is keyed by int), ``{"odict": [...], "metadata": ...}`` (a
+module's state dict, with the `_metadata` versions `load_state_dict` reads),
+``{"dtype": "float32"}``. A value of any other type is refused at save time, naming
+its path in the state.
+
+Why HDF5 and JSON
+-----------------
+Loading parses JSON and reads arrays: nothing in the file is ever executed, unlike a
+pickle, and the Keras adapter's HDF5 code (contiguous datasets read as views of the
+verified bytes) is shared. `torch.load(weights_only=True)` is safe too, but only for
+the types its allow-list knows; upstream CANDLE's torch pickles go through it
+(`restore_upstream`).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import pickle
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from ..core.adapter import Restored
+from ..core.errors import CheckpointFormatError
+from ..hdf5 import InMemoryFile, as_oserror, dataset, dataset_array, group
+
+MODEL_FILE = "model.h5"
+FORMAT_VERSION = 1
+FORMAT_ATTR = "candle_ckpt_torch_format_version"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_NUMPY_PREFIX = "numpy:"
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """The registered objects' state at one instant: JSON text plus numpy arrays.
+
+    Safe to hand to another thread: nothing in it refers to a live torch object. The
+    arrays are copies, or views of the tensors' memory (see `snapshot`).
+    """
+    state: str
+    arrays: tuple
+    dtypes: tuple          # torch dtype name (or "numpy:<dtype>") of each array
+    shapes: tuple
+    weights_only: bool
+    nbytes: int
+
+
+def is_generator(value: Any) -> bool:
+    return isinstance(value, torch.Generator)
+
+
+def object_states(objects: Mapping[str, Any], weights_only: bool) -> dict:
+    """{name: state} of the objects a snapshot holds (modules only if `weights_only`)."""
+    return {name: value.get_state() if is_generator(value) else value.state_dict()
+            for name, value in objects.items()
+            if not weights_only or isinstance(value, torch.nn.Module)}
+
+
+def rng_states() -> dict:
+    """The global random states: torch CPU, CUDA (when initialised), numpy, random."""
+    states: dict = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def state_nbytes(objects: Mapping[str, Any], weights_only: bool) -> int:
+    """The bytes a copied snapshot holds, from the tensors' sizes, copying nothing."""
+    total = 0
+
+    def count(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                count(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                count(item)
+    count(object_states(objects, weights_only))
+    count(rng_states())
+    return total
+
+
+def snapshot(objects: Mapping[str, Any], weights_only: bool = False, copy: bool = True,
+             into: TrainingState | None = None) -> TrainingState:
+    """Every registered object's state and the random states, now (training thread).
+
+    With `copy`, the arrays are copies in host memory, made into `into`'s arrays (an
+    older snapshot nobody reads any more) where shape and dtype match. Without, CPU
+    tensors are views of their memory: meant for a save written at once, before the
+    next optimizer step changes them in place.
+    """
+    arrays: list = []
+    dtypes: list = []
+    shapes: list = []
+    spare = into.arrays if into is not None else ()
+
+    def array_of(value: Any, path: str) -> int:
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided or value.is_quantized:
+                raise CheckpointFormatError(
+                    f"cannot save {path}: a {value.layout} tensor ({value.dtype}); expected "
+                    f"a dense tensor (call .to_dense() in state_dict)")
+            dtype = str(value.dtype).removeprefix("torch.")
+            shapes.append(tuple(value.shape))
+            host = value.detach().cpu().contiguous()
+            try:
+                array = host.numpy()
+            except TypeError:  # no numpy dtype: keep the raw bytes
+                array = host.reshape(-1).view(torch.uint8).numpy()
+        else:
+            dtype, array = _NUMPY_PREFIX + value.dtype.str, np.ascontiguousarray(value)
+            shapes.append(value.shape)
+        if copy:
+            k = len(arrays)
+            previous = spare[k] if k < len(spare) else None
+            if (previous is not None and previous.shape == array.shape
+                    and previous.dtype == array.dtype):
+                previous.flags.writeable = True
+                np.copyto(previous, array)
+                array = previous
+            else:
+                array = array.copy()
+        array.flags.writeable = False
+        arrays.append(array)
+        dtypes.append(dtype)
+        return len(arrays) - 1
+
+    encoded = {"objects": _encode(object_states(objects, weights_only), "state", array_of),
+               "rng": _encode({} if weights_only else rng_states(), "rng", array_of)}
+    return TrainingState(json.dumps(encoded), tuple(arrays), tuple(dtypes), tuple(shapes),
+                         weights_only, sum(a.nbytes for a in arrays))
+
+
+def _encode(value: Any, path: str, array_of: Callable[[Any, str], int]) -> Any:
+    """`value` as JSON-able data, its tensors and arrays replaced by their index."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        key = "tensor" if isinstance(value, torch.Tensor) else "ndarray"
+        return {key: array_of(value, path)}
+    if isinstance(value, np.generic):
+        return _encode(value.item(), path, array_of)
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, list):
+        return [_encode(item, f"{path}[{k}]", array_of) for k, item in enumerate(value)]
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(item, f"{path}[{k}]", array_of)
+                          for k, item in enumerate(value)]}
+    if isinstance(value, dict):
+        items = [[_encode(key, f"{path} key {key!r}", array_of),
+                  _encode(item, f"{path}[{key!r}]", array_of)] for key, item in value.items()]
+        if isinstance(value, collections.OrderedDict):
+            metadata = getattr(value, "_metadata", None)
+            return {"odict": items, "metadata": None if metadata is None else
+                    _encode(dict(metadata), f"{path}._metadata", array_of)}
+        return {"dict": items}
+    raise CheckpointFormatError(
+        f"cannot save {path}: a {type(value).__module__}.{type(value).__qualname__} "
+        f"({value!r:.80}); expected tensors, numpy arrays, numbers, strings, None and "
+        f"lists, tuples and dicts of them (a state_dict holding other objects cannot be "
+        f"restored without unpickling)")
+
+
+def write(state: TrainingState, path: str, progress: Callable[[int], None] | None = None
+          ) -> None:
+    """Write `state` to `path` (created or truncated), in the module docstring's layout.
+
+    h5py only, so it may run in a background thread; no fsync (the protocol does it).
+    `progress` is called with the array bytes written so far after each dataset.
+
+    Raises:
+        OSError: the file could not be written (disk full, EIO), also when HDF5 reports
+            it as a RuntimeError at the final flush.
+    """
+    try:
+        _write_file(state, path, progress)
+    except RuntimeError as error:
+        raise as_oserror(error, path) from error
+
+
+def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None
+                ) -> None:
+    written = 0
+    with h5py.File(path, "w") as f:
+        f.attrs[FORMAT_ATTR] = FORMAT_VERSION
+        f.attrs["weights_only"] = state.weights_only
+        f.attrs["torch_version"] = str(torch.__version__)
+        # A dataset, not an attribute: HDF5 attributes hold at most 64 KiB.
+        f.create_dataset("state", data=np.frombuffer(state.state.encode("utf8"), np.uint8))
+        tensors = f.create_group("tensors")
+        for k, (array, dtype, shape) in enumerate(zip(state.arrays, state.dtypes,
+                                                      state.shapes)):
+            dataset = tensors.create_dataset(str(k), data=array)
+            dataset.attrs["torch_dtype"] = dtype
+            dataset.attrs["shape"] = np.asarray(shape, dtype=np.int64)
+            written += array.nbytes
+            if progress is not None:
+                progress(written)
+
+
+# -- reading ---------------------------------------------------------------------------
+
+def read(contents: memoryview, path: str) -> tuple[dict, bool]:
+    """The file's state ({"objects", "rng"} decoded, tensors on the CPU) and weights_only.
+
+    Raises:
+        CheckpointFormatError: not a candle_ckpt PyTorch file, or malformed (the
+            message names what and where).
+    """
+    try:
+        with h5py.File(InMemoryFile(contents), "r") as f:
+            if FORMAT_ATTR not in f.attrs:
+                raise CheckpointFormatError(
+                    f"'{path}' is an HDF5 file without '{FORMAT_ATTR}': not written by "
+                    f"candle_ckpt's PyTorch adapter (a Keras checkpoint?)")
+            version = f.attrs[FORMAT_ATTR]
+            if not isinstance(version, (int, np.integer)) or not 1 <= version <= FORMAT_VERSION:
+                raise CheckpointFormatError(
+                    f"'{path}': {FORMAT_ATTR} is {version!r}; this candle_ckpt reads "
+                    f"versions 1 to {FORMAT_VERSION} (a newer candle_ckpt wrote it?)")
+            try:
+                text = np.asarray(dataset(f, "state", path)[()], np.uint8).tobytes()
+                encoded = json.loads(text.decode("utf8"))
+            except ValueError as error:
+                raise CheckpointFormatError(f"'{path}': dataset 'state' is not UTF-8 "
+                                            f"JSON: {error}") from None
+            tensors = group(f, "tensors", path)
+            values = [_tensor(dataset(tensors, str(k), path), contents, path)
+                      for k in range(len(tensors))]
+            weights_only = bool(f.attrs.get("weights_only", False))
+    except CheckpointFormatError:
+        raise
+    except (OSError, KeyError, RuntimeError, TypeError) as error:
+        raise CheckpointFormatError(f"'{path}' is not a readable HDF5 file: {error}") from error
+    if not isinstance(encoded, dict) or set(encoded) != {"objects", "rng"}:
+        found = sorted(encoded) if isinstance(encoded, dict) else encoded
+        raise CheckpointFormatError(f"'{path}': dataset 'state' is {found!r:.80}; "
+                                    f"expected a dict with keys ['objects', 'rng']")
+    state = {key: _decode(encoded[key], values, path, key) for key in ("objects", "rng")}
+    if not all(isinstance(state[key], dict) for key in state):
+        raise CheckpointFormatError(f"'{path}': 'objects' and 'rng' of dataset 'state' "
+                                    f"are {[type(v).__name__ for v in state.values()]}; "
+                                    f"expected dicts")
+    return state, weights_only
+
+
+def _tensor(found: h5py.Dataset, contents: memoryview, path: str) -> Any:
+    """A dataset as the torch tensor (or numpy array) it was, checked against its attrs."""
+    dtype = str(found.attrs.get("torch_dtype", ""))
+    shape = tuple(int(n) for n in found.attrs.get("shape", ()))
+    array = dataset_array(found, contents, path)
+    where = f"'{path}': dataset '{found.name}'"
+    if dtype.startswith(_NUMPY_PREFIX):
+        expected = np.dtype(dtype[len(_NUMPY_PREFIX):])
+        if array.dtype != expected or array.shape != shape:
+            raise CheckpointFormatError(f"{where} is {array.dtype} {array.shape}; its attrs "
+                                        f"say {expected} {shape}")
+        return array.copy()
+    torch_dtype = getattr(torch, dtype, None) if dtype else None
+    if not isinstance(torch_dtype, torch.dtype):
+        raise CheckpointFormatError(f"{where}: attribute torch_dtype is {dtype!r}; "
+                                    f"expected a torch dtype name such as 'float32'")
+    raw = torch.from_numpy(array.copy())
+    if raw.dtype != torch_dtype:
+        if raw.dtype != torch.uint8 or raw.numel() != int(np.prod(shape)) * torch.empty(
+                (), dtype=torch_dtype).element_size():
+            raise CheckpointFormatError(f"{where} is {array.dtype} of {array.size} items; "
+                                        f"expected {dtype} of shape {shape}")
+        raw = raw.view(torch_dtype)
+    if raw.numel() != int(np.prod(shape)):
+        raise CheckpointFormatError(f"{where} has {raw.numel()} items; its shape attr is "
+                                    f"{shape}")
+    return raw.reshape(shape)
+
+
+def _decode(value: Any, values: list, path: str, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_decode(item, values, path, f"{where}[{k}]") for k, item in enumerate(value)]
+    if not isinstance(value, dict) or len(value) not in (1, 2):
+        raise CheckpointFormatError(f"'{path}': {where} is {value!r:.80}; expected a "
+                                    f"tagged value (see candle_ckpt.pytorch.state)")
+    tag, body = next(iter(value.items()))
+    if tag in ("tensor", "ndarray"):
+        if type(body) is not int or not 0 <= body < len(values):
+            raise CheckpointFormatError(f"'{path}': {where} refers to tensor {body!r}; "
+                                        f"the file has {len(values)}")
+        found = values[body]
+        if isinstance(found, torch.Tensor) != (tag == "tensor"):
+            raise CheckpointFormatError(f"'{path}': {where}: dataset {body} is not a {tag}")
+        return found
+    if tag == "dtype" and isinstance(getattr(torch, str(body), None), torch.dtype):
+        return getattr(torch, body)
+    if tag == "tuple" and isinstance(body, list):
+        return tuple(_decode(item, values, path, f"{where}[{k}]") for k, item in enumerate(body))
+    if tag in ("dict", "odict") and isinstance(body, list):
+        result: dict = {} if tag == "dict" else collections.OrderedDict()
+        for item in body:
+            if not isinstance(item, list) or len(item) != 2:
+                raise CheckpointFormatError(f"'{path}': {where} holds {item!r:.80}; "
+                                            f"expected [key, value] pairs")
+            key = _decode(item[0], values, path, f"{where} key")
+            result[key] = _decode(item[1], values, path, f"{where}[{key!r}]")
+        if tag == "odict" and value.get("metadata") is not None:
+            result._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
+                _decode(value["metadata"], values, path, f"{where}._metadata"))
+        return result
+    raise CheckpointFormatError(f"'{path}': {where} is {value!r:.80}; expected a tagged "
+                                f"value (tensor, ndarray, tuple, dict, odict, dtype)")
+
+
+# -- restoring -------------------------------------------------------------------------
+
+def check_state(name: str, obj: Any, saved: Any, path: str) -> None:
+    """Raise CheckpointFormatError unless `saved` fits the registered object `obj`.
+
+    A module: the same keys, shapes and dtypes (`load_state_dict` would copy part of
+    them before failing). An optimizer: as many parameter groups and parameters. A
+    generator: a state tensor like its own. Anything else: the same top-level keys.
+    """
+    where = f"'{path}': entry '{name}'"
+    if is_generator(obj):
+        mine = obj.get_state()
+        if not isinstance(saved, torch.Tensor) or (saved.dtype, saved.shape) != (
+                mine.dtype, mine.shape):
+            raise CheckpointFormatError(f"{where} is not a generator state like "
+                                        f"{mine.dtype} {tuple(mine.shape)}")
+        return
+    current = obj.state_dict()
+    if not isinstance(saved, dict):
+        raise CheckpointFormatError(f"{where} is a {type(saved).__name__}; expected the "
+                                    f"state dict of a {type(obj).__name__}")
+    if isinstance(obj, torch.nn.Module):
+        missing = [k for k in current if k not in saved]
+        extra = [k for k in saved if k not in current]
+        if missing or extra:
+            raise CheckpointFormatError(
+                f"{where} does not match the {type(obj).__name__}: keys missing from the "
+                f"file {missing[:6]}, unexpected in it {extra[:6]}; was the model built "
+                f"the same way (and wrapped, e.g. in DistributedDataParallel, the same)?")
+        for key, tensor in current.items():
+            found = saved[key]
+            if not isinstance(found, torch.Tensor) or (found.shape, found.dtype) != (
+                    tensor.shape, tensor.dtype):
+                raise CheckpointFormatError(
+                    f"{where}, '{key}': {_describe(found)} in the file, the model has "
+                    f"{_describe(tensor)}")
+        return
+    if sorted(map(str, saved)) != sorted(map(str, current)):
+        raise CheckpointFormatError(f"{where} has keys {sorted(map(str, saved))}; the "
+                                    f"{type(obj).__name__} has {sorted(map(str, current))}")
+    if isinstance(obj, torch.optim.Optimizer):
+        groups = [len(g["params"]) for g in saved["param_groups"]]
+        mine = [len(g["params"]) for g in current["param_groups"]]
+        if groups != mine:
+            raise CheckpointFormatError(f"{where}: parameters per group {groups} in the "
+                                        f"file, the optimizer has {mine}")
+
+
+def check_rng(rng: dict, path: str) -> None:
+    if not rng:
+        return
+    if set(rng) - {"torch", "numpy", "python", "cuda"} or not {"torch", "numpy",
+                                                               "python"} <= set(rng):
+        raise CheckpointFormatError(f"'{path}': random states {sorted(rng)}; expected "
+                                    f"torch, numpy, python (and cuda)")
+    mine = torch.get_rng_state()
+    if not isinstance(rng["torch"], torch.Tensor) or rng["torch"].shape != mine.shape:
+        raise CheckpointFormatError(f"'{path}': the torch random state is not a "
+                                    f"{tuple(mine.shape)} byte tensor")
+
+
+def apply(objects: Mapping[str, Any], state: dict, path: str, logger: logging.Logger
+          ) -> None:
+    """Load checked `state` into the objects and the global random generators."""
+    for name, saved in state["objects"].items():
+        obj = objects[name]
+        if is_generator(obj):
+            obj.set_state(saved)
+        else:
+            obj.load_state_dict(saved)
+    rng = state["rng"]
+    if not rng:
+        return
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if "cuda" in rng:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(rng["cuda"]):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            logger.warning("'%s' holds the random states of %d CUDA devices, this process "
+                           "sees %d: CUDA random streams are not restored", path,
+                           len(rng["cuda"]), torch.cuda.device_count()
+                           if torch.cuda.is_available() else 0)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def restore(objects: Mapping[str, Any], path: str, contents: memoryview,
+            logger: logging.Logger) -> Restored:
+    """Load the verified file `contents` (of `path`) into the registered `objects`.
+
+    Every entry is decoded and checked against its object (`check_state`) before the
+    first `load_state_dict`, so on any CheckpointFormatError nothing has changed. A
+    file that is not HDF5 is taken for upstream CANDLE's torch pickle
+    (`restore_upstream`).
+    """
+    if bytes(contents[:len(HDF5_MAGIC)]) != HDF5_MAGIC:
+        return restore_upstream(objects, path, contents)
+    state, weights_only = read(contents, path)
+    saved = state["objects"]
+    wanted = [name for name, value in objects.items()
+              if not weights_only or isinstance(value, torch.nn.Module)]
+    if sorted(saved) != sorted(wanted):
+        raise CheckpointFormatError(
+            f"'{path}' holds the state of {sorted(saved)}; set_model registered "
+            f"{sorted(wanted)}{' (modules only: a weights-only file)' if weights_only else ''}"
+            f". Register the same objects, under the same names, as the run that saved it")
+    for name in wanted:
+        check_state(name, objects[name], saved[name], path)
+    check_rng(state["rng"], path)
+    apply(objects, state, path, logger)
+    return Restored(parts=tuple(wanted) + (("RNG",) if state["rng"] else ()),
+                    exact=not weights_only,
+                    missing="optimizer, scheduler or RNG state (ckpt_save_weights_only)")
+
+
+UPSTREAM_KEYS = {"model": "model_state_dict", "optimizer": "optimizer_state_dict"}
+
+
+def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
+                     ) -> Restored:
+    """Restore the weights and optimizer of upstream CANDLE's ``model.h5`` torch pickle.
+
+    Read with `torch.load(weights_only=True)`, whose unpickler builds tensors and plain
+    containers only: a file asking for any other object (a `__reduce__` payload) is
+    refused before anything is built from it.
+    """
+    try:
+        loaded = torch.load(io.BytesIO(contents), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointFormatError(
+            f"'{path}' is a pickle that asks for objects other than tensors and plain "
+            f"containers (the safe loader refused it: {str(error).splitlines()[0][:300]}); "
+            f"it was not loaded, since a full unpickling could run code from the file. "
+            f"Do not restart from it") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise CheckpointFormatError(
+            f"'{path}' is neither a candle_ckpt PyTorch file (HDF5) nor a readable "
+            f"torch.save file: {error}") from None
+    if not isinstance(loaded, dict) or UPSTREAM_KEYS["model"] not in loaded:
+        found = sorted(map(str, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
+        raise CheckpointFormatError(
+            f"'{path}' is a torch.save file holding {found}; expected upstream CANDLE's "
+            f"dict with 'model_state_dict' (and 'optimizer_state_dict')")
+    plan = [(name, key) for name, key in UPSTREAM_KEYS.items()
+            if name in objects and key in loaded]
+    if not plan or plan[0][0] != "model":
+        raise CheckpointFormatError(f"'{path}' is an upstream CANDLE checkpoint of a model "
+                                    f"and optimizer; set_model registered no 'model'")
+    for name, key in plan:
+        check_state(name, objects[name], loaded[key], path)
+    for name, key in plan:
+        objects[name].load_state_dict(loaded[key])
+    lacking = [name for name in objects if name not in dict(plan)] + ["RNG"]
+    return Restored(parts=tuple(name for name, _ in plan), exact=False,
+                    missing=" or ".join(lacking) + " state (upstream CANDLE saves none)",
+                    source="upstream CANDLE torch pickle, read with "
+                           "torch.load(weights_only=True)")

@@ -1,0 +1,165 @@
+"""A CANDLE-style PyTorch benchmark with checkpoint/restart that resumes bit-identically.
+
+Trains a multilayer perceptron with Dropout, AdamW and a StepLR schedule on a
+regression problem the script generates (no downloads), from a shuffled DataLoader
+whose generator is checkpointed. Parameters come from `default_model_pytorch.txt`
+(CANDLE's INI format), overridden by command-line flags, including every `--ckpt_*`.
+
+Kill it (Ctrl-C, `kill -9`, a time limit) and run it again: it resumes from
+`save/ckpts/last` and ends with the very weights an uninterrupted run ends with (the
+printed digest). Under `torchrun --nproc_per_node 2` it trains with
+DistributedDataParallel (gloo) and rank 0 writes the checkpoints.
+
+    python examples/benchmark_pytorch.py                 # 8 epochs into ./save
+    python examples/benchmark_pytorch.py --epochs 12     # 4 more epochs
+"""
+
+import argparse
+import ast
+import configparser
+import hashlib
+import os
+import sys
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              "default_model_pytorch.txt")
+
+
+def read_config(path):
+    """The [Global_Params] section of a CANDLE parameter file, values as Python literals."""
+    parser = configparser.ConfigParser()
+    if not parser.read(path):
+        raise FileNotFoundError(f"parameter file '{path}' not found")
+    return {key: ast.literal_eval(value) for key, value in parser["Global_Params"].items()}
+
+
+def initialize_parameters(argv=None):
+    """gParameters: defaults < parameter file < command line, as in CANDLE."""
+    import candle_ckpt
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config_file", default=DEFAULT_CONFIG)
+    config_file = pre.parse_known_args(argv)[0].config_file
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[pre])
+    parser.add_argument("--epochs", type=int, help="train up to this (1-based) epoch")
+    parser.add_argument("--batch_size", type=int)
+    parser.add_argument("--learning_rate", type=float)
+    parser.add_argument("--weight_decay", type=float)
+    parser.add_argument("--lr_step", type=int, help="StepLR: halve the rate every N epochs")
+    parser.add_argument("--n_samples", type=int, help="number of generated training samples")
+    parser.add_argument("--n_features", type=int)
+    parser.add_argument("--dense", type=ast.literal_eval, help="hidden layer sizes, e.g. [512,256]")
+    parser.add_argument("--dropout", type=float)
+    parser.add_argument("--seed", type=int)
+    candle_ckpt.ckpt_parser(parser)
+    parser.set_defaults(**read_config(config_file))
+    return vars(parser.parse_args(argv))
+
+
+def make_data(params):
+    """A deterministic regression problem: y = a smooth nonlinear function of x + noise."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(params["seed"])
+    n, d = params["n_samples"], params["n_features"]
+    x = rng.standard_normal((n + n // 4, d)).astype("float32")
+    w = rng.standard_normal((d, 1)).astype("float32") / np.sqrt(d)
+    y = (np.sin(x @ w) + 0.1 * rng.standard_normal((len(x), 1))).astype("float32")
+    tensors = torch.from_numpy(x), torch.from_numpy(y)
+    return (tensors[0][:n], tensors[1][:n]), (tensors[0][n:], tensors[1][n:])
+
+
+def build_model(params):
+    import torch
+
+    layers, width = [], params["n_features"]
+    for hidden in params["dense"]:
+        layers += [torch.nn.Linear(width, hidden), torch.nn.ReLU(),
+                   torch.nn.Dropout(params["dropout"])]
+        width = hidden
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
+
+
+def digest(model):
+    """SHA-256 of every parameter's bytes: equal digests, bit-identical weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def run(params, at_batch=None):
+    """Restart if there is a checkpoint, train to params["epochs"]; return the model.
+
+    `at_batch(epoch, batch)`, if given, is called after each (1-based) batch of each
+    1-based epoch (the tests kill or pause the process there).
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    import candle_ckpt
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    distributed = dist.is_initialized()
+    torch.manual_seed(params["seed"])      # the same on every rank
+    torch.use_deterministic_algorithms(True)
+    (x, y), (xv, yv) = make_data(params)
+    net = build_model(params)
+    model = torch.nn.parallel.DistributedDataParallel(net) if distributed else net
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params["learning_rate"],
+                                  weight_decay=params["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, params["lr_step"], gamma=0.5)
+    generator = torch.Generator().manual_seed(params["seed"])
+    data = TensorDataset(x, y)
+    sampler = DistributedSampler(data, seed=params["seed"]) if distributed else None
+    loader = DataLoader(data, batch_size=params["batch_size"], sampler=sampler,
+                        shuffle=sampler is None, generator=generator)
+    loss_fn = torch.nn.MSELoss()
+
+    ckpt = candle_ckpt.CandleCkptPyTorch(params)
+    ckpt.set_model({"model": model, "optimizer": optimizer, "scheduler": scheduler,
+                    "generator": generator})
+    J = ckpt.restart(model)
+    initial_epoch = J["epoch"] if J else 0
+    if initial_epoch >= params["epochs"]:
+        print(f"checkpoint is at epoch {initial_epoch}, --epochs is {params['epochs']}: "
+              f"nothing more to train")
+    for epoch in range(initial_epoch, params["epochs"]):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        for batch, (xb, yb) in enumerate(loader):
+            optimizer.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            ckpt.batch_end(batch)
+            if at_batch is not None:
+                at_batch(epoch + 1, batch + 1)
+        scheduler.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = loss_fn(model(xv), yv).item()
+        print(f"epoch {epoch + 1}: loss {loss.item()!r} val_loss {val_loss!r}", flush=True)
+        ckpt.ckpt_epoch(epoch, {"loss": loss.item(), "val_loss": val_loss})
+    ckpt.finish()
+    return net
+
+
+def main(argv=None):
+    params = initialize_parameters(argv)
+    net = run(params)
+    print(f"final digest {digest(net)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
