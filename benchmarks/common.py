@@ -69,6 +69,7 @@ def callback_save(model, root):
     callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
     logging.getLogger("candle_ckpt").propagate = False
     callback.set_model(model)
+    callback.on_train_begin()
     epochs = itertools.count()
     return lambda: callback.on_epoch_end(next(epochs), {})
 

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from candle_ckpt.core.checkpointer import Checkpointer
+from candle_ckpt.core.direct_io import write_at
 
 
 def file_writer(payload=b"weights", name="model.h5"):
@@ -24,6 +25,19 @@ def library_records_reach_caplog(monkeypatch):
     monkeypatch.setattr(logging.getLogger("candle_ckpt"), "propagate", True)
     yield
     logging.getLogger("candle_ckpt").propagate = False
+
+
+def direct_writer(payload=b"weights", name="model.h5"):
+    """A write_files function that lays out a file of `payload`'s size, then writes
+    `payload` into it in two halves with `direct_io.write_at`, as the h5 writer does."""
+    def write_files(directory):
+        path = os.path.join(directory, name)
+        with open(path, "wb") as stream:
+            stream.truncate(len(payload))
+        half = len(payload) // 2
+        write_at(path, [(0, memoryview(payload)[:half]), (half, memoryview(payload)[half:])])
+        return name
+    return write_files
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Killed with SIGKILL at every step of the save protocol: `last` is always complete.
 
-A subprocess saves epochs with a plain-file writer and kills itself at a named fault
+A subprocess saves epochs with a plain-file writer (laid out, then written in place by
+`direct_io.write_at`, as the Keras h5 writer does) and kills itself at a named fault
 point (candle_ckpt.core.faults); afterwards `last` must resolve to an epoch whose
 ckpt-info.json validates and whose files verify, and a new run must finish the job.
 """
@@ -24,11 +25,11 @@ JOB = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
     from candle_ckpt.core.checkpointer import Checkpointer
-    from conftest import file_writer
+    from conftest import direct_writer
     checkpointer = Checkpointer({{"epochs": 6, "ckpt_directory": {root!r}, "ckpt_keep_limit": 2,
                                  "ckpt_save_best_metric": "loss"}}, verbose=False)
     for epoch in range(1, 7):
-        checkpointer.epoch_end(epoch, {{"loss": 1.0 / epoch}}, file_writer(os.urandom(100000)))
+        checkpointer.epoch_end(epoch, {{"loss": 1.0 / epoch}}, direct_writer(os.urandom(100000)))
 """)
 
 
@@ -46,8 +47,8 @@ def test_kill_at_each_protocol_step_leaves_last_complete(tmp_path, point, hit):
     if found is not None:  # verified: ckpt-info.json valid, every CRC32 matches
         assert found.info["epoch"] in layout.list_epochs()
     else:
-        assert point in ("after_write", "after_fsync", "after_info", "after_rename",
-                         "after_best") and hit == 1
+        assert point in ("during_direct_write", "after_write", "after_fsync", "after_info",
+                         "after_rename", "after_best") and hit == 1
     # the next run cleans up and finishes
     checkpointer = Checkpointer({"epochs": 6, "ckpt_directory": root, "ckpt_keep_limit": 2,
                                  "ckpt_save_best_metric": "loss"}, verbose=False)

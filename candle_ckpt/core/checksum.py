@@ -17,6 +17,8 @@ import os
 import threading
 from collections.abc import Callable
 
+from .direct_io import anonymous_memory
+
 _crc32_combine: Callable[[int, int, int], int] | None
 try:
     from isal.isal_zlib import crc32
@@ -79,7 +81,7 @@ def read_file(path, checksum=True):
     """
     with open(path, "rb", buffering=0) as stream:
         size = os.fstat(stream.fileno()).st_size
-        view = memoryview(_anonymous_memory(size))
+        view = memoryview(anonymous_memory(size))
         running = [0]
 
         def add_to_crc(begin, end):  # runs in the CRC thread, one chunk after another
@@ -97,16 +99,6 @@ def read_file(path, checksum=True):
         for chunk in pending:
             chunk.result()
     return view[:filled].toreadonly(), running[0] if checksum else None
-
-
-def _anonymous_memory(size):
-    """`size` bytes of private memory, page-aligned, in huge pages where the kernel has
-    them: reading 300 MB into it takes 46 ms here, against 180 ms in 4 KiB pages and
-    280 ms in mmap's default shared memory or a bytearray."""
-    mapping = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    return mapping
 
 
 def _crc_thread():

@@ -5,7 +5,9 @@ subprocess; at the n-th time (default 1st) the protocol reaches that point the p
 sends itself SIGKILL, hitting windows too narrow for a randomly timed kill. Without the
 variable, `fault_point` is one string comparison.
 
-Points, in protocol order: after_write (model written into work/, not yet fsynced),
+Points, in protocol order: during_direct_write (the model file laid out and its first
+large buffer written in place, `direct_io.write_at`), after_write (model written into
+work/, not yet fsynced),
 after_fsync, after_info (ckpt-info.json written, before the rename), after_rename
 (epochs/NNN in place, links not yet moved), after_best (between the two link updates),
 after_last (before the keep policy), after_trash_rename (an epoch being deleted is in
@@ -17,8 +19,8 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("after_write", "after_fsync", "after_info", "after_rename", "after_best",
-          "after_last", "after_trash_rename")
+POINTS = ("during_direct_write", "after_write", "after_fsync", "after_info", "after_rename",
+          "after_best", "after_last", "after_trash_rename")
 
 
 def _parse(spec: str | None) -> tuple[str | None, int]:

@@ -84,6 +84,10 @@ class TrainingSession:
     def begin(self, adapter: FrameworkAdapter) -> None:
         """Training starts: become the writer (lock, cleanup) and watch for the signal.
 
+        With ckpt_async, the snapshot's host memory is allocated and filled here, before
+        the first step, so that the first save stalls training no longer than the later
+        ones, which copy into it (and a snapshot too large for memory fails now).
+
         Raises:
             WriterLockedError: another process writes this tree.
             ParameterValueError: `ckpt_signal` under lock-step multi-process training.
@@ -93,6 +97,9 @@ class TrainingSession:
                                           adapter.library_versions())
         if self.is_writer:
             self.checkpointer.start_writing()
+            if self.checkpointer.background is not None:
+                self._async_snapshot = self._copy_state(None, "ckpt_async=true",
+                                                        "ckpt_async=false")
         self._watch = self._start_preemption_watch()
 
     def epoch_begin(self, epoch: int) -> None:

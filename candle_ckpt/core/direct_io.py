@@ -1,0 +1,80 @@
+"""Moving large buffers between memory and files without holding the GIL, for any framework.
+
+A background save competes with training on the same cores. h5py holds the GIL for as
+long as HDF5 writes a dataset, so the training thread, which needs the GIL between its
+kernels, waits for each of those writes. The file formats therefore only lay the file
+out (a few kilobytes of metadata, written by their own library) and leave the bulk of
+the bytes to `write_at`, whose `os.pwrite` calls each release the GIL. The Keras h5
+format uses it (`candle_ckpt.keras.h5.write`); the PyTorch adapter can do the same with
+the offsets of any layout it writes.
+
+`anonymous_memory` is where snapshots and restart reads live: page-aligned private
+memory in huge pages, so that filling it for the first time is not dominated by page
+faults.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable, Iterable
+
+from .faults import fault_point
+
+# One pwrite per piece: short enough that the progress callback (writeback start) runs
+# often, long enough that the per-call cost vanishes.
+PIECE_BYTES = 8 << 20
+
+
+def anonymous_memory(size: int) -> mmap.mmap:
+    """`size` bytes of private, zeroed, page-aligned memory, in huge pages where the
+    kernel has them: reading 300 MB into it takes 46 ms here, against 180 ms in 4 KiB
+    pages and 280 ms in mmap's default shared memory or a bytearray."""
+    mapping = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
+
+
+def write_at(path: str, regions: Iterable[tuple[int, memoryview]],
+             progress: Callable[[int], None] | None = None) -> int:
+    """Write each (offset, bytes) of `regions` into the existing file `path`, in place.
+
+    The file is neither created nor truncated: its layout (where each region goes) was
+    made by whoever created it. Short writes are continued; the GIL is released during
+    every write. Nothing is fsynced: the save protocol fsyncs every file of the epoch
+    before it renames the epoch into place, so a process killed during or after these
+    writes leaves no epoch that holds them half-written.
+
+    Args:
+        path: the file.
+        regions: (file offset, C-contiguous buffer) pairs, in any order.
+        progress: called with the bytes written so far after every piece (e.g. a
+            `durable.WritebackStarter`).
+
+    Returns:
+        The number of bytes written.
+
+    Raises:
+        OSError: a write failed (ENOSPC, EIO), naming `path`.
+    """
+    fd = os.open(path, os.O_WRONLY)
+    written, regions_written = 0, 0
+    try:
+        for offset, buffer in regions:
+            view = memoryview(buffer).cast("B")
+            done = 0
+            while done < len(view):
+                try:
+                    done += os.pwrite(fd, view[done:done + PIECE_BYTES], offset + done)
+                except OSError as error:
+                    raise OSError(error.errno, error.strerror, path) from error
+                if progress is not None:
+                    progress(written + done)
+            written += done
+            regions_written += 1
+            if regions_written == 1:
+                fault_point("during_direct_write")
+    finally:
+        os.close(fd)
+    return written
