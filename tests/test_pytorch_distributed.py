@@ -44,7 +44,7 @@ def two_ranks(roots, *args, epochs=4):
 
 
 def digests(results):
-    for code, out, err in results:
+    for code, _, err in results:
         assert code == 0, err[-3000:]
     return [re.search(r"final digest (\w+)", out).group(1) for _, out, _ in results]
 
