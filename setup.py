@@ -1,4 +1,5 @@
-"""Install candle_ckpt: `pip install .` (`-e` to develop; `.[test]` adds pytest, ruff, mypy)."""
+"""Install candle_ckpt: `pip install .` (`-e` to develop; `.[test]` adds pytest, ruff, mypy;
+`.[torch]` the PyTorch adapter's torch)."""
 
 import re
 from pathlib import Path
@@ -20,8 +21,8 @@ setup(
     # The top-level schemas/ is the canonical copy; candle_ckpt/schemas links to it, so
     # it is installed as the package candle_ckpt.schemas and installed code never
     # reads the source tree.
-    packages=["candle_ckpt", "candle_ckpt.core", "candle_ckpt.keras", "candle_ckpt.operator",
-              "candle_ckpt.schemas"],
+    packages=["candle_ckpt", "candle_ckpt.core", "candle_ckpt.keras", "candle_ckpt.pytorch",
+              "candle_ckpt.operator", "candle_ckpt.schemas"],
     package_data={"candle_ckpt.schemas": ["*.json"]},
     install_requires=[
         "tensorflow>=2.16",   # Keras 3
@@ -32,6 +33,9 @@ setup(
         "numpy",
     ],
     # ruff and mypy are pinned: CI fails on their findings, which change between releases.
-    extras_require={"test": ["pytest>=7", "ruff==0.17.6", "mypy==2.4.1"]},
+    # torch is pinned: on these machines `torch==2.13.0` resolves to the CPU build already
+    # on disk, while a bare `torch` or an open range downloads a multi-GB CUDA build.
+    extras_require={"test": ["pytest>=7", "ruff==0.17.6", "mypy==2.4.1"],
+                    "torch": ["torch==2.13.0"]},
     entry_points={"console_scripts": ["candle-ckpt = candle_ckpt.operator.cli:main"]},
 )
