@@ -122,9 +122,10 @@ def test_list_verify_validates_and_computes_every_crc32(tree):
     info = read_info(tree.epoch_dir(3))
     with open(path, "w") as stream:  # invalid after the head that list reads
         json.dump({**info, "versions": {"x": 1}}, stream)
-    states = [row["checksum"] for row in
-              json.loads(cli("list", tree.root, "--json", "--verify").stdout)["epochs"]]
+    result = cli("list", tree.root, "--json", "--verify", expect=1)  # as verify exits
+    states = [row["checksum"] for row in json.loads(result.stdout)["epochs"]]
     assert states == ["ok", "BAD: crc32", "BAD: invalid ckpt-info.json", "ok", "ok"]
+    assert "BAD: crc32" in cli("list", tree.root, "--verify", expect=1).stdout
 
 
 def test_list_shows_an_epoch_with_a_broken_info_and_goes_on(tree):

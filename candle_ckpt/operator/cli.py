@@ -276,18 +276,21 @@ def cmd_list(args):
     """Print the table (or JSON) of every epoch; reads no model file unless --verify."""
     tree = survey(open_tree(args.where))
     rows = _rows(tree, args.verify)
+    # like `verify`: a bad epoch found by --verify is exit status 1, for scripts
+    status = EXIT_CORRUPT if any(str(row["checksum"]).startswith("BAD")
+                                 for row in rows) else EXIT_OK
     if args.json:
         print(json.dumps({
             "directory": tree.layout.root,
             "links": {name: vars(state) for name, state in tree.links.items()},
             "abandoned": tree.abandoned, "work": tree.work, "trash": tree.trash,
             "epochs": rows}, indent=1))
-        return EXIT_OK
+        return status
     lines = [tree.layout.root, "   ".join(state.describe() for state in tree.links.values())]
     lines += _table(rows) if rows else ["no epochs saved"]
     lines += _notes(tree)
     print("\n".join(lines))
-    return EXIT_OK
+    return status
 
 
 def cmd_info(args):
