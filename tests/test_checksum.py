@@ -51,7 +51,7 @@ def test_read_file_returns_the_bytes_and_their_crc(tmp_path, size):
     contents, crc = checksum.read_file(path)
     assert bytes(contents) == data and crc == zlib.crc32(data)
     assert contents.readonly
-    contents, crc = checksum.read_file(path, checksum=False)
+    contents, crc = checksum.read_file(path, compute_crc=False)
     assert bytes(contents) == data and crc is None
 
 

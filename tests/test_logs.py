@@ -1,9 +1,12 @@
 """The library's loggers: the console only when asked, one line when ckpt.log fails."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 CODE = textwrap.dedent("""
     import logging, sys
@@ -39,3 +42,33 @@ def test_a_ckpt_log_that_cannot_be_written_is_one_line_not_a_traceback_per_recor
     assert "Logging error" not in stderr and "Traceback" not in stderr
     assert stderr.count("cannot write") == 1 and "No space left on device" in stderr
     assert "warning record" in stderr                     # the console still has it
+
+
+FIT_VERBOSE = textwrap.dedent("""
+    import os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import keras, numpy as np
+    import candle_ckpt
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    x = np.ones((24, 4), "float32")
+    callback = candle_ckpt.CandleCheckpointCallback(
+        {"ckpt_directory": sys.argv[1], "epochs": 2, "ckpt_save_best": False})
+    model.fit(x, x[:, :1], batch_size=8, epochs=2, verbose=1, callbacks=[callback])
+""")
+
+
+@pytest.mark.slow
+def test_log_lines_start_on_a_fresh_line_under_keras_progress_bar(tmp_path):
+    """fit(verbose=1) leaves its bar's line open on stdout while the epoch-end save logs."""
+    console = subprocess.run([sys.executable, "-c", FIT_VERBOSE, str(tmp_path / "save")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300,
+                             check=True).stdout
+    saved = [line for line in console.split("\n") if "saved (" in line]
+    assert len(saved) == 2, console
+    for line in saved:  # the record, on its own line: not after "loss: ..." of the bar
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ candle_ckpt.save INFO: epoch",
+                        line), repr(line)
+    assert console.count("loss:") >= 2                 # and the bar is still shown

@@ -20,7 +20,7 @@ def epoch_dir(make_checkpointer, ckpt_dir):
 
 
 def test_the_kept_file_holds_exactly_the_verified_bytes(epoch_dir):
-    results = verify.verify_files(epoch_dir, read_info(epoch_dir), keep="model.h5")
+    results = verify.verify_files(epoch_dir, read_info(epoch_dir), hold_contents_of="model.h5")
     (model,) = results
     assert model.problem is None and model.actual_crc32 == model.expected_crc32
     assert bytes(model.contents) == PAYLOAD and model.contents.readonly
@@ -33,16 +33,16 @@ def test_a_kept_file_with_a_flipped_byte_is_refused(epoch_dir):
         stream.seek(5000)
         stream.write(bytes([PAYLOAD[5000] ^ 1]))
     with pytest.raises(ChecksumMismatchError, match="model.h5"):
-        verify.verify_files(epoch_dir, read_info(epoch_dir), keep="model.h5")
+        verify.verify_files(epoch_dir, read_info(epoch_dir), hold_contents_of="model.h5")
 
 
 def test_a_kept_file_that_shrinks_while_it_is_read_is_refused(epoch_dir, monkeypatch):
     real_read_file = verify.read_file
 
-    def shrink_then_read(path, checksum):
+    def shrink_then_read(path, compute_crc):
         os.truncate(path, 4096)
-        return real_read_file(path, checksum=checksum)
+        return real_read_file(path, compute_crc=compute_crc)
     monkeypatch.setattr(verify, "read_file", shrink_then_read)
     with pytest.raises(CorruptCheckpointError,
                        match=r"model.h5: size 4096 bytes, ckpt-info.json records 100000"):
-        verify.verify_files(epoch_dir, read_info(epoch_dir), keep="model.h5")
+        verify.verify_files(epoch_dir, read_info(epoch_dir), hold_contents_of="model.h5")

@@ -11,12 +11,12 @@ are the two implementations.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from .logs import LibraryLogger
     from .resume import Checkpoint
     from .writer import WriterDecision
 
@@ -74,6 +74,6 @@ class FrameworkAdapter(Protocol):
         """Write `snapshot` into `directory`; return the model file's name. May run in
         another thread; need not fsync (the protocol does)."""
 
-    def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger) -> Restored:
         """Load the verified `checkpoint` (its bytes: `checkpoint.model_contents`).
         Everything is checked before the first value changes."""

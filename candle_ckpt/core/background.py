@@ -1,17 +1,26 @@
 """Work that runs off the training thread: asynchronous saves and emptying the trash.
 
-Deleting is slow here (about 0.33 s per GB on a file system mounted with `discard`,
-0.7 s for a 300 MB epoch), and the training thread need not wait for it: an epoch to
-delete is renamed into `ckpts/trash/` (durable, microseconds) and a background thread
-removes it. A crash in between leaves the trash to be emptied by the next run.
+Deleting an epoch takes time in proportion to its size (more on a file system mounted
+with `discard`; benchmarks/bench_prune.py measures it), and the training thread need
+not wait for it: an epoch to delete is renamed into `ckpts/trash/` (one durable rename)
+and a background thread removes it. A crash in between leaves the trash to be emptied
+by the next run. `SharedThread` is the one helper thread a kind of work (CRC, fsync)
+reuses across files and saves.
 """
+
+from __future__ import annotations
 
 import concurrent.futures
 import os
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from . import durable
 from .errors import CheckpointError
+from .logs import LibraryLogger
+
+Result = TypeVar("Result")
 
 # The nice value of the threads that save and delete in the background (Linux applies
 # it per thread): training keeps the cores when both want them, the writer takes what
@@ -20,18 +29,73 @@ from .errors import CheckpointError
 BACKGROUND_NICE = 10
 
 
-def lower_thread_priority():
+def lower_thread_priority() -> None:
     """Give the calling thread the nice value BACKGROUND_NICE (no-op where unsupported).
 
-    Threads it starts inherit the value (the CRC and fsync helpers of a save).
+    Threads it starts inherit the value; a `SharedThread` task runs at least at it.
     """
-    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+    _nice_at_least(BACKGROUND_NICE)
+
+
+def _thread_nice() -> int | None:
+    """The calling thread's nice value, None where Linux's per-thread value is absent."""
+    if not hasattr(os, "getpriority") or not hasattr(threading, "get_native_id"):
+        return None
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except OSError:
+        return None
+
+
+def _nice_at_least(value: int) -> None:
+    """Raise the calling thread's nice value to `value` if it is lower (never lowers it:
+    that needs a privilege)."""
+    own = _thread_nice()
+    if own is None or own >= value:
         return
     try:
-        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(own, BACKGROUND_NICE))
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
     except OSError:  # not permitted (a sandbox): run at the normal priority
         pass
+
+
+def _run_at_nice(nice: int | None, function: Callable[..., Result], *args: Any) -> Result:
+    if nice is not None:
+        _nice_at_least(nice)
+    return function(*args)
+
+
+class SharedThread:
+    """One worker thread, started on first use and shared by every caller, so that a
+    save does not start (and join) a thread per file; tasks run in submission order, at
+    least at the submitting thread's nice value (a background save's helpers stay
+    background work).
+
+    A child forked while it exists (a DataLoader worker) gets an executor of its own on
+    first use: the parent's thread does not exist in the child.
+
+    Args:
+        name: the thread's name prefix, e.g. "candle_ckpt-crc".
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def submit(self, function: Callable[..., Result], *args: Any
+               ) -> concurrent.futures.Future[Result]:
+        """Run `function(*args)` in the thread; returns its future."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=self.name)
+            return self._executor.submit(_run_at_nice, _thread_nice(), function, *args)
+
+    def _forget(self) -> None:
+        self._executor = None
+        self._lock = threading.Lock()
 
 
 class TrashCollector:
@@ -45,29 +109,29 @@ class TrashCollector:
         logger: where failures are logged (a failed removal is retried at the next poke).
     """
 
-    def __init__(self, trash_dir, logger):
+    def __init__(self, trash_dir: str, logger: LibraryLogger) -> None:
         self.trash_dir = trash_dir
         self.logger = logger
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="candle_ckpt-trash",
             initializer=lower_thread_priority)
         self._lock = threading.Lock()
-        self._pending = None
+        self._pending: concurrent.futures.Future[None] | None = None
 
-    def poke(self):
+    def poke(self) -> None:
         """Schedule emptying the trash, unless a collection is already scheduled."""
         with self._lock:
             if self._pending is None or self._pending.running() or self._pending.done():
                 self._pending = self._executor.submit(self._collect)
 
-    def wait(self):
+    def wait(self) -> None:
         """Block until the scheduled collections are done (for tests and shutdown)."""
         with self._lock:
             pending = self._pending
         if pending is not None:
             pending.result()
 
-    def _collect(self):
+    def _collect(self) -> None:
         try:
             removed = durable.empty_trash(self.trash_dir)
         except OSError as error:
@@ -91,25 +155,25 @@ class BackgroundWriter:
     cores training keeps busy, the save then takes longer but takes less from training.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="candle_ckpt-save",
             initializer=lower_thread_priority)
-        self._pending = None
+        self._pending: concurrent.futures.Future[Any] | None = None
 
-    def submit(self, job):
+    def submit(self, job: Callable[[], Any]) -> None:
         """Wait for the previous job (raising its error), then start `job()`."""
         self.wait()
         self._pending = self._executor.submit(job)
 
-    def wait(self):
+    def wait(self) -> None:
         """Block until the current job is done; raise the exception it raised, if any."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
 
 
-def available_memory_bytes():
+def available_memory_bytes() -> int | None:
     """The host memory available to new allocations (Linux MemAvailable), or None."""
     try:
         with open("/proc/meminfo") as stream:
@@ -121,7 +185,7 @@ def available_memory_bytes():
     return None
 
 
-def check_snapshot_fits(nbytes, setting, off):
+def check_snapshot_fits(nbytes: int, setting: str, off: str) -> None:
     """Raise unless a host-memory snapshot of `nbytes` fits in available memory.
 
     Args:

@@ -34,6 +34,7 @@ from .logs import silent_logger, tree_logger
 from .params import validate_params
 from .policies import BestMetric, epochs_to_keep, infer_metric_mode, save_reason
 from .protocol import discard_epochs, point_link, prepare_tree, save_epoch
+from .resume import legacy_best_epoch
 
 WriteFiles = Callable[[str], str]
 """write_files(directory) -> the model file's name: writes an epoch's files there."""
@@ -117,9 +118,7 @@ class Checkpointer:
         self.last_save_time = _parse_timestamp(info["timestamp"])
         if is_legacy(info):
             self.run_epochs = []
-            best_epoch = self.layout.resolve_link("best")
-            if best_epoch is not None and best_epoch > epoch:
-                best_epoch = None
+            best_epoch = legacy_best_epoch(self.layout, info)
         else:
             self.run_epochs = [e for e in info["epochs_saved"]
                                if e <= epoch and os.path.isdir(self.layout.epoch_dir(e))]
@@ -250,7 +249,7 @@ class Checkpointer:
         info, written = save_epoch(
             self.layout, epoch, write_files,
             lambda written: self._build_info(decision, written),
-            checksum=self.settings["ckpt_checksum"], logger=self.logger)
+            compute_checksums=self.settings["ckpt_checksum"], logger=self.logger)
         self.last_save_time = decision.time
         if self.best is not None:
             self._point_best(decision.best_epoch)

@@ -3,7 +3,10 @@
 Loggers are named under `candle_ckpt` ("candle_ckpt.save", "candle_ckpt.restart", ...).
 One process may use several checkpoint trees (tests, ensembles), so each record
 carries the tree it is about, and each tree's file handler takes only its own records.
-The console gets INFO and up when `verbose`, else WARNING and up.
+The console gets INFO and up when `verbose`, else WARNING and up. A framework adapter
+whose progress bar leaves a line open on stdout (Keras' `verbose=1`) says so with
+`set_progress_line_open`; the console handler then ends that line before its record, so
+that a record is never spliced into the bar.
 
 The `candle_ckpt` logger does not propagate to the root logger: an application that
 configures logging (TensorFlow does) would otherwise print every record a second time,
@@ -17,11 +20,17 @@ import logging
 import os
 import sys
 import threading
+from typing import TypeAlias
+
+from .layout import CheckpointLayout
+
+LibraryLogger: TypeAlias = "logging.Logger | logging.LoggerAdapter[logging.Logger]"
+"""What the library logs to: a logger, or the adapter `tree_logger` returns."""
 
 _FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 _lock = threading.Lock()
 _file_handlers: dict[str, logging.Handler] = {}
-_console_handler: logging.Handler | None = None
+_console_handler: _ConsoleHandler | None = None
 logging.getLogger("candle_ckpt").propagate = False  # see the module docstring
 
 
@@ -42,16 +51,47 @@ class _TreeLogHandler(logging.FileHandler):
                              f"the console still gets them\n")
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """stderr, starting each record on a fresh line when a progress line is open."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.progress_line = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.progress_line.is_set():
+            self.progress_line.clear()
+            try:  # the bar is on stdout: end its line there, where it is open
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):  # a closed or full stdout: the record still goes
+                pass
+        super().emit(record)
+
+
+def set_progress_line_open(is_open: bool) -> None:
+    """Say whether a progress line is open (not ended) on stdout, e.g. True after each
+    batch of a Keras `fit(verbose=1)`, False at an epoch's start: the next console record
+    first ends an open line. Sets a flag only, so it may be called every batch."""
+    handler = _console_handler
+    if handler is None:
+        return
+    if is_open:
+        handler.progress_line.set()
+    else:
+        handler.progress_line.clear()
+
+
 class _TreeFilter(logging.Filter):
-    def __init__(self, root):
+    def __init__(self, root: str) -> None:
         super().__init__()
         self.root = root
 
-    def filter(self, record):
+    def filter(self, record: logging.LogRecord) -> bool:
         return getattr(record, "ckpt_directory", None) == self.root
 
 
-def _ensure_file_handler(root, log_file):
+def _ensure_file_handler(root: str, log_file: str) -> None:
     with _lock:
         if root in _file_handlers:
             return
@@ -63,17 +103,18 @@ def _ensure_file_handler(root, log_file):
         _file_handlers[root] = handler
 
 
-def _ensure_console_handler(verbose):
+def _ensure_console_handler(verbose: bool) -> None:
     global _console_handler
     with _lock:
         if _console_handler is None:
-            _console_handler = logging.StreamHandler(sys.stderr)
+            _console_handler = _ConsoleHandler()
             _console_handler.setFormatter(logging.Formatter(_FORMAT))
             logging.getLogger("candle_ckpt").addHandler(_console_handler)
         _console_handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def tree_logger(name, layout, verbose=True):
+def tree_logger(name: str, layout: CheckpointLayout,
+                verbose: bool = True) -> LibraryLogger:
     """A logger for operations on one checkpoint tree.
 
     Args:
@@ -91,7 +132,7 @@ def tree_logger(name, layout, verbose=True):
                                  {"ckpt_directory": layout.root})
 
 
-def console_logger(name, verbose=True):
+def console_logger(name: str, verbose: bool = True) -> logging.Logger:
     """A logger under `candle_ckpt` that reaches the console only, never a ckpt.log.
 
     For processes that must write nothing in the checkpoint tree (the non-writer
@@ -112,7 +153,7 @@ def _library_logger() -> logging.Logger:
     return logger
 
 
-def close_tree_log(layout):
+def close_tree_log(layout: CheckpointLayout) -> None:
     """Close and detach the file handler of a tree (e.g. before deleting the tree)."""
     with _lock:
         handler = _file_handlers.pop(layout.root, None)
@@ -121,7 +162,7 @@ def close_tree_log(layout):
         handler.close()
 
 
-def silent_logger():
+def silent_logger() -> logging.Logger:
     """The logger used when the caller passes logger=None: it drops every record."""
     logger = logging.getLogger("candle_ckpt.silent")
     logger.disabled = True

@@ -1,7 +1,8 @@
-"""The crash-consistent save protocol of one epoch (DESIGN.md, "The save protocol").
+"""The crash-consistent save protocol of one epoch (README, "How a save survives kill -9").
 
-`save_epoch` runs steps 2-7 with a caller-supplied function that writes the model's
-files into a directory; `discard_epochs` is step 8's deletion. Whatever is deleted is
+`save_epoch` runs steps 2-6 with a caller-supplied function that writes the model's
+files into a directory; the caller (`Checkpointer`) then repoints the links with
+`point_link`, `best` before `last`; `discard_epochs` is step 8's deletion. Whatever is deleted is
 only renamed into `ckpts/trash/` here; a `background.TrashCollector` removes it off the
 training thread. A process killed at any
 instant leaves `last` pointing at a complete, verifiable epoch (or absent if none was
@@ -9,27 +10,36 @@ ever completed): the files are fsynced and checksummed in `work/` before `work/`
 renamed to `epochs/NNN`, and links are repointed only after that rename is durable.
 """
 
-import concurrent.futures
+from __future__ import annotations
+
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import durable
+from .background import SharedThread
 from .checksum import crc32_file
 from .faults import fault_point
 from .info import write_info
+from .layout import CheckpointLayout
+from .logs import LibraryLogger
+
+# Where a saved file is fsynced while its CRC32 is computed on the saving thread.
+_fsync_thread = SharedThread("candle_ckpt-fsync")
 
 
 @dataclass(frozen=True)
 class WrittenFiles:
     """What step 3-4 produced: {name: {"size", "crc32"}}, the model file, timings."""
-    files: dict
+    files: dict[str, dict[str, Any]]
     model_file: str
     nbytes: int
     write_seconds: float
 
 
-def prepare_tree(layout, logger):
+def prepare_tree(layout: CheckpointLayout, logger: LibraryLogger) -> None:
     """Create the tree's directories; drop a save and temporary links a crash interrupted.
 
     Deletions a crash interrupted are left in `trash/` for the trash collector.
@@ -42,22 +52,24 @@ def prepare_tree(layout, logger):
             logger.warning("removed leftover temporary link '%s'", name)
 
 
-def _drop_leftover_work(layout, logger):
+def _drop_leftover_work(layout: CheckpointLayout, logger: LibraryLogger) -> None:
     if os.path.lexists(layout.work):
         durable.move_to_trash(layout.work, layout.trash)
         logger.warning("removed leftover '%s' of an interrupted save", layout.work)
 
 
-def _flush_and_checksum(path, checksum):
+def _flush_and_checksum(path: str, compute_checksum: bool) -> str | None:
     """fsync `path` while computing its CRC32: both release the GIL, so they overlap."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        flushed = pool.submit(durable.fsync_file, path)
-        crc = str(crc32_file(path)) if checksum else None
-        flushed.result()
+    flushed = _fsync_thread.submit(durable.fsync_file, path)
+    try:
+        crc = str(crc32_file(path)) if compute_checksum else None
+    finally:
+        flushed.result()  # never return (or fail) before the file is durable or failed
     return crc
 
 
-def _write_into_work(layout, write_files, checksum):
+def _write_into_work(layout: CheckpointLayout, write_files: Callable[[str], str],
+                     compute_checksums: bool) -> WrittenFiles:
     started = time.perf_counter()
     os.mkdir(layout.work)
     model_file = write_files(layout.work)
@@ -70,7 +82,7 @@ def _write_into_work(layout, write_files, checksum):
                              f"expected only files in the epoch directory")
         size = os.path.getsize(path)
         nbytes += size
-        files[name] = {"size": size, "crc32": _flush_and_checksum(path, checksum)}
+        files[name] = {"size": size, "crc32": _flush_and_checksum(path, compute_checksums)}
     if model_file not in files:
         raise ValueError(f"the model writer reported model file {model_file!r} but wrote "
                          f"{sorted(files)} into '{layout.work}'")
@@ -78,7 +90,10 @@ def _write_into_work(layout, write_files, checksum):
     return WrittenFiles(files, model_file, nbytes, time.perf_counter() - started)
 
 
-def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
+def save_epoch(layout: CheckpointLayout, epoch: int, write_files: Callable[[str], str],
+               build_info: Callable[[WrittenFiles], dict[str, Any]], *,
+               compute_checksums: bool, logger: LibraryLogger
+               ) -> tuple[dict[str, Any], WrittenFiles]:
     """Write one epoch into `epochs/NNN` (steps 2-6); the caller then repoints the links.
 
     Args:
@@ -87,7 +102,7 @@ def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
         write_files: callable(directory) that writes the model's files into `directory`
             and returns the model file's name. It need not fsync.
         build_info: callable(WrittenFiles) returning the ckpt-info dict to record.
-        checksum: whether to compute the CRC32 of every file.
+        compute_checksums: whether to compute the CRC32 of every file.
         logger: where to log.
 
     Returns:
@@ -99,7 +114,7 @@ def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
     """
     _drop_leftover_work(layout, logger)
     try:
-        written = _write_into_work(layout, write_files, checksum)
+        written = _write_into_work(layout, write_files, compute_checksums)
         info = build_info(written)
         write_info(layout.work, info)
         fault_point("after_info")
@@ -117,7 +132,7 @@ def save_epoch(layout, epoch, write_files, build_info, *, checksum, logger):
     return info, written
 
 
-def point_link(layout, name, epoch):
+def point_link(layout: CheckpointLayout, name: str, epoch: int | None) -> None:
     """Atomically point `last`/`best` at `epoch` (relative link), or remove it if None."""
     if epoch is None:
         durable.remove_link(layout.link(name))
@@ -125,7 +140,8 @@ def point_link(layout, name, epoch):
         durable.replace_symlink(layout.relative_epoch_target(epoch), layout.link(name))
 
 
-def discard_epochs(layout, epochs, logger):
+def discard_epochs(layout: CheckpointLayout, epochs: list[int],
+                   logger: LibraryLogger) -> None:
     """Move whole epoch directories out of `epochs/` into `trash/` (crash-safe deletion)."""
     for epoch in epochs:
         if durable.move_to_trash(layout.epoch_dir(epoch), layout.trash) is None:

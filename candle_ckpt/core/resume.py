@@ -10,11 +10,18 @@ adapter then loads those bytes.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from .errors import CheckpointError, LinkError, NoCheckpointError
-from .info import is_legacy, read_info
-from .verify import verify_files
+from .errors import CheckpointError, NoCheckpointError
+from .info import finite_or_none, is_legacy
+from .layout import CheckpointLayout
+from .logs import LibraryLogger
+from .verify import check_epoch, read_epoch_info
+
+__all__ = ["Checkpoint", "find_checkpoint", "legacy_best_epoch", "load_verified",
+           "read_epoch_info"]  # read_epoch_info: verify.py owns it; imported from here too
 
 
 @dataclass(frozen=True)
@@ -31,49 +38,53 @@ class Checkpoint:
     model_contents: memoryview = field(repr=False, compare=False)
 
     @property
-    def model_path(self):
+    def model_path(self) -> str:
         return os.path.join(self.directory, self.info["model_file"])
 
 
-def read_epoch_info(layout, epoch):
-    """The validated ckpt-info dict of epoch `epoch`, which must record that epoch.
+def legacy_best_epoch(layout: CheckpointLayout, info: dict[str, Any]) -> int | None:
+    """The best epoch of an upstream CANDLE run, at or before the epoch of `info`.
 
-    Raises:
-        NoCheckpointError: the epoch directory has no ckpt-info.json.
-        CheckpointFormatError: the file is unreadable or invalid (see `read_info`).
-        CheckpointError: the file records another epoch than its directory's.
+    Upstream CANDLE records only `best_metric_last`, the best value so far, and saves
+    every improvement: the best epoch is the first epoch on disk, up to `info`'s, whose
+    ckpt-info.json records that metric and value. None when no metric is tracked or no
+    such epoch is on disk (an epoch whose ckpt-info.json is unreadable is passed over).
     """
-    directory = layout.epoch_dir(epoch)
-    if os.path.islink(directory):
-        raise LinkError(f"'{directory}' is a symbolic link (-> '{os.readlink(directory)}'); "
-                        f"expected an epoch directory inside '{layout.epochs}'")
-    try:
-        info = read_info(directory)
-    except FileNotFoundError:
-        raise NoCheckpointError(f"'{directory}' has no ckpt-info.json; expected a complete "
-                                f"epoch directory") from None
-    if info["epoch"] != epoch:
-        raise CheckpointError(f"'{directory}/ckpt-info.json': key 'epoch' is {info['epoch']}; "
-                              f"expected {epoch}, the epoch of its directory")
-    return info
+    metric, value = info["save_best_metric"], finite_or_none(info["best_metric_last"])
+    if metric is None or value is None:
+        return None
+    for earlier in layout.list_epochs():
+        if earlier > info["epoch"]:
+            break
+        try:
+            candidate = info if earlier == info["epoch"] else read_epoch_info(layout, earlier)
+        except CheckpointError:
+            continue
+        if (candidate["save_best_metric"] == metric
+                and finite_or_none(candidate["best_metric_last"]) == value):
+            return earlier
+    return None
 
 
-def load_verified(layout, epoch, checksums, logger):
+def load_verified(layout: CheckpointLayout, epoch: int, verify_checksums: bool,
+                  logger: LibraryLogger) -> Checkpoint:
     """Read and verify epoch `epoch`; return a `Checkpoint` or raise a CheckpointError."""
-    directory = layout.epoch_dir(epoch)
-    info = read_epoch_info(layout, epoch)
-    results = verify_files(directory, info, checksums, keep=info["model_file"])
+    check = check_epoch(layout, epoch, verify_checksums=verify_checksums,
+                        hold_model_contents=True)
+    check.raise_if_bad()
+    info, results = check.info, check.files
     unverified = [r.path for r in results if r.expected_crc32 is None]
-    if checksums and unverified:
+    if verify_checksums and unverified:
         logger.warning("checkpoint of epoch %d was written without checksums: %s not "
                        "verified", epoch, ", ".join(unverified))
     if is_legacy(info):
         logger.info("epoch %d is a legacy (upstream CANDLE) checkpoint", epoch)
     model_contents = next(r.contents for r in results if r.contents is not None)
-    return Checkpoint(epoch, directory, info, model_contents)
+    return Checkpoint(epoch, layout.epoch_dir(epoch), info, model_contents)
 
 
-def find_checkpoint(layout, settings, logger):
+def find_checkpoint(layout: CheckpointLayout, settings: Mapping[str, Any],
+                    logger: LibraryLogger) -> Checkpoint | None:
     """The verified checkpoint a restart should load, or None to start from scratch.
 
     Args:
@@ -97,16 +108,16 @@ def find_checkpoint(layout, settings, logger):
         logger.info("no checkpoint to restart from ('%s' is %s): starting from scratch",
                     link, state)
         return None
-    checksums = settings["ckpt_checksum"]
+    verify_checksums = settings["ckpt_checksum"]
     try:
-        return load_verified(layout, epoch, checksums, logger)
+        return load_verified(layout, epoch, verify_checksums, logger)
     except CheckpointError as error:
         if not settings["ckpt_restart_fallback"]:
             raise
         logger.error("CHECKPOINT OF EPOCH %d IS UNUSABLE: %s", epoch, error)
         for earlier in reversed([e for e in layout.list_epochs() if e < epoch]):
             try:
-                found = load_verified(layout, earlier, checksums, logger)
+                found = load_verified(layout, earlier, verify_checksums, logger)
             except CheckpointError as skipped:
                 logger.error("skipping epoch %d as well: %s", earlier, skipped)
                 continue

@@ -1,14 +1,31 @@
-"""Check the files of an epoch directory against what its ckpt-info.json records."""
+"""Check the files of an epoch directory against what its ckpt-info.json records.
+
+The one owner of "read an epoch's ckpt-info.json, check its files, say what is wrong":
+a restart (`resume.load_verified`), `candle-ckpt verify`, `list --verify` and
+`rollback` all go through `check_epoch`.
+"""
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .checksum import crc32_file, read_file
-from .errors import ChecksumMismatchError, CorruptCheckpointError
-from .info import CHECKSUM_DISABLED, is_legacy
+from .errors import (
+    CheckpointError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    LinkError,
+    NoCheckpointError,
+)
+from .info import CHECKSUM_DISABLED, is_legacy, read_info
+from .layout import CheckpointLayout
+
+FileProgress = Callable[[str, int, int], None]
+"""progress(path, bytes_done, bytes_total) while a long file is checksummed."""
 
 
 @dataclass(frozen=True)
@@ -17,20 +34,22 @@ class FileCheck:
 
     `problem` is None when the file is intact, else "missing", "type" (not a regular
     file), "size" or "crc32".
+    `expected_size` is None for a legacy file (upstream CANDLE records no size),
+    `actual_size` None when the file could not be looked at.
     `actual_crc32` is None when the CRC was not computed (none recorded, or not asked).
     `contents` holds the file's bytes (a read-only memoryview) when the check was asked
-    to keep them, else None: the bytes that were checked, so a caller that uses them
+    to hold them, else None: the bytes that were checked, so a caller that uses them
     uses exactly what was verified.
     """
     path: str
-    expected_size: int
-    actual_size: int
-    expected_crc32: str
-    actual_crc32: str
-    problem: str
+    expected_size: int | None
+    actual_size: int | None
+    expected_crc32: str | None
+    actual_crc32: str | None
+    problem: str | None
     contents: memoryview | None = field(default=None, repr=False, compare=False)
 
-    def describe(self):
+    def describe(self) -> str:
         """One line for a person: what is wrong with the file, or that it is fine."""
         if self.problem == "missing":
             return f"{self.path}: listed in ckpt-info.json but missing"
@@ -47,7 +66,42 @@ class FileCheck:
         return f"{self.path}: {state}"
 
 
-def recorded_files(info):
+@dataclass(frozen=True)
+class EpochCheck:
+    """An epoch's validated ckpt-info dict and the check of every file it lists."""
+    epoch: int
+    info: dict[str, Any]
+    files: list[FileCheck]
+
+    @property
+    def bad(self) -> list[FileCheck]:
+        """The files that are missing, not regular, of the wrong size or CRC32."""
+        return [check for check in self.files if check.problem is not None]
+
+    @property
+    def all_checksummed(self) -> bool:
+        """Whether every file's CRC32 was computed (and so compared)."""
+        return all(check.actual_crc32 is not None for check in self.files)
+
+    def problems(self) -> str:
+        """The bad files, described on one line ("" when all are intact)."""
+        return "; ".join(check.describe() for check in self.bad)
+
+    def raise_if_bad(self) -> None:
+        """Raise on the first bad file, in name order.
+
+        Raises:
+            ChecksumMismatchError: its CRC32 differs (names file, expected, actual).
+            CorruptCheckpointError: it is missing, not a regular file or of the wrong size.
+        """
+        for check in self.bad:
+            if check.problem == "crc32":
+                raise ChecksumMismatchError(check.path, str(check.expected_crc32),
+                                            str(check.actual_crc32))
+            raise CorruptCheckpointError(check.describe() + "; refusing to load this checkpoint")
+
+
+def recorded_files(info: dict[str, Any]) -> dict[str, tuple[int | None, str | None]]:
     """{file name: (size or None, CRC32 string or None)} of a new or legacy ckpt-info dict."""
     if is_legacy(info):
         crc = info["checksum"]
@@ -55,16 +109,19 @@ def recorded_files(info):
     return {name: (entry["size"], entry["crc32"]) for name, entry in info["files"].items()}
 
 
-def check_files(epoch_dir, info, checksums=True, progress=None, keep=None):
+def check_files(epoch_dir: str, info: dict[str, Any], verify_checksums: bool = True,
+                progress: FileProgress | None = None,
+                hold_contents_of: str | None = None) -> list[FileCheck]:
     """Check every file recorded in `info`, in name order; returns a list of FileCheck.
 
     Args:
         epoch_dir: the epoch directory.
         info: its ckpt-info dict (already validated).
-        checksums: whether to compute CRC32s (sizes and presence are always checked).
+        verify_checksums: whether to compute and compare CRC32s (sizes and presence are
+            always checked).
         progress: optional callable(path, bytes_done, bytes_total) for long files.
-        keep: the name of one file to read into memory while it is checked; its
-            FileCheck's `contents` holds the bytes (no progress is reported for it).
+        hold_contents_of: the name of one file to read into memory while it is checked;
+            its FileCheck's `contents` holds the bytes (no progress is reported for it).
     """
     results = []
     for name, (size, crc) in sorted(recorded_files(info).items()):
@@ -81,38 +138,86 @@ def check_files(epoch_dir, info, checksums=True, progress=None, keep=None):
         if size is not None and actual_size != size:
             results.append(FileCheck(path, size, actual_size, crc, None, "size"))
             continue
-        compute = checksums and crc is not None
-        contents = actual_crc = None
-        if name == keep:
-            contents, actual_crc = read_file(path, checksum=compute)
+        compute = verify_checksums and crc is not None
+        contents = None
+        computed: int | None = None
+        if name == hold_contents_of:
+            contents, computed = read_file(path, compute_crc=compute)
             actual_size = len(contents)
             if size is not None and actual_size != size:  # it shrank while being read
                 results.append(FileCheck(path, size, actual_size, crc, None, "size"))
                 continue
         elif compute:
-            report = None if progress is None else (
-                lambda done, path=path, total=actual_size: progress(path, done, total))
-            actual_crc = crc32_file(path, progress=report)
-        actual_crc = None if actual_crc is None else str(actual_crc)
+            computed = crc32_file(path, progress=_file_progress(progress, path, actual_size))
+        actual_crc = None if computed is None else str(computed)
         problem = "crc32" if actual_crc is not None and actual_crc != crc else None
         results.append(FileCheck(path, size, actual_size, crc, actual_crc, problem, contents))
     return results
 
 
-def verify_files(epoch_dir, info, checksums=True, keep=None):
+def _file_progress(progress: FileProgress | None, path: str,
+                   total: int) -> Callable[[int], None] | None:
+    """`crc32_file`'s progress(bytes_done) for one file, reported as `progress` wants."""
+    if progress is None:
+        return None
+    return lambda done: progress(path, done, total)
+
+
+def verify_files(epoch_dir: str, info: dict[str, Any], verify_checksums: bool = True,
+                 hold_contents_of: str | None = None) -> list[FileCheck]:
     """Raise on the first file that is missing, truncated or fails its CRC32.
 
     Returns the list of FileCheck (all intact) so callers can report unverified files;
-    the one named `keep`, if any, holds the file's verified bytes (see `check_files`).
+    the one named `hold_contents_of`, if any, holds the file's verified bytes (see
+    `check_files`).
 
     Raises:
         CorruptCheckpointError: a file is missing, not a regular file or has the wrong size.
         ChecksumMismatchError: a file's CRC32 differs (names file, expected, actual).
     """
-    results = check_files(epoch_dir, info, checksums, keep=keep)
-    for result in results:
-        if result.problem == "crc32":
-            raise ChecksumMismatchError(result.path, result.expected_crc32, result.actual_crc32)
-        if result.problem is not None:
-            raise CorruptCheckpointError(result.describe() + "; refusing to load this checkpoint")
-    return results
+    files = check_files(epoch_dir, info, verify_checksums, hold_contents_of=hold_contents_of)
+    EpochCheck(info["epoch"], info, files).raise_if_bad()
+    return files
+
+
+def read_epoch_info(layout: CheckpointLayout, epoch: int) -> dict[str, Any]:
+    """The validated ckpt-info dict of epoch `epoch`, which must record that epoch.
+
+    Raises:
+        LinkError: the epoch directory is a symbolic link.
+        NoCheckpointError: the epoch directory has no ckpt-info.json.
+        CheckpointFormatError: the file is unreadable or invalid (see `read_info`).
+        CheckpointError: the file records another epoch than its directory's.
+    """
+    directory = layout.epoch_dir(epoch)
+    if os.path.islink(directory):
+        raise LinkError(f"'{directory}' is a symbolic link (-> '{os.readlink(directory)}'); "
+                        f"expected an epoch directory inside '{layout.epochs}'")
+    try:
+        info = read_info(directory)
+    except FileNotFoundError:
+        raise NoCheckpointError(f"'{directory}' has no ckpt-info.json; expected a complete "
+                                f"epoch directory") from None
+    if info["epoch"] != epoch:
+        raise CheckpointError(f"'{directory}/ckpt-info.json': key 'epoch' is {info['epoch']}; "
+                              f"expected {epoch}, the epoch of its directory")
+    return info
+
+
+def check_epoch(layout: CheckpointLayout, epoch: int, *, verify_checksums: bool = True,
+                progress: FileProgress | None = None,
+                hold_model_contents: bool = False) -> EpochCheck:
+    """Read and validate epoch `epoch`'s ckpt-info.json, then check every file it lists.
+
+    The ckpt-info.json is validated before any file it names is opened. Bad files are
+    reported in the result (`EpochCheck.bad`), not raised; `EpochCheck.raise_if_bad`
+    turns them into the error a restart raises. With `hold_model_contents`, the model
+    file's FileCheck holds its verified bytes (see `check_files`).
+
+    Raises:
+        the errors of `read_epoch_info` (no, invalid or mismatched ckpt-info.json).
+    """
+    info = read_epoch_info(layout, epoch)
+    files = check_files(layout.epoch_dir(epoch), info, verify_checksums, progress,
+                        info["model_file"] if hold_model_contents else None)
+    return EpochCheck(epoch, info, files)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 from typing import Any
@@ -13,6 +12,7 @@ import numpy
 
 from ..core.adapter import AllGather, Restored
 from ..core.durable import WritebackStarter
+from ..core.logs import LibraryLogger
 from ..core.resume import Checkpoint
 from ..core.writer import WriterDecision, writer_decision
 from . import h5
@@ -68,7 +68,7 @@ class KerasAdapter:
         h5.write(snapshot, path, progress=WritebackStarter(path))
         return h5.MODEL_FILE
 
-    def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger) -> Restored:
         with strategy_scope(self.model):
             loaded = h5.restore(self.model, checkpoint.model_path,
                                 contents=checkpoint.model_contents, logger=logger)

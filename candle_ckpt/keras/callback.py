@@ -7,6 +7,7 @@ from typing import Any
 
 import keras
 
+from ..core.logs import set_progress_line_open
 from ..core.session import TrainingSession
 from .adapter import KerasAdapter
 
@@ -75,21 +76,29 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.session = TrainingSession(gParameters, logger=logger, verbose=verbose,
                                        is_writer=is_writer)
         self.checkpointer = self.session.checkpointer
+        self._progress_bar = False
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        # fit(verbose=1), or "auto" (1 here), redraws one line of stdout per batch
+        self._progress_bar = self.params.get("verbose") in (1, "auto")
         weights_only = self.session.settings["ckpt_save_weights_only"]
         self.session.begin(KerasAdapter(self.model, weights_only))
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        # This callback runs before Keras' ProgbarLogger, which ended the last epoch's line.
+        set_progress_line_open(False)
         self.session.epoch_begin(epoch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._progress_bar:
+            set_progress_line_open(True)
         self.session.batch_end(batch)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.session.epoch_end(epoch + 1, logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        set_progress_line_open(False)  # ProgbarLogger ended the last epoch's line
         self.session.end()
 
     def report_final(self) -> None:

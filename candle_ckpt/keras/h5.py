@@ -302,7 +302,7 @@ def restore(model, path, *, contents=None, logger=None):
     path = os.fspath(path)
     try:
         if contents is None:
-            contents, _ = read_file(path, checksum=False)
+            contents, _ = read_file(path, compute_crc=False)
         with h5py.File(_InMemoryFile(contents), "r") as f:
             version = _format_version(f, path)
             ours = version is not None

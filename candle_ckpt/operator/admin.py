@@ -9,38 +9,42 @@ lock on `ckpts/.lock` while it applies (`as_the_writer`), so it refuses while a 
 job writes the tree.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..core import durable
 from ..core.errors import CheckpointError, CorruptCheckpointError
 from ..core.info import finite_or_none, is_legacy
-from ..core.layout import LINK_NAMES
+from ..core.layout import LINK_NAMES, CheckpointLayout
 from ..core.lock import WriterLock
+from ..core.logs import LibraryLogger
 from ..core.policies import epochs_to_keep
 from ..core.protocol import point_link
-from ..core.resume import read_epoch_info
-from ..core.verify import check_files
-from .inventory import describe_epochs, link_state, require_epoch_dir, summarise_epoch
+from ..core.resume import legacy_best_epoch
+from ..core.verify import FileCheck, FileProgress, check_epoch
+from .inventory import describe_epochs, link_state, require_epoch_dir
 
 
 @dataclass(frozen=True)
 class RollbackPlan:
     """Where `last` and `best` will point, and why `best` points there."""
     epoch: int
-    best: int
+    best: int | None
     best_reason: str
-    checks: list
+    checks: list[FileCheck]
 
 
-def best_epoch_at(layout, info):
+def best_epoch_at(layout: CheckpointLayout, info: dict[str, Any]) -> tuple[int | None, str]:
     """The best epoch at or before the epoch of `info`, by its recorded metric: (epoch, why).
 
-    A candle_ckpt file records `epoch_best`, the best epoch of its run so far. An
-    upstream CANDLE file records only `best_metric_last`, the best value so far: the
-    best epoch is then the first epoch on disk that records that value (CANDLE saves
-    every improvement). None when no metric is tracked or that epoch is gone.
+    A candle_ckpt file records `epoch_best`, the best epoch of its run so far; an
+    upstream CANDLE file only the best value, from which `resume.legacy_best_epoch`
+    finds the epoch. None when no metric is tracked or that epoch is gone.
     """
     epoch, metric = info["epoch"], info["save_best_metric"]
     value = finite_or_none(info["best_metric_last"])
@@ -51,17 +55,14 @@ def best_epoch_at(layout, info):
         if best is not None and best <= epoch and os.path.isdir(layout.epoch_dir(best)):
             return best, f"epoch_best recorded by epoch {epoch} ({metric}={value:.6g})"
         return None, f"epoch_best {best} recorded by epoch {epoch} is not on disk"
-    for earlier in layout.list_epochs():
-        if earlier > epoch:
-            break
-        summary = summarise_epoch(layout, earlier)
-        if summary.metric == metric and summary.best_value == value:
-            return earlier, (f"first epoch recording the best {metric}={value:.6g} "
-                             f"of epoch {epoch}")
-    return None, f"no epoch on disk at or before {epoch} records {metric}={value:.6g}"
+    best = legacy_best_epoch(layout, info)
+    if best is None:
+        return None, f"no epoch on disk at or before {epoch} records {metric}={value:.6g}"
+    return best, f"first epoch recording the best {metric}={value:.6g} of epoch {epoch}"
 
 
-def plan_rollback(layout, epoch, progress=None):
+def plan_rollback(layout: CheckpointLayout, epoch: int,
+                  progress: FileProgress | None = None) -> RollbackPlan:
     """Verify epoch `epoch` and decide where `best` goes; change nothing.
 
     Args:
@@ -75,18 +76,16 @@ def plan_rollback(layout, epoch, progress=None):
         CorruptCheckpointError: a file it lists is missing, truncated or fails its CRC32.
     """
     require_epoch_dir(layout, epoch)
-    info = read_epoch_info(layout, epoch)
-    checks = check_files(layout.epoch_dir(epoch), info, progress=progress)
-    bad = [check.describe() for check in checks if check.problem is not None]
-    if bad:
+    check = check_epoch(layout, epoch, progress=progress)
+    if check.bad:
         raise CorruptCheckpointError(f"refusing to roll back to epoch {epoch}, which does "
-                                     f"not verify: {'; '.join(bad)}")
-    best, reason = best_epoch_at(layout, info)
-    return RollbackPlan(epoch, best, reason, checks)
+                                     f"not verify: {check.problems()}")
+    best, reason = best_epoch_at(layout, check.info)
+    return RollbackPlan(epoch, best, reason, check.files)
 
 
 @contextlib.contextmanager
-def as_the_writer(layout, logger):
+def as_the_writer(layout: CheckpointLayout, logger: LibraryLogger) -> Iterator[None]:
     """Change the tree only while no training job writes it: hold `ckpts/.lock`.
 
     Raises:
@@ -100,7 +99,8 @@ def as_the_writer(layout, logger):
         lock.release()
 
 
-def apply_rollback(layout, plan, logger):
+def apply_rollback(layout: CheckpointLayout, plan: RollbackPlan,
+                   logger: LibraryLogger) -> None:
     """Repoint `best`, then `last` (the save protocol's order), each atomically, as the
     tree's writer (`as_the_writer`)."""
     with as_the_writer(layout, logger):
@@ -110,7 +110,7 @@ def apply_rollback(layout, plan, logger):
                 "none" if plan.best is None else f"epoch {plan.best}", plan.best_reason)
 
 
-def protected_epochs(layout):
+def protected_epochs(layout: CheckpointLayout) -> tuple[int | None, int | None]:
     """The epochs `last` and `best` point at: (last, best), each possibly None.
 
     Raises:
@@ -121,10 +121,11 @@ def protected_epochs(layout):
         if state.problem is not None:
             raise CheckpointError(f"{state.problem}; refusing to delete anything until "
                                   f"it is repaired (candle-ckpt rollback EPOCH)")
-    return tuple(state.epoch for state in states)
+    last, best = (state.epoch for state in states)
+    return last, best
 
 
-def plan_prune(layout, keep, mode):
+def plan_prune(layout: CheckpointLayout, keep: int, mode: str) -> list[int]:
     """The epochs a keep policy deletes, across all runs; never `last` or `best`.
 
     The policy (`policies.epochs_to_keep`, "linear" or "exponential", at most `keep`)
@@ -139,7 +140,7 @@ def plan_prune(layout, keep, mode):
     return [e for e in epochs if e not in kept]
 
 
-def plan_abandoned(layout):
+def plan_abandoned(layout: CheckpointLayout) -> list[int]:
     """The epochs after `last` (a timeline a rollback left), except `best`.
 
     Raises:
@@ -152,7 +153,8 @@ def plan_abandoned(layout):
     return [e for e in layout.list_epochs() if e > last and e != best]
 
 
-def apply_prune(layout, epochs, reason, logger):
+def apply_prune(layout: CheckpointLayout, epochs: list[int], reason: str,
+                logger: LibraryLogger) -> None:
     """Delete `epochs` now, crash-safely: each is renamed out of `epochs/`, then removed.
 
     `durable.discard_tree` rather than the save path's `protocol.discard_epochs`, which

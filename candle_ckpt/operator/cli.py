@@ -30,7 +30,7 @@ import sys
 from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ..core.params import DEFAULT_CKPT_DIRECTORY
 from ..core.resume import read_epoch_info
-from ..core.verify import check_files
+from ..core.verify import check_epoch
 from .inventory import describe_epochs, link_state, open_tree, require_epoch_dir, survey
 
 EXIT_OK, EXIT_CORRUPT, EXIT_ERROR = 0, 1, 2
@@ -203,14 +203,12 @@ def _check_state(layout, epoch, progress):
     file name from an unvalidated file is ever opened.
     """
     try:
-        info = read_epoch_info(layout, epoch)
+        check = check_epoch(layout, epoch, progress=progress)
     except CheckpointError:
         return "BAD: invalid ckpt-info.json"
-    checks = check_files(layout.epoch_dir(epoch), info, progress=progress)
-    problems = sorted({check.problem for check in checks if check.problem is not None})
-    if problems:
-        return "BAD: " + ", ".join(problems)
-    return "ok" if all(check.actual_crc32 is not None for check in checks) else "off"
+    if check.bad:
+        return "BAD: " + ", ".join(sorted({str(bad.problem) for bad in check.bad}))
+    return "ok" if check.all_checksummed else "off"
 
 
 def _rows(tree, verify):
@@ -306,22 +304,21 @@ def cmd_info(args):
 def _verify_epoch(layout, epoch):
     """Verify one epoch, print the outcome; return its exit status."""
     try:
-        info = read_epoch_info(layout, epoch)
+        with _progress() as progress:
+            check = check_epoch(layout, epoch, progress=progress)
     except NoCheckpointError as error:
         print(f"epoch {epoch}: MISSING: {error}")
         return EXIT_CORRUPT
     except CheckpointError as error:
         print(f"{PROG}: error: epoch {epoch}: {error}", file=sys.stderr)
         return EXIT_ERROR
-    with _progress() as progress:
-        checks = check_files(layout.epoch_dir(epoch), info, progress=progress)
-    bad = [check for check in checks if check.problem is not None]
-    for check in bad:
-        print(f"epoch {epoch}: {check.describe()}")
-    if bad:
-        print(f"epoch {epoch}: CORRUPT ({len(bad)} of {_count(len(checks), 'file')})")
+    for bad in check.bad:
+        print(f"epoch {epoch}: {bad.describe()}")
+    if check.bad:
+        print(f"epoch {epoch}: CORRUPT ({len(check.bad)} of "
+              f"{_count(len(check.files), 'file')})")
         return EXIT_CORRUPT
-    print(f"epoch {epoch}: {_verified(checks)}")
+    print(f"epoch {epoch}: {_verified(check.files)}")
     return EXIT_OK
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -15,6 +14,7 @@ import torch.distributed as dist
 
 from ..core.adapter import AllGather, Restored
 from ..core.durable import WritebackStarter
+from ..core.logs import LibraryLogger
 from ..core.resume import Checkpoint
 from ..core.writer import RANK_VARIABLES, WriterDecision, writer_decision
 from . import state
@@ -80,6 +80,6 @@ class TorchAdapter:
         state.write(snapshot, path, progress=WritebackStarter(path))
         return state.MODEL_FILE
 
-    def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger) -> Restored:
         return state.restore(self.objects, checkpoint.model_path,
                              checkpoint.model_contents, logger)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import collections
 import io
 import json
-import logging
 import pickle
 import random
 from collections.abc import Callable, Mapping
@@ -55,6 +54,7 @@ import torch
 
 from ..core.adapter import Restored
 from ..core.errors import CheckpointFormatError
+from ..core.logs import LibraryLogger
 from ..hdf5 import InMemoryFile, as_oserror, dataset, dataset_array, group
 
 MODEL_FILE = "model.h5"
@@ -412,7 +412,7 @@ def check_rng(rng: dict, path: str) -> None:
                                     f"{tuple(mine.shape)} byte tensor")
 
 
-def apply(objects: Mapping[str, Any], state: dict, path: str, logger: logging.Logger
+def apply(objects: Mapping[str, Any], state: dict, path: str, logger: LibraryLogger
           ) -> None:
     """Load checked `state` into the objects and the global random generators."""
     for name, saved in state["objects"].items():
@@ -444,7 +444,7 @@ def _describe(value: Any) -> str:
 
 
 def restore(objects: Mapping[str, Any], path: str, contents: memoryview,
-            logger: logging.Logger) -> Restored:
+            logger: LibraryLogger) -> Restored:
     """Load the verified file `contents` (of `path`) into the registered `objects`.
 
     Every entry is decoded and checked against its object (`check_state`) before the
