@@ -6,10 +6,13 @@ links inside the file are followed (`group`, `dataset`): data stored in other fi
 never reaches a model.
 """
 
+from __future__ import annotations
+
 import errno
 import io
 import os
 import re
+from typing import Any
 
 import h5py
 import numpy as np
@@ -17,7 +20,18 @@ import numpy as np
 from .core.errors import CheckpointFormatError
 
 
-def as_oserror(error, path):
+def raised_by_h5py(error: BaseException) -> bool:
+    """Whether h5py itself raised `error` (the innermost frame of its traceback is in
+    h5py, Cython modules included), rather than code it called or code around it."""
+    trace = error.__traceback__
+    if trace is None:
+        return False
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    return str(trace.tb_frame.f_globals.get("__name__", "")).startswith("h5py")
+
+
+def as_oserror(error: BaseException, path: str | os.PathLike[str]) -> OSError:
     """h5py's RuntimeError for a write that failed when the file was flushed, as the
     OSError (with HDF5's errno) every other I/O error of the save path is."""
     found = re.search(r"errno = (\d+)", str(error))
@@ -26,7 +40,7 @@ def as_oserror(error, path):
                    os.fspath(path))
 
 
-def dataset_array(dataset, contents, path):
+def dataset_array(dataset: h5py.Dataset, contents: Any, path: str) -> np.ndarray:
     """The dataset's values: a view of `contents` where the dataset is stored as one
     contiguous run of bytes (as h5py and Keras write them), else read by HDF5."""
     offset = dataset.id.get_offset()  # None unless contiguous and allocated
@@ -46,39 +60,39 @@ class InMemoryFile(io.RawIOBase):
     io.BytesIO would copy the bytes first; this reads from them in place.
     """
 
-    def __init__(self, contents):
+    def __init__(self, contents: Any) -> None:
         super().__init__()
         self._contents = memoryview(contents).cast("B")
         self._position = 0
 
-    def readable(self):
+    def readable(self) -> bool:
         return True
 
-    def seekable(self):
+    def seekable(self) -> bool:
         return True
 
-    def seek(self, offset, whence=io.SEEK_SET):
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position,
                 io.SEEK_END: len(self._contents)}[whence]
         self._position = base + offset
         return self._position
 
-    def tell(self):
+    def tell(self) -> int:
         return self._position
 
-    def readinto(self, buffer):
+    def readinto(self, buffer: Any) -> int:
         chunk = self._contents[self._position:self._position + len(buffer)]
         memoryview(buffer).cast("B")[:len(chunk)] = chunk
         self._position += len(chunk)
         return len(chunk)
 
 
-def group(parent, name, path):
+def group(parent: h5py.Group, name: str, path: str) -> h5py.Group:
     """parent[name], a group reached through hard links only."""
     return _follow(parent, name, h5py.Group, path)
 
 
-def dataset(parent, name, path):
+def dataset(parent: h5py.Group, name: str, path: str) -> h5py.Dataset:
     """parent[name], a dataset reached through hard links, its data in this file."""
     found = _follow(parent, name, h5py.Dataset, path)
     # Refuse data stored in other files: only this file's contents may reach the model.
@@ -88,7 +102,7 @@ def dataset(parent, name, path):
     return found
 
 
-def _follow(parent, name, kind, path):
+def _follow(parent: h5py.Group, name: str, kind: type, path: str) -> Any:
     """parent[name] through hard links only, checked to be a `kind`."""
     node = parent
     for part in name.split("/"):

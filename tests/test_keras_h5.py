@@ -306,6 +306,32 @@ def test_truncated_file_raises_format_error(tmp_path):
     assert_bit_equal(before, fresh.get_weights())
 
 
+def test_a_runtime_error_outside_h5py_is_not_called_an_unreadable_file(tmp_path,
+                                                                       monkeypatch):
+    path = save(trained(dense_adam), tmp_path)
+
+    def failing_plan(*args):
+        raise RuntimeError("a layer refused its weights")
+    monkeypatch.setattr(keras_h5, "_plan_weights", failing_plan)
+    with pytest.raises(RuntimeError, match="a layer refused its weights") as raised:
+        keras_h5.restore(dense_adam(), path)
+    assert not isinstance(raised.value, CheckpointFormatError)
+
+
+def test_an_h5py_runtime_error_names_the_file_and_keeps_its_cause(tmp_path, monkeypatch):
+    path = save(trained(dense_adam), tmp_path)
+    real_format_version = keras_h5._format_version
+
+    def h5py_fails(f, where):
+        f.attrs.get_id("no such attribute")  # h5py raises KeyError from its Cython code
+        return real_format_version(f, where)
+    monkeypatch.setattr(keras_h5, "_format_version", h5py_fails)
+    with pytest.raises(CheckpointFormatError,
+                       match=r"model.h5' is not a readable HDF5 file \(KeyError: ") as raised:
+        keras_h5.restore(dense_adam(), path)
+    assert isinstance(raised.value.__cause__, KeyError)
+
+
 def test_restore_loads_the_bytes_it_is_given_without_opening_the_file(tmp_path):
     original = trained(dense_adam)
     path = save(original, tmp_path)

@@ -5,6 +5,8 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
+import threading
 
 import pytest
 from conftest import file_writer
@@ -178,3 +180,45 @@ def test_trash_left_by_a_crash_is_emptied_by_the_next_run(make_checkpointer, ckp
     run(checkpointer, [1.0])
     checkpointer.trash.wait()
     assert os.listdir(layout.trash) == []
+
+
+def test_saves_reuse_one_fsync_thread_rather_than_one_per_file(make_checkpointer, monkeypatch):
+    started = []
+    real_start = threading.Thread.start
+
+    def counting_start(thread):
+        started.append(thread.name)
+        real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+
+    def three_files(directory):
+        for name in ("a.bin", "b.bin", "model.h5"):
+            with open(os.path.join(directory, name), "wb") as stream:
+                stream.write(name.encode())
+        return "model.h5"
+    checkpointer = make_checkpointer(epochs=3)
+    for epoch in (1, 2, 3):
+        checkpointer.epoch_end(epoch, {"loss": 1.0 / epoch}, three_files)
+    fsync_threads = [name for name in started if "fsync" in name or "ThreadPool" in name]
+    assert len(fsync_threads) <= 1, started                # 9 files, at most one new thread
+
+
+def test_a_shared_thread_runs_tasks_at_the_submitters_nice_value_and_after_fork():
+    code = textwrap.dedent("""
+        import os, threading
+        from candle_ckpt.core.background import SharedThread, lower_thread_priority
+        shared = SharedThread("test-shared")
+        nice = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        before = shared.submit(nice).result()
+        lower_thread_priority()
+        after = shared.submit(nice).result()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if shared.submit(lambda: 7).result(timeout=10) == 7 else 1)
+        _, status = os.waitpid(pid, 0)
+        print(before, after, os.waitstatus_to_exitcode(status))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    before, after, child = map(int, result.stdout.split())
+    assert after >= 10 and after > before and child == 0

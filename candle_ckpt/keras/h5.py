@@ -91,7 +91,7 @@ from candle_ckpt.core.checksum import read_file
 from candle_ckpt.core.direct_io import anonymous_memory, write_at
 from candle_ckpt.core.errors import CheckpointFormatError
 from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
-from candle_ckpt.hdf5 import as_oserror
+from candle_ckpt.hdf5 import as_oserror, raised_by_h5py
 from candle_ckpt.hdf5 import dataset as _dataset
 from candle_ckpt.hdf5 import dataset_array as _array
 from candle_ckpt.hdf5 import group as _group
@@ -314,8 +314,12 @@ def restore(model, path, *, contents=None, logger=None):
     except CheckpointFormatError:
         raise
     except (OSError, KeyError, RuntimeError) as e:
-        # What h5py raises for a truncated or corrupt file, at open or at any later read.
-        raise CheckpointFormatError(f"'{path}' is not a readable HDF5 file: {e}") from e
+        # What h5py raises for a truncated or corrupt file, at open or at any later read;
+        # a RuntimeError of other code (Keras, TensorFlow) is its own error, kept as it is.
+        if isinstance(e, RuntimeError) and not raised_by_h5py(e):
+            raise
+        raise CheckpointFormatError(f"'{path}' is not a readable HDF5 file "
+                                    f"({type(e).__name__}: {e})") from e
     for (variable, _), value in zip(pairs, values):
         variable.assign(value)
     # Lookup and normalization layers derive tensors from their weights (Keras'
