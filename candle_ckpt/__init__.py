@@ -18,6 +18,8 @@ In a PyTorch benchmark, `CandleCkptPyTorch(params)` (see `candle_ckpt.pytorch.ck
 
 __version__ = "0.1.0"
 
+from typing import Any
+
 from .core.errors import (
     CheckpointError,
     CheckpointFormatError,
@@ -47,7 +49,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
         value = getattr(importlib.import_module(_LAZY[name]), name)

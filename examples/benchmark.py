@@ -14,55 +14,21 @@ restarts at the end and trains nothing more.
     python examples/benchmark.py --ckpt_restart_mode off --ckpt_directory /tmp/fresh
 """
 
-import argparse
-import ast
-import configparser
 import os
 import sys
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model.txt")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # candle_params.py sits beside this script
+import candle_params  # noqa: E402
 
-
-def read_config(path):
-    """The [Global_Params] section of a CANDLE parameter file, values as Python literals."""
-    parser = configparser.ConfigParser()
-    if not parser.read(path):
-        raise FileNotFoundError(f"parameter file '{path}' not found")
-    return {key: ast.literal_eval(value) for key, value in parser["Global_Params"].items()}
+DEFAULT_CONFIG = os.path.join(HERE, "default_model.txt")
+make_data = candle_params.regression_data
 
 
 def initialize_parameters(argv=None):
-    """gParameters: defaults < parameter file < command line, as in CANDLE."""
-    import candle_ckpt
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config_file", default=DEFAULT_CONFIG)
-    config_file = pre.parse_known_args(argv)[0].config_file
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[pre])
-    parser.add_argument("--epochs", type=int, help="train up to this (1-based) epoch")
-    parser.add_argument("--batch_size", type=int)
-    parser.add_argument("--learning_rate", type=float)
-    parser.add_argument("--n_samples", type=int, help="number of generated training samples")
-    parser.add_argument("--n_features", type=int)
-    parser.add_argument("--dense", type=ast.literal_eval, help="hidden layer sizes, e.g. [512,256]")
-    parser.add_argument("--dropout", type=float)
-    parser.add_argument("--seed", type=int)
-    candle_ckpt.ckpt_parser(parser)
-    parser.set_defaults(**read_config(config_file))
-    return vars(parser.parse_args(argv))
-
-
-def make_data(params):
-    """A deterministic regression problem: y = a smooth nonlinear function of x + noise."""
-    import numpy as np
-
-    rng = np.random.default_rng(params["seed"])
-    n, d = params["n_samples"], params["n_features"]
-    x = rng.standard_normal((n + n // 4, d)).astype("float32")
-    w = rng.standard_normal((d, 1)).astype("float32") / np.sqrt(d)
-    y = (np.sin(x @ w) + 0.1 * rng.standard_normal((len(x), 1))).astype("float32")
-    return (x[:n], y[:n]), (x[n:], y[n:])
+    """gParameters: defaults < parameter file (--config_file) < command line."""
+    return candle_params.initialize_parameters(__doc__.splitlines()[0], DEFAULT_CONFIG,
+                                               argv=argv)
 
 
 def build_model(params):

@@ -22,9 +22,10 @@ SMALL = ["--n_samples", "512", "--n_features", "16", "--dense", "[32,16]",
          "--batch_size", "64", "--ckpt_keep_limit", "1000"]
 
 
-def load_example():
-    path = os.path.join(HERE, os.pardir, "examples", "benchmark.py")
-    spec = importlib.util.spec_from_file_location("example_benchmark", path)
+def load_example(file_name="benchmark.py"):
+    """The module of examples/`file_name`, loaded without running its main()."""
+    path = os.path.join(HERE, os.pardir, "examples", file_name)
+    spec = importlib.util.spec_from_file_location(f"example_{file_name[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -9,31 +9,22 @@ Under WORLD_SIZE > 1 (MASTER_ADDR, MASTER_PORT, RANK set) it trains with
 DistributedDataParallel over gloo.
 """
 
-import importlib.util
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from keras_job import kill_myself, take_point, wait_for_a_signal  # noqa: E402
+from keras_job import kill_myself, load_example, take_point, wait_for_a_signal  # noqa: E402
 
 SMALL = ["--n_samples", "512", "--n_features", "16", "--dense", "[32,16]",
          "--batch_size", "64", "--lr_step", "2", "--ckpt_keep_limit", "1000"]
 
 
-def load_example():
-    path = os.path.join(HERE, os.pardir, "examples", "benchmark_pytorch.py")
-    spec = importlib.util.spec_from_file_location("example_benchmark_pytorch", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv):
     argv, kill_at = take_point(argv, "--kill_at")
     argv, pause_at = take_point(argv, "--pause_at")
-    example = load_example()
+    example = load_example("benchmark_pytorch.py")
     params = example.initialize_parameters(SMALL + argv)
 
     def at_batch(epoch, batch):

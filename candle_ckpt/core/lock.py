@@ -13,6 +13,8 @@ locks, so writers on different nodes see each other. A file system without locki
 (Lustre mounted without `flock`) is logged and the run goes on unlocked.
 """
 
+from __future__ import annotations
+
 import datetime
 import errno
 import fcntl
@@ -20,8 +22,10 @@ import json
 import os
 import socket
 import weakref
+from typing import Any
 
 from .errors import WriterLockedError
+from .logs import LibraryLogger
 
 LOCK_FILE = ".lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
@@ -35,17 +39,17 @@ class WriterLock:
         logger: where to log that locking is unsupported.
     """
 
-    def __init__(self, ckpts, logger):
+    def __init__(self, ckpts: str, logger: LibraryLogger) -> None:
         self.path = os.path.join(ckpts, LOCK_FILE)
         self.logger = logger
-        self._fd = None
-        self._finalizer = None
+        self._fd: int | None = None
+        self._finalizer: weakref.finalize | None = None
 
     @property
-    def held(self):
+    def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self):
+    def acquire(self) -> None:
         """Take the lock (a no-op if this object holds it already).
 
         Raises:
@@ -81,14 +85,14 @@ class WriterLock:
         self._fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
 
-    def release(self):
+    def release(self) -> None:
         """Drop the lock (a no-op if it is not held). The file stays; it is harmless."""
-        if self.held:
+        if self._finalizer is not None:
             self._finalizer()
             self._fd = self._finalizer = None
 
 
-def _read_holder(fd):
+def _read_holder(fd: int) -> dict[str, Any]:
     """The holder's record, or {} if it cannot be read (it may be writing it right now)."""
     try:
         record = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))

@@ -36,8 +36,15 @@ Example (what the callback does)::
     if watch.requested: raise watch.stop(...)
 """
 
+from __future__ import annotations
+
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from .logs import LibraryLogger
 
 PREEMPTED_EXIT_STATUS = 75
 
@@ -45,7 +52,7 @@ PREEMPTED_EXIT_STATUS = 75
 class Preempted(SystemExit):
     """Training stopped on the pre-emption signal; the exit status is 75."""
 
-    def __init__(self, message):
+    def __init__(self, message: str) -> None:
         super().__init__(PREEMPTED_EXIT_STATUS)
         self.message = message
 
@@ -57,20 +64,20 @@ class PreemptionWatch:
         signal_name: "USR1", "USR2", "TERM" or "INT" (the `ckpt_signal` value).
     """
 
-    def __init__(self, signal_name):
+    def __init__(self, signal_name: str) -> None:
         self.signal_name = f"SIG{signal_name}"
-        self.signum = getattr(signal, self.signal_name)
-        self.received = None
+        self.signum: int = getattr(signal, self.signal_name)
+        self.received: int | None = None
         self.completed_epoch = 0     # the last completed 1-based epoch
-        self.pending = None          # its state, if it is not on disk
-        self._previous = None
+        self.pending: Any = None     # its state, if it is not on disk
+        self._previous: Any = None   # the handler `install` replaced
 
     @property
-    def requested(self):
+    def requested(self) -> bool:
         """Whether the signal has arrived."""
         return self.received is not None
 
-    def install(self):
+    def install(self) -> None:
         """Handle the signal from now on; call from the main thread (Python's rule)."""
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError(f"ckpt_signal={self.signal_name[3:]} needs model.fit in the "
@@ -78,22 +85,24 @@ class PreemptionWatch:
                                f"{threading.current_thread().name}")
         self._previous = signal.signal(self.signum, self._record)
 
-    def uninstall(self):
+    def uninstall(self) -> None:
         """Put back the handler that was there before `install`."""
         if self._previous is not None:
             signal.signal(self.signum, self._previous)
             self._previous = None
 
-    def epoch_completed(self, epoch, saved, take_snapshot):
+    def epoch_completed(self, epoch: int, saved: bool,
+                        take_snapshot: Callable[[], Any]) -> None:
         """Note that 1-based `epoch` ended; keep `take_snapshot()` if it was not saved."""
         self.completed_epoch = epoch
         self.pending = None if saved else take_snapshot()
 
-    def stop(self, where, save_pending, logger):
+    def stop(self, stopped_at: str, save_pending: Callable[[int, Any], None] | str,
+             logger: LibraryLogger) -> Preempted:
         """Save the pending epoch if any, log, uninstall; return the `Preempted` to raise.
 
         Args:
-            where: where training stopped, for the log ("epoch 5, batch 3").
+            stopped_at: where training stopped, for the log ("epoch 5, batch 3").
             save_pending: callable(epoch, state) that saves the pending state; or, when
                 this process saves nothing, a string saying why (a non-writer worker,
                 `ckpt_save_interval` 0).
@@ -111,11 +120,11 @@ class PreemptionWatch:
             self.pending = None
             kept = f"epoch {epoch} saved now"
         self.uninstall()
-        message = (f"PRE-EMPTED by {self.signal_name} at the end of {where}: training "
+        message = (f"PRE-EMPTED by {self.signal_name} at the end of {stopped_at}: training "
                    f"stopped, the partial epoch will be re-run; {kept}; exiting with status "
                    f"{PREEMPTED_EXIT_STATUS} so that the job script can requeue")
         logger.warning(message)
         return Preempted(message)
 
-    def _record(self, signum, frame):
+    def _record(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum

@@ -95,7 +95,7 @@ def check_is_writer(value: object) -> bool | None:
     return value
 
 
-def _tf_config_decision(text):
+def _tf_config_decision(text: str) -> WriterDecision:
     try:
         config = json.loads(text)
         task_type = config["task"]["type"]
@@ -112,7 +112,7 @@ def _tf_config_decision(text):
     return WriterDecision(False, f"TF_CONFIG task {task_type} {index} (not the chief)")
 
 
-def _parse_rank(variable, text):
+def _parse_rank(variable: str, text: str) -> int:
     try:
         rank = int(text)
     except ValueError:
@@ -174,11 +174,11 @@ def agree_on_checkpoint(all_gather: AllGather | None,
     return checkpoint
 
 
-def _identity(checkpoint, error):
+def _identity(checkpoint: Checkpoint | None, error: Exception | None) -> tuple[int, int]:
     """(epoch, CRC32 of the model file or 0) of what this worker found, as two ints."""
     if error is not None:
         return (_FAILED, 0)
     if checkpoint is None:
         return (_NOTHING, 0)
-    checksum = checkpoint.info.get("checksum")
-    return (checkpoint.epoch, int(checksum) if str(checksum).isdigit() else 0)
+    model_crc = str(checkpoint.info.get("checksum"))  # a digit string, or the disabled marker
+    return (checkpoint.epoch, int(model_crc) if model_crc.isdigit() else 0)

@@ -16,9 +16,13 @@ has been parsed and checked by `json.loads`. What lies after the cut is not read
 not checked either: `info.read_info` reads and validates a whole file.
 """
 
+from __future__ import annotations
+
 import functools
 import json
 import os
+from collections.abc import Iterable
+from typing import Any
 
 # The first read, doubled until the stop key is found: the head of a ckpt-info.json
 # as the library writes it, up to `epochs_saved`, is about 500 bytes.
@@ -27,7 +31,7 @@ _WHITESPACE = b" \t\n\r"
 _DECODER = json.JSONDecoder()
 
 
-def _parse_object(data):
+def _parse_object(data: bytes) -> dict[str, Any]:
     # What json.loads does, minus its encoding detection (a ckpt-info.json is UTF-8)
     # and its two whitespace regexes: this runs once per epoch of a `list`.
     text = data.strip(_WHITESPACE).decode("utf-8")
@@ -39,7 +43,7 @@ def _parse_object(data):
     return value
 
 
-def _cut_before(data, quoted_key):
+def _cut_before(data: bytes, quoted_key: bytes) -> dict[str, Any] | None:
     """The members before the first top-level member `quoted_key` in `data`, or None."""
     start = data.find(quoted_key)
     while start >= 0:
@@ -57,11 +61,12 @@ def _cut_before(data, quoted_key):
 
 
 @functools.cache
-def _quoted(key):
+def _quoted(key: str) -> bytes:
     return json.dumps(key).encode("utf-8")
 
 
-def read_members(path, keys, stop_key, limit):
+def read_members(path: str, keys: Iterable[str], stop_key: str,
+                 limit: int) -> dict[str, Any]:
     """The members of the top-level JSON object in file `path`, read only as far as needed.
 
     Args:
@@ -90,7 +95,8 @@ def read_members(path, keys, stop_key, limit):
         os.close(descriptor)
 
 
-def _read_members(descriptor, keys, quoted_key, limit):
+def _read_members(descriptor: int, keys: set[str], quoted_key: bytes,
+                  limit: int) -> dict[str, Any]:
     data, chunk, looking = b"", FIRST_READ_BYTES, True
     while True:
         block = os.read(descriptor, min(chunk, limit + 1 - len(data)))
