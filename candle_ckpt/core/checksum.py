@@ -38,8 +38,8 @@ except ImportError:  # isal is optional: fall back to the standard library
     BACKEND = "zlib"
 
 # Pages of the mapping are touched in slices of this size, so a progress callback
-# can be called and the working set stays small (bench_checksum.py --chunk-mib compares
-# other sizes).
+# can be called and the working set stays small (benchmarks/bench_checksum.py
+# --chunk-mib compares another size).
 CHUNK_BYTES = 8 << 20
 
 # `read_file` reads the last CHUNK_BYTES of a file in pieces of this size: the CRC of

@@ -28,8 +28,8 @@ PIECE_BYTES = 8 << 20
 
 def anonymous_memory(size: int) -> mmap.mmap:
     """`size` bytes of private, zeroed, page-aligned memory, in huge pages where the
-    kernel has them: reading 300 MB into it takes 46 ms here, against 180 ms in 4 KiB
-    pages and 280 ms in mmap's default shared memory or a bytearray."""
+    kernel has them: fewer page faults to fill than 4 KiB pages, shared memory or a
+    bytearray (benchmarks/bench_checksum.py, read_only against read_bytearray)."""
     mapping = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         mapping.madvise(mmap.MADV_HUGEPAGE)
