@@ -72,3 +72,33 @@ def test_log_lines_start_on_a_fresh_line_under_keras_progress_bar(tmp_path):
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ candle_ckpt.save INFO: epoch",
                         line), repr(line)
     assert console.count("loss:") >= 2                 # and the bar is still shown
+
+
+RESTART_QUIETLY = textwrap.dedent("""
+    import logging, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    logging.basicConfig(level=logging.INFO, format="ROOT %(name)s %(message)s")
+    import keras, numpy as np
+    import candle_ckpt
+    params = {"ckpt_directory": sys.argv[1], "epochs": 1, "ckpt_save_best_metric": "loss"}
+
+    def model():
+        built = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        built.compile(optimizer="adam", loss="mse")
+        return built
+    x = np.ones((8, 4), "float32")
+    trained = model()
+    trained.fit(x, x[:, :1], epochs=1, verbose=0,
+                callbacks=[candle_ckpt.CandleCheckpointCallback(params, verbose=False)])
+    assert candle_ckpt.restart(params, model(), verbose=False)["epoch"] == 1
+""")
+
+
+@pytest.mark.slow
+def test_restart_not_verbose_prints_no_info_with_tensorflow_and_a_root_logger(tmp_path):
+    console = subprocess.run([sys.executable, "-c", RESTART_QUIETLY, str(tmp_path / "save")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=300, check=True).stdout
+    assert "candle_ckpt" not in console, console
+    log = (tmp_path / "save" / "ckpt.log").read_text()
+    assert "epoch 1 saved" in log and "restarted from epoch 1" in log

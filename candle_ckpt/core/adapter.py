@@ -11,7 +11,7 @@ are the two implementations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,6 +38,12 @@ class Restored:
     exact: bool
     missing: str = ""
     source: str = ""
+
+    @classmethod
+    def of(cls, parts: Iterable[str], *, rng_restored: bool, exact: bool, missing: str = "",
+           source: str = "") -> Restored:
+        """A `Restored` whose parts end with "RNG" when the random state was restored."""
+        return cls(tuple(parts) + (("RNG",) if rng_restored else ()), exact, missing, source)
 
 
 class FrameworkAdapter(Protocol):

@@ -72,8 +72,7 @@ class KerasAdapter:
         with strategy_scope(self.model):
             loaded = h5.restore(self.model, checkpoint.model_path,
                                 contents=checkpoint.model_contents, logger=logger)
-        parts = ("weights",) + (("optimizer",) if loaded["optimizer_restored"] else ()) + (
-            ("RNG",) if loaded["rng_restored"] else ())
-        return Restored(parts=parts, exact=loaded["optimizer_restored"],
-                        missing="optimizer state",
-                        source="legacy upstream-CANDLE file" if loaded["legacy"] else "")
+        parts = ("weights",) + (("optimizer",) if loaded["optimizer_restored"] else ())
+        return Restored.of(parts, rng_restored=loaded["rng_restored"],
+                           exact=loaded["optimizer_restored"], missing="optimizer state",
+                           source="legacy upstream-CANDLE file" if loaded["legacy"] else "")

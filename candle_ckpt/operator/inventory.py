@@ -42,7 +42,8 @@ def open_tree(directory):
                               f"expected a ckpt_directory (default {DEFAULT_CKPT_DIRECTORY})")
     if not os.path.isdir(layout.ckpts):
         raise CheckpointError(f"'{layout.root}' is not a checkpoint tree: it has no "
-                              f"'ckpts/' directory; expected a ckpt_directory (default ./save)")
+                              f"'ckpts/' directory; expected a ckpt_directory "
+                              f"(default {DEFAULT_CKPT_DIRECTORY})")
     return layout
 
 

@@ -467,9 +467,8 @@ def restore(objects: Mapping[str, Any], path: str, contents: memoryview,
         check_state(name, objects[name], saved[name], path)
     check_rng(state["rng"], path)
     apply(objects, state, path, logger)
-    return Restored(parts=tuple(wanted) + (("RNG",) if state["rng"] else ()),
-                    exact=not weights_only,
-                    missing="optimizer, scheduler or RNG state (ckpt_save_weights_only)")
+    return Restored.of(wanted, rng_restored=bool(state["rng"]), exact=not weights_only,
+                       missing="optimizer, scheduler or RNG state (ckpt_save_weights_only)")
 
 
 UPSTREAM_KEYS = {"model": "model_state_dict", "optimizer": "optimizer_state_dict"}
