@@ -82,8 +82,9 @@ def save_reason(epoch: int, *, final_epoch: int, interval: int, skip_epochs: int
                 improved: bool) -> str | None:
     """Why `epoch` is saved ("best", "final", "interval"), or None if it is not.
 
-    The order is DESIGN.md's: interval 0 never saves; an epoch before `skip_epochs`
-    is not saved; then best, final epoch, multiple of `interval`.
+    The rules apply in this order, the first that holds deciding: interval 0 never
+    saves; an epoch before `skip_epochs` is not saved; then best, final epoch, multiple
+    of `interval`.
     """
     if interval == 0 or epoch < skip_epochs:
         return None
