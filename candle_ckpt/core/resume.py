@@ -34,7 +34,7 @@ class Checkpoint:
     """
     epoch: int
     directory: str
-    info: dict
+    info: dict[str, Any]
     model_contents: memoryview = field(repr=False, compare=False)
 
     @property
