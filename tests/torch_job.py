@@ -3,8 +3,9 @@
     python tests/torch_job.py --ckpt_directory DIR --epochs 6 [--kill_at 4:3] [flags]
 
 `--kill_at E:B` sends SIGKILL to this process after batch B of (1-based) epoch E;
-`--pause_at E:B` prints "PAUSED <pid>" and waits for a signal there (tests/keras_job.py
-has both). The job prints "final digest <sha256 of the weights>" when it finishes.
+`--pause_at E:B` prints "PAUSED <pid>" and waits for a signal there; `--virtual_clock S`
+advances the wall-clock stop's clock S seconds per batch (tests/keras_job.py has all three).
+The job prints "final digest <sha256 of the weights>" when it finishes.
 Under WORLD_SIZE > 1 (MASTER_ADDR, MASTER_PORT, RANK set) it trains with
 DistributedDataParallel over gloo.
 """
@@ -16,7 +17,13 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from keras_job import kill_myself, take_point, wait_for_a_signal  # noqa: E402
+from keras_job import (  # noqa: E402
+    install_virtual_clock,
+    kill_myself,
+    take_point,
+    take_value,
+    wait_for_a_signal,
+)
 
 SMALL = ["--n_samples", "512", "--n_features", "16", "--dense", "[32,16]",
          "--batch_size", "64", "--lr_step", "2", "--ckpt_keep_limit", "1000"]
@@ -33,10 +40,14 @@ def load_example():
 def main(argv):
     argv, kill_at = take_point(argv, "--kill_at")
     argv, pause_at = take_point(argv, "--pause_at")
+    argv, tick = take_value(argv, "--virtual_clock")
     example = load_example()
     params = example.initialize_parameters(SMALL + argv)
+    advance = install_virtual_clock(tick) if tick is not None else None
 
     def at_batch(epoch, batch):
+        if advance is not None:
+            advance()
         if (epoch, batch) == kill_at:
             kill_myself()
         if (epoch, batch) == pause_at:
