@@ -291,3 +291,69 @@ def test_pytorch_stops_before_the_end_exits_75_and_resumes_exactly(tmp_path):
     digest = re.compile(r"final digest (\w+)")
     assert digest.search(resumed.stdout).group(1) == digest.search(
         uninterrupted.stdout).group(1)
+
+
+# -- in process: what is kept when the stop comes ----------------------------------------
+
+def stopped_fit(tmp_path, monkeypatch, **extra):
+    """Fit 4 epochs under a clock that advances 100 s per epoch, ending 350 s after the
+    start with a 10 s margin: no save is timed, so a save counts 100 s too, and after
+    epoch 1 (100 + 210 <= 350) training goes on, after epoch 2 it stops; return (exit
+    status, ckpt.log)."""
+    keras = pytest.importorskip("keras")
+    import numpy as np
+
+    import candle_ckpt
+
+    clock = FakeClock(1000.0)
+    monkeypatch.setattr(walltime, "clock", clock)
+
+    class Advance(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            clock.now += 100
+
+    params = {"ckpt_directory": str(tmp_path / "save"), "epochs": 4, "ckpt_save_best": False,
+              "ckpt_walltime_margin": 10, "ckpt_end_time": "+350", **extra}
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mean_squared_error")
+    x = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
+    ckpt = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
+    with pytest.raises(SystemExit) as exited:
+        model.fit(x, x[:, :1], batch_size=16, epochs=4, shuffle=False, verbose=0,
+                  callbacks=[Advance(), ckpt])
+    log_file = tmp_path / "save" / "ckpt.log"
+    return exited.value.code, log_file.read_text() if log_file.exists() else ""
+
+
+def test_saving_disabled_still_stops_and_exits_75(tmp_path, monkeypatch):
+    status, log = stopped_fit(tmp_path, monkeypatch, ckpt_save_interval=0)
+    assert status == PREEMPTED_EXIT_STATUS
+    assert "WALL-CLOCK STOP after epoch 2: " in log
+    assert "; nothing saved: ckpt_save_interval is 0; exiting with status 75" in log
+
+
+def test_with_ckpt_signal_too_the_unsaved_epoch_is_saved_once(tmp_path, monkeypatch):
+    status, log = stopped_fit(tmp_path, monkeypatch, ckpt_save_interval=3,
+                              ckpt_signal="USR1")
+    assert status == PREEMPTED_EXIT_STATUS
+    assert "; epoch 2 saved now; exiting with status 75" in log
+    assert log.count("epoch 2 saved (wall-clock)") == 1
+    assert os.readlink(tmp_path / "save" / "ckpts" / "last") == "epochs/002"
+
+
+# Opt-in like the other two-rank test (tests/test_pytorch_distributed.py): gloo's
+# teardown has aborted a rank at exit in CI, outside the checkpoint logic.
+@pytest.mark.soak
+def test_two_ranks_stop_after_the_same_epoch_on_the_writers_verdict(tmp_path):
+    pytest.importorskip("torch")
+    from test_pytorch_distributed import two_ranks
+
+    root = tmp_path / "save"
+    # each rank trains 4 batches per epoch: 20 s each keeps the 80 s epochs
+    results = two_ranks([root] * 2, *WALLTIME[2:-1], "20", epochs=6)
+    for code, out, err in results:
+        assert code == PREEMPTED_EXIT_STATUS, err[-3000:]
+        assert "epoch 3:" in out and "epoch 4:" not in out
+    assert "WALL-CLOCK STOP after epoch 3: the checkpoint writer says" in results[1][2]
+    check_stopped_after_epoch_3(root, SimpleNamespace(returncode=75, stderr=""))
