@@ -357,3 +357,21 @@ def test_two_ranks_stop_after_the_same_epoch_on_the_writers_verdict(tmp_path):
         assert "epoch 3:" in out and "epoch 4:" not in out
     assert "WALL-CLOCK STOP after epoch 3: the checkpoint writer says" in results[1][2]
     check_stopped_after_epoch_3(root, SimpleNamespace(returncode=75, stderr=""))
+
+
+def test_with_ckpt_async_a_save_counts_its_background_write(monkeypatch, make_checkpointer):
+    clock = FakeClock()
+    monkeypatch.setattr(walltime, "clock", clock)
+    stop = WallClockStop(1, "+1000", LOGGER, environ={})
+    stop.start()
+    clock.now += 10
+    stop.epoch_ended()
+    clock.now += 0.5
+    stop.save_ended(saved=True, background_seconds=7.0)
+    assert list(stop.save_seconds) == [7.0]
+
+    from conftest import file_writer
+    checkpointer = make_checkpointer()
+    assert checkpointer.last_write_seconds is None
+    checkpointer.epoch_end(1, {"loss": 1.0}, file_writer())
+    assert checkpointer.last_write_seconds > 0

@@ -79,6 +79,7 @@ class Checkpointer:
                          **(versions or {})}
         self.adapter_name: str | None = None
         self.model_format: str | None = None
+        self.last_write_seconds: float | None = None  # the last save protocol that succeeded
 
     def describe_writer(self, adapter_name, model_format, versions):
         """Record which adapter and model-file format write, and their library versions."""
@@ -233,8 +234,10 @@ class Checkpointer:
 
     def _save_now(self, decision, write_files):
         """Run the save protocol; an OSError becomes a CheckpointWriteError naming `last`."""
+        started = time.monotonic()
         try:
             self._run_protocol(decision, write_files)
+            self.last_write_seconds = time.monotonic() - started
         except OSError as error:
             # The next save starts by finishing what this one left (work/, trash/).
             self.prepared = False

@@ -153,7 +153,10 @@ class TrainingSession:
             if decision is not None:
                 self.checkpointer.save(decision, self._capture)
         if self._walltime is not None:
-            self._walltime.save_ended(saved=decision is not None)
+            background = self.checkpointer.background is not None
+            self._walltime.save_ended(
+                saved=decision is not None,
+                background_seconds=self.checkpointer.last_write_seconds if background else None)
         if self._watch is not None:
             self._watch.epoch_completed(
                 epoch, saved=decision is not None or self._not_saving() is not None,

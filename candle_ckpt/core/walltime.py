@@ -24,6 +24,8 @@ The estimates are the longest of the last `WINDOW` measured epochs and saves: th
 longest rather than the mean because an underestimate costs the job its last epoch,
 and a short window so that the first epoch's compilation stops counting after a few.
 Before any save of this run was timed, a save is assumed to take as long as an epoch.
+With ckpt_async a save's time is the longer of the training loop's stall and the last
+background write (a stop waits for the write in flight).
 """
 
 from __future__ import annotations
@@ -222,12 +224,17 @@ class WallClockStop:
         self.epoch_seconds.append(now - self._mark)
         self._mark = self._epoch_ended_at = now
 
-    def save_ended(self, saved: bool) -> None:
+    def save_ended(self, saved: bool, background_seconds: float | None = None) -> None:
         """The epoch end's save is done (`saved`: whether there was one); the next
-        epoch is timed from now, so that an epoch's time excludes its save."""
+        epoch is timed from now, so that an epoch's time excludes its save.
+
+        `background_seconds`: with ckpt_async, how long the last background write took
+        (a stop waits for the write in flight), counted when longer than the stall.
+        """
         now = clock()
         if saved:
-            self.save_seconds.append(now - self._epoch_ended_at)
+            self.save_seconds.append(max(now - self._epoch_ended_at,
+                                         background_seconds or 0.0))
         self._mark = now
 
     def should_stop(self) -> StopEstimate | None:
