@@ -45,7 +45,9 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     the callback handles that signal during fit: at the end of the running batch it
     stops, saves the last completed epoch if the interval skipped it (from a snapshot
     taken at that epoch's end), logs it and exits with status 75 (see
-    `candle_ckpt.core.preemption`).
+    `candle_ckpt.core.preemption`). With `ckpt_walltime_margin` it also stops that way at
+    an epoch end when the next epoch and a save would not finish before the job's end
+    (`candle_ckpt.core.walltime`).
 
     The writer holds an advisory lock on `ckpts/.lock` from the start of fit to its end
     (the kernel drops it if the process dies): a second job writing the same tree fails
