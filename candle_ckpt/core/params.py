@@ -134,6 +134,11 @@ PARAMETERS = (
               "on this signal (Slurm --signal): stop at the end of the batch, make sure "
               "the last completed epoch is on disk, exit with status 75 (requeue)",
               allowed=("off", "USR1", "USR2", "TERM", "INT")),
+    Parameter("ckpt_init_from", P.STRING, None,
+              "warm start: when the run has no ckpts/last of its own, initialise the model "
+              "weights (only) from this verified checkpoint: a checkpoint tree (its last), "
+              "an epoch directory, or TREE:best, TREE:last, TREE:EPOCH",
+              nullable=True),
     Parameter("metadata", P.STRING, None,
               "free text stored in every ckpt-info.json (job id, machine, ...)",
               nullable=True),

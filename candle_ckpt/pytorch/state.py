@@ -475,13 +475,15 @@ def restore(objects: Mapping[str, Any], path: str, contents: memoryview,
 UPSTREAM_KEYS = {"model": "model_state_dict", "optimizer": "optimizer_state_dict"}
 
 
-def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
-                     ) -> Restored:
-    """Restore the weights and optimizer of upstream CANDLE's ``model.h5`` torch pickle.
+def load_upstream(path: str, contents: memoryview) -> dict:
+    """Upstream CANDLE's ``model.h5`` torch pickle, read with `torch.load(weights_only=True)`.
 
-    Read with `torch.load(weights_only=True)`, whose unpickler builds tensors and plain
-    containers only: a file asking for any other object (a `__reduce__` payload) is
-    refused before anything is built from it.
+    Its unpickler builds tensors and plain containers only: a file asking for any other
+    object (a `__reduce__` payload) is refused before anything is built from it.
+
+    Raises:
+        CheckpointFormatError: not such a pickle, or not upstream's dict with
+            'model_state_dict'.
     """
     try:
         loaded = torch.load(io.BytesIO(contents), map_location="cpu", weights_only=True)
@@ -500,6 +502,14 @@ def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
         raise CheckpointFormatError(
             f"'{path}' is a torch.save file holding {found}; expected upstream CANDLE's "
             f"dict with 'model_state_dict' (and 'optimizer_state_dict')")
+    return loaded
+
+
+def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
+                     ) -> Restored:
+    """Restore the weights and optimizer of upstream CANDLE's ``model.h5`` torch pickle
+    (read by `load_upstream`, which never unpickles anything but tensors)."""
+    loaded = load_upstream(path, contents)
     plan = [(name, key) for name, key in UPSTREAM_KEYS.items()
             if name in objects and key in loaded]
     if not plan or plan[0][0] != "model":
@@ -514,3 +524,46 @@ def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
                     missing=" or ".join(lacking) + " state (upstream CANDLE saves none)",
                     source="upstream CANDLE torch pickle, read with "
                            "torch.load(weights_only=True)")
+
+
+def saved_module_states(path: str, contents: memoryview) -> dict[str, Any]:
+    """{entry name: state dict} of every module a verified model file holds.
+
+    A candle_ckpt file: the entries saved as a module's state dict (an OrderedDict, as
+    `Module.state_dict` returns; optimizers, schedulers and generators are not). An
+    upstream CANDLE torch pickle: its 'model_state_dict', as entry "model".
+    """
+    if bytes(contents[:len(HDF5_MAGIC)]) != HDF5_MAGIC:
+        return {"model": load_upstream(path, contents)[UPSTREAM_KEYS["model"]]}
+    state, _ = read(contents, path)
+    return {name: saved for name, saved in state["objects"].items()
+            if isinstance(saved, collections.OrderedDict)}
+
+
+def restore_modules(objects: Mapping[str, Any], path: str, contents: memoryview
+                    ) -> Restored:
+    """Load only the weights of the registered modules from the verified file `contents`
+    (a warm start, `ckpt_init_from`): each `torch.nn.Module` from the entry of its name;
+    optimizers, schedulers, generators and random states are left as they are.
+
+    Every module is checked against its entry before the first `load_state_dict`.
+    """
+    modules = {name: value for name, value in objects.items()
+               if isinstance(value, torch.nn.Module)}
+    if not modules:
+        raise CheckpointFormatError(f"set_model registered no torch.nn.Module to load the "
+                                    f"weights of '{path}' into")
+    saved = saved_module_states(path, contents)
+    missing = sorted(set(modules) - set(saved))
+    if missing:
+        raise CheckpointFormatError(
+            f"'{path}' holds the weights of modules {sorted(saved)}; set_model registered "
+            f"modules {sorted(modules)}, of which {missing} are not in the file. Register "
+            f"the model under the name the parent run used")
+    for name, module in modules.items():
+        check_state(name, module, saved[name], path)
+    for name, module in modules.items():
+        module.load_state_dict(saved[name])
+    return Restored(parts=tuple(modules), exact=False,
+                    missing="optimizer, scheduler or RNG state (a warm start loads weights "
+                            "only)")
