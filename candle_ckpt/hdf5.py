@@ -16,6 +16,9 @@ import numpy as np
 
 from .core.errors import CheckpointFormatError
 
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+"""The first bytes of an HDF5 file (with no user block)."""
+
 
 def as_oserror(error, path):
     """h5py's RuntimeError for a write that failed when the file was flushed, as the

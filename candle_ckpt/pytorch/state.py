@@ -55,12 +55,11 @@ import torch
 
 from ..core.adapter import Restored
 from ..core.errors import CheckpointFormatError
-from ..hdf5 import InMemoryFile, as_oserror, dataset, dataset_array, group
+from ..hdf5 import HDF5_MAGIC, InMemoryFile, as_oserror, dataset, dataset_array, group
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1
 FORMAT_ATTR = "candle_ckpt_torch_format_version"
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NUMPY_PREFIX = "numpy:"
 
 
@@ -567,3 +566,31 @@ def restore_modules(objects: Mapping[str, Any], path: str, contents: memoryview
     return Restored(parts=tuple(modules), exact=False,
                     missing="optimizer, scheduler or RNG state (a warm start loads weights "
                             "only)")
+
+
+def write_module_weights(contents: memoryview, source: str, destination: str) -> str:
+    """Write the model's state dict from the verified model file `contents` (of `source`)
+    with `torch.save` at `destination`, for plain
+    `net.load_state_dict(torch.load(destination, weights_only=True))`. Does not fsync.
+
+    The entry registered as "model" is written, else the file's only module.
+
+    Returns:
+        The name of the entry written.
+
+    Raises:
+        CheckpointFormatError: the file is unreadable, or holds no module or several
+            without one named "model".
+    """
+    modules = saved_module_states(source, contents)
+    if "model" in modules:
+        name = "model"
+    elif len(modules) == 1:
+        name = next(iter(modules))
+    else:
+        raise CheckpointFormatError(
+            f"'{source}' holds the state dicts of modules {sorted(modules)}; none is "
+            f"registered as 'model', so which one to export is not known"
+            if modules else f"'{source}' holds no module state dict to export")
+    torch.save(modules[name], destination)
+    return name
