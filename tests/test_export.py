@@ -226,3 +226,30 @@ def test_pytorch_export_of_an_upstream_candle_pickle(tmp_path):
     fresh = torch_net(4)
     fresh.load_state_dict(torch.load(str(tmp_path / "up.pt"), weights_only=True))
     assert torch.equal(fresh[0].weight, net[0].weight)
+
+
+@pytest.mark.parametrize("point", ["export_written", "export_digest_removed",
+                                   "export_renamed"])
+def test_killed_export_never_leaves_a_half_written_file_or_a_wrong_digest(tmp_path, point):
+    from candle_ckpt.core.faults import EXPORT_POINTS
+    assert point in EXPORT_POINTS
+    train_keras(sequential(1), tmp_path / "save", epochs=1)
+    target = tmp_path / "out" / "m.weights.h5"
+    target.parent.mkdir()
+    target.write_bytes(b"older")
+    digest_file = tmp_path / "out" / "m.weights.h5.sha256"
+    digest_file.write_text(f"{hashlib.sha256(b'older').hexdigest()}  m.weights.h5\n")
+    from test_cli import CLI
+    killed = subprocess.run([*CLI, "export", str(tmp_path / "save"), "--to", str(target),
+                             "--force"], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, CANDLE_CKPT_FAULT=point))
+    assert killed.returncode == -9, killed.stderr
+    data = target.read_bytes()
+    assert data == b"older" or data.startswith(b"\x89HDF")
+    if digest_file.exists():   # never one that does not match the file
+        assert digest_file.read_text().split()[0] == hashlib.sha256(data).hexdigest()
+    assert (data == b"older") == (point != "export_renamed")
+    # the rerun completes; a temporary left by the kill never has the file's name
+    check_digest(str(target), cli("export", tmp_path / "save", "--to", target,
+                                  "--force").stdout)
+    sequential(2).load_weights(str(target))

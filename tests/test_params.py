@@ -23,6 +23,7 @@ BAD_VALUES = {
     "ckpt_keep_limit": [(0, ValueError), (-1, ValueError), (float("inf"), ValueError)],
     "ckpt_restart_fallback": [("sure", ValueError)],
     "ckpt_async": [(3, TypeError)],
+    "ckpt_init_from": [(5, TypeError), (["parent/save"], TypeError)],
     "metadata": [(12, TypeError)],
     "epochs": [(-1, ValueError), ("ten", ValueError)],
 }

@@ -31,6 +31,7 @@ from ..core.durable import (
     write_bytes_atomic,
 )
 from ..core.errors import CheckpointError, CheckpointFormatError, CorruptCheckpointError
+from ..core.faults import fault_point
 from ..core.layout import CheckpointLayout
 from ..core.resume import read_epoch_info
 from ..core.verify import verify_files
@@ -79,12 +80,15 @@ def export_epoch(layout: CheckpointLayout, epoch: int, destination: str, *,
         what = _write(framework, contents, source, temporary)
         fsync_file(temporary)
         digest = _sha256(temporary)
+        fault_point("export_written")
         remove_link(destination + DIGEST_SUFFIX)  # an unlink made durable, for any file
+        fault_point("export_digest_removed")
         rename_durable(temporary, destination)
     except BaseException:
         if os.path.lexists(temporary):
             os.unlink(temporary)
         raise
+    fault_point("export_renamed")
     write_bytes_atomic(destination + DIGEST_SUFFIX,
                        f"{digest}  {os.path.basename(destination)}\n".encode())
     return Exported(destination, digest, framework, what,
