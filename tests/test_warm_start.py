@@ -175,7 +175,7 @@ def test_keras_init_source_of_another_architecture_is_refused(keras_parent, tmp_
     before = weights_of(other)
     params = {"ckpt_directory": str(tmp_path / "child"), "epochs": 1,
               "ckpt_init_from": str(keras_parent[0])}
-    with pytest.raises(CheckpointError, match="shape"):
+    with pytest.raises(CheckpointError, match=r"ckpt_init_from .*shape.*Nothing was loaded"):
         candle_ckpt.restart(params, other, verbose=False)
     assert_equal_arrays(weights_of(other), before)
 
@@ -281,5 +281,17 @@ def test_pytorch_corrupt_or_unfitting_init_source_is_refused(torch_parent, tmp_p
                                           "epochs": 1, "ckpt_init_from": f"{parent}:3"},
                                          verbose=False)
     ckpt.set_model({"net2": torch.nn.Linear(4, 1)})
-    with pytest.raises(CheckpointError, match=r"\['net2'\] are not in the file"):
+    with pytest.raises(CheckpointError, match=r"ckpt_init_from .*\['net2'\] are not in the"):
         ckpt.restart()
+
+
+def test_a_keras_tree_is_refused_as_the_source_of_a_pytorch_run(keras_parent, tmp_path):
+    objects = torch_objects(4)
+    before = state_of(objects["model"])
+    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(tmp_path / "child"),
+                                          "epochs": 1, "ckpt_init_from": str(keras_parent[0])},
+                                         verbose=False)
+    ckpt.set_model(objects)
+    with pytest.raises(CheckpointError, match=r"ckpt_init_from .*a Keras checkpoint"):
+        ckpt.restart()
+    assert_same_tensors(state_of(objects["model"]), before)

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .adapter import FrameworkAdapter
+from .errors import CheckpointFormatError
 from .layout import CheckpointLayout
 from .logs import console_logger, tree_logger
 from .params import validate_params
@@ -113,7 +114,13 @@ def warm_start(source: str, adapter: FrameworkAdapter, logger: logging.Logger
     checkpoint: Checkpoint | None = agree_on_checkpoint(
         adapter.all_gather(), lambda: find_init_checkpoint(source, logger))
     assert checkpoint is not None  # find_init_checkpoint raises rather than find nothing
-    restored = adapter.restore(checkpoint, logger, weights_only=True)
+    try:
+        restored = adapter.restore(checkpoint, logger, weights_only=True)
+    except CheckpointFormatError as error:
+        raise CheckpointFormatError(
+            f"ckpt_init_from {source!r}: {error}. Nothing was loaded and training did not "
+            f"start: the source must be a checkpoint of a model built like this one"
+        ) from error
     logger.info("WARM START from ckpt_init_from %r: loaded the weights (%s) of epoch %d "
                 "from %s (CRC32-verified) in %.3f s; optimizer, epoch count and random "
                 "states start fresh, training starts at epoch 1",
