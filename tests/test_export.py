@@ -18,6 +18,12 @@ from candle_ckpt.core.layout import CheckpointLayout
 keras = pytest.importorskip("keras")
 torch = pytest.importorskip("torch")
 
+# Keras warns so when any weights file without optimizer state meets a compiled model
+# whose optimizer has its iteration and learning-rate variables: export leaves the
+# optimizer out on purpose (a weights-only file), and the weights load all the same.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Skipping variable loading for optimizer:UserWarning")
+
 
 def train_keras(model, root, epochs=2):
     rng = np.random.default_rng(0)
@@ -68,6 +74,22 @@ def check_digest(path, stdout):
                    cwd=os.path.dirname(path), check=True)
 
 
+def layout_of(path):
+    """{HDF5 path: group attrs, or a dataset's dtype, shape and bytes} of a file."""
+    import h5py
+    found = {}
+
+    def visit(name, node):
+        if isinstance(node, h5py.Dataset):
+            found[name] = (node.dtype.str, node.shape, node[()].tobytes())
+        else:
+            found[name] = {key: str(value) for key, value in node.attrs.items()}
+    with h5py.File(path, "r") as f:
+        found["/"] = dict(f.attrs)
+        f.visititems(visit)
+    return found
+
+
 @pytest.mark.parametrize("build", [sequential, functional])
 def test_keras_export_loads_in_plain_keras(tmp_path, build):
     trained = train_keras(build(1), tmp_path / "save")
@@ -76,6 +98,11 @@ def test_keras_export_loads_in_plain_keras(tmp_path, build):
     result = cli("export", tmp_path / "save", "--to", out)
     assert "epoch 2: exported" in result.stdout
     check_digest(str(out), result.stdout)
+    # the very layout Keras writes itself, less the optimizer
+    reference = tmp_path / "keras.weights.h5"
+    trained.save_weights(str(reference))
+    ours, theirs = layout_of(out), layout_of(reference)
+    assert ours == {k: v for k, v in theirs.items() if not k.startswith("optimizer")}
     fresh = build(2)  # another process' names differ (dense_5 ...): Keras matches classes
     fresh.load_weights(str(out))
     assert_same_weights(fresh, trained)
