@@ -47,6 +47,10 @@ def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
         auto: no `last`, or a dangling one: log it and return None.
         required: no usable `last`: raise NoCheckpointError naming the path.
 
+    With no checkpoint of the run's own (mode off, or auto without `last`) and
+    `ckpt_init_from` set, the model weights are initialised from that source
+    (`warm_start`) and None is returned: the run starts at epoch 0.
+
     Returns:
         The ckpt-info.json dict resumed from (`J["epoch"]`: the epochs completed), or
         None when there is nothing to restart from.
