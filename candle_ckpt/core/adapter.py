@@ -74,6 +74,9 @@ class FrameworkAdapter(Protocol):
         """Write `snapshot` into `directory`; return the model file's name. May run in
         another thread; need not fsync (the protocol does)."""
 
-    def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+    def restore(self, checkpoint: Checkpoint, logger: logging.Logger, *,
+                weights_only: bool = False) -> Restored:
         """Load the verified `checkpoint` (its bytes: `checkpoint.model_contents`).
-        Everything is checked before the first value changes."""
+        Everything is checked before the first value changes. `weights_only` (a warm
+        start, `ckpt_init_from`): the model's weights only, never the optimizer, the
+        other registered objects or the random states."""

@@ -80,6 +80,9 @@ class Checkpointer:
         self.adapter_name: str | None = None
         self.model_format: str | None = None
         self.last_write_seconds: float | None = None  # the last save protocol that succeeded
+        # Where a warm start (ckpt_init_from) took the initial weights from, for
+        # ckpt-info.json: {"source": epoch directory, "epoch": int, "checksum": CRC32}.
+        self.init_from: dict | None = None
 
     def describe_writer(self, adapter_name, model_format, versions):
         """Record which adapter and model-file format write, and their library versions."""

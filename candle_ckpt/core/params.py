@@ -151,6 +151,11 @@ PARAMETERS = (
               "has an offset) or +DURATION from the start of training (+3600, +1:00:00); "
               "default: SLURM_JOB_END_TIME, else squeue under Slurm",
               nullable=True, check_form=check_end_time),
+    Parameter("ckpt_init_from", P.STRING, None,
+              "warm start: when the run has no ckpts/last of its own, initialise the model "
+              "weights (only) from this verified checkpoint: a checkpoint tree (its last), "
+              "an epoch directory, or TREE:best, TREE:last, TREE:EPOCH",
+              nullable=True),
     Parameter("metadata", P.STRING, None,
               "free text stored in every ckpt-info.json (job id, machine, ...)",
               nullable=True),

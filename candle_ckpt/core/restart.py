@@ -6,20 +6,36 @@ writes (only the writer logs to ckpt.log), follow `ckpts/last` to a verified epo
 (`resume.find_checkpoint`), check that every process found the same one
 (`writer.agree_on_checkpoint`), let the adapter load the verified bytes, and log what
 was loaded. On any error nothing has been loaded.
+
+A run with no checkpoint of its own and `ckpt_init_from` set is warm-started: the model
+weights only are loaded from that verified checkpoint (`warm_start`), and where they
+came from is kept for the run's `Checkpointer` (`take_warm_start`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from .adapter import FrameworkAdapter
+from .errors import CheckpointFormatError
 from .layout import CheckpointLayout
 from .logs import console_logger, tree_logger
 from .params import validate_params
-from .resume import find_checkpoint
+from .resume import Checkpoint, find_checkpoint, find_init_checkpoint
 from .writer import agree_on_checkpoint
+
+# ckpt_directory (absolute) -> the provenance of the warm start restart_run did for it,
+# until the run's TrainingSession takes it (a restart and its training share a process).
+_warm_starts: dict[str, dict[str, Any]] = {}
+
+
+def take_warm_start(layout: CheckpointLayout) -> dict[str, Any] | None:
+    """The warm start's provenance ({"source", "epoch", "checksum"}) of the run writing
+    `layout`, if its restart warm-started the model, else None; taken once."""
+    return _warm_starts.pop(layout.root, None)
 
 
 def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
@@ -31,6 +47,10 @@ def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
         auto: no `last`, or a dangling one: log it and return None.
         required: no usable `last`: raise NoCheckpointError naming the path.
 
+    With no checkpoint of the run's own (mode off, or auto without `last`) and
+    `ckpt_init_from` set, the model weights are initialised from that source
+    (`warm_start`) and None is returned: the run starts at epoch 0.
+
     Returns:
         The ckpt-info.json dict resumed from (`J["epoch"]`: the epochs completed), or
         None when there is nothing to restart from.
@@ -41,18 +61,28 @@ def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
         ChecksumMismatchError: as their names say; each message names the path.
     """
     settings = validate_params(gParameters)
-    if settings["ckpt_restart_mode"] == "off":
+    init_from = settings["ckpt_init_from"]
+    if settings["ckpt_restart_mode"] == "off" and init_from is None:
         return None
     layout = CheckpointLayout(settings["ckpt_directory"])
+    _warm_starts.pop(layout.root, None)
     if adapter.writer_decision(is_writer).is_writer:
         logger = tree_logger("restart", layout, verbose)
     else:
         logger = console_logger("restart", verbose)
     started = time.perf_counter()
-    checkpoint = agree_on_checkpoint(adapter.all_gather(),
-                                     lambda: find_checkpoint(layout, settings, logger))
+    checkpoint = None
+    if settings["ckpt_restart_mode"] != "off":
+        checkpoint = agree_on_checkpoint(adapter.all_gather(),
+                                         lambda: find_checkpoint(layout, settings, logger))
     if checkpoint is None:
+        if init_from is not None:
+            _warm_starts[layout.root] = warm_start(init_from, adapter, logger)
         return None
+    if init_from is not None:
+        logger.info("the run restarts from its own checkpoint (epoch %d): ckpt_init_from "
+                    "%r is ignored (it initialises only a run with no checkpoint yet)",
+                    checkpoint.epoch, init_from)
     restored = adapter.restore(checkpoint, logger)
     seconds = time.perf_counter() - started
     nbytes = checkpoint.model_contents.nbytes
@@ -65,3 +95,40 @@ def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
         logger.warning("epoch %d: no %s restored; training continues without it and will "
                        "not match an uninterrupted run", checkpoint.epoch, restored.missing)
     return checkpoint.info
+
+
+def warm_start(source: str, adapter: FrameworkAdapter, logger: logging.Logger
+               ) -> dict[str, Any]:
+    """Load the model weights only from the verified checkpoint `source` names.
+
+    The optimizer, the epoch count and the random states start fresh: this is a new run
+    initialised from another one's weights (`ckpt_init_from`). Every process loads the
+    source itself; under a collective they first check that they all found the same
+    checkpoint, as a restart does.
+
+    Returns:
+        The provenance {"source": the epoch directory, "epoch", "checksum": the model
+        file's recorded CRC32}.
+
+    Raises:
+        CheckpointError: the source is missing, invalid or fails verification, or its
+            weights do not fit the model; nothing was loaded.
+    """
+    started = time.perf_counter()
+    checkpoint: Checkpoint | None = agree_on_checkpoint(
+        adapter.all_gather(), lambda: find_init_checkpoint(source, logger))
+    assert checkpoint is not None  # find_init_checkpoint raises rather than find nothing
+    try:
+        restored = adapter.restore(checkpoint, logger, weights_only=True)
+    except CheckpointFormatError as error:
+        raise CheckpointFormatError(
+            f"ckpt_init_from {source!r}: {error}. Nothing was loaded and training did not "
+            f"start: the source must be a checkpoint of a model built like this one"
+        ) from error
+    logger.info("WARM START from ckpt_init_from %r: loaded the weights (%s) of epoch %d "
+                "from %s (CRC32-verified) in %.3f s; optimizer, epoch count and random "
+                "states start fresh, training starts at epoch 1",
+                source, ", ".join(restored.parts), checkpoint.epoch, checkpoint.model_path,
+                time.perf_counter() - started)
+    return {"source": checkpoint.directory, "epoch": checkpoint.epoch,
+            "checksum": str(checkpoint.info["checksum"])}

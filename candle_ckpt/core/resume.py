@@ -9,11 +9,13 @@ adapter then loads those bytes.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 from .errors import CheckpointError, LinkError, NoCheckpointError
 from .info import is_legacy, read_info
+from .layout import INFO_FILE, CheckpointLayout
 from .verify import verify_files
 
 
@@ -60,8 +62,15 @@ def read_epoch_info(layout, epoch):
 
 def load_verified(layout, epoch, checksums, logger):
     """Read and verify epoch `epoch`; return a `Checkpoint` or raise a CheckpointError."""
-    directory = layout.epoch_dir(epoch)
-    info = read_epoch_info(layout, epoch)
+    return verified_checkpoint(layout.epoch_dir(epoch), read_epoch_info(layout, epoch),
+                               checksums, logger)
+
+
+def verified_checkpoint(directory: str, info: dict, checksums: bool,
+                        logger: logging.Logger) -> Checkpoint:
+    """Verify the files `info` (the validated ckpt-info dict of `directory`) lists and
+    return the `Checkpoint`, its model file's verified bytes read once."""
+    epoch = info["epoch"]
     results = verify_files(directory, info, checksums, keep=info["model_file"])
     unverified = [r.path for r in results if r.expected_crc32 is None]
     if checksums and unverified:
@@ -115,3 +124,56 @@ def find_checkpoint(layout, settings, logger):
             return found
         raise CheckpointError(f"'{layout.link('last')}' (epoch {epoch}) is unusable ({error}) "
                               f"and no earlier epoch verifies; nothing to fall back to") from error
+
+
+INIT_SELECTORS = ("last", "best")
+
+
+def find_init_checkpoint(source: str, logger: logging.Logger) -> Checkpoint:
+    """The verified checkpoint `ckpt_init_from` names (a warm start's weights).
+
+    `source` is a checkpoint tree (a `ckpt_directory`: its `last`), an epoch directory
+    (one holding ckpt-info.json, e.g. `TREE/ckpts/epochs/005` or `TREE/ckpts/best`),
+    or `TREE:last`, `TREE:best`, `TREE:EPOCH`. Every file is CRC32-verified, whatever
+    this run's `ckpt_checksum`.
+
+    Raises:
+        CheckpointError: the source does not exist, is not a tree or an epoch
+            directory, its link or epoch is missing, or it fails verification; the
+            message names `ckpt_init_from`, the path and the remedy.
+    """
+    try:
+        return _init_checkpoint(source, logger)
+    except CheckpointError as error:
+        raise CheckpointError(
+            f"ckpt_init_from {source!r}: {error}. Nothing was loaded and training did not "
+            f"start: give a checkpoint tree, an epoch directory or TREE:best|last|EPOCH "
+            f"that verifies ('candle-ckpt list --verify TREE' shows which epochs do)"
+        ) from error
+
+
+def _init_checkpoint(source: str, logger: logging.Logger) -> Checkpoint:
+    tree, selector = source, None
+    if not os.path.isdir(source) and ":" in source:
+        head, tail = source.rsplit(":", 1)
+        if tail in INIT_SELECTORS or (tail.isascii() and tail.isdigit()):
+            tree, selector = head, tail
+    if os.path.isdir(os.path.join(tree, "ckpts")):
+        layout = CheckpointLayout(tree)
+        selector = selector or "last"
+        if selector in INIT_SELECTORS:
+            epoch = layout.resolve_link(selector)
+            if epoch is None:
+                raise NoCheckpointError(f"'{layout.link(selector)}' is absent or dangling; "
+                                        f"expected a link to a saved epoch")
+        else:
+            epoch = int(selector)
+        return load_verified(layout, epoch, True, logger)
+    if selector is None and os.path.isfile(os.path.join(tree, INFO_FILE)):
+        directory = os.path.realpath(tree)
+        return verified_checkpoint(directory, read_info(directory), True, logger)
+    if selector is not None:
+        raise NoCheckpointError(f"'{tree}' is not a checkpoint tree (no '{tree}/ckpts' "
+                                f"directory)")
+    raise NoCheckpointError(f"'{tree}' is neither a checkpoint tree (no 'ckpts' directory "
+                            f"in it) nor an epoch directory (no {INFO_FILE} in it)")

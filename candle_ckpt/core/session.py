@@ -36,6 +36,7 @@ from .checkpointer import Checkpointer, SaveDecision, WriteFiles
 from .errors import NoCheckpointError, ParameterValueError
 from .logs import console_logger
 from .preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
+from .restart import take_warm_start
 from .resume import read_epoch_info
 from .walltime import StopEstimate, WallClockStop
 from .writer import check_is_writer
@@ -102,6 +103,7 @@ class TrainingSession:
             ParameterValueError: `ckpt_signal` under lock-step multi-process training.
         """
         self._adapter = adapter
+        self.checkpointer.init_from = take_warm_start(self.checkpointer.layout)
         self.checkpointer.describe_writer(adapter.adapter_name, adapter.model_format,
                                           adapter.library_versions())
         if self.is_writer:

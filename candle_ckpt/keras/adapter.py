@@ -68,10 +68,12 @@ class KerasAdapter:
         h5.write(snapshot, path, progress=WritebackStarter(path))
         return h5.MODEL_FILE
 
-    def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+    def restore(self, checkpoint: Checkpoint, logger: logging.Logger, *,
+                weights_only: bool = False) -> Restored:
         with strategy_scope(self.model):
             loaded = h5.restore(self.model, checkpoint.model_path,
-                                contents=checkpoint.model_contents, logger=logger)
+                                contents=checkpoint.model_contents, logger=logger,
+                                weights_only=weights_only)
         parts = ("weights",) + (("optimizer",) if loaded["optimizer_restored"] else ()) + (
             ("RNG",) if loaded["rng_restored"] else ())
         return Restored(parts=parts, exact=loaded["optimizer_restored"],

@@ -31,6 +31,10 @@ def restart(gParameters: Mapping[str, Any], model: Any, verbose: bool = True,
     With `ckpt_restart_fallback`, a corrupt `last` is skipped for the newest earlier
     epoch that verifies.
 
+    Warm start (`ckpt_init_from`): when there is no checkpoint of the run's own, the
+    weights only (no optimizer, no RNG state) are loaded from that verified checkpoint
+    and None is returned, so training starts at epoch 0.
+
     Several processes: every worker calls restart. Only the writer (see
     `candle_ckpt.core.writer`) logs to ckpt.log; the others log to the console. Under
     a multi-worker `tf.distribute` strategy the workers check, with a collective, that

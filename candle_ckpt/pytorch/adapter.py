@@ -80,6 +80,10 @@ class TorchAdapter:
         state.write(snapshot, path, progress=WritebackStarter(path))
         return state.MODEL_FILE
 
-    def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+    def restore(self, checkpoint: Checkpoint, logger: logging.Logger, *,
+                weights_only: bool = False) -> Restored:
+        if weights_only:
+            return state.restore_modules(self.objects, checkpoint.model_path,
+                                         checkpoint.model_contents)
         return state.restore(self.objects, checkpoint.model_path,
                              checkpoint.model_contents, logger)

@@ -84,7 +84,9 @@ class CandleCkptPyTorch:
 
         Call it after `set_model` (upstream passes the model again; it is not needed),
         or pass the set_model dict here. Everything is verified (checksums, the state
-        of each entry against its object) before the first value changes.
+        of each entry against its object) before the first value changes. Warm start
+        (`ckpt_init_from`): with no checkpoint of the run's own, only the registered
+        modules' weights are loaded from that source, and None is returned.
 
         Returns:
             The ckpt-info.json dict (`J["epoch"]`: epochs completed), or None.

@@ -55,12 +55,11 @@ import torch
 
 from ..core.adapter import Restored
 from ..core.errors import CheckpointFormatError
-from ..hdf5 import InMemoryFile, as_oserror, dataset, dataset_array, group
+from ..hdf5 import HDF5_MAGIC, InMemoryFile, as_oserror, dataset, dataset_array, group
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1
 FORMAT_ATTR = "candle_ckpt_torch_format_version"
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NUMPY_PREFIX = "numpy:"
 
 
@@ -475,13 +474,15 @@ def restore(objects: Mapping[str, Any], path: str, contents: memoryview,
 UPSTREAM_KEYS = {"model": "model_state_dict", "optimizer": "optimizer_state_dict"}
 
 
-def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
-                     ) -> Restored:
-    """Restore the weights and optimizer of upstream CANDLE's ``model.h5`` torch pickle.
+def load_upstream(path: str, contents: memoryview) -> dict:
+    """Upstream CANDLE's ``model.h5`` torch pickle, read with `torch.load(weights_only=True)`.
 
-    Read with `torch.load(weights_only=True)`, whose unpickler builds tensors and plain
-    containers only: a file asking for any other object (a `__reduce__` payload) is
-    refused before anything is built from it.
+    Its unpickler builds tensors and plain containers only: a file asking for any other
+    object (a `__reduce__` payload) is refused before anything is built from it.
+
+    Raises:
+        CheckpointFormatError: not such a pickle, or not upstream's dict with
+            'model_state_dict'.
     """
     try:
         loaded = torch.load(io.BytesIO(contents), map_location="cpu", weights_only=True)
@@ -500,6 +501,14 @@ def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
         raise CheckpointFormatError(
             f"'{path}' is a torch.save file holding {found}; expected upstream CANDLE's "
             f"dict with 'model_state_dict' (and 'optimizer_state_dict')")
+    return loaded
+
+
+def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
+                     ) -> Restored:
+    """Restore the weights and optimizer of upstream CANDLE's ``model.h5`` torch pickle
+    (read by `load_upstream`, which never unpickles anything but tensors)."""
+    loaded = load_upstream(path, contents)
     plan = [(name, key) for name, key in UPSTREAM_KEYS.items()
             if name in objects and key in loaded]
     if not plan or plan[0][0] != "model":
@@ -514,3 +523,74 @@ def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
                     missing=" or ".join(lacking) + " state (upstream CANDLE saves none)",
                     source="upstream CANDLE torch pickle, read with "
                            "torch.load(weights_only=True)")
+
+
+def saved_module_states(path: str, contents: memoryview) -> dict[str, Any]:
+    """{entry name: state dict} of every module a verified model file holds.
+
+    A candle_ckpt file: the entries saved as a module's state dict (an OrderedDict, as
+    `Module.state_dict` returns; optimizers, schedulers and generators are not). An
+    upstream CANDLE torch pickle: its 'model_state_dict', as entry "model".
+    """
+    if bytes(contents[:len(HDF5_MAGIC)]) != HDF5_MAGIC:
+        return {"model": load_upstream(path, contents)[UPSTREAM_KEYS["model"]]}
+    state, _ = read(contents, path)
+    return {name: saved for name, saved in state["objects"].items()
+            if isinstance(saved, collections.OrderedDict)}
+
+
+def restore_modules(objects: Mapping[str, Any], path: str, contents: memoryview
+                    ) -> Restored:
+    """Load only the weights of the registered modules from the verified file `contents`
+    (a warm start, `ckpt_init_from`): each `torch.nn.Module` from the entry of its name;
+    optimizers, schedulers, generators and random states are left as they are.
+
+    Every module is checked against its entry before the first `load_state_dict`.
+    """
+    modules = {name: value for name, value in objects.items()
+               if isinstance(value, torch.nn.Module)}
+    if not modules:
+        raise CheckpointFormatError(f"set_model registered no torch.nn.Module to load the "
+                                    f"weights of '{path}' into")
+    saved = saved_module_states(path, contents)
+    missing = sorted(set(modules) - set(saved))
+    if missing:
+        raise CheckpointFormatError(
+            f"'{path}' holds the weights of modules {sorted(saved)}; set_model registered "
+            f"modules {sorted(modules)}, of which {missing} are not in the file. Register "
+            f"the model under the name the parent run used")
+    for name, module in modules.items():
+        check_state(name, module, saved[name], path)
+    for name, module in modules.items():
+        module.load_state_dict(saved[name])
+    return Restored(parts=tuple(modules), exact=False,
+                    missing="optimizer, scheduler or RNG state (a warm start loads weights "
+                            "only)")
+
+
+def write_module_weights(contents: memoryview, source: str, destination: str) -> str:
+    """Write the model's state dict from the verified model file `contents` (of `source`)
+    with `torch.save` at `destination`, for plain
+    `net.load_state_dict(torch.load(destination, weights_only=True))`. Does not fsync.
+
+    The entry registered as "model" is written, else the file's only module.
+
+    Returns:
+        The name of the entry written.
+
+    Raises:
+        CheckpointFormatError: the file is unreadable, or holds no module or several
+            without one named "model".
+    """
+    modules = saved_module_states(source, contents)
+    if "model" in modules:
+        name = "model"
+    elif len(modules) == 1:
+        name = next(iter(modules))
+    else:
+        raise CheckpointFormatError(
+            f"'{source}' holds the state dicts of modules {sorted(modules)}; none is "
+            f"registered as 'model', so which one to export is not known"
+            if modules else f"'{source}' holds no module state dict to export")
+    torch.save(modules[name], destination)
+    return name
