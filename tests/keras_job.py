@@ -8,6 +8,9 @@ real kill -9 in the middle of an epoch, at a reproducible point.
 `--pause_at E:B` prints "PAUSED <pid>" on stdout after batch B of epoch E and waits
 (up to 120 s) until a signal arrives, e.g. the test's `os.kill(pid, SIGUSR1)`: a real
 signal from outside, always at the same point of training.
+
+`--subclassed` trains the same network as a subclassed `keras.Model` whose layers are
+made in `__init__` and whose variables only exist after its first call (no `build`).
 """
 
 import importlib.util
@@ -55,6 +58,9 @@ def main(argv):
     argv, kill_at = take_point(argv, "--kill_at")
     argv, pause_at = take_point(argv, "--pause_at")
     example = load_example()
+    if "--subclassed" in argv:
+        argv = [arg for arg in argv if arg != "--subclassed"]
+        example.build_model = build_subclassed_model
     params = example.initialize_parameters(SMALL + argv)
     callbacks = []
     if kill_at:
@@ -62,6 +68,31 @@ def main(argv):
     if pause_at:
         callbacks.append(at_batch(pause_at, wait_for_a_signal))
     example.run(params, callbacks=callbacks)
+
+
+def build_subclassed_model(params):
+    """The example's MLP as a compiled subclassed model, unbuilt until its first call."""
+    import keras
+
+    class LazyMLP(keras.Model):
+        def __init__(self):
+            super().__init__(name="lazy_mlp")
+            self.hidden = []
+            for width in params["dense"]:
+                self.hidden.append(keras.layers.Dense(width, activation="relu"))
+                self.hidden.append(keras.layers.Dropout(params["dropout"],
+                                                        seed=params["seed"]))
+            self.head = keras.layers.Dense(1)
+
+        def call(self, x, training=False):
+            for layer in self.hidden:
+                x = layer(x, training=training)
+            return self.head(x)
+
+    model = LazyMLP()
+    model.compile(optimizer=keras.optimizers.Adam(params["learning_rate"]),
+                  loss="mean_squared_error", metrics=["mean_absolute_error"])
+    return model
 
 
 def kill_myself():

@@ -33,11 +33,16 @@ class Restored:
         exact: whether that is everything an exact resume needs.
         missing: what an inexact restore lacks, for the warning ("optimizer state").
         source: a note on where it came from, e.g. "legacy upstream-CANDLE file".
+        deferred: nothing was loaded yet: the checkpoint is verified and held until the
+            framework's objects exist (a model built by its first batch); `source` then
+            says when and by what it will be loaded, and that load logs itself
+            (`core.restart.log_restored`).
     """
     parts: tuple[str, ...]
     exact: bool
     missing: str = ""
     source: str = ""
+    deferred: bool = False
 
 
 class FrameworkAdapter(Protocol):
@@ -76,4 +81,5 @@ class FrameworkAdapter(Protocol):
 
     def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
         """Load the verified `checkpoint` (its bytes: `checkpoint.model_contents`).
-        Everything is checked before the first value changes."""
+        Everything is checked before the first value changes. An adapter whose objects
+        cannot take the state yet may hold it and return a `deferred` Restored."""

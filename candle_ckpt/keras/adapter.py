@@ -15,7 +15,7 @@ from ..core.adapter import AllGather, Restored
 from ..core.durable import WritebackStarter
 from ..core.resume import Checkpoint
 from ..core.writer import WriterDecision, writer_decision
-from . import h5
+from . import deferred, h5
 from .distributed import (
     multi_worker_strategy,
     strategy_all_gather,
@@ -69,6 +69,14 @@ class KerasAdapter:
         return h5.MODEL_FILE
 
     def restore(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+        """Load `checkpoint` now, or hold it (`deferred`) while the model is unbuilt."""
+        if h5.is_unbuilt(self.model):
+            return deferred.hold(self.model, checkpoint, logger,
+                                 lambda: self.load(checkpoint, logger))
+        return self.load(checkpoint, logger)
+
+    def load(self, checkpoint: Checkpoint, logger: logging.Logger) -> Restored:
+        """Load the verified `checkpoint` into the built model (`h5.restore`)."""
         with strategy_scope(self.model):
             loaded = h5.restore(self.model, checkpoint.model_path,
                                 contents=checkpoint.model_contents, logger=logger)
