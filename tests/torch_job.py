@@ -6,7 +6,9 @@
 `--pause_at E:B` prints "PAUSED <pid>" and waits for a signal there (tests/keras_job.py
 has both). The job prints "final digest <sha256 of the weights>" when it finishes.
 Under WORLD_SIZE > 1 (MASTER_ADDR, MASTER_PORT, RANK set) it trains with
-DistributedDataParallel over gloo.
+DistributedDataParallel over gloo. `--lazy` builds the same network of
+`torch.nn.LazyLinear` layers, uninitialised until the first batch (the optimizer is
+made before that, from the uninitialised parameters).
 """
 
 import importlib.util
@@ -34,6 +36,9 @@ def main(argv):
     argv, kill_at = take_point(argv, "--kill_at")
     argv, pause_at = take_point(argv, "--pause_at")
     example = load_example()
+    if "--lazy" in argv:
+        argv = [arg for arg in argv if arg != "--lazy"]
+        example.build_model = build_lazy_model
     params = example.initialize_parameters(SMALL + argv)
 
     def at_batch(epoch, batch):
@@ -44,6 +49,17 @@ def main(argv):
 
     net = example.run(params, at_batch=at_batch)
     print(f"final digest {example.digest(net)}", flush=True)
+
+
+def build_lazy_model(params):
+    """The example's network with every Linear a LazyLinear (in_features from the data)."""
+    import torch
+
+    layers = []
+    for hidden in params["dense"]:
+        layers += [torch.nn.LazyLinear(hidden), torch.nn.ReLU(),
+                   torch.nn.Dropout(params["dropout"])]
+    return torch.nn.Sequential(*layers, torch.nn.LazyLinear(1))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,11 @@ class FrameworkAdapter(Protocol):
         """Whether processes run collectives every step (a stop at different batches
         would hang them): pre-emption by signal is then refused."""
 
+    def state_exists(self) -> bool:
+        """Whether every variable of the state exists yet: false for a model that
+        creates its variables at its first call (an unbuilt Keras model, a PyTorch lazy
+        module), which no snapshot can hold before then."""
+
     def state_nbytes(self) -> int:
         """The bytes a copied snapshot holds, computed without copying."""
 

@@ -57,6 +57,9 @@ class KerasAdapter:
     def trains_in_lockstep(self) -> bool:
         return multi_worker_strategy(self.model) is not None
 
+    def state_exists(self) -> bool:
+        return not h5.is_unbuilt(self.model)
+
     def state_nbytes(self) -> int:
         return h5.state_nbytes(self.model, self.weights_only)
 

@@ -86,6 +86,11 @@ class CandleCkptPyTorch:
         or pass the set_model dict here. Everything is verified (checksums, the state
         of each entry against its object) before the first value changes.
 
+        Lazy modules (`torch.nn.LazyLinear`...) need no first batch: loading
+        materialises their parameters from the file's shapes, in place, so an optimizer
+        made from the uninitialised parameters holds the loaded ones and the resume is
+        exact.
+
         Returns:
             The ckpt-info.json dict (`J["epoch"]`: epochs completed), or None.
         """
