@@ -47,8 +47,40 @@ def main(argv):
         if (epoch, batch) == pause_at:
             wait_for_a_signal()
 
-    net = example.run(params, at_batch=at_batch)
+    try:
+        net = example.run(params, at_batch=at_batch)
+    except BaseException:
+        leave_process_group(failed=True)
+        raise
     print(f"final digest {example.digest(net)}", flush=True)
+    leave_process_group(failed=False)
+
+
+def leave_process_group(failed):
+    """Wait for every rank, then tear the gloo group down before the interpreter exits.
+
+    Left to interpreter exit, a rank whose peer has already gone can abort in gloo's
+    teardown ("terminate called without an active exception"). After a failure (exit
+    75, a refused restart) the peers may never arrive: a monitored barrier with a
+    timeout then names them instead of waiting forever, and the group is torn down
+    all the same.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if failed:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+        else:
+            dist.barrier()
+    except RuntimeError as error:
+        print(f"rank {dist.get_rank()}: leaving the process group without every rank: "
+              f"{error}", file=sys.stderr, flush=True)
+    finally:
+        dist.destroy_process_group()
 
 
 def build_lazy_model(params):
