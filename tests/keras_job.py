@@ -12,6 +12,8 @@ signal from outside, always at the same point of training.
 `--virtual_clock S` makes the wall clock of the wall-clock stop (core/walltime.py) run
 S seconds ahead per trained batch: epochs then "take" a known time, so a test of
 ckpt_walltime_margin stops at the same epoch however loaded the machine is.
+`--subclassed` trains the same network as a subclassed `keras.Model` whose layers are
+made in `__init__` and whose variables only exist after its first call (no `build`).
 """
 
 import importlib.util
@@ -60,6 +62,9 @@ def main(argv):
     argv, pause_at = take_point(argv, "--pause_at")
     argv, tick = take_value(argv, "--virtual_clock")
     example = load_example()
+    if "--subclassed" in argv:
+        argv = [arg for arg in argv if arg != "--subclassed"]
+        example.build_model = build_subclassed_model
     params = example.initialize_parameters(SMALL + argv)
     callbacks = []
     if tick is not None:
@@ -105,6 +110,31 @@ def at_every_batch(action):
             action()
 
     return EveryBatch()
+
+
+def build_subclassed_model(params):
+    """The example's MLP as a compiled subclassed model, unbuilt until its first call."""
+    import keras
+
+    class LazyMLP(keras.Model):
+        def __init__(self):
+            super().__init__(name="lazy_mlp")
+            self.hidden = []
+            for width in params["dense"]:
+                self.hidden.append(keras.layers.Dense(width, activation="relu"))
+                self.hidden.append(keras.layers.Dropout(params["dropout"],
+                                                        seed=params["seed"]))
+            self.head = keras.layers.Dense(1)
+
+        def call(self, x, training=False):
+            for layer in self.hidden:
+                x = layer(x, training=training)
+            return self.head(x)
+
+    model = LazyMLP()
+    model.compile(optimizer=keras.optimizers.Adam(params["learning_rate"]),
+                  loss="mean_squared_error", metrics=["mean_absolute_error"])
+    return model
 
 
 def kill_myself():

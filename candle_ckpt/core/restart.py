@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .adapter import FrameworkAdapter
+from .adapter import FrameworkAdapter, Restored
 from .errors import CheckpointFormatError
 from .layout import CheckpointLayout
 from .logs import console_logger, tree_logger
@@ -84,17 +84,31 @@ def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
                     "%r is ignored (it initialises only a run with no checkpoint yet)",
                     checkpoint.epoch, init_from)
     restored = adapter.restore(checkpoint, logger)
+    if restored.deferred:
+        logger.info("restart from epoch %d: %s verified (%d bytes in %.3f s), load "
+                    "deferred: %s", checkpoint.epoch, checkpoint.model_path,
+                    checkpoint.model_contents.nbytes, time.perf_counter() - started,
+                    restored.source)
+        return checkpoint.info
+    log_restored(logger, checkpoint, restored, started)
+    return checkpoint.info
+
+
+def log_restored(logger: logging.Logger, checkpoint: Checkpoint, restored: Restored,
+                 started: float, when: str = "") -> None:
+    """Log what was loaded from `checkpoint` since `started` (`time.perf_counter`), and
+    warn when it is not everything an exact resume needs. `when` notes a deferred load."""
     seconds = time.perf_counter() - started
     nbytes = checkpoint.model_contents.nbytes
     logger.info("restarted from epoch %d: loaded %s (%s%s) %d bytes in %.3f s (%.1f MB/s, "
-                "reading and checks included)",
+                "reading and checks included)%s",
                 checkpoint.epoch, checkpoint.model_path, ", ".join(restored.parts),
                 f", {restored.source}" if restored.source else "",
-                nbytes, seconds, nbytes / 1e6 / max(seconds, 1e-9))
+                nbytes, seconds, nbytes / 1e6 / max(seconds, 1e-9),
+                f", {when}" if when else "")
     if not restored.exact:
         logger.warning("epoch %d: no %s restored; training continues without it and will "
                        "not match an uninterrupted run", checkpoint.epoch, restored.missing)
-    return checkpoint.info
 
 
 def warm_start(source: str, adapter: FrameworkAdapter, logger: logging.Logger

@@ -96,7 +96,9 @@ class TrainingSession:
 
         With ckpt_async, the snapshot's host memory is allocated and filled here, before
         the first step, so that the first save stalls training no longer than the later
-        ones, which copy into it (and a snapshot too large for memory fails now).
+        ones, which copy into it (and a snapshot too large for memory fails now); for a
+        model whose variables do not exist yet (`adapter.state_exists`), at the first
+        save instead.
 
         Raises:
             WriterLockedError: another process writes this tree.
@@ -108,7 +110,7 @@ class TrainingSession:
                                           adapter.library_versions())
         if self.is_writer:
             self.checkpointer.start_writing()
-            if self.checkpointer.background is not None:
+            if self.checkpointer.background is not None and adapter.state_exists():
                 self._async_snapshot = self._copy_state(None, "ckpt_async=true",
                                                         "ckpt_async=false")
         self._watch = self._start_preemption_watch()

@@ -8,6 +8,7 @@ from typing import Any
 import keras
 
 from ..core.session import TrainingSession
+from . import deferred
 from .adapter import KerasAdapter
 
 
@@ -29,6 +30,10 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         ckpt = candle_ckpt.CandleCheckpointCallback(params)
         model.fit(x, y, validation_data=(xv, yv), epochs=params["epochs"],
                   initial_epoch=initial_epoch, callbacks=[ckpt])
+
+    If `restart()` found the model unbuilt (a subclassed model before its first call),
+    the callback loads the checkpoint it verified once fit has built the model, before
+    the first training step (`candle_ckpt.keras.deferred`).
 
     When fit starts at `initial_epoch > 0`, the callback reads that epoch's
     ckpt-info.json and continues its best-metric state, best epoch, keep-policy list
@@ -79,6 +84,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.checkpointer = self.session.checkpointer
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        deferred.load_when_built(self.model)
         weights_only = self.session.settings["ckpt_save_weights_only"]
         self.session.begin(KerasAdapter(self.model, weights_only))
 

@@ -159,8 +159,10 @@ def snapshot(model, weights_only=False, copy=True, into=None):
     first time than memory numpy allocates page by page.
 
     An optimizer that was never built is built first (``restore`` does the same), so
-    that the file always holds its slot variables. Raises ValueError if `weights_only`
-    is false and the model has no optimizer.
+    that the file always holds its slot variables; not while the model itself is
+    unbuilt (`is_unbuilt`: a subclassed model before its first call), since an optimizer
+    built without the model's variables refuses them at the first step. Raises
+    ValueError if `weights_only` is false and the model has no optimizer.
     """
     optimizer = None
     if not weights_only:
@@ -169,7 +171,8 @@ def snapshot(model, weights_only=False, copy=True, into=None):
             raise ValueError(
                 f"cannot snapshot the optimizer state of model '{model.name}': it has no "
                 f"optimizer; compile it first, or pass weights_only=True")
-        _build_optimizer(model)
+        if not is_unbuilt(model):
+            _build_optimizer(model)
     layer_names = tuple(layer.name for layer in model.layers)
     if into is not None and (into.layer_names, into.weights_only) != (layer_names,
                                                                        bool(weights_only)):
@@ -337,6 +340,12 @@ def restore(model, path, *, contents=None, logger=None, weights_only=False):
 
 
 # -- what the model holds ------------------------------------------------------------
+
+def is_unbuilt(model):
+    """Whether some layer of `model` has not created its variables yet (Keras' own test
+    in `Trainer._symbolic_build`)."""
+    return not all(layer.built for layer in model._flatten_layers())
+
 
 def _legacy_weights(layer):
     # The order Keras' h5 layout uses, which differs from layer.weights.

@@ -69,6 +69,9 @@ class TorchAdapter:
     def trains_in_lockstep(self) -> bool:
         return _group_size() > 1
 
+    def state_exists(self) -> bool:
+        return not state.uninitialized(self.objects)
+
     def state_nbytes(self) -> int:
         return state.state_nbytes(self.objects, self.weights_only)
 

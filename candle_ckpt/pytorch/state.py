@@ -82,6 +82,15 @@ def is_generator(value: Any) -> bool:
     return isinstance(value, torch.Generator)
 
 
+def uninitialized(objects: Mapping[str, Any]) -> list[str]:
+    """"entry.key" of every parameter or buffer a lazy module (`torch.nn.LazyLinear`...)
+    has not initialised yet: it gets its shape, in place, at the module's first call."""
+    return [f"{name}.{key}" for name, value in objects.items()
+            if isinstance(value, torch.nn.Module)
+            for key, tensor in value.state_dict().items()
+            if torch.nn.parameter.is_lazy(tensor)]
+
+
 def object_states(objects: Mapping[str, Any], weights_only: bool) -> dict:
     """{name: state} of the objects a snapshot holds (modules only if `weights_only`)."""
     return {name: value.get_state() if is_generator(value) else value.state_dict()
@@ -104,6 +113,8 @@ def state_nbytes(objects: Mapping[str, Any], weights_only: bool) -> int:
 
     def count(value: Any) -> None:
         nonlocal total
+        if isinstance(value, torch.Tensor) and torch.nn.parameter.is_lazy(value):
+            return  # no size yet (state_exists says so)
         if isinstance(value, torch.Tensor):
             total += value.numel() * value.element_size()
         elif isinstance(value, np.ndarray):
@@ -135,6 +146,11 @@ def snapshot(objects: Mapping[str, Any], weights_only: bool = False, copy: bool 
 
     def array_of(value: Any, path: str) -> int:
         if isinstance(value, torch.Tensor):
+            if torch.nn.parameter.is_lazy(value):
+                raise CheckpointFormatError(
+                    f"cannot save {path}: an uninitialised parameter of a lazy module "
+                    f"(torch.nn.LazyLinear...), which has no shape until the module's "
+                    f"first call; call the model on a batch before the first save")
             if value.layout != torch.strided or value.is_quantized:
                 raise CheckpointFormatError(
                     f"cannot save {path}: a {value.layout} tensor ({value.dtype}); expected "
@@ -356,8 +372,11 @@ def check_state(name: str, obj: Any, saved: Any, path: str) -> None:
     """Raise CheckpointFormatError unless `saved` fits the registered object `obj`.
 
     A module: the same keys, shapes and dtypes (`load_state_dict` would copy part of
-    them before failing). An optimizer: as many parameter groups and parameters. A
-    generator: a state tensor like its own. Anything else: the same top-level keys.
+    them before failing); an uninitialised parameter of a lazy module takes the file's
+    shape (`load_state_dict` materialises it, in place, so an optimizer made before
+    holds the very Parameter), only its dtype is checked. An optimizer: as many
+    parameter groups and parameters. A generator: a state tensor like its own.
+    Anything else: the same top-level keys.
     """
     where = f"'{path}': entry '{name}'"
     if is_generator(obj):
@@ -381,6 +400,13 @@ def check_state(name: str, obj: Any, saved: Any, path: str) -> None:
                 f"the same way (and wrapped, e.g. in DistributedDataParallel, the same)?")
         for key, tensor in current.items():
             found = saved[key]
+            if torch.nn.parameter.is_lazy(tensor):
+                if not isinstance(found, torch.Tensor) or found.dtype != tensor.dtype:
+                    raise CheckpointFormatError(
+                        f"{where}, '{key}': {_describe(found)} in the file, the model's "
+                        f"uninitialised (lazy) parameter is "
+                        f"{str(tensor.dtype).removeprefix('torch.')}")
+                continue
             if not isinstance(found, torch.Tensor) or (found.shape, found.dtype) != (
                     tensor.shape, tensor.dtype):
                 raise CheckpointFormatError(
@@ -413,8 +439,13 @@ def check_rng(rng: dict, path: str) -> None:
 
 def apply(objects: Mapping[str, Any], state: dict, path: str, logger: logging.Logger
           ) -> None:
-    """Load checked `state` into the objects and the global random generators."""
-    for name, saved in state["objects"].items():
+    """Load checked `state` into the objects and the global random generators.
+
+    Modules first: loading one materialises its lazy parameters, which an optimizer's
+    `load_state_dict` needs to cast its state to (their dtype and device)."""
+    entries = sorted(state["objects"].items(),
+                     key=lambda item: not isinstance(objects[item[0]], torch.nn.Module))
+    for name, saved in entries:
         obj = objects[name]
         if is_generator(obj):
             obj.set_state(saved)
