@@ -21,7 +21,7 @@ them from `ckpt_epoch`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from .adapter import FrameworkAdapter
@@ -58,6 +58,7 @@ class TrainingSession:
         self._watch: PreemptionWatch | None = None
         self._epoch = 0                 # the running 1-based epoch
         self._first_epoch_seen = False
+        self._first_epoch_ended = False
         self._async_snapshot: Any = None  # reused copies (see _capture)
         self._held_snapshot: Any = None
 
@@ -131,6 +132,10 @@ class TrainingSession:
         """
         decision = None
         if self.is_writer:
+            if not self._first_epoch_ended:  # whatever ckpt_skip_epochs says
+                self._first_epoch_ended = True
+                self._refuse_unless(lambda: self.checkpointer.check_metric_in(
+                    logs or {}, "the first epoch's metrics"))
             decision = self.checkpointer.decide(epoch, logs)
             if decision is not None:
                 self.checkpointer.save(decision, self._capture)
@@ -140,6 +145,26 @@ class TrainingSession:
                 take_snapshot=lambda: self._hold(epoch))
             if self._watch.requested:
                 raise self._stop_preempted(f"epoch {epoch}")
+
+    def check_metric_names(self, reported: Collection[str], what: str) -> None:
+        """Before the first epoch ends, the metrics known so far (`what`): a near miss
+        of one of them for `ckpt_save_best_metric` is a typo, refused at once
+        (`Checkpointer.check_metric_early`); the writer lock is released first.
+
+        Raises:
+            ParameterValueError: naming the metric and the reported ones.
+        """
+        if self.is_writer:
+            self._refuse_unless(lambda: self.checkpointer.check_metric_early(reported, what))
+
+    def _refuse_unless(self, check: Callable[[], None]) -> None:
+        """Run `check`; if it raises, end the session (unlock) before the error leaves:
+        nothing was saved, and a caller that goes on in this process may train again."""
+        try:
+            check()
+        except ParameterValueError:
+            self.end()
+            raise
 
     def end(self) -> None:
         """Training ended: wait for the last save, report, release the lock."""

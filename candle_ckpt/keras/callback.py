@@ -75,8 +75,10 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.session = TrainingSession(gParameters, logger=logger, verbose=verbose,
                                        is_writer=is_writer)
         self.checkpointer = self.session.checkpointer
+        self._metrics_checked = False
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        self._metrics_checked = False
         weights_only = self.session.settings["ckpt_save_weights_only"]
         self.session.begin(KerasAdapter(self.model, weights_only))
 
@@ -84,6 +86,15 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.session.epoch_begin(epoch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if not self._metrics_checked:
+            # Keras 3 builds the compiled metrics in the first train step, so their
+            # names are first known here, not in on_train_begin; validation reports
+            # each of them again with a val_ prefix.
+            self._metrics_checked = True
+            names = list(logs or {})
+            self.session.check_metric_names(
+                names + [f"val_{name}" for name in names],
+                "the metrics this model reports (val_* with validation data)")
         self.session.batch_end(batch)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
