@@ -6,11 +6,11 @@ whose generator is checkpointed. Parameters come from `default_model_pytorch.txt
 (CANDLE's INI format), overridden by command-line flags, including every `--ckpt_*`.
 
 Kill it (Ctrl-C, `kill -9`, a time limit) and run it again: it resumes from
-`save/ckpts/last` and ends with the very weights an uninterrupted run ends with (the
-printed digest). Under `torchrun --nproc_per_node 2` it trains with
+`save_pytorch/ckpts/last` and ends with the very weights an uninterrupted run ends with
+(the printed digest). Under `torchrun --nproc_per_node 2` it trains with
 DistributedDataParallel (gloo) and rank 0 writes the checkpoints.
 
-    python examples/benchmark_pytorch.py                 # 8 epochs into ./save
+    python examples/benchmark_pytorch.py                 # 8 epochs into ./save_pytorch
     python examples/benchmark_pytorch.py --epochs 12     # 4 more epochs
 
 Ctrl-C saves and stops: `default_model_pytorch.txt` sets `ckpt_signal = 'INT'`, so
