@@ -49,8 +49,14 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
 
     The writer holds an advisory lock on `ckpts/.lock` from the start of fit to its end
     (the kernel drops it if the process dies): a second job writing the same tree fails
-    in `on_train_begin` with a `WriterLockedError` naming the holder's pid, host and
-    start time. `restart()` does not take it.
+    with a `WriterLockedError` naming the holder's pid, host and start time, in
+    `restart()` (which checks the lock before reading anything, without taking it) or
+    else in `on_train_begin`.
+
+    A `ckpt_save_best_metric` that is a near miss of a metric the model reports is
+    refused at the end of the first batch (Keras builds its metrics in the first step,
+    so their names are not known in `on_train_begin`); any other name missing from
+    the epoch's logs at the end of the first epoch, before anything is saved.
 
     With `ckpt_async`, the training thread only copies the state to host memory (one
     extra copy of weights and optimizer variables, checked against available memory
