@@ -304,8 +304,9 @@ class Checkpointer:
         one of `reported`, the metrics known so far (`what`).
 
         Other callbacks may add metrics to an epoch's logs at its end, so a name far
-        from every reported one is only warned about here; the first epoch's end then
-        checks the complete logs (`check_metric_in`). A near miss is a typo.
+        from every reported one is only warned about here; `decide` then checks the
+        complete logs of the first epoch that can be saved, before saving it. A near
+        miss is a typo.
 
         Raises:
             ParameterValueError: as `check_metric_in`.
@@ -318,7 +319,7 @@ class Checkpointer:
             self.check_metric_in(reported, what)
         self.logger.warning(
             "ckpt_save_best_metric %r is not among %s %s: unless another callback adds "
-            "it to the epoch's logs, the end of the first epoch will fail",
+            "it to the epoch's logs, the first epoch that can be saved will fail",
             self.best.metric, what, sorted(reported))
 
     def _build_info(self, decision, written):

@@ -58,7 +58,6 @@ class TrainingSession:
         self._watch: PreemptionWatch | None = None
         self._epoch = 0                 # the running 1-based epoch
         self._first_epoch_seen = False
-        self._first_epoch_ended = False
         self._async_snapshot: Any = None  # reused copies (see _capture)
         self._held_snapshot: Any = None
 
@@ -132,11 +131,8 @@ class TrainingSession:
         """
         decision = None
         if self.is_writer:
-            if not self._first_epoch_ended:  # whatever ckpt_skip_epochs says
-                self._first_epoch_ended = True
-                self._refuse_unless(lambda: self.checkpointer.check_metric_in(
-                    logs or {}, "the first epoch's metrics"))
-            decision = self.checkpointer.decide(epoch, logs)
+            # a metric missing from the logs is refused here, before anything is saved
+            decision = self._refuse_unless(lambda: self.checkpointer.decide(epoch, logs))
             if decision is not None:
                 self.checkpointer.save(decision, self._capture)
         if self._watch is not None:
@@ -157,11 +153,12 @@ class TrainingSession:
         if self.is_writer:
             self._refuse_unless(lambda: self.checkpointer.check_metric_early(reported, what))
 
-    def _refuse_unless(self, check: Callable[[], None]) -> None:
-        """Run `check`; if it raises, end the session (unlock) before the error leaves:
-        nothing was saved, and a caller that goes on in this process may train again."""
+    def _refuse_unless(self, check: Callable[[], Any]) -> Any:
+        """Return `check()`; if it raises a parameter error, end the session (unlock)
+        before the error leaves: nothing was saved for it, and a caller that goes on
+        in this process may train again."""
         try:
-            check()
+            return check()
         except ParameterValueError:
             self.end()
             raise

@@ -56,7 +56,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     A `ckpt_save_best_metric` that is a near miss of a metric the model reports is
     refused at the end of the first batch (Keras builds its metrics in the first step,
     so their names are not known in `on_train_begin`); any other name missing from
-    the epoch's logs at the end of the first epoch, before anything is saved.
+    the epoch's logs at the end of the first epoch that can be saved, before the save.
 
     With `ckpt_async`, the training thread only copies the state to host memory (one
     extra copy of weights and optimizer variables, checked against available memory
