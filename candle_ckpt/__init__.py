@@ -29,6 +29,7 @@ from .core.errors import (
     ParameterTypeError,
     ParameterValueError,
     WriterLockedError,
+    exit_status,
 )
 from .core.params import (
     ParamRequired,
@@ -73,6 +74,7 @@ __all__ = [
     "WriterLockedError",
     "ckpt_defs",
     "ckpt_parser",
+    "exit_status",
     "param",
     "restart",
     "str2bool",

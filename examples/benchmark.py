@@ -12,6 +12,16 @@ restarts at the end and trains nothing more.
     python examples/benchmark.py                     # 8 epochs into ./save
     python examples/benchmark.py --epochs 12         # 4 more epochs
     python examples/benchmark.py --ckpt_restart_mode off --ckpt_directory /tmp/fresh
+
+Ctrl-C saves and stops: `default_model.txt` sets `ckpt_signal = 'INT'`, so the first
+Ctrl-C stops training at the end of the running batch, makes sure the last completed
+epoch is on disk and exits with status 75 (`--ckpt_signal off`: Python's
+KeyboardInterrupt instead).
+
+Exit status: 0 done; 75 stopped by ckpt_signal (rerun it to continue); and, after one
+line on stderr naming the problem and its remedy, 2 a bad parameter, 3 the checkpoint
+to restart from is unusable, 4 another job writes the checkpoint tree, 5 a save failed
+(`candle_ckpt.core.errors.exit_status`).
 """
 
 import argparse
@@ -19,6 +29,7 @@ import ast
 import configparser
 import os
 import sys
+import tempfile
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model.txt")
 
@@ -36,21 +47,69 @@ def initialize_parameters(argv=None):
     import candle_ckpt
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config_file", default=DEFAULT_CONFIG)
+    pre.add_argument("--config_file", default=DEFAULT_CONFIG,
+                     help="CANDLE parameter file ([Global_Params]) whose values replace "
+                          "the defaults below (default: %(default)s)")
     config_file = pre.parse_known_args(argv)[0].config_file
 
+    # Every "(default: ...)" shown by --help is the effective one: the parameter file's
+    # values are set as the parser's defaults before the help is printed.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[pre])
-    parser.add_argument("--epochs", type=int, help="train up to this (1-based) epoch")
-    parser.add_argument("--batch_size", type=int)
-    parser.add_argument("--learning_rate", type=float)
-    parser.add_argument("--n_samples", type=int, help="number of generated training samples")
-    parser.add_argument("--n_features", type=int)
-    parser.add_argument("--dense", type=ast.literal_eval, help="hidden layer sizes, e.g. [512,256]")
-    parser.add_argument("--dropout", type=float)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--epochs", type=int,
+                        help="train up to this (1-based) epoch (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, help="(default: %(default)s)")
+    parser.add_argument("--learning_rate", type=float, help="Adam's (default: %(default)s)")
+    parser.add_argument("--n_samples", type=int,
+                        help="number of generated training samples (default: %(default)s)")
+    parser.add_argument("--n_features", type=int, help="(default: %(default)s)")
+    parser.add_argument("--dense", type=ast.literal_eval,
+                        help="hidden layer sizes, e.g. [512,256] (default: %(default)s)")
+    parser.add_argument("--dropout", type=float, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int,
+                        help="seeds the data, the weights and Dropout (default: %(default)s)")
     candle_ckpt.ckpt_parser(parser)
     parser.set_defaults(**read_config(config_file))
     return vars(parser.parse_args(argv))
+
+
+# Startup lines TensorFlow writes to stderr while it loads, each harmless on a CPU
+# machine; TF_CPP_MIN_LOG_LEVEL does not reach them (they precede absl's log setup).
+_TENSORFLOW_STARTUP_NOISE = ("WARNING: All log messages before absl::InitializeLog()",
+                             "I0000 ", "To enable the following instructions:")
+_NO_GPU_NOISE = "failed call to cuInit"
+
+
+def import_tensorflow_quietly():
+    """Import TensorFlow and Keras with their startup lines held back.
+
+    Everything written to stderr meanwhile is kept; only the known startup lines are
+    dropped (the cuInit failure only where there is no NVIDIA device to use), the rest
+    is written out afterwards, and all of it if the import fails.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own INFO/WARNING
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        failed = True
+        try:
+            import keras  # noqa: F401
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # where cuInit runs, and complains
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+            has_gpu = os.path.exists("/dev/nvidia0")
+            for line in lines:
+                noise = line.startswith(_TENSORFLOW_STARTUP_NOISE) or (
+                    _NO_GPU_NOISE in line and not has_gpu)
+                if failed or not noise:
+                    sys.stderr.write(line)
 
 
 def make_data(params):
@@ -83,6 +142,7 @@ def build_model(params):
 
 def run(params, callbacks=()):
     """Restart if there is a checkpoint, train to params["epochs"], return the history."""
+    import_tensorflow_quietly()
     import keras
     import tensorflow as tf
 
@@ -105,8 +165,16 @@ def run(params, callbacks=()):
 
 
 def main(argv=None):
+    import candle_ckpt
+
     params = initialize_parameters(argv)
-    _, history = run(params)
+    try:
+        _, history = run(params)
+    except candle_ckpt.CheckpointError as error:
+        # the message names the path and the remedy; a traceback would bury it
+        print(f"{os.path.basename(__file__)}: {type(error).__name__}: {error}",
+              file=sys.stderr)
+        return candle_ckpt.exit_status(error)
     if history.history:
         print(f"final val_loss {history.history['val_loss'][-1]:.6f} after epoch "
               f"{history.epoch[-1] + 1}")

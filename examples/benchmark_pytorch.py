@@ -6,12 +6,22 @@ whose generator is checkpointed. Parameters come from `default_model_pytorch.txt
 (CANDLE's INI format), overridden by command-line flags, including every `--ckpt_*`.
 
 Kill it (Ctrl-C, `kill -9`, a time limit) and run it again: it resumes from
-`save/ckpts/last` and ends with the very weights an uninterrupted run ends with (the
-printed digest). Under `torchrun --nproc_per_node 2` it trains with
+`save_pytorch/ckpts/last` and ends with the very weights an uninterrupted run ends with
+(the printed digest). Under `torchrun --nproc_per_node 2` it trains with
 DistributedDataParallel (gloo) and rank 0 writes the checkpoints.
 
-    python examples/benchmark_pytorch.py                 # 8 epochs into ./save
+    python examples/benchmark_pytorch.py                 # 8 epochs into ./save_pytorch
     python examples/benchmark_pytorch.py --epochs 12     # 4 more epochs
+
+Ctrl-C saves and stops: `default_model_pytorch.txt` sets `ckpt_signal = 'INT'`, so
+the first Ctrl-C stops training at the end of the running batch, makes sure the last
+completed epoch is on disk and exits with status 75. Under torchrun that default is
+dropped: ckpt_signal is refused while ranks train in lock-step.
+
+Exit status: 0 done; 75 stopped by ckpt_signal (rerun it to continue); and, after one
+line on stderr naming the problem and its remedy, 2 a bad parameter, 3 the checkpoint
+to restart from is unusable, 4 another job writes the checkpoint tree, 5 a save failed
+(`candle_ckpt.core.errors.exit_status`).
 """
 
 import argparse
@@ -38,22 +48,35 @@ def initialize_parameters(argv=None):
     import candle_ckpt
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config_file", default=DEFAULT_CONFIG)
+    pre.add_argument("--config_file", default=DEFAULT_CONFIG,
+                     help="CANDLE parameter file ([Global_Params]) whose values replace "
+                          "the defaults below (default: %(default)s)")
     config_file = pre.parse_known_args(argv)[0].config_file
 
+    # Every "(default: ...)" shown by --help is the effective one: the parameter file's
+    # values are set as the parser's defaults before the help is printed.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[pre])
-    parser.add_argument("--epochs", type=int, help="train up to this (1-based) epoch")
-    parser.add_argument("--batch_size", type=int)
-    parser.add_argument("--learning_rate", type=float)
-    parser.add_argument("--weight_decay", type=float)
-    parser.add_argument("--lr_step", type=int, help="StepLR: halve the rate every N epochs")
-    parser.add_argument("--n_samples", type=int, help="number of generated training samples")
-    parser.add_argument("--n_features", type=int)
-    parser.add_argument("--dense", type=ast.literal_eval, help="hidden layer sizes, e.g. [512,256]")
-    parser.add_argument("--dropout", type=float)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--epochs", type=int,
+                        help="train up to this (1-based) epoch (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, help="(default: %(default)s)")
+    parser.add_argument("--learning_rate", type=float, help="AdamW's (default: %(default)s)")
+    parser.add_argument("--weight_decay", type=float, help="AdamW's (default: %(default)s)")
+    parser.add_argument("--lr_step", type=int,
+                        help="StepLR: halve the rate every N epochs (default: %(default)s)")
+    parser.add_argument("--n_samples", type=int,
+                        help="number of generated training samples (default: %(default)s)")
+    parser.add_argument("--n_features", type=int, help="(default: %(default)s)")
+    parser.add_argument("--dense", type=ast.literal_eval,
+                        help="hidden layer sizes, e.g. [512,256] (default: %(default)s)")
+    parser.add_argument("--dropout", type=float, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, help="seeds the data, the weights, Dropout and "
+                                                 "the shuffling (default: %(default)s)")
     candle_ckpt.ckpt_parser(parser)
-    parser.set_defaults(**read_config(config_file))
+    config = read_config(config_file)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # the file's Ctrl-C default is for one process; ranks in lock-step refuse it
+        config.pop("ckpt_signal", None)
+    parser.set_defaults(**config)
     return vars(parser.parse_args(argv))
 
 
@@ -155,8 +178,16 @@ def run(params, at_batch=None):
 
 
 def main(argv=None):
+    import candle_ckpt
+
     params = initialize_parameters(argv)
-    net = run(params)
+    try:
+        net = run(params)
+    except candle_ckpt.CheckpointError as error:
+        # the message names the path and the remedy; a traceback would bury it
+        print(f"{os.path.basename(__file__)}: {type(error).__name__}: {error}",
+              file=sys.stderr)
+        return candle_ckpt.exit_status(error)
     print(f"final digest {digest(net)}")
     return 0
 

@@ -317,7 +317,10 @@ def ckpt_parser(parser):
             continue
         parser.add_argument(f"--{parameter.name}", type=parameter.argparse_type,
                             default=parameter.default, choices=parameter.allowed,
-                            help=f"{parameter.help} (default: {parameter.default})")
+                            # %(default)s: the effective default, after a benchmark's
+                            # set_defaults (its parameter file), not the table's
+                            help=f"{parameter.help.replace('%', '%%')} "
+                                 f"(default: %(default)s)")
     return parser
 
 

@@ -2,10 +2,12 @@
 
 `restart_run(gParameters, adapter)` is what `candle_ckpt.restart` (Keras) and
 `CandleCkptPyTorch.restart` do: check every `ckpt_*` parameter, decide which process
-writes (only the writer logs to ckpt.log), follow `ckpts/last` to a verified epoch
-(`resume.find_checkpoint`), check that every process found the same one
+writes (only the writer logs to ckpt.log), refuse a writer whose tree another job is
+writing (`lock.WriterLock.check_free`, before anything is read), follow `ckpts/last`
+to a verified epoch (`resume.find_checkpoint`), check that every process found the same one
 (`writer.agree_on_checkpoint`), let the adapter load the verified bytes, and log what
-was loaded. On any error nothing has been loaded.
+was loaded. On any error nothing has been loaded, and a writer logs the refusal (with
+its remedy) to ckpt.log.
 
 A run with no checkpoint of its own and `ckpt_init_from` set is warm-started: the model
 weights only are loaded from that verified checkpoint (`warm_start`), and where they
@@ -15,14 +17,16 @@ came from is kept for the run's `Checkpointer` (`take_warm_start`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from .adapter import FrameworkAdapter, Restored
-from .errors import CheckpointFormatError
+from .errors import CheckpointError, CheckpointFormatError
 from .layout import CheckpointLayout
-from .logs import console_logger, tree_logger
+from .lock import WriterLock
+from .logs import console_logger, log_to_file_only, tree_logger
 from .params import validate_params
 from .resume import Checkpoint, find_checkpoint, find_init_checkpoint
 from .writer import agree_on_checkpoint
@@ -58,7 +62,9 @@ def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
     Raises:
         ParameterTypeError / ParameterValueError: a bad parameter.
         NoCheckpointError, LinkError, CheckpointFormatError, CorruptCheckpointError,
-        ChecksumMismatchError: as their names say; each message names the path.
+        ChecksumMismatchError: as their names say; each message names the path and
+            the remedy (fallback, rollback, verify).
+        WriterLockedError: another job writes the tree (names its pid and host).
     """
     settings = validate_params(gParameters)
     init_from = settings["ckpt_init_from"]
@@ -66,32 +72,51 @@ def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
         return None
     layout = CheckpointLayout(settings["ckpt_directory"])
     _warm_starts.pop(layout.root, None)
-    if adapter.writer_decision(is_writer).is_writer:
+    writer = adapter.writer_decision(is_writer).is_writer
+    if writer:
         logger = tree_logger("restart", layout, verbose)
     else:
         logger = console_logger("restart", verbose)
+    will_lock = writer and settings["ckpt_save_interval"] > 0
+
+    def find() -> Checkpoint | None:
+        if will_lock:  # a second job is refused before it reads anything
+            WriterLock(layout.ckpts, logger).check_free()
+        return find_checkpoint(layout, settings, logger)
+
     started = time.perf_counter()
-    checkpoint = None
-    if settings["ckpt_restart_mode"] != "off":
-        checkpoint = agree_on_checkpoint(adapter.all_gather(),
-                                         lambda: find_checkpoint(layout, settings, logger))
-    if checkpoint is None:
+    try:
+        checkpoint = None
+        if settings["ckpt_restart_mode"] != "off":
+            checkpoint = agree_on_checkpoint(adapter.all_gather(), find)
+        if checkpoint is None:
+            if init_from is not None:
+                _warm_starts[layout.root] = warm_start(init_from, adapter, logger)
+            return None
         if init_from is not None:
-            _warm_starts[layout.root] = warm_start(init_from, adapter, logger)
-        return None
-    if init_from is not None:
-        logger.info("the run restarts from its own checkpoint (epoch %d): ckpt_init_from "
-                    "%r is ignored (it initialises only a run with no checkpoint yet)",
-                    checkpoint.epoch, init_from)
-    restored = adapter.restore(checkpoint, logger)
+            logger.info("the run restarts from its own checkpoint (epoch %d): "
+                        "ckpt_init_from %r is ignored (it initialises only a run with no "
+                        "checkpoint yet)", checkpoint.epoch, init_from)
+        restored = adapter.restore(checkpoint, logger)
+    except CheckpointError as error:
+        if writer:  # the console gets the error itself, from whoever catches it
+            log_to_file_only(logger, logging.ERROR, "RESTART REFUSED: %s", error)
+        raise
     if restored.deferred:
-        logger.info("restart from epoch %d: %s verified (%d bytes in %.3f s), load "
-                    "deferred: %s", checkpoint.epoch, checkpoint.model_path,
-                    checkpoint.model_contents.nbytes, time.perf_counter() - started,
-                    restored.source)
+        logger.info("restart from epoch %d: read and %s %d bytes (%s), load deferred: %s",
+                    checkpoint.epoch, _how_checked(checkpoint), checkpoint.verified_nbytes,
+                    _file_names(checkpoint), restored.source)
         return checkpoint.info
     log_restored(logger, checkpoint, restored, started)
     return checkpoint.info
+
+
+def _how_checked(checkpoint: Checkpoint) -> str:
+    return "verified" if checkpoint.checksummed else "size-checked"
+
+
+def _file_names(checkpoint: Checkpoint) -> str:
+    return ", ".join(os.path.basename(path) for path in checkpoint.verified_files)
 
 
 def log_restored(logger: logging.Logger, checkpoint: Checkpoint, restored: Restored,
@@ -99,13 +124,12 @@ def log_restored(logger: logging.Logger, checkpoint: Checkpoint, restored: Resto
     """Log what was loaded from `checkpoint` since `started` (`time.perf_counter`), and
     warn when it is not everything an exact resume needs. `when` notes a deferred load."""
     seconds = time.perf_counter() - started
-    nbytes = checkpoint.model_contents.nbytes
-    logger.info("restarted from epoch %d: loaded %s (%s%s) %d bytes in %.3f s (%.1f MB/s, "
-                "reading and checks included)%s",
-                checkpoint.epoch, checkpoint.model_path, ", ".join(restored.parts),
+    nbytes = checkpoint.verified_nbytes
+    logger.info("restarted from epoch %d: read and %s %d bytes (%s), loaded %s (%s%s) "
+                "in %.3f s (%.1f MB/s)%s", checkpoint.epoch, _how_checked(checkpoint), nbytes,
+                _file_names(checkpoint), checkpoint.model_path, ", ".join(restored.parts),
                 f", {restored.source}" if restored.source else "",
-                nbytes, seconds, nbytes / 1e6 / max(seconds, 1e-9),
-                f", {when}" if when else "")
+                seconds, nbytes / 1e6 / max(seconds, 1e-9), f", {when}" if when else "")
     if not restored.exact:
         logger.warning("epoch %d: no %s restored; training continues without it and will "
                        "not match an uninterrupted run", checkpoint.epoch, restored.missing)

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from .errors import CheckpointError, LinkError, NoCheckpointError
+from .errors import CheckpointError, LinkError, NoCheckpointError, add_remedy
 from .info import is_legacy, read_info
 from .layout import INFO_FILE, CheckpointLayout
 from .verify import verify_files
@@ -31,6 +31,12 @@ class Checkpoint:
     directory: str
     info: dict
     model_contents: memoryview = field(repr=False, compare=False)
+    verified_files: tuple[str, ...] = ()
+    """The paths of every file checked, the model file among them."""
+    verified_nbytes: int = 0
+    """Their sizes on disk, summed: the bytes read and checked."""
+    checksummed: bool = False
+    """Whether every one of them had its CRC32 recomputed (else size only)."""
 
     @property
     def model_path(self):
@@ -79,7 +85,10 @@ def verified_checkpoint(directory: str, info: dict, checksums: bool,
     if is_legacy(info):
         logger.info("epoch %d is a legacy (upstream CANDLE) checkpoint", epoch)
     model_contents = next(r.contents for r in results if r.contents is not None)
-    return Checkpoint(epoch, directory, info, model_contents)
+    return Checkpoint(epoch, directory, info, model_contents,
+                      verified_files=tuple(r.path for r in results),
+                      verified_nbytes=sum(r.actual_size for r in results),
+                      checksummed=checksums and not unverified)
 
 
 def find_checkpoint(layout, settings, logger):
@@ -96,13 +105,21 @@ def find_checkpoint(layout, settings, logger):
             nothing that verifies).
     """
     mode = settings["ckpt_restart_mode"]
-    epoch = layout.resolve_link("last")
+    try:
+        epoch = layout.resolve_link("last")
+    except LinkError as error:
+        add_remedy(error, f"Point it at a saved epoch N with 'candle-ckpt rollback "
+                          f"{layout.root} N', which verifies N first "
+                          f"(ckpt_restart_fallback does not apply to a bad link)")
+        raise
     if epoch is None:
         link = layout.link("last")
         state = "dangling" if os.path.lexists(link) else "absent"
         if mode == "required":
             raise NoCheckpointError(f"ckpt_restart_mode is 'required' but '{link}' is "
-                                    f"{state}; expected a link to a saved epoch")
+                                    f"{state}; expected a link to a saved epoch. Check "
+                                    f"--ckpt_directory, or run with --ckpt_restart_mode "
+                                    f"auto to start from scratch when there is none")
         logger.info("no checkpoint to restart from ('%s' is %s): starting from scratch",
                     link, state)
         return None
@@ -111,6 +128,11 @@ def find_checkpoint(layout, settings, logger):
         return load_verified(layout, epoch, checksums, logger)
     except CheckpointError as error:
         if not settings["ckpt_restart_fallback"]:
+            add_remedy(error, (
+                f"Remedies: rerun with --ckpt_restart_fallback true to restart from the "
+                f"newest earlier epoch that verifies, or choose one with 'candle-ckpt "
+                f"rollback {layout.root} N' ('candle-ckpt list --verify {layout.root}' "
+                f"shows which verify)"))
             raise
         logger.error("CHECKPOINT OF EPOCH %d IS UNUSABLE: %s", epoch, error)
         for earlier in reversed([e for e in layout.list_epochs() if e < epoch]):
@@ -122,8 +144,12 @@ def find_checkpoint(layout, settings, logger):
             logger.error("FALLING BACK to epoch %d (ckpt_restart_fallback=true); epoch %d "
                          "was skipped", earlier, epoch)
             return found
-        raise CheckpointError(f"'{layout.link('last')}' (epoch {epoch}) is unusable ({error}) "
-                              f"and no earlier epoch verifies; nothing to fall back to") from error
+        raise CheckpointError(
+            f"'{layout.link('last')}' (epoch {epoch}) is unusable ({error}) and no earlier "
+            f"epoch verifies; nothing to fall back to. 'candle-ckpt verify "
+            f"{layout.root} --all' shows what is wrong with each epoch; to train "
+            f"afresh, use another --ckpt_directory or --ckpt_restart_mode off") from error
+
 
 
 INIT_SELECTORS = ("last", "best")

@@ -27,7 +27,7 @@ after the same epoch and none waits for a peer that left.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from .adapter import FrameworkAdapter
@@ -153,7 +153,8 @@ class TrainingSession:
         if self._walltime is not None:
             self._walltime.epoch_ended()
         if self.is_writer:
-            decision = self.checkpointer.decide(epoch, logs)
+            # a metric missing from the logs is refused here, before anything is saved
+            decision = self._refuse_unless(lambda: self.checkpointer.decide(epoch, logs))
             if decision is not None:
                 self.checkpointer.save(decision, self._capture)
         if self._walltime is not None:
@@ -171,6 +172,27 @@ class TrainingSession:
             estimate = self._walltime.should_stop() if self._walltime is not None else None
             if self._all_agree_to_stop(estimate is not None):
                 raise self._stop_walltime(epoch, saved=decision is not None, estimate=estimate)
+
+    def check_metric_names(self, reported: Collection[str], what: str) -> None:
+        """Before the first epoch ends, the metrics known so far (`what`): a near miss
+        of one of them for `ckpt_save_best_metric` is a typo, refused at once
+        (`Checkpointer.check_metric_early`); the writer lock is released first.
+
+        Raises:
+            ParameterValueError: naming the metric and the reported ones.
+        """
+        if self.is_writer:
+            self._refuse_unless(lambda: self.checkpointer.check_metric_early(reported, what))
+
+    def _refuse_unless(self, check: Callable[[], Any]) -> Any:
+        """Return `check()`; if it raises a parameter error, end the session (unlock)
+        before the error leaves: nothing was saved for it, and a caller that goes on
+        in this process may train again."""
+        try:
+            return check()
+        except ParameterValueError:
+            self.end()
+            raise
 
     def end(self) -> None:
         """Training ended: wait for the last save, report, release the lock."""

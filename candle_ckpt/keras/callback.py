@@ -56,8 +56,14 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
 
     The writer holds an advisory lock on `ckpts/.lock` from the start of fit to its end
     (the kernel drops it if the process dies): a second job writing the same tree fails
-    in `on_train_begin` with a `WriterLockedError` naming the holder's pid, host and
-    start time. `restart()` does not take it.
+    with a `WriterLockedError` naming the holder's pid, host and start time, in
+    `restart()` (which checks the lock before reading anything, without taking it) or
+    else in `on_train_begin`.
+
+    A `ckpt_save_best_metric` that is a near miss of a metric the model reports is
+    refused at the end of the first batch (Keras builds its metrics in the first step,
+    so their names are not known in `on_train_begin`); any other name missing from
+    the epoch's logs at the end of the first epoch that can be saved, before the save.
 
     With `ckpt_async`, the training thread only copies the state to host memory (one
     extra copy of weights and optimizer variables, checked against available memory
@@ -82,8 +88,10 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.session = TrainingSession(gParameters, logger=logger, verbose=verbose,
                                        is_writer=is_writer)
         self.checkpointer = self.session.checkpointer
+        self._metrics_checked = False
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        self._metrics_checked = False
         deferred.load_when_built(self.model)
         weights_only = self.session.settings["ckpt_save_weights_only"]
         self.session.begin(KerasAdapter(self.model, weights_only))
@@ -92,6 +100,15 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.session.epoch_begin(epoch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if not self._metrics_checked:
+            # Keras 3 builds the compiled metrics in the first train step, so their
+            # names are first known here, not in on_train_begin; validation reports
+            # each of them again with a val_ prefix.
+            self._metrics_checked = True
+            names = list(logs or {})
+            self.session.check_metric_names(
+                names + [f"val_{name}" for name in names],
+                "the metrics this model reports (val_* with validation data)")
         self.session.batch_end(batch)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
