@@ -31,6 +31,7 @@ from .core.errors import (
     ParameterTypeError,
     ParameterValueError,
     WriterLockedError,
+    exit_status,
 )
 from .core.params import (
     ParamRequired,
@@ -75,6 +76,7 @@ __all__ = [
     "WriterLockedError",
     "ckpt_defs",
     "ckpt_parser",
+    "exit_status",
     "param",
     "restart",
     "str2bool",

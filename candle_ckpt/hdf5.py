@@ -19,6 +19,9 @@ import numpy as np
 
 from .core.errors import CheckpointFormatError
 
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+"""The first bytes of an HDF5 file (with no user block)."""
+
 
 def raised_by_h5py(error: BaseException) -> bool:
     """Whether h5py itself raised `error` (the innermost frame of its traceback is in
@@ -100,6 +103,27 @@ def dataset(parent: h5py.Group, name: str, path: str) -> h5py.Dataset:
         raise CheckpointFormatError(
             f"'{path}': dataset '{found.name}' stores its data outside the file")
     return found
+
+
+def has_names(group: h5py.Group, key: str) -> bool:
+    """Whether `group` holds the name list `key`, whole or split in chunks (Keras)."""
+    return key in group.attrs or f"{key}0" in group.attrs
+
+
+def read_names(group: h5py.Group, key: str) -> list[str]:
+    """A name list written whole or split in chunks (key0, key1, ...), as Keras does."""
+    if key in group.attrs:
+        chunks = [group.attrs[key]]
+    else:
+        chunks = []
+        while f"{key}{len(chunks)}" in group.attrs:
+            chunks.append(group.attrs[f"{key}{len(chunks)}"])
+    return [attr_str(n) for chunk in chunks for n in np.atleast_1d(chunk)]
+
+
+def attr_str(value: Any) -> str:
+    """An HDF5 string attribute (bytes or str) as str."""
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
 
 def _follow(parent: h5py.Group, name: str, kind: type, path: str) -> Any:

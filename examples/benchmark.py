@@ -12,10 +12,21 @@ restarts at the end and trains nothing more.
     python examples/benchmark.py                     # 8 epochs into ./save
     python examples/benchmark.py --epochs 12         # 4 more epochs
     python examples/benchmark.py --ckpt_restart_mode off --ckpt_directory /tmp/fresh
+
+Ctrl-C saves and stops: `default_model.txt` sets `ckpt_signal = 'INT'`, so the first
+Ctrl-C stops training at the end of the running batch, makes sure the last completed
+epoch is on disk and exits with status 75 (`--ckpt_signal off`: Python's
+KeyboardInterrupt instead).
+
+Exit status: 0 done; 75 stopped by ckpt_signal (rerun it to continue); and, after one
+line on stderr naming the problem and its remedy, 2 a bad parameter, 3 the checkpoint
+to restart from is unusable, 4 another job writes the checkpoint tree, 5 a save failed
+(`candle_ckpt.core.errors.exit_status`).
 """
 
 import os
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # candle_params.py sits beside this script
@@ -27,8 +38,49 @@ make_data = candle_params.regression_data
 
 def initialize_parameters(argv=None):
     """gParameters: defaults < parameter file (--config_file) < command line."""
-    return candle_params.initialize_parameters(__doc__.splitlines()[0], DEFAULT_CONFIG,
-                                               argv=argv)
+    return candle_params.initialize_parameters(
+        __doc__.splitlines()[0], DEFAULT_CONFIG, argv=argv, optimizer="Adam",
+        seeded="the data, the weights and Dropout")
+
+
+# Startup lines TensorFlow writes to stderr while it loads, each harmless on a CPU
+# machine; TF_CPP_MIN_LOG_LEVEL does not reach them (they precede absl's log setup).
+_TENSORFLOW_STARTUP_NOISE = ("WARNING: All log messages before absl::InitializeLog()",
+                             "I0000 ", "To enable the following instructions:")
+_NO_GPU_NOISE = "failed call to cuInit"
+
+
+def import_tensorflow_quietly():
+    """Import TensorFlow and Keras with their startup lines held back.
+
+    Everything written to stderr meanwhile is kept; only the known startup lines are
+    dropped (the cuInit failure only where there is no NVIDIA device to use), the rest
+    is written out afterwards, and all of it if the import fails.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own INFO/WARNING
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        failed = True
+        try:
+            import keras  # noqa: F401
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # where cuInit runs, and complains
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+            has_gpu = os.path.exists("/dev/nvidia0")
+            for line in lines:
+                noise = line.startswith(_TENSORFLOW_STARTUP_NOISE) or (
+                    _NO_GPU_NOISE in line and not has_gpu)
+                if failed or not noise:
+                    sys.stderr.write(line)
 
 
 def build_model(params):
@@ -49,6 +101,7 @@ def build_model(params):
 
 def run(params, callbacks=()):
     """Restart if there is a checkpoint, train to params["epochs"], return the history."""
+    import_tensorflow_quietly()
     import keras
     import tensorflow as tf
 
@@ -71,8 +124,13 @@ def run(params, callbacks=()):
 
 
 def main(argv=None):
+    import candle_ckpt
+
     params = initialize_parameters(argv)
-    _, history = run(params)
+    try:
+        _, history = run(params)
+    except candle_ckpt.CheckpointError as error:
+        return candle_params.report_refusal(__file__, error)
     if history.history:
         print(f"final val_loss {history.history['val_loss'][-1]:.6f} after epoch "
               f"{history.epoch[-1] + 1}")

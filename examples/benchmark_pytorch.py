@@ -6,12 +6,22 @@ whose generator is checkpointed. Parameters come from `default_model_pytorch.txt
 (CANDLE's INI format), overridden by command-line flags, including every `--ckpt_*`.
 
 Kill it (Ctrl-C, `kill -9`, a time limit) and run it again: it resumes from
-`save/ckpts/last` and ends with the very weights an uninterrupted run ends with (the
-printed digest). Under `torchrun --nproc_per_node 2` it trains with
+`save_pytorch/ckpts/last` and ends with the very weights an uninterrupted run ends with
+(the printed digest). Under `torchrun --nproc_per_node 2` it trains with
 DistributedDataParallel (gloo) and rank 0 writes the checkpoints.
 
-    python examples/benchmark_pytorch.py                 # 8 epochs into ./save
+    python examples/benchmark_pytorch.py                 # 8 epochs into ./save_pytorch
     python examples/benchmark_pytorch.py --epochs 12     # 4 more epochs
+
+Ctrl-C saves and stops: `default_model_pytorch.txt` sets `ckpt_signal = 'INT'`, so
+the first Ctrl-C stops training at the end of the running batch, makes sure the last
+completed epoch is on disk and exits with status 75. Under torchrun that default is
+dropped: ckpt_signal is refused while ranks train in lock-step.
+
+Exit status: 0 done; 75 stopped by ckpt_signal (rerun it to continue); and, after one
+line on stderr naming the problem and its remedy, 2 a bad parameter, 3 the checkpoint
+to restart from is unusable, 4 another job writes the checkpoint tree, 5 a save failed
+(`candle_ckpt.core.errors.exit_status`).
 """
 
 import hashlib
@@ -27,14 +37,19 @@ DEFAULT_CONFIG = os.path.join(HERE, "default_model_pytorch.txt")
 
 def add_arguments(parser):
     """The flags of this benchmark only."""
-    parser.add_argument("--weight_decay", type=float)
-    parser.add_argument("--lr_step", type=int, help="StepLR: halve the rate every N epochs")
+    parser.add_argument("--weight_decay", type=float, help="AdamW's (default: %(default)s)")
+    parser.add_argument("--lr_step", type=int,
+                        help="StepLR: halve the rate every N epochs (default: %(default)s)")
 
 
 def initialize_parameters(argv=None):
     """gParameters: defaults < parameter file (--config_file) < command line."""
-    return candle_params.initialize_parameters(__doc__.splitlines()[0], DEFAULT_CONFIG,
-                                               add_arguments, argv)
+    # the file's Ctrl-C default is for one process; ranks in lock-step refuse it
+    lock_step = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return candle_params.initialize_parameters(
+        __doc__.splitlines()[0], DEFAULT_CONFIG, add_arguments, argv, optimizer="AdamW",
+        seeded="the data, the weights, Dropout and the shuffling",
+        not_from_config=("ckpt_signal",) if lock_step else ())
 
 
 def make_data(params):
@@ -130,8 +145,13 @@ def run(params, at_batch=None):
 
 
 def main(argv=None):
+    import candle_ckpt
+
     params = initialize_parameters(argv)
-    net = run(params)
+    try:
+        net = run(params)
+    except candle_ckpt.CheckpointError as error:
+        return candle_params.report_refusal(__file__, error)
     print(f"final digest {digest(net)}")
     return 0
 

@@ -4,6 +4,11 @@
 #
 #   sbatch examples/slurm_job.sh --epochs 100          # extra flags go to the benchmark
 #
+# Submit from the repository's top directory: sbatch runs a copy of this script, so the
+# repository is found as the submit directory (or the script's parent when run without
+# sbatch; REPO overrides). Python is $PYTHON if set, else the repository's .venv (the
+# README's setup), else python3 if it can import candle_ckpt.
+#
 # How it works:
 # - Slurm sends SIGUSR1 to this batch shell 120 s before the time limit (--signal=B:...).
 #   The shell forwards it to Python, whose checkpoint callback (--ckpt_signal USR1)
@@ -17,6 +22,9 @@
 # - Anything else: a real failure; the job ends and is not requeued.
 # - A node failure or kill -9 gives no warning: the job (requeued by Slurm if the
 #   cluster does so, or resubmitted by hand) resumes from the last saved epoch.
+# - Without a signal (a cluster that sends none, or a job submitted without --signal),
+#   add --ckpt_walltime_margin SECONDS: the job asks squeue for its end and stops at the
+#   last epoch end where one more epoch and a save would not fit, with status 75.
 # - If the cluster pre-empts with SIGTERM (PreemptMode=REQUEUE plus GraceTime), use
 #   --signal=B:TERM@120 and CKPT_SIGNAL=TERM instead.
 #
@@ -33,11 +41,25 @@
 set -u
 
 PREEMPTED=75                                   # candle_ckpt.core.preemption.PREEMPTED_EXIT_STATUS
-PYTHON=${PYTHON:-python3}
+if [ -n "${SLURM_SUBMIT_DIR:-}" ]; then
+    REPO=${REPO:-$SLURM_SUBMIT_DIR}
+else
+    REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
+fi
 CKPT_DIR=${CKPT_DIR:-${SLURM_SUBMIT_DIR:-.}/save}
 CKPT_SIGNAL=${CKPT_SIGNAL:-USR1}
 MAX_REQUEUES=${MAX_REQUEUES:-50}               # stop requeueing a job that never finishes
-BENCHMARK=${BENCHMARK:-${SLURM_SUBMIT_DIR:-.}/examples/benchmark.py}
+BENCHMARK=${BENCHMARK:-$REPO/examples/benchmark.py}
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$REPO/.venv/bin/python" ]; then
+        PYTHON=$REPO/.venv/bin/python
+    elif python3 -c 'import candle_ckpt' 2>/dev/null; then
+        PYTHON=python3
+    else
+        echo "no Python with candle_ckpt: $REPO/.venv/bin/python does not exist and python3 cannot import candle_ckpt; set PYTHON=/path/to/bin/python (or submit from the repository's top, or set REPO)" >&2
+        exit 2
+    fi
+fi
 
 echo "$(date -u '+%F %T') job ${SLURM_JOB_ID:-none} start (restart count ${SLURM_RESTART_COUNT:-0})"
 

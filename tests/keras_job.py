@@ -8,6 +8,12 @@ real kill -9 in the middle of an epoch, at a reproducible point.
 `--pause_at E:B` prints "PAUSED <pid>" on stdout after batch B of epoch E and waits
 (up to 120 s) until a signal arrives, e.g. the test's `os.kill(pid, SIGUSR1)`: a real
 signal from outside, always at the same point of training.
+
+`--virtual_clock S` makes the wall clock of the wall-clock stop (core/walltime.py) run
+S seconds ahead per trained batch: epochs then "take" a known time, so a test of
+ckpt_walltime_margin stops at the same epoch however loaded the machine is.
+`--subclassed` trains the same network as a subclassed `keras.Model` whose layers are
+made in `__init__` and whose variables only exist after its first call (no `build`).
 """
 
 import importlib.util
@@ -55,14 +61,81 @@ def wait_for_a_signal():
 def main(argv):
     argv, kill_at = take_point(argv, "--kill_at")
     argv, pause_at = take_point(argv, "--pause_at")
+    argv, tick = take_value(argv, "--virtual_clock")
     example = load_example()
+    if "--subclassed" in argv:
+        argv = [arg for arg in argv if arg != "--subclassed"]
+        example.build_model = build_subclassed_model
     params = example.initialize_parameters(SMALL + argv)
     callbacks = []
+    if tick is not None:
+        advance = install_virtual_clock(tick)
+        callbacks.append(at_every_batch(advance))
     if kill_at:
         callbacks.append(at_batch(kill_at, kill_myself))
     if pause_at:
         callbacks.append(at_batch(pause_at, wait_for_a_signal))
     example.run(params, callbacks=callbacks)
+
+
+def take_value(argv, flag):
+    """Remove `flag X` from argv; return (argv, float(X) or None)."""
+    if flag not in argv:
+        return argv, None
+    index = argv.index(flag)
+    return argv[:index] + argv[index + 2:], float(argv[index + 1])
+
+
+def install_virtual_clock(seconds_per_batch):
+    """Make core/walltime.py's clock real time plus `seconds_per_batch` per call of
+    the returned `advance()` (one call per trained batch)."""
+    import time
+
+    from candle_ckpt.core import walltime
+
+    batches = [0]
+
+    def advance():
+        batches[0] += 1
+
+    walltime.clock = lambda: time.time() + batches[0] * seconds_per_batch
+    return advance
+
+
+def at_every_batch(action):
+    """A Keras callback calling `action()` after every trained batch."""
+    import keras
+
+    class EveryBatch(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            action()
+
+    return EveryBatch()
+
+
+def build_subclassed_model(params):
+    """The example's MLP as a compiled subclassed model, unbuilt until its first call."""
+    import keras
+
+    class LazyMLP(keras.Model):
+        def __init__(self):
+            super().__init__(name="lazy_mlp")
+            self.hidden = []
+            for width in params["dense"]:
+                self.hidden.append(keras.layers.Dense(width, activation="relu"))
+                self.hidden.append(keras.layers.Dropout(params["dropout"],
+                                                        seed=params["seed"]))
+            self.head = keras.layers.Dense(1)
+
+        def call(self, x, training=False):
+            for layer in self.hidden:
+                x = layer(x, training=training)
+            return self.head(x)
+
+    model = LazyMLP()
+    model.compile(optimizer=keras.optimizers.Adam(params["learning_rate"]),
+                  loss="mean_squared_error", metrics=["mean_absolute_error"])
+    return model
 
 
 def kill_myself():

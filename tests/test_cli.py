@@ -471,5 +471,7 @@ def test_rollback_and_prune_refuse_while_a_training_job_writes(tree, command):
     finally:
         job.release()
     assert f"pid {os.getpid()}" in result.stderr and "held by another writer" in result.stderr
+    assert "Run this command between jobs" in result.stderr  # an operator's remedy
+    assert "ckpt_directory" not in result.stderr
     assert (layout.list_epochs(), os.readlink(layout.link("last"))) == before
     cli(command[0], layout.root, *command[1:])  # the job has ended: allowed

@@ -23,6 +23,9 @@ BAD_VALUES = {
     "ckpt_keep_limit": [(0, ValueError), (-1, ValueError), (float("inf"), ValueError)],
     "ckpt_restart_fallback": [("sure", ValueError)],
     "ckpt_async": [(3, TypeError)],
+    "ckpt_walltime_margin": [(-1, ValueError), ("soon", ValueError)],
+    "ckpt_end_time": [(3600, TypeError), ("3600", ValueError), ("tomorrow", ValueError)],
+    "ckpt_init_from": [(5, TypeError), (["parent/save"], TypeError)],
     "metadata": [(12, TypeError)],
     "epochs": [(-1, ValueError), ("ten", ValueError)],
 }

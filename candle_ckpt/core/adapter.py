@@ -33,11 +33,16 @@ class Restored:
         exact: whether that is everything an exact resume needs.
         missing: what an inexact restore lacks, for the warning ("optimizer state").
         source: a note on where it came from, e.g. "legacy upstream-CANDLE file".
+        deferred: nothing was loaded yet: the checkpoint is verified and held until the
+            framework's objects exist (a model built by its first batch); `source` then
+            says when and by what it will be loaded, and that load logs itself
+            (`core.restart.log_restored`).
     """
     parts: tuple[str, ...]
     exact: bool
     missing: str = ""
     source: str = ""
+    deferred: bool = False
 
     @classmethod
     def of(cls, parts: Iterable[str], *, rng_restored: bool, exact: bool, missing: str = "",
@@ -67,6 +72,11 @@ class FrameworkAdapter(Protocol):
         """Whether processes run collectives every step (a stop at different batches
         would hang them): pre-emption by signal is then refused."""
 
+    def state_exists(self) -> bool:
+        """Whether every variable of the state exists yet: false for a model that
+        creates its variables at its first call (an unbuilt Keras model, a PyTorch lazy
+        module), which no snapshot can hold before then."""
+
     def state_nbytes(self) -> int:
         """The bytes a copied snapshot holds, computed without copying."""
 
@@ -80,6 +90,10 @@ class FrameworkAdapter(Protocol):
         """Write `snapshot` into `directory`; return the model file's name. May run in
         another thread; need not fsync (the protocol does)."""
 
-    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger) -> Restored:
+    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger, *,
+                weights_only: bool = False) -> Restored:
         """Load the verified `checkpoint` (its bytes: `checkpoint.model_contents`).
-        Everything is checked before the first value changes."""
+        Everything is checked before the first value changes. `weights_only` (a warm
+        start, `ckpt_init_from`): the model's weights only, never the optimizer, the
+        other registered objects or the random states. An adapter whose objects cannot
+        take the state yet may hold it and return a `deferred` Restored."""

@@ -8,11 +8,12 @@ tests, with plain-file writers.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from .. import __version__
@@ -80,6 +81,10 @@ class Checkpointer:
                          **(versions or {})}
         self.adapter_name: str | None = None
         self.model_format: str | None = None
+        self.last_write_seconds: float | None = None  # the last save protocol that succeeded
+        # Where a warm start (ckpt_init_from) took the initial weights from, for
+        # ckpt-info.json: {"source": epoch directory, "epoch": int, "checksum": CRC32}.
+        self.init_from: dict | None = None
 
     def describe_writer(self, adapter_name, model_format, versions):
         """Record which adapter and model-file format write, and their library versions."""
@@ -232,8 +237,10 @@ class Checkpointer:
 
     def _save_now(self, decision, write_files):
         """Run the save protocol; an OSError becomes a CheckpointWriteError naming `last`."""
+        started = time.monotonic()
         try:
             self._run_protocol(decision, write_files)
+            self.last_write_seconds = time.monotonic() - started
         except OSError as error:
             # The next save starts by finishing what this one left (work/, trash/).
             self.prepared = False
@@ -277,12 +284,48 @@ class Checkpointer:
 
     def _metric_value(self, logs):
         logs = logs or {}
-        if self.best.metric not in logs:
-            raise ParameterValueError(
-                f"parameter 'ckpt_save_best_metric' is {self.best.metric!r}, which is not "
-                f"in this epoch's metrics {sorted(logs)}; expected one of them "
-                f"(or ckpt_save_best=false)")
+        self.check_metric_in(logs, "this epoch's metrics")
         return float(logs[self.best.metric])
+
+    def check_metric_in(self, names: Collection[str], what: str) -> None:
+        """Raise unless the tracked metric is one of `names` (all of `what`).
+
+        Raises:
+            ParameterValueError: naming the metric, every name and the nearest one.
+        """
+        if self.best is None or self.settings["ckpt_save_interval"] == 0:
+            return
+        metric = self.best.metric
+        if metric in names:
+            return
+        near = difflib.get_close_matches(metric, list(names), n=1)
+        raise ParameterValueError(
+            f"parameter 'ckpt_save_best_metric' is {metric!r}, which is not in {what} "
+            f"{sorted(names)}; expected one of them"
+            f"{f' (did you mean {near[0]!r}?)' if near else ''}, or ckpt_save_best=false")
+
+    def check_metric_early(self, reported: Collection[str], what: str) -> None:
+        """Before the first epoch ends: refuse a tracked metric that is a near miss of
+        one of `reported`, the metrics known so far (`what`).
+
+        Other callbacks may add metrics to an epoch's logs at its end, so a name far
+        from every reported one is only warned about here; `decide` then checks the
+        complete logs of the first epoch that can be saved, before saving it. A near
+        miss is a typo.
+
+        Raises:
+            ParameterValueError: as `check_metric_in`.
+        """
+        if self.best is None or self.settings["ckpt_save_interval"] == 0:
+            return
+        if self.best.metric in reported:
+            return
+        if difflib.get_close_matches(self.best.metric, list(reported), n=1):
+            self.check_metric_in(reported, what)
+        self.logger.warning(
+            "ckpt_save_best_metric %r is not among %s %s: unless another callback adds "
+            "it to the epoch's logs, the first epoch that can be saved will fail",
+            self.best.metric, what, sorted(reported))
 
     def _build_info(self, decision, written):
         crc = written.files[written.model_file]["crc32"]

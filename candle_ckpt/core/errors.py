@@ -11,6 +11,17 @@ class CheckpointError(Exception):
     """Base class of every error raised by candle_ckpt."""
 
 
+def add_remedy(error: CheckpointError, remedy: str) -> CheckpointError:
+    """Append what the user can do about `error` to its message; return `error`.
+
+    The error keeps its type (callers catch what they mean) and its traceback; only a
+    message-only error (one string argument, as every restart error is) is extended.
+    """
+    if len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}. {remedy}",)
+    return error
+
+
 class ParameterTypeError(CheckpointError, TypeError):
     """A `--ckpt_*` parameter has a value of the wrong type."""
 
@@ -51,3 +62,27 @@ class LinkError(CheckpointError):
 
 class WriterLockedError(CheckpointError):
     """Another process holds the writer lock (`ckpts/.lock`) of the checkpoint tree."""
+
+
+# The exit statuses of a job that stops on one of these errors (the example benchmarks
+# exit with them; `examples/slurm_job.sh` requeues only PREEMPTED_EXIT_STATUS, 75).
+BAD_PARAMETER_EXIT_STATUS = 2
+"""A `ckpt_*` parameter is wrong (argparse's status for a bad command line)."""
+RESTART_REFUSED_EXIT_STATUS = 3
+"""The checkpoint to restart from is unusable: corrupt, invalid, a bad `last` link,
+none in `required` mode, or the processes disagree on it."""
+TREE_LOCKED_EXIT_STATUS = 4
+"""Another job writes the checkpoint tree (`ckpts/.lock`)."""
+SAVE_FAILED_EXIT_STATUS = 5
+"""A save failed on an I/O error; `last` still names a complete epoch."""
+
+
+def exit_status(error: CheckpointError) -> int:
+    """The exit status a job stopped by `error` should end with (see above)."""
+    if isinstance(error, (ParameterTypeError, ParameterValueError)):
+        return BAD_PARAMETER_EXIT_STATUS
+    if isinstance(error, WriterLockedError):
+        return TREE_LOCKED_EXIT_STATUS
+    if isinstance(error, CheckpointWriteError):
+        return SAVE_FAILED_EXIT_STATUS
+    return RESTART_REFUSED_EXIT_STATUS

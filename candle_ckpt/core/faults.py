@@ -11,7 +11,9 @@ work/, not yet fsynced),
 after_fsync, after_info (ckpt-info.json written, before the rename), after_rename
 (epochs/NNN in place, links not yet moved), after_best (between the two link updates),
 after_last (before the keep policy), after_trash_rename (an epoch being deleted is in
-trash/ but not yet removed).
+trash/ but not yet removed). `candle-ckpt export`: export_written (the file under
+its temporary name, fsynced), export_digest_removed (an old PATH.sha256 removed, PATH
+not yet replaced), export_renamed (PATH in place, PATH.sha256 not yet written).
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ import signal
 
 POINTS = ("during_direct_write", "after_write", "after_fsync", "after_info", "after_rename",
           "after_best", "after_last", "after_trash_rename")
+EXPORT_POINTS = ("export_written", "export_digest_removed", "export_renamed")
 
 
 def _parse(spec: str | None) -> tuple[str | None, int]:
     if not spec:
         return None, 0
     name, _, count = spec.partition(":")
-    if name not in POINTS:
+    if name not in POINTS + EXPORT_POINTS:
         raise ValueError(f"CANDLE_CKPT_FAULT={spec!r}: unknown point {name!r}; "
-                         f"expected one of {list(POINTS)}")
+                         f"expected one of {list(POINTS + EXPORT_POINTS)}")
     return name, int(count or 1)
 
 

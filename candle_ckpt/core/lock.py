@@ -3,8 +3,10 @@
 The writer takes the lock when training begins and releases it when training ends;
 the kernel releases it when the process dies, however it dies, so a lock left by a
 dead job never blocks the next one. The file holds the holder's pid, host and the
-time it took the lock, for the error a second writer gets. Readers (`restart`, the
-command line) never take it.
+time it took the lock, for the error a second writer gets. The restart of a process
+that will write checks it (a shared lock, dropped at once) before reading anything, so a
+second job is refused before it loads a checkpoint; the command line's readers (list,
+info, verify) never touch it.
 
 `flock(2)` is used rather than POSIX record locks (`fcntl(F_SETLK)`): it belongs to the
 open file, so two writers in one process are caught too, and closing another
@@ -28,6 +30,10 @@ from .errors import WriterLockedError
 from .logs import LibraryLogger
 
 LOCK_FILE = ".lock"
+TRAINING_REMEDY = ("Stop that job, or give this one another ckpt_directory "
+                   "(--ckpt_directory)")
+OPERATOR_REMEDY = ("Run this command between jobs: wait for that job to end (or stop "
+                   "it), then run it again; nothing was changed")
 _UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
@@ -37,11 +43,14 @@ class WriterLock:
     Args:
         ckpts: the tree's `ckpts/` directory (created if missing).
         logger: where to log that locking is unsupported.
+        remedy: the error's advice to a second writer (TRAINING_REMEDY, OPERATOR_REMEDY).
     """
 
-    def __init__(self, ckpts: str, logger: LibraryLogger) -> None:
+    def __init__(self, ckpts: str, logger: LibraryLogger, remedy: str = TRAINING_REMEDY
+                 ) -> None:
         self.path = os.path.join(ckpts, LOCK_FILE)
         self.logger = logger
+        self.remedy = remedy
         self._fd: int | None = None
         self._finalizer: weakref.finalize | None = None
 
@@ -59,23 +68,7 @@ class WriterLock:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise WriterLockedError(
-                f"'{self.path}' is held by another writer of this checkpoint tree: pid "
-                f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, writing "
-                f"since {holder.get('started', '?')}; expected no other writer. Stop that "
-                f"job, or give this one another ckpt_directory") from None
-        except OSError as error:
-            os.close(fd)
-            if error.errno not in _UNSUPPORTED:
-                raise
-            self.logger.warning("cannot lock '%s' (%s): the file system does not support "
-                                "locks; only one job may write this tree at a time",
-                                self.path, error.strerror)
+        if not self._try_flock(fd, fcntl.LOCK_EX):
             return
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "started": datetime.datetime.now(datetime.timezone.utc)
@@ -85,11 +78,53 @@ class WriterLock:
         self._fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
 
+    def check_free(self) -> None:
+        """Raise if another writer holds the lock now; take nothing, create nothing.
+
+        For the restart of a job that will write: it is refused before it reads and
+        loads a checkpoint it could never continue (the lock itself is taken when
+        training begins).
+
+        Raises:
+            WriterLockedError: as `acquire`.
+        """
+        if self.held:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no writer ever ran here
+        if self._try_flock(fd, fcntl.LOCK_SH):
+            os.close(fd)  # closing the only descriptor of this open file drops the lock
+
+    def _try_flock(self, fd: int, operation: int) -> bool:
+        """flock `fd` (LOCK_EX or LOCK_SH); True if locked, False if the file system cannot lock
+        (logged, `fd` closed). On refusal `fd` is closed and WriterLockedError raised."""
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise WriterLockedError(
+                f"'{self.path}' is held by another writer of this checkpoint tree: pid "
+                f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, writing "
+                f"since {holder.get('started', '?')}; expected no other writer. "
+                f"{self.remedy}") from None
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in _UNSUPPORTED:
+                raise
+            self.logger.warning("cannot lock '%s' (%s): the file system does not support "
+                                "locks; only one job may write this tree at a time",
+                                self.path, error.strerror)
+            return False
+        return True
+
     def release(self) -> None:
         """Drop the lock (a no-op if it is not held). The file stays; it is harmless."""
         if self._finalizer is not None:
             self._finalizer()
-            self._fd = self._finalizer = None
+        self._fd = self._finalizer = None
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

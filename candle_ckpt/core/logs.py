@@ -31,6 +31,7 @@ _FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 _lock = threading.Lock()
 _file_handlers: dict[str, logging.Handler] = {}
 _console_handler: _ConsoleHandler | None = None
+_FILE_ONLY = "ckpt_file_only"  # a record attribute: keep it off the console
 logging.getLogger("candle_ckpt").propagate = False  # see the module docstring
 
 
@@ -109,6 +110,7 @@ def _ensure_console_handler(verbose: bool) -> None:
         if _console_handler is None:
             _console_handler = _ConsoleHandler()
             _console_handler.setFormatter(logging.Formatter(_FORMAT))
+            _console_handler.addFilter(lambda record: not getattr(record, _FILE_ONLY, False))
             logging.getLogger("candle_ckpt").addHandler(_console_handler)
         _console_handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
@@ -151,6 +153,20 @@ def _library_logger() -> logging.Logger:
     logger = logging.getLogger("candle_ckpt")
     logger.setLevel(logging.DEBUG)
     return logger
+
+
+def log_to_file_only(logger: LibraryLogger, level: int, message: str,
+                     *args: object) -> None:
+    """Log to the tree's ckpt.log but not the console, through a `tree_logger`.
+
+    For an error that is also raised: whoever catches it shows it (the example
+    benchmarks in one line), so the console would get it twice.
+    """
+    if isinstance(logger, logging.LoggerAdapter):
+        logger.logger.log(level, message, *args,
+                          extra={**(logger.extra or {}), _FILE_ONLY: True})
+    else:  # a logger of no tree: the record reaches no ckpt.log either
+        logger.log(level, message, *args, extra={_FILE_ONLY: True})
 
 
 def close_tree_log(layout: CheckpointLayout) -> None:

@@ -20,9 +20,11 @@ import argparse
 import difflib
 import enum
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import ParameterTypeError, ParameterValueError
+from .walltime import check_end_time
 
 
 class ParamType(enum.Enum):
@@ -73,6 +75,8 @@ class Parameter:
         allowed: the allowed values of a string parameter, or None.
         nullable: whether None is a valid value.
         flag: whether `ckpt_parser` adds it (False for keys the benchmark owns).
+        check_form: for a string with a syntax of its own, a callable that raises a
+            ParameterValueError when the (type-checked) value does not follow it.
     """
     name: str
     type: ParamType
@@ -81,10 +85,14 @@ class Parameter:
     allowed: tuple | None = None
     nullable: bool = False
     flag: bool = True
+    check_form: Callable[[str], None] | None = None
 
     def check(self, value):
         """Return `value` converted to this parameter's type, or raise."""
-        return _check_value(self.name, value, self.type, self.allowed, self.nullable)
+        result = _check_value(self.name, value, self.type, self.allowed, self.nullable)
+        if self.check_form is not None and result is not None:
+            self.check_form(result)
+        return result
 
     def argparse_type(self, text):
         """The `type=` callable of the argparse flag: same checks, argparse's error."""
@@ -134,6 +142,20 @@ PARAMETERS = (
               "on this signal (Slurm --signal): stop at the end of the batch, make sure "
               "the last completed epoch is on disk, exit with status 75 (requeue)",
               allowed=("off", "USR1", "USR2", "TERM", "INT")),
+    Parameter("ckpt_walltime_margin", P.FLOAT_NN, 0,
+              "seconds kept free before the job's end: at an epoch end, stop (saving the "
+              "last epoch, exit status 75) when the next epoch and a save would not end "
+              "that long before it; 0 is off"),
+    Parameter("ckpt_end_time", P.STRING, None,
+              "the job's end for ckpt_walltime_margin: an ISO 8601 time (local unless it "
+              "has an offset) or +DURATION from the start of training (+3600, +1:00:00); "
+              "default: SLURM_JOB_END_TIME, else squeue under Slurm",
+              nullable=True, check_form=check_end_time),
+    Parameter("ckpt_init_from", P.STRING, None,
+              "warm start: when the run has no ckpts/last of its own, initialise the model "
+              "weights (only) from this verified checkpoint: a checkpoint tree (its last), "
+              "an epoch directory, or TREE:best, TREE:last, TREE:EPOCH",
+              nullable=True),
     Parameter("metadata", P.STRING, None,
               "free text stored in every ckpt-info.json (job id, machine, ...)",
               nullable=True),
@@ -283,6 +305,8 @@ def validate_params(gParameters, require_epochs=False):
             continue
         settings[parameter.name] = param(gParameters, parameter.name, default,
                                          parameter.type, parameter.allowed)
+        if parameter.check_form is not None and settings[parameter.name] is not None:
+            parameter.check_form(settings[parameter.name])
     return settings
 
 
@@ -293,7 +317,10 @@ def ckpt_parser(parser):
             continue
         parser.add_argument(f"--{parameter.name}", type=parameter.argparse_type,
                             default=parameter.default, choices=parameter.allowed,
-                            help=f"{parameter.help} (default: {parameter.default})")
+                            # %(default)s: the effective default, after a benchmark's
+                            # set_defaults (its parameter file), not the table's
+                            help=f"{parameter.help.replace('%', '%%')} "
+                                 f"(default: %(default)s)")
     return parser
 
 

@@ -2,24 +2,44 @@
 
 `restart_run(gParameters, adapter)` is what `candle_ckpt.restart` (Keras) and
 `CandleCkptPyTorch.restart` do: check every `ckpt_*` parameter, decide which process
-writes (only the writer logs to ckpt.log), follow `ckpts/last` to a verified epoch
-(`resume.find_checkpoint`), check that every process found the same one
+writes (only the writer logs to ckpt.log), refuse a writer whose tree another job is
+writing (`lock.WriterLock.check_free`, before anything is read), follow `ckpts/last`
+to a verified epoch (`resume.find_checkpoint`), check that every process found the same one
 (`writer.agree_on_checkpoint`), let the adapter load the verified bytes, and log what
-was loaded. On any error nothing has been loaded.
+was loaded. On any error nothing has been loaded, and a writer logs the refusal (with
+its remedy) to ckpt.log.
+
+A run with no checkpoint of its own and `ckpt_init_from` set is warm-started: the model
+weights only are loaded from that verified checkpoint (`warm_start`), and where they
+came from is kept for the run's `Checkpointer` (`take_warm_start`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from .adapter import FrameworkAdapter
+from .adapter import FrameworkAdapter, Restored
+from .errors import CheckpointError, CheckpointFormatError
 from .layout import CheckpointLayout
-from .logs import console_logger, tree_logger
+from .lock import WriterLock
+from .logs import LibraryLogger, console_logger, log_to_file_only, tree_logger
 from .params import validate_params
-from .resume import find_checkpoint
+from .resume import Checkpoint, find_checkpoint, find_init_checkpoint
 from .writer import agree_on_checkpoint
+
+# ckpt_directory (absolute) -> the provenance of the warm start restart_run did for it,
+# until the run's TrainingSession takes it (a restart and its training share a process).
+_warm_starts: dict[str, dict[str, Any]] = {}
+
+
+def take_warm_start(layout: CheckpointLayout) -> dict[str, Any] | None:
+    """The warm start's provenance ({"source", "epoch", "checksum"}) of the run writing
+    `layout`, if its restart warm-started the model, else None; taken once."""
+    return _warm_starts.pop(layout.root, None)
 
 
 def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
@@ -31,6 +51,10 @@ def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
         auto: no `last`, or a dangling one: log it and return None.
         required: no usable `last`: raise NoCheckpointError naming the path.
 
+    With no checkpoint of the run's own (mode off, or auto without `last`) and
+    `ckpt_init_from` set, the model weights are initialised from that source
+    (`warm_start`) and None is returned: the run starts at epoch 0.
+
     Returns:
         The ckpt-info.json dict resumed from (`J["epoch"]`: the epochs completed), or
         None when there is nothing to restart from.
@@ -38,30 +62,111 @@ def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
     Raises:
         ParameterTypeError / ParameterValueError: a bad parameter.
         NoCheckpointError, LinkError, CheckpointFormatError, CorruptCheckpointError,
-        ChecksumMismatchError: as their names say; each message names the path.
+        ChecksumMismatchError: as their names say; each message names the path and
+            the remedy (fallback, rollback, verify).
+        WriterLockedError: another job writes the tree (names its pid and host).
     """
     settings = validate_params(gParameters)
-    if settings["ckpt_restart_mode"] == "off":
+    init_from = settings["ckpt_init_from"]
+    if settings["ckpt_restart_mode"] == "off" and init_from is None:
         return None
     layout = CheckpointLayout(settings["ckpt_directory"])
-    if adapter.writer_decision(is_writer).is_writer:
+    _warm_starts.pop(layout.root, None)
+    writer = adapter.writer_decision(is_writer).is_writer
+    if writer:
         logger = tree_logger("restart", layout, verbose)
     else:
         logger = console_logger("restart", verbose)
+    will_lock = writer and settings["ckpt_save_interval"] > 0
+
+    def find() -> Checkpoint | None:
+        if will_lock:  # a second job is refused before it reads anything
+            WriterLock(layout.ckpts, logger).check_free()
+        return find_checkpoint(layout, settings, logger)
+
     started = time.perf_counter()
-    checkpoint = agree_on_checkpoint(adapter.all_gather(),
-                                     lambda: find_checkpoint(layout, settings, logger))
-    if checkpoint is None:
-        return None
-    restored = adapter.restore(checkpoint, logger)
+    try:
+        checkpoint = None
+        if settings["ckpt_restart_mode"] != "off":
+            checkpoint = agree_on_checkpoint(adapter.all_gather(), find)
+        if checkpoint is None:
+            if init_from is not None:
+                _warm_starts[layout.root] = warm_start(init_from, adapter, logger)
+            return None
+        if init_from is not None:
+            logger.info("the run restarts from its own checkpoint (epoch %d): "
+                        "ckpt_init_from %r is ignored (it initialises only a run with no "
+                        "checkpoint yet)", checkpoint.epoch, init_from)
+        restored = adapter.restore(checkpoint, logger)
+    except CheckpointError as error:
+        if writer:  # the console gets the error itself, from whoever catches it
+            log_to_file_only(logger, logging.ERROR, "RESTART REFUSED: %s", error)
+        raise
+    if restored.deferred:
+        logger.info("restart from epoch %d: read and %s %d bytes (%s), load deferred: %s",
+                    checkpoint.epoch, _how_checked(checkpoint), checkpoint.verified_nbytes,
+                    _file_names(checkpoint), restored.source)
+        return checkpoint.info
+    log_restored(logger, checkpoint, restored, started)
+    return checkpoint.info
+
+
+def _how_checked(checkpoint: Checkpoint) -> str:
+    return "verified" if checkpoint.checksummed else "size-checked"
+
+
+def _file_names(checkpoint: Checkpoint) -> str:
+    return ", ".join(os.path.basename(path) for path in checkpoint.verified_files)
+
+
+def log_restored(logger: LibraryLogger, checkpoint: Checkpoint, restored: Restored,
+                 started: float, when: str = "") -> None:
+    """Log what was loaded from `checkpoint` since `started` (`time.perf_counter`), and
+    warn when it is not everything an exact resume needs. `when` notes a deferred load."""
     seconds = time.perf_counter() - started
-    nbytes = checkpoint.model_contents.nbytes
-    logger.info("restarted from epoch %d: loaded %s (%s%s) %d bytes in %.3f s (%.1f MB/s, "
-                "reading and checks included)",
-                checkpoint.epoch, checkpoint.model_path, ", ".join(restored.parts),
+    nbytes = checkpoint.verified_nbytes
+    logger.info("restarted from epoch %d: read and %s %d bytes (%s), loaded %s (%s%s) "
+                "in %.3f s (%.1f MB/s)%s", checkpoint.epoch, _how_checked(checkpoint), nbytes,
+                _file_names(checkpoint), checkpoint.model_path, ", ".join(restored.parts),
                 f", {restored.source}" if restored.source else "",
-                nbytes, seconds, nbytes / 1e6 / max(seconds, 1e-9))
+                seconds, nbytes / 1e6 / max(seconds, 1e-9), f", {when}" if when else "")
     if not restored.exact:
         logger.warning("epoch %d: no %s restored; training continues without it and will "
                        "not match an uninterrupted run", checkpoint.epoch, restored.missing)
-    return checkpoint.info
+
+
+def warm_start(source: str, adapter: FrameworkAdapter, logger: LibraryLogger
+               ) -> dict[str, Any]:
+    """Load the model weights only from the verified checkpoint `source` names.
+
+    The optimizer, the epoch count and the random states start fresh: this is a new run
+    initialised from another one's weights (`ckpt_init_from`). Every process loads the
+    source itself; under a collective they first check that they all found the same
+    checkpoint, as a restart does.
+
+    Returns:
+        The provenance {"source": the epoch directory, "epoch", "checksum": the model
+        file's recorded CRC32}.
+
+    Raises:
+        CheckpointError: the source is missing, invalid or fails verification, or its
+            weights do not fit the model; nothing was loaded.
+    """
+    started = time.perf_counter()
+    checkpoint: Checkpoint | None = agree_on_checkpoint(
+        adapter.all_gather(), lambda: find_init_checkpoint(source, logger))
+    assert checkpoint is not None  # find_init_checkpoint raises rather than find nothing
+    try:
+        restored = adapter.restore(checkpoint, logger, weights_only=True)
+    except CheckpointFormatError as error:
+        raise CheckpointFormatError(
+            f"ckpt_init_from {source!r}: {error}. Nothing was loaded and training did not "
+            f"start: the source must be a checkpoint of a model built like this one"
+        ) from error
+    logger.info("WARM START from ckpt_init_from %r: loaded the weights (%s) of epoch %d "
+                "from %s (CRC32-verified) in %.3f s; optimizer, epoch count and random "
+                "states start fresh, training starts at epoch 1",
+                source, ", ".join(restored.parts), checkpoint.epoch, checkpoint.model_path,
+                time.perf_counter() - started)
+    return {"source": checkpoint.directory, "epoch": checkpoint.epoch,
+            "checksum": str(checkpoint.info["checksum"])}

@@ -14,14 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointError, NoCheckpointError
-from .info import finite_or_none, is_legacy
-from .layout import CheckpointLayout
+from .errors import CheckpointError, LinkError, NoCheckpointError, add_remedy
+from .info import finite_or_none, is_legacy, read_info
+from .layout import INFO_FILE, CheckpointLayout
 from .logs import LibraryLogger
-from .verify import check_epoch, read_epoch_info
+from .verify import FileCheck, check_epoch, read_epoch_info, verify_files
 
-__all__ = ["Checkpoint", "find_checkpoint", "legacy_best_epoch", "load_verified",
-           "read_epoch_info"]  # read_epoch_info: verify.py owns it; imported from here too
+__all__ = ["Checkpoint", "find_checkpoint", "find_init_checkpoint", "legacy_best_epoch",
+           "load_verified", "read_epoch_info", "verified_checkpoint"]
+# read_epoch_info: verify.py owns it; imported from here too
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class Checkpoint:
     directory: str
     info: dict[str, Any]
     model_contents: memoryview = field(repr=False, compare=False)
+    verified_files: tuple[str, ...] = ()
+    """The paths of every file checked, the model file among them."""
+    verified_nbytes: int = 0
+    """Their sizes on disk, summed: the bytes read and checked."""
+    checksummed: bool = False
+    """Whether every one of them had its CRC32 recomputed (else size only)."""
 
     @property
     def model_path(self) -> str:
@@ -72,7 +79,24 @@ def load_verified(layout: CheckpointLayout, epoch: int, verify_checksums: bool,
     check = check_epoch(layout, epoch, verify_checksums=verify_checksums,
                         hold_model_contents=True)
     check.raise_if_bad()
-    info, results = check.info, check.files
+    return _checkpoint(layout.epoch_dir(epoch), check.info, check.files, verify_checksums,
+                       logger)
+
+
+def verified_checkpoint(directory: str, info: dict[str, Any], verify_checksums: bool,
+                        logger: LibraryLogger) -> Checkpoint:
+    """Verify the files `info` (the validated ckpt-info dict of `directory`) lists and
+    return the `Checkpoint`, its model file's verified bytes read once."""
+    results = verify_files(directory, info, verify_checksums,
+                           hold_contents_of=info["model_file"])
+    return _checkpoint(directory, info, results, verify_checksums, logger)
+
+
+def _checkpoint(directory: str, info: dict[str, Any], results: list[FileCheck],
+                verify_checksums: bool, logger: LibraryLogger) -> Checkpoint:
+    """The `Checkpoint` of `directory` from its intact file checks (the model file's
+    holding its bytes), after logging what was not verified."""
+    epoch = info["epoch"]
     unverified = [r.path for r in results if r.expected_crc32 is None]
     if verify_checksums and unverified:
         logger.warning("checkpoint of epoch %d was written without checksums: %s not "
@@ -80,7 +104,10 @@ def load_verified(layout: CheckpointLayout, epoch: int, verify_checksums: bool,
     if is_legacy(info):
         logger.info("epoch %d is a legacy (upstream CANDLE) checkpoint", epoch)
     model_contents = next(r.contents for r in results if r.contents is not None)
-    return Checkpoint(epoch, layout.epoch_dir(epoch), info, model_contents)
+    return Checkpoint(epoch, directory, info, model_contents,
+                      verified_files=tuple(r.path for r in results),
+                      verified_nbytes=sum(r.actual_size or 0 for r in results),
+                      checksummed=verify_checksums and not unverified)
 
 
 def find_checkpoint(layout: CheckpointLayout, settings: Mapping[str, Any],
@@ -98,13 +125,21 @@ def find_checkpoint(layout: CheckpointLayout, settings: Mapping[str, Any],
             nothing that verifies).
     """
     mode = settings["ckpt_restart_mode"]
-    epoch = layout.resolve_link("last")
+    try:
+        epoch = layout.resolve_link("last")
+    except LinkError as error:
+        add_remedy(error, f"Point it at a saved epoch N with 'candle-ckpt rollback "
+                          f"{layout.root} N', which verifies N first "
+                          f"(ckpt_restart_fallback does not apply to a bad link)")
+        raise
     if epoch is None:
         link = layout.link("last")
         state = "dangling" if os.path.lexists(link) else "absent"
         if mode == "required":
             raise NoCheckpointError(f"ckpt_restart_mode is 'required' but '{link}' is "
-                                    f"{state}; expected a link to a saved epoch")
+                                    f"{state}; expected a link to a saved epoch. Check "
+                                    f"--ckpt_directory, or run with --ckpt_restart_mode "
+                                    f"auto to start from scratch when there is none")
         logger.info("no checkpoint to restart from ('%s' is %s): starting from scratch",
                     link, state)
         return None
@@ -113,6 +148,11 @@ def find_checkpoint(layout: CheckpointLayout, settings: Mapping[str, Any],
         return load_verified(layout, epoch, verify_checksums, logger)
     except CheckpointError as error:
         if not settings["ckpt_restart_fallback"]:
+            add_remedy(error, (
+                f"Remedies: rerun with --ckpt_restart_fallback true to restart from the "
+                f"newest earlier epoch that verifies, or choose one with 'candle-ckpt "
+                f"rollback {layout.root} N' ('candle-ckpt list --verify {layout.root}' "
+                f"shows which verify)"))
             raise
         logger.error("CHECKPOINT OF EPOCH %d IS UNUSABLE: %s", epoch, error)
         for earlier in reversed([e for e in layout.list_epochs() if e < epoch]):
@@ -124,5 +164,61 @@ def find_checkpoint(layout: CheckpointLayout, settings: Mapping[str, Any],
             logger.error("FALLING BACK to epoch %d (ckpt_restart_fallback=true); epoch %d "
                          "was skipped", earlier, epoch)
             return found
-        raise CheckpointError(f"'{layout.link('last')}' (epoch {epoch}) is unusable ({error}) "
-                              f"and no earlier epoch verifies; nothing to fall back to") from error
+        raise CheckpointError(
+            f"'{layout.link('last')}' (epoch {epoch}) is unusable ({error}) and no earlier "
+            f"epoch verifies; nothing to fall back to. 'candle-ckpt verify "
+            f"{layout.root} --all' shows what is wrong with each epoch; to train "
+            f"afresh, use another --ckpt_directory or --ckpt_restart_mode off") from error
+
+
+INIT_SELECTORS = ("last", "best")
+
+
+def find_init_checkpoint(source: str, logger: LibraryLogger) -> Checkpoint:
+    """The verified checkpoint `ckpt_init_from` names (a warm start's weights).
+
+    `source` is a checkpoint tree (a `ckpt_directory`: its `last`), an epoch directory
+    (one holding ckpt-info.json, e.g. `TREE/ckpts/epochs/005` or `TREE/ckpts/best`),
+    or `TREE:last`, `TREE:best`, `TREE:EPOCH`. Every file is CRC32-verified, whatever
+    this run's `ckpt_checksum`.
+
+    Raises:
+        CheckpointError: the source does not exist, is not a tree or an epoch
+            directory, its link or epoch is missing, or it fails verification; the
+            message names `ckpt_init_from`, the path and the remedy.
+    """
+    try:
+        return _init_checkpoint(source, logger)
+    except CheckpointError as error:
+        raise CheckpointError(
+            f"ckpt_init_from {source!r}: {error}. Nothing was loaded and training did not "
+            f"start: give a checkpoint tree, an epoch directory or TREE:best|last|EPOCH "
+            f"that verifies ('candle-ckpt list --verify TREE' shows which epochs do)"
+        ) from error
+
+
+def _init_checkpoint(source: str, logger: LibraryLogger) -> Checkpoint:
+    tree, selector = source, None
+    if not os.path.isdir(source) and ":" in source:
+        head, tail = source.rsplit(":", 1)
+        if tail in INIT_SELECTORS or (tail.isascii() and tail.isdigit()):
+            tree, selector = head, tail
+    if os.path.isdir(os.path.join(tree, "ckpts")):
+        layout = CheckpointLayout(tree)
+        selector = selector or "last"
+        if selector in INIT_SELECTORS:
+            epoch = layout.resolve_link(selector)
+            if epoch is None:
+                raise NoCheckpointError(f"'{layout.link(selector)}' is absent or dangling; "
+                                        f"expected a link to a saved epoch")
+        else:
+            epoch = int(selector)
+        return load_verified(layout, epoch, True, logger)
+    if selector is None and os.path.isfile(os.path.join(tree, INFO_FILE)):
+        directory = os.path.realpath(tree)
+        return verified_checkpoint(directory, read_info(directory), True, logger)
+    if selector is not None:
+        raise NoCheckpointError(f"'{tree}' is not a checkpoint tree (no '{tree}/ckpts' "
+                                f"directory)")
+    raise NoCheckpointError(f"'{tree}' is neither a checkpoint tree (no 'ckpts' directory "
+                            f"in it) nor an epoch directory (no {INFO_FILE} in it)")

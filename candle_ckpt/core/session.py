@@ -17,11 +17,17 @@ calls five methods at the matching points of its loop::
 
 The Keras callback maps its hooks onto these one to one; `CandleCkptPyTorch` calls
 them from `ckpt_epoch`.
+
+With `ckpt_walltime_margin`, `epoch_end` also stops the run before the job's wall-clock
+end (core/walltime.py). Only the writer asks for the end and times the epochs; in a
+multi-process job every process then joins one collective per epoch end
+(`FrameworkAdapter.all_gather`) that carries the writer's verdict, so all of them stop
+after the same epoch and none waits for a peer that left.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from .adapter import FrameworkAdapter
@@ -29,8 +35,10 @@ from .background import check_snapshot_fits
 from .checkpointer import Checkpointer, SaveDecision, WriteFiles
 from .errors import NoCheckpointError, ParameterValueError
 from .logs import console_logger
-from .preemption import Preempted, PreemptionWatch
+from .preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
+from .restart import take_warm_start
 from .resume import read_epoch_info
+from .walltime import StopEstimate, WallClockStop
 from .writer import check_is_writer
 
 
@@ -60,6 +68,8 @@ class TrainingSession:
         self._first_epoch_seen = False
         self._async_snapshot: Any = None  # reused copies (see _capture)
         self._held_snapshot: Any = None
+        self._walltime: WallClockStop | None = None
+        self._check_walltime_settings()
 
     @property
     def adapter(self) -> FrameworkAdapter:
@@ -86,21 +96,30 @@ class TrainingSession:
 
         With ckpt_async, the snapshot's host memory is allocated and filled here, before
         the first step, so that the first save stalls training no longer than the later
-        ones, which copy into it (and a snapshot too large for memory fails now).
+        ones, which copy into it (and a snapshot too large for memory fails now); for a
+        model whose variables do not exist yet (`adapter.state_exists`), at the first
+        save instead.
 
         Raises:
             WriterLockedError: another process writes this tree.
             ParameterValueError: `ckpt_signal` under lock-step multi-process training.
         """
         self._adapter = adapter
+        self.checkpointer.init_from = take_warm_start(self.checkpointer.layout)
         self.checkpointer.describe_writer(adapter.adapter_name, adapter.model_format,
                                           adapter.library_versions())
         if self.is_writer:
             self.checkpointer.start_writing()
-            if self.checkpointer.background is not None:
+            if self.checkpointer.background is not None and adapter.state_exists():
                 self._async_snapshot = self._copy_state(None, "ckpt_async=true",
                                                         "ckpt_async=false")
         self._watch = self._start_preemption_watch()
+        self._check_walltime_agreement()
+        if self.settings["ckpt_walltime_margin"] > 0 and self.is_writer:
+            self._walltime = WallClockStop(self.settings["ckpt_walltime_margin"],
+                                           self.settings["ckpt_end_time"],
+                                           self.checkpointer.logger)
+            self._walltime.start()
 
     def epoch_begin(self, epoch: int) -> None:
         """An epoch starts after `epoch` completed ones; the first one resumes the run."""
@@ -127,19 +146,53 @@ class TrainingSession:
 
         Raises:
             CheckpointWriteError: the save failed (with ckpt_async: the previous one).
-            Preempted: the signal came during the epoch.
+            Preempted: the signal came during the epoch, or (ckpt_walltime_margin) the
+                next epoch and a save would not finish before the job's end.
         """
         decision = None
+        if self._walltime is not None:
+            self._walltime.epoch_ended()
         if self.is_writer:
-            decision = self.checkpointer.decide(epoch, logs)
+            # a metric missing from the logs is refused here, before anything is saved
+            decision = self._refuse_unless(lambda: self.checkpointer.decide(epoch, logs))
             if decision is not None:
                 self.checkpointer.save(decision, self._capture)
+        if self._walltime is not None:
+            background = self.checkpointer.background is not None
+            self._walltime.save_ended(
+                saved=decision is not None,
+                background_seconds=self.checkpointer.last_write_seconds if background else None)
         if self._watch is not None:
             self._watch.epoch_completed(
                 epoch, saved=decision is not None or self._not_saving() is not None,
                 take_snapshot=lambda: self._hold(epoch))
             if self._watch.requested:
                 raise self._stop_preempted(f"epoch {epoch}")
+        if self.settings["ckpt_walltime_margin"] > 0 and epoch < self.settings["epochs"]:
+            estimate = self._walltime.should_stop() if self._walltime is not None else None
+            if self._all_agree_to_stop(estimate is not None):
+                raise self._stop_walltime(epoch, saved=decision is not None, estimate=estimate)
+
+    def check_metric_names(self, reported: Collection[str], what: str) -> None:
+        """Before the first epoch ends, the metrics known so far (`what`): a near miss
+        of one of them for `ckpt_save_best_metric` is a typo, refused at once
+        (`Checkpointer.check_metric_early`); the writer lock is released first.
+
+        Raises:
+            ParameterValueError: naming the metric and the reported ones.
+        """
+        if self.is_writer:
+            self._refuse_unless(lambda: self.checkpointer.check_metric_early(reported, what))
+
+    def _refuse_unless(self, check: Callable[[], Any]) -> Any:
+        """Return `check()`; if it raises a parameter error, end the session (unlock)
+        before the error leaves: nothing was saved for it, and a caller that goes on
+        in this process may train again."""
+        try:
+            return check()
+        except ParameterValueError:
+            self.end()
+            raise
 
     def end(self) -> None:
         """Training ended: wait for the last save, report, release the lock."""
@@ -234,6 +287,66 @@ class TrainingSession:
             self._wait_for_saves()
         saving: Callable[[int, Any], None] | str = self._not_saving() or save_pending
         return watch.stop(where, saving, self.checkpointer.logger)
+
+    # -- the job's wall-clock end (ckpt_walltime_margin) ---------------------------------
+
+    def _check_walltime_settings(self) -> None:
+        """ckpt_end_time (its form checked with the parameters) needs a margin."""
+        end_time = self.settings["ckpt_end_time"]
+        if end_time is None:
+            return
+        if self.settings["ckpt_walltime_margin"] == 0:
+            raise ParameterValueError(
+                f"parameter 'ckpt_end_time' is {end_time!r} but 'ckpt_walltime_margin' is 0 "
+                f"(the wall-clock stop is off); expected a margin in seconds > 0, e.g. 60, "
+                f"or no ckpt_end_time")
+
+    def _check_walltime_agreement(self) -> None:
+        """A non-writer without a collective could not learn the writer's verdict."""
+        margin = self.settings["ckpt_walltime_margin"]
+        if margin > 0 and not self.is_writer and self.adapter.all_gather() is None:
+            raise ParameterValueError(
+                f"parameter 'ckpt_walltime_margin' is {margin:g} in a process that does not "
+                f"write the checkpoint (is_writer=False) and has no collective "
+                f"({self.adapter.adapter_name}) to learn the writer's decision to stop; "
+                f"expected 0 here: the writer would stop alone and the others wait for it "
+                f"forever (use ckpt_walltime_margin only where every process can agree)")
+
+    def _all_agree_to_stop(self, writer_says_stop: bool) -> bool:
+        """The writer's verdict, the same in every process of a multi-process job."""
+        all_gather = self.adapter.all_gather()
+        if all_gather is None:
+            return writer_says_stop
+        everyone = all_gather([int(self.is_writer), int(writer_says_stop)])
+        return any(is_writer and stop for is_writer, stop in everyone)
+
+    def _stop_walltime(self, epoch: int, saved: bool,
+                       estimate: StopEstimate | None) -> Preempted:
+        """Keep `epoch` on disk (unless the policy saved it), log why; the stop to raise."""
+        if self._watch is not None:
+            self._watch.uninstall()
+        if not self.is_writer:
+            message = (f"WALL-CLOCK STOP after epoch {epoch}: the checkpoint writer says the "
+                       f"next epoch would not finish before the job's end; exiting with "
+                       f"status {PREEMPTED_EXIT_STATUS}")
+            console_logger("save", self._verbose).warning(message)
+            return Preempted(message)
+        not_saving = self._not_saving()
+        if not_saving is not None:
+            kept = f"nothing saved: {not_saving}"
+        elif saved:
+            kept = f"epoch {epoch} is already on disk"
+        else:
+            self.checkpointer.save(self.checkpointer.decision_now(epoch, "wall-clock"),
+                                   self._capture)
+            kept = f"epoch {epoch} saved now"
+        self._wait_for_saves()
+        assert estimate is not None
+        message = (f"WALL-CLOCK STOP after epoch {epoch}: {estimate.describe()}; {kept}; "
+                   f"exiting with status {PREEMPTED_EXIT_STATUS} so that the job script "
+                   f"can requeue")
+        self.checkpointer.logger.warning(message)
+        return Preempted(message)
 
     def _wait_for_saves(self) -> None:
         """With ckpt_async: wait for the save in flight (raising its error)."""

@@ -15,7 +15,7 @@ from ..core.durable import WritebackStarter
 from ..core.logs import LibraryLogger
 from ..core.resume import Checkpoint
 from ..core.writer import WriterDecision, writer_decision
-from . import h5
+from . import deferred, h5
 from .distributed import (
     multi_worker_strategy,
     strategy_all_gather,
@@ -57,6 +57,9 @@ class KerasAdapter:
     def trains_in_lockstep(self) -> bool:
         return multi_worker_strategy(self.model) is not None
 
+    def state_exists(self) -> bool:
+        return not h5.is_unbuilt(self.model)
+
     def state_nbytes(self) -> int:
         return h5.state_nbytes(self.model, self.weights_only)
 
@@ -68,10 +71,21 @@ class KerasAdapter:
         h5.write(snapshot, path, progress=WritebackStarter(path))
         return h5.MODEL_FILE
 
-    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger) -> Restored:
+    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger, *,
+                weights_only: bool = False) -> Restored:
+        """Load `checkpoint` now, or hold it (`deferred`) while the model is unbuilt."""
+        if h5.is_unbuilt(self.model):
+            return deferred.hold(self.model, checkpoint, logger,
+                                 lambda: self.load(checkpoint, logger, weights_only=weights_only))
+        return self.load(checkpoint, logger, weights_only=weights_only)
+
+    def load(self, checkpoint: Checkpoint, logger: LibraryLogger, *,
+             weights_only: bool = False) -> Restored:
+        """Load the verified `checkpoint` into the built model (`h5.restore`)."""
         with strategy_scope(self.model):
             loaded = h5.restore(self.model, checkpoint.model_path,
-                                contents=checkpoint.model_contents, logger=logger)
+                                contents=checkpoint.model_contents, logger=logger,
+                                weights_only=weights_only)
         parts = ("weights",) + (("optimizer",) if loaded["optimizer_restored"] else ())
         return Restored.of(parts, rng_restored=loaded["rng_restored"],
                            exact=loaded["optimizer_restored"], missing="optimizer state",

@@ -9,6 +9,7 @@ import keras
 
 from ..core.logs import set_progress_line_open
 from ..core.session import TrainingSession
+from . import deferred
 from .adapter import KerasAdapter
 
 
@@ -31,6 +32,10 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         model.fit(x, y, validation_data=(xv, yv), epochs=params["epochs"],
                   initial_epoch=initial_epoch, callbacks=[ckpt])
 
+    If `restart()` found the model unbuilt (a subclassed model before its first call),
+    the callback loads the checkpoint it verified once fit has built the model, before
+    the first training step (`candle_ckpt.keras.deferred`).
+
     When fit starts at `initial_epoch > 0`, the callback reads that epoch's
     ckpt-info.json and continues its best-metric state, best epoch, keep-policy list
     and save times; epochs after it (a timeline abandoned by a rollback) are replaced as
@@ -46,12 +51,20 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     the callback handles that signal during fit: at the end of the running batch it
     stops, saves the last completed epoch if the interval skipped it (from a snapshot
     taken at that epoch's end), logs it and exits with status 75 (see
-    `candle_ckpt.core.preemption`).
+    `candle_ckpt.core.preemption`). With `ckpt_walltime_margin` it also stops that way at
+    an epoch end when the next epoch and a save would not finish before the job's end
+    (`candle_ckpt.core.walltime`).
 
     The writer holds an advisory lock on `ckpts/.lock` from the start of fit to its end
     (the kernel drops it if the process dies): a second job writing the same tree fails
-    in `on_train_begin` with a `WriterLockedError` naming the holder's pid, host and
-    start time. `restart()` does not take it.
+    with a `WriterLockedError` naming the holder's pid, host and start time, in
+    `restart()` (which checks the lock before reading anything, without taking it) or
+    else in `on_train_begin`.
+
+    A `ckpt_save_best_metric` that is a near miss of a metric the model reports is
+    refused at the end of the first batch (Keras builds its metrics in the first step,
+    so their names are not known in `on_train_begin`); any other name missing from
+    the epoch's logs at the end of the first epoch that can be saved, before the save.
 
     With `ckpt_async`, the training thread only copies the state to host memory (one
     extra copy of weights and optimizer variables, checked against available memory
@@ -77,10 +90,14 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
                                        is_writer=is_writer)
         self.checkpointer = self.session.checkpointer
         self._progress_bar = False
+        self._metrics_checked = False
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        # fit(verbose=1), or "auto" (1 here), redraws one line of stdout per batch
-        self._progress_bar = self.params.get("verbose") in (1, "auto")
+        # fit(verbose=1), or "auto" (1 here), redraws one line of stdout per batch; a
+        # callback driven by hand, outside fit, has no params
+        self._progress_bar = (self.params or {}).get("verbose") in (1, "auto")
+        self._metrics_checked = False
+        deferred.load_when_built(self.model)
         weights_only = self.session.settings["ckpt_save_weights_only"]
         self.session.begin(KerasAdapter(self.model, weights_only))
 
@@ -90,6 +107,15 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.session.epoch_begin(epoch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if not self._metrics_checked:
+            # Keras 3 builds the compiled metrics in the first train step, so their
+            # names are first known here, not in on_train_begin; validation reports
+            # each of them again with a val_ prefix.
+            self._metrics_checked = True
+            names = list(logs or {})
+            self.session.check_metric_names(
+                names + [f"val_{name}" for name in names],
+                "the metrics this model reports (val_* with validation data)")
         if self._progress_bar:
             set_progress_line_open(True)
         self.session.batch_end(batch)

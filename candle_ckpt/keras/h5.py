@@ -92,9 +92,12 @@ from candle_ckpt.core.direct_io import anonymous_memory, write_at
 from candle_ckpt.core.errors import CheckpointFormatError
 from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
 from candle_ckpt.hdf5 import as_oserror, raised_by_h5py
+from candle_ckpt.hdf5 import attr_str as _attr_str
 from candle_ckpt.hdf5 import dataset as _dataset
 from candle_ckpt.hdf5 import dataset_array as _array
 from candle_ckpt.hdf5 import group as _group
+from candle_ckpt.hdf5 import has_names as _has_names
+from candle_ckpt.hdf5 import read_names as _read_names
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1
@@ -156,8 +159,10 @@ def snapshot(model, weights_only=False, copy=True, into=None):
     first time than memory numpy allocates page by page.
 
     An optimizer that was never built is built first (``restore`` does the same), so
-    that the file always holds its slot variables. Raises ValueError if `weights_only`
-    is false and the model has no optimizer.
+    that the file always holds its slot variables; not while the model itself is
+    unbuilt (`is_unbuilt`: a subclassed model before its first call), since an optimizer
+    built without the model's variables refuses them at the first step. Raises
+    ValueError if `weights_only` is false and the model has no optimizer.
     """
     optimizer = None
     if not weights_only:
@@ -166,7 +171,8 @@ def snapshot(model, weights_only=False, copy=True, into=None):
             raise ValueError(
                 f"cannot snapshot the optimizer state of model '{model.name}': it has no "
                 f"optimizer; compile it first, or pass weights_only=True")
-        _build_optimizer(model)
+        if not is_unbuilt(model):
+            _build_optimizer(model)
     layer_names = tuple(layer.name for layer in model.layers)
     if into is not None and (into.layer_names, into.weights_only) != (layer_names,
                                                                        bool(weights_only)):
@@ -278,8 +284,11 @@ def _write_file(state, path, progress):
     write_at(path, direct, progress)
 
 
-def restore(model, path, *, contents=None, logger=None):
+def restore(model, path, *, contents=None, logger=None, weights_only=False):
     """Load `path` into the built and compiled `model`: weights, optimizer, RNG state.
+
+    With `weights_only` (a warm start from another run's checkpoint) only the layers'
+    weights are loaded: the optimizer and the SeedGenerator states stay as they are.
 
     Everything is read and checked against the model (layer count and names, weight
     counts, shapes and dtypes, optimizer and SeedGenerator variables) before the first
@@ -307,9 +316,11 @@ def restore(model, path, *, contents=None, logger=None):
             version = _format_version(f, path)
             ours = version is not None
             pairs = _plan_weights(f, model, path, ours, log)
-            pairs += _plan_rng(f, model, path, ours, log)
-            optimizer = _plan_optimizer(f, model, path, version, log)
-            pairs += optimizer or []
+            optimizer = None
+            if not weights_only:
+                pairs += _plan_rng(f, model, path, ours, log)
+                optimizer = _plan_optimizer(f, model, path, version, log)
+                pairs += optimizer or []
             values = [_array(dataset, contents, path) for _, dataset in pairs]
     except CheckpointFormatError:
         raise
@@ -327,11 +338,18 @@ def restore(model, path, *, contents=None, logger=None):
     for layer in model._flatten_layers(include_self=False):
         if hasattr(layer, "finalize_state") and layer.weights:
             layer.finalize_state()
-    return {"optimizer_restored": optimizer is not None, "rng_restored": ours,
+    return {"optimizer_restored": optimizer is not None,
+            "rng_restored": ours and not weights_only,
             "legacy": not ours, "nbytes": sum(v.nbytes for v in values)}
 
 
 # -- what the model holds ------------------------------------------------------------
+
+def is_unbuilt(model):
+    """Whether some layer of `model` has not created its variables yet (Keras' own test
+    in `Trainer._symbolic_build`)."""
+    return not all(layer.built for layer in model._flatten_layers())
+
 
 def _legacy_weights(layer):
     # The order Keras' h5 layout uses, which differs from layer.weights.
@@ -587,22 +605,3 @@ def _same_name(saved, current):
 def _major(version):
     head = version.split(".", 1)[0]
     return int(head) if head.isdigit() else 0
-
-
-def _has_names(group, key):
-    return key in group.attrs or f"{key}0" in group.attrs
-
-
-def _read_names(group, key):
-    """A name list written whole or split in chunks (key0, key1, ...), as Keras does."""
-    if key in group.attrs:
-        chunks = [group.attrs[key]]
-    else:
-        chunks = []
-        while f"{key}{len(chunks)}" in group.attrs:
-            chunks.append(group.attrs[f"{key}{len(chunks)}"])
-    return [_attr_str(n) for chunk in chunks for n in np.atleast_1d(chunk)]
-
-
-def _attr_str(value):
-    return value.decode("utf8") if isinstance(value, bytes) else str(value)

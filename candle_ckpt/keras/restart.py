@@ -31,6 +31,17 @@ def restart(gParameters: Mapping[str, Any], model: Any, verbose: bool = True,
     With `ckpt_restart_fallback`, a corrupt `last` is skipped for the newest earlier
     epoch that verifies.
 
+    Warm start (`ckpt_init_from`): when there is no checkpoint of the run's own, the
+    weights only (no optimizer, no RNG state) are loaded from that verified checkpoint
+    and None is returned, so training starts at epoch 0.
+
+    A model that is not built yet (a subclassed `keras.Model` whose layers create their
+    variables at its first call) cannot take the state now: the checkpoint is verified
+    and its info returned as always, and `CandleCheckpointCallback` loads the verified
+    bytes once fit has built the model, before the first training step
+    (`candle_ckpt.keras.deferred`); the restart log says so at both points. Pass the
+    callback to fit, or build the model first (call it on one batch).
+
     Several processes: every worker calls restart. Only the writer (see
     `candle_ckpt.core.writer`) logs to ckpt.log; the others log to the console. Under
     a multi-worker `tf.distribute` strategy the workers check, with a collective, that
@@ -39,7 +50,8 @@ def restart(gParameters: Mapping[str, Any], model: Any, verbose: bool = True,
 
     Args:
         gParameters: the parameter dict (every `ckpt_*` key is checked first).
-        model: a built and compiled Keras model of the same architecture.
+        model: a compiled Keras model of the same architecture (built, or built by
+            fit with CandleCheckpointCallback, see above).
         verbose: log INFO to the console too (everything goes to ckpt.log).
         is_writer: as for `CandleCheckpointCallback`: True/False, or None to detect.
 

@@ -21,7 +21,7 @@ from ..core import durable
 from ..core.errors import CheckpointError, CorruptCheckpointError
 from ..core.info import finite_or_none, is_legacy
 from ..core.layout import LINK_NAMES, CheckpointLayout
-from ..core.lock import WriterLock
+from ..core.lock import OPERATOR_REMEDY, WriterLock
 from ..core.logs import LibraryLogger
 from ..core.policies import epochs_to_keep
 from ..core.protocol import point_link
@@ -91,7 +91,7 @@ def as_the_writer(layout: CheckpointLayout, logger: LibraryLogger) -> Iterator[N
     Raises:
         WriterLockedError: a running job holds the lock (names its pid, host, start).
     """
-    lock = WriterLock(layout.ckpts, logger)
+    lock = WriterLock(layout.ckpts, logger, remedy=OPERATOR_REMEDY)
     lock.acquire()
     try:
         yield

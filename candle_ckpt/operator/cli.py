@@ -10,12 +10,13 @@ starts in a fraction of a second on a login node. DIR is a `ckpt_directory` (def
     candle-ckpt verify [DIR] [EPOCH | --all]        (default: last)
     candle-ckpt rollback [DIR] EPOCH [--dry-run]
     candle-ckpt prune [DIR] (--keep N [--mode linear|exponential] | --abandoned) [--dry-run]
+    candle-ckpt export [DIR] [EPOCH] --to PATH [--force]   (default: last)
 
 A single positional argument is an EPOCH if it is a number, `last` or `best`, else the
 DIR (write ./5 for a directory named 5).
 
 Exit status: 0 success; 1 a file listed in ckpt-info.json is missing or fails its
-size or CRC32 check (verify, rollback); 2 a usage error, a DIR that is not a checkpoint
+size or CRC32 check (verify, rollback, export); 2 a usage error, a DIR that is not a checkpoint
 tree, a missing epoch, a dangling or invalid link, an invalid ckpt-info.json. Errors
 are one line on stderr, never a traceback.
 """
@@ -101,7 +102,7 @@ def build_parser():
                      epilog="Exit status: 0 ok; 1 a file is missing or corrupt; 2 usage, "
                             "tree, link or format error.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                     metavar="{list,info,verify,rollback,prune}")
+                                     metavar="{list,info,verify,rollback,prune,export}")
     where = f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
 
     list_parser = commands.add_parser(
@@ -140,6 +141,16 @@ def build_parser():
                                    "spread exponentially")
     prune_parser.add_argument("--dry-run", action="store_true",
                               help="print what would be deleted, delete nothing")
+
+    export_parser = commands.add_parser(
+        "export", help="verify EPOCH, then write its weights for plain Keras "
+                       "(load_weights) or PyTorch (load_state_dict), with PATH.sha256")
+    export_parser.add_argument("where", nargs="*", metavar="ARG", help=where + " (default last)")
+    export_parser.add_argument("--to", required=True, metavar="PATH",
+                               help="the file to write: NAME.weights.h5 for Keras, e.g. "
+                                    "NAME.pt for PyTorch")
+    export_parser.add_argument("--force", action="store_true",
+                               help="replace PATH if it exists")
     return parser
 
 
@@ -395,8 +406,20 @@ def cmd_prune(args):
     return EXIT_OK
 
 
+def cmd_export(args):
+    """Verify one epoch (default last), then export its weights (see operator/export.py)."""
+    # Imported here: h5py (and torch for a PyTorch tree) load only for this command.
+    from .export import export_epoch, print_exported
+
+    directory, selector = _split_positionals(args.where, "export")
+    layout = open_tree(directory)
+    epoch = _select_epoch(layout, selector)
+    print_exported(export_epoch(layout, epoch, args.to, force=args.force), epoch)
+    return EXIT_OK
+
+
 COMMANDS = {"list": cmd_list, "info": cmd_info, "verify": cmd_verify,
-            "rollback": cmd_rollback, "prune": cmd_prune}
+            "rollback": cmd_rollback, "prune": cmd_prune, "export": cmd_export}
 
 
 def main(argv=None):

@@ -69,6 +69,9 @@ class TorchAdapter:
     def trains_in_lockstep(self) -> bool:
         return _group_size() > 1
 
+    def state_exists(self) -> bool:
+        return not state.uninitialized(self.objects)
+
     def state_nbytes(self) -> int:
         return state.state_nbytes(self.objects, self.weights_only)
 
@@ -80,6 +83,10 @@ class TorchAdapter:
         state.write(snapshot, path, progress=WritebackStarter(path))
         return state.MODEL_FILE
 
-    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger) -> Restored:
+    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger, *,
+                weights_only: bool = False) -> Restored:
+        if weights_only:
+            return state.restore_modules(self.objects, checkpoint.model_path,
+                                         checkpoint.model_contents)
         return state.restore(self.objects, checkpoint.model_path,
                              checkpoint.model_contents, logger)

@@ -84,7 +84,14 @@ class CandleCkptPyTorch:
 
         Call it after `set_model` (upstream passes the model again; it is not needed),
         or pass the set_model dict here. Everything is verified (checksums, the state
-        of each entry against its object) before the first value changes.
+        of each entry against its object) before the first value changes. Warm start
+        (`ckpt_init_from`): with no checkpoint of the run's own, only the registered
+        modules' weights are loaded from that source, and None is returned.
+
+        Lazy modules (`torch.nn.LazyLinear`...) need no first batch: loading
+        materialises their parameters from the file's shapes, in place, so an optimizer
+        made from the uninitialised parameters holds the loaded ones and the resume is
+        exact.
 
         Returns:
             The ckpt-info.json dict (`J["epoch"]`: epochs completed), or None.

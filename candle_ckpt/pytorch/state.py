@@ -55,12 +55,11 @@ import torch
 from ..core.adapter import Restored
 from ..core.errors import CheckpointFormatError
 from ..core.logs import LibraryLogger
-from ..hdf5 import InMemoryFile, as_oserror, dataset, dataset_array, group
+from ..hdf5 import HDF5_MAGIC, InMemoryFile, as_oserror, dataset, dataset_array, group
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1
 FORMAT_ATTR = "candle_ckpt_torch_format_version"
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NUMPY_PREFIX = "numpy:"
 
 
@@ -81,6 +80,15 @@ class TrainingState:
 
 def is_generator(value: Any) -> bool:
     return isinstance(value, torch.Generator)
+
+
+def uninitialized(objects: Mapping[str, Any]) -> list[str]:
+    """"entry.key" of every parameter or buffer a lazy module (`torch.nn.LazyLinear`...)
+    has not initialised yet: it gets its shape, in place, at the module's first call."""
+    return [f"{name}.{key}" for name, value in objects.items()
+            if isinstance(value, torch.nn.Module)
+            for key, tensor in value.state_dict().items()
+            if torch.nn.parameter.is_lazy(tensor)]
 
 
 def object_states(objects: Mapping[str, Any], weights_only: bool) -> dict:
@@ -105,6 +113,8 @@ def state_nbytes(objects: Mapping[str, Any], weights_only: bool) -> int:
 
     def count(value: Any) -> None:
         nonlocal total
+        if isinstance(value, torch.Tensor) and torch.nn.parameter.is_lazy(value):
+            return  # no size yet (state_exists says so)
         if isinstance(value, torch.Tensor):
             total += value.numel() * value.element_size()
         elif isinstance(value, np.ndarray):
@@ -136,6 +146,11 @@ def snapshot(objects: Mapping[str, Any], weights_only: bool = False, copy: bool 
 
     def array_of(value: Any, path: str) -> int:
         if isinstance(value, torch.Tensor):
+            if torch.nn.parameter.is_lazy(value):
+                raise CheckpointFormatError(
+                    f"cannot save {path}: an uninitialised parameter of a lazy module "
+                    f"(torch.nn.LazyLinear...), which has no shape until the module's "
+                    f"first call; call the model on a batch before the first save")
             if value.layout != torch.strided or value.is_quantized:
                 raise CheckpointFormatError(
                     f"cannot save {path}: a {value.layout} tensor ({value.dtype}); expected "
@@ -357,8 +372,11 @@ def check_state(name: str, obj: Any, saved: Any, path: str) -> None:
     """Raise CheckpointFormatError unless `saved` fits the registered object `obj`.
 
     A module: the same keys, shapes and dtypes (`load_state_dict` would copy part of
-    them before failing). An optimizer: as many parameter groups and parameters. A
-    generator: a state tensor like its own. Anything else: the same top-level keys.
+    them before failing); an uninitialised parameter of a lazy module takes the file's
+    shape (`load_state_dict` materialises it, in place, so an optimizer made before
+    holds the very Parameter), only its dtype is checked. An optimizer: as many
+    parameter groups and parameters. A generator: a state tensor like its own.
+    Anything else: the same top-level keys.
     """
     where = f"'{path}': entry '{name}'"
     if is_generator(obj):
@@ -382,6 +400,13 @@ def check_state(name: str, obj: Any, saved: Any, path: str) -> None:
                 f"the same way (and wrapped, e.g. in DistributedDataParallel, the same)?")
         for key, tensor in current.items():
             found = saved[key]
+            if torch.nn.parameter.is_lazy(tensor):
+                if not isinstance(found, torch.Tensor) or found.dtype != tensor.dtype:
+                    raise CheckpointFormatError(
+                        f"{where}, '{key}': {_describe(found)} in the file, the model's "
+                        f"uninitialised (lazy) parameter is "
+                        f"{str(tensor.dtype).removeprefix('torch.')}")
+                continue
             if not isinstance(found, torch.Tensor) or (found.shape, found.dtype) != (
                     tensor.shape, tensor.dtype):
                 raise CheckpointFormatError(
@@ -414,8 +439,13 @@ def check_rng(rng: dict, path: str) -> None:
 
 def apply(objects: Mapping[str, Any], state: dict, path: str, logger: LibraryLogger
           ) -> None:
-    """Load checked `state` into the objects and the global random generators."""
-    for name, saved in state["objects"].items():
+    """Load checked `state` into the objects and the global random generators.
+
+    Modules first: loading one materialises its lazy parameters, which an optimizer's
+    `load_state_dict` needs to cast its state to (their dtype and device)."""
+    entries = sorted(state["objects"].items(),
+                     key=lambda item: not isinstance(objects[item[0]], torch.nn.Module))
+    for name, saved in entries:
         obj = objects[name]
         if is_generator(obj):
             obj.set_state(saved)
@@ -474,13 +504,15 @@ def restore(objects: Mapping[str, Any], path: str, contents: memoryview,
 UPSTREAM_KEYS = {"model": "model_state_dict", "optimizer": "optimizer_state_dict"}
 
 
-def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
-                     ) -> Restored:
-    """Restore the weights and optimizer of upstream CANDLE's ``model.h5`` torch pickle.
+def load_upstream(path: str, contents: memoryview) -> dict:
+    """Upstream CANDLE's ``model.h5`` torch pickle, read with `torch.load(weights_only=True)`.
 
-    Read with `torch.load(weights_only=True)`, whose unpickler builds tensors and plain
-    containers only: a file asking for any other object (a `__reduce__` payload) is
-    refused before anything is built from it.
+    Its unpickler builds tensors and plain containers only: a file asking for any other
+    object (a `__reduce__` payload) is refused before anything is built from it.
+
+    Raises:
+        CheckpointFormatError: not such a pickle, or not upstream's dict with
+            'model_state_dict'.
     """
     try:
         loaded = torch.load(io.BytesIO(contents), map_location="cpu", weights_only=True)
@@ -499,6 +531,14 @@ def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
         raise CheckpointFormatError(
             f"'{path}' is a torch.save file holding {found}; expected upstream CANDLE's "
             f"dict with 'model_state_dict' (and 'optimizer_state_dict')")
+    return loaded
+
+
+def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
+                     ) -> Restored:
+    """Restore the weights and optimizer of upstream CANDLE's ``model.h5`` torch pickle
+    (read by `load_upstream`, which never unpickles anything but tensors)."""
+    loaded = load_upstream(path, contents)
     plan = [(name, key) for name, key in UPSTREAM_KEYS.items()
             if name in objects and key in loaded]
     if not plan or plan[0][0] != "model":
@@ -513,3 +553,74 @@ def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
                     missing=" or ".join(lacking) + " state (upstream CANDLE saves none)",
                     source="upstream CANDLE torch pickle, read with "
                            "torch.load(weights_only=True)")
+
+
+def saved_module_states(path: str, contents: memoryview) -> dict[str, Any]:
+    """{entry name: state dict} of every module a verified model file holds.
+
+    A candle_ckpt file: the entries saved as a module's state dict (an OrderedDict, as
+    `Module.state_dict` returns; optimizers, schedulers and generators are not). An
+    upstream CANDLE torch pickle: its 'model_state_dict', as entry "model".
+    """
+    if bytes(contents[:len(HDF5_MAGIC)]) != HDF5_MAGIC:
+        return {"model": load_upstream(path, contents)[UPSTREAM_KEYS["model"]]}
+    state, _ = read(contents, path)
+    return {name: saved for name, saved in state["objects"].items()
+            if isinstance(saved, collections.OrderedDict)}
+
+
+def restore_modules(objects: Mapping[str, Any], path: str, contents: memoryview
+                    ) -> Restored:
+    """Load only the weights of the registered modules from the verified file `contents`
+    (a warm start, `ckpt_init_from`): each `torch.nn.Module` from the entry of its name;
+    optimizers, schedulers, generators and random states are left as they are.
+
+    Every module is checked against its entry before the first `load_state_dict`.
+    """
+    modules = {name: value for name, value in objects.items()
+               if isinstance(value, torch.nn.Module)}
+    if not modules:
+        raise CheckpointFormatError(f"set_model registered no torch.nn.Module to load the "
+                                    f"weights of '{path}' into")
+    saved = saved_module_states(path, contents)
+    missing = sorted(set(modules) - set(saved))
+    if missing:
+        raise CheckpointFormatError(
+            f"'{path}' holds the weights of modules {sorted(saved)}; set_model registered "
+            f"modules {sorted(modules)}, of which {missing} are not in the file. Register "
+            f"the model under the name the parent run used")
+    for name, module in modules.items():
+        check_state(name, module, saved[name], path)
+    for name, module in modules.items():
+        module.load_state_dict(saved[name])
+    return Restored(parts=tuple(modules), exact=False,
+                    missing="optimizer, scheduler or RNG state (a warm start loads weights "
+                            "only)")
+
+
+def write_module_weights(contents: memoryview, source: str, destination: str) -> str:
+    """Write the model's state dict from the verified model file `contents` (of `source`)
+    with `torch.save` at `destination`, for plain
+    `net.load_state_dict(torch.load(destination, weights_only=True))`. Does not fsync.
+
+    The entry registered as "model" is written, else the file's only module.
+
+    Returns:
+        The name of the entry written.
+
+    Raises:
+        CheckpointFormatError: the file is unreadable, or holds no module or several
+            without one named "model".
+    """
+    modules = saved_module_states(source, contents)
+    if "model" in modules:
+        name = "model"
+    elif len(modules) == 1:
+        name = next(iter(modules))
+    else:
+        raise CheckpointFormatError(
+            f"'{source}' holds the state dicts of modules {sorted(modules)}; none is "
+            f"registered as 'model', so which one to export is not known"
+            if modules else f"'{source}' holds no module state dict to export")
+    torch.save(modules[name], destination)
+    return name

@@ -1,0 +1,175 @@
+"""The examples as a user runs them (issue 13, frictions 2, 3, 6, 9, 10): the README's
+snippets are the quickstart files and resume exactly; the benchmarks show effective
+defaults, stop on a refusal with one line and a documented status, hold back
+TensorFlow's startup lines and save-and-stop on Ctrl-C."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+from keras_helpers import datasets
+from keras_job import SMALL
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(TOP, "examples")
+ENV = dict(os.environ, PYTHONPATH=TOP, OMP_NUM_THREADS="1")
+ENV.pop("CANDLE_CKPT_FAULT", None)
+TORCH_SMALL = [*SMALL, "--lr_step", "2"]
+
+
+def run(*command, cwd=TOP, expect=0):
+    result = subprocess.run([sys.executable, *map(str, command)], capture_output=True,
+                            text=True, env=ENV, cwd=cwd, timeout=300)
+    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def readme_block(section, language):
+    """The first ```language block after the README heading `section`."""
+    with open(os.path.join(TOP, "README.md")) as stream:
+        text = stream.read()
+    start = text.index(f"\n## {section}\n")
+    match = re.compile(rf"^```{language}\n(.*?)^```$", re.S | re.M).search(text, start)
+    return match.group(1)
+
+
+@pytest.mark.parametrize("section, file", [
+    ("Using it in a benchmark", "quickstart.py"),
+    ("Using it in a PyTorch benchmark", "quickstart_pytorch.py")])
+def test_the_readme_snippet_is_the_quickstart_file(section, file):
+    with open(os.path.join(EXAMPLES, file)) as stream:
+        assert readme_block(section, "python") == stream.read()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file, framework", [("quickstart.py", "keras"),
+                                             ("quickstart_pytorch.py", "torch")])
+def test_the_quickstart_resumes_bit_for_bit(tmp_path, file, framework):
+    pytest.importorskip(framework)
+    script = os.path.join(EXAMPLES, file)
+    first = run(script, "--epochs", "2", cwd=tmp_path)
+    assert "no checkpoint to restart from" in first.stderr
+    resumed = run(script, "--epochs", "3", cwd=tmp_path)
+    assert "restarted from epoch 2" in resumed.stderr
+    run(script, "--epochs", "3", "--ckpt_directory", tmp_path / "whole", cwd=tmp_path)
+    tree = "save_quickstart" if framework == "keras" else "save_quickstart_pytorch"
+    ours = datasets(tmp_path / tree / "ckpts" / "epochs" / "003" / "model.h5")
+    theirs = datasets(tmp_path / "whole" / "ckpts" / "epochs" / "003" / "model.h5")
+    if framework == "torch":
+        # Python's and numpy's generator states (in the JSON part, and numpy's array):
+        # the quickstart draws from neither and seeds neither, so fresh processes differ
+        for state in (ours, theirs):
+            rng = dict(json.loads(state.pop("state").tobytes())["rng"]["dict"])
+            del state[f"tensors/{rng['numpy']['tuple'][1]['ndarray']}"]
+    assert sorted(ours) == sorted(theirs) and len(ours) > 2
+    for name in ours:
+        assert ours[name].tobytes() == theirs[name].tobytes(), name
+
+
+@pytest.mark.parametrize("file", ["benchmark.py", "benchmark_pytorch.py"])
+def test_help_shows_the_parameter_files_defaults(file):
+    text = " ".join(run(os.path.join(EXAMPLES, file), "--help").stdout.split())
+    assert "--ckpt_keep_limit CKPT_KEEP_LIMIT" in text
+    assert "(default: 3)" in text and "1000000" not in text  # the file's, not the table's
+    assert "train up to this (1-based) epoch (default: 8)" in text
+    assert "--batch_size BATCH_SIZE (default: 64)" in text
+    assert "--ckpt_signal {off,USR1,USR2,TERM,INT}" in text
+    assert re.search(r"--config_file CONFIG_FILE CANDLE parameter file .*default_model", text)
+
+
+def corrupt_last(root):
+    last = os.path.join(root, "ckpts", "last")
+    path = os.path.join(last, "model.h5")
+    with open(path, "r+b") as stream:
+        stream.seek(os.path.getsize(path) // 2)
+        byte = stream.read(1)
+        stream.seek(-1, os.SEEK_CUR)
+        stream.write(bytes([byte[0] ^ 0x01]))
+
+
+def error_lines(stderr):
+    """stderr without the library's log records: what the example itself printed."""
+    return [line for line in stderr.splitlines()
+            if line and not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ candle_ckpt", line)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file, small, framework", [
+    ("benchmark.py", SMALL, "keras"), ("benchmark_pytorch.py", TORCH_SMALL, "torch")])
+def test_a_refused_restart_is_one_line_and_status_3(tmp_path, file, small, framework):
+    pytest.importorskip(framework)
+    script, root = os.path.join(EXAMPLES, file), tmp_path / "save"
+    first = run(script, *small, "--epochs", "2", "--ckpt_directory", root)
+    assert "absl::InitializeLog" not in first.stderr and "I0000" not in first.stderr
+    assert "failed call to cuInit" not in first.stderr or os.path.exists("/dev/nvidia0")
+    assert error_lines(first.stderr) == []  # nothing but the library's records
+    corrupt_last(root)
+    refused = run(script, *small, "--epochs", "3", "--ckpt_directory", root, expect=3)
+    lines = error_lines(refused.stderr)
+    assert len(lines) == 1, refused.stderr
+    assert lines[0].startswith(f"{file}: ChecksumMismatchError: checksum mismatch in '")
+    assert "--ckpt_restart_fallback true" in lines[0] and "candle-ckpt rollback" in lines[0]
+    with open(root / "ckpt.log") as stream:
+        assert "RESTART REFUSED: checksum mismatch" in stream.read()
+    run(script, *small, "--epochs", "3", "--ckpt_directory", root,
+        "--ckpt_restart_fallback", "true")
+
+
+@pytest.mark.slow
+def test_a_locked_tree_is_status_4_before_anything_is_read(tmp_path):
+    pytest.importorskip("keras")
+    script, root = os.path.join(EXAMPLES, "benchmark.py"), tmp_path / "save"
+    run(script, *SMALL, "--epochs", "1", "--ckpt_directory", root)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom candle_ckpt.core.lock import "
+         "WriterLock\nfrom candle_ckpt.core.logs import silent_logger\nlock = WriterLock("
+         "sys.argv[1], silent_logger())\nlock.acquire()\nprint('locked', flush=True)\n"
+         "time.sleep(600)", str(root / "ckpts")], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        refused = run(script, *SMALL, "--epochs", "2", "--ckpt_directory", root, expect=4)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "restarted from" not in refused.stderr
+    lines = error_lines(refused.stderr)
+    assert len(lines) == 1 and f"pid {holder.pid} on host" in lines[0], refused.stderr
+
+
+@pytest.mark.slow
+def test_a_mistyped_metric_stops_at_the_first_batch_with_status_2(tmp_path):
+    pytest.importorskip("keras")
+    script, root = os.path.join(EXAMPLES, "benchmark.py"), tmp_path / "save"
+    refused = run(script, *SMALL, "--epochs", "2", "--ckpt_directory", root,
+                  "--ckpt_save_best_metric", "val_mean_absolute_errors", expect=2)
+    lines = error_lines(refused.stderr)
+    assert len(lines) == 1, refused.stderr
+    assert "did you mean 'val_mean_absolute_error'?" in lines[0]
+    assert "'val_loss'" in lines[0] and "'mean_absolute_error'" in lines[0]
+    assert "val_loss:" not in refused.stdout  # no epoch ended
+    assert not os.path.exists(root / "ckpts" / "epochs") or not os.listdir(
+        root / "ckpts" / "epochs")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_stops_with_status_75_by_default(tmp_path):
+    pytest.importorskip("keras")
+    job = [sys.executable, os.path.join(TOP, "tests", "keras_job.py"),
+           "--ckpt_directory", str(tmp_path / "save"), "--epochs", "4"]
+    process = subprocess.Popen([*job, "--pause_at", "2:3", "--ckpt_save_interval", "3"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=ENV)
+    for line in process.stdout:
+        if line.startswith("PAUSED"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    assert "KeyboardInterrupt" not in stderr and "PRE-EMPTED by SIGINT" in stderr
+    assert os.readlink(tmp_path / "save" / "ckpts" / "last") == "epochs/001"
+    resumed = subprocess.run(job, capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0 and "restarted from epoch 1" in resumed.stderr
