@@ -37,7 +37,7 @@ def test_lazily_built_model_killed_during_epoch_4_resumes_bit_identical(
     resumed = run_job(ckpt_dir, *flags)
     log = open(ckpt_dir / "ckpt.log").read()
     deferral = log.index(f"restart from epoch {restart_epoch}: ")
-    loaded = log.index(f"restarted from epoch {restart_epoch}: loaded ", deferral)
+    loaded = log.index(f"restarted from epoch {restart_epoch}: read and verified ", deferral)
     assert "load deferred: model 'lazy_mlp' has no variables yet" in log[deferral:loaded]
     assert "(weights, optimizer, RNG)" in log[loaded:].splitlines()[0]
     assert "deferred until fit built the model, before its first step" in resumed.stderr
@@ -121,7 +121,7 @@ def test_restart_into_an_unbuilt_model_defers_and_fit_resumes_exactly(tmp_path):
         assert np.array_equal(a, b)
     log = open(tmp_path / "save" / "ckpt.log").read()
     assert "restart from epoch 2: " in log and "load deferred" in log
-    assert "restarted from epoch 2: loaded " in log
+    assert "restarted from epoch 2: read and verified " in log
     assert "deferred until fit built the model, before its first step" in log
 
 
