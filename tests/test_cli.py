@@ -12,10 +12,10 @@ import sys
 import zlib
 
 import pytest
-from conftest import file_writer
+from conftest import as_format1, file_writer
 from keras_helpers import run_job
 
-from candle_ckpt.core.info import read_info
+from candle_ckpt.core.info import read_info, write_info
 from candle_ckpt.core.layout import CheckpointLayout
 from candle_ckpt.core.policies import epochs_to_keep
 
@@ -63,8 +63,8 @@ def flip_byte(path, offset=3):
         stream.write(bytes([byte[0] ^ 0xFF]))
 
 
-def listing(layout):
-    return json.loads(cli("list", layout.root, "--json").stdout)
+def listing(layout, *options):
+    return json.loads(cli("list", layout.root, "--json", *options).stdout)
 
 
 # -- list -------------------------------------------------------------------------
@@ -75,10 +75,12 @@ def test_list_marks_last_best_abandoned_epochs_and_a_leftover_save(tree):
     os.makedirs(tree.work)              # a save was killed
     lines = cli("list", tree.root).stdout.splitlines()
     assert lines[:2] == [tree.root, "last -> epochs/003   best -> epochs/004"]
-    assert lines[2].split() == ["epoch", "size", "saved", "at", "best", "loss", "checksum"]
+    assert lines[2].split() == ["epoch", "size", "saved", "at", "loss", "best", "loss",
+                                "checksum"]
     rows = {int(line.split()[0]): line.split() for line in lines[3:8]}
     assert sorted(rows) == [1, 2, 3, 4, 5]
-    assert rows[2][1:3] == ["7", "B"] and rows[2][5:] == ["1", "not", "verified"]
+    assert rows[2][1:3] == ["7", "B"] and rows[2][5:] == ["1", "1", "not", "verified"]
+    assert rows[3][5:7] == ["2", "1"]  # the epoch's own loss, then the best so far
     assert rows[3][-1] == "last" and rows[4][-2:] == ["best", "abandoned"]
     assert rows[5][-1] == "abandoned" and rows[1][-1] == "verified"
     assert lines[8].startswith("abandoned: epochs 4-5 lie after last")
@@ -187,8 +189,39 @@ def test_info_prints_the_validated_json_of_last_best_or_an_epoch(tree, tmp_path)
 
 
 def test_info_prints_lists_of_numbers_on_one_line(tree):
+    write_info(tree.epoch_dir(5), as_format1(read_info(tree.epoch_dir(5)), range(1, 6)))
     lines = cli("info", tree.root).stdout.splitlines()
-    assert ' "epochs_saved": [1, 2, 3, 4, 5],' in lines and lines[0] == "{"
+    assert ' "epochs_saved": [1, 2, 3, 4, 5]' in lines and lines[0] == "{"
+
+
+def test_list_shows_another_metric_and_names_the_recorded_ones(make_checkpointer, ckpt_dir):
+    checkpointer = make_checkpointer(epochs=3)
+    for epoch in (1, 2, 3):
+        checkpointer.epoch_end(epoch, {"loss": 1.0 / epoch, "acc": epoch / 10},
+                               file_writer())
+    rows = listing(CheckpointLayout(ckpt_dir), "--metric", "acc")["epochs"]
+    assert [row["value"] for row in rows] == [0.1, 0.2, 0.3]
+    assert rows[0]["metrics"] == {"loss": 1.0, "acc": 0.1}
+    assert "acc" in cli("list", ckpt_dir, "--metric", "acc").stdout.splitlines()[2]
+    error = cli("list", ckpt_dir, "--metric", "val_loss", expect=2).stderr
+    assert "'val_loss'" in error and "recorded: acc, loss" in error
+
+
+def test_a_tree_of_format1_then_format2_epochs_works_in_every_command(tree, tmp_path):
+    """Epochs 1-3 as candle_ckpt 0.2 wrote them (format 1), 4-5 format 2."""
+    for epoch in (1, 2, 3):
+        write_info(tree.epoch_dir(epoch),
+                   as_format1(read_info(tree.epoch_dir(epoch)), range(1, epoch + 1)))
+    rows = listing(tree)["epochs"]
+    assert [row["format_version"] for row in rows] == [1, 1, 1, 2, 2]
+    assert [row["value"] for row in rows] == [None, None, None, 0.5, 4.0]
+    assert cli("list", tree.root).stdout.splitlines()[3].split()[5] == "-"
+    assert cli("info", tree.root, "2").stdout.count('"format_version": 1') == 1
+    assert "ok" in cli("verify", tree.root, "--all").stdout
+    assert "pointed last -> epochs/002" in cli("rollback", tree.root, "2").stdout
+    assert (tree.resolve_link("last"), tree.resolve_link("best")) == (2, 2)
+    assert cli("prune", tree.root, "--abandoned").stdout == "deleted 3 epochs: 3-5\n"
+    assert cli("prune", tree.root, "--keep", "1").stdout == "deleted 1 epoch: 1\n"
 
 
 def test_info_of_an_invalid_json_names_the_key(tree):
@@ -447,13 +480,19 @@ def test_benchmark_tree_is_what_the_library_writes(make_checkpointer, ckpt_dir, 
     bench = bench_cli_list.build_tree(str(tmp_path / "bench"), 30)
     checkpointer = make_checkpointer(epochs=30, ckpt_save_best_metric="val_loss")
     for epoch in range(1, 31):
-        checkpointer.epoch_end(epoch, {"val_loss": 1.0 / epoch}, file_writer())
+        checkpointer.epoch_end(epoch, {"loss": 1.0, "val_loss": 1.0 / epoch,
+                                       "accuracy": 0.5}, file_writer())
     real = CheckpointLayout(ckpt_dir)
     for epoch in (1, 30):
         ours, theirs = (read_info(layout.epoch_dir(epoch)) for layout in (bench, real))
-        assert list(ours) == list(theirs) and ours["epochs_saved"] == theirs["epochs_saved"]
+        assert list(ours) == list(theirs) and ours["format_version"] == 2
         assert ours["files"] == theirs["files"]
     assert len(listing(bench)["epochs"]) == 30
+    shapes = []
+    for layout in (bench, real):
+        with open(os.path.join(layout.ckpts, "history.jsonl")) as stream:
+            shapes.append([(line["kind"], sorted(line)) for line in map(json.loads, stream)])
+    assert shapes[0] == shapes[1] and len(shapes[0]) == 61
 
 
 @pytest.mark.parametrize("command", [("rollback", "2"), ("prune", "--keep", "1")])

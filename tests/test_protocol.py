@@ -127,7 +127,8 @@ def test_resume_continues_best_and_repairs_best_after_rollback(make_checkpointer
     run(checkpointer, [3.5], start=4)                        # worse than 3.0
     assert layout.resolve_link("best") == 3 and layout.resolve_link("last") == 4
     info = read_info(layout.epoch_dir(4))
-    assert info["epochs_saved"] == [1, 2, 3, 4] and info["epoch_best"] == 3
+    assert checkpointer.run_epochs == [1, 2, 3, 4] and info["epoch_best"] == 3
+    assert info["format_version"] == 2 and "epochs_saved" not in info
     assert isinstance(info["time_elapsed"], float)
 
 
