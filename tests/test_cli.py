@@ -512,3 +512,82 @@ def test_rollback_and_prune_refuse_while_a_training_job_writes(tree, command):
     assert f"pid {os.getpid()}" in result.stderr and "held by another writer" in result.stderr
     assert (layout.list_epochs(), os.readlink(layout.link("last"))) == before
     cli(command[0], layout.root, *command[1:])  # the job has ended: allowed
+
+
+# -- history and plot -------------------------------------------------------------
+
+
+@pytest.fixture
+def rolled_back(make_checkpointer, ckpt_dir):
+    """Epochs 1-6 (loss 6..1), rolled back to 4, then 5-8 again: 2 abandoned epochs."""
+    run(make_checkpointer(epochs=8), [6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    layout = CheckpointLayout(ckpt_dir)
+    cli("rollback", ckpt_dir, "4")
+    checkpointer = make_checkpointer(epochs=8)
+    checkpointer.resume(read_info(layout.epoch_dir(4)))
+    run(checkpointer, [2.5, 2.0, 1.5, 1.0], start=5)
+    return layout
+
+
+def test_history_table_json_and_csv(rolled_back):
+    lines = cli("history", rolled_back.root).stdout.splitlines()
+    assert lines[1].split()[:5] == ["epoch", "run", "finished", "(UTC)", "loss"]
+    rows = [line.split() for line in lines[2:-1]]
+    assert [row[0] for row in rows] == ["1", "2", "3", "4", "5", "6", "5", "6", "7", "8"]
+    assert rows[4][-1] == "abandoned" and rows[5][-1] == "abandoned"
+    assert rows[-1][-2:] == ["last", "best"]
+    assert lines[-1] == ("2 runs, 8 epochs on the live timeline, 2 abandoned "
+                         "(runs resumed from epochs 4)")
+    found = json.loads(cli("history", rolled_back.root, "--json").stdout)
+    assert [e["epoch"] for e in found["epochs"] if not e["abandoned"]] == list(range(1, 9))
+    assert found["runs"][1]["resumed_from"] == 4 and found["rewinds"] == [4]
+    live = json.loads(cli("history", rolled_back.root, "--json", "--live").stdout)["epochs"]
+    assert [e["metrics"]["loss"] for e in live][3:] == [3.0, 2.5, 2.0, 1.5, 1.0]
+    csv_lines = cli("history", rolled_back.root, "--csv").stdout.splitlines()
+    assert csv_lines[0] == ("epoch,run_id,time,loss,train_seconds,saved,save_seconds,"
+                            "abandoned")
+    assert len(csv_lines) == 11 and csv_lines[5].endswith(",1")
+
+
+def test_history_warns_about_damage_and_goes_on(rolled_back):
+    with open(os.path.join(rolled_back.ckpts, "history.jsonl"), "ab") as stream:
+        stream.write(b"not json\n{\"kind\":\"epoch\"")
+    result = cli("history", rolled_back.root)
+    assert "candle-ckpt: warning: " in result.stderr and "line 23 is not JSON" in result.stderr
+    assert "8 epochs on the live timeline" in result.stdout
+
+
+def test_history_of_a_tree_without_one(tree):
+    os.unlink(os.path.join(tree.ckpts, "history.jsonl"))
+    assert "no epoch recorded" in cli("history", tree.root).stdout
+
+
+def test_plot_draws_a_text_chart_with_marks(rolled_back):
+    lines = cli("plot", rolled_back.root).stdout.splitlines()
+    assert lines[0] == "loss over epochs 1-8 (8 live, 2 abandoned)"
+    chart = "\n".join(lines)
+    assert "*" in chart and "x" in chart
+    marks = next(line for line in lines if "L" in line and "R" in line).strip()
+    assert marks == "sssRsssL"
+
+
+def test_plot_of_a_metric_no_epoch_has_lists_the_metrics(rolled_back):
+    error = cli("plot", rolled_back.root, "--metric", "val_loss", expect=2).stderr
+    assert "'val_loss'" in error and "recorded metrics: loss" in error
+
+
+def test_plot_picture(rolled_back, tmp_path):
+    pytest.importorskip("matplotlib")
+    for name in ("curves.png", "curves.svg"):
+        cli("plot", rolled_back.root, "--out", tmp_path / name)
+        assert os.path.getsize(tmp_path / name) > 1000
+
+
+def test_plot_picture_without_matplotlib_names_the_extra(rolled_back, tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+        pytest.skip("matplotlib is installed")
+    except ImportError:
+        pass
+    error = cli("plot", rolled_back.root, "--out", tmp_path / "x.png", expect=2).stderr
+    assert "candle_ckpt[plot]" in error

@@ -202,18 +202,19 @@ def read_history(ckpts: str) -> History:
 
 
 def _parse_lines(path: str, lines: list[bytes], warnings: list[str]) -> list[Any]:
-    lines = [line for line in lines if line.strip()]
     try:  # one parse of the whole file is several times faster than one per line
-        return json.loads(b"[" + b",".join(lines) + b"]")
+        return json.loads(b"[" + b",".join(line for line in lines if line.strip()) + b"]")
     except (ValueError, RecursionError):
         pass
     records = []
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             records.append(json.loads(line))
         except (ValueError, RecursionError) as error:
-            _warn(warnings, f"{path}: a non-empty line ({number}) is not JSON ({error}); "
-                            f"skipped (a line torn by a kill, or damage)")
+            _warn(warnings, f"{path}: line {number} is not JSON ({error}); skipped (a line "
+                            f"torn by a kill, or damage)")
     return records
 
 
@@ -233,6 +234,8 @@ def _timelines(path: str, records: list[Any], warnings: list[str]) -> History:
     for number, record in enumerate(records, 1):
         try:
             kind = record["kind"]
+            if not isinstance(kind, str):
+                raise TypeError(f"'kind' is {kind!r}; expected a string")
             if kind == "epoch":
                 entry = EpochRecord(int(record["epoch"]), str(record["run_id"]),
                                     record.get("time"), dict(record["metrics"]),
@@ -258,6 +261,7 @@ def _timelines(path: str, records: list[Any], warnings: list[str]) -> History:
                     live.pop(epoch).abandoned = True
                 if left:
                     rewinds.append(after)
+            # another kind: a line of a later version, which this reader skips
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             _warn(warnings, f"{path}: record {number} is not a history line "
                             f"({type(error).__name__}: {error}); skipped")
