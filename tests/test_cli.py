@@ -567,8 +567,8 @@ def test_plot_draws_a_text_chart_with_marks(rolled_back):
     assert lines[0] == "loss over epochs 1-8 (8 live, 2 abandoned)"
     chart = "\n".join(lines)
     assert "*" in chart and "x" in chart
-    marks = next(line for line in lines if "L" in line and "R" in line).strip()
-    assert marks == "sssRsssL"
+    marks = next(line for line in lines if "L" in line and "R" in line).split()
+    assert marks == list("sssRsssL")  # saved 1-3, resumed from 4, saved 5-7, last 8
 
 
 def test_plot_of_a_metric_no_epoch_has_lists_the_metrics(rolled_back):
@@ -591,3 +591,12 @@ def test_plot_picture_without_matplotlib_names_the_extra(rolled_back, tmp_path):
         pass
     error = cli("plot", rolled_back.root, "--out", tmp_path / "x.png", expect=2).stderr
     assert "candle_ckpt[plot]" in error
+
+
+def test_history_marks_epochs_after_last_before_the_next_run(tree):
+    cli("rollback", tree.root, "3")
+    epochs = json.loads(cli("history", tree.root, "--json").stdout)["epochs"]
+    assert [(e["epoch"], e["after_last"]) for e in epochs] == [
+        (1, False), (2, False), (3, False), (4, True), (5, True)]
+    assert "3 epochs on the live timeline, 0 abandoned, 2 after last" in cli(
+        "history", tree.root).stdout

@@ -122,7 +122,10 @@ class EpochRecord:
 
     `abandoned` is True when a later run resumed from an earlier epoch (a restart after
     a kill re-trains the epochs after its checkpoint; a rollback abandons the epochs
-    after the epoch rolled back to). `saved` is True once a `saved` line followed.
+    after the epoch rolled back to). `after_last` is True for an epoch not abandoned yet
+    but after the epoch `last` names (`read_history(last=...)`): the next run resumes
+    from `last` and abandons it, unless it is a running job's epoch not saved yet.
+    `saved` is True once a `saved` line followed.
     """
     epoch: int
     run_id: str
@@ -132,6 +135,7 @@ class EpochRecord:
     saved: bool = False
     save_seconds: float | None = None
     abandoned: bool = False
+    after_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,8 +159,9 @@ class History:
 
     @property
     def live(self) -> list[EpochRecord]:
-        """The epochs of the live timeline, in epoch order, each once."""
-        return sorted((e for e in self.epochs if not e.abandoned), key=lambda e: e.epoch)
+        """The epochs of the live timeline up to `last`, in epoch order, each once."""
+        return sorted((e for e in self.epochs if not e.abandoned and not e.after_last),
+                      key=lambda e: e.epoch)
 
     @property
     def metric_names(self) -> list[str]:
@@ -173,8 +178,11 @@ def history_path(ckpts: str) -> str:
     return os.path.join(ckpts, HISTORY_FILE)
 
 
-def read_history(ckpts: str) -> History:
+def read_history(ckpts: str, last: int | None = None) -> History:
     """Read `<ckpts>/history.jsonl` (see the module docstring); never raises for damage.
+
+    `last`: the epoch the `last` link names, or None; live epochs after it are marked
+    `after_last`.
 
     Returns an empty `History` when the file does not exist (a tree written before the
     history existed, or by upstream CANDLE).
@@ -198,7 +206,12 @@ def read_history(ckpts: str) -> History:
     # kill, which is expected and not worth a warning.
     lines.pop()
     records = _parse_lines(path, lines, warnings)
-    return _timelines(path, records, warnings)
+    history = _timelines(path, records, warnings)
+    if last is not None:
+        for record in history.epochs:
+            if not record.abandoned and record.epoch > last:
+                record.after_last = True
+    return history
 
 
 def _parse_lines(path: str, lines: list[bytes], warnings: list[str]) -> list[Any]:

@@ -144,6 +144,15 @@ class CheckpointInfo:
         return None if self.metrics is None else self.metrics.get(name)
 
 
+def recorded_files(info: Mapping[str, Any]) -> dict[str, tuple[int | None, str | None]]:
+    """{file name: (size or None, CRC32 string or None)} of a ckpt-info dict of any
+    version; upstream files record only the model file's CRC32 (or __DISABLED__)."""
+    if is_legacy(info):
+        crc = info["checksum"]
+        return {info["model_file"]: (None, None if crc == CHECKSUM_DISABLED else crc)}
+    return {name: (entry["size"], entry["crc32"]) for name, entry in info["files"].items()}
+
+
 def checkpoint_info(info: Mapping[str, Any]) -> CheckpointInfo:
     """The `CheckpointInfo` of a validated ckpt-info dict of any version (or of the
     head of one that holds at least the upstream keys, as `candle-ckpt list` reads).
@@ -154,11 +163,7 @@ def checkpoint_info(info: Mapping[str, Any]) -> CheckpointInfo:
     """
     legacy = is_legacy(info)
     crc = info["checksum"]
-    if legacy:
-        files = {info["model_file"]: (None, None if crc == CHECKSUM_DISABLED else crc)}
-    else:
-        files = {name: (entry["size"], entry["crc32"])
-                 for name, entry in info["files"].items()}
+    files = recorded_files(info)
     saved = info.get("epochs_saved")
     metrics = info.get("metrics")
     return CheckpointInfo(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from .checksum import crc32_file, read_file
 from .errors import ChecksumMismatchError, CorruptCheckpointError
-from .info import checkpoint_info
+from .info import recorded_files
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,6 @@ class FileCheck:
                     f"ckpt-info.json records {self.expected_crc32}")
         state = "ok" if self.actual_crc32 is not None else "not verified (no CRC32 recorded)"
         return f"{self.path}: {state}"
-
-
-def recorded_files(info):
-    """{file name: (size or None, CRC32 string or None)} of a new or legacy ckpt-info dict."""
-    return dict(checkpoint_info(info).files)
 
 
 def check_files(epoch_dir, info, checksums=True, progress=None, keep=None):

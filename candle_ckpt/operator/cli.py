@@ -163,7 +163,7 @@ def build_parser():
     output.add_argument("--json", action="store_true", help="print JSON for scripts")
     output.add_argument("--csv", action="store_true", help="print CSV (one row per epoch)")
     history_parser.add_argument("--live", action="store_true",
-                                help="only the live timeline (no abandoned epochs)")
+                                help="only the live timeline up to last (no abandoned epochs)")
 
     plot_parser = commands.add_parser(
         "plot", help="metric curves over epochs, last, best, saved epochs and rollbacks "
@@ -474,7 +474,7 @@ def cmd_prune(args):
 def _read_tree_history(directory):
     """(layout, History) of the tree in `directory`; damage is warned about on stderr."""
     layout = open_tree(directory)
-    history = read_history(layout.ckpts)
+    history = read_history(layout.ckpts, link_state(layout, "last").epoch)
     for warning in history.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return layout, history
@@ -502,7 +502,8 @@ def cmd_history(args):
             "epochs": [{"epoch": r.epoch, "run_id": r.run_id, "time": r.time,
                         "metrics": r.metrics, "train_seconds": r.train_seconds,
                         "saved": r.saved, "save_seconds": r.save_seconds,
-                        "abandoned": r.abandoned} for r in records]}))
+                        "abandoned": r.abandoned, "after_last": r.after_last}
+                       for r in records]}))
         return EXIT_OK
     if args.csv:
         import csv
@@ -523,15 +524,19 @@ def cmd_history(args):
     for r in records:
         flags = [flag for flag, on in (("last", r.epoch == last and not r.abandoned),
                                        ("best", r.epoch == best and not r.abandoned),
-                                       ("abandoned", r.abandoned)) if on]
+                                       ("abandoned", r.abandoned),
+                                       ("after last", r.after_last)) if on]
         lines.append([str(r.epoch), r.run_id[:8], str(r.time or "-"),
                       *(_number(r.metrics.get(n)) for n in names), _seconds(r.train_seconds),
                       _seconds(r.save_seconds) if r.saved else "-", " ".join(flags)])
     right = {0, *range(3, 3 + len(names) + 2)}
     out = [history.path, *_aligned(lines, right=right)]
     abandoned = sum(r.abandoned for r in history.epochs)
+    after_last = sum(r.after_last for r in history.epochs)
     out.append(f"{_count(len(history.runs), 'run')}, {_count(len(history.live), 'epoch')} "
                f"on the live timeline, {abandoned} abandoned"
+               + (f", {after_last} after last (the next run resumes from last)"
+                  if after_last else "")
                + (f" (runs resumed from epochs {describe_epochs(history.rewinds)})"
                   if history.rewinds else ""))
     sys.stdout.write("\n".join(out) + "\n")

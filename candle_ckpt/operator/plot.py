@@ -57,10 +57,10 @@ def _points(records: list[EpochRecord], metric: str) -> list[tuple[int, float]]:
 
 
 def _abandoned_timelines(history: History) -> list[list[EpochRecord]]:
-    """The abandoned epochs grouped by run, in file order."""
+    """The abandoned epochs and those after `last`, grouped by run, in file order."""
     groups: dict[str, list[EpochRecord]] = {}
     for record in history.epochs:
-        if record.abandoned:
+        if record.abandoned or record.after_last:
             groups.setdefault(record.run_id, []).append(record)
     return list(groups.values())
 
@@ -77,10 +77,15 @@ def text_chart(history: History, metric: str, marks: Marks,
     last = max(e for e, _ in every)
     low = min(v for _, v in every)
     high = max(v for _, v in every)
-    columns = max(1, min(width, last - first + 1))
+    span = last - first
+    # Few epochs are spread over the width; many share columns.
+    step = max(1, (width - 1) // span) if 0 < span < width else 1
+    columns = span * step + 1 if span < width else width
 
     def column(epoch: int) -> int:
-        return 0 if last == first else (epoch - first) * (columns - 1) // (last - first)
+        if span < width:
+            return (epoch - first) * step
+        return (epoch - first) * (columns - 1) // span
 
     def row(value: float) -> int:
         return 0 if high == low else round((high - value) * (height - 1) / (high - low))
@@ -107,8 +112,8 @@ def text_chart(history: History, metric: str, marks: Marks,
     lines.append(f"{'':>{margin}} +{'-' * columns}")
     lines.append(f"{'':>{margin}}  {''.join(marker_row)}".rstrip())
     lines.append(f"{'':>{margin}}  {first:<{max(columns - len(str(last)), 1)}}{last}")
-    lines.append("* live timeline   x abandoned (after a restart or rollback)   s saved   "
-                 "R resumed from   B best   L last")
+    lines.append("* live timeline   x abandoned (after a restart or rollback) or after "
+                 "last   s saved   R resumed from   B best   L last")
     return lines
 
 
