@@ -250,9 +250,11 @@ def _timelines(path: str, records: list[Any], warnings: list[str]) -> History:
             if not isinstance(kind, str):
                 raise TypeError(f"'kind' is {kind!r}; expected a string")
             if kind == "epoch":
+                metrics = record["metrics"]
+                if type(metrics) is not dict:
+                    raise TypeError(f"'metrics' is {metrics!r}; expected an object")
                 entry = EpochRecord(int(record["epoch"]), str(record["run_id"]),
-                                    record.get("time"), dict(record["metrics"]),
-                                    record.get("train_seconds"))
+                                    record.get("time"), metrics, record.get("train_seconds"))
                 previous = live.get(entry.epoch)
                 if previous is not None:  # a run recorded the same epoch twice
                     previous.abandoned = True

@@ -336,9 +336,10 @@ def _table(rows, metric):
 def _aligned(lines, right=()):
     """Rows of cells as text columns; the columns in `right` are right-aligned."""
     widths = [max(map(len, column)) for column in zip(*lines)]
-    return ["  ".join(cell.rjust(width) if index in right else cell.ljust(width)
-                      for index, (cell, width) in enumerate(zip(line, widths))).rstrip()
-            for line in lines]
+    # One format string for every row: `history` aligns 100 000 rows.
+    row = "  ".join(("{:>%d}" if index in right else "{:<%d}") % width
+                    for index, width in enumerate(widths))
+    return [row.format(*line).rstrip() for line in lines]
 
 
 # -- commands ---------------------------------------------------------------------
@@ -371,7 +372,7 @@ def cmd_info(args):
     directory, selector = _split_positionals(args.where, "info")
     layout = open_tree(directory)
     text = json.dumps(read_epoch_info(layout, _select_epoch(layout, selector)), indent=1)
-    # epochs_saved names every epoch of the run: one line, not 10 000
+    # a format 1 epochs_saved names every epoch of the run: one line, not 10 000
     print(_NUMBER_LIST.sub(lambda match: json.dumps(json.loads(match.group())), text))
     return EXIT_OK
 
