@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from .checksum import crc32_file, read_file
 from .errors import ChecksumMismatchError, CorruptCheckpointError
-from .info import CHECKSUM_DISABLED, is_legacy
+from .info import recorded_files
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,6 @@ class FileCheck:
                     f"ckpt-info.json records {self.expected_crc32}")
         state = "ok" if self.actual_crc32 is not None else "not verified (no CRC32 recorded)"
         return f"{self.path}: {state}"
-
-
-def recorded_files(info):
-    """{file name: (size or None, CRC32 string or None)} of a new or legacy ckpt-info dict."""
-    if is_legacy(info):
-        crc = info["checksum"]
-        return {info["model_file"]: (None, None if crc == CHECKSUM_DISABLED else crc)}
-    return {name: (entry["size"], entry["crc32"]) for name, entry in info["files"].items()}
 
 
 def check_files(epoch_dir, info, checksums=True, progress=None, keep=None):
