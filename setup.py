@@ -1,5 +1,5 @@
 """Install candle_ckpt: `pip install .` (`-e` to develop; `.[test]` adds pytest, ruff, mypy;
-`.[torch]` the PyTorch adapter's torch)."""
+`.[torch]` the PyTorch adapter's torch; `.[plot]` matplotlib, for `candle-ckpt plot --out`)."""
 
 import re
 from pathlib import Path
@@ -36,6 +36,7 @@ setup(
     # torch is pinned: on these machines `torch==2.13.0` resolves to the CPU build already
     # on disk, while a bare `torch` or an open range downloads a multi-GB CUDA build.
     extras_require={"test": ["pytest>=7", "ruff==0.17.6", "mypy==2.4.1"],
-                    "torch": ["torch==2.13.0"]},
+                    "torch": ["torch==2.13.0"],
+                    "plot": ["matplotlib>=3.5"]},
     entry_points={"console_scripts": ["candle-ckpt = candle_ckpt.operator.cli:main"]},
 )

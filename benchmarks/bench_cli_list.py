@@ -1,22 +1,25 @@
-"""How long `candle-ckpt list` takes on a tree of 10 000 epochs.
+"""How long `candle-ckpt list` and `candle-ckpt history` take on trees of many epochs.
 
-    python benchmarks/bench_cli_list.py [--epochs 10000] [--repeat 5] [--keep]
+    python benchmarks/bench_cli_list.py [--epochs 10000 100000] [--repeat 5] [--keep]
 
-Builds, in a temporary directory, the tree a 10 000-epoch run leaves with the default
-keep policy (every epoch kept): tiny model files, and each ckpt-info.json exactly as the
-library writes it, including `epochs_saved`, which lists every epoch of the run so far
-(the file of epoch 10 000 is ~80 kB, the tree ~400 MB of JSON). Then it times:
+Builds, in a temporary directory, the tree a run of N epochs leaves with the default
+keep policy (every epoch kept): tiny model files, each ckpt-info.json exactly as the
+library writes it (format 2: its size does not depend on N), and the history file with
+the lines the run appends (a start line, then an epoch and a saved line per epoch).
+For each N it prints:
 
-- `candle-ckpt list DIR` as a subprocess (what an operator waits for: interpreter start,
-  imports, survey, printing), the figure the README quotes, target <= 0.5 s;
-- the survey in-process, and the baseline it replaces: `json.load` of every whole
-  ckpt-info.json (no schema validation, which is slower still);
-
-and prints medians and the ratio measured in the same run, and the command.
+- the bytes of ckpt-info.json in the tree (target <= 20 MB at 10 000 epochs), and what
+  format 1 held for the same tree, computed from its per-file size (each file listed
+  every epoch so far in `epochs_saved`);
+- `candle-ckpt list DIR` and `candle-ckpt history DIR` as subprocesses (what an
+  operator waits for: interpreter start, imports, reading, printing), medians;
+  targets: list <= 0.1 s at 10 000 and <= 1 s at 100 000 epochs, history <= 0.5 s at
+  100 000;
+- the baseline measured in the same run: a Python interpreter that imports nothing
+  (`python -c pass`), and the ratio of each command to it.
 """
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -30,13 +33,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from candle_ckpt.core.checkpointer import Checkpointer  # noqa: E402
-from candle_ckpt.core.info import TIMESTAMP_FORMAT, encode_info, read_info  # noqa: E402
+from candle_ckpt.core.history import HISTORY_FILE, history_line, utc_time  # noqa: E402
+from candle_ckpt.core.info import TIMESTAMP_FORMAT, info_file_bytes, read_info  # noqa: E402
 from candle_ckpt.core.layout import INFO_FILE, CheckpointLayout  # noqa: E402
 from candle_ckpt.core.policies import BestMetric  # noqa: E402
 from candle_ckpt.core.protocol import point_link  # noqa: E402
-from candle_ckpt.operator.inventory import survey  # noqa: E402
 
 PAYLOAD = b"weights"
+# What `epochs_saved` added to a format 1 file per listed epoch: ",\n  N" with indent 1.
+FORMAT1_BYTES_PER_LISTED_EPOCH = len(",\n  ") + 4
 
 
 def write_payload(directory):
@@ -51,59 +56,50 @@ def template_info(scratch):
     checkpointer = Checkpointer({"ckpt_directory": scratch, "epochs": 2,
                                  "ckpt_save_best_metric": "val_loss"}, logger=None)
     for epoch in (1, 2):
-        checkpointer.epoch_end(epoch, {"val_loss": 1.0}, write_payload)
+        checkpointer.epoch_end(epoch, {"loss": 1.0, "val_loss": 1.0, "accuracy": 0.5},
+                               write_payload)
     info = read_info(checkpointer.layout.epoch_dir(2))
     shutil.rmtree(scratch)
     return info
 
 
-def _epochs_saved_text(lines, count):
-    # json.dumps(indent=1) of a list of ints one level deep, as encode_info writes it.
-    return "[\n" + ",\n".join(lines[:count]) + "\n ]"
-
-
 def build_tree(root, epochs):
-    """Write the tree of an `epochs`-epoch run that kept every epoch; return its layout.
+    """Write the tree and history of an `epochs`-epoch run that kept every epoch.
 
     Each record is the record of a real save (`template_info`) with the fields that
-    change from epoch to epoch replaced, written by `encode_info`. Encoding a 10 000-long
-    `epochs_saved` 10 000 times is slow in the pure-Python indenting encoder, so the
-    list's text is spliced in; the splice is checked against `encode_info` of the full
-    record at a few epochs.
+    change from epoch to epoch replaced, encoded by the library's own `info_file_bytes`;
+    each history line by its `history_line`. Returns the layout.
     """
     template = template_info(root + ".template")
     layout = CheckpointLayout(root)
     os.makedirs(layout.epochs)
     best = BestMetric("val_loss", "min")
-    lines = ["  %d" % epoch for epoch in range(1, epochs + 1)]
-    checks = {1, 2, min(epochs, 1000), epochs}
+    run = {"run_id": template["run_id"], "run_started": template["run_started"],
+           "lineage_id": template["lineage_id"]}
+    lines = [history_line({"kind": "start", **run, "resumed_from": None})]
     for epoch in range(1, epochs + 1):
         # A loss that falls and plateaus with noise, so `best` lags behind `last`.
-        best.update(1.0 / epoch ** 0.5 + 0.05 * ((epoch * 7919) % 13) / 13, epoch)
+        loss = 1.0 / epoch ** 0.5 + 0.05 * ((epoch * 7919) % 13) / 13
+        best.update(loss, epoch)
+        metrics = {"loss": loss * 0.9, "val_loss": loss, "accuracy": 1.0 - loss / 2}
         info = {**template, "epoch": epoch, "best_metric_last": best.value,
-                "epoch_best": best.epoch, "epochs_saved": [epoch],
+                "epoch_best": best.epoch, "metrics": metrics,
                 "timestamp": time.strftime(TIMESTAMP_FORMAT)}
-        text = encode_info(info).decode("utf-8").replace(
-            '"epochs_saved": ' + _epochs_saved_text(["  %d" % epoch], 1),
-            '"epochs_saved": ' + _epochs_saved_text(lines, epoch))
-        if epoch in checks:
-            assert text.encode("utf-8") == encode_info(
-                {**info, "epochs_saved": list(range(1, epoch + 1))}), epoch
         directory = layout.epoch_dir(epoch)
         os.mkdir(directory)
         write_payload(directory)
-        with open(os.path.join(directory, INFO_FILE), "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with open(os.path.join(directory, INFO_FILE), "wb") as stream:
+            stream.write(info_file_bytes(info))
+        lines.append(history_line({"kind": "epoch", "run_id": run["run_id"], "epoch": epoch,
+                                   "time": utc_time(time.time()), "metrics": metrics,
+                                   "train_seconds": 1.234567}))
+        lines.append(history_line({"kind": "saved", "run_id": run["run_id"], "epoch": epoch,
+                                   "reason": "interval", "save_seconds": 0.012345}))
+    with open(os.path.join(layout.ckpts, HISTORY_FILE), "wb") as stream:
+        stream.write(b"".join(lines))
     point_link(layout, "best", best.epoch)
     point_link(layout, "last", epochs)
     return layout
-
-
-def load_every_file_whole(layout):
-    """The baseline: parse every ckpt-info.json whole, as a naive `list` would."""
-    for epoch in layout.list_epochs():
-        with open(os.path.join(layout.epoch_dir(epoch), INFO_FILE), "rb") as stream:
-            json.load(stream)
 
 
 def timed(function, repeat):
@@ -119,47 +115,57 @@ def timed(function, repeat):
     return statistics.median(walls), min(walls), max(walls), statistics.median(cpus)
 
 
+def _command(*args):
+    # The installed console script when there is one next to this Python, else -m.
+    script = os.path.join(os.path.dirname(sys.executable), "candle-ckpt")
+    return ([script] if os.path.exists(script) else
+            [sys.executable, "-m", "candle_ckpt"]) + list(args)
+
+
+def measure(top, epochs, repeat):
+    started = time.perf_counter()
+    layout = build_tree(os.path.join(top, f"save{epochs}"), epochs)
+    sizes = [os.path.getsize(os.path.join(layout.epoch_dir(e), INFO_FILE))
+             for e in layout.list_epochs()]
+    format1 = sum(size + FORMAT1_BYTES_PER_LISTED_EPOCH * epoch
+                  for epoch, size in enumerate(sizes, 1))
+    print(f"tree: {epochs} epochs built in {time.perf_counter() - started:.1f} s; "
+          f"ckpt-info.json: {sum(sizes)} bytes ({sum(sizes) / 1e6:.1f} MB, largest file "
+          f"{max(sizes)} bytes); format 1 would hold about {format1 / 1e6:.0f} MB; "
+          f"history.jsonl {os.path.getsize(os.path.join(layout.ckpts, HISTORY_FILE))} bytes")
+    environment = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    results = {}
+    for name, command in [("python -c pass", [sys.executable, "-c", "pass"]),
+                          ("list", _command("list", layout.root)),
+                          ("history", _command("history", layout.root))]:
+        def run(command=command):
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment)
+        run()  # warm the page cache and the bytecode cache
+        results[name] = timed(run, repeat)
+        wall = results[name]
+        print(f"  {' '.join(command)}: wall median {wall[0]:.3f} s (min {wall[1]:.3f}, "
+              f"max {wall[2]:.3f}), CPU {wall[3]:.3f} s; "
+              f"/ python -c pass = {wall[0] / results['python -c pass'][0]:.1f}")
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10000)
+    parser.add_argument("--epochs", type=int, nargs="+", default=[10000, 100000])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--keep", action="store_true", help="keep the tree and print its path")
+    parser.add_argument("--keep", action="store_true", help="keep the trees and print where")
     args = parser.parse_args(argv)
     top = tempfile.mkdtemp(prefix="bench_cli_list.")
     try:
-        started = time.perf_counter()
-        layout = build_tree(os.path.join(top, "save"), args.epochs)
-        json_bytes = sum(os.path.getsize(os.path.join(layout.epoch_dir(e), INFO_FILE))
-                         for e in layout.list_epochs())
-        print(f"tree: {args.epochs} epochs, {json_bytes / 1e6:.0f} MB of ckpt-info.json, "
-              f"built in {time.perf_counter() - started:.1f} s")
-        # The installed console script when there is one next to this Python, else -m.
-        script = os.path.join(os.path.dirname(sys.executable), "candle-ckpt")
-        command = ([script] if os.path.exists(script) else
-                   [sys.executable, "-m", "candle_ckpt"]) + ["list", layout.root]
-        environment = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
-
-        def run_cli():
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment)
-
-        run_cli()  # warm the page cache and the bytecode cache
         load = os.getloadavg()[0]
-        cli = timed(run_cli, args.repeat)
-        inside = timed(lambda: survey(layout), args.repeat)
-        baseline = timed(lambda: load_every_file_whole(layout), args.repeat)
-        print(f"{' '.join(command)}: wall median {cli[0]:.3f} s (min {cli[1]:.3f}, "
-              f"max {cli[2]:.3f}), CPU {cli[3]:.3f} s; target <= 0.5 s wall")
-        print(f"survey in-process: median {inside[0]:.3f} s (min {inside[1]:.3f}, "
-              f"max {inside[2]:.3f})")
-        print(f"baseline, json.load of every whole ckpt-info.json: median {baseline[0]:.3f} s "
-              f"(min {baseline[1]:.3f}, max {baseline[2]:.3f}); survey / baseline = "
-              f"{inside[0] / baseline[0]:.3f}")
-        print(f"load average before: {load:.2f} on {os.cpu_count()} cores, "
-              f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
-        print(f"reproduce: python benchmarks/bench_cli_list.py --epochs {args.epochs} "
-              f"--repeat {args.repeat}")
+        for epochs in args.epochs:
+            measure(top, epochs, args.repeat)
+        print(f"load average before: {load:.2f} on {os.cpu_count()} cores, after: "
+              f"{os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
+        print(f"reproduce: python benchmarks/bench_cli_list.py --epochs "
+              f"{' '.join(map(str, args.epochs))} --repeat {args.repeat}")
         if args.keep:
-            print(f"tree kept in {layout.root}")
+            print(f"trees kept in {top}")
     finally:
         if not args.keep:
             shutil.rmtree(top)

@@ -55,7 +55,7 @@ from candle_ckpt.core.verify import verify_files  # noqa: E402
 # after_trash_rename comes after after_last, whose kill leaves no work/ to delete, so it
 # stops the keep policy's deletion.
 FAULTS = (f"{POINTS[0]}:2",) + tuple(f"{point}:1" for point in POINTS[1:])
-_KNOWN = {"epochs", "work", "trash", "last", "best", ".lock"}
+_KNOWN = {"epochs", "work", "trash", "last", "best", ".lock", "history.jsonl"}
 
 
 class SoakFailure(AssertionError):

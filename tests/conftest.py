@@ -40,6 +40,17 @@ def direct_writer(payload=b"weights", name="model.h5"):
     return write_files
 
 
+FORMAT2_ONLY_KEYS = ("metrics", "train_seconds", "save_seconds", "run_id", "run_started",
+                     "lineage_id", "lineage_format1_epoch", "init_from")
+
+
+def as_format1(info, epochs_saved):
+    """A format_version 1 ckpt-info dict made from a version 2 one, as candle_ckpt
+    0.2 wrote it: without the version 2 keys, with the run's `epochs_saved`."""
+    old = {key: value for key, value in info.items() if key not in FORMAT2_ONLY_KEYS}
+    return {**old, "format_version": 1, "epochs_saved": list(epochs_saved)}
+
+
 @pytest.fixture
 def ckpt_dir(tmp_path):
     return str(tmp_path / "save")

@@ -12,10 +12,10 @@ import sys
 import zlib
 
 import pytest
-from conftest import file_writer
+from conftest import as_format1, file_writer
 from keras_helpers import run_job
 
-from candle_ckpt.core.info import read_info
+from candle_ckpt.core.info import read_info, write_info
 from candle_ckpt.core.layout import CheckpointLayout
 from candle_ckpt.core.policies import epochs_to_keep
 
@@ -63,8 +63,8 @@ def flip_byte(path, offset=3):
         stream.write(bytes([byte[0] ^ 0xFF]))
 
 
-def listing(layout):
-    return json.loads(cli("list", layout.root, "--json").stdout)
+def listing(layout, *options):
+    return json.loads(cli("list", layout.root, "--json", *options).stdout)
 
 
 # -- list -------------------------------------------------------------------------
@@ -75,10 +75,12 @@ def test_list_marks_last_best_abandoned_epochs_and_a_leftover_save(tree):
     os.makedirs(tree.work)              # a save was killed
     lines = cli("list", tree.root).stdout.splitlines()
     assert lines[:2] == [tree.root, "last -> epochs/003   best -> epochs/004"]
-    assert lines[2].split() == ["epoch", "size", "saved", "at", "best", "loss", "checksum"]
+    assert lines[2].split() == ["epoch", "size", "saved", "at", "loss", "best", "loss",
+                                "checksum"]
     rows = {int(line.split()[0]): line.split() for line in lines[3:8]}
     assert sorted(rows) == [1, 2, 3, 4, 5]
-    assert rows[2][1:3] == ["7", "B"] and rows[2][5:] == ["1", "not", "verified"]
+    assert rows[2][1:3] == ["7", "B"] and rows[2][5:] == ["1", "1", "not", "verified"]
+    assert rows[3][5:7] == ["2", "1"]  # the epoch's own loss, then the best so far
     assert rows[3][-1] == "last" and rows[4][-2:] == ["best", "abandoned"]
     assert rows[5][-1] == "abandoned" and rows[1][-1] == "verified"
     assert lines[8].startswith("abandoned: epochs 4-5 lie after last")
@@ -187,8 +189,39 @@ def test_info_prints_the_validated_json_of_last_best_or_an_epoch(tree, tmp_path)
 
 
 def test_info_prints_lists_of_numbers_on_one_line(tree):
+    write_info(tree.epoch_dir(5), as_format1(read_info(tree.epoch_dir(5)), range(1, 6)))
     lines = cli("info", tree.root).stdout.splitlines()
-    assert ' "epochs_saved": [1, 2, 3, 4, 5],' in lines and lines[0] == "{"
+    assert ' "epochs_saved": [1, 2, 3, 4, 5]' in lines and lines[0] == "{"
+
+
+def test_list_shows_another_metric_and_names_the_recorded_ones(make_checkpointer, ckpt_dir):
+    checkpointer = make_checkpointer(epochs=3)
+    for epoch in (1, 2, 3):
+        checkpointer.epoch_end(epoch, {"loss": 1.0 / epoch, "acc": epoch / 10},
+                               file_writer())
+    rows = listing(CheckpointLayout(ckpt_dir), "--metric", "acc")["epochs"]
+    assert [row["value"] for row in rows] == [0.1, 0.2, 0.3]
+    assert rows[0]["metrics"] == {"loss": 1.0, "acc": 0.1}
+    assert "acc" in cli("list", ckpt_dir, "--metric", "acc").stdout.splitlines()[2]
+    error = cli("list", ckpt_dir, "--metric", "val_loss", expect=2).stderr
+    assert "'val_loss'" in error and "recorded: acc, loss" in error
+
+
+def test_a_tree_of_format1_then_format2_epochs_works_in_every_command(tree, tmp_path):
+    """Epochs 1-3 as candle_ckpt 0.2 wrote them (format 1), 4-5 format 2."""
+    for epoch in (1, 2, 3):
+        write_info(tree.epoch_dir(epoch),
+                   as_format1(read_info(tree.epoch_dir(epoch)), range(1, epoch + 1)))
+    rows = listing(tree)["epochs"]
+    assert [row["format_version"] for row in rows] == [1, 1, 1, 2, 2]
+    assert [row["value"] for row in rows] == [None, None, None, 0.5, 4.0]
+    assert cli("list", tree.root).stdout.splitlines()[3].split()[5] == "-"
+    assert cli("info", tree.root, "2").stdout.count('"format_version": 1') == 1
+    assert "ok" in cli("verify", tree.root, "--all").stdout
+    assert "pointed last -> epochs/002" in cli("rollback", tree.root, "2").stdout
+    assert (tree.resolve_link("last"), tree.resolve_link("best")) == (2, 2)
+    assert cli("prune", tree.root, "--abandoned").stdout == "deleted 3 epochs: 3-5\n"
+    assert cli("prune", tree.root, "--keep", "1").stdout == "deleted 1 epoch: 1\n"
 
 
 def test_info_of_an_invalid_json_names_the_key(tree):
@@ -447,13 +480,19 @@ def test_benchmark_tree_is_what_the_library_writes(make_checkpointer, ckpt_dir, 
     bench = bench_cli_list.build_tree(str(tmp_path / "bench"), 30)
     checkpointer = make_checkpointer(epochs=30, ckpt_save_best_metric="val_loss")
     for epoch in range(1, 31):
-        checkpointer.epoch_end(epoch, {"val_loss": 1.0 / epoch}, file_writer())
+        checkpointer.epoch_end(epoch, {"loss": 1.0, "val_loss": 1.0 / epoch,
+                                       "accuracy": 0.5}, file_writer())
     real = CheckpointLayout(ckpt_dir)
     for epoch in (1, 30):
         ours, theirs = (read_info(layout.epoch_dir(epoch)) for layout in (bench, real))
-        assert list(ours) == list(theirs) and ours["epochs_saved"] == theirs["epochs_saved"]
+        assert list(ours) == list(theirs) and ours["format_version"] == 2
         assert ours["files"] == theirs["files"]
     assert len(listing(bench)["epochs"]) == 30
+    shapes = []
+    for layout in (bench, real):
+        with open(os.path.join(layout.ckpts, "history.jsonl")) as stream:
+            shapes.append([(line["kind"], sorted(line)) for line in map(json.loads, stream)])
+    assert shapes[0] == shapes[1] and len(shapes[0]) == 61
 
 
 @pytest.mark.parametrize("command", [("rollback", "2"), ("prune", "--keep", "1")])
@@ -475,3 +514,91 @@ def test_rollback_and_prune_refuse_while_a_training_job_writes(tree, command):
     assert "ckpt_directory" not in result.stderr
     assert (layout.list_epochs(), os.readlink(layout.link("last"))) == before
     cli(command[0], layout.root, *command[1:])  # the job has ended: allowed
+
+
+# -- history and plot -------------------------------------------------------------
+
+
+@pytest.fixture
+def rolled_back(make_checkpointer, ckpt_dir):
+    """Epochs 1-6 (loss 6..1), rolled back to 4, then 5-8 again: 2 abandoned epochs."""
+    run(make_checkpointer(epochs=8), [6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    layout = CheckpointLayout(ckpt_dir)
+    cli("rollback", ckpt_dir, "4")
+    checkpointer = make_checkpointer(epochs=8)
+    checkpointer.resume(read_info(layout.epoch_dir(4)))
+    run(checkpointer, [2.5, 2.0, 1.5, 1.0], start=5)
+    return layout
+
+
+def test_history_table_json_and_csv(rolled_back):
+    lines = cli("history", rolled_back.root).stdout.splitlines()
+    assert lines[1].split()[:5] == ["epoch", "run", "finished", "(UTC)", "loss"]
+    rows = [line.split() for line in lines[2:-1]]
+    assert [row[0] for row in rows] == ["1", "2", "3", "4", "5", "6", "5", "6", "7", "8"]
+    assert rows[4][-1] == "abandoned" and rows[5][-1] == "abandoned"
+    assert rows[-1][-2:] == ["last", "best"]
+    assert lines[-1] == ("2 runs, 8 epochs on the live timeline, 2 abandoned "
+                         "(runs resumed from epochs 4)")
+    found = json.loads(cli("history", rolled_back.root, "--json").stdout)
+    assert [e["epoch"] for e in found["epochs"] if not e["abandoned"]] == list(range(1, 9))
+    assert found["runs"][1]["resumed_from"] == 4 and found["rewinds"] == [4]
+    live = json.loads(cli("history", rolled_back.root, "--json", "--live").stdout)["epochs"]
+    assert [e["metrics"]["loss"] for e in live][3:] == [3.0, 2.5, 2.0, 1.5, 1.0]
+    csv_lines = cli("history", rolled_back.root, "--csv").stdout.splitlines()
+    assert csv_lines[0] == ("epoch,run_id,time,loss,train_seconds,saved,save_seconds,"
+                            "abandoned")
+    assert len(csv_lines) == 11 and csv_lines[5].endswith(",1")
+
+
+def test_history_warns_about_damage_and_goes_on(rolled_back):
+    with open(os.path.join(rolled_back.ckpts, "history.jsonl"), "ab") as stream:
+        stream.write(b"not json\n{\"kind\":\"epoch\"")
+    result = cli("history", rolled_back.root)
+    assert "candle-ckpt: warning: " in result.stderr and "line 23 is not JSON" in result.stderr
+    assert "8 epochs on the live timeline" in result.stdout
+
+
+def test_history_of_a_tree_without_one(tree):
+    os.unlink(os.path.join(tree.ckpts, "history.jsonl"))
+    assert "no epoch recorded" in cli("history", tree.root).stdout
+
+
+def test_plot_draws_a_text_chart_with_marks(rolled_back):
+    lines = cli("plot", rolled_back.root).stdout.splitlines()
+    assert lines[0] == "loss over epochs 1-8 (8 live, 2 abandoned)"
+    chart = "\n".join(lines)
+    assert "*" in chart and "x" in chart
+    marks = next(line for line in lines if "L" in line and "R" in line).split()
+    assert marks == list("sssRsssL")  # saved 1-3, resumed from 4, saved 5-7, last 8
+
+
+def test_plot_of_a_metric_no_epoch_has_lists_the_metrics(rolled_back):
+    error = cli("plot", rolled_back.root, "--metric", "val_loss", expect=2).stderr
+    assert "'val_loss'" in error and "recorded metrics: loss" in error
+
+
+def test_plot_picture(rolled_back, tmp_path):
+    pytest.importorskip("matplotlib")
+    for name in ("curves.png", "curves.svg"):
+        cli("plot", rolled_back.root, "--out", tmp_path / name)
+        assert os.path.getsize(tmp_path / name) > 1000
+
+
+def test_plot_picture_without_matplotlib_names_the_extra(rolled_back, tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+        pytest.skip("matplotlib is installed")
+    except ImportError:
+        pass
+    error = cli("plot", rolled_back.root, "--out", tmp_path / "x.png", expect=2).stderr
+    assert "candle_ckpt[plot]" in error
+
+
+def test_history_marks_epochs_after_last_before_the_next_run(tree):
+    cli("rollback", tree.root, "3")
+    epochs = json.loads(cli("history", tree.root, "--json").stdout)["epochs"]
+    assert [(e["epoch"], e["after_last"]) for e in epochs] == [
+        (1, False), (2, False), (3, False), (4, True), (5, True)]
+    assert "3 epochs on the live timeline, 0 abandoned, 2 after last" in cli(
+        "history", tree.root).stdout

@@ -48,7 +48,7 @@ def test_kill_at_each_protocol_step_leaves_last_complete(tmp_path, point, hit):
         assert found.info["epoch"] in layout.list_epochs()
     else:
         assert point in ("during_direct_write", "after_write", "after_fsync", "after_info",
-                         "after_rename", "after_best") and hit == 1
+                         "after_rename", "between_links") and hit == 1
     # the next run cleans up and finishes
     checkpointer = Checkpointer({"epochs": 6, "ckpt_directory": root, "ckpt_keep_limit": 2,
                                  "ckpt_save_best_metric": "loss"}, verbose=False)

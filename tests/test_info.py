@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from conftest import file_writer
+from conftest import as_format1, file_writer
 
 from candle_ckpt.core.errors import CheckpointFormatError
 from candle_ckpt.core.info import encode_info, read_info, write_info
@@ -23,14 +23,54 @@ def write_raw(directory, info):
         json.dump(info, stream)
 
 
+@pytest.fixture
+def info1(info):
+    return as_format1(info, [1])
+
+
 def test_written_info_has_every_design_key(info):
     assert set(info) == {
         "epoch", "model_file", "checksum", "save_best_metric", "best_metric_last",
         "timestamp", "time_elapsed", "metadata", "format", "format_version", "files",
-        "best_metric_mode", "epoch_best", "epochs_saved", "weights_only", "write_seconds",
-        "versions"}
+        "best_metric_mode", "epoch_best", "metrics", "train_seconds", "save_seconds",
+        "run_id", "run_started", "lineage_id", "lineage_format1_epoch", "weights_only",
+        "write_seconds", "versions"}
+    assert info["format_version"] == 2
     assert info["checksum"] == info["files"]["model.h5"]["crc32"]
     assert info["time_elapsed"] == "__FIRST__"
+    assert info["metrics"] == {"loss": 0.5} and info["lineage_id"] == info["run_id"]
+
+
+def test_format1_files_are_still_read(tmp_path, info1):
+    write_info(tmp_path, info1)
+    assert read_info(tmp_path) == info1
+
+
+def test_non_finite_metrics_are_null_and_non_numbers_left_out(make_checkpointer):
+    checkpointer = make_checkpointer(epochs=1)
+    checkpointer.epoch_end(1, {"loss": 0.5, "val_loss": float("nan"), "lr": float("inf"),
+                               "note": "text", "flag": True}, file_writer())
+    metrics = read_info(checkpointer.layout.epoch_dir(1))["metrics"]
+    assert metrics == {"loss": 0.5, "val_loss": None, "lr": None}
+
+
+@pytest.mark.parametrize("key,value", [
+    ("metrics", {"loss": "0.5"}), ("run_id", "not-hex"), ("run_started", "yesterday"),
+    ("init_from", {"source": "x", "epoch": 0, "checksum": "1"}), ("train_seconds", -1),
+    ("epochs_saved", [1])])
+def test_format2_keys_are_validated(tmp_path, info, key, value):
+    info[key] = value
+    write_raw(tmp_path, info)
+    with pytest.raises(CheckpointFormatError, match=key):
+        read_info(tmp_path)
+
+
+def test_init_from_is_recorded_when_set(make_checkpointer):
+    checkpointer = make_checkpointer(epochs=1)
+    checkpointer.init_from = {"source": "/runs/parent/save:best", "epoch": 7,
+                              "checksum": "123"}
+    checkpointer.epoch_end(1, {"loss": 0.5}, file_writer())
+    assert read_info(checkpointer.layout.epoch_dir(1))["init_from"]["epoch"] == 7
 
 
 def test_round_trip(tmp_path, info):
@@ -42,8 +82,8 @@ def test_round_trip(tmp_path, info):
     ("epoch", 0), ("epoch", "3"), ("epoch", 10 ** 30), ("model_file", "../../etc/passwd"),
     ("model_file", "/etc/passwd"), ("model_file", ".."), ("checksum", "abc"),
     ("time_elapsed", -1), ("best_metric_mode", "up"), ("weights_only", "no"),
-    ("epochs_saved", [1, 1]), ("files", {"../x": {"size": 1, "crc32": None}}),
-    ("format_version", 2), ("surprise", 1)])
+    ("files", {"../x": {"size": 1, "crc32": None}}),
+    ("format_version", 3), ("surprise", 1)])
 def test_schema_violation_on_read_names_the_key(tmp_path, info, key, value):
     info[key] = value
     write_raw(tmp_path, info)
@@ -54,10 +94,13 @@ def test_schema_violation_on_read_names_the_key(tmp_path, info, key, value):
     assert key in message
 
 
-def test_missing_key_is_named(tmp_path, info):
-    del info["epochs_saved"]
+@pytest.mark.parametrize("version", [1, 2])
+def test_missing_key_is_named(tmp_path, info, info1, version):
+    info = info1 if version == 1 else info
+    key = "epochs_saved" if version == 1 else "metrics"
+    del info[key]
     write_raw(tmp_path, info)
-    with pytest.raises(CheckpointFormatError, match="epochs_saved"):
+    with pytest.raises(CheckpointFormatError, match=key):
         read_info(tmp_path)
 
 
@@ -122,8 +165,8 @@ def test_upstream_candle_info_is_still_validated(tmp_path):
 @pytest.mark.parametrize("epochs,key", [
     ([1, 2, 0, 5], "epochs_saved/2"), ([3, 1, 2, 2], "epochs_saved"),
     ([1, 2, True, 4], "epochs_saved/2"), ([1, 2, 3, 10 ** 10], "epochs_saved/3")])
-def test_long_epochs_saved_lists_are_checked_item_by_item(tmp_path, info, epochs, key):
-    info["epochs_saved"] = epochs
-    write_raw(tmp_path, info)
+def test_long_epochs_saved_lists_are_checked_item_by_item(tmp_path, info1, epochs, key):
+    info1["epochs_saved"] = epochs
+    write_raw(tmp_path, info1)
     with pytest.raises(CheckpointFormatError, match=f"key '{key}'"):
         read_info(tmp_path)

@@ -2,6 +2,7 @@
 
 import math
 
+import keep_scenario
 import pytest
 
 from candle_ckpt.core.errors import ParameterValueError
@@ -80,3 +81,35 @@ def test_exponential_respects_the_limit():
         assert len(kept) <= 3 and now in kept
     # ages 15..9 | 8 | 7..5 | 4 | 3 | 2 | 1 | 0 in windows aligned to 8, 8, 4, 4, 2, 2, 1
     assert exponential_survivors(range(1, 17), 16) == {7, 8, 11, 12, 13, 14, 15, 16}
+
+
+# The epochs on disk after each phase of keep_scenario.scenario as candle_ckpt 0.2
+# (format 1, which listed `epochs_saved` in every ckpt-info.json) left them, printed by
+# `PYTHONPATH=<main checkout> python tests/keep_scenario.py DIR` on main at 98e8193.
+FORMAT1_KEPT = {
+    "linear": {
+        "earlier run": [1, 2, 3, 6, 7, 9, 12, 15, 18, 21, 24],
+        "killed": [3, 4, 6, 7, 8, 9, 12, 15, 18, 21, 24],
+        "restarted": [3, 7, 9, 12, 14, 15, 16, 18, 21, 24],
+        "rolled back to 12": [3, 7, 9, 18, 19, 20, 21, 24],
+        "restarted again": [3, 7, 9, 23, 24, 25],
+    },
+    "exponential": {
+        "earlier run": [1, 2, 3, 6, 7, 9, 12, 15, 18, 21, 24],
+        "killed": [2, 3, 4, 6, 7, 8, 9, 12, 15, 18, 21, 24],
+        "restarted": [3, 7, 9, 10, 12, 14, 15, 16, 18, 21, 24],
+        "rolled back to 12": [3, 7, 9, 17, 18, 19, 20, 21, 24],
+        "restarted again": [3, 7, 9, 21, 23, 24, 25],
+    },
+    "all": {
+        "earlier run": [1, 2, 3, 6, 7, 9, 12, 15, 18, 21, 24],
+        "killed": [1, 2, 3, 4, 6, 7, 8, 9, 12, 15, 18, 21, 24],
+        "restarted": [1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 14, 15, 16, 18, 21, 24],
+        "rolled back to 12": [1, 2, 3, 4, 6, 7, 8, 9, 10, *range(12, 22), 24],
+        "restarted again": [1, 2, 3, 4, 6, 7, 8, 9, 10, *range(12, 26)],
+    },
+}
+
+
+def test_keep_policies_keep_what_format1_kept_across_kill_restart_and_rollback(tmp_path):
+    assert keep_scenario.scenario(str(tmp_path)) == FORMAT1_KEPT

@@ -9,10 +9,10 @@ import textwrap
 import threading
 
 import pytest
-from conftest import file_writer
+from conftest import as_format1, file_writer
 
 from candle_ckpt.core.errors import ParameterValueError
-from candle_ckpt.core.info import read_info
+from candle_ckpt.core.info import read_info, write_info
 from candle_ckpt.core.layout import CheckpointLayout
 from candle_ckpt.core.verify import check_files
 
@@ -129,7 +129,8 @@ def test_resume_continues_best_and_repairs_best_after_rollback(make_checkpointer
     run(checkpointer, [3.5], start=4)                        # worse than 3.0
     assert layout.resolve_link("best") == 3 and layout.resolve_link("last") == 4
     info = read_info(layout.epoch_dir(4))
-    assert info["epochs_saved"] == [1, 2, 3, 4] and info["epoch_best"] == 3
+    assert checkpointer.run_epochs == [1, 2, 3, 4] and info["epoch_best"] == 3
+    assert info["format_version"] == 2 and "epochs_saved" not in info
     assert isinstance(info["time_elapsed"], float)
 
 
@@ -222,3 +223,25 @@ def test_a_shared_thread_runs_tasks_at_the_submitters_nice_value_and_after_fork(
                             timeout=60, check=True)
     before, after, child = map(int, result.stdout.split())
     assert after >= 10 and after > before and child == 0
+
+
+def test_a_format1_run_continues_in_format2_with_its_keep_policy(make_checkpointer, ckpt_dir):
+    """Epochs 1-4 written by candle_ckpt 0.2 (format 1), next to epoch 2 of an earlier,
+    unrelated run's that the format 1 lineage never listed; restarts continue in format 2."""
+    run(make_checkpointer(epochs=4, ckpt_save_best=False), [1.0] * 4)
+    layout = CheckpointLayout(ckpt_dir)
+    saved = {1: [1], 2: [2], 3: [1, 3], 4: [1, 3, 4]}  # each file's epochs_saved
+    for epoch, epochs_saved in saved.items():
+        write_info(layout.epoch_dir(epoch),
+                   as_format1(read_info(layout.epoch_dir(epoch)), epochs_saved))
+    resumed = make_checkpointer(epochs=8, ckpt_save_best=False, ckpt_keep_limit=10)
+    resumed.resume(read_info(layout.epoch_dir(4)))
+    assert resumed.run_epochs == [1, 3, 4] and resumed.lineage_format1_epoch == 4
+    run(resumed, [1.0, 1.0], start=5)
+    info = read_info(layout.epoch_dir(6))
+    assert info["format_version"] == 2 and info["lineage_format1_epoch"] == 4
+    again = make_checkpointer(epochs=8, ckpt_save_best=False, ckpt_keep_limit=2)
+    again.resume(info)
+    assert again.run_epochs == [1, 3, 4, 5, 6]
+    run(again, [1.0], start=7)
+    assert layout.list_epochs() == [2, 6, 7]  # epoch 2 was never this lineage's

@@ -42,8 +42,8 @@ def test_lazy_modules_killed_mid_epoch_resume_bit_identically(tmp_path, uninterr
     root = tmp_path / "save"
     job(root, *flags, "--kill_at", "3:2", expect=-9)
     resumed = job(root, *flags)
-    assert re.search(r"restarted from epoch [12]: read and verified \d+ bytes \(model\.h5\), "
-                     r"loaded .*\(model, optimizer, scheduler, generator, RNG\)", resumed.stderr)
+    assert re.search(r"restarted from epoch [12]: read and verified .* loaded "
+                     r".*\(model, optimizer, scheduler, generator, RNG\)", resumed.stderr)
     assert digest(resumed) == digest(uninterrupted_lazy)
 
 

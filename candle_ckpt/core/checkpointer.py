@@ -13,28 +13,35 @@ import functools
 import os
 import platform
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from .. import __version__
 from .background import BackgroundWriter, TrashCollector
-from .errors import CheckpointWriteError, LinkError, ParameterValueError
+from .errors import CheckpointFormatError, CheckpointWriteError, ParameterValueError
 from .faults import fault_point
+from .history import HistoryWriter, utc_time
 from .info import (
     CHECKSUM_DISABLED,
     FIRST_SAVE,
     FORMAT,
     FORMAT_VERSION,
     TIMESTAMP_FORMAT,
+    CheckpointInfo,
+    checkpoint_info,
     finite_or_none,
-    is_legacy,
+    numeric_metrics,
+    read_info,
+    read_lineage,
 )
 from .layout import CheckpointLayout
 from .lock import WriterLock
 from .logs import silent_logger, tree_logger
 from .params import validate_params
 from .policies import BestMetric, epochs_to_keep, infer_metric_mode, save_reason
-from .protocol import discard_epochs, point_link, prepare_tree, save_epoch
+from .protocol import WrittenFiles, discard_epochs, prepare_tree, repoint_links, save_epoch
 from .resume import legacy_best_epoch
 
 WriteFiles = Callable[[str], str]
@@ -43,13 +50,15 @@ WriteFiles = Callable[[str], str]
 
 @dataclass(frozen=True)
 class SaveDecision:
-    """That an epoch is saved, why, and the best-metric state as of that epoch."""
+    """That an epoch is saved, why, and the best-metric state and metrics of that epoch."""
     epoch: int
     reason: str          # "best", "final", "interval" (or another caller's reason)
     improved: bool
     time: float          # time.time() at the epoch's end
-    best_value: float
-    best_epoch: int
+    best_value: float | None
+    best_epoch: int | None
+    metrics: Mapping[str, float | None] = field(default_factory=dict)
+    train_seconds: float | None = None
 
 
 class Checkpointer:
@@ -82,9 +91,15 @@ class Checkpointer:
         self.adapter_name: str | None = None
         self.model_format: str | None = None
         self.last_write_seconds: float | None = None  # the last save protocol that succeeded
-        # Where a warm start (ckpt_init_from) took the initial weights from, for
-        # ckpt-info.json: {"source": epoch directory, "epoch": int, "checksum": CRC32}.
-        self.init_from: dict | None = None
+        self.run_id = uuid.uuid4().hex
+        self.run_started = utc_time(time.time())
+        # The lineage: this run and the runs it resumed, back to one started from scratch
+        # (docs/FORMAT.md); the keep policy deletes only the lineage's epochs.
+        self.lineage_id = self.run_id
+        self.lineage_format1_epoch: int | None = None
+        # Set by the warm-start helper: {"source", "epoch", "checksum"} of the weights
+        # this run started from, recorded in every ckpt-info.json it writes.
+        self.init_from: dict[str, Any] | None = None
 
     def describe_writer(self, adapter_name, model_format, versions):
         """Record which adapter and model-file format write, and their library versions."""
@@ -106,42 +121,95 @@ class Checkpointer:
         return TrashCollector(self.layout.trash, self.logger)
 
     @functools.cached_property
+    def history(self) -> HistoryWriter:
+        """The `HistoryWriter` appending this run's lines to ckpts/history.jsonl."""
+        return HistoryWriter(self.layout.ckpts, {
+            "run_id": self.run_id, "run_started": self.run_started,
+            "lineage_id": self.lineage_id})
+
+    @functools.cached_property
     def writer_lock(self):
         """The `WriterLock` on ckpts/.lock, held from `start_writing` to `finish`."""
         return WriterLock(self.layout.ckpts, self.logger)
 
     # -- restart -------------------------------------------------------------------
 
-    def resume(self, info):
+    def resume(self, info: Mapping[str, Any]) -> None:
         """Continue the run recorded by `info`, the ckpt-info dict restart() loaded.
 
-        Best-metric state, `epoch_best`, the keep policy's list and the time of the
-        last save come from it. Epochs after `info["epoch"]` belong to an abandoned
-        timeline and are not this run's.
+        Best-metric state, `epoch_best`, the lineage, the keep policy's epochs and the
+        time of the last save come from it. Epochs after `info["epoch"]` belong to an
+        abandoned timeline and are not this run's.
         """
-        epoch = info["epoch"]
-        self.last_save_time = _parse_timestamp(info["timestamp"])
-        if is_legacy(info):
-            self.run_epochs = []
+        resumed = checkpoint_info(info)
+        epoch = resumed.epoch
+        self.last_save_time = _parse_timestamp(resumed.timestamp)
+        if resumed.format_version is not None and resumed.format_version >= 2:
+            self.lineage_id = resumed.lineage_id or self.run_id
+            self.lineage_format1_epoch = resumed.lineage_format1_epoch
+        elif not resumed.legacy:  # format 1: this lineage continues that run
+            self.lineage_format1_epoch = epoch
+        self.run_epochs = self._lineage_epochs(resumed)
+        best_epoch = resumed.epoch_best
+        if resumed.legacy:  # upstream CANDLE records no best epoch
             best_epoch = legacy_best_epoch(self.layout, info)
-        else:
-            self.run_epochs = [e for e in info["epochs_saved"]
-                               if e <= epoch and os.path.isdir(self.layout.epoch_dir(e))]
-            best_epoch = info["epoch_best"]
         if self.best is None:
             return
-        if info["save_best_metric"] != self.best.metric or (
-                not is_legacy(info) and info["best_metric_mode"] != self.best.mode):
+        if resumed.save_best_metric != self.best.metric or (
+                resumed.best_metric_mode not in (None, self.best.mode)):
             self.logger.warning(
                 "the checkpoint of epoch %d tracked %r (%s); this run tracks %r (%s): "
-                "best-metric tracking starts afresh", epoch, info["save_best_metric"],
-                info.get("best_metric_mode"), self.best.metric, self.best.mode)
+                "best-metric tracking starts afresh", epoch, resumed.save_best_metric,
+                resumed.best_metric_mode, self.best.metric, self.best.mode)
             return
-        self.best.value = finite_or_none(info["best_metric_last"])
+        self.best.value = resumed.best_metric_last
         self.best.epoch = best_epoch if self.best.value is not None else None
         self.logger.info("resuming after epoch %d: best %s=%s at epoch %s, run epochs %s",
                          epoch, self.best.metric, self.best.value, self.best.epoch,
                          self.run_epochs)
+
+    def _lineage_epochs(self, resumed: CheckpointInfo) -> list[int]:
+        """The epochs on disk, up to the resumed one, that this lineage saved.
+
+        What format 1 listed in `epochs_saved` (docs/FORMAT.md, "Keep policies across
+        restarts"): version 2 epochs carrying this `lineage_id`, and when the lineage
+        continued a format 1 run, that run's epochs the format 1 checkpoint resumed
+        from listed. Read once per restart, never per save.
+        """
+        if resumed.legacy:
+            return []
+        format1_epoch = self.lineage_format1_epoch
+        # None: every format 1 epoch up to format1_epoch (its list is unreadable or gone)
+        format1_saved: set[int] | None = None
+        if resumed.format_version == 1:
+            format1_saved = set(resumed.epochs_saved or ())
+        elif format1_epoch is not None:
+            format1_saved = self._format1_epochs_saved(format1_epoch)
+        mine = []
+        for epoch in self.layout.list_epochs():
+            if epoch >= resumed.epoch:
+                mine += [epoch] if epoch == resumed.epoch else []
+                break
+            version, lineage = read_lineage(self.layout.epoch_dir(epoch))
+            if version >= 2:
+                if lineage == self.lineage_id:
+                    mine.append(epoch)
+            elif (version == 1 and format1_epoch is not None and epoch <= format1_epoch
+                  and (format1_saved is None or epoch in format1_saved)):
+                mine.append(epoch)
+        return mine
+
+    def _format1_epochs_saved(self, format1_epoch: int) -> set[int] | None:
+        """`epochs_saved` of the format 1 checkpoint this lineage resumed from, or None
+        when it is gone (deleted by the keep policy) or unreadable."""
+        try:
+            saved = checkpoint_info(read_info(self.layout.epoch_dir(format1_epoch))).epochs_saved
+        except (OSError, CheckpointFormatError) as error:
+            self.logger.info("the format 1 checkpoint of epoch %d is gone or unreadable "
+                             "(%s): the keep policy counts every format 1 epoch up to it "
+                             "as this run's", format1_epoch, error)
+            return None
+        return set(saved or ())
 
     def start_writing(self):
         """Become the tree's one writer: take `ckpts/.lock`, then finish what a killed
@@ -163,19 +231,38 @@ class Checkpointer:
 
     # -- each epoch ------------------------------------------------------------------
 
-    def epoch_end(self, epoch, logs, write_files):
-        """Save 1-based `epoch` if the policy says so (`decide`, then `save`).
+    def epoch_end(self, epoch: int, logs: Mapping[str, Any] | None,
+                  write_files: WriteFiles) -> None:
+        """Record 1-based `epoch` in the history and save it if the policy says so.
 
         Args:
             epoch: the 1-based epoch that just ended.
             logs: the metrics of the epoch (Keras' `logs`).
             write_files: callable(directory) -> model file name, writing the state.
         """
+        self.record_epoch(epoch, logs, None)
         decision = self.decide(epoch, logs)
         if decision is not None:
-            self.save(decision, lambda: write_files)
+            self.save_captured(decision, write_files)
 
-    def decide(self, epoch, logs):
+    def record_epoch(self, epoch: int, logs: Mapping[str, Any] | None,
+                     train_seconds: float | None) -> None:
+        """Append 1-based `epoch`'s metrics to the history (saved or not).
+
+        Nothing is recorded when saving is disabled (ckpt_save_interval 0: the tree is
+        not written at all). A failure to append is logged, not raised: the history is
+        a record for people, and training goes on without it.
+        """
+        if self.settings["ckpt_save_interval"] == 0:
+            return
+        try:
+            self.history.record_epoch(epoch, numeric_metrics(logs), train_seconds)
+        except OSError as error:
+            self.logger.error("epoch %d: not recorded in %s: %s", epoch, self.history.path,
+                              error)
+
+    def decide(self, epoch: int, logs: Mapping[str, Any] | None,
+               train_seconds: float | None = None) -> SaveDecision | None:
         """Whether 1-based `epoch` is saved: a `SaveDecision`, or None. Training thread.
 
         Updates the best-metric state; the decision carries a copy of it, so that a
@@ -190,20 +277,23 @@ class Checkpointer:
         if reason is None:
             self.logger.debug("epoch %d: not saved", epoch)
             return None
-        return self.decision_now(epoch, reason, improved)
+        return self.decision_with_current_best(epoch, reason, improved, logs, train_seconds)
 
-    def decision_now(self, epoch, reason, improved=False):
-        """A `SaveDecision` for 1-based `epoch` with the best-metric state as it is now.
+    def decision_with_current_best(self, epoch: int, reason: str, improved: bool = False,
+                                   logs: Mapping[str, Any] | None = None,
+                                   train_seconds: float | None = None) -> SaveDecision:
+        """A `SaveDecision` for 1-based `epoch` carrying the best-metric state as it is now.
 
         `decide` makes one when the policy saves; call it right after a `decide` that
         returned None to be able to save that epoch anyway later (pre-emption), from a
-        snapshot taken at the same time, with `save`.
+        snapshot taken at the same time, with `save_captured`.
         """
         best = self.best
         return SaveDecision(epoch, reason, improved, time.time(),
-                            best.value if best else None, best.epoch if best else None)
+                            best.value if best else None, best.epoch if best else None,
+                            numeric_metrics(logs), train_seconds)
 
-    def save(self, decision, capture):
+    def save(self, decision: SaveDecision, capture: Callable[[], WriteFiles]) -> None:
         """Save the epoch of `decision`; with ckpt_async, in the background.
 
         Args:
@@ -214,18 +304,27 @@ class Checkpointer:
                 thread.
 
         With ckpt_async, the previous background save is waited for first (at most one
-        in flight, and at most one snapshot held), and its error, if any, is raised
-        here; `finish` waits for the last one.
+        in flight, and at most one snapshot held: `capture` may reuse its memory), and
+        its error, if any, is raised here; `finish` waits for the last one.
         """
+        started = time.perf_counter()
+        if self.background is not None:
+            self.background.wait()
+        self.save_captured(decision, capture(), started)
+
+    def save_captured(self, decision: SaveDecision, write_files: WriteFiles,
+                      started: float | None = None) -> None:
+        """Save the epoch of `decision` from state already captured into `write_files`
+        (see `save`); `started` is when the save began (perf_counter), default now."""
+        started = time.perf_counter() if started is None else started
         self._prepare_once()
         if self.background is None:
-            self._save_now(decision, capture())
+            self._save_now(decision, write_files, started)
         else:
             self.background.wait()
-            write_files = capture()
-            self.background.submit(lambda: self._save_now(decision, write_files))
+            self.background.submit(lambda: self._save_now(decision, write_files, started))
 
-    def finish(self):
+    def finish(self) -> None:
         """Wait for a background save (raising its error), log the final report and
         release the writer lock."""
         try:
@@ -233,14 +332,17 @@ class Checkpointer:
                 self.background.wait()
             self.report_final()
         finally:
+            if "history" in self.__dict__:
+                self.history.close()
             self.writer_lock.release()
 
-    def _save_now(self, decision, write_files):
+    def _save_now(self, decision: SaveDecision, write_files: WriteFiles,
+                  started: float) -> None:
         """Run the save protocol; an OSError becomes a CheckpointWriteError naming `last`."""
-        started = time.monotonic()
+        write_started = time.perf_counter()
         try:
-            self._run_protocol(decision, write_files)
-            self.last_write_seconds = time.monotonic() - started
+            self._run_protocol(decision, write_files, started)
+            self.last_write_seconds = time.perf_counter() - write_started
         except OSError as error:
             # The next save starts by finishing what this one left (work/, trash/).
             self.prepared = False
@@ -249,21 +351,27 @@ class Checkpointer:
                 f"'last' names epoch {self.layout.resolve_link('last')}")) from error
         finally:
             self.trash.poke()  # whatever the save moved aside, even if it failed
+        try:
+            self.history.record_saved(decision.epoch, decision.reason,
+                                      time.perf_counter() - started)
+        except OSError as error:
+            self.logger.error("epoch %d: its save is not recorded in %s: %s",
+                              decision.epoch, self.history.path, error)
 
-    def _run_protocol(self, decision, write_files):
+    def _run_protocol(self, decision: SaveDecision, write_files: WriteFiles,
+                      started: float) -> None:
         """Steps 2-8 of the save protocol for the epoch of `decision`."""
         epoch = decision.epoch
-        info, written = save_epoch(
+        _, written = save_epoch(
             self.layout, epoch, write_files,
-            lambda written: self._build_info(decision, written),
+            lambda written: self._build_info(decision, written, started),
             compute_checksums=self.settings["ckpt_checksum"], logger=self.logger)
         self.last_save_time = decision.time
-        if self.best is not None:
-            self._point_best(decision.best_epoch)
-        fault_point("after_best")
-        point_link(self.layout, "last", epoch)
+        repoint_links(self.layout, epoch, self._best_on_disk(decision.best_epoch),
+                      self.logger, update_best=self.best is not None)
         fault_point("after_last")
-        self.run_epochs = info["epochs_saved"]
+        if not self.run_epochs or self.run_epochs[-1] != epoch:
+            self.run_epochs.append(epoch)
         self._apply_keep_policy(epoch, decision.best_epoch)
         self.logger.info("epoch %d saved (%s%s): %d bytes in %.3f s (%.1f MB/s) -> %s",
                          epoch, decision.reason,
@@ -327,50 +435,64 @@ class Checkpointer:
             "it to the epoch's logs, the first epoch that can be saved will fail",
             self.best.metric, what, sorted(reported))
 
-    def _build_info(self, decision, written):
+    def _build_info(self, decision: SaveDecision, written: WrittenFiles,
+                    started: float) -> dict[str, Any]:
+        """The version 2 ckpt-info dict of the epoch of `decision` (docs/FORMAT.md).
+
+        The upstream keys and those `candle-ckpt list` shows come first, `run_id` right
+        after them: a survey parses each file only up to `run_id` (operator/json_head.py).
+        """
         crc = written.files[written.model_file]["crc32"]
         elapsed = FIRST_SAVE if self.last_save_time is None else round(
             max(decision.time - self.last_save_time, 0.0), 3)
-        return {
+        info = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "epoch": decision.epoch,
+            "timestamp": time.strftime(TIMESTAMP_FORMAT, time.localtime(decision.time)),
+            "save_best_metric": self.best.metric if self.best else None,
+            "best_metric_mode": self.best.mode if self.best else None,
+            "best_metric_last": finite_or_none(decision.best_value),
+            "epoch_best": decision.best_epoch,
+            "metrics": dict(decision.metrics),
             "model_file": written.model_file,
             "checksum": crc if crc is not None else CHECKSUM_DISABLED,
-            "save_best_metric": self.best.metric if self.best else None,
-            "best_metric_last": finite_or_none(decision.best_value),
-            "timestamp": time.strftime(TIMESTAMP_FORMAT, time.localtime(decision.time)),
+            "files": written.files,
             "time_elapsed": elapsed,
             "metadata": self.settings["metadata"],
-            "files": written.files,
-            "best_metric_mode": self.best.mode if self.best else None,
-            "epoch_best": decision.best_epoch,
-            "epochs_saved": sorted(set(self.run_epochs) | {decision.epoch}),
-            "weights_only": self.settings["ckpt_save_weights_only"],
+            "run_id": self.run_id,
+            "run_started": self.run_started,
+            "lineage_id": self.lineage_id,
+            "lineage_format1_epoch": self.lineage_format1_epoch,
+            "train_seconds": (None if decision.train_seconds is None
+                              else round(max(decision.train_seconds, 0.0), 6)),
+            "save_seconds": round(max(time.perf_counter() - started, 0.0), 6),
             "write_seconds": round(written.write_seconds, 6),
+            "weights_only": self.settings["ckpt_save_weights_only"],
             "versions": self.versions,
-            **({"adapter": self.adapter_name, "model_format": self.model_format}
-               if self.adapter_name else {}),
         }
+        if self.adapter_name:
+            info.update(adapter=self.adapter_name, model_format=self.model_format)
+        if self.init_from is not None:
+            info["init_from"] = dict(self.init_from)
+        return info
 
-    def _point_best(self, wanted):
-        """Make `best` point at epoch `wanted` (None: no link), repairing it after a restart."""
+    def _best_on_disk(self, wanted: int | None) -> int | None:
+        """`wanted`, or None (no best link) when a restart finds that epoch deleted."""
         if wanted is not None and not os.path.isdir(self.layout.epoch_dir(wanted)):
             self.logger.warning("best epoch %d is no longer on disk; removing the best link",
                                 wanted)
-            wanted = None
-        try:
-            current = self.layout.resolve_link("best")
-        except LinkError as error:
-            self.logger.warning("replacing an invalid best link: %s", error)
-            current = error
-        if current != wanted or (wanted is None and os.path.lexists(self.layout.link("best"))):
-            point_link(self.layout, "best", wanted)
+            return None
+        return wanted
 
-    def _apply_keep_policy(self, epoch, best_epoch):
-        keep = epochs_to_keep(self.run_epochs, epoch, self.settings["ckpt_keep_mode"],
-                              self.settings["ckpt_keep_limit"])
-        keep |= {epoch, best_epoch} - {None}
+    def _apply_keep_policy(self, epoch: int, best_epoch: int | None) -> None:
+        mode = self.settings["ckpt_keep_mode"]
+        if mode == "all":  # nothing to delete: skip the O(epochs) pass on every save
+            return
+        keep = epochs_to_keep(self.run_epochs, epoch, mode, self.settings["ckpt_keep_limit"])
+        keep.add(epoch)
+        if best_epoch is not None:
+            keep.add(best_epoch)
         doomed = [e for e in self.run_epochs if e not in keep]
         discard_epochs(self.layout, doomed, self.logger)
         self.run_epochs = [e for e in self.run_epochs if e in keep]

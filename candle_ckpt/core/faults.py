@@ -9,7 +9,8 @@ Points, in protocol order: during_direct_write (the model file laid out and its 
 large buffer written in place, `direct_io.write_at`), after_write (model written into
 work/, not yet fsynced),
 after_fsync, after_info (ckpt-info.json written, before the rename), after_rename
-(epochs/NNN in place, links not yet moved), after_best (between the two link updates),
+(epochs/NNN in place, links not yet moved), between_links (one of `last` and `best`
+moved, `protocol.repoint_links`),
 after_last (before the keep policy), after_trash_rename (an epoch being deleted is in
 trash/ but not yet removed). `candle-ckpt export`: export_written (the file under
 its temporary name, fsynced), export_digest_removed (an old PATH.sha256 removed, PATH
@@ -22,7 +23,7 @@ import os
 import signal
 
 POINTS = ("during_direct_write", "after_write", "after_fsync", "after_info", "after_rename",
-          "after_best", "after_last", "after_trash_rename")
+          "between_links", "after_last", "after_trash_rename")
 EXPORT_POINTS = ("export_written", "export_digest_removed", "export_renamed")
 
 

@@ -1,10 +1,16 @@
 """ckpt-info.json: build, validate, write and read the record of one checkpoint.
 
-New files follow `schemas/ckpt-info.schema.json` (format_version 1), are validated
-before they are written and after they are read, and are always strict JSON (no
-Infinity/NaN). Files written by upstream CANDLE (8 keys, `best_metric_last` possibly
-`Infinity`) are read through a separate legacy schema; they are never written.
+New files follow `schemas/ckpt-info.schema.json` (format_version 2; version 1 files are
+still read), are validated before they are written and after they are read, and are
+always strict JSON (no Infinity/NaN). Files written by upstream CANDLE (8 keys,
+`best_metric_last` possibly `Infinity`) are read through a separate legacy schema; they
+are never written. docs/FORMAT.md describes every key of every version.
+
+`checkpoint_info` turns any of the three into one `CheckpointInfo`, the record the rest
+of the library reasons about, so that version differences are settled here once.
 """
+
+from __future__ import annotations
 
 import errno
 import functools
@@ -13,20 +19,25 @@ import math
 import os
 import stat
 import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from . import durable
 from .errors import CheckpointFormatError
 from .layout import INFO_FILE
 
 FORMAT = "candle_ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CHECKSUM_DISABLED = "__DISABLED__"
 FIRST_SAVE = "__FIRST__"
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 INFO_CRC_KEY = "info_crc32"
 
-# A ckpt-info.json is a few kB even with 10 000 epochs listed; anything far larger is
-# not one, and reading it whole would be a denial of service.
+# A version 2 ckpt-info.json is about 1 kB, and a version 1 file a few hundred kB even
+# with 10 000 epochs listed; anything far larger is not one, and reading it whole would
+# be a denial of service.
 MAX_INFO_BYTES = 16 << 20
 
 SCHEMA_FILE = "ckpt-info.schema.json"
@@ -52,17 +63,126 @@ def _validator(schema_file):
     return validator_class(schema)
 
 
-def is_legacy(info):
+def is_legacy(info: Mapping[str, Any]) -> bool:
     """Whether a ckpt-info dict was written by upstream CANDLE rather than candle_ckpt."""
     return "format" not in info
 
 
-def finite_or_none(value):
+def finite_or_none(value: Any) -> float | None:
     """`value` as a float, or None when it is None, NaN or infinite (JSON has no inf)."""
     if value is None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def numeric_metrics(logs: Mapping[Any, Any] | None) -> dict[str, float | None]:
+    """Every numeric value of an epoch's logs as {name: finite float or None}.
+
+    Numbers, NumPy scalars and one-element tensors count; strings, booleans and
+    anything `float()` refuses are left out. NaN and infinity become None (JSON null),
+    so that the record stays strict JSON and says that the value was not finite.
+    """
+    metrics: dict[str, float | None] = {}
+    for name, value in (logs or {}).items():
+        if isinstance(value, (str, bytes, bool)):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        metrics[str(name)] = number if math.isfinite(number) else None
+    return metrics
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint's ckpt-info.json, of any version, normalised (`checkpoint_info`).
+
+    `format_version` is None for a file upstream CANDLE wrote. Keys a version does not
+    have are None: `epochs_saved` exists only in version 1; `metrics`, the timings and
+    the run and lineage ids only in version 2. `best_metric_last` is a finite float or
+    None (upstream's Infinity becomes None). `files` maps each recorded file to
+    (size or None, CRC32 string or None); upstream files record only the model file's
+    CRC32. `raw` is the dict as read, for callers that print it.
+    """
+    format_version: int | None
+    epoch: int
+    model_file: str
+    checksum: str
+    save_best_metric: str | None
+    best_metric_last: float | None
+    timestamp: str
+    time_elapsed: float | str
+    metadata: str | None
+    files: Mapping[str, tuple[int | None, str | None]]
+    best_metric_mode: str | None
+    epoch_best: int | None
+    epochs_saved: tuple[int, ...] | None
+    metrics: Mapping[str, float | None] | None
+    train_seconds: float | None
+    save_seconds: float | None
+    run_id: str | None
+    run_started: str | None
+    lineage_id: str | None
+    lineage_format1_epoch: int | None
+    weights_only: bool | None
+    adapter: str | None
+    model_format: str | None
+    versions: Mapping[str, str | None]
+    init_from: Mapping[str, Any] | None
+    raw: Mapping[str, Any]
+
+    @property
+    def legacy(self) -> bool:
+        """Whether upstream CANDLE, not candle_ckpt, wrote the file."""
+        return self.format_version is None
+
+    def metric(self, name: str) -> float | None:
+        """The epoch's own value of metric `name`, or None (not finite, not recorded,
+        or a file older than version 2, which records no per-epoch metrics)."""
+        return None if self.metrics is None else self.metrics.get(name)
+
+
+def recorded_files(info: Mapping[str, Any]) -> dict[str, tuple[int | None, str | None]]:
+    """{file name: (size or None, CRC32 string or None)} of a ckpt-info dict of any
+    version; upstream files record only the model file's CRC32 (or __DISABLED__)."""
+    if is_legacy(info):
+        crc = info["checksum"]
+        return {info["model_file"]: (None, None if crc == CHECKSUM_DISABLED else crc)}
+    return {name: (entry["size"], entry["crc32"]) for name, entry in info["files"].items()}
+
+
+def checkpoint_info(info: Mapping[str, Any]) -> CheckpointInfo:
+    """The `CheckpointInfo` of a validated ckpt-info dict of any version (or of the
+    head of one that holds at least the upstream keys, as `candle-ckpt list` reads).
+
+    Raises:
+        KeyError: an upstream key is missing.
+        TypeError / ValueError: a value of the wrong type (only unvalidated heads).
+    """
+    legacy = is_legacy(info)
+    crc = info["checksum"]
+    files = recorded_files(info)
+    saved = info.get("epochs_saved")
+    metrics = info.get("metrics")
+    return CheckpointInfo(
+        format_version=None if legacy else info.get("format_version"),
+        epoch=info["epoch"], model_file=info["model_file"], checksum=crc,
+        save_best_metric=info["save_best_metric"],
+        best_metric_last=finite_or_none(info["best_metric_last"]),
+        timestamp=info["timestamp"], time_elapsed=info["time_elapsed"],
+        metadata=info["metadata"], files=files,
+        best_metric_mode=info.get("best_metric_mode"), epoch_best=info.get("epoch_best"),
+        epochs_saved=None if saved is None else tuple(saved),
+        metrics=None if metrics is None else dict(metrics),
+        train_seconds=info.get("train_seconds"), save_seconds=info.get("save_seconds"),
+        run_id=info.get("run_id"), run_started=info.get("run_started"),
+        lineage_id=info.get("lineage_id"),
+        lineage_format1_epoch=info.get("lineage_format1_epoch"),
+        weights_only=info.get("weights_only"), adapter=info.get("adapter"),
+        model_format=info.get("model_format"), versions=dict(info.get("versions") or {}),
+        init_from=info.get("init_from"), raw=info)
 
 
 def _representative(info):
@@ -142,19 +262,41 @@ def write_info(directory, info):
     """
     path = os.path.join(directory, INFO_FILE)
     validate_info(info, f"{path} (about to be written)")
-    durable.write_bytes_atomic(path, encode_info({**info, INFO_CRC_KEY: _content_crc32(info)}))
+    durable.write_bytes_atomic(path, info_file_bytes(info))
     return path
 
 
+def info_file_bytes(info):
+    """The bytes of the ckpt-info.json of `info` (not validated): its encoding with
+    `info_crc32` added."""
+    return encode_info({**info, INFO_CRC_KEY: _content_crc32(info)})
+
+
+class _NotStrict(ValueError):
+    """`text` in a ckpt-info.json is not strict JSON with finite numbers."""
+
+    def __init__(self, text, problem):
+        super().__init__(f"{text} is {problem}")
+        self.text = text
+
+
 def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
+    raise _NotStrict(name, "not valid JSON")
 
 
 def _finite_float(text):
     value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is not a finite number")
+    if not math.isfinite(value):  # e.g. 1e999, too large for a float
+        raise _NotStrict(text, "not a finite number")
     return value
+
+
+def _place(text, fragment):
+    """ "line L column C" of the first `fragment` in `text`, for an error message."""
+    position = max(text.find(fragment), 0)
+    line = text.count("\n", 0, position) + 1
+    column = position - text.rfind("\n", 0, position)
+    return f"line {line} column {column}"
 
 
 def read_info(directory):
@@ -204,8 +346,10 @@ def read_info(directory):
         try:
             json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         except ValueError as error:
-            raise CheckpointFormatError(f"{path}: {error}; a format {FORMAT} file must be "
-                                        f"strict JSON (null, not Infinity/NaN)") from None
+            where = f" at {_place(text, error.text)}" if isinstance(error, _NotStrict) else ""
+            raise CheckpointFormatError(
+                f"{path}: {error}{where}; a format {FORMAT} file must be strict JSON "
+                f"(null, not Infinity/NaN)") from None
     validate_info(info, path)
     recorded = info.pop(INFO_CRC_KEY, None)
     if recorded is not None and recorded != _content_crc32(info):
@@ -213,3 +357,24 @@ def read_info(directory):
             f"{path}: key '{INFO_CRC_KEY}' is {recorded!r} but the file's content has CRC32 "
             f"{_content_crc32(info)}; the file is corrupt")
     return info
+
+
+def read_lineage(directory: str) -> tuple[int, str | None]:
+    """(format_version, lineage_id) of `<directory>/ckpt-info.json`, read cheaply and
+    not validated: (0, None) for an upstream, unreadable or missing file, (1, None) for
+    version 1. A restart reads this for every epoch up to the one it resumes from."""
+    try:
+        with open(os.path.join(directory, INFO_FILE), "rb") as stream:
+            data = stream.read(MAX_INFO_BYTES + 1)
+    except OSError:
+        return 0, None
+    if b'"format_version": 1,' in data[:256]:
+        return 1, None  # not parsed: version 1 files can be long (epochs_saved)
+    try:
+        info = json.loads(data)
+        version, lineage = info["format_version"], info["lineage_id"]
+    except (ValueError, KeyError, TypeError):
+        return 0, None
+    if type(version) is not int or not isinstance(lineage, str):
+        return 0, None
+    return version, lineage

@@ -1,4 +1,4 @@
-"""The crash-consistent save protocol of one epoch (README, "How a save survives kill -9").
+"""The crash-consistent save protocol of one epoch (docs/FORMAT.md, "The save protocol").
 
 `save_epoch` runs steps 2-6 with a caller-supplied function that writes the model's
 files into a directory; the caller (`Checkpointer`) then repoints the links with
@@ -21,6 +21,7 @@ from typing import Any
 from . import durable
 from .background import SharedThread
 from .checksum import crc32_file
+from .errors import LinkError
 from .faults import fault_point
 from .info import write_info
 from .layout import CheckpointLayout
@@ -138,6 +139,56 @@ def point_link(layout: CheckpointLayout, name: str, epoch: int | None) -> None:
         durable.remove_link(layout.link(name))
     else:
         durable.replace_symlink(layout.relative_epoch_target(epoch), layout.link(name))
+
+
+def repoint_links(layout: CheckpointLayout, last: int, best: int | None,
+                  logger: LibraryLogger, *, update_best: bool = True) -> None:
+    """Point `last` at epoch `last` and `best` at epoch `best` (None: no best link).
+
+    The one owner of the links' order, for a save and for an operator's rollback: each
+    link is replaced atomically, and the two are moved in the order that keeps `best`
+    at or before `last` at every instant, so no reader, and no kill or error between
+    the two, sees `best` naming an epoch newer than `last`. `best` moves first when it
+    goes back (a rollback) or stays at or before the current `last`; otherwise `last`
+    goes forward first (a save that improved). A `best` already right is not rewritten;
+    an invalid one is replaced with a warning.
+
+    Args:
+        update_best: False leaves `best` as it is (a run that tracks no metric).
+
+    Raises:
+        ValueError: `best` is newer than `last`.
+    """
+    if best is not None and best > last:
+        raise ValueError(f"best epoch {best} is newer than last epoch {last}; "
+                         f"expected best <= last")
+    if not update_best:
+        point_link(layout, "last", last)
+        return
+    try:
+        current_last = layout.resolve_link("last")
+    except LinkError:
+        current_last = None
+    if best is None or (current_last is not None and best <= current_last):
+        _point_best(layout, best, logger)
+        fault_point("between_links")
+        point_link(layout, "last", last)
+    else:
+        point_link(layout, "last", last)
+        fault_point("between_links")
+        _point_best(layout, best, logger)
+
+
+def _point_best(layout: CheckpointLayout, best: int | None, logger: LibraryLogger) -> None:
+    """Point `best` at `best` unless it already does (None: remove the link)."""
+    try:
+        current = layout.resolve_link("best")
+    except LinkError as error:
+        logger.warning("replacing an invalid best link: %s", error)
+        point_link(layout, "best", best)
+        return
+    if current != best or (best is None and os.path.lexists(layout.link("best"))):
+        point_link(layout, "best", best)
 
 
 def discard_epochs(layout: CheckpointLayout, epochs: list[int],

@@ -49,7 +49,7 @@ class Checkpoint:
         return os.path.join(self.directory, self.info["model_file"])
 
 
-def legacy_best_epoch(layout: CheckpointLayout, info: dict[str, Any]) -> int | None:
+def legacy_best_epoch(layout: CheckpointLayout, info: Mapping[str, Any]) -> int | None:
     """The best epoch of an upstream CANDLE run, at or before the epoch of `info`.
 
     Upstream CANDLE records only `best_metric_last`, the best value so far, and saves

@@ -27,6 +27,7 @@ after the same epoch and none waits for a peer that left.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -65,6 +66,7 @@ class TrainingSession:
         self._writer: bool | None = None
         self._watch: PreemptionWatch | None = None
         self._epoch = 0                 # the running 1-based epoch
+        self._epoch_started: float | None = None  # perf_counter() at its begin
         self._first_epoch_seen = False
         self._async_snapshot: Any = None  # reused copies (see _capture)
         self._held_snapshot: Any = None
@@ -124,6 +126,7 @@ class TrainingSession:
     def epoch_begin(self, epoch: int) -> None:
         """An epoch starts after `epoch` completed ones; the first one resumes the run."""
         self._epoch = epoch + 1
+        self._epoch_started = time.perf_counter()
         if self._first_epoch_seen:
             return
         self._first_epoch_seen = True
@@ -142,19 +145,24 @@ class TrainingSession:
             raise self._stop_preempted(f"epoch {self._epoch}, batch {batch + 1}")
 
     def epoch_end(self, epoch: int, logs: Mapping[str, Any] | None) -> None:
-        """1-based `epoch` ended with metrics `logs`: save it if the policy says so.
+        """1-based `epoch` ended with metrics `logs`: record it in the history, and save
+        it if the policy says so.
 
         Raises:
             CheckpointWriteError: the save failed (with ckpt_async: the previous one).
             Preempted: the signal came during the epoch, or (ckpt_walltime_margin) the
                 next epoch and a save would not finish before the job's end.
         """
+        train_seconds = (None if self._epoch_started is None
+                         else time.perf_counter() - self._epoch_started)
         decision = None
         if self._walltime is not None:
             self._walltime.epoch_ended()
         if self.is_writer:
+            self.checkpointer.record_epoch(epoch, logs, train_seconds)
             # a metric missing from the logs is refused here, before anything is saved
-            decision = self._refuse_unless(lambda: self.checkpointer.decide(epoch, logs))
+            decision = self._refuse_unless(
+                lambda: self.checkpointer.decide(epoch, logs, train_seconds))
             if decision is not None:
                 self.checkpointer.save(decision, self._capture)
         if self._walltime is not None:
@@ -165,7 +173,7 @@ class TrainingSession:
         if self._watch is not None:
             self._watch.epoch_completed(
                 epoch, saved=decision is not None or self._not_saving() is not None,
-                take_snapshot=lambda: self._hold(epoch))
+                take_snapshot=lambda: self._hold(epoch, logs, train_seconds))
             if self._watch.requested:
                 raise self._stop_preempted(f"epoch {epoch}")
         if self.settings["ckpt_walltime_margin"] > 0 and epoch < self.settings["epochs"]:
@@ -232,13 +240,15 @@ class TrainingSession:
                                                 "ckpt_async=false")
         return self._files_writer(self._async_snapshot)
 
-    def _hold(self, epoch: int) -> tuple[SaveDecision, WriteFiles]:
+    def _hold(self, epoch: int, logs: Mapping[str, Any] | None,
+              train_seconds: float | None) -> tuple[SaveDecision, WriteFiles]:
         """Copy the state of unsaved `epoch` for a save pre-emption may ask for later."""
         signal = self.settings["ckpt_signal"]
         self._held_snapshot = self._copy_state(self._held_snapshot, f"ckpt_signal={signal}",
                                                "ckpt_signal=off")
-        return (self.checkpointer.decision_now(epoch, "pre-emption"),
-                self._files_writer(self._held_snapshot))
+        decision = self.checkpointer.decision_with_current_best(
+            epoch, "pre-emption", logs=logs, train_seconds=train_seconds)
+        return decision, self._files_writer(self._held_snapshot)
 
     def _copy_state(self, spare: Any, setting: str, off: str) -> Any:
         """A host-memory copy of the state, into `spare` (a snapshot no longer needed);
@@ -283,7 +293,7 @@ class TrainingSession:
 
         def save_pending(epoch: int, pending: tuple[SaveDecision, WriteFiles]) -> None:
             decision, write_files = pending
-            self.checkpointer.save(decision, lambda: write_files)
+            self.checkpointer.save_captured(decision, write_files)
             self._wait_for_saves()
         saving: Callable[[int, Any], None] | str = self._not_saving() or save_pending
         return watch.stop(where, saving, self.checkpointer.logger)
@@ -337,8 +347,8 @@ class TrainingSession:
         elif saved:
             kept = f"epoch {epoch} is already on disk"
         else:
-            self.checkpointer.save(self.checkpointer.decision_now(epoch, "wall-clock"),
-                                   self._capture)
+            decision = self.checkpointer.decision_with_current_best(epoch, "wall-clock")
+            self.checkpointer.save(decision, self._capture)
             kept = f"epoch {epoch} saved now"
         self._wait_for_saves()
         assert estimate is not None

@@ -21,7 +21,7 @@ from .errors import (
     LinkError,
     NoCheckpointError,
 )
-from .info import CHECKSUM_DISABLED, is_legacy, read_info
+from .info import read_info, recorded_files
 from .layout import CheckpointLayout
 
 FileProgress = Callable[[str, int, int], None]
@@ -99,14 +99,6 @@ class EpochCheck:
                 raise ChecksumMismatchError(check.path, str(check.expected_crc32),
                                             str(check.actual_crc32))
             raise CorruptCheckpointError(check.describe() + "; refusing to load this checkpoint")
-
-
-def recorded_files(info: dict[str, Any]) -> dict[str, tuple[int | None, str | None]]:
-    """{file name: (size or None, CRC32 string or None)} of a new or legacy ckpt-info dict."""
-    if is_legacy(info):
-        crc = info["checksum"]
-        return {info["model_file"]: (None, None if crc == CHECKSUM_DISABLED else crc)}
-    return {name: (entry["size"], entry["crc32"]) for name, entry in info["files"].items()}
 
 
 def check_files(epoch_dir: str, info: dict[str, Any], verify_checksums: bool = True,

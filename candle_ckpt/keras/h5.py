@@ -6,38 +6,9 @@ copy into ``model.h5`` with h5py alone (so it may run in a background thread), a
 
 File layout (format version 1)
 ------------------------------
-The file is Keras' legacy HDF5 *full-model* layout (``keras/src/legacy/saving/
-legacy_h5_format.py``), so that plain ``model.load_weights("model.h5")`` restores the
-weights, ``keras.models.load_model("model.h5", compile=False)`` rebuilds the model, and
-any HDF5 tool can read it. Two groups and a few root attributes are added; plain Keras
-ignores them::
-
-    /                              attrs: keras_version, backend, model_config (JSON,
-    |                              taken at snapshot time; absent if the model has no
-    |                              config), candle_ckpt_format_version = 1,
-    |                              candle_ckpt_weights_only (bool)
-    +- model_weights/              attrs: layer_names (model.layers order), backend,
-    |  |                           keras_version
-    |  +- <layer name>/            one group per layer, created in name order as Keras
-    |  |                           does; attr weight_names = the layer's
-    |  |                           trainable_weights + non_trainable_weights (Keras'
-    |  |                           "legacy weight order"), each a dataset named by the
-    |  |                           variable's path. A nested model is one layer holding
-    |  |                           all its weights.
-    |  +- top_level_model_weights/ weights owned by the model itself (usually none)
-    +- optimizer_weights/          attr weight_names = optimizer.variables in order:
-    |                              iteration, learning_rate (unless it is a schedule),
-    |                              then the slots in the order the optimizer built them
-    |                              (Adam: momentum, velocity of each trainable variable
-    |                              in turn). Absent in a weights-only file.
-    +- candle_ckpt_rng/            attr weight_names = the SeedGenerator states of the
-                                   model (Dropout, noise layers), model.variables order.
-
-A list of names larger than the HDF5 attribute limit is split into ``weight_names0``,
-``weight_names1``, ... exactly as Keras does. Datasets are contiguous and uncompressed:
-the file is written as fast as the disk takes it and read without decoding. Datasets of
-64 KiB or more start on a 4 KiB boundary (HDF5 alignment), so that they are page-aligned
-in memory when the file is read into page-aligned memory.
+Keras' legacy HDF5 full-model layout plus the optimizer's variables and the RNG
+states: docs/FORMAT.md, "Model files", describes it (and how upstream CANDLE files are
+read); this module is its one implementation.
 
 How it is written
 -----------------
@@ -57,18 +28,6 @@ Why these choices
   from an uninterrupted one. They are tiny; ``candle_ckpt_rng`` keeps them.
 - Only datasets and name lists are read back: ``model_config`` is never deserialised,
   so restoring never runs code from the file.
-
-Files written by upstream CANDLE (plain ``model.save("model.h5")``) have no
-``candle_ckpt_format_version``; they restore as ``legacy``. If Keras 3 wrote them, the
-optimizer state maps one to one and restores exactly; a Keras 2 optimizer stored
-different variables (``Adam/iter:0``, no learning rate, all ``m`` then all ``v``), so
-only the weights are restored and a warning says so. Legacy files hold no RNG state.
-
-Matching is by position, as Keras' own h5 loading does. Layer and weight names are
-compared with the numeric suffix Keras adds to automatic names ignored (a model built
-second in a process has ``dense_2`` where the first had ``dense``): a difference is an
-error in our own files and a warning in upstream ones, whose writer (Keras 2) named
-some layers differently.
 
 Not in the file, because it is not the model's: the input pipeline's shuffling, the
 Python/NumPy/TF global generators and Keras' global SeedGenerator (unseeded

@@ -19,12 +19,12 @@ from typing import Any
 
 from ..core import durable
 from ..core.errors import CheckpointError, CorruptCheckpointError
-from ..core.info import finite_or_none, is_legacy
+from ..core.info import checkpoint_info
 from ..core.layout import LINK_NAMES, CheckpointLayout
 from ..core.lock import OPERATOR_REMEDY, WriterLock
 from ..core.logs import LibraryLogger
 from ..core.policies import epochs_to_keep
-from ..core.protocol import point_link
+from ..core.protocol import repoint_links
 from ..core.resume import legacy_best_epoch
 from ..core.verify import FileCheck, FileProgress, check_epoch
 from .inventory import describe_epochs, link_state, require_epoch_dir
@@ -46,12 +46,12 @@ def best_epoch_at(layout: CheckpointLayout, info: dict[str, Any]) -> tuple[int |
     upstream CANDLE file only the best value, from which `resume.legacy_best_epoch`
     finds the epoch. None when no metric is tracked or that epoch is gone.
     """
-    epoch, metric = info["epoch"], info["save_best_metric"]
-    value = finite_or_none(info["best_metric_last"])
+    record = checkpoint_info(info)
+    epoch, metric, value = record.epoch, record.save_best_metric, record.best_metric_last
     if metric is None or value is None:
         return None, f"epoch {epoch} records no best {metric or 'metric'} value"
-    if not is_legacy(info):
-        best = info["epoch_best"]
+    if not record.legacy:
+        best = record.epoch_best
         if best is not None and best <= epoch and os.path.isdir(layout.epoch_dir(best)):
             return best, f"epoch_best recorded by epoch {epoch} ({metric}={value:.6g})"
         return None, f"epoch_best {best} recorded by epoch {epoch} is not on disk"
@@ -101,11 +101,10 @@ def as_the_writer(layout: CheckpointLayout, logger: LibraryLogger) -> Iterator[N
 
 def apply_rollback(layout: CheckpointLayout, plan: RollbackPlan,
                    logger: LibraryLogger) -> None:
-    """Repoint `best`, then `last` (the save protocol's order), each atomically, as the
-    tree's writer (`as_the_writer`)."""
+    """Repoint `last` and `best`, each atomically and in the save protocol's order
+    (`protocol.repoint_links`), as the tree's writer (`as_the_writer`)."""
     with as_the_writer(layout, logger):
-        point_link(layout, "best", plan.best)
-        point_link(layout, "last", plan.epoch)
+        repoint_links(layout, plan.epoch, plan.best, logger)
     logger.info("rollback: last -> epoch %d, best -> %s (%s)", plan.epoch,
                 "none" if plan.best is None else f"epoch {plan.best}", plan.best_reason)
 

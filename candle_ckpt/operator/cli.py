@@ -5,12 +5,14 @@ Built on the framework-free core only: it never imports TensorFlow or Keras, so 
 starts in a fraction of a second on a login node. DIR is a `ckpt_directory` (default
 ./save); EPOCH is a number, `last` or `best`::
 
-    candle-ckpt list [DIR] [--json] [--verify]
+    candle-ckpt list [DIR] [--metric NAME] [--json] [--verify]
     candle-ckpt info [DIR] [EPOCH]                  (default: last)
     candle-ckpt verify [DIR] [EPOCH | --all]        (default: last)
     candle-ckpt rollback [DIR] EPOCH [--dry-run]
     candle-ckpt prune [DIR] (--keep N [--mode linear|exponential] | --abandoned) [--dry-run]
     candle-ckpt export [DIR] [EPOCH] --to PATH [--force]   (default: last)
+    candle-ckpt history [DIR] [--json | --csv] [--all]
+    candle-ckpt plot [DIR] [--metric NAME ...] [--out FILE.png|.svg]
 
 A single positional argument is an EPOCH if it is a number, `last` or `best`, else the
 DIR (write ./5 for a directory named 5).
@@ -29,15 +31,24 @@ import re
 import sys
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from ..core.history import read_history
 from ..core.params import DEFAULT_CKPT_DIRECTORY
 from ..core.resume import read_epoch_info
 from ..core.verify import check_epoch
-from .inventory import describe_epochs, link_state, open_tree, require_epoch_dir, survey
+from .inventory import (
+    describe_epochs,
+    link_state,
+    open_tree,
+    require_epoch_dir,
+    summarise_epoch,
+    survey,
+)
 
 EXIT_OK, EXIT_CORRUPT, EXIT_ERROR = 0, 1, 2
 PROG = "candle-ckpt"
 
 LINK_SELECTORS = ("last", "best")
+NO_METRICS = "none (files older than format 2 record no per-epoch metrics)"
 # A JSON list of numbers spread over lines by indenting; a newline cannot be inside a
 # JSON string, so this never matches string content.
 _NUMBER_LIST = re.compile(r"\[\n[-+0-9.eE,\s]*\n\s*\]")
@@ -102,7 +113,7 @@ def build_parser():
                      epilog="Exit status: 0 ok; 1 a file is missing or corrupt; 2 usage, "
                             "tree, link or format error.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                     metavar="{list,info,verify,rollback,prune,export}")
+                                     metavar="{list,info,verify,rollback,prune,history,plot,export}")
     where = f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
 
     list_parser = commands.add_parser(
@@ -110,6 +121,9 @@ def build_parser():
     list_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR",
                              help=f"default {DEFAULT_CKPT_DIRECTORY}")
     list_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    list_parser.add_argument("--metric", metavar="NAME",
+                             help="show each epoch's own value of NAME (default: the "
+                                  "tracked metric, ckpt_save_best_metric)")
     list_parser.add_argument("--verify", action="store_true",
                              help="also validate every ckpt-info.json and compute every "
                                   "CRC32 (reads every model file, as verify --all)")
@@ -141,6 +155,28 @@ def build_parser():
                                    "spread exponentially")
     prune_parser.add_argument("--dry-run", action="store_true",
                               help="print what would be deleted, delete nothing")
+
+    history_parser = commands.add_parser(
+        "history", help="every completed epoch of every run, from ckpts/history.jsonl")
+    history_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY,
+                                metavar="DIR")
+    output = history_parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON for scripts")
+    output.add_argument("--csv", action="store_true", help="print CSV (one row per epoch)")
+    history_parser.add_argument("--live", action="store_true",
+                                help="only the live timeline up to last (no abandoned epochs)")
+
+    plot_parser = commands.add_parser(
+        "plot", help="metric curves over epochs, last, best, saved epochs and rollbacks "
+                     "marked: a picture with --out (needs matplotlib), else a text chart")
+    plot_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY,
+                             metavar="DIR")
+    plot_parser.add_argument("--metric", action="append", metavar="NAME",
+                             help="a metric to draw (repeatable; default: the tracked "
+                                  "metric, else the first one recorded)")
+    plot_parser.add_argument("--out", metavar="FILE",
+                             help="write a picture (.png or .svg; needs matplotlib, "
+                                  "pip install 'candle_ckpt[plot]')")
 
     export_parser = commands.add_parser(
         "export", help="verify EPOCH, then write its weights for plain Keras "
@@ -222,8 +258,26 @@ def _check_state(layout, epoch, progress):
     return "ok" if check.all_checksummed else "off"
 
 
-def _rows(tree, verify):
-    """One dict per epoch, as `list --json` prints it."""
+def _shown_metric(tree, requested):
+    """The metric whose own value `list` shows: `requested`, else the tracked one.
+
+    Raises:
+        CheckpointError: `requested` is recorded by no epoch (naming those that are).
+    """
+    if requested is None:
+        tracked = [s.metric for s in tree.epochs if s.problem is None and s.metric]
+        return tracked[-1] if tracked else None
+    recorded = sorted({name for s in tree.epochs if s.metrics for name in s.metrics})
+    if requested not in recorded:
+        names = ", ".join(recorded) or NO_METRICS
+        raise CheckpointError(f"--metric {requested!r}: no epoch of '{tree.layout.root}' "
+                              f"records it; recorded: {names}")
+    return requested
+
+
+def _rows(tree, verify, metric):
+    """One dict per epoch, as `list --json` prints it; `value` is the epoch's own value
+    of `metric` (None when not recorded)."""
     abandoned = set(tree.abandoned)
     rows = []
     for summary in tree.epochs:
@@ -231,9 +285,12 @@ def _rows(tree, verify):
         if verify and summary.problem is None:
             with _progress() as progress:
                 checksum = _check_state(tree.layout, summary.epoch, progress)
+        metrics = summary.metrics
         rows.append({
             "epoch": summary.epoch, "size": summary.size, "timestamp": summary.timestamp,
             "metric": summary.metric, "best_metric_last": summary.best_value,
+            "value_of": metric, "value": None if metrics is None else metrics.get(metric),
+            "metrics": metrics, "format_version": summary.format_version,
             "checksum": checksum, "legacy": summary.legacy,
             "last": tree.links["last"].epoch == summary.epoch,
             "best": tree.links["best"].epoch == summary.epoch,
@@ -256,26 +313,42 @@ def _notes(tree):
     return notes
 
 
-def _table(rows):
-    """The lines of the `list` table: aligned columns, the metric named in the header."""
-    metrics = {row["metric"] for row in rows if row["problem"] is None}
-    one_metric = len(metrics) == 1 and None not in metrics
-    header = ["epoch", "size", "saved at",
-              f"best {next(iter(metrics))}" if one_metric else "best metric", "checksum", ""]
+def _number(value):
+    return "-" if value is None else f"{value:.6g}"
+
+
+def _table(rows, metric):
+    """The lines of the `list` table: aligned columns, the metrics named in the header.
+
+    The epoch's own value of `metric` ("-" where not recorded: files older than format
+    2), then the best value so far of the tracked metric.
+    """
+    tracked = {row["metric"] for row in rows if row["problem"] is None}
+    one_metric = len(tracked) == 1 and None not in tracked
+    header = ["epoch", "size", "saved at", metric or "metric",
+              f"best {next(iter(tracked))}" if one_metric else "best metric", "checksum", ""]
     lines = [header]
     for row in rows:
         flags = " ".join(name for name in ("last", "best", "abandoned") if row[name])
         if row["problem"] is not None:
-            lines.append([str(row["epoch"]), "-", "-", "-", "INVALID: " + row["problem"], flags])
+            lines.append([str(row["epoch"]), "-", "-", "-", "-", "INVALID: " + row["problem"],
+                          flags])
             continue
-        value = "-" if row["best_metric_last"] is None else f"{row['best_metric_last']:.6g}"
+        best = _number(row["best_metric_last"])
         if not one_metric and row["metric"] is not None:
-            value = f"{row['metric']}={value}"
+            best = f"{row['metric']}={best}"
         lines.append([str(row["epoch"]), _human_size(row["size"]), str(row["timestamp"]),
-                      value, row["checksum"], flags])
-    widths = [max(map(len, column)) for column in list(zip(*lines))[:4]]
-    return [f"{line[0]:>{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]:<{widths[2]}}  "
-            f"{line[3]:>{widths[3]}}  {line[4]}  {line[5]}".rstrip() for line in lines]
+                      _number(row["value"]), best, row["checksum"], flags])
+    return _aligned(lines, right=(0, 1, 3, 4))
+
+
+def _aligned(lines, right=()):
+    """Rows of cells as text columns; the columns in `right` are right-aligned."""
+    widths = [max(map(len, column)) for column in zip(*lines)]
+    # One format string for every row: `history` aligns 100 000 rows.
+    row = "  ".join(("{:>%d}" if index in right else "{:<%d}") % width
+                    for index, width in enumerate(widths))
+    return [row.format(*line).rstrip() for line in lines]
 
 
 # -- commands ---------------------------------------------------------------------
@@ -284,7 +357,8 @@ def _table(rows):
 def cmd_list(args):
     """Print the table (or JSON) of every epoch; reads no model file unless --verify."""
     tree = survey(open_tree(args.where))
-    rows = _rows(tree, args.verify)
+    metric = _shown_metric(tree, args.metric)
+    rows = _rows(tree, args.verify, metric)
     # like `verify`: a bad epoch found by --verify is exit status 1, for scripts
     status = EXIT_CORRUPT if any(str(row["checksum"]).startswith("BAD")
                                  for row in rows) else EXIT_OK
@@ -296,7 +370,7 @@ def cmd_list(args):
             "epochs": rows}, indent=1))
         return status
     lines = [tree.layout.root, "   ".join(state.describe() for state in tree.links.values())]
-    lines += _table(rows) if rows else ["no epochs saved"]
+    lines += _table(rows, metric) if rows else ["no epochs saved"]
     lines += _notes(tree)
     print("\n".join(lines))
     return status
@@ -307,7 +381,7 @@ def cmd_info(args):
     directory, selector = _split_positionals(args.where, "info")
     layout = open_tree(directory)
     text = json.dumps(read_epoch_info(layout, _select_epoch(layout, selector)), indent=1)
-    # epochs_saved names every epoch of the run: one line, not 10 000
+    # a format 1 epochs_saved names every epoch of the run: one line, not 10 000
     print(_NUMBER_LIST.sub(lambda match: json.dumps(json.loads(match.group())), text))
     return EXIT_OK
 
@@ -418,8 +492,104 @@ def cmd_export(args):
     return EXIT_OK
 
 
+def _read_tree_history(directory):
+    """(layout, History) of the tree in `directory`; damage is warned about on stderr."""
+    layout = open_tree(directory)
+    history = read_history(layout.ckpts, link_state(layout, "last").epoch)
+    for warning in history.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    return layout, history
+
+
+def _history_rows(history, live_only):
+    return history.live if live_only else history.epochs
+
+
+def _seconds(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+def cmd_history(args):
+    """Print every completed epoch the history recorded (table, --json or --csv)."""
+    layout, history = _read_tree_history(args.where)
+    records = _history_rows(history, args.live)
+    names = history.metric_names
+    last = link_state(layout, "last").epoch
+    best = link_state(layout, "best").epoch
+    if args.json:
+        print(json.dumps({
+            "path": history.path, "warnings": history.warnings, "rewinds": history.rewinds,
+            "runs": [vars(run) for run in history.runs],
+            "epochs": [{"epoch": r.epoch, "run_id": r.run_id, "time": r.time,
+                        "metrics": r.metrics, "train_seconds": r.train_seconds,
+                        "saved": r.saved, "save_seconds": r.save_seconds,
+                        "abandoned": r.abandoned, "after_last": r.after_last}
+                       for r in records]}))
+        return EXIT_OK
+    if args.csv:
+        import csv
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["epoch", "run_id", "time", *names, "train_seconds", "saved",
+                         "save_seconds", "abandoned"])
+        writer.writerows([r.epoch, r.run_id, r.time,
+                          *("" if r.metrics.get(n) is None else r.metrics[n] for n in names),
+                          "" if r.train_seconds is None else r.train_seconds, int(r.saved),
+                          "" if r.save_seconds is None else r.save_seconds, int(r.abandoned)]
+                         for r in records)
+        return EXIT_OK
+    if not history.epochs:
+        print(f"{history.path}: no epoch recorded (the file is absent: a tree written "
+              f"before format 2, or no epoch has completed)")
+        return EXIT_OK
+    lines = [["epoch", "run", "finished (UTC)", *names, "train s", "save s", ""]]
+    for r in records:
+        flags = [flag for flag, on in (("last", r.epoch == last and not r.abandoned),
+                                       ("best", r.epoch == best and not r.abandoned),
+                                       ("abandoned", r.abandoned),
+                                       ("after last", r.after_last)) if on]
+        lines.append([str(r.epoch), r.run_id[:8], str(r.time or "-"),
+                      *(_number(r.metrics.get(n)) for n in names), _seconds(r.train_seconds),
+                      _seconds(r.save_seconds) if r.saved else "-", " ".join(flags)])
+    right = {0, *range(3, 3 + len(names) + 2)}
+    out = [history.path, *_aligned(lines, right=right)]
+    abandoned = sum(r.abandoned for r in history.epochs)
+    after_last = sum(r.after_last for r in history.epochs)
+    out.append(f"{_count(len(history.runs), 'run')}, {_count(len(history.live), 'epoch')} "
+               f"on the live timeline, {abandoned} abandoned"
+               + (f", {after_last} after last (the next run resumes from last)"
+                  if after_last else "")
+               + (f" (runs resumed from epochs {describe_epochs(history.rewinds)})"
+                  if history.rewinds else ""))
+    sys.stdout.write("\n".join(out) + "\n")
+    return EXIT_OK
+
+
+def cmd_plot(args):
+    """Draw metric curves over epochs: a picture with --out, else a text chart."""
+    from .plot import Marks, chosen_metrics, text_chart, write_picture
+
+    layout, history = _read_tree_history(args.where)
+    last_state = link_state(layout, "last")
+    tracked = None
+    if last_state.epoch is not None:
+        tracked = summarise_epoch(layout, last_state.epoch).metric
+    metrics = chosen_metrics(history, args.metric, tracked)
+    marks = Marks(last_state.epoch, link_state(layout, "best").epoch,
+                  [r.epoch for r in history.live if r.saved], history.rewinds)
+    if args.out:
+        write_picture(history, metrics, marks, args.out)
+        print(f"wrote {args.out}: {', '.join(metrics)} over {len(history.live)} epochs")
+        return EXIT_OK
+    lines = []
+    for metric in metrics:
+        lines += [*text_chart(history, metric, marks), ""]
+    print("\n".join(lines).rstrip())
+    return EXIT_OK
+
+
 COMMANDS = {"list": cmd_list, "info": cmd_info, "verify": cmd_verify,
-            "rollback": cmd_rollback, "prune": cmd_prune, "export": cmd_export}
+            "rollback": cmd_rollback, "prune": cmd_prune, "history": cmd_history,
+            "plot": cmd_plot, "export": cmd_export}
 
 
 def main(argv=None):

@@ -1,11 +1,13 @@
-"""Read the head of a JSON object file: the members before one large member.
+"""Read the head of a JSON object file: the members before a stop member.
 
-A ckpt-info.json lists `epochs_saved`, every epoch its run has written, so with the
-default keep policy (keep everything) the file of epoch 10 000 is about 80 kB and a
-10 000-epoch tree holds about 400 MB of JSON: O(n^2) in the number of epochs, seconds
-to parse. What `candle-ckpt list` shows comes before `epochs_saved` in the files the
-library writes. `read_members` reads a file in growing chunks until it finds the stop
-key, and parses only what precedes it, with `json.loads` itself.
+A format 1 ckpt-info.json lists `epochs_saved`, every epoch its run has written, so
+with the default keep policy (keep everything) the file of epoch 10 000 is about 80 kB
+and a 10 000-epoch tree holds about 400 MB of JSON. Format 2 files are about 1 kB, but
+`candle-ckpt list` reads 10 000 or 100 000 of them, and parsing costs in proportion to
+the bytes parsed. What `list` shows comes before `epochs_saved` (format 1) and before
+`run_id` (format 2) in the files the library writes (docs/FORMAT.md). `read_members`
+reads a file in growing chunks until it finds a stop key, and parses only what precedes
+it, with `json.loads` itself.
 
 Why a cut found by a text search is safe: a cut just before `"epochs_saved"` is taken
 only if the text before it, with its trailing comma replaced by `}`, parses as a JSON
@@ -25,7 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 # The first read, doubled until the stop key is found: the head of a ckpt-info.json
-# as the library writes it, up to `epochs_saved`, is about 500 bytes.
+# as the library writes it, up to `epochs_saved` or `run_id`, is about 500 bytes.
 FIRST_READ_BYTES = 2048
 _WHITESPACE = b" \t\n\r"
 _DECODER = json.JSONDecoder()
@@ -72,11 +74,12 @@ def read_members(path: str, keys: Iterable[str], stop_key: str,
     Args:
         path: the file.
         keys: the keys wanted.
-        stop_key: the key of a large member, written after the wanted ones.
+        stop_key: the key of a member written after the wanted ones, or a tuple of such
+            keys, tried in order (each file has at most one of them).
         limit: the most bytes read; a longer file is an error.
 
     Returns:
-        The members before `stop_key` when they include every one of `keys` (the rest
+        The members before the stop key when they include every one of `keys` (the rest
         of the file is not read); otherwise every member (the whole file is read). So
         each of `keys` that the object has is in the dict. Values are parsed as by
         `json.loads` (`Infinity` and `NaN` included).
@@ -90,12 +93,14 @@ def read_members(path: str, keys: Iterable[str], stop_key: str,
     # file object costs more than the read itself.
     descriptor = os.open(path, os.O_RDONLY)
     try:
-        return _read_members(descriptor, set(keys), _quoted(stop_key), limit)
+        stop_keys = (stop_key,) if isinstance(stop_key, str) else stop_key
+        return _read_members(descriptor, set(keys), [_quoted(key) for key in stop_keys],
+                             limit)
     finally:
         os.close(descriptor)
 
 
-def _read_members(descriptor: int, keys: set[str], quoted_key: bytes,
+def _read_members(descriptor: int, keys: set[str], quoted_keys: list[bytes],
                   limit: int) -> dict[str, Any]:
     data, chunk, looking = b"", FIRST_READ_BYTES, True
     while True:
@@ -107,7 +112,11 @@ def _read_members(descriptor: int, keys: set[str], quoted_key: bytes,
             return _parse_object(data)
         if looking:
             # Rescan from the start, in case the key straddled the previous chunk's end.
-            members = _cut_before(data, quoted_key)
+            members = None
+            for quoted_key in quoted_keys:
+                members = _cut_before(data, quoted_key)
+                if members is not None:
+                    break
             if members is not None:
                 if members.keys() >= keys:
                     return members

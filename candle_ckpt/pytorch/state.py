@@ -6,27 +6,8 @@ it into ``model.h5`` with h5py alone (so it may run in a background thread), and
 
 File layout (format version 1)
 ------------------------------
-An HDF5 file, readable by any HDF5 tool::
-
-    /            attrs: candle_ckpt_torch_format_version = 1, weights_only (bool),
-    |                   torch_version
-    +- state     uint8 dataset: UTF-8 JSON (below)
-    +- tensors/  datasets "0", "1", ...: every tensor and numpy array of the state, in
-                 the order the JSON refers to them; attrs torch_dtype (e.g. "float32",
-                 "bfloat16"; "numpy:<dtype>" for a numpy array) and shape. Dtypes numpy
-                 lacks (bfloat16, float8) are stored as their raw bytes (uint8).
-
-The JSON is ``{"objects": {name: value}, "rng": value}``: each object registered with
-`set_model` (`state_dict()`, or `get_state()` of a `torch.Generator`), and the global
-random states (torch CPU, CUDA when initialised, numpy, Python `random`). JSON's own
-null, booleans, integers, floats (NaN and infinities included), strings and lists
-carry themselves, so `1`, `1.0`, `True` and `None` come back as the types they were;
-everything else is a one-key object: ``{"tensor": k}`` (dataset k), ``{"ndarray": k}``,
-``{"tuple": [...]}``, ``{"dict": [[key, value], ...]}`` (keys of any of these types:
-an optimizer's `state` is keyed by int), ``{"odict": [...], "metadata": ...}`` (a
-module's state dict, with the `_metadata` versions `load_state_dict` reads),
-``{"dtype": "float32"}``. A value of any other type is refused at save time, naming
-its path in the state.
+An HDF5 file holding the state as JSON and every tensor as a dataset: docs/FORMAT.md,
+"Model files", describes it; this module is its one implementation.
 
 Why HDF5 and JSON
 -----------------

@@ -1,0 +1,283 @@
+"""ckpts/history.jsonl: every completed epoch of every run, saved or not, append-only.
+
+The training job's writer appends one JSON object per line (docs/FORMAT.md, "The
+history file"): a `start` line when a run records its first epoch, an `epoch` line at
+every epoch's end, a `saved` line once an epoch's checkpoint is complete. Each line is
+one `write` on a descriptor opened with O_APPEND, so a kill -9 leaves at most the last
+line torn; the next writer ends such a line before appending, and readers skip it.
+
+`read_history` rebuilds the timelines: a `start` line resuming from epoch R (a restart
+after a kill, or after an operator's rollback) abandons every epoch after R recorded
+earlier, so each epoch appears once on the live timeline, and the epochs a restart or
+rollback left behind are marked abandoned. A damaged file is read past the damage with
+one warning per damaged line; it never stops a restart, which does not read it at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+HISTORY_FILE = "history.jsonl"
+# A line is a few hundred bytes; a far larger file is not a history, and reading it
+# whole would be a denial of service (about 4 million epochs fit).
+MAX_HISTORY_BYTES = 1 << 30
+_MAX_WARNINGS = 20
+
+
+def utc_time(seconds: float) -> str:
+    """`seconds` since the epoch as "2026-12-03T08:45:40Z"."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+class HistoryWriter:
+    """Appends the lines of one run to `<ckpts>/history.jsonl` (thread-safe).
+
+    The file is opened on the first line and kept open. Lines are not fsynced one by
+    one: a killed process loses nothing it wrote (the data is in the kernel), and a
+    machine crash loses at most the epochs since the last save, which the restarted run
+    trains and records again. A `saved` line is fsynced, so that the history holds
+    every saved epoch that `last` can name.
+
+    Args:
+        ckpts: the tree's `ckpts/` directory (created if missing).
+        run: the fields of the run's `start` line (run_id, run_started, lineage_id).
+    """
+
+    def __init__(self, ckpts: str, run: Mapping[str, Any]) -> None:
+        self.path = os.path.join(ckpts, HISTORY_FILE)
+        self._run = dict(run)
+        self._descriptor: int | None = None
+        self._lock = threading.Lock()
+        self._started = False
+
+    def record_epoch(self, epoch: int, metrics: Mapping[str, float | None],
+                     train_seconds: float | None) -> None:
+        """The 1-based `epoch` completed with `metrics`; the first one starts the run."""
+        with self._lock:
+            if not self._started:
+                self._append({"kind": "start", **self._run,
+                              "resumed_from": epoch - 1 if epoch > 1 else None}, sync=True)
+                self._started = True
+            self._append({"kind": "epoch", "run_id": self._run["run_id"], "epoch": epoch,
+                          "time": utc_time(time.time()), "metrics": dict(metrics),
+                          "train_seconds": _rounded(train_seconds)}, sync=False)
+
+    def record_saved(self, epoch: int, reason: str, save_seconds: float) -> None:
+        """Epoch `epoch`'s checkpoint is complete (`last` names it)."""
+        with self._lock:
+            self._append({"kind": "saved", "run_id": self._run["run_id"], "epoch": epoch,
+                          "reason": reason, "save_seconds": _rounded(save_seconds)},
+                         sync=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._descriptor is not None:
+                os.close(self._descriptor)
+                self._descriptor = None
+
+    def _open(self) -> int:
+        if self._descriptor is None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(descriptor).st_size
+            # A line torn by a kill must end before ours begins, or both are lost.
+            if size and os.pread(descriptor, 1, size - 1) != b"\n":
+                os.write(descriptor, b"\n")
+            self._descriptor = descriptor
+        return self._descriptor
+
+    def _append(self, record: dict[str, Any], sync: bool) -> None:
+        data = history_line(record)
+        descriptor = self._open()
+        written = os.write(descriptor, data)
+        if written != len(data):  # a full disk: end the line so that the next one parses
+            os.write(descriptor, b"\n")
+            raise OSError(f"'{self.path}': wrote {written} of {len(data)} bytes of a "
+                          f"history line (disk full?)")
+        if sync:
+            os.fsync(descriptor)
+
+
+def history_line(record: Mapping[str, Any]) -> bytes:
+    """One line of the history file: compact strict JSON and a newline."""
+    return (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(max(seconds, 0.0), 6)
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class EpochRecord:
+    """One completed epoch of one run, as the history recorded it.
+
+    `abandoned` is True when a later run resumed from an earlier epoch (a restart after
+    a kill re-trains the epochs after its checkpoint; a rollback abandons the epochs
+    after the epoch rolled back to). `after_last` is True for an epoch not abandoned yet
+    but after the epoch `last` names (`read_history(last=...)`): the next run resumes
+    from `last` and abandons it, unless it is a running job's epoch not saved yet.
+    `saved` is True once a `saved` line followed.
+    """
+    epoch: int
+    run_id: str
+    time: str | None
+    metrics: dict[str, float | None]
+    train_seconds: float | None
+    saved: bool = False
+    save_seconds: float | None = None
+    abandoned: bool = False
+    after_last: bool = False
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """A `start` line: which run, when, and the epoch it resumed after (None: scratch)."""
+    run_id: str
+    run_started: str | None
+    lineage_id: str | None
+    resumed_from: int | None
+
+
+@dataclass(frozen=True)
+class History:
+    """What `read_history` found: epochs in file order, runs, warnings about damage."""
+    path: str
+    epochs: list[EpochRecord]
+    runs: list[RunStart]
+    warnings: list[str] = field(default_factory=list)
+    rewinds: list[int] = field(default_factory=list)
+    """The epochs runs resumed from that abandoned recorded epochs, in file order."""
+
+    @property
+    def live(self) -> list[EpochRecord]:
+        """The epochs of the live timeline up to `last`, in epoch order, each once."""
+        return sorted((e for e in self.epochs if not e.abandoned and not e.after_last),
+                      key=lambda e: e.epoch)
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Every metric any epoch recorded, in the order they first appear."""
+        names: dict[str, None] = {}
+        for record in self.epochs:
+            for name in record.metrics:
+                names.setdefault(name, None)
+        return list(names)
+
+
+def history_path(ckpts: str) -> str:
+    """The history file of the tree whose `ckpts/` directory is `ckpts`."""
+    return os.path.join(ckpts, HISTORY_FILE)
+
+
+def read_history(ckpts: str, last: int | None = None) -> History:
+    """Read `<ckpts>/history.jsonl` (see the module docstring); never raises for damage.
+
+    `last`: the epoch the `last` link names, or None; live epochs after it are marked
+    `after_last`.
+
+    Returns an empty `History` when the file does not exist (a tree written before the
+    history existed, or by upstream CANDLE).
+
+    Raises:
+        OSError: the file exists but cannot be read (permissions, I/O error).
+    """
+    path = history_path(ckpts)
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_HISTORY_BYTES + 1)
+    except FileNotFoundError:
+        return History(path, [], [])
+    warnings: list[str] = []
+    if len(data) > MAX_HISTORY_BYTES:
+        warnings.append(f"{path}: larger than {MAX_HISTORY_BYTES} bytes; read the first "
+                        f"{MAX_HISTORY_BYTES} only")
+        data = data[:MAX_HISTORY_BYTES]
+    lines = data.split(b"\n")
+    # The last piece is b"" after a final newline; anything else is a line torn by a
+    # kill, which is expected and not worth a warning.
+    lines.pop()
+    records = _parse_lines(path, lines, warnings)
+    history = _timelines(path, records, warnings)
+    if last is not None:
+        for record in history.epochs:
+            if not record.abandoned and record.epoch > last:
+                record.after_last = True
+    return history
+
+
+def _parse_lines(path: str, lines: list[bytes], warnings: list[str]) -> list[Any]:
+    try:  # one parse of the whole file is several times faster than one per line
+        return json.loads(b"[" + b",".join(line for line in lines if line.strip()) + b"]")
+    except (ValueError, RecursionError):
+        pass
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except (ValueError, RecursionError) as error:
+            _warn(warnings, f"{path}: line {number} is not JSON ({error}); skipped (a line "
+                            f"torn by a kill, or damage)")
+    return records
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    if len(warnings) < _MAX_WARNINGS:
+        warnings.append(message)
+    elif len(warnings) == _MAX_WARNINGS:
+        warnings.append("further damaged lines are not reported")
+
+
+def _timelines(path: str, records: list[Any], warnings: list[str]) -> History:
+    epochs: list[EpochRecord] = []
+    runs: list[RunStart] = []
+    live: dict[int, EpochRecord] = {}           # epoch -> its record on the live timeline
+    by_run: dict[tuple[str, int], EpochRecord] = {}
+    rewinds: list[int] = []
+    for number, record in enumerate(records, 1):
+        try:
+            kind = record["kind"]
+            if not isinstance(kind, str):
+                raise TypeError(f"'kind' is {kind!r}; expected a string")
+            if kind == "epoch":
+                metrics = record["metrics"]
+                if type(metrics) is not dict:
+                    raise TypeError(f"'metrics' is {metrics!r}; expected an object")
+                entry = EpochRecord(int(record["epoch"]), str(record["run_id"]),
+                                    record.get("time"), metrics, record.get("train_seconds"))
+                previous = live.get(entry.epoch)
+                if previous is not None:  # a run recorded the same epoch twice
+                    previous.abandoned = True
+                live[entry.epoch] = entry
+                by_run[entry.run_id, entry.epoch] = entry
+                epochs.append(entry)
+            elif kind == "saved":
+                found = by_run.get((str(record["run_id"]), int(record["epoch"])))
+                if found is not None:
+                    found.saved, found.save_seconds = True, record.get("save_seconds")
+            elif kind == "start":
+                resumed = record.get("resumed_from")
+                runs.append(RunStart(str(record["run_id"]), record.get("run_started"),
+                                     record.get("lineage_id"),
+                                     None if resumed is None else int(resumed)))
+                after = resumed or 0
+                left = [e for e in live if e > after]
+                for epoch in left:
+                    live.pop(epoch).abandoned = True
+                if left:
+                    rewinds.append(after)
+            # another kind: a line of a later version, which this reader skips
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            _warn(warnings, f"{path}: record {number} is not a history line "
+                            f"({type(error).__name__}: {error}); skipped")
+    return History(path, epochs, runs, warnings, rewinds)

@@ -1,0 +1,158 @@
+"""ckpts/history.jsonl: written by the writer, read past damage, timelines marked."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import file_writer
+
+from candle_ckpt.core.history import HistoryWriter, read_history
+from candle_ckpt.core.info import read_info
+from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.protocol import point_link
+from candle_ckpt.core.session import TrainingSession
+
+RUN = {"run_id": "a" * 32, "run_started": "2026-12-03T08:00:00Z", "lineage_id": "a" * 32}
+
+
+def lines_of(ckpts):
+    with open(os.path.join(ckpts, "history.jsonl")) as stream:
+        return [json.loads(line) for line in stream]
+
+
+def test_every_epoch_is_recorded_saved_or_not(make_checkpointer, ckpt_dir):
+    checkpointer = make_checkpointer(epochs=4, ckpt_save_interval=2, ckpt_save_best=False)
+    for epoch in range(1, 5):
+        checkpointer.epoch_end(epoch, {"loss": 1.0 / epoch, "lr": float("nan")},
+                               file_writer())
+    lines = lines_of(checkpointer.layout.ckpts)
+    assert [line["kind"] for line in lines] == ["start", "epoch", "epoch", "saved", "epoch",
+                                                "epoch", "saved"]
+    assert lines[0]["resumed_from"] is None and lines[0]["run_id"] == checkpointer.run_id
+    assert lines[1]["metrics"] == {"loss": 1.0, "lr": None}
+    history = read_history(checkpointer.layout.ckpts)
+    assert [(r.epoch, r.saved) for r in history.live] == [(1, False), (2, True), (3, False),
+                                                           (4, True)]
+    assert history.warnings == [] and history.metric_names == ["loss", "lr"]
+
+
+def test_interval_zero_records_nothing(make_checkpointer, ckpt_dir):
+    checkpointer = make_checkpointer(epochs=2, ckpt_save_interval=0)
+    checkpointer.epoch_end(1, {"loss": 1.0}, file_writer())
+    assert not os.path.exists(os.path.join(ckpt_dir, "ckpts", "history.jsonl"))
+
+
+def test_restart_and_rollback_abandon_the_epochs_after_the_resumed_one(make_checkpointer,
+                                                                          ckpt_dir):
+    layout = CheckpointLayout(ckpt_dir)
+    first = make_checkpointer(epochs=10)
+    for epoch in range(1, 7):       # killed after epoch 6; last names epoch 6
+        first.epoch_end(epoch, {"loss": 10.0 - epoch}, file_writer())
+    point_link(layout, "best", 4)   # an operator rolls back to 4
+    point_link(layout, "last", 4)
+    second = make_checkpointer(epochs=10)
+    second.resume(read_info(layout.epoch_dir(4)))
+    for epoch in range(5, 11):
+        second.epoch_end(epoch, {"loss": 1.0 / epoch}, file_writer())
+    history = read_history(layout.ckpts)
+    assert [r.epoch for r in history.live] == list(range(1, 11))
+    assert {r.run_id for r in history.live[4:]} == {second.run_id}
+    assert [(r.epoch, r.run_id) for r in history.epochs if r.abandoned] == [
+        (5, first.run_id), (6, first.run_id)]
+    assert history.rewinds == [4]
+    assert history.runs[1].resumed_from == 4 and history.runs[1].lineage_id == first.run_id
+
+
+def test_a_torn_last_line_is_ignored_and_the_next_writer_ends_it(tmp_path):
+    ckpts = str(tmp_path)
+    writer = HistoryWriter(ckpts, RUN)
+    writer.record_epoch(1, {"loss": 1.0}, 2.0)
+    writer.close()
+    with open(os.path.join(ckpts, "history.jsonl"), "ab") as stream:
+        stream.write(b'{"kind":"epoch","run_id":"aaaa')  # killed mid-line
+    history = read_history(ckpts)
+    assert [r.epoch for r in history.epochs] == [1] and history.warnings == []
+    writer = HistoryWriter(ckpts, {**RUN, "run_id": "b" * 32})
+    writer.record_epoch(2, {"loss": 0.5}, 2.0)
+    writer.close()
+    history = read_history(ckpts)
+    assert [(r.epoch, r.run_id[0]) for r in history.epochs] == [(1, "a"), (2, "b")]
+    assert len(history.warnings) == 1 and "line 3" in history.warnings[0]
+
+
+@pytest.mark.parametrize("damage", [b"\x00\xff garbage\n", b"[1, 2]\n", b'{"kind": 5}\n',
+                                    b'{"kind":"epoch","epoch":"x"}\n'])
+def test_a_damaged_line_is_skipped_with_a_warning(tmp_path, damage):
+    ckpts = str(tmp_path)
+    writer = HistoryWriter(ckpts, RUN)
+    writer.record_epoch(1, {"loss": 1.0}, 1.0)
+    with open(os.path.join(ckpts, "history.jsonl"), "ab") as stream:
+        stream.write(damage)
+    writer.record_epoch(2, {"loss": 0.5}, 1.0)
+    writer.close()
+    history = read_history(ckpts)
+    assert [r.epoch for r in history.live] == [1, 2]
+    assert len(history.warnings) == 1 and "history.jsonl" in history.warnings[0]
+
+
+def test_a_missing_history_is_empty(tmp_path):
+    history = read_history(str(tmp_path))
+    assert history.epochs == [] and history.warnings == []
+
+
+def test_a_kill_mid_write_leaves_a_readable_history(tmp_path):
+    """SIGKILL while a process appends as fast as it can: at most the last line torn."""
+    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r})\n"
+            "from candle_ckpt.core.history import HistoryWriter\n"
+            f"w = HistoryWriter({str(tmp_path)!r}, {RUN!r})\n"
+            "epoch = 0\n"
+            "while True:\n"
+            "    epoch += 1\n"
+            "    w.record_epoch(epoch, {'loss': 1.0 / epoch, 'pad': 1e300}, 0.1)\n")
+    process = subprocess.Popen([sys.executable, "-c", code])
+    path = os.path.join(str(tmp_path), "history.jsonl")
+    while not os.path.exists(path) or os.path.getsize(path) < 200000:
+        assert process.poll() is None
+    process.kill()
+    process.wait()
+    history = read_history(str(tmp_path))
+    epochs = [r.epoch for r in history.live]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) > 1000
+    assert history.warnings == []
+
+
+def test_the_session_records_train_seconds(ckpt_dir):
+    class Adapter:
+        adapter_name, model_format = "test", "bytes/1"
+
+        def library_versions(self):
+            return {}
+
+        def writer_decision(self, explicit):
+            from candle_ckpt.core.writer import WriterDecision
+            return WriterDecision(True, "test")
+
+        def snapshot(self, copy, into=None):
+            return b"state"
+
+        def write_model_file(self, snapshot, directory):
+            return file_writer(snapshot)(directory)
+
+        def trains_in_lockstep(self):
+            return False
+
+    session = TrainingSession({"epochs": 2, "ckpt_directory": ckpt_dir,
+                               "ckpt_save_best_metric": "loss"}, logger=None)
+    session.begin(Adapter())
+    for epoch in range(2):
+        session.epoch_begin(epoch)
+        session.epoch_end(epoch + 1, {"loss": 1.0 / (epoch + 1)})
+    session.end()
+    layout = CheckpointLayout(ckpt_dir)
+    records = read_history(layout.ckpts).live
+    assert all(r.train_seconds is not None and r.train_seconds >= 0 for r in records)
+    info = read_info(layout.epoch_dir(2))
+    assert info["train_seconds"] >= 0 and info["save_seconds"] >= info["write_seconds"]
+    assert info["adapter"] == "test" and info["metrics"] == {"loss": 0.5}
