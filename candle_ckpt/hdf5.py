@@ -16,6 +16,11 @@ import numpy as np
 
 from .core.errors import CheckpointFormatError
 
+# Arrays from this size on are laid out by h5py, page-aligned, and written by pwrite
+# (`create_file`, `create_array`).
+DIRECT_MIN_BYTES = 64 << 10
+ALIGNMENT = 4096
+
 
 def as_oserror(error, path):
     """h5py's RuntimeError for a write that failed when the file was flushed, as the
@@ -24,6 +29,34 @@ def as_oserror(error, path):
     number = int(found.group(1)) if found else errno.EIO
     return OSError(number, f"{os.strerror(number)} (HDF5: {str(error).splitlines()[0]})",
                    os.fspath(path))
+
+
+def create_file(path):
+    """A new HDF5 file at `path` (truncated) whose datasets of DIRECT_MIN_BYTES or more
+    start on an ALIGNMENT boundary: page-aligned in memory once the file is read into
+    page-aligned memory, so they can be used in place."""
+    return h5py.File(path, "w", alignment_threshold=DIRECT_MIN_BYTES,
+                     alignment_interval=ALIGNMENT)
+
+
+def create_array(group, name, array, direct):
+    """Create dataset `name` in `group` for `array` and return it: a small array written
+    by h5py, a large one allocated unfilled, its (file offset, array) appended to
+    `direct` for `direct_io.write_at` to write once the file is closed.
+
+    h5py holds the GIL while HDF5 writes a dataset; `write_at` does not, so a training
+    thread running alongside a background save keeps going. The dataset is contiguous
+    and uncompressed either way, which is what `dataset_array` reads in place.
+    """
+    if array.nbytes < DIRECT_MIN_BYTES or not array.flags.c_contiguous:
+        # h5py hands a C-contiguous array to HDF5 uncopied.
+        return group.create_dataset(name, data=array)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    created = group.create_dataset(name, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
+    direct.append((created.id.get_offset(), array))
+    return created
 
 
 def dataset_array(dataset, contents, path):

@@ -90,8 +90,9 @@ import tensorflow as tf
 from candle_ckpt.core.checksum import read_file
 from candle_ckpt.core.direct_io import anonymous_memory, write_at
 from candle_ckpt.core.errors import CheckpointFormatError
+from candle_ckpt.hdf5 import ALIGNMENT as _ALIGNMENT
 from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
-from candle_ckpt.hdf5 import as_oserror
+from candle_ckpt.hdf5 import as_oserror, create_array, create_file
 from candle_ckpt.hdf5 import dataset as _dataset
 from candle_ckpt.hdf5 import dataset_array as _array
 from candle_ckpt.hdf5 import group as _group
@@ -104,9 +105,6 @@ RNG_GROUP = "candle_ckpt_rng"
 
 # HDF5 keeps attributes in a 64 KiB object header; Keras splits longer name lists.
 _ATTR_LIMIT = 64512
-# Arrays from this size on are laid out by h5py, page-aligned, and written by pwrite.
-_DIRECT_BYTES = 64 << 10
-_ALIGNMENT = 4096
 _AUTO_SUFFIX = re.compile(r"(_\d+)?(:\d+)?$")
 _log = logging.getLogger(__name__)
 
@@ -255,8 +253,7 @@ def write(state, path, progress=None):
 
 def _write_file(state, path, progress):
     direct = []  # (dataset offset, array) of the arrays pwrite writes
-    with h5py.File(path, "w", alignment_threshold=_DIRECT_BYTES,
-                   alignment_interval=_ALIGNMENT) as f:
+    with create_file(path) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
         f.attrs[WEIGHTS_ONLY_ATTR] = state.weights_only
         f.attrs["keras_version"] = state.keras_version
@@ -421,19 +418,11 @@ def _model_metadata(model):
 # -- writing -------------------------------------------------------------------------
 
 def _write_arrays(group, arrays, direct):
-    """Create `arrays`' datasets in `group`: small ones written by h5py, large ones
-    allocated unfilled, their (offset, array) appended to `direct` for `write_at`."""
+    """Create `arrays`' datasets in `group` (`hdf5.create_array`: small ones written by
+    h5py, large ones left for `write_at`, their (offset, array) appended to `direct`)."""
     _write_names(group, "weight_names", arrays.names)
     for name, array in zip(arrays.names, arrays.arrays):
-        if array.nbytes < _DIRECT_BYTES or not array.flags.c_contiguous:
-            # Contiguous, uncompressed; h5py hands a C-contiguous array to HDF5 uncopied.
-            group.create_dataset(name, data=array)
-            continue
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-        dataset = group.create_dataset(name, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
-        direct.append((dataset.id.get_offset(), array))
+        create_array(group, name, array, direct)
 
 
 def _write_names(group, key, names):
