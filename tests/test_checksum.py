@@ -1,6 +1,7 @@
 """CRC32: isal and zlib agree, streamed over files of any size."""
 
 import os
+import threading
 import zlib
 
 import pytest
@@ -69,3 +70,22 @@ def test_read_file_checksums_the_bytes_it_read_when_the_file_shrinks(tmp_path, m
     contents, crc = checksum.read_file(path)
     assert bytes(contents) == data[:checksum.CHUNK_BYTES + 5]
     assert crc == zlib.crc32(data[:checksum.CHUNK_BYTES + 5])
+
+
+def test_a_lower_priority_threads_crcs_run_at_its_priority_not_at_the_first_callers():
+    from candle_ckpt.core.background import BACKGROUND_NICE, lower_thread_priority
+
+    main_nice = checksum._crc_thread().submit(checksum._thread_nice).result()
+    found = {}
+
+    def background():
+        lower_thread_priority()
+        found["own"] = checksum._thread_nice()
+        found["helper"] = checksum._crc_thread().submit(checksum._thread_nice).result()
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    if found["own"] == main_nice:
+        pytest.skip("this system does not let a thread lower its own priority")
+    assert found == {"own": max(main_nice, BACKGROUND_NICE), "helper": found["own"]}

@@ -40,7 +40,7 @@ LAST_PIECE_BYTES = 1 << 20
 # From this size on, isal's CRC runs on both halves of the file at once (it releases the
 # GIL) and combines them: 16 GiB/s instead of 10 on this machine's 2 cores, idle.
 PARALLEL_MIN_BYTES = 64 << 20
-_second_thread = None
+_second_threads: dict = {}  # {nice value of the threads asking: their CRC thread}
 _second_thread_lock = threading.Lock()
 
 
@@ -102,13 +102,30 @@ def read_file(path, checksum=True):
 
 
 def _crc_thread():
-    """The one extra thread CRCs run in; a single worker runs its tasks in order."""
-    global _second_thread
+    """The extra thread the calling thread's CRCs run in; a single worker runs its tasks
+    in order.
+
+    One per nice value, started by (and so inheriting the priority of) the first
+    thread of that value to ask: a background save's CRC must not run at the training
+    thread's priority because a restart's read started the helper first.
+    """
+    nice = _thread_nice()
     with _second_thread_lock:
-        if _second_thread is None:
-            _second_thread = concurrent.futures.ThreadPoolExecutor(
+        if nice not in _second_threads:
+            _second_threads[nice] = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="candle_ckpt-crc")
-    return _second_thread
+        executor = _second_threads[nice]
+    return executor
+
+
+def _thread_nice():
+    """The calling thread's nice value (Linux sets it per thread), or 0 where unknown."""
+    if not hasattr(os, "getpriority") or not hasattr(threading, "get_native_id"):
+        return 0
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except OSError:
+        return 0
 
 
 def _crc32_range(view, start, stop, crc_function, progress=None):
