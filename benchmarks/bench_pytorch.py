@@ -15,6 +15,10 @@ baselines measured in the same run:
   `torch.load(weights_only=True)` + `load_state_dict` of model and optimizer (target
   <= 1.0). Both files were just written, so both are read from the page cache (warm),
   as on a restart right after a save;
+- the CPU time a synchronous save uses (every thread, mostly the kernel copying into
+  the page cache) over its wall time: when training keeps every core busy, an async
+  save still takes that CPU from it, so (async - none) / (sync - none) cannot go below
+  about this ratio there;
 - training, three ways interleaved (no checkpointing, sync, `ckpt_async`), saving every
   epoch of real steps (forward, backward, AdamW): the stall, what `ckpt_epoch` holds
   the training thread, async ÷ sync (target <= 0.1) and the first async save's over a
@@ -30,6 +34,7 @@ baselines measured in the same run:
 import argparse
 import logging
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -39,6 +44,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SIZES_MB, header, interleave, ratio_line, scratch_directory, summary, timed
 
 from candle_ckpt.core.durable import fsync_dir, fsync_file
+
+
+def cpu_seconds():
+    """CPU time of this process so far, every thread, user and system (the kernel's
+    page-cache writes count as system time of the thread that writes)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def build(megabytes, seed=0):
@@ -88,8 +100,12 @@ def measure(size, repetitions, directory):
     epochs = iter(range(10 ** 6))
     baseline_files = (os.path.join(baseline_dir, f"state-{k}.pt") for k in range(10 ** 6))
 
+    save_cpu = []
+
     def candle_save():
+        before = cpu_seconds()
         ckpt.ckpt_epoch(next(epochs))
+        save_cpu.append(cpu_seconds() - before)
 
     def torch_save():
         baseline_file = next(baseline_files)
@@ -99,6 +115,7 @@ def measure(size, repetitions, directory):
         fsync_dir(baseline_dir)
 
     saves = interleave(repetitions, warmup=1, candle_ckpt=candle_save, torch_save=torch_save)
+    saves["candle_ckpt_cpu"] = save_cpu[1:]  # the warm-up left out, as for the wall time
     ckpt.finish()
 
     baseline_file = os.path.join(baseline_dir, f"state-{repetitions}.pt")  # the last
@@ -204,6 +221,9 @@ def main():
                     print(f"  {label:7s} {name:12s} {summary(seconds)}")
             print("  " + ratio_line("save candle_ckpt / torch.save+fsync (<= 0.8)",
                                     saves["candle_ckpt"], saves["torch_save"]))
+            print("  " + ratio_line("save CPU (all threads) / wall: what an async save "
+                                    "takes from training on saturated cores, at least",
+                                    saves["candle_ckpt_cpu"], saves["candle_ckpt"]))
             print("  " + ratio_line("restart candle_ckpt / torch.load+load_state_dict "
                                     "(<= 1.0)", restarts["candle_ckpt"],
                                     restarts["torch_load"]))

@@ -14,6 +14,7 @@ import re
 import h5py
 import numpy as np
 
+from .core.direct_io import PrivateMemory
 from .core.errors import CheckpointFormatError
 
 # Arrays from this size on are laid out by h5py, page-aligned, and written by pwrite
@@ -71,6 +72,24 @@ def dataset_array(dataset, contents, path):
             f"'{path}': dataset '{dataset.name}' ({nbytes} bytes at offset {offset}) "
             f"extends past the end of the file ({len(contents)} bytes)")
     return np.frombuffer(contents, dataset.dtype, dataset.size, offset).reshape(dataset.shape)
+
+
+def writable_contents(contents):
+    """`contents` made writable when its memory is private (`direct_io.PrivateMemory`,
+    what `checksum.read_file` reads a restart's model file into), else as it is.
+
+    Arrays read from the writable view (`dataset_array`) can become the restored
+    tensors and variables themselves, rather than be copied: memory of no file and
+    no other reader, which training may then update in place.
+    """
+    base = contents.obj
+    if not isinstance(base, PrivateMemory) or base.closed or not contents.nbytes:
+        return contents
+    whole = memoryview(base)
+    if (len(whole) < contents.nbytes or np.frombuffer(whole, np.uint8, 1).ctypes.data
+            != np.frombuffer(contents, np.uint8, 1).ctypes.data):
+        return contents
+    return whole[:contents.nbytes]
 
 
 class InMemoryFile(io.RawIOBase):

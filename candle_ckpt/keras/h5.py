@@ -92,7 +92,7 @@ from candle_ckpt.core.direct_io import anonymous_memory, write_at
 from candle_ckpt.core.errors import CheckpointFormatError
 from candle_ckpt.hdf5 import ALIGNMENT as _ALIGNMENT
 from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
-from candle_ckpt.hdf5 import as_oserror, create_array, create_file
+from candle_ckpt.hdf5 import as_oserror, create_array, create_file, writable_contents
 from candle_ckpt.hdf5 import dataset as _dataset
 from candle_ckpt.hdf5 import dataset_array as _array
 from candle_ckpt.hdf5 import group as _group
@@ -105,6 +105,8 @@ RNG_GROUP = "candle_ckpt_rng"
 
 # HDF5 keeps attributes in a 64 KiB object header; Keras splits longer name lists.
 _ATTR_LIMIT = 64512
+# What TensorFlow's CPU allocator aligns tensors to (Eigen's maximum alignment).
+_TENSOR_ALIGNMENT = 64
 _AUTO_SUFFIX = re.compile(r"(_\d+)?(:\d+)?$")
 _log = logging.getLogger(__name__)
 
@@ -285,7 +287,9 @@ def restore(model, path, *, contents=None, logger=None):
     anyway. Reads datasets and name lists only; never deserialises code.
 
     The file is read into memory once and parsed there; its arrays are assigned from
-    that memory without another copy. `contents`, if given, are the file's bytes
+    that memory without another copy, and where it is private memory (a verified read,
+    `hdf5.writable_contents`) the large ones become the variables' buffers themselves
+    (`_as_tensor`). `contents`, if given, are the file's bytes
     already read (and verified) by the caller (`checksum.read_file`): they are what is
     parsed and loaded, and the file is not opened at all. `path` then only names the
     file in messages.
@@ -307,14 +311,16 @@ def restore(model, path, *, contents=None, logger=None):
             pairs += _plan_rng(f, model, path, ours, log)
             optimizer = _plan_optimizer(f, model, path, version, log)
             pairs += optimizer or []
-            values = [_array(dataset, contents, path) for _, dataset in pairs]
+            source = writable_contents(contents)
+            values = [_array(dataset, source, path) for _, dataset in pairs]
     except CheckpointFormatError:
         raise
     except (OSError, KeyError, RuntimeError) as e:
         # What h5py raises for a truncated or corrupt file, at open or at any later read.
         raise CheckpointFormatError(f"'{path}' is not a readable HDF5 file: {e}") from e
-    for (variable, _), value in zip(pairs, values):
-        variable.assign(value)
+    tensors = [_as_tensor(value) for value in values]  # all of them before any assign
+    for (variable, _), tensor in zip(pairs, tensors):
+        variable.assign(tensor)
     # Lookup and normalization layers derive tensors from their weights (Keras'
     # loader does this only for top-level layers; nested ones need it as well).
     for layer in model._flatten_layers(include_self=False):
@@ -325,6 +331,24 @@ def restore(model, path, *, contents=None, logger=None):
 
 
 # -- what the model holds ------------------------------------------------------------
+
+def _as_tensor(array):
+    """`array` as a TensorFlow tensor on the array's own memory, where it is writable and
+    _TENSOR_ALIGNMENT-aligned, else `array` itself.
+
+    `tf.convert_to_tensor`, which `assign` applies to a numpy array, always copies it
+    into new memory; a tensor imported through DLPack shares the array's memory, and
+    assigning it lets the variable take that buffer. TensorFlow copies a buffer before
+    updating it while another reference holds it, so the restored values stay the
+    file's until training changes them.
+    """
+    if not array.flags.writeable or array.ctypes.data % _TENSOR_ALIGNMENT:
+        return array
+    try:
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    except (BufferError, TypeError, ValueError, RuntimeError, tf.errors.OpError):
+        return array  # a dtype DLPack lacks: assign copies it
+
 
 def _legacy_weights(layer):
     # The order Keras' h5 layout uses, which differs from layer.weights.

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from ..core.adapter import Restored
-from ..core.direct_io import PrivateMemory, write_at
+from ..core.direct_io import write_at
 from ..core.errors import CheckpointFormatError
 from ..hdf5 import (
     InMemoryFile,
@@ -68,6 +68,7 @@ from ..hdf5 import (
     dataset,
     dataset_array,
     group,
+    writable_contents,
 )
 
 MODEL_FILE = "model.h5"
@@ -282,7 +283,7 @@ def read(contents: memoryview, path: str) -> tuple[dict, bool]:
                 raise CheckpointFormatError(f"'{path}': dataset 'state' is not UTF-8 "
                                             f"JSON: {error}") from None
             tensors = group(f, "tensors", path)
-            source = _writable(contents)
+            source = writable_contents(contents)
             values = [_tensor(dataset(tensors, str(k), path), source, path)
                       for k in range(len(tensors))]
             weights_only = bool(f.attrs.get("weights_only", False))
@@ -302,31 +303,14 @@ def read(contents: memoryview, path: str) -> tuple[dict, bool]:
     return state, weights_only
 
 
-def _writable(contents: memoryview) -> memoryview:
-    """`contents` made writable when its memory is private (`direct_io.PrivateMemory`,
-    what `checksum.read_file` reads a restart's model file into), else as it is.
-
-    Tensors are then built on the verified bytes in place rather than copied: the
-    modules' `load_state_dict` copies them into the parameters, and the optimizer's
-    keeps them as its state (memory of no file and no other reader, so training may
-    update it).
-    """
-    base = contents.obj
-    if not isinstance(base, PrivateMemory) or base.closed or not contents.nbytes:
-        return contents
-    whole = memoryview(base)
-    if (len(whole) < contents.nbytes or np.frombuffer(whole, np.uint8, 1).ctypes.data
-            != np.frombuffer(contents, np.uint8, 1).ctypes.data):
-        return contents
-    return whole[:contents.nbytes]
-
-
 def _tensor(found: h5py.Dataset, contents: memoryview, path: str) -> Any:
     """A dataset as the torch tensor (or numpy array) it was, checked against its attrs.
 
-    A tensor is built on `contents` in place where they are writable and the dataset
-    starts on a _TENSOR_ALIGNMENT boundary (the large ones: `hdf5.create_file`), else
-    on a copy.
+    A tensor is built on `contents` in place where they are writable (see
+    `hdf5.writable_contents`) and the dataset starts on a _TENSOR_ALIGNMENT boundary
+    (the large ones: `hdf5.create_file`), else on a copy. The modules'
+    `load_state_dict` then copies them into the parameters, and the optimizer's keeps
+    them as its state.
     """
     dtype = str(found.attrs.get("torch_dtype", ""))
     shape = tuple(int(n) for n in found.attrs.get("shape", ()))
