@@ -8,7 +8,10 @@ thread (the stall; the first save of each run separately), the wall time per epo
 costs an epoch: (async - none) / (sync - none), the share of the synchronous cost that
 async saving leaves.
 
-    .venv/bin/python benchmarks/bench_async.py [--sizes 100MB] [--epochs 5] [--rounds 2]
+    .venv/bin/python benchmarks/bench_async.py [--sizes 100MB] [--epochs 5] [--rounds 2] \
+        [--quick]
+
+The PyTorch counterpart is in bench_pytorch.py.
 """
 
 import argparse
@@ -67,7 +70,10 @@ def main():
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30, help="batches per epoch")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="100MB, 1 round of 4 epochs")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.rounds, args.epochs = "100MB", 1, 4
     quiet_tensorflow()
     header("async save: training-thread stall and epoch time")
     directory = scratch_directory()

@@ -19,7 +19,10 @@ are each peer's median over candle_ckpt's for saves (above 1: candle_ckpt is fas
 and candle_ckpt's over each peer's for restores (below 1: candle_ckpt is faster).
 
     .venv/bin/python benchmarks/bench_peers.py [--sizes 100MB,1GB] [--repetitions 5] \\
-        [--directory DIR]
+        [--directory DIR] [--quick]
+
+--quick: 100MB only, 3 repetitions. PyTorch's peers (torch.save, torch.load) are in
+bench_pytorch.py.
 """
 
 import argparse
@@ -121,7 +124,10 @@ def main():
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--directory", default=None,
                         help="where to write (default: ./save, the checkpoint file system)")
+    parser.add_argument("--quick", action="store_true", help="100MB, 3 repetitions")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.repetitions = "100MB", 3
     quiet_tensorflow()
     header("save and restore: candle_ckpt and its peers, same model and optimizer")
     directory = scratch_directory(args.directory)

@@ -17,10 +17,17 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .core.direct_io import PrivateMemory
 from .core.errors import CheckpointFormatError
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 """The first bytes of an HDF5 file (with no user block)."""
+
+# Arrays from this size on are laid out by h5py, page-aligned, and written by pwrite
+# (`create_file`, `create_array`).
+DIRECT_MIN_BYTES = 64 << 10
+ALIGNMENT = 4096
+
 
 
 def raised_by_h5py(error: BaseException) -> bool:
@@ -43,6 +50,35 @@ def as_oserror(error: BaseException, path: str | os.PathLike[str]) -> OSError:
                    os.fspath(path))
 
 
+def create_file(path: str) -> h5py.File:
+    """A new HDF5 file at `path` (truncated) whose datasets of DIRECT_MIN_BYTES or more
+    start on an ALIGNMENT boundary: page-aligned in memory once the file is read into
+    page-aligned memory, so they can be used in place."""
+    return h5py.File(path, "w", alignment_threshold=DIRECT_MIN_BYTES,
+                     alignment_interval=ALIGNMENT)
+
+
+def create_array(group: h5py.Group, name: str, array: np.ndarray,
+                 direct: list[tuple[int, np.ndarray]]) -> h5py.Dataset:
+    """Create dataset `name` in `group` for `array` and return it: a small array written
+    by h5py, a large one allocated unfilled, its (file offset, array) appended to
+    `direct` for `direct_io.write_at` to write once the file is closed.
+
+    h5py holds the GIL while HDF5 writes a dataset; `write_at` does not, so a training
+    thread running alongside a background save keeps going. The dataset is contiguous
+    and uncompressed either way, which is what `dataset_array` reads in place.
+    """
+    if array.nbytes < DIRECT_MIN_BYTES or not array.flags.c_contiguous:
+        # h5py hands a C-contiguous array to HDF5 uncopied.
+        return group.create_dataset(name, data=array)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    created = group.create_dataset(name, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
+    direct.append((created.id.get_offset(), array))
+    return created
+
+
 def dataset_array(dataset: h5py.Dataset, contents: Any, path: str) -> np.ndarray:
     """The dataset's values: a view of `contents` where the dataset is stored as one
     contiguous run of bytes (as h5py and Keras write them), else read by HDF5."""
@@ -55,6 +91,24 @@ def dataset_array(dataset: h5py.Dataset, contents: Any, path: str) -> np.ndarray
             f"'{path}': dataset '{dataset.name}' ({nbytes} bytes at offset {offset}) "
             f"extends past the end of the file ({len(contents)} bytes)")
     return np.frombuffer(contents, dataset.dtype, dataset.size, offset).reshape(dataset.shape)
+
+
+def writable_contents(contents: memoryview) -> memoryview:
+    """`contents` made writable when its memory is private (`direct_io.PrivateMemory`,
+    what `checksum.read_file` reads a restart's model file into), else as it is.
+
+    Arrays read from the writable view (`dataset_array`) can become the restored
+    tensors and variables themselves, rather than be copied: memory of no file and
+    no other reader, which training may then update in place.
+    """
+    base = contents.obj
+    if not isinstance(base, PrivateMemory) or base.closed or not contents.nbytes:
+        return contents
+    whole = memoryview(base)
+    if (len(whole) < contents.nbytes or np.frombuffer(whole, np.uint8, 1).ctypes.data
+            != np.frombuffer(contents, np.uint8, 1).ctypes.data):
+        return contents
+    return whole[:contents.nbytes]
 
 
 class InMemoryFile(io.RawIOBase):

@@ -78,3 +78,36 @@ def test_a_snapshot_that_does_not_fit_is_refused():
                        r"available \(MemAvailable\); .* set ckpt_async=false$"):
         check_snapshot_fits(1 << 60, "ckpt_async=true", "ckpt_async=false")
     check_snapshot_fits(1 << 20, "ckpt_async=true", "ckpt_async=false")
+
+
+def test_a_save_training_waits_for_runs_at_trainings_priority_not_the_background_one():
+    from candle_ckpt.core.background import BACKGROUND_NICE, BackgroundWriter
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    started, release, seen = threading.Event(), threading.Event(), {}
+
+    def save():
+        me = threading.get_native_id()
+        seen["before"] = os.getpriority(os.PRIO_PROCESS, me)
+        started.set()
+        release.wait(10)
+        time.sleep(0.1)  # wait() boosts before blocking; give it the time to
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, me)
+
+    writer = BackgroundWriter()
+    writer.submit(save)
+    assert started.wait(10)
+    if seen["before"] == mine:
+        pytest.skip("this system does not let a thread lower its own priority")
+    assert seen["before"] == max(mine, BACKGROUND_NICE)
+    if os.geteuid() != 0:
+        pytest.skip("raising a lowered priority back needs CAP_SYS_NICE")
+    release.set()
+    writer.wait()
+    assert seen["after"] == mine
+    measured = threading.Event()
+    writer.submit(lambda: (seen.update(next_save=os.getpriority(
+        os.PRIO_PROCESS, threading.get_native_id())), measured.set()))
+    assert measured.wait(10)  # before wait(), which would raise it again
+    writer.wait()
+    assert seen["next_save"] == max(mine, BACKGROUND_NICE)  # lowered again for the next

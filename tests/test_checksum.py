@@ -69,3 +69,4 @@ def test_read_file_checksums_the_bytes_it_read_when_the_file_shrinks(tmp_path, m
     contents, crc = checksum.read_file(path)
     assert bytes(contents) == data[:checksum.CHUNK_BYTES + 5]
     assert crc == zlib.crc32(data[:checksum.CHUNK_BYTES + 5])
+

@@ -18,12 +18,11 @@ MODEL = ["--n_features", "64", "--dense", "[1024,1024]", "--n_samples", "512",
 @pytest.mark.slow
 def test_killed_at_each_save_step_and_at_random_instants_every_restart_is_good(tmp_path):
     soak = load_soak()
-    # Every protocol point but during_direct_write: the torch format writes through h5py,
-    # not core/direct_io, so that point is never reached. The first kill is at the second
-    # save (epoch 1 complete), as in soak.FAULTS.
+    # Every protocol point, during_direct_write included (the torch format writes its
+    # large tensors through core/direct_io). The first kill is at the second save (epoch
+    # 1 complete), as in soak.FAULTS.
     from candle_ckpt.core.faults import POINTS
-    points = [point for point in POINTS if point != "during_direct_write"]
-    faults = (f"{points[0]}:2",) + tuple(f"{point}:1" for point in points[1:])
+    faults = (f"{POINTS[0]}:2",) + tuple(f"{point}:1" for point in POINTS[1:])
     tally = soak.soak(str(tmp_path), kills=6, seed=3, faults=faults, job=(JOB, *MODEL),
                       max_delay=2.0)
     print(tally.summary())

@@ -104,6 +104,27 @@ def test_restored_model_continues_bit_for_bit(build, tmp_path):
     assert_bit_equal(state(original), state(fresh))
 
 
+def test_large_variables_take_the_verified_read_buffer_and_training_goes_on(tmp_path):
+    from candle_ckpt.core.checksum import read_file
+
+    def wide():
+        return dense_adam(hidden=8192)  # a 128 KiB kernel: laid out for pwrite, aligned
+    original = trained(wide)
+    path = save(original, tmp_path)
+    contents, _ = read_file(str(path))
+    fresh = wide()
+    fresh.optimizer.build(fresh.trainable_variables)
+    keras_h5.restore(fresh, path, contents=contents)
+    start = np.frombuffer(contents, np.uint8, 1).ctypes.data
+    buffer = np.asarray(tf.convert_to_tensor(fresh.layers[0].kernel)).ctypes.data
+    assert start <= buffer < start + contents.nbytes   # no copy was made
+    assert_bit_equal(state(original), state(fresh))
+    for _ in range(2):
+        for model in (original, fresh):
+            model.train_on_batch(X, Y)
+    assert_bit_equal(state(original), state(fresh))
+
+
 def test_plain_keras_load_weights_reads_the_file(tmp_path):
     original = trained(bn_dropout_sgd_momentum)
     path = save(original, tmp_path)

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import candle_ckpt  # noqa: E402
+from candle_ckpt.core.checksum import read_file  # noqa: E402
 from candle_ckpt.core.errors import CheckpointFormatError  # noqa: E402
 from candle_ckpt.pytorch import state  # noqa: E402
 from candle_ckpt.pytorch.adapter import TorchAdapter  # noqa: E402
@@ -123,6 +124,66 @@ def test_restore_is_exact_and_sets_the_random_states(tmp_path):
     assert restored.exact and restored.parts[-1] == "RNG"
     same(state.object_states(objects, False), state.object_states(fresh, False))
     same(expected_rng, (torch.rand(3), np.random.rand(), random.random()))
+
+
+def large(seed=0):
+    """A model whose weights and AdamW moments are large enough (128 KiB each) to be
+    written in place by pwrite and restored in place."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(256, 128)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    step(model, opt, torch.randn(16, 256))
+    return {"model": model, "optimizer": opt}
+
+
+def step(model, opt, x):
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.step()
+
+
+def inside(tensor, buffer):
+    start = np.frombuffer(buffer, np.uint8, 1).ctypes.data
+    return start <= tensor.data_ptr() < start + buffer.nbytes
+
+
+def test_restore_from_the_verified_read_buffer_uses_it_in_place_and_training_goes_on(
+        tmp_path):
+    objects = large()
+    path = str(tmp_path / "model.h5")
+    state.write(state.snapshot(objects, copy=False), path)
+    contents, _ = read_file(path)
+    fresh = large(seed=1)
+    parameter = fresh["model"].weight
+    state.restore(fresh, path, contents, LOG)
+    same(state.object_states(objects, False), state.object_states(fresh, False))
+    # The parameters keep their own memory (the optimizer refers to them); the
+    # optimizer's moments are the verified bytes themselves, not a copy of them.
+    assert fresh["model"].weight is parameter and not inside(parameter, contents)
+    moment = fresh["optimizer"].state_dict()["state"][0]["exp_avg"]
+    assert inside(moment, contents) and moment.numel() * 4 >= 64 << 10
+    x = torch.randn(16, 256)
+    for _ in range(2):
+        step(objects["model"], objects["optimizer"], x)
+        step(fresh["model"], fresh["optimizer"], x)
+    same(state.object_states(objects, False), state.object_states(fresh, False))
+
+
+def test_a_file_of_the_earlier_writer_unaligned_and_written_by_h5py_restores(
+        tmp_path, monkeypatch):
+    import h5py
+
+    def by_h5py(group, name, array, direct):
+        return group.create_dataset(name, data=array)
+    monkeypatch.setattr(state, "create_file", lambda path: h5py.File(path, "w"))
+    monkeypatch.setattr(state, "create_array", by_h5py)
+    objects = large()
+    path = str(tmp_path / "model.h5")
+    state.write(state.snapshot(objects, copy=False), path)
+    contents, _ = read_file(path)
+    fresh = large(seed=1)
+    state.restore(fresh, path, contents, LOG)
+    same(state.object_states(objects, False), state.object_states(fresh, False))
 
 
 def test_a_mismatch_anywhere_changes_nothing(tmp_path):

@@ -153,24 +153,48 @@ class BackgroundWriter:
 
     The thread runs at a lower priority (`lower_thread_priority`): on a machine whose
     cores training keeps busy, the save then takes longer but takes less from training.
+    Once training waits for it (`wait`, or a `submit` while it runs) that would be a
+    priority inversion, so the save is given the waiting thread's priority back for the
+    rest of its run, where the system permits raising it.
     """
 
     def __init__(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="candle_ckpt-save",
-            initializer=lower_thread_priority)
+            max_workers=1, thread_name_prefix="candle_ckpt-save")
         self._pending: concurrent.futures.Future[Any] | None = None
+        self._writer_thread_id: int | None = None
 
     def submit(self, job: Callable[[], Any]) -> None:
         """Wait for the previous job (raising its error), then start `job()`."""
         self.wait()
-        self._pending = self._executor.submit(job)
+        self._pending = self._executor.submit(self._run, job)
 
     def wait(self) -> None:
         """Block until the current job is done; raise the exception it raised, if any."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        if pending is None:
+            return
+        if not pending.done() and self._writer_thread_id is not None:
+            _share_priority(self._writer_thread_id)
+        pending.result()
+
+    def _run(self, job: Callable[[], Any]) -> Any:
+        self._writer_thread_id = threading.get_native_id()
+        lower_thread_priority()
+        return job()
+
+
+def _share_priority(thread_id: int) -> None:
+    """Give thread `thread_id` the calling thread's nice value, if that is allowed (an
+    unprivileged process may not raise a priority it lowered: then nothing changes)."""
+    if not hasattr(os, "setpriority"):
+        return
+    try:
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        if os.getpriority(os.PRIO_PROCESS, thread_id) > mine:
+            os.setpriority(os.PRIO_PROCESS, thread_id, mine)
+    except OSError:
+        pass
 
 
 def available_memory_bytes() -> int | None:

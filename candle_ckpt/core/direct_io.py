@@ -26,11 +26,16 @@ from .faults import fault_point
 PIECE_BYTES = 8 << 20
 
 
-def anonymous_memory(size: int) -> mmap.mmap:
+class PrivateMemory(mmap.mmap):
+    """Memory `anonymous_memory` made: no file behind it and no other process sharing it,
+    so whoever holds it may write into it (a restart builds tensors on it in place)."""
+
+
+def anonymous_memory(size: int) -> PrivateMemory:
     """`size` bytes of private, zeroed, page-aligned memory, in huge pages where the
     kernel has them: fewer page faults to fill than 4 KiB pages, shared memory or a
     bytearray (benchmarks/bench_checksum.py, read_only against read_bytearray)."""
-    mapping = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping = PrivateMemory(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         mapping.madvise(mmap.MADV_HUGEPAGE)
     return mapping

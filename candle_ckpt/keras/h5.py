@@ -49,8 +49,15 @@ import tensorflow as tf
 from candle_ckpt.core.checksum import read_file
 from candle_ckpt.core.direct_io import anonymous_memory, write_at
 from candle_ckpt.core.errors import CheckpointFormatError
+from candle_ckpt.hdf5 import ALIGNMENT as _ALIGNMENT
 from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
-from candle_ckpt.hdf5 import as_oserror, raised_by_h5py
+from candle_ckpt.hdf5 import (
+    as_oserror,
+    create_array,
+    create_file,
+    raised_by_h5py,
+    writable_contents,
+)
 from candle_ckpt.hdf5 import attr_str as _attr_str
 from candle_ckpt.hdf5 import dataset as _dataset
 from candle_ckpt.hdf5 import dataset_array as _array
@@ -66,9 +73,8 @@ RNG_GROUP = "candle_ckpt_rng"
 
 # HDF5 keeps attributes in a 64 KiB object header; Keras splits longer name lists.
 _ATTR_LIMIT = 64512
-# Arrays from this size on are laid out by h5py, page-aligned, and written by pwrite.
-_DIRECT_BYTES = 64 << 10
-_ALIGNMENT = 4096
+# What TensorFlow's CPU allocator aligns tensors to (Eigen's maximum alignment).
+_TENSOR_ALIGNMENT = 64
 _AUTO_SUFFIX = re.compile(r"(_\d+)?(:\d+)?$")
 _log = logging.getLogger(__name__)
 
@@ -220,8 +226,7 @@ def write(state, path, progress=None):
 
 def _write_file(state, path, progress):
     direct = []  # (dataset offset, array) of the arrays pwrite writes
-    with h5py.File(path, "w", alignment_threshold=_DIRECT_BYTES,
-                   alignment_interval=_ALIGNMENT) as f:
+    with create_file(path) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
         f.attrs[WEIGHTS_ONLY_ATTR] = state.weights_only
         f.attrs["keras_version"] = state.keras_version
@@ -256,7 +261,9 @@ def restore(model, path, *, contents=None, logger=None, weights_only=False):
     anyway. Reads datasets and name lists only; never deserialises code.
 
     The file is read into memory once and parsed there; its arrays are assigned from
-    that memory without another copy. `contents`, if given, are the file's bytes
+    that memory without another copy, and where it is private memory (a verified read,
+    `hdf5.writable_contents`) the large ones become the variables' buffers themselves
+    (`_as_tensor`). `contents`, if given, are the file's bytes
     already read (and verified) by the caller (`checksum.read_file`): they are what is
     parsed and loaded, and the file is not opened at all. `path` then only names the
     file in messages.
@@ -280,7 +287,8 @@ def restore(model, path, *, contents=None, logger=None, weights_only=False):
                 pairs += _plan_rng(f, model, path, ours, log)
                 optimizer = _plan_optimizer(f, model, path, version, log)
                 pairs += optimizer or []
-            values = [_array(dataset, contents, path) for _, dataset in pairs]
+            source = writable_contents(contents)
+            values = [_array(dataset, source, path) for _, dataset in pairs]
     except CheckpointFormatError:
         raise
     except (OSError, KeyError, RuntimeError) as e:
@@ -290,8 +298,9 @@ def restore(model, path, *, contents=None, logger=None, weights_only=False):
             raise
         raise CheckpointFormatError(f"'{path}' is not a readable HDF5 file "
                                     f"({type(e).__name__}: {e})") from e
-    for (variable, _), value in zip(pairs, values):
-        variable.assign(value)
+    tensors = [_as_tensor(value) for value in values]  # all of them before any assign
+    for (variable, _), tensor in zip(pairs, tensors):
+        variable.assign(tensor)
     # Lookup and normalization layers derive tensors from their weights (Keras'
     # loader does this only for top-level layers; nested ones need it as well).
     for layer in model._flatten_layers(include_self=False):
@@ -308,6 +317,24 @@ def is_unbuilt(model):
     """Whether some layer of `model` has not created its variables yet (Keras' own test
     in `Trainer._symbolic_build`)."""
     return not all(layer.built for layer in model._flatten_layers())
+
+
+def _as_tensor(array):
+    """`array` as a TensorFlow tensor on the array's own memory, where it is writable and
+    _TENSOR_ALIGNMENT-aligned, else `array` itself.
+
+    `tf.convert_to_tensor`, which `assign` applies to a numpy array, always copies it
+    into new memory; a tensor imported through DLPack shares the array's memory, and
+    assigning it lets the variable take that buffer. TensorFlow copies a buffer before
+    updating it while another reference holds it, so the restored values stay the
+    file's until training changes them.
+    """
+    if not array.flags.writeable or array.ctypes.data % _TENSOR_ALIGNMENT:
+        return array
+    try:
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    except (BufferError, TypeError, ValueError, RuntimeError, tf.errors.OpError):
+        return array  # a dtype DLPack lacks: assign copies it
 
 
 def _legacy_weights(layer):
@@ -402,19 +429,11 @@ def _model_metadata(model):
 # -- writing -------------------------------------------------------------------------
 
 def _write_arrays(group, arrays, direct):
-    """Create `arrays`' datasets in `group`: small ones written by h5py, large ones
-    allocated unfilled, their (offset, array) appended to `direct` for `write_at`."""
+    """Create `arrays`' datasets in `group` (`hdf5.create_array`: small ones written by
+    h5py, large ones left for `write_at`, their (offset, array) appended to `direct`)."""
     _write_names(group, "weight_names", arrays.names)
     for name, array in zip(arrays.names, arrays.arrays):
-        if array.nbytes < _DIRECT_BYTES or not array.flags.c_contiguous:
-            # Contiguous, uncompressed; h5py hands a C-contiguous array to HDF5 uncopied.
-            group.create_dataset(name, data=array)
-            continue
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-        dataset = group.create_dataset(name, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
-        direct.append((dataset.id.get_offset(), array))
+        create_array(group, name, array, direct)
 
 
 def _write_names(group, key, names):

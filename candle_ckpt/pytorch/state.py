@@ -1,8 +1,10 @@
 """What is written: a PyTorch run's training state as ``model.h5``, and back, exactly.
 
 `snapshot` takes every registered object's state on the training thread, `write` turns
-it into ``model.h5`` with h5py alone (so it may run in a background thread), and
-`restore` loads a file into the registered objects, validating everything first.
+it into ``model.h5`` (h5py lays the file out, `direct_io.write_at` writes the large
+tensors without holding the GIL, so it may run in a background thread beside
+training), and `restore` loads a file into the registered objects, validating
+everything first and building the tensors on the verified bytes in place.
 
 File layout (format version 1)
 ------------------------------
@@ -34,14 +36,28 @@ import numpy as np
 import torch
 
 from ..core.adapter import Restored
+from ..core.direct_io import write_at
 from ..core.errors import CheckpointFormatError
 from ..core.logs import LibraryLogger
-from ..hdf5 import HDF5_MAGIC, InMemoryFile, as_oserror, dataset, dataset_array, group
+from ..hdf5 import (
+    HDF5_MAGIC,
+    InMemoryFile,
+    as_oserror,
+    create_array,
+    create_file,
+    dataset,
+    dataset_array,
+    group,
+    writable_contents,
+)
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1
 FORMAT_ATTR = "candle_ckpt_torch_format_version"
 _NUMPY_PREFIX = "numpy:"
+# A tensor is built in place on the bytes read only where they start on this boundary
+# (what a CPU allocator guarantees); elsewhere it is copied.
+_TENSOR_ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
@@ -202,8 +218,10 @@ def write(state: TrainingState, path: str, progress: Callable[[int], None] | Non
           ) -> None:
     """Write `state` to `path` (created or truncated), in the module docstring's layout.
 
-    h5py only, so it may run in a background thread; no fsync (the protocol does it).
-    `progress` is called with the array bytes written so far after each dataset.
+    h5py lays the file out and writes the small arrays; the large ones are written into
+    the space it allocated by `direct_io.write_at`, which releases the GIL, so a
+    background save leaves the training thread running. No fsync (the protocol does
+    it). `progress` is called with the bytes `write_at` has written so far.
 
     Raises:
         OSError: the file could not be written (disk full, EIO), also when HDF5 reports
@@ -217,8 +235,8 @@ def write(state: TrainingState, path: str, progress: Callable[[int], None] | Non
 
 def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None
                 ) -> None:
-    written = 0
-    with h5py.File(path, "w") as f:
+    direct: list = []  # (dataset offset, array) of the arrays write_at writes
+    with create_file(path) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
         f.attrs["weights_only"] = state.weights_only
         f.attrs["torch_version"] = str(torch.__version__)
@@ -227,12 +245,10 @@ def _write_file(state: TrainingState, path: str, progress: Callable[[int], None]
         tensors = f.create_group("tensors")
         for k, (array, dtype, shape) in enumerate(zip(state.arrays, state.dtypes,
                                                       state.shapes)):
-            dataset = tensors.create_dataset(str(k), data=array)
-            dataset.attrs["torch_dtype"] = dtype
-            dataset.attrs["shape"] = np.asarray(shape, dtype=np.int64)
-            written += array.nbytes
-            if progress is not None:
-                progress(written)
+            created = create_array(tensors, str(k), array, direct)
+            created.attrs["torch_dtype"] = dtype
+            created.attrs["shape"] = np.asarray(shape, dtype=np.int64)
+    write_at(path, direct, progress)
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -262,7 +278,8 @@ def read(contents: memoryview, path: str) -> tuple[dict, bool]:
                 raise CheckpointFormatError(f"'{path}': dataset 'state' is not UTF-8 "
                                             f"JSON: {error}") from None
             tensors = group(f, "tensors", path)
-            values = [_tensor(dataset(tensors, str(k), path), contents, path)
+            source = writable_contents(contents)
+            values = [_tensor(dataset(tensors, str(k), path), source, path)
                       for k in range(len(tensors))]
             weights_only = bool(f.attrs.get("weights_only", False))
     except CheckpointFormatError:
@@ -282,7 +299,14 @@ def read(contents: memoryview, path: str) -> tuple[dict, bool]:
 
 
 def _tensor(found: h5py.Dataset, contents: memoryview, path: str) -> Any:
-    """A dataset as the torch tensor (or numpy array) it was, checked against its attrs."""
+    """A dataset as the torch tensor (or numpy array) it was, checked against its attrs.
+
+    A tensor is built on `contents` in place where they are writable (see
+    `hdf5.writable_contents`) and the dataset starts on a _TENSOR_ALIGNMENT boundary
+    (the large ones: `hdf5.create_file`), else on a copy. The modules'
+    `load_state_dict` then copies them into the parameters, and the optimizer's keeps
+    them as its state.
+    """
     dtype = str(found.attrs.get("torch_dtype", ""))
     shape = tuple(int(n) for n in found.attrs.get("shape", ()))
     array = dataset_array(found, contents, path)
@@ -297,7 +321,9 @@ def _tensor(found: h5py.Dataset, contents: memoryview, path: str) -> Any:
     if not isinstance(torch_dtype, torch.dtype):
         raise CheckpointFormatError(f"{where}: attribute torch_dtype is {dtype!r}; "
                                     f"expected a torch dtype name such as 'float32'")
-    raw = torch.from_numpy(array.copy())
+    if not array.flags.writeable or array.ctypes.data % _TENSOR_ALIGNMENT:
+        array = array.copy()
+    raw = torch.from_numpy(array)
     if raw.dtype != torch_dtype:
         if raw.dtype != torch.uint8 or raw.numel() != int(np.prod(shape)) * torch.empty(
                 (), dtype=torch_dtype).element_size():

@@ -1,0 +1,252 @@
+"""Benchmark 8: PyTorch save, restart and async stall against torch.save / torch.load.
+
+A tiny-compute model with large state (one square Linear layer trained one step with
+AdamW, so the state is about 3x the parameters) is saved and restored through the
+public API, `CandleCkptPyTorch`, interleaved repetition by repetition with its
+baselines measured in the same run:
+
+- save: `ckpt.ckpt_epoch` (snapshot, write, fsync, CRC32, ckpt-info.json, rename,
+  links) ÷ `torch.save` of the same state dicts into a new file + fsync of the file and
+  its directory (target <= 0.8). Neither deletes during the measurement (no keep
+  limit): deleting on this file system (mounted with `discard`) competes with the
+  next write on both sides and is measured by bench_prune.py;
+- restart: `ckpt.restart()` into a fresh model and optimizer (ckpt-info validation,
+  the CRC32 of every byte, every entry checked before the first value changes) ÷
+  `torch.load(weights_only=True)` + `load_state_dict` of model and optimizer (target
+  <= 1.0). Both files were just written, so both are read from the page cache (warm),
+  as on a restart right after a save;
+- the CPU time a synchronous save uses (every thread, mostly the kernel copying into
+  the page cache) over its wall time: when training keeps every core busy, an async
+  save still takes that CPU from it, so (async - none) / (sync - none) cannot go below
+  about this ratio there;
+- training, three ways interleaved (no checkpointing, sync, `ckpt_async`), saving every
+  epoch of real steps (forward, backward, AdamW): the stall, what `ckpt_epoch` holds
+  the training thread, async ÷ sync (target <= 0.1) and the first async save's over a
+  later one's (target <= 2); the epoch time, and what checkpointing costs an epoch,
+  (async - none) ÷ (sync - none) (target <= 0.25).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_pytorch.py [--sizes 100MB,1GB] \\
+        [--repetitions 5] [--directory DIR] [--quick]
+
+--quick: 100MB only, 3 repetitions, one training run per mode of 4 epochs.
+"""
+
+import argparse
+import logging
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SIZES_MB, header, interleave, ratio_line, scratch_directory, summary, timed
+
+from candle_ckpt.core.durable import fsync_dir, fsync_file
+
+# An async save overlaps the epoch after it only if that epoch outlasts the save.
+EPOCH_SECONDS = {"100MB": 2.0, "1GB": 8.0}
+
+
+def cpu_seconds():
+    """CPU time of this process so far, every thread, user and system (the kernel's
+    page-cache writes count as system time of the thread that writes)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def build(megabytes, seed=0):
+    """A Linear layer of about `megabytes` MB of float32 parameters, AdamW after a step."""
+    import torch
+
+    torch.manual_seed(seed)
+    width = int((megabytes * 1e6 / 4) ** 0.5)
+    model = torch.nn.Linear(width, width)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(2, width)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+def state_bytes(model, optimizer):
+    import torch
+
+    tensors = list(model.state_dict().values())
+    tensors += [t for s in optimizer.state_dict()["state"].values() for t in s.values()
+                if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def session(root, model, optimizer, asynchronous=False, keep_limit=2):
+    from candle_ckpt import CandleCkptPyTorch
+
+    params = {"ckpt_directory": root, "epochs": 10 ** 6, "ckpt_save_best": False,
+              "ckpt_async": asynchronous, "ckpt_restart_mode": "auto"}
+    if keep_limit is not None:
+        params["ckpt_keep_limit"] = keep_limit
+    ckpt = CandleCkptPyTorch(params, logger=None, verbose=False)
+    ckpt.set_model({"model": model, "optimizer": optimizer})
+    return ckpt
+
+
+def measure(size, repetitions, directory):
+    import torch
+
+    logging.getLogger("candle_ckpt").propagate = False
+    model, optimizer = build(SIZES_MB[size])
+    root = os.path.join(directory, "ckpts-" + size)
+    baseline_dir = os.path.join(directory, "torch-" + size)
+    os.makedirs(baseline_dir)
+    ckpt = session(root, model, optimizer, keep_limit=None)
+    epochs = iter(range(10 ** 6))
+    baseline_files = (os.path.join(baseline_dir, f"state-{k}.pt") for k in range(10 ** 6))
+
+    save_cpu = []
+
+    def candle_save():
+        before = cpu_seconds()
+        ckpt.ckpt_epoch(next(epochs))
+        save_cpu.append(cpu_seconds() - before)
+
+    def torch_save():
+        baseline_file = next(baseline_files)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                   baseline_file)
+        fsync_file(baseline_file)
+        fsync_dir(baseline_dir)
+
+    saves = interleave(repetitions, warmup=1, candle_ckpt=candle_save, torch_save=torch_save)
+    saves["candle_ckpt_cpu"] = save_cpu[1:]  # the warm-up left out, as for the wall time
+    ckpt.finish()
+
+    baseline_file = os.path.join(baseline_dir, f"state-{repetitions}.pt")  # the last
+    fresh_model, fresh_optimizer = build(SIZES_MB[size], seed=1)
+
+    def candle_restart():
+        restarted = session(root, fresh_model, fresh_optimizer)
+        if restarted.restart(verbose=False) is None:
+            raise RuntimeError(f"nothing to restart from in {root}")
+        restarted.finish()
+
+    def torch_restart():
+        loaded = torch.load(baseline_file, map_location="cpu", weights_only=True)
+        fresh_model.load_state_dict(loaded["model"])
+        fresh_optimizer.load_state_dict(loaded["optimizer"])
+
+    restarts = interleave(repetitions, warmup=1, candle_ckpt=candle_restart,
+                          torch_load=torch_restart)
+    if not torch.equal(fresh_model.weight, model.weight):
+        raise RuntimeError("the restarted weights differ from the saved ones")
+    shutil.rmtree(root)
+    shutil.rmtree(baseline_dir)
+    return state_bytes(model, optimizer), saves, restarts
+
+
+def training(size, rounds, epochs, epoch_seconds, directory):
+    """Train `epochs` epochs of real steps three ways, interleaved run by run: without
+    checkpointing, saving every epoch synchronously, and with `ckpt_async`.
+
+    Returns ({mode: [epoch seconds]}, {"sync", "async_first", "async_later": [stall
+    seconds]}, steps per epoch). An epoch is as many steps as take about
+    `epoch_seconds` here without checkpointing; its time includes `ckpt_epoch`. Each run
+    calls `restart()` first, as a CANDLE loop does (so `ckpt_async` allocates its
+    snapshot there, before the first step); its first epoch is left out of the epoch
+    times (allocator warm-up) but its save is the "first" stall.
+    """
+    import torch
+
+    model, optimizer = build(SIZES_MB[size])
+    batch = torch.randn(64, model.in_features, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model(batch).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    steps = max(1, round(epoch_seconds / timed(step)))
+    epoch_times = {"none": [], "sync": [], "async": []}
+    stalls = {"sync": [], "async_first": [], "async_later": []}
+    for round_ in range(rounds):
+        for mode in epoch_times:
+            root = os.path.join(directory, f"train-{mode}-{round_}")
+            ckpt = None
+            if mode != "none":
+                ckpt = session(root, model, optimizer, asynchronous=mode == "async")
+                ckpt.restart(verbose=False)
+            for epoch in range(epochs):
+                started = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                if ckpt is not None:
+                    stall = timed(lambda ckpt=ckpt, epoch=epoch: ckpt.ckpt_epoch(epoch))
+                    key = mode if mode == "sync" else (
+                        "async_first" if epoch == 0 else "async_later")
+                    stalls[key].append(stall)
+                if epoch:
+                    epoch_times[mode].append(time.perf_counter() - started)
+            if ckpt is not None:
+                ckpt.finish()
+                shutil.rmtree(root)
+    return epoch_times, stalls, steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100MB,1GB")
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--directory", default=None,
+                        help="where to write (default: ./save, the checkpoint file system)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="training runs per mode (none, sync, async)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per training run")
+    parser.add_argument("--epoch-seconds", type=float, default=None,
+                        help="training time per epoch without checkpointing, calibrated "
+                             "(default: 2 s at 100MB, 8 s at 1GB: longer than a save)")
+    parser.add_argument("--quick", action="store_true",
+                        help="100MB, 3 repetitions, 1 round of 4 epochs")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.repetitions, args.rounds, args.epochs = "100MB", 3, 1, 4
+    header("PyTorch: save, restart and async stall against torch.save / torch.load")
+    directory = scratch_directory(args.directory)
+    try:
+        for size in args.sizes.split(","):
+            nbytes, saves, restarts = measure(size, args.repetitions, directory)
+            epoch_seconds = args.epoch_seconds or EPOCH_SECONDS.get(size, 2.0)
+            epoch_times, stalls, steps = training(size, args.rounds, args.epochs,
+                                                  epoch_seconds, directory)
+            print(f"{size} model, {nbytes / 1e6:.0f} MB state (page cache warm for reads); "
+                  f"training: {steps} steps per epoch")
+            for label, times in (("save", saves), ("restart", restarts),
+                                 ("stall", stalls), ("epoch", epoch_times)):
+                for name, seconds in times.items():
+                    print(f"  {label:7s} {name:12s} {summary(seconds)}")
+            print("  " + ratio_line("save candle_ckpt / torch.save+fsync (<= 0.8)",
+                                    saves["candle_ckpt"], saves["torch_save"]))
+            print("  " + ratio_line("save CPU (all threads) / wall: what an async save "
+                                    "takes from training on saturated cores, at least",
+                                    saves["candle_ckpt_cpu"], saves["candle_ckpt"]))
+            print("  " + ratio_line("restart candle_ckpt / torch.load+load_state_dict "
+                                    "(<= 1.0)", restarts["candle_ckpt"],
+                                    restarts["torch_load"]))
+            print("  " + ratio_line("stall async later / sync (<= 0.1)",
+                                    stalls["async_later"], stalls["sync"]))
+            print("  " + ratio_line("stall async first / later (<= 2)",
+                                    stalls["async_first"], stalls["async_later"]))
+            none = statistics.median(epoch_times["none"])
+            cost = {mode: statistics.median(epoch_times[mode]) - none
+                    for mode in ("sync", "async")}
+            print(f"  epoch cost (async - none) / (sync - none) (<= 0.25): "
+                  f"{cost['async']:.3f} / {cost['sync']:.3f} s = ratio "
+                  f"{cost['async'] / cost['sync']:.3f}")
+        print(f"# load average {os.getloadavg()} at {time.strftime('%H:%M')}; "
+              f"medians of {args.repetitions}")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
