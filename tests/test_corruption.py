@@ -137,6 +137,7 @@ def test_fallback_skips_corrupt_epochs_loudly_and_training_goes_on(trained, capl
     try:
         with pytest.raises(candle_ckpt.ChecksumMismatchError):
             candle_ckpt.restart(trained, tiny_model(seed=7), verbose=False)
+        caplog.clear()  # that refusal's own "RESTART REFUSED" record
         with caplog.at_level(logging.ERROR, logger="candle_ckpt"):
             info = candle_ckpt.restart(params, tiny_model(seed=7), verbose=False)
         assert info["epoch"] == 1

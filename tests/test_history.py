@@ -69,14 +69,12 @@ def test_a_torn_last_line_is_ignored_and_the_next_writer_ends_it(tmp_path):
     ckpts = str(tmp_path)
     writer = HistoryWriter(ckpts, RUN)
     writer.record_epoch(1, {"loss": 1.0}, 2.0)
-    writer.close()
     with open(os.path.join(ckpts, "history.jsonl"), "ab") as stream:
         stream.write(b'{"kind":"epoch","run_id":"aaaa')  # killed mid-line
     history = read_history(ckpts)
     assert [r.epoch for r in history.epochs] == [1] and history.warnings == []
     writer = HistoryWriter(ckpts, {**RUN, "run_id": "b" * 32})
     writer.record_epoch(2, {"loss": 0.5}, 2.0)
-    writer.close()
     history = read_history(ckpts)
     assert [(r.epoch, r.run_id[0]) for r in history.epochs] == [(1, "a"), (2, "b")]
     assert len(history.warnings) == 1 and "line 3" in history.warnings[0]
@@ -91,7 +89,6 @@ def test_a_damaged_line_is_skipped_with_a_warning(tmp_path, damage):
     with open(os.path.join(ckpts, "history.jsonl"), "ab") as stream:
         stream.write(damage)
     writer.record_epoch(2, {"loss": 0.5}, 1.0)
-    writer.close()
     history = read_history(ckpts)
     assert [r.epoch for r in history.live] == [1, 2]
     assert len(history.warnings) == 1 and "history.jsonl" in history.warnings[0]

@@ -31,7 +31,7 @@ def fresh_clone(root):
     """The files a clone has that the job needs, and a .venv/bin/python that notes its
     use and runs this interpreter on this tree (the README's setup makes a real one)."""
     (root / "examples").mkdir(parents=True)
-    for name in ("slurm_job.sh", "benchmark.py", "default_model.txt"):
+    for name in ("slurm_job.sh", "benchmark.py", "candle_params.py", "default_model.txt"):
         shutil.copy(os.path.join(TOP, "examples", name), root / "examples" / name)
     (root / ".venv" / "bin").mkdir(parents=True)
     executable(root / ".venv" / "bin" / "python",

@@ -332,8 +332,6 @@ class Checkpointer:
                 self.background.wait()
             self.report_final()
         finally:
-            if "history" in self.__dict__:
-                self.history.close()
             self.writer_lock.release()
 
     def _save_now(self, decision: SaveDecision, write_files: WriteFiles,

@@ -38,11 +38,10 @@ def utc_time(seconds: float) -> str:
 class HistoryWriter:
     """Appends the lines of one run to `<ckpts>/history.jsonl` (thread-safe).
 
-    The file is opened on the first line and kept open. Lines are not fsynced one by
-    one: a killed process loses nothing it wrote (the data is in the kernel), and a
-    machine crash loses at most the epochs since the last save, which the restarted run
-    trains and records again. A `saved` line is fsynced, so that the history holds
-    every saved epoch that `last` can name.
+    Lines are not fsynced one by one: a killed process loses nothing it wrote (the
+    data is in the kernel), and a machine crash loses at most the epochs since the last
+    save, which the restarted run trains and records again. A `saved` line is fsynced,
+    so that the history holds every saved epoch that `last` can name.
 
     Args:
         ckpts: the tree's `ckpts/` directory (created if missing).
@@ -52,7 +51,6 @@ class HistoryWriter:
     def __init__(self, ckpts: str, run: Mapping[str, Any]) -> None:
         self.path = os.path.join(ckpts, HISTORY_FILE)
         self._run = dict(run)
-        self._descriptor: int | None = None
         self._lock = threading.Lock()
         self._started = False
 
@@ -75,33 +73,30 @@ class HistoryWriter:
                           "reason": reason, "save_seconds": _rounded(save_seconds)},
                          sync=True)
 
-    def close(self) -> None:
-        with self._lock:
-            if self._descriptor is not None:
-                os.close(self._descriptor)
-                self._descriptor = None
-
-    def _open(self) -> int:
-        if self._descriptor is None:
+    def _append(self, record: dict[str, Any], sync: bool) -> None:
+        # Opened for each line, never held: a run that ends by an exception (a full
+        # disk, a refused metric) leaves no descriptor open in the tree.
+        data = history_line(record)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT
+        try:
+            descriptor = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:  # no ckpts/ yet: a run that records before it saves
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            descriptor = os.open(self.path, flags, 0o644)
+        try:
             size = os.fstat(descriptor).st_size
             # A line torn by a kill must end before ours begins, or both are lost.
             if size and os.pread(descriptor, 1, size - 1) != b"\n":
                 os.write(descriptor, b"\n")
-            self._descriptor = descriptor
-        return self._descriptor
-
-    def _append(self, record: dict[str, Any], sync: bool) -> None:
-        data = history_line(record)
-        descriptor = self._open()
-        written = os.write(descriptor, data)
-        if written != len(data):  # a full disk: end the line so that the next one parses
-            os.write(descriptor, b"\n")
-            raise OSError(f"'{self.path}': wrote {written} of {len(data)} bytes of a "
-                          f"history line (disk full?)")
-        if sync:
-            os.fsync(descriptor)
+            written = os.write(descriptor, data)
+            if written != len(data):  # a full disk: end the line so the next one parses
+                os.write(descriptor, b"\n")
+                raise OSError(f"'{self.path}': wrote {written} of {len(data)} bytes of a "
+                              f"history line (disk full?)")
+            if sync:
+                os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def history_line(record: Mapping[str, Any]) -> bytes:
