@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .. import __version__
 from .background import BackgroundWriter, TrashCollector
@@ -38,7 +38,7 @@ from .info import (
 )
 from .layout import CheckpointLayout
 from .lock import WriterLock
-from .logs import silent_logger, tree_logger
+from .logs import LibraryLogger, silent_logger, tree_logger
 from .params import validate_params
 from .policies import BestMetric, epochs_to_keep, infer_metric_mode, save_reason
 from .protocol import WrittenFiles, discard_epochs, prepare_tree, repoint_links, save_epoch
@@ -73,17 +73,20 @@ class Checkpointer:
         versions: library versions recorded in every ckpt-info.json.
     """
 
-    def __init__(self, gParameters, logger="DEFAULT", verbose=True, versions=None):
+    def __init__(self, gParameters: Mapping[str, Any],
+                 logger: LibraryLogger | Literal["DEFAULT"] | None = "DEFAULT",
+                 verbose: bool = True, versions: Mapping[str, str] | None = None) -> None:
         self.settings = validate_params(gParameters, require_epochs=True)
         self.layout = CheckpointLayout(self.settings["ckpt_directory"])
         self.verbose = verbose
-        self._logger = None if logger == "DEFAULT" else logger or silent_logger()
+        self._logger: LibraryLogger | None = (
+            None if logger == "DEFAULT" else logger or silent_logger())
         metric = self.settings["ckpt_save_best_metric"]
         self.best = (BestMetric(metric, infer_metric_mode(
             metric, self.settings["ckpt_best_metric_mode"]))
             if self.settings["ckpt_save_best"] else None)
-        self.run_epochs = []
-        self.last_save_time = None
+        self.run_epochs: list[int] = []
+        self.last_save_time: float | None = None
         self.prepared = False
         self.background = BackgroundWriter() if self.settings["ckpt_async"] else None
         self.versions = {"candle_ckpt": __version__, "python": platform.python_version(),
@@ -101,13 +104,14 @@ class Checkpointer:
         # this run started from, recorded in every ckpt-info.json it writes.
         self.init_from: dict[str, Any] | None = None
 
-    def describe_writer(self, adapter_name, model_format, versions):
+    def describe_writer(self, adapter_name: str, model_format: str,
+                        versions: Mapping[str, str]) -> None:
         """Record which adapter and model-file format write, and their library versions."""
         self.adapter_name, self.model_format = adapter_name, model_format
         self.versions.update(versions)
 
     @property
-    def logger(self):
+    def logger(self) -> LibraryLogger:
         """The logger; the default one opens ckpt.log on first use, so that a process
         that never logs (a non-writer worker) leaves no file in the tree."""
         if self._logger is None:
@@ -116,7 +120,7 @@ class Checkpointer:
 
     # Created on first use, like the logger they log to: a non-writer never needs them.
     @functools.cached_property
-    def trash(self):
+    def trash(self) -> TrashCollector:
         """The `TrashCollector` that empties this tree's trash/ in the background."""
         return TrashCollector(self.layout.trash, self.logger)
 
@@ -128,7 +132,7 @@ class Checkpointer:
             "lineage_id": self.lineage_id})
 
     @functools.cached_property
-    def writer_lock(self):
+    def writer_lock(self) -> WriterLock:
         """The `WriterLock` on ckpts/.lock, held from `start_writing` to `finish`."""
         return WriterLock(self.layout.ckpts, self.logger)
 
@@ -211,7 +215,7 @@ class Checkpointer:
             return None
         return set(saved or ())
 
-    def start_writing(self):
+    def start_writing(self) -> None:
         """Become the tree's one writer: take `ckpts/.lock`, then finish what a killed
         writer left (work/, trash/). Nothing happens when saving is disabled.
 
@@ -223,7 +227,7 @@ class Checkpointer:
         self.writer_lock.acquire()
         self._prepare_once()
 
-    def _prepare_once(self):
+    def _prepare_once(self) -> None:
         if not self.prepared:
             prepare_tree(self.layout, self.logger)
             self.trash.poke()  # deletions a killed writer left in trash/
@@ -378,7 +382,7 @@ class Checkpointer:
                          written.nbytes / 1e6 / max(written.write_seconds, 1e-9),
                          self.layout.epoch_dir(epoch))
 
-    def report_final(self):
+    def report_final(self) -> None:
         """Log how many of this run's epochs are kept, and which."""
         if self.last_save_time is None:
             self.logger.info("this run saved no checkpoint")
@@ -388,7 +392,8 @@ class Checkpointer:
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _metric_value(self, logs):
+    def _metric_value(self, logs: Mapping[str, Any] | None) -> float:
+        assert self.best is not None, "called only when a metric is tracked (decide)"
         logs = logs or {}
         self.check_metric_in(logs, "this epoch's metrics")
         return float(logs[self.best.metric])
@@ -496,7 +501,7 @@ class Checkpointer:
         self.run_epochs = [e for e in self.run_epochs if e in keep]
 
 
-def _parse_timestamp(text):
+def _parse_timestamp(text: str) -> float | None:
     try:
         return time.mktime(time.strptime(text, TIMESTAMP_FORMAT))
     except ValueError:

@@ -21,7 +21,7 @@ import stat
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from . import durable
 from .errors import CheckpointFormatError
@@ -44,11 +44,11 @@ SCHEMA_FILE = "ckpt-info.schema.json"
 LEGACY_SCHEMA_FILE = "candle-legacy-ckpt-info.schema.json"
 
 
-jsonschema = None  # bound on first use by _validator
+jsonschema: Any = None  # bound on first use by _validator
 
 
 @functools.cache
-def _validator(schema_file):
+def _validator(schema_file: str) -> Any:
     # Imported here, not at the top: importing jsonschema and importlib.resources takes
     # ~0.1 s, which the command line's `list` (no validation) would pay on every call.
     # validate_info calls this first, then uses the module-level name bound here.
@@ -185,7 +185,7 @@ def checkpoint_info(info: Mapping[str, Any]) -> CheckpointInfo:
         init_from=info.get("init_from"), raw=info)
 
 
-def _representative(info):
+def _representative(info: Mapping[str, Any]) -> Mapping[str, Any]:
     """`info` with a long `epochs_saved` replaced by its smallest and largest items.
 
     jsonschema spends about 50 us per item of that list (0.5 s at 10 000 epochs, on
@@ -201,7 +201,7 @@ def _representative(info):
     return {**info, "epochs_saved": [min(epochs), max(epochs)]}
 
 
-def validate_info(info, source):
+def validate_info(info: Mapping[str, Any], source: str) -> None:
     """Check a ckpt-info dict against its schema and the rules a schema cannot state.
 
     Args:
@@ -243,18 +243,18 @@ def validate_info(info, source):
                                     f"which cannot checksum itself")
 
 
-def encode_info(info):
+def encode_info(info: Mapping[str, Any]) -> bytes:
     """The bytes of a ckpt-info.json: strict JSON (raises ValueError on NaN/inf)."""
     return (json.dumps(info, indent=1, allow_nan=False) + "\n").encode("utf-8")
 
 
-def _content_crc32(info):
+def _content_crc32(info: Mapping[str, Any]) -> str:
     """CRC32 of a ckpt-info dict's content: its encoding without the `info_crc32` key."""
     content = {key: value for key, value in info.items() if key != INFO_CRC_KEY}
     return str(zlib.crc32(encode_info(content)))
 
 
-def write_info(directory, info):
+def write_info(directory: str, info: Mapping[str, Any]) -> str:
     """Validate `info` and write it atomically as `<directory>/ckpt-info.json`.
 
     The file also records `info_crc32`, the CRC32 of its own content, so that a
@@ -266,7 +266,7 @@ def write_info(directory, info):
     return path
 
 
-def info_file_bytes(info):
+def info_file_bytes(info: Mapping[str, Any]) -> bytes:
     """The bytes of the ckpt-info.json of `info` (not validated): its encoding with
     `info_crc32` added."""
     return encode_info({**info, INFO_CRC_KEY: _content_crc32(info)})
@@ -275,23 +275,23 @@ def info_file_bytes(info):
 class _NotStrict(ValueError):
     """`text` in a ckpt-info.json is not strict JSON with finite numbers."""
 
-    def __init__(self, text, problem):
+    def __init__(self, text: str, problem: str) -> None:
         super().__init__(f"{text} is {problem}")
         self.text = text
 
 
-def _reject_constant(name):
+def _reject_constant(name: str) -> NoReturn:
     raise _NotStrict(name, "not valid JSON")
 
 
-def _finite_float(text):
+def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # e.g. 1e999, too large for a float
         raise _NotStrict(text, "not a finite number")
     return value
 
 
-def _place(text, fragment):
+def _place(text: str, fragment: str) -> str:
     """ "line L column C" of the first `fragment` in `text`, for an error message."""
     position = max(text.find(fragment), 0)
     line = text.count("\n", 0, position) + 1
@@ -299,7 +299,7 @@ def _place(text, fragment):
     return f"line {line} column {column}"
 
 
-def read_info(directory):
+def read_info(directory: str) -> dict[str, Any]:
     """Read, parse and validate `<directory>/ckpt-info.json`.
 
     Returns the dict as written (without `info_crc32`, which is checked here). Legacy

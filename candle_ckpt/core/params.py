@@ -20,8 +20,9 @@ import argparse
 import difflib
 import enum
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ParameterTypeError, ParameterValueError
 from .walltime import check_end_time
@@ -46,7 +47,7 @@ _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
 
-def str2bool(value):
+def str2bool(value: object) -> bool:
     """Parse a boolean the way CANDLE's `str2bool` does, in any case.
 
     Accepts a bool, or one of true/false/yes/no/t/f/y/n/1/0 as a string; raises
@@ -87,14 +88,14 @@ class Parameter:
     flag: bool = True
     check_form: Callable[[str], None] | None = None
 
-    def check(self, value):
+    def check(self, value: object) -> Any:
         """Return `value` converted to this parameter's type, or raise."""
         result = _check_value(self.name, value, self.type, self.allowed, self.nullable)
         if self.check_form is not None and result is not None:
             self.check_form(result)
         return result
 
-    def argparse_type(self, text):
+    def argparse_type(self, text: str) -> Any:
         """The `type=` callable of the argparse flag: same checks, argparse's error."""
         try:
             return self.check(text)
@@ -170,11 +171,12 @@ PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
 _IGNORED_CANDLE_KEYS = {"ckpt_best_metric_last", "ckpt_timestamp_last"}
 
 
-def _what(value):
+def _what(value: object) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _check_value(key, value, type_, allowed=None, nullable=False):
+def _check_value(key: str, value: object, type_: ParamType,
+                 allowed: Iterable[object] | None = None, nullable: bool = False) -> Any:
     if value is None:
         if nullable:
             return None
@@ -187,7 +189,7 @@ def _check_value(key, value, type_, allowed=None, nullable=False):
     return result
 
 
-def _check_string(key, value, type_):
+def _check_string(key: str, value: object, type_: ParamType) -> str:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if not isinstance(value, str):
@@ -196,7 +198,7 @@ def _check_string(key, value, type_):
     return value
 
 
-def _check_bool(key, value, type_):
+def _check_bool(key: str, value: object, type_: ParamType) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -211,7 +213,7 @@ def _check_bool(key, value, type_):
                                   f"expected {type_.value}") from None
 
 
-def _check_number(key, value, type_):
+def _check_number(key: str, value: object, type_: ParamType) -> int | float:
     integral = type_ in (ParamType.INTEGER, ParamType.INTEGER_NN, ParamType.INTEGER_GZ)
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ParameterTypeError(f"parameter '{key}': received {_what(value)}; "
@@ -238,7 +240,7 @@ def _check_number(key, value, type_):
     return number
 
 
-_CHECKERS = {
+_CHECKERS: dict[ParamType, Callable[[str, object, ParamType], object]] = {
     ParamType.STRING: _check_string,
     ParamType.BOOLEAN: _check_bool,
     ParamType.INTEGER: _check_number,
@@ -249,7 +251,9 @@ _CHECKERS = {
 }
 
 
-def param(gParameters, key, dflt, type_=ParamType.STRING, allowed=None):
+def param(gParameters: Mapping[str, Any], key: str, dflt: object,
+          type_: ParamType = ParamType.STRING,
+          allowed: Iterable[object] | None = None) -> Any:
     """Return gParameters[key] checked and converted, or `dflt` when absent (CANDLE's API).
 
     Args:
@@ -272,7 +276,8 @@ def param(gParameters, key, dflt, type_=ParamType.STRING, allowed=None):
     return _check_value(key, value, type_, allowed, nullable=dflt is None)
 
 
-def validate_params(gParameters, require_epochs=False):
+def validate_params(gParameters: Mapping[str, Any],
+                    require_epochs: bool = False) -> dict[str, Any]:
     """Check every parameter of the table at once and return their values.
 
     Call it before writing anything. Unknown `ckpt_*` keys (usually typos) are
@@ -295,7 +300,7 @@ def validate_params(gParameters, require_epochs=False):
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise ParameterValueError(f"unknown parameter '{key}' (value {gParameters[key]!r})"
                                   f"{hint} known: {sorted(PARAMETERS_BY_NAME)}")
-    settings = {}
+    settings: dict[str, Any] = {}
     for parameter in PARAMETERS:
         default = parameter.default
         if isinstance(default, ParamRequired) and not require_epochs:
@@ -310,7 +315,7 @@ def validate_params(gParameters, require_epochs=False):
     return settings
 
 
-def ckpt_parser(parser):
+def ckpt_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add a `--<name>` flag for every parameter of the table to an argparse parser."""
     for parameter in PARAMETERS:
         if not parameter.flag:
@@ -324,9 +329,9 @@ def ckpt_parser(parser):
     return parser
 
 
-def ckpt_defs(defs):
+def ckpt_defs(defs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Return `defs` (CANDLE's list of parameter dicts) plus one dict per parameter."""
-    new_defs = []
+    new_defs: list[dict[str, Any]] = []
     for parameter in PARAMETERS:
         if not parameter.flag:
             continue

@@ -35,12 +35,16 @@ Python/NumPy/TF global generators and Keras' global SeedGenerator (unseeded
 rate itself is an optimizer variable and is restored).
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import mmap
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import h5py
 import numpy as np
@@ -49,6 +53,7 @@ import tensorflow as tf
 from candle_ckpt.core.checksum import read_file
 from candle_ckpt.core.direct_io import anonymous_memory, write_at
 from candle_ckpt.core.errors import CheckpointFormatError
+from candle_ckpt.core.logs import LibraryLogger
 from candle_ckpt.hdf5 import ALIGNMENT as _ALIGNMENT
 from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
 from candle_ckpt.hdf5 import (
@@ -82,8 +87,8 @@ _log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class _Arrays:
     """One group of the file: dataset names (Keras' weight_names) and their values."""
-    names: tuple
-    arrays: tuple
+    names: tuple[str, ...]
+    arrays: tuple[np.ndarray, ...]
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,8 @@ class TrainingState:
     keras_version: str
     backend: str
     model_config: str | None   # JSON; None if the model has no config
-    layer_names: tuple         # every layer of model.layers, in that order
-    layers: tuple              # an _Arrays per layer, parallel to layer_names
+    layer_names: tuple[str, ...]  # every layer of model.layers, in that order
+    layers: tuple[_Arrays, ...]   # one per layer, parallel to layer_names
     top_level: _Arrays
     optimizer: _Arrays | None  # None when weights_only
     rng: _Arrays
@@ -105,7 +110,8 @@ class TrainingState:
     nbytes: int
 
 
-def snapshot(model, weights_only=False, copy=True, into=None):
+def snapshot(model: Any, weights_only: bool = False, copy: bool = True,
+             into: TrainingState | None = None) -> TrainingState:
     """Every weight, SeedGenerator state and (unless `weights_only`) optimizer variable.
 
     Runs on the training thread. With `copy`, the arrays are fresh copies in host
@@ -148,10 +154,11 @@ def snapshot(model, weights_only=False, copy=True, into=None):
     layers = tuple(_arrays(_legacy_weights(layer), f"layer '{layer.name}'", copy, spare)
                    for layer, spare in zip(model.layers, spare_layers))
     top_level = _arrays(_top_level_weights(model), "the model's top-level weights", copy,
-                        into and into.top_level)
-    rng = _arrays(_rng_states(model), "the SeedGenerator states", copy, into and into.rng)
+                        into.top_level if into else None)
+    rng = _arrays(_rng_states(model), "the SeedGenerator states", copy,
+                  into.rng if into else None)
     opt = _arrays(optimizer.variables, "the optimizer variables", copy,
-                  into and into.optimizer) if optimizer else None
+                  into.optimizer if into else None) if optimizer else None
     groups = layers + (top_level, rng) + ((opt,) if opt else ())
     keras_version, backend, model_config = _model_metadata(model)
     return TrainingState(
@@ -161,7 +168,8 @@ def snapshot(model, weights_only=False, copy=True, into=None):
         nbytes=sum(a.nbytes for g in groups for a in g.arrays))
 
 
-def _blank_state(model, layer_names, optimizer, weights_only):
+def _blank_state(model: Any, layer_names: tuple[str, ...], optimizer: Any,
+                 weights_only: bool) -> TrainingState:
     """A TrainingState shaped like `model`'s, its arrays carved out of one block of
     huge-page memory (contents undefined), for `snapshot` to copy into."""
     groups = [_legacy_weights(layer) for layer in model.layers]
@@ -186,15 +194,15 @@ def _blank_state(model, layer_names, optimizer, weights_only):
         weights_only=bool(weights_only), nbytes=offset)
 
 
-def _variable_nbytes(variable):
+def _variable_nbytes(variable: Any) -> int:
     return int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize
 
 
-def _aligned(nbytes):
+def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGNMENT) * _ALIGNMENT
 
 
-def state_nbytes(model, weights_only=False):
+def state_nbytes(model: Any, weights_only: bool = False) -> int:
     """The bytes `snapshot` would copy, computed from shapes without copying anything."""
     variables = [w for layer in model.layers for w in _legacy_weights(layer)]
     variables += list(_top_level_weights(model)) + list(_rng_states(model))
@@ -204,7 +212,8 @@ def state_nbytes(model, weights_only=False):
     return sum(_variable_nbytes(v) for v in variables)
 
 
-def write(state, path, progress=None):
+def write(state: TrainingState, path: str | os.PathLike[str],
+          progress: Callable[[int], None] | None = None) -> None:
     """Write `state` to `path` (created or truncated) in the layout of the module docstring.
 
     Uses h5py only, so it may run in a background thread. Does not fsync: the save
@@ -224,8 +233,11 @@ def write(state, path, progress=None):
         raise as_oserror(error, path) from error
 
 
-def _write_file(state, path, progress):
-    direct = []  # (dataset offset, array) of the arrays pwrite writes
+def _write_file(state: TrainingState, path: str,
+                progress: Callable[[int], None] | None) -> None:
+    # (dataset offset, array) of the arrays pwrite writes. Any: write_at is typed for a
+    # memoryview, create_array for an ndarray; Python 3.10 has no Buffer type for both.
+    direct: list[tuple[int, Any]] = []
     with create_file(path) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
         f.attrs[WEIGHTS_ONLY_ATTR] = state.weights_only
@@ -248,7 +260,9 @@ def _write_file(state, path, progress):
     write_at(path, direct, progress)
 
 
-def restore(model, path, *, contents=None, logger=None, weights_only=False):
+def restore(model: Any, path: str | os.PathLike[str], *, contents: memoryview | None = None,
+            logger: LibraryLogger | None = None,
+            weights_only: bool = False) -> dict[str, Any]:
     """Load `path` into the built and compiled `model`: weights, optimizer, RNG state.
 
     With `weights_only` (a warm start from another run's checkpoint) only the layers'
@@ -313,13 +327,13 @@ def restore(model, path, *, contents=None, logger=None, weights_only=False):
 
 # -- what the model holds ------------------------------------------------------------
 
-def is_unbuilt(model):
+def is_unbuilt(model: Any) -> bool:
     """Whether some layer of `model` has not created its variables yet (Keras' own test
     in `Trainer._symbolic_build`)."""
     return not all(layer.built for layer in model._flatten_layers())
 
 
-def _as_tensor(array):
+def _as_tensor(array: np.ndarray) -> Any:
     """`array` as a TensorFlow tensor on the array's own memory, where it is writable and
     _TENSOR_ALIGNMENT-aligned, else `array` itself.
 
@@ -337,12 +351,12 @@ def _as_tensor(array):
         return array  # a dtype DLPack lacks: assign copies it
 
 
-def _legacy_weights(layer):
+def _legacy_weights(layer: Any) -> list[Any]:
     # The order Keras' h5 layout uses, which differs from layer.weights.
     return layer.trainable_weights + layer.non_trainable_weights
 
 
-def _top_level_weights(model):
+def _top_level_weights(model: Any) -> list[Any]:
     # Keras' own expression (legacy_h5_format.save_weights_to_hdf5_group): load_weights
     # counts these, so our file must hold exactly the same list.
     owned = {id(w) for w in model.weights}
@@ -350,18 +364,19 @@ def _top_level_weights(model):
             if id(v) in owned]
 
 
-def _rng_states(model):
+def _rng_states(model: Any) -> list[Any]:
     # model.variables = weights + SeedGenerator states (metrics are excluded).
     weights = {id(w) for w in model.weights}
     return [v for v in model.variables if id(v) not in weights]
 
 
-def _build_optimizer(model):
+def _build_optimizer(model: Any) -> None:
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
 
 
-def _arrays(variables, where, copy, spare):
+def _arrays(variables: Sequence[Any], where: str, copy: bool,
+            spare: _Arrays | None) -> _Arrays:
     """An _Arrays of `variables`: copies (into `spare`'s arrays where they match) or views."""
     names = tuple(v.path for v in variables)
     if len(set(names)) != len(names):
@@ -379,14 +394,14 @@ def _arrays(variables, where, copy, spare):
         else:
             # numpy's array protocol on a CPU tensor: a view of the variable's buffer
             array = np.asarray(tf.convert_to_tensor(variable))
-            if copy:
+            if copy and previous is not None:  # copy and no previous: the branch above
                 array = _copy_into(previous, array)
         array.flags.writeable = False
         arrays.append(array)
     return _Arrays(names, tuple(arrays))
 
 
-def _copy_into(previous, array):
+def _copy_into(previous: np.ndarray, array: np.ndarray) -> np.ndarray:
     """`array` copied into `previous` if it has its shape and dtype, else into new memory.
 
     Only a copy made earlier is overwritten (memory numpy owns, or carved out of a
@@ -400,14 +415,14 @@ def _copy_into(previous, array):
     return previous
 
 
-def _in_snapshot_block(array):
+def _in_snapshot_block(array: np.ndarray) -> bool:
     base = array.base
     while isinstance(base, np.ndarray):
         base = base.base
     return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
 
-def _model_metadata(model):
+def _model_metadata(model: Any) -> tuple[str, str, str | None]:
     """(keras_version, backend, model_config JSON or None), as Keras' h5 save computes them."""
     from keras.src.legacy.saving import json_utils, saving_options, saving_utils
 
@@ -428,7 +443,8 @@ def _model_metadata(model):
 
 # -- writing -------------------------------------------------------------------------
 
-def _write_arrays(group, arrays, direct):
+def _write_arrays(group: h5py.Group, arrays: _Arrays,
+                  direct: list[tuple[int, np.ndarray]]) -> None:
     """Create `arrays`' datasets in `group` (`hdf5.create_array`: small ones written by
     h5py, large ones left for `write_at`, their (offset, array) appended to `direct`)."""
     _write_names(group, "weight_names", arrays.names)
@@ -436,7 +452,7 @@ def _write_arrays(group, arrays, direct):
         create_array(group, name, array, direct)
 
 
-def _write_names(group, key, names):
+def _write_names(group: h5py.Group, key: str, names: Sequence[str]) -> None:
     data = np.array([n.encode("utf8") for n in names], dtype=bytes)
     if data.nbytes <= _ATTR_LIMIT:
         group.attrs[key] = data
@@ -448,7 +464,7 @@ def _write_names(group, key, names):
 
 # -- reading and validating ----------------------------------------------------------
 
-def _format_version(f, path):
+def _format_version(f: h5py.File, path: str) -> int | None:
     """candle_ckpt's format version of the file, or None for an upstream Keras file."""
     if FORMAT_ATTR not in f.attrs:
         return None
@@ -460,7 +476,8 @@ def _format_version(f, path):
     return int(version)
 
 
-def _plan_weights(f, model, path, ours, log):
+def _plan_weights(f: h5py.File, model: Any, path: str, ours: bool,
+                  log: LibraryLogger) -> list[tuple[Any, h5py.Dataset]]:
     """[(variable, dataset)] for every layer weight; checks counts, shapes, dtypes, names."""
     root = f
     if "layer_names" not in f.attrs and "model_weights" in f:
@@ -495,7 +512,8 @@ def _plan_weights(f, model, path, ours, log):
     return pairs
 
 
-def _plan_rng(f, model, path, ours, log):
+def _plan_rng(f: h5py.File, model: Any, path: str, ours: bool,
+              log: LibraryLogger) -> list[tuple[Any, h5py.Dataset]]:
     if not ours:
         if _rng_states(model):
             log.info("'%s' holds no SeedGenerator state (Dropout, noise layers): their "
@@ -508,7 +526,8 @@ def _plan_rng(f, model, path, ours, log):
                   f"group '{RNG_GROUP}' (SeedGenerator states)", path)
 
 
-def _plan_optimizer(f, model, path, version, log):
+def _plan_optimizer(f: h5py.File, model: Any, path: str, version: int | None,
+                    log: LibraryLogger) -> list[tuple[Any, h5py.Dataset]] | None:
     """[(variable, dataset)] for the optimizer, or None if it is not to be restored."""
     if "optimizer_weights" not in f:
         if version is not None and not f.attrs.get(WEIGHTS_ONLY_ATTR, False):
@@ -539,7 +558,8 @@ def _plan_optimizer(f, model, path, version, log):
         return None
 
 
-def _match(group, variables, where, path, renamed=None):
+def _match(group: h5py.Group, variables: Sequence[Any], where: str, path: str,
+           renamed: list[str] | None = None) -> list[tuple[Any, h5py.Dataset]]:
     """Pair `group`'s datasets (in weight_names order) with `variables`, position by
     position, after checking count, shape and dtype. Leaf-name differences are appended
     to `renamed` if given."""
@@ -564,22 +584,22 @@ def _match(group, variables, where, path, renamed=None):
     return pairs
 
 
-def _describe(shape, dtype):
+def _describe(shape: tuple[int, ...], dtype: str) -> str:
     return f"{dtype} of shape {shape}"
 
 
-def _brief(names, limit=6):
+def _brief(names: Sequence[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return f"[{shown}, ... {len(names) - limit} more]" if len(names) > limit else f"[{shown}]"
 
 
-def _same_name(saved, current):
+def _same_name(saved: str, current: str) -> bool:
     """Equal up to the numeric suffix of Keras' automatic names and TF's ':0'."""
-    def base(name):
+    def base(name: str) -> str:
         return _AUTO_SUFFIX.sub("", name.rsplit("/", 1)[-1])
     return base(saved) == base(current)
 
 
-def _major(version):
+def _major(version: str) -> int:
     head = version.split(".", 1)[0]
     return int(head) if head.isdigit() else 0

@@ -23,12 +23,16 @@ tree, a missing epoch, a dangling or invalid link, an invalid ckpt-info.json. Er
 are one line on stderr, never a traceback.
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import json
 import os
 import re
 import sys
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ..core.history import read_history
@@ -43,6 +47,12 @@ from .inventory import (
     summarise_epoch,
     survey,
 )
+
+if TYPE_CHECKING:  # typing only: the command line's start-up imports no more than it runs
+    from ..core.history import EpochRecord, History
+    from ..core.layout import CheckpointLayout
+    from ..core.verify import FileCheck
+    from .inventory import TreeSurvey
 
 EXIT_OK, EXIT_CORRUPT, EXIT_ERROR = 0, 1, 2
 PROG = "candle-ckpt"
@@ -59,18 +69,20 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the usage too, and exit itself
+    # argparse would print the usage too, and exit itself
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 # -- arguments --------------------------------------------------------------------
 
 
-def _is_selector(text):
+def _is_selector(text: str) -> bool:
     return text in LINK_SELECTORS or (text.isascii() and text.isdigit())
 
 
-def _split_positionals(values, command, epoch_required=False):
+def _split_positionals(values: Sequence[str], command: str,
+                       epoch_required: bool = False) -> tuple[str, str]:
     """(DIR, EPOCH) from `[DIR] [EPOCH]`, EPOCH "last" if not given.
 
     See the module docstring for how a single argument is read.
@@ -93,7 +105,7 @@ def _split_positionals(values, command, epoch_required=False):
     return directory, epoch
 
 
-def _select_epoch(layout, selector):
+def _select_epoch(layout: CheckpointLayout, selector: str) -> int:
     """The epoch a selector names: a number (its directory must exist), last or best."""
     if selector not in LINK_SELECTORS:
         require_epoch_dir(layout, int(selector))
@@ -107,7 +119,7 @@ def _select_epoch(layout, selector):
     return state.epoch
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `candle-ckpt` and its five subcommands."""
     parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                      epilog="Exit status: 0 ok; 1 a file is missing or corrupt; 2 usage, "
@@ -193,12 +205,12 @@ def build_parser():
 # -- output -----------------------------------------------------------------------
 
 
-def _count(number, noun):
+def _count(number: int, noun: str) -> str:
     """ "1 file", "2 files"."""
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def _human_size(size):
+def _human_size(size: int | None) -> str:
     """Bytes for a person, in decimal units as the save log's MB/s: "2.0 MB"."""
     if size is None:
         return "-"
@@ -214,18 +226,18 @@ class _ProgressBar:
 
     WIDTH = 30
 
-    def __init__(self, stream):
+    def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
         self.shown = False
 
-    def __call__(self, path, done, total):
+    def __call__(self, path: str, done: int, total: int) -> None:
         filled = self.WIDTH * done // max(total, 1)
         self.stream.write(f"\r{os.path.basename(path)} [{'#' * filled:<{self.WIDTH}}] "
                           f"{_human_size(done)} / {_human_size(total)}")
         self.stream.flush()
         self.shown = True
 
-    def clear(self):
+    def clear(self) -> None:
         if self.shown:
             self.stream.write("\r" + " " * (self.WIDTH + 60) + "\r")
             self.stream.flush()
@@ -233,7 +245,7 @@ class _ProgressBar:
 
 
 @contextlib.contextmanager
-def _progress():
+def _progress() -> Iterator[_ProgressBar | None]:
     """A `_ProgressBar` when stderr is a terminal, else None (no output); erased at the end."""
     bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     try:
@@ -243,7 +255,8 @@ def _progress():
             bar.clear()
 
 
-def _check_state(layout, epoch, progress):
+def _check_state(layout: CheckpointLayout, epoch: int,
+                 progress: _ProgressBar | None) -> str:
     """The checksum column of `list --verify`: ok, off, or what is wrong.
 
     The ckpt-info.json is read whole and validated first, as `verify` does, so that no
@@ -258,7 +271,7 @@ def _check_state(layout, epoch, progress):
     return "ok" if check.all_checksummed else "off"
 
 
-def _shown_metric(tree, requested):
+def _shown_metric(tree: TreeSurvey, requested: str | None) -> str | None:
     """The metric whose own value `list` shows: `requested`, else the tracked one.
 
     Raises:
@@ -275,7 +288,7 @@ def _shown_metric(tree, requested):
     return requested
 
 
-def _rows(tree, verify, metric):
+def _rows(tree: TreeSurvey, verify: bool, metric: str | None) -> list[dict[str, Any]]:
     """One dict per epoch, as `list --json` prints it; `value` is the epoch's own value
     of `metric` (None when not recorded)."""
     abandoned = set(tree.abandoned)
@@ -289,7 +302,8 @@ def _rows(tree, verify, metric):
         rows.append({
             "epoch": summary.epoch, "size": summary.size, "timestamp": summary.timestamp,
             "metric": summary.metric, "best_metric_last": summary.best_value,
-            "value_of": metric, "value": None if metrics is None else metrics.get(metric),
+            "value_of": metric,
+            "value": None if metrics is None or metric is None else metrics.get(metric),
             "metrics": metrics, "format_version": summary.format_version,
             "checksum": checksum, "legacy": summary.legacy,
             "last": tree.links["last"].epoch == summary.epoch,
@@ -298,7 +312,7 @@ def _rows(tree, verify, metric):
     return rows
 
 
-def _notes(tree):
+def _notes(tree: TreeSurvey) -> list[str]:
     """Lines after the table: abandoned epochs, leftovers."""
     notes = []
     if tree.abandoned:
@@ -313,11 +327,11 @@ def _notes(tree):
     return notes
 
 
-def _number(value):
+def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
 
 
-def _table(rows, metric):
+def _table(rows: list[dict[str, Any]], metric: str | None) -> list[str]:
     """The lines of the `list` table: aligned columns, the metrics named in the header.
 
     The epoch's own value of `metric` ("-" where not recorded: files older than format
@@ -342,7 +356,7 @@ def _table(rows, metric):
     return _aligned(lines, right=(0, 1, 3, 4))
 
 
-def _aligned(lines, right=()):
+def _aligned(lines: list[list[str]], right: Collection[int] = ()) -> list[str]:
     """Rows of cells as text columns; the columns in `right` are right-aligned."""
     widths = [max(map(len, column)) for column in zip(*lines)]
     # One format string for every row: `history` aligns 100 000 rows.
@@ -354,7 +368,7 @@ def _aligned(lines, right=()):
 # -- commands ---------------------------------------------------------------------
 
 
-def cmd_list(args):
+def cmd_list(args: argparse.Namespace) -> int:
     """Print the table (or JSON) of every epoch; reads no model file unless --verify."""
     tree = survey(open_tree(args.where))
     metric = _shown_metric(tree, args.metric)
@@ -376,7 +390,7 @@ def cmd_list(args):
     return status
 
 
-def cmd_info(args):
+def cmd_info(args: argparse.Namespace) -> int:
     """Print the validated ckpt-info.json of one epoch."""
     directory, selector = _split_positionals(args.where, "info")
     layout = open_tree(directory)
@@ -386,7 +400,7 @@ def cmd_info(args):
     return EXIT_OK
 
 
-def _verify_epoch(layout, epoch):
+def _verify_epoch(layout: CheckpointLayout, epoch: int) -> int:
     """Verify one epoch, print the outcome; return its exit status."""
     try:
         with _progress() as progress:
@@ -407,7 +421,7 @@ def _verify_epoch(layout, epoch):
     return EXIT_OK
 
 
-def _verified(checks):
+def _verified(checks: Sequence[FileCheck]) -> str:
     """ "ok (...)" for intact files, saying how many were only size-checked."""
     unverified = sum(check.actual_crc32 is None for check in checks)
     if unverified:
@@ -416,7 +430,7 @@ def _verified(checks):
     return f"ok ({_count(len(checks), 'file')} CRC32-verified)"
 
 
-def cmd_verify(args):
+def cmd_verify(args: argparse.Namespace) -> int:
     """Verify one epoch (default last) or every epoch; exit 0, 1 or 2."""
     if args.all:
         if len(args.where) > 1 or (args.where and _is_selector(args.where[0])):
@@ -432,7 +446,7 @@ def cmd_verify(args):
     return max(_verify_epoch(layout, epoch) for epoch in epochs)
 
 
-def cmd_rollback(args):
+def cmd_rollback(args: argparse.Namespace) -> int:
     """Verify EPOCH, then point best and last (atomically, relative links)."""
     # Imported here: admin and logs bring in the save protocol and logging (~0.06 s of
     # imports), which only the two commands that change the tree need.
@@ -458,7 +472,7 @@ def cmd_rollback(args):
     return EXIT_OK
 
 
-def cmd_prune(args):
+def cmd_prune(args: argparse.Namespace) -> int:
     """Delete epochs by policy or after last, never last or best."""
     from ..core.logs import tree_logger
     from .admin import apply_prune, plan_abandoned, plan_prune  # see cmd_rollback
@@ -480,7 +494,7 @@ def cmd_prune(args):
     return EXIT_OK
 
 
-def cmd_export(args):
+def cmd_export(args: argparse.Namespace) -> int:
     """Verify one epoch (default last), then export its weights (see operator/export.py)."""
     # Imported here: h5py (and torch for a PyTorch tree) load only for this command.
     from .export import export_epoch, print_exported
@@ -492,7 +506,7 @@ def cmd_export(args):
     return EXIT_OK
 
 
-def _read_tree_history(directory):
+def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History]:
     """(layout, History) of the tree in `directory`; damage is warned about on stderr."""
     layout = open_tree(directory)
     history = read_history(layout.ckpts, link_state(layout, "last").epoch)
@@ -501,15 +515,15 @@ def _read_tree_history(directory):
     return layout, history
 
 
-def _history_rows(history, live_only):
+def _history_rows(history: History, live_only: bool) -> list[EpochRecord]:
     return history.live if live_only else history.epochs
 
 
-def _seconds(value):
+def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def cmd_history(args):
+def cmd_history(args: argparse.Namespace) -> int:
     """Print every completed epoch the history recorded (table, --json or --csv)."""
     layout, history = _read_tree_history(args.where)
     records = _history_rows(history, args.live)
@@ -564,7 +578,7 @@ def cmd_history(args):
     return EXIT_OK
 
 
-def cmd_plot(args):
+def cmd_plot(args: argparse.Namespace) -> int:
     """Draw metric curves over epochs: a picture with --out, else a text chart."""
     from .plot import Marks, chosen_metrics, text_chart, write_picture
 
@@ -587,12 +601,13 @@ def cmd_plot(args):
     return EXIT_OK
 
 
-COMMANDS = {"list": cmd_list, "info": cmd_info, "verify": cmd_verify,
-            "rollback": cmd_rollback, "prune": cmd_prune, "history": cmd_history,
-            "plot": cmd_plot, "export": cmd_export}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "list": cmd_list, "info": cmd_info, "verify": cmd_verify,
+    "rollback": cmd_rollback, "prune": cmd_prune, "history": cmd_history,
+    "plot": cmd_plot, "export": cmd_export}
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (the console script exits with it)."""
     try:
         args = build_parser().parse_args(argv)
@@ -613,6 +628,6 @@ def main(argv=None):
                      EXIT_ERROR)
 
 
-def _fail(error, status):
+def _fail(error: BaseException | str, status: int) -> int:
     print(f"{PROG}: error: {error}", file=sys.stderr)
     return status

@@ -16,7 +16,9 @@ one epoch an operator acts on.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 from ..core.errors import CheckpointError, LinkError, NoCheckpointError
 from ..core.info import MAX_INFO_BYTES, finite_or_none, is_legacy, recorded_files
@@ -32,7 +34,7 @@ SUMMARY_KEYS = ("format", "format_version", "epoch", "model_file", "checksum",
 STOP_KEYS = ("epochs_saved", "run_id")
 
 
-def open_tree(directory):
+def open_tree(directory: str) -> CheckpointLayout:
     """The `CheckpointLayout` of `directory`, which must hold a checkpoint tree.
 
     Raises:
@@ -49,7 +51,7 @@ def open_tree(directory):
     return layout
 
 
-def require_epoch_dir(layout, epoch):
+def require_epoch_dir(layout: CheckpointLayout, epoch: int) -> None:
     """Raise NoCheckpointError, naming the epochs there are, if `epoch` has no directory."""
     if not os.path.isdir(layout.epoch_dir(epoch)):
         raise NoCheckpointError(f"epoch {epoch}: '{layout.epoch_dir(epoch)}' does not exist; "
@@ -65,11 +67,11 @@ class LinkState:
     or why the link cannot be followed.
     """
     name: str
-    target: str
-    epoch: int
-    problem: str
+    target: str | None
+    epoch: int | None
+    problem: str | None
 
-    def describe(self):
+    def describe(self) -> str:
         """One line: "last -> epochs/005", "best: absent", or the problem."""
         if self.problem is not None:
             return f"{self.name}: {self.problem}"
@@ -78,7 +80,7 @@ class LinkState:
         return f"{self.name} -> {self.target}"
 
 
-def link_state(layout, name):
+def link_state(layout: CheckpointLayout, name: str) -> LinkState:
     """The `LinkState` of the `last` or `best` link of `layout`."""
     path = layout.link(name)
     target = os.readlink(path) if os.path.islink(path) else None
@@ -113,11 +115,11 @@ class EpochSummary:
     checksum: str | None = None
     legacy: bool | None = None
     problem: str | None = None
-    metrics: dict | None = None
+    metrics: dict[str, Any] | None = None
     format_version: int | None = None
 
 
-def summarise_epoch(layout, epoch):
+def summarise_epoch(layout: CheckpointLayout, epoch: int) -> EpochSummary:
     """The `EpochSummary` of one epoch directory (never raises for a bad file)."""
     directory = layout.epoch_dir(epoch)
     try:
@@ -137,7 +139,8 @@ def summarise_epoch(layout, epoch):
         files = recorded_files(head)
         legacy = is_legacy(head)
         size = (_bytes_in(directory) if legacy
-                else sum(recorded_size for recorded_size, _ in files.values()))
+                # every size is an int in a valid file; a None raises the TypeError below
+                else sum(cast(int, recorded_size) for recorded_size, _ in files.values()))
         recorded_crc = any(crc is not None for _, crc in files.values())
         metrics = head.get("metrics")
         return EpochSummary(epoch, directory, head["timestamp"], head["save_best_metric"],
@@ -153,7 +156,7 @@ def summarise_epoch(layout, epoch):
                         problem=f"{problem}; 'candle-ckpt info {epoch}' shows the details")
 
 
-def _bytes_in(directory):
+def _bytes_in(directory: str) -> int:
     """The bytes of the regular files in `directory`, except ckpt-info.json."""
     with os.scandir(directory) as entries:
         return sum(entry.stat().st_size for entry in entries
@@ -164,19 +167,19 @@ def _bytes_in(directory):
 class TreeSurvey:
     """Everything `survey` found in one tree."""
     layout: CheckpointLayout
-    epochs: list
-    links: dict
+    epochs: list[EpochSummary]
+    links: dict[str, LinkState]
     work: bool
-    trash: list
+    trash: list[str]
 
     @property
-    def abandoned(self):
+    def abandoned(self) -> list[int]:
         """The epochs after `last`: a timeline a rollback left behind (empty without `last`)."""
         last = self.links["last"].epoch
         return [] if last is None else [s.epoch for s in self.epochs if s.epoch > last]
 
 
-def survey(layout):
+def survey(layout: CheckpointLayout) -> TreeSurvey:
     """Survey the tree of `layout` (see the module docstring); reads no model file."""
     try:
         trash = sorted(os.listdir(layout.trash))
@@ -187,9 +190,9 @@ def survey(layout):
                       os.path.lexists(layout.work), trash)
 
 
-def describe_epochs(epochs):
+def describe_epochs(epochs: Iterable[int]) -> str:
     """Epoch numbers for a person, runs collapsed: [1, 2, 3, 5] -> "1-3, 5"."""
-    runs = []
+    runs: list[list[int]] = []
     for epoch in sorted(epochs):
         if runs and epoch == runs[-1][1] + 1:
             runs[-1][1] = epoch

@@ -67,7 +67,7 @@ def _quoted(key: str) -> bytes:
     return json.dumps(key).encode("utf-8")
 
 
-def read_members(path: str, keys: Iterable[str], stop_key: str,
+def read_members(path: str, keys: Iterable[str], stop_key: str | tuple[str, ...],
                  limit: int) -> dict[str, Any]:
     """The members of the top-level JSON object in file `path`, read only as far as needed.
 
