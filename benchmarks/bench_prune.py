@@ -48,8 +48,10 @@ def main():
         callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
         callback.set_model(model)
         logging.getLogger("candle_ckpt").propagate = False
+        callback.on_train_begin()  # as fit does: the session takes the writer lock
         inline = []
         for epoch in range(args.repetitions + 1):
+            callback.on_epoch_begin(epoch)
             callback.on_epoch_end(epoch, {})
             callback.checkpointer.trash.wait()
             copy = os.path.join(directory, "copy")
@@ -62,6 +64,7 @@ def main():
         print(f"  rmtree of the same epoch:       {summary(inline)}")
         ratio = sorted(pruning)[len(pruning) // 2] / sorted(inline)[len(inline) // 2]
         print(f"  ratio: {ratio:.4f}")
+        callback.on_train_end()
     finally:
         checkpointer_module.discard_epochs = original
         shutil.rmtree(directory, ignore_errors=True)
