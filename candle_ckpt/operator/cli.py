@@ -384,8 +384,10 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
             size = sizes_seen[summary.size] = _human_size(summary.size)
         sizes.append(size)
         times.append(str(summary.timestamp))
-        values.append(_number(_own_value(summary, metric)))
-        best_text = _number(summary.best_value)
+        value = _own_value(summary, metric)
+        values.append("-" if value is None else f"{value:.6g}")  # as _number, inline
+        best_value = summary.best_value
+        best_text = "-" if best_value is None else f"{best_value:.6g}"
         if not one_metric and summary.metric is not None:
             best_text = f"{summary.metric}={best_text}"
         bests.append(best_text)
@@ -620,16 +622,21 @@ def cmd_history(args: argparse.Namespace) -> int:
               f"before format 2, or no epoch has completed)")
         return EXIT_OK
     marked = (last, best)
+    # Comprehensions with the cell formats of `_number` and `_seconds` written out:
+    # a function call per cell would be a third of the command's time.
     columns = [
-        ["epoch", *(str(r.epoch) for r in records)],
-        ["run", *(r.run_id[:8] for r in records)],
-        ["finished (UTC)", *(str(r.time or "-") for r in records)],
-        *([name, *(_number(r.metrics.get(name)) for r in records)] for name in names),
-        ["train s", *(_seconds(r.train_seconds) for r in records)],
-        ["save s", *(_seconds(r.save_seconds) if r.saved else "-" for r in records)],
-        ["", *(_history_flags(r, last, best)
+        ["epoch", *[str(r.epoch) for r in records]],
+        ["run", *[r.run_id[:8] for r in records]],
+        ["finished (UTC)", *[str(r.time or "-") for r in records]],
+        *([name, *["-" if (value := r.metrics.get(name)) is None else f"{value:.6g}"
+                       for r in records]] for name in names),
+        ["train s", *["-" if (seconds := r.train_seconds) is None else f"{seconds:.3f}"
+                      for r in records]],
+        ["save s", *["-" if not r.saved or (seconds := r.save_seconds) is None
+                     else f"{seconds:.3f}" for r in records]],
+        ["", *[_history_flags(r, last, best)
                if r.abandoned or r.after_last or r.epoch in marked else ""
-               for r in records)]]
+               for r in records]]]
     right = {0, *range(3, 3 + len(names) + 2)}
     out = [history.path, *_aligned(columns, right=right)]
     abandoned = sum(r.abandoned for r in history.epochs)
