@@ -344,10 +344,6 @@ def _notes(tree: TreeSurvey) -> list[str]:
     return notes
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.6g}"
-
-
 # The flags column of `list` for (last, best, abandoned), each 0 or 1.
 _LIST_FLAGS = {(last, best, abandoned): " ".join(
     name for name, on in (("last", last), ("best", best), ("abandoned", abandoned)) if on)
@@ -385,7 +381,8 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
         sizes.append(size)
         times.append(str(summary.timestamp))
         value = _own_value(summary, metric)
-        values.append("-" if value is None else f"{value:.6g}")  # as _number, inline
+        # cell formats written out, as in `cmd_history`: no call per cell
+        values.append("-" if value is None else f"{value:.6g}")
         best_value = summary.best_value
         best_text = "-" if best_value is None else f"{best_value:.6g}"
         if not one_metric and summary.metric is not None:
@@ -577,10 +574,6 @@ def _history_rows(history: History, live_only: bool) -> list[EpochRecord]:
     return history.live if live_only else history.epochs
 
 
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def _history_flags(record: EpochRecord, last: int | None, best: int | None) -> str:
     """The flags column of `history`: last, best, abandoned, after last."""
     return " ".join(flag for flag, on in (
@@ -622,8 +615,8 @@ def cmd_history(args: argparse.Namespace) -> int:
               f"before format 2, or no epoch has completed)")
         return EXIT_OK
     marked = (last, best)
-    # Comprehensions with the cell formats of `_number` and `_seconds` written out:
-    # a function call per cell would be a third of the command's time.
+    # Comprehensions with the cell formats written out (metrics "%.6g", seconds "%.3f",
+    # "-" for none, as `list`): a table of 100 000 epochs has a million cells.
     columns = [
         ["epoch", *[str(r.epoch) for r in records]],
         ["run", *[r.run_id[:8] for r in records]],
