@@ -13,12 +13,13 @@ Usage in a CANDLE-style benchmark::
 In a PyTorch benchmark, `CandleCkptPyTorch(params)` (see `candle_ckpt.pytorch.ckpt`).
 
 `import candle_ckpt` imports neither TensorFlow nor torch: the Keras names (`restart`,
-`CandleCheckpointCallback`) and `CandleCkptPyTorch` are loaded on first access.
+`CandleCheckpointCallback`), `CandleCkptPyTorch` and the parameter functions
+(`ckpt_parser`, ...) are loaded on first access.
 """
 
 __version__ = "0.1.0"
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core.errors import (
     CheckpointError,
@@ -33,20 +34,26 @@ from .core.errors import (
     WriterLockedError,
     exit_status,
 )
-from .core.params import (
-    ParamRequired,
-    ParamType,
-    ckpt_defs,
-    ckpt_parser,
-    param,
-    str2bool,
-    validate_params,
-)
+
+if TYPE_CHECKING:
+    from .core.params import (
+        ParamRequired,
+        ParamType,
+        ckpt_defs,
+        ckpt_parser,
+        param,
+        str2bool,
+        validate_params,
+    )
 
 _LAZY = {
     "CandleCheckpointCallback": "candle_ckpt.keras.callback",
     "CandleCkptPyTorch": "candle_ckpt.pytorch.ckpt",
     "restart": "candle_ckpt.keras.restart",
+    # the parameter table brings argparse, difflib, logging and subprocess (walltime),
+    # which the command line's read-only commands never use
+    **dict.fromkeys(["ParamRequired", "ParamType", "ckpt_defs", "ckpt_parser", "param",
+                     "str2bool", "validate_params"], "candle_ckpt.core.params"),
 }
 
 

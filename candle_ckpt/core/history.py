@@ -196,11 +196,7 @@ def read_history(ckpts: str, last: int | None = None) -> History:
         warnings.append(f"{path}: larger than {MAX_HISTORY_BYTES} bytes; read the first "
                         f"{MAX_HISTORY_BYTES} only")
         data = data[:MAX_HISTORY_BYTES]
-    lines = data.split(b"\n")
-    # The last piece is b"" after a final newline; anything else is a line torn by a
-    # kill, which is expected and not worth a warning.
-    lines.pop()
-    records = _parse_lines(path, lines, warnings)
+    records = _parse_lines(path, data, warnings)
     history = _timelines(path, records, warnings)
     if last is not None:
         for record in history.epochs:
@@ -209,13 +205,25 @@ def read_history(ckpts: str, last: int | None = None) -> History:
     return history
 
 
-def _parse_lines(path: str, lines: list[bytes], warnings: list[str]) -> list[Any]:
-    try:  # one parse of the whole file is several times faster than one per line
-        return json.loads(b"[" + b",".join(line for line in lines if line.strip()) + b"]")
+def _parse_lines(path: str, data: bytes, warnings: list[str]) -> list[Any]:
+    """The value of each line of `data`, in order; damaged lines are skipped and warned
+    about. What follows the last newline is a line torn by a kill, which is expected
+    and not worth a warning, or nothing."""
+    end = data.rfind(b"\n")
+    if end < 0:
+        return []
+    body = data[:end]
+    try:
+        # One parse of the whole file, its lines as the elements of one JSON array, is
+        # several times faster than one per line. It stands only if it found as many
+        # values as there are lines, so that no damaged line was read with its neighbour.
+        records: list[Any] = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
+        if len(records) == body.count(b"\n") + 1:
+            return records
     except (ValueError, RecursionError):
-        pass
+        pass  # a damaged or blank line: find it line by line
     records = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(body.split(b"\n"), 1):
         if not line.strip():
             continue
         try:
@@ -239,23 +247,24 @@ def _timelines(path: str, records: list[Any], warnings: list[str]) -> History:
     live: dict[int, EpochRecord] = {}           # epoch -> its record on the live timeline
     by_run: dict[tuple[str, int], EpochRecord] = {}
     rewinds: list[int] = []
+    append = epochs.append
     for number, record in enumerate(records, 1):
         try:
             kind = record["kind"]
-            if not isinstance(kind, str):
-                raise TypeError(f"'kind' is {kind!r}; expected a string")
-            if kind == "epoch":
+            if kind == "epoch":  # first: half the lines of a history, and the most work
                 metrics = record["metrics"]
                 if type(metrics) is not dict:
                     raise TypeError(f"'metrics' is {metrics!r}; expected an object")
-                entry = EpochRecord(int(record["epoch"]), str(record["run_id"]),
-                                    record.get("time"), metrics, record.get("train_seconds"))
-                previous = live.get(entry.epoch)
+                epoch, run_id = int(record["epoch"]), str(record["run_id"])
+                entry = EpochRecord(epoch, run_id, record.get("time"), metrics,
+                                    record.get("train_seconds"))
+                previous = live.get(epoch)
                 if previous is not None:  # a run recorded the same epoch twice
                     previous.abandoned = True
-                live[entry.epoch] = entry
-                by_run[entry.run_id, entry.epoch] = entry
-                epochs.append(entry)
+                live[epoch] = by_run[run_id, epoch] = entry
+                append(entry)
+            elif not isinstance(kind, str):  # no other JSON value equals "epoch"
+                raise TypeError(f"'kind' is {kind!r}; expected a string")
             elif kind == "saved":
                 found = by_run.get((str(record["run_id"]), int(record["epoch"])))
                 if found is not None:

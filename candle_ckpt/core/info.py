@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from . import durable
 from .errors import CheckpointFormatError
 from .layout import INFO_FILE
 
@@ -260,6 +259,8 @@ def write_info(directory: str, info: Mapping[str, Any]) -> str:
     The file also records `info_crc32`, the CRC32 of its own content, so that a
     corrupted value (a flipped digit in `best_metric_last`, say) is refused on reading.
     """
+    from . import durable  # here: the command line reads ckpt-info.json, never writes it
+
     path = os.path.join(directory, INFO_FILE)
     validate_info(info, f"{path} (about to be written)")
     durable.write_bytes_atomic(path, info_file_bytes(info))

@@ -17,15 +17,13 @@ Every path derives from `ckpt_directory`; nothing here touches the disk except t
 from __future__ import annotations
 
 import os
-import re
 
 from .errors import LinkError
 
+DEFAULT_CKPT_DIRECTORY = "./save"  # the default of the ckpt_directory parameter
 INFO_FILE = "ckpt-info.json"
 LOG_FILE = "ckpt.log"
 LINK_NAMES = ("last", "best")
-
-_EPOCH_NAME = re.compile(r"[0-9]+\Z")
 
 
 def epoch_dirname(epoch: int) -> str:
@@ -39,7 +37,8 @@ def parse_epoch_dirname(name: str) -> int | None:
     Only canonical names count ("007", not "7" or "0007"), so that every epoch has
     exactly one directory.
     """
-    if not _EPOCH_NAME.match(name):
+    # isascii and isdigit: the digits 0-9 only (str.isdigit alone accepts "٣")
+    if not (name.isascii() and name.isdigit()):
         return None
     epoch = int(name)
     return epoch if epoch >= 1 and epoch_dirname(epoch) == name else None

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ParameterTypeError, ParameterValueError
+from .layout import DEFAULT_CKPT_DIRECTORY
 from .walltime import check_end_time
 
 
@@ -102,8 +103,6 @@ class Parameter:
         except (TypeError, ValueError) as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 
-
-DEFAULT_CKPT_DIRECTORY = "./save"
 
 P = ParamType
 PARAMETERS = (

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import re
@@ -35,10 +36,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
-from ..core.history import read_history
-from ..core.params import DEFAULT_CKPT_DIRECTORY
-from ..core.resume import read_epoch_info
-from ..core.verify import check_epoch
+from ..core.layout import DEFAULT_CKPT_DIRECTORY
 from .inventory import (
     describe_epochs,
     link_state,
@@ -48,11 +46,13 @@ from .inventory import (
     survey,
 )
 
-if TYPE_CHECKING:  # typing only: the command line's start-up imports no more than it runs
+# The history, validation and CRC32 modules are imported by the commands that use them:
+# the command line's start-up imports no more than `list` runs.
+if TYPE_CHECKING:
     from ..core.history import EpochRecord, History
     from ..core.layout import CheckpointLayout
     from ..core.verify import FileCheck
-    from .inventory import TreeSurvey
+    from .inventory import EpochSummary, TreeSurvey
 
 EXIT_OK, EXIT_CORRUPT, EXIT_ERROR = 0, 1, 2
 PROG = "candle-ckpt"
@@ -262,6 +262,8 @@ def _check_state(layout: CheckpointLayout, epoch: int,
     The ckpt-info.json is read whole and validated first, as `verify` does, so that no
     file name from an unvalidated file is ever opened.
     """
+    from ..core.verify import check_epoch
+
     try:
         check = check_epoch(layout, epoch, progress=progress)
     except CheckpointError:
@@ -278,8 +280,9 @@ def _shown_metric(tree: TreeSurvey, requested: str | None) -> str | None:
         CheckpointError: `requested` is recorded by no epoch (naming those that are).
     """
     if requested is None:
-        tracked = [s.metric for s in tree.epochs if s.problem is None and s.metric]
-        return tracked[-1] if tracked else None
+        # the newest epoch's: the one an operator looks at first
+        return next((s.metric for s in reversed(tree.epochs)
+                     if s.problem is None and s.metric), None)
     recorded = sorted({name for s in tree.epochs if s.metrics for name in s.metrics})
     if requested not in recorded:
         names = ", ".join(recorded) or NO_METRICS
@@ -288,35 +291,49 @@ def _shown_metric(tree: TreeSurvey, requested: str | None) -> str | None:
     return requested
 
 
-def _rows(tree: TreeSurvey, verify: bool, metric: str | None) -> list[dict[str, Any]]:
+def _checksums(tree: TreeSurvey, verify: bool) -> list[str | None]:
+    """The checksum column: each summary's, or with `verify` each epoch's check."""
+    if not verify:
+        return [summary.checksum for summary in tree.epochs]
+    states: list[str | None] = []
+    for summary in tree.epochs:
+        if summary.problem is None:
+            with _progress() as progress:
+                states.append(_check_state(tree.layout, summary.epoch, progress))
+        else:
+            states.append(summary.checksum)
+    return states
+
+
+def _own_value(summary: EpochSummary, metric: str | None) -> Any:
+    """The epoch's own value of `metric` (None when not recorded)."""
+    metrics = summary.metrics
+    return None if metrics is None or metric is None else metrics.get(metric)
+
+
+def _rows(tree: TreeSurvey, checksums: list[str | None],
+          metric: str | None) -> list[dict[str, Any]]:
     """One dict per epoch, as `list --json` prints it; `value` is the epoch's own value
     of `metric` (None when not recorded)."""
     abandoned = set(tree.abandoned)
-    rows = []
-    for summary in tree.epochs:
-        checksum = summary.checksum
-        if verify and summary.problem is None:
-            with _progress() as progress:
-                checksum = _check_state(tree.layout, summary.epoch, progress)
-        metrics = summary.metrics
-        rows.append({
-            "epoch": summary.epoch, "size": summary.size, "timestamp": summary.timestamp,
-            "metric": summary.metric, "best_metric_last": summary.best_value,
-            "value_of": metric,
-            "value": None if metrics is None or metric is None else metrics.get(metric),
-            "metrics": metrics, "format_version": summary.format_version,
-            "checksum": checksum, "legacy": summary.legacy,
-            "last": tree.links["last"].epoch == summary.epoch,
-            "best": tree.links["best"].epoch == summary.epoch,
-            "abandoned": summary.epoch in abandoned, "problem": summary.problem})
-    return rows
+    last, best = tree.links["last"].epoch, tree.links["best"].epoch
+    return [{
+        "epoch": summary.epoch, "size": summary.size, "timestamp": summary.timestamp,
+        "metric": summary.metric, "best_metric_last": summary.best_value,
+        "value_of": metric, "value": _own_value(summary, metric),
+        "metrics": summary.metrics, "format_version": summary.format_version,
+        "checksum": checksum, "legacy": summary.legacy,
+        "last": last == summary.epoch, "best": best == summary.epoch,
+        "abandoned": summary.epoch in abandoned, "problem": summary.problem}
+        for summary, checksum in zip(tree.epochs, checksums)]
 
 
 def _notes(tree: TreeSurvey) -> list[str]:
     """Lines after the table: abandoned epochs, leftovers."""
     notes = []
-    if tree.abandoned:
-        notes.append(f"abandoned: epochs {describe_epochs(tree.abandoned)} lie after last "
+    abandoned = tree.abandoned
+    if abandoned:
+        notes.append(f"abandoned: epochs {describe_epochs(abandoned)} lie after last "
                      f"(a rollback left them; the next run overwrites them, "
                      f"'{PROG} prune --abandoned' deletes them)")
     if tree.work:
@@ -327,42 +344,62 @@ def _notes(tree: TreeSurvey) -> list[str]:
     return notes
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.6g}"
+# The flags column of `list` for (last, best, abandoned), each 0 or 1.
+_LIST_FLAGS = {(last, best, abandoned): " ".join(
+    name for name, on in (("last", last), ("best", best), ("abandoned", abandoned)) if on)
+    for last in (0, 1) for best in (0, 1) for abandoned in (0, 1)}
 
 
-def _table(rows: list[dict[str, Any]], metric: str | None) -> list[str]:
+def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) -> list[str]:
     """The lines of the `list` table: aligned columns, the metrics named in the header.
 
     The epoch's own value of `metric` ("-" where not recorded: files older than format
     2), then the best value so far of the tracked metric.
     """
-    tracked = {row["metric"] for row in rows if row["problem"] is None}
+    tracked = {s.metric for s in tree.epochs if s.problem is None}
     one_metric = len(tracked) == 1 and None not in tracked
-    header = ["epoch", "size", "saved at", metric or "metric",
-              f"best {next(iter(tracked))}" if one_metric else "best metric", "checksum", ""]
-    lines = [header]
-    for row in rows:
-        flags = " ".join(name for name in ("last", "best", "abandoned") if row[name])
-        if row["problem"] is not None:
-            lines.append([str(row["epoch"]), "-", "-", "-", "-", "INVALID: " + row["problem"],
-                          flags])
+    columns: list[list[str]] = [
+        ["epoch"], ["size"], ["saved at"], [metric or "metric"],
+        [f"best {next(iter(tracked))}" if one_metric else "best metric"], ["checksum"], [""]]
+    epochs, sizes, times, values, bests, states, flags = columns
+    last, best = tree.links["last"].epoch, tree.links["best"].epoch
+    # epochs after last are abandoned (TreeSurvey.abandoned); none without last
+    after = float("inf") if last is None else last
+    sizes_seen: dict[int | None, str] = {}  # most epochs of a run have the same size
+    for summary, checksum in zip(tree.epochs, checksums):
+        epoch = summary.epoch
+        epochs.append(str(epoch))
+        flags.append(_LIST_FLAGS[epoch == last, epoch == best, epoch > after])
+        if summary.problem is not None:
+            for column in (sizes, times, values, bests):
+                column.append("-")
+            states.append("INVALID: " + summary.problem)
             continue
-        best = _number(row["best_metric_last"])
-        if not one_metric and row["metric"] is not None:
-            best = f"{row['metric']}={best}"
-        lines.append([str(row["epoch"]), _human_size(row["size"]), str(row["timestamp"]),
-                      _number(row["value"]), best, row["checksum"], flags])
-    return _aligned(lines, right=(0, 1, 3, 4))
+        size = sizes_seen.get(summary.size)
+        if size is None:
+            size = sizes_seen[summary.size] = _human_size(summary.size)
+        sizes.append(size)
+        times.append(str(summary.timestamp))
+        value = _own_value(summary, metric)
+        # cell formats written out, as in `cmd_history`: no call per cell
+        values.append("-" if value is None else f"{value:.6g}")
+        best_value = summary.best_value
+        best_text = "-" if best_value is None else f"{best_value:.6g}"
+        if not one_metric and summary.metric is not None:
+            best_text = f"{summary.metric}={best_text}"
+        bests.append(best_text)
+        states.append(str(checksum))
+    return _aligned(columns, right=(0, 1, 3, 4))
 
 
-def _aligned(lines: list[list[str]], right: Collection[int] = ()) -> list[str]:
-    """Rows of cells as text columns; the columns in `right` are right-aligned."""
-    widths = [max(map(len, column)) for column in zip(*lines)]
-    # One format string for every row: `history` aligns 100 000 rows.
+def _aligned(columns: list[list[str]], right: Collection[int] = ()) -> list[str]:
+    """Columns of cells (each a list, header first) as text lines; the columns in
+    `right` are right-aligned."""
+    widths = [max(map(len, column)) for column in columns]
+    # One format string for every row, applied column-wise: `history` aligns 100 000 rows.
     row = "  ".join(("{:>%d}" if index in right else "{:<%d}") % width
                     for index, width in enumerate(widths))
-    return [row.format(*line).rstrip() for line in lines]
+    return list(map(str.rstrip, map(row.format, *columns)))
 
 
 # -- commands ---------------------------------------------------------------------
@@ -370,28 +407,32 @@ def _aligned(lines: list[list[str]], right: Collection[int] = ()) -> list[str]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the table (or JSON) of every epoch; reads no model file unless --verify."""
+    _no_cycle_collection()
     tree = survey(open_tree(args.where))
     metric = _shown_metric(tree, args.metric)
-    rows = _rows(tree, args.verify, metric)
+    checksums = _checksums(tree, args.verify)
     # like `verify`: a bad epoch found by --verify is exit status 1, for scripts
-    status = EXIT_CORRUPT if any(str(row["checksum"]).startswith("BAD")
-                                 for row in rows) else EXIT_OK
+    status = EXIT_CORRUPT if args.verify and any(
+        str(state).startswith("BAD") for state in checksums) else EXIT_OK
     if args.json:
         print(json.dumps({
             "directory": tree.layout.root,
             "links": {name: vars(state) for name, state in tree.links.items()},
             "abandoned": tree.abandoned, "work": tree.work, "trash": tree.trash,
-            "epochs": rows}, indent=1))
+            "epochs": _rows(tree, checksums, metric)}, indent=1))
         return status
     lines = [tree.layout.root, "   ".join(state.describe() for state in tree.links.values())]
-    lines += _table(rows, metric) if rows else ["no epochs saved"]
+    lines += _table(tree, checksums, metric) if tree.epochs else ["no epochs saved"]
     lines += _notes(tree)
-    print("\n".join(lines))
+    lines.append("")
+    sys.stdout.write("\n".join(lines))
     return status
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the validated ckpt-info.json of one epoch."""
+    from ..core.resume import read_epoch_info
+
     directory, selector = _split_positionals(args.where, "info")
     layout = open_tree(directory)
     text = json.dumps(read_epoch_info(layout, _select_epoch(layout, selector)), indent=1)
@@ -402,6 +443,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _verify_epoch(layout: CheckpointLayout, epoch: int) -> int:
     """Verify one epoch, print the outcome; return its exit status."""
+    from ..core.verify import check_epoch
+
     try:
         with _progress() as progress:
             check = check_epoch(layout, epoch, progress=progress)
@@ -506,8 +549,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _no_cycle_collection() -> None:
+    """Turn off the cyclic garbage collector for the rest of this (short) process.
+
+    A survey or a history makes a few dicts per epoch, hundreds of thousands of them,
+    none in a reference cycle: the collector would only traverse them again and again.
+    """
+    gc.disable()
+
+
 def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History]:
     """(layout, History) of the tree in `directory`; damage is warned about on stderr."""
+    from ..core.history import read_history
+
+    _no_cycle_collection()
     layout = open_tree(directory)
     history = read_history(layout.ckpts, link_state(layout, "last").epoch)
     for warning in history.warnings:
@@ -519,8 +574,12 @@ def _history_rows(history: History, live_only: bool) -> list[EpochRecord]:
     return history.live if live_only else history.epochs
 
 
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _history_flags(record: EpochRecord, last: int | None, best: int | None) -> str:
+    """The flags column of `history`: last, best, abandoned, after last."""
+    return " ".join(flag for flag, on in (
+        ("last", record.epoch == last and not record.abandoned),
+        ("best", record.epoch == best and not record.abandoned),
+        ("abandoned", record.abandoned), ("after last", record.after_last)) if on)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -555,17 +614,24 @@ def cmd_history(args: argparse.Namespace) -> int:
         print(f"{history.path}: no epoch recorded (the file is absent: a tree written "
               f"before format 2, or no epoch has completed)")
         return EXIT_OK
-    lines = [["epoch", "run", "finished (UTC)", *names, "train s", "save s", ""]]
-    for r in records:
-        flags = [flag for flag, on in (("last", r.epoch == last and not r.abandoned),
-                                       ("best", r.epoch == best and not r.abandoned),
-                                       ("abandoned", r.abandoned),
-                                       ("after last", r.after_last)) if on]
-        lines.append([str(r.epoch), r.run_id[:8], str(r.time or "-"),
-                      *(_number(r.metrics.get(n)) for n in names), _seconds(r.train_seconds),
-                      _seconds(r.save_seconds) if r.saved else "-", " ".join(flags)])
+    marked = (last, best)
+    # Comprehensions with the cell formats written out (metrics "%.6g", seconds "%.3f",
+    # "-" for none, as `list`): a table of 100 000 epochs has a million cells.
+    columns = [
+        ["epoch", *[str(r.epoch) for r in records]],
+        ["run", *[r.run_id[:8] for r in records]],
+        ["finished (UTC)", *[str(r.time or "-") for r in records]],
+        *([name, *["-" if (value := r.metrics.get(name)) is None else f"{value:.6g}"
+                       for r in records]] for name in names),
+        ["train s", *["-" if (seconds := r.train_seconds) is None else f"{seconds:.3f}"
+                      for r in records]],
+        ["save s", *["-" if not r.saved or (seconds := r.save_seconds) is None
+                     else f"{seconds:.3f}" for r in records]],
+        ["", *[_history_flags(r, last, best)
+               if r.abandoned or r.after_last or r.epoch in marked else ""
+               for r in records]]]
     right = {0, *range(3, 3 + len(names) + 2)}
-    out = [history.path, *_aligned(lines, right=right)]
+    out = [history.path, *_aligned(columns, right=right)]
     abandoned = sum(r.abandoned for r in history.epochs)
     after_last = sum(r.after_last for r in history.epochs)
     out.append(f"{_count(len(history.runs), 'run')}, {_count(len(history.live), 'epoch')} "

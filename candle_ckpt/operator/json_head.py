@@ -89,36 +89,45 @@ def read_members(path: str, keys: Iterable[str], stop_key: str | tuple[str, ...]
         ValueError: larger than `limit`, not UTF-8, not JSON, or not an object (a
             `json.JSONDecodeError` names the line and column).
     """
-    # os.open/os.read rather than open(): a survey reads 10 000 heads, and a Python
-    # file object costs more than the read itself.
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
+    return HeadReader(keys, stop_key, limit).read(path)
+
+
+class HeadReader:
+    """`read_members` with its arguments prepared once, for reading many files alike."""
+
+    __slots__ = ("keys", "limit", "quoted_stop_keys")
+
+    def __init__(self, keys: Iterable[str], stop_key: str | tuple[str, ...],
+                 limit: int) -> None:
+        self.keys = frozenset(keys)
         stop_keys = (stop_key,) if isinstance(stop_key, str) else stop_key
-        return _read_members(descriptor, set(keys), [_quoted(key) for key in stop_keys],
-                             limit)
-    finally:
-        os.close(descriptor)
+        self.quoted_stop_keys = tuple(_quoted(key) for key in stop_keys)
+        self.limit = limit
 
-
-def _read_members(descriptor: int, keys: set[str], quoted_keys: list[bytes],
-                  limit: int) -> dict[str, Any]:
-    data, chunk, looking = b"", FIRST_READ_BYTES, True
-    while True:
-        block = os.read(descriptor, min(chunk, limit + 1 - len(data)))
-        data += block
-        if len(data) > limit:
-            raise ValueError(f"larger than {limit} bytes")
-        if not block:
-            return _parse_object(data)
-        if looking:
-            # Rescan from the start, in case the key straddled the previous chunk's end.
-            members = None
-            for quoted_key in quoted_keys:
-                members = _cut_before(data, quoted_key)
-                if members is not None:
-                    break
-            if members is not None:
-                if members.keys() >= keys:
-                    return members
-                looking = False  # a wanted key comes after the stop key: read it all
-        chunk *= 2
+    def read(self, path: str) -> dict[str, Any]:
+        """The members of the object in `path`, as `read_members` (same errors)."""
+        # os.open/os.read rather than open(): a survey reads 10 000 heads, and a Python
+        # file object costs more than the read itself.
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            limit = self.limit
+            data, chunk, looking = b"", FIRST_READ_BYTES, True
+            while True:
+                block = os.read(descriptor, min(chunk, limit + 1 - len(data)))
+                data += block
+                if len(data) > limit:
+                    raise ValueError(f"larger than {limit} bytes")
+                if not block:
+                    return _parse_object(data)
+                if looking:
+                    # Rescan from the start, in case the key straddled the last chunk's end.
+                    for quoted_key in self.quoted_stop_keys:
+                        members = _cut_before(data, quoted_key)
+                        if members is not None:
+                            if members.keys() >= self.keys:
+                                return members
+                            looking = False  # a wanted key follows the stop key: read all
+                            break
+                chunk *= 2
+        finally:
+            os.close(descriptor)
