@@ -48,8 +48,8 @@ jsonschema: Any = None  # bound on first use by _validator
 
 @functools.cache
 def _validator(schema_file: str) -> Any:
-    # Imported here, not at the top: importing jsonschema and importlib.resources takes
-    # ~0.1 s, which the command line's `list` (no validation) would pay on every call.
+    # Imported here, not at the top: importing jsonschema and importlib.resources is a
+    # large share of a `list` run (no validation; benchmarks/bench_cli_list.py).
     # validate_info calls this first, then uses the module-level name bound here.
     global jsonschema
     from importlib import resources
@@ -187,9 +187,9 @@ def checkpoint_info(info: Mapping[str, Any]) -> CheckpointInfo:
 def _representative(info: Mapping[str, Any]) -> Mapping[str, Any]:
     """`info` with a long `epochs_saved` replaced by its smallest and largest items.
 
-    jsonschema spends about 50 us per item of that list (0.5 s at 10 000 epochs, on
-    every save and restart). When the items are distinct integers, which one pass here
-    checks, the schema's per-item rule holds for all of them if it holds for the
+    jsonschema's time grows with the items of that list, which a format 1 file holds
+    for every epoch its run kept. When the items are distinct integers, which one pass
+    here checks, the schema's per-item rule holds for all of them if it holds for the
     extremes; otherwise the whole list goes to the schema, for its error message.
     """
     epochs = info.get("epochs_saved")

@@ -491,8 +491,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Verify EPOCH, then point best and last (atomically, relative links)."""
-    # Imported here: admin and logs bring in the save protocol and logging (~0.06 s of
-    # imports), which only the two commands that change the tree need.
+    # Imported here: admin and logs bring in the save protocol and logging, imports
+    # that only the two commands that change the tree need (benchmarks/bench_cli_list.py).
     from ..core.logs import tree_logger
     from .admin import apply_rollback, plan_rollback
 
