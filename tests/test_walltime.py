@@ -342,9 +342,7 @@ def test_with_ckpt_signal_too_the_unsaved_epoch_is_saved_once(tmp_path, monkeypa
     assert os.readlink(tmp_path / "save" / "ckpts" / "last") == "epochs/002"
 
 
-# Opt-in like the other two-rank test (tests/test_pytorch_distributed.py): gloo's
-# teardown has aborted a rank at exit in CI, outside the checkpoint logic.
-@pytest.mark.soak
+@pytest.mark.slow
 def test_two_ranks_stop_after_the_same_epoch_on_the_writers_verdict(tmp_path):
     pytest.importorskip("torch")
     from test_pytorch_distributed import two_ranks
