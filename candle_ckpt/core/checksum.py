@@ -92,7 +92,8 @@ def read_file(path: str, compute_crc: bool = True) -> tuple[memoryview, int | No
     """
     with open(path, "rb", buffering=0) as stream:
         size = os.fstat(stream.fileno()).st_size
-        view = memoryview(anonymous_memory(size))
+        # New memory at every restart: huge pages would risk a compaction stall
+        view = memoryview(anonymous_memory(size, huge_pages=False))
         running = [0]
 
         def add_to_crc(begin: int, end: int) -> None:  # in the CRC thread, chunk by chunk

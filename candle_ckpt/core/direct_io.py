@@ -9,8 +9,7 @@ format uses it (`candle_ckpt.keras.h5.write`); the PyTorch adapter can do the sa
 the offsets of any layout it writes.
 
 `anonymous_memory` is where snapshots and restart reads live: page-aligned private
-memory in huge pages, so that filling it for the first time is not dominated by page
-faults.
+memory (snapshots in huge pages), so that filling it is not dominated by page faults.
 """
 
 from __future__ import annotations
@@ -31,12 +30,19 @@ class PrivateMemory(mmap.mmap):
     so whoever holds it may write into it (a restart builds tensors on it in place)."""
 
 
-def anonymous_memory(size: int) -> PrivateMemory:
-    """`size` bytes of private, zeroed, page-aligned memory, in huge pages where the
-    kernel has them: fewer page faults to fill than 4 KiB pages, shared memory or a
-    bytearray (benchmarks/bench_checksum.py, read_only against read_bytearray)."""
+def anonymous_memory(size: int, huge_pages: bool = True) -> PrivateMemory:
+    """`size` bytes of private, zeroed, page-aligned memory: fewer page faults to fill
+    than shared memory or a bytearray (benchmarks/bench_checksum.py, read_only against
+    read_bytearray).
+
+    `huge_pages` asks for huge pages (MADV_HUGEPAGE), fewer faults still, for memory
+    filled once and reused (snapshots). Under the common THP setting `defrag=madvise` the
+    kernel then compacts memory synchronously on the first touch when it is fragmented,
+    which can stall the filling thread for longer than the faults it saves: memory
+    allocated anew each time (a restart's read) is better off without.
+    """
     mapping = PrivateMemory(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
         mapping.madvise(mmap.MADV_HUGEPAGE)
     return mapping
 
