@@ -13,8 +13,8 @@ VERSION = re.search(r'^__version__ = "(.+)"$',
 setup(
     name="candle_ckpt",
     version=VERSION,
-    description="Crash-consistent checkpoint/restart of Keras training jobs on HPC clusters "
-                "(ECP-CANDLE style)",
+    description="Crash-consistent checkpoint/restart of Keras and PyTorch training jobs on "
+                "HPC clusters (ECP-CANDLE style)",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
