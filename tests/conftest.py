@@ -44,6 +44,15 @@ FORMAT2_ONLY_KEYS = ("metrics", "train_seconds", "save_seconds", "run_id", "run_
                      "lineage_id", "lineage_format1_epoch", "init_from")
 
 
+def flip_byte(path, offset=3, mask=0xFF):
+    """XOR the byte at `offset` of the file at `path` with `mask`, in place."""
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        byte = stream.read(1)
+        stream.seek(offset)
+        stream.write(bytes([byte[0] ^ mask]))
+
+
 def as_format1(info, epochs_saved):
     """A format_version 1 ckpt-info dict made from a version 2 one, as candle_ckpt
     0.2 wrote it: without the version 2 keys, with the run's `epochs_saved`."""

@@ -12,7 +12,7 @@ import sys
 import zlib
 
 import pytest
-from conftest import as_format1, file_writer
+from conftest import as_format1, file_writer, flip_byte
 from keras_helpers import run_job
 
 from candle_ckpt.core.info import read_info, write_info
@@ -53,14 +53,6 @@ def relink(layout, name, target):
     if os.path.lexists(layout.link(name)):
         os.unlink(layout.link(name))
     os.symlink(target, layout.link(name))
-
-
-def flip_byte(path, offset=3):
-    with open(path, "r+b") as stream:
-        stream.seek(offset)
-        byte = stream.read(1)
-        stream.seek(offset)
-        stream.write(bytes([byte[0] ^ 0xFF]))
 
 
 def listing(layout, *options):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import flip_byte
 from keras_helpers import datasets
 from keras_job import SMALL
 
@@ -82,13 +83,8 @@ def test_help_shows_the_parameter_files_defaults(file):
 
 
 def corrupt_last(root):
-    last = os.path.join(root, "ckpts", "last")
-    path = os.path.join(last, "model.h5")
-    with open(path, "r+b") as stream:
-        stream.seek(os.path.getsize(path) // 2)
-        byte = stream.read(1)
-        stream.seek(-1, os.SEEK_CUR)
-        stream.write(bytes([byte[0] ^ 0x01]))
+    path = os.path.join(root, "ckpts", "last", "model.h5")
+    flip_byte(path, os.path.getsize(path) // 2, 0x01)
 
 
 def error_lines(stderr):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import flip_byte
 
 torch = pytest.importorskip("torch")
 
@@ -64,11 +65,7 @@ def restart(root, **flags):
 
 
 def flip_a_byte(path):
-    with open(path, "r+b") as stream:
-        stream.seek(os.path.getsize(path) // 2)
-        byte = stream.read(1)
-        stream.seek(-1, os.SEEK_CUR)
-        stream.write(bytes([byte[0] ^ 0x01]))
+    flip_byte(path, os.path.getsize(path) // 2, 0x01)
 
 
 def ckpt_log(root):
