@@ -7,36 +7,45 @@ from pathlib import Path
 from setuptools import setup
 
 HERE = Path(__file__).parent
-VERSION = re.search(r'^__version__ = "(.+)"$',
-                    (HERE / "candle_ckpt" / "__init__.py").read_text(), re.M).group(1)
+VERSION = re.search(
+    r'^__version__ = "(.+)"$', (HERE / "candle_ckpt" / "__init__.py").read_text(), re.M
+).group(1)
 
 setup(
     name="candle_ckpt",
     version=VERSION,
     description="Crash-consistent checkpoint/restart of Keras and PyTorch training jobs on "
-                "HPC clusters (ECP-CANDLE style)",
+    "HPC clusters (ECP-CANDLE style)",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The top-level schemas/ is the canonical copy; candle_ckpt/schemas links to it, so
     # it is installed as the package candle_ckpt.schemas and installed code never
     # reads the source tree.
-    packages=["candle_ckpt", "candle_ckpt.core", "candle_ckpt.keras", "candle_ckpt.pytorch",
-              "candle_ckpt.operator", "candle_ckpt.schemas"],
+    packages=[
+        "candle_ckpt",
+        "candle_ckpt.core",
+        "candle_ckpt.keras",
+        "candle_ckpt.pytorch",
+        "candle_ckpt.operator",
+        "candle_ckpt.schemas",
+    ],
     package_data={"candle_ckpt.schemas": ["*.json"]},
     install_requires=[
-        "tensorflow>=2.16",   # Keras 3
+        "tensorflow>=2.16",  # Keras 3
         "keras>=3.0",
         "h5py>=3.8",
         "jsonschema>=4.18",
-        "isal>=1.0",          # CRC32 about 3x faster than zlib; zlib is the fallback
+        "isal>=1.0",  # CRC32 about 3x faster than zlib; zlib is the fallback
         "numpy",
     ],
     # ruff and mypy are pinned: CI fails on their findings, which change between releases.
     # torch is pinned: on these machines `torch==2.13.0` resolves to the CPU build already
     # on disk, while a bare `torch` or an open range downloads a multi-GB CUDA build.
-    extras_require={"test": ["pytest>=7", "ruff==0.17.6", "mypy==2.4.1"],
-                    "torch": ["torch==2.13.0"],
-                    "plot": ["matplotlib>=3.5"]},
+    extras_require={
+        "test": ["pytest>=7", "ruff==0.17.6", "mypy==2.4.1"],
+        "torch": ["torch==2.13.0"],
+        "plot": ["matplotlib>=3.5"],
+    },
     entry_points={"console_scripts": ["candle-ckpt = candle_ckpt.operator.cli:main"]},
 )

@@ -45,6 +45,7 @@ def run(model, mode, epochs, steps, directory):
 
     callbacks = []
     if mode != "none":
+
         class Timed(candle_ckpt.CandleCheckpointCallback):
             def on_epoch_end(self, epoch, logs=None):
                 started = time.perf_counter()
@@ -52,13 +53,29 @@ def run(model, mode, epochs, steps, directory):
                 stalls.append(time.perf_counter() - started)
 
         root = os.path.join(directory, mode)
-        callbacks.append(Timed({"ckpt_directory": root, "epochs": epochs,
-                                "ckpt_save_best": False, "ckpt_keep_limit": 2,
-                                "ckpt_async": mode == "async"}, verbose=False))
+        callbacks.append(
+            Timed(
+                {
+                    "ckpt_directory": root,
+                    "epochs": epochs,
+                    "ckpt_save_best": False,
+                    "ckpt_keep_limit": 2,
+                    "ckpt_async": mode == "async",
+                },
+                verbose=False,
+            )
+        )
         logging.getLogger("candle_ckpt").propagate = False
     # the timer runs last, so an epoch's time includes the checkpoint stall
-    model.fit(x, x, batch_size=32, epochs=epochs, verbose=0, shuffle=False,
-              callbacks=callbacks + [EpochTimer()])
+    model.fit(
+        x,
+        x,
+        batch_size=32,
+        epochs=epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=callbacks + [EpochTimer()],
+    )
     if mode != "none":
         shutil.rmtree(os.path.join(directory, mode))
     return stalls, epoch_times[1:]  # the first epoch includes tracing
@@ -94,15 +111,21 @@ def main():
                     print(f"  {mode:5s} first save's stall: {summary(first)}")
                     print(f"  {mode:5s} later saves' stall: {summary(stalls)}")
                 print(f"  {mode:5s} epoch time:          {summary(epochs)}")
-            median = {mode: [statistics.median(r) for r in rs] for mode, rs in results.items()
-                      if mode != "none"}
+            median = {
+                mode: [statistics.median(r) for r in rs]
+                for mode, rs in results.items()
+                if mode != "none"
+            }
             print(f"  stall async / sync: ratio {median['async'][1] / median['sync'][1]:.3f}")
-            print(f"  first / later async stall: ratio "
-                  f"{median['async'][0] / median['async'][1]:.3f}")
+            print(
+                f"  first / later async stall: ratio {median['async'][0] / median['async'][1]:.3f}"
+            )
             none = statistics.median(results["none"][2])
             cost = {mode: statistics.median(results[mode][2]) - none for mode in median}
-            print(f"  epoch cost (async - none) / (sync - none): {cost['async']:.3f} / "
-                  f"{cost['sync']:.3f} s = ratio {cost['async'] / cost['sync']:.3f}")
+            print(
+                f"  epoch cost (async - none) / (sync - none): {cost['async']:.3f} / "
+                f"{cost['sync']:.3f} s = ratio {cost['async'] / cost['sync']:.3f}"
+            )
         os.system("uptime")
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -39,8 +39,10 @@ def zlib_over_reads(path):
 
 
 def zlib_over_mmap(path):
-    with open(path, "rb") as stream, \
-            mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
+    with (
+        open(path, "rb") as stream,
+        mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapping,
+    ):
         return zlib.crc32(mapping)
 
 
@@ -50,19 +52,21 @@ def read_into_bytearray(path):
     with open(path, "rb", buffering=0) as stream:
         view = memoryview(buffer)
         filled = 0
-        while filled < size and (count := stream.readinto(view[filled:filled + (8 << 20)])):
+        while filled < size and (count := stream.readinto(view[filled : filled + (8 << 20)])):
             filled += count
     return buffer
 
 
 def with_chunk_bytes(checksum, chunk_bytes, function):
     """`function` run with checksum.CHUNK_BYTES set to `chunk_bytes`."""
+
     def run():
         default, checksum.CHUNK_BYTES = checksum.CHUNK_BYTES, chunk_bytes
         try:
             return function()
         finally:
             checksum.CHUNK_BYTES = default
+
     return run
 
 
@@ -70,10 +74,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=300)
     parser.add_argument("--repetitions", type=int, default=9)
-    parser.add_argument("--chunk-mib", type=int, default=None,
-                        help="also time the library with slices of this many MiB")
+    parser.add_argument(
+        "--chunk-mib",
+        type=int,
+        default=None,
+        help="also time the library with slices of this many MiB",
+    )
     args = parser.parse_args()
     from candle_ckpt.core import checksum
+
     header(f"CRC32 throughput, {args.megabytes} MB file in page cache, backend {checksum.BACKEND}")
     os.makedirs("save", exist_ok=True)
     with tempfile.NamedTemporaryFile(dir="save", suffix=".bin") as handle:
@@ -88,8 +97,7 @@ def main():
         cases = {
             "library": lambda: checksum.crc32_file(path),
             # an explicit CRC function turns the two-halves path off
-            "library_one_thread": lambda: checksum.crc32_file(path,
-                                                              crc_function=checksum.crc32),
+            "library_one_thread": lambda: checksum.crc32_file(path, crc_function=checksum.crc32),
             "zlib_mmap": lambda: zlib_over_mmap(path),
             "zlib_reads": lambda: zlib_over_reads(path),
             "read_and_crc": lambda: checksum.read_file(path),
@@ -98,24 +106,31 @@ def main():
         }
         if args.chunk_mib:
             cases[f"library_{args.chunk_mib}MiB"] = with_chunk_bytes(
-                checksum, args.chunk_mib << 20, cases["library"])
+                checksum, args.chunk_mib << 20, cases["library"]
+            )
         times = interleave(args.repetitions, **cases)
     gib = args.megabytes * (1 << 20) / (1 << 30)
     width = max(map(len, times))
     for name, seconds in times.items():
-        print(f"  {name:{width}s} {gib / statistics.median(seconds):6.1f} GiB/s  "
-              f"{summary(seconds)}")
+        print(
+            f"  {name:{width}s} {gib / statistics.median(seconds):6.1f} GiB/s  {summary(seconds)}"
+        )
 
     def ratio(candidate, baseline):
         return statistics.median(times[baseline]) / statistics.median(times[candidate])
+
     print(f"  library / zlib over mmap: {ratio('library', 'zlib_mmap'):.2f}x faster")
     print(f"  two halves / one thread: {ratio('library', 'library_one_thread'):.2f}x faster")
-    print(f"  read_file: the CRC adds {1 / ratio('read_and_crc', 'read_only') - 1:+.0%} "
-          f"to the read alone")
+    print(
+        f"  read_file: the CRC adds {1 / ratio('read_and_crc', 'read_only') - 1:+.0%} "
+        f"to the read alone"
+    )
     print(f"  aligned memory / bytearray: {ratio('read_only', 'read_bytearray'):.2f}x faster")
     if args.chunk_mib:
-        print(f"  {checksum.CHUNK_BYTES >> 20} MiB slices / {args.chunk_mib} MiB: "
-              f"{ratio('library', f'library_{args.chunk_mib}MiB'):.2f}x faster")
+        print(
+            f"  {checksum.CHUNK_BYTES >> 20} MiB slices / {args.chunk_mib} MiB: "
+            f"{ratio('library', f'library_{args.chunk_mib}MiB'):.2f}x faster"
+        )
 
 
 if __name__ == "__main__":

@@ -53,11 +53,13 @@ def write_payload(directory):
 
 def template_info(scratch):
     """A ckpt-info dict exactly as the library writes it: a real Checkpointer's 2nd save."""
-    checkpointer = Checkpointer({"ckpt_directory": scratch, "epochs": 2,
-                                 "ckpt_save_best_metric": "val_loss"}, logger=None)
+    checkpointer = Checkpointer(
+        {"ckpt_directory": scratch, "epochs": 2, "ckpt_save_best_metric": "val_loss"}, logger=None
+    )
     for epoch in (1, 2):
-        checkpointer.epoch_end(epoch, {"loss": 1.0, "val_loss": 1.0, "accuracy": 0.5},
-                               write_payload)
+        checkpointer.epoch_end(
+            epoch, {"loss": 1.0, "val_loss": 1.0, "accuracy": 0.5}, write_payload
+        )
     info = read_info(checkpointer.layout.epoch_dir(2))
     shutil.rmtree(scratch)
     return info
@@ -74,27 +76,53 @@ def build_tree(root, epochs):
     layout = CheckpointLayout(root)
     os.makedirs(layout.epochs)
     best = BestMetric("val_loss", "min")
-    run = {"run_id": template["run_id"], "run_started": template["run_started"],
-           "lineage_id": template["lineage_id"]}
+    run = {
+        "run_id": template["run_id"],
+        "run_started": template["run_started"],
+        "lineage_id": template["lineage_id"],
+    }
     lines = [history_line({"kind": "start", **run, "resumed_from": None})]
     for epoch in range(1, epochs + 1):
         # A loss that falls and plateaus with noise, so `best` lags behind `last`.
-        loss = 1.0 / epoch ** 0.5 + 0.05 * ((epoch * 7919) % 13) / 13
+        loss = 1.0 / epoch**0.5 + 0.05 * ((epoch * 7919) % 13) / 13
         best.update(loss, epoch)
         metrics = {"loss": loss * 0.9, "val_loss": loss, "accuracy": 1.0 - loss / 2}
-        info = {**template, "epoch": epoch, "best_metric_last": best.value,
-                "epoch_best": best.epoch, "metrics": metrics,
-                "timestamp": time.strftime(TIMESTAMP_FORMAT)}
+        info = {
+            **template,
+            "epoch": epoch,
+            "best_metric_last": best.value,
+            "epoch_best": best.epoch,
+            "metrics": metrics,
+            "timestamp": time.strftime(TIMESTAMP_FORMAT),
+        }
         directory = layout.epoch_dir(epoch)
         os.mkdir(directory)
         write_payload(directory)
         with open(os.path.join(directory, INFO_FILE), "wb") as stream:
             stream.write(info_file_bytes(info))
-        lines.append(history_line({"kind": "epoch", "run_id": run["run_id"], "epoch": epoch,
-                                   "time": utc_time(time.time()), "metrics": metrics,
-                                   "train_seconds": 1.234567}))
-        lines.append(history_line({"kind": "saved", "run_id": run["run_id"], "epoch": epoch,
-                                   "reason": "interval", "save_seconds": 0.012345}))
+        lines.append(
+            history_line(
+                {
+                    "kind": "epoch",
+                    "run_id": run["run_id"],
+                    "epoch": epoch,
+                    "time": utc_time(time.time()),
+                    "metrics": metrics,
+                    "train_seconds": 1.234567,
+                }
+            )
+        )
+        lines.append(
+            history_line(
+                {
+                    "kind": "saved",
+                    "run_id": run["run_id"],
+                    "epoch": epoch,
+                    "reason": "interval",
+                    "save_seconds": 0.012345,
+                }
+            )
+        )
     with open(os.path.join(layout.ckpts, HISTORY_FILE), "wb") as stream:
         stream.write(b"".join(lines))
     point_link(layout, "best", best.epoch)
@@ -118,34 +146,45 @@ def timed(function, repeat):
 def _command(*args):
     # The installed console script when there is one next to this Python, else -m.
     script = os.path.join(os.path.dirname(sys.executable), "candle-ckpt")
-    return ([script] if os.path.exists(script) else
-            [sys.executable, "-m", "candle_ckpt"]) + list(args)
+    return ([script] if os.path.exists(script) else [sys.executable, "-m", "candle_ckpt"]) + list(
+        args
+    )
 
 
 def measure(top, epochs, repeat):
     started = time.perf_counter()
     layout = build_tree(os.path.join(top, f"save{epochs}"), epochs)
-    sizes = [os.path.getsize(os.path.join(layout.epoch_dir(e), INFO_FILE))
-             for e in layout.list_epochs()]
-    format1 = sum(size + FORMAT1_BYTES_PER_LISTED_EPOCH * epoch
-                  for epoch, size in enumerate(sizes, 1))
-    print(f"tree: {epochs} epochs built in {time.perf_counter() - started:.1f} s; "
-          f"ckpt-info.json: {sum(sizes)} bytes ({sum(sizes) / 1e6:.1f} MB, largest file "
-          f"{max(sizes)} bytes); format 1 would hold about {format1 / 1e6:.0f} MB; "
-          f"history.jsonl {os.path.getsize(os.path.join(layout.ckpts, HISTORY_FILE))} bytes")
+    sizes = [
+        os.path.getsize(os.path.join(layout.epoch_dir(e), INFO_FILE)) for e in layout.list_epochs()
+    ]
+    format1 = sum(
+        size + FORMAT1_BYTES_PER_LISTED_EPOCH * epoch for epoch, size in enumerate(sizes, 1)
+    )
+    print(
+        f"tree: {epochs} epochs built in {time.perf_counter() - started:.1f} s; "
+        f"ckpt-info.json: {sum(sizes)} bytes ({sum(sizes) / 1e6:.1f} MB, largest file "
+        f"{max(sizes)} bytes); format 1 would hold about {format1 / 1e6:.0f} MB; "
+        f"history.jsonl {os.path.getsize(os.path.join(layout.ckpts, HISTORY_FILE))} bytes"
+    )
     environment = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
     results = {}
-    for name, command in [("python -c pass", [sys.executable, "-c", "pass"]),
-                          ("list", _command("list", layout.root)),
-                          ("history", _command("history", layout.root))]:
+    for name, command in [
+        ("python -c pass", [sys.executable, "-c", "pass"]),
+        ("list", _command("list", layout.root)),
+        ("history", _command("history", layout.root)),
+    ]:
+
         def run(command=command):
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment)
+
         run()  # warm the page cache and the bytecode cache
         results[name] = timed(run, repeat)
         wall = results[name]
-        print(f"  {' '.join(command)}: wall median {wall[0]:.3f} s (min {wall[1]:.3f}, "
-              f"max {wall[2]:.3f}), CPU {wall[3]:.3f} s; "
-              f"/ python -c pass = {wall[0] / results['python -c pass'][0]:.1f}")
+        print(
+            f"  {' '.join(command)}: wall median {wall[0]:.3f} s (min {wall[1]:.3f}, "
+            f"max {wall[2]:.3f}), CPU {wall[3]:.3f} s; "
+            f"/ python -c pass = {wall[0] / results['python -c pass'][0]:.1f}"
+        )
     return results
 
 
@@ -160,10 +199,14 @@ def main(argv=None):
         load = os.getloadavg()[0]
         for epochs in args.epochs:
             measure(top, epochs, args.repeat)
-        print(f"load average before: {load:.2f} on {os.cpu_count()} cores, after: "
-              f"{os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
-        print(f"reproduce: python benchmarks/bench_cli_list.py --epochs "
-              f"{' '.join(map(str, args.epochs))} --repeat {args.repeat}")
+        print(
+            f"load average before: {load:.2f} on {os.cpu_count()} cores, after: "
+            f"{os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M %Z')}"
+        )
+        print(
+            f"reproduce: python benchmarks/bench_cli_list.py --epochs "
+            f"{' '.join(map(str, args.epochs))} --repeat {args.repeat}"
+        )
         if args.keep:
             print(f"trees kept in {top}")
     finally:

@@ -48,8 +48,12 @@ def main():
             started = time.perf_counter()
             layout = build_tree(os.path.join(directory, str(count)), count)
             print(f"  tree of {count} epochs built in {time.perf_counter() - started:.1f} s")
-            params = {"ckpt_directory": layout.root, "epochs": 10 ** 6,
-                      "ckpt_save_best": False, "ckpt_keep_mode": "all"}
+            params = {
+                "ckpt_directory": layout.root,
+                "epochs": 10**6,
+                "ckpt_save_best": False,
+                "ckpt_keep_mode": "all",
+            }
             callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
             callback.set_model(model)
             callback.on_train_begin()
@@ -59,8 +63,10 @@ def main():
             assert len(callback.checkpointer.run_epochs) == count
             callbacks[count] = [callback, count]
         logging.getLogger("candle_ckpt").propagate = False
-        print(f"  restart bookkeeping (lineage read from disk, once): 10 epochs "
-              f"{resumed[10]:.3f} s, {args.epochs} epochs {resumed[args.epochs]:.3f} s")
+        print(
+            f"  restart bookkeeping (lineage read from disk, once): 10 epochs "
+            f"{resumed[10]:.3f} s, {args.epochs} epochs {resumed[args.epochs]:.3f} s"
+        )
 
         def save(count):
             callback, epoch = callbacks[count]
@@ -68,15 +74,16 @@ def main():
             callbacks[count][1] += 1
 
         save(10), save(args.epochs)
-        times = interleave(args.repetitions, few=lambda: save(10),
-                           many=lambda: save(args.epochs))
+        times = interleave(args.repetitions, few=lambda: save(10), many=lambda: save(args.epochs))
         for callback, _ in callbacks.values():
             callback.on_train_end()
         print(f"  10 epochs:     {summary(times['few'])}")
         print(f"  {args.epochs} epochs: {summary(times['many'])}")
         print("  " + ratio_line(f"{args.epochs} / 10", times["many"], times["few"]))
-        print(f"  load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
-              f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
+        print(
+            f"  load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
+            f"{time.strftime('%Y-%m-%d %H:%M %Z')}"
+        )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -84,17 +84,24 @@ def measure(size, repetitions, directory):
         model.save(keras_file)
         fsynced([keras_file], peers)
 
-    saves = interleave(repetitions, warmup=1, candle_ckpt=callback_save(model, root),
-                       tf_checkpoint=tf_save, keras_weights_h5=weights_save,
-                       keras_model=keras_save)
+    saves = interleave(
+        repetitions,
+        warmup=1,
+        candle_ckpt=callback_save(model, root),
+        tf_checkpoint=tf_save,
+        keras_weights_h5=weights_save,
+        keras_model=keras_save,
+    )
     logging.getLogger("candle_ckpt").propagate = False
     params = {"ckpt_directory": root, "ckpt_restart_mode": "required"}
     restores = interleave(
-        repetitions, warmup=2,
+        repetitions,
+        warmup=2,
         candle_ckpt=lambda: candle_ckpt.restart(params, model, verbose=False),
         tf_checkpoint=lambda: checkpoint.restore(prefix),
         keras_weights_h5=lambda: model.load_weights(weights),
-        keras_model=lambda: keras.models.load_model(keras_file))
+        keras_model=lambda: keras.models.load_model(keras_file),
+    )
     shutil.rmtree(root)
     shutil.rmtree(peers)
     return state_bytes(model), saves, restores
@@ -122,8 +129,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100MB,1GB")
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--directory", default=None,
-                        help="where to write (default: ./save, the checkpoint file system)")
+    parser.add_argument(
+        "--directory",
+        default=None,
+        help="where to write (default: ./save, the checkpoint file system)",
+    )
     parser.add_argument("--quick", action="store_true", help="100MB, 3 repetitions")
     args = parser.parse_args()
     if args.quick:

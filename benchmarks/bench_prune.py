@@ -43,8 +43,12 @@ def main():
     checkpointer_module.discard_epochs = timed_discard
     try:
         model = build_model(SIZES_MB[args.size])
-        params = {"ckpt_directory": os.path.join(directory, "tree"), "epochs": 10 ** 6,
-                  "ckpt_save_best": False, "ckpt_keep_limit": 1}
+        params = {
+            "ckpt_directory": os.path.join(directory, "tree"),
+            "epochs": 10**6,
+            "ckpt_save_best": False,
+            "ckpt_keep_limit": 1,
+        }
         callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
         callback.set_model(model)
         logging.getLogger("candle_ckpt").propagate = False

@@ -74,16 +74,25 @@ def state_bytes(model, optimizer):
     import torch
 
     tensors = list(model.state_dict().values())
-    tensors += [t for s in optimizer.state_dict()["state"].values() for t in s.values()
-                if isinstance(t, torch.Tensor)]
+    tensors += [
+        t
+        for s in optimizer.state_dict()["state"].values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    ]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def session(root, model, optimizer, asynchronous=False, keep_limit=2):
     from candle_ckpt import CandleCkptPyTorch
 
-    params = {"ckpt_directory": root, "epochs": 10 ** 6, "ckpt_save_best": False,
-              "ckpt_async": asynchronous, "ckpt_restart_mode": "auto"}
+    params = {
+        "ckpt_directory": root,
+        "epochs": 10**6,
+        "ckpt_save_best": False,
+        "ckpt_async": asynchronous,
+        "ckpt_restart_mode": "auto",
+    }
     if keep_limit is not None:
         params["ckpt_keep_limit"] = keep_limit
     ckpt = CandleCkptPyTorch(params, logger=None, verbose=False)
@@ -100,8 +109,8 @@ def measure(size, repetitions, directory):
     baseline_dir = os.path.join(directory, "torch-" + size)
     os.makedirs(baseline_dir)
     ckpt = session(root, model, optimizer, keep_limit=None)
-    epochs = iter(range(10 ** 6))
-    baseline_files = (os.path.join(baseline_dir, f"state-{k}.pt") for k in range(10 ** 6))
+    epochs = iter(range(10**6))
+    baseline_files = (os.path.join(baseline_dir, f"state-{k}.pt") for k in range(10**6))
 
     save_cpu = []
 
@@ -112,8 +121,9 @@ def measure(size, repetitions, directory):
 
     def torch_save():
         baseline_file = next(baseline_files)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                   baseline_file)
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, baseline_file
+        )
         fsync_file(baseline_file)
         fsync_dir(baseline_dir)
 
@@ -135,8 +145,9 @@ def measure(size, repetitions, directory):
         fresh_model.load_state_dict(loaded["model"])
         fresh_optimizer.load_state_dict(loaded["optimizer"])
 
-    restarts = interleave(repetitions, warmup=1, candle_ckpt=candle_restart,
-                          torch_load=torch_restart)
+    restarts = interleave(
+        repetitions, warmup=1, candle_ckpt=candle_restart, torch_load=torch_restart
+    )
     if not torch.equal(fresh_model.weight, model.weight):
         raise RuntimeError("the restarted weights differ from the saved ones")
     shutil.rmtree(root)
@@ -182,8 +193,9 @@ def training(size, rounds, epochs, epoch_seconds, directory):
                     step()
                 if ckpt is not None:
                     stall = timed(lambda ckpt=ckpt, epoch=epoch: ckpt.ckpt_epoch(epoch))
-                    key = mode if mode == "sync" else (
-                        "async_first" if epoch == 0 else "async_later")
+                    key = (
+                        mode if mode == "sync" else ("async_first" if epoch == 0 else "async_later")
+                    )
                     stalls[key].append(stall)
                 if epoch:
                     epoch_times[mode].append(time.perf_counter() - started)
@@ -197,16 +209,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100MB,1GB")
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--directory", default=None,
-                        help="where to write (default: ./save, the checkpoint file system)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="training runs per mode (none, sync, async)")
+    parser.add_argument(
+        "--directory",
+        default=None,
+        help="where to write (default: ./save, the checkpoint file system)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="training runs per mode (none, sync, async)"
+    )
     parser.add_argument("--epochs", type=int, default=5, help="epochs per training run")
-    parser.add_argument("--epoch-seconds", type=float, default=None,
-                        help="training time per epoch without checkpointing, calibrated "
-                             "(default: 2 s at 100MB, 8 s at 1GB: longer than a save)")
-    parser.add_argument("--quick", action="store_true",
-                        help="100MB, 3 repetitions, 1 round of 4 epochs")
+    parser.add_argument(
+        "--epoch-seconds",
+        type=float,
+        default=None,
+        help="training time per epoch without checkpointing, calibrated "
+        "(default: 2 s at 100MB, 8 s at 1GB: longer than a save)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="100MB, 3 repetitions, 1 round of 4 epochs"
+    )
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repetitions, args.rounds, args.epochs = "100MB", 3, 1, 4
@@ -216,34 +237,69 @@ def main():
         for size in args.sizes.split(","):
             nbytes, saves, restarts = measure(size, args.repetitions, directory)
             epoch_seconds = args.epoch_seconds or EPOCH_SECONDS.get(size, 2.0)
-            epoch_times, stalls, steps = training(size, args.rounds, args.epochs,
-                                                  epoch_seconds, directory)
-            print(f"{size} model, {nbytes / 1e6:.0f} MB state (page cache warm for reads); "
-                  f"training: {steps} steps per epoch")
-            for label, times in (("save", saves), ("restart", restarts),
-                                 ("stall", stalls), ("epoch", epoch_times)):
+            epoch_times, stalls, steps = training(
+                size, args.rounds, args.epochs, epoch_seconds, directory
+            )
+            print(
+                f"{size} model, {nbytes / 1e6:.0f} MB state (page cache warm for reads); "
+                f"training: {steps} steps per epoch"
+            )
+            for label, times in (
+                ("save", saves),
+                ("restart", restarts),
+                ("stall", stalls),
+                ("epoch", epoch_times),
+            ):
                 for name, seconds in times.items():
                     print(f"  {label:7s} {name:12s} {summary(seconds)}")
-            print("  " + ratio_line("save candle_ckpt / torch.save+fsync (<= 0.8)",
-                                    saves["candle_ckpt"], saves["torch_save"]))
-            print("  " + ratio_line("save CPU (all threads) / wall: what an async save "
-                                    "takes from training on saturated cores, at least",
-                                    saves["candle_ckpt_cpu"], saves["candle_ckpt"]))
-            print("  " + ratio_line("restart candle_ckpt / torch.load+load_state_dict "
-                                    "(<= 1.0)", restarts["candle_ckpt"],
-                                    restarts["torch_load"]))
-            print("  " + ratio_line("stall async later / sync (<= 0.1)",
-                                    stalls["async_later"], stalls["sync"]))
-            print("  " + ratio_line("stall async first / later (<= 2)",
-                                    stalls["async_first"], stalls["async_later"]))
+            print(
+                "  "
+                + ratio_line(
+                    "save candle_ckpt / torch.save+fsync (<= 0.8)",
+                    saves["candle_ckpt"],
+                    saves["torch_save"],
+                )
+            )
+            print(
+                "  "
+                + ratio_line(
+                    "save CPU (all threads) / wall: what an async save "
+                    "takes from training on saturated cores, at least",
+                    saves["candle_ckpt_cpu"],
+                    saves["candle_ckpt"],
+                )
+            )
+            print(
+                "  "
+                + ratio_line(
+                    "restart candle_ckpt / torch.load+load_state_dict (<= 1.0)",
+                    restarts["candle_ckpt"],
+                    restarts["torch_load"],
+                )
+            )
+            print(
+                "  "
+                + ratio_line(
+                    "stall async later / sync (<= 0.1)", stalls["async_later"], stalls["sync"]
+                )
+            )
+            print(
+                "  "
+                + ratio_line(
+                    "stall async first / later (<= 2)", stalls["async_first"], stalls["async_later"]
+                )
+            )
             none = statistics.median(epoch_times["none"])
-            cost = {mode: statistics.median(epoch_times[mode]) - none
-                    for mode in ("sync", "async")}
-            print(f"  epoch cost (async - none) / (sync - none) (<= 0.25): "
-                  f"{cost['async']:.3f} / {cost['sync']:.3f} s = ratio "
-                  f"{cost['async'] / cost['sync']:.3f}")
-        print(f"# load average {os.getloadavg()} at {time.strftime('%H:%M')}; "
-              f"medians of {args.repetitions}")
+            cost = {mode: statistics.median(epoch_times[mode]) - none for mode in ("sync", "async")}
+            print(
+                f"  epoch cost (async - none) / (sync - none) (<= 0.25): "
+                f"{cost['async']:.3f} / {cost['sync']:.3f} s = ratio "
+                f"{cost['async'] / cost['sync']:.3f}"
+            )
+        print(
+            f"# load average {os.getloadavg()} at {time.strftime('%H:%M')}; "
+            f"medians of {args.repetitions}"
+        )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -32,14 +32,20 @@ def measure(size, repetitions, directory):
     params = {"ckpt_directory": root, "ckpt_restart_mode": "required"}
     path = os.path.join(root, "ckpts", "last", "model.h5")
     times = interleave(
-        repetitions, warmup=3,
+        repetitions,
+        warmup=3,
         raw_restore=lambda: keras_h5.restore(model, path),
         restart=lambda: candle_ckpt.restart(params, model, verbose=False),
-        keras_load_weights=lambda: model.load_weights(path))
+        keras_load_weights=lambda: model.load_weights(path),
+    )
     return state_bytes(model), times
 
 
 if __name__ == "__main__":
-    compare_by_size(__doc__.splitlines()[0],
-                    "restart with verification / raw load of the same file",
-                    measure, candidate="restart", baseline="raw_restore")
+    compare_by_size(
+        __doc__.splitlines()[0],
+        "restart with verification / raw load of the same file",
+        measure,
+        candidate="restart",
+        baseline="raw_restore",
+    )

@@ -28,13 +28,18 @@ def measure(size, repetitions, directory):
         model.save(raw)
         fsync_file(raw)
 
-    times = interleave(repetitions, warmup=1, keras=keras_save,
-                       candle_ckpt=callback_save(model, root))
+    times = interleave(
+        repetitions, warmup=1, keras=keras_save, candle_ckpt=callback_save(model, root)
+    )
     shutil.rmtree(root)
     return state_bytes(model), times
 
 
 if __name__ == "__main__":
-    compare_by_size(__doc__.splitlines()[0],
-                    "save overhead: callback save / (model.save h5 + fsync)",
-                    measure, candidate="candle_ckpt", baseline="keras")
+    compare_by_size(
+        __doc__.splitlines()[0],
+        "save overhead: callback save / (model.save h5 + fsync)",
+        measure,
+        candidate="candle_ckpt",
+        baseline="keras",
+    )

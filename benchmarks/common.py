@@ -22,8 +22,10 @@ SIZES_MB = {"10MB": 10, "100MB": 100, "1GB": 1000}
 def quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import absl.logging
+
     absl.logging.set_verbosity(absl.logging.ERROR)
     import warnings
+
     warnings.filterwarnings("ignore")
 
 
@@ -38,8 +40,9 @@ def build_model(megabytes, seed=0):
 
     keras.utils.set_random_seed(seed)
     width = int((megabytes * 1e6 / 4 / 4) ** 0.5)
-    model = keras.Sequential([keras.Input((width,))] +
-                             [keras.layers.Dense(width) for _ in range(4)])
+    model = keras.Sequential(
+        [keras.Input((width,))] + [keras.layers.Dense(width) for _ in range(4)]
+    )
     model.compile(optimizer="adam", loss="mean_squared_error")
     x = np.zeros((8, width), "float32")
     model.train_on_batch(x, x)
@@ -64,8 +67,12 @@ def callback_save(model, root):
     2, so that saves also delete)."""
     import candle_ckpt
 
-    params = {"ckpt_directory": root, "epochs": 10 ** 6, "ckpt_save_best": False,
-              "ckpt_keep_limit": 2}
+    params = {
+        "ckpt_directory": root,
+        "epochs": 10**6,
+        "ckpt_save_best": False,
+        "ckpt_keep_limit": 2,
+    }
     callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
     logging.getLogger("candle_ckpt").propagate = False
     callback.set_model(model)
@@ -85,8 +92,11 @@ def compare_by_size(description, title, measure, candidate, baseline):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--sizes", default="10MB,100MB")
     parser.add_argument("--repetitions", type=int, default=7)
-    parser.add_argument("--directory", default=None,
-                        help="where to write (default: ./save, the checkpoint file system)")
+    parser.add_argument(
+        "--directory",
+        default=None,
+        help="where to write (default: ./save, the checkpoint file system)",
+    )
     args = parser.parse_args()
     quiet_tensorflow()
     header(title)
@@ -98,8 +108,7 @@ def compare_by_size(description, title, measure, candidate, baseline):
             width = max(map(len, times))
             for name, seconds in times.items():
                 print(f"  {name:{width}s} {summary(seconds)}")
-            print("  " + ratio_line(f"{candidate} / {baseline}", times[candidate],
-                                    times[baseline]))
+            print("  " + ratio_line(f"{candidate} / {baseline}", times[candidate], times[baseline]))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -126,8 +135,10 @@ def interleave(repetitions, warmup=0, **candidates):
 
 
 def summary(seconds):
-    return (f"median {statistics.median(seconds):.4f} s "
-            f"(min {min(seconds):.4f}, max {max(seconds):.4f}, n={len(seconds)})")
+    return (
+        f"median {statistics.median(seconds):.4f} s "
+        f"(min {min(seconds):.4f}, max {max(seconds):.4f}, n={len(seconds)})"
+    )
 
 
 def ratio_line(label, candidate, baseline):
@@ -137,5 +148,7 @@ def ratio_line(label, candidate, baseline):
 
 def header(title):
     print(f"# {title}")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {os.cpu_count()} cores, "
-          f"python {platform.python_version()}, command: {' '.join([sys.executable] + sys.argv)}")
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {os.cpu_count()} cores, "
+        f"python {platform.python_version()}, command: {' '.join([sys.executable] + sys.argv)}"
+    )

@@ -27,11 +27,18 @@ def measure(size, repetitions, directory):
         held[0] = keras_h5.snapshot(model, into=held[0])
 
     return state_bytes(model), interleave(
-        repetitions, warmup=1, snapshot=snapshot,
-        full_save=callback_save(model, os.path.join(directory, size)))
+        repetitions,
+        warmup=1,
+        snapshot=snapshot,
+        full_save=callback_save(model, os.path.join(directory, size)),
+    )
 
 
 if __name__ == "__main__":
-    compare_by_size(__doc__.splitlines()[0],
-                    "ckpt_signal: snapshot at an epoch end that is not saved / full save",
-                    measure, candidate="snapshot", baseline="full_save")
+    compare_by_size(
+        __doc__.splitlines()[0],
+        "ckpt_signal: snapshot at an epoch end that is not saved / full save",
+        measure,
+        candidate="snapshot",
+        baseline="full_save",
+    )

@@ -35,8 +35,18 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
 JOB = os.path.join(TOP, "tests", "keras_job.py")
-MODEL = ["--n_features", "64", "--dense", "[2048,2048]", "--n_samples", "256",
-         "--batch_size", "128", "--ckpt_keep_limit", "2"]
+MODEL = [
+    "--n_features",
+    "64",
+    "--dense",
+    "[2048,2048]",
+    "--n_samples",
+    "256",
+    "--batch_size",
+    "128",
+    "--ckpt_keep_limit",
+    "2",
+]
 STARTED = re.compile(r"restarted from epoch (\d+)|no checkpoint to restart from")
 sys.path.insert(0, TOP)
 
@@ -65,6 +75,7 @@ class SoakFailure(AssertionError):
 @dataclass
 class Tally:
     """What a soak did: kills, verified restarts, and where the kills landed."""
+
     kills: int = 0
     good_restarts: int = 0
     trials: int = 0
@@ -74,10 +85,12 @@ class Tally:
     by_fault: dict = field(default_factory=dict)
 
     def summary(self):
-        return (f"{self.kills} kills, {self.good_restarts} good restarts "
-                f"({self.trials} trials to the target epoch; kills that left work/: "
-                f"{self.left_work}, trash/: {self.left_trash}, a temporary link or file: "
-                f"{self.left_temporary}; aimed at protocol steps: {self.by_fault or 'none'})")
+        return (
+            f"{self.kills} kills, {self.good_restarts} good restarts "
+            f"({self.trials} trials to the target epoch; kills that left work/: "
+            f"{self.left_work}, trash/: {self.left_trash}, a temporary link or file: "
+            f"{self.left_temporary}; aimed at protocol steps: {self.by_fault or 'none'})"
+        )
 
 
 def check_tree(root, previous_last):
@@ -118,22 +131,25 @@ def check_finished(root, target):
     """After a run that exited normally: `last` is the target and nothing is left over."""
     last, leftovers = check_tree(root, None)
     if last != target:
-        raise SoakFailure(f"{root}: the finished run left last at epoch {last}; "
-                          f"expected {target}")
+        raise SoakFailure(f"{root}: the finished run left last at epoch {last}; expected {target}")
     if leftovers:
         raise SoakFailure(f"{root}: the finished run left {sorted(leftovers)} behind")
 
 
 def start_job(root, target, log_path, fault=None, job=(JOB, *MODEL)):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (TOP, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in (TOP, os.environ.get("PYTHONPATH")) if p)
+    )
     env.pop("CANDLE_CKPT_FAULT", None)
     if fault:
         env["CANDLE_CKPT_FAULT"] = fault
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, job[0], "--ckpt_directory", root, "--epochs",
-                                str(target), *job[1:]], stdout=log, stderr=subprocess.STDOUT,
-                               env=env)
+    process = subprocess.Popen(
+        [sys.executable, job[0], "--ckpt_directory", root, "--epochs", str(target), *job[1:]],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     log.close()
     return process
 
@@ -147,8 +163,10 @@ def wait_started(process, log_path, timeout=180):
         if match:
             return int(match.group(1)) if match.group(1) else None
         if process.poll() is not None:
-            raise SoakFailure(f"the job exited with {process.returncode} before restarting:\n"
-                              + open(log_path, errors="replace").read()[-3000:])
+            raise SoakFailure(
+                f"the job exited with {process.returncode} before restarting:\n"
+                + open(log_path, errors="replace").read()[-3000:]
+            )
         time.sleep(0.01)
     process.kill()
     raise SoakFailure(f"the job did not restart within {timeout} s")
@@ -174,14 +192,17 @@ def run_one_life(root, target, log_path, kill_after, fault, tally, after_kill, j
             process.send_signal(signal.SIGKILL)
     code = process.wait(timeout=600)
     if code == 0 and fault:
-        raise SoakFailure(f"the job with CANDLE_CKPT_FAULT={fault} finished: the fault "
-                          f"point was never reached")
+        raise SoakFailure(
+            f"the job with CANDLE_CKPT_FAULT={fault} finished: the fault point was never reached"
+        )
     if code == 0:
         check_finished(root, target)
         return True
     if code != -signal.SIGKILL or (kill_after is None and fault is None):
-        raise SoakFailure(f"the job failed with exit code {code}:\n"
-                          + open(log_path, errors="replace").read()[-3000:])
+        raise SoakFailure(
+            f"the job failed with exit code {code}:\n"
+            + open(log_path, errors="replace").read()[-3000:]
+        )
     tally.kills += 1
     if fault:
         tally.by_fault[fault] = tally.by_fault.get(fault, 0) + 1
@@ -192,8 +213,9 @@ def run_one_life(root, target, log_path, kill_after, fault, tally, after_kill, j
     return False
 
 
-def soak(workdir, kills, seed=0, target=3, max_delay=4.0, faults=(), progress=None,
-         job=(JOB, *MODEL)):
+def soak(
+    workdir, kills, seed=0, target=3, max_delay=4.0, faults=(), progress=None, job=(JOB, *MODEL)
+):
     """Kill jobs `kills` times at random instants and once at each of `faults`.
 
     Each trial trains a fresh tree: the first one's lives are killed at each of `faults`
@@ -225,8 +247,9 @@ def soak(workdir, kills, seed=0, target=3, max_delay=4.0, faults=(), progress=No
             kill_after = None
             if fault is None and random_kills < kills:
                 kill_after = rng.uniform(0, max_delay)
-            finished = run_one_life(root, trial_target, log_path, kill_after, fault, tally,
-                                    after_kill, job)
+            finished = run_one_life(
+                root, trial_target, log_path, kill_after, fault, tally, after_kill, job
+            )
             random_kills += kill_after is not None and not finished
             if progress:
                 progress(tally)
@@ -243,8 +266,11 @@ def main(argv=None):
     parser.add_argument("--kills", type=int, default=500, help="random-instant kills")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", default=None, help="default: a fresh temp directory")
-    parser.add_argument("--faults", action="store_true",
-                        help="also one kill at each fault point of candle_ckpt.core.faults")
+    parser.add_argument(
+        "--faults",
+        action="store_true",
+        help="also one kill at each fault point of candle_ckpt.core.faults",
+    )
     args = parser.parse_args(argv)
     import tempfile
 
@@ -254,16 +280,23 @@ def main(argv=None):
     started = time.time()
 
     def progress(tally):
-        print(f"\r{tally.kills} kills, {tally.good_restarts} good restarts, "
-              f"{time.time() - started:.0f} s", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r{tally.kills} kills, {tally.good_restarts} good restarts, "
+            f"{time.time() - started:.0f} s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     try:
         tally = soak(workdir, args.kills, args.seed, faults=faults, progress=progress)
     except SoakFailure as failure:
         print(f"\nFAILED: {failure}", file=sys.stderr)
         return 1
-    print(f"\n{tally.summary()} in {time.time() - started:.0f} s; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"\n{tally.summary()} in {time.time() - started:.0f} s; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     print(f"command: PYTHONPATH=. python benchmarks/soak.py {' '.join(argv or sys.argv[1:])}")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0

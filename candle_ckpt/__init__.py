@@ -52,14 +52,25 @@ _LAZY = {
     "restart": "candle_ckpt.keras.restart",
     # the parameter table brings argparse, difflib, logging and subprocess (walltime),
     # which the command line's read-only commands never use
-    **dict.fromkeys(["ParamRequired", "ParamType", "ckpt_defs", "ckpt_parser", "param",
-                     "str2bool", "validate_params"], "candle_ckpt.core.params"),
+    **dict.fromkeys(
+        [
+            "ParamRequired",
+            "ParamType",
+            "ckpt_defs",
+            "ckpt_parser",
+            "param",
+            "str2bool",
+            "validate_params",
+        ],
+        "candle_ckpt.core.params",
+    ),
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
+
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

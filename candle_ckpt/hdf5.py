@@ -29,7 +29,6 @@ DIRECT_MIN_BYTES = 64 << 10
 ALIGNMENT = 4096
 
 
-
 def raised_by_h5py(error: BaseException) -> bool:
     """Whether h5py itself raised `error` (the innermost frame of its traceback is in
     h5py, Cython modules included), rather than code it called or code around it."""
@@ -46,20 +45,21 @@ def as_oserror(error: BaseException, path: str | os.PathLike[str]) -> OSError:
     OSError (with HDF5's errno) every other I/O error of the save path is."""
     found = re.search(r"errno = (\d+)", str(error))
     number = int(found.group(1)) if found else errno.EIO
-    return OSError(number, f"{os.strerror(number)} (HDF5: {str(error).splitlines()[0]})",
-                   os.fspath(path))
+    return OSError(
+        number, f"{os.strerror(number)} (HDF5: {str(error).splitlines()[0]})", os.fspath(path)
+    )
 
 
 def create_file(path: str) -> h5py.File:
     """A new HDF5 file at `path` (truncated) whose datasets of DIRECT_MIN_BYTES or more
     start on an ALIGNMENT boundary: page-aligned in memory once the file is read into
     page-aligned memory, so they can be used in place."""
-    return h5py.File(path, "w", alignment_threshold=DIRECT_MIN_BYTES,
-                     alignment_interval=ALIGNMENT)
+    return h5py.File(path, "w", alignment_threshold=DIRECT_MIN_BYTES, alignment_interval=ALIGNMENT)
 
 
-def create_array(group: h5py.Group, name: str, array: np.ndarray,
-                 direct: list[tuple[int, np.ndarray]]) -> h5py.Dataset:
+def create_array(
+    group: h5py.Group, name: str, array: np.ndarray, direct: list[tuple[int, np.ndarray]]
+) -> h5py.Dataset:
     """Create dataset `name` in `group` for `array` and return it: a small array written
     by h5py, a large one allocated unfilled, its (file offset, array) appended to
     `direct` for `direct_io.write_at` to write once the file is closed.
@@ -89,7 +89,8 @@ def dataset_array(dataset: h5py.Dataset, contents: Any, path: str) -> np.ndarray
     if offset + nbytes > len(contents):
         raise CheckpointFormatError(
             f"'{path}': dataset '{dataset.name}' ({nbytes} bytes at offset {offset}) "
-            f"extends past the end of the file ({len(contents)} bytes)")
+            f"extends past the end of the file ({len(contents)} bytes)"
+        )
     return np.frombuffer(contents, dataset.dtype, dataset.size, offset).reshape(dataset.shape)
 
 
@@ -105,10 +106,13 @@ def writable_contents(contents: memoryview) -> memoryview:
     if not isinstance(base, PrivateMemory) or base.closed or not contents.nbytes:
         return contents
     whole = memoryview(base)
-    if (len(whole) < contents.nbytes or np.frombuffer(whole, np.uint8, 1).ctypes.data
-            != np.frombuffer(contents, np.uint8, 1).ctypes.data):
+    if (
+        len(whole) < contents.nbytes
+        or np.frombuffer(whole, np.uint8, 1).ctypes.data
+        != np.frombuffer(contents, np.uint8, 1).ctypes.data
+    ):
         return contents
-    return whole[:contents.nbytes]
+    return whole[: contents.nbytes]
 
 
 class InMemoryFile(io.RawIOBase):
@@ -129,8 +133,9 @@ class InMemoryFile(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position,
-                io.SEEK_END: len(self._contents)}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._contents)}[
+            whence
+        ]
         self._position = base + offset
         return self._position
 
@@ -138,8 +143,8 @@ class InMemoryFile(io.RawIOBase):
         return self._position
 
     def readinto(self, buffer: Any) -> int:
-        chunk = self._contents[self._position:self._position + len(buffer)]
-        memoryview(buffer).cast("B")[:len(chunk)] = chunk
+        chunk = self._contents[self._position : self._position + len(buffer)]
+        memoryview(buffer).cast("B")[: len(chunk)] = chunk
         self._position += len(chunk)
         return len(chunk)
 
@@ -155,7 +160,8 @@ def dataset(parent: h5py.Group, name: str, path: str) -> h5py.Dataset:
     # Refuse data stored in other files: only this file's contents may reach the model.
     if found.external or found.is_virtual:
         raise CheckpointFormatError(
-            f"'{path}': dataset '{found.name}' stores its data outside the file")
+            f"'{path}': dataset '{found.name}' stores its data outside the file"
+        )
     return found
 
 
@@ -184,14 +190,18 @@ def _follow(parent: h5py.Group, name: str, kind: type, path: str) -> Any:
     """parent[name] through hard links only, checked to be a `kind`."""
     node = parent
     for part in name.split("/"):
-        if not (isinstance(node, h5py.Group) and part
-                and isinstance(node.get(part, getlink=True), h5py.HardLink)):
+        if not (
+            isinstance(node, h5py.Group)
+            and part
+            and isinstance(node.get(part, getlink=True), h5py.HardLink)
+        ):
             raise CheckpointFormatError(
                 f"'{path}': no '{name}' under '{parent.name}' (stopped at '{node.name}': "
-                f"no entry '{part}', or a soft or external link)")
+                f"no entry '{part}', or a soft or external link)"
+            )
         node = node[part]
     if not isinstance(node, kind):
         raise CheckpointFormatError(
-            f"'{path}': '{node.name}' is a {type(node).__name__}, expected a "
-            f"{kind.__name__}")
+            f"'{path}': '{node.name}' is a {type(node).__name__}, expected a {kind.__name__}"
+        )
     return node

@@ -39,14 +39,21 @@ make_data = candle_params.regression_data
 def initialize_parameters(argv=None):
     """gParameters: defaults < parameter file (--config_file) < command line."""
     return candle_params.initialize_parameters(
-        __doc__.splitlines()[0], DEFAULT_CONFIG, argv=argv, optimizer="Adam",
-        seeded="the data, the weights and Dropout")
+        __doc__.splitlines()[0],
+        DEFAULT_CONFIG,
+        argv=argv,
+        optimizer="Adam",
+        seeded="the data, the weights and Dropout",
+    )
 
 
 # Startup lines TensorFlow writes to stderr while it loads, each harmless on a CPU
 # machine; TF_CPP_MIN_LOG_LEVEL does not reach them (they precede absl's log setup).
-_TENSORFLOW_STARTUP_NOISE = ("WARNING: All log messages before absl::InitializeLog()",
-                             "I0000 ", "To enable the following instructions:")
+_TENSORFLOW_STARTUP_NOISE = (
+    "WARNING: All log messages before absl::InitializeLog()",
+    "I0000 ",
+    "To enable the following instructions:",
+)
 _NO_GPU_NOISE = "failed call to cuInit"
 
 
@@ -78,7 +85,8 @@ def import_tensorflow_quietly():
             has_gpu = os.path.exists("/dev/nvidia0")
             for line in lines:
                 noise = line.startswith(_TENSORFLOW_STARTUP_NOISE) or (
-                    _NO_GPU_NOISE in line and not has_gpu)
+                    _NO_GPU_NOISE in line and not has_gpu
+                )
                 if failed or not noise:
                     sys.stderr.write(line)
 
@@ -94,8 +102,11 @@ def build_model(params):
         hidden = keras.layers.Dropout(params["dropout"], seed=params["seed"])(hidden)
     outputs = keras.layers.Dense(1)(hidden)
     model = keras.Model(inputs, outputs, name="benchmark_mlp")
-    model.compile(optimizer=keras.optimizers.Adam(params["learning_rate"]),
-                  loss="mean_squared_error", metrics=["mean_absolute_error"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(params["learning_rate"]),
+        loss="mean_squared_error",
+        metrics=["mean_absolute_error"],
+    )
     return model
 
 
@@ -114,12 +125,22 @@ def run(params, callbacks=()):
     J = candle_ckpt.restart(params, model)
     initial_epoch = J["epoch"] if J else 0
     if initial_epoch >= params["epochs"]:
-        print(f"checkpoint is at epoch {initial_epoch}, --epochs is {params['epochs']}: "
-              f"nothing more to train")
+        print(
+            f"checkpoint is at epoch {initial_epoch}, --epochs is {params['epochs']}: "
+            f"nothing more to train"
+        )
     ckpt = candle_ckpt.CandleCheckpointCallback(params)
-    history = model.fit(x, y, batch_size=params["batch_size"], epochs=params["epochs"],
-                        initial_epoch=initial_epoch, validation_data=validation,
-                        shuffle=False, callbacks=[ckpt, *callbacks], verbose=2)
+    history = model.fit(
+        x,
+        y,
+        batch_size=params["batch_size"],
+        epochs=params["epochs"],
+        initial_epoch=initial_epoch,
+        validation_data=validation,
+        shuffle=False,
+        callbacks=[ckpt, *callbacks],
+        verbose=2,
+    )
     return model, history
 
 
@@ -132,8 +153,10 @@ def main(argv=None):
     except candle_ckpt.CheckpointError as error:
         return candle_params.report_refusal(__file__, error)
     if history.history:
-        print(f"final val_loss {history.history['val_loss'][-1]:.6f} after epoch "
-              f"{history.epoch[-1] + 1}")
+        print(
+            f"final val_loss {history.history['val_loss'][-1]:.6f} after epoch "
+            f"{history.epoch[-1] + 1}"
+        )
     return 0
 
 

@@ -38,8 +38,9 @@ DEFAULT_CONFIG = os.path.join(HERE, "default_model_pytorch.txt")
 def add_arguments(parser):
     """The flags of this benchmark only."""
     parser.add_argument("--weight_decay", type=float, help="AdamW's (default: %(default)s)")
-    parser.add_argument("--lr_step", type=int,
-                        help="StepLR: halve the rate every N epochs (default: %(default)s)")
+    parser.add_argument(
+        "--lr_step", type=int, help="StepLR: halve the rate every N epochs (default: %(default)s)"
+    )
 
 
 def initialize_parameters(argv=None):
@@ -47,9 +48,14 @@ def initialize_parameters(argv=None):
     # the file's Ctrl-C default is for one process; ranks in lock-step refuse it
     lock_step = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return candle_params.initialize_parameters(
-        __doc__.splitlines()[0], DEFAULT_CONFIG, add_arguments, argv, optimizer="AdamW",
+        __doc__.splitlines()[0],
+        DEFAULT_CONFIG,
+        add_arguments,
+        argv,
+        optimizer="AdamW",
         seeded="the data, the weights, Dropout and the shuffling",
-        not_from_config=("ckpt_signal",) if lock_step else ())
+        not_from_config=("ckpt_signal",) if lock_step else (),
+    )
 
 
 def make_data(params):
@@ -57,8 +63,10 @@ def make_data(params):
     import torch
 
     (x, y), (xv, yv) = candle_params.regression_data(params)
-    return ((torch.from_numpy(x), torch.from_numpy(y)),
-            (torch.from_numpy(xv), torch.from_numpy(yv)))
+    return (
+        (torch.from_numpy(x), torch.from_numpy(y)),
+        (torch.from_numpy(xv), torch.from_numpy(yv)),
+    )
 
 
 def build_model(params):
@@ -66,8 +74,11 @@ def build_model(params):
 
     layers, width = [], params["n_features"]
     for hidden in params["dense"]:
-        layers += [torch.nn.Linear(width, hidden), torch.nn.ReLU(),
-                   torch.nn.Dropout(params["dropout"])]
+        layers += [
+            torch.nn.Linear(width, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(params["dropout"]),
+        ]
         width = hidden
     return torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
 
@@ -99,29 +110,38 @@ def run(params, at_batch=None):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     distributed = dist.is_initialized()
-    torch.manual_seed(params["seed"])      # the same on every rank
+    torch.manual_seed(params["seed"])  # the same on every rank
     torch.use_deterministic_algorithms(True)
     (x, y), (xv, yv) = make_data(params)
     net = build_model(params)
     model = torch.nn.parallel.DistributedDataParallel(net) if distributed else net
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params["learning_rate"],
-                                  weight_decay=params["weight_decay"])
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=params["learning_rate"], weight_decay=params["weight_decay"]
+    )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, params["lr_step"], gamma=0.5)
     generator = torch.Generator().manual_seed(params["seed"])
     data = TensorDataset(x, y)
     sampler = DistributedSampler(data, seed=params["seed"]) if distributed else None
-    loader = DataLoader(data, batch_size=params["batch_size"], sampler=sampler,
-                        shuffle=sampler is None, generator=generator)
+    loader = DataLoader(
+        data,
+        batch_size=params["batch_size"],
+        sampler=sampler,
+        shuffle=sampler is None,
+        generator=generator,
+    )
     loss_fn = torch.nn.MSELoss()
 
     ckpt = candle_ckpt.CandleCkptPyTorch(params)
-    ckpt.set_model({"model": model, "optimizer": optimizer, "scheduler": scheduler,
-                    "generator": generator})
+    ckpt.set_model(
+        {"model": model, "optimizer": optimizer, "scheduler": scheduler, "generator": generator}
+    )
     J = ckpt.restart(model)
     initial_epoch = J["epoch"] if J else 0
     if initial_epoch >= params["epochs"]:
-        print(f"checkpoint is at epoch {initial_epoch}, --epochs is {params['epochs']}: "
-              f"nothing more to train")
+        print(
+            f"checkpoint is at epoch {initial_epoch}, --epochs is {params['epochs']}: "
+            f"nothing more to train"
+        )
     for epoch in range(initial_epoch, params["epochs"]):
         if sampler is not None:
             sampler.set_epoch(epoch)

@@ -26,11 +26,16 @@ def read_config(path: str) -> dict[str, Any]:
     return {key: ast.literal_eval(value) for key, value in parser["Global_Params"].items()}
 
 
-def initialize_parameters(description: str, default_config: str,
-                          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-                          argv: Sequence[str] | None = None, *, optimizer: str,
-                          seeded: str, not_from_config: Iterable[str] = ()
-                          ) -> dict[str, Any]:
+def initialize_parameters(
+    description: str,
+    default_config: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: Sequence[str] | None = None,
+    *,
+    optimizer: str,
+    seeded: str,
+    not_from_config: Iterable[str] = (),
+) -> dict[str, Any]:
     """gParameters: defaults < parameter file < command line, as in CANDLE.
 
     Args:
@@ -46,24 +51,31 @@ def initialize_parameters(description: str, default_config: str,
     import candle_ckpt
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config_file", default=default_config,
-                     help="CANDLE parameter file ([Global_Params]) whose values replace "
-                          "the defaults below (default: %(default)s)")
+    pre.add_argument(
+        "--config_file",
+        default=default_config,
+        help="CANDLE parameter file ([Global_Params]) whose values replace "
+        "the defaults below (default: %(default)s)",
+    )
     config_file = pre.parse_known_args(argv)[0].config_file
 
     # Every "(default: ...)" shown by --help is the effective one: the parameter file's
     # values are set as the parser's defaults before the help is printed.
     parser = argparse.ArgumentParser(description=description, parents=[pre])
-    parser.add_argument("--epochs", type=int,
-                        help="train up to this (1-based) epoch (default: %(default)s)")
+    parser.add_argument(
+        "--epochs", type=int, help="train up to this (1-based) epoch (default: %(default)s)"
+    )
     parser.add_argument("--batch_size", type=int, help="(default: %(default)s)")
-    parser.add_argument("--learning_rate", type=float,
-                        help=f"{optimizer}'s (default: %(default)s)")
-    parser.add_argument("--n_samples", type=int,
-                        help="number of generated training samples (default: %(default)s)")
+    parser.add_argument("--learning_rate", type=float, help=f"{optimizer}'s (default: %(default)s)")
+    parser.add_argument(
+        "--n_samples", type=int, help="number of generated training samples (default: %(default)s)"
+    )
     parser.add_argument("--n_features", type=int, help="(default: %(default)s)")
-    parser.add_argument("--dense", type=ast.literal_eval,
-                        help="hidden layer sizes, e.g. [512,256] (default: %(default)s)")
+    parser.add_argument(
+        "--dense",
+        type=ast.literal_eval,
+        help="hidden layer sizes, e.g. [512,256] (default: %(default)s)",
+    )
     parser.add_argument("--dropout", type=float, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, help=f"seeds {seeded} (default: %(default)s)")
     if add_arguments is not None:

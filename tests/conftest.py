@@ -10,10 +10,12 @@ from candle_ckpt.core.direct_io import write_at
 
 def file_writer(payload=b"weights", name="model.h5"):
     """A write_files function that writes `payload` as the model file."""
+
     def write_files(directory):
         with open(os.path.join(directory, name), "wb") as stream:
             stream.write(payload)
         return name
+
     return write_files
 
 
@@ -22,6 +24,7 @@ def library_records_reach_caplog(monkeypatch):
     """The `candle_ckpt` logger does not propagate (core/logs.py); caplog listens on the
     root logger, so the tests let it propagate."""
     import logging
+
     monkeypatch.setattr(logging.getLogger("candle_ckpt"), "propagate", True)
     yield
     logging.getLogger("candle_ckpt").propagate = False
@@ -30,6 +33,7 @@ def library_records_reach_caplog(monkeypatch):
 def direct_writer(payload=b"weights", name="model.h5"):
     """A write_files function that lays out a file of `payload`'s size, then writes
     `payload` into it in two halves with `direct_io.write_at`, as the h5 writer does."""
+
     def write_files(directory):
         path = os.path.join(directory, name)
         with open(path, "wb") as stream:
@@ -37,11 +41,20 @@ def direct_writer(payload=b"weights", name="model.h5"):
         half = len(payload) // 2
         write_at(path, [(0, memoryview(payload)[:half]), (half, memoryview(payload)[half:])])
         return name
+
     return write_files
 
 
-FORMAT2_ONLY_KEYS = ("metrics", "train_seconds", "save_seconds", "run_id", "run_started",
-                     "lineage_id", "lineage_format1_epoch", "init_from")
+FORMAT2_ONLY_KEYS = (
+    "metrics",
+    "train_seconds",
+    "save_seconds",
+    "run_id",
+    "run_started",
+    "lineage_id",
+    "lineage_format1_epoch",
+    "init_from",
+)
 
 
 def flip_byte(path, offset=3, mask=0xFF):
@@ -72,4 +85,5 @@ def make_checkpointer(ckpt_dir):
         params.setdefault("ckpt_save_best_metric", "loss")
         params.setdefault("ckpt_directory", ckpt_dir)
         return Checkpointer(params, verbose=False)
+
     return make

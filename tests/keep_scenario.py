@@ -40,9 +40,14 @@ def _loss(epoch, run):
 
 
 def _train(root, mode, epochs, run, *, resume_from=None, kill_at_save=None, interval=1):
-    params = {"ckpt_directory": root, "epochs": 40, "ckpt_save_best_metric": "loss",
-              "ckpt_keep_mode": mode, "ckpt_keep_limit": MODES[mode],
-              "ckpt_save_interval": interval}
+    params = {
+        "ckpt_directory": root,
+        "epochs": 40,
+        "ckpt_save_best_metric": "loss",
+        "ckpt_keep_mode": mode,
+        "ckpt_keep_limit": MODES[mode],
+        "ckpt_save_interval": interval,
+    }
     checkpointer = Checkpointer(params, logger=None)
     layout = CheckpointLayout(root)
     if resume_from is not None:
@@ -56,6 +61,7 @@ def _train(root, mode, epochs, run, *, resume_from=None, kill_at_save=None, inte
             if saves[0] == kill_at_save:
                 raise Killed
         original(name)
+
     checkpointer_module.fault_point = fault
     try:
         for epoch in epochs:

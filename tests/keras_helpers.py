@@ -17,8 +17,9 @@ def job_command(ckpt_dir, *args):
 
 def run_job(ckpt_dir, *args, expect_killed=False):
     """Run tests/keras_job.py; return the CompletedProcess (killed ones too)."""
-    result = subprocess.run(job_command(ckpt_dir, *args),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        job_command(ckpt_dir, *args), capture_output=True, text=True, timeout=300
+    )
     if expect_killed:
         assert result.returncode == -9, result.stderr[-3000:]
     else:
@@ -30,8 +31,11 @@ def datasets(path):
     """{dataset path: numpy array} of every dataset in an HDF5 file."""
     found = {}
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: found.__setitem__(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, obj: (
+                found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
     return found
 
 

@@ -24,8 +24,18 @@ import socket
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SMALL = ["--n_samples", "512", "--n_features", "16", "--dense", "[32,16]",
-         "--batch_size", "64", "--ckpt_keep_limit", "1000"]
+SMALL = [
+    "--n_samples",
+    "512",
+    "--n_features",
+    "16",
+    "--dense",
+    "[32,16]",
+    "--batch_size",
+    "64",
+    "--ckpt_keep_limit",
+    "1000",
+]
 
 
 def load_example(file_name="benchmark.py"):
@@ -43,7 +53,7 @@ def take_point(argv, flag):
         return argv, None
     index = argv.index(flag)
     point = tuple(int(part) for part in argv[index + 1].split(":"))
-    return argv[:index] + argv[index + 2:], point
+    return argv[:index] + argv[index + 2 :], point
 
 
 def wait_for_a_signal():
@@ -83,7 +93,7 @@ def take_value(argv, flag):
     if flag not in argv:
         return argv, None
     index = argv.index(flag)
-    return argv[:index] + argv[index + 2:], float(argv[index + 1])
+    return argv[:index] + argv[index + 2 :], float(argv[index + 1])
 
 
 def install_virtual_clock(seconds_per_batch):
@@ -123,8 +133,7 @@ def build_subclassed_model(params):
             self.hidden = []
             for width in params["dense"]:
                 self.hidden.append(keras.layers.Dense(width, activation="relu"))
-                self.hidden.append(keras.layers.Dropout(params["dropout"],
-                                                        seed=params["seed"]))
+                self.hidden.append(keras.layers.Dropout(params["dropout"], seed=params["seed"]))
             self.head = keras.layers.Dense(1)
 
         def call(self, x, training=False):
@@ -133,8 +142,11 @@ def build_subclassed_model(params):
             return self.head(x)
 
     model = LazyMLP()
-    model.compile(optimizer=keras.optimizers.Adam(params["learning_rate"]),
-                  loss="mean_squared_error", metrics=["mean_absolute_error"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(params["learning_rate"]),
+        loss="mean_squared_error",
+        metrics=["mean_absolute_error"],
+    )
     return model
 
 

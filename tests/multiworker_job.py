@@ -41,16 +41,21 @@ def parse(argv):
 def make_strategy(tf, args):
     if not args.workers:
         return tf.distribute.get_strategy()
-    os.environ["TF_CONFIG"] = json.dumps({
-        "cluster": {"worker": [f"localhost:{port}" for port in args.workers.split(",")]},
-        "task": {"type": "worker", "index": args.index}})
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"localhost:{port}" for port in args.workers.split(",")]},
+            "task": {"type": "worker", "index": args.index},
+        }
+    )
 
     class KerasFriendlyMWMS(tf.distribute.MultiWorkerMirroredStrategy):
         def reduce(self, reduce_op, value, axis):
             def one(v):
                 local = v.values[0] if isinstance(v, tf.distribute.DistributedValues) else v
                 return super(KerasFriendlyMWMS, self).reduce(
-                    reduce_op, v, None if local.shape.rank == 0 else axis)
+                    reduce_op, v, None if local.shape.rank == 0 else axis
+                )
+
             return tf.nest.map_structure(one, value)
 
     return KerasFriendlyMWMS()
@@ -70,27 +75,47 @@ def main(argv):
     x = rng.standard_normal((256, 8)).astype("float32")
     y = (x @ rng.standard_normal((8, 1)) + 0.1).astype("float32")
     with strategy.scope():
-        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
-                                  keras.layers.Dense(1)])
+        model = keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
+        )
         model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mean_squared_error")
-    params = {"ckpt_directory": args.ckpt_directory, "epochs": args.epochs,
-              "ckpt_save_best_metric": "loss"}
+    params = {
+        "ckpt_directory": args.ckpt_directory,
+        "epochs": args.epochs,
+        "ckpt_save_best_metric": "loss",
+    }
     if args.fail_restore:
         from candle_ckpt.keras import h5 as keras_h5
 
         def failing_restore(model, path, **_):
             raise candle_ckpt.CheckpointFormatError(f"'{path}': injected load failure")
+
         keras_h5.restore = failing_restore
     J = candle_ckpt.restart(params, model)
     callbacks = [candle_ckpt.CandleCheckpointCallback(params)]
     if kill_at:
         callbacks.append(at_batch(kill_at, kill_myself))
-    model.fit(x, y, batch_size=64, epochs=args.epochs, initial_epoch=J["epoch"] if J else 0,
-              shuffle=False, verbose=2, callbacks=callbacks)
-    np.savez(args.out, **{f"{group}{i}": v.numpy() for group, variables in
-                          (("model_weights", model.weights),
-                           ("optimizer_weights", model.optimizer.variables))
-                          for i, v in enumerate(variables)})
+    model.fit(
+        x,
+        y,
+        batch_size=64,
+        epochs=args.epochs,
+        initial_epoch=J["epoch"] if J else 0,
+        shuffle=False,
+        verbose=2,
+        callbacks=callbacks,
+    )
+    np.savez(
+        args.out,
+        **{
+            f"{group}{i}": v.numpy()
+            for group, variables in (
+                ("model_weights", model.weights),
+                ("optimizer_weights", model.optimizer.variables),
+            )
+            for i, v in enumerate(variables)
+        },
+    )
 
 
 if __name__ == "__main__":

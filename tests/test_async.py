@@ -14,8 +14,9 @@ from candle_ckpt.core.layout import CheckpointLayout
 
 
 def test_async_run_produces_the_same_tree(make_checkpointer, ckpt_dir, tmp_path):
-    synchronous = make_checkpointer(epochs=5, ckpt_keep_limit=2,
-                                    ckpt_directory=str(tmp_path / "sync"))
+    synchronous = make_checkpointer(
+        epochs=5, ckpt_keep_limit=2, ckpt_directory=str(tmp_path / "sync")
+    )
     asynchronous = make_checkpointer(epochs=5, ckpt_keep_limit=2, ckpt_async=True)
     for epoch, loss in enumerate([3.0, 1.0, 2.0, 2.5, 2.7], 1):
         for checkpointer in (synchronous, asynchronous):
@@ -73,9 +74,12 @@ def test_background_error_is_raised_at_the_end_of_training(make_checkpointer):
 
 
 def test_a_snapshot_that_does_not_fit_is_refused():
-    with pytest.raises(CheckpointError, match=r"^ckpt_async=true needs a host-memory "
-                       r"snapshot of the training state, \d+ MB, but only \d+ MB are "
-                       r"available \(MemAvailable\); .* set ckpt_async=false$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^ckpt_async=true needs a host-memory "
+        r"snapshot of the training state, \d+ MB, but only \d+ MB are "
+        r"available \(MemAvailable\); .* set ckpt_async=false$",
+    ):
         check_snapshot_fits(1 << 60, "ckpt_async=true", "ckpt_async=false")
     check_snapshot_fits(1 << 20, "ckpt_async=true", "ckpt_async=false")
 
@@ -106,8 +110,12 @@ def test_a_save_training_waits_for_runs_at_trainings_priority_not_the_background
     writer.wait()
     assert seen["after"] == mine
     measured = threading.Event()
-    writer.submit(lambda: (seen.update(next_save=os.getpriority(
-        os.PRIO_PROCESS, threading.get_native_id())), measured.set()))
+    writer.submit(
+        lambda: (
+            seen.update(next_save=os.getpriority(os.PRIO_PROCESS, threading.get_native_id())),
+            measured.set(),
+        )
+    )
     assert measured.wait(10)  # before wait(), which would raise it again
     writer.wait()
     assert seen["next_save"] == max(mine, BACKGROUND_NICE)  # lowered again for the next

@@ -65,8 +65,8 @@ def test_read_file_checksums_the_bytes_it_read_when_the_file_shrinks(tmp_path, m
         status = real_fstat(fd)
         os.truncate(path, checksum.CHUNK_BYTES + 5)
         return status
+
     monkeypatch.setattr(checksum.os, "fstat", fstat_then_truncate)
     contents, crc = checksum.read_file(path)
-    assert bytes(contents) == data[:checksum.CHUNK_BYTES + 5]
-    assert crc == zlib.crc32(data[:checksum.CHUNK_BYTES + 5])
-
+    assert bytes(contents) == data[: checksum.CHUNK_BYTES + 5]
+    assert crc == zlib.crc32(data[: checksum.CHUNK_BYTES + 5])

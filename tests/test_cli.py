@@ -26,8 +26,9 @@ CLI = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "candle_ckp
 
 def cli(*args, expect=0, cwd=None, env=None):
     """Run candle-ckpt; check the exit status and that errors are one line, no traceback."""
-    result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd, env=env, timeout=120)
+    result = subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
     assert result.returncode == expect, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     if expect == 2:
@@ -64,11 +65,10 @@ def listing(layout, *options):
 
 def test_list_marks_last_best_abandoned_epochs_and_a_leftover_save(tree):
     relink(tree, "last", "epochs/003")  # an operator rolled back by hand
-    os.makedirs(tree.work)              # a save was killed
+    os.makedirs(tree.work)  # a save was killed
     lines = cli("list", tree.root).stdout.splitlines()
     assert lines[:2] == [tree.root, "last -> epochs/003   best -> epochs/004"]
-    assert lines[2].split() == ["epoch", "size", "saved", "at", "loss", "best", "loss",
-                                "checksum"]
+    assert lines[2].split() == ["epoch", "size", "saved", "at", "loss", "best", "loss", "checksum"]
     rows = {int(line.split()[0]): line.split() for line in lines[3:8]}
     assert sorted(rows) == [1, 2, 3, 4, 5]
     assert rows[2][1:3] == ["7", "B"] and rows[2][5:] == ["1", "1", "not", "verified"]
@@ -82,8 +82,12 @@ def test_list_marks_last_best_abandoned_epochs_and_a_leftover_save(tree):
 def test_list_json_for_scripts(tree):
     relink(tree, "last", "epochs/003")
     found = listing(tree)
-    assert found["links"]["last"] == {"name": "last", "target": "epochs/003", "epoch": 3,
-                                      "problem": None}
+    assert found["links"]["last"] == {
+        "name": "last",
+        "target": "epochs/003",
+        "epoch": 3,
+        "problem": None,
+    }
     assert found["abandoned"] == [4, 5] and found["work"] is False and found["trash"] == []
     epoch_4 = found["epochs"][3]
     assert epoch_4["epoch"] == 4 and epoch_4["best"] and epoch_4["abandoned"]
@@ -154,18 +158,22 @@ print("\\nSTATUS", status, "HEAVY", ",".join(heavy))
 """
 
 
-@pytest.mark.parametrize("args, allowed", [
-    (["list"], ""),
-    (["list", "--json", "--verify"], "jsonschema"),
-    (["info"], "jsonschema"),
-    (["verify", "--all"], "jsonschema"),
-    (["rollback", "2", "--dry-run"], "jsonschema"),
-    (["prune", "--keep", "1", "--dry-run"], ""),
-])
+@pytest.mark.parametrize(
+    "args, allowed",
+    [
+        (["list"], ""),
+        (["list", "--json", "--verify"], "jsonschema"),
+        (["info"], "jsonschema"),
+        (["verify", "--all"], "jsonschema"),
+        (["rollback", "2", "--dry-run"], "jsonschema"),
+        (["prune", "--keep", "1", "--dry-run"], ""),
+    ],
+)
 def test_no_command_imports_tensorflow_or_keras(tree, args, allowed):
     where = args[:1] + [tree.root] + args[1:]
-    result = subprocess.run([sys.executable, "-c", GUARD, *where], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", GUARD, *where], capture_output=True, text=True, timeout=120
+    )
     assert result.stdout.splitlines()[-1] == f"STATUS 0 HEAVY {allowed}", result.stderr
 
 
@@ -189,8 +197,7 @@ def test_info_prints_lists_of_numbers_on_one_line(tree):
 def test_list_shows_another_metric_and_names_the_recorded_ones(make_checkpointer, ckpt_dir):
     checkpointer = make_checkpointer(epochs=3)
     for epoch in (1, 2, 3):
-        checkpointer.epoch_end(epoch, {"loss": 1.0 / epoch, "acc": epoch / 10},
-                               file_writer())
+        checkpointer.epoch_end(epoch, {"loss": 1.0 / epoch, "acc": epoch / 10}, file_writer())
     rows = listing(CheckpointLayout(ckpt_dir), "--metric", "acc")["epochs"]
     assert [row["value"] for row in rows] == [0.1, 0.2, 0.3]
     assert rows[0]["metrics"] == {"loss": 1.0, "acc": 0.1}
@@ -202,8 +209,9 @@ def test_list_shows_another_metric_and_names_the_recorded_ones(make_checkpointer
 def test_a_tree_of_format1_then_format2_epochs_works_in_every_command(tree, tmp_path):
     """Epochs 1-3 as candle_ckpt 0.2 wrote them (format 1), 4-5 format 2."""
     for epoch in (1, 2, 3):
-        write_info(tree.epoch_dir(epoch),
-                   as_format1(read_info(tree.epoch_dir(epoch)), range(1, epoch + 1)))
+        write_info(
+            tree.epoch_dir(epoch), as_format1(read_info(tree.epoch_dir(epoch)), range(1, epoch + 1))
+        )
     rows = listing(tree)["epochs"]
     assert [row["format_version"] for row in rows] == [1, 1, 1, 2, 2]
     assert [row["value"] for row in rows] == [None, None, None, 0.5, 4.0]
@@ -238,15 +246,19 @@ def test_verify_reports_a_bit_flip_with_file_expected_and_actual(tree):
     flip_byte(model)
     actual = str(zlib.crc32(open(model, "rb").read()))
     out = cli("verify", tree.root, "best", expect=1).stdout.splitlines()
-    assert out == [f"epoch 4: {model}: CRC32 {actual}, ckpt-info.json records {expected}",
-                   "epoch 4: CORRUPT (1 of 1 file)"]
+    assert out == [
+        f"epoch 4: {model}: CRC32 {actual}, ckpt-info.json records {expected}",
+        "epoch 4: CORRUPT (1 of 1 file)",
+    ]
     assert "epoch 4: CORRUPT" in cli("verify", tree.root, "--all", expect=1).stdout
 
 
 def test_verify_reports_a_missing_file(tree):
     os.unlink(os.path.join(tree.epoch_dir(5), "model.h5"))
-    assert "model.h5: listed in ckpt-info.json but missing" in cli(
-        "verify", tree.root, expect=1).stdout
+    assert (
+        "model.h5: listed in ckpt-info.json but missing"
+        in cli("verify", tree.root, expect=1).stdout
+    )
     os.unlink(os.path.join(tree.epoch_dir(3), "ckpt-info.json"))
     assert "epoch 3: MISSING" in cli("verify", tree.root, "3", expect=1).stdout
 
@@ -267,8 +279,9 @@ def test_verify_without_recorded_checksums_checks_sizes(make_checkpointer, ckpt_
 def test_verify_shows_a_progress_bar_only_on_a_terminal(tree):
     assert cli("verify", tree.root).stderr == ""
     primary, secondary = pty.openpty()
-    process = subprocess.run([*CLI, "verify", tree.root], stdout=subprocess.PIPE,
-                             stderr=secondary, timeout=120)
+    process = subprocess.run(
+        [*CLI, "verify", tree.root], stdout=subprocess.PIPE, stderr=secondary, timeout=120
+    )
     os.close(secondary)
     shown = os.read(primary, 4096).decode()
     os.close(primary)
@@ -280,10 +293,12 @@ def test_verify_shows_a_progress_bar_only_on_a_terminal(tree):
 
 def test_rollback_repoints_last_and_the_best_epoch_before_it(tree):
     out = cli("rollback", tree.root, "3").stdout.splitlines()
-    assert out == ["epoch 3: ok (1 file CRC32-verified)",
-                   "pointed last -> epochs/003 (was last -> epochs/005)",
-                   "pointed best -> epochs/002 (was best -> epochs/004): epoch_best "
-                   "recorded by epoch 3 (loss=1)"]
+    assert out == [
+        "epoch 3: ok (1 file CRC32-verified)",
+        "pointed last -> epochs/003 (was last -> epochs/005)",
+        "pointed best -> epochs/002 (was best -> epochs/004): epoch_best "
+        "recorded by epoch 3 (loss=1)",
+    ]
     assert os.readlink(tree.link("last")) == "epochs/003"  # relative: the tree can move
     assert os.readlink(tree.link("best")) == "epochs/002"
     assert listing(tree)["abandoned"] == [4, 5]
@@ -301,8 +316,12 @@ def test_rollback_dry_run_changes_nothing(tree):
 def test_rollback_refuses_a_corrupt_or_missing_target(tree):
     flip_byte(os.path.join(tree.epoch_dir(2), "model.h5"))
     error = cli("rollback", tree.root, "2", expect=1).stderr
-    assert error.startswith("candle-ckpt: error: refusing to roll back to epoch 2, which "
-                            "does not verify:") and "CRC32" in error
+    assert (
+        error.startswith(
+            "candle-ckpt: error: refusing to roll back to epoch 2, which does not verify:"
+        )
+        and "CRC32" in error
+    )
     assert "epoch 9: " in cli("rollback", tree.root, "9", expect=2).stderr
     assert "epochs on disk: 1-5" in cli("rollback", tree.root, "9", expect=2).stderr
     assert os.readlink(tree.link("last")) == "epochs/005"
@@ -322,8 +341,9 @@ def test_rollback_repairs_a_dangling_last(tree):
 def test_prune_keeps_the_newest_and_never_last_or_best(make_checkpointer, ckpt_dir):
     run(make_checkpointer(epochs=6), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # best is 1
     layout = CheckpointLayout(ckpt_dir)
-    assert cli("prune", ckpt_dir, "--keep", "2", "--dry-run").stdout == \
-        "would delete 3 epochs: 2-4\n"
+    assert (
+        cli("prune", ckpt_dir, "--keep", "2", "--dry-run").stdout == "would delete 3 epochs: 2-4\n"
+    )
     assert layout.list_epochs() == [1, 2, 3, 4, 5, 6]
     assert cli("prune", ckpt_dir, "--keep", "2").stdout == "deleted 3 epochs: 2-4\n"
     assert layout.list_epochs() == [1, 5, 6]
@@ -336,8 +356,10 @@ def test_prune_exponential_across_runs(make_checkpointer, ckpt_dir):
     run(make_checkpointer(epochs=16), [1.0] * 8, start=9)  # a second run, best afresh: 9
     layout = CheckpointLayout(ckpt_dir)
     cli("prune", ckpt_dir, "--keep", "100", "--mode", "exponential")
-    assert set(layout.list_epochs()) == epochs_to_keep(range(1, 17), 16, "exponential",
-                                                       100) | {9, 16}
+    assert set(layout.list_epochs()) == epochs_to_keep(range(1, 17), 16, "exponential", 100) | {
+        9,
+        16,
+    }
 
 
 def test_prune_abandoned_deletes_the_epochs_after_last(tree):
@@ -354,45 +376,48 @@ def test_prune_abandoned_keeps_best_even_after_last(tree):
 
 def test_prune_refuses_while_a_link_is_dangling(tree):
     relink(tree, "best", "epochs/042")
-    assert "refusing to delete anything" in cli("prune", tree.root, "--keep", "1",
-                                                expect=2).stderr
+    assert "refusing to delete anything" in cli("prune", tree.root, "--keep", "1", expect=2).stderr
     assert tree.list_epochs() == [1, 2, 3, 4, 5]
 
 
 def test_prune_killed_midway_never_leaves_a_half_deleted_epoch(tree):
     env = dict(os.environ, CANDLE_CKPT_FAULT="after_trash_rename:2")
-    result = subprocess.run([*CLI, "prune", tree.root, "--keep", "1"], env=env,
-                            capture_output=True, timeout=120)
+    result = subprocess.run(
+        [*CLI, "prune", tree.root, "--keep", "1"], env=env, capture_output=True, timeout=120
+    )
     assert result.returncode == -9
     # epoch 1 is gone; epoch 2 is whole, but in trash/, out of every reader's sight
     assert tree.list_epochs() == [3, 4, 5]
     (leftover,) = os.listdir(tree.trash)
     assert leftover.startswith("002.") and sorted(
-        os.listdir(os.path.join(tree.trash, leftover))) == ["ckpt-info.json", "model.h5"]
-    assert "leftover: ckpts/trash/ holds 1 interrupted deletion" in cli(
-        "list", tree.root).stdout
+        os.listdir(os.path.join(tree.trash, leftover))
+    ) == ["ckpt-info.json", "model.h5"]
+    assert "leftover: ckpts/trash/ holds 1 interrupted deletion" in cli("list", tree.root).stdout
     assert cli("verify", tree.root, "--all").stdout.count(": ok (") == 3
 
 
 # -- errors -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "the following arguments are required"),
-    (["bogus"], "invalid choice: 'bogus'"),
-    (["list", "{missing}"], "does not exist or is not a directory"),
-    (["list", "{tmp}"], "is not a checkpoint tree: it has no 'ckpts/' directory"),
-    (["info", "{tree}", "7"], "epoch 7: "),
-    (["info", "{tree}", "2", "3"], "expected at most DIR and EPOCH"),
-    (["info", "{tree}", "latest"], "EPOCH is 'latest'; expected a number, 'last' or 'best'"),
-    (["verify", "{tree}", "2", "--all"], "--all takes no EPOCH"),
-    (["rollback", "{tree}"], "expected an EPOCH to roll back to"),
-    (["rollback", "{tree}", "last"], "expected an epoch number"),
-    (["prune", "{tree}"], "one of the arguments --keep --abandoned is required"),
-    (["prune", "{tree}", "--keep", "0"], "--keep is 0; expected an integer >= 1"),
-    (["prune", "{tree}", "--keep", "1", "--abandoned"], "not allowed with argument"),
-    (["prune", "{tree}", "--abandoned", "--mode", "linear"], "--mode applies to --keep"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "the following arguments are required"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["list", "{missing}"], "does not exist or is not a directory"),
+        (["list", "{tmp}"], "is not a checkpoint tree: it has no 'ckpts/' directory"),
+        (["info", "{tree}", "7"], "epoch 7: "),
+        (["info", "{tree}", "2", "3"], "expected at most DIR and EPOCH"),
+        (["info", "{tree}", "latest"], "EPOCH is 'latest'; expected a number, 'last' or 'best'"),
+        (["verify", "{tree}", "2", "--all"], "--all takes no EPOCH"),
+        (["rollback", "{tree}"], "expected an EPOCH to roll back to"),
+        (["rollback", "{tree}", "last"], "expected an epoch number"),
+        (["prune", "{tree}"], "one of the arguments --keep --abandoned is required"),
+        (["prune", "{tree}", "--keep", "0"], "--keep is 0; expected an integer >= 1"),
+        (["prune", "{tree}", "--keep", "1", "--abandoned"], "not allowed with argument"),
+        (["prune", "{tree}", "--abandoned", "--mode", "linear"], "--mode applies to --keep"),
+    ],
+)
 def test_errors_are_one_line_on_stderr_with_status_2(tree, tmp_path, args, message):
     where = {"tree": tree.root, "tmp": tmp_path, "missing": tmp_path / "nowhere"}
     result = cli(*[arg.format(**where) for arg in args], expect=2)
@@ -411,8 +436,12 @@ def test_best_link_pointing_outside_the_tree_is_refused(tree, tmp_path):
 def write_upstream_candle_tree(root):
     """What upstream CANDLE leaves: absolute links, 8-key JSON, Infinity, optional CRC."""
     layout = CheckpointLayout(root)
-    for epoch, best, checksum in [(1, "Infinity", "__DISABLED__"), (2, "0.75", None),
-                                  (3, "0.75", None), (4, "0.5", None)]:
+    for epoch, best, checksum in [
+        (1, "Infinity", "__DISABLED__"),
+        (2, "0.75", None),
+        (3, "0.75", None),
+        (4, "0.5", None),
+    ]:
         directory = layout.epoch_dir(epoch)
         os.makedirs(directory)
         payload = b"candle weights %d" % epoch
@@ -423,7 +452,8 @@ def write_upstream_candle_tree(root):
                 '{"epoch": %d, "save_best_metric": "val_loss", "best_metric_last": %s, '
                 '"model_file": "model.h5", "checksum": "%s", "timestamp": '
                 '"2021-05-03 10:0%d:00", "time_elapsed": 12.5, "metadata": null}\n'
-                % (epoch, best, checksum or zlib.crc32(payload), epoch))
+                % (epoch, best, checksum or zlib.crc32(payload), epoch)
+            )
     os.symlink(layout.epoch_dir(4), layout.link("last"))
     os.symlink(layout.epoch_dir(4), layout.link("best"))
     return layout
@@ -433,8 +463,11 @@ def test_upstream_candle_tree(tmp_path):
     layout = write_upstream_candle_tree(str(tmp_path / "save"))
     rows = listing(layout)["epochs"]
     assert [(r["best_metric_last"], r["checksum"], r["legacy"], r["size"]) for r in rows] == [
-        (None, "off", True, 16), (0.75, "not verified", True, 16),
-        (0.75, "not verified", True, 16), (0.5, "not verified", True, 16)]
+        (None, "off", True, 16),
+        (0.75, "not verified", True, 16),
+        (0.75, "not verified", True, 16),
+        (0.5, "not verified", True, 16),
+    ]
     assert json.loads(cli("info", layout.root).stdout)["epoch"] == 4  # an absolute link
     assert json.loads(cli("info", layout.root, "1").stdout)["best_metric_last"] == float("inf")
     assert cli("verify", layout.root, "--all").stdout.count(": ok (") == 4
@@ -472,8 +505,9 @@ def test_benchmark_tree_is_what_the_library_writes(make_checkpointer, ckpt_dir, 
     bench = bench_cli_list.build_tree(str(tmp_path / "bench"), 30)
     checkpointer = make_checkpointer(epochs=30, ckpt_save_best_metric="val_loss")
     for epoch in range(1, 31):
-        checkpointer.epoch_end(epoch, {"loss": 1.0, "val_loss": 1.0 / epoch,
-                                       "accuracy": 0.5}, file_writer())
+        checkpointer.epoch_end(
+            epoch, {"loss": 1.0, "val_loss": 1.0 / epoch, "accuracy": 0.5}, file_writer()
+        )
     real = CheckpointLayout(ckpt_dir)
     for epoch in (1, 30):
         ours, theirs = (read_info(layout.epoch_dir(epoch)) for layout in (bench, real))
@@ -530,22 +564,22 @@ def test_history_table_json_and_csv(rolled_back):
     assert [row[0] for row in rows] == ["1", "2", "3", "4", "5", "6", "5", "6", "7", "8"]
     assert rows[4][-1] == "abandoned" and rows[5][-1] == "abandoned"
     assert rows[-1][-2:] == ["last", "best"]
-    assert lines[-1] == ("2 runs, 8 epochs on the live timeline, 2 abandoned "
-                         "(runs resumed from epochs 4)")
+    assert lines[-1] == (
+        "2 runs, 8 epochs on the live timeline, 2 abandoned (runs resumed from epochs 4)"
+    )
     found = json.loads(cli("history", rolled_back.root, "--json").stdout)
     assert [e["epoch"] for e in found["epochs"] if not e["abandoned"]] == list(range(1, 9))
     assert found["runs"][1]["resumed_from"] == 4 and found["rewinds"] == [4]
     live = json.loads(cli("history", rolled_back.root, "--json", "--live").stdout)["epochs"]
     assert [e["metrics"]["loss"] for e in live][3:] == [3.0, 2.5, 2.0, 1.5, 1.0]
     csv_lines = cli("history", rolled_back.root, "--csv").stdout.splitlines()
-    assert csv_lines[0] == ("epoch,run_id,time,loss,train_seconds,saved,save_seconds,"
-                            "abandoned")
+    assert csv_lines[0] == ("epoch,run_id,time,loss,train_seconds,saved,save_seconds,abandoned")
     assert len(csv_lines) == 11 and csv_lines[5].endswith(",1")
 
 
 def test_history_warns_about_damage_and_goes_on(rolled_back):
     with open(os.path.join(rolled_back.ckpts, "history.jsonl"), "ab") as stream:
-        stream.write(b"not json\n{\"kind\":\"epoch\"")
+        stream.write(b'not json\n{"kind":"epoch"')
     result = cli("history", rolled_back.root)
     assert "candle-ckpt: warning: " in result.stderr and "line 23 is not JSON" in result.stderr
     assert "8 epochs on the live timeline" in result.stdout
@@ -580,6 +614,7 @@ def test_plot_picture(rolled_back, tmp_path):
 def test_plot_picture_without_matplotlib_names_the_extra(rolled_back, tmp_path):
     try:
         import matplotlib  # noqa: F401
+
         pytest.skip("matplotlib is installed")
     except ImportError:
         pass
@@ -591,6 +626,13 @@ def test_history_marks_epochs_after_last_before_the_next_run(tree):
     cli("rollback", tree.root, "3")
     epochs = json.loads(cli("history", tree.root, "--json").stdout)["epochs"]
     assert [(e["epoch"], e["after_last"]) for e in epochs] == [
-        (1, False), (2, False), (3, False), (4, True), (5, True)]
-    assert "3 epochs on the live timeline, 0 abandoned, 2 after last" in cli(
-        "history", tree.root).stdout
+        (1, False),
+        (2, False),
+        (3, False),
+        (4, True),
+        (5, True),
+    ]
+    assert (
+        "3 epochs on the live timeline, 0 abandoned, 2 after last"
+        in cli("history", tree.root).stdout
+    )

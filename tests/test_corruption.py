@@ -107,8 +107,10 @@ def test_every_byte_flip_in_ckpt_info_json_is_refused_naming_the_file_and_the_pl
                 before = state(model)
     finally:
         flipper.restore()
-    print(f"{INFO_FLIPS} flips of ckpt-info.json: {refused} refused, {harmless} left the "
-          f"content identical")
+    print(
+        f"{INFO_FLIPS} flips of ckpt-info.json: {refused} refused, {harmless} left the "
+        f"content identical"
+    )
     assert refused + harmless == INFO_FLIPS and refused > 0.95 * INFO_FLIPS
 
 
@@ -120,8 +122,10 @@ def test_a_changed_value_that_still_parses_is_refused(trained):
     try:
         with open(path, "w") as stream:
             json.dump({**info, "time_elapsed": info["time_elapsed"] + 1}, stream, indent=1)
-        with pytest.raises(candle_ckpt.CheckpointFormatError,
-                           match=r"ckpt-info.json: key 'info_crc32' is '\d+' but"):
+        with pytest.raises(
+            candle_ckpt.CheckpointFormatError,
+            match=r"ckpt-info.json: key 'info_crc32' is '\d+' but",
+        ):
             candle_ckpt.restart(trained, tiny_model(seed=7), verbose=False)
     finally:
         flipper.restore()
@@ -129,8 +133,10 @@ def test_a_changed_value_that_still_parses_is_refused(trained):
 
 def test_fallback_skips_corrupt_epochs_loudly_and_training_goes_on(trained, caplog):
     """ckpt_restart_fallback: last (3) has a bad model.h5, 2 a bad ckpt-info.json: 1 loads."""
-    flips = [Flipper(epoch_file(trained, 3, "model.h5")),
-             Flipper(epoch_file(trained, 2, "ckpt-info.json"))]
+    flips = [
+        Flipper(epoch_file(trained, 3, "model.h5")),
+        Flipper(epoch_file(trained, 2, "ckpt-info.json")),
+    ]
     flips[0].flip(len(flips[0].original) // 2, 0x01)
     flips[1].flip(3, 0xFF)
     params = {**trained, "ckpt_restart_fallback": True}

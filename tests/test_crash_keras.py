@@ -14,8 +14,9 @@ from candle_ckpt.core.durable import temporary_name
 
 pytest.importorskip("keras")
 
-SOAK_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
-                         "benchmarks", "soak.py")
+SOAK_PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "soak.py"
+)
 
 
 def load_soak():

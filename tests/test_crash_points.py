@@ -38,8 +38,12 @@ JOB = textwrap.dedent("""
 def test_kill_at_each_protocol_step_leaves_last_complete(tmp_path, point, hit):
     root = str(tmp_path / "save")
     code = JOB.format(tests=os.path.dirname(os.path.abspath(__file__)), root=root)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**os.environ, "CANDLE_CKPT_FAULT": f"{point}:{hit}"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CANDLE_CKPT_FAULT": f"{point}:{hit}"},
+    )
     assert result.returncode == -9, result.stderr
     layout = CheckpointLayout(root)
     settings = validate_params({"ckpt_directory": root, "ckpt_restart_mode": "auto"})
@@ -47,11 +51,28 @@ def test_kill_at_each_protocol_step_leaves_last_complete(tmp_path, point, hit):
     if found is not None:  # verified: ckpt-info.json valid, every CRC32 matches
         assert found.info["epoch"] in layout.list_epochs()
     else:
-        assert point in ("during_direct_write", "after_write", "after_fsync", "after_info",
-                         "after_rename", "between_links") and hit == 1
+        assert (
+            point
+            in (
+                "during_direct_write",
+                "after_write",
+                "after_fsync",
+                "after_info",
+                "after_rename",
+                "between_links",
+            )
+            and hit == 1
+        )
     # the next run cleans up and finishes
-    checkpointer = Checkpointer({"epochs": 6, "ckpt_directory": root, "ckpt_keep_limit": 2,
-                                 "ckpt_save_best_metric": "loss"}, verbose=False)
+    checkpointer = Checkpointer(
+        {
+            "epochs": 6,
+            "ckpt_directory": root,
+            "ckpt_keep_limit": 2,
+            "ckpt_save_best_metric": "loss",
+        },
+        verbose=False,
+    )
     start = found.info["epoch"] + 1 if found else 1
     if found:
         checkpointer.resume(found.info)
@@ -62,4 +83,3 @@ def test_kill_at_each_protocol_step_leaves_last_complete(tmp_path, point, hit):
     assert not os.path.exists(layout.work)
     assert not os.path.exists(layout.trash) or os.listdir(layout.trash) == []
     assert not [name for name in os.listdir(layout.ckpts) if ".tmp." in name]
-

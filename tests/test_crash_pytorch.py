@@ -11,8 +11,18 @@ from test_crash_keras import load_soak
 pytest.importorskip("torch")
 
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_job.py")
-MODEL = ["--n_features", "64", "--dense", "[1024,1024]", "--n_samples", "512",
-         "--batch_size", "64", "--ckpt_keep_limit", "2"]
+MODEL = [
+    "--n_features",
+    "64",
+    "--dense",
+    "[1024,1024]",
+    "--n_samples",
+    "512",
+    "--batch_size",
+    "64",
+    "--ckpt_keep_limit",
+    "2",
+]
 
 
 @pytest.mark.slow
@@ -22,9 +32,11 @@ def test_killed_at_each_save_step_and_at_random_instants_every_restart_is_good(t
     # large tensors through core/direct_io). The first kill is at the second save (epoch
     # 1 complete), as in soak.FAULTS.
     from candle_ckpt.core.faults import POINTS
+
     faults = (f"{POINTS[0]}:2",) + tuple(f"{point}:1" for point in POINTS[1:])
-    tally = soak.soak(str(tmp_path), kills=6, seed=3, faults=faults, job=(JOB, *MODEL),
-                      max_delay=2.0)
+    tally = soak.soak(
+        str(tmp_path), kills=6, seed=3, faults=faults, job=(JOB, *MODEL), max_delay=2.0
+    )
     print(tally.summary())
     assert tally.kills == 6 + len(faults)
     assert tally.good_restarts == tally.kills

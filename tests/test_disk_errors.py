@@ -24,8 +24,17 @@ from candle_ckpt.core.logs import silent_logger
 from candle_ckpt.core.params import validate_params
 from candle_ckpt.core.resume import find_checkpoint
 
-CALLS = [(os, "mkdir"), (os, "open"), (os, "fsync"), (os, "rename"), (os, "replace"),
-         (os, "symlink"), (os, "unlink"), (os, "rmdir"), (builtins, "open")]
+CALLS = [
+    (os, "mkdir"),
+    (os, "open"),
+    (os, "fsync"),
+    (os, "rename"),
+    (os, "replace"),
+    (os, "symlink"),
+    (os, "unlink"),
+    (os, "rmdir"),
+    (builtins, "open"),
+]
 
 
 class Injector:
@@ -44,8 +53,9 @@ class Injector:
     def _wrap(self, real, name):
         def call(*args, **kwargs):
             # a descriptor, or the first path in the tree (symlink's is its second)
-            target = next((a for a in args[:2] if isinstance(a, int)
-                           or str(a).startswith(self.root)), None)
+            target = next(
+                (a for a in args[:2] if isinstance(a, int) or str(a).startswith(self.root)), None
+            )
             background = threading.current_thread().name.startswith("candle_ckpt-trash")
             if self.fail_at is not None and target is not None and not background:
                 where = "fd" if isinstance(target, int) else os.path.relpath(target, self.root)
@@ -53,6 +63,7 @@ class Injector:
                 if len(self.calls) == self.fail_at:
                     raise OSError(self.error_number, os.strerror(self.error_number), target)
             return real(*args, **kwargs)
+
         return call
 
     def arm(self, fail_at):
@@ -64,8 +75,9 @@ class Injector:
 
 def last_verified(root):
     """The epoch `last` names, after checking that it verifies (CRC32s included)."""
-    found = find_checkpoint(CheckpointLayout(root), validate_params({"ckpt_directory": root}),
-                            silent_logger())
+    found = find_checkpoint(
+        CheckpointLayout(root), validate_params({"ckpt_directory": root}), silent_logger()
+    )
     return found.epoch if found else None
 
 
@@ -76,8 +88,9 @@ def assert_clean(layout):
 
 
 @pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
-def test_an_io_error_at_every_step_of_a_save(make_checkpointer, ckpt_dir, monkeypatch,
-                                             error_number):
+def test_an_io_error_at_every_step_of_a_save(
+    make_checkpointer, ckpt_dir, monkeypatch, error_number
+):
     """Epoch 3 of a run (keep_limit 1: its save also deletes epoch 2) fails at step n."""
     injector = Injector(monkeypatch, ckpt_dir, error_number)
     steps_seen, n = [], 0
@@ -105,8 +118,11 @@ def test_an_io_error_at_every_step_of_a_save(make_checkpointer, ckpt_dir, monkey
             # os.makedirs(exist_ok=True) ignores an error on a directory that exists; a
             # history line (opened per line; its `saved` line fsynced after the save
             # completed) that fails is logged, not raised (docs/FORMAT.md)
-            assert injector.calls[n - 1] in ("mkdir(ckpts/trash)", "fsync(fd)",
-                                             "open(ckpts/history.jsonl)")
+            assert injector.calls[n - 1] in (
+                "mkdir(ckpts/trash)",
+                "fsync(fd)",
+                "open(ckpts/history.jsonl)",
+            )
             assert last_verified(ckpt_dir) == 3
         finally:
             injector.disarm()
@@ -117,16 +133,25 @@ def test_an_io_error_at_every_step_of_a_save(make_checkpointer, ckpt_dir, monkey
         assert_clean(checkpointer.layout)
     print(f"{len(steps_seen)} injected {errno.errorcode[error_number]}: {steps_seen}")
     assert len(steps_seen) > 25
-    for step in ("mkdir(ckpts/work)", "open(ckpts/work/model.h5)", "fsync(fd)",
-                 "rename(ckpts/work)", "symlink(ckpts/.last.tmp", "replace(ckpts/.best.tmp",
-                 "rename(ckpts/epochs/002)"):
+    for step in (
+        "mkdir(ckpts/work)",
+        "open(ckpts/work/model.h5)",
+        "fsync(fd)",
+        "rename(ckpts/work)",
+        "symlink(ckpts/.last.tmp",
+        "replace(ckpts/.best.tmp",
+        "rename(ckpts/epochs/002)",
+    ):
         assert any(seen.startswith(step) for seen in steps_seen), step
 
 
 def mount_tmpfs(path, size):
     os.makedirs(path)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
 

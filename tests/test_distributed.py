@@ -17,20 +17,35 @@ def tf_config(task_type, index, chief=False):
     return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
 
 
-@pytest.mark.parametrize("environ,expected", [
-    ({}, True),
-    ({"TF_CONFIG": tf_config("chief", 0, chief=True)}, True),
-    ({"TF_CONFIG": tf_config("worker", 0, chief=True)}, False),
-    ({"TF_CONFIG": tf_config("worker", 0)}, True),
-    ({"TF_CONFIG": tf_config("worker", 1)}, False),
-    ({"TF_CONFIG": tf_config("evaluator", 0)}, False),
-    ({"OMPI_COMM_WORLD_RANK": "0"}, True),
-    ({"PMI_RANK": "3"}, False),
-    ({"SLURM_PROCID": "1"}, False),
-    ({"OMPI_COMM_WORLD_RANK": "0", "SLURM_PROCID": "5"}, True),     # MPI rank first
-    ({"TF_CONFIG": tf_config("worker", 1), "SLURM_PROCID": "0"}, False),  # TF_CONFIG first
-], ids=["single", "chief", "worker0-with-chief", "worker0", "worker1", "evaluator",
-        "ompi0", "pmi3", "slurm1", "ompi-before-slurm", "tfconfig-before-slurm"])
+@pytest.mark.parametrize(
+    "environ,expected",
+    [
+        ({}, True),
+        ({"TF_CONFIG": tf_config("chief", 0, chief=True)}, True),
+        ({"TF_CONFIG": tf_config("worker", 0, chief=True)}, False),
+        ({"TF_CONFIG": tf_config("worker", 0)}, True),
+        ({"TF_CONFIG": tf_config("worker", 1)}, False),
+        ({"TF_CONFIG": tf_config("evaluator", 0)}, False),
+        ({"OMPI_COMM_WORLD_RANK": "0"}, True),
+        ({"PMI_RANK": "3"}, False),
+        ({"SLURM_PROCID": "1"}, False),
+        ({"OMPI_COMM_WORLD_RANK": "0", "SLURM_PROCID": "5"}, True),  # MPI rank first
+        ({"TF_CONFIG": tf_config("worker", 1), "SLURM_PROCID": "0"}, False),  # TF_CONFIG first
+    ],
+    ids=[
+        "single",
+        "chief",
+        "worker0-with-chief",
+        "worker0",
+        "worker1",
+        "evaluator",
+        "ompi0",
+        "pmi3",
+        "slurm1",
+        "ompi-before-slurm",
+        "tfconfig-before-slurm",
+    ],
+)
 def test_detection_order(environ, expected):
     assert writer_decision(None, None, environ).is_writer is expected
 
@@ -43,6 +58,7 @@ def test_explicit_is_writer_wins_over_the_environment():
 
 class FakeStrategy:
     """What keras.distributed.strategy_decision reads of a MultiWorkerMirroredStrategy."""
+
     def __init__(self, chief):
         self.extended = type("Extended", (), {"should_checkpoint": chief})()
         spec = type("Spec", (), {"jobs": ["worker"]})()
@@ -52,18 +68,23 @@ class FakeStrategy:
 @pytest.mark.parametrize("chief", [True, False])
 def test_a_multi_worker_strategy_comes_before_the_rank_variables(chief):
     from candle_ckpt.keras.distributed import strategy_decision
+
     model = type("Model", (), {"distribute_strategy": FakeStrategy(chief)})()
-    decision = writer_decision(None, strategy_decision(model),
-                               {"SLURM_PROCID": "0" if not chief else "1"})
+    decision = writer_decision(
+        None, strategy_decision(model), {"SLURM_PROCID": "0" if not chief else "1"}
+    )
     assert decision.is_writer is chief and "should_checkpoint" in decision.reason
 
 
-@pytest.mark.parametrize("environ,named", [
-    ({"TF_CONFIG": "{not json"}, "TF_CONFIG"),
-    ({"TF_CONFIG": json.dumps({"cluster": {}})}, "TF_CONFIG"),
-    ({"SLURM_PROCID": "x"}, "SLURM_PROCID"),
-    ({"PMI_RANK": "-1"}, "PMI_RANK"),
-])
+@pytest.mark.parametrize(
+    "environ,named",
+    [
+        ({"TF_CONFIG": "{not json"}, "TF_CONFIG"),
+        ({"TF_CONFIG": json.dumps({"cluster": {}})}, "TF_CONFIG"),
+        ({"SLURM_PROCID": "x"}, "SLURM_PROCID"),
+        ({"PMI_RANK": "-1"}, "PMI_RANK"),
+    ],
+)
 def test_malformed_environment_is_an_error_naming_the_variable(environ, named):
     with pytest.raises(ValueError, match=named):
         writer_decision(None, None, environ)
@@ -81,6 +102,7 @@ def test_without_a_strategy_agreement_is_the_local_search():
 
 
 # -- with Keras -------------------------------------------------------------------------
+
 
 def test_a_non_writer_leaves_nothing_in_the_tree(tmp_path):
     keras = pytest.importorskip("keras")

@@ -23,8 +23,14 @@ TORCH_SMALL = [*SMALL, "--lr_step", "2"]
 
 
 def run(*command, cwd=TOP, expect=0):
-    result = subprocess.run([sys.executable, *map(str, command)], capture_output=True,
-                            text=True, env=ENV, cwd=cwd, timeout=300)
+    result = subprocess.run(
+        [sys.executable, *map(str, command)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=300,
+    )
     assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -38,17 +44,22 @@ def readme_block(section, language):
     return match.group(1)
 
 
-@pytest.mark.parametrize("section, file", [
-    ("Using it in a benchmark", "quickstart.py"),
-    ("Using it in a PyTorch benchmark", "quickstart_pytorch.py")])
+@pytest.mark.parametrize(
+    "section, file",
+    [
+        ("Using it in a benchmark", "quickstart.py"),
+        ("Using it in a PyTorch benchmark", "quickstart_pytorch.py"),
+    ],
+)
 def test_the_readme_snippet_is_the_quickstart_file(section, file):
     with open(os.path.join(EXAMPLES, file)) as stream:
         assert readme_block(section, "python") == stream.read()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("file, framework", [("quickstart.py", "keras"),
-                                             ("quickstart_pytorch.py", "torch")])
+@pytest.mark.parametrize(
+    "file, framework", [("quickstart.py", "keras"), ("quickstart_pytorch.py", "torch")]
+)
 def test_the_quickstart_resumes_bit_for_bit(tmp_path, file, framework):
     pytest.importorskip(framework)
     script = os.path.join(EXAMPLES, file)
@@ -89,13 +100,18 @@ def corrupt_last(root):
 
 def error_lines(stderr):
     """stderr without the library's log records: what the example itself printed."""
-    return [line for line in stderr.splitlines()
-            if line and not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ candle_ckpt", line)]
+    return [
+        line
+        for line in stderr.splitlines()
+        if line and not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ candle_ckpt", line)
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("file, small, framework", [
-    ("benchmark.py", SMALL, "keras"), ("benchmark_pytorch.py", TORCH_SMALL, "torch")])
+@pytest.mark.parametrize(
+    "file, small, framework",
+    [("benchmark.py", SMALL, "keras"), ("benchmark_pytorch.py", TORCH_SMALL, "torch")],
+)
 def test_a_refused_restart_is_one_line_and_status_3(tmp_path, file, small, framework):
     pytest.importorskip(framework)
     script, root = os.path.join(EXAMPLES, file), tmp_path / "save"
@@ -111,8 +127,9 @@ def test_a_refused_restart_is_one_line_and_status_3(tmp_path, file, small, frame
     assert "--ckpt_restart_fallback true" in lines[0] and "candle-ckpt rollback" in lines[0]
     with open(root / "ckpt.log") as stream:
         assert "RESTART REFUSED: checksum mismatch" in stream.read()
-    run(script, *small, "--epochs", "3", "--ckpt_directory", root,
-        "--ckpt_restart_fallback", "true")
+    run(
+        script, *small, "--epochs", "3", "--ckpt_directory", root, "--ckpt_restart_fallback", "true"
+    )
 
 
 @pytest.mark.slow
@@ -121,10 +138,19 @@ def test_a_locked_tree_is_status_4_before_anything_is_read(tmp_path):
     script, root = os.path.join(EXAMPLES, "benchmark.py"), tmp_path / "save"
     run(script, *SMALL, "--epochs", "1", "--ckpt_directory", root)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom candle_ckpt.core.lock import "
-         "WriterLock\nfrom candle_ckpt.core.logs import silent_logger\nlock = WriterLock("
-         "sys.argv[1], silent_logger())\nlock.acquire()\nprint('locked', flush=True)\n"
-         "time.sleep(600)", str(root / "ckpts")], stdout=subprocess.PIPE, text=True, env=ENV)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom candle_ckpt.core.lock import "
+            "WriterLock\nfrom candle_ckpt.core.logs import silent_logger\nlock = WriterLock("
+            "sys.argv[1], silent_logger())\nlock.acquire()\nprint('locked', flush=True)\n"
+            "time.sleep(600)",
+            str(root / "ckpts"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         refused = run(script, *SMALL, "--epochs", "2", "--ckpt_directory", root, expect=4)
@@ -140,25 +166,45 @@ def test_a_locked_tree_is_status_4_before_anything_is_read(tmp_path):
 def test_a_mistyped_metric_stops_at_the_first_batch_with_status_2(tmp_path):
     pytest.importorskip("keras")
     script, root = os.path.join(EXAMPLES, "benchmark.py"), tmp_path / "save"
-    refused = run(script, *SMALL, "--epochs", "2", "--ckpt_directory", root,
-                  "--ckpt_save_best_metric", "val_mean_absolute_errors", expect=2)
+    refused = run(
+        script,
+        *SMALL,
+        "--epochs",
+        "2",
+        "--ckpt_directory",
+        root,
+        "--ckpt_save_best_metric",
+        "val_mean_absolute_errors",
+        expect=2,
+    )
     lines = error_lines(refused.stderr)
     assert len(lines) == 1, refused.stderr
     assert "did you mean 'val_mean_absolute_error'?" in lines[0]
     assert "'val_loss'" in lines[0] and "'mean_absolute_error'" in lines[0]
     assert "val_loss:" not in refused.stdout  # no epoch ended
     assert not os.path.exists(root / "ckpts" / "epochs") or not os.listdir(
-        root / "ckpts" / "epochs")
+        root / "ckpts" / "epochs"
+    )
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_and_stops_with_status_75_by_default(tmp_path):
     pytest.importorskip("keras")
-    job = [sys.executable, os.path.join(TOP, "tests", "keras_job.py"),
-           "--ckpt_directory", str(tmp_path / "save"), "--epochs", "4"]
-    process = subprocess.Popen([*job, "--pause_at", "2:3", "--ckpt_save_interval", "3"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=ENV)
+    job = [
+        sys.executable,
+        os.path.join(TOP, "tests", "keras_job.py"),
+        "--ckpt_directory",
+        str(tmp_path / "save"),
+        "--epochs",
+        "4",
+    ]
+    process = subprocess.Popen(
+        [*job, "--pause_at", "2:3", "--ckpt_save_interval", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     for line in process.stdout:
         if line.startswith("PAUSED"):
             break

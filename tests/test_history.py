@@ -25,16 +25,26 @@ def lines_of(ckpts):
 def test_every_epoch_is_recorded_saved_or_not(make_checkpointer, ckpt_dir):
     checkpointer = make_checkpointer(epochs=4, ckpt_save_interval=2, ckpt_save_best=False)
     for epoch in range(1, 5):
-        checkpointer.epoch_end(epoch, {"loss": 1.0 / epoch, "lr": float("nan")},
-                               file_writer())
+        checkpointer.epoch_end(epoch, {"loss": 1.0 / epoch, "lr": float("nan")}, file_writer())
     lines = lines_of(checkpointer.layout.ckpts)
-    assert [line["kind"] for line in lines] == ["start", "epoch", "epoch", "saved", "epoch",
-                                                "epoch", "saved"]
+    assert [line["kind"] for line in lines] == [
+        "start",
+        "epoch",
+        "epoch",
+        "saved",
+        "epoch",
+        "epoch",
+        "saved",
+    ]
     assert lines[0]["resumed_from"] is None and lines[0]["run_id"] == checkpointer.run_id
     assert lines[1]["metrics"] == {"loss": 1.0, "lr": None}
     history = read_history(checkpointer.layout.ckpts)
-    assert [(r.epoch, r.saved) for r in history.live] == [(1, False), (2, True), (3, False),
-                                                           (4, True)]
+    assert [(r.epoch, r.saved) for r in history.live] == [
+        (1, False),
+        (2, True),
+        (3, False),
+        (4, True),
+    ]
     assert history.warnings == [] and history.metric_names == ["loss", "lr"]
 
 
@@ -44,13 +54,12 @@ def test_interval_zero_records_nothing(make_checkpointer, ckpt_dir):
     assert not os.path.exists(os.path.join(ckpt_dir, "ckpts", "history.jsonl"))
 
 
-def test_restart_and_rollback_abandon_the_epochs_after_the_resumed_one(make_checkpointer,
-                                                                          ckpt_dir):
+def test_restart_and_rollback_abandon_the_epochs_after_the_resumed_one(make_checkpointer, ckpt_dir):
     layout = CheckpointLayout(ckpt_dir)
     first = make_checkpointer(epochs=10)
-    for epoch in range(1, 7):       # killed after epoch 6; last names epoch 6
+    for epoch in range(1, 7):  # killed after epoch 6; last names epoch 6
         first.epoch_end(epoch, {"loss": 10.0 - epoch}, file_writer())
-    point_link(layout, "best", 4)   # an operator rolls back to 4
+    point_link(layout, "best", 4)  # an operator rolls back to 4
     point_link(layout, "last", 4)
     second = make_checkpointer(epochs=10)
     second.resume(read_info(layout.epoch_dir(4)))
@@ -60,7 +69,9 @@ def test_restart_and_rollback_abandon_the_epochs_after_the_resumed_one(make_chec
     assert [r.epoch for r in history.live] == list(range(1, 11))
     assert {r.run_id for r in history.live[4:]} == {second.run_id}
     assert [(r.epoch, r.run_id) for r in history.epochs if r.abandoned] == [
-        (5, first.run_id), (6, first.run_id)]
+        (5, first.run_id),
+        (6, first.run_id),
+    ]
     assert history.rewinds == [4]
     assert history.runs[1].resumed_from == 4 and history.runs[1].lineage_id == first.run_id
 
@@ -80,8 +91,10 @@ def test_a_torn_last_line_is_ignored_and_the_next_writer_ends_it(tmp_path):
     assert len(history.warnings) == 1 and "line 3" in history.warnings[0]
 
 
-@pytest.mark.parametrize("damage", [b"\x00\xff garbage\n", b"[1, 2]\n", b'{"kind": 5}\n',
-                                    b'{"kind":"epoch","epoch":"x"}\n'])
+@pytest.mark.parametrize(
+    "damage",
+    [b"\x00\xff garbage\n", b"[1, 2]\n", b'{"kind": 5}\n', b'{"kind":"epoch","epoch":"x"}\n'],
+)
 def test_a_damaged_line_is_skipped_with_a_warning(tmp_path, damage):
     ckpts = str(tmp_path)
     writer = HistoryWriter(ckpts, RUN)
@@ -101,13 +114,15 @@ def test_a_missing_history_is_empty(tmp_path):
 
 def test_a_kill_mid_write_leaves_a_readable_history(tmp_path):
     """SIGKILL while a process appends as fast as it can: at most the last line torn."""
-    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r})\n"
-            "from candle_ckpt.core.history import HistoryWriter\n"
-            f"w = HistoryWriter({str(tmp_path)!r}, {RUN!r})\n"
-            "epoch = 0\n"
-            "while True:\n"
-            "    epoch += 1\n"
-            "    w.record_epoch(epoch, {'loss': 1.0 / epoch, 'pad': 1e300}, 0.1)\n")
+    code = (
+        f"import sys; sys.path.insert(0, {os.getcwd()!r})\n"
+        "from candle_ckpt.core.history import HistoryWriter\n"
+        f"w = HistoryWriter({str(tmp_path)!r}, {RUN!r})\n"
+        "epoch = 0\n"
+        "while True:\n"
+        "    epoch += 1\n"
+        "    w.record_epoch(epoch, {'loss': 1.0 / epoch, 'pad': 1e300}, 0.1)\n"
+    )
     process = subprocess.Popen([sys.executable, "-c", code])
     path = os.path.join(str(tmp_path), "history.jsonl")
     while not os.path.exists(path) or os.path.getsize(path) < 200000:
@@ -129,6 +144,7 @@ def test_the_session_records_train_seconds(ckpt_dir):
 
         def writer_decision(self, explicit):
             from candle_ckpt.core.writer import WriterDecision
+
             return WriterDecision(True, "test")
 
         def snapshot(self, copy, into=None):
@@ -140,8 +156,9 @@ def test_the_session_records_train_seconds(ckpt_dir):
         def trains_in_lockstep(self):
             return False
 
-    session = TrainingSession({"epochs": 2, "ckpt_directory": ckpt_dir,
-                               "ckpt_save_best_metric": "loss"}, logger=None)
+    session = TrainingSession(
+        {"epochs": 2, "ckpt_directory": ckpt_dir, "ckpt_save_best_metric": "loss"}, logger=None
+    )
     session.begin(Adapter())
     for epoch in range(2):
         session.epoch_begin(epoch)

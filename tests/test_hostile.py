@@ -61,12 +61,25 @@ def write_json(layout, epoch, text):
 
 
 BAD_VALUES = [
-    ("model_file", "../../etc/passwd"), ("model_file", "/etc/passwd"), ("model_file", ".."),
-    ("model_file", "model.h5\u0000"), ("epoch", "2"), ("epoch", 10 ** 30), ("epoch", -2),
-    ("epoch", 2.5), ("files", ["model.h5"]), ("files", {"/etc/passwd": {"size": 1, "crc32": None}}),
-    ("checksum", 12), ("best_metric_last", "0.1"), ("epochs_saved", "all"),
-    ("versions", {"x": 1}), ("metadata", "m" * 70000), ("format", "pickle"),
-    ("format_version", 99), ("unexpected_key", "hello")]
+    ("model_file", "../../etc/passwd"),
+    ("model_file", "/etc/passwd"),
+    ("model_file", ".."),
+    ("model_file", "model.h5\u0000"),
+    ("epoch", "2"),
+    ("epoch", 10**30),
+    ("epoch", -2),
+    ("epoch", 2.5),
+    ("files", ["model.h5"]),
+    ("files", {"/etc/passwd": {"size": 1, "crc32": None}}),
+    ("checksum", 12),
+    ("best_metric_last", "0.1"),
+    ("epochs_saved", "all"),
+    ("versions", {"x": 1}),
+    ("metadata", "m" * 70000),
+    ("format", "pickle"),
+    ("format_version", 99),
+    ("unexpected_key", "hello"),
+]
 
 
 @pytest.mark.parametrize("key,value", BAD_VALUES, ids=[f"{k}={str(v)[:20]}" for k, v in BAD_VALUES])
@@ -84,15 +97,19 @@ def test_missing_key_is_refused_naming_it(tree, key):
     refused(params, candle_ckpt.CheckpointFormatError, path, key)
 
 
-@pytest.mark.parametrize("text,fragment", [
-    (b'{"epoch": 2, \xff\xfe}', "not UTF-8"),
-    ("{" + '"epoch": 2,' * 10, "not valid JSON"),
-    ("[" * 200000 + "]" * 200000, "nested"),
-    ('"best_metric_last": 1e400', "1e400 is not a finite number"),
-    ('"best_metric_last": NaN', "NaN is not valid JSON"),
-    ("[1, 2, 3]", "expected a JSON object"),
-    ("", "not valid JSON"),
-], ids=["non-UTF-8", "truncated", "nested-200000-deep", "1e400", "NaN", "array", "empty"])
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        (b'{"epoch": 2, \xff\xfe}', "not UTF-8"),
+        ("{" + '"epoch": 2,' * 10, "not valid JSON"),
+        ("[" * 200000 + "]" * 200000, "nested"),
+        ('"best_metric_last": 1e400', "1e400 is not a finite number"),
+        ('"best_metric_last": NaN', "NaN is not valid JSON"),
+        ("[1, 2, 3]", "expected a JSON object"),
+        ("", "not valid JSON"),
+    ],
+    ids=["non-UTF-8", "truncated", "nested-200000-deep", "1e400", "NaN", "array", "empty"],
+)
 def test_malformed_ckpt_info_is_refused(tree, text, fragment):
     params, layout, info = tree
     if isinstance(text, str) and text.startswith('"best_metric_last"'):  # in a good file
@@ -139,8 +156,18 @@ def link_cases(layout, tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["relative-outside", "absolute-outside", "absolute-etc",
-                                  "to-a-file", "to-ckpts-itself", "to-epochs", "loop"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "relative-outside",
+        "absolute-outside",
+        "absolute-etc",
+        "to-a-file",
+        "to-ckpts-itself",
+        "to-epochs",
+        "loop",
+    ],
+)
 def test_last_link_leading_astray_is_refused(tree, tmp_path, case):
     params, layout, _ = tree
     target = link_cases(layout, tmp_path)[case]
@@ -157,8 +184,11 @@ def test_an_epoch_directory_that_is_a_link_outside_is_never_read_even_by_fallbac
     os.symlink(outside, layout.epoch_dir(1))
     with open(os.path.join(layout.epoch_dir(2), "model.h5"), "r+b") as stream:
         stream.write(b"\0" * 64)
-    message = refused({**params, "ckpt_restart_fallback": True}, candle_ckpt.CheckpointError,
-                      "no earlier epoch verifies")
+    message = refused(
+        {**params, "ckpt_restart_fallback": True},
+        candle_ckpt.CheckpointError,
+        "no earlier epoch verifies",
+    )
     assert "ckpts/last' (epoch 2) is unusable" in message
 
 
@@ -180,20 +210,33 @@ def test_a_lambda_layer_in_the_file_is_never_executed(tree, tmp_path):
     params, layout, info = tree
     marker = tmp_path / "lambda-ran"
     payload = eval(f"lambda x: x + float(open({str(marker)!r}, 'w').close() or 0)")
-    evil = keras.Sequential([
-        keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
-        keras.layers.Lambda(payload), keras.layers.Dense(1, activation="sigmoid")])
+    evil = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Lambda(payload),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     model_file = os.path.join(layout.epoch_dir(2), "model.h5")
     model_config = keras_h5.snapshot(evil, weights_only=True).model_config
     assert '"class_name": "Lambda"' in model_config
     marker.unlink()  # building the Sequential ran the lambda once
     import h5py
+
     with h5py.File(model_file, "r+") as f:
         f.attrs["model_config"] = model_config.encode("utf8")
     from candle_ckpt.core.checksum import crc32_file
+
     crc = str(crc32_file(model_file))
-    write_info(layout.epoch_dir(2), {**info, "checksum": crc, "files": {
-        "model.h5": {"size": os.path.getsize(model_file), "crc32": crc}}})
+    write_info(
+        layout.epoch_dir(2),
+        {
+            **info,
+            "checksum": crc,
+            "files": {"model.h5": {"size": os.path.getsize(model_file), "crc32": crc}},
+        },
+    )
 
     model = tiny_model(seed=7)
     assert candle_ckpt.restart(params, model, verbose=False)["epoch"] == 2

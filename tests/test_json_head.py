@@ -30,7 +30,8 @@ def read(tmp_path, text, keys, stop_key="big"):
 @pytest.mark.parametrize("indent", [None, 0, 1, 4])
 @pytest.mark.parametrize("first_read", [1, 7, 2048])
 def test_stops_before_the_stop_key_whatever_the_layout_and_chunking(
-        tmp_path, monkeypatch, indent, first_read):
+    tmp_path, monkeypatch, indent, first_read
+):
     monkeypatch.setattr(json_head, "FIRST_READ_BYTES", first_read)
     text = json.dumps(DOCUMENT, indent=indent)
     assert read(tmp_path, text, ["a", "text"]) == BEFORE_BIG
@@ -50,15 +51,18 @@ def test_the_tail_after_the_cut_is_not_read(tmp_path):
     assert read(tmp_path, '{"a": 1, "big": [1, 2, oops', ["a"]) == {"a": 1}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "Expecting value"),
-    ("[1, 2]", "top level is a list"),
-    ('{"a": 1', "Expecting ',' delimiter"),
-    ('{"a" 1, "big": 2}', "Expecting ':' delimiter"),
-    (b'{"a": "\xff"}', "can't decode byte 0xff"),
-    ('{"a": 1, "big"', "Expecting ':' delimiter"),
-    ('{"a": 1} {}', "Extra data"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "Expecting value"),
+        ("[1, 2]", "top level is a list"),
+        ('{"a": 1', "Expecting ',' delimiter"),
+        ('{"a" 1, "big": 2}', "Expecting ':' delimiter"),
+        (b'{"a": "\xff"}', "can't decode byte 0xff"),
+        ('{"a": 1, "big"', "Expecting ':' delimiter"),
+        ('{"a": 1} {}', "Extra data"),
+    ],
+)
 def test_invalid_heads_are_value_errors_naming_the_position(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         read(tmp_path, text, ["a"])

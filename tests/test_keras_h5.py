@@ -34,24 +34,32 @@ def _seeded():
 
 
 def dense_adam(hidden=8):
-    model = keras.Sequential([keras.Input((4,)), layers.Dense(hidden, activation="relu"),
-                              layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((4,)), layers.Dense(hidden, activation="relu"), layers.Dense(1)]
+    )
     # "mse" would make load_model(h5) fail to deserialise the loss (MEASUREMENTS.md).
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mean_squared_error")
     return model
 
 
 def bn_dropout_sgd_momentum():
-    model = keras.Sequential([keras.Input((4,)), layers.Dense(8), layers.BatchNormalization(),
-                              layers.Dropout(0.5), layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  loss="mean_squared_error")
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            layers.Dense(8),
+            layers.BatchNormalization(),
+            layers.Dropout(0.5),
+            layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mean_squared_error")
     return model
 
 
 def nested_model():
-    inner = keras.Sequential([keras.Input((6,)), layers.Dense(6), layers.BatchNormalization(),
-                              layers.Dropout(0.2)])
+    inner = keras.Sequential(
+        [keras.Input((6,)), layers.Dense(6), layers.BatchNormalization(), layers.Dropout(0.2)]
+    )
     inputs = keras.Input((4,))
     outputs = layers.Dense(1)(inner(layers.Dense(6)(inputs)))
     model = keras.Model(inputs, outputs)
@@ -93,8 +101,12 @@ def test_restored_model_continues_bit_for_bit(build, tmp_path):
 
     info = keras_h5.restore(fresh, path)
 
-    assert info == {"optimizer_restored": True, "rng_restored": True, "legacy": False,
-                    "nbytes": sum(v.nbytes for v in state(original))}
+    assert info == {
+        "optimizer_restored": True,
+        "rng_restored": True,
+        "legacy": False,
+        "nbytes": sum(v.nbytes for v in state(original)),
+    }
     assert_bit_equal(state(original), state(fresh))
     for model in (original, fresh):
         model.train_on_batch(X, Y)
@@ -109,6 +121,7 @@ def test_large_variables_take_the_verified_read_buffer_and_training_goes_on(tmp_
 
     def wide():
         return dense_adam(hidden=8192)  # a 128 KiB kernel: laid out for pwrite, aligned
+
     original = trained(wide)
     path = save(original, tmp_path)
     contents, _ = read_file(str(path))
@@ -117,7 +130,7 @@ def test_large_variables_take_the_verified_read_buffer_and_training_goes_on(tmp_
     keras_h5.restore(fresh, path, contents=contents)
     start = np.frombuffer(contents, np.uint8, 1).ctypes.data
     buffer = np.asarray(tf.convert_to_tensor(fresh.layers[0].kernel)).ctypes.data
-    assert start <= buffer < start + contents.nbytes   # no copy was made
+    assert start <= buffer < start + contents.nbytes  # no copy was made
     assert_bit_equal(state(original), state(fresh))
     for _ in range(2):
         for model in (original, fresh):
@@ -220,8 +233,12 @@ def test_upstream_keras2_file_restores_weights_and_warns(tmp_path, caplog):
     fresh = dense_adam()
     with caplog.at_level(logging.WARNING):
         info = keras_h5.restore(fresh, path, logger=logging.getLogger("test.restart"))
-    assert info == {"optimizer_restored": False, "rng_restored": False, "legacy": True,
-                    "nbytes": sum(w.nbytes for w in original.get_weights())}
+    assert info == {
+        "optimizer_restored": False,
+        "rng_restored": False,
+        "legacy": True,
+        "nbytes": sum(w.nbytes for w in original.get_weights()),
+    }
     assert_bit_equal(original.get_weights(), fresh.get_weights())
     assert "optimizer state was not restored" in caplog.text and "2.10.0" in caplog.text
 
@@ -242,19 +259,17 @@ def test_mismatched_layer_raises_and_leaves_the_model_untouched(tmp_path):
 def test_other_optimizer_raises_and_leaves_the_model_untouched(tmp_path):
     path = save(trained(dense_adam), tmp_path)
     other = dense_adam()
-    other.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  loss="mean_squared_error")
+    other.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mean_squared_error")
     before = state(other)
     with pytest.raises(CheckpointFormatError, match="optimizer 'sgd"):
         keras_h5.restore(other, path)
     after = state(other)
-    assert_bit_equal(before, after[:len(before)])
-    assert all(not np.any(v) for v in after[len(before):])
+    assert_bit_equal(before, after[: len(before)])
+    assert all(not np.any(v) for v in after[len(before) :])
 
 
 def all_arrays(snap):
-    return [a for g in snap.layers + (snap.top_level, snap.rng, snap.optimizer)
-            for a in g.arrays]
+    return [a for g in snap.layers + (snap.top_level, snap.rng, snap.optimizer) for a in g.arrays]
 
 
 def check_snapshot_survives_training(build, copy, jit_compile):
@@ -284,14 +299,17 @@ def test_training_after_a_snapshot_leaves_it_unchanged(copy):
 
 def test_training_with_xla_after_a_snapshot_leaves_its_views_unchanged():
     # In a process of its own: this module enables op determinism, which disables XLA.
-    code = ("import test_keras_h5 as t\n"
-            "from tensorflow.python.framework import config\n"
-            "config.disable_op_determinism()\n"
-            "t.check_snapshot_survives_training(t.dense_adam, copy=False, jit_compile=True)\n"
-            "print('unchanged')")
+    code = (
+        "import test_keras_h5 as t\n"
+        "from tensorflow.python.framework import config\n"
+        "config.disable_op_determinism()\n"
+        "t.check_snapshot_survives_training(t.dense_adam, copy=False, jit_compile=True)\n"
+        "print('unchanged')"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and done.stdout.strip() == "unchanged", done.stderr[-3000:]
 
 
@@ -327,12 +345,12 @@ def test_truncated_file_raises_format_error(tmp_path):
     assert_bit_equal(before, fresh.get_weights())
 
 
-def test_a_runtime_error_outside_h5py_is_not_called_an_unreadable_file(tmp_path,
-                                                                       monkeypatch):
+def test_a_runtime_error_outside_h5py_is_not_called_an_unreadable_file(tmp_path, monkeypatch):
     path = save(trained(dense_adam), tmp_path)
 
     def failing_plan(*args):
         raise RuntimeError("a layer refused its weights")
+
     monkeypatch.setattr(keras_h5, "_plan_weights", failing_plan)
     with pytest.raises(RuntimeError, match="a layer refused its weights") as raised:
         keras_h5.restore(dense_adam(), path)
@@ -346,9 +364,11 @@ def test_an_h5py_runtime_error_names_the_file_and_keeps_its_cause(tmp_path, monk
     def h5py_fails(f, where):
         f.attrs.get_id("no such attribute")  # h5py raises KeyError from its Cython code
         return real_format_version(f, where)
+
     monkeypatch.setattr(keras_h5, "_format_version", h5py_fails)
-    with pytest.raises(CheckpointFormatError,
-                       match=r"model.h5' is not a readable HDF5 file \(KeyError: ") as raised:
+    with pytest.raises(
+        CheckpointFormatError, match=r"model.h5' is not a readable HDF5 file \(KeyError: "
+    ) as raised:
         keras_h5.restore(dense_adam(), path)
     assert isinstance(raised.value.__cause__, KeyError)
 
@@ -368,8 +388,11 @@ def test_chunked_and_compressed_datasets_are_read_through_hdf5(tmp_path):
     path = save(original, tmp_path)
     with h5py.File(path, "r+") as f:
         datasets = []
-        f.visititems(lambda name, node: datasets.append(name)
-                     if isinstance(node, h5py.Dataset) and node.size > 1 else None)
+        f.visititems(
+            lambda name, node: (
+                datasets.append(name) if isinstance(node, h5py.Dataset) and node.size > 1 else None
+            )
+        )
         for name in datasets:
             values = f[name][()]
             del f[name]
@@ -388,9 +411,12 @@ def test_a_dataset_recorded_past_the_end_of_the_file_is_refused():
         class id:
             get_offset = staticmethod(lambda: 100)
             get_storage_size = staticmethod(lambda: 16)
-    with pytest.raises(CheckpointFormatError,
-                       match=r"'f.h5': dataset '/model_weights/dense/kernel' \(16 bytes at "
-                             r"offset 100\) extends past the end of the file \(110 bytes\)"):
+
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"'f.h5': dataset '/model_weights/dense/kernel' \(16 bytes at "
+        r"offset 100\) extends past the end of the file \(110 bytes\)",
+    ):
         keras_h5._array(CorruptDataset, memoryview(bytes(110)), "f.h5")
 
 

@@ -28,7 +28,8 @@ def uninterrupted_lazy(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_lazily_built_model_killed_during_epoch_4_resumes_bit_identical(
-        uninterrupted_lazy, tmp_path, mode):
+    uninterrupted_lazy, tmp_path, mode
+):
     ckpt_dir = tmp_path / "save"
     flags = ("--epochs", "6", "--subclassed", "--ckpt_async", str(mode == "async"))
     run_job(ckpt_dir, *flags, "--kill_at", "4:3", expect_killed=True)
@@ -46,6 +47,7 @@ def test_lazily_built_model_killed_during_epoch_4_resumes_bit_identical(
 
 
 # -- in-process scenarios ---------------------------------------------------------------
+
 
 class TwoDense(keras.Model):
     """Layers made in __init__, variables made by the first call (no build)."""
@@ -75,13 +77,25 @@ def data(n=64):
 def fit(model, params, epochs, initial_epoch=0):
     x, y = data()
     callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
-    return model.fit(x, y, epochs=epochs, initial_epoch=initial_epoch, batch_size=16,
-                     shuffle=False, verbose=0, callbacks=[callback])
+    return model.fit(
+        x,
+        y,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        batch_size=16,
+        shuffle=False,
+        verbose=0,
+        callbacks=[callback],
+    )
 
 
 def params_for(tmp_path, **extra):
-    return {"ckpt_directory": str(tmp_path / "save"), "epochs": 4,
-            "ckpt_save_best_metric": "loss", **extra}
+    return {
+        "ckpt_directory": str(tmp_path / "save"),
+        "epochs": 4,
+        "ckpt_save_best_metric": "loss",
+        **extra,
+    }
 
 
 def optimizer_state(model):
@@ -109,9 +123,16 @@ def test_restart_into_an_unbuilt_model_defers_and_fit_resumes_exactly(tmp_path):
                 iterations_after_first_step.append(int(resumed.optimizer.iterations))
 
     x, y = data()
-    resumed.fit(x, y, epochs=4, initial_epoch=2, batch_size=16, shuffle=False, verbose=0,
-                callbacks=[candle_ckpt.CandleCheckpointCallback(params, verbose=False),
-                           FirstStep()])
+    resumed.fit(
+        x,
+        y,
+        epochs=4,
+        initial_epoch=2,
+        batch_size=16,
+        shuffle=False,
+        verbose=0,
+        callbacks=[candle_ckpt.CandleCheckpointCallback(params, verbose=False), FirstStep()],
+    )
     assert not deferred.is_pending(resumed)
     # the optimizer state was loaded before the first update, which then counted on it
     assert iterations_after_first_step == [saved_iterations + 1]
@@ -158,15 +179,23 @@ def test_deferred_load_that_does_not_fit_the_built_model_is_refused_before_a_ste
             steps.append(batch)
 
     x, y = data()
-    with pytest.raises(candle_ckpt.CheckpointFormatError, match=r"shape \(4, 8\) in the "
-                       r"file, the model's 'two_dense/dense(_\d+)?/kernel' is float32 of "
-                       r"shape \(4, 16\)"):
-        wider.fit(x, y, epochs=4, initial_epoch=2, batch_size=16, verbose=0,
-                  callbacks=[candle_ckpt.CandleCheckpointCallback(params, verbose=False),
-                             CountSteps()])
+    with pytest.raises(
+        candle_ckpt.CheckpointFormatError,
+        match=r"shape \(4, 8\) in the "
+        r"file, the model's 'two_dense/dense(_\d+)?/kernel' is float32 of "
+        r"shape \(4, 16\)",
+    ):
+        wider.fit(
+            x,
+            y,
+            epochs=4,
+            initial_epoch=2,
+            batch_size=16,
+            verbose=0,
+            callbacks=[candle_ckpt.CandleCheckpointCallback(params, verbose=False), CountSteps()],
+        )
     assert steps == []
-    assert "deferred restart from epoch 2 refused: " in open(
-        tmp_path / "save" / "ckpt.log").read()
+    assert "deferred restart from epoch 2 refused: " in open(tmp_path / "save" / "ckpt.log").read()
 
 
 def test_data_without_a_spec_is_refused_with_the_build_advice(tmp_path):
@@ -176,8 +205,10 @@ def test_data_without_a_spec_is_refused_with_the_build_advice(tmp_path):
     candle_ckpt.restart(params, model, verbose=False)
     model.train_function = lambda iterator: None  # what fit would have made
     deferred.load_when_built(model)
-    with pytest.raises(candle_ckpt.CheckpointError,
-                       match=r"without an element_spec; build the model before calling "
-                             r"restart\(\): call it on one batch \(model\(x\[:1\]\)\)"):
+    with pytest.raises(
+        candle_ckpt.CheckpointError,
+        match=r"without an element_spec; build the model before calling "
+        r"restart\(\): call it on one batch \(model\(x\[:1\]\)\)",
+    ):
         model.train_function(iter([]))
     assert not model.weights

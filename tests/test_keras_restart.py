@@ -77,10 +77,16 @@ def test_operator_rolls_back_to_epoch_3_by_hand(uninterrupted, tmp_path, absolut
 
 # -- in-process scenarios ---------------------------------------------------------------
 
+
 def tiny_model(seed=1, loss="mean_squared_error", metrics=()):
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
-                              keras.layers.Dense(1, activation="sigmoid")])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss=loss, metrics=list(metrics))
     return model
 
@@ -95,8 +101,17 @@ def fit(model, params, epochs, initial_epoch=0):
     x, y = data()
     xv, yv = data(seed=1)
     callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
-    return model.fit(x, y, validation_data=(xv, yv), epochs=epochs, initial_epoch=initial_epoch,
-                     batch_size=16, shuffle=False, verbose=0, callbacks=[callback])
+    return model.fit(
+        x,
+        y,
+        validation_data=(xv, yv),
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        batch_size=16,
+        shuffle=False,
+        verbose=0,
+        callbacks=[callback],
+    )
 
 
 def params_for(tmp_path, **extra):
@@ -155,6 +170,7 @@ def test_bit_flip_in_model_file_is_refused_and_model_untouched(tmp_path):
 
 def test_restart_loads_the_bytes_it_verified_and_reads_the_file_once(tmp_path, monkeypatch):
     from candle_ckpt.core import restart as restart_flow
+
     params = params_for(tmp_path)
     model = tiny_model()
     fit(model, params, 2)
@@ -172,6 +188,7 @@ def test_restart_loads_the_bytes_it_verified_and_reads_the_file_once(tmp_path, m
         with real_open(path, "r+b") as stream:  # changed after it was verified
             stream.write(b"\0" * 4096)
         return found
+
     monkeypatch.setattr("builtins.open", counting_open)
     monkeypatch.setattr(restart_flow, "find_checkpoint", find_then_damage_the_file)
     fresh = tiny_model(seed=7)
@@ -213,7 +230,8 @@ def test_upstream_candle_tree_restarts(tmp_path, caplog):
     (epoch_dir / "ckpt-info.json").write_text(
         '{"epoch": 3, "save_best_metric": "val_loss", "best_metric_last": Infinity, '
         '"model_file": "model.h5", "checksum": "__DISABLED__", '
-        '"timestamp": "2021-05-03 10:00:00", "time_elapsed": 12.5, "metadata": null}\n')
+        '"timestamp": "2021-05-03 10:00:00", "time_elapsed": 12.5, "metadata": null}\n'
+    )
     for name in ("last", "best"):
         os.symlink(str(epoch_dir), root / "ckpts" / name)
     fresh = tiny_model(seed=7)

@@ -44,8 +44,9 @@ def wait_until(condition, timeout=120):
 def holder(tmp_path):
     """Another process holding the lock of tmp_path/save/ckpts, killed -9 on demand."""
     ckpts = str(tmp_path / "save" / "ckpts")
-    process = subprocess.Popen([sys.executable, "-c", HOLD, ckpts], stdout=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, ckpts], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline() == "locked\n"
     yield process
     process.kill()
@@ -110,20 +111,26 @@ def test_a_file_system_without_locks_logs_and_goes_on(tmp_path, monkeypatch, cap
 def test_second_training_job_fails_at_restart_until_the_first_is_killed(tmp_path):
     pytest.importorskip("keras")
     ckpt_dir = tmp_path / "save"
-    first = subprocess.Popen([sys.executable, JOB, "--ckpt_directory", str(ckpt_dir),
-                              "--epochs", "1000"], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, JOB, "--ckpt_directory", str(ckpt_dir), "--epochs", "1000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     layout = CheckpointLayout(ckpt_dir)
     try:
         wait_until(lambda: layout.resolve_link("last") is not None)
-        second = subprocess.run([sys.executable, JOB, "--ckpt_directory", str(ckpt_dir),
-                                 "--epochs", "1000"], capture_output=True, text=True,
-                                timeout=300)
+        second = subprocess.run(
+            [sys.executable, JOB, "--ckpt_directory", str(ckpt_dir), "--epochs", "1000"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert second.returncode == 1
         assert "restarted from epoch" not in second.stderr  # refused before reading it
-        assert (f"WriterLockedError: '{layout.ckpts}/.lock' is held by another writer of "
-                f"this checkpoint tree: pid {first.pid} on host {socket.gethostname()}"
-                in second.stderr)
+        assert (
+            f"WriterLockedError: '{layout.ckpts}/.lock' is held by another writer of "
+            f"this checkpoint tree: pid {first.pid} on host {socket.gethostname()}" in second.stderr
+        )
         assert "Epoch 1/" not in second.stdout  # refused before any training
     finally:
         first.send_signal(signal.SIGKILL)

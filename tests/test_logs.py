@@ -22,14 +22,15 @@ CODE = textwrap.dedent("""
 
 
 def run(root):
-    return subprocess.run([sys.executable, "-c", CODE, str(root)], capture_output=True,
-                          text=True, check=True).stderr
+    return subprocess.run(
+        [sys.executable, "-c", CODE, str(root)], capture_output=True, text=True, check=True
+    ).stderr
 
 
 def test_info_stays_off_the_console_when_not_verbose_even_if_the_root_logger_is_set(tmp_path):
     stderr = run(tmp_path / "save")
     assert "info record" not in stderr and "ROOT" not in stderr
-    assert stderr.count("warning record") == 1           # once: not also through root
+    assert stderr.count("warning record") == 1  # once: not also through root
     log = (tmp_path / "save" / "ckpt.log").read_text()
     assert "info record 2" in log and "warning record" in log
 
@@ -37,11 +38,11 @@ def test_info_stays_off_the_console_when_not_verbose_even_if_the_root_logger_is_
 def test_a_ckpt_log_that_cannot_be_written_is_one_line_not_a_traceback_per_record(tmp_path):
     root = tmp_path / "save"
     root.mkdir()
-    os.symlink("/dev/full", root / "ckpt.log")          # every write: ENOSPC
+    os.symlink("/dev/full", root / "ckpt.log")  # every write: ENOSPC
     stderr = run(root)
     assert "Logging error" not in stderr and "Traceback" not in stderr
     assert stderr.count("cannot write") == 1 and "No space left on device" in stderr
-    assert "warning record" in stderr                     # the console still has it
+    assert "warning record" in stderr  # the console still has it
 
 
 FIT_VERBOSE = textwrap.dedent("""
@@ -62,16 +63,22 @@ FIT_VERBOSE = textwrap.dedent("""
 @pytest.mark.slow
 def test_log_lines_start_on_a_fresh_line_under_keras_progress_bar(tmp_path):
     """fit(verbose=1) leaves its bar's line open on stdout while the epoch-end save logs."""
-    console = subprocess.run([sys.executable, "-c", FIT_VERBOSE, str(tmp_path / "save")],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300,
-                             check=True).stdout
+    console = subprocess.run(
+        [sys.executable, "-c", FIT_VERBOSE, str(tmp_path / "save")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=300,
+        check=True,
+    ).stdout
     saved = [line for line in console.split("\n") if "saved (" in line]
     assert len(saved) == 2, console
     for line in saved:  # the record, on its own line: not after "loss: ..." of the bar
-        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ candle_ckpt.save INFO: epoch",
-                        line), repr(line)
-    assert console.count("loss:") >= 2                 # and the bar is still shown
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ candle_ckpt.save INFO: epoch", line), (
+            repr(line)
+        )
+    assert console.count("loss:") >= 2  # and the bar is still shown
 
 
 RESTART_QUIETLY = textwrap.dedent("""
@@ -96,9 +103,14 @@ RESTART_QUIETLY = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_restart_not_verbose_prints_no_info_with_tensorflow_and_a_root_logger(tmp_path):
-    console = subprocess.run([sys.executable, "-c", RESTART_QUIETLY, str(tmp_path / "save")],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             timeout=300, check=True).stdout
+    console = subprocess.run(
+        [sys.executable, "-c", RESTART_QUIETLY, str(tmp_path / "save")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
     assert "candle_ckpt" not in console, console
     log = (tmp_path / "save" / "ckpt.log").read_text()
     assert "epoch 1 saved" in log and "restarted from epoch 1" in log

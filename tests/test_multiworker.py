@@ -37,10 +37,28 @@ def run_workers(ckpt_dir, out_dir, *args, only_worker_1=()):
     ckpt_dirs = ckpt_dir if isinstance(ckpt_dir, list) else [ckpt_dir] * 2
     ports = ",".join(map(str, free_ports(2)))
     extra = [(), tuple(only_worker_1)]
-    jobs = [subprocess.Popen(
-        [sys.executable, JOB, "--ckpt_directory", str(ckpt_dirs[i]), "--workers", ports,
-         "--index", str(i), "--out", str(out_dir / f"worker{i}.npz"), *args, *extra[i]],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                JOB,
+                "--ckpt_directory",
+                str(ckpt_dirs[i]),
+                "--workers",
+                ports,
+                "--index",
+                str(i),
+                "--out",
+                str(out_dir / f"worker{i}.npz"),
+                *args,
+                *extra[i],
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = []
     try:
         for job in jobs:
@@ -85,14 +103,16 @@ def test_two_workers_killed_in_epoch_2_restart_from_the_same_epoch_and_agree(tmp
         assert np.array_equal(chief[name], other[name]), name
     saved = datasets(ckpt_dir / "ckpts" / "epochs" / "003" / "model.h5")
     for group in ("model_weights", "optimizer_weights"):
-        assert (sorted(v.tobytes() for k, v in saved.items() if k.startswith(group + "/"))
-                == sorted(v.tobytes() for k, v in chief.items() if k.startswith(group)))
+        assert sorted(v.tobytes() for k, v in saved.items() if k.startswith(group + "/")) == sorted(
+            v.tobytes() for k, v in chief.items() if k.startswith(group)
+        )
 
     # resuming is exact: two workers never interrupted end bit for bit the same
     uninterrupted = tmp_path / "uninterrupted"
     uninterrupted.mkdir()
-    assert [code for code, _ in run_workers(uninterrupted / "save", uninterrupted,
-                                            "--epochs", "3")] == [0, 0]
+    assert [
+        code for code, _ in run_workers(uninterrupted / "save", uninterrupted, "--epochs", "3")
+    ] == [0, 0]
     never_killed = arrays(uninterrupted / "worker0.npz")
     for name in chief:
         assert np.array_equal(chief[name], never_killed[name]), name
@@ -103,30 +123,53 @@ def test_two_workers_killed_in_epoch_2_restart_from_the_same_epoch_and_agree(tmp
     single = tmp_path / "single"
     single.mkdir()
     reference = subprocess.run(
-        [sys.executable, JOB, "--ckpt_directory", str(single / "save"), "--epochs", "3",
-         "--out", str(single / "weights.npz")], capture_output=True, text=True, timeout=TIMEOUT)
+        [
+            sys.executable,
+            JOB,
+            "--ckpt_directory",
+            str(single / "save"),
+            "--epochs",
+            "3",
+            "--out",
+            str(single / "weights.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     alone = arrays(single / "weights.npz")
     for name in chief:
-        np.testing.assert_allclose(chief[name], alone[name], rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(chief[name], alone[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def one_epoch_tree(tmp_path, name):
     """A tree with epoch 1, written by a single process."""
     tree = tmp_path / name / "save"
     made = subprocess.run(
-        [sys.executable, JOB, "--ckpt_directory", str(tree), "--epochs", "1",
-         "--out", str(tmp_path / f"{name}.npz")], capture_output=True, text=True,
-        timeout=TIMEOUT)
+        [
+            sys.executable,
+            JOB,
+            "--ckpt_directory",
+            str(tree),
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / f"{name}.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert made.returncode == 0, made.stderr[-3000:]
     return tree
 
 
 def test_workers_that_see_different_trees_all_fail_before_training(tmp_path):
     seen_by_chief = one_epoch_tree(tmp_path, "chief")
-    results = run_workers([seen_by_chief, tmp_path / "node-local" / "save"], tmp_path,
-                          "--epochs", "3")
+    results = run_workers(
+        [seen_by_chief, tmp_path / "node-local" / "save"], tmp_path, "--epochs", "3"
+    )
     for code, stderr in results:
         assert code != 0
         assert "the workers do not agree on the checkpoint to restart from" in stderr
@@ -138,7 +181,8 @@ def test_a_load_failing_on_one_worker_after_the_agreement_stops_every_worker(tmp
     # (loading builds and assigns mirrored variables) once worker 1 has exited.
     tree = one_epoch_tree(tmp_path, "shared")
     (chief_code, chief_err), (code, stderr) = run_workers(
-        tree, tmp_path, "--epochs", "3", only_worker_1=["--fail_restore"])
+        tree, tmp_path, "--epochs", "3", only_worker_1=["--fail_restore"]
+    )
     assert code != 0 and "injected load failure" in stderr
     assert chief_code != 0, chief_err[-3000:]
     assert sorted(os.listdir(tree / "ckpts" / "epochs")) == ["001"]

@@ -10,8 +10,12 @@ from candle_ckpt.core.params import PARAMETERS, PARAMETERS_BY_NAME, validate_par
 BAD_VALUES = {
     "ckpt_restart_mode": [("sometimes", ValueError), (1, TypeError)],
     "ckpt_checksum": [("maybe", ValueError), (2, TypeError), (1.5, TypeError)],
-    "ckpt_skip_epochs": [(-1, ValueError), ("two", ValueError), (1.5, ValueError),
-                         (True, TypeError)],
+    "ckpt_skip_epochs": [
+        (-1, ValueError),
+        ("two", ValueError),
+        (1.5, ValueError),
+        (True, TypeError),
+    ],
     "ckpt_directory": [(42, TypeError), (None, TypeError)],
     "ckpt_save_best": [("nope", ValueError), ([], TypeError)],
     "ckpt_save_best_metric": [(3, TypeError)],
@@ -35,8 +39,10 @@ def test_every_parameter_has_bad_values_tested():
     assert set(BAD_VALUES) == set(PARAMETERS_BY_NAME)
 
 
-@pytest.mark.parametrize("key,value,error", [
-    (key, value, error) for key, cases in BAD_VALUES.items() for value, error in cases])
+@pytest.mark.parametrize(
+    "key,value,error",
+    [(key, value, error) for key, cases in BAD_VALUES.items() for value, error in cases],
+)
 def test_bad_value_names_key_value_and_expectation(key, value, error):
     with pytest.raises(error) as raised:
         validate_params({"epochs": 3, key: value}, require_epochs=True)
@@ -46,9 +52,23 @@ def test_bad_value_names_key_value_and_expectation(key, value, error):
     assert "expected" in message
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("true", True), ("TRUE", True), ("Yes", True), ("y", True), ("t", True), ("1", True),
-    ("false", False), ("No", False), ("N", False), ("f", False), ("0", False), ("FaLsE", False)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("Yes", True),
+        ("y", True),
+        ("t", True),
+        ("1", True),
+        ("false", False),
+        ("No", False),
+        ("N", False),
+        ("f", False),
+        ("0", False),
+        ("FaLsE", False),
+    ],
+)
 def test_str2bool_accepts_candle_spellings(text, expected):
     assert candle_ckpt.str2bool(text) is expected
     assert validate_params({"ckpt_checksum": text})["ckpt_checksum"] is expected
@@ -63,8 +83,10 @@ def test_defaults_come_from_the_table():
 
 
 def test_strings_from_a_config_file_are_converted():
-    settings = validate_params({"ckpt_skip_epochs": "3", "ckpt_keep_limit": "5.0",
-                                "ckpt_save_best": "no", "epochs": "7"}, require_epochs=True)
+    settings = validate_params(
+        {"ckpt_skip_epochs": "3", "ckpt_keep_limit": "5.0", "ckpt_save_best": "no", "epochs": "7"},
+        require_epochs=True,
+    )
     assert settings["ckpt_skip_epochs"] == 3 and settings["ckpt_keep_limit"] == 5
     assert settings["ckpt_save_best"] is False and settings["epochs"] == 7
 
@@ -83,16 +105,28 @@ def test_unknown_ckpt_key_is_a_typo_error_with_a_suggestion():
 def test_argparse_flags_are_generated_and_checked():
     parser = argparse.ArgumentParser()
     candle_ckpt.ckpt_parser(parser)
-    args = vars(parser.parse_args(["--ckpt_save_interval", "2", "--ckpt_checksum", "No",
-                                   "--ckpt_keep_mode", "exponential"]))
+    args = vars(
+        parser.parse_args(
+            [
+                "--ckpt_save_interval",
+                "2",
+                "--ckpt_checksum",
+                "No",
+                "--ckpt_keep_mode",
+                "exponential",
+            ]
+        )
+    )
     assert args["ckpt_save_interval"] == 2 and args["ckpt_checksum"] is False
     assert args["ckpt_keep_mode"] == "exponential"
     assert "epochs" not in args  # the benchmark owns --epochs
     assert validate_params(args)["ckpt_keep_limit"] == 1000000
 
 
-@pytest.mark.parametrize("argv", [["--ckpt_keep_limit", "0"], ["--ckpt_checksum", "perhaps"],
-                                  ["--ckpt_restart_mode", "never"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--ckpt_keep_limit", "0"], ["--ckpt_checksum", "perhaps"], ["--ckpt_restart_mode", "never"]],
+)
 def test_argparse_rejects_bad_values_with_our_message(argv, capsys):
     parser = argparse.ArgumentParser()
     candle_ckpt.ckpt_parser(parser)

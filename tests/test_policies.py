@@ -15,10 +15,21 @@ from candle_ckpt.core.policies import (
 )
 
 
-@pytest.mark.parametrize("name,mode", [
-    ("loss", "min"), ("val_loss", "min"), ("val_mean_squared_error", "min"), ("mae", "min"),
-    ("accuracy", "max"), ("val_acc", "max"), ("val_auc", "max"), ("precision", "max"),
-    ("recall", "max"), ("f1_score", "max")])
+@pytest.mark.parametrize(
+    "name,mode",
+    [
+        ("loss", "min"),
+        ("val_loss", "min"),
+        ("val_mean_squared_error", "min"),
+        ("mae", "min"),
+        ("accuracy", "max"),
+        ("val_acc", "max"),
+        ("val_auc", "max"),
+        ("precision", "max"),
+        ("recall", "max"),
+        ("f1_score", "max"),
+    ],
+)
 def test_auto_mode_from_the_name(name, mode):
     assert infer_metric_mode(name) == mode
 
@@ -38,15 +49,18 @@ def test_best_metric_min_and_max():
     assert not high.update(math.nan, 4)
 
 
-@pytest.mark.parametrize("epoch,kwargs,reason", [
-    (1, dict(interval=0, improved=True), None),
-    (2, dict(skip_epochs=3, improved=True), None),
-    (3, dict(skip_epochs=3, improved=True), "best"),
-    (5, dict(interval=3), None),
-    (6, dict(interval=3), "interval"),
-    (10, dict(interval=3), "final"),
-    (7, dict(), "interval"),
-])
+@pytest.mark.parametrize(
+    "epoch,kwargs,reason",
+    [
+        (1, dict(interval=0, improved=True), None),
+        (2, dict(skip_epochs=3, improved=True), None),
+        (3, dict(skip_epochs=3, improved=True), "best"),
+        (5, dict(interval=3), None),
+        (6, dict(interval=3), "interval"),
+        (10, dict(interval=3), "final"),
+        (7, dict(), "interval"),
+    ],
+)
 def test_save_reason(epoch, kwargs, reason):
     args = dict(final_epoch=10, interval=1, skip_epochs=0, improved=False)
     args.update(kwargs)

@@ -31,8 +31,10 @@ def test_tree_after_a_run(make_checkpointer, ckpt_dir):
     assert not os.path.exists(layout.work)
     info = read_info(layout.epoch_dir(4))
     assert (info["epoch"], info["epoch_best"], info["best_metric_last"]) == (4, 2, 1.0)
-    assert all(check.problem is None and check.actual_crc32 for check in
-               check_files(layout.epoch_dir(4), info))
+    assert all(
+        check.problem is None and check.actual_crc32
+        for check in check_files(layout.epoch_dir(4), info)
+    )
     assert "epoch 4 saved (final)" in open(layout.log_file).read()
 
 
@@ -79,8 +81,10 @@ def test_interval_zero_writes_nothing(make_checkpointer, ckpt_dir):
 
 
 def test_skip_epochs_and_interval(make_checkpointer, ckpt_dir):
-    run(make_checkpointer(epochs=9, ckpt_skip_epochs=4, ckpt_save_interval=3,
-                          ckpt_save_best=False), [1.0] * 9)
+    run(
+        make_checkpointer(epochs=9, ckpt_skip_epochs=4, ckpt_save_interval=3, ckpt_save_best=False),
+        [1.0] * 9,
+    )
     assert CheckpointLayout(ckpt_dir).list_epochs() == [6, 9]
     assert not os.path.lexists(os.path.join(ckpt_dir, "ckpts", "best"))
 
@@ -121,12 +125,12 @@ def test_resume_continues_best_and_repairs_best_after_rollback(make_checkpointer
     layout = CheckpointLayout(ckpt_dir)
     assert layout.resolve_link("best") == 5
     os.unlink(layout.link("last"))
-    os.symlink("epochs/003", layout.link("last"))         # operator rolls back
+    os.symlink("epochs/003", layout.link("last"))  # operator rolls back
     checkpointer = make_checkpointer(epochs=6)
     checkpointer.resume(read_info(layout.epoch_dir(3)))
     assert (checkpointer.best.value, checkpointer.best.epoch) == (3.0, 3)
     assert checkpointer.run_epochs == [1, 2, 3]
-    run(checkpointer, [3.5], start=4)                        # worse than 3.0
+    run(checkpointer, [3.5], start=4)  # worse than 3.0
     assert layout.resolve_link("best") == 3 and layout.resolve_link("last") == 4
     info = read_info(layout.epoch_dir(4))
     assert checkpointer.run_epochs == [1, 2, 3, 4] and info["epoch_best"] == 3
@@ -136,13 +140,16 @@ def test_resume_continues_best_and_repairs_best_after_rollback(make_checkpointer
 
 def test_logger_none_is_silent_and_custom_logger_is_used(ckpt_dir, caplog):
     from candle_ckpt.core.checkpointer import Checkpointer
-    Checkpointer({"epochs": 1, "ckpt_directory": ckpt_dir, "ckpt_save_best": False},
-                 logger=None).epoch_end(1, {}, file_writer())
+
+    Checkpointer(
+        {"epochs": 1, "ckpt_directory": ckpt_dir, "ckpt_save_best": False}, logger=None
+    ).epoch_end(1, {}, file_writer())
     assert not os.path.exists(os.path.join(ckpt_dir, "ckpt.log"))
     mine = logging.getLogger("my.benchmark")
     with caplog.at_level(logging.INFO, logger="my.benchmark"):
-        Checkpointer({"epochs": 1, "ckpt_directory": ckpt_dir, "ckpt_save_best": False},
-                     logger=mine).epoch_end(1, {}, file_writer())
+        Checkpointer(
+            {"epochs": 1, "ckpt_directory": ckpt_dir, "ckpt_save_best": False}, logger=mine
+        ).epoch_end(1, {}, file_writer())
     assert any("epoch 1 saved" in record.getMessage() for record in caplog.records)
 
 
@@ -153,14 +160,20 @@ def test_the_core_and_the_operator_side_import_no_framework():
 
     import candle_ckpt.core
     import candle_ckpt.operator
+
     modules = ["candle_ckpt"] + [
-        f"{package.__name__}.{info.name}" for package in (candle_ckpt.core, candle_ckpt.operator)
-        for info in pkgutil.iter_modules(package.__path__)]
-    code = (f"import importlib, json, sys; [importlib.import_module(m) for m in {modules!r}]; "
-            "print(json.dumps(sorted(m for m in sys.modules "
-            "if m.split('.')[0] in ('tensorflow', 'keras', 'torch', 'h5py'))))")
-    out = subprocess.run([sys.executable, "-c", code], check=True,
-                         capture_output=True, text=True).stdout
+        f"{package.__name__}.{info.name}"
+        for package in (candle_ckpt.core, candle_ckpt.operator)
+        for info in pkgutil.iter_modules(package.__path__)
+    ]
+    code = (
+        f"import importlib, json, sys; [importlib.import_module(m) for m in {modules!r}]; "
+        "print(json.dumps(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('tensorflow', 'keras', 'torch', 'h5py'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
     assert len(modules) > 20 and json.loads(out) == []
 
 
@@ -190,6 +203,7 @@ def test_saves_reuse_one_fsync_thread_rather_than_one_per_file(make_checkpointer
     def counting_start(thread):
         started.append(thread.name)
         real_start(thread)
+
     monkeypatch.setattr(threading.Thread, "start", counting_start)
 
     def three_files(directory):
@@ -197,11 +211,12 @@ def test_saves_reuse_one_fsync_thread_rather_than_one_per_file(make_checkpointer
             with open(os.path.join(directory, name), "wb") as stream:
                 stream.write(name.encode())
         return "model.h5"
+
     checkpointer = make_checkpointer(epochs=3)
     for epoch in (1, 2, 3):
         checkpointer.epoch_end(epoch, {"loss": 1.0 / epoch}, three_files)
     fsync_threads = [name for name in started if "fsync" in name or "ThreadPool" in name]
-    assert len(fsync_threads) <= 1, started                # 9 files, at most one new thread
+    assert len(fsync_threads) <= 1, started  # 9 files, at most one new thread
 
 
 def test_a_shared_thread_runs_tasks_at_the_submitters_nice_value_and_after_fork():
@@ -219,8 +234,9 @@ def test_a_shared_thread_runs_tasks_at_the_submitters_nice_value_and_after_fork(
         _, status = os.waitpid(pid, 0)
         print(before, after, os.waitstatus_to_exitcode(status))
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     before, after, child = map(int, result.stdout.split())
     assert after >= 10 and after > before and child == 0
 
@@ -232,8 +248,9 @@ def test_a_format1_run_continues_in_format2_with_its_keep_policy(make_checkpoint
     layout = CheckpointLayout(ckpt_dir)
     saved = {1: [1], 2: [2], 3: [1, 3], 4: [1, 3, 4]}  # each file's epochs_saved
     for epoch, epochs_saved in saved.items():
-        write_info(layout.epoch_dir(epoch),
-                   as_format1(read_info(layout.epoch_dir(epoch)), epochs_saved))
+        write_info(
+            layout.epoch_dir(epoch), as_format1(read_info(layout.epoch_dir(epoch)), epochs_saved)
+        )
     resumed = make_checkpointer(epochs=8, ckpt_save_best=False, ckpt_keep_limit=10)
     resumed.resume(read_info(layout.epoch_dir(4)))
     assert resumed.run_epochs == [1, 3, 4] and resumed.lineage_format1_epoch == 4

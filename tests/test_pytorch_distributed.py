@@ -27,11 +27,22 @@ def free_port():
 def two_ranks(roots, *args, epochs=4):
     """Run both ranks (rank r on roots[r]); return [(returncode, stdout, stderr)]."""
     port = str(free_port())
-    processes = [subprocess.Popen(
-        [sys.executable, JOB, "--ckpt_directory", str(root), "--epochs", str(epochs), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
-             "RANK": str(rank)}) for rank, root in enumerate(roots)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, JOB, "--ckpt_directory", str(root), "--epochs", str(epochs), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **ENV,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "WORLD_SIZE": "2",
+                "RANK": str(rank),
+            },
+        )
+        for rank, root in enumerate(roots)
+    ]
     results = []
     for process in processes:
         try:

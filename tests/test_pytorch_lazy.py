@@ -19,9 +19,13 @@ from candle_ckpt.pytorch.adapter import TorchAdapter  # noqa: E402
 
 
 def job(root, *args, expect=0):
-    result = subprocess.run([sys.executable, JOB, "--ckpt_directory", str(root), "--epochs",
-                             "4", "--lazy", *args], capture_output=True, text=True, env=ENV,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, JOB, "--ckpt_directory", str(root), "--epochs", "4", "--lazy", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -37,17 +41,20 @@ def uninterrupted_lazy(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [(), ("--ckpt_async", "true")], ids=["sync", "async"])
-def test_lazy_modules_killed_mid_epoch_resume_bit_identically(tmp_path, uninterrupted_lazy,
-                                                              flags):
+def test_lazy_modules_killed_mid_epoch_resume_bit_identically(tmp_path, uninterrupted_lazy, flags):
     root = tmp_path / "save"
     job(root, *flags, "--kill_at", "3:2", expect=-9)
     resumed = job(root, *flags)
-    assert re.search(r"restarted from epoch [12]: read and verified .* loaded "
-                     r".*\(model, optimizer, scheduler, generator, RNG\)", resumed.stderr)
+    assert re.search(
+        r"restarted from epoch [12]: read and verified .* loaded "
+        r".*\(model, optimizer, scheduler, generator, RNG\)",
+        resumed.stderr,
+    )
     assert digest(resumed) == digest(uninterrupted_lazy)
 
 
 # -- in process ---------------------------------------------------------------------------
+
 
 def lazy_net(seed):
     torch.manual_seed(seed)
@@ -57,7 +64,7 @@ def lazy_net(seed):
 def batches():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 4, generator=generator)
-    return [(x[k:k + 8], x[k:k + 8, :1] * 2) for k in range(0, 32, 8)]
+    return [(x[k : k + 8], x[k : k + 8, :1] * 2) for k in range(0, 32, 8)]
 
 
 def train_epoch(net, optimizer):
@@ -82,8 +89,9 @@ def test_restart_materialises_lazy_parameters_the_optimizer_already_holds(tmp_pa
     params = {"ckpt_directory": str(tmp_path / "save"), "epochs": 3}
     reference = lazy_net(1)
     reference_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01)
-    run({**params, "ckpt_directory": str(tmp_path / "reference")}, reference,
-        reference_optimizer, 3)
+    run(
+        {**params, "ckpt_directory": str(tmp_path / "reference")}, reference, reference_optimizer, 3
+    )
     first = lazy_net(1)
     run(params, first, torch.optim.Adam(first.parameters(), lr=0.01), 2)
 
@@ -112,18 +120,29 @@ def test_a_lazy_parameter_of_another_dtype_is_refused_before_anything_loads(tmp_
     optimizer = torch.optim.Adam(doubles.parameters(), lr=0.01)
     ckpt = candle_ckpt.CandleCkptPyTorch(params, verbose=False)
     ckpt.set_model({"model": doubles, "optimizer": optimizer})
-    with pytest.raises(CheckpointFormatError, match=r"entry 'model', '0.weight': float32 of "
-                       r"shape \(8, 4\) in the file, the model's uninitialised \(lazy\) "
-                       r"parameter is float64"):
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"entry 'model', '0.weight': float32 of "
+        r"shape \(8, 4\) in the file, the model's uninitialised \(lazy\) "
+        r"parameter is float64",
+    ):
         ckpt.restart(verbose=False)
     assert state.uninitialized({"model": doubles}) == [
-        "model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
+        "model.0.weight",
+        "model.0.bias",
+        "model.2.weight",
+        "model.2.bias",
+    ]
 
 
 def test_saving_a_lazy_module_never_called_is_refused_naming_the_parameter():
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LazyLinear(2))
-    assert (state.state_nbytes({"model": net}, weights_only=True)
-            == state.state_nbytes({"model": net[0]}, weights_only=True))
-    with pytest.raises(CheckpointFormatError, match=r"cannot save state\['model'\]\['1.weight'"
-                       r"\]: an uninitialised parameter of a lazy module"):
+    assert state.state_nbytes({"model": net}, weights_only=True) == state.state_nbytes(
+        {"model": net[0]}, weights_only=True
+    )
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"cannot save state\['model'\]\['1.weight'"
+        r"\]: an uninitialised parameter of a lazy module",
+    ):
         state.snapshot({"model": net}, weights_only=True)

@@ -37,9 +37,13 @@ from test_pytorch_state import Payload  # noqa: E402
 
 
 def job(root, *args, epochs=EPOCHS, env=None, expect=0):
-    result = subprocess.run([sys.executable, JOB, "--ckpt_directory", str(root), "--epochs",
-                             str(epochs), *args], capture_output=True, text=True,
-                            env={**ENV, **(env or {})}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, JOB, "--ckpt_directory", str(root), "--epochs", str(epochs), *args],
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+        timeout=300,
+    )
     assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -60,8 +64,14 @@ def uninterrupted(tmp_path_factory):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "candle_ckpt", *map(str, args)], env=ENV,
-                          capture_output=True, text=True, timeout=120, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "candle_ckpt", *map(str, args)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
 
 
 @pytest.mark.parametrize("flags", [[], ["--ckpt_async", "true"]])
@@ -82,9 +92,25 @@ def test_killed_mid_epoch_resumes_bit_identically(tmp_path, uninterrupted, flags
 def test_preempted_by_signal_exits_75_then_resumes_exactly(tmp_path, uninterrupted):
     root = tmp_path / "save"
     process = subprocess.Popen(
-        [sys.executable, JOB, "--ckpt_directory", str(root), "--epochs", str(EPOCHS),
-         "--ckpt_signal", "USR1", "--ckpt_save_interval", "3", "--pause_at", "3:2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        [
+            sys.executable,
+            JOB,
+            "--ckpt_directory",
+            str(root),
+            "--epochs",
+            str(EPOCHS),
+            "--ckpt_signal",
+            "USR1",
+            "--ckpt_save_interval",
+            "3",
+            "--pause_at",
+            "3:2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     for line in process.stdout:
         if line.startswith("PAUSED"):
             os.kill(process.pid, signal.SIGUSR1)
@@ -126,7 +152,7 @@ def test_operator_commands_and_rollback_on_a_pytorch_tree(tmp_path, uninterrupte
     assert digest(resumed) == digest(uninterrupted[0])
     cli("prune", root, "--keep", "1")
     left = CheckpointLayout(str(root)).list_epochs()
-    assert EPOCHS in left and len(left) <= 2   # last, and best if it is another
+    assert EPOCHS in left and len(left) <= 2  # last, and best if it is another
 
 
 def test_keep_policy(tmp_path):
@@ -140,15 +166,28 @@ def test_keep_policy(tmp_path):
 def test_a_second_writer_is_refused_while_the_first_trains(tmp_path):
     root = tmp_path / "save"
     process = subprocess.Popen(
-        [sys.executable, JOB, "--ckpt_directory", str(root), "--epochs", str(EPOCHS),
-         "--pause_at", "2:1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=ENV)
+        [
+            sys.executable,
+            JOB,
+            "--ckpt_directory",
+            str(root),
+            "--epochs",
+            str(EPOCHS),
+            "--pause_at",
+            "2:1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ENV,
+    )
     try:
         for line in process.stdout:
             if line.startswith("PAUSED"):
                 break
-        ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(root), "epochs": 4},
-                                             verbose=False)
+        ckpt = candle_ckpt.CandleCkptPyTorch(
+            {"ckpt_directory": str(root), "epochs": 4}, verbose=False
+        )
         model = torch.nn.Linear(16, 1)
         ckpt.set_model({"model": model})
         with pytest.raises(WriterLockedError, match=f"pid {process.pid}"):
@@ -167,40 +206,50 @@ def upstream_tree(root, model_file_bytes, epoch=2):
     (directory / "ckpt-info.json").write_text(
         '{"epoch": %d, "save_best_metric": "val_loss", "best_metric_last": Infinity, '
         '"model_file": "model.h5", "checksum": "%d", "timestamp": "2022-01-01 10:00:00", '
-        '"time_elapsed": 3.5, "metadata": null}\n' % (epoch, zlib.crc32(model_file_bytes)))
+        '"time_elapsed": 3.5, "metadata": null}\n' % (epoch, zlib.crc32(model_file_bytes))
+    )
     for name in ("last", "best"):
         os.symlink(str(directory), root / "ckpts" / name)
 
 
-def test_upstream_candle_tree_restores_weights_and_optimizer_with_a_warning(tmp_path,
-                                                                            caplog):
+def test_upstream_candle_tree_restores_weights_and_optimizer_with_a_warning(tmp_path, caplog):
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(net.parameters())
     net(torch.randn(4, 3)).sum().backward()
     opt.step()
     buffer = io.BytesIO()
-    torch.save({"epoch": 2, "model_state_dict": net.state_dict(),
-                "optimizer_state_dict": opt.state_dict(), "loss": 0}, buffer)
+    torch.save(
+        {
+            "epoch": 2,
+            "model_state_dict": net.state_dict(),
+            "optimizer_state_dict": opt.state_dict(),
+            "loss": 0,
+        },
+        buffer,
+    )
     root = tmp_path / "save"
     upstream_tree(root, buffer.getvalue())
     fresh = torch.nn.Linear(3, 2)
     fresh_opt = torch.optim.Adam(fresh.parameters())
-    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(root), "epochs": 3},
-                                         verbose=False)
+    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(root), "epochs": 3}, verbose=False)
     ckpt.set_model({"net": fresh, "optimizer": fresh_opt})
     with caplog.at_level(logging.INFO, logger="candle_ckpt"):
         J = ckpt.restart(fresh)
     assert J["epoch"] == 2 and "upstream CANDLE torch pickle" in caplog.text
     assert "no RNG state (upstream CANDLE saves none) restored" in caplog.text
     assert torch.equal(fresh.weight, net.weight)
-    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"],
-                       opt.state_dict()["state"][0]["exp_avg"])
-    ckpt.ckpt_epoch(2, 0.5)   # training goes on, in candle_ckpt's format
+    assert torch.equal(
+        fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
+    ckpt.ckpt_epoch(2, 0.5)  # training goes on, in candle_ckpt's format
     assert os.readlink(root / "ckpts" / "last") == "epochs/003"
-    assert candle_ckpt.CandleCkptPyTorch(
-        {"ckpt_directory": str(root), "epochs": 3}, verbose=False).restart(
-        {"model": torch.nn.Linear(3, 2), "optimizer": fresh_opt})["epoch"] == 3
+    assert (
+        candle_ckpt.CandleCkptPyTorch(
+            {"ckpt_directory": str(root), "epochs": 3}, verbose=False
+        ).restart({"model": torch.nn.Linear(3, 2), "optimizer": fresh_opt})["epoch"]
+        == 3
+    )
 
 
 def test_hostile_pickle_in_a_tree_is_refused_and_never_runs(tmp_path):
@@ -209,8 +258,7 @@ def test_hostile_pickle_in_a_tree_is_refused_and_never_runs(tmp_path):
     torch.save({"model_state_dict": Payload(marker)}, buffer)
     root = tmp_path / "save"
     upstream_tree(root, buffer.getvalue())
-    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(root), "epochs": 3},
-                                         verbose=False)
+    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(root), "epochs": 3}, verbose=False)
     net = torch.nn.Linear(3, 2)
     ckpt.set_model({"model": net})
     before = net.weight.detach().clone()
@@ -220,9 +268,10 @@ def test_hostile_pickle_in_a_tree_is_refused_and_never_runs(tmp_path):
 
 
 def test_restart_required_without_a_checkpoint_fails(tmp_path):
-    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(tmp_path / "none"),
-                                          "epochs": 3, "ckpt_restart_mode": "required"},
-                                         verbose=False)
+    ckpt = candle_ckpt.CandleCkptPyTorch(
+        {"ckpt_directory": str(tmp_path / "none"), "epochs": 3, "ckpt_restart_mode": "required"},
+        verbose=False,
+    )
     ckpt.set_model({"model": torch.nn.Linear(1, 1)})
     with pytest.raises(CheckpointError, match="required"):
         ckpt.restart()
@@ -235,8 +284,7 @@ def test_corrupt_last_is_refused_in_process_with_nothing_loaded(tmp_path, uninte
     data = bytearray(path.read_bytes())
     data[-10] ^= 1
     path.write_bytes(bytes(data))
-    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(root), "epochs": 4},
-                                         verbose=False)
+    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(root), "epochs": 4}, verbose=False)
     net = torch.nn.Linear(1, 1)
     ckpt.set_model({"model": net})
     with pytest.raises(ChecksumMismatchError):

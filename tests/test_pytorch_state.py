@@ -21,8 +21,9 @@ LOG = logging.getLogger("test")
 
 def net(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
-                               torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1)
+    )
 
 
 def trained(seed=0, steps=3):
@@ -34,9 +35,13 @@ def trained(seed=0, steps=3):
         model(torch.randn(16, 4)).pow(2).mean().backward()
         opt.step()
         sched.step()
-    return {"model": model, "optimizer": opt, "scheduler": sched,
-            "generator": torch.Generator().manual_seed(seed + 3),
-            "scaler": torch.amp.GradScaler("cpu", init_scale=256.0)}
+    return {
+        "model": model,
+        "optimizer": opt,
+        "scheduler": sched,
+        "generator": torch.Generator().manual_seed(seed + 3),
+        "scaler": torch.amp.GradScaler("cpu", init_scale=256.0),
+    }
 
 
 def save(objects, tmp_path, weights_only=False, copy=False):
@@ -94,12 +99,22 @@ def test_odd_values_round_trip(tmp_path):
         def load_state_dict(self, value):
             self.value = value
 
-    odd = {"bf16": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
-           "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 2), "bool": torch.ones(2) > 0,
-           "array": np.arange(3, dtype=np.int16), "np_scalar": np.float32(2.5),
-           "nan": float("nan"), "inf": float("-inf"), "big": 2 ** 70, "none": None,
-           3: "int key", (1, 2): [1, 1.0, True, None, "s"], "dtype": torch.float16,
-           "noncontiguous": torch.arange(12.).reshape(3, 4).t()}
+    odd = {
+        "bf16": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 2),
+        "bool": torch.ones(2) > 0,
+        "array": np.arange(3, dtype=np.int16),
+        "np_scalar": np.float32(2.5),
+        "nan": float("nan"),
+        "inf": float("-inf"),
+        "big": 2**70,
+        "none": None,
+        3: "int key",
+        (1, 2): [1, 1.0, True, None, "s"],
+        "dtype": torch.float16,
+        "noncontiguous": torch.arange(12.0).reshape(3, 4).t(),
+    }
     path, contents = save({"odd": Holder(odd)}, tmp_path)
     loaded = state.read(contents, path)[0]["objects"]["odd"]
     expected = dict(odd, np_scalar=2.5, noncontiguous=odd["noncontiguous"].contiguous())
@@ -108,10 +123,12 @@ def test_odd_values_round_trip(tmp_path):
 
 def test_a_value_that_would_need_pickle_is_refused_at_save_time(tmp_path):
     holder = torch.optim.lr_scheduler.LambdaLR(
-        torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1), lambda e: 1.0)
+        torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1), lambda e: 1.0
+    )
     holder.__dict__["custom"] = object()
-    with pytest.raises(CheckpointFormatError,
-                       match=r"state\['scheduler'\]\['custom'\]: a builtins.object"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"state\['scheduler'\]\['custom'\]: a builtins.object"
+    ):
         state.snapshot({"scheduler": holder})
 
 
@@ -147,8 +164,7 @@ def inside(tensor, buffer):
     return start <= tensor.data_ptr() < start + buffer.nbytes
 
 
-def test_restore_from_the_verified_read_buffer_uses_it_in_place_and_training_goes_on(
-        tmp_path):
+def test_restore_from_the_verified_read_buffer_uses_it_in_place_and_training_goes_on(tmp_path):
     objects = large()
     path = str(tmp_path / "model.h5")
     state.write(state.snapshot(objects, copy=False), path)
@@ -169,12 +185,12 @@ def test_restore_from_the_verified_read_buffer_uses_it_in_place_and_training_goe
     same(state.object_states(objects, False), state.object_states(fresh, False))
 
 
-def test_a_file_of_the_earlier_writer_unaligned_and_written_by_h5py_restores(
-        tmp_path, monkeypatch):
+def test_a_file_of_the_earlier_writer_unaligned_and_written_by_h5py_restores(tmp_path, monkeypatch):
     import h5py
 
     def by_h5py(group, name, array, direct):
         return group.create_dataset(name, data=array)
+
     monkeypatch.setattr(state, "create_file", lambda path: h5py.File(path, "w"))
     monkeypatch.setattr(state, "create_array", by_h5py)
     objects = large()
@@ -190,7 +206,7 @@ def test_a_mismatch_anywhere_changes_nothing(tmp_path):
     objects = trained()
     path, contents = save(objects, tmp_path)
     other = trained(seed=5)
-    other["model"][3] = torch.nn.Linear(8, 2)   # the last entry checked for the model
+    other["model"][3] = torch.nn.Linear(8, 2)  # the last entry checked for the model
     before = {k: v.clone() for k, v in other["model"].state_dict().items()}
     rng = torch.get_rng_state()
     with pytest.raises(CheckpointFormatError, match=r"'3.weight'.*\(1, 8\).*\(2, 8\)"):
@@ -220,7 +236,7 @@ def test_a_copy_is_independent_of_later_training(tmp_path):
         objects["model"][0].weight.add_(1)
     assert np.array_equal(first.arrays[0], weights.numpy())
     again = state.snapshot(objects, copy=True, into=first)
-    assert again.arrays[0] is first.arrays[0]   # memory reused
+    assert again.arrays[0] is first.arrays[0]  # memory reused
     assert np.array_equal(again.arrays[0], objects["model"][0].weight.detach().numpy())
     adapter = TorchAdapter(objects)
     assert adapter.state_nbytes() == again.nbytes
@@ -251,6 +267,7 @@ def test_a_pickle_with_a_reduce_payload_is_refused_and_never_runs(tmp_path):
 
 def test_a_keras_file_is_not_taken_for_ours(tmp_path):
     import h5py
+
     path = str(tmp_path / "model.h5")
     with h5py.File(path, "w") as f:
         f.attrs["keras_version"] = "3"
@@ -266,13 +283,15 @@ def test_pytorch_names_load_lazily():
 
 
 def test_set_model_takes_upstreams_net_key_and_refuses_other_values(tmp_path):
-    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(tmp_path), "epochs": 1},
-                                         verbose=False)
+    ckpt = candle_ckpt.CandleCkptPyTorch(
+        {"ckpt_directory": str(tmp_path), "epochs": 1}, verbose=False
+    )
     model = net()
     ckpt.set_model({"net": model, "optimizer": torch.optim.SGD(model.parameters(), 0.1)})
     assert list(ckpt.model) == ["model", "optimizer"]
     with pytest.raises(TypeError, match="entry 'lr'.*float"):
         ckpt.set_model({"model": model, "lr": 0.1})
     with pytest.raises(RuntimeError, match="set_model"):
-        candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(tmp_path), "epochs": 1},
-                                      verbose=False).restart()
+        candle_ckpt.CandleCkptPyTorch(
+            {"ckpt_directory": str(tmp_path), "epochs": 1}, verbose=False
+        ).restart()

@@ -47,8 +47,9 @@ def train(root, epochs, **flags):
     """Train a tiny model for `epochs` epochs into `root`; return its checkpointer."""
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 1)
-    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(root), "epochs": epochs,
-                                          **flags}, verbose=False)
+    ckpt = candle_ckpt.CandleCkptPyTorch(
+        {"ckpt_directory": str(root), "epochs": epochs, **flags}, verbose=False
+    )
     ckpt.set_model({"model": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1)})
     ckpt.restart(net, verbose=False)
     for epoch in range(epochs):
@@ -58,8 +59,9 @@ def train(root, epochs, **flags):
 
 def restart(root, **flags):
     net = torch.nn.Linear(4, 1)
-    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(root), "epochs": 9,
-                                          **flags}, verbose=False)
+    ckpt = candle_ckpt.CandleCkptPyTorch(
+        {"ckpt_directory": str(root), "epochs": 9, **flags}, verbose=False
+    )
     ckpt.set_model({"model": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1)})
     return ckpt.restart(net, verbose=False)
 
@@ -131,8 +133,12 @@ def test_required_without_a_checkpoint_names_auto(tmp_path):
 @pytest.fixture
 def holder(tree):
     """Another process writing `tree` (it holds ckpts/.lock)."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(tree / "ckpts")],
-                               stdout=subprocess.PIPE, text=True, env=ENV)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tree / "ckpts")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     assert process.stdout.readline() == "locked\n"
     yield process
     process.kill()
@@ -156,14 +162,15 @@ def test_a_locked_tree_is_refused_before_the_checkpoint_is_read(tree, holder, mo
 def test_the_lock_check_takes_nothing_and_a_reader_still_restarts(tree, holder):
     assert restart(tree, ckpt_save_interval=0)["epoch"] == 3  # will never write
     net = torch.nn.Linear(4, 1)
-    reader = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(tree), "epochs": 9},
-                                           verbose=False, is_writer=False)
+    reader = candle_ckpt.CandleCkptPyTorch(
+        {"ckpt_directory": str(tree), "epochs": 9}, verbose=False, is_writer=False
+    )
     reader.set_model({"model": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1)})
     assert reader.restart(net, verbose=False)["epoch"] == 3
     holder.kill()
     holder.wait()
     lock = WriterLock(str(tree / "ckpts"), silent_logger())
-    lock.check_free()   # free now; checking twice changes nothing
+    lock.check_free()  # free now; checking twice changes nothing
     lock.check_free()
     lock.acquire()
     lock.release()
@@ -173,8 +180,7 @@ def test_restart_log_reports_the_bytes_on_disk(tree):
     restart(tree)
     model_file = tree / "ckpts" / "epochs" / "003" / "model.h5"
     size = os.path.getsize(model_file)
-    assert (f"restarted from epoch 3: read and verified {size} bytes (model.h5)"
-            in ckpt_log(tree))
+    assert f"restarted from epoch 3: read and verified {size} bytes (model.h5)" in ckpt_log(tree)
 
 
 def test_a_mistyped_metric_stops_the_first_epoch_and_saves_nothing(tmp_path):
@@ -192,8 +198,12 @@ def test_a_mistyped_metric_stops_the_first_epoch_and_saves_nothing(tmp_path):
 
 
 def test_exit_statuses_are_distinct():
-    errors = [ParameterValueError("p"), ChecksumMismatchError("f", "1", "2"),
-              WriterLockedError("l"), CheckpointWriteError(5, "w")]
+    errors = [
+        ParameterValueError("p"),
+        ChecksumMismatchError("f", "1", "2"),
+        WriterLockedError("l"),
+        CheckpointWriteError(5, "w"),
+    ]
     statuses = [exit_status(error) for error in errors]
     assert statuses == [2, 3, 4, 5]
     assert 75 not in statuses and 1 not in statuses

@@ -18,10 +18,20 @@ def write_legacy_epoch(root, epoch, best_value):
     directory = root / "ckpts" / "epochs" / f"{epoch:03d}"
     directory.mkdir(parents=True)
     (directory / "model.h5").write_bytes(b"weights")
-    (directory / "ckpt-info.json").write_text(json.dumps({
-        "epoch": epoch, "save_best_metric": "val_loss", "best_metric_last": best_value,
-        "model_file": "model.h5", "checksum": "__DISABLED__",
-        "timestamp": "2021-05-03 10:00:00", "time_elapsed": 1.0, "metadata": None}))
+    (directory / "ckpt-info.json").write_text(
+        json.dumps(
+            {
+                "epoch": epoch,
+                "save_best_metric": "val_loss",
+                "best_metric_last": best_value,
+                "model_file": "model.h5",
+                "checksum": "__DISABLED__",
+                "timestamp": "2021-05-03 10:00:00",
+                "time_elapsed": 1.0,
+                "metadata": None,
+            }
+        )
+    )
 
 
 @pytest.fixture
@@ -30,7 +40,7 @@ def legacy_tree(tmp_path):
     root = tmp_path / "save"
     for epoch, best in ((1, 0.9), (2, 0.5), (3, 0.5), (4, 0.5)):
         write_legacy_epoch(root, epoch, best)
-    os.symlink("epochs/004", root / "ckpts" / "best")   # a later timeline's best
+    os.symlink("epochs/004", root / "ckpts" / "best")  # a later timeline's best
     return CheckpointLayout(str(root))
 
 
@@ -43,8 +53,7 @@ def test_the_best_epoch_of_a_legacy_run_is_the_first_recording_its_best_value(le
 def test_rollback_and_resume_agree_on_the_legacy_best_epoch(legacy_tree, make_checkpointer):
     info = read_epoch_info(legacy_tree, 3)
     assert best_epoch_at(legacy_tree, info)[0] == 2
-    checkpointer = Checkpointer({"ckpt_directory": legacy_tree.root, "epochs": 5},
-                                logger=None)
+    checkpointer = Checkpointer({"ckpt_directory": legacy_tree.root, "epochs": 5}, logger=None)
     checkpointer.resume(info)
     assert checkpointer.best.epoch == 2 and checkpointer.best.value == 0.5
 
@@ -55,7 +64,7 @@ def test_a_pruned_legacy_best_epoch_gives_the_first_left_with_its_value(legacy_t
 
 
 def test_no_legacy_best_epoch_without_a_best_value(tmp_path):
-    write_legacy_epoch(tmp_path / "save", 1, float("inf"))   # CANDLE's initial Infinity
+    write_legacy_epoch(tmp_path / "save", 1, float("inf"))  # CANDLE's initial Infinity
     layout = CheckpointLayout(str(tmp_path / "save"))
     assert legacy_best_epoch(layout, read_epoch_info(layout, 1)) is None
 

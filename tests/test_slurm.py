@@ -34,9 +34,10 @@ def fresh_clone(root):
     for name in ("slurm_job.sh", "benchmark.py", "candle_params.py", "default_model.txt"):
         shutil.copy(os.path.join(TOP, "examples", name), root / "examples" / name)
     (root / ".venv" / "bin").mkdir(parents=True)
-    executable(root / ".venv" / "bin" / "python",
-               f'#!/bin/sh\necho "$0" >> {root}/venv-used\n'
-               f'PYTHONPATH={TOP} exec {sys.executable} "$@"\n')
+    executable(
+        root / ".venv" / "bin" / "python",
+        f'#!/bin/sh\necho "$0" >> {root}/venv-used\nPYTHONPATH={TOP} exec {sys.executable} "$@"\n',
+    )
     return root
 
 
@@ -45,17 +46,21 @@ def fake_slurm(bin_dir, spool):
     directory, as Slurm does (so the script cannot find the repository from $0)."""
     bin_dir.mkdir()
     spool.mkdir()
-    executable(bin_dir / "sbatch",
-               f'#!/bin/sh\ncp "$1" {spool}/slurm_script\nshift\n'
-               f'SLURM_SUBMIT_DIR="$PWD" SLURM_JOB_ID=4242 exec bash {spool}/slurm_script "$@"\n')
+    executable(
+        bin_dir / "sbatch",
+        f'#!/bin/sh\ncp "$1" {spool}/slurm_script\nshift\n'
+        f'SLURM_SUBMIT_DIR="$PWD" SLURM_JOB_ID=4242 exec bash {spool}/slurm_script "$@"\n',
+    )
     executable(bin_dir / "scontrol", f'#!/bin/sh\necho "$@" >> {spool}/scontrol.args\n')
-    executable(bin_dir / "python3", "#!/bin/sh\nexit 1\n")   # no candle_ckpt there
+    executable(bin_dir / "python3", "#!/bin/sh\nexit 1\n")  # no candle_ckpt there
 
 
 def script_env(bin_dir, **extra):
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("PYTHON", "REPO", "BENCHMARK", "CKPT_DIR") and
-           not key.startswith("SLURM_")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHON", "REPO", "BENCHMARK", "CKPT_DIR") and not key.startswith("SLURM_")
+    }
     return {**env, "PATH": f"{bin_dir}:{env['PATH']}", **extra}
 
 
@@ -63,9 +68,14 @@ def script_env(bin_dir, **extra):
 def test_sbatch_from_a_fresh_clone_uses_its_venv_without_python_set(tmp_path):
     repo = fresh_clone(tmp_path / "clone")
     fake_slurm(tmp_path / "bin", tmp_path / "spool")
-    result = subprocess.run(["sbatch", "examples/slurm_job.sh", "--epochs", "2", *TINY],
-                            cwd=repo, env=script_env(tmp_path / "bin"), capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        ["sbatch", "examples/slurm_job.sh", "--epochs", "2", *TINY],
+        cwd=repo,
+        env=script_env(tmp_path / "bin"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "training exited with status 0" in result.stdout
     assert (repo / "venv-used").read_text() == f"{repo}/.venv/bin/python\n"
@@ -77,14 +87,20 @@ def test_without_a_python_that_has_candle_ckpt_it_says_in_one_line_what_to_set(t
     (repo / "examples").mkdir(parents=True)
     shutil.copy(SLURM_JOB, repo / "examples")
     fake_slurm(tmp_path / "bin", tmp_path / "spool")
-    result = subprocess.run(["sbatch", "examples/slurm_job.sh"], cwd=repo,
-                            env=script_env(tmp_path / "bin"), capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["sbatch", "examples/slurm_job.sh"],
+        cwd=repo,
+        env=script_env(tmp_path / "bin"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr == (
         f"no Python with candle_ckpt: {repo}/.venv/bin/python does not exist and python3 "
         f"cannot import candle_ckpt; set PYTHON=/path/to/bin/python (or submit from the "
-        f"repository's top, or set REPO)\n")
+        f"repository's top, or set REPO)\n"
+    )
     assert not (repo / "save").exists()
 
 
@@ -137,36 +153,56 @@ class OneNodeSlurm:
     def __init__(self, root):
         self.root = root
         self.host = socket.gethostname().split(".")[0]
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
-                    "SLURM_CONF": os.path.join(root, "slurm.conf")}
-        self.pid_files = [os.path.join(root, "munge", "munged.pid"),
-                          os.path.join(root, "slurmctld.pid"),
-                          os.path.join(root, "slurmd.pid")]
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+            "SLURM_CONF": os.path.join(root, "slurm.conf"),
+        }
+        self.pid_files = [
+            os.path.join(root, "munge", "munged.pid"),
+            os.path.join(root, "slurmctld.pid"),
+            os.path.join(root, "slurmd.pid"),
+        ]
 
     def start(self):
         """Start the daemons; return None, or why Slurm cannot run here."""
         munge = os.path.join(self.root, "munge")
-        for directory in (munge, os.path.join(self.root, "state"),
-                          os.path.join(self.root, "spool")):
+        for directory in (
+            munge,
+            os.path.join(self.root, "state"),
+            os.path.join(self.root, "spool"),
+        ):
             os.makedirs(directory, mode=0o700)
         key = os.path.join(munge, "munge.key")
         with open(os.open(key, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as stream:
             stream.write(os.urandom(1024))
         open(os.path.join(self.root, "plugstack.conf"), "w").close()
         with open(self.env["SLURM_CONF"], "w") as stream:
-            stream.write(SLURM_CONF.format(host=self.host, root=self.root,
-                                           ctld_port=free_port(), slurmd_port=free_port(),
-                                           cpus=os.cpu_count() or 1))
+            stream.write(
+                SLURM_CONF.format(
+                    host=self.host,
+                    root=self.root,
+                    ctld_port=free_port(),
+                    slurmd_port=free_port(),
+                    cpus=os.cpu_count() or 1,
+                )
+            )
         commands = [
-            ["munged", f"--socket={munge}/munge.socket", f"--pid-file={munge}/munged.pid",
-             f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed",
-             f"--key-file={key}", "--force"],
+            [
+                "munged",
+                f"--socket={munge}/munge.socket",
+                f"--pid-file={munge}/munged.pid",
+                f"--log-file={munge}/munged.log",
+                f"--seed-file={munge}/munged.seed",
+                f"--key-file={key}",
+                "--force",
+            ],
             ["slurmctld", "-c", "-i"],
             ["slurmd"],
         ]
         for command in commands:
-            result = subprocess.run(command, env=self.env, capture_output=True, text=True,
-                                    timeout=60)
+            result = subprocess.run(
+                command, env=self.env, capture_output=True, text=True, timeout=60
+            )
             if result.returncode != 0:
                 return f"{command[0]} failed ({result.returncode}): {result.stderr[-500:]}"
         deadline = time.monotonic() + 30
@@ -178,8 +214,14 @@ class OneNodeSlurm:
         return f"the node did not become idle (sinfo: {state!r}); {self.log_tails()}"
 
     def run(self, *command, cwd=None, env=None):
-        return subprocess.run(command, env={**self.env, **(env or {})}, cwd=cwd,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            command,
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def wait_for(self, job_id, seconds):
         """Wait until job `job_id` has left the queue; False if it is still there."""
@@ -226,9 +268,13 @@ def slurm_installed():
         return "Slurm is not installed and installing it (apt-get) needs root"
     if not shutil.which("apt-get"):
         return "Slurm is not installed and there is no apt-get"
-    install = subprocess.run(["apt-get", "install", "-y", "slurm-wlm", "munge"],
-                             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                             capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        ["apt-get", "install", "-y", "slurm-wlm", "munge"],
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if install.returncode != 0:
         return f"apt-get install slurm-wlm munge failed: {install.stderr[-500:]}"
     missing = [name for name in needed if not shutil.which(name)]
@@ -242,7 +288,7 @@ def slurm():
     reason = slurm_installed()
     if reason:
         pytest.skip(reason)
-    root = tempfile.mkdtemp(prefix="candle-slurm-")   # short: munge's socket path
+    root = tempfile.mkdtemp(prefix="candle-slurm-")  # short: munge's socket path
     cluster = OneNodeSlurm(root)
     try:
         reason = cluster.start()
@@ -267,11 +313,26 @@ def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slur
     run_job(reference, *EPOCHS)
     save = tmp_path / "save"
     output = tmp_path / "job.out"
-    env = {"PYTHON": sys.executable, "PYTHONPATH": TOP, "CKPT_DIR": str(save),
-           "BENCHMARK": os.path.join(HERE, "keras_job.py"), "MAX_REQUEUES": "8"}
-    submitted = slurm.run("sbatch", "--parsable", "--time=1", "--signal=B:USR1@5",
-                          "--cpus-per-task=1", f"--output={output}", SLURM_JOB,
-                          *EPOCHS, *STOPPED, cwd=tmp_path, env=env)
+    env = {
+        "PYTHON": sys.executable,
+        "PYTHONPATH": TOP,
+        "CKPT_DIR": str(save),
+        "BENCHMARK": os.path.join(HERE, "keras_job.py"),
+        "MAX_REQUEUES": "8",
+    }
+    submitted = slurm.run(
+        "sbatch",
+        "--parsable",
+        "--time=1",
+        "--signal=B:USR1@5",
+        "--cpus-per-task=1",
+        f"--output={output}",
+        SLURM_JOB,
+        *EPOCHS,
+        *STOPPED,
+        cwd=tmp_path,
+        env=env,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
     finished = slurm.wait_for(job_id, 400)
@@ -282,8 +343,13 @@ def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slur
     assert f"pre-empted: requeueing job {job_id}" in text
     assert "(restart count 1)" in text
     log = (save / "ckpt.log").read_text()
-    assert re.search(rf"WALL-CLOCK STOP after epoch \d: .*\('squeue -h -j {job_id} -o %L'; "
-                     rf"\d+ s left\); epoch \d is already on disk; exiting with status 75", log)
+    assert re.search(
+        rf"WALL-CLOCK STOP after epoch \d: .*\('squeue -h -j {job_id} -o %L'; "
+        rf"\d+ s left\); epoch \d is already on disk; exiting with status 75",
+        log,
+    )
     assert "restarted from epoch" in log
-    assert_same_state(reference / "ckpts" / "epochs" / "004" / "model.h5",
-                      save / "ckpts" / "epochs" / "004" / "model.h5")
+    assert_same_state(
+        reference / "ckpts" / "epochs" / "004" / "model.h5",
+        save / "ckpts" / "epochs" / "004" / "model.h5",
+    )

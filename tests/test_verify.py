@@ -42,7 +42,9 @@ def test_a_kept_file_that_shrinks_while_it_is_read_is_refused(epoch_dir, monkeyp
     def shrink_then_read(path, compute_crc):
         os.truncate(path, 4096)
         return real_read_file(path, compute_crc=compute_crc)
+
     monkeypatch.setattr(verify, "read_file", shrink_then_read)
-    with pytest.raises(CorruptCheckpointError,
-                       match=r"model.h5: size 4096 bytes, ckpt-info.json records 100000"):
+    with pytest.raises(
+        CorruptCheckpointError, match=r"model.h5: size 4096 bytes, ckpt-info.json records 100000"
+    ):
         verify.verify_files(epoch_dir, read_info(epoch_dir), hold_contents_of="model.h5")

@@ -31,8 +31,11 @@ LOGGER = logging.getLogger("candle_ckpt.test_walltime")
 
 # -- parsing ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, seconds", [
-    ("90", 90), ("1:30", 90), ("0:05", 5), ("1:00:00", 3600), ("2-03:00:00", 183600)])
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90", 90), ("1:30", 90), ("0:05", 5), ("1:00:00", 3600), ("2-03:00:00", 183600)],
+)
 def test_durations_in_squeue_forms(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -46,12 +49,16 @@ def test_what_is_not_a_duration_is_refused(text):
 def test_end_time_absolute_or_from_the_start():
     assert parse_end_time("+1:00", 1000.0) == 1060.0
     assert parse_end_time("2026-12-03T10:05:00+00:00", 0.0) == 1796292300.0
-    with pytest.raises(ParameterValueError, match=r"'ckpt_end_time': received 'tomorrow'; "
-                       r"expected an ISO 8601 time .* or a duration from the start"):
+    with pytest.raises(
+        ParameterValueError,
+        match=r"'ckpt_end_time': received 'tomorrow'; "
+        r"expected an ISO 8601 time .* or a duration from the start",
+    ):
         parse_end_time("tomorrow", 0.0)
 
 
 # -- where the end comes from ------------------------------------------------------------
+
 
 @pytest.fixture
 def fake_squeue(tmp_path, monkeypatch):
@@ -63,12 +70,15 @@ def fake_squeue(tmp_path, monkeypatch):
 
     def install(output, status=0):
         script = bin_dir / "squeue"
-        script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "{output}"\n'
-                          f'[ {status} -eq 0 ] || echo "slurm_load_jobs error" >&2\n'
-                          f"exit {status}\n")
+        script.write_text(
+            f'#!/bin/sh\necho "$@" >> {calls}\necho "{output}"\n'
+            f'[ {status} -eq 0 ] || echo "slurm_load_jobs error" >&2\n'
+            f"exit {status}\n"
+        )
         script.chmod(0o755)
         monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
         return calls
+
     return install
 
 
@@ -88,17 +98,24 @@ def test_an_unlimited_job_has_no_wall_clock_stop(fake_squeue, caplog):
     assert "job 77 has no time limit; no wall-clock stop" in caplog.text
 
 
-@pytest.mark.parametrize("output, status, reason", [
-    ("", 1, r"exited with status 1: 'slurm_load_jobs error'"),
-    ("garbage", 0, r"printed 'garbage'; expected a time left such as"),
-])
-def test_a_failing_squeue_is_a_warning_naming_everything_tried(fake_squeue, caplog, output,
-                                                                 status, reason):
+@pytest.mark.parametrize(
+    "output, status, reason",
+    [
+        ("", 1, r"exited with status 1: 'slurm_load_jobs error'"),
+        ("garbage", 0, r"printed 'garbage'; expected a time left such as"),
+    ],
+)
+def test_a_failing_squeue_is_a_warning_naming_everything_tried(
+    fake_squeue, caplog, output, status, reason
+):
     fake_squeue(output, status)
     assert find_job_end(None, {"SLURM_JOB_ID": "77"}, 0.0, LOGGER) is None
-    assert re.search(r"the job's end is unknown: tried ckpt_end_time \(not set\); "
-                     r"SLURM_JOB_END_TIME \(not in the environment\); "
-                     r"'squeue -h -j 77 -o %L' \(" + reason, caplog.text)
+    assert re.search(
+        r"the job's end is unknown: tried ckpt_end_time \(not set\); "
+        r"SLURM_JOB_END_TIME \(not in the environment\); "
+        r"'squeue -h -j 77 -o %L' \(" + reason,
+        caplog.text,
+    )
     assert "training runs without the wall-clock stop" in caplog.text
 
 
@@ -123,6 +140,7 @@ def test_the_parameter_comes_first_then_the_environment_then_squeue(fake_squeue)
 
 
 # -- the estimator -----------------------------------------------------------------------
+
 
 class FakeClock:
     def __init__(self, now=1000.0):
@@ -154,10 +172,13 @@ def test_stops_when_the_next_epoch_save_and_margin_would_pass_the_end(monkeypatc
     assert run_epochs(stop, clock, [10] * 5, [2] * 5) == 3
     estimate = stop.should_stop()
     assert (estimate.epoch_seconds, estimate.save_seconds, estimate.margin) == (10, 2, 5)
-    assert re.fullmatch(r"the next epoch \(10.0 s, the longest of the last 3 measured\) plus "
-                        r"a save \(2.0 s\) plus ckpt_walltime_margin \(5 s\) would end at "
-                        r"\S+ \S+, after the job's end \S+ \S+ \(ckpt_end_time=\+50; 14 s "
-                        r"left\)", estimate.describe())
+    assert re.fullmatch(
+        r"the next epoch \(10.0 s, the longest of the last 3 measured\) plus "
+        r"a save \(2.0 s\) plus ckpt_walltime_margin \(5 s\) would end at "
+        r"\S+ \S+, after the job's end \S+ \S+ \(ckpt_end_time=\+50; 14 s "
+        r"left\)",
+        estimate.describe(),
+    )
 
 
 def test_a_slow_first_epoch_stops_counting_after_three(monkeypatch):
@@ -189,7 +210,7 @@ def test_squeue_is_asked_at_the_start_and_then_rarely(fake_squeue, monkeypatch, 
     stop.start()
     run_epochs(stop, clock, [1] * 20, [0.1] * 20)
     assert len(calls.read_text().splitlines()) == 1
-    fake_squeue("1:00:00")          # an operator extended the limit
+    fake_squeue("1:00:00")  # an operator extended the limit
     clock.now += REASK_SECONDS
     with caplog.at_level(logging.INFO):
         stop.should_stop()
@@ -200,15 +221,22 @@ def test_squeue_is_asked_at_the_start_and_then_rarely(fake_squeue, monkeypatch, 
 
 # -- the session: settings and agreement -------------------------------------------------
 
+
 def session(tmp_path, **params):
-    return TrainingSession({"ckpt_directory": str(tmp_path / "save"), "epochs": 5, **params},
-                           logger=LOGGER, verbose=False)
+    return TrainingSession(
+        {"ckpt_directory": str(tmp_path / "save"), "epochs": 5, **params},
+        logger=LOGGER,
+        verbose=False,
+    )
 
 
 def test_an_end_time_without_a_margin_is_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(ParameterValueError, match=r"'ckpt_end_time' is '\+60' but "
-                       r"'ckpt_walltime_margin' is 0 \(the wall-clock stop is off\); "
-                       r"expected a margin in seconds > 0"):
+    with pytest.raises(
+        ParameterValueError,
+        match=r"'ckpt_end_time' is '\+60' but "
+        r"'ckpt_walltime_margin' is 0 \(the wall-clock stop is off\); "
+        r"expected a margin in seconds > 0",
+    ):
         session(tmp_path, ckpt_end_time="+60")
     with pytest.raises(ParameterValueError, match="'ckpt_end_time': received 'soon'"):
         session(tmp_path, ckpt_end_time="soon", ckpt_walltime_margin=60)
@@ -220,7 +248,7 @@ def fake_adapter(all_gather):
 
 
 def test_every_process_follows_the_writers_verdict(tmp_path):
-    writer_stops = lambda mine: [(1, 1), tuple(mine)]   # noqa: E731 (rank 0 writes)
+    writer_stops = lambda mine: [(1, 1), tuple(mine)]  # noqa: E731 (rank 0 writes)
     writer_goes_on = lambda mine: [(1, 0), tuple(mine)]  # noqa: E731
     worker = session(tmp_path, ckpt_walltime_margin=10)
     worker._writer = False
@@ -234,8 +262,11 @@ def test_a_non_writer_without_a_collective_is_refused(tmp_path):
     worker = session(tmp_path, ckpt_walltime_margin=10)
     worker._writer = False
     worker._adapter = fake_adapter(None)
-    with pytest.raises(ParameterValueError, match=r"'ckpt_walltime_margin' is 10 in a "
-                       r"process that does not write the checkpoint .* expected 0 here"):
+    with pytest.raises(
+        ParameterValueError,
+        match=r"'ckpt_walltime_margin' is 10 in a "
+        r"process that does not write the checkpoint .* expected 0 here",
+    ):
         worker._check_walltime_agreement()
 
 
@@ -244,14 +275,27 @@ def test_a_non_writer_without_a_collective_is_refused(tmp_path):
 # The end is 300 s after the start and the margin 20 s: after epoch 2 (160 s) one more
 # epoch and a save end at about 260 s, after epoch 3 (240 s) at 340 s, past the end. The
 # interval leaves epoch 3 unsaved, so the stop saves it.
-WALLTIME = ("--epochs", "6", "--ckpt_save_interval", "2", "--ckpt_save_best", "false",
-            "--ckpt_walltime_margin", "20", "--ckpt_end_time", "+300",
-            "--virtual_clock", "10")
+WALLTIME = (
+    "--epochs",
+    "6",
+    "--ckpt_save_interval",
+    "2",
+    "--ckpt_save_best",
+    "false",
+    "--ckpt_walltime_margin",
+    "20",
+    "--ckpt_end_time",
+    "+300",
+    "--virtual_clock",
+    "10",
+)
 UNINTERRUPTED = WALLTIME[:6]
-STOP_LOG = (r"WALL-CLOCK STOP after epoch 3: the next epoch \(8\d\.\d s, the longest of the "
-            r"last 3 measured\) plus a save \(\d+\.\d s\) plus ckpt_walltime_margin \(20 s\) "
-            r"would end at .*\(ckpt_end_time=\+300; \d+ s left\); epoch 3 saved now; exiting "
-            r"with status 75 so that the job script can requeue")
+STOP_LOG = (
+    r"WALL-CLOCK STOP after epoch 3: the next epoch \(8\d\.\d s, the longest of the "
+    r"last 3 measured\) plus a save \(\d+\.\d s\) plus ckpt_walltime_margin \(20 s\) "
+    r"would end at .*\(ckpt_end_time=\+300; \d+ s left\); epoch 3 saved now; exiting "
+    r"with status 75 so that the job script can requeue"
+)
 
 
 def run(command, env=None):
@@ -273,8 +317,10 @@ def test_keras_stops_before_the_end_exits_75_and_resumes_exactly(tmp_path):
     resumed = run(job_command(stopped, *WALLTIME))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "restarted from epoch 3" in resumed.stderr
-    assert_same_state(reference / "ckpts" / "epochs" / "006" / "model.h5",
-                      stopped / "ckpts" / "epochs" / "006" / "model.h5")
+    assert_same_state(
+        reference / "ckpts" / "epochs" / "006" / "model.h5",
+        stopped / "ckpts" / "epochs" / "006" / "model.h5",
+    )
 
 
 @pytest.mark.slow
@@ -289,11 +335,11 @@ def test_pytorch_stops_before_the_end_exits_75_and_resumes_exactly(tmp_path):
     resumed = run([*job, str(stopped), *WALLTIME], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     digest = re.compile(r"final digest (\w+)")
-    assert digest.search(resumed.stdout).group(1) == digest.search(
-        uninterrupted.stdout).group(1)
+    assert digest.search(resumed.stdout).group(1) == digest.search(uninterrupted.stdout).group(1)
 
 
 # -- in process: what is kept when the stop comes ----------------------------------------
+
 
 def stopped_fit(tmp_path, monkeypatch, **extra):
     """Fit 4 epochs under a clock that advances 100 s per epoch, ending 350 s after the
@@ -312,16 +358,29 @@ def stopped_fit(tmp_path, monkeypatch, **extra):
         def on_epoch_begin(self, epoch, logs=None):
             clock.now += 100
 
-    params = {"ckpt_directory": str(tmp_path / "save"), "epochs": 4, "ckpt_save_best": False,
-              "ckpt_walltime_margin": 10, "ckpt_end_time": "+350", **extra}
+    params = {
+        "ckpt_directory": str(tmp_path / "save"),
+        "epochs": 4,
+        "ckpt_save_best": False,
+        "ckpt_walltime_margin": 10,
+        "ckpt_end_time": "+350",
+        **extra,
+    }
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(optimizer="adam", loss="mean_squared_error")
     x = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
     ckpt = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
     with pytest.raises(SystemExit) as exited:
-        model.fit(x, x[:, :1], batch_size=16, epochs=4, shuffle=False, verbose=0,
-                  callbacks=[Advance(), ckpt])
+        model.fit(
+            x,
+            x[:, :1],
+            batch_size=16,
+            epochs=4,
+            shuffle=False,
+            verbose=0,
+            callbacks=[Advance(), ckpt],
+        )
     log_file = tmp_path / "save" / "ckpt.log"
     return exited.value.code, log_file.read_text() if log_file.exists() else ""
 
@@ -334,8 +393,7 @@ def test_saving_disabled_still_stops_and_exits_75(tmp_path, monkeypatch):
 
 
 def test_with_ckpt_signal_too_the_unsaved_epoch_is_saved_once(tmp_path, monkeypatch):
-    status, log = stopped_fit(tmp_path, monkeypatch, ckpt_save_interval=3,
-                              ckpt_signal="USR1")
+    status, log = stopped_fit(tmp_path, monkeypatch, ckpt_save_interval=3, ckpt_signal="USR1")
     assert status == PREEMPTED_EXIT_STATUS
     assert "; epoch 2 saved now; exiting with status 75" in log
     assert log.count("epoch 2 saved (wall-clock)") == 1
@@ -369,6 +427,7 @@ def test_with_ckpt_async_a_save_counts_its_background_write(monkeypatch, make_ch
     assert list(stop.save_seconds) == [7.0]
 
     from conftest import file_writer
+
     checkpointer = make_checkpointer()
     assert checkpointer.last_write_seconds is None
     checkpointer.epoch_end(1, {"loss": 1.0}, file_writer())

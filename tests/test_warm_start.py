@@ -29,6 +29,7 @@ def test_ckpt_init_from_is_a_parameter_of_the_table():
     assert validate_params({})["ckpt_init_from"] is None
     assert validate_params({"ckpt_init_from": "p/save:best"})["ckpt_init_from"] == "p/save:best"
     import argparse
+
     parsed = ckpt_parser(argparse.ArgumentParser()).parse_args(["--ckpt_init_from", "x:3"])
     assert parsed.ckpt_init_from == "x:3"
     assert "ckpt_init_from" in [entry["name"] for entry in ckpt_defs([])]
@@ -38,11 +39,17 @@ def test_ckpt_init_from_is_a_parameter_of_the_table():
 
 # -- Keras ------------------------------------------------------------------------------
 
+
 def keras_model(seed):
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
-                              keras.layers.Dropout(0.25, seed=seed),
-                              keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dropout(0.25, seed=seed),
+            keras.layers.Dense(1),
+        ]
+    )
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mean_squared_error")
     return model
 
@@ -52,8 +59,17 @@ def keras_fit(model, params, epochs, initial_epoch=0):
     x = rng.standard_normal((32, 4)).astype("float32")
     y = x[:, :1] * 2
     callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
-    model.fit(x, y, validation_data=(x, y), epochs=epochs, initial_epoch=initial_epoch,
-              batch_size=8, shuffle=False, verbose=0, callbacks=[callback])
+    model.fit(
+        x,
+        y,
+        validation_data=(x, y),
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        batch_size=8,
+        shuffle=False,
+        verbose=0,
+        callbacks=[callback],
+    )
     return callback
 
 
@@ -72,15 +88,13 @@ def keras_parent(tmp_path_factory):
     """A parent tree of 3 epochs, every one kept, and its final weights."""
     root = tmp_path_factory.mktemp("keras_parent") / "save"
     model = keras_model(1)
-    keras_fit(model, {"ckpt_directory": str(root), "epochs": 3,
-                      "ckpt_save_best_metric": "loss"}, 3)
+    keras_fit(model, {"ckpt_directory": str(root), "epochs": 3, "ckpt_save_best_metric": "loss"}, 3)
     return root, weights_of(model)
 
 
 def test_keras_warm_start_loads_the_parents_weights_only(keras_parent, tmp_path, caplog):
     parent, parent_weights = keras_parent
-    params = {"ckpt_directory": str(tmp_path / "child"), "epochs": 2,
-              "ckpt_init_from": str(parent)}
+    params = {"ckpt_directory": str(tmp_path / "child"), "epochs": 2, "ckpt_init_from": str(parent)}
     child = keras_model(7)
     seed_states = [v.numpy().copy() for v in child.variables if "seed_generator" in v.path]
     with caplog.at_level(logging.INFO, logger="candle_ckpt"):
@@ -89,13 +103,16 @@ def test_keras_warm_start_loads_the_parents_weights_only(keras_parent, tmp_path,
     assert "WARM START" in caplog.text and "epoch 3" in caplog.text
     # the optimizer and the random states are the child's own, fresh
     assert int(child.optimizer.iterations.numpy()) == 0
-    assert_equal_arrays([v.numpy() for v in child.variables if "seed_generator" in v.path],
-                        seed_states)
+    assert_equal_arrays(
+        [v.numpy() for v in child.variables if "seed_generator" in v.path], seed_states
+    )
     callback = keras_fit(child, params, 2)
     parent_epoch = os.path.join(parent, "ckpts", "epochs", "003")
     assert callback.checkpointer.init_from == {
-        "source": parent_epoch, "epoch": 3,
-        "checksum": read_info(parent_epoch)["checksum"]}
+        "source": parent_epoch,
+        "epoch": 3,
+        "checksum": read_info(parent_epoch)["checksum"],
+    }
     # epochs start at 0: the child's tree holds its own epochs 1 and 2
     assert CheckpointLayout(params["ckpt_directory"]).list_epochs() == [1, 2]
     assert int(child.optimizer.iterations.numpy()) == 2 * 4
@@ -113,38 +130,50 @@ def test_keras_warm_start_loads_the_parents_weights_only(keras_parent, tmp_path,
     assert callback.checkpointer.init_from is None
 
 
-@pytest.mark.parametrize("selector, epoch", [(":1", 1), (":best", None), (":last", 3),
-                                             ("/ckpts/epochs/002", 2), ("/ckpts/last", 3)])
+@pytest.mark.parametrize(
+    "selector, epoch",
+    [(":1", 1), (":best", None), (":last", 3), ("/ckpts/epochs/002", 2), ("/ckpts/last", 3)],
+)
 def test_keras_warm_start_selectors(keras_parent, tmp_path, selector, epoch):
     parent, _ = keras_parent
     layout = CheckpointLayout(parent)
     epoch = epoch or layout.resolve_link("best")
     reference = keras_model(1)
-    candle_ckpt.restart({"ckpt_directory": str(parent), "epochs": 3}, reference,
-                        verbose=False)  # epoch 3, then load the wanted epoch's weights
+    candle_ckpt.restart(
+        {"ckpt_directory": str(parent), "epochs": 3}, reference, verbose=False
+    )  # epoch 3, then load the wanted epoch's weights
     from candle_ckpt.keras import h5
+
     h5.restore(reference, os.path.join(layout.epoch_dir(epoch), "model.h5"))
     child = keras_model(9)
-    params = {"ckpt_directory": str(tmp_path / "child"), "epochs": 1,
-              "ckpt_init_from": f"{parent}{selector}"}
+    params = {
+        "ckpt_directory": str(tmp_path / "child"),
+        "epochs": 1,
+        "ckpt_init_from": f"{parent}{selector}",
+    }
     assert candle_ckpt.restart(params, child, verbose=False) is None
     assert_equal_arrays(weights_of(child), weights_of(reference))
 
 
-@pytest.mark.parametrize("source, message", [
-    ("{tmp}/nowhere", "neither a checkpoint tree"),
-    ("{parent}:9", "has no ckpt-info.json"),
-    ("{tmp}/nowhere:best", "is not a checkpoint tree"),
-    ("{empty}:last", "is absent or dangling"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("{tmp}/nowhere", "neither a checkpoint tree"),
+        ("{parent}:9", "has no ckpt-info.json"),
+        ("{tmp}/nowhere:best", "is not a checkpoint tree"),
+        ("{empty}:last", "is absent or dangling"),
+    ],
+)
 def test_keras_missing_init_source_is_refused(keras_parent, tmp_path, source, message):
     parent, _ = keras_parent
     os.makedirs(tmp_path / "empty" / "ckpts")
     child = keras_model(5)
     before = weights_of(child)
-    params = {"ckpt_directory": str(tmp_path / "child"), "epochs": 1,
-              "ckpt_init_from": source.format(tmp=tmp_path, parent=parent,
-                                              empty=tmp_path / "empty")}
+    params = {
+        "ckpt_directory": str(tmp_path / "child"),
+        "epochs": 1,
+        "ckpt_init_from": source.format(tmp=tmp_path, parent=parent, empty=tmp_path / "empty"),
+    }
     with pytest.raises(CheckpointError, match=message) as raised:
         candle_ckpt.restart(params, child, verbose=False)
     assert "ckpt_init_from" in str(raised.value)
@@ -154,13 +183,13 @@ def test_keras_missing_init_source_is_refused(keras_parent, tmp_path, source, me
 
 def test_keras_corrupt_init_source_is_refused_before_training(keras_parent, tmp_path):
     import shutil
+
     parent = tmp_path / "parent"
     shutil.copytree(keras_parent[0], parent, symlinks=True)
     flip_last_byte(parent / "ckpts" / "epochs" / "003" / "model.h5")
     child = keras_model(5)
     before = weights_of(child)
-    params = {"ckpt_directory": str(tmp_path / "child"), "epochs": 1,
-              "ckpt_init_from": str(parent)}
+    params = {"ckpt_directory": str(tmp_path / "child"), "epochs": 1, "ckpt_init_from": str(parent)}
     with pytest.raises(CheckpointError, match=r"ckpt_init_from .*checksum mismatch in"):
         candle_ckpt.restart(params, child, verbose=False)
     assert_equal_arrays(weights_of(child), before)
@@ -169,12 +198,14 @@ def test_keras_corrupt_init_source_is_refused_before_training(keras_parent, tmp_
 
 def test_keras_init_source_of_another_architecture_is_refused(keras_parent, tmp_path):
     keras.utils.set_random_seed(3)
-    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5),
-                              keras.layers.Dense(1)])
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5), keras.layers.Dense(1)])
     other.compile(optimizer="adam", loss="mse")
     before = weights_of(other)
-    params = {"ckpt_directory": str(tmp_path / "child"), "epochs": 1,
-              "ckpt_init_from": str(keras_parent[0])}
+    params = {
+        "ckpt_directory": str(tmp_path / "child"),
+        "epochs": 1,
+        "ckpt_init_from": str(keras_parent[0]),
+    }
     with pytest.raises(CheckpointError, match=r"ckpt_init_from .*shape.*Nothing was loaded"):
         candle_ckpt.restart(params, other, verbose=False)
     assert_equal_arrays(weights_of(other), before)
@@ -182,13 +213,16 @@ def test_keras_init_source_of_another_architecture_is_refused(keras_parent, tmp_
 
 # -- PyTorch ----------------------------------------------------------------------------
 
+
 def torch_objects(seed):
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
-                              torch.nn.Linear(8, 1))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    return {"model": net, "optimizer": opt,
-            "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)}
+    return {
+        "model": net,
+        "optimizer": opt,
+        "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5),
+    }
 
 
 def torch_train(objects, params, start=0):
@@ -228,8 +262,11 @@ def torch_parent(tmp_path_factory):
 
 def test_pytorch_warm_start_loads_the_parents_weights_only(torch_parent, tmp_path, caplog):
     parent, parent_state = torch_parent
-    params = {"ckpt_directory": str(tmp_path / "child"), "epochs": 2,
-              "ckpt_init_from": f"{parent}:last"}
+    params = {
+        "ckpt_directory": str(tmp_path / "child"),
+        "epochs": 2,
+        "ckpt_init_from": f"{parent}:last",
+    }
     objects = torch_objects(7)
     ckpt = candle_ckpt.CandleCkptPyTorch(params, verbose=False)
     ckpt.set_model(objects)
@@ -243,8 +280,10 @@ def test_pytorch_warm_start_loads_the_parents_weights_only(torch_parent, tmp_pat
     assert objects["scheduler"].last_epoch == 0
     parent_epoch = os.path.join(parent, "ckpts", "epochs", "003")
     assert ckpt.session.checkpointer.init_from == {
-        "source": parent_epoch, "epoch": 3,
-        "checksum": read_info(parent_epoch)["checksum"]}
+        "source": parent_epoch,
+        "epoch": 3,
+        "checksum": read_info(parent_epoch)["checksum"],
+    }
     ckpt.finish()
 
     _, J = torch_train(objects, params)
@@ -263,23 +302,26 @@ def test_pytorch_warm_start_loads_the_parents_weights_only(torch_parent, tmp_pat
 
 def test_pytorch_corrupt_or_unfitting_init_source_is_refused(torch_parent, tmp_path):
     import shutil
+
     parent = tmp_path / "parent"
     shutil.copytree(torch_parent[0], parent, symlinks=True)
     flip_last_byte(parent / "ckpts" / "epochs" / "002" / "model.h5")
     objects = torch_objects(4)
     before = state_of(objects["model"])
-    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(tmp_path / "child"),
-                                          "epochs": 1, "ckpt_init_from": f"{parent}:2"},
-                                         verbose=False)
+    ckpt = candle_ckpt.CandleCkptPyTorch(
+        {"ckpt_directory": str(tmp_path / "child"), "epochs": 1, "ckpt_init_from": f"{parent}:2"},
+        verbose=False,
+    )
     ckpt.set_model(objects)
     with pytest.raises(CheckpointError, match=r"ckpt_init_from .*checksum mismatch"):
         ckpt.restart()
     assert_same_tensors(state_of(objects["model"]), before)
 
     # a module registered under a name the parent has no weights for
-    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(tmp_path / "child2"),
-                                          "epochs": 1, "ckpt_init_from": f"{parent}:3"},
-                                         verbose=False)
+    ckpt = candle_ckpt.CandleCkptPyTorch(
+        {"ckpt_directory": str(tmp_path / "child2"), "epochs": 1, "ckpt_init_from": f"{parent}:3"},
+        verbose=False,
+    )
     ckpt.set_model({"net2": torch.nn.Linear(4, 1)})
     with pytest.raises(CheckpointError, match=r"ckpt_init_from .*\['net2'\] are not in the"):
         ckpt.restart()
@@ -288,9 +330,14 @@ def test_pytorch_corrupt_or_unfitting_init_source_is_refused(torch_parent, tmp_p
 def test_a_keras_tree_is_refused_as_the_source_of_a_pytorch_run(keras_parent, tmp_path):
     objects = torch_objects(4)
     before = state_of(objects["model"])
-    ckpt = candle_ckpt.CandleCkptPyTorch({"ckpt_directory": str(tmp_path / "child"),
-                                          "epochs": 1, "ckpt_init_from": str(keras_parent[0])},
-                                         verbose=False)
+    ckpt = candle_ckpt.CandleCkptPyTorch(
+        {
+            "ckpt_directory": str(tmp_path / "child"),
+            "epochs": 1,
+            "ckpt_init_from": str(keras_parent[0]),
+        },
+        verbose=False,
+    )
     ckpt.set_model(objects)
     with pytest.raises(CheckpointError, match=r"ckpt_init_from .*a Keras checkpoint"):
         ckpt.restart()

@@ -27,8 +27,20 @@ from keras_job import (  # noqa: E402
     wait_for_a_signal,
 )
 
-SMALL = ["--n_samples", "512", "--n_features", "16", "--dense", "[32,16]",
-         "--batch_size", "64", "--lr_step", "2", "--ckpt_keep_limit", "1000"]
+SMALL = [
+    "--n_samples",
+    "512",
+    "--n_features",
+    "16",
+    "--dense",
+    "[32,16]",
+    "--batch_size",
+    "64",
+    "--lr_step",
+    "2",
+    "--ckpt_keep_limit",
+    "1000",
+]
 
 
 def main(argv):
@@ -80,8 +92,11 @@ def leave_process_group(failed):
         else:
             dist.barrier()
     except RuntimeError as error:
-        print(f"rank {dist.get_rank()}: leaving the process group without every rank: "
-              f"{error}", file=sys.stderr, flush=True)
+        print(
+            f"rank {dist.get_rank()}: leaving the process group without every rank: {error}",
+            file=sys.stderr,
+            flush=True,
+        )
     finally:
         dist.destroy_process_group()
 
@@ -92,8 +107,11 @@ def build_lazy_model(params):
 
     layers = []
     for hidden in params["dense"]:
-        layers += [torch.nn.LazyLinear(hidden), torch.nn.ReLU(),
-                   torch.nn.Dropout(params["dropout"])]
+        layers += [
+            torch.nn.LazyLinear(hidden),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(params["dropout"]),
+        ]
     return torch.nn.Sequential(*layers, torch.nn.LazyLinear(1))
 
 

@@ -38,6 +38,7 @@ class Restored:
             says when and by what it will be loaded, and that load logs itself
             (`core.restart.log_restored`).
     """
+
     parts: tuple[str, ...]
     exact: bool
     missing: str = ""
@@ -45,8 +46,15 @@ class Restored:
     deferred: bool = False
 
     @classmethod
-    def of(cls, parts: Iterable[str], *, rng_restored: bool, exact: bool, missing: str = "",
-           source: str = "") -> Restored:
+    def of(
+        cls,
+        parts: Iterable[str],
+        *,
+        rng_restored: bool,
+        exact: bool,
+        missing: str = "",
+        source: str = "",
+    ) -> Restored:
         """A `Restored` whose parts end with "RNG" when the random state was restored."""
         return cls(tuple(parts) + (("RNG",) if rng_restored else ()), exact, missing, source)
 
@@ -90,8 +98,9 @@ class FrameworkAdapter(Protocol):
         """Write `snapshot` into `directory`; return the model file's name. May run in
         another thread; need not fsync (the protocol does)."""
 
-    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger, *,
-                weights_only: bool = False) -> Restored:
+    def restore(
+        self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False
+    ) -> Restored:
         """Load the verified `checkpoint` (its bytes: `checkpoint.model_contents`).
         Everything is checked before the first value changes. `weights_only` (a warm
         start, `ckpt_init_from`): the model's weights only, never the optimizer, the

@@ -84,13 +84,15 @@ class SharedThread:
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forget)
 
-    def submit(self, function: Callable[..., Result], *args: Any
-               ) -> concurrent.futures.Future[Result]:
+    def submit(
+        self, function: Callable[..., Result], *args: Any
+    ) -> concurrent.futures.Future[Result]:
         """Run `function(*args)` in the thread; returns its future."""
         with self._lock:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix=self.name)
+                    max_workers=1, thread_name_prefix=self.name
+                )
             return self._executor.submit(_run_at_nice, _thread_nice(), function, *args)
 
     def _forget(self) -> None:
@@ -113,8 +115,8 @@ class TrashCollector:
         self.trash_dir = trash_dir
         self.logger = logger
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="candle_ckpt-trash",
-            initializer=lower_thread_priority)
+            max_workers=1, thread_name_prefix="candle_ckpt-trash", initializer=lower_thread_priority
+        )
         self._lock = threading.Lock()
         self._pending: concurrent.futures.Future[None] | None = None
 
@@ -135,8 +137,9 @@ class TrashCollector:
         try:
             removed = durable.empty_trash(self.trash_dir)
         except OSError as error:
-            self.logger.warning("emptying '%s' failed (%s); will retry at the next deletion",
-                                self.trash_dir, error)
+            self.logger.warning(
+                "emptying '%s' failed (%s); will retry at the next deletion", self.trash_dir, error
+            )
             return
         if removed:
             self.logger.debug("removed from trash: %s", ", ".join(removed))
@@ -160,7 +163,8 @@ class BackgroundWriter:
 
     def __init__(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="candle_ckpt-save")
+            max_workers=1, thread_name_prefix="candle_ckpt-save"
+        )
         self._pending: concurrent.futures.Future[Any] | None = None
         self._writer_thread_id: int | None = None
 
@@ -225,4 +229,5 @@ def check_snapshot_fits(nbytes: int, setting: str, off: str) -> None:
         raise CheckpointError(
             f"{setting} needs a host-memory snapshot of the training state, "
             f"{nbytes / 1e6:.0f} MB, but only {available / 1e6:.0f} MB are available "
-            f"(MemAvailable); expected the snapshot to fit: free memory or set {off}")
+            f"(MemAvailable); expected the snapshot to fit: free memory or set {off}"
+        )

@@ -51,10 +51,11 @@ WriteFiles = Callable[[str], str]
 @dataclass(frozen=True)
 class SaveDecision:
     """That an epoch is saved, why, and the best-metric state and metrics of that epoch."""
+
     epoch: int
-    reason: str          # "best", "final", "interval" (or another caller's reason)
+    reason: str  # "best", "final", "interval" (or another caller's reason)
     improved: bool
-    time: float          # time.time() at the epoch's end
+    time: float  # time.time() at the epoch's end
     best_value: float | None
     best_epoch: int | None
     metrics: Mapping[str, float | None] = field(default_factory=dict)
@@ -73,24 +74,34 @@ class Checkpointer:
         versions: library versions recorded in every ckpt-info.json.
     """
 
-    def __init__(self, gParameters: Mapping[str, Any],
-                 logger: LibraryLogger | Literal["DEFAULT"] | None = "DEFAULT",
-                 verbose: bool = True, versions: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        gParameters: Mapping[str, Any],
+        logger: LibraryLogger | Literal["DEFAULT"] | None = "DEFAULT",
+        verbose: bool = True,
+        versions: Mapping[str, str] | None = None,
+    ) -> None:
         self.settings = validate_params(gParameters, require_epochs=True)
         self.layout = CheckpointLayout(self.settings["ckpt_directory"])
         self.verbose = verbose
         self._logger: LibraryLogger | None = (
-            None if logger == "DEFAULT" else logger or silent_logger())
+            None if logger == "DEFAULT" else logger or silent_logger()
+        )
         metric = self.settings["ckpt_save_best_metric"]
-        self.best = (BestMetric(metric, infer_metric_mode(
-            metric, self.settings["ckpt_best_metric_mode"]))
-            if self.settings["ckpt_save_best"] else None)
+        self.best = (
+            BestMetric(metric, infer_metric_mode(metric, self.settings["ckpt_best_metric_mode"]))
+            if self.settings["ckpt_save_best"]
+            else None
+        )
         self.run_epochs: list[int] = []
         self.last_save_time: float | None = None
         self.prepared = False
         self.background = BackgroundWriter() if self.settings["ckpt_async"] else None
-        self.versions = {"candle_ckpt": __version__, "python": platform.python_version(),
-                         **(versions or {})}
+        self.versions = {
+            "candle_ckpt": __version__,
+            "python": platform.python_version(),
+            **(versions or {}),
+        }
         self.adapter_name: str | None = None
         self.model_format: str | None = None
         self.last_write_seconds: float | None = None  # the last save protocol that succeeded
@@ -104,8 +115,9 @@ class Checkpointer:
         # this run started from, recorded in every ckpt-info.json it writes.
         self.init_from: dict[str, Any] | None = None
 
-    def describe_writer(self, adapter_name: str, model_format: str,
-                        versions: Mapping[str, str]) -> None:
+    def describe_writer(
+        self, adapter_name: str, model_format: str, versions: Mapping[str, str]
+    ) -> None:
         """Record which adapter and model-file format write, and their library versions."""
         self.adapter_name, self.model_format = adapter_name, model_format
         self.versions.update(versions)
@@ -127,9 +139,10 @@ class Checkpointer:
     @functools.cached_property
     def history(self) -> HistoryWriter:
         """The `HistoryWriter` appending this run's lines to ckpts/history.jsonl."""
-        return HistoryWriter(self.layout.ckpts, {
-            "run_id": self.run_id, "run_started": self.run_started,
-            "lineage_id": self.lineage_id})
+        return HistoryWriter(
+            self.layout.ckpts,
+            {"run_id": self.run_id, "run_started": self.run_started, "lineage_id": self.lineage_id},
+        )
 
     @functools.cached_property
     def writer_lock(self) -> WriterLock:
@@ -160,17 +173,28 @@ class Checkpointer:
         if self.best is None:
             return
         if resumed.save_best_metric != self.best.metric or (
-                resumed.best_metric_mode not in (None, self.best.mode)):
+            resumed.best_metric_mode not in (None, self.best.mode)
+        ):
             self.logger.warning(
                 "the checkpoint of epoch %d tracked %r (%s); this run tracks %r (%s): "
-                "best-metric tracking starts afresh", epoch, resumed.save_best_metric,
-                resumed.best_metric_mode, self.best.metric, self.best.mode)
+                "best-metric tracking starts afresh",
+                epoch,
+                resumed.save_best_metric,
+                resumed.best_metric_mode,
+                self.best.metric,
+                self.best.mode,
+            )
             return
         self.best.value = resumed.best_metric_last
         self.best.epoch = best_epoch if self.best.value is not None else None
-        self.logger.info("resuming after epoch %d: best %s=%s at epoch %s, run epochs %s",
-                         epoch, self.best.metric, self.best.value, self.best.epoch,
-                         self.run_epochs)
+        self.logger.info(
+            "resuming after epoch %d: best %s=%s at epoch %s, run epochs %s",
+            epoch,
+            self.best.metric,
+            self.best.value,
+            self.best.epoch,
+            self.run_epochs,
+        )
 
     def _lineage_epochs(self, resumed: CheckpointInfo) -> list[int]:
         """The epochs on disk, up to the resumed one, that this lineage saved.
@@ -198,8 +222,12 @@ class Checkpointer:
             if version >= 2:
                 if lineage == self.lineage_id:
                     mine.append(epoch)
-            elif (version == 1 and format1_epoch is not None and epoch <= format1_epoch
-                  and (format1_saved is None or epoch in format1_saved)):
+            elif (
+                version == 1
+                and format1_epoch is not None
+                and epoch <= format1_epoch
+                and (format1_saved is None or epoch in format1_saved)
+            ):
                 mine.append(epoch)
         return mine
 
@@ -209,9 +237,13 @@ class Checkpointer:
         try:
             saved = checkpoint_info(read_info(self.layout.epoch_dir(format1_epoch))).epochs_saved
         except (OSError, CheckpointFormatError) as error:
-            self.logger.info("the format 1 checkpoint of epoch %d is gone or unreadable "
-                             "(%s): the keep policy counts every format 1 epoch up to it "
-                             "as this run's", format1_epoch, error)
+            self.logger.info(
+                "the format 1 checkpoint of epoch %d is gone or unreadable "
+                "(%s): the keep policy counts every format 1 epoch up to it "
+                "as this run's",
+                format1_epoch,
+                error,
+            )
             return None
         return set(saved or ())
 
@@ -235,8 +267,9 @@ class Checkpointer:
 
     # -- each epoch ------------------------------------------------------------------
 
-    def epoch_end(self, epoch: int, logs: Mapping[str, Any] | None,
-                  write_files: WriteFiles) -> None:
+    def epoch_end(
+        self, epoch: int, logs: Mapping[str, Any] | None, write_files: WriteFiles
+    ) -> None:
         """Record 1-based `epoch` in the history and save it if the policy says so.
 
         Args:
@@ -249,8 +282,9 @@ class Checkpointer:
         if decision is not None:
             self.save_captured(decision, write_files)
 
-    def record_epoch(self, epoch: int, logs: Mapping[str, Any] | None,
-                     train_seconds: float | None) -> None:
+    def record_epoch(
+        self, epoch: int, logs: Mapping[str, Any] | None, train_seconds: float | None
+    ) -> None:
         """Append 1-based `epoch`'s metrics to the history (saved or not).
 
         Nothing is recorded when saving is disabled (ckpt_save_interval 0: the tree is
@@ -262,11 +296,11 @@ class Checkpointer:
         try:
             self.history.record_epoch(epoch, numeric_metrics(logs), train_seconds)
         except OSError as error:
-            self.logger.error("epoch %d: not recorded in %s: %s", epoch, self.history.path,
-                              error)
+            self.logger.error("epoch %d: not recorded in %s: %s", epoch, self.history.path, error)
 
-    def decide(self, epoch: int, logs: Mapping[str, Any] | None,
-               train_seconds: float | None = None) -> SaveDecision | None:
+    def decide(
+        self, epoch: int, logs: Mapping[str, Any] | None, train_seconds: float | None = None
+    ) -> SaveDecision | None:
         """Whether 1-based `epoch` is saved: a `SaveDecision`, or None. Training thread.
 
         Updates the best-metric state; the decision carries a copy of it, so that a
@@ -276,16 +310,26 @@ class Checkpointer:
         improved = False
         if self.best is not None and interval > 0 and epoch >= self.settings["ckpt_skip_epochs"]:
             improved = self.best.update(self._metric_value(logs), epoch)
-        reason = save_reason(epoch, final_epoch=self.settings["epochs"], interval=interval,
-                             skip_epochs=self.settings["ckpt_skip_epochs"], improved=improved)
+        reason = save_reason(
+            epoch,
+            final_epoch=self.settings["epochs"],
+            interval=interval,
+            skip_epochs=self.settings["ckpt_skip_epochs"],
+            improved=improved,
+        )
         if reason is None:
             self.logger.debug("epoch %d: not saved", epoch)
             return None
         return self.decision_with_current_best(epoch, reason, improved, logs, train_seconds)
 
-    def decision_with_current_best(self, epoch: int, reason: str, improved: bool = False,
-                                   logs: Mapping[str, Any] | None = None,
-                                   train_seconds: float | None = None) -> SaveDecision:
+    def decision_with_current_best(
+        self,
+        epoch: int,
+        reason: str,
+        improved: bool = False,
+        logs: Mapping[str, Any] | None = None,
+        train_seconds: float | None = None,
+    ) -> SaveDecision:
         """A `SaveDecision` for 1-based `epoch` carrying the best-metric state as it is now.
 
         `decide` makes one when the policy saves; call it right after a `decide` that
@@ -293,9 +337,16 @@ class Checkpointer:
         snapshot taken at the same time, with `save_captured`.
         """
         best = self.best
-        return SaveDecision(epoch, reason, improved, time.time(),
-                            best.value if best else None, best.epoch if best else None,
-                            numeric_metrics(logs), train_seconds)
+        return SaveDecision(
+            epoch,
+            reason,
+            improved,
+            time.time(),
+            best.value if best else None,
+            best.epoch if best else None,
+            numeric_metrics(logs),
+            train_seconds,
+        )
 
     def save(self, decision: SaveDecision, capture: Callable[[], WriteFiles]) -> None:
         """Save the epoch of `decision`; with ckpt_async, in the background.
@@ -316,8 +367,9 @@ class Checkpointer:
             self.background.wait()
         self.save_captured(decision, capture(), started)
 
-    def save_captured(self, decision: SaveDecision, write_files: WriteFiles,
-                      started: float | None = None) -> None:
+    def save_captured(
+        self, decision: SaveDecision, write_files: WriteFiles, started: float | None = None
+    ) -> None:
         """Save the epoch of `decision` from state already captured into `write_files`
         (see `save`); `started` is when the save began (perf_counter), default now."""
         started = time.perf_counter() if started is None else started
@@ -338,8 +390,7 @@ class Checkpointer:
         finally:
             self.writer_lock.release()
 
-    def _save_now(self, decision: SaveDecision, write_files: WriteFiles,
-                  started: float) -> None:
+    def _save_now(self, decision: SaveDecision, write_files: WriteFiles, started: float) -> None:
         """Run the save protocol; an OSError becomes a CheckpointWriteError naming `last`."""
         write_started = time.perf_counter()
         try:
@@ -348,39 +399,62 @@ class Checkpointer:
         except OSError as error:
             # The next save starts by finishing what this one left (work/, trash/).
             self.prepared = False
-            raise CheckpointWriteError(error.errno, (
-                f"saving epoch {decision.epoch} into '{self.layout.ckpts}' failed: {error}; "
-                f"'last' names epoch {self.layout.resolve_link('last')}")) from error
+            raise CheckpointWriteError(
+                error.errno,
+                (
+                    f"saving epoch {decision.epoch} into '{self.layout.ckpts}' failed: {error}; "
+                    f"'last' names epoch {self.layout.resolve_link('last')}"
+                ),
+            ) from error
         finally:
             self.trash.poke()  # whatever the save moved aside, even if it failed
         try:
-            self.history.record_saved(decision.epoch, decision.reason,
-                                      time.perf_counter() - started)
+            self.history.record_saved(
+                decision.epoch, decision.reason, time.perf_counter() - started
+            )
         except OSError as error:
-            self.logger.error("epoch %d: its save is not recorded in %s: %s",
-                              decision.epoch, self.history.path, error)
+            self.logger.error(
+                "epoch %d: its save is not recorded in %s: %s",
+                decision.epoch,
+                self.history.path,
+                error,
+            )
 
-    def _run_protocol(self, decision: SaveDecision, write_files: WriteFiles,
-                      started: float) -> None:
+    def _run_protocol(
+        self, decision: SaveDecision, write_files: WriteFiles, started: float
+    ) -> None:
         """Steps 2-8 of the save protocol for the epoch of `decision`."""
         epoch = decision.epoch
         _, written = save_epoch(
-            self.layout, epoch, write_files,
+            self.layout,
+            epoch,
+            write_files,
             lambda written: self._build_info(decision, written, started),
-            compute_checksums=self.settings["ckpt_checksum"], logger=self.logger)
+            compute_checksums=self.settings["ckpt_checksum"],
+            logger=self.logger,
+        )
         self.last_save_time = decision.time
-        repoint_links(self.layout, epoch, self._best_on_disk(decision.best_epoch),
-                      self.logger, update_best=self.best is not None)
+        repoint_links(
+            self.layout,
+            epoch,
+            self._best_on_disk(decision.best_epoch),
+            self.logger,
+            update_best=self.best is not None,
+        )
         fault_point("after_last")
         if not self.run_epochs or self.run_epochs[-1] != epoch:
             self.run_epochs.append(epoch)
         self._apply_keep_policy(epoch, decision.best_epoch)
-        self.logger.info("epoch %d saved (%s%s): %d bytes in %.3f s (%.1f MB/s) -> %s",
-                         epoch, decision.reason,
-                         ", best" if decision.improved and decision.reason != "best" else "",
-                         written.nbytes, written.write_seconds,
-                         written.nbytes / 1e6 / max(written.write_seconds, 1e-9),
-                         self.layout.epoch_dir(epoch))
+        self.logger.info(
+            "epoch %d saved (%s%s): %d bytes in %.3f s (%.1f MB/s) -> %s",
+            epoch,
+            decision.reason,
+            ", best" if decision.improved and decision.reason != "best" else "",
+            written.nbytes,
+            written.write_seconds,
+            written.nbytes / 1e6 / max(written.write_seconds, 1e-9),
+            self.layout.epoch_dir(epoch),
+        )
 
     def report_final(self) -> None:
         """Log how many of this run's epochs are kept, and which."""
@@ -413,7 +487,8 @@ class Checkpointer:
         raise ParameterValueError(
             f"parameter 'ckpt_save_best_metric' is {metric!r}, which is not in {what} "
             f"{sorted(names)}; expected one of them"
-            f"{f' (did you mean {near[0]!r}?)' if near else ''}, or ckpt_save_best=false")
+            f"{f' (did you mean {near[0]!r}?)' if near else ''}, or ckpt_save_best=false"
+        )
 
     def check_metric_early(self, reported: Collection[str], what: str) -> None:
         """Before the first epoch ends: refuse a tracked metric that is a near miss of
@@ -436,18 +511,25 @@ class Checkpointer:
         self.logger.warning(
             "ckpt_save_best_metric %r is not among %s %s: unless another callback adds "
             "it to the epoch's logs, the first epoch that can be saved will fail",
-            self.best.metric, what, sorted(reported))
+            self.best.metric,
+            what,
+            sorted(reported),
+        )
 
-    def _build_info(self, decision: SaveDecision, written: WrittenFiles,
-                    started: float) -> dict[str, Any]:
+    def _build_info(
+        self, decision: SaveDecision, written: WrittenFiles, started: float
+    ) -> dict[str, Any]:
         """The version 2 ckpt-info dict of the epoch of `decision` (docs/FORMAT.md).
 
         The upstream keys and those `candle-ckpt list` shows come first, `run_id` right
         after them: a survey parses each file only up to `run_id` (operator/json_head.py).
         """
         crc = written.files[written.model_file]["crc32"]
-        elapsed = FIRST_SAVE if self.last_save_time is None else round(
-            max(decision.time - self.last_save_time, 0.0), 3)
+        elapsed = (
+            FIRST_SAVE
+            if self.last_save_time is None
+            else round(max(decision.time - self.last_save_time, 0.0), 3)
+        )
         info = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -467,8 +549,11 @@ class Checkpointer:
             "run_started": self.run_started,
             "lineage_id": self.lineage_id,
             "lineage_format1_epoch": self.lineage_format1_epoch,
-            "train_seconds": (None if decision.train_seconds is None
-                              else round(max(decision.train_seconds, 0.0), 6)),
+            "train_seconds": (
+                None
+                if decision.train_seconds is None
+                else round(max(decision.train_seconds, 0.0), 6)
+            ),
             "save_seconds": round(max(time.perf_counter() - started, 0.0), 6),
             "write_seconds": round(written.write_seconds, 6),
             "weights_only": self.settings["ckpt_save_weights_only"],
@@ -483,8 +568,9 @@ class Checkpointer:
     def _best_on_disk(self, wanted: int | None) -> int | None:
         """`wanted`, or None (no best link) when a restart finds that epoch deleted."""
         if wanted is not None and not os.path.isdir(self.layout.epoch_dir(wanted)):
-            self.logger.warning("best epoch %d is no longer on disk; removing the best link",
-                                wanted)
+            self.logger.warning(
+                "best epoch %d is no longer on disk; removing the best link", wanted
+            )
             return None
         return wanted
 
@@ -506,4 +592,3 @@ def _parse_timestamp(text: str) -> float | None:
         return time.mktime(time.strptime(text, TIMESTAMP_FORMAT))
     except ValueError:
         return None
-

@@ -31,9 +31,11 @@ _crc32_combine: Callable[[int, int, int], int] | None
 try:
     from isal.isal_zlib import crc32
     from isal.isal_zlib import crc32_combine as _crc32_combine
+
     BACKEND = "isal"
 except ImportError:  # isal is optional: fall back to the standard library
     from zlib import crc32
+
     _crc32_combine = None
     BACKEND = "zlib"
 
@@ -54,8 +56,9 @@ PARALLEL_MIN_BYTES = 64 << 20
 crc_thread = SharedThread("candle_ckpt-crc")
 
 
-def crc32_file(path: str, progress: Progress | None = None,
-               crc_function: CrcFunction | None = None) -> int:
+def crc32_file(
+    path: str, progress: Progress | None = None, crc_function: CrcFunction | None = None
+) -> int:
     """Return the CRC32 of the file at `path` as an int (same value as `zlib.crc32`).
 
     Args:
@@ -103,7 +106,7 @@ def read_file(path: str, compute_crc: bool = True) -> tuple[memoryview, int | No
         filled = 0
         while filled < size:
             step = CHUNK_BYTES if size - filled > CHUNK_BYTES else LAST_PIECE_BYTES
-            count = stream.readinto(view[filled:min(filled + step, size)])
+            count = stream.readinto(view[filled : min(filled + step, size)])
             if not count:
                 break
             if compute_crc:
@@ -114,8 +117,13 @@ def read_file(path: str, compute_crc: bool = True) -> tuple[memoryview, int | No
     return view[:filled].toreadonly(), running[0] if compute_crc else None
 
 
-def _crc32_range(view: memoryview, start: int, stop: int, crc_function: CrcFunction,
-                 progress: Progress | None = None) -> int:
+def _crc32_range(
+    view: memoryview,
+    start: int,
+    stop: int,
+    crc_function: CrcFunction,
+    progress: Progress | None = None,
+) -> int:
     value = 0
     for begin in range(start, stop, CHUNK_BYTES):
         end = min(begin + CHUNK_BYTES, stop)

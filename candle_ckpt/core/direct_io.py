@@ -47,8 +47,11 @@ def anonymous_memory(size: int, huge_pages: bool = True) -> PrivateMemory:
     return mapping
 
 
-def write_at(path: str, regions: Iterable[tuple[int, memoryview]],
-             progress: Callable[[int], None] | None = None) -> int:
+def write_at(
+    path: str,
+    regions: Iterable[tuple[int, memoryview]],
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Write each (offset, bytes) of `regions` into the existing file `path`, in place.
 
     The file is neither created nor truncated: its layout (where each region goes) was
@@ -77,7 +80,7 @@ def write_at(path: str, regions: Iterable[tuple[int, memoryview]],
             done = 0
             while done < len(view):
                 try:
-                    done += os.pwrite(fd, view[done:done + PIECE_BYTES], offset + done)
+                    done += os.pwrite(fd, view[done : done + PIECE_BYTES], offset + done)
                 except OSError as error:
                     raise OSError(error.errno, error.strerror, path) from error
                 if progress is not None:

@@ -48,7 +48,8 @@ class ChecksumMismatchError(CorruptCheckpointError):
     def __init__(self, path: str, expected: str, actual: str) -> None:
         super().__init__(
             f"checksum mismatch in '{path}': ckpt-info.json records CRC32 {expected}, "
-            f"the file has {actual}; the checkpoint is corrupt, refusing to load it")
+            f"the file has {actual}; the checkpoint is corrupt, refusing to load it"
+        )
         self.path, self.expected, self.actual = path, expected, actual
 
 

@@ -22,8 +22,16 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("during_direct_write", "after_write", "after_fsync", "after_info", "after_rename",
-          "between_links", "after_last", "after_trash_rename")
+POINTS = (
+    "during_direct_write",
+    "after_write",
+    "after_fsync",
+    "after_info",
+    "after_rename",
+    "between_links",
+    "after_last",
+    "after_trash_rename",
+)
 EXPORT_POINTS = ("export_written", "export_digest_removed", "export_renamed")
 
 
@@ -32,8 +40,10 @@ def _parse(spec: str | None) -> tuple[str | None, int]:
         return None, 0
     name, _, count = spec.partition(":")
     if name not in POINTS + EXPORT_POINTS:
-        raise ValueError(f"CANDLE_CKPT_FAULT={spec!r}: unknown point {name!r}; "
-                         f"expected one of {list(POINTS + EXPORT_POINTS)}")
+        raise ValueError(
+            f"CANDLE_CKPT_FAULT={spec!r}: unknown point {name!r}; "
+            f"expected one of {list(POINTS + EXPORT_POINTS)}"
+        )
     return name, int(count or 1)
 
 

@@ -54,24 +54,46 @@ class HistoryWriter:
         self._lock = threading.Lock()
         self._started = False
 
-    def record_epoch(self, epoch: int, metrics: Mapping[str, float | None],
-                     train_seconds: float | None) -> None:
+    def record_epoch(
+        self, epoch: int, metrics: Mapping[str, float | None], train_seconds: float | None
+    ) -> None:
         """The 1-based `epoch` completed with `metrics`; the first one starts the run."""
         with self._lock:
             if not self._started:
-                self._append({"kind": "start", **self._run,
-                              "resumed_from": epoch - 1 if epoch > 1 else None}, sync=True)
+                self._append(
+                    {
+                        "kind": "start",
+                        **self._run,
+                        "resumed_from": epoch - 1 if epoch > 1 else None,
+                    },
+                    sync=True,
+                )
                 self._started = True
-            self._append({"kind": "epoch", "run_id": self._run["run_id"], "epoch": epoch,
-                          "time": utc_time(time.time()), "metrics": dict(metrics),
-                          "train_seconds": _rounded(train_seconds)}, sync=False)
+            self._append(
+                {
+                    "kind": "epoch",
+                    "run_id": self._run["run_id"],
+                    "epoch": epoch,
+                    "time": utc_time(time.time()),
+                    "metrics": dict(metrics),
+                    "train_seconds": _rounded(train_seconds),
+                },
+                sync=False,
+            )
 
     def record_saved(self, epoch: int, reason: str, save_seconds: float) -> None:
         """Epoch `epoch`'s checkpoint is complete (`last` names it)."""
         with self._lock:
-            self._append({"kind": "saved", "run_id": self._run["run_id"], "epoch": epoch,
-                          "reason": reason, "save_seconds": _rounded(save_seconds)},
-                         sync=True)
+            self._append(
+                {
+                    "kind": "saved",
+                    "run_id": self._run["run_id"],
+                    "epoch": epoch,
+                    "reason": reason,
+                    "save_seconds": _rounded(save_seconds),
+                },
+                sync=True,
+            )
 
     def _append(self, record: dict[str, Any], sync: bool) -> None:
         # Opened for each line, never held: a run that ends by an exception (a full
@@ -91,8 +113,10 @@ class HistoryWriter:
             written = os.write(descriptor, data)
             if written != len(data):  # a full disk: end the line so the next one parses
                 os.write(descriptor, b"\n")
-                raise OSError(f"'{self.path}': wrote {written} of {len(data)} bytes of a "
-                              f"history line (disk full?)")
+                raise OSError(
+                    f"'{self.path}': wrote {written} of {len(data)} bytes of a "
+                    f"history line (disk full?)"
+                )
             if sync:
                 os.fsync(descriptor)
         finally:
@@ -122,6 +146,7 @@ class EpochRecord:
     from `last` and abandons it, unless it is a running job's epoch not saved yet.
     `saved` is True once a `saved` line followed.
     """
+
     epoch: int
     run_id: str
     time: str | None
@@ -136,6 +161,7 @@ class EpochRecord:
 @dataclass(frozen=True)
 class RunStart:
     """A `start` line: which run, when, and the epoch it resumed after (None: scratch)."""
+
     run_id: str
     run_started: str | None
     lineage_id: str | None
@@ -145,6 +171,7 @@ class RunStart:
 @dataclass(frozen=True)
 class History:
     """What `read_history` found: epochs in file order, runs, warnings about damage."""
+
     path: str
     epochs: list[EpochRecord]
     runs: list[RunStart]
@@ -155,8 +182,9 @@ class History:
     @property
     def live(self) -> list[EpochRecord]:
         """The epochs of the live timeline up to `last`, in epoch order, each once."""
-        return sorted((e for e in self.epochs if not e.abandoned and not e.after_last),
-                      key=lambda e: e.epoch)
+        return sorted(
+            (e for e in self.epochs if not e.abandoned and not e.after_last), key=lambda e: e.epoch
+        )
 
     @property
     def metric_names(self) -> list[str]:
@@ -193,8 +221,10 @@ def read_history(ckpts: str, last: int | None = None) -> History:
         return History(path, [], [])
     warnings: list[str] = []
     if len(data) > MAX_HISTORY_BYTES:
-        warnings.append(f"{path}: larger than {MAX_HISTORY_BYTES} bytes; read the first "
-                        f"{MAX_HISTORY_BYTES} only")
+        warnings.append(
+            f"{path}: larger than {MAX_HISTORY_BYTES} bytes; read the first "
+            f"{MAX_HISTORY_BYTES} only"
+        )
         data = data[:MAX_HISTORY_BYTES]
     records = _parse_lines(path, data, warnings)
     history = _timelines(path, records, warnings)
@@ -229,8 +259,11 @@ def _parse_lines(path: str, data: bytes, warnings: list[str]) -> list[Any]:
         try:
             records.append(json.loads(line))
         except (ValueError, RecursionError) as error:
-            _warn(warnings, f"{path}: line {number} is not JSON ({error}); skipped (a line "
-                            f"torn by a kill, or damage)")
+            _warn(
+                warnings,
+                f"{path}: line {number} is not JSON ({error}); skipped (a line "
+                f"torn by a kill, or damage)",
+            )
     return records
 
 
@@ -244,7 +277,7 @@ def _warn(warnings: list[str], message: str) -> None:
 def _timelines(path: str, records: list[Any], warnings: list[str]) -> History:
     epochs: list[EpochRecord] = []
     runs: list[RunStart] = []
-    live: dict[int, EpochRecord] = {}           # epoch -> its record on the live timeline
+    live: dict[int, EpochRecord] = {}  # epoch -> its record on the live timeline
     by_run: dict[tuple[str, int], EpochRecord] = {}
     rewinds: list[int] = []
     append = epochs.append
@@ -256,8 +289,9 @@ def _timelines(path: str, records: list[Any], warnings: list[str]) -> History:
                 if type(metrics) is not dict:
                     raise TypeError(f"'metrics' is {metrics!r}; expected an object")
                 epoch, run_id = int(record["epoch"]), str(record["run_id"])
-                entry = EpochRecord(epoch, run_id, record.get("time"), metrics,
-                                    record.get("train_seconds"))
+                entry = EpochRecord(
+                    epoch, run_id, record.get("time"), metrics, record.get("train_seconds")
+                )
                 previous = live.get(epoch)
                 if previous is not None:  # a run recorded the same epoch twice
                     previous.abandoned = True
@@ -271,9 +305,14 @@ def _timelines(path: str, records: list[Any], warnings: list[str]) -> History:
                     found.saved, found.save_seconds = True, record.get("save_seconds")
             elif kind == "start":
                 resumed = record.get("resumed_from")
-                runs.append(RunStart(str(record["run_id"]), record.get("run_started"),
-                                     record.get("lineage_id"),
-                                     None if resumed is None else int(resumed)))
+                runs.append(
+                    RunStart(
+                        str(record["run_id"]),
+                        record.get("run_started"),
+                        record.get("lineage_id"),
+                        None if resumed is None else int(resumed),
+                    )
+                )
                 after = resumed or 0
                 left = [e for e in live if e > after]
                 for epoch in left:
@@ -282,6 +321,9 @@ def _timelines(path: str, records: list[Any], warnings: list[str]) -> History:
                     rewinds.append(after)
             # another kind: a line of a later version, which this reader skips
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            _warn(warnings, f"{path}: record {number} is not a history line "
-                            f"({type(error).__name__}: {error}); skipped")
+            _warn(
+                warnings,
+                f"{path}: record {number} is not a history line "
+                f"({type(error).__name__}: {error}); skipped",
+            )
     return History(path, epochs, runs, warnings, rewinds)

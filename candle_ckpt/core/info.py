@@ -55,6 +55,7 @@ def _validator(schema_file: str) -> Any:
     from importlib import resources
 
     import jsonschema
+
     text = resources.files("candle_ckpt.schemas").joinpath(schema_file).read_text("utf-8")
     schema = json.loads(text)
     validator_class = jsonschema.validators.validator_for(schema)
@@ -105,6 +106,7 @@ class CheckpointInfo:
     (size or None, CRC32 string or None); upstream files record only the model file's
     CRC32. `raw` is the dict as read, for callers that print it.
     """
+
     format_version: int | None
     epoch: int
     model_file: str
@@ -167,21 +169,32 @@ def checkpoint_info(info: Mapping[str, Any]) -> CheckpointInfo:
     metrics = info.get("metrics")
     return CheckpointInfo(
         format_version=None if legacy else info.get("format_version"),
-        epoch=info["epoch"], model_file=info["model_file"], checksum=crc,
+        epoch=info["epoch"],
+        model_file=info["model_file"],
+        checksum=crc,
         save_best_metric=info["save_best_metric"],
         best_metric_last=finite_or_none(info["best_metric_last"]),
-        timestamp=info["timestamp"], time_elapsed=info["time_elapsed"],
-        metadata=info["metadata"], files=files,
-        best_metric_mode=info.get("best_metric_mode"), epoch_best=info.get("epoch_best"),
+        timestamp=info["timestamp"],
+        time_elapsed=info["time_elapsed"],
+        metadata=info["metadata"],
+        files=files,
+        best_metric_mode=info.get("best_metric_mode"),
+        epoch_best=info.get("epoch_best"),
         epochs_saved=None if saved is None else tuple(saved),
         metrics=None if metrics is None else dict(metrics),
-        train_seconds=info.get("train_seconds"), save_seconds=info.get("save_seconds"),
-        run_id=info.get("run_id"), run_started=info.get("run_started"),
+        train_seconds=info.get("train_seconds"),
+        save_seconds=info.get("save_seconds"),
+        run_id=info.get("run_id"),
+        run_started=info.get("run_started"),
         lineage_id=info.get("lineage_id"),
         lineage_format1_epoch=info.get("lineage_format1_epoch"),
-        weights_only=info.get("weights_only"), adapter=info.get("adapter"),
-        model_format=info.get("model_format"), versions=dict(info.get("versions") or {}),
-        init_from=info.get("init_from"), raw=info)
+        weights_only=info.get("weights_only"),
+        adapter=info.get("adapter"),
+        model_format=info.get("model_format"),
+        versions=dict(info.get("versions") or {}),
+        init_from=info.get("init_from"),
+        raw=info,
+    )
 
 
 def _representative(info: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -193,9 +206,12 @@ def _representative(info: Mapping[str, Any]) -> Mapping[str, Any]:
     extremes; otherwise the whole list goes to the schema, for its error message.
     """
     epochs = info.get("epochs_saved")
-    if (not isinstance(epochs, list) or len(epochs) <= 2
-            or not all(type(epoch) is int for epoch in epochs)
-            or len(set(epochs)) != len(epochs)):
+    if (
+        not isinstance(epochs, list)
+        or len(epochs) <= 2
+        or not all(type(epoch) is int for epoch in epochs)
+        or len(set(epochs)) != len(epochs)
+    ):
         return info
     return {**info, "epochs_saved": [min(epochs), max(epochs)]}
 
@@ -223,23 +239,27 @@ def validate_info(info: Mapping[str, Any], source: str) -> None:
             found = found[:200] + "..."
         raise CheckpointFormatError(
             f"{source}: key '{key}' is invalid: {error.message.splitlines()[0][:300]} "
-            f"(found {found}; schema rule '{'/'.join(map(str, error.schema_path))}')")
+            f"(found {found}; schema rule '{'/'.join(map(str, error.schema_path))}')"
+        )
     if legacy:
         return
     files = info["files"]
     if info["model_file"] not in files:
         raise CheckpointFormatError(
             f"{source}: key 'model_file' is {info['model_file']!r}, which is not listed in "
-            f"'files' ({sorted(files)}); expected one of the files")
+            f"'files' ({sorted(files)}); expected one of the files"
+        )
     recorded = files[info["model_file"]]["crc32"]
     expected = recorded if recorded is not None else CHECKSUM_DISABLED
     if info["checksum"] != expected:
         raise CheckpointFormatError(
             f"{source}: key 'checksum' is {info['checksum']!r} but "
-            f"files/{info['model_file']}/crc32 is {recorded!r}; expected them to agree")
+            f"files/{info['model_file']}/crc32 is {recorded!r}; expected them to agree"
+        )
     if INFO_FILE in files:
-        raise CheckpointFormatError(f"{source}: key 'files' lists {INFO_FILE!r}, "
-                                    f"which cannot checksum itself")
+        raise CheckpointFormatError(
+            f"{source}: key 'files' lists {INFO_FILE!r}, which cannot checksum itself"
+        )
 
 
 def encode_info(info: Mapping[str, Any]) -> bytes:
@@ -318,31 +338,39 @@ def read_info(directory: str) -> dict[str, Any]:
     except OSError as error:
         if error.errno != errno.ELOOP:
             raise
-        raise CheckpointFormatError(f"{path}: a symbolic link (-> '{os.readlink(path)}'); "
-                                    f"expected a regular file") from None
+        raise CheckpointFormatError(
+            f"{path}: a symbolic link (-> '{os.readlink(path)}'); expected a regular file"
+        ) from None
     with open(fd, "rb") as stream:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CheckpointFormatError(f"{path}: not a regular file; expected JSON text")
         data = stream.read(MAX_INFO_BYTES + 1)
     if len(data) > MAX_INFO_BYTES:
-        raise CheckpointFormatError(f"{path}: larger than {MAX_INFO_BYTES} bytes; "
-                                    f"expected a ckpt-info.json of a few kB")
+        raise CheckpointFormatError(
+            f"{path}: larger than {MAX_INFO_BYTES} bytes; expected a ckpt-info.json of a few kB"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise CheckpointFormatError(f"{path}: not UTF-8 (byte {data[error.start]:#04x} "
-                                    f"at position {error.start}); expected JSON text") from None
+        raise CheckpointFormatError(
+            f"{path}: not UTF-8 (byte {data[error.start]:#04x} "
+            f"at position {error.start}); expected JSON text"
+        ) from None
     try:
         info = json.loads(text)
     except json.JSONDecodeError as error:
-        raise CheckpointFormatError(f"{path}: not valid JSON: {error.msg} at line "
-                                    f"{error.lineno} column {error.colno}") from None
+        raise CheckpointFormatError(
+            f"{path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
     except RecursionError:
-        raise CheckpointFormatError(f"{path}: not valid JSON: arrays or objects nested "
-                                    f"too deeply; expected a ckpt-info object") from None
+        raise CheckpointFormatError(
+            f"{path}: not valid JSON: arrays or objects nested "
+            f"too deeply; expected a ckpt-info object"
+        ) from None
     if not isinstance(info, dict):
-        raise CheckpointFormatError(f"{path}: the top level is a {type(info).__name__}; "
-                                    f"expected a JSON object")
+        raise CheckpointFormatError(
+            f"{path}: the top level is a {type(info).__name__}; expected a JSON object"
+        )
     if not is_legacy(info):
         try:
             json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
@@ -350,13 +378,15 @@ def read_info(directory: str) -> dict[str, Any]:
             where = f" at {_place(text, error.text)}" if isinstance(error, _NotStrict) else ""
             raise CheckpointFormatError(
                 f"{path}: {error}{where}; a format {FORMAT} file must be strict JSON "
-                f"(null, not Infinity/NaN)") from None
+                f"(null, not Infinity/NaN)"
+            ) from None
     validate_info(info, path)
     recorded = info.pop(INFO_CRC_KEY, None)
     if recorded is not None and recorded != _content_crc32(info):
         raise CheckpointFormatError(
             f"{path}: key '{INFO_CRC_KEY}' is {recorded!r} but the file's content has CRC32 "
-            f"{_content_crc32(info)}; the file is corrupt")
+            f"{_content_crc32(info)}; the file is corrupt"
+        )
     return info
 
 

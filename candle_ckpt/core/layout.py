@@ -81,8 +81,7 @@ class CheckpointLayout:
             names = os.listdir(self.epochs)
         except FileNotFoundError:
             return []
-        return sorted(epoch for epoch in map(parse_epoch_dirname, names)
-                      if epoch is not None)
+        return sorted(epoch for epoch in map(parse_epoch_dirname, names) if epoch is not None)
 
     def resolve_link(self, name: str) -> int | None:
         """The epoch a `last`/`best` link points at, or None if there is none.
@@ -100,21 +99,28 @@ class CheckpointLayout:
             return None
         if not os.path.islink(path):
             kind = "directory" if os.path.isdir(path) else "file"
-            raise LinkError(f"'{path}' is not a symlink; expected a link to "
-                            f"epochs/NNN (found a {kind})")
+            raise LinkError(
+                f"'{path}' is not a symlink; expected a link to epochs/NNN (found a {kind})"
+            )
         try:
             target = os.path.realpath(path, strict=True)
         except FileNotFoundError:
             return None  # dangling: the epoch it named was deleted
         except OSError as error:  # ELOOP
-            raise LinkError(f"'{path}' -> '{os.readlink(path)}' cannot be resolved "
-                            f"({error.strerror}); expected a link to epochs/NNN") from None
+            raise LinkError(
+                f"'{path}' -> '{os.readlink(path)}' cannot be resolved "
+                f"({error.strerror}); expected a link to epochs/NNN"
+            ) from None
         epochs_real = os.path.realpath(self.epochs)
         if os.path.dirname(target) != epochs_real:
-            raise LinkError(f"'{path}' -> '{os.readlink(path)}' resolves to '{target}', "
-                            f"outside '{epochs_real}'; expected a link to epochs/NNN")
+            raise LinkError(
+                f"'{path}' -> '{os.readlink(path)}' resolves to '{target}', "
+                f"outside '{epochs_real}'; expected a link to epochs/NNN"
+            )
         epoch = parse_epoch_dirname(os.path.basename(target))
         if epoch is None or not os.path.isdir(target):
-            raise LinkError(f"'{path}' -> '{os.readlink(path)}' resolves to '{target}', "
-                            f"which is not an epoch directory; expected epochs/NNN")
+            raise LinkError(
+                f"'{path}' -> '{os.readlink(path)}' resolves to '{target}', "
+                f"which is not an epoch directory; expected epochs/NNN"
+            )
         return epoch

@@ -30,10 +30,11 @@ from .errors import WriterLockedError
 from .logs import LibraryLogger
 
 LOCK_FILE = ".lock"
-TRAINING_REMEDY = ("Stop that job, or give this one another ckpt_directory "
-                   "(--ckpt_directory)")
-OPERATOR_REMEDY = ("Run this command between jobs: wait for that job to end (or stop "
-                   "it), then run it again; nothing was changed")
+TRAINING_REMEDY = "Stop that job, or give this one another ckpt_directory (--ckpt_directory)"
+OPERATOR_REMEDY = (
+    "Run this command between jobs: wait for that job to end (or stop "
+    "it), then run it again; nothing was changed"
+)
 _UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
@@ -46,8 +47,7 @@ class WriterLock:
         remedy: the error's advice to a second writer (TRAINING_REMEDY, OPERATOR_REMEDY).
     """
 
-    def __init__(self, ckpts: str, logger: LibraryLogger, remedy: str = TRAINING_REMEDY
-                 ) -> None:
+    def __init__(self, ckpts: str, logger: LibraryLogger, remedy: str = TRAINING_REMEDY) -> None:
         self.path = os.path.join(ckpts, LOCK_FILE)
         self.logger = logger
         self.remedy = remedy
@@ -70,9 +70,18 @@ class WriterLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if not self._try_flock(fd, fcntl.LOCK_EX):
             return
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "started": datetime.datetime.now(datetime.timezone.utc)
-                             .isoformat(timespec="seconds")}) + "\n"
+        record = (
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                        timespec="seconds"
+                    ),
+                }
+            )
+            + "\n"
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, record.encode("utf-8"), 0)
         self._fd = fd
@@ -109,14 +118,18 @@ class WriterLock:
                 f"'{self.path}' is held by another writer of this checkpoint tree: pid "
                 f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, writing "
                 f"since {holder.get('started', '?')}; expected no other writer. "
-                f"{self.remedy}") from None
+                f"{self.remedy}"
+            ) from None
         except OSError as error:
             os.close(fd)
             if error.errno not in _UNSUPPORTED:
                 raise
-            self.logger.warning("cannot lock '%s' (%s): the file system does not support "
-                                "locks; only one job may write this tree at a time",
-                                self.path, error.strerror)
+            self.logger.warning(
+                "cannot lock '%s' (%s): the file system does not support "
+                "locks; only one job may write this tree at a time",
+                self.path,
+                error.strerror,
+            )
             return False
         return True
 

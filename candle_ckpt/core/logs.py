@@ -47,9 +47,11 @@ class _TreeLogHandler(logging.FileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         if not self.failed:
             self.failed = True
-            sys.stderr.write(f"candle_ckpt: cannot write '{self.baseFilename}' "
-                             f"({sys.exc_info()[1]}); its records are lost from now on, "
-                             f"the console still gets them\n")
+            sys.stderr.write(
+                f"candle_ckpt: cannot write '{self.baseFilename}' "
+                f"({sys.exc_info()[1]}); its records are lost from now on, "
+                f"the console still gets them\n"
+            )
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -115,8 +117,7 @@ def _ensure_console_handler(verbose: bool) -> None:
         _console_handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def tree_logger(name: str, layout: CheckpointLayout,
-                verbose: bool = True) -> LibraryLogger:
+def tree_logger(name: str, layout: CheckpointLayout, verbose: bool = True) -> LibraryLogger:
     """A logger for operations on one checkpoint tree.
 
     Args:
@@ -130,8 +131,9 @@ def tree_logger(name: str, layout: CheckpointLayout,
     _library_logger()
     _ensure_file_handler(layout.root, layout.log_file)
     _ensure_console_handler(verbose)
-    return logging.LoggerAdapter(logging.getLogger(f"candle_ckpt.{name}"),
-                                 {"ckpt_directory": layout.root})
+    return logging.LoggerAdapter(
+        logging.getLogger(f"candle_ckpt.{name}"), {"ckpt_directory": layout.root}
+    )
 
 
 def console_logger(name: str, verbose: bool = True) -> logging.Logger:
@@ -155,16 +157,14 @@ def _library_logger() -> logging.Logger:
     return logger
 
 
-def log_to_file_only(logger: LibraryLogger, level: int, message: str,
-                     *args: object) -> None:
+def log_to_file_only(logger: LibraryLogger, level: int, message: str, *args: object) -> None:
     """Log to the tree's ckpt.log but not the console, through a `tree_logger`.
 
     For an error that is also raised: whoever catches it shows it (the example
     benchmarks in one line), so the console would get it twice.
     """
     if isinstance(logger, logging.LoggerAdapter):
-        logger.logger.log(level, message, *args,
-                          extra={**(logger.extra or {}), _FILE_ONLY: True})
+        logger.logger.log(level, message, *args, extra={**(logger.extra or {}), _FILE_ONLY: True})
     else:  # a logger of no tree: the record reaches no ckpt.log either
         logger.log(level, message, *args, extra={_FILE_ONLY: True})
 

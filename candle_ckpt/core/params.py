@@ -31,6 +31,7 @@ from .walltime import check_end_time
 
 class ParamType(enum.Enum):
     """The value types of gParameters, as in CANDLE."""
+
     STRING = "a string"
     BOOLEAN = "a boolean (true/false/yes/no/t/f/y/n/1/0, any case)"
     INTEGER = "an integer"
@@ -61,8 +62,7 @@ def str2bool(value: object) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ValueError(f"received {value!r}; expected one of "
-                     f"{sorted(_TRUE | _FALSE)} (any case)")
+    raise ValueError(f"received {value!r}; expected one of {sorted(_TRUE | _FALSE)} (any case)")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class Parameter:
         check_form: for a string with a syntax of its own, a callable that raises a
             ParameterValueError when the (type-checked) value does not follow it.
     """
+
     name: str
     type: ParamType
     default: object
@@ -106,61 +107,128 @@ class Parameter:
 
 P = ParamType
 PARAMETERS = (
-    Parameter("ckpt_restart_mode", P.STRING, "auto",
-              "restart from ckpts/last: off, auto (if there is one) or required",
-              allowed=("off", "auto", "required")),
-    Parameter("ckpt_checksum", P.BOOLEAN, True,
-              "record the CRC32 of every file and verify it at restart"),
-    Parameter("ckpt_skip_epochs", P.INTEGER_NN, 0,
-              "save nothing before this (1-based) epoch"),
-    Parameter("ckpt_directory", P.STRING, DEFAULT_CKPT_DIRECTORY,
-              "top directory of the checkpoint tree and ckpt.log"),
-    Parameter("ckpt_save_best", P.BOOLEAN, True,
-              "save whenever ckpt_save_best_metric improves, and link ckpts/best to it"),
-    Parameter("ckpt_save_best_metric", P.STRING, "val_loss",
-              "the metric in the Keras logs that defines the best epoch"),
-    Parameter("ckpt_best_metric_mode", P.STRING, "auto",
-              "whether the best metric is the min or the max; auto infers it from the name",
-              allowed=("auto", "min", "max")),
-    Parameter("ckpt_save_weights_only", P.BOOLEAN, False,
-              "save the weights only, without the optimizer state (restart is then not exact)"),
-    Parameter("ckpt_save_interval", P.INTEGER_NN, 1,
-              "save every N epochs; 0 disables saving altogether"),
-    Parameter("ckpt_keep_mode", P.STRING, "linear",
-              "which of this run's epochs to keep: linear (the newest ckpt_keep_limit), "
-              "exponential (one per doubling window) or all",
-              allowed=("linear", "exponential", "all")),
-    Parameter("ckpt_keep_limit", P.INTEGER_GZ, 1000000,
-              "at most this many of this run's epochs are kept (plus last and best)"),
-    Parameter("ckpt_restart_fallback", P.BOOLEAN, False,
-              "if ckpts/last is corrupt, restart from the newest earlier epoch that "
-              "verifies (logged loudly) instead of failing"),
-    Parameter("ckpt_async", P.BOOLEAN, False,
-              "the training thread only snapshots the state to host memory; a background "
-              "thread writes it (one save in flight, one extra copy of the state in memory)"),
-    Parameter("ckpt_signal", P.STRING, "off",
-              "on this signal (Slurm --signal): stop at the end of the batch, make sure "
-              "the last completed epoch is on disk, exit with status 75 (requeue)",
-              allowed=("off", "USR1", "USR2", "TERM", "INT")),
-    Parameter("ckpt_walltime_margin", P.FLOAT_NN, 0,
-              "seconds kept free before the job's end: at an epoch end, stop (saving the "
-              "last epoch, exit status 75) when the next epoch and a save would not end "
-              "that long before it; 0 is off"),
-    Parameter("ckpt_end_time", P.STRING, None,
-              "the job's end for ckpt_walltime_margin: an ISO 8601 time (local unless it "
-              "has an offset) or +DURATION from the start of training (+3600, +1:00:00); "
-              "default: SLURM_JOB_END_TIME, else squeue under Slurm",
-              nullable=True, check_form=check_end_time),
-    Parameter("ckpt_init_from", P.STRING, None,
-              "warm start: when the run has no ckpts/last of its own, initialise the model "
-              "weights (only) from this verified checkpoint: a checkpoint tree (its last), "
-              "an epoch directory, or TREE:best, TREE:last, TREE:EPOCH",
-              nullable=True),
-    Parameter("metadata", P.STRING, None,
-              "free text stored in every ckpt-info.json (job id, machine, ...)",
-              nullable=True),
-    Parameter("epochs", P.INTEGER_NN, ParamRequired(),
-              "the number of epochs of the run (the benchmark's own flag)", flag=False),
+    Parameter(
+        "ckpt_restart_mode",
+        P.STRING,
+        "auto",
+        "restart from ckpts/last: off, auto (if there is one) or required",
+        allowed=("off", "auto", "required"),
+    ),
+    Parameter(
+        "ckpt_checksum", P.BOOLEAN, True, "record the CRC32 of every file and verify it at restart"
+    ),
+    Parameter("ckpt_skip_epochs", P.INTEGER_NN, 0, "save nothing before this (1-based) epoch"),
+    Parameter(
+        "ckpt_directory",
+        P.STRING,
+        DEFAULT_CKPT_DIRECTORY,
+        "top directory of the checkpoint tree and ckpt.log",
+    ),
+    Parameter(
+        "ckpt_save_best",
+        P.BOOLEAN,
+        True,
+        "save whenever ckpt_save_best_metric improves, and link ckpts/best to it",
+    ),
+    Parameter(
+        "ckpt_save_best_metric",
+        P.STRING,
+        "val_loss",
+        "the metric in the Keras logs that defines the best epoch",
+    ),
+    Parameter(
+        "ckpt_best_metric_mode",
+        P.STRING,
+        "auto",
+        "whether the best metric is the min or the max; auto infers it from the name",
+        allowed=("auto", "min", "max"),
+    ),
+    Parameter(
+        "ckpt_save_weights_only",
+        P.BOOLEAN,
+        False,
+        "save the weights only, without the optimizer state (restart is then not exact)",
+    ),
+    Parameter(
+        "ckpt_save_interval", P.INTEGER_NN, 1, "save every N epochs; 0 disables saving altogether"
+    ),
+    Parameter(
+        "ckpt_keep_mode",
+        P.STRING,
+        "linear",
+        "which of this run's epochs to keep: linear (the newest ckpt_keep_limit), "
+        "exponential (one per doubling window) or all",
+        allowed=("linear", "exponential", "all"),
+    ),
+    Parameter(
+        "ckpt_keep_limit",
+        P.INTEGER_GZ,
+        1000000,
+        "at most this many of this run's epochs are kept (plus last and best)",
+    ),
+    Parameter(
+        "ckpt_restart_fallback",
+        P.BOOLEAN,
+        False,
+        "if ckpts/last is corrupt, restart from the newest earlier epoch that "
+        "verifies (logged loudly) instead of failing",
+    ),
+    Parameter(
+        "ckpt_async",
+        P.BOOLEAN,
+        False,
+        "the training thread only snapshots the state to host memory; a background "
+        "thread writes it (one save in flight, one extra copy of the state in memory)",
+    ),
+    Parameter(
+        "ckpt_signal",
+        P.STRING,
+        "off",
+        "on this signal (Slurm --signal): stop at the end of the batch, make sure "
+        "the last completed epoch is on disk, exit with status 75 (requeue)",
+        allowed=("off", "USR1", "USR2", "TERM", "INT"),
+    ),
+    Parameter(
+        "ckpt_walltime_margin",
+        P.FLOAT_NN,
+        0,
+        "seconds kept free before the job's end: at an epoch end, stop (saving the "
+        "last epoch, exit status 75) when the next epoch and a save would not end "
+        "that long before it; 0 is off",
+    ),
+    Parameter(
+        "ckpt_end_time",
+        P.STRING,
+        None,
+        "the job's end for ckpt_walltime_margin: an ISO 8601 time (local unless it "
+        "has an offset) or +DURATION from the start of training (+3600, +1:00:00); "
+        "default: SLURM_JOB_END_TIME, else squeue under Slurm",
+        nullable=True,
+        check_form=check_end_time,
+    ),
+    Parameter(
+        "ckpt_init_from",
+        P.STRING,
+        None,
+        "warm start: when the run has no ckpts/last of its own, initialise the model "
+        "weights (only) from this verified checkpoint: a checkpoint tree (its last), "
+        "an epoch directory, or TREE:best, TREE:last, TREE:EPOCH",
+        nullable=True,
+    ),
+    Parameter(
+        "metadata",
+        P.STRING,
+        None,
+        "free text stored in every ckpt-info.json (job id, machine, ...)",
+        nullable=True,
+    ),
+    Parameter(
+        "epochs",
+        P.INTEGER_NN,
+        ParamRequired(),
+        "the number of epochs of the run (the benchmark's own flag)",
+        flag=False,
+    ),
 )
 del P
 
@@ -174,8 +242,13 @@ def _what(value: object) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _check_value(key: str, value: object, type_: ParamType,
-                 allowed: Iterable[object] | None = None, nullable: bool = False) -> Any:
+def _check_value(
+    key: str,
+    value: object,
+    type_: ParamType,
+    allowed: Iterable[object] | None = None,
+    nullable: bool = False,
+) -> Any:
     if value is None:
         if nullable:
             return None
@@ -183,8 +256,9 @@ def _check_value(key: str, value: object, type_: ParamType,
     checker = _CHECKERS[type_]
     result = checker(key, value, type_)
     if allowed is not None and result not in allowed:
-        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
-                                  f"expected one of {list(allowed)}")
+        raise ParameterValueError(
+            f"parameter '{key}': received {value!r}; expected one of {list(allowed)}"
+        )
     return result
 
 
@@ -192,8 +266,9 @@ def _check_string(key: str, value: object, type_: ParamType) -> str:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if not isinstance(value, str):
-        raise ParameterTypeError(f"parameter '{key}': received {_what(value)}; "
-                                 f"expected {type_.value}")
+        raise ParameterTypeError(
+            f"parameter '{key}': received {_what(value)}; expected {type_.value}"
+        )
     return value
 
 
@@ -203,39 +278,43 @@ def _check_bool(key: str, value: object, type_: ParamType) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     if not isinstance(value, str):
-        raise ParameterTypeError(f"parameter '{key}': received {_what(value)}; "
-                                 f"expected {type_.value}")
+        raise ParameterTypeError(
+            f"parameter '{key}': received {_what(value)}; expected {type_.value}"
+        )
     try:
         return str2bool(value)
     except ValueError:
-        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
-                                  f"expected {type_.value}") from None
+        raise ParameterValueError(
+            f"parameter '{key}': received {value!r}; expected {type_.value}"
+        ) from None
 
 
 def _check_number(key: str, value: object, type_: ParamType) -> int | float:
     integral = type_ in (ParamType.INTEGER, ParamType.INTEGER_NN, ParamType.INTEGER_GZ)
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ParameterTypeError(f"parameter '{key}': received {_what(value)}; "
-                                 f"expected {type_.value}")
+        raise ParameterTypeError(
+            f"parameter '{key}': received {_what(value)}; expected {type_.value}"
+        )
     try:
         number = float(value) if not isinstance(value, int) else value
     except ValueError:
-        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
-                                  f"expected {type_.value}") from None
+        raise ParameterValueError(
+            f"parameter '{key}': received {value!r}; expected {type_.value}"
+        ) from None
     if integral:
         if isinstance(number, float) and not number.is_integer():
-            raise ParameterValueError(f"parameter '{key}': received {value!r}; "
-                                      f"expected {type_.value}")
+            raise ParameterValueError(
+                f"parameter '{key}': received {value!r}; expected {type_.value}"
+            )
         number = int(number)
     if number != number or number in (float("inf"), float("-inf")):
-        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
-                                  f"expected a finite number")
+        raise ParameterValueError(
+            f"parameter '{key}': received {value!r}; expected a finite number"
+        )
     if type_ in (ParamType.INTEGER_NN, ParamType.FLOAT_NN) and number < 0:
-        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
-                                  f"expected {type_.value}")
+        raise ParameterValueError(f"parameter '{key}': received {value!r}; expected {type_.value}")
     if type_ is ParamType.INTEGER_GZ and number <= 0:
-        raise ParameterValueError(f"parameter '{key}': received {value!r}; "
-                                  f"expected {type_.value}")
+        raise ParameterValueError(f"parameter '{key}': received {value!r}; expected {type_.value}")
     return number
 
 
@@ -250,9 +329,13 @@ _CHECKERS: dict[ParamType, Callable[[str, object, ParamType], object]] = {
 }
 
 
-def param(gParameters: Mapping[str, Any], key: str, dflt: object,
-          type_: ParamType = ParamType.STRING,
-          allowed: Iterable[object] | None = None) -> Any:
+def param(
+    gParameters: Mapping[str, Any],
+    key: str,
+    dflt: object,
+    type_: ParamType = ParamType.STRING,
+    allowed: Iterable[object] | None = None,
+) -> Any:
     """Return gParameters[key] checked and converted, or `dflt` when absent (CANDLE's API).
 
     Args:
@@ -275,8 +358,7 @@ def param(gParameters: Mapping[str, Any], key: str, dflt: object,
     return _check_value(key, value, type_, allowed, nullable=dflt is None)
 
 
-def validate_params(gParameters: Mapping[str, Any],
-                    require_epochs: bool = False) -> dict[str, Any]:
+def validate_params(gParameters: Mapping[str, Any], require_epochs: bool = False) -> dict[str, Any]:
     """Check every parameter of the table at once and return their values.
 
     Call it before writing anything. Unknown `ckpt_*` keys (usually typos) are
@@ -290,15 +372,21 @@ def validate_params(gParameters: Mapping[str, Any],
         A dict with a checked value (or the default) for every parameter in the table;
         `epochs` is None when absent and not required.
     """
-    unknown = [key for key in gParameters
-               if key.startswith("ckpt_") and key not in PARAMETERS_BY_NAME
-               and key not in _IGNORED_CANDLE_KEYS]
+    unknown = [
+        key
+        for key in gParameters
+        if key.startswith("ckpt_")
+        and key not in PARAMETERS_BY_NAME
+        and key not in _IGNORED_CANDLE_KEYS
+    ]
     if unknown:
         key = sorted(unknown)[0]
         near = difflib.get_close_matches(key, PARAMETERS_BY_NAME, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise ParameterValueError(f"unknown parameter '{key}' (value {gParameters[key]!r})"
-                                  f"{hint} known: {sorted(PARAMETERS_BY_NAME)}")
+        raise ParameterValueError(
+            f"unknown parameter '{key}' (value {gParameters[key]!r})"
+            f"{hint} known: {sorted(PARAMETERS_BY_NAME)}"
+        )
     settings: dict[str, Any] = {}
     for parameter in PARAMETERS:
         default = parameter.default
@@ -307,8 +395,9 @@ def validate_params(gParameters: Mapping[str, Any],
         if parameter.name not in gParameters and default is None:
             settings[parameter.name] = None
             continue
-        settings[parameter.name] = param(gParameters, parameter.name, default,
-                                         parameter.type, parameter.allowed)
+        settings[parameter.name] = param(
+            gParameters, parameter.name, default, parameter.type, parameter.allowed
+        )
         if parameter.check_form is not None and settings[parameter.name] is not None:
             parameter.check_form(settings[parameter.name])
     return settings
@@ -319,12 +408,15 @@ def ckpt_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for parameter in PARAMETERS:
         if not parameter.flag:
             continue
-        parser.add_argument(f"--{parameter.name}", type=parameter.argparse_type,
-                            default=parameter.default, choices=parameter.allowed,
-                            # %(default)s: the effective default, after a benchmark's
-                            # set_defaults (its parameter file), not the table's
-                            help=f"{parameter.help.replace('%', '%%')} "
-                                 f"(default: %(default)s)")
+        parser.add_argument(
+            f"--{parameter.name}",
+            type=parameter.argparse_type,
+            default=parameter.default,
+            choices=parameter.allowed,
+            # %(default)s: the effective default, after a benchmark's
+            # set_defaults (its parameter file), not the table's
+            help=f"{parameter.help.replace('%', '%%')} (default: %(default)s)",
+        )
     return parser
 
 
@@ -334,8 +426,12 @@ def ckpt_defs(defs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     for parameter in PARAMETERS:
         if not parameter.flag:
             continue
-        entry = {"name": parameter.name, "type": parameter.argparse_type,
-                 "default": parameter.default, "help": parameter.help}
+        entry = {
+            "name": parameter.name,
+            "type": parameter.argparse_type,
+            "default": parameter.default,
+            "help": parameter.help,
+        }
         if parameter.allowed is not None:
             entry["choices"] = list(parameter.allowed)
         new_defs.append(entry)

@@ -16,8 +16,7 @@ from collections.abc import Iterable
 from .errors import ParameterValueError
 
 # Checked in order; the first fragment found in the metric name decides.
-_MINIMISED = ("loss", "error", "mse", "mae", "mape", "msle", "crossentropy", "hinge",
-              "perplexity")
+_MINIMISED = ("loss", "error", "mse", "mae", "mape", "msle", "crossentropy", "hinge", "perplexity")
 _MAXIMISED = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
 
 
@@ -42,7 +41,8 @@ def infer_metric_mode(metric: str, mode: str = "auto") -> str:
     raise ParameterValueError(
         f"parameter 'ckpt_best_metric_mode' is 'auto' but the direction of "
         f"ckpt_save_best_metric={metric!r} cannot be inferred from its name; "
-        f"expected ckpt_best_metric_mode 'min' or 'max'")
+        f"expected ckpt_best_metric_mode 'min' or 'max'"
+    )
 
 
 class BestMetric:
@@ -55,11 +55,13 @@ class BestMetric:
         epoch: the epoch of that value, or None.
     """
 
-    def __init__(self, metric: str, mode: str, value: float | None = None,
-                 epoch: int | None = None) -> None:
+    def __init__(
+        self, metric: str, mode: str, value: float | None = None, epoch: int | None = None
+    ) -> None:
         if mode not in ("min", "max"):
-            raise ParameterValueError(f"BestMetric mode: received {mode!r}; "
-                                      f"expected 'min' or 'max'")
+            raise ParameterValueError(
+                f"BestMetric mode: received {mode!r}; expected 'min' or 'max'"
+            )
         self.metric, self.mode, self.value, self.epoch = metric, mode, value, epoch
 
     def improves(self, value: float) -> bool:
@@ -78,8 +80,9 @@ class BestMetric:
         return True
 
 
-def save_reason(epoch: int, *, final_epoch: int, interval: int, skip_epochs: int,
-                improved: bool) -> str | None:
+def save_reason(
+    epoch: int, *, final_epoch: int, interval: int, skip_epochs: int, improved: bool
+) -> str | None:
     """Why `epoch` is saved ("best", "final", "interval"), or None if it is not.
 
     The rules apply in this order, the first that holds deciding: interval 0 never
@@ -139,6 +142,8 @@ def epochs_to_keep(run_epochs: Iterable[int], now: int, mode: str, limit: int) -
     if mode == "exponential":
         epochs = sorted(exponential_survivors(epochs, now))
     elif mode != "linear":
-        raise ParameterValueError(f"parameter 'ckpt_keep_mode': received {mode!r}; "
-                                  f"expected one of ['linear', 'exponential', 'all']")
+        raise ParameterValueError(
+            f"parameter 'ckpt_keep_mode': received {mode!r}; "
+            f"expected one of ['linear', 'exponential', 'all']"
+        )
     return set(epochs[-limit:])

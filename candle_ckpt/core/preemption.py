@@ -68,9 +68,9 @@ class PreemptionWatch:
         self.signal_name = f"SIG{signal_name}"
         self.signum: int = getattr(signal, self.signal_name)
         self.received: int | None = None
-        self.completed_epoch = 0     # the last completed 1-based epoch
-        self.pending: Any = None     # its state, if it is not on disk
-        self._previous: Any = None   # the handler `install` replaced
+        self.completed_epoch = 0  # the last completed 1-based epoch
+        self.pending: Any = None  # its state, if it is not on disk
+        self._previous: Any = None  # the handler `install` replaced
 
     @property
     def requested(self) -> bool:
@@ -80,9 +80,11 @@ class PreemptionWatch:
     def install(self) -> None:
         """Handle the signal from now on; call from the main thread (Python's rule)."""
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError(f"ckpt_signal={self.signal_name[3:]} needs model.fit in the "
-                               f"main thread, where Python delivers signals; found "
-                               f"{threading.current_thread().name}")
+            raise RuntimeError(
+                f"ckpt_signal={self.signal_name[3:]} needs model.fit in the "
+                f"main thread, where Python delivers signals; found "
+                f"{threading.current_thread().name}"
+            )
         self._previous = signal.signal(self.signum, self._record)
 
     def uninstall(self) -> None:
@@ -91,14 +93,14 @@ class PreemptionWatch:
             signal.signal(self.signum, self._previous)
             self._previous = None
 
-    def epoch_completed(self, epoch: int, saved: bool,
-                        take_snapshot: Callable[[], Any]) -> None:
+    def epoch_completed(self, epoch: int, saved: bool, take_snapshot: Callable[[], Any]) -> None:
         """Note that 1-based `epoch` ended; keep `take_snapshot()` if it was not saved."""
         self.completed_epoch = epoch
         self.pending = None if saved else take_snapshot()
 
-    def stop(self, stopped_at: str, save_pending: Callable[[int, Any], None] | str,
-             logger: LibraryLogger) -> Preempted:
+    def stop(
+        self, stopped_at: str, save_pending: Callable[[int, Any], None] | str, logger: LibraryLogger
+    ) -> Preempted:
         """Save the pending epoch if any, log, uninstall; return the `Preempted` to raise.
 
         Args:
@@ -120,9 +122,11 @@ class PreemptionWatch:
             self.pending = None
             kept = f"epoch {epoch} saved now"
         self.uninstall()
-        message = (f"PRE-EMPTED by {self.signal_name} at the end of {stopped_at}: training "
-                   f"stopped, the partial epoch will be re-run; {kept}; exiting with status "
-                   f"{PREEMPTED_EXIT_STATUS} so that the job script can requeue")
+        message = (
+            f"PRE-EMPTED by {self.signal_name} at the end of {stopped_at}: training "
+            f"stopped, the partial epoch will be re-run; {kept}; exiting with status "
+            f"{PREEMPTED_EXIT_STATUS} so that the job script can requeue"
+        )
         logger.warning(message)
         return Preempted(message)
 

@@ -34,6 +34,7 @@ _fsync_thread = SharedThread("candle_ckpt-fsync")
 @dataclass(frozen=True)
 class WrittenFiles:
     """What step 3-4 produced: {name: {"size", "crc32"}}, the model file, timings."""
+
     files: dict[str, dict[str, Any]]
     model_file: str
     nbytes: int
@@ -69,8 +70,9 @@ def _flush_and_checksum(path: str, compute_checksum: bool) -> str | None:
     return crc
 
 
-def _write_into_work(layout: CheckpointLayout, write_files: Callable[[str], str],
-                     compute_checksums: bool) -> WrittenFiles:
+def _write_into_work(
+    layout: CheckpointLayout, write_files: Callable[[str], str], compute_checksums: bool
+) -> WrittenFiles:
     started = time.perf_counter()
     os.mkdir(layout.work)
     model_file = write_files(layout.work)
@@ -79,22 +81,31 @@ def _write_into_work(layout: CheckpointLayout, write_files: Callable[[str], str]
     for name in sorted(os.listdir(layout.work)):
         path = os.path.join(layout.work, name)
         if not os.path.isfile(path) or os.path.islink(path):
-            raise ValueError(f"the model writer left '{path}', which is not a regular file; "
-                             f"expected only files in the epoch directory")
+            raise ValueError(
+                f"the model writer left '{path}', which is not a regular file; "
+                f"expected only files in the epoch directory"
+            )
         size = os.path.getsize(path)
         nbytes += size
         files[name] = {"size": size, "crc32": _flush_and_checksum(path, compute_checksums)}
     if model_file not in files:
-        raise ValueError(f"the model writer reported model file {model_file!r} but wrote "
-                         f"{sorted(files)} into '{layout.work}'")
+        raise ValueError(
+            f"the model writer reported model file {model_file!r} but wrote "
+            f"{sorted(files)} into '{layout.work}'"
+        )
     fault_point("after_fsync")
     return WrittenFiles(files, model_file, nbytes, time.perf_counter() - started)
 
 
-def save_epoch(layout: CheckpointLayout, epoch: int, write_files: Callable[[str], str],
-               build_info: Callable[[WrittenFiles], dict[str, Any]], *,
-               compute_checksums: bool, logger: LibraryLogger
-               ) -> tuple[dict[str, Any], WrittenFiles]:
+def save_epoch(
+    layout: CheckpointLayout,
+    epoch: int,
+    write_files: Callable[[str], str],
+    build_info: Callable[[WrittenFiles], dict[str, Any]],
+    *,
+    compute_checksums: bool,
+    logger: LibraryLogger,
+) -> tuple[dict[str, Any], WrittenFiles]:
     """Write one epoch into `epochs/NNN` (steps 2-6); the caller then repoints the links.
 
     Args:
@@ -122,8 +133,11 @@ def save_epoch(layout: CheckpointLayout, epoch: int, write_files: Callable[[str]
         destination = layout.epoch_dir(epoch)
         if os.path.lexists(destination):
             durable.move_to_trash(destination, layout.trash)
-            logger.info("replaced existing epoch %d (a timeline abandoned by a rollback or "
-                        "a restart from an earlier epoch)", epoch)
+            logger.info(
+                "replaced existing epoch %d (a timeline abandoned by a rollback or "
+                "a restart from an earlier epoch)",
+                epoch,
+            )
         durable.rename_durable(layout.work, destination)
     except BaseException:
         if os.path.lexists(layout.work):
@@ -141,8 +155,14 @@ def point_link(layout: CheckpointLayout, name: str, epoch: int | None) -> None:
         durable.replace_symlink(layout.relative_epoch_target(epoch), layout.link(name))
 
 
-def repoint_links(layout: CheckpointLayout, last: int, best: int | None,
-                  logger: LibraryLogger, *, update_best: bool = True) -> None:
+def repoint_links(
+    layout: CheckpointLayout,
+    last: int,
+    best: int | None,
+    logger: LibraryLogger,
+    *,
+    update_best: bool = True,
+) -> None:
     """Point `last` at epoch `last` and `best` at epoch `best` (None: no best link).
 
     The one owner of the links' order, for a save and for an operator's rollback: each
@@ -160,8 +180,9 @@ def repoint_links(layout: CheckpointLayout, last: int, best: int | None,
         ValueError: `best` is newer than `last`.
     """
     if best is not None and best > last:
-        raise ValueError(f"best epoch {best} is newer than last epoch {last}; "
-                         f"expected best <= last")
+        raise ValueError(
+            f"best epoch {best} is newer than last epoch {last}; expected best <= last"
+        )
     if not update_best:
         point_link(layout, "last", last)
         return
@@ -191,12 +212,10 @@ def _point_best(layout: CheckpointLayout, best: int | None, logger: LibraryLogge
         point_link(layout, "best", best)
 
 
-def discard_epochs(layout: CheckpointLayout, epochs: list[int],
-                   logger: LibraryLogger) -> None:
+def discard_epochs(layout: CheckpointLayout, epochs: list[int], logger: LibraryLogger) -> None:
     """Move whole epoch directories out of `epochs/` into `trash/` (crash-safe deletion)."""
     for epoch in epochs:
         if durable.move_to_trash(layout.epoch_dir(epoch), layout.trash) is None:
             logger.warning("epoch %d was to be deleted but is already gone", epoch)
         else:
             logger.debug("deleted epoch %d (keep policy)", epoch)
-

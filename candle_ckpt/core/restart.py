@@ -42,8 +42,13 @@ def take_warm_start(layout: CheckpointLayout) -> dict[str, Any] | None:
     return _warm_starts.pop(layout.root, None)
 
 
-def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
-                verbose: bool = True, is_writer: bool | None = None) -> dict | None:
+def restart_run(
+    gParameters: Mapping[str, Any],
+    adapter: FrameworkAdapter,
+    *,
+    verbose: bool = True,
+    is_writer: bool | None = None,
+) -> dict | None:
     """Load the checkpoint `ckpts/last` names through `adapter`, if the mode asks for it.
 
     Modes (`ckpt_restart_mode`):
@@ -94,18 +99,27 @@ def restart_run(gParameters: Mapping[str, Any], adapter: FrameworkAdapter, *,
                 _warm_starts[layout.root] = warm_start(init_from, adapter, logger)
             return None
         if init_from is not None:
-            logger.info("the run restarts from its own checkpoint (epoch %d): "
-                        "ckpt_init_from %r is ignored (it initialises only a run with no "
-                        "checkpoint yet)", checkpoint.epoch, init_from)
+            logger.info(
+                "the run restarts from its own checkpoint (epoch %d): "
+                "ckpt_init_from %r is ignored (it initialises only a run with no "
+                "checkpoint yet)",
+                checkpoint.epoch,
+                init_from,
+            )
         restored = adapter.restore(checkpoint, logger)
     except CheckpointError as error:
         if writer:  # the console gets the error itself, from whoever catches it
             log_to_file_only(logger, logging.ERROR, "RESTART REFUSED: %s", error)
         raise
     if restored.deferred:
-        logger.info("restart from epoch %d: read and %s %d bytes (%s), load deferred: %s",
-                    checkpoint.epoch, _how_checked(checkpoint), checkpoint.verified_nbytes,
-                    _file_names(checkpoint), restored.source)
+        logger.info(
+            "restart from epoch %d: read and %s %d bytes (%s), load deferred: %s",
+            checkpoint.epoch,
+            _how_checked(checkpoint),
+            checkpoint.verified_nbytes,
+            _file_names(checkpoint),
+            restored.source,
+        )
         return checkpoint.info
     log_restored(logger, checkpoint, restored, started)
     return checkpoint.info
@@ -119,24 +133,41 @@ def _file_names(checkpoint: Checkpoint) -> str:
     return ", ".join(os.path.basename(path) for path in checkpoint.verified_files)
 
 
-def log_restored(logger: LibraryLogger, checkpoint: Checkpoint, restored: Restored,
-                 started: float, when: str = "") -> None:
+def log_restored(
+    logger: LibraryLogger,
+    checkpoint: Checkpoint,
+    restored: Restored,
+    started: float,
+    when: str = "",
+) -> None:
     """Log what was loaded from `checkpoint` since `started` (`time.perf_counter`), and
     warn when it is not everything an exact resume needs. `when` notes a deferred load."""
     seconds = time.perf_counter() - started
     nbytes = checkpoint.verified_nbytes
-    logger.info("restarted from epoch %d: read and %s %d bytes (%s), loaded %s (%s%s) "
-                "in %.3f s (%.1f MB/s)%s", checkpoint.epoch, _how_checked(checkpoint), nbytes,
-                _file_names(checkpoint), checkpoint.model_path, ", ".join(restored.parts),
-                f", {restored.source}" if restored.source else "",
-                seconds, nbytes / 1e6 / max(seconds, 1e-9), f", {when}" if when else "")
+    logger.info(
+        "restarted from epoch %d: read and %s %d bytes (%s), loaded %s (%s%s) "
+        "in %.3f s (%.1f MB/s)%s",
+        checkpoint.epoch,
+        _how_checked(checkpoint),
+        nbytes,
+        _file_names(checkpoint),
+        checkpoint.model_path,
+        ", ".join(restored.parts),
+        f", {restored.source}" if restored.source else "",
+        seconds,
+        nbytes / 1e6 / max(seconds, 1e-9),
+        f", {when}" if when else "",
+    )
     if not restored.exact:
-        logger.warning("epoch %d: no %s restored; training continues without it and will "
-                       "not match an uninterrupted run", checkpoint.epoch, restored.missing)
+        logger.warning(
+            "epoch %d: no %s restored; training continues without it and will "
+            "not match an uninterrupted run",
+            checkpoint.epoch,
+            restored.missing,
+        )
 
 
-def warm_start(source: str, adapter: FrameworkAdapter, logger: LibraryLogger
-               ) -> dict[str, Any]:
+def warm_start(source: str, adapter: FrameworkAdapter, logger: LibraryLogger) -> dict[str, Any]:
     """Load the model weights only from the verified checkpoint `source` names.
 
     The optimizer, the epoch count and the random states start fresh: this is a new run
@@ -154,7 +185,8 @@ def warm_start(source: str, adapter: FrameworkAdapter, logger: LibraryLogger
     """
     started = time.perf_counter()
     checkpoint: Checkpoint | None = agree_on_checkpoint(
-        adapter.all_gather(), lambda: find_init_checkpoint(source, logger))
+        adapter.all_gather(), lambda: find_init_checkpoint(source, logger)
+    )
     assert checkpoint is not None  # find_init_checkpoint raises rather than find nothing
     try:
         restored = adapter.restore(checkpoint, logger, weights_only=True)
@@ -163,10 +195,18 @@ def warm_start(source: str, adapter: FrameworkAdapter, logger: LibraryLogger
             f"ckpt_init_from {source!r}: {error}. Nothing was loaded and training did not "
             f"start: the source must be a checkpoint of a model built like this one"
         ) from error
-    logger.info("WARM START from ckpt_init_from %r: loaded the weights (%s) of epoch %d "
-                "from %s (CRC32-verified) in %.3f s; optimizer, epoch count and random "
-                "states start fresh, training starts at epoch 1",
-                source, ", ".join(restored.parts), checkpoint.epoch, checkpoint.model_path,
-                time.perf_counter() - started)
-    return {"source": checkpoint.directory, "epoch": checkpoint.epoch,
-            "checksum": str(checkpoint.info["checksum"])}
+    logger.info(
+        "WARM START from ckpt_init_from %r: loaded the weights (%s) of epoch %d "
+        "from %s (CRC32-verified) in %.3f s; optimizer, epoch count and random "
+        "states start fresh, training starts at epoch 1",
+        source,
+        ", ".join(restored.parts),
+        checkpoint.epoch,
+        checkpoint.model_path,
+        time.perf_counter() - started,
+    )
+    return {
+        "source": checkpoint.directory,
+        "epoch": checkpoint.epoch,
+        "checksum": str(checkpoint.info["checksum"]),
+    }

@@ -20,8 +20,15 @@ from .layout import INFO_FILE, CheckpointLayout
 from .logs import LibraryLogger
 from .verify import FileCheck, check_epoch, read_epoch_info, verify_files
 
-__all__ = ["Checkpoint", "find_checkpoint", "find_init_checkpoint", "legacy_best_epoch",
-           "load_verified", "read_epoch_info", "verified_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "find_checkpoint",
+    "find_init_checkpoint",
+    "legacy_best_epoch",
+    "load_verified",
+    "read_epoch_info",
+    "verified_checkpoint",
+]
 # read_epoch_info: verify.py owns it; imported from here too
 
 
@@ -33,6 +40,7 @@ class Checkpoint:
     memoryview): loading them, rather than reading the file again, means that what is
     loaded is exactly what was verified, and the file is read only once.
     """
+
     epoch: int
     directory: str
     info: dict[str, Any]
@@ -67,51 +75,66 @@ def legacy_best_epoch(layout: CheckpointLayout, info: Mapping[str, Any]) -> int 
             candidate = info if earlier == info["epoch"] else read_epoch_info(layout, earlier)
         except CheckpointError:
             continue
-        if (candidate["save_best_metric"] == metric
-                and finite_or_none(candidate["best_metric_last"]) == value):
+        if (
+            candidate["save_best_metric"] == metric
+            and finite_or_none(candidate["best_metric_last"]) == value
+        ):
             return earlier
     return None
 
 
-def load_verified(layout: CheckpointLayout, epoch: int, verify_checksums: bool,
-                  logger: LibraryLogger) -> Checkpoint:
+def load_verified(
+    layout: CheckpointLayout, epoch: int, verify_checksums: bool, logger: LibraryLogger
+) -> Checkpoint:
     """Read and verify epoch `epoch`; return a `Checkpoint` or raise a CheckpointError."""
-    check = check_epoch(layout, epoch, verify_checksums=verify_checksums,
-                        hold_model_contents=True)
+    check = check_epoch(layout, epoch, verify_checksums=verify_checksums, hold_model_contents=True)
     check.raise_if_bad()
-    return _checkpoint(layout.epoch_dir(epoch), check.info, check.files, verify_checksums,
-                       logger)
+    return _checkpoint(layout.epoch_dir(epoch), check.info, check.files, verify_checksums, logger)
 
 
-def verified_checkpoint(directory: str, info: dict[str, Any], verify_checksums: bool,
-                        logger: LibraryLogger) -> Checkpoint:
+def verified_checkpoint(
+    directory: str, info: dict[str, Any], verify_checksums: bool, logger: LibraryLogger
+) -> Checkpoint:
     """Verify the files `info` (the validated ckpt-info dict of `directory`) lists and
     return the `Checkpoint`, its model file's verified bytes read once."""
-    results = verify_files(directory, info, verify_checksums,
-                           hold_contents_of=info["model_file"])
+    results = verify_files(directory, info, verify_checksums, hold_contents_of=info["model_file"])
     return _checkpoint(directory, info, results, verify_checksums, logger)
 
 
-def _checkpoint(directory: str, info: dict[str, Any], results: list[FileCheck],
-                verify_checksums: bool, logger: LibraryLogger) -> Checkpoint:
+def _checkpoint(
+    directory: str,
+    info: dict[str, Any],
+    results: list[FileCheck],
+    verify_checksums: bool,
+    logger: LibraryLogger,
+) -> Checkpoint:
     """The `Checkpoint` of `directory` from its intact file checks (the model file's
     holding its bytes), after logging what was not verified."""
     epoch = info["epoch"]
     unverified = [r.path for r in results if r.expected_crc32 is None]
     if verify_checksums and unverified:
-        logger.warning("checkpoint of epoch %d was written without checksums: %s not "
-                       "verified", epoch, ", ".join(unverified))
+        logger.warning(
+            "checkpoint of epoch %d was written without checksums: %s not verified",
+            epoch,
+            ", ".join(unverified),
+        )
     if is_legacy(info):
         logger.info("epoch %d is a legacy (upstream CANDLE) checkpoint", epoch)
     model_contents = next(r.contents for r in results if r.contents is not None)
-    return Checkpoint(epoch, directory, info, model_contents,
-                      verified_files=tuple(r.path for r in results),
-                      verified_nbytes=sum(r.actual_size or 0 for r in results),
-                      checksummed=verify_checksums and not unverified)
+    return Checkpoint(
+        epoch,
+        directory,
+        info,
+        model_contents,
+        verified_files=tuple(r.path for r in results),
+        verified_nbytes=sum(r.actual_size or 0 for r in results),
+        checksummed=verify_checksums and not unverified,
+    )
 
 
-def find_checkpoint(layout: CheckpointLayout, settings: Mapping[str, Any],
-                    logger: LibraryLogger) -> Checkpoint | None:
+def find_checkpoint(
+    layout: CheckpointLayout, settings: Mapping[str, Any], logger: LibraryLogger
+) -> Checkpoint | None:
     """The verified checkpoint a restart should load, or None to start from scratch.
 
     Args:
@@ -128,31 +151,41 @@ def find_checkpoint(layout: CheckpointLayout, settings: Mapping[str, Any],
     try:
         epoch = layout.resolve_link("last")
     except LinkError as error:
-        add_remedy(error, f"Point it at a saved epoch N with 'candle-ckpt rollback "
-                          f"{layout.root} N', which verifies N first "
-                          f"(ckpt_restart_fallback does not apply to a bad link)")
+        add_remedy(
+            error,
+            f"Point it at a saved epoch N with 'candle-ckpt rollback "
+            f"{layout.root} N', which verifies N first "
+            f"(ckpt_restart_fallback does not apply to a bad link)",
+        )
         raise
     if epoch is None:
         link = layout.link("last")
         state = "dangling" if os.path.lexists(link) else "absent"
         if mode == "required":
-            raise NoCheckpointError(f"ckpt_restart_mode is 'required' but '{link}' is "
-                                    f"{state}; expected a link to a saved epoch. Check "
-                                    f"--ckpt_directory, or run with --ckpt_restart_mode "
-                                    f"auto to start from scratch when there is none")
-        logger.info("no checkpoint to restart from ('%s' is %s): starting from scratch",
-                    link, state)
+            raise NoCheckpointError(
+                f"ckpt_restart_mode is 'required' but '{link}' is "
+                f"{state}; expected a link to a saved epoch. Check "
+                f"--ckpt_directory, or run with --ckpt_restart_mode "
+                f"auto to start from scratch when there is none"
+            )
+        logger.info(
+            "no checkpoint to restart from ('%s' is %s): starting from scratch", link, state
+        )
         return None
     verify_checksums = settings["ckpt_checksum"]
     try:
         return load_verified(layout, epoch, verify_checksums, logger)
     except CheckpointError as error:
         if not settings["ckpt_restart_fallback"]:
-            add_remedy(error, (
-                f"Remedies: rerun with --ckpt_restart_fallback true to restart from the "
-                f"newest earlier epoch that verifies, or choose one with 'candle-ckpt "
-                f"rollback {layout.root} N' ('candle-ckpt list --verify {layout.root}' "
-                f"shows which verify)"))
+            add_remedy(
+                error,
+                (
+                    f"Remedies: rerun with --ckpt_restart_fallback true to restart from the "
+                    f"newest earlier epoch that verifies, or choose one with 'candle-ckpt "
+                    f"rollback {layout.root} N' ('candle-ckpt list --verify {layout.root}' "
+                    f"shows which verify)"
+                ),
+            )
             raise
         logger.error("CHECKPOINT OF EPOCH %d IS UNUSABLE: %s", epoch, error)
         for earlier in reversed([e for e in layout.list_epochs() if e < epoch]):
@@ -161,14 +194,18 @@ def find_checkpoint(layout: CheckpointLayout, settings: Mapping[str, Any],
             except CheckpointError as skipped:
                 logger.error("skipping epoch %d as well: %s", earlier, skipped)
                 continue
-            logger.error("FALLING BACK to epoch %d (ckpt_restart_fallback=true); epoch %d "
-                         "was skipped", earlier, epoch)
+            logger.error(
+                "FALLING BACK to epoch %d (ckpt_restart_fallback=true); epoch %d was skipped",
+                earlier,
+                epoch,
+            )
             return found
         raise CheckpointError(
             f"'{layout.link('last')}' (epoch {epoch}) is unusable ({error}) and no earlier "
             f"epoch verifies; nothing to fall back to. 'candle-ckpt verify "
             f"{layout.root} --all' shows what is wrong with each epoch; to train "
-            f"afresh, use another --ckpt_directory or --ckpt_restart_mode off") from error
+            f"afresh, use another --ckpt_directory or --ckpt_restart_mode off"
+        ) from error
 
 
 INIT_SELECTORS = ("last", "best")
@@ -209,8 +246,10 @@ def _init_checkpoint(source: str, logger: LibraryLogger) -> Checkpoint:
         if selector in INIT_SELECTORS:
             epoch = layout.resolve_link(selector)
             if epoch is None:
-                raise NoCheckpointError(f"'{layout.link(selector)}' is absent or dangling; "
-                                        f"expected a link to a saved epoch")
+                raise NoCheckpointError(
+                    f"'{layout.link(selector)}' is absent or dangling; "
+                    f"expected a link to a saved epoch"
+                )
         else:
             epoch = int(selector)
         return load_verified(layout, epoch, True, logger)
@@ -218,7 +257,8 @@ def _init_checkpoint(source: str, logger: LibraryLogger) -> Checkpoint:
         directory = os.path.realpath(tree)
         return verified_checkpoint(directory, read_info(directory), True, logger)
     if selector is not None:
-        raise NoCheckpointError(f"'{tree}' is not a checkpoint tree (no '{tree}/ckpts' "
-                                f"directory)")
-    raise NoCheckpointError(f"'{tree}' is neither a checkpoint tree (no 'ckpts' directory "
-                            f"in it) nor an epoch directory (no {INFO_FILE} in it)")
+        raise NoCheckpointError(f"'{tree}' is not a checkpoint tree (no '{tree}/ckpts' directory)")
+    raise NoCheckpointError(
+        f"'{tree}' is neither a checkpoint tree (no 'ckpts' directory "
+        f"in it) nor an epoch directory (no {INFO_FILE} in it)"
+    )

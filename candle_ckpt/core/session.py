@@ -56,8 +56,13 @@ class TrainingSession:
             detect it (`core.writer`).
     """
 
-    def __init__(self, gParameters: Mapping[str, Any], logger: Any = "DEFAULT",
-                 verbose: bool = True, is_writer: bool | None = None) -> None:
+    def __init__(
+        self,
+        gParameters: Mapping[str, Any],
+        logger: Any = "DEFAULT",
+        verbose: bool = True,
+        is_writer: bool | None = None,
+    ) -> None:
         self.checkpointer = Checkpointer(gParameters, logger=logger, verbose=verbose)
         self.settings = self.checkpointer.settings
         self._explicit_writer = check_is_writer(is_writer)
@@ -65,7 +70,7 @@ class TrainingSession:
         self._adapter: FrameworkAdapter | None = None
         self._writer: bool | None = None
         self._watch: PreemptionWatch | None = None
-        self._epoch = 0                 # the running 1-based epoch
+        self._epoch = 0  # the running 1-based epoch
         self._epoch_started: float | None = None  # perf_counter() at its begin
         self._first_epoch_seen = False
         self._async_snapshot: Any = None  # reused copies (see _capture)
@@ -88,7 +93,9 @@ class TrainingSession:
             if not decision.is_writer:
                 console_logger("save", self._verbose).info(
                     "not the checkpoint writer (%s): this process writes nothing in '%s'",
-                    decision.reason, self.checkpointer.layout.root)
+                    decision.reason,
+                    self.checkpointer.layout.root,
+                )
         return self._writer
 
     # -- the training loop's points ----------------------------------------------------
@@ -108,19 +115,21 @@ class TrainingSession:
         """
         self._adapter = adapter
         self.checkpointer.init_from = take_warm_start(self.checkpointer.layout)
-        self.checkpointer.describe_writer(adapter.adapter_name, adapter.model_format,
-                                          adapter.library_versions())
+        self.checkpointer.describe_writer(
+            adapter.adapter_name, adapter.model_format, adapter.library_versions()
+        )
         if self.is_writer:
             self.checkpointer.start_writing()
             if self.checkpointer.background is not None and adapter.state_exists():
-                self._async_snapshot = self._copy_state(None, "ckpt_async=true",
-                                                        "ckpt_async=false")
+                self._async_snapshot = self._copy_state(None, "ckpt_async=true", "ckpt_async=false")
         self._watch = self._start_preemption_watch()
         self._check_walltime_agreement()
         if self.settings["ckpt_walltime_margin"] > 0 and self.is_writer:
-            self._walltime = WallClockStop(self.settings["ckpt_walltime_margin"],
-                                           self.settings["ckpt_end_time"],
-                                           self.checkpointer.logger)
+            self._walltime = WallClockStop(
+                self.settings["ckpt_walltime_margin"],
+                self.settings["ckpt_end_time"],
+                self.checkpointer.logger,
+            )
             self._walltime.start()
 
     def epoch_begin(self, epoch: int) -> None:
@@ -153,8 +162,9 @@ class TrainingSession:
             Preempted: the signal came during the epoch, or (ckpt_walltime_margin) the
                 next epoch and a save would not finish before the job's end.
         """
-        train_seconds = (None if self._epoch_started is None
-                         else time.perf_counter() - self._epoch_started)
+        train_seconds = (
+            None if self._epoch_started is None else time.perf_counter() - self._epoch_started
+        )
         decision = None
         if self._walltime is not None:
             self._walltime.epoch_ended()
@@ -162,18 +172,22 @@ class TrainingSession:
             self.checkpointer.record_epoch(epoch, logs, train_seconds)
             # a metric missing from the logs is refused here, before anything is saved
             decision = self._refuse_unless(
-                lambda: self.checkpointer.decide(epoch, logs, train_seconds))
+                lambda: self.checkpointer.decide(epoch, logs, train_seconds)
+            )
             if decision is not None:
                 self.checkpointer.save(decision, self._capture)
         if self._walltime is not None:
             background = self.checkpointer.background is not None
             self._walltime.save_ended(
                 saved=decision is not None,
-                background_seconds=self.checkpointer.last_write_seconds if background else None)
+                background_seconds=self.checkpointer.last_write_seconds if background else None,
+            )
         if self._watch is not None:
             self._watch.epoch_completed(
-                epoch, saved=decision is not None or self._not_saving() is not None,
-                take_snapshot=lambda: self._hold(epoch, logs, train_seconds))
+                epoch,
+                saved=decision is not None or self._not_saving() is not None,
+                take_snapshot=lambda: self._hold(epoch, logs, train_seconds),
+            )
             if self._watch.requested:
                 raise self._stop_preempted(f"epoch {epoch}")
         if self.settings["ckpt_walltime_margin"] > 0 and epoch < self.settings["epochs"]:
@@ -219,7 +233,10 @@ class TrainingSession:
         except NoCheckpointError:
             self.checkpointer.logger.warning(
                 "training starts at epoch %d but '%s' has no checkpoint: best-metric and "
-                "keep state start afresh", initial_epoch + 1, layout.epoch_dir(initial_epoch))
+                "keep state start afresh",
+                initial_epoch + 1,
+                layout.epoch_dir(initial_epoch),
+            )
             return
         self.checkpointer.resume(info)
 
@@ -236,18 +253,22 @@ class TrainingSession:
         """
         if self.checkpointer.background is None:
             return self._files_writer(self.adapter.snapshot(copy=False))
-        self._async_snapshot = self._copy_state(self._async_snapshot, "ckpt_async=true",
-                                                "ckpt_async=false")
+        self._async_snapshot = self._copy_state(
+            self._async_snapshot, "ckpt_async=true", "ckpt_async=false"
+        )
         return self._files_writer(self._async_snapshot)
 
-    def _hold(self, epoch: int, logs: Mapping[str, Any] | None,
-              train_seconds: float | None) -> tuple[SaveDecision, WriteFiles]:
+    def _hold(
+        self, epoch: int, logs: Mapping[str, Any] | None, train_seconds: float | None
+    ) -> tuple[SaveDecision, WriteFiles]:
         """Copy the state of unsaved `epoch` for a save pre-emption may ask for later."""
         signal = self.settings["ckpt_signal"]
-        self._held_snapshot = self._copy_state(self._held_snapshot, f"ckpt_signal={signal}",
-                                               "ckpt_signal=off")
+        self._held_snapshot = self._copy_state(
+            self._held_snapshot, f"ckpt_signal={signal}", "ckpt_signal=off"
+        )
         decision = self.checkpointer.decision_with_current_best(
-            epoch, "pre-emption", logs=logs, train_seconds=train_seconds)
+            epoch, "pre-emption", logs=logs, train_seconds=train_seconds
+        )
         return decision, self._files_writer(self._held_snapshot)
 
     def _copy_state(self, spare: Any, setting: str, off: str) -> Any:
@@ -271,7 +292,8 @@ class TrainingSession:
             raise ParameterValueError(
                 f"parameter 'ckpt_signal' is {name!r} while several processes train in "
                 f"lock-step ({self.adapter.adapter_name}); expected 'off': the processes "
-                f"could stop at different batches and wait for each other forever")
+                f"could stop at different batches and wait for each other forever"
+            )
         watch = PreemptionWatch(name)
         watch.install()
         return watch
@@ -295,6 +317,7 @@ class TrainingSession:
             decision, write_files = pending
             self.checkpointer.save_captured(decision, write_files)
             self._wait_for_saves()
+
         saving: Callable[[int, Any], None] | str = self._not_saving() or save_pending
         return watch.stop(where, saving, self.checkpointer.logger)
 
@@ -309,7 +332,8 @@ class TrainingSession:
             raise ParameterValueError(
                 f"parameter 'ckpt_end_time' is {end_time!r} but 'ckpt_walltime_margin' is 0 "
                 f"(the wall-clock stop is off); expected a margin in seconds > 0, e.g. 60, "
-                f"or no ckpt_end_time")
+                f"or no ckpt_end_time"
+            )
 
     def _check_walltime_agreement(self) -> None:
         """A non-writer without a collective could not learn the writer's verdict."""
@@ -320,7 +344,8 @@ class TrainingSession:
                 f"write the checkpoint (is_writer=False) and has no collective "
                 f"({self.adapter.adapter_name}) to learn the writer's decision to stop; "
                 f"expected 0 here: the writer would stop alone and the others wait for it "
-                f"forever (use ckpt_walltime_margin only where every process can agree)")
+                f"forever (use ckpt_walltime_margin only where every process can agree)"
+            )
 
     def _all_agree_to_stop(self, writer_says_stop: bool) -> bool:
         """The writer's verdict, the same in every process of a multi-process job."""
@@ -330,15 +355,16 @@ class TrainingSession:
         everyone = all_gather([int(self.is_writer), int(writer_says_stop)])
         return any(is_writer and stop for is_writer, stop in everyone)
 
-    def _stop_walltime(self, epoch: int, saved: bool,
-                       estimate: StopEstimate | None) -> Preempted:
+    def _stop_walltime(self, epoch: int, saved: bool, estimate: StopEstimate | None) -> Preempted:
         """Keep `epoch` on disk (unless the policy saved it), log why; the stop to raise."""
         if self._watch is not None:
             self._watch.uninstall()
         if not self.is_writer:
-            message = (f"WALL-CLOCK STOP after epoch {epoch}: the checkpoint writer says the "
-                       f"next epoch would not finish before the job's end; exiting with "
-                       f"status {PREEMPTED_EXIT_STATUS}")
+            message = (
+                f"WALL-CLOCK STOP after epoch {epoch}: the checkpoint writer says the "
+                f"next epoch would not finish before the job's end; exiting with "
+                f"status {PREEMPTED_EXIT_STATUS}"
+            )
             console_logger("save", self._verbose).warning(message)
             return Preempted(message)
         not_saving = self._not_saving()
@@ -352,9 +378,11 @@ class TrainingSession:
             kept = f"epoch {epoch} saved now"
         self._wait_for_saves()
         assert estimate is not None
-        message = (f"WALL-CLOCK STOP after epoch {epoch}: {estimate.describe()}; {kept}; "
-                   f"exiting with status {PREEMPTED_EXIT_STATUS} so that the job script "
-                   f"can requeue")
+        message = (
+            f"WALL-CLOCK STOP after epoch {epoch}: {estimate.describe()}; {kept}; "
+            f"exiting with status {PREEMPTED_EXIT_STATUS} so that the job script "
+            f"can requeue"
+        )
         self.checkpointer.logger.warning(message)
         return Preempted(message)
 
@@ -362,4 +390,3 @@ class TrainingSession:
         """With ckpt_async: wait for the save in flight (raising its error)."""
         if self.checkpointer.background is not None:
             self.checkpointer.background.wait()
-

@@ -41,6 +41,7 @@ class FileCheck:
     to hold them, else None: the bytes that were checked, so a caller that uses them
     uses exactly what was verified.
     """
+
     path: str
     expected_size: int | None
     actual_size: int | None
@@ -54,14 +55,20 @@ class FileCheck:
         if self.problem == "missing":
             return f"{self.path}: listed in ckpt-info.json but missing"
         if self.problem == "type":
-            return (f"{self.path}: not a regular file (a link, directory or device); "
-                    f"ckpt-info.json lists a file of the epoch directory")
+            return (
+                f"{self.path}: not a regular file (a link, directory or device); "
+                f"ckpt-info.json lists a file of the epoch directory"
+            )
         if self.problem == "size":
-            return (f"{self.path}: size {self.actual_size} bytes, "
-                    f"ckpt-info.json records {self.expected_size}")
+            return (
+                f"{self.path}: size {self.actual_size} bytes, "
+                f"ckpt-info.json records {self.expected_size}"
+            )
         if self.problem == "crc32":
-            return (f"{self.path}: CRC32 {self.actual_crc32}, "
-                    f"ckpt-info.json records {self.expected_crc32}")
+            return (
+                f"{self.path}: CRC32 {self.actual_crc32}, "
+                f"ckpt-info.json records {self.expected_crc32}"
+            )
         state = "ok" if self.actual_crc32 is not None else "not verified (no CRC32 recorded)"
         return f"{self.path}: {state}"
 
@@ -69,6 +76,7 @@ class FileCheck:
 @dataclass(frozen=True)
 class EpochCheck:
     """An epoch's validated ckpt-info dict and the check of every file it lists."""
+
     epoch: int
     info: dict[str, Any]
     files: list[FileCheck]
@@ -96,14 +104,19 @@ class EpochCheck:
         """
         for check in self.bad:
             if check.problem == "crc32":
-                raise ChecksumMismatchError(check.path, str(check.expected_crc32),
-                                            str(check.actual_crc32))
+                raise ChecksumMismatchError(
+                    check.path, str(check.expected_crc32), str(check.actual_crc32)
+                )
             raise CorruptCheckpointError(check.describe() + "; refusing to load this checkpoint")
 
 
-def check_files(epoch_dir: str, info: dict[str, Any], verify_checksums: bool = True,
-                progress: FileProgress | None = None,
-                hold_contents_of: str | None = None) -> list[FileCheck]:
+def check_files(
+    epoch_dir: str,
+    info: dict[str, Any],
+    verify_checksums: bool = True,
+    progress: FileProgress | None = None,
+    hold_contents_of: str | None = None,
+) -> list[FileCheck]:
     """Check every file recorded in `info`, in name order; returns a list of FileCheck.
 
     Args:
@@ -147,16 +160,21 @@ def check_files(epoch_dir: str, info: dict[str, Any], verify_checksums: bool = T
     return results
 
 
-def _file_progress(progress: FileProgress | None, path: str,
-                   total: int) -> Callable[[int], None] | None:
+def _file_progress(
+    progress: FileProgress | None, path: str, total: int
+) -> Callable[[int], None] | None:
     """`crc32_file`'s progress(bytes_done) for one file, reported as `progress` wants."""
     if progress is None:
         return None
     return lambda done: progress(path, done, total)
 
 
-def verify_files(epoch_dir: str, info: dict[str, Any], verify_checksums: bool = True,
-                 hold_contents_of: str | None = None) -> list[FileCheck]:
+def verify_files(
+    epoch_dir: str,
+    info: dict[str, Any],
+    verify_checksums: bool = True,
+    hold_contents_of: str | None = None,
+) -> list[FileCheck]:
     """Raise on the first file that is missing, truncated or fails its CRC32.
 
     Returns the list of FileCheck (all intact) so callers can report unverified files;
@@ -183,22 +201,32 @@ def read_epoch_info(layout: CheckpointLayout, epoch: int) -> dict[str, Any]:
     """
     directory = layout.epoch_dir(epoch)
     if os.path.islink(directory):
-        raise LinkError(f"'{directory}' is a symbolic link (-> '{os.readlink(directory)}'); "
-                        f"expected an epoch directory inside '{layout.epochs}'")
+        raise LinkError(
+            f"'{directory}' is a symbolic link (-> '{os.readlink(directory)}'); "
+            f"expected an epoch directory inside '{layout.epochs}'"
+        )
     try:
         info = read_info(directory)
     except FileNotFoundError:
-        raise NoCheckpointError(f"'{directory}' has no ckpt-info.json; expected a complete "
-                                f"epoch directory") from None
+        raise NoCheckpointError(
+            f"'{directory}' has no ckpt-info.json; expected a complete epoch directory"
+        ) from None
     if info["epoch"] != epoch:
-        raise CheckpointError(f"'{directory}/ckpt-info.json': key 'epoch' is {info['epoch']}; "
-                              f"expected {epoch}, the epoch of its directory")
+        raise CheckpointError(
+            f"'{directory}/ckpt-info.json': key 'epoch' is {info['epoch']}; "
+            f"expected {epoch}, the epoch of its directory"
+        )
     return info
 
 
-def check_epoch(layout: CheckpointLayout, epoch: int, *, verify_checksums: bool = True,
-                progress: FileProgress | None = None,
-                hold_model_contents: bool = False) -> EpochCheck:
+def check_epoch(
+    layout: CheckpointLayout,
+    epoch: int,
+    *,
+    verify_checksums: bool = True,
+    progress: FileProgress | None = None,
+    hold_model_contents: bool = False,
+) -> EpochCheck:
     """Read and validate epoch `epoch`'s ckpt-info.json, then check every file it lists.
 
     The ckpt-info.json is validated before any file it names is opened. Bad files are
@@ -210,6 +238,11 @@ def check_epoch(layout: CheckpointLayout, epoch: int, *, verify_checksums: bool 
         the errors of `read_epoch_info` (no, invalid or mismatched ckpt-info.json).
     """
     info = read_epoch_info(layout, epoch)
-    files = check_files(layout.epoch_dir(epoch), info, verify_checksums, progress,
-                        info["model_file"] if hold_model_contents else None)
+    files = check_files(
+        layout.epoch_dir(epoch),
+        info,
+        verify_checksums,
+        progress,
+        info["model_file"] if hold_model_contents else None,
+    )
     return EpochCheck(epoch, info, files)

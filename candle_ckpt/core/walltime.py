@@ -48,13 +48,17 @@ WINDOW = 3
 REASK_SECONDS = 600.0
 SQUEUE_TIMEOUT_SECONDS = 20.0
 
+
 def parse_duration(text: str) -> float:
     """Seconds in "90", "1:30", "1:00:00" or "2-03:00:00" (squeue's %L forms); ValueError."""
     days, dash, clock_part = text.strip().rpartition("-")
     parts = clock_part.split(":")
     numbers = [days] * bool(dash) + parts
-    if not all(number.isdigit() for number in numbers) or len(parts) > 3 or (
-            dash and len(parts) != 3):
+    if (
+        not all(number.isdigit() for number in numbers)
+        or len(parts) > 3
+        or (dash and len(parts) != 3)
+    ):
         raise ValueError(f"{text!r} is not a duration")
     seconds = 0
     for part in parts:
@@ -73,7 +77,7 @@ def parse_end_time(value: str, start: float) -> float:
         if text.startswith("+"):
             return start + parse_duration(text[1:])
         moment = datetime.datetime.fromisoformat(text)
-        return moment.timestamp()   # a naive time is local time, as Slurm prints it
+        return moment.timestamp()  # a naive time is local time, as Slurm prints it
     except ValueError:
         raise ParameterValueError(
             f"parameter 'ckpt_end_time': received {value!r}; expected an ISO 8601 time "
@@ -91,6 +95,7 @@ def check_end_time(value: str) -> None:
 @dataclass(frozen=True)
 class JobEnd:
     """When the job will be killed (Unix time), and where that came from."""
+
     time: float
     source: str
     asks_squeue: bool = False
@@ -104,23 +109,28 @@ def squeue_time_left(job_id: str) -> float | None:
             or printed something that is not a time left; the message names it.
     """
     command = ["squeue", "-h", "-j", job_id, "-o", "%L"]
-    result = subprocess.run(command, capture_output=True, text=True,
-                            timeout=SQUEUE_TIMEOUT_SECONDS, check=False)
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_SECONDS, check=False
+    )
     if result.returncode != 0:
         raise subprocess.SubprocessError(
-            f"exited with status {result.returncode}: {result.stderr.strip()[:200]!r}")
+            f"exited with status {result.returncode}: {result.stderr.strip()[:200]!r}"
+        )
     text = result.stdout.strip()
     if text in ("UNLIMITED", "NOT_SET"):
         return None
     try:
         return parse_duration(text)
     except ValueError:
-        raise ValueError(f"printed {text[:200]!r}; expected a time left such as "
-                         f"'1-02:03:04', '2:03:04' or '3:04'") from None
+        raise ValueError(
+            f"printed {text[:200]!r}; expected a time left such as "
+            f"'1-02:03:04', '2:03:04' or '3:04'"
+        ) from None
 
 
-def find_job_end(end_time: str | None, environ: Mapping[str, str], start: float,
-                 logger: LibraryLogger) -> JobEnd | None:
+def find_job_end(
+    end_time: str | None, environ: Mapping[str, str], start: float, logger: LibraryLogger
+) -> JobEnd | None:
     """The job's end from the first source that has it (module docstring), or None
     after a warning naming what was tried."""
     if end_time is not None:
@@ -142,9 +152,12 @@ def find_job_end(end_time: str | None, environ: Mapping[str, str], start: float,
         if isinstance(end, JobEnd) or end is None:
             return end
         tried.append(end)
-    logger.warning("ckpt_walltime_margin is set but the job's end is unknown: tried %s; "
-                   "training runs without the wall-clock stop (set ckpt_end_time to "
-                   "give the end)", "; ".join(tried))
+    logger.warning(
+        "ckpt_walltime_margin is set but the job's end is unknown: tried %s; "
+        "training runs without the wall-clock stop (set ckpt_end_time to "
+        "give the end)",
+        "; ".join(tried),
+    )
     return None
 
 
@@ -165,6 +178,7 @@ def ask_squeue(job_id: str, logger: LibraryLogger) -> JobEnd | str | None:
 @dataclass(frozen=True)
 class StopEstimate:
     """Why the run stops now: the estimates and the times they were compared with."""
+
     now: float
     epoch_seconds: float
     save_seconds: float
@@ -176,11 +190,13 @@ class StopEstimate:
         return self.now + self.epoch_seconds + self.save_seconds + self.margin
 
     def describe(self) -> str:
-        return (f"the next epoch ({self.epoch_seconds:.1f} s, the longest of the last "
-                f"{WINDOW} measured) plus a save ({self.save_seconds:.1f} s) plus "
-                f"ckpt_walltime_margin ({self.margin:g} s) would end at "
-                f"{_clock_time(self.finish)}, after the job's end {_clock_time(self.end.time)}"
-                f" ({self.end.source}; {self.end.time - self.now:.0f} s left)")
+        return (
+            f"the next epoch ({self.epoch_seconds:.1f} s, the longest of the last "
+            f"{WINDOW} measured) plus a save ({self.save_seconds:.1f} s) plus "
+            f"ckpt_walltime_margin ({self.margin:g} s) would end at "
+            f"{_clock_time(self.finish)}, after the job's end {_clock_time(self.end.time)}"
+            f" ({self.end.source}; {self.end.time - self.now:.0f} s left)"
+        )
 
 
 class WallClockStop:
@@ -196,8 +212,13 @@ class WallClockStop:
         environ: where SLURM_JOB_END_TIME and SLURM_JOB_ID are read.
     """
 
-    def __init__(self, margin: float, end_time: str | None, logger: LibraryLogger,
-                 environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        margin: float,
+        end_time: str | None,
+        logger: LibraryLogger,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.margin = margin
         self._end_time = end_time
         self._logger = logger
@@ -214,10 +235,14 @@ class WallClockStop:
         self._mark = self._asked_at = clock()
         self.end = find_job_end(self._end_time, self._environ, self._mark, self._logger)
         if self.end is not None:
-            self._logger.info("wall-clock stop on: the job ends at %s (%s, %.0f s from "
-                              "now), ckpt_walltime_margin %g s",
-                              _clock_time(self.end.time), self.end.source,
-                              self.end.time - self._mark, self.margin)
+            self._logger.info(
+                "wall-clock stop on: the job ends at %s (%s, %.0f s from "
+                "now), ckpt_walltime_margin %g s",
+                _clock_time(self.end.time),
+                self.end.source,
+                self.end.time - self._mark,
+                self.margin,
+            )
 
     def epoch_ended(self) -> None:
         now = clock()
@@ -233,8 +258,7 @@ class WallClockStop:
         """
         now = clock()
         if saved:
-            self.save_seconds.append(max(now - self._epoch_ended_at,
-                                         background_seconds or 0.0))
+            self.save_seconds.append(max(now - self._epoch_ended_at, background_seconds or 0.0))
         self._mark = now
 
     def should_stop(self) -> StopEstimate | None:
@@ -257,12 +281,14 @@ class WallClockStop:
         job_id = self._environ.get("SLURM_JOB_ID", "")
         end = ask_squeue(job_id, self._logger)
         if isinstance(end, str):
-            self._logger.warning("asking the job's end again failed: %s; keeping %s",
-                                 end, _clock_time(self.end.time) if self.end else "none")
+            self._logger.warning(
+                "asking the job's end again failed: %s; keeping %s",
+                end,
+                _clock_time(self.end.time) if self.end else "none",
+            )
             return
         if end is not None and self.end is not None and abs(end.time - self.end.time) > 30:
-            self._logger.info("the job's end moved to %s (%s)", _clock_time(end.time),
-                              end.source)
+            self._logger.info("the job's end moved to %s (%s)", _clock_time(end.time), end.source)
         self.end = end
 
 

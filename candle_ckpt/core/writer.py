@@ -50,14 +50,17 @@ RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 @dataclass(frozen=True)
 class WriterDecision:
     """Whether this process writes the checkpoint tree, and which rule decided it."""
+
     is_writer: bool
     reason: str
 
 
-def writer_decision(explicit: bool | None = None,
-                    framework: WriterDecision | None = None,
-                    environ: Mapping[str, str] | None = None,
-                    rank_variables: tuple[str, ...] = RANK_VARIABLES) -> WriterDecision:
+def writer_decision(
+    explicit: bool | None = None,
+    framework: WriterDecision | None = None,
+    environ: Mapping[str, str] | None = None,
+    rank_variables: tuple[str, ...] = RANK_VARIABLES,
+) -> WriterDecision:
     """Decide whether this process writes the checkpoint tree (see the module docstring).
 
     Args:
@@ -83,15 +86,16 @@ def writer_decision(explicit: bool | None = None,
         if variable in environ:
             rank = _parse_rank(variable, environ[variable])
             return WriterDecision(rank == 0, f"{variable}={rank}")
-    return WriterDecision(True, "a single process (no process group, TF_CONFIG or rank "
-                                "variable)")
+    return WriterDecision(True, "a single process (no process group, TF_CONFIG or rank variable)")
 
 
 def check_is_writer(value: object) -> bool | None:
     """Return the `is_writer` argument if it is None, True or False; else TypeError."""
     if value is not None and not isinstance(value, bool):
-        raise TypeError(f"argument 'is_writer': received {value!r} "
-                        f"({type(value).__name__}); expected True, False or None")
+        raise TypeError(
+            f"argument 'is_writer': received {value!r} "
+            f"({type(value).__name__}); expected True, False or None"
+        )
     return value
 
 
@@ -102,13 +106,14 @@ def _tf_config_decision(text: str) -> WriterDecision:
         index = int(config["task"].get("index", 0))
         cluster = config.get("cluster", {})
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"environment variable TF_CONFIG is {text!r}: {error!r}; expected "
-                         f"JSON with 'cluster' and 'task': {{'type': ..., 'index': ...}}") from None
+        raise ValueError(
+            f"environment variable TF_CONFIG is {text!r}: {error!r}; expected "
+            f"JSON with 'cluster' and 'task': {{'type': ..., 'index': ...}}"
+        ) from None
     if task_type == "chief":
         return WriterDecision(True, "TF_CONFIG task type chief")
     if task_type == "worker" and "chief" not in cluster:
-        return WriterDecision(index == 0, f"TF_CONFIG worker {index} (no chief: worker 0 "
-                                          f"writes)")
+        return WriterDecision(index == 0, f"TF_CONFIG worker {index} (no chief: worker 0 writes)")
     return WriterDecision(False, f"TF_CONFIG task {task_type} {index} (not the chief)")
 
 
@@ -118,19 +123,21 @@ def _parse_rank(variable: str, text: str) -> int:
     except ValueError:
         rank = -1
     if rank < 0:
-        raise ValueError(f"environment variable {variable} is {text!r}; expected a rank, "
-                         f"an integer >= 0")
+        raise ValueError(
+            f"environment variable {variable} is {text!r}; expected a rank, an integer >= 0"
+        )
     return rank
 
 
 # -- agreeing on the restart checkpoint ---------------------------------------------
 
-_NOTHING = 0      # epoch reported by a worker that found no checkpoint
-_FAILED = -1      # epoch reported by a worker whose search raised
+_NOTHING = 0  # epoch reported by a worker that found no checkpoint
+_FAILED = -1  # epoch reported by a worker whose search raised
 
 
-def agree_on_checkpoint(all_gather: AllGather | None,
-                        find: Callable[[], Checkpoint | None]) -> Checkpoint | None:
+def agree_on_checkpoint(
+    all_gather: AllGather | None, find: Callable[[], Checkpoint | None]
+) -> Checkpoint | None:
     """Run `find()` on this worker and check that every worker found the same checkpoint.
 
     Collective: every process must call it, once, at the same point (restart does,
@@ -163,14 +170,17 @@ def agree_on_checkpoint(all_gather: AllGather | None,
         raise error
     if any(found[0] == _FAILED for found in everyone):
         failed = [i for i, found in enumerate(everyone) if found[0] == _FAILED]
-        raise CheckpointError(f"restart failed on process(es) {failed} (see their logs); "
-                              f"every worker stops so that none trains alone")
+        raise CheckpointError(
+            f"restart failed on process(es) {failed} (see their logs); "
+            f"every worker stops so that none trains alone"
+        )
     if any(found != mine for found in everyone):
         raise CheckpointError(
             f"the workers do not agree on the checkpoint to restart from: (epoch, model "
             f"CRC32) per process is {everyone} (epoch {_NOTHING}: none "
             f"found); expected the same on every worker. Is ckpt_directory on a file "
-            f"system every worker sees, and was 'last' relinked while the job started?")
+            f"system every worker sees, and was 'last' relinked while the job started?"
+        )
     return checkpoint
 
 

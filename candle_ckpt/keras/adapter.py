@@ -40,10 +40,15 @@ class KerasAdapter:
         self.weights_only = weights_only
 
     def library_versions(self) -> dict[str, str]:
-        versions = {"keras": keras.__version__, "h5py": h5py.__version__,
-                    "numpy": numpy.__version__, "backend": keras.backend.backend()}
+        versions = {
+            "keras": keras.__version__,
+            "h5py": h5py.__version__,
+            "numpy": numpy.__version__,
+            "backend": keras.backend.backend(),
+        }
         if versions["backend"] == "tensorflow":
             import tensorflow
+
             versions["tensorflow"] = tensorflow.__version__
         versions["platform"] = platform.platform()
         return versions
@@ -71,22 +76,36 @@ class KerasAdapter:
         h5.write(snapshot, path, progress=WritebackStarter(path))
         return h5.MODEL_FILE
 
-    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger, *,
-                weights_only: bool = False) -> Restored:
+    def restore(
+        self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False
+    ) -> Restored:
         """Load `checkpoint` now, or hold it (`deferred`) while the model is unbuilt."""
         if h5.is_unbuilt(self.model):
-            return deferred.hold(self.model, checkpoint, logger,
-                                 lambda: self.load(checkpoint, logger, weights_only=weights_only))
+            return deferred.hold(
+                self.model,
+                checkpoint,
+                logger,
+                lambda: self.load(checkpoint, logger, weights_only=weights_only),
+            )
         return self.load(checkpoint, logger, weights_only=weights_only)
 
-    def load(self, checkpoint: Checkpoint, logger: LibraryLogger, *,
-             weights_only: bool = False) -> Restored:
+    def load(
+        self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False
+    ) -> Restored:
         """Load the verified `checkpoint` into the built model (`h5.restore`)."""
         with strategy_scope(self.model):
-            loaded = h5.restore(self.model, checkpoint.model_path,
-                                contents=checkpoint.model_contents, logger=logger,
-                                weights_only=weights_only)
+            loaded = h5.restore(
+                self.model,
+                checkpoint.model_path,
+                contents=checkpoint.model_contents,
+                logger=logger,
+                weights_only=weights_only,
+            )
         parts = ("weights",) + (("optimizer",) if loaded["optimizer_restored"] else ())
-        return Restored.of(parts, rng_restored=loaded["rng_restored"],
-                           exact=loaded["optimizer_restored"], missing="optimizer state",
-                           source="legacy upstream-CANDLE file" if loaded["legacy"] else "")
+        return Restored.of(
+            parts,
+            rng_restored=loaded["rng_restored"],
+            exact=loaded["optimizer_restored"],
+            missing="optimizer state",
+            source="legacy upstream-CANDLE file" if loaded["legacy"] else "",
+        )

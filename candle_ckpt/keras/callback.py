@@ -83,11 +83,17 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
             `hvd.rank() == 0`), or None (default) to detect it as described above.
     """
 
-    def __init__(self, gParameters: Mapping[str, Any], logger: Any = "DEFAULT",
-                 verbose: bool = True, is_writer: bool | None = None) -> None:
+    def __init__(
+        self,
+        gParameters: Mapping[str, Any],
+        logger: Any = "DEFAULT",
+        verbose: bool = True,
+        is_writer: bool | None = None,
+    ) -> None:
         super().__init__()
-        self.session = TrainingSession(gParameters, logger=logger, verbose=verbose,
-                                       is_writer=is_writer)
+        self.session = TrainingSession(
+            gParameters, logger=logger, verbose=verbose, is_writer=is_writer
+        )
         self.checkpointer = self.session.checkpointer
         self._progress_bar = False
         self._metrics_checked = False
@@ -115,7 +121,8 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
             names = list(logs or {})
             self.session.check_metric_names(
                 names + [f"val_{name}" for name in names],
-                "the metrics this model reports (val_* with validation data)")
+                "the metrics this model reports (val_* with validation data)",
+            )
         if self._progress_bar:
             set_progress_line_open(True)
         self.session.batch_end(batch)

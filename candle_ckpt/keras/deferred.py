@@ -32,14 +32,17 @@ from .distributed import strategy_scope
 
 # Model.build(input_shape) on a subclassed model without its own `build` marks the
 # model built but creates no variables of its layers (Keras warns): calling it creates them.
-_BUILD_ADVICE = ("build the model before calling restart(): call it on one batch "
-                 "(model(x[:1])), or give it a build(input_shape) method that builds its "
-                 "layers and call model.build(input_shape)")
+_BUILD_ADVICE = (
+    "build the model before calling restart(): call it on one batch "
+    "(model(x[:1])), or give it a build(input_shape) method that builds its "
+    "layers and call model.build(input_shape)"
+)
 
 
 @dataclass(frozen=True)
 class PendingLoad:
     """A verified checkpoint waiting for its model's variables, and how to load it."""
+
     checkpoint: Checkpoint
     logger: LibraryLogger
     load: Callable[[], Restored]
@@ -49,15 +52,20 @@ class PendingLoad:
 _pending: weakref.WeakKeyDictionary[Any, PendingLoad] = weakref.WeakKeyDictionary()
 
 
-def hold(model: Any, checkpoint: Checkpoint, logger: LibraryLogger,
-         load: Callable[[], Restored]) -> Restored:
+def hold(
+    model: Any, checkpoint: Checkpoint, logger: LibraryLogger, load: Callable[[], Restored]
+) -> Restored:
     """Keep the verified `checkpoint` for `model` until `load_when_built`; `load` loads it
     into the built model and returns what it restored."""
     _pending[model] = PendingLoad(checkpoint, logger, load)
-    return Restored(parts=(), exact=True, deferred=True,
-                    source=f"model '{model.name}' has no variables yet; "
-                           f"CandleCheckpointCallback loads the checkpoint once fit has "
-                           f"built the model, before the first training step")
+    return Restored(
+        parts=(),
+        exact=True,
+        deferred=True,
+        source=f"model '{model.name}' has no variables yet; "
+        f"CandleCheckpointCallback loads the checkpoint once fit has "
+        f"built the model, before the first training step",
+    )
 
 
 def is_pending(model: Any) -> bool:
@@ -84,7 +92,8 @@ def load_when_built(model: Any) -> None:
         raise CheckpointError(
             f"the checkpoint of epoch {pending.checkpoint.epoch} waits for model "
             f"'{model.name}' to be built, but it is not built and has no train function "
-            f"to build it; {_BUILD_ADVICE}")
+            f"to build it; {_BUILD_ADVICE}"
+        )
 
     def build_load_then_train(iterator: Any) -> Any:
         model.train_function = train_function
@@ -106,7 +115,8 @@ def _build_from_spec(model: Any, iterator: Any, pending: PendingLoad) -> None:
         raise CheckpointError(
             f"cannot build model '{model.name}' to load the checkpoint of epoch "
             f"{pending.checkpoint.epoch}: fit's data iterator is a "
-            f"{type(iterator).__name__} without an element_spec; {_BUILD_ADVICE}")
+            f"{type(iterator).__name__} without an element_spec; {_BUILD_ADVICE}"
+        )
     with strategy_scope(model):
         try:
             model._symbolic_build(data_batch=spec)
@@ -114,13 +124,15 @@ def _build_from_spec(model: Any, iterator: Any, pending: PendingLoad) -> None:
             raise CheckpointError(
                 f"cannot build model '{model.name}' from its data ({spec}) to load the "
                 f"checkpoint of epoch {pending.checkpoint.epoch}: {error}; "
-                f"{_BUILD_ADVICE}") from error
+                f"{_BUILD_ADVICE}"
+            ) from error
     if h5.is_unbuilt(model):
         unbuilt = [layer.name for layer in model._flatten_layers() if not layer.built]
         raise CheckpointError(
             f"model '{model.name}' called on its data still has unbuilt layers "
             f"{unbuilt[:6]}, so the checkpoint of epoch {pending.checkpoint.epoch} "
-            f"cannot be loaded before the first step; {_BUILD_ADVICE}")
+            f"cannot be loaded before the first step; {_BUILD_ADVICE}"
+        )
 
 
 def _load(pending: PendingLoad, when: str) -> None:
@@ -134,5 +146,6 @@ def _load(pending: PendingLoad, when: str) -> None:
 
 
 def _log_refusal(pending: PendingLoad, error: CheckpointError) -> None:
-    pending.logger.error("deferred restart from epoch %d refused: %s",
-                         pending.checkpoint.epoch, error)
+    pending.logger.error(
+        "deferred restart from epoch %d refused: %s", pending.checkpoint.epoch, error
+    )

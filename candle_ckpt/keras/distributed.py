@@ -25,8 +25,9 @@ def strategy_decision(model: Any) -> WriterDecision | None:
     if strategy is None:
         return None
     should = bool(strategy.extended.should_checkpoint)
-    return WriterDecision(should, f"{type(strategy).__name__}.extended.should_checkpoint "
-                                  f"is {should}")
+    return WriterDecision(
+        should, f"{type(strategy).__name__}.extended.should_checkpoint is {should}"
+    )
 
 
 def strategy_scope(model: Any) -> contextlib.AbstractContextManager[Any]:
@@ -54,6 +55,6 @@ def strategy_all_gather(model: Any) -> AllGather | None:
 
         local = tf.constant([list(values)], dtype=tf.int64)
         replicas = strategy.run(lambda: tf.identity(local))
-        return [tuple(int(v) for v in row)
-                for row in strategy.gather(replicas, axis=0).numpy()]
+        return [tuple(int(v) for v in row) for row in strategy.gather(replicas, axis=0).numpy()]
+
     return all_gather

@@ -87,6 +87,7 @@ _log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class _Arrays:
     """One group of the file: dataset names (Keras' weight_names) and their values."""
+
     names: tuple[str, ...]
     arrays: tuple[np.ndarray, ...]
 
@@ -98,11 +99,12 @@ class TrainingState:
     Safe to hand to another thread: nothing in it refers to Keras or TensorFlow. The
     arrays are copies, or views of the variables' buffers (see `snapshot`).
     """
+
     keras_version: str
     backend: str
-    model_config: str | None   # JSON; None if the model has no config
+    model_config: str | None  # JSON; None if the model has no config
     layer_names: tuple[str, ...]  # every layer of model.layers, in that order
-    layers: tuple[_Arrays, ...]   # one per layer, parallel to layer_names
+    layers: tuple[_Arrays, ...]  # one per layer, parallel to layer_names
     top_level: _Arrays
     optimizer: _Arrays | None  # None when weights_only
     rng: _Arrays
@@ -110,8 +112,9 @@ class TrainingState:
     nbytes: int
 
 
-def snapshot(model: Any, weights_only: bool = False, copy: bool = True,
-             into: TrainingState | None = None) -> TrainingState:
+def snapshot(
+    model: Any, weights_only: bool = False, copy: bool = True, into: TrainingState | None = None
+) -> TrainingState:
     """Every weight, SeedGenerator state and (unless `weights_only`) optimizer variable.
 
     Runs on the training thread. With `copy`, the arrays are fresh copies in host
@@ -141,35 +144,56 @@ def snapshot(model: Any, weights_only: bool = False, copy: bool = True,
         if optimizer is None:
             raise ValueError(
                 f"cannot snapshot the optimizer state of model '{model.name}': it has no "
-                f"optimizer; compile it first, or pass weights_only=True")
+                f"optimizer; compile it first, or pass weights_only=True"
+            )
         if not is_unbuilt(model):
             _build_optimizer(model)
     layer_names = tuple(layer.name for layer in model.layers)
-    if into is not None and (into.layer_names, into.weights_only) != (layer_names,
-                                                                       bool(weights_only)):
+    if into is not None and (into.layer_names, into.weights_only) != (
+        layer_names,
+        bool(weights_only),
+    ):
         into = None
     if copy and into is None:
         into = _blank_state(model, layer_names, optimizer, weights_only)
     spare_layers = into.layers if into else (None,) * len(layer_names)
-    layers = tuple(_arrays(_legacy_weights(layer), f"layer '{layer.name}'", copy, spare)
-                   for layer, spare in zip(model.layers, spare_layers))
-    top_level = _arrays(_top_level_weights(model), "the model's top-level weights", copy,
-                        into.top_level if into else None)
-    rng = _arrays(_rng_states(model), "the SeedGenerator states", copy,
-                  into.rng if into else None)
-    opt = _arrays(optimizer.variables, "the optimizer variables", copy,
-                  into.optimizer if into else None) if optimizer else None
+    layers = tuple(
+        _arrays(_legacy_weights(layer), f"layer '{layer.name}'", copy, spare)
+        for layer, spare in zip(model.layers, spare_layers)
+    )
+    top_level = _arrays(
+        _top_level_weights(model),
+        "the model's top-level weights",
+        copy,
+        into.top_level if into else None,
+    )
+    rng = _arrays(_rng_states(model), "the SeedGenerator states", copy, into.rng if into else None)
+    opt = (
+        _arrays(
+            optimizer.variables, "the optimizer variables", copy, into.optimizer if into else None
+        )
+        if optimizer
+        else None
+    )
     groups = layers + (top_level, rng) + ((opt,) if opt else ())
     keras_version, backend, model_config = _model_metadata(model)
     return TrainingState(
-        keras_version=keras_version, backend=backend, model_config=model_config,
-        layer_names=layer_names, layers=layers,
-        top_level=top_level, optimizer=opt, rng=rng, weights_only=bool(weights_only),
-        nbytes=sum(a.nbytes for g in groups for a in g.arrays))
+        keras_version=keras_version,
+        backend=backend,
+        model_config=model_config,
+        layer_names=layer_names,
+        layers=layers,
+        top_level=top_level,
+        optimizer=opt,
+        rng=rng,
+        weights_only=bool(weights_only),
+        nbytes=sum(a.nbytes for g in groups for a in g.arrays),
+    )
 
 
-def _blank_state(model: Any, layer_names: tuple[str, ...], optimizer: Any,
-                 weights_only: bool) -> TrainingState:
+def _blank_state(
+    model: Any, layer_names: tuple[str, ...], optimizer: Any, weights_only: bool
+) -> TrainingState:
     """A TrainingState shaped like `model`'s, its arrays carved out of one block of
     huge-page memory (contents undefined), for `snapshot` to copy into."""
     groups = [_legacy_weights(layer) for layer in model.layers]
@@ -186,12 +210,19 @@ def _blank_state(model: Any, layer_names: tuple[str, ...], optimizer: Any,
             arrays.append(array.reshape(tuple(variable.shape)))
             offset += _aligned(n)
         blank.append(_Arrays(tuple(v.path for v in variables), tuple(arrays)))
-    *layers, top_level, rng = blank[:len(model.layers) + 2]
+    *layers, top_level, rng = blank[: len(model.layers) + 2]
     return TrainingState(
-        keras_version="", backend="", model_config=None, layer_names=layer_names,
-        layers=tuple(layers), top_level=top_level, rng=rng,
+        keras_version="",
+        backend="",
+        model_config=None,
+        layer_names=layer_names,
+        layers=tuple(layers),
+        top_level=top_level,
+        rng=rng,
         optimizer=blank[-1] if optimizer is not None else None,
-        weights_only=bool(weights_only), nbytes=offset)
+        weights_only=bool(weights_only),
+        nbytes=offset,
+    )
 
 
 def _variable_nbytes(variable: Any) -> int:
@@ -212,8 +243,11 @@ def state_nbytes(model: Any, weights_only: bool = False) -> int:
     return sum(_variable_nbytes(v) for v in variables)
 
 
-def write(state: TrainingState, path: str | os.PathLike[str],
-          progress: Callable[[int], None] | None = None) -> None:
+def write(
+    state: TrainingState,
+    path: str | os.PathLike[str],
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Write `state` to `path` (created or truncated) in the layout of the module docstring.
 
     Uses h5py only, so it may run in a background thread. Does not fsync: the save
@@ -233,8 +267,7 @@ def write(state: TrainingState, path: str | os.PathLike[str],
         raise as_oserror(error, path) from error
 
 
-def _write_file(state: TrainingState, path: str,
-                progress: Callable[[int], None] | None) -> None:
+def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None) -> None:
     # (dataset offset, array) of the arrays pwrite writes. Any: write_at is typed for a
     # memoryview, create_array for an ndarray; Python 3.10 has no Buffer type for both.
     direct: list[tuple[int, Any]] = []
@@ -251,18 +284,22 @@ def _write_file(state: TrainingState, path: str,
         weights.attrs["keras_version"] = state.keras_version
         # Name order, as Keras writes them: no group name is created before its prefix.
         for name, arrays in sorted(zip(state.layer_names, state.layers), key=lambda p: p[0]):
-                _write_arrays(weights.create_group(name), arrays, direct)
-        _write_arrays(weights.create_group("top_level_model_weights"), state.top_level,
-                      direct)
+            _write_arrays(weights.create_group(name), arrays, direct)
+        _write_arrays(weights.create_group("top_level_model_weights"), state.top_level, direct)
         if state.optimizer is not None:
             _write_arrays(f.create_group("optimizer_weights"), state.optimizer, direct)
         _write_arrays(f.create_group(RNG_GROUP), state.rng, direct)
     write_at(path, direct, progress)
 
 
-def restore(model: Any, path: str | os.PathLike[str], *, contents: memoryview | None = None,
-            logger: LibraryLogger | None = None,
-            weights_only: bool = False) -> dict[str, Any]:
+def restore(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    contents: memoryview | None = None,
+    logger: LibraryLogger | None = None,
+    weights_only: bool = False,
+) -> dict[str, Any]:
     """Load `path` into the built and compiled `model`: weights, optimizer, RNG state.
 
     With `weights_only` (a warm start from another run's checkpoint) only the layers'
@@ -310,8 +347,9 @@ def restore(model: Any, path: str | os.PathLike[str], *, contents: memoryview | 
         # a RuntimeError of other code (Keras, TensorFlow) is its own error, kept as it is.
         if isinstance(e, RuntimeError) and not raised_by_h5py(e):
             raise
-        raise CheckpointFormatError(f"'{path}' is not a readable HDF5 file "
-                                    f"({type(e).__name__}: {e})") from e
+        raise CheckpointFormatError(
+            f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {e})"
+        ) from e
     tensors = [_as_tensor(value) for value in values]  # all of them before any assign
     for (variable, _), tensor in zip(pairs, tensors):
         variable.assign(tensor)
@@ -320,12 +358,16 @@ def restore(model: Any, path: str | os.PathLike[str], *, contents: memoryview | 
     for layer in model._flatten_layers(include_self=False):
         if hasattr(layer, "finalize_state") and layer.weights:
             layer.finalize_state()
-    return {"optimizer_restored": optimizer is not None,
-            "rng_restored": ours and not weights_only,
-            "legacy": not ours, "nbytes": sum(v.nbytes for v in values)}
+    return {
+        "optimizer_restored": optimizer is not None,
+        "rng_restored": ours and not weights_only,
+        "legacy": not ours,
+        "nbytes": sum(v.nbytes for v in values),
+    }
 
 
 # -- what the model holds ------------------------------------------------------------
+
 
 def is_unbuilt(model: Any) -> bool:
     """Whether some layer of `model` has not created its variables yet (Keras' own test
@@ -360,8 +402,9 @@ def _top_level_weights(model: Any) -> list[Any]:
     # Keras' own expression (legacy_h5_format.save_weights_to_hdf5_group): load_weights
     # counts these, so our file must hold exactly the same list.
     owned = {id(w) for w in model.weights}
-    return [v for v in model._trainable_variables + model._non_trainable_variables
-            if id(v) in owned]
+    return [
+        v for v in model._trainable_variables + model._non_trainable_variables if id(v) in owned
+    ]
 
 
 def _rng_states(model: Any) -> list[Any]:
@@ -375,15 +418,15 @@ def _build_optimizer(model: Any) -> None:
         model.optimizer.build(model.trainable_variables)
 
 
-def _arrays(variables: Sequence[Any], where: str, copy: bool,
-            spare: _Arrays | None) -> _Arrays:
+def _arrays(variables: Sequence[Any], where: str, copy: bool, spare: _Arrays | None) -> _Arrays:
     """An _Arrays of `variables`: copies (into `spare`'s arrays where they match) or views."""
     names = tuple(v.path for v in variables)
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
         raise CheckpointFormatError(
             f"cannot store {where}: two variables share the path '{duplicate}', and the "
-            f"Keras h5 layout names each dataset by its variable's path")
+            f"Keras h5 layout names each dataset by its variable's path"
+        )
     if spare is not None and spare.names != names:
         spare = None
     arrays = []
@@ -427,14 +470,14 @@ def _model_metadata(model: Any) -> tuple[str, str, str | None]:
     from keras.src.legacy.saving import json_utils, saving_options, saving_utils
 
     with saving_options.keras_option_scope(use_legacy_config=True):
-        metadata = saving_utils.model_metadata(model, include_optimizer=False,
-                                               require_config=False)
+        metadata = saving_utils.model_metadata(model, include_optimizer=False, require_config=False)
         config = metadata["model_config"]
         # The config only serves load_model; a model without a (JSON-able) config, which
         # Keras' own h5 save refuses, is still checkpointed, just not rebuildable.
         try:
-            model_config = (json.dumps(config, default=json_utils.get_json_type)
-                            if "config" in config else None)
+            model_config = (
+                json.dumps(config, default=json_utils.get_json_type) if "config" in config else None
+            )
         except TypeError as e:
             _log.debug("model_config of '%s' omitted: %s", model.name, e)
             model_config = None
@@ -443,8 +486,8 @@ def _model_metadata(model: Any) -> tuple[str, str, str | None]:
 
 # -- writing -------------------------------------------------------------------------
 
-def _write_arrays(group: h5py.Group, arrays: _Arrays,
-                  direct: list[tuple[int, np.ndarray]]) -> None:
+
+def _write_arrays(group: h5py.Group, arrays: _Arrays, direct: list[tuple[int, np.ndarray]]) -> None:
     """Create `arrays`' datasets in `group` (`hdf5.create_array`: small ones written by
     h5py, large ones left for `write_at`, their (offset, array) appended to `direct`)."""
     _write_names(group, "weight_names", arrays.names)
@@ -459,10 +502,11 @@ def _write_names(group: h5py.Group, key: str, names: Sequence[str]) -> None:
         return
     per_chunk = max(1, _ATTR_LIMIT // data.itemsize)
     for i, start in enumerate(range(0, len(data), per_chunk)):
-        group.attrs[f"{key}{i}"] = data[start:start + per_chunk]
+        group.attrs[f"{key}{i}"] = data[start : start + per_chunk]
 
 
 # -- reading and validating ----------------------------------------------------------
+
 
 def _format_version(f: h5py.File, path: str) -> int | None:
     """candle_ckpt's format version of the file, or None for an upstream Keras file."""
@@ -472,85 +516,122 @@ def _format_version(f: h5py.File, path: str) -> int | None:
     if not isinstance(version, (int, np.integer)) or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointFormatError(
             f"'{path}': {FORMAT_ATTR} is {version!r}; this candle_ckpt reads versions 1 to "
-            f"{FORMAT_VERSION} (a newer candle_ckpt may have written the file)")
+            f"{FORMAT_VERSION} (a newer candle_ckpt may have written the file)"
+        )
     return int(version)
 
 
-def _plan_weights(f: h5py.File, model: Any, path: str, ours: bool,
-                  log: LibraryLogger) -> list[tuple[Any, h5py.Dataset]]:
+def _plan_weights(
+    f: h5py.File, model: Any, path: str, ours: bool, log: LibraryLogger
+) -> list[tuple[Any, h5py.Dataset]]:
     """[(variable, dataset)] for every layer weight; checks counts, shapes, dtypes, names."""
     root = f
     if "layer_names" not in f.attrs and "model_weights" in f:
         root = _group(f, "model_weights", path)
     if not _has_names(root, "layer_names"):
         raise CheckpointFormatError(
-            f"'{path}' is not a Keras HDF5 model file: no 'layer_names' attribute in "
-            f"'{root.name}'")
-    saved = [name for name in _read_names(root, "layer_names")
-             if _read_names(_group(root, name, path), "weight_names")]
+            f"'{path}' is not a Keras HDF5 model file: no 'layer_names' attribute in '{root.name}'"
+        )
+    saved = [
+        name
+        for name in _read_names(root, "layer_names")
+        if _read_names(_group(root, name, path), "weight_names")
+    ]
     layers = [layer for layer in model.layers if _legacy_weights(layer)]
     if len(saved) != len(layers):
         raise CheckpointFormatError(
             f"'{path}' holds weights for {len(saved)} layers {_brief(saved)}, the model "
-            f"has {len(layers)} layers with weights {_brief([x.name for x in layers])}")
+            f"has {len(layers)} layers with weights {_brief([x.name for x in layers])}"
+        )
     pairs, renamed = [], []
     for k, (name, layer) in enumerate(zip(saved, layers)):
         if not _same_name(name, layer.name):
             renamed.append(f"layer #{k} is '{name}' in the file, '{layer.name}' in the model")
-        pairs += _match(_group(root, name, path), _legacy_weights(layer),
-                        f"layer #{k} '{layer.name}' ('{name}' in the file)", path, renamed)
+        pairs += _match(
+            _group(root, name, path),
+            _legacy_weights(layer),
+            f"layer #{k} '{layer.name}' ('{name}' in the file)",
+            path,
+            renamed,
+        )
     if "top_level_model_weights" in root:
-        pairs += _match(_group(root, "top_level_model_weights", path),
-                        _top_level_weights(model), "group 'top_level_model_weights'", path,
-                        renamed)
+        pairs += _match(
+            _group(root, "top_level_model_weights", path),
+            _top_level_weights(model),
+            "group 'top_level_model_weights'",
+            path,
+            renamed,
+        )
     if renamed and ours:
         raise CheckpointFormatError(
-            f"'{path}' does not match the model's names: {'; '.join(renamed)}")
+            f"'{path}' does not match the model's names: {'; '.join(renamed)}"
+        )
     if renamed:
-        log.warning("'%s' was written with other names (loaded by position, as Keras "
-                    "does): %s", path, "; ".join(renamed))
+        log.warning(
+            "'%s' was written with other names (loaded by position, as Keras does): %s",
+            path,
+            "; ".join(renamed),
+        )
     return pairs
 
 
-def _plan_rng(f: h5py.File, model: Any, path: str, ours: bool,
-              log: LibraryLogger) -> list[tuple[Any, h5py.Dataset]]:
+def _plan_rng(
+    f: h5py.File, model: Any, path: str, ours: bool, log: LibraryLogger
+) -> list[tuple[Any, h5py.Dataset]]:
     if not ours:
         if _rng_states(model):
-            log.info("'%s' holds no SeedGenerator state (Dropout, noise layers): their "
-                     "random streams continue from the model's current seeds", path)
+            log.info(
+                "'%s' holds no SeedGenerator state (Dropout, noise layers): their "
+                "random streams continue from the model's current seeds",
+                path,
+            )
         return []
     if RNG_GROUP not in f:
-        raise CheckpointFormatError(f"'{path}' has no '{RNG_GROUP}' group; every "
-                                    f"candle_ckpt file of format {FORMAT_VERSION} has one")
-    return _match(_group(f, RNG_GROUP, path), _rng_states(model),
-                  f"group '{RNG_GROUP}' (SeedGenerator states)", path)
+        raise CheckpointFormatError(
+            f"'{path}' has no '{RNG_GROUP}' group; every "
+            f"candle_ckpt file of format {FORMAT_VERSION} has one"
+        )
+    return _match(
+        _group(f, RNG_GROUP, path),
+        _rng_states(model),
+        f"group '{RNG_GROUP}' (SeedGenerator states)",
+        path,
+    )
 
 
-def _plan_optimizer(f: h5py.File, model: Any, path: str, version: int | None,
-                    log: LibraryLogger) -> list[tuple[Any, h5py.Dataset]] | None:
+def _plan_optimizer(
+    f: h5py.File, model: Any, path: str, version: int | None, log: LibraryLogger
+) -> list[tuple[Any, h5py.Dataset]] | None:
     """[(variable, dataset)] for the optimizer, or None if it is not to be restored."""
     if "optimizer_weights" not in f:
         if version is not None and not f.attrs.get(WEIGHTS_ONLY_ATTR, False):
             raise CheckpointFormatError(
                 f"'{path}' has no 'optimizer_weights' group, but its {WEIGHTS_ONLY_ATTR} "
-                f"is not true: the file is incomplete")
+                f"is not true: the file is incomplete"
+            )
         return None
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
-        log.warning("'%s' holds optimizer state but the model is not compiled: the "
-                    "optimizer state was not restored", path)
+        log.warning(
+            "'%s' holds optimizer state but the model is not compiled: the "
+            "optimizer state was not restored",
+            path,
+        )
         return None
     keras_version = _attr_str(f.attrs.get("keras_version", "unknown"))
     if version is None and _major(keras_version) < 3:
-        log.warning("'%s' was written by Keras %s, whose optimizer variables do not map "
-                    "one to one onto Keras 3's: weights restored, the optimizer state was "
-                    "not restored (it starts fresh)", path, keras_version)
+        log.warning(
+            "'%s' was written by Keras %s, whose optimizer variables do not map "
+            "one to one onto Keras 3's: weights restored, the optimizer state was "
+            "not restored (it starts fresh)",
+            path,
+            keras_version,
+        )
         return None
     _build_optimizer(model)
     group = _group(f, "optimizer_weights", path)
     try:
-        return _match(group, optimizer.variables,
-                      f"optimizer '{optimizer.name}'", path)
+        return _match(group, optimizer.variables, f"optimizer '{optimizer.name}'", path)
     except CheckpointFormatError as e:
         if version is not None:
             raise
@@ -558,8 +639,13 @@ def _plan_optimizer(f: h5py.File, model: Any, path: str, version: int | None,
         return None
 
 
-def _match(group: h5py.Group, variables: Sequence[Any], where: str, path: str,
-           renamed: list[str] | None = None) -> list[tuple[Any, h5py.Dataset]]:
+def _match(
+    group: h5py.Group,
+    variables: Sequence[Any],
+    where: str,
+    path: str,
+    renamed: list[str] | None = None,
+) -> list[tuple[Any, h5py.Dataset]]:
     """Pair `group`'s datasets (in weight_names order) with `variables`, position by
     position, after checking count, shape and dtype. Leaf-name differences are appended
     to `renamed` if given."""
@@ -567,7 +653,8 @@ def _match(group: h5py.Group, variables: Sequence[Any], where: str, path: str,
     if len(names) != len(variables):
         raise CheckpointFormatError(
             f"'{path}': {where} has {len(names)} variables in the file {_brief(names)}, "
-            f"the model expects {len(variables)} {_brief([v.path for v in variables])}")
+            f"the model expects {len(variables)} {_brief([v.path for v in variables])}"
+        )
     pairs = []
     for name, variable in zip(names, variables):
         dataset = _dataset(group, name, path)
@@ -576,10 +663,10 @@ def _match(group: h5py.Group, variables: Sequence[Any], where: str, path: str,
         if found != expected:
             raise CheckpointFormatError(
                 f"'{path}': {where}, variable '{name}' is {_describe(*found)} in the file, "
-                f"the model's '{variable.path}' is {_describe(*expected)}")
+                f"the model's '{variable.path}' is {_describe(*expected)}"
+            )
         if renamed is not None and not _same_name(name, variable.name):
-            renamed.append(f"{where}: weight '{name}' in the file, '{variable.path}' in "
-                           f"the model")
+            renamed.append(f"{where}: weight '{name}' in the file, '{variable.path}' in the model")
         pairs.append((variable, dataset))
     return pairs
 
@@ -595,8 +682,10 @@ def _brief(names: Sequence[str], limit: int = 6) -> str:
 
 def _same_name(saved: str, current: str) -> bool:
     """Equal up to the numeric suffix of Keras' automatic names and TF's ':0'."""
+
     def base(name: str) -> str:
         return _AUTO_SUFFIX.sub("", name.rsplit("/", 1)[-1])
+
     return base(saved) == base(current)
 
 

@@ -9,8 +9,9 @@ from ..core.restart import restart_run
 from .adapter import KerasAdapter
 
 
-def restart(gParameters: Mapping[str, Any], model: Any, verbose: bool = True,
-            is_writer: bool | None = None) -> dict | None:
+def restart(
+    gParameters: Mapping[str, Any], model: Any, verbose: bool = True, is_writer: bool | None = None
+) -> dict | None:
     """Load the checkpoint `ckpts/last` points at into `model`, if the mode asks for it.
 
     Call it after building and compiling the model and before `model.fit`; pass

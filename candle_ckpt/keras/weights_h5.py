@@ -68,8 +68,9 @@ def write_weights_h5(contents: memoryview, source: str, destination: str) -> int
     except CheckpointFormatError:
         raise
     except (OSError, KeyError, RuntimeError, TypeError, ValueError) as error:
-        raise CheckpointFormatError(f"'{source}' is not a readable Keras HDF5 model file: "
-                                    f"{error}") from error
+        raise CheckpointFormatError(
+            f"'{source}' is not a readable Keras HDF5 model file: {error}"
+        ) from error
     with h5py.File(destination, "w") as out:
         out.create_group("vars").attrs["name"] = model_name
         for path, name, arrays in plan:
@@ -80,15 +81,18 @@ def write_weights_h5(contents: memoryview, source: str, destination: str) -> int
     return sum(len(arrays) for _, _, arrays in plan)
 
 
-def _plan(f: h5py.File, contents: memoryview, source: str
-          ) -> tuple[str, list[tuple[str, str, list[Any]]]]:
+def _plan(
+    f: h5py.File, contents: memoryview, source: str
+) -> tuple[str, list[tuple[str, str, list[Any]]]]:
     """(model name, [(group path, name attr, arrays)]) of the `.weights.h5` to write."""
     root = f
     if "layer_names" not in f.attrs and "model_weights" in f:
         root = group(f, "model_weights", source)
     if not has_names(root, "layer_names"):
-        raise CheckpointFormatError(f"'{source}' is not a Keras HDF5 model file: no "
-                                    f"'layer_names' attribute in '{root.name}'")
+        raise CheckpointFormatError(
+            f"'{source}' is not a Keras HDF5 model file: no "
+            f"'layer_names' attribute in '{root.name}'"
+        )
     config = _model_config(f, source)
     classes = _layer_classes(config, source)
     plan: list[tuple[str, str, list[Any]]] = []
@@ -98,7 +102,8 @@ def _plan(f: h5py.File, contents: memoryview, source: str
             raise CheckpointFormatError(
                 f"'{source}': layer '{name}' is not in the file's model_config (its layers "
                 f"are {sorted(classes)}); the class that names its group in .weights.h5 is "
-                f"unknown")
+                f"unknown"
+            )
         key = to_snake_case(classes[name])
         used[key] = used.get(key, -1) + 1
         path = f"layers/{key}" if used[key] == 0 else f"layers/{key}_{used[key]}"
@@ -112,16 +117,32 @@ def _plan(f: h5py.File, contents: memoryview, source: str
                     f"of a nested layer; model.h5 records nested layers' weights "
                     f"flattened, and Keras 3's .weights.h5 needs each nested layer's own "
                     f"group. Not exported: load the checkpoint with candle_ckpt.restart "
-                    f"and call model.save_weights instead")
-        plan.append((path, name, [dataset_array(dataset(layer, weight, source), contents,
-                                                source) for weight in names]))
+                    f"and call model.save_weights instead"
+                )
+        plan.append(
+            (
+                path,
+                name,
+                [
+                    dataset_array(dataset(layer, weight, source), contents, source)
+                    for weight in names
+                ],
+            )
+        )
     if "top_level_model_weights" in root:
         top = group(root, "top_level_model_weights", source)
         names = read_names(top, "weight_names")
         if names:
-            plan.append(("", str(config["config"].get("name", "")),
-                         [dataset_array(dataset(top, weight, source), contents, source)
-                          for weight in names]))
+            plan.append(
+                (
+                    "",
+                    str(config["config"].get("name", "")),
+                    [
+                        dataset_array(dataset(top, weight, source), contents, source)
+                        for weight in names
+                    ],
+                )
+            )
     return str(config["config"].get("name", "")), plan
 
 
@@ -137,15 +158,19 @@ def _model_config(f: h5py.File, source: str) -> dict:
             f"'{source}' records no model_config (the model had no serialisable config, "
             f"or this is a weights-only legacy file): the layers' classes, which name "
             f"their groups in Keras 3's .weights.h5, are unknown. Load the checkpoint "
-            f"with candle_ckpt.restart and call model.save_weights instead")
+            f"with candle_ckpt.restart and call model.save_weights instead"
+        )
     try:
         config = json.loads(attr_str(f.attrs["model_config"]))
     except ValueError as error:
-        raise CheckpointFormatError(f"'{source}': attribute model_config is not JSON: "
-                                    f"{error}") from None
+        raise CheckpointFormatError(
+            f"'{source}': attribute model_config is not JSON: {error}"
+        ) from None
     if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
-        raise CheckpointFormatError(f"'{source}': model_config is {str(config)[:80]!r}; "
-                                    f"expected a dict with 'class_name' and 'config'")
+        raise CheckpointFormatError(
+            f"'{source}': model_config is {str(config)[:80]!r}; "
+            f"expected a dict with 'class_name' and 'config'"
+        )
     return config
 
 
@@ -159,7 +184,8 @@ def _layer_classes(config: dict, source: str) -> dict[str, str]:
             f"Functional models map exactly onto Keras 3's .weights.h5 (a subclassed "
             f"model's weights are named by its attributes, which the file does not "
             f"record). Load the checkpoint with candle_ckpt.restart and call "
-            f"model.save_weights instead")
+            f"model.save_weights instead"
+        )
     classes = {}
     for layer in layers:
         name = layer.get("name") or (layer.get("config") or {}).get("name")

@@ -33,6 +33,7 @@ from .inventory import describe_epochs, link_state, require_epoch_dir
 @dataclass(frozen=True)
 class RollbackPlan:
     """Where `last` and `best` will point, and why `best` points there."""
+
     epoch: int
     best: int | None
     best_reason: str
@@ -61,8 +62,9 @@ def best_epoch_at(layout: CheckpointLayout, info: dict[str, Any]) -> tuple[int |
     return best, f"first epoch recording the best {metric}={value:.6g} of epoch {epoch}"
 
 
-def plan_rollback(layout: CheckpointLayout, epoch: int,
-                  progress: FileProgress | None = None) -> RollbackPlan:
+def plan_rollback(
+    layout: CheckpointLayout, epoch: int, progress: FileProgress | None = None
+) -> RollbackPlan:
     """Verify epoch `epoch` and decide where `best` goes; change nothing.
 
     Args:
@@ -78,8 +80,9 @@ def plan_rollback(layout: CheckpointLayout, epoch: int,
     require_epoch_dir(layout, epoch)
     check = check_epoch(layout, epoch, progress=progress)
     if check.bad:
-        raise CorruptCheckpointError(f"refusing to roll back to epoch {epoch}, which does "
-                                     f"not verify: {check.problems()}")
+        raise CorruptCheckpointError(
+            f"refusing to roll back to epoch {epoch}, which does not verify: {check.problems()}"
+        )
     best, reason = best_epoch_at(layout, check.info)
     return RollbackPlan(epoch, best, reason, check.files)
 
@@ -99,14 +102,17 @@ def as_the_writer(layout: CheckpointLayout, logger: LibraryLogger) -> Iterator[N
         lock.release()
 
 
-def apply_rollback(layout: CheckpointLayout, plan: RollbackPlan,
-                   logger: LibraryLogger) -> None:
+def apply_rollback(layout: CheckpointLayout, plan: RollbackPlan, logger: LibraryLogger) -> None:
     """Repoint `last` and `best`, each atomically and in the save protocol's order
     (`protocol.repoint_links`), as the tree's writer (`as_the_writer`)."""
     with as_the_writer(layout, logger):
         repoint_links(layout, plan.epoch, plan.best, logger)
-    logger.info("rollback: last -> epoch %d, best -> %s (%s)", plan.epoch,
-                "none" if plan.best is None else f"epoch {plan.best}", plan.best_reason)
+    logger.info(
+        "rollback: last -> epoch %d, best -> %s (%s)",
+        plan.epoch,
+        "none" if plan.best is None else f"epoch {plan.best}",
+        plan.best_reason,
+    )
 
 
 def protected_epochs(layout: CheckpointLayout) -> tuple[int | None, int | None]:
@@ -118,8 +124,10 @@ def protected_epochs(layout: CheckpointLayout) -> tuple[int | None, int | None]:
     states = [link_state(layout, name) for name in LINK_NAMES]
     for state in states:
         if state.problem is not None:
-            raise CheckpointError(f"{state.problem}; refusing to delete anything until "
-                                  f"it is repaired (candle-ckpt rollback EPOCH)")
+            raise CheckpointError(
+                f"{state.problem}; refusing to delete anything until "
+                f"it is repaired (candle-ckpt rollback EPOCH)"
+            )
     last, best = (state.epoch for state in states)
     return last, best
 
@@ -147,13 +155,16 @@ def plan_abandoned(layout: CheckpointLayout) -> list[int]:
     """
     last, best = protected_epochs(layout)
     if last is None:
-        raise CheckpointError(f"'{layout.link('last')}' does not exist, so no epoch is "
-                              f"after it; expected a link to the epoch to keep")
+        raise CheckpointError(
+            f"'{layout.link('last')}' does not exist, so no epoch is "
+            f"after it; expected a link to the epoch to keep"
+        )
     return [e for e in layout.list_epochs() if e > last and e != best]
 
 
-def apply_prune(layout: CheckpointLayout, epochs: list[int], reason: str,
-                logger: LibraryLogger) -> None:
+def apply_prune(
+    layout: CheckpointLayout, epochs: list[int], reason: str, logger: LibraryLogger
+) -> None:
     """Delete `epochs` now, crash-safely: each is renamed out of `epochs/`, then removed.
 
     `durable.discard_tree` rather than the save path's `protocol.discard_epochs`, which

@@ -81,15 +81,17 @@ def _is_selector(text: str) -> bool:
     return text in LINK_SELECTORS or (text.isascii() and text.isdigit())
 
 
-def _split_positionals(values: Sequence[str], command: str,
-                       epoch_required: bool = False) -> tuple[str, str]:
+def _split_positionals(
+    values: Sequence[str], command: str, epoch_required: bool = False
+) -> tuple[str, str]:
     """(DIR, EPOCH) from `[DIR] [EPOCH]`, EPOCH "last" if not given.
 
     See the module docstring for how a single argument is read.
     """
     if len(values) > 2:
-        raise UsageError(f"{command}: expected at most DIR and EPOCH, received "
-                         f"{' '.join(values)!r}")
+        raise UsageError(
+            f"{command}: expected at most DIR and EPOCH, received {' '.join(values)!r}"
+        )
     if len(values) == 2:
         directory, epoch = values
     elif len(values) == 1 and _is_selector(values[0]):
@@ -114,91 +116,140 @@ def _select_epoch(layout: CheckpointLayout, selector: str) -> int:
     if state.problem is not None:
         raise CheckpointError(state.problem)
     if state.epoch is None:
-        raise NoCheckpointError(f"'{layout.link(selector)}' does not exist; expected a "
-                                f"link to an epoch (or give an EPOCH number)")
+        raise NoCheckpointError(
+            f"'{layout.link(selector)}' does not exist; expected a "
+            f"link to an epoch (or give an EPOCH number)"
+        )
     return state.epoch
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `candle-ckpt` and its five subcommands."""
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                     epilog="Exit status: 0 ok; 1 a file is missing or corrupt; 2 usage, "
-                            "tree, link or format error.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                     metavar="{list,info,verify,rollback,prune,history,plot,export}")
+    parser = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit status: 0 ok; 1 a file is missing or corrupt; 2 usage, "
+        "tree, link or format error.",
+    )
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=_Parser,
+        metavar="{list,info,verify,rollback,prune,history,plot,export}",
+    )
     where = f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
 
     list_parser = commands.add_parser(
-        "list", help="one row per epoch: size, time, metric, checksum, last/best marks")
-    list_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR",
-                             help=f"default {DEFAULT_CKPT_DIRECTORY}")
+        "list", help="one row per epoch: size, time, metric, checksum, last/best marks"
+    )
+    list_parser.add_argument(
+        "where",
+        nargs="?",
+        default=DEFAULT_CKPT_DIRECTORY,
+        metavar="DIR",
+        help=f"default {DEFAULT_CKPT_DIRECTORY}",
+    )
     list_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    list_parser.add_argument("--metric", metavar="NAME",
-                             help="show each epoch's own value of NAME (default: the "
-                                  "tracked metric, ckpt_save_best_metric)")
-    list_parser.add_argument("--verify", action="store_true",
-                             help="also validate every ckpt-info.json and compute every "
-                                  "CRC32 (reads every model file, as verify --all)")
+    list_parser.add_argument(
+        "--metric",
+        metavar="NAME",
+        help="show each epoch's own value of NAME (default: the "
+        "tracked metric, ckpt_save_best_metric)",
+    )
+    list_parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also validate every ckpt-info.json and compute every "
+        "CRC32 (reads every model file, as verify --all)",
+    )
 
     info_parser = commands.add_parser("info", help="the ckpt-info.json of an epoch, validated")
     info_parser.add_argument("where", nargs="*", metavar="ARG", help=where + " (default last)")
 
     verify_parser = commands.add_parser(
-        "verify", help="recompute the CRC32 of every file an epoch lists")
+        "verify", help="recompute the CRC32 of every file an epoch lists"
+    )
     verify_parser.add_argument("where", nargs="*", metavar="ARG", help=where + " (default last)")
     verify_parser.add_argument("--all", action="store_true", help="verify every epoch")
 
     rollback_parser = commands.add_parser(
-        "rollback", help="verify EPOCH, then point last at it and best at the best before it")
+        "rollback", help="verify EPOCH, then point last at it and best at the best before it"
+    )
     rollback_parser.add_argument("where", nargs="*", metavar="ARG", help="[DIR] EPOCH")
-    rollback_parser.add_argument("--dry-run", action="store_true",
-                                 help="print what would change, change nothing")
+    rollback_parser.add_argument(
+        "--dry-run", action="store_true", help="print what would change, change nothing"
+    )
 
     prune_parser = commands.add_parser(
-        "prune", help="delete epochs by keep policy or after last; never last or best")
+        "prune", help="delete epochs by keep policy or after last; never last or best"
+    )
     prune_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR")
     how = prune_parser.add_mutually_exclusive_group(required=True)
-    how.add_argument("--keep", type=int, metavar="N",
-                     help="keep at most N epochs up to last (plus last and best)")
-    how.add_argument("--abandoned", action="store_true",
-                     help="delete the epochs after last (a timeline a rollback left)")
-    prune_parser.add_argument("--mode", choices=("linear", "exponential"),
-                              help="with --keep: the N newest (linear, the default), or "
-                                   "spread exponentially")
-    prune_parser.add_argument("--dry-run", action="store_true",
-                              help="print what would be deleted, delete nothing")
+    how.add_argument(
+        "--keep",
+        type=int,
+        metavar="N",
+        help="keep at most N epochs up to last (plus last and best)",
+    )
+    how.add_argument(
+        "--abandoned",
+        action="store_true",
+        help="delete the epochs after last (a timeline a rollback left)",
+    )
+    prune_parser.add_argument(
+        "--mode",
+        choices=("linear", "exponential"),
+        help="with --keep: the N newest (linear, the default), or spread exponentially",
+    )
+    prune_parser.add_argument(
+        "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
+    )
 
     history_parser = commands.add_parser(
-        "history", help="every completed epoch of every run, from ckpts/history.jsonl")
-    history_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY,
-                                metavar="DIR")
+        "history", help="every completed epoch of every run, from ckpts/history.jsonl"
+    )
+    history_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR")
     output = history_parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON for scripts")
     output.add_argument("--csv", action="store_true", help="print CSV (one row per epoch)")
-    history_parser.add_argument("--live", action="store_true",
-                                help="only the live timeline up to last (no abandoned epochs)")
+    history_parser.add_argument(
+        "--live",
+        action="store_true",
+        help="only the live timeline up to last (no abandoned epochs)",
+    )
 
     plot_parser = commands.add_parser(
-        "plot", help="metric curves over epochs, last, best, saved epochs and rollbacks "
-                     "marked: a picture with --out (needs matplotlib), else a text chart")
-    plot_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY,
-                             metavar="DIR")
-    plot_parser.add_argument("--metric", action="append", metavar="NAME",
-                             help="a metric to draw (repeatable; default: the tracked "
-                                  "metric, else the first one recorded)")
-    plot_parser.add_argument("--out", metavar="FILE",
-                             help="write a picture (.png or .svg; needs matplotlib, "
-                                  "pip install 'candle_ckpt[plot]')")
+        "plot",
+        help="metric curves over epochs, last, best, saved epochs and rollbacks "
+        "marked: a picture with --out (needs matplotlib), else a text chart",
+    )
+    plot_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR")
+    plot_parser.add_argument(
+        "--metric",
+        action="append",
+        metavar="NAME",
+        help="a metric to draw (repeatable; default: the tracked "
+        "metric, else the first one recorded)",
+    )
+    plot_parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write a picture (.png or .svg; needs matplotlib, pip install 'candle_ckpt[plot]')",
+    )
 
     export_parser = commands.add_parser(
-        "export", help="verify EPOCH, then write its weights for plain Keras "
-                       "(load_weights) or PyTorch (load_state_dict), with PATH.sha256")
+        "export",
+        help="verify EPOCH, then write its weights for plain Keras "
+        "(load_weights) or PyTorch (load_state_dict), with PATH.sha256",
+    )
     export_parser.add_argument("where", nargs="*", metavar="ARG", help=where + " (default last)")
-    export_parser.add_argument("--to", required=True, metavar="PATH",
-                               help="the file to write: NAME.weights.h5 for Keras, e.g. "
-                                    "NAME.pt for PyTorch")
-    export_parser.add_argument("--force", action="store_true",
-                               help="replace PATH if it exists")
+    export_parser.add_argument(
+        "--to",
+        required=True,
+        metavar="PATH",
+        help="the file to write: NAME.weights.h5 for Keras, e.g. NAME.pt for PyTorch",
+    )
+    export_parser.add_argument("--force", action="store_true", help="replace PATH if it exists")
     return parser
 
 
@@ -232,8 +283,10 @@ class _ProgressBar:
 
     def __call__(self, path: str, done: int, total: int) -> None:
         filled = self.WIDTH * done // max(total, 1)
-        self.stream.write(f"\r{os.path.basename(path)} [{'#' * filled:<{self.WIDTH}}] "
-                          f"{_human_size(done)} / {_human_size(total)}")
+        self.stream.write(
+            f"\r{os.path.basename(path)} [{'#' * filled:<{self.WIDTH}}] "
+            f"{_human_size(done)} / {_human_size(total)}"
+        )
         self.stream.flush()
         self.shown = True
 
@@ -255,8 +308,7 @@ def _progress() -> Iterator[_ProgressBar | None]:
             bar.clear()
 
 
-def _check_state(layout: CheckpointLayout, epoch: int,
-                 progress: _ProgressBar | None) -> str:
+def _check_state(layout: CheckpointLayout, epoch: int, progress: _ProgressBar | None) -> str:
     """The checksum column of `list --verify`: ok, off, or what is wrong.
 
     The ckpt-info.json is read whole and validated first, as `verify` does, so that no
@@ -281,13 +333,16 @@ def _shown_metric(tree: TreeSurvey, requested: str | None) -> str | None:
     """
     if requested is None:
         # the newest epoch's: the one an operator looks at first
-        return next((s.metric for s in reversed(tree.epochs)
-                     if s.problem is None and s.metric), None)
+        return next(
+            (s.metric for s in reversed(tree.epochs) if s.problem is None and s.metric), None
+        )
     recorded = sorted({name for s in tree.epochs if s.metrics for name in s.metrics})
     if requested not in recorded:
         names = ", ".join(recorded) or NO_METRICS
-        raise CheckpointError(f"--metric {requested!r}: no epoch of '{tree.layout.root}' "
-                              f"records it; recorded: {names}")
+        raise CheckpointError(
+            f"--metric {requested!r}: no epoch of '{tree.layout.root}' "
+            f"records it; recorded: {names}"
+        )
     return requested
 
 
@@ -311,21 +366,33 @@ def _own_value(summary: EpochSummary, metric: str | None) -> Any:
     return None if metrics is None or metric is None else metrics.get(metric)
 
 
-def _rows(tree: TreeSurvey, checksums: list[str | None],
-          metric: str | None) -> list[dict[str, Any]]:
+def _rows(
+    tree: TreeSurvey, checksums: list[str | None], metric: str | None
+) -> list[dict[str, Any]]:
     """One dict per epoch, as `list --json` prints it; `value` is the epoch's own value
     of `metric` (None when not recorded)."""
     abandoned = set(tree.abandoned)
     last, best = tree.links["last"].epoch, tree.links["best"].epoch
-    return [{
-        "epoch": summary.epoch, "size": summary.size, "timestamp": summary.timestamp,
-        "metric": summary.metric, "best_metric_last": summary.best_value,
-        "value_of": metric, "value": _own_value(summary, metric),
-        "metrics": summary.metrics, "format_version": summary.format_version,
-        "checksum": checksum, "legacy": summary.legacy,
-        "last": last == summary.epoch, "best": best == summary.epoch,
-        "abandoned": summary.epoch in abandoned, "problem": summary.problem}
-        for summary, checksum in zip(tree.epochs, checksums)]
+    return [
+        {
+            "epoch": summary.epoch,
+            "size": summary.size,
+            "timestamp": summary.timestamp,
+            "metric": summary.metric,
+            "best_metric_last": summary.best_value,
+            "value_of": metric,
+            "value": _own_value(summary, metric),
+            "metrics": summary.metrics,
+            "format_version": summary.format_version,
+            "checksum": checksum,
+            "legacy": summary.legacy,
+            "last": last == summary.epoch,
+            "best": best == summary.epoch,
+            "abandoned": summary.epoch in abandoned,
+            "problem": summary.problem,
+        }
+        for summary, checksum in zip(tree.epochs, checksums)
+    ]
 
 
 def _notes(tree: TreeSurvey) -> list[str]:
@@ -333,9 +400,11 @@ def _notes(tree: TreeSurvey) -> list[str]:
     notes = []
     abandoned = tree.abandoned
     if abandoned:
-        notes.append(f"abandoned: epochs {describe_epochs(abandoned)} lie after last "
-                     f"(a rollback left them; the next run overwrites them, "
-                     f"'{PROG} prune --abandoned' deletes them)")
+        notes.append(
+            f"abandoned: epochs {describe_epochs(abandoned)} lie after last "
+            f"(a rollback left them; the next run overwrites them, "
+            f"'{PROG} prune --abandoned' deletes them)"
+        )
     if tree.work:
         notes.append("leftover: ckpts/work/ (a save was interrupted; the next save removes it)")
     if tree.trash:
@@ -345,9 +414,14 @@ def _notes(tree: TreeSurvey) -> list[str]:
 
 
 # The flags column of `list` for (last, best, abandoned), each 0 or 1.
-_LIST_FLAGS = {(last, best, abandoned): " ".join(
-    name for name, on in (("last", last), ("best", best), ("abandoned", abandoned)) if on)
-    for last in (0, 1) for best in (0, 1) for abandoned in (0, 1)}
+_LIST_FLAGS = {
+    (last, best, abandoned): " ".join(
+        name for name, on in (("last", last), ("best", best), ("abandoned", abandoned)) if on
+    )
+    for last in (0, 1)
+    for best in (0, 1)
+    for abandoned in (0, 1)
+}
 
 
 def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) -> list[str]:
@@ -359,8 +433,14 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
     tracked = {s.metric for s in tree.epochs if s.problem is None}
     one_metric = len(tracked) == 1 and None not in tracked
     columns: list[list[str]] = [
-        ["epoch"], ["size"], ["saved at"], [metric or "metric"],
-        [f"best {next(iter(tracked))}" if one_metric else "best metric"], ["checksum"], [""]]
+        ["epoch"],
+        ["size"],
+        ["saved at"],
+        [metric or "metric"],
+        [f"best {next(iter(tracked))}" if one_metric else "best metric"],
+        ["checksum"],
+        [""],
+    ]
     epochs, sizes, times, values, bests, states, flags = columns
     last, best = tree.links["last"].epoch, tree.links["best"].epoch
     # epochs after last are abandoned (TreeSurvey.abandoned); none without last
@@ -397,8 +477,9 @@ def _aligned(columns: list[list[str]], right: Collection[int] = ()) -> list[str]
     `right` are right-aligned."""
     widths = [max(map(len, column)) for column in columns]
     # One format string for every row, applied column-wise: `history` aligns 100 000 rows.
-    row = "  ".join(("{:>%d}" if index in right else "{:<%d}") % width
-                    for index, width in enumerate(widths))
+    row = "  ".join(
+        ("{:>%d}" if index in right else "{:<%d}") % width for index, width in enumerate(widths)
+    )
     return list(map(str.rstrip, map(row.format, *columns)))
 
 
@@ -412,14 +493,25 @@ def cmd_list(args: argparse.Namespace) -> int:
     metric = _shown_metric(tree, args.metric)
     checksums = _checksums(tree, args.verify)
     # like `verify`: a bad epoch found by --verify is exit status 1, for scripts
-    status = EXIT_CORRUPT if args.verify and any(
-        str(state).startswith("BAD") for state in checksums) else EXIT_OK
+    status = (
+        EXIT_CORRUPT
+        if args.verify and any(str(state).startswith("BAD") for state in checksums)
+        else EXIT_OK
+    )
     if args.json:
-        print(json.dumps({
-            "directory": tree.layout.root,
-            "links": {name: vars(state) for name, state in tree.links.items()},
-            "abandoned": tree.abandoned, "work": tree.work, "trash": tree.trash,
-            "epochs": _rows(tree, checksums, metric)}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "directory": tree.layout.root,
+                    "links": {name: vars(state) for name, state in tree.links.items()},
+                    "abandoned": tree.abandoned,
+                    "work": tree.work,
+                    "trash": tree.trash,
+                    "epochs": _rows(tree, checksums, metric),
+                },
+                indent=1,
+            )
+        )
         return status
     lines = [tree.layout.root, "   ".join(state.describe() for state in tree.links.values())]
     lines += _table(tree, checksums, metric) if tree.epochs else ["no epochs saved"]
@@ -457,8 +549,7 @@ def _verify_epoch(layout: CheckpointLayout, epoch: int) -> int:
     for bad in check.bad:
         print(f"epoch {epoch}: {bad.describe()}")
     if check.bad:
-        print(f"epoch {epoch}: CORRUPT ({len(check.bad)} of "
-              f"{_count(len(check.files), 'file')})")
+        print(f"epoch {epoch}: CORRUPT ({len(check.bad)} of {_count(len(check.files), 'file')})")
         return EXIT_CORRUPT
     print(f"epoch {epoch}: {_verified(check.files)}")
     return EXIT_OK
@@ -468,8 +559,10 @@ def _verified(checks: Sequence[FileCheck]) -> str:
     """ "ok (...)" for intact files, saying how many were only size-checked."""
     unverified = sum(check.actual_crc32 is None for check in checks)
     if unverified:
-        return (f"ok ({len(checks) - unverified} of {_count(len(checks), 'file')} "
-                f"CRC32-verified, {unverified} without a recorded CRC32: size checked only)")
+        return (
+            f"ok ({len(checks) - unverified} of {_count(len(checks), 'file')} "
+            f"CRC32-verified, {unverified} without a recorded CRC32: size checked only)"
+        )
     return f"ok ({_count(len(checks), 'file')} CRC32-verified)"
 
 
@@ -508,10 +601,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         apply_rollback(layout, plan, tree_logger("operator", layout, verbose=False))
     point, remove = ("would point", "would remove") if args.dry_run else ("pointed", "removed")
     print(f"{point} last -> {layout.relative_epoch_target(plan.epoch)} (was {before['last']})")
-    best = ("best" if plan.best is None else
-            f"best -> {layout.relative_epoch_target(plan.best)}")
-    print(f"{remove if plan.best is None else point} {best} (was {before['best']}): "
-          f"{plan.best_reason}")
+    best = "best" if plan.best is None else f"best -> {layout.relative_epoch_target(plan.best)}"
+    print(
+        f"{remove if plan.best is None else point} {best} (was {before['best']}): "
+        f"{plan.best_reason}"
+    )
     return EXIT_OK
 
 
@@ -576,10 +670,16 @@ def _history_rows(history: History, live_only: bool) -> list[EpochRecord]:
 
 def _history_flags(record: EpochRecord, last: int | None, best: int | None) -> str:
     """The flags column of `history`: last, best, abandoned, after last."""
-    return " ".join(flag for flag, on in (
-        ("last", record.epoch == last and not record.abandoned),
-        ("best", record.epoch == best and not record.abandoned),
-        ("abandoned", record.abandoned), ("after last", record.after_last)) if on)
+    return " ".join(
+        flag
+        for flag, on in (
+            ("last", record.epoch == last and not record.abandoned),
+            ("best", record.epoch == best and not record.abandoned),
+            ("abandoned", record.abandoned),
+            ("after last", record.after_last),
+        )
+        if on
+    )
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -590,29 +690,66 @@ def cmd_history(args: argparse.Namespace) -> int:
     last = link_state(layout, "last").epoch
     best = link_state(layout, "best").epoch
     if args.json:
-        print(json.dumps({
-            "path": history.path, "warnings": history.warnings, "rewinds": history.rewinds,
-            "runs": [vars(run) for run in history.runs],
-            "epochs": [{"epoch": r.epoch, "run_id": r.run_id, "time": r.time,
-                        "metrics": r.metrics, "train_seconds": r.train_seconds,
-                        "saved": r.saved, "save_seconds": r.save_seconds,
-                        "abandoned": r.abandoned, "after_last": r.after_last}
-                       for r in records]}))
+        print(
+            json.dumps(
+                {
+                    "path": history.path,
+                    "warnings": history.warnings,
+                    "rewinds": history.rewinds,
+                    "runs": [vars(run) for run in history.runs],
+                    "epochs": [
+                        {
+                            "epoch": r.epoch,
+                            "run_id": r.run_id,
+                            "time": r.time,
+                            "metrics": r.metrics,
+                            "train_seconds": r.train_seconds,
+                            "saved": r.saved,
+                            "save_seconds": r.save_seconds,
+                            "abandoned": r.abandoned,
+                            "after_last": r.after_last,
+                        }
+                        for r in records
+                    ],
+                }
+            )
+        )
         return EXIT_OK
     if args.csv:
         import csv
+
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["epoch", "run_id", "time", *names, "train_seconds", "saved",
-                         "save_seconds", "abandoned"])
-        writer.writerows([r.epoch, r.run_id, r.time,
-                          *("" if r.metrics.get(n) is None else r.metrics[n] for n in names),
-                          "" if r.train_seconds is None else r.train_seconds, int(r.saved),
-                          "" if r.save_seconds is None else r.save_seconds, int(r.abandoned)]
-                         for r in records)
+        writer.writerow(
+            [
+                "epoch",
+                "run_id",
+                "time",
+                *names,
+                "train_seconds",
+                "saved",
+                "save_seconds",
+                "abandoned",
+            ]
+        )
+        writer.writerows(
+            [
+                r.epoch,
+                r.run_id,
+                r.time,
+                *("" if r.metrics.get(n) is None else r.metrics[n] for n in names),
+                "" if r.train_seconds is None else r.train_seconds,
+                int(r.saved),
+                "" if r.save_seconds is None else r.save_seconds,
+                int(r.abandoned),
+            ]
+            for r in records
+        )
         return EXIT_OK
     if not history.epochs:
-        print(f"{history.path}: no epoch recorded (the file is absent: a tree written "
-              f"before format 2, or no epoch has completed)")
+        print(
+            f"{history.path}: no epoch recorded (the file is absent: a tree written "
+            f"before format 2, or no epoch has completed)"
+        )
         return EXIT_OK
     marked = (last, best)
     # Comprehensions with the cell formats written out (metrics "%.6g", seconds "%.3f",
@@ -621,25 +758,51 @@ def cmd_history(args: argparse.Namespace) -> int:
         ["epoch", *[str(r.epoch) for r in records]],
         ["run", *[r.run_id[:8] for r in records]],
         ["finished (UTC)", *[str(r.time or "-") for r in records]],
-        *([name, *["-" if (value := r.metrics.get(name)) is None else f"{value:.6g}"
-                       for r in records]] for name in names),
-        ["train s", *["-" if (seconds := r.train_seconds) is None else f"{seconds:.3f}"
-                      for r in records]],
-        ["save s", *["-" if not r.saved or (seconds := r.save_seconds) is None
-                     else f"{seconds:.3f}" for r in records]],
-        ["", *[_history_flags(r, last, best)
-               if r.abandoned or r.after_last or r.epoch in marked else ""
-               for r in records]]]
+        *(
+            [
+                name,
+                *[
+                    "-" if (value := r.metrics.get(name)) is None else f"{value:.6g}"
+                    for r in records
+                ],
+            ]
+            for name in names
+        ),
+        [
+            "train s",
+            *["-" if (seconds := r.train_seconds) is None else f"{seconds:.3f}" for r in records],
+        ],
+        [
+            "save s",
+            *[
+                "-" if not r.saved or (seconds := r.save_seconds) is None else f"{seconds:.3f}"
+                for r in records
+            ],
+        ],
+        [
+            "",
+            *[
+                _history_flags(r, last, best)
+                if r.abandoned or r.after_last or r.epoch in marked
+                else ""
+                for r in records
+            ],
+        ],
+    ]
     right = {0, *range(3, 3 + len(names) + 2)}
     out = [history.path, *_aligned(columns, right=right)]
     abandoned = sum(r.abandoned for r in history.epochs)
     after_last = sum(r.after_last for r in history.epochs)
-    out.append(f"{_count(len(history.runs), 'run')}, {_count(len(history.live), 'epoch')} "
-               f"on the live timeline, {abandoned} abandoned"
-               + (f", {after_last} after last (the next run resumes from last)"
-                  if after_last else "")
-               + (f" (runs resumed from epochs {describe_epochs(history.rewinds)})"
-                  if history.rewinds else ""))
+    out.append(
+        f"{_count(len(history.runs), 'run')}, {_count(len(history.live), 'epoch')} "
+        f"on the live timeline, {abandoned} abandoned"
+        + (f", {after_last} after last (the next run resumes from last)" if after_last else "")
+        + (
+            f" (runs resumed from epochs {describe_epochs(history.rewinds)})"
+            if history.rewinds
+            else ""
+        )
+    )
     sys.stdout.write("\n".join(out) + "\n")
     return EXIT_OK
 
@@ -654,8 +817,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if last_state.epoch is not None:
         tracked = summarise_epoch(layout, last_state.epoch).metric
     metrics = chosen_metrics(history, args.metric, tracked)
-    marks = Marks(last_state.epoch, link_state(layout, "best").epoch,
-                  [r.epoch for r in history.live if r.saved], history.rewinds)
+    marks = Marks(
+        last_state.epoch,
+        link_state(layout, "best").epoch,
+        [r.epoch for r in history.live if r.saved],
+        history.rewinds,
+    )
     if args.out:
         write_picture(history, metrics, marks, args.out)
         print(f"wrote {args.out}: {', '.join(metrics)} over {len(history.live)} epochs")
@@ -668,9 +835,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "list": cmd_list, "info": cmd_info, "verify": cmd_verify,
-    "rollback": cmd_rollback, "prune": cmd_prune, "history": cmd_history,
-    "plot": cmd_plot, "export": cmd_export}
+    "list": cmd_list,
+    "info": cmd_info,
+    "verify": cmd_verify,
+    "rollback": cmd_rollback,
+    "prune": cmd_prune,
+    "history": cmd_history,
+    "plot": cmd_plot,
+    "export": cmd_export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -690,8 +863,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as error:  # a bug: still one line, as promised, but say so
-        return _fail(f"internal error, please report it: {type(error).__name__}: {error}",
-                     EXIT_ERROR)
+        return _fail(
+            f"internal error, please report it: {type(error).__name__}: {error}", EXIT_ERROR
+        )
 
 
 def _fail(error: BaseException | str, status: int) -> int:

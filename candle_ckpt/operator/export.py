@@ -42,15 +42,17 @@ DIGEST_SUFFIX = ".sha256"
 @dataclass(frozen=True)
 class Exported:
     """What `export_epoch` wrote: the file, its SHA-256, and what it holds."""
+
     path: str
     sha256: str
-    framework: str       # "keras" or "pytorch"
-    what: str            # e.g. "12 weight arrays", "state dict of 'model'"
+    framework: str  # "keras" or "pytorch"
+    what: str  # e.g. "12 weight arrays", "state dict of 'model'"
     unverified: tuple[str, ...]  # files that had no recorded CRC32 (size checked only)
 
 
-def export_epoch(layout: CheckpointLayout, epoch: int, destination: str, *,
-                 force: bool = False) -> Exported:
+def export_epoch(
+    layout: CheckpointLayout, epoch: int, destination: str, *, force: bool = False
+) -> Exported:
     """Verify epoch `epoch` of `layout`, then write its weights at `destination`.
 
     Raises:
@@ -89,14 +91,20 @@ def export_epoch(layout: CheckpointLayout, epoch: int, destination: str, *,
             os.unlink(temporary)
         raise
     fault_point("export_renamed")
-    write_bytes_atomic(destination + DIGEST_SUFFIX,
-                       f"{digest}  {os.path.basename(destination)}\n".encode())
-    return Exported(destination, digest, framework, what,
-                    tuple(r.path for r in results if r.expected_crc32 is None))
+    write_bytes_atomic(
+        destination + DIGEST_SUFFIX, f"{digest}  {os.path.basename(destination)}\n".encode()
+    )
+    return Exported(
+        destination,
+        digest,
+        framework,
+        what,
+        tuple(r.path for r in results if r.expected_crc32 is None),
+    )
 
 
 def _framework(info: dict, contents: memoryview) -> str:
-    """"keras" or "pytorch": the adapter recorded in ckpt-info.json, else (upstream CANDLE
+    """ "keras" or "pytorch": the adapter recorded in ckpt-info.json, else (upstream CANDLE
     and older trees) what the model file is: Keras' legacy HDF5 layout has
     `model_weights` or `layer_names`; other HDF5 is ours for PyTorch, and a file that
     is not HDF5 is upstream's torch pickle."""
@@ -104,12 +112,14 @@ def _framework(info: dict, contents: memoryview) -> str:
     if adapter in ("keras", "pytorch"):
         return adapter
     if adapter is not None:
-        raise CheckpointFormatError(f"ckpt-info.json records adapter {adapter!r}; export "
-                                    f"knows 'keras' and 'pytorch'")
+        raise CheckpointFormatError(
+            f"ckpt-info.json records adapter {adapter!r}; export knows 'keras' and 'pytorch'"
+        )
     import h5py  # only here: list, info and verify never need it
 
     from ..hdf5 import HDF5_MAGIC, InMemoryFile
-    if bytes(contents[:len(HDF5_MAGIC)]) != HDF5_MAGIC:
+
+    if bytes(contents[: len(HDF5_MAGIC)]) != HDF5_MAGIC:
         return "pytorch"
     with h5py.File(InMemoryFile(contents), "r") as f:
         keras_file = "model_weights" in f or "layer_names" in f.attrs
@@ -118,13 +128,16 @@ def _framework(info: dict, contents: memoryview) -> str:
 
 def _check_destination(destination: str, framework: str, force: bool) -> None:
     if framework == "keras" and not destination.endswith(KERAS_SUFFIX):
-        raise CheckpointError(f"--to '{destination}': Keras' load_weights reads a weights "
-                              f"file only under a name ending in '{KERAS_SUFFIX}'; name it "
-                              f"e.g. '{os.path.splitext(destination)[0]}{KERAS_SUFFIX}'")
+        raise CheckpointError(
+            f"--to '{destination}': Keras' load_weights reads a weights "
+            f"file only under a name ending in '{KERAS_SUFFIX}'; name it "
+            f"e.g. '{os.path.splitext(destination)[0]}{KERAS_SUFFIX}'"
+        )
     parent = os.path.dirname(destination)
     if not os.path.isdir(parent):
-        raise CheckpointError(f"--to '{destination}': directory '{parent}' does not exist; "
-                              f"create it first")
+        raise CheckpointError(
+            f"--to '{destination}': directory '{parent}' does not exist; create it first"
+        )
     if os.path.isdir(destination):
         raise CheckpointError(f"--to '{destination}' is a directory; expected a file name")
     if os.path.lexists(destination) and not force:
@@ -134,12 +147,15 @@ def _check_destination(destination: str, framework: str, force: bool) -> None:
 def _write(framework: str, contents: memoryview, source: str, temporary: str) -> str:
     if framework == "keras":
         from ..keras.weights_h5 import write_weights_h5
+
         return f"{write_weights_h5(contents, source, temporary)} weight arrays"
     try:
         from ..pytorch.state import write_module_weights
     except ImportError as error:
-        raise CheckpointError(f"'{source}' is a PyTorch checkpoint; exporting it needs "
-                              f"torch, which is not installed ({error})") from None
+        raise CheckpointError(
+            f"'{source}' is a PyTorch checkpoint; exporting it needs "
+            f"torch, which is not installed ({error})"
+        ) from None
     return f"state dict of '{write_module_weights(contents, source, temporary)}'"
 
 
@@ -154,8 +170,13 @@ def _sha256(path: str) -> str:
 def print_exported(exported: Exported, epoch: int) -> None:
     """The command's output: what was written, and the digest as sha256sum prints it."""
     for path in exported.unverified:
-        print(f"warning: {path} has no recorded CRC32 (saved with ckpt_checksum=false): "
-              f"its size was checked, not its contents", file=sys.stderr)
-    print(f"epoch {epoch}: exported {exported.what} ({exported.framework}) to "
-          f"{exported.path}, digest in {exported.path}{DIGEST_SUFFIX}")
+        print(
+            f"warning: {path} has no recorded CRC32 (saved with ckpt_checksum=false): "
+            f"its size was checked, not its contents",
+            file=sys.stderr,
+        )
+    print(
+        f"epoch {epoch}: exported {exported.what} ({exported.framework}) to "
+        f"{exported.path}, digest in {exported.path}{DIGEST_SUFFIX}"
+    )
     print(f"{exported.sha256}  {exported.path}")

@@ -33,9 +33,21 @@ from .json_head import HeadReader
 
 # What a summary shows: every upstream key (`checkpoint_info` needs them) and the keys
 # `list` shows. All of them precede the stop keys in the files the library writes.
-SUMMARY_KEYS = ("format", "format_version", "epoch", "model_file", "checksum",
-                "save_best_metric", "best_metric_last", "timestamp", "time_elapsed",
-                "metadata", "files", "best_metric_mode", "epoch_best")
+SUMMARY_KEYS = (
+    "format",
+    "format_version",
+    "epoch",
+    "model_file",
+    "checksum",
+    "save_best_metric",
+    "best_metric_last",
+    "timestamp",
+    "time_elapsed",
+    "metadata",
+    "files",
+    "best_metric_mode",
+    "epoch_best",
+)
 STOP_KEYS = ("run_id", "epochs_saved")  # format 2's first: the files a run writes
 _HEAD_READER = HeadReader(SUMMARY_KEYS, STOP_KEYS, MAX_INFO_BYTES)
 _SEP_INFO_FILE = os.sep + INFO_FILE
@@ -49,20 +61,26 @@ def open_tree(directory: str) -> CheckpointLayout:
     """
     layout = CheckpointLayout(directory)
     if not os.path.isdir(layout.root):
-        raise CheckpointError(f"'{layout.root}' does not exist or is not a directory; "
-                              f"expected a ckpt_directory (default {DEFAULT_CKPT_DIRECTORY})")
+        raise CheckpointError(
+            f"'{layout.root}' does not exist or is not a directory; "
+            f"expected a ckpt_directory (default {DEFAULT_CKPT_DIRECTORY})"
+        )
     if not os.path.isdir(layout.ckpts):
-        raise CheckpointError(f"'{layout.root}' is not a checkpoint tree: it has no "
-                              f"'ckpts/' directory; expected a ckpt_directory "
-                              f"(default {DEFAULT_CKPT_DIRECTORY})")
+        raise CheckpointError(
+            f"'{layout.root}' is not a checkpoint tree: it has no "
+            f"'ckpts/' directory; expected a ckpt_directory "
+            f"(default {DEFAULT_CKPT_DIRECTORY})"
+        )
     return layout
 
 
 def require_epoch_dir(layout: CheckpointLayout, epoch: int) -> None:
     """Raise NoCheckpointError, naming the epochs there are, if `epoch` has no directory."""
     if not os.path.isdir(layout.epoch_dir(epoch)):
-        raise NoCheckpointError(f"epoch {epoch}: '{layout.epoch_dir(epoch)}' does not exist; "
-                                f"epochs on disk: {describe_epochs(layout.list_epochs())}")
+        raise NoCheckpointError(
+            f"epoch {epoch}: '{layout.epoch_dir(epoch)}' does not exist; "
+            f"epochs on disk: {describe_epochs(layout.list_epochs())}"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,7 @@ class LinkState:
     epoch it resolves to (None when absent, dangling or invalid), and `problem` None,
     or why the link cannot be followed.
     """
+
     name: str
     target: str | None
     epoch: int | None
@@ -96,8 +115,9 @@ def link_state(layout: CheckpointLayout, name: str) -> LinkState:
     except LinkError as error:
         return LinkState(name, target, None, str(error))
     if epoch is None and target is not None:
-        return LinkState(name, target, None, f"'{path}' -> '{target}' is dangling (the "
-                                             f"epoch it names is gone)")
+        return LinkState(
+            name, target, None, f"'{path}' -> '{target}' is dangling (the epoch it names is gone)"
+        )
     return LinkState(name, target, epoch, None)
 
 
@@ -113,6 +133,7 @@ class EpochSummary:
     `problem` is None or why the ckpt-info.json cannot be summarised; the other fields
     are then None.
     """
+
     epoch: int
     directory: str
     timestamp: str | None = None
@@ -141,39 +162,57 @@ def _summarise(epoch: int, directory: str) -> EpochSummary:
         return EpochSummary(epoch, directory, problem=f"{INFO_FILE} unreadable: {error}")
     try:
         if head["epoch"] != epoch:
-            return EpochSummary(epoch, directory, problem=f"{INFO_FILE} records epoch "
-                                f"{head['epoch']!r}; expected {epoch}, its directory's")
+            return EpochSummary(
+                epoch,
+                directory,
+                problem=f"{INFO_FILE} records epoch "
+                f"{head['epoch']!r}; expected {epoch}, its directory's",
+            )
         # The head's keys directly, not `checkpoint_info`: building the full record
         # costs as much again as reading the file, 10 000 or 100 000 times a list.
         files = recorded_files(head).values()
         legacy = is_legacy(head)
         # every size is an int in a valid file; a None raises the TypeError below
-        size = (_bytes_in(directory) if legacy
-                else sum([cast(int, recorded) for recorded, _ in files]))
+        size = (
+            _bytes_in(directory) if legacy else sum([cast(int, recorded) for recorded, _ in files])
+        )
         metrics = head.get("metrics")
-        return EpochSummary(epoch, directory, head["timestamp"], head["save_best_metric"],
-                            finite_or_none(head["best_metric_last"]), size,
-                            "off" if all([crc is None for _, crc in files]) else "not verified",
-                            legacy, None, metrics if type(metrics) is dict else None,
-                            None if legacy else head.get("format_version"))
+        return EpochSummary(
+            epoch,
+            directory,
+            head["timestamp"],
+            head["save_best_metric"],
+            finite_or_none(head["best_metric_last"]),
+            size,
+            "off" if all([crc is None for _, crc in files]) else "not verified",
+            legacy,
+            None,
+            metrics if type(metrics) is dict else None,
+            None if legacy else head.get("format_version"),
+        )
     except KeyError as error:
         problem = f"{INFO_FILE} has no key {error}"
     except (TypeError, ValueError, AttributeError) as error:
         problem = f"{INFO_FILE} has a value of the wrong type ({error})"
-    return EpochSummary(epoch, directory,
-                        problem=f"{problem}; 'candle-ckpt info {epoch}' shows the details")
+    return EpochSummary(
+        epoch, directory, problem=f"{problem}; 'candle-ckpt info {epoch}' shows the details"
+    )
 
 
 def _bytes_in(directory: str) -> int:
     """The bytes of the regular files in `directory`, except ckpt-info.json."""
     with os.scandir(directory) as entries:
-        return sum(entry.stat().st_size for entry in entries
-                   if entry.name != INFO_FILE and entry.is_file(follow_symlinks=False))
+        return sum(
+            entry.stat().st_size
+            for entry in entries
+            if entry.name != INFO_FILE and entry.is_file(follow_symlinks=False)
+        )
 
 
 @dataclass(frozen=True)
 class TreeSurvey:
     """Everything `survey` found in one tree."""
+
     layout: CheckpointLayout
     epochs: list[EpochSummary]
     links: dict[str, LinkState]
@@ -194,10 +233,13 @@ def survey(layout: CheckpointLayout) -> TreeSurvey:
     except FileNotFoundError:
         trash = []
     prefix = layout.epochs + os.sep  # the directory of an epoch, as `epoch_dir` makes it
-    return TreeSurvey(layout, [_summarise(epoch, prefix + epoch_dirname(epoch))
-                               for epoch in layout.list_epochs()],
-                      {name: link_state(layout, name) for name in LINK_NAMES},
-                      os.path.lexists(layout.work), trash)
+    return TreeSurvey(
+        layout,
+        [_summarise(epoch, prefix + epoch_dirname(epoch)) for epoch in layout.list_epochs()],
+        {name: link_state(layout, name) for name in LINK_NAMES},
+        os.path.lexists(layout.work),
+        trash,
+    )
 
 
 def describe_epochs(epochs: Iterable[int]) -> str:

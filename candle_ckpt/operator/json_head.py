@@ -51,7 +51,7 @@ def _cut_before(data: bytes, quoted_key: bytes) -> dict[str, Any] | None:
     while start >= 0:
         end = start + len(quoted_key)
         # 64 bytes: more whitespace than that before the colon only costs a whole parse.
-        after = data[end:end + 64].lstrip(_WHITESPACE)
+        after = data[end : end + 64].lstrip(_WHITESPACE)
         before = data[:start].rstrip(_WHITESPACE)
         if after[:1] == b":" and before[-1:] in (b",", b"{"):
             try:
@@ -67,8 +67,9 @@ def _quoted(key: str) -> bytes:
     return json.dumps(key).encode("utf-8")
 
 
-def read_members(path: str, keys: Iterable[str], stop_key: str | tuple[str, ...],
-                 limit: int) -> dict[str, Any]:
+def read_members(
+    path: str, keys: Iterable[str], stop_key: str | tuple[str, ...], limit: int
+) -> dict[str, Any]:
     """The members of the top-level JSON object in file `path`, read only as far as needed.
 
     Args:
@@ -97,8 +98,7 @@ class HeadReader:
 
     __slots__ = ("keys", "limit", "quoted_stop_keys")
 
-    def __init__(self, keys: Iterable[str], stop_key: str | tuple[str, ...],
-                 limit: int) -> None:
+    def __init__(self, keys: Iterable[str], stop_key: str | tuple[str, ...], limit: int) -> None:
         self.keys = frozenset(keys)
         stop_keys = (stop_key,) if isinstance(stop_key, str) else stop_key
         self.quoted_stop_keys = tuple(_quoted(key) for key in stop_keys)

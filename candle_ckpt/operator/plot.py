@@ -23,14 +23,16 @@ TEXT_HEIGHT = 16
 @dataclass(frozen=True)
 class Marks:
     """What the chart marks besides the curves."""
+
     last: int | None
     best: int | None
     saved: list[int]
     rewinds: list[int]
 
 
-def chosen_metrics(history: History, requested: Sequence[str] | None,
-                   tracked: str | None) -> list[str]:
+def chosen_metrics(
+    history: History, requested: Sequence[str] | None, tracked: str | None
+) -> list[str]:
     """The metrics to draw: `requested`, else `tracked` when recorded, else the first.
 
     Raises:
@@ -39,21 +41,28 @@ def chosen_metrics(history: History, requested: Sequence[str] | None,
     """
     names = history.metric_names
     if not history.epochs:
-        raise CheckpointError(f"'{history.path}' records no epoch (a tree written before "
-                              f"format 2, or no epoch has completed); nothing to plot")
+        raise CheckpointError(
+            f"'{history.path}' records no epoch (a tree written before "
+            f"format 2, or no epoch has completed); nothing to plot"
+        )
     if not requested:
         return [tracked if tracked in names else names[0]] if names else []
     missing = [name for name in requested if name not in names]
     if missing:
-        raise CheckpointError(f"--metric {', '.join(map(repr, missing))}: no epoch in "
-                              f"'{history.path}' records it; recorded metrics: "
-                              f"{', '.join(names) or 'none'}")
+        raise CheckpointError(
+            f"--metric {', '.join(map(repr, missing))}: no epoch in "
+            f"'{history.path}' records it; recorded metrics: "
+            f"{', '.join(names) or 'none'}"
+        )
     return list(requested)
 
 
 def _points(records: list[EpochRecord], metric: str) -> list[tuple[int, float]]:
-    return [(r.epoch, value) for r in records
-            if (value := r.metrics.get(metric)) is not None and math.isfinite(value)]
+    return [
+        (r.epoch, value)
+        for r in records
+        if (value := r.metrics.get(metric)) is not None and math.isfinite(value)
+    ]
 
 
 def _abandoned_timelines(history: History) -> list[list[EpochRecord]]:
@@ -65,8 +74,9 @@ def _abandoned_timelines(history: History) -> list[list[EpochRecord]]:
     return list(groups.values())
 
 
-def text_chart(history: History, metric: str, marks: Marks,
-               width: int = TEXT_WIDTH, height: int = TEXT_HEIGHT) -> list[str]:
+def text_chart(
+    history: History, metric: str, marks: Marks, width: int = TEXT_WIDTH, height: int = TEXT_HEIGHT
+) -> list[str]:
     """The lines of a text chart of `metric` over epochs (see the module docstring)."""
     live = _points(history.live, metric)
     abandoned = [p for group in _abandoned_timelines(history) for p in _points(group, metric)]
@@ -96,24 +106,32 @@ def text_chart(history: History, metric: str, marks: Marks,
     for epoch, value in live:
         grid[row(value)][column(epoch)] = "*"
     marker_row = [" "] * columns
-    for epochs, symbol in ((marks.saved, "s"), (marks.rewinds, "R"),
-                           ([marks.best] if marks.best else [], "B"),
-                           ([marks.last] if marks.last else [], "L")):
+    for epochs, symbol in (
+        (marks.saved, "s"),
+        (marks.rewinds, "R"),
+        ([marks.best] if marks.best else [], "B"),
+        ([marks.last] if marks.last else [], "L"),
+    ):
         for epoch in epochs:
             if first <= epoch <= last:
                 marker_row[column(epoch)] = symbol
-    labels = {0: f"{high:.6g}", height - 1: f"{low:.6g}", (height - 1) // 2:
-              f"{(high + low) / 2:.6g}"}
+    labels = {
+        0: f"{high:.6g}",
+        height - 1: f"{low:.6g}",
+        (height - 1) // 2: f"{(high + low) / 2:.6g}",
+    }
     margin = max(map(len, labels.values()))
-    lines = [f"{metric} over epochs {first}-{last} "
-             f"({len(live)} live, {len(abandoned)} abandoned)"]
-    lines += [f"{labels.get(i, ''):>{margin}} |{''.join(cells)}".rstrip()
-              for i, cells in enumerate(grid)]
+    lines = [f"{metric} over epochs {first}-{last} ({len(live)} live, {len(abandoned)} abandoned)"]
+    lines += [
+        f"{labels.get(i, ''):>{margin}} |{''.join(cells)}".rstrip() for i, cells in enumerate(grid)
+    ]
     lines.append(f"{'':>{margin}} +{'-' * columns}")
     lines.append(f"{'':>{margin}}  {''.join(marker_row)}".rstrip())
     lines.append(f"{'':>{margin}}  {first:<{max(columns - len(str(last)), 1)}}{last}")
-    lines.append("* live timeline   x abandoned (after a restart or rollback) or after "
-                 "last   s saved   R resumed from   B best   L last")
+    lines.append(
+        "* live timeline   x abandoned (after a restart or rollback) or after "
+        "last   s saved   R resumed from   B best   L last"
+    )
     return lines
 
 
@@ -125,18 +143,23 @@ def write_picture(history: History, metrics: list[str], marks: Marks, out: str) 
     """
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in (".png", ".svg"):
-        raise CheckpointError(f"--out {out!r}: the suffix is {suffix or 'missing'}; "
-                              f"expected .png or .svg")
+        raise CheckpointError(
+            f"--out {out!r}: the suffix is {suffix or 'missing'}; expected .png or .svg"
+        )
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as pyplot
     except ImportError:
-        raise CheckpointError("--out needs matplotlib, which is not installed: "
-                              "pip install 'candle_ckpt[plot]' (or omit --out for a "
-                              "text chart)") from None
-    figure, axes = pyplot.subplots(len(metrics), 1, squeeze=False, sharex=True,
-                                   figsize=(9, 3 * len(metrics)))
+        raise CheckpointError(
+            "--out needs matplotlib, which is not installed: "
+            "pip install 'candle_ckpt[plot]' (or omit --out for a "
+            "text chart)"
+        ) from None
+    figure, axes = pyplot.subplots(
+        len(metrics), 1, squeeze=False, sharex=True, figsize=(9, 3 * len(metrics))
+    )
     for axis, metric in zip(axes[:, 0], metrics):
         for group in _abandoned_timelines(history):
             points = _points(group, metric)
@@ -157,8 +180,9 @@ def write_picture(history: History, metrics: list[str], marks: Marks, out: str) 
             axis.axvline(marks.last, color="C1", linewidth=1, label=f"last ({marks.last})")
         axis.set_ylabel(metric)
         axis.legend(fontsize="small")
-    axes[-1, 0].set_xlabel("epoch (dotted: resumed from, after a kill or rollback; "
-                           "dashed grey: abandoned)")
+    axes[-1, 0].set_xlabel(
+        "epoch (dotted: resumed from, after a kill or rollback; dashed grey: abandoned)"
+    )
     figure.tight_layout()
     figure.savefig(out)
     pyplot.close(figure)

@@ -41,29 +41,38 @@ class TorchAdapter:
         self.weights_only = weights_only
 
     def library_versions(self) -> dict[str, str]:
-        return {"torch": torch.__version__, "h5py": h5py.__version__,
-                "numpy": numpy.__version__, "platform": platform.platform()}
+        return {
+            "torch": torch.__version__,
+            "h5py": h5py.__version__,
+            "numpy": numpy.__version__,
+            "platform": platform.platform(),
+        }
 
     def writer_decision(self, explicit: bool | None) -> WriterDecision:
         framework = None
         if dist.is_available() and dist.is_initialized():
             rank = dist.get_rank()
-            framework = WriterDecision(rank == 0, f"torch.distributed rank {rank} of "
-                                                  f"{_group_size()}")
+            framework = WriterDecision(
+                rank == 0, f"torch.distributed rank {rank} of {_group_size()}"
+            )
         return writer_decision(explicit, framework, os.environ, ("RANK", *RANK_VARIABLES))
 
     def all_gather(self) -> AllGather | None:
         if _group_size() == 1:
             return None
         # NCCL gathers CUDA tensors only; gloo and MPI take CPU ones.
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
 
         def gather(mine: Sequence[int]) -> list[tuple[int, ...]]:
             tensor = torch.tensor(list(mine), dtype=torch.int64, device=device)
             everyone = [torch.empty_like(tensor) for _ in range(_group_size())]
             dist.all_gather(everyone, tensor)
             return [tuple(int(v) for v in t.tolist()) for t in everyone]
+
         return gather
 
     def trains_in_lockstep(self) -> bool:
@@ -83,10 +92,11 @@ class TorchAdapter:
         state.write(snapshot, path, progress=WritebackStarter(path))
         return state.MODEL_FILE
 
-    def restore(self, checkpoint: Checkpoint, logger: LibraryLogger, *,
-                weights_only: bool = False) -> Restored:
+    def restore(
+        self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False
+    ) -> Restored:
         if weights_only:
-            return state.restore_modules(self.objects, checkpoint.model_path,
-                                         checkpoint.model_contents)
-        return state.restore(self.objects, checkpoint.model_path,
-                             checkpoint.model_contents, logger)
+            return state.restore_modules(
+                self.objects, checkpoint.model_path, checkpoint.model_contents
+            )
+        return state.restore(self.objects, checkpoint.model_path, checkpoint.model_contents, logger)

@@ -49,11 +49,15 @@ class CandleCkptPyTorch:
         is_writer: True/False to say whether this process writes, or None to detect it.
     """
 
-    def __init__(self, gParams: Mapping[str, Any], logger: Any = "DEFAULT",
-                 verbose: bool = True, is_writer: bool | None = None) -> None:
+    def __init__(
+        self,
+        gParams: Mapping[str, Any],
+        logger: Any = "DEFAULT",
+        verbose: bool = True,
+        is_writer: bool | None = None,
+    ) -> None:
         self.params = gParams
-        self.session = TrainingSession(gParams, logger=logger, verbose=verbose,
-                                       is_writer=is_writer)
+        self.session = TrainingSession(gParams, logger=logger, verbose=verbose, is_writer=is_writer)
         self._is_writer = is_writer
         self.model: dict[str, Any] | None = None
         self._started = self._finished = False
@@ -67,16 +71,23 @@ class CandleCkptPyTorch:
         older key "net" is taken as "model".
         """
         if not isinstance(model, Mapping) or not model:
-            raise TypeError(f"set_model: received {type(model).__name__}; expected a "
-                            f"non-empty dict such as {{'model': net, 'optimizer': opt}}")
-        objects = {("model" if k == "net" and "model" not in model else str(k)): v
-                   for k, v in model.items()}
+            raise TypeError(
+                f"set_model: received {type(model).__name__}; expected a "
+                f"non-empty dict such as {{'model': net, 'optimizer': opt}}"
+            )
+        objects = {
+            ("model" if k == "net" and "model" not in model else str(k)): v
+            for k, v in model.items()
+        }
         for name, value in objects.items():
-            if not is_generator(value) and not (hasattr(value, "state_dict")
-                                                and hasattr(value, "load_state_dict")):
-                raise TypeError(f"set_model: entry {name!r} is a {type(value).__name__}; "
-                                f"expected an object with state_dict and load_state_dict, "
-                                f"or a torch.Generator")
+            if not is_generator(value) and not (
+                hasattr(value, "state_dict") and hasattr(value, "load_state_dict")
+            ):
+                raise TypeError(
+                    f"set_model: entry {name!r} is a {type(value).__name__}; "
+                    f"expected an object with state_dict and load_state_dict, "
+                    f"or a torch.Generator"
+                )
         self.model = objects
 
     def restart(self, model: Any = None, verbose: bool = True) -> dict | None:
@@ -98,8 +109,7 @@ class CandleCkptPyTorch:
         """
         if isinstance(model, Mapping):
             self.set_model(model)
-        J = restart_run(self.params, self._adapter(), verbose=verbose,
-                        is_writer=self._is_writer)
+        J = restart_run(self.params, self._adapter(), verbose=verbose, is_writer=self._is_writer)
         self._next_epoch = J["epoch"] if J else 0
         self._start(self._next_epoch)
         return J
@@ -144,8 +154,9 @@ class CandleCkptPyTorch:
 
     def _adapter(self) -> TorchAdapter:
         if self.model is None:
-            raise RuntimeError("CandleCkptPyTorch: call set_model({'model': net, "
-                               "'optimizer': opt, ...}) first")
+            raise RuntimeError(
+                "CandleCkptPyTorch: call set_model({'model': net, 'optimizer': opt, ...}) first"
+            )
         return TorchAdapter(self.model, self.session.settings["ckpt_save_weights_only"])
 
     def _start(self, completed: int) -> None:

@@ -67,9 +67,10 @@ class TrainingState:
     Safe to hand to another thread: nothing in it refers to a live torch object. The
     arrays are copies, or views of the tensors' memory (see `snapshot`).
     """
+
     state: str
     arrays: tuple
-    dtypes: tuple          # torch dtype name (or "numpy:<dtype>") of each array
+    dtypes: tuple  # torch dtype name (or "numpy:<dtype>") of each array
     shapes: tuple
     weights_only: bool
     nbytes: int
@@ -80,25 +81,33 @@ def is_generator(value: Any) -> bool:
 
 
 def uninitialized(objects: Mapping[str, Any]) -> list[str]:
-    """"entry.key" of every parameter or buffer a lazy module (`torch.nn.LazyLinear`...)
+    """ "entry.key" of every parameter or buffer a lazy module (`torch.nn.LazyLinear`...)
     has not initialised yet: it gets its shape, in place, at the module's first call."""
-    return [f"{name}.{key}" for name, value in objects.items()
-            if isinstance(value, torch.nn.Module)
-            for key, tensor in value.state_dict().items()
-            if torch.nn.parameter.is_lazy(tensor)]
+    return [
+        f"{name}.{key}"
+        for name, value in objects.items()
+        if isinstance(value, torch.nn.Module)
+        for key, tensor in value.state_dict().items()
+        if torch.nn.parameter.is_lazy(tensor)
+    ]
 
 
 def object_states(objects: Mapping[str, Any], weights_only: bool) -> dict:
     """{name: state} of the objects a snapshot holds (modules only if `weights_only`)."""
-    return {name: value.get_state() if is_generator(value) else value.state_dict()
-            for name, value in objects.items()
-            if not weights_only or isinstance(value, torch.nn.Module)}
+    return {
+        name: value.get_state() if is_generator(value) else value.state_dict()
+        for name, value in objects.items()
+        if not weights_only or isinstance(value, torch.nn.Module)
+    }
 
 
 def rng_states() -> dict:
     """The global random states: torch CPU, CUDA (when initialised), numpy, random."""
-    states: dict = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate()}
+    states: dict = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -122,13 +131,18 @@ def state_nbytes(objects: Mapping[str, Any], weights_only: bool) -> int:
         elif isinstance(value, (list, tuple)):
             for item in value:
                 count(item)
+
     count(object_states(objects, weights_only))
     count(rng_states())
     return total
 
 
-def snapshot(objects: Mapping[str, Any], weights_only: bool = False, copy: bool = True,
-             into: TrainingState | None = None) -> TrainingState:
+def snapshot(
+    objects: Mapping[str, Any],
+    weights_only: bool = False,
+    copy: bool = True,
+    into: TrainingState | None = None,
+) -> TrainingState:
     """Every registered object's state and the random states, now (training thread).
 
     With `copy`, the arrays are copies in host memory, made into `into`'s arrays (an
@@ -147,11 +161,13 @@ def snapshot(objects: Mapping[str, Any], weights_only: bool = False, copy: bool 
                 raise CheckpointFormatError(
                     f"cannot save {path}: an uninitialised parameter of a lazy module "
                     f"(torch.nn.LazyLinear...), which has no shape until the module's "
-                    f"first call; call the model on a batch before the first save")
+                    f"first call; call the model on a batch before the first save"
+                )
             if value.layout != torch.strided or value.is_quantized:
                 raise CheckpointFormatError(
                     f"cannot save {path}: a {value.layout} tensor ({value.dtype}); expected "
-                    f"a dense tensor (call .to_dense() in state_dict)")
+                    f"a dense tensor (call .to_dense() in state_dict)"
+                )
             dtype = str(value.dtype).removeprefix("torch.")
             shapes.append(tuple(value.shape))
             host = value.detach().cpu().contiguous()
@@ -165,8 +181,11 @@ def snapshot(objects: Mapping[str, Any], weights_only: bool = False, copy: bool 
         if copy:
             k = len(arrays)
             previous = spare[k] if k < len(spare) else None
-            if (previous is not None and previous.shape == array.shape
-                    and previous.dtype == array.dtype):
+            if (
+                previous is not None
+                and previous.shape == array.shape
+                and previous.dtype == array.dtype
+            ):
                 previous.flags.writeable = True
                 np.copyto(previous, array)
                 array = previous
@@ -177,10 +196,18 @@ def snapshot(objects: Mapping[str, Any], weights_only: bool = False, copy: bool 
         dtypes.append(dtype)
         return len(arrays) - 1
 
-    encoded = {"objects": _encode(object_states(objects, weights_only), "state", array_of),
-               "rng": _encode({} if weights_only else rng_states(), "rng", array_of)}
-    return TrainingState(json.dumps(encoded), tuple(arrays), tuple(dtypes), tuple(shapes),
-                         weights_only, sum(a.nbytes for a in arrays))
+    encoded = {
+        "objects": _encode(object_states(objects, weights_only), "state", array_of),
+        "rng": _encode({} if weights_only else rng_states(), "rng", array_of),
+    }
+    return TrainingState(
+        json.dumps(encoded),
+        tuple(arrays),
+        tuple(dtypes),
+        tuple(shapes),
+        weights_only,
+        sum(a.nbytes for a in arrays),
+    )
 
 
 def _encode(value: Any, path: str, array_of: Callable[[Any, str], int]) -> Any:
@@ -197,25 +224,33 @@ def _encode(value: Any, path: str, array_of: Callable[[Any, str], int]) -> Any:
     if isinstance(value, list):
         return [_encode(item, f"{path}[{k}]", array_of) for k, item in enumerate(value)]
     if isinstance(value, tuple):
-        return {"tuple": [_encode(item, f"{path}[{k}]", array_of)
-                          for k, item in enumerate(value)]}
+        return {"tuple": [_encode(item, f"{path}[{k}]", array_of) for k, item in enumerate(value)]}
     if isinstance(value, dict):
-        items = [[_encode(key, f"{path} key {key!r}", array_of),
-                  _encode(item, f"{path}[{key!r}]", array_of)] for key, item in value.items()]
+        items = [
+            [
+                _encode(key, f"{path} key {key!r}", array_of),
+                _encode(item, f"{path}[{key!r}]", array_of),
+            ]
+            for key, item in value.items()
+        ]
         if isinstance(value, collections.OrderedDict):
             metadata = getattr(value, "_metadata", None)
-            return {"odict": items, "metadata": None if metadata is None else
-                    _encode(dict(metadata), f"{path}._metadata", array_of)}
+            return {
+                "odict": items,
+                "metadata": None
+                if metadata is None
+                else _encode(dict(metadata), f"{path}._metadata", array_of),
+            }
         return {"dict": items}
     raise CheckpointFormatError(
         f"cannot save {path}: a {type(value).__module__}.{type(value).__qualname__} "
         f"({value!r:.80}); expected tensors, numpy arrays, numbers, strings, None and "
         f"lists, tuples and dicts of them (a state_dict holding other objects cannot be "
-        f"restored without unpickling)")
+        f"restored without unpickling)"
+    )
 
 
-def write(state: TrainingState, path: str, progress: Callable[[int], None] | None = None
-          ) -> None:
+def write(state: TrainingState, path: str, progress: Callable[[int], None] | None = None) -> None:
     """Write `state` to `path` (created or truncated), in the module docstring's layout.
 
     h5py lays the file out and writes the small arrays; the large ones are written into
@@ -233,8 +268,7 @@ def write(state: TrainingState, path: str, progress: Callable[[int], None] | Non
         raise as_oserror(error, path) from error
 
 
-def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None
-                ) -> None:
+def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None) -> None:
     direct: list = []  # (dataset offset, array) of the arrays write_at writes
     with create_file(path) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
@@ -243,8 +277,7 @@ def _write_file(state: TrainingState, path: str, progress: Callable[[int], None]
         # A dataset, not an attribute: HDF5 attributes hold at most 64 KiB.
         f.create_dataset("state", data=np.frombuffer(state.state.encode("utf8"), np.uint8))
         tensors = f.create_group("tensors")
-        for k, (array, dtype, shape) in enumerate(zip(state.arrays, state.dtypes,
-                                                      state.shapes)):
+        for k, (array, dtype, shape) in enumerate(zip(state.arrays, state.dtypes, state.shapes)):
             created = create_array(tensors, str(k), array, direct)
             created.attrs["torch_dtype"] = dtype
             created.attrs["shape"] = np.asarray(shape, dtype=np.int64)
@@ -252,6 +285,7 @@ def _write_file(state: TrainingState, path: str, progress: Callable[[int], None]
 
 
 # -- reading ---------------------------------------------------------------------------
+
 
 def read(contents: memoryview, path: str) -> tuple[dict, bool]:
     """The file's state ({"objects", "rng"} decoded, tensors on the CPU) and weights_only.
@@ -265,22 +299,26 @@ def read(contents: memoryview, path: str) -> tuple[dict, bool]:
             if FORMAT_ATTR not in f.attrs:
                 raise CheckpointFormatError(
                     f"'{path}' is an HDF5 file without '{FORMAT_ATTR}': not written by "
-                    f"candle_ckpt's PyTorch adapter (a Keras checkpoint?)")
+                    f"candle_ckpt's PyTorch adapter (a Keras checkpoint?)"
+                )
             version = f.attrs[FORMAT_ATTR]
             if not isinstance(version, (int, np.integer)) or not 1 <= version <= FORMAT_VERSION:
                 raise CheckpointFormatError(
                     f"'{path}': {FORMAT_ATTR} is {version!r}; this candle_ckpt reads "
-                    f"versions 1 to {FORMAT_VERSION} (a newer candle_ckpt wrote it?)")
+                    f"versions 1 to {FORMAT_VERSION} (a newer candle_ckpt wrote it?)"
+                )
             try:
                 text = np.asarray(dataset(f, "state", path)[()], np.uint8).tobytes()
                 encoded = json.loads(text.decode("utf8"))
             except ValueError as error:
-                raise CheckpointFormatError(f"'{path}': dataset 'state' is not UTF-8 "
-                                            f"JSON: {error}") from None
+                raise CheckpointFormatError(
+                    f"'{path}': dataset 'state' is not UTF-8 JSON: {error}"
+                ) from None
             tensors = group(f, "tensors", path)
             source = writable_contents(contents)
-            values = [_tensor(dataset(tensors, str(k), path), source, path)
-                      for k in range(len(tensors))]
+            values = [
+                _tensor(dataset(tensors, str(k), path), source, path) for k in range(len(tensors))
+            ]
             weights_only = bool(f.attrs.get("weights_only", False))
     except CheckpointFormatError:
         raise
@@ -288,13 +326,17 @@ def read(contents: memoryview, path: str) -> tuple[dict, bool]:
         raise CheckpointFormatError(f"'{path}' is not a readable HDF5 file: {error}") from error
     if not isinstance(encoded, dict) or set(encoded) != {"objects", "rng"}:
         found = sorted(encoded) if isinstance(encoded, dict) else encoded
-        raise CheckpointFormatError(f"'{path}': dataset 'state' is {found!r:.80}; "
-                                    f"expected a dict with keys ['objects', 'rng']")
+        raise CheckpointFormatError(
+            f"'{path}': dataset 'state' is {found!r:.80}; "
+            f"expected a dict with keys ['objects', 'rng']"
+        )
     state = {key: _decode(encoded[key], values, path, key) for key in ("objects", "rng")}
     if not all(isinstance(state[key], dict) for key in state):
-        raise CheckpointFormatError(f"'{path}': 'objects' and 'rng' of dataset 'state' "
-                                    f"are {[type(v).__name__ for v in state.values()]}; "
-                                    f"expected dicts")
+        raise CheckpointFormatError(
+            f"'{path}': 'objects' and 'rng' of dataset 'state' "
+            f"are {[type(v).__name__ for v in state.values()]}; "
+            f"expected dicts"
+        )
     return state, weights_only
 
 
@@ -312,27 +354,33 @@ def _tensor(found: h5py.Dataset, contents: memoryview, path: str) -> Any:
     array = dataset_array(found, contents, path)
     where = f"'{path}': dataset '{found.name}'"
     if dtype.startswith(_NUMPY_PREFIX):
-        expected = np.dtype(dtype[len(_NUMPY_PREFIX):])
+        expected = np.dtype(dtype[len(_NUMPY_PREFIX) :])
         if array.dtype != expected or array.shape != shape:
-            raise CheckpointFormatError(f"{where} is {array.dtype} {array.shape}; its attrs "
-                                        f"say {expected} {shape}")
+            raise CheckpointFormatError(
+                f"{where} is {array.dtype} {array.shape}; its attrs say {expected} {shape}"
+            )
         return array.copy()
     torch_dtype = getattr(torch, dtype, None) if dtype else None
     if not isinstance(torch_dtype, torch.dtype):
-        raise CheckpointFormatError(f"{where}: attribute torch_dtype is {dtype!r}; "
-                                    f"expected a torch dtype name such as 'float32'")
+        raise CheckpointFormatError(
+            f"{where}: attribute torch_dtype is {dtype!r}; "
+            f"expected a torch dtype name such as 'float32'"
+        )
     if not array.flags.writeable or array.ctypes.data % _TENSOR_ALIGNMENT:
         array = array.copy()
     raw = torch.from_numpy(array)
     if raw.dtype != torch_dtype:
-        if raw.dtype != torch.uint8 or raw.numel() != int(np.prod(shape)) * torch.empty(
-                (), dtype=torch_dtype).element_size():
-            raise CheckpointFormatError(f"{where} is {array.dtype} of {array.size} items; "
-                                        f"expected {dtype} of shape {shape}")
+        if (
+            raw.dtype != torch.uint8
+            or raw.numel()
+            != int(np.prod(shape)) * torch.empty((), dtype=torch_dtype).element_size()
+        ):
+            raise CheckpointFormatError(
+                f"{where} is {array.dtype} of {array.size} items; expected {dtype} of shape {shape}"
+            )
         raw = raw.view(torch_dtype)
     if raw.numel() != int(np.prod(shape)):
-        raise CheckpointFormatError(f"{where} has {raw.numel()} items; its shape attr is "
-                                    f"{shape}")
+        raise CheckpointFormatError(f"{where} has {raw.numel()} items; its shape attr is {shape}")
     return raw.reshape(shape)
 
 
@@ -342,13 +390,16 @@ def _decode(value: Any, values: list, path: str, where: str) -> Any:
     if isinstance(value, list):
         return [_decode(item, values, path, f"{where}[{k}]") for k, item in enumerate(value)]
     if not isinstance(value, dict) or len(value) not in (1, 2):
-        raise CheckpointFormatError(f"'{path}': {where} is {value!r:.80}; expected a "
-                                    f"tagged value (see candle_ckpt.pytorch.state)")
+        raise CheckpointFormatError(
+            f"'{path}': {where} is {value!r:.80}; expected a "
+            f"tagged value (see candle_ckpt.pytorch.state)"
+        )
     tag, body = next(iter(value.items()))
     if tag in ("tensor", "ndarray"):
         if type(body) is not int or not 0 <= body < len(values):
-            raise CheckpointFormatError(f"'{path}': {where} refers to tensor {body!r}; "
-                                        f"the file has {len(values)}")
+            raise CheckpointFormatError(
+                f"'{path}': {where} refers to tensor {body!r}; the file has {len(values)}"
+            )
         found = values[body]
         if isinstance(found, torch.Tensor) != (tag == "tensor"):
             raise CheckpointFormatError(f"'{path}': {where}: dataset {body} is not a {tag}")
@@ -361,19 +412,24 @@ def _decode(value: Any, values: list, path: str, where: str) -> Any:
         result: dict = {} if tag == "dict" else collections.OrderedDict()
         for item in body:
             if not isinstance(item, list) or len(item) != 2:
-                raise CheckpointFormatError(f"'{path}': {where} holds {item!r:.80}; "
-                                            f"expected [key, value] pairs")
+                raise CheckpointFormatError(
+                    f"'{path}': {where} holds {item!r:.80}; expected [key, value] pairs"
+                )
             key = _decode(item[0], values, path, f"{where} key")
             result[key] = _decode(item[1], values, path, f"{where}[{key!r}]")
         if tag == "odict" and value.get("metadata") is not None:
             result._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
-                _decode(value["metadata"], values, path, f"{where}._metadata"))
+                _decode(value["metadata"], values, path, f"{where}._metadata")
+            )
         return result
-    raise CheckpointFormatError(f"'{path}': {where} is {value!r:.80}; expected a tagged "
-                                f"value (tensor, ndarray, tuple, dict, odict, dtype)")
+    raise CheckpointFormatError(
+        f"'{path}': {where} is {value!r:.80}; expected a tagged "
+        f"value (tensor, ndarray, tuple, dict, odict, dtype)"
+    )
 
 
 # -- restoring -------------------------------------------------------------------------
+
 
 def check_state(name: str, obj: Any, saved: Any, path: str) -> None:
     """Raise CheckpointFormatError unless `saved` fits the registered object `obj`.
@@ -389,14 +445,19 @@ def check_state(name: str, obj: Any, saved: Any, path: str) -> None:
     if is_generator(obj):
         mine = obj.get_state()
         if not isinstance(saved, torch.Tensor) or (saved.dtype, saved.shape) != (
-                mine.dtype, mine.shape):
-            raise CheckpointFormatError(f"{where} is not a generator state like "
-                                        f"{mine.dtype} {tuple(mine.shape)}")
+            mine.dtype,
+            mine.shape,
+        ):
+            raise CheckpointFormatError(
+                f"{where} is not a generator state like {mine.dtype} {tuple(mine.shape)}"
+            )
         return
     current = obj.state_dict()
     if not isinstance(saved, dict):
-        raise CheckpointFormatError(f"{where} is a {type(saved).__name__}; expected the "
-                                    f"state dict of a {type(obj).__name__}")
+        raise CheckpointFormatError(
+            f"{where} is a {type(saved).__name__}; expected the "
+            f"state dict of a {type(obj).__name__}"
+        )
     if isinstance(obj, torch.nn.Module):
         missing = [k for k in current if k not in saved]
         extra = [k for k in saved if k not in current]
@@ -404,7 +465,8 @@ def check_state(name: str, obj: Any, saved: Any, path: str) -> None:
             raise CheckpointFormatError(
                 f"{where} does not match the {type(obj).__name__}: keys missing from the "
                 f"file {missing[:6]}, unexpected in it {extra[:6]}; was the model built "
-                f"the same way (and wrapped, e.g. in DistributedDataParallel, the same)?")
+                f"the same way (and wrapped, e.g. in DistributedDataParallel, the same)?"
+            )
         for key, tensor in current.items():
             found = saved[key]
             if torch.nn.parameter.is_lazy(tensor):
@@ -412,46 +474,56 @@ def check_state(name: str, obj: Any, saved: Any, path: str) -> None:
                     raise CheckpointFormatError(
                         f"{where}, '{key}': {_describe(found)} in the file, the model's "
                         f"uninitialised (lazy) parameter is "
-                        f"{str(tensor.dtype).removeprefix('torch.')}")
+                        f"{str(tensor.dtype).removeprefix('torch.')}"
+                    )
                 continue
             if not isinstance(found, torch.Tensor) or (found.shape, found.dtype) != (
-                    tensor.shape, tensor.dtype):
+                tensor.shape,
+                tensor.dtype,
+            ):
                 raise CheckpointFormatError(
                     f"{where}, '{key}': {_describe(found)} in the file, the model has "
-                    f"{_describe(tensor)}")
+                    f"{_describe(tensor)}"
+                )
         return
     if sorted(map(str, saved)) != sorted(map(str, current)):
-        raise CheckpointFormatError(f"{where} has keys {sorted(map(str, saved))}; the "
-                                    f"{type(obj).__name__} has {sorted(map(str, current))}")
+        raise CheckpointFormatError(
+            f"{where} has keys {sorted(map(str, saved))}; the "
+            f"{type(obj).__name__} has {sorted(map(str, current))}"
+        )
     if isinstance(obj, torch.optim.Optimizer):
         groups = [len(g["params"]) for g in saved["param_groups"]]
         mine = [len(g["params"]) for g in current["param_groups"]]
         if groups != mine:
-            raise CheckpointFormatError(f"{where}: parameters per group {groups} in the "
-                                        f"file, the optimizer has {mine}")
+            raise CheckpointFormatError(
+                f"{where}: parameters per group {groups} in the file, the optimizer has {mine}"
+            )
 
 
 def check_rng(rng: dict, path: str) -> None:
     if not rng:
         return
-    if set(rng) - {"torch", "numpy", "python", "cuda"} or not {"torch", "numpy",
-                                                               "python"} <= set(rng):
-        raise CheckpointFormatError(f"'{path}': random states {sorted(rng)}; expected "
-                                    f"torch, numpy, python (and cuda)")
+    if set(rng) - {"torch", "numpy", "python", "cuda"} or not {"torch", "numpy", "python"} <= set(
+        rng
+    ):
+        raise CheckpointFormatError(
+            f"'{path}': random states {sorted(rng)}; expected torch, numpy, python (and cuda)"
+        )
     mine = torch.get_rng_state()
     if not isinstance(rng["torch"], torch.Tensor) or rng["torch"].shape != mine.shape:
-        raise CheckpointFormatError(f"'{path}': the torch random state is not a "
-                                    f"{tuple(mine.shape)} byte tensor")
+        raise CheckpointFormatError(
+            f"'{path}': the torch random state is not a {tuple(mine.shape)} byte tensor"
+        )
 
 
-def apply(objects: Mapping[str, Any], state: dict, path: str, logger: LibraryLogger
-          ) -> None:
+def apply(objects: Mapping[str, Any], state: dict, path: str, logger: LibraryLogger) -> None:
     """Load checked `state` into the objects and the global random generators.
 
     Modules first: loading one materialises its lazy parameters, which an optimizer's
     `load_state_dict` needs to cast its state to (their dtype and device)."""
-    entries = sorted(state["objects"].items(),
-                     key=lambda item: not isinstance(objects[item[0]], torch.nn.Module))
+    entries = sorted(
+        state["objects"].items(), key=lambda item: not isinstance(objects[item[0]], torch.nn.Module)
+    )
     for name, saved in entries:
         obj = objects[name]
         if is_generator(obj):
@@ -468,10 +540,13 @@ def apply(objects: Mapping[str, Any], state: dict, path: str, logger: LibraryLog
         if torch.cuda.is_available() and torch.cuda.device_count() == len(rng["cuda"]):
             torch.cuda.set_rng_state_all(rng["cuda"])
         else:
-            logger.warning("'%s' holds the random states of %d CUDA devices, this process "
-                           "sees %d: CUDA random streams are not restored", path,
-                           len(rng["cuda"]), torch.cuda.device_count()
-                           if torch.cuda.is_available() else 0)
+            logger.warning(
+                "'%s' holds the random states of %d CUDA devices, this process "
+                "sees %d: CUDA random streams are not restored",
+                path,
+                len(rng["cuda"]),
+                torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            )
 
 
 def _describe(value: Any) -> str:
@@ -480,8 +555,9 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def restore(objects: Mapping[str, Any], path: str, contents: memoryview,
-            logger: LibraryLogger) -> Restored:
+def restore(
+    objects: Mapping[str, Any], path: str, contents: memoryview, logger: LibraryLogger
+) -> Restored:
     """Load the verified file `contents` (of `path`) into the registered `objects`.
 
     Every entry is decoded and checked against its object (`check_state`) before the
@@ -489,23 +565,31 @@ def restore(objects: Mapping[str, Any], path: str, contents: memoryview,
     file that is not HDF5 is taken for upstream CANDLE's torch pickle
     (`restore_upstream`).
     """
-    if bytes(contents[:len(HDF5_MAGIC)]) != HDF5_MAGIC:
+    if bytes(contents[: len(HDF5_MAGIC)]) != HDF5_MAGIC:
         return restore_upstream(objects, path, contents)
     state, weights_only = read(contents, path)
     saved = state["objects"]
-    wanted = [name for name, value in objects.items()
-              if not weights_only or isinstance(value, torch.nn.Module)]
+    wanted = [
+        name
+        for name, value in objects.items()
+        if not weights_only or isinstance(value, torch.nn.Module)
+    ]
     if sorted(saved) != sorted(wanted):
         raise CheckpointFormatError(
             f"'{path}' holds the state of {sorted(saved)}; set_model registered "
             f"{sorted(wanted)}{' (modules only: a weights-only file)' if weights_only else ''}"
-            f". Register the same objects, under the same names, as the run that saved it")
+            f". Register the same objects, under the same names, as the run that saved it"
+        )
     for name in wanted:
         check_state(name, objects[name], saved[name], path)
     check_rng(state["rng"], path)
     apply(objects, state, path, logger)
-    return Restored.of(wanted, rng_restored=bool(state["rng"]), exact=not weights_only,
-                       missing="optimizer, scheduler or RNG state (ckpt_save_weights_only)")
+    return Restored.of(
+        wanted,
+        rng_restored=bool(state["rng"]),
+        exact=not weights_only,
+        missing="optimizer, scheduler or RNG state (ckpt_save_weights_only)",
+    )
 
 
 UPSTREAM_KEYS = {"model": "model_state_dict", "optimizer": "optimizer_state_dict"}
@@ -528,38 +612,43 @@ def load_upstream(path: str, contents: memoryview) -> dict:
             f"'{path}' is a pickle that asks for objects other than tensors and plain "
             f"containers (the safe loader refused it: {str(error).splitlines()[0][:300]}); "
             f"it was not loaded, since a full unpickling could run code from the file. "
-            f"Do not restart from it") from None
+            f"Do not restart from it"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
         raise CheckpointFormatError(
             f"'{path}' is neither a candle_ckpt PyTorch file (HDF5) nor a readable "
-            f"torch.save file: {error}") from None
+            f"torch.save file: {error}"
+        ) from None
     if not isinstance(loaded, dict) or UPSTREAM_KEYS["model"] not in loaded:
         found = sorted(map(str, loaded)) if isinstance(loaded, dict) else type(loaded).__name__
         raise CheckpointFormatError(
             f"'{path}' is a torch.save file holding {found}; expected upstream CANDLE's "
-            f"dict with 'model_state_dict' (and 'optimizer_state_dict')")
+            f"dict with 'model_state_dict' (and 'optimizer_state_dict')"
+        )
     return loaded
 
 
-def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview
-                     ) -> Restored:
+def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview) -> Restored:
     """Restore the weights and optimizer of upstream CANDLE's ``model.h5`` torch pickle
     (read by `load_upstream`, which never unpickles anything but tensors)."""
     loaded = load_upstream(path, contents)
-    plan = [(name, key) for name, key in UPSTREAM_KEYS.items()
-            if name in objects and key in loaded]
+    plan = [(name, key) for name, key in UPSTREAM_KEYS.items() if name in objects and key in loaded]
     if not plan or plan[0][0] != "model":
-        raise CheckpointFormatError(f"'{path}' is an upstream CANDLE checkpoint of a model "
-                                    f"and optimizer; set_model registered no 'model'")
+        raise CheckpointFormatError(
+            f"'{path}' is an upstream CANDLE checkpoint of a model "
+            f"and optimizer; set_model registered no 'model'"
+        )
     for name, key in plan:
         check_state(name, objects[name], loaded[key], path)
     for name, key in plan:
         objects[name].load_state_dict(loaded[key])
     lacking = [name for name in objects if name not in dict(plan)] + ["RNG"]
-    return Restored(parts=tuple(name for name, _ in plan), exact=False,
-                    missing=" or ".join(lacking) + " state (upstream CANDLE saves none)",
-                    source="upstream CANDLE torch pickle, read with "
-                           "torch.load(weights_only=True)")
+    return Restored(
+        parts=tuple(name for name, _ in plan),
+        exact=False,
+        missing=" or ".join(lacking) + " state (upstream CANDLE saves none)",
+        source="upstream CANDLE torch pickle, read with torch.load(weights_only=True)",
+    )
 
 
 def saved_module_states(path: str, contents: memoryview) -> dict[str, Any]:
@@ -569,40 +658,45 @@ def saved_module_states(path: str, contents: memoryview) -> dict[str, Any]:
     `Module.state_dict` returns; optimizers, schedulers and generators are not). An
     upstream CANDLE torch pickle: its 'model_state_dict', as entry "model".
     """
-    if bytes(contents[:len(HDF5_MAGIC)]) != HDF5_MAGIC:
+    if bytes(contents[: len(HDF5_MAGIC)]) != HDF5_MAGIC:
         return {"model": load_upstream(path, contents)[UPSTREAM_KEYS["model"]]}
     state, _ = read(contents, path)
-    return {name: saved for name, saved in state["objects"].items()
-            if isinstance(saved, collections.OrderedDict)}
+    return {
+        name: saved
+        for name, saved in state["objects"].items()
+        if isinstance(saved, collections.OrderedDict)
+    }
 
 
-def restore_modules(objects: Mapping[str, Any], path: str, contents: memoryview
-                    ) -> Restored:
+def restore_modules(objects: Mapping[str, Any], path: str, contents: memoryview) -> Restored:
     """Load only the weights of the registered modules from the verified file `contents`
     (a warm start, `ckpt_init_from`): each `torch.nn.Module` from the entry of its name;
     optimizers, schedulers, generators and random states are left as they are.
 
     Every module is checked against its entry before the first `load_state_dict`.
     """
-    modules = {name: value for name, value in objects.items()
-               if isinstance(value, torch.nn.Module)}
+    modules = {name: value for name, value in objects.items() if isinstance(value, torch.nn.Module)}
     if not modules:
-        raise CheckpointFormatError(f"set_model registered no torch.nn.Module to load the "
-                                    f"weights of '{path}' into")
+        raise CheckpointFormatError(
+            f"set_model registered no torch.nn.Module to load the weights of '{path}' into"
+        )
     saved = saved_module_states(path, contents)
     missing = sorted(set(modules) - set(saved))
     if missing:
         raise CheckpointFormatError(
             f"'{path}' holds the weights of modules {sorted(saved)}; set_model registered "
             f"modules {sorted(modules)}, of which {missing} are not in the file. Register "
-            f"the model under the name the parent run used")
+            f"the model under the name the parent run used"
+        )
     for name, module in modules.items():
         check_state(name, module, saved[name], path)
     for name, module in modules.items():
         module.load_state_dict(saved[name])
-    return Restored(parts=tuple(modules), exact=False,
-                    missing="optimizer, scheduler or RNG state (a warm start loads weights "
-                            "only)")
+    return Restored(
+        parts=tuple(modules),
+        exact=False,
+        missing="optimizer, scheduler or RNG state (a warm start loads weights only)",
+    )
 
 
 def write_module_weights(contents: memoryview, source: str, destination: str) -> str:
@@ -628,6 +722,8 @@ def write_module_weights(contents: memoryview, source: str, destination: str) ->
         raise CheckpointFormatError(
             f"'{source}' holds the state dicts of modules {sorted(modules)}; none is "
             f"registered as 'model', so which one to export is not known"
-            if modules else f"'{source}' holds no module state dict to export")
+            if modules
+            else f"'{source}' holds no module state dict to export"
+        )
     torch.save(modules[name], destination)
     return name
