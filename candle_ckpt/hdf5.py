@@ -165,6 +165,23 @@ def dataset(parent: h5py.Group, name: str, path: str) -> h5py.Dataset:
     return found
 
 
+def layer_weights_root(f: h5py.File, path: str) -> h5py.Group:
+    """The group of a Keras legacy HDF5 file that holds `layer_names` and one group per
+    layer: the file itself (`save_weights`), or its `model_weights` (`model.save`).
+
+    Raises:
+        CheckpointFormatError: neither holds `layer_names` (not a Keras model file).
+    """
+    root: h5py.Group = f
+    if "layer_names" not in f.attrs and "model_weights" in f:
+        root = group(f, "model_weights", path)
+    if not has_names(root, "layer_names"):
+        raise CheckpointFormatError(
+            f"'{path}' is not a Keras HDF5 model file: no 'layer_names' attribute in '{root.name}'"
+        )
+    return root
+
+
 def has_names(group: h5py.Group, key: str) -> bool:
     """Whether `group` holds the name list `key`, whole or split in chunks (Keras)."""
     return key in group.attrs or f"{key}0" in group.attrs

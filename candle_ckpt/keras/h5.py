@@ -60,6 +60,7 @@ from candle_ckpt.hdf5 import (
     as_oserror,
     create_array,
     create_file,
+    layer_weights_root,
     raised_by_h5py,
     writable_contents,
 )
@@ -67,7 +68,6 @@ from candle_ckpt.hdf5 import attr_str as _attr_str
 from candle_ckpt.hdf5 import dataset as _dataset
 from candle_ckpt.hdf5 import dataset_array as _array
 from candle_ckpt.hdf5 import group as _group
-from candle_ckpt.hdf5 import has_names as _has_names
 from candle_ckpt.hdf5 import read_names as _read_names
 
 MODEL_FILE = "model.h5"
@@ -525,13 +525,7 @@ def _plan_weights(
     f: h5py.File, model: Any, path: str, ours: bool, log: LibraryLogger
 ) -> list[tuple[Any, h5py.Dataset]]:
     """[(variable, dataset)] for every layer weight; checks counts, shapes, dtypes, names."""
-    root = f
-    if "layer_names" not in f.attrs and "model_weights" in f:
-        root = _group(f, "model_weights", path)
-    if not _has_names(root, "layer_names"):
-        raise CheckpointFormatError(
-            f"'{path}' is not a Keras HDF5 model file: no 'layer_names' attribute in '{root.name}'"
-        )
+    root = layer_weights_root(f, path)
     saved = [
         name
         for name in _read_names(root, "layer_names")

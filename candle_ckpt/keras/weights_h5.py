@@ -36,7 +36,15 @@ from typing import Any
 import h5py
 
 from ..core.errors import CheckpointFormatError
-from ..hdf5 import InMemoryFile, attr_str, dataset, dataset_array, group, has_names, read_names
+from ..hdf5 import (
+    InMemoryFile,
+    attr_str,
+    dataset,
+    dataset_array,
+    group,
+    layer_weights_root,
+    read_names,
+)
 
 WEIGHTS_SUFFIX = ".weights.h5"
 _MAPPABLE_MODELS = ("Sequential", "Functional")
@@ -85,14 +93,7 @@ def _plan(
     f: h5py.File, contents: memoryview, source: str
 ) -> tuple[str, list[tuple[str, str, list[Any]]]]:
     """(model name, [(group path, name attr, arrays)]) of the `.weights.h5` to write."""
-    root = f
-    if "layer_names" not in f.attrs and "model_weights" in f:
-        root = group(f, "model_weights", source)
-    if not has_names(root, "layer_names"):
-        raise CheckpointFormatError(
-            f"'{source}' is not a Keras HDF5 model file: no "
-            f"'layer_names' attribute in '{root.name}'"
-        )
+    root = layer_weights_root(f, source)
     config = _model_config(f, source)
     classes = _layer_classes(config, source)
     plan: list[tuple[str, str, list[Any]]] = []
