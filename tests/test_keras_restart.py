@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import flip_byte
 from keras_helpers import assert_same_state, run_job, tree_summary
 
 import candle_ckpt
@@ -154,11 +155,7 @@ def test_bit_flip_in_model_file_is_refused_and_model_untouched(tmp_path):
     params = params_for(tmp_path)
     fit(tiny_model(), params, 2)
     path = os.path.join(params["ckpt_directory"], "ckpts", "last", "model.h5")
-    with open(path, "r+b") as stream:
-        stream.seek(os.path.getsize(path) // 2)
-        byte = stream.read(1)
-        stream.seek(-1, os.SEEK_CUR)
-        stream.write(bytes([byte[0] ^ 0x10]))
+    flip_byte(path, offset=os.path.getsize(path) // 2, mask=0x10)
     fresh = tiny_model(seed=7)
     before = weights(fresh)
     with pytest.raises(candle_ckpt.ChecksumMismatchError) as raised:

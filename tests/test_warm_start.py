@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import flip_byte
 
 import candle_ckpt
 from candle_ckpt.core.errors import CheckpointError
@@ -18,11 +19,8 @@ keras = pytest.importorskip("keras")
 torch = pytest.importorskip("torch")
 
 
-def flip_last_byte(path):
-    data = bytearray(open(path, "rb").read())
-    data[-1] ^= 0x01
-    with open(path, "wb") as stream:
-        stream.write(bytes(data))
+def flip_last_byte_of(path):
+    flip_byte(path, offset=os.path.getsize(path) - 1, mask=0x01)
 
 
 def test_ckpt_init_from_is_a_parameter_of_the_table():
@@ -186,7 +184,7 @@ def test_keras_corrupt_init_source_is_refused_before_training(keras_parent, tmp_
 
     parent = tmp_path / "parent"
     shutil.copytree(keras_parent[0], parent, symlinks=True)
-    flip_last_byte(parent / "ckpts" / "epochs" / "003" / "model.h5")
+    flip_last_byte_of(parent / "ckpts" / "epochs" / "003" / "model.h5")
     child = keras_model(5)
     before = weights_of(child)
     params = {"ckpt_directory": str(tmp_path / "child"), "epochs": 1, "ckpt_init_from": str(parent)}
@@ -305,7 +303,7 @@ def test_pytorch_corrupt_or_unfitting_init_source_is_refused(torch_parent, tmp_p
 
     parent = tmp_path / "parent"
     shutil.copytree(torch_parent[0], parent, symlinks=True)
-    flip_last_byte(parent / "ckpts" / "epochs" / "002" / "model.h5")
+    flip_last_byte_of(parent / "ckpts" / "epochs" / "002" / "model.h5")
     objects = torch_objects(4)
     before = state_of(objects["model"])
     ckpt = candle_ckpt.CandleCkptPyTorch(
