@@ -55,3 +55,23 @@ def tree_summary(ckpt_dir):
     epochs = sorted(os.listdir(os.path.join(ckpts, "epochs")))
     links = (os.readlink(os.path.join(ckpts, name)) for name in ("last", "best"))
     return (epochs, *links)
+
+
+def fit_checkpointed(model, params, x, y, epochs, initial_epoch=0, batch_size=16, **fit_kwargs):
+    """model.fit over (x, y) in order (no shuffle, silent) with a CandleCheckpointCallback
+    of `params`; returns (the fit's History, the callback)."""
+    import candle_ckpt
+
+    callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
+    history = model.fit(
+        x,
+        y,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        batch_size=batch_size,
+        shuffle=False,
+        verbose=0,
+        callbacks=[callback],
+        **fit_kwargs,
+    )
+    return history, callback

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from keras_helpers import assert_same_state, run_job, tree_summary
+from keras_helpers import assert_same_state, fit_checkpointed, run_job, tree_summary
 
 import candle_ckpt
 from candle_ckpt.keras import deferred
@@ -76,17 +76,8 @@ def data(n=64):
 
 def fit(model, params, epochs, initial_epoch=0):
     x, y = data()
-    callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
-    return model.fit(
-        x,
-        y,
-        epochs=epochs,
-        initial_epoch=initial_epoch,
-        batch_size=16,
-        shuffle=False,
-        verbose=0,
-        callbacks=[callback],
-    )
+    history, _ = fit_checkpointed(model, params, x, y, epochs, initial_epoch)
+    return history
 
 
 def params_for(tmp_path, **extra):

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import flip_byte
-from keras_helpers import assert_same_state, run_job, tree_summary
+from keras_helpers import assert_same_state, fit_checkpointed, run_job, tree_summary
 
 import candle_ckpt
 from candle_ckpt.core.layout import CheckpointLayout
@@ -100,19 +100,10 @@ def data(n=64, seed=0):
 
 def fit(model, params, epochs, initial_epoch=0):
     x, y = data()
-    xv, yv = data(seed=1)
-    callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
-    return model.fit(
-        x,
-        y,
-        validation_data=(xv, yv),
-        epochs=epochs,
-        initial_epoch=initial_epoch,
-        batch_size=16,
-        shuffle=False,
-        verbose=0,
-        callbacks=[callback],
+    history, _ = fit_checkpointed(
+        model, params, x, y, epochs, initial_epoch, validation_data=data(seed=1)
     )
+    return history
 
 
 def params_for(tmp_path, **extra):

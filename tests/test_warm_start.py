@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 from conftest import flip_byte
+from keras_helpers import fit_checkpointed
 
 import candle_ckpt
 from candle_ckpt.core.errors import CheckpointError
@@ -56,17 +57,8 @@ def keras_fit(model, params, epochs, initial_epoch=0):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 4)).astype("float32")
     y = x[:, :1] * 2
-    callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
-    model.fit(
-        x,
-        y,
-        validation_data=(x, y),
-        epochs=epochs,
-        initial_epoch=initial_epoch,
-        batch_size=8,
-        shuffle=False,
-        verbose=0,
-        callbacks=[callback],
+    _, callback = fit_checkpointed(
+        model, params, x, y, epochs, initial_epoch, batch_size=8, validation_data=(x, y)
     )
     return callback
 
