@@ -117,7 +117,10 @@ def test_keras_warm_start_loads_the_parents_weights_only(keras_parent, tmp_path,
     assert "ckpt_init_from" in caplog.text and "is ignored" in caplog.text
     assert_equal_arrays(weights_of(again), trained)
     callback = keras_fit(again, {**params, "epochs": 3}, 3, initial_epoch=2)
-    assert callback.checkpointer.init_from is None
+    # the resumed lineage still descends from the parent's weights, and says so
+    assert read_info(os.path.join(params["ckpt_directory"], "ckpts", "epochs", "003"))[
+        "init_from"
+    ] == {"source": parent_epoch, "epoch": 3, "checksum": read_info(parent_epoch)["checksum"]}
 
 
 @pytest.mark.parametrize(
@@ -287,7 +290,11 @@ def test_pytorch_warm_start_loads_the_parents_weights_only(torch_parent, tmp_pat
         ckpt, J = torch_train(again, {**params, "epochs": 2})
     assert J["epoch"] == 2 and "is ignored" in caplog.text
     assert_same_tensors(state_of(again["model"]), trained)
-    assert ckpt.session.checkpointer.init_from is None
+    # the resumed lineage carries its warm start's provenance on
+    assert (
+        ckpt.session.checkpointer.init_from
+        == read_info(os.path.join(params["ckpt_directory"], "ckpts", "epochs", "002"))["init_from"]
+    )
 
 
 def test_pytorch_corrupt_or_unfitting_init_source_is_refused(torch_parent, tmp_path):

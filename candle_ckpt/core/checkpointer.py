@@ -154,7 +154,8 @@ class Checkpointer:
     def resume(self, info: Mapping[str, Any]) -> None:
         """Continue the run recorded by `info`, the ckpt-info dict restart() loaded.
 
-        Best-metric state, `epoch_best`, the lineage, the keep policy's epochs and the
+        Best-metric state, `epoch_best`, the lineage (with its warm start's provenance,
+        `init_from`: the weights still descend from it), the keep policy's epochs and the
         time of the last save come from it. Epochs after `info["epoch"]` belong to an
         abandoned timeline and are not this run's.
         """
@@ -164,6 +165,7 @@ class Checkpointer:
         if resumed.format_version is not None and resumed.format_version >= 2:
             self.lineage_id = resumed.lineage_id or self.run_id
             self.lineage_format1_epoch = resumed.lineage_format1_epoch
+            self.init_from = None if resumed.init_from is None else dict(resumed.init_from)
         elif not resumed.legacy:  # format 1: this lineage continues that run
             self.lineage_format1_epoch = epoch
         self.run_epochs = self._lineage_epochs(resumed)
