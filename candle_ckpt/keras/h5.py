@@ -127,8 +127,7 @@ def snapshot(
 
     `into`, an earlier snapshot of this model that nobody reads any more, is
     overwritten where the variables still match it: a copy then costs no new memory
-    (reused memory is also 2x faster to copy into than fresh memory, 3 GB here). A
-    copy without `into` is made into one block of page-aligned memory in huge pages
+    and no page faults (its pages are mapped already). A copy without `into` is made into one block of page-aligned memory in huge pages
     (`direct_io.anonymous_memory`), which is several times faster to fill for the
     first time than memory numpy allocates page by page.
 
