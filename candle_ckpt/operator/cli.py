@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser_class=_Parser,
         metavar="{list,info,verify,rollback,prune,history,plot,export}",
     )
-    where = f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
+    tree_then_epoch = (
+        f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
+    )
 
     list_parser = commands.add_parser(
         "list", help="one row per epoch: size, time, metric, checksum, last/best marks"
@@ -164,12 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     info_parser = commands.add_parser("info", help="the ckpt-info.json of an epoch, validated")
-    info_parser.add_argument("where", nargs="*", metavar="ARG", help=where + " (default last)")
+    info_parser.add_argument(
+        "where", nargs="*", metavar="ARG", help=tree_then_epoch + " (default last)"
+    )
 
     verify_parser = commands.add_parser(
         "verify", help="recompute the CRC32 of every file an epoch lists"
     )
-    verify_parser.add_argument("where", nargs="*", metavar="ARG", help=where + " (default last)")
+    verify_parser.add_argument(
+        "where", nargs="*", metavar="ARG", help=tree_then_epoch + " (default last)"
+    )
     verify_parser.add_argument("--all", action="store_true", help="verify every epoch")
 
     rollback_parser = commands.add_parser(
@@ -242,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify EPOCH, then write its weights for plain Keras "
         "(load_weights) or PyTorch (load_state_dict), with PATH.sha256",
     )
-    export_parser.add_argument("where", nargs="*", metavar="ARG", help=where + " (default last)")
+    export_parser.add_argument(
+        "where", nargs="*", metavar="ARG", help=tree_then_epoch + " (default last)"
+    )
     export_parser.add_argument(
         "--to",
         required=True,
