@@ -20,6 +20,8 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from itertools import chain
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 from .durable import append_line
@@ -194,17 +196,14 @@ class History(NamedTuple):
     def live(self) -> list[EpochRecord]:
         """The epochs of the live timeline up to `last`, in epoch order, each once."""
         return sorted(
-            (e for e in self.epochs if not e.abandoned and not e.after_last), key=lambda e: e.epoch
+            (e for e in self.epochs if not e.abandoned and not e.after_last),
+            key=attrgetter("epoch"),
         )
 
     @property
     def metric_names(self) -> list[str]:
         """Every metric any epoch recorded, in the order they first appear."""
-        names: dict[str, None] = {}
-        for record in self.epochs:
-            for name in record.metrics:
-                names.setdefault(name, None)
-        return list(names)
+        return list(dict.fromkeys(chain.from_iterable(record.metrics for record in self.epochs)))
 
 
 def history_path(ckpts: str) -> str:
@@ -258,7 +257,8 @@ def _parse_lines(path: str, data: bytes, warnings: list[str]) -> list[Any]:
         # One parse of the whole file, its lines as the elements of one JSON array, is
         # several times faster than one per line. It stands only if it found as many
         # values as there are lines, so that no damaged line was read with its neighbour.
-        records: list[Any] = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
+        # (joined, not added: each + would copy the whole file once more)
+        records: list[Any] = json.loads(b"".join((b"[", body.replace(b"\n", b","), b"]")))
         if len(records) == body.count(b"\n") + 1:
             return records
     except (ValueError, RecursionError):

@@ -155,7 +155,7 @@ def read_index(ckpts: str, epochs_on_disk: int) -> dict[int, list[Any]]:
     try:
         # One parse of every line as the elements of one array (as history.py does);
         # it stands only if it found one value per line.
-        lines = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
+        lines = json.loads(b"".join((b"[", body.replace(b"\n", b","), b"]")))
         if len(lines) != body.count(b"\n") + 1:
             raise ValueError("a line holds more than one value")
     except (ValueError, RecursionError):

@@ -479,11 +479,11 @@ def _aligned(columns: list[list[str]], right: Collection[int] = ()) -> list[str]
     """Columns of cells (each a list, header first) as text lines; the columns in
     `right` are right-aligned."""
     widths = [max(map(len, column)) for column in columns]
-    # One format string for every row, applied column-wise: `history` aligns 100 000 rows.
+    # One %-format for every row, applied row by row in C: `history` aligns 100 000 rows.
     row = "  ".join(
-        ("{:>%d}" if index in right else "{:<%d}") % width for index, width in enumerate(widths)
+        ("%%%ds" if index in right else "%%-%ds") % width for index, width in enumerate(widths)
     )
-    return list(map(str.rstrip, map(row.format, *columns)))
+    return list(map(str.rstrip, map(row.__mod__, zip(*columns))))
 
 
 # -- commands ---------------------------------------------------------------------
