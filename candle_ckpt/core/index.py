@@ -10,16 +10,15 @@ directory is summarised from its ckpt-info.json as before. The file is a cache, 
 the truth (docs/FORMAT.md, "The list index"): a missing, stale, torn or damaged index
 only makes `list` slower.
 
-Why the inode is a sufficient identity for the directories the library puts in
-`epochs/`: the line is appended (and fsynced) before `work/` is renamed to
-`epochs/NNN`, and the rename keeps the inode. Every directory that appears as
-`epochs/NNN` by a save therefore has its line, naming its inode, as the last line for
-NNN at that instant. A later line for NNN is a later save's, whose `work/` was created
-while this directory still existed, so it names another inode; an older line naming
-the same inode number (a number the file system freed and gave out again) is never
-the last one. A directory that a person puts into `epochs/` by other means (copying
-one back from a backup) may reuse the number of one deleted earlier: docs/FORMAT.md
-says what to do then.
+Why the inode identifies a directory the library put in `epochs/`: its line is
+appended (and fsynced) before `work/` is renamed to `epochs/NNN`, and the rename keeps
+the inode. While the directory exists, no other directory has its inode number, so no
+later line names that number: its own line stays the last one naming it. An older line
+naming the same number (one the file system freed and gave out again) comes before it.
+A reader also checks that the line's epoch is the directory's, which a directory renamed
+by hand fails. A directory that a person puts into `epochs/` by other means (copying
+one back from a backup) may reuse the number of one the index describes:
+docs/FORMAT.md says what to do then.
 """
 
 from __future__ import annotations
@@ -32,12 +31,12 @@ from typing import Any, cast
 from .info import finite_or_none, is_legacy, recorded_files
 
 INDEX_FILE = "index.jsonl"
-# A line is about 200 bytes. An index much larger than the epochs it can describe
+# A line is about 170 bytes with three metrics. An index much larger than the epochs it can describe
 # holds mostly the lines of epochs a keep policy deleted: reading it would cost more
 # than reading the heads of the few epochs there are, so readers ignore it.
 MAX_INDEX_BYTES_PER_EPOCH = 2048
-# The fields of a line, in order (docs/FORMAT.md): a JSON array, which parses in about
-# half the time of an object with the same values.
+# The fields of a line, in order (docs/FORMAT.md): a JSON array, so that no key is parsed
+# with each value, as it would be in an object.
 FIELDS = (
     "epoch",
     "inode",
@@ -176,7 +175,7 @@ def _well_formed(line: Any) -> bool:
     beyond those a survey makes of a ckpt-info.json head)."""
     return (
         type(line) is list
-        and len(line) == 9
+        and len(line) == len(FIELDS)
         and type(line[0]) is int
         and line[0] >= 1
         and type(line[1]) is int
