@@ -5,10 +5,12 @@
 Builds, in a temporary directory, the tree a run of N epochs leaves with the default
 keep policy (every epoch kept): tiny model files, each ckpt-info.json exactly as the
 library writes it (format 2: its size does not depend on N), and the history file with
-the lines the run appends (a start line, then an epoch and a saved line per epoch).
+the lines the run appends (a start line, then an epoch and a saved line per epoch), and
+the list index (ckpts/index.jsonl, a line per saved epoch).
 For each N it prints:
 
-- the bytes of ckpt-info.json in the tree (target <= 20 MB at 10 000 epochs), and what
+- the bytes of ckpt-info.json in the tree, and of it plus the index (target <= 20 MB
+  at 10 000 epochs), and what
   format 1 held for the same tree, computed from its per-file size (each file listed
   every epoch so far in `epochs_saved`);
 - `candle-ckpt list DIR` and `candle-ckpt history DIR` as subprocesses (what an
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from candle_ckpt.core.checkpointer import Checkpointer  # noqa: E402
 from candle_ckpt.core.history import HISTORY_FILE, history_line, utc_time  # noqa: E402
+from candle_ckpt.core.index import index_line, index_path  # noqa: E402
 from candle_ckpt.core.info import TIMESTAMP_FORMAT, info_file_bytes, read_info  # noqa: E402
 from candle_ckpt.core.layout import INFO_FILE, CheckpointLayout  # noqa: E402
 from candle_ckpt.core.policies import BestMetric  # noqa: E402
@@ -82,6 +85,7 @@ def build_tree(root, epochs):
         "lineage_id": template["lineage_id"],
     }
     lines = [history_line({"kind": "start", **run, "resumed_from": None})]
+    infos = []
     for epoch in range(1, epochs + 1):
         # A loss that falls and plateaus with noise, so `best` lags behind `last`.
         loss = 1.0 / epoch**0.5 + 0.05 * ((epoch * 7919) % 13) / 13
@@ -100,6 +104,7 @@ def build_tree(root, epochs):
         write_payload(directory)
         with open(os.path.join(directory, INFO_FILE), "wb") as stream:
             stream.write(info_file_bytes(info))
+        infos.append(info)
         lines.append(
             history_line(
                 {
@@ -125,6 +130,17 @@ def build_tree(root, epochs):
         )
     with open(os.path.join(layout.ckpts, HISTORY_FILE), "wb") as stream:
         stream.write(b"".join(lines))
+    # The list index as the saves append it, one line per epoch naming its directory's
+    # inode (one scandir here, not one per epoch as each save's own)
+    with os.scandir(layout.epochs) as entries:
+        inodes = {entry.name: entry.inode() for entry in entries}
+    with open(index_path(layout.ckpts), "wb") as stream:
+        stream.write(
+            b"".join(
+                index_line(info, inodes[os.path.basename(layout.epoch_dir(info["epoch"]))])
+                for info in infos
+            )
+        )
     point_link(layout, "best", best.epoch)
     point_link(layout, "last", epochs)
     return layout
@@ -151,7 +167,7 @@ def _command(*args):
     )
 
 
-def measure(top, epochs, repeat):
+def measure(top, epochs, repeat, bytecode):
     started = time.perf_counter()
     layout = build_tree(os.path.join(top, f"save{epochs}"), epochs)
     sizes = [
@@ -164,9 +180,17 @@ def measure(top, epochs, repeat):
         f"tree: {epochs} epochs built in {time.perf_counter() - started:.1f} s; "
         f"ckpt-info.json: {sum(sizes)} bytes ({sum(sizes) / 1e6:.1f} MB, largest file "
         f"{max(sizes)} bytes); format 1 would hold about {format1 / 1e6:.0f} MB; "
-        f"history.jsonl {os.path.getsize(os.path.join(layout.ckpts, HISTORY_FILE))} bytes"
+        f"history.jsonl {os.path.getsize(os.path.join(layout.ckpts, HISTORY_FILE))} bytes; "
+        f"index.jsonl {os.path.getsize(index_path(layout.ckpts))} bytes (with ckpt-info.json: "
+        f"{(sum(sizes) + os.path.getsize(index_path(layout.ckpts))) / 1e6:.1f} MB)"
     )
+    # With bytecode caching, in a directory of its own: an installed candle-ckpt has its
+    # modules compiled, while PYTHONDONTWRITEBYTECODE (set in some shells and CI) would
+    # make every run compile them again (--no-bytecode measures that).
     environment = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    if bytecode:
+        environment.pop("PYTHONDONTWRITEBYTECODE", None)
+        environment["PYTHONPYCACHEPREFIX"] = os.path.join(top, "pycache")
     results = {}
     for name, command in [
         ("python -c pass", [sys.executable, "-c", "pass"]),
@@ -193,19 +217,26 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, nargs="+", default=[10000, 100000])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the trees and print where")
+    parser.add_argument(
+        "--no-bytecode",
+        action="store_true",
+        help="leave PYTHONDONTWRITEBYTECODE as it is (if set: compile every module at each run)",
+    )
     args = parser.parse_args(argv)
     top = tempfile.mkdtemp(prefix="bench_cli_list.")
     try:
         load = os.getloadavg()[0]
         for epochs in args.epochs:
-            measure(top, epochs, args.repeat)
+            measure(top, epochs, args.repeat, not args.no_bytecode)
         print(
             f"load average before: {load:.2f} on {os.cpu_count()} cores, after: "
-            f"{os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M %Z')}"
+            f"{os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M %Z')}; bytecode "
+            + ("as the environment says" if args.no_bytecode else "cached")
         )
         print(
             f"reproduce: python benchmarks/bench_cli_list.py --epochs "
             f"{' '.join(map(str, args.epochs))} --repeat {args.repeat}"
+            + (" --no-bytecode" if args.no_bytecode else "")
         )
         if args.keep:
             print(f"trees kept in {top}")

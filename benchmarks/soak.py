@@ -14,7 +14,10 @@ After every kill, without TensorFlow, `check_tree` asserts:
   when `last` exists, its epoch never goes backwards and its CRC32s verify;
 - every directory in `epochs/` is a complete epoch: valid ckpt-info.json, every file
   present with its recorded size and CRC32 (a temp directory is never an epoch);
-- nothing else in `ckpts/` but work/, trash/, the links and temporary `.NAME.tmp.*` names.
+- `candle-ckpt list` shows every epoch from the list index exactly as from its
+  ckpt-info.json;
+- nothing else in `ckpts/` but work/, trash/, the links, the lock, the history, the list
+  index and temporary `.NAME.tmp.*` names.
 The next run (a new process) must log "restarted from epoch N" with N the epoch of
 `last` (its weights and optimizer state load), or start from scratch when there is none.
 When a run finishes, `last` is the target epoch and no work/, trash entry or temporary
@@ -53,19 +56,22 @@ sys.path.insert(0, TOP)
 from candle_ckpt.core.durable import is_temporary_name  # noqa: E402
 from candle_ckpt.core.errors import CheckpointError  # noqa: E402
 from candle_ckpt.core.faults import POINTS  # noqa: E402
+from candle_ckpt.core.history import HISTORY_FILE  # noqa: E402
+from candle_ckpt.core.index import INDEX_FILE  # noqa: E402
 from candle_ckpt.core.info import read_info  # noqa: E402
 from candle_ckpt.core.layout import CheckpointLayout, parse_epoch_dirname  # noqa: E402
 from candle_ckpt.core.logs import silent_logger  # noqa: E402
 from candle_ckpt.core.params import validate_params  # noqa: E402
 from candle_ckpt.core.resume import find_checkpoint  # noqa: E402
 from candle_ckpt.core.verify import verify_files  # noqa: E402
+from candle_ckpt.operator.inventory import survey  # noqa: E402
 
 # Every fault point of candle_ckpt.core.faults, for consecutive lives of one trial: the first
 # is killed saving epoch 2 (epoch 1 is complete), each later one at its first save.
 # after_trash_rename comes after after_last, whose kill leaves no work/ to delete, so it
 # stops the keep policy's deletion.
 FAULTS = (f"{POINTS[0]}:2",) + tuple(f"{point}:1" for point in POINTS[1:])
-_KNOWN = {"epochs", "work", "trash", "last", "best", ".lock", "history.jsonl"}
+_KNOWN = {"epochs", "work", "trash", "last", "best", ".lock", HISTORY_FILE, INDEX_FILE}
 
 
 class SoakFailure(AssertionError):
@@ -114,6 +120,17 @@ def check_tree(root, previous_last):
             verify_files(directory, read_info(directory))
         except (CheckpointError, OSError) as error:
             raise SoakFailure(f"{directory} is in epochs/ but incomplete: {error}") from error
+    if os.path.isdir(layout.ckpts):
+        # `list` with the index shows what it shows without (docs/FORMAT.md)
+        with_index, without = survey(layout), survey(layout, use_index=False)
+        for cached, read in zip(with_index.epochs, without.epochs):
+            if _summary(cached) != _summary(read):
+                raise SoakFailure(
+                    f"{root}: list shows epoch {read.epoch} from ckpts/{INDEX_FILE} as "
+                    f"{_summary(cached)}; its ckpt-info.json says {_summary(read)}"
+                )
+        if len(with_index.epochs) != len(without.epochs):
+            raise SoakFailure(f"{root}: list shows other epochs with ckpts/{INDEX_FILE}")
     leftovers = set()
     for name in os.listdir(layout.ckpts) if os.path.isdir(layout.ckpts) else []:
         if is_temporary_name(name):
@@ -125,6 +142,10 @@ def check_tree(root, previous_last):
     if os.path.isdir(layout.trash) and os.listdir(layout.trash):
         leftovers.add("trash")
     return last, leftovers
+
+
+def _summary(summary):
+    return {name: getattr(summary, name) for name in summary.__slots__}
 
 
 def check_finished(root, target):

@@ -56,6 +56,16 @@ def relink(layout, name, target):
     os.symlink(target, layout.link(name))
 
 
+def drop_index_lines(layout, epochs):
+    """Remove the ckpts/index.jsonl lines of `epochs`: as if a writer without the index
+    (format 1, upstream CANDLE) had saved them."""
+    path = os.path.join(layout.ckpts, "index.jsonl")
+    with open(path) as stream:
+        kept = [line for line in stream if json.loads(line)[0] not in epochs]
+    with open(path, "w") as stream:
+        stream.writelines(kept)
+
+
 def listing(layout, *options):
     return json.loads(cli("list", layout.root, "--json", *options).stdout)
 
@@ -130,6 +140,15 @@ def test_list_shows_an_epoch_with_a_broken_info_and_goes_on(tree):
     with open(os.path.join(tree.epoch_dir(2), "ckpt-info.json"), "w") as stream:
         stream.write('{"epoch": 2, "format": ')
     os.unlink(os.path.join(tree.epoch_dir(3), "ckpt-info.json"))
+    # The index describes each directory as its save left it: damage inside one after
+    # the save is for --verify to find (docs/FORMAT.md, "The list index")...
+    rows = {row["epoch"]: row for row in listing(tree)["epochs"]}
+    assert [rows[epoch]["problem"] for epoch in (2, 3)] == [None, None]
+    verified = json.loads(cli("list", tree.root, "--json", "--verify", expect=1).stdout)
+    states = [row["checksum"] for row in verified["epochs"]]
+    assert states[1:3] == ["BAD: invalid ckpt-info.json"] * 2
+    # ...and without the index, list reads every head
+    os.unlink(os.path.join(tree.ckpts, "index.jsonl"))
     rows = {row["epoch"]: row for row in listing(tree)["epochs"]}
     assert "unreadable" in rows[2]["problem"] and "Expecting value" in rows[2]["problem"]
     assert rows[3]["problem"].startswith("no ckpt-info.json")
@@ -212,6 +231,7 @@ def test_a_tree_of_format1_then_format2_epochs_works_in_every_command(tree, tmp_
         write_info(
             tree.epoch_dir(epoch), as_format1(read_info(tree.epoch_dir(epoch)), range(1, epoch + 1))
         )
+    drop_index_lines(tree, (1, 2, 3))  # a version 1 writer wrote none
     rows = listing(tree)["epochs"]
     assert [row["format_version"] for row in rows] == [1, 1, 1, 2, 2]
     assert [row["value"] for row in rows] == [None, None, None, 0.5, 4.0]

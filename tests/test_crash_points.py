@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 from conftest import file_writer
+from test_index import rows
 
 from candle_ckpt.core.checkpointer import Checkpointer
 from candle_ckpt.core.faults import POINTS
@@ -20,6 +21,7 @@ from candle_ckpt.core.layout import CheckpointLayout
 from candle_ckpt.core.logs import silent_logger
 from candle_ckpt.core.params import validate_params
 from candle_ckpt.core.resume import find_checkpoint
+from candle_ckpt.operator.inventory import survey
 
 JOB = textwrap.dedent("""
     import os, sys
@@ -58,11 +60,14 @@ def test_kill_at_each_protocol_step_leaves_last_complete(tmp_path, point, hit):
                 "after_write",
                 "after_fsync",
                 "after_info",
+                "after_index",
                 "after_rename",
                 "between_links",
             )
             and hit == 1
         )
+    # `list` shows with the index what it shows without (tests/test_index.py)
+    assert rows(survey(layout)) == rows(survey(layout, use_index=False))
     # the next run cleans up and finishes
     checkpointer = Checkpointer(
         {

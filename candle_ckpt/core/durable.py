@@ -80,6 +80,34 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def append_line(path: str, data: bytes, *, sync: bool) -> None:
+    """Append one line (`data`, ending in a newline) to the file `path` in one `write(2)`.
+
+    The file is opened with O_APPEND for this line only, so a process that dies by an
+    exception leaves no descriptor open. A kill leaves at most this line torn (no
+    newline at its end); a line torn earlier is ended with a newline first, so that it
+    and this one are not read as one. With `sync` the line is fsynced.
+
+    Raises:
+        OSError: the file cannot be opened or written (a short write, on a full disk,
+            is ended with a newline and raised).
+    """
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT
+    descriptor = os.open(path, flags, 0o644)
+    try:
+        size = os.fstat(descriptor).st_size
+        if size and os.pread(descriptor, 1, size - 1) != b"\n":
+            os.write(descriptor, b"\n")
+        written = os.write(descriptor, data)
+        if written != len(data):
+            os.write(descriptor, b"\n")
+            raise OSError(f"'{path}': wrote {written} of {len(data)} bytes of a line (disk full?)")
+        if sync:
+            os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def temporary_name(path: str) -> str:
     """A sibling of `path` that no other writer uses: `.<name>.tmp.<unique>`.
 

@@ -8,7 +8,8 @@ variable, `fault_point` is one string comparison.
 Points, in protocol order: during_direct_write (the model file laid out and its first
 large buffer written in place, `direct_io.write_at`), after_write (model written into
 work/, not yet fsynced),
-after_fsync, after_info (ckpt-info.json written, before the rename), after_rename
+after_fsync, after_info (ckpt-info.json written), after_index (its line appended to
+ckpts/index.jsonl, before the rename), after_rename
 (epochs/NNN in place, links not yet moved), between_links (one of `last` and `best`
 moved, `protocol.repoint_links`),
 after_last (before the keep policy), after_trash_rename (an epoch being deleted is in
@@ -27,6 +28,7 @@ POINTS = (
     "after_write",
     "after_fsync",
     "after_info",
+    "after_index",
     "after_rename",
     "between_links",
     "after_last",

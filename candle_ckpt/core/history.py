@@ -20,8 +20,11 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from itertools import chain
+from operator import attrgetter
+from typing import Any, NamedTuple
+
+from .durable import append_line
 
 HISTORY_FILE = "history.jsonl"
 # A line is a few hundred bytes; a far larger file is not a history, and reading it
@@ -96,31 +99,12 @@ class HistoryWriter:
             )
 
     def _append(self, record: dict[str, Any], sync: bool) -> None:
-        # Opened for each line, never held: a run that ends by an exception (a full
-        # disk, a refused metric) leaves no descriptor open in the tree.
         data = history_line(record)
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT
         try:
-            descriptor = os.open(self.path, flags, 0o644)
+            append_line(self.path, data, sync=sync)
         except FileNotFoundError:  # no ckpts/ yet: a run that records before it saves
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            descriptor = os.open(self.path, flags, 0o644)
-        try:
-            size = os.fstat(descriptor).st_size
-            # A line torn by a kill must end before ours begins, or both are lost.
-            if size and os.pread(descriptor, 1, size - 1) != b"\n":
-                os.write(descriptor, b"\n")
-            written = os.write(descriptor, data)
-            if written != len(data):  # a full disk: end the line so the next one parses
-                os.write(descriptor, b"\n")
-                raise OSError(
-                    f"'{self.path}': wrote {written} of {len(data)} bytes of a "
-                    f"history line (disk full?)"
-                )
-            if sync:
-                os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+            append_line(self.path, data, sync=sync)
 
 
 def history_line(record: Mapping[str, Any]) -> bytes:
@@ -135,7 +119,9 @@ def _rounded(seconds: float | None) -> float | None:
 # -- reading ---------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
+# A plain class and NamedTuples, not dataclasses: see `core.info.CheckpointInfo`.
+
+
 class EpochRecord:
     """One completed epoch of one run, as the history recorded it.
 
@@ -147,19 +133,46 @@ class EpochRecord:
     `saved` is True once a `saved` line followed.
     """
 
-    epoch: int
-    run_id: str
-    time: str | None
-    metrics: dict[str, float | None]
-    train_seconds: float | None
-    saved: bool = False
-    save_seconds: float | None = None
-    abandoned: bool = False
-    after_last: bool = False
+    __slots__ = (
+        "abandoned",
+        "after_last",
+        "epoch",
+        "metrics",
+        "run_id",
+        "save_seconds",
+        "saved",
+        "time",
+        "train_seconds",
+    )
+
+    def __init__(
+        self,
+        epoch: int,
+        run_id: str,
+        time: str | None,
+        metrics: dict[str, float | None],
+        train_seconds: float | None,
+        saved: bool = False,
+        save_seconds: float | None = None,
+        abandoned: bool = False,
+        after_last: bool = False,
+    ) -> None:
+        self.epoch = epoch
+        self.run_id = run_id
+        self.time = time
+        self.metrics = metrics
+        self.train_seconds = train_seconds
+        self.saved = saved
+        self.save_seconds = save_seconds
+        self.abandoned = abandoned
+        self.after_last = after_last
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"EpochRecord({fields})"
 
 
-@dataclass(frozen=True)
-class RunStart:
+class RunStart(NamedTuple):
     """A `start` line: which run, when, and the epoch it resumed after (None: scratch)."""
 
     run_id: str
@@ -168,32 +181,29 @@ class RunStart:
     resumed_from: int | None
 
 
-@dataclass(frozen=True)
-class History:
-    """What `read_history` found: epochs in file order, runs, warnings about damage."""
+class History(NamedTuple):
+    """What `read_history` found: epochs in file order, runs, warnings about damage,
+    and `rewinds`: the epochs runs resumed from that abandoned recorded epochs, in file
+    order."""
 
     path: str
     epochs: list[EpochRecord]
     runs: list[RunStart]
-    warnings: list[str] = field(default_factory=list)
-    rewinds: list[int] = field(default_factory=list)
-    """The epochs runs resumed from that abandoned recorded epochs, in file order."""
+    warnings: list[str]
+    rewinds: list[int]
 
     @property
     def live(self) -> list[EpochRecord]:
         """The epochs of the live timeline up to `last`, in epoch order, each once."""
         return sorted(
-            (e for e in self.epochs if not e.abandoned and not e.after_last), key=lambda e: e.epoch
+            (e for e in self.epochs if not e.abandoned and not e.after_last),
+            key=attrgetter("epoch"),
         )
 
     @property
     def metric_names(self) -> list[str]:
         """Every metric any epoch recorded, in the order they first appear."""
-        names: dict[str, None] = {}
-        for record in self.epochs:
-            for name in record.metrics:
-                names.setdefault(name, None)
-        return list(names)
+        return list(dict.fromkeys(chain.from_iterable(record.metrics for record in self.epochs)))
 
 
 def history_path(ckpts: str) -> str:
@@ -218,7 +228,7 @@ def read_history(ckpts: str, last: int | None = None) -> History:
         with open(path, "rb") as stream:
             data = stream.read(MAX_HISTORY_BYTES + 1)
     except FileNotFoundError:
-        return History(path, [], [])
+        return History(path, [], [], [], [])
     warnings: list[str] = []
     if len(data) > MAX_HISTORY_BYTES:
         warnings.append(
@@ -247,7 +257,8 @@ def _parse_lines(path: str, data: bytes, warnings: list[str]) -> list[Any]:
         # One parse of the whole file, its lines as the elements of one JSON array, is
         # several times faster than one per line. It stands only if it found as many
         # values as there are lines, so that no damaged line was read with its neighbour.
-        records: list[Any] = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
+        # (joined, not added: each + would copy the whole file once more)
+        records: list[Any] = json.loads(b"".join((b"[", body.replace(b"\n", b","), b"]")))
         if len(records) == body.count(b"\n") + 1:
             return records
     except (ValueError, RecursionError):

@@ -20,8 +20,7 @@ import os
 import stat
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from .errors import CheckpointFormatError
 from .layout import INFO_FILE
@@ -95,9 +94,12 @@ def numeric_metrics(logs: Mapping[Any, Any] | None) -> dict[str, float | None]:
     return metrics
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
+class CheckpointInfo(NamedTuple):
     """One checkpoint's ckpt-info.json, of any version, normalised (`checkpoint_info`).
+
+    A NamedTuple, immutable, rather than a dataclass: importing `dataclasses` (it
+    brings `inspect`) is a sizeable share of a `candle-ckpt list` run, which imports
+    this module.
 
     `format_version` is None for a file upstream CANDLE wrote. Keys a version does not
     have are None: `epochs_saved` exists only in version 1; `metrics`, the timings and

@@ -1,13 +1,14 @@
 """The crash-consistent save protocol of one epoch (docs/FORMAT.md, "The save protocol").
 
-`save_epoch` runs steps 2-6 with a caller-supplied function that writes the model's
-files into a directory; the caller (`Checkpointer`) then repoints the links with
-`point_link`, `best` before `last`; `discard_epochs` is step 8's deletion. Whatever is deleted is
-only renamed into `ckpts/trash/` here; a `background.TrashCollector` removes it off the
-training thread. A process killed at any
-instant leaves `last` pointing at a complete, verifiable epoch (or absent if none was
-ever completed): the files are fsynced and checksummed in `work/` before `work/` is
-renamed to `epochs/NNN`, and links are repointed only after that rename is durable.
+`save_epoch` runs steps 2-6 (the list index line between 4 and 5) with a
+caller-supplied function that writes the model's files into a directory; the caller
+(`Checkpointer`) then repoints the links with `point_link`, `best` before `last`;
+`discard_epochs` is step 8's deletion. Whatever is deleted is only renamed into
+`ckpts/trash/` here; a `background.TrashCollector` removes it off the training thread.
+A process killed at any instant leaves `last` pointing at a complete, verifiable epoch
+(or absent if none was ever completed): the files are fsynced and checksummed in
+`work/` before `work/` is renamed to `epochs/NNN`, and links are repointed only after
+that rename is durable.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .background import SharedThread
 from .checksum import crc32_file
 from .errors import LinkError
 from .faults import fault_point
+from .index import append_index, directory_inode
 from .info import write_info
 from .layout import CheckpointLayout
 from .logs import LibraryLogger
@@ -130,6 +132,9 @@ def save_epoch(
         info = build_info(written)
         write_info(layout.work, info)
         fault_point("after_info")
+        # Before the rename, which keeps the inode: see core/index.py for why.
+        append_index(layout.ckpts, info, directory_inode(layout.ckpts, "work"))
+        fault_point("after_index")
         destination = layout.epoch_dir(epoch)
         if os.path.lexists(destination):
             durable.move_to_trash(destination, layout.trash)

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, cast
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 from ..core.errors import CheckpointError, LinkError, NoCheckpointError
-from ..core.info import MAX_INFO_BYTES, finite_or_none, is_legacy, recorded_files
+from ..core.index import read_index, size_and_checksummed
+from ..core.info import MAX_INFO_BYTES, finite_or_none, is_legacy
 from ..core.layout import (
     DEFAULT_CKPT_DIRECTORY,
     INFO_FILE,
     LINK_NAMES,
     CheckpointLayout,
     epoch_dirname,
+    parse_epoch_dirname,
 )
 from .json_head import HeadReader
 
@@ -51,6 +53,8 @@ SUMMARY_KEYS = (
 STOP_KEYS = ("run_id", "epochs_saved")  # format 2's first: the files a run writes
 _HEAD_READER = HeadReader(SUMMARY_KEYS, STOP_KEYS, MAX_INFO_BYTES)
 _SEP_INFO_FILE = os.sep + INFO_FILE
+# The checksum column of a summary, by whether any file has a recorded CRC32.
+_CHECKSUM_STATES = {True: "not verified", False: "off"}
 
 
 def open_tree(directory: str) -> CheckpointLayout:
@@ -83,8 +87,10 @@ def require_epoch_dir(layout: CheckpointLayout, epoch: int) -> None:
         )
 
 
-@dataclass(frozen=True)
-class LinkState:
+# NamedTuples and a plain class, not dataclasses: see `core.info.CheckpointInfo`.
+
+
+class LinkState(NamedTuple):
     """Where a `last`/`best` link points.
 
     `target` is what the link stores (None when absent or not a link), `epoch` the
@@ -121,7 +127,6 @@ def link_state(layout: CheckpointLayout, name: str) -> LinkState:
     return LinkState(name, target, epoch, None)
 
 
-@dataclass(slots=True)  # not frozen: a survey makes 10 000 and frozen ones cost 3x
 class EpochSummary:
     """One epoch directory as `candle-ckpt list` shows it.
 
@@ -134,17 +139,49 @@ class EpochSummary:
     are then None.
     """
 
-    epoch: int
-    directory: str
-    timestamp: str | None = None
-    metric: str | None = None
-    best_value: float | None = None
-    size: int | None = None
-    checksum: str | None = None
-    legacy: bool | None = None
-    problem: str | None = None
-    metrics: dict[str, Any] | None = None
-    format_version: int | None = None
+    __slots__ = (
+        "best_value",
+        "checksum",
+        "directory",
+        "epoch",
+        "format_version",
+        "legacy",
+        "metric",
+        "metrics",
+        "problem",
+        "size",
+        "timestamp",
+    )
+
+    def __init__(
+        self,
+        epoch: int,
+        directory: str,
+        timestamp: str | None = None,
+        metric: str | None = None,
+        best_value: float | None = None,
+        size: int | None = None,
+        checksum: str | None = None,
+        legacy: bool | None = None,
+        problem: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        format_version: int | None = None,
+    ) -> None:
+        self.epoch = epoch
+        self.directory = directory
+        self.timestamp = timestamp
+        self.metric = metric
+        self.best_value = best_value
+        self.size = size
+        self.checksum = checksum
+        self.legacy = legacy
+        self.problem = problem
+        self.metrics = metrics
+        self.format_version = format_version
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"EpochSummary({fields})"
 
 
 def summarise_epoch(layout: CheckpointLayout, epoch: int) -> EpochSummary:
@@ -170,12 +207,10 @@ def _summarise(epoch: int, directory: str) -> EpochSummary:
             )
         # The head's keys directly, not `checkpoint_info`: building the full record
         # costs as much again as reading the file, 10 000 or 100 000 times a list.
-        files = recorded_files(head).values()
         legacy = is_legacy(head)
-        # every size is an int in a valid file; a None raises the TypeError below
-        size = (
-            _bytes_in(directory) if legacy else sum([cast(int, recorded) for recorded, _ in files])
-        )
+        size, checksummed = size_and_checksummed(head)
+        if size is None:  # upstream CANDLE records no sizes
+            size = _bytes_in(directory)
         metrics = head.get("metrics")
         return EpochSummary(
             epoch,
@@ -184,7 +219,7 @@ def _summarise(epoch: int, directory: str) -> EpochSummary:
             head["save_best_metric"],
             finite_or_none(head["best_metric_last"]),
             size,
-            "off" if all([crc is None for _, crc in files]) else "not verified",
+            _CHECKSUM_STATES[checksummed],
             legacy,
             None,
             metrics if type(metrics) is dict else None,
@@ -209,8 +244,7 @@ def _bytes_in(directory: str) -> int:
         )
 
 
-@dataclass(frozen=True)
-class TreeSurvey:
+class TreeSurvey(NamedTuple):
     """Everything `survey` found in one tree."""
 
     layout: CheckpointLayout
@@ -226,20 +260,64 @@ class TreeSurvey:
         return [] if last is None else [s.epoch for s in self.epochs if s.epoch > last]
 
 
-def survey(layout: CheckpointLayout) -> TreeSurvey:
-    """Survey the tree of `layout` (see the module docstring); reads no model file."""
+def survey(layout: CheckpointLayout, use_index: bool = True) -> TreeSurvey:
+    """Survey the tree of `layout` (see the module docstring); reads no model file.
+
+    With `use_index`, an epoch directory that `ckpts/index.jsonl` describes (its line
+    names the directory's inode) is summarised from that line, and only the others
+    from their ckpt-info.json (core/index.py); without, every one from its file.
+    """
     try:
         trash = sorted(os.listdir(layout.trash))
     except FileNotFoundError:
         trash = []
-    prefix = layout.epochs + os.sep  # the directory of an epoch, as `epoch_dir` makes it
     return TreeSurvey(
         layout,
-        [_summarise(epoch, prefix + epoch_dirname(epoch)) for epoch in layout.list_epochs()],
+        _summaries(layout, use_index),
         {name: link_state(layout, name) for name in LINK_NAMES},
         os.path.lexists(layout.work),
         trash,
     )
+
+
+def _summaries(layout: CheckpointLayout, use_index: bool) -> list[EpochSummary]:
+    """The `EpochSummary` of every epoch directory, in numeric order."""
+    try:
+        with os.scandir(layout.epochs) as entries:
+            # the inode comes with the entry (readdir's d_ino): no stat per epoch
+            found = [(entry.name, entry.inode()) for entry in entries]
+    except FileNotFoundError:
+        return []
+    index = read_index(layout.ckpts, len(found)) if use_index else {}
+    prefix = layout.epochs + os.sep  # the directory of an epoch, as `epoch_dir` makes it
+    summaries: list[EpochSummary] = []
+    append = summaries.append
+    for name, inode in found:
+        line = index.get(inode)
+        # the line's epoch must be the directory's (a renamed directory keeps its inode)
+        if line is not None and epoch_dirname(line[0]) == name:
+            _, _, timestamp, metric, best, size, checksummed, metrics, version = line
+            append(
+                EpochSummary(
+                    line[0],
+                    prefix + name,
+                    timestamp,
+                    metric,
+                    best,
+                    size,
+                    _CHECKSUM_STATES[checksummed],
+                    False,
+                    None,
+                    metrics,
+                    version,
+                )
+            )
+        else:
+            epoch = parse_epoch_dirname(name)
+            if epoch is not None:
+                append(_summarise(epoch, prefix + name))
+    summaries.sort(key=attrgetter("epoch"))
+    return summaries
 
 
 def describe_epochs(epochs: Iterable[int]) -> str:
