@@ -135,7 +135,8 @@ def write_at(
     to its last whole ALIGNMENT block: from its own memory where that is aligned too (a
     snapshot carved out of `anonymous_memory`), else through an aligned bounce buffer.
     The rest (a region's tail, a region at an unaligned offset, every region on a file
-    system that refuses O_DIRECT, such as tmpfs) goes through the page cache.
+    system that refuses O_DIRECT, such as tmpfs before Linux 6.6) goes through the page
+    cache.
 
     The CRC32 is computed in the CRC thread while the writes go on, from the memory each
     region is written from and from the bytes between the regions read back from the
@@ -193,7 +194,7 @@ def _open_direct(path: str) -> int | None:
     try:
         return os.open(path, os.O_WRONLY | os.O_DIRECT)
     except OSError as error:
-        if error.errno == errno.EINVAL:  # tmpfs, and other file systems without O_DIRECT
+        if error.errno == errno.EINVAL:  # file systems without O_DIRECT (tmpfs before 6.6)
             return None
         raise OSError(error.errno, error.strerror, path) from error
 
