@@ -13,8 +13,10 @@ baselines measured in the same run:
 - restart: `ckpt.restart()` into a fresh model and optimizer (ckpt-info validation,
   the CRC32 of every byte, every entry checked before the first value changes) ÷
   `torch.load(weights_only=True)` + `load_state_dict` of model and optimizer (target
-  <= 1.0). Both files were just written, so both are read from the page cache (warm),
-  as on a restart right after a save;
+  <= 1.0). Warm: as the files were just written, a restart right after a save (the
+  torch file is then in the page cache, ours only partly: O_DIRECT bypasses it). Cold:
+  both files evicted from the page cache first (`posix_fadvise(DONTNEED)`, untimed),
+  as on a restart in a new job or on another node;
 - the CPU time a synchronous save uses (every thread, mostly the kernel copying into
   the page cache) over its wall time: when training keeps every core busy, an async
   save still takes that CPU from it, so (async - none) / (sync - none) cannot go below
@@ -54,6 +56,17 @@ def cpu_seconds():
     page-cache writes count as system time of the thread that writes)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def evict(directory):
+    """Drop every file under `directory` from the page cache (they are all clean: fsynced)."""
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def build(megabytes, seed=0):
@@ -148,6 +161,13 @@ def measure(size, repetitions, directory):
     restarts = interleave(
         repetitions, warmup=1, candle_ckpt=candle_restart, torch_load=torch_restart
     )
+    for _ in range(repetitions):
+        for name, function, where in (
+            ("candle_ckpt_cold", candle_restart, root),
+            ("torch_load_cold", torch_restart, baseline_dir),
+        ):
+            evict(where)
+            restarts.setdefault(name, []).append(timed(function))
     if not torch.equal(fresh_model.weight, model.weight):
         raise RuntimeError("the restarted weights differ from the saved ones")
     shutil.rmtree(root)
@@ -155,13 +175,14 @@ def measure(size, repetitions, directory):
     return state_bytes(model, optimizer), saves, restarts
 
 
-def training(size, rounds, epochs, epoch_seconds, directory):
+def training(size, rounds, epochs, epoch_seconds, directory, steps=None):
     """Train `epochs` epochs of real steps three ways, interleaved run by run: without
     checkpointing, saving every epoch synchronously, and with `ckpt_async`.
 
     Returns ({mode: [epoch seconds]}, {"sync", "async_first", "async_later": [stall
-    seconds]}, steps per epoch). An epoch is as many steps as take about
-    `epoch_seconds` here without checkpointing; its time includes `ckpt_epoch`. Each run
+    seconds]}, steps per epoch). An epoch is `steps` steps, or as many as take about
+    `epoch_seconds` here without checkpointing (calibrated on one step: give `steps` to
+    compare two runs on a busy machine); its time includes `ckpt_epoch`. Each run
     calls `restart()` first, as a CANDLE loop does (so `ckpt_async` allocates its
     snapshot there, before the first step); its first epoch is left out of the epoch
     times (allocator warm-up) but its save is the "first" stall.
@@ -177,7 +198,7 @@ def training(size, rounds, epochs, epoch_seconds, directory):
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    steps = max(1, round(epoch_seconds / timed(step)))
+    steps = steps or max(1, round(epoch_seconds / timed(step)))
     epoch_times = {"none": [], "sync": [], "async": []}
     stalls = {"sync": [], "async_first": [], "async_later": []}
     for round_ in range(rounds):
@@ -226,6 +247,9 @@ def main():
         "(default: 2 s at 100MB, 8 s at 1GB: longer than a save)",
     )
     parser.add_argument(
+        "--steps", type=int, default=None, help="steps per epoch (default: calibrated)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="100MB, 3 repetitions, 1 round of 4 epochs"
     )
     args = parser.parse_args()
@@ -238,12 +262,9 @@ def main():
             nbytes, saves, restarts = measure(size, args.repetitions, directory)
             epoch_seconds = args.epoch_seconds or EPOCH_SECONDS.get(size, 2.0)
             epoch_times, stalls, steps = training(
-                size, args.rounds, args.epochs, epoch_seconds, directory
+                size, args.rounds, args.epochs, epoch_seconds, directory, args.steps
             )
-            print(
-                f"{size} model, {nbytes / 1e6:.0f} MB state (page cache warm for reads); "
-                f"training: {steps} steps per epoch"
-            )
+            print(f"{size} model, {nbytes / 1e6:.0f} MB state; training: {steps} steps per epoch")
             for label, times in (
                 ("save", saves),
                 ("restart", restarts),
@@ -275,6 +296,14 @@ def main():
                     "restart candle_ckpt / torch.load+load_state_dict (<= 1.0)",
                     restarts["candle_ckpt"],
                     restarts["torch_load"],
+                )
+            )
+            print(
+                "  "
+                + ratio_line(
+                    "restart cold, both files evicted first (<= 1.0)",
+                    restarts["candle_ckpt_cold"],
+                    restarts["torch_load_cold"],
                 )
             )
             print(

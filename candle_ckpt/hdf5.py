@@ -17,16 +17,15 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .core.direct_io import PrivateMemory
+from .core.direct_io import ALIGNMENT, PrivateMemory
 from .core.errors import CheckpointFormatError
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 """The first bytes of an HDF5 file (with no user block)."""
 
-# Arrays from this size on are laid out by h5py, page-aligned, and written by pwrite
-# (`create_file`, `create_array`).
+# Arrays from this size on are laid out by h5py on an ALIGNMENT boundary and written by
+# `direct_io.write_at` (`create_file`, `create_array`), with O_DIRECT where it can.
 DIRECT_MIN_BYTES = 64 << 10
-ALIGNMENT = 4096
 
 
 def raised_by_h5py(error: BaseException) -> bool:
@@ -52,8 +51,9 @@ def as_oserror(error: BaseException, path: str | os.PathLike[str]) -> OSError:
 
 def create_file(path: str) -> h5py.File:
     """A new HDF5 file at `path` (truncated) whose datasets of DIRECT_MIN_BYTES or more
-    start on an ALIGNMENT boundary: page-aligned in memory once the file is read into
-    page-aligned memory, so they can be used in place."""
+    start on an ALIGNMENT boundary: `direct_io.write_at` can write them with O_DIRECT, and
+    they are page-aligned in memory once the file is read into page-aligned memory, so
+    they can be used in place."""
     return h5py.File(path, "w", alignment_threshold=DIRECT_MIN_BYTES, alignment_interval=ALIGNMENT)
 
 

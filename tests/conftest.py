@@ -45,6 +45,28 @@ def direct_writer(payload=b"weights", name="model.h5"):
     return write_files
 
 
+@pytest.fixture
+def o_direct():
+    """o_direct(directory): whether files there can be opened with O_DIRECT (tmpfs before
+    Linux 6.6 and some others refuse it: `direct_io.write_at` then writes through the
+    page cache)."""
+
+    def works(directory):
+        if not hasattr(os, "O_DIRECT"):
+            return False
+        probe = os.path.join(directory, ".o_direct_probe")
+        open(probe, "wb").close()
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+            return True
+        except OSError:
+            return False
+        finally:
+            os.unlink(probe)
+
+    return works
+
+
 FORMAT2_ONLY_KEYS = (
     "metrics",
     "train_seconds",

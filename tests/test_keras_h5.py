@@ -429,3 +429,56 @@ def test_long_name_lists_are_split_as_keras_splits_them(tmp_path):
         assert "weight_names" not in f.attrs and "weight_names1" in f.attrs
         assert keras_h5._read_names(f, "weight_names") == names
         assert load_attributes_from_hdf5_group(f, "weight_names") == names
+
+
+class _EmptyWeight(layers.Layer):
+    """A layer holding a zero-size weight next to a normal one."""
+
+    def build(self, input_shape):
+        self.nothing = self.add_weight(
+            shape=(0, 3), initializer="zeros", name="nothing", trainable=False
+        )
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="scale")
+
+    def call(self, inputs):
+        return inputs * self.scale
+
+
+def odd_sized_model():
+    """A kernel whose bytes end mid-block (37 x 1001 float32: 148148 bytes), a zero-size
+    weight, many small layers below the alignment threshold, Adam's slots for all."""
+    x = inputs = keras.Input((37,))
+    x = _EmptyWeight()(layers.Dense(1001)(x))
+    for _ in range(40):
+        x = layers.Dense(3)(x)
+    model = keras.Model(inputs, x)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mean_squared_error")
+    rows = np.random.default_rng(1).normal(size=(8, 37)).astype("float32")
+    model.train_on_batch(rows, np.zeros((8, 3), "float32"))
+    return model
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_the_crc_from_memory_is_the_files(tmp_path, copy, o_direct):
+    """The CRC32 `write` computes from memory and the layout read back equals zlib's over
+    the file's bytes, for a snapshot (O_DIRECT from its own memory) and for views of the
+    variables (through the bounce buffer)."""
+    import zlib
+
+    model = odd_sized_model()
+    snap = keras_h5.snapshot(model, copy=copy)
+    large = [a for a in all_arrays(snap) if a.nbytes >= 64 << 10]
+    assert len(large) == 3  # the kernel and its two Adam slots
+    if copy:
+        assert all(a.ctypes.data % 4096 == 0 for a in large)
+    path = str(tmp_path / keras_h5.MODEL_FILE)
+    written = keras_h5.write(snap, path)
+    with open(path, "rb") as stream:
+        contents = stream.read()
+    assert written.crc32 == zlib.crc32(contents)
+    assert written.nbytes == sum(a.nbytes for a in large)
+    blocks = sum(a.nbytes - a.nbytes % 4096 for a in large)
+    assert written.direct_bytes == (blocks if o_direct(tmp_path) else 0)
+    fresh = odd_sized_model()
+    keras_h5.restore(fresh, path)
+    assert_bit_equal(state(fresh), state(model))

@@ -262,3 +262,33 @@ def test_a_format1_run_continues_in_format2_with_its_keep_policy(make_checkpoint
     assert again.run_epochs == [1, 3, 4, 5, 6]
     run(again, [1.0], start=7)
     assert layout.list_epochs() == [2, 6, 7]  # epoch 2 was never this lineage's
+
+
+def test_a_crc_the_writer_computed_is_recorded_and_only_other_files_are_read_back(
+    make_checkpointer, ckpt_dir, monkeypatch
+):
+    """A writer that returns a `ModelFile` with the model file's CRC32 (computed from
+    memory as it wrote) spares reading it back; any other file is still read back."""
+    import zlib
+
+    from candle_ckpt.core import protocol
+
+    read_back = []
+    real = protocol.crc32_file
+    monkeypatch.setattr(
+        protocol, "crc32_file", lambda path: read_back.append(os.path.basename(path)) or real(path)
+    )
+
+    def write_files(directory):
+        for name, payload in (("model.h5", b"weights"), ("extra.bin", b"more")):
+            with open(os.path.join(directory, name), "wb") as stream:
+                stream.write(payload)
+        return protocol.ModelFile("model.h5", zlib.crc32(b"weights"))
+
+    make_checkpointer(epochs=1).epoch_end(1, {"loss": 1.0}, write_files)
+    layout = CheckpointLayout(ckpt_dir)
+    info = read_info(layout.epoch_dir(1))
+    assert read_back == ["extra.bin"]
+    assert info["checksum"] == info["files"]["model.h5"]["crc32"] == str(zlib.crc32(b"weights"))
+    assert info["files"]["extra.bin"]["crc32"] == str(zlib.crc32(b"more"))
+    assert all(check.problem is None for check in check_files(layout.epoch_dir(1), info))

@@ -295,3 +295,67 @@ def test_set_model_takes_upstreams_net_key_and_refuses_other_values(tmp_path):
         candle_ckpt.CandleCkptPyTorch(
             {"ckpt_directory": str(tmp_path), "epochs": 1}, verbose=False
         ).restart()
+
+
+class _Holder:
+    """A registered object whose state dict is any value."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, value):
+        self.value = value
+
+
+def odd_sized_objects():
+    """Large tensors whose bytes end mid-block, one with no numpy dtype, empty ones, many
+    small ones below the alignment threshold, and a module with an optimizer."""
+    generator = torch.Generator().manual_seed(7)
+    values = {
+        "tail": torch.randn(70001, generator=generator),  # 280004 bytes: a 1220-byte tail
+        "bf16": torch.randn(3, 40001, generator=generator).to(torch.bfloat16),
+        "empty": torch.zeros(0, 4096),
+        "empty_array": np.zeros((5, 0), np.float64),
+        "array": np.arange(50001, dtype=np.int16),
+        "small": [torch.full((k,), float(k)) for k in range(1, 300)],
+    }
+    objects = trained()
+    objects["holder"] = _Holder(values)
+    return objects
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_the_crc_from_memory_is_the_files(tmp_path, copy, o_direct):
+    """The CRC32 `write` computes from memory and the layout read back equals zlib's over
+    the file's bytes, for a snapshot (O_DIRECT from its own memory) and for views of the
+    live tensors (through the bounce buffer): odd sizes, empty and many small tensors."""
+    import zlib
+
+    objects = odd_sized_objects()
+    snap = state.snapshot(objects, copy=copy)
+    large = [a for a in snap.arrays if a.nbytes >= 64 << 10]
+    assert len(large) == 3
+    if copy:  # carved out of one block, each on a page boundary
+        assert all(a.ctypes.data % 4096 == 0 for a in large)
+    path = str(tmp_path / "model.h5")
+    written = state.write(snap, path)
+    with open(path, "rb") as stream:
+        contents = stream.read()
+    assert written.crc32 == zlib.crc32(contents)
+    assert written.nbytes == sum(a.nbytes for a in large)
+    # O_DIRECT wrote the whole blocks of every large tensor, the page cache their tails
+    blocks = sum(a.nbytes - a.nbytes % 4096 for a in large)
+    assert written.direct_bytes == (blocks if o_direct(tmp_path) else 0)
+    loaded, _ = state.read(memoryview(contents), path)
+    same(state.object_states(objects, False), loaded["objects"])
+
+
+def test_a_copy_into_an_earlier_snapshot_stays_aligned(tmp_path):
+    objects = odd_sized_objects()
+    first = state.snapshot(objects, copy=True)
+    second = state.snapshot(objects, copy=True, into=first)
+    large = [k for k, a in enumerate(first.arrays) if a.nbytes >= 64 << 10]
+    assert all(second.arrays[k] is first.arrays[k] for k in large)

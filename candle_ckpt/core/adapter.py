@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .logs import LibraryLogger
+    from .protocol import ModelFile
     from .resume import Checkpoint
     from .writer import WriterDecision
 
@@ -94,9 +95,10 @@ class FrameworkAdapter(Protocol):
         save), copies otherwise, made into `into` (an older snapshot nobody reads any
         more) where possible. The result must not refer to live framework objects."""
 
-    def write_model_file(self, snapshot: Any, directory: str) -> str:
-        """Write `snapshot` into `directory`; return the model file's name. May run in
-        another thread; need not fsync (the protocol does)."""
+    def write_model_file(self, snapshot: Any, directory: str) -> str | ModelFile:
+        """Write `snapshot` into `directory`; return the model file's name, or a
+        `protocol.ModelFile` with the CRC32 computed while writing. May run in another
+        thread; need not fsync (the protocol does)."""
 
     def restore(
         self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False

@@ -41,11 +41,19 @@ from .lock import WriterLock
 from .logs import LibraryLogger, silent_logger, tree_logger
 from .params import validate_params
 from .policies import BestMetric, epochs_to_keep, infer_metric_mode, save_reason
-from .protocol import WrittenFiles, discard_epochs, prepare_tree, repoint_links, save_epoch
+from .protocol import (
+    ModelFile,
+    WrittenFiles,
+    discard_epochs,
+    prepare_tree,
+    repoint_links,
+    save_epoch,
+)
 from .resume import legacy_best_epoch
 
-WriteFiles = Callable[[str], str]
-"""write_files(directory) -> the model file's name: writes an epoch's files there."""
+WriteFiles = Callable[[str], str | ModelFile]
+"""write_files(directory) -> the model file's name, or a `protocol.ModelFile` with its
+CRC32 too: writes an epoch's files there."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""CRC32 of files (zlib's polynomial): streamed in constant memory, or while reading a
-file into memory.
+"""CRC32 of files (zlib's polynomial): streamed in constant memory, while reading a file
+into memory, or from the memory a file is written from (`WrittenFileCrc`).
 
 Uses `isal.isal_zlib.crc32` when isal imports (faster than zlib, and the same values,
 running value included), `zlib.crc32` otherwise. `crc32_file` maps the file into
@@ -10,17 +10,21 @@ and checksums each chunk in a second thread while the next one is read, so the C
 adds little on top of the read. benchmarks/bench_checksum.py measures each of these
 claims (isal against zlib, the halves against one thread, reading with and without the
 CRC, into aligned memory against a bytearray).
+
+`WrittenFileCrc` is for a file `direct_io.write_at` writes with O_DIRECT, whose bytes
+never enter the page cache: reading it back would read the disk.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import mmap
 import os
 from collections.abc import Callable
+from typing import Any
 
 from .background import SharedThread
-from .direct_io import anonymous_memory
 
 Progress = Callable[[int], None]
 """progress(bytes_done), called as a long file is checksummed."""
@@ -93,6 +97,8 @@ def read_file(path: str, compute_crc: bool = True) -> tuple[memoryview, int | No
     computed when `compute_crc` is true, equals `zlib.crc32(contents)` and is computed over
     exactly these bytes: what the caller verifies is what it uses.
     """
+    from .direct_io import anonymous_memory  # here: direct_io imports this module
+
     with open(path, "rb", buffering=0) as stream:
         size = os.fstat(stream.fileno()).st_size
         # New memory at every restart: huge pages would risk a compaction stall
@@ -117,14 +123,75 @@ def read_file(path: str, compute_crc: bool = True) -> tuple[memoryview, int | No
     return view[:filled].toreadonly(), running[0] if compute_crc else None
 
 
+class WrittenFileCrc:
+    """The CRC32 of a file as `direct_io.write_at` writes regions into it: each region's
+    bytes from the memory they are written from, the bytes between and after the regions
+    (the file layout's own, never written by `write_at`) read back from the file.
+
+    `add` queues a region to the CRC thread, which runs the queue in order while the
+    writer goes on: the running value follows the file from its start, so no two CRCs
+    need combining. The caller must neither change a region's memory nor write the
+    bytes between regions until `result`.
+
+    Args:
+        fd: the file, open for reading, until `result` or `wait` returned.
+        path: the file's name, for messages.
+    """
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd, self._path = fd, path
+        self._end = 0  # where the last region added ends
+        self._running = 0
+        self._pending: list[concurrent.futures.Future[None]] = []
+
+    def add(self, offset: int, data: Any) -> None:
+        """Queue the region of C-contiguous bytes `data` at `offset`, which must not start
+        before the end of the region added before it."""
+        if offset < self._end:
+            raise ValueError(
+                f"'{self._path}': a region at offset {offset} overlaps the one before, which "
+                f"ends at {self._end}; expected regions that do not overlap"
+            )
+        self._pending.append(crc_thread.submit(self._add, self._end, offset, data))
+        self._end = offset + memoryview(data).nbytes
+
+    def result(self) -> int:
+        """The CRC32 of the whole file (the bytes after the last region read back)."""
+        self._pending.append(
+            crc_thread.submit(self._add, self._end, os.fstat(self._fd).st_size, b"")
+        )
+        self.wait()
+        for task in self._pending:
+            task.result()
+        return self._running
+
+    def wait(self) -> None:
+        """Wait for every queued task (a write failed: the fd is closed next)."""
+        concurrent.futures.wait(self._pending)
+
+    def _add(self, start: int, stop: int, data: Any) -> None:
+        """Add the file's bytes [start, stop), then `data` (in the CRC thread)."""
+        running, position = self._running, start
+        while position < stop:
+            chunk = os.pread(self._fd, min(CHUNK_BYTES, stop - position), position)
+            if not chunk:
+                raise OSError(
+                    errno.EIO, f"file ends at {position}, expected {stop} bytes", self._path
+                )
+            running = crc32(chunk, running)
+            position += len(chunk)
+        view = memoryview(data).cast("B")
+        self._running = _crc32_range(view, 0, len(view), crc32, None, running)
+
+
 def _crc32_range(
     view: memoryview,
     start: int,
     stop: int,
     crc_function: CrcFunction,
     progress: Progress | None = None,
+    value: int = 0,
 ) -> int:
-    value = 0
     for begin in range(start, stop, CHUNK_BYTES):
         end = min(begin + CHUNK_BYTES, stop)
         value = crc_function(view[begin:end], value)

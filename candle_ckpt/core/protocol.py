@@ -34,6 +34,17 @@ _fsync_thread = SharedThread("candle_ckpt-fsync")
 
 
 @dataclass(frozen=True)
+class ModelFile:
+    """What a model writer (`write_files`) may return instead of the model file's name
+    alone: the name and the file's CRC32 as the writer computed it while writing (from
+    memory: `direct_io.Written`). Other files of the epoch, and a model file without a
+    CRC32, are read back for theirs."""
+
+    name: str
+    crc32: int | None = None
+
+
+@dataclass(frozen=True)
 class WrittenFiles:
     """What step 3-4 produced: {name: {"size", "crc32"}}, the model file, timings."""
 
@@ -62,22 +73,31 @@ def _drop_leftover_work(layout: CheckpointLayout, logger: LibraryLogger) -> None
         logger.warning("removed leftover '%s' of an interrupted save", layout.work)
 
 
-def _flush_and_checksum(path: str, compute_checksum: bool) -> str | None:
-    """fsync `path` while computing its CRC32: both release the GIL, so they overlap."""
+def _flush_and_checksum(path: str, compute_checksum: bool, known: int | None) -> str | None:
+    """fsync `path` and return its CRC32: `known` (the writer's) if given, else read back
+    from the file while the fsync runs (both release the GIL, so they overlap)."""
+    if known is not None or not compute_checksum:
+        durable.fsync_file(path)
+        return str(known) if compute_checksum else None
     flushed = _fsync_thread.submit(durable.fsync_file, path)
     try:
-        crc = str(crc32_file(path)) if compute_checksum else None
+        crc = str(crc32_file(path))
     finally:
         flushed.result()  # never return (or fail) before the file is durable or failed
     return crc
 
 
 def _write_into_work(
-    layout: CheckpointLayout, write_files: Callable[[str], str], compute_checksums: bool
+    layout: CheckpointLayout,
+    write_files: Callable[[str], str | ModelFile],
+    compute_checksums: bool,
 ) -> WrittenFiles:
     started = time.perf_counter()
     os.mkdir(layout.work)
-    model_file = write_files(layout.work)
+    model = write_files(layout.work)
+    if not isinstance(model, ModelFile):
+        model = ModelFile(model)
+    model_file = model.name
     fault_point("after_write")
     files, nbytes = {}, 0
     for name in sorted(os.listdir(layout.work)):
@@ -89,7 +109,11 @@ def _write_into_work(
             )
         size = os.path.getsize(path)
         nbytes += size
-        files[name] = {"size": size, "crc32": _flush_and_checksum(path, compute_checksums)}
+        known = model.crc32 if name == model_file else None
+        files[name] = {
+            "size": size,
+            "crc32": _flush_and_checksum(path, compute_checksums, known),
+        }
     if model_file not in files:
         raise ValueError(
             f"the model writer reported model file {model_file!r} but wrote "
@@ -102,7 +126,7 @@ def _write_into_work(
 def save_epoch(
     layout: CheckpointLayout,
     epoch: int,
-    write_files: Callable[[str], str],
+    write_files: Callable[[str], str | ModelFile],
     build_info: Callable[[WrittenFiles], dict[str, Any]],
     *,
     compute_checksums: bool,
@@ -114,7 +138,8 @@ def save_epoch(
         layout: the tree's `CheckpointLayout` (`prepare_tree` must have run).
         epoch: the 1-based epoch.
         write_files: callable(directory) that writes the model's files into `directory`
-            and returns the model file's name. It need not fsync.
+            and returns the model file's name, or a `ModelFile` with its CRC32 too. It
+            need not fsync.
         build_info: callable(WrittenFiles) returning the ckpt-info dict to record.
         compute_checksums: whether to compute the CRC32 of every file.
         logger: where to log.

@@ -13,6 +13,7 @@ import numpy
 from ..core.adapter import AllGather, Restored
 from ..core.durable import WritebackStarter
 from ..core.logs import LibraryLogger
+from ..core.protocol import ModelFile
 from ..core.resume import Checkpoint
 from ..core.writer import WriterDecision, writer_decision
 from . import deferred, h5
@@ -71,10 +72,10 @@ class KerasAdapter:
     def snapshot(self, *, copy: bool, into: Any | None = None) -> h5.TrainingState:
         return h5.snapshot(self.model, self.weights_only, copy=copy, into=into)
 
-    def write_model_file(self, snapshot: h5.TrainingState, directory: str) -> str:
+    def write_model_file(self, snapshot: h5.TrainingState, directory: str) -> ModelFile:
         path = os.path.join(directory, h5.MODEL_FILE)
-        h5.write(snapshot, path, progress=WritebackStarter(path))
-        return h5.MODEL_FILE
+        written = h5.write(snapshot, path, progress=WritebackStarter(path))
+        return ModelFile(h5.MODEL_FILE, written.crc32)
 
     def restore(
         self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False

@@ -51,10 +51,9 @@ import numpy as np
 import tensorflow as tf
 
 from candle_ckpt.core.checksum import read_file
-from candle_ckpt.core.direct_io import anonymous_memory, write_at
+from candle_ckpt.core.direct_io import Written, aligned, anonymous_memory, copy_into, write_at
 from candle_ckpt.core.errors import CheckpointFormatError
 from candle_ckpt.core.logs import LibraryLogger
-from candle_ckpt.hdf5 import ALIGNMENT as _ALIGNMENT
 from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
 from candle_ckpt.hdf5 import (
     as_oserror,
@@ -200,7 +199,7 @@ def _blank_state(
     groups += [_top_level_weights(model), _rng_states(model)]
     groups += [optimizer.variables] if optimizer is not None else []
     sizes = [[_variable_nbytes(v) for v in variables] for variables in groups]
-    memory = anonymous_memory(sum(_aligned(n) for group in sizes for n in group))
+    memory = anonymous_memory(sum(aligned(n) for group in sizes for n in group))
     offset, blank = 0, []
     for variables, nbytes in zip(groups, sizes):
         arrays = []
@@ -208,7 +207,7 @@ def _blank_state(
             dtype = np.dtype(variable.dtype)
             array = np.frombuffer(memory, dtype, n // dtype.itemsize, offset)
             arrays.append(array.reshape(tuple(variable.shape)))
-            offset += _aligned(n)
+            offset += aligned(n)
         blank.append(_Arrays(tuple(v.path for v in variables), tuple(arrays)))
     *layers, top_level, rng = blank[: len(model.layers) + 2]
     return TrainingState(
@@ -229,10 +228,6 @@ def _variable_nbytes(variable: Any) -> int:
     return int(np.prod(variable.shape)) * np.dtype(variable.dtype).itemsize
 
 
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGNMENT) * _ALIGNMENT
-
-
 def state_nbytes(model: Any, weights_only: bool = False) -> int:
     """The bytes `snapshot` would copy, computed from shapes without copying anything."""
     variables = [w for layer in model.layers for w in _legacy_weights(layer)]
@@ -247,14 +242,16 @@ def write(
     state: TrainingState,
     path: str | os.PathLike[str],
     progress: Callable[[int], None] | None = None,
-) -> None:
-    """Write `state` to `path` (created or truncated) in the layout of the module docstring.
+) -> Written:
+    """Write `state` to `path` (created or truncated) in the layout of the module docstring;
+    return what `direct_io.write_at` wrote, with the file's CRC32.
 
-    Uses h5py only, so it may run in a background thread. Does not fsync: the save
-    protocol does that once for every file of the epoch. `progress`, if given, is
-    called with the array bytes written so far after each dataset (the save path uses
-    it to start disk writeback early: `durable.WritebackStarter`); the large arrays are
-    written in place by `direct_io.write_at` after h5py has laid the file out.
+    May run in a background thread. Does not fsync: the save protocol does that once for
+    every file of the epoch. h5py lays the file out and writes the small arrays; the
+    large ones are written in place by `direct_io.write_at` (with O_DIRECT where it
+    can), which calls `progress`, if given, with the bytes it wrote through the page
+    cache so far (the save path uses it to start disk writeback early:
+    `durable.WritebackStarter`).
 
     Raises:
         OSError: the file could not be written (disk full, EIO). h5py reports a write
@@ -262,12 +259,12 @@ def write(
             OSError with the errno HDF5 reports, like any other I/O error.
     """
     try:
-        _write_file(state, os.fspath(path), progress)
+        return _write_file(state, os.fspath(path), progress)
     except RuntimeError as error:
         raise as_oserror(error, path) from error
 
 
-def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None) -> None:
+def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None) -> Written:
     # (dataset offset, array) of the arrays pwrite writes. Any: write_at is typed for a
     # memoryview, create_array for an ndarray; Python 3.10 has no Buffer type for both.
     direct: list[tuple[int, Any]] = []
@@ -289,7 +286,7 @@ def _write_file(state: TrainingState, path: str, progress: Callable[[int], None]
         if state.optimizer is not None:
             _write_arrays(f.create_group("optimizer_weights"), state.optimizer, direct)
         _write_arrays(f.create_group(RNG_GROUP), state.rng, direct)
-    write_at(path, direct, progress)
+    return write_at(path, direct, progress)
 
 
 def restore(
@@ -454,7 +451,7 @@ def _copy_into(previous: np.ndarray, array: np.ndarray) -> np.ndarray:
     if not ours or (previous.shape, previous.dtype) != (array.shape, array.dtype):
         return array.copy()
     previous.flags.writeable = True
-    np.copyto(previous, array)
+    copy_into(previous, array)
     return previous
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from ..core.adapter import AllGather, Restored
 from ..core.durable import WritebackStarter
 from ..core.logs import LibraryLogger
+from ..core.protocol import ModelFile
 from ..core.resume import Checkpoint
 from ..core.writer import RANK_VARIABLES, WriterDecision, writer_decision
 from . import state
@@ -87,10 +88,10 @@ class TorchAdapter:
     def snapshot(self, *, copy: bool, into: Any | None = None) -> state.TrainingState:
         return state.snapshot(self.objects, self.weights_only, copy=copy, into=into)
 
-    def write_model_file(self, snapshot: state.TrainingState, directory: str) -> str:
+    def write_model_file(self, snapshot: state.TrainingState, directory: str) -> ModelFile:
         path = os.path.join(directory, state.MODEL_FILE)
-        state.write(snapshot, path, progress=WritebackStarter(path))
-        return state.MODEL_FILE
+        written = state.write(snapshot, path, progress=WritebackStarter(path))
+        return ModelFile(state.MODEL_FILE, written.crc32)
 
     def restore(
         self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False

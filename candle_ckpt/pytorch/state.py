@@ -36,10 +36,11 @@ import numpy as np
 import torch
 
 from ..core.adapter import Restored
-from ..core.direct_io import write_at
+from ..core.direct_io import Written, aligned, anonymous_memory, copy_into, write_at
 from ..core.errors import CheckpointFormatError
 from ..core.logs import LibraryLogger
 from ..hdf5 import (
+    DIRECT_MIN_BYTES,
     HDF5_MAGIC,
     InMemoryFile,
     as_oserror,
@@ -146,14 +147,17 @@ def snapshot(
     """Every registered object's state and the random states, now (training thread).
 
     With `copy`, the arrays are copies in host memory, made into `into`'s arrays (an
-    older snapshot nobody reads any more) where shape and dtype match. Without, CPU
-    tensors are views of their memory: meant for a save written at once, before the
-    next optimizer step changes them in place.
+    older snapshot nobody reads any more) where shape and dtype match; the other large
+    ones into one block of huge-page memory, each on a `direct_io.ALIGNMENT` boundary, so
+    that `write` writes them with O_DIRECT from where they are. Without, CPU tensors are
+    views of their memory: meant for a save written at once, before the next optimizer
+    step changes them in place.
     """
     arrays: list = []
     dtypes: list = []
     shapes: list = []
     spare = into.arrays if into is not None else ()
+    fresh: list[int] = []  # arrays still views, to copy into a new block
 
     def array_of(value: Any, path: str) -> int:
         if isinstance(value, torch.Tensor):
@@ -187,8 +191,10 @@ def snapshot(
                 and previous.dtype == array.dtype
             ):
                 previous.flags.writeable = True
-                np.copyto(previous, array)
+                copy_into(previous, array)
                 array = previous
+            elif array.nbytes >= DIRECT_MIN_BYTES:
+                fresh.append(len(arrays))
             else:
                 array = array.copy()
         array.flags.writeable = False
@@ -200,6 +206,8 @@ def snapshot(
         "objects": _encode(object_states(objects, weights_only), "state", array_of),
         "rng": _encode({} if weights_only else rng_states(), "rng", array_of),
     }
+    if fresh:
+        _copy_into_block(arrays, fresh)
     return TrainingState(
         json.dumps(encoded),
         tuple(arrays),
@@ -208,6 +216,20 @@ def snapshot(
         weights_only,
         sum(a.nbytes for a in arrays),
     )
+
+
+def _copy_into_block(arrays: list, indices: list[int]) -> None:
+    """Replace each `arrays[k]` of `indices` by a read-only copy carved out of one new
+    block of `direct_io.anonymous_memory`, each starting on an ALIGNMENT boundary."""
+    memory = anonymous_memory(sum(aligned(arrays[k].nbytes) for k in indices))
+    offset = 0
+    for k in indices:
+        source = arrays[k]
+        target = np.frombuffer(memory, source.dtype, source.size, offset).reshape(source.shape)
+        copy_into(target, source)
+        target.flags.writeable = False
+        arrays[k] = target
+        offset += aligned(source.nbytes)
 
 
 def _encode(value: Any, path: str, array_of: Callable[[Any, str], int]) -> Any:
@@ -250,25 +272,29 @@ def _encode(value: Any, path: str, array_of: Callable[[Any, str], int]) -> Any:
     )
 
 
-def write(state: TrainingState, path: str, progress: Callable[[int], None] | None = None) -> None:
-    """Write `state` to `path` (created or truncated), in the module docstring's layout.
+def write(
+    state: TrainingState, path: str, progress: Callable[[int], None] | None = None
+) -> Written:
+    """Write `state` to `path` (created or truncated), in the module docstring's layout;
+    return what `direct_io.write_at` wrote, with the file's CRC32.
 
     h5py lays the file out and writes the small arrays; the large ones are written into
-    the space it allocated by `direct_io.write_at`, which releases the GIL, so a
-    background save leaves the training thread running. No fsync (the protocol does
-    it). `progress` is called with the bytes `write_at` has written so far.
+    the space it allocated by `direct_io.write_at` (with O_DIRECT where it can), which
+    releases the GIL, so a background save leaves the training thread running. No fsync
+    (the protocol does it). `progress` is called with the bytes `write_at` has written
+    through the page cache so far.
 
     Raises:
         OSError: the file could not be written (disk full, EIO), also when HDF5 reports
             it as a RuntimeError at the final flush.
     """
     try:
-        _write_file(state, path, progress)
+        return _write_file(state, path, progress)
     except RuntimeError as error:
         raise as_oserror(error, path) from error
 
 
-def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None) -> None:
+def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None) -> Written:
     direct: list = []  # (dataset offset, array) of the arrays write_at writes
     with create_file(path) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
@@ -281,7 +307,7 @@ def _write_file(state: TrainingState, path: str, progress: Callable[[int], None]
             created = create_array(tensors, str(k), array, direct)
             created.attrs["torch_dtype"] = dtype
             created.attrs["shape"] = np.asarray(shape, dtype=np.int64)
-    write_at(path, direct, progress)
+    return write_at(path, direct, progress)
 
 
 # -- reading ---------------------------------------------------------------------------
