@@ -24,9 +24,10 @@ straight from where it is.
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,23 @@ def aligned(nbytes: int) -> int:
     """`nbytes` rounded up to a multiple of ALIGNMENT: where the next array of a block
     laid out for O_DIRECT starts."""
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+def aligned_arrays(layout: Sequence[tuple[Any, tuple[int, ...]]]) -> list[Any]:
+    """Writable numpy arrays of the (dtype, shape) pairs of `layout`, carved out of one
+    new block of `anonymous_memory` (huge pages), each starting on an ALIGNMENT
+    boundary: `write_at` writes them with O_DIRECT from where they are. Contents
+    undefined until written."""
+    import numpy as np
+
+    dtypes = [np.dtype(dtype) for dtype, _ in layout]
+    counts = [math.prod(shape) for _, shape in layout]
+    memory = anonymous_memory(sum(aligned(n * d.itemsize) for n, d in zip(counts, dtypes)))
+    arrays, offset = [], 0
+    for dtype, count, (_, shape) in zip(dtypes, counts, layout):
+        arrays.append(np.frombuffer(memory, dtype, count, offset).reshape(shape))
+        offset += aligned(count * dtype.itemsize)
+    return arrays
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ import numpy as np
 import tensorflow as tf
 
 from candle_ckpt.core.checksum import read_file
-from candle_ckpt.core.direct_io import Written, aligned, anonymous_memory, copy_into, write_at
+from candle_ckpt.core.direct_io import Written, aligned, aligned_arrays, copy_into, write_at
 from candle_ckpt.core.errors import CheckpointFormatError
 from candle_ckpt.core.logs import LibraryLogger
 from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
@@ -198,17 +198,13 @@ def _blank_state(
     groups = [_legacy_weights(layer) for layer in model.layers]
     groups += [_top_level_weights(model), _rng_states(model)]
     groups += [optimizer.variables] if optimizer is not None else []
-    sizes = [[_variable_nbytes(v) for v in variables] for variables in groups]
-    memory = anonymous_memory(sum(aligned(n) for group in sizes for n in group))
-    offset, blank = 0, []
-    for variables, nbytes in zip(groups, sizes):
-        arrays = []
-        for variable, n in zip(variables, nbytes):
-            dtype = np.dtype(variable.dtype)
-            array = np.frombuffer(memory, dtype, n // dtype.itemsize, offset)
-            arrays.append(array.reshape(tuple(variable.shape)))
-            offset += aligned(n)
-        blank.append(_Arrays(tuple(v.path for v in variables), tuple(arrays)))
+    carved = iter(
+        aligned_arrays([(v.dtype, tuple(v.shape)) for variables in groups for v in variables])
+    )
+    blank = [
+        _Arrays(tuple(v.path for v in variables), tuple(next(carved) for _ in variables))
+        for variables in groups
+    ]
     *layers, top_level, rng = blank[: len(model.layers) + 2]
     return TrainingState(
         keras_version="",
@@ -220,7 +216,7 @@ def _blank_state(
         rng=rng,
         optimizer=blank[-1] if optimizer is not None else None,
         weights_only=bool(weights_only),
-        nbytes=offset,
+        nbytes=sum(aligned(_variable_nbytes(v)) for variables in groups for v in variables),
     )
 
 

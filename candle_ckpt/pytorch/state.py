@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..core.adapter import Restored
-from ..core.direct_io import Written, aligned, anonymous_memory, copy_into, write_at
+from ..core.direct_io import Written, aligned_arrays, copy_into, write_at
 from ..core.errors import CheckpointFormatError
 from ..core.logs import LibraryLogger
 from ..hdf5 import (
@@ -221,15 +221,11 @@ def snapshot(
 def _copy_into_block(arrays: list, indices: list[int]) -> None:
     """Replace each `arrays[k]` of `indices` by a read-only copy carved out of one new
     block of `direct_io.anonymous_memory`, each starting on an ALIGNMENT boundary."""
-    memory = anonymous_memory(sum(aligned(arrays[k].nbytes) for k in indices))
-    offset = 0
-    for k in indices:
-        source = arrays[k]
-        target = np.frombuffer(memory, source.dtype, source.size, offset).reshape(source.shape)
-        copy_into(target, source)
+    targets = aligned_arrays([(arrays[k].dtype, arrays[k].shape) for k in indices])
+    for k, target in zip(indices, targets):
+        copy_into(target, arrays[k])
         target.flags.writeable = False
         arrays[k] = target
-        offset += aligned(source.nbytes)
 
 
 def _encode(value: Any, path: str, array_of: Callable[[Any, str], int]) -> Any:
