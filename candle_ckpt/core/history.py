@@ -15,7 +15,6 @@ one warning per damaged line; it never stops a restart, which does not read it a
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -25,6 +24,7 @@ from operator import attrgetter
 from typing import Any, NamedTuple
 
 from .durable import append_line
+from .json_lines import json_line, parse_lines
 
 HISTORY_FILE = "history.jsonl"
 # A line is a few hundred bytes; a far larger file is not a history, and reading it
@@ -109,7 +109,7 @@ class HistoryWriter:
 
 def history_line(record: Mapping[str, Any]) -> bytes:
     """One line of the history file: compact strict JSON and a newline."""
-    return (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
+    return json_line(record)
 
 
 def _rounded(seconds: float | None) -> float | None:
@@ -236,46 +236,20 @@ def read_history(ckpts: str, last: int | None = None) -> History:
             f"{MAX_HISTORY_BYTES} only"
         )
         data = data[:MAX_HISTORY_BYTES]
-    records = _parse_lines(path, data, warnings)
+    records = parse_lines(
+        data,
+        lambda number, error: _warn(
+            warnings,
+            f"{path}: line {number} is not JSON ({error}); skipped (a line "
+            f"torn by a kill, or damage)",
+        ),
+    )
     history = _timelines(path, records, warnings)
     if last is not None:
         for record in history.epochs:
             if not record.abandoned and record.epoch > last:
                 record.after_last = True
     return history
-
-
-def _parse_lines(path: str, data: bytes, warnings: list[str]) -> list[Any]:
-    """The value of each line of `data`, in order; damaged lines are skipped and warned
-    about. What follows the last newline is a line torn by a kill, which is expected
-    and not worth a warning, or nothing."""
-    end = data.rfind(b"\n")
-    if end < 0:
-        return []
-    body = data[:end]
-    try:
-        # One parse of the whole file, its lines as the elements of one JSON array, is
-        # several times faster than one per line. It stands only if it found as many
-        # values as there are lines, so that no damaged line was read with its neighbour.
-        # (joined, not added: each + would copy the whole file once more)
-        records: list[Any] = json.loads(b"".join((b"[", body.replace(b"\n", b","), b"]")))
-        if len(records) == body.count(b"\n") + 1:
-            return records
-    except (ValueError, RecursionError):
-        pass  # a damaged or blank line: find it line by line
-    records = []
-    for number, line in enumerate(body.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except (ValueError, RecursionError) as error:
-            _warn(
-                warnings,
-                f"{path}: line {number} is not JSON ({error}); skipped (a line "
-                f"torn by a kill, or damage)",
-            )
-    return records
 
 
 def _warn(warnings: list[str], message: str) -> None:

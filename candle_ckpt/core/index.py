@@ -23,12 +23,12 @@ docs/FORMAT.md says what to do then.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any, cast
 
 from .info import finite_or_none, is_legacy, recorded_files
+from .json_lines import json_line, parse_lines
 
 INDEX_FILE = "index.jsonl"
 # A line is about 170 bytes with three metrics. An index much larger than the epochs it can describe
@@ -85,7 +85,7 @@ def index_line(info: Mapping[str, Any], inode: int) -> bytes:
         info.get("metrics"),
         info["format_version"],
     ]
-    return (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
+    return json_line(record)
 
 
 def size_and_checksummed(info: Mapping[str, Any]) -> tuple[int | None, bool]:
@@ -146,24 +146,7 @@ def read_index(ckpts: str, epochs_on_disk: int) -> dict[int, list[Any]]:
         return {}
     finally:
         os.close(descriptor)
-    end = data.rfind(b"\n")
-    if end < 0:
-        return {}
-    body = data[:end]
-    lines: list[Any]
-    try:
-        # One parse of every line as the elements of one array (as history.py does);
-        # it stands only if it found one value per line.
-        lines = json.loads(b"".join((b"[", body.replace(b"\n", b","), b"]")))
-        if len(lines) != body.count(b"\n") + 1:
-            raise ValueError("a line holds more than one value")
-    except (ValueError, RecursionError):
-        lines = []
-        for line in body.split(b"\n"):
-            try:
-                lines.append(json.loads(line))
-            except (ValueError, RecursionError):
-                continue
+    lines = parse_lines(data)
     return {line[1]: line for line in lines if _well_formed(line)}
 
 

@@ -1,0 +1,49 @@
+"""Append-only files of JSON lines (`history.jsonl`, `index.jsonl`): a line, and reading
+them fast.
+
+Both files are appended one line at a time by `durable.append_line`, so a kill leaves
+at most a torn last line, without its newline. Standard library only: `candle-ckpt list`
+and `history` import this module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+
+def json_line(value: Any) -> bytes:
+    """`value` as one compact line of JSON with its newline; NaN and infinity refused
+    (ValueError), as JSON has neither."""
+    return (json.dumps(value, allow_nan=False, separators=(",", ":")) + "\n").encode()
+
+
+def parse_lines(data: bytes, damaged: Callable[[int, Exception], None] | None = None) -> list[Any]:
+    """The value of each complete line of `data`, in order. What follows the last newline
+    (a line torn by a kill, or nothing) is left out, as are blank lines; a line that is
+    not JSON is skipped after `damaged(line number, error)` is called, if given."""
+    end = data.rfind(b"\n")
+    if end < 0:
+        return []
+    body = data[:end]
+    try:
+        # One parse of the whole file, its lines as the elements of one JSON array, is
+        # several times faster than one per line. It stands only if it found as many
+        # values as there are lines, so that no damaged line was read with its neighbour.
+        # (joined, not added: each + would copy the whole file once more)
+        values: list[Any] = json.loads(b"".join((b"[", body.replace(b"\n", b","), b"]")))
+        if len(values) == body.count(b"\n") + 1:
+            return values
+    except (ValueError, RecursionError):
+        pass  # a damaged or blank line: find it line by line
+    values = []
+    for number, line in enumerate(body.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            values.append(json.loads(line))
+        except (ValueError, RecursionError) as error:
+            if damaged is not None:
+                damaged(number, error)
+    return values
