@@ -445,15 +445,11 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
     # epochs after last are abandoned (TreeSurvey.abandoned); none without last
     after = float("inf") if last is None else last
     # Column by column, the cell formats written out (metrics "%.6g", "-" for none):
-    # a call per cell would be most of the run of `list` on 10 000 epochs.
-    sizes_seen: dict[int | None, str] = {}  # most epochs of a run have the same size
-    for size in {s.size for s in summaries}:
-        sizes_seen[size] = _human_size(size)
+    # a formatting call per cell would be most of the run of `list` on 10 000 epochs.
+    # Most epochs of a run have the same size: each size is formatted once.
+    sizes = {size: _human_size(size) for size in {s.size for s in summaries}}
     values = [
-        "-"
-        if s.metrics is None or metric is None or (value := s.metrics.get(metric)) is None
-        else f"{value:.6g}"
-        for s in summaries
+        "-" if (value := _own_value(s, metric)) is None else f"{value:.6g}" for s in summaries
     ]
     bests = ["-" if (value := s.best_value) is None else f"{value:.6g}" for s in summaries]
     if not one_metric:
@@ -462,7 +458,7 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
         ]
     columns: list[list[str]] = [
         ["epoch", *[str(s.epoch) for s in summaries]],
-        ["size", *[sizes_seen[s.size] for s in summaries]],
+        ["size", *[sizes[s.size] for s in summaries]],
         ["saved at", *[str(s.timestamp) for s in summaries]],
         [metric or "metric", *values],
         [f"best {next(iter(tracked))}" if one_metric else "best metric", *bests],
