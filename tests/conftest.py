@@ -1,6 +1,7 @@
 """Shared helpers: a plain-file model writer so the core is tested without TensorFlow."""
 
 import os
+import zlib
 
 import pytest
 
@@ -65,6 +66,20 @@ def o_direct():
             os.unlink(probe)
 
     return works
+
+
+def check_written(written, path, large, o_direct):
+    """Assert what `direct_io.write_at` reported writing the file `path`, whose large
+    arrays are `large`: the CRC32 of the file's bytes, the arrays' bytes and, where the
+    directory takes O_DIRECT (`o_direct`, the fixture), the whole 4 KiB blocks of every
+    array written directly, their tails through the page cache. Returns the file's bytes."""
+    with open(path, "rb") as stream:
+        contents = stream.read()
+    assert written.crc32 == zlib.crc32(contents)
+    assert written.nbytes == sum(a.nbytes for a in large)
+    blocks = sum(a.nbytes - a.nbytes % 4096 for a in large)
+    assert written.direct_bytes == (blocks if o_direct(os.path.dirname(path)) else 0)
+    return contents
 
 
 FORMAT2_ONLY_KEYS = (

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import check_written
 
 keras = pytest.importorskip("keras")
 import h5py  # noqa: E402
@@ -463,7 +464,6 @@ def test_the_crc_from_memory_is_the_files(tmp_path, copy, o_direct):
     """The CRC32 `write` computes from memory and the layout read back equals zlib's over
     the file's bytes, for a snapshot (O_DIRECT from its own memory) and for views of the
     variables (through the bounce buffer)."""
-    import zlib
 
     model = odd_sized_model()
     snap = keras_h5.snapshot(model, copy=copy)
@@ -472,13 +472,7 @@ def test_the_crc_from_memory_is_the_files(tmp_path, copy, o_direct):
     if copy:
         assert all(a.ctypes.data % 4096 == 0 for a in large)
     path = str(tmp_path / keras_h5.MODEL_FILE)
-    written = keras_h5.write(snap, path)
-    with open(path, "rb") as stream:
-        contents = stream.read()
-    assert written.crc32 == zlib.crc32(contents)
-    assert written.nbytes == sum(a.nbytes for a in large)
-    blocks = sum(a.nbytes - a.nbytes % 4096 for a in large)
-    assert written.direct_bytes == (blocks if o_direct(tmp_path) else 0)
+    check_written(keras_h5.write(snap, path), path, large, o_direct)
     fresh = odd_sized_model()
     keras_h5.restore(fresh, path)
     assert_bit_equal(state(fresh), state(model))

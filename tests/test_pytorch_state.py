@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+from conftest import check_written
 
 torch = pytest.importorskip("torch")
 
@@ -89,16 +90,6 @@ def test_every_state_round_trips_exactly_types_included(tmp_path):
 
 
 def test_odd_values_round_trip(tmp_path):
-    class Holder:
-        def __init__(self, value):
-            self.value = value
-
-        def state_dict(self):
-            return self.value
-
-        def load_state_dict(self, value):
-            self.value = value
-
     odd = {
         "bf16": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
         "scalar": torch.tensor(3.5),
@@ -115,7 +106,7 @@ def test_odd_values_round_trip(tmp_path):
         "dtype": torch.float16,
         "noncontiguous": torch.arange(12.0).reshape(3, 4).t(),
     }
-    path, contents = save({"odd": Holder(odd)}, tmp_path)
+    path, contents = save({"odd": _Holder(odd)}, tmp_path)
     loaded = state.read(contents, path)[0]["objects"]["odd"]
     expected = dict(odd, np_scalar=2.5, noncontiguous=odd["noncontiguous"].contiguous())
     same(expected, loaded)
@@ -332,7 +323,6 @@ def test_the_crc_from_memory_is_the_files(tmp_path, copy, o_direct):
     """The CRC32 `write` computes from memory and the layout read back equals zlib's over
     the file's bytes, for a snapshot (O_DIRECT from its own memory) and for views of the
     live tensors (through the bounce buffer): odd sizes, empty and many small tensors."""
-    import zlib
 
     objects = odd_sized_objects()
     snap = state.snapshot(objects, copy=copy)
@@ -341,14 +331,7 @@ def test_the_crc_from_memory_is_the_files(tmp_path, copy, o_direct):
     if copy:  # carved out of one block, each on a page boundary
         assert all(a.ctypes.data % 4096 == 0 for a in large)
     path = str(tmp_path / "model.h5")
-    written = state.write(snap, path)
-    with open(path, "rb") as stream:
-        contents = stream.read()
-    assert written.crc32 == zlib.crc32(contents)
-    assert written.nbytes == sum(a.nbytes for a in large)
-    # O_DIRECT wrote the whole blocks of every large tensor, the page cache their tails
-    blocks = sum(a.nbytes - a.nbytes % 4096 for a in large)
-    assert written.direct_bytes == (blocks if o_direct(tmp_path) else 0)
+    contents = check_written(state.write(snap, path), path, large, o_direct)
     loaded, _ = state.read(memoryview(contents), path)
     same(state.object_states(objects, False), loaded["objects"])
 
