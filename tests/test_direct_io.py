@@ -126,6 +126,27 @@ def test_many_small_regions_and_a_file_ending_in_layout_bytes(tmp_path, o_direct
     assert 0 < written.direct_bytes < written.nbytes
 
 
+def test_without_checksum_nothing_is_computed_and_every_byte_is_written(
+    tmp_path, o_direct, monkeypatch
+):
+    def no_crc_expected(*args):
+        raise AssertionError("write_at(checksum=False) started a CRC32")
+
+    monkeypatch.setattr(direct_io, "WrittenFileCrc", no_crc_expected)
+    path = str(tmp_path / "f")
+    size = 2 * PIECE_BYTES
+    laid_out(path, size)
+    regions = [
+        (0, aligned_memory(random_bytes(PIECE_BYTES + 7, 2))),
+        (PIECE_BYTES + 3 * ALIGNMENT, random_bytes(ALIGNMENT + 1, 3)),
+    ]
+    written = write_at(path, regions, checksum=False)
+    with open(path, "rb") as stream:
+        assert stream.read() == expected_file(size, 1, regions)
+    assert written.crc32 is None
+    assert written.nbytes == sum(len(data) for _, data in regions)
+
+
 def test_page_cache_bytes_only_reach_progress(tmp_path, o_direct):
     needs_o_direct(o_direct, tmp_path)
     path = str(tmp_path / "f")

@@ -3,6 +3,7 @@ rolled back, resumed, upstream and hostile trees. Every resume must end with the
 weights (SHA-256 digest) of an uninterrupted run."""
 
 import io
+import json
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from candle_ckpt.core.errors import (  # noqa: E402
     ChecksumMismatchError,
     WriterLockedError,
 )
+from candle_ckpt.core.info import CHECKSUM_DISABLED  # noqa: E402
 from candle_ckpt.core.layout import CheckpointLayout  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -289,3 +291,27 @@ def test_corrupt_last_is_refused_in_process_with_nothing_loaded(tmp_path, uninte
     ckpt.set_model({"model": net})
     with pytest.raises(ChecksumMismatchError):
         ckpt.restart()
+
+
+def test_saved_without_checksums_records_none_and_restarts_with_a_warning(tmp_path, caplog):
+    params = {"ckpt_directory": str(tmp_path / "save"), "epochs": 2}
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 64)
+    ckpt = candle_ckpt.CandleCkptPyTorch({**params, "ckpt_checksum": False}, verbose=False)
+    ckpt.set_model({"model": net})
+    assert ckpt.restart() is None
+    for epoch in range(2):
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        ckpt.ckpt_epoch(epoch, 1.0)
+    info = json.loads((tmp_path / "save" / "ckpts" / "last" / "ckpt-info.json").read_text())
+    assert info["checksum"] == CHECKSUM_DISABLED
+    assert all(entry["crc32"] is None for entry in info["files"].values())
+
+    fresh = torch.nn.Linear(64, 64)
+    resumed = candle_ckpt.CandleCkptPyTorch({**params, "ckpt_checksum": True}, verbose=False)
+    resumed.set_model({"model": fresh})
+    with caplog.at_level(logging.WARNING, logger="candle_ckpt"):
+        assert resumed.restart()["epoch"] == 2
+    assert "written without checksums" in caplog.text
+    assert torch.equal(fresh.weight, net.weight) and torch.equal(fresh.bias, net.bias)

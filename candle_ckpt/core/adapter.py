@@ -95,10 +95,11 @@ class FrameworkAdapter(Protocol):
         save), copies otherwise, made into `into` (an older snapshot nobody reads any
         more) where possible. The result must not refer to live framework objects."""
 
-    def write_model_file(self, snapshot: Any, directory: str) -> str | ModelFile:
+    def write_model_file(self, snapshot: Any, directory: str, checksum: bool) -> str | ModelFile:
         """Write `snapshot` into `directory`; return the model file's name, or a
-        `protocol.ModelFile` with the CRC32 computed while writing. May run in another
-        thread; need not fsync (the protocol does)."""
+        `protocol.ModelFile` with the CRC32 computed while writing (`checksum`: whether
+        `ckpt_checksum` asks for one at all). May run in another thread; need not fsync
+        (the protocol does)."""
 
     def restore(
         self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False

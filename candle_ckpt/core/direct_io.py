@@ -127,17 +127,20 @@ def aligned_arrays(layout: Sequence[tuple[Any, tuple[int, ...]]]) -> list[Any]:
 @dataclass(frozen=True)
 class Written:
     """What `write_at` did: the region bytes written, of them how many with O_DIRECT, and
-    the CRC32 of the whole file as it then is (the value `zlib.crc32` of its bytes has)."""
+    the CRC32 of the whole file as it then is (the value `zlib.crc32` of its bytes has),
+    None when it was asked for none."""
 
     nbytes: int
     direct_bytes: int
-    crc32: int
+    crc32: int | None
 
 
 def write_at(
     path: str,
     regions: Iterable[tuple[int, Any]],
     progress: Callable[[int], None] | None = None,
+    *,
+    checksum: bool = True,
 ) -> Written:
     """Write each (offset, bytes) of `regions` into the existing file `path`, in place,
     and return what was written with the file's CRC32.
@@ -167,9 +170,12 @@ def write_at(
         progress: called with the bytes written through the page cache so far after
             every piece (e.g. a `durable.WritebackStarter`: bytes written with O_DIRECT
             are on the disk already).
+        checksum: whether to compute the CRC32 (`ckpt_checksum` false: no CRC work
+            competes with training for the cores).
 
     Returns:
-        `Written`: the bytes written, how many of them with O_DIRECT, the file's CRC32.
+        `Written`: the bytes written, how many of them with O_DIRECT, the file's CRC32
+        (None without `checksum`).
 
     Raises:
         OSError: a write failed (ENOSPC, EIO), naming `path`.
@@ -189,20 +195,22 @@ def write_at(
                     f"the end of the file ({size} bytes); expected the layout to hold it"
                 )
         writer = _RegionWriter(path, fd, progress)
-        crc = WrittenFileCrc(fd, path)
+        crc = WrittenFileCrc(fd, path) if checksum else None
         try:
             for number, (offset, data) in enumerate(ordered):
-                crc.add(offset, data)
+                if crc is not None:
+                    crc.add(offset, data)
                 writer.write(offset, data)
                 if number == 0:
                     fault_point("during_direct_write")
-            checksum = crc.result()
+            file_crc = crc.result() if crc is not None else None
         finally:
-            crc.wait()  # no CRC task may read the fd after it is closed
+            if crc is not None:
+                crc.wait()  # no CRC task may read the fd after it is closed
             writer.close()
     finally:
         os.close(fd)
-    return Written(writer.written, writer.direct_written, checksum)
+    return Written(writer.written, writer.direct_written, file_crc)
 
 
 def _open_direct(path: str) -> int | None:

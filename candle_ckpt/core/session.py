@@ -279,8 +279,8 @@ class TrainingSession:
         return self.adapter.snapshot(copy=True, into=spare)
 
     def _files_writer(self, snapshot: Any) -> WriteFiles:
-        adapter = self.adapter
-        return lambda directory: adapter.write_model_file(snapshot, directory)
+        adapter, checksum = self.adapter, self.settings["ckpt_checksum"]
+        return lambda directory: adapter.write_model_file(snapshot, directory, checksum)
 
     # -- pre-emption (ckpt_signal) -----------------------------------------------------
 

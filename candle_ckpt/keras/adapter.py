@@ -72,9 +72,11 @@ class KerasAdapter:
     def snapshot(self, *, copy: bool, into: Any | None = None) -> h5.TrainingState:
         return h5.snapshot(self.model, self.weights_only, copy=copy, into=into)
 
-    def write_model_file(self, snapshot: h5.TrainingState, directory: str) -> ModelFile:
+    def write_model_file(
+        self, snapshot: h5.TrainingState, directory: str, checksum: bool
+    ) -> ModelFile:
         path = os.path.join(directory, h5.MODEL_FILE)
-        written = h5.write(snapshot, path, progress=WritebackStarter(path))
+        written = h5.write(snapshot, path, WritebackStarter(path), checksum=checksum)
         return ModelFile(h5.MODEL_FILE, written.crc32)
 
     def restore(

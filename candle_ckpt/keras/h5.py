@@ -238,9 +238,12 @@ def write(
     state: TrainingState,
     path: str | os.PathLike[str],
     progress: Callable[[int], None] | None = None,
+    *,
+    checksum: bool = True,
 ) -> Written:
     """Write `state` to `path` (created or truncated) in the layout of the module docstring;
-    return what `direct_io.write_at` wrote, with the file's CRC32.
+    return what `direct_io.write_at` wrote, with the file's CRC32 (None without
+    `checksum`).
 
     May run in a background thread. Does not fsync: the save protocol does that once for
     every file of the epoch. h5py lays the file out and writes the small arrays; the
@@ -255,12 +258,14 @@ def write(
             OSError with the errno HDF5 reports, like any other I/O error.
     """
     try:
-        return _write_file(state, os.fspath(path), progress)
+        return _write_file(state, os.fspath(path), progress, checksum)
     except RuntimeError as error:
         raise as_oserror(error, path) from error
 
 
-def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None) -> Written:
+def _write_file(
+    state: TrainingState, path: str, progress: Callable[[int], None] | None, checksum: bool
+) -> Written:
     # (dataset offset, array) of the arrays pwrite writes. Any: write_at is typed for a
     # memoryview, create_array for an ndarray; Python 3.10 has no Buffer type for both.
     direct: list[tuple[int, Any]] = []
@@ -282,7 +287,7 @@ def _write_file(state: TrainingState, path: str, progress: Callable[[int], None]
         if state.optimizer is not None:
             _write_arrays(f.create_group("optimizer_weights"), state.optimizer, direct)
         _write_arrays(f.create_group(RNG_GROUP), state.rng, direct)
-    return write_at(path, direct, progress)
+    return write_at(path, direct, progress, checksum=checksum)
 
 
 def restore(

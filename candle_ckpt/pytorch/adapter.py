@@ -88,9 +88,11 @@ class TorchAdapter:
     def snapshot(self, *, copy: bool, into: Any | None = None) -> state.TrainingState:
         return state.snapshot(self.objects, self.weights_only, copy=copy, into=into)
 
-    def write_model_file(self, snapshot: state.TrainingState, directory: str) -> ModelFile:
+    def write_model_file(
+        self, snapshot: state.TrainingState, directory: str, checksum: bool
+    ) -> ModelFile:
         path = os.path.join(directory, state.MODEL_FILE)
-        written = state.write(snapshot, path, progress=WritebackStarter(path))
+        written = state.write(snapshot, path, WritebackStarter(path), checksum=checksum)
         return ModelFile(state.MODEL_FILE, written.crc32)
 
     def restore(

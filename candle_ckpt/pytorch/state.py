@@ -269,10 +269,15 @@ def _encode(value: Any, path: str, array_of: Callable[[Any, str], int]) -> Any:
 
 
 def write(
-    state: TrainingState, path: str, progress: Callable[[int], None] | None = None
+    state: TrainingState,
+    path: str,
+    progress: Callable[[int], None] | None = None,
+    *,
+    checksum: bool = True,
 ) -> Written:
     """Write `state` to `path` (created or truncated), in the module docstring's layout;
-    return what `direct_io.write_at` wrote, with the file's CRC32.
+    return what `direct_io.write_at` wrote, with the file's CRC32 (None without
+    `checksum`).
 
     h5py lays the file out and writes the small arrays; the large ones are written into
     the space it allocated by `direct_io.write_at` (with O_DIRECT where it can), which
@@ -285,12 +290,14 @@ def write(
             it as a RuntimeError at the final flush.
     """
     try:
-        return _write_file(state, path, progress)
+        return _write_file(state, path, progress, checksum)
     except RuntimeError as error:
         raise as_oserror(error, path) from error
 
 
-def _write_file(state: TrainingState, path: str, progress: Callable[[int], None] | None) -> Written:
+def _write_file(
+    state: TrainingState, path: str, progress: Callable[[int], None] | None, checksum: bool
+) -> Written:
     direct: list = []  # (dataset offset, array) of the arrays write_at writes
     with create_file(path) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
@@ -303,7 +310,7 @@ def _write_file(state: TrainingState, path: str, progress: Callable[[int], None]
             created = create_array(tensors, str(k), array, direct)
             created.attrs["torch_dtype"] = dtype
             created.attrs["shape"] = np.asarray(shape, dtype=np.int64)
-    return write_at(path, direct, progress)
+    return write_at(path, direct, progress, checksum=checksum)
 
 
 # -- reading ---------------------------------------------------------------------------
