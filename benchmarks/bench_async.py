@@ -6,7 +6,8 @@ synchronous saves, ckpt_async. Reported: the time on_epoch_end holds the trainin
 thread (the stall; the first save of each run separately), the wall time per epoch
 (the first epoch of a run, which traces the model, left out), and what checkpointing
 costs an epoch: (async - none) / (sync - none), the share of the synchronous cost that
-async saving leaves.
+async saving leaves. Beside them, the state copied into aligned snapshot memory alone
+(`common.copy_floor`): the least an async save that copies the state can stall.
 
     .venv/bin/python benchmarks/bench_async.py [--sizes 100MB] [--epochs 5] [--rounds 2] \
         [--quick]
@@ -23,7 +24,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SIZES_MB, build_model, header, quiet_tensorflow, scratch_directory, summary
+from common import (
+    SIZES_MB,
+    build_model,
+    copy_floor,
+    header,
+    quiet_tensorflow,
+    scratch_directory,
+    summary,
+)
 
 
 def run(model, mode, epochs, steps, directory):
@@ -105,6 +114,8 @@ def main():
                         results[mode][0].append(stalls[0])
                         results[mode][1].extend(stalls[1:])
                     results[mode][2].extend(epochs)
+            state = [v.numpy() for v in model.weights + model.optimizer.variables]
+            floor = copy_floor(state, len(results["async"][1]))
             print(f"{size} model")
             for mode, (first, stalls, epochs) in results.items():
                 if stalls:
@@ -119,6 +130,11 @@ def main():
             print(f"  stall async / sync: ratio {median['async'][1] / median['sync'][1]:.3f}")
             print(
                 f"  first / later async stall: ratio {median['async'][0] / median['async'][1]:.3f}"
+            )
+            print(f"  state copied into snapshot memory alone: {summary(floor)}")
+            print(
+                f"  copy alone / sync stall (the least a copying snapshot stalls): ratio "
+                f"{statistics.median(floor) / median['sync'][1]:.3f}"
             )
             none = statistics.median(results["none"][2])
             cost = {mode: statistics.median(results[mode][2]) - none for mode in median}

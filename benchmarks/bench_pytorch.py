@@ -25,7 +25,9 @@ baselines measured in the same run:
   epoch of real steps (forward, backward, AdamW): the stall, what `ckpt_epoch` holds
   the training thread, async ÷ sync (target <= 0.1) and the first async save's over a
   later one's (target <= 2); the epoch time, and what checkpointing costs an epoch,
-  (async - none) ÷ (sync - none) (target <= 0.25).
+  (async - none) ÷ (sync - none) (target <= 0.25);
+- copy_floor: the state copied into aligned snapshot memory alone (`common.copy_floor`),
+  the least an async save that copies the state can stall, over the sync stall.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_pytorch.py [--sizes 100MB,1GB] \\
         [--repetitions 5] [--directory DIR] [--quick]
@@ -43,7 +45,16 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SIZES_MB, header, interleave, ratio_line, scratch_directory, summary, timed
+from common import (
+    SIZES_MB,
+    copy_floor,
+    header,
+    interleave,
+    ratio_line,
+    scratch_directory,
+    summary,
+    timed,
+)
 
 from candle_ckpt.core.durable import fsync_dir, fsync_file
 
@@ -83,7 +94,8 @@ def build(megabytes, seed=0):
     return model, optimizer
 
 
-def state_bytes(model, optimizer):
+def state_tensors(model, optimizer):
+    """The tensors of the model's and the optimizer's state dicts."""
     import torch
 
     tensors = list(model.state_dict().values())
@@ -93,7 +105,11 @@ def state_bytes(model, optimizer):
         for t in s.values()
         if isinstance(t, torch.Tensor)
     ]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return tensors
+
+
+def state_bytes(model, optimizer):
+    return sum(t.numel() * t.element_size() for t in state_tensors(model, optimizer))
 
 
 def session(root, model, optimizer, asynchronous=False, keep_limit=2):
@@ -223,6 +239,8 @@ def training(size, rounds, epochs, epoch_seconds, directory, steps=None):
             if ckpt is not None:
                 ckpt.finish()
                 shutil.rmtree(root)
+    arrays = [t.detach().numpy() for t in state_tensors(model, optimizer)]
+    stalls["copy_floor"] = copy_floor(arrays, len(stalls["async_later"]))
     return epoch_times, stalls, steps
 
 
@@ -316,6 +334,14 @@ def main():
                 "  "
                 + ratio_line(
                     "stall async first / later (<= 2)", stalls["async_first"], stalls["async_later"]
+                )
+            )
+            print(
+                "  "
+                + ratio_line(
+                    "stall copy_floor / sync: the least a copying snapshot stalls",
+                    stalls["copy_floor"],
+                    stalls["sync"],
                 )
             )
             none = statistics.median(epoch_times["none"])

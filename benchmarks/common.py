@@ -119,6 +119,22 @@ def timed(function):
     return time.perf_counter() - started
 
 
+def copy_floor(arrays, repetitions):
+    """Seconds to copy `arrays` into one block of aligned snapshot memory, filled once
+    untimed first, with `direct_io.copy_into` (two threads for large arrays), as an
+    async save copies the state: the least a snapshot that copies can stall training."""
+    from candle_ckpt.core.direct_io import aligned_arrays, copy_into
+
+    block = aligned_arrays([(a.dtype, a.shape) for a in arrays])
+
+    def copy_all():
+        for target, source in zip(block, arrays):
+            copy_into(target, source)
+
+    copy_all()
+    return [timed(copy_all) for _ in range(repetitions)]
+
+
 def interleave(repetitions, warmup=0, **candidates):
     """Run each candidate `repetitions` times, interleaved; {name: [seconds]}.
 
