@@ -15,6 +15,8 @@ For each N it prints:
   every epoch so far in `epochs_saved`);
 - `candle-ckpt list DIR` and `candle-ckpt history DIR` as subprocesses (what an
   operator waits for: interpreter start, imports, reading, printing), medians;
+  `history` twice: without ckpts/history.cache (the first read of a tree, which writes
+  it) and with it;
   targets: list <= 0.1 s at 10 000 and <= 1 s at 100 000 epochs, history <= 0.5 s at
   100 000;
 - the baseline measured in the same run: a Python interpreter that imports nothing
@@ -36,6 +38,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from candle_ckpt.core.checkpointer import Checkpointer  # noqa: E402
 from candle_ckpt.core.history import HISTORY_FILE, history_line, utc_time  # noqa: E402
+from candle_ckpt.core.history_cache import cache_path  # noqa: E402
 from candle_ckpt.core.index import index_line, index_path  # noqa: E402
 from candle_ckpt.core.info import TIMESTAMP_FORMAT, info_file_bytes, read_info  # noqa: E402
 from candle_ckpt.core.layout import INFO_FILE, CheckpointLayout  # noqa: E402
@@ -146,10 +149,12 @@ def build_tree(root, epochs):
     return layout
 
 
-def timed(function, repeat):
-    """(median, min, max) wall seconds, and the median CPU seconds of child processes."""
+def timed(function, repeat, before=lambda: None):
+    """(median, min, max) wall seconds, and the median CPU seconds of child processes;
+    `before()` runs untimed before each run."""
     walls, cpus = [], []
     for _ in range(repeat):
+        before()
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         function()
@@ -191,21 +196,29 @@ def measure(top, epochs, repeat, bytecode):
     if bytecode:
         environment.pop("PYTHONDONTWRITEBYTECODE", None)
         environment["PYTHONPYCACHEPREFIX"] = os.path.join(top, "pycache")
+
+    def no_history_cache():
+        if os.path.exists(cache_path(layout.ckpts)):
+            os.unlink(cache_path(layout.ckpts))
+
     results = {}
-    for name, command in [
-        ("python -c pass", [sys.executable, "-c", "pass"]),
-        ("list", _command("list", layout.root)),
-        ("history", _command("history", layout.root)),
+    for name, command, before in [
+        ("python -c pass", [sys.executable, "-c", "pass"], lambda: None),
+        ("list", _command("list", layout.root), lambda: None),
+        # What the first `history` of a tree costs: it parses every line and writes
+        # ckpts/history.cache, which the next one reads.
+        ("history, no cache", _command("history", layout.root), no_history_cache),
+        ("history", _command("history", layout.root), lambda: None),
     ]:
 
         def run(command=command):
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment)
 
         run()  # warm the page cache and the bytecode cache
-        results[name] = timed(run, repeat)
+        results[name] = timed(run, repeat, before)
         wall = results[name]
         print(
-            f"  {' '.join(command)}: wall median {wall[0]:.3f} s (min {wall[1]:.3f}, "
+            f"  {name}: {' '.join(command)}: wall median {wall[0]:.3f} s (min {wall[1]:.3f}, "
             f"max {wall[2]:.3f}), CPU {wall[3]:.3f} s; "
             f"/ python -c pass = {wall[0] / results['python -c pass'][0]:.1f}"
         )

@@ -57,6 +57,7 @@ from candle_ckpt.core.durable import is_temporary_name  # noqa: E402
 from candle_ckpt.core.errors import CheckpointError  # noqa: E402
 from candle_ckpt.core.faults import POINTS  # noqa: E402
 from candle_ckpt.core.history import HISTORY_FILE  # noqa: E402
+from candle_ckpt.core.history_cache import CACHE_FILE  # noqa: E402
 from candle_ckpt.core.index import INDEX_FILE  # noqa: E402
 from candle_ckpt.core.info import read_info  # noqa: E402
 from candle_ckpt.core.layout import CheckpointLayout, parse_epoch_dirname  # noqa: E402
@@ -71,7 +72,7 @@ from candle_ckpt.operator.inventory import survey  # noqa: E402
 # after_trash_rename comes after after_last, whose kill leaves no work/ to delete, so it
 # stops the keep policy's deletion.
 FAULTS = (f"{POINTS[0]}:2",) + tuple(f"{point}:1" for point in POINTS[1:])
-_KNOWN = {"epochs", "work", "trash", "last", "best", ".lock", HISTORY_FILE, INDEX_FILE}
+_KNOWN = {"epochs", "work", "trash", "last", "best", ".lock", HISTORY_FILE, INDEX_FILE, CACHE_FILE}
 
 
 class SoakFailure(AssertionError):

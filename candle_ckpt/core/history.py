@@ -15,14 +15,16 @@ one warning per damaged line; it never stops a restart, which does not read it a
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
 from collections.abc import Mapping
 from itertools import chain
 from operator import attrgetter
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
+from .checksum import crc32
 from .durable import append_line
 from .json_lines import json_line, parse_lines
 
@@ -30,6 +32,7 @@ HISTORY_FILE = "history.jsonl"
 # A line is a few hundred bytes; a far larger file is not a history, and reading it
 # whole would be a denial of service (about 4 million epochs fit).
 MAX_HISTORY_BYTES = 1 << 30
+# Warnings listed of each kind (lines not JSON, records not history lines).
 _MAX_WARNINGS = 20
 
 
@@ -211,11 +214,13 @@ def history_path(ckpts: str) -> str:
     return os.path.join(ckpts, HISTORY_FILE)
 
 
-def read_history(ckpts: str, last: int | None = None) -> History:
+def read_history(ckpts: str, last: int | None = None, *, cache: bool = False) -> History:
     """Read `<ckpts>/history.jsonl` (see the module docstring); never raises for damage.
 
     `last`: the epoch the `last` link names, or None; live epochs after it are marked
     `after_last`.
+    `cache`: use `<ckpts>/history.cache` (core/history_cache.py) for the lines it covers,
+    and write a new one when many lines were not covered; the result is the same.
 
     Returns an empty `History` when the file does not exist (a tree written before the
     history existed, or by upstream CANDLE).
@@ -225,31 +230,57 @@ def read_history(ckpts: str, last: int | None = None) -> History:
     """
     path = history_path(ckpts)
     try:
-        with open(path, "rb") as stream:
-            data = stream.read(MAX_HISTORY_BYTES + 1)
+        stream = open(path, "rb")
     except FileNotFoundError:
         return History(path, [], [], [], [])
-    warnings: list[str] = []
-    if len(data) > MAX_HISTORY_BYTES:
-        warnings.append(
-            f"{path}: larger than {MAX_HISTORY_BYTES} bytes; read the first "
-            f"{MAX_HISTORY_BYTES} only"
-        )
-        data = data[:MAX_HISTORY_BYTES]
-    records = parse_lines(
-        data,
-        lambda number, error: _warn(
-            warnings,
-            f"{path}: line {number} is not JSON ({error}); skipped (a line "
-            f"torn by a kill, or damage)",
-        ),
-    )
-    history = _timelines(path, records, warnings)
+    with stream:
+        size = os.fstat(stream.fileno()).st_size
+        if cache and 0 < size <= MAX_HISTORY_BYTES:
+            timelines = _read_with_cache(ckpts, path, stream, size)
+        else:
+            timelines = _read_every_line(path, stream)
+    history = timelines.history()
     if last is not None:
         for record in history.epochs:
             if not record.abandoned and record.epoch > last:
                 record.after_last = True
     return history
+
+
+def _read_every_line(path: str, stream: BinaryIO) -> Timelines:
+    data = stream.read(MAX_HISTORY_BYTES + 1)
+    if len(data) <= MAX_HISTORY_BYTES:
+        timelines = Timelines(path)
+    else:
+        timelines = Timelines(
+            path,
+            line_warnings=[
+                f"{path}: larger than {MAX_HISTORY_BYTES} bytes; read the first "
+                f"{MAX_HISTORY_BYTES} only"
+            ],
+        )
+        data = data[:MAX_HISTORY_BYTES]
+    timelines.feed_data(data)
+    return timelines
+
+
+def _read_with_cache(ckpts: str, path: str, stream: BinaryIO, size: int) -> Timelines:
+    # Imported here: the cache module builds this module's records.
+    from . import history_cache
+
+    # Mapped, not read: the bytes the cache covers are only checksummed.
+    with mmap.mmap(stream.fileno(), size, prot=mmap.PROT_READ) as mapped:
+        found = history_cache.load(ckpts, path, mapped)
+    timelines, covered, covered_crc32 = (Timelines(path), 0, 0) if found is None else found
+    stream.seek(covered)
+    # Never past the limit, even if the file grew past it since `size`.
+    rest = stream.read(MAX_HISTORY_BYTES - covered)
+    timelines.feed_data(rest)
+    lines = rest.rfind(b"\n") + 1
+    if lines >= history_cache.REWRITE_AFTER_BYTES:
+        crc = crc32(memoryview(rest)[:lines], covered_crc32)
+        history_cache.store(ckpts, history_cache.Cached(timelines, covered + lines, crc))
+    return timelines
 
 
 def _warn(warnings: list[str], message: str) -> None:
@@ -259,56 +290,118 @@ def _warn(warnings: list[str], message: str) -> None:
         warnings.append("further damaged lines are not reported")
 
 
-def _timelines(path: str, records: list[Any], warnings: list[str]) -> History:
-    epochs: list[EpochRecord] = []
-    runs: list[RunStart] = []
-    live: dict[int, EpochRecord] = {}  # epoch -> its record on the live timeline
-    by_run: dict[tuple[str, int], EpochRecord] = {}
-    rewinds: list[int] = []
-    append = epochs.append
-    for number, record in enumerate(records, 1):
-        try:
-            kind = record["kind"]
-            if kind == "epoch":  # first: half the lines of a history, and the most work
-                metrics = record["metrics"]
-                if type(metrics) is not dict:
-                    raise TypeError(f"'metrics' is {metrics!r}; expected an object")
-                epoch, run_id = int(record["epoch"]), str(record["run_id"])
-                entry = EpochRecord(
-                    epoch, run_id, record.get("time"), metrics, record.get("train_seconds")
-                )
-                previous = live.get(epoch)
-                if previous is not None:  # a run recorded the same epoch twice
-                    previous.abandoned = True
-                live[epoch] = by_run[run_id, epoch] = entry
-                append(entry)
-            elif not isinstance(kind, str):  # no other JSON value equals "epoch"
-                raise TypeError(f"'kind' is {kind!r}; expected a string")
-            elif kind == "saved":
-                found = by_run.get((str(record["run_id"]), int(record["epoch"])))
-                if found is not None:
-                    found.saved, found.save_seconds = True, record.get("save_seconds")
-            elif kind == "start":
-                resumed = record.get("resumed_from")
-                runs.append(
-                    RunStart(
-                        str(record["run_id"]),
-                        record.get("run_started"),
-                        record.get("lineage_id"),
-                        None if resumed is None else int(resumed),
+class Timelines:
+    """The timelines rebuilt from a history's records, fed in file order.
+
+    Feeding can stop and go on: `history_cache` saves the state after the lines a cache
+    covers, and a later read feeds only the lines appended since.
+
+    Args:
+        path: the history file, named in warnings.
+        epochs, runs, rewinds: the state after `records` records (empty for a read
+            from the first line).
+        line_warnings, record_warnings: about the lines that are not JSON, and the
+            records that are not history lines, each in file order: a `History` lists
+            the first, then the second, so that a read that starts from a cached state
+            lists them as a read of every line does.
+        lines, records: how many lines and records (parsed lines) were fed before.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        epochs: list[EpochRecord] | None = None,
+        runs: list[RunStart] | None = None,
+        rewinds: list[int] | None = None,
+        line_warnings: list[str] | None = None,
+        record_warnings: list[str] | None = None,
+        lines: int = 0,
+        records: int = 0,
+    ) -> None:
+        self.path = path
+        self.epochs = [] if epochs is None else epochs
+        self.runs = [] if runs is None else runs
+        self.rewinds = [] if rewinds is None else rewinds
+        self.line_warnings = [] if line_warnings is None else line_warnings
+        self.record_warnings = [] if record_warnings is None else record_warnings
+        self.lines = lines
+        self.records = records
+        # epoch -> its record on the live timeline: the records no later line abandoned
+        self._live = {record.epoch: record for record in self.epochs if not record.abandoned}
+        # (run_id, epoch) -> its last record; only a `saved` line needs it, so it is
+        # built when the first one is fed
+        self._by_run: dict[tuple[str, int], EpochRecord] | None = None if self.epochs else {}
+
+    def history(self) -> History:
+        warnings = self.line_warnings + self.record_warnings
+        return History(self.path, self.epochs, self.runs, warnings, self.rewinds)
+
+    def feed_data(self, data: bytes) -> None:
+        """Feed the complete lines of `data`, which follows the lines fed before."""
+        first = self.lines
+        values = parse_lines(
+            data,
+            lambda number, error: _warn(
+                self.line_warnings,
+                f"{self.path}: line {first + number} is not JSON ({error}); skipped (a "
+                f"line torn by a kill, or damage)",
+            ),
+        )
+        self.lines += data.count(b"\n")
+        self.feed(values)
+
+    def feed(self, records: list[Any]) -> None:
+        """Feed parsed lines, in file order."""
+        epochs, live, runs, rewinds = self.epochs, self._live, self.runs, self.rewinds
+        by_run = self._by_run
+        append = epochs.append
+        for number, record in enumerate(records, self.records + 1):
+            try:
+                kind = record["kind"]
+                if kind == "epoch":  # first: half the lines of a history, and the most work
+                    metrics = record["metrics"]
+                    if type(metrics) is not dict:
+                        raise TypeError(f"'metrics' is {metrics!r}; expected an object")
+                    epoch, run_id = int(record["epoch"]), str(record["run_id"])
+                    entry = EpochRecord(
+                        epoch, run_id, record.get("time"), metrics, record.get("train_seconds")
                     )
+                    previous = live.get(epoch)
+                    if previous is not None:  # a run recorded the same epoch twice
+                        previous.abandoned = True
+                    live[epoch] = entry
+                    if by_run is not None:
+                        by_run[run_id, epoch] = entry
+                    append(entry)
+                elif not isinstance(kind, str):  # no other JSON value equals "epoch"
+                    raise TypeError(f"'kind' is {kind!r}; expected a string")
+                elif kind == "saved":
+                    if by_run is None:
+                        by_run = self._by_run = {(e.run_id, e.epoch): e for e in epochs}
+                    found = by_run.get((str(record["run_id"]), int(record["epoch"])))
+                    if found is not None:
+                        found.saved, found.save_seconds = True, record.get("save_seconds")
+                elif kind == "start":
+                    resumed = record.get("resumed_from")
+                    runs.append(
+                        RunStart(
+                            str(record["run_id"]),
+                            record.get("run_started"),
+                            record.get("lineage_id"),
+                            None if resumed is None else int(resumed),
+                        )
+                    )
+                    after = resumed or 0
+                    left = [e for e in live if e > after]
+                    for epoch in left:
+                        live.pop(epoch).abandoned = True
+                    if left:
+                        rewinds.append(after)
+                # another kind: a line of a later version, which this reader skips
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                _warn(
+                    self.record_warnings,
+                    f"{self.path}: record {number} is not a history line "
+                    f"({type(error).__name__}: {error}); skipped",
                 )
-                after = resumed or 0
-                left = [e for e in live if e > after]
-                for epoch in left:
-                    live.pop(epoch).abandoned = True
-                if left:
-                    rewinds.append(after)
-            # another kind: a line of a later version, which this reader skips
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            _warn(
-                warnings,
-                f"{path}: record {number} is not a history line "
-                f"({type(error).__name__}: {error}); skipped",
-            )
-    return History(path, epochs, runs, warnings, rewinds)
+        self.records += len(records)

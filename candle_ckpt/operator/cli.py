@@ -665,7 +665,7 @@ def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History]:
 
     _no_cycle_collection()
     layout = open_tree(directory)
-    history = read_history(layout.ckpts, link_state(layout, "last").epoch)
+    history = read_history(layout.ckpts, link_state(layout, "last").epoch, cache=True)
     for warning in history.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return layout, history
