@@ -123,8 +123,12 @@ def _select_epoch(layout: CheckpointLayout, selector: str) -> int:
     return state.epoch
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `candle-ckpt` and its five subcommands."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of `candle-ckpt`: with every subcommand, or only `command`.
+
+    `main` builds only the command its command line names: the other subparsers are
+    most of the parser's construction, paid by every run of `list`.
+    """
     parser = _Parser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
@@ -136,11 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         parser_class=_Parser,
         metavar="{list,info,verify,rollback,prune,history,plot,export}",
+        # given, not derived: deriving it formats a usage line, which imports shutil
+        prog=PROG,
     )
-    tree_then_epoch = (
-        f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
-    )
+    for name, add_command in _SUBCOMMANDS.items():
+        if command is None or command == name:
+            add_command(commands)
+    return parser
 
+
+_TREE_THEN_EPOCH = f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
+
+
+def _add_list(commands: argparse._SubParsersAction[_Parser]) -> None:
     list_parser = commands.add_parser(
         "list", help="one row per epoch: size, time, metric, checksum, last/best marks"
     )
@@ -165,19 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
         "CRC32 (reads every model file, as verify --all)",
     )
 
+
+def _add_info(commands: argparse._SubParsersAction[_Parser]) -> None:
     info_parser = commands.add_parser("info", help="the ckpt-info.json of an epoch, validated")
     info_parser.add_argument(
-        "where", nargs="*", metavar="ARG", help=tree_then_epoch + " (default last)"
+        "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
     )
 
+
+def _add_verify(commands: argparse._SubParsersAction[_Parser]) -> None:
     verify_parser = commands.add_parser(
         "verify", help="recompute the CRC32 of every file an epoch lists"
     )
     verify_parser.add_argument(
-        "where", nargs="*", metavar="ARG", help=tree_then_epoch + " (default last)"
+        "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
     )
     verify_parser.add_argument("--all", action="store_true", help="verify every epoch")
 
+
+def _add_rollback(commands: argparse._SubParsersAction[_Parser]) -> None:
     rollback_parser = commands.add_parser(
         "rollback", help="verify EPOCH, then point last at it and best at the best before it"
     )
@@ -186,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print what would change, change nothing"
     )
 
+
+def _add_prune(commands: argparse._SubParsersAction[_Parser]) -> None:
     prune_parser = commands.add_parser(
         "prune", help="delete epochs by keep policy or after last; never last or best"
     )
@@ -211,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
     )
 
+
+def _add_history(commands: argparse._SubParsersAction[_Parser]) -> None:
     history_parser = commands.add_parser(
         "history", help="every completed epoch of every run, from ckpts/history.jsonl"
     )
@@ -224,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the live timeline up to last (no abandoned epochs)",
     )
 
+
+def _add_plot(commands: argparse._SubParsersAction[_Parser]) -> None:
     plot_parser = commands.add_parser(
         "plot",
         help="metric curves over epochs, last, best, saved epochs and rollbacks "
@@ -243,13 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a picture (.png or .svg; needs matplotlib, pip install 'candle_ckpt[plot]')",
     )
 
+
+def _add_export(commands: argparse._SubParsersAction[_Parser]) -> None:
     export_parser = commands.add_parser(
         "export",
         help="verify EPOCH, then write its weights for plain Keras "
         "(load_weights) or PyTorch (load_state_dict), with PATH.sha256",
     )
     export_parser.add_argument(
-        "where", nargs="*", metavar="ARG", help=tree_then_epoch + " (default last)"
+        "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
     )
     export_parser.add_argument(
         "--to",
@@ -258,7 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the file to write: NAME.weights.h5 for Keras, e.g. NAME.pt for PyTorch",
     )
     export_parser.add_argument("--force", action="store_true", help="replace PATH if it exists")
-    return parser
+
+
+# In the order `candle-ckpt --help` lists them.
+_SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction[_Parser]], None]] = {
+    "list": _add_list,
+    "info": _add_info,
+    "verify": _add_verify,
+    "rollback": _add_rollback,
+    "prune": _add_prune,
+    "history": _add_history,
+    "plot": _add_plot,
+    "export": _add_export,
+}
 
 
 # -- output -----------------------------------------------------------------------
@@ -856,7 +894,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (the console script exits with it)."""
     try:
-        args = build_parser().parse_args(argv)
+        arguments = sys.argv[1:] if argv is None else argv
+        # only the named command's parser; all of them for --help or a wrong command
+        command = arguments[0] if arguments and arguments[0] in COMMANDS else None
+        args = build_parser(command).parse_args(arguments)
         return COMMANDS[args.command](args)
     except BrokenPipeError:
         # The reader went away (`candle-ckpt list | head`): nothing is wrong. Point
