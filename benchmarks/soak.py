@@ -145,7 +145,7 @@ def check_tree(root, previous_last):
 
 
 def _summary(summary):
-    return {name: getattr(summary, name) for name in summary.__slots__}
+    return {name: getattr(summary, name) for name in summary.FIELDS}
 
 
 def check_finished(root, target):

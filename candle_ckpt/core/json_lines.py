@@ -13,10 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 
+def json_text(value: Any) -> str:
+    """`value` as compact JSON text; NaN and infinity refused (ValueError), as JSON has
+    neither."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
 def json_line(value: Any) -> bytes:
-    """`value` as one compact line of JSON with its newline; NaN and infinity refused
-    (ValueError), as JSON has neither."""
-    return (json.dumps(value, allow_nan=False, separators=(",", ":")) + "\n").encode()
+    """`value` as one line of `json_text` with its newline."""
+    return (json_text(value) + "\n").encode()
 
 
 def parse_lines(data: bytes, damaged: Callable[[int, Exception], None] | None = None) -> list[Any]:

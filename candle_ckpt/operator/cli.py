@@ -408,6 +408,8 @@ def _checksums(tree: TreeSurvey, verify: bool) -> list[str | None]:
 
 def _own_value(summary: EpochSummary, metric: str | None) -> Any:
     """The epoch's own value of `metric` (None when not recorded)."""
+    if metric == summary.metric:  # its metrics are decoded only for another metric
+        return summary.metric_value
     metrics = summary.metrics
     return None if metrics is None or metric is None else metrics.get(metric)
 

@@ -21,7 +21,7 @@ from operator import attrgetter
 from typing import Any, NamedTuple
 
 from ..core.errors import CheckpointError, LinkError, NoCheckpointError
-from ..core.index import read_index, size_and_checksummed
+from ..core.index import decoded_metrics, read_index, size_and_checksummed
 from ..core.info import MAX_INFO_BYTES, finite_or_none, is_legacy
 from ..core.layout import (
     DEFAULT_CKPT_DIRECTORY,
@@ -134,12 +134,14 @@ class EpochSummary:
     bytes of the directory's files). `checksum` is "not verified" when CRC32s are
     recorded (a survey reads no model file) and "off" when none are. `best_value` is
     `best_metric_last`, the best value of `metric` up to this epoch; `metrics` the
-    epoch's own values (None in files older than format 2, which do not record them).
+    epoch's own values (None in files older than format 2, which do not record them),
+    and `metric_value` its own value of `metric` (None when not recorded).
     `problem` is None or why the ckpt-info.json cannot be summarised; the other fields
     are then None.
     """
 
     __slots__ = (
+        "_metrics",
         "best_value",
         "checksum",
         "directory",
@@ -147,10 +149,25 @@ class EpochSummary:
         "format_version",
         "legacy",
         "metric",
-        "metrics",
+        "metric_value",
         "problem",
         "size",
         "timestamp",
+    )
+    # What a summary holds, as `repr` shows it and tests compare it.
+    FIELDS = (
+        "epoch",
+        "directory",
+        "timestamp",
+        "metric",
+        "best_value",
+        "size",
+        "checksum",
+        "legacy",
+        "problem",
+        "metrics",
+        "format_version",
+        "metric_value",
     )
 
     def __init__(
@@ -164,9 +181,12 @@ class EpochSummary:
         checksum: str | None = None,
         legacy: bool | None = None,
         problem: str | None = None,
-        metrics: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | str | None = None,
         format_version: int | None = None,
+        metric_value: float | None = None,
     ) -> None:
+        """`metrics` may be the JSON text of the dict, as the list index keeps it: it is
+        decoded on first use (`list` shows only `metric_value` of most epochs)."""
         self.epoch = epoch
         self.directory = directory
         self.timestamp = timestamp
@@ -176,11 +196,20 @@ class EpochSummary:
         self.checksum = checksum
         self.legacy = legacy
         self.problem = problem
-        self.metrics = metrics
+        self._metrics = metrics
         self.format_version = format_version
+        self.metric_value = metric_value
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        metrics = self._metrics
+        if metrics is None or type(metrics) is dict:
+            return metrics
+        self._metrics = decoded = decoded_metrics(metrics)
+        return decoded
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS)
         return f"EpochSummary({fields})"
 
 
@@ -212,18 +241,22 @@ def _summarise(epoch: int, directory: str) -> EpochSummary:
         if size is None:  # upstream CANDLE records no sizes
             size = _bytes_in(directory)
         metrics = head.get("metrics")
+        if type(metrics) is not dict:
+            metrics = None
+        metric = head["save_best_metric"]
         return EpochSummary(
             epoch,
             directory,
             head["timestamp"],
-            head["save_best_metric"],
+            metric,
             finite_or_none(head["best_metric_last"]),
             size,
             _CHECKSUM_STATES[checksummed],
             legacy,
             None,
-            metrics if type(metrics) is dict else None,
+            metrics,
             None if legacy else head.get("format_version"),
+            None if metrics is None or metric is None else metrics.get(metric),
         )
     except KeyError as error:
         problem = f"{INFO_FILE} has no key {error}"
@@ -296,10 +329,10 @@ def _summaries(layout: CheckpointLayout, use_index: bool) -> list[EpochSummary]:
         line = index.get(inode)
         # the line's epoch must be the directory's (a renamed directory keeps its inode)
         if line is not None and epoch_dirname(line[0]) == name:
-            _, _, timestamp, metric, best, size, checksummed, metrics, version = line
+            epoch, _, timestamp, metric, best, value, size, checksummed, metrics, version = line
             append(
                 EpochSummary(
-                    line[0],
+                    epoch,
                     prefix + name,
                     timestamp,
                     metric,
@@ -310,6 +343,7 @@ def _summaries(layout: CheckpointLayout, use_index: bool) -> list[EpochSummary]:
                     None,
                     metrics,
                     version,
+                    value,
                 )
             )
         else:
