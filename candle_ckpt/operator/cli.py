@@ -32,7 +32,9 @@ import json
 import os
 import re
 import sys
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterator, Sequence
+from operator import attrgetter
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
@@ -481,35 +483,36 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
     summaries = tree.epochs
     tracked = {s.metric for s in summaries if s.problem is None}
     one_metric = len(tracked) == 1 and None not in tracked
-    last, best = tree.links["last"].epoch, tree.links["best"].epoch
-    # epochs after last are abandoned (TreeSurvey.abandoned); none without last
-    after = float("inf") if last is None else last
-    # Column by column, the cell formats written out (metrics "%.6g", "-" for none):
-    # a formatting call per cell would be most of the run of `list` on 10 000 epochs.
+    # Column by column: a field of every summary by `map(attrgetter(...))`, the cell
+    # formats written out (metrics "%.6g", "-" for none): a call per cell would be most
+    # of the run of `list` on 10 000 epochs.
+    epochs = list(map(attrgetter("epoch"), summaries))
     # Most epochs of a run have the same size: each size is formatted once.
-    sizes = {size: _human_size(size) for size in {s.size for s in summaries}}
-    values = [
-        "-" if (value := _own_value(s, metric)) is None else f"{value:.6g}" for s in summaries
-    ]
-    bests = ["-" if (value := s.best_value) is None else f"{value:.6g}" for s in summaries]
+    sizes = list(map(attrgetter("size"), summaries))
+    size_texts = {size: _human_size(size) for size in set(sizes)}
+    if tracked == {metric} and metric is not None:
+        # every epoch tracks the metric shown, whose value has a field of its own
+        own_values = list(map(attrgetter("metric_value"), summaries))
+    else:
+        own_values = [_own_value(s, metric) for s in summaries]
+    values = ["-" if value is None else f"{value:.6g}" for value in own_values]
+    # The best value so far changes only when an epoch improves on it: each is
+    # formatted once.
+    best_values = list(map(attrgetter("best_value"), summaries))
+    best_texts = {value: "-" if value is None else f"{value:.6g}" for value in set(best_values)}
+    bests = list(map(best_texts.__getitem__, best_values))
     if not one_metric:
         bests = [
             text if s.metric is None else f"{s.metric}={text}" for s, text in zip(summaries, bests)
         ]
     columns: list[list[str]] = [
-        ["epoch", *[str(s.epoch) for s in summaries]],
-        ["size", *[sizes[s.size] for s in summaries]],
-        ["saved at", *[str(s.timestamp) for s in summaries]],
+        ["epoch", *map(str, epochs)],
+        ["size", *map(size_texts.__getitem__, sizes)],
+        ["saved at", *map(str, map(attrgetter("timestamp"), summaries))],
         [metric or "metric", *values],
         [f"best {next(iter(tracked))}" if one_metric else "best metric", *bests],
-        ["checksum", *[str(checksum) for checksum in checksums]],
-        [
-            "",
-            *[
-                _LIST_FLAGS[(epoch := s.epoch) == last, epoch == best, epoch > after]
-                for s in summaries
-            ],
-        ],
+        ["checksum", *map(str, checksums)],
+        ["", *_flags(epochs, tree.links["last"].epoch, tree.links["best"].epoch)],
     ]
     for row, summary in enumerate(summaries, 1):
         if summary.problem is not None:
@@ -517,6 +520,24 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
                 column[row] = "-"
             columns[5][row] = "INVALID: " + summary.problem
     return _aligned(columns, right=(0, 1, 3, 4))
+
+
+def _flags(epochs: list[int], last: int | None, best: int | None) -> list[str]:
+    """The flags column of `list` for `epochs` (ascending): last, best, abandoned.
+
+    Only last, best and the epochs after last have any: their rows are found by
+    bisection, and every other row is "".
+    """
+    # epochs after last are abandoned (TreeSurvey.abandoned); none without last
+    after = float("inf") if last is None else last
+    flags = [""] * len(epochs)
+    marked = {bisect_left(epochs, epoch) for epoch in (last, best) if epoch is not None}
+    marked.update(range(bisect_right(epochs, after), len(epochs)))
+    for row in marked:
+        if row < len(epochs):
+            epoch = epochs[row]
+            flags[row] = _LIST_FLAGS[epoch == last, epoch == best, epoch > after]
+    return flags
 
 
 def _aligned(columns: list[list[str]], right: Collection[int] = ()) -> list[str]:
