@@ -24,6 +24,9 @@ def json_line(value: Any) -> bytes:
     return (json_text(value) + "\n").encode()
 
 
+_NEWLINES_TO_COMMAS = bytes.maketrans(b"\n", b",")
+
+
 def parse_lines(data: bytes, damaged: Callable[[int, Exception], None] | None = None) -> list[Any]:
     """The value of each complete line of `data`, in order. What follows the last newline
     (a line torn by a kill, or nothing) is left out, as are blank lines; a line that is
@@ -31,19 +34,22 @@ def parse_lines(data: bytes, damaged: Callable[[int, Exception], None] | None = 
     end = data.rfind(b"\n")
     if end < 0:
         return []
-    body = data[:end]
     try:
         # One parse of the whole file, its lines as the elements of one JSON array, is
         # several times faster than one per line. It stands only if it found as many
         # values as there are lines, so that no damaged line was read with its neighbour.
-        # (joined, not added: each + would copy the whole file once more)
-        values: list[Any] = json.loads(b"".join((b"[", body.replace(b"\n", b","), b"]")))
-        if len(values) == body.count(b"\n") + 1:
+        # Each copy of the file is paid in fresh memory, page by page: the newlines are
+        # translated in one copy, joined to the brackets from a view of it (not sliced,
+        # replaced and added, a copy each), and that copy is freed before the parse
+        # decodes the array into another.
+        array = b"".join((b"[", memoryview(data.translate(_NEWLINES_TO_COMMAS))[:end], b"]"))
+        values: list[Any] = json.loads(array)
+        if len(values) == data.count(b"\n", 0, end) + 1:
             return values
     except (ValueError, RecursionError):
         pass  # a damaged or blank line: find it line by line
     values = []
-    for number, line in enumerate(body.split(b"\n"), 1):
+    for number, line in enumerate(data[:end].split(b"\n"), 1):
         if not line.strip():
             continue
         try:
