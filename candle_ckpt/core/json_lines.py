@@ -24,6 +24,10 @@ def json_line(value: Any) -> bytes:
     return (json_text(value) + "\n").encode()
 
 
+# A file is parsed a piece of about this many bytes at a time: the copies a parse makes
+# (the lines joined into one array, its text decoded) then take the memory the previous
+# piece's freed, where copies of a whole file each cost fresh memory, paid page by page.
+_PIECE_BYTES = 16384
 _NEWLINES_TO_COMMAS = bytes.maketrans(b"\n", b",")
 
 
@@ -32,29 +36,42 @@ def parse_lines(data: bytes, damaged: Callable[[int, Exception], None] | None = 
     (a line torn by a kill, or nothing) is left out, as are blank lines; a line that is
     not JSON is skipped after `damaged(line number, error)` is called, if given."""
     end = data.rfind(b"\n")
-    if end < 0:
-        return []
+    values: list[Any] = []
+    start, number = 0, 1  # where the next piece starts, and the number of its first line
+    while start <= end:
+        if start + _PIECE_BYTES >= end:
+            stop = end
+        else:
+            stop = data.rfind(b"\n", start, start + _PIECE_BYTES)
+            if stop < start:  # a line longer than a piece
+                stop = data.find(b"\n", start + _PIECE_BYTES)
+        values += _parse_piece(data[start:stop], number, damaged)
+        number += data.count(b"\n", start, stop) + 1
+        start = stop + 1
+    return values
+
+
+def _parse_piece(
+    piece: bytes, number: int, damaged: Callable[[int, Exception], None] | None
+) -> list[Any]:
+    """The values of the lines of `piece` (without its last newline), the first line's
+    number `number`, as `parse_lines` says."""
     try:
-        # One parse of the whole file, its lines as the elements of one JSON array, is
+        # One parse of the piece, its lines as the elements of one JSON array, is
         # several times faster than one per line. It stands only if it found as many
         # values as there are lines, so that no damaged line was read with its neighbour.
-        # Each copy of the file is paid in fresh memory, page by page: the newlines are
-        # translated in one copy, joined to the brackets from a view of it (not sliced,
-        # replaced and added, a copy each), and that copy is freed before the parse
-        # decodes the array into another.
-        array = b"".join((b"[", memoryview(data.translate(_NEWLINES_TO_COMMAS))[:end], b"]"))
-        values: list[Any] = json.loads(array)
-        if len(values) == data.count(b"\n", 0, end) + 1:
+        values: list[Any] = json.loads(b"".join((b"[", piece.translate(_NEWLINES_TO_COMMAS), b"]")))
+        if len(values) == piece.count(b"\n") + 1:
             return values
     except (ValueError, RecursionError):
         pass  # a damaged or blank line: find it line by line
     values = []
-    for number, line in enumerate(data[:end].split(b"\n"), 1):
+    for line_number, line in enumerate(piece.split(b"\n"), number):
         if not line.strip():
             continue
         try:
             values.append(json.loads(line))
         except (ValueError, RecursionError) as error:
             if damaged is not None:
-                damaged(number, error)
+                damaged(line_number, error)
     return values
