@@ -1,11 +1,12 @@
 """core/json_lines.py: the values of a JSON-lines file, read a piece at a time."""
 
 import json
+import os
 
 import pytest
 
 from candle_ckpt.core import json_lines
-from candle_ckpt.core.json_lines import json_line, parse_lines
+from candle_ckpt.core.json_lines import json_line, parse_lines, read_chunks
 
 LINES = [
     json_line([1, "a", 0.5]),
@@ -38,12 +39,33 @@ def test_pieces_of_any_size_read_every_line_and_number_the_damaged(monkeypatch, 
     for count in range(len(LINES) + 1):
         data = b"".join(LINES[:count])
         damaged: list[int] = []
-        values = parse_lines(data, lambda number, error, found=damaged: found.append(number))
+        values = parse_lines([data], lambda number, error, found=damaged: found.append(number))
         assert (values, damaged) == expected(data), (piece_bytes, count)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 17, 1000])
+def test_lines_across_chunks(monkeypatch, chunk_bytes):
+    monkeypatch.setattr(json_lines, "_PIECE_BYTES", 40)
+    data = b"".join(LINES)
+    chunks = [data[at : at + chunk_bytes] for at in range(0, len(data), chunk_bytes)]
+    damaged: list[int] = []
+    values = parse_lines(chunks, lambda number, error: damaged.append(number))
+    assert (values, damaged) == expected(data)
+
+
+def test_read_chunks_reads_to_the_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(json_lines, "_PIECE_BYTES", 5)
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(b"".join(LINES))
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        assert b"".join(read_chunks(descriptor)) == b"".join(LINES)
+    finally:
+        os.close(descriptor)
 
 
 def test_a_file_of_well_formed_lines_is_parsed_by_pieces(monkeypatch):
     monkeypatch.setattr(json_lines, "_PIECE_BYTES", 64)
     data = b"".join(json_line([epoch, "x" * (epoch % 50)]) for epoch in range(1000))
-    assert parse_lines(data) == [[epoch, "x" * (epoch % 50)] for epoch in range(1000)]
-    assert parse_lines(b"") == [] and parse_lines(b"[1]") == []
+    assert parse_lines([data]) == [[epoch, "x" * (epoch % 50)] for epoch in range(1000)]
+    assert parse_lines([b""]) == [] and parse_lines([b"[1]"]) == []

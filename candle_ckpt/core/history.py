@@ -237,7 +237,7 @@ def read_history(ckpts: str, last: int | None = None) -> History:
         )
         data = data[:MAX_HISTORY_BYTES]
     records = parse_lines(
-        data,
+        [data],
         lambda number, error: _warn(
             warnings,
             f"{path}: line {number} is not JSON ({error}); skipped (a line "

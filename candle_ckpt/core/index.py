@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from .info import finite_or_none, is_legacy, recorded_files
-from .json_lines import json_line, json_text, parse_lines
+from .json_lines import json_line, json_text, parse_lines, read_chunks
 
 INDEX_FILE = "index.jsonl"
 # A line is about 180 bytes with three metrics. An index much larger than the epochs it can describe
@@ -157,19 +157,14 @@ def read_index(ckpts: str, epochs_on_disk: int) -> dict[int, list[Any]]:
         size = os.fstat(descriptor).st_size
         if size > MAX_INDEX_BYTES_PER_EPOCH * (epochs_on_disk + 1):
             return {}
-        chunks = []
-        while True:
-            chunk = os.read(descriptor, size + 1)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        data = b"".join(chunks)
+        # read and parsed a piece at a time, not read whole: see json_lines
+        lines = parse_lines(read_chunks(descriptor))
     except OSError:
         return {}
     finally:
         os.close(descriptor)
     index = {}
-    for line in parse_lines(data):
+    for line in lines:
         if _well_formed(line):
             index[line[1]] = line
         elif _well_formed_before_metric_value(line):

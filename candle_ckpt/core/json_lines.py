@@ -9,7 +9,8 @@ and `history` import this module.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 
@@ -24,30 +25,51 @@ def json_line(value: Any) -> bytes:
     return (json_text(value) + "\n").encode()
 
 
-# A file is parsed a piece of about this many bytes at a time: the copies a parse makes
-# (the lines joined into one array, its text decoded) then take the memory the previous
-# piece's freed, where copies of a whole file each cost fresh memory, paid page by page.
+# A file is parsed a piece of about this many bytes at a time (and read so, when it is
+# read by `read_chunks`): the copies a parse makes (the lines joined into one array, its
+# text decoded) then take the memory the previous piece's freed, where copies of a whole
+# file each cost fresh memory, paid page by page.
 _PIECE_BYTES = 16384
 _NEWLINES_TO_COMMAS = bytes.maketrans(b"\n", b",")
 
 
-def parse_lines(data: bytes, damaged: Callable[[int, Exception], None] | None = None) -> list[Any]:
-    """The value of each complete line of `data`, in order. What follows the last newline
-    (a line torn by a kill, or nothing) is left out, as are blank lines; a line that is
-    not JSON is skipped after `damaged(line number, error)` is called, if given."""
-    end = data.rfind(b"\n")
+def read_chunks(descriptor: int) -> Iterator[bytes]:
+    """The bytes of the file open as `descriptor`, from its offset to its end, a piece at
+    a time (for `parse_lines`).
+
+    Raises:
+        OSError: a read fails.
+    """
+    while chunk := os.read(descriptor, _PIECE_BYTES):
+        yield chunk
+
+
+def parse_lines(
+    chunks: Iterable[bytes], damaged: Callable[[int, Exception], None] | None = None
+) -> list[Any]:
+    """The value of each complete line of the bytes `chunks` yields, in order. What
+    follows the last newline (a line torn by a kill, or nothing) is left out, as are
+    blank lines; a line that is not JSON is skipped after `damaged(line number, error)`
+    is called, if given."""
     values: list[Any] = []
-    start, number = 0, 1  # where the next piece starts, and the number of its first line
-    while start <= end:
-        if start + _PIECE_BYTES >= end:
-            stop = end
-        else:
-            stop = data.rfind(b"\n", start, start + _PIECE_BYTES)
-            if stop < start:  # a line longer than a piece
-                stop = data.find(b"\n", start + _PIECE_BYTES)
-        values += _parse_piece(data[start:stop], number, damaged)
-        number += data.count(b"\n", start, stop) + 1
-        start = stop + 1
+    number = 1  # the number of the next line
+    rest = b""  # the start of a line that the chunks so far do not end
+    for chunk in chunks:
+        data = rest + chunk
+        end = data.rfind(b"\n")
+        start = 0
+        while start <= end:
+            if start + _PIECE_BYTES >= end:
+                stop = end
+            else:
+                stop = data.rfind(b"\n", start, start + _PIECE_BYTES)
+                if stop < start:  # a line longer than a piece
+                    stop = data.find(b"\n", start + _PIECE_BYTES)
+            piece = data[start:stop]
+            values += _parse_piece(piece, number, damaged)
+            number += piece.count(b"\n") + 1
+            start = stop + 1
+        rest = data[start:]
     return values
 
 
