@@ -34,12 +34,12 @@ import re
 import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterator, Sequence
-from operator import attrgetter
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ..core.layout import DEFAULT_CKPT_DIRECTORY
 from .inventory import (
+    CHECKSUM_STATES,
     describe_epochs,
     link_state,
     open_tree,
@@ -381,8 +381,14 @@ def _shown_metric(tree: TreeSurvey, requested: str | None) -> str | None:
     """
     if requested is None:
         # the newest epoch's: the one an operator looks at first
+        metrics, problems = tree.column("save_best_metric"), tree.column("problem")
         return next(
-            (s.metric for s in reversed(tree.epochs) if s.problem is None and s.metric), None
+            (
+                m
+                for m, problem in zip(reversed(metrics), reversed(problems))
+                if problem is None and m
+            ),
+            None,
         )
     recorded = sorted({name for s in tree.epochs if s.metrics for name in s.metrics})
     if requested not in recorded:
@@ -397,7 +403,7 @@ def _shown_metric(tree: TreeSurvey, requested: str | None) -> str | None:
 def _checksums(tree: TreeSurvey, verify: bool) -> list[str | None]:
     """The checksum column: each summary's, or with `verify` each epoch's check."""
     if not verify:
-        return [summary.checksum for summary in tree.epochs]
+        return list(map(CHECKSUM_STATES.__getitem__, tree.column("checksummed")))
     states: list[str | None] = []
     for summary in tree.epochs:
         if summary.problem is None:
@@ -480,45 +486,43 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
     The epoch's own value of `metric` ("-" where not recorded: files older than format
     2), then the best value so far of the tracked metric.
     """
-    summaries = tree.epochs
-    tracked = {s.metric for s in summaries if s.problem is None}
+    metrics, problems = tree.column("save_best_metric"), tree.column("problem")
+    tracked = {m for m, problem in zip(metrics, problems) if problem is None}
     one_metric = len(tracked) == 1 and None not in tracked
-    # Column by column: a field of every summary by `map(attrgetter(...))`, the cell
-    # formats written out (metrics "%.6g", "-" for none): a call per cell would be most
-    # of the run of `list` on 10 000 epochs.
-    epochs = list(map(attrgetter("epoch"), summaries))
+    # Column by column: a field of every epoch by `TreeSurvey.column`, the cell formats
+    # written out (metrics "%.6g", "-" for none): a call per cell would be most of the
+    # run of `list` on 10 000 epochs.
+    epochs = tree.column("epoch")
     # Most epochs of a run have the same size: each size is formatted once.
-    sizes = list(map(attrgetter("size"), summaries))
+    sizes = tree.column("size")
     size_texts = {size: _human_size(size) for size in set(sizes)}
     if tracked == {metric} and metric is not None:
         # every epoch tracks the metric shown, whose value has a field of its own
-        own_values = list(map(attrgetter("metric_value"), summaries))
+        own_values = tree.column("metric_value")
     else:
-        own_values = [_own_value(s, metric) for s in summaries]
+        own_values = [_own_value(s, metric) for s in tree.epochs]
     values = ["-" if value is None else f"{value:.6g}" for value in own_values]
     # The best value so far changes only when an epoch improves on it: each is
     # formatted once.
-    best_values = list(map(attrgetter("best_value"), summaries))
+    best_values = tree.column("best_metric_last")
     best_texts = {value: "-" if value is None else f"{value:.6g}" for value in set(best_values)}
     bests = list(map(best_texts.__getitem__, best_values))
     if not one_metric:
-        bests = [
-            text if s.metric is None else f"{s.metric}={text}" for s, text in zip(summaries, bests)
-        ]
+        bests = [text if m is None else f"{m}={text}" for m, text in zip(metrics, bests)]
     columns: list[list[str]] = [
         ["epoch", *map(str, epochs)],
         ["size", *map(size_texts.__getitem__, sizes)],
-        ["saved at", *map(str, map(attrgetter("timestamp"), summaries))],
+        ["saved at", *map(str, tree.column("timestamp"))],
         [metric or "metric", *values],
         [f"best {next(iter(tracked))}" if one_metric else "best metric", *bests],
         ["checksum", *map(str, checksums)],
         ["", *_flags(epochs, tree.links["last"].epoch, tree.links["best"].epoch)],
     ]
-    for row, summary in enumerate(summaries, 1):
-        if summary.problem is not None:
+    for row, problem in enumerate(problems, 1):
+        if problem is not None:
             for column in columns[1:5]:
                 column[row] = "-"
-            columns[5][row] = "INVALID: " + summary.problem
+            columns[5][row] = "INVALID: " + problem
     return _aligned(columns, right=(0, 1, 3, 4))
 
 
@@ -582,7 +586,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
         return status
     lines = [tree.layout.root, "   ".join(state.describe() for state in tree.links.values())]
-    lines += _table(tree, checksums, metric) if tree.epochs else ["no epochs saved"]
+    lines += _table(tree, checksums, metric) if tree.rows else ["no epochs saved"]
     lines += _notes(tree)
     lines.append("")
     sys.stdout.write("\n".join(lines))

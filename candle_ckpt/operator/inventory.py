@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from operator import attrgetter
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from ..core.errors import CheckpointError, LinkError, NoCheckpointError
-from ..core.index import decoded_metrics, read_index, size_and_checksummed
+from ..core.index import FIELDS, decoded_metrics, read_index, size_and_checksummed
 from ..core.info import MAX_INFO_BYTES, finite_or_none, is_legacy
 from ..core.layout import (
     DEFAULT_CKPT_DIRECTORY,
@@ -53,8 +53,6 @@ SUMMARY_KEYS = (
 STOP_KEYS = ("run_id", "epochs_saved")  # format 2's first: the files a run writes
 _HEAD_READER = HeadReader(SUMMARY_KEYS, STOP_KEYS, MAX_INFO_BYTES)
 _SEP_INFO_FILE = os.sep + INFO_FILE
-# The checksum column of a summary, by whether any file has a recorded CRC32.
-_CHECKSUM_STATES = {True: "not verified", False: "off"}
 
 
 def open_tree(directory: str) -> CheckpointLayout:
@@ -87,7 +85,7 @@ def require_epoch_dir(layout: CheckpointLayout, epoch: int) -> None:
         )
 
 
-# NamedTuples and a plain class, not dataclasses: see `core.info.CheckpointInfo`.
+# A NamedTuple and plain classes, not dataclasses: see `core.info.CheckpointInfo`.
 
 
 class LinkState(NamedTuple):
@@ -215,24 +213,73 @@ class EpochSummary:
 
 def summarise_epoch(layout: CheckpointLayout, epoch: int) -> EpochSummary:
     """The `EpochSummary` of one epoch directory (never raises for a bad file)."""
-    return _summarise(epoch, layout.epoch_dir(epoch))
+    directory = layout.epoch_dir(epoch)
+    return _summary(_summarise(epoch, directory), directory)
 
 
-def _summarise(epoch: int, directory: str) -> EpochSummary:
+# What a survey holds of an epoch directory, in this order: the fields of a line of the
+# list index (core/index.py), then whether its ckpt-info.json is upstream CANDLE's and
+# why it cannot be summarised (None when it can; the other fields but the epoch are
+# then None). The line the index holds for a directory becomes its row as it is,
+# extended by those two: `list` builds no object per epoch, and an `EpochSummary` is
+# built from a row only for those who ask (`TreeSurvey.epochs`).
+ROW_FIELDS = (*FIELDS, "legacy", "problem")
+_INDEXED = (False, None)  # legacy and problem of an epoch the index describes
+# The checksum of an `EpochSummary`, by whether any file has a recorded CRC32.
+CHECKSUM_STATES = {True: "not verified", False: "off", None: None}
+
+
+def _summary(row: list[Any], directory: str) -> EpochSummary:
+    """The `EpochSummary` of a survey's `row` of the epoch in `directory`."""
+    (
+        epoch,
+        _,
+        timestamp,
+        metric,
+        best,
+        value,
+        size,
+        checksummed,
+        metrics,
+        version,
+        legacy,
+        problem,
+    ) = row
+    return EpochSummary(
+        epoch,
+        directory,
+        timestamp,
+        metric,
+        best,
+        size,
+        CHECKSUM_STATES[checksummed],
+        legacy,
+        problem,
+        metrics,
+        version,
+        value,
+    )
+
+
+def _problem_row(epoch: int, problem: str) -> list[Any]:
+    return [epoch, *[None] * (len(ROW_FIELDS) - 2), problem]
+
+
+def _summarise(epoch: int, directory: str) -> list[Any]:
+    """The row (ROW_FIELDS) of one epoch directory from its ckpt-info.json head (never
+    raises for a bad file; its inode None: only an index line names one)."""
     try:
         # Concatenated, not os.path.join: this runs once per epoch, 10 000 times a list.
         head = _HEAD_READER.read(directory + _SEP_INFO_FILE)
     except FileNotFoundError:
-        return EpochSummary(epoch, directory, problem=f"no {INFO_FILE} (not a complete epoch)")
+        return _problem_row(epoch, f"no {INFO_FILE} (not a complete epoch)")
     except (OSError, ValueError) as error:
-        return EpochSummary(epoch, directory, problem=f"{INFO_FILE} unreadable: {error}")
+        return _problem_row(epoch, f"{INFO_FILE} unreadable: {error}")
     try:
         if head["epoch"] != epoch:
-            return EpochSummary(
+            return _problem_row(
                 epoch,
-                directory,
-                problem=f"{INFO_FILE} records epoch "
-                f"{head['epoch']!r}; expected {epoch}, its directory's",
+                f"{INFO_FILE} records epoch {head['epoch']!r}; expected {epoch}, its directory's",
             )
         # The head's keys directly, not `checkpoint_info`: building the full record
         # costs as much again as reading the file, 10 000 or 100 000 times a list.
@@ -244,27 +291,25 @@ def _summarise(epoch: int, directory: str) -> EpochSummary:
         if type(metrics) is not dict:
             metrics = None
         metric = head["save_best_metric"]
-        return EpochSummary(
+        return [
             epoch,
-            directory,
+            None,
             head["timestamp"],
             metric,
             finite_or_none(head["best_metric_last"]),
+            None if metrics is None or metric is None else metrics.get(metric),
             size,
-            _CHECKSUM_STATES[checksummed],
-            legacy,
-            None,
+            checksummed,
             metrics,
             None if legacy else head.get("format_version"),
-            None if metrics is None or metric is None else metrics.get(metric),
-        )
+            legacy,
+            None,
+        ]
     except KeyError as error:
         problem = f"{INFO_FILE} has no key {error}"
     except (TypeError, ValueError, AttributeError) as error:
         problem = f"{INFO_FILE} has a value of the wrong type ({error})"
-    return EpochSummary(
-        epoch, directory, problem=f"{problem}; 'candle-ckpt info {epoch}' shows the details"
-    )
+    return _problem_row(epoch, f"{problem}; 'candle-ckpt info {epoch}' shows the details")
 
 
 def _bytes_in(directory: str) -> int:
@@ -277,20 +322,45 @@ def _bytes_in(directory: str) -> int:
         )
 
 
-class TreeSurvey(NamedTuple):
-    """Everything `survey` found in one tree."""
+class TreeSurvey:
+    """Everything `survey` found in one tree: a row (ROW_FIELDS) of every epoch
+    directory, in numeric order; where the links point; whether `work/` is there; the
+    entries of `trash/`."""
 
-    layout: CheckpointLayout
-    epochs: list[EpochSummary]
-    links: dict[str, LinkState]
-    work: bool
-    trash: list[str]
+    __slots__ = ("_epochs", "layout", "links", "rows", "trash", "work")
+
+    def __init__(
+        self,
+        layout: CheckpointLayout,
+        rows: list[list[Any]],
+        links: dict[str, LinkState],
+        work: bool,
+        trash: list[str],
+    ) -> None:
+        self.layout = layout
+        self.rows = rows
+        self.links = links
+        self.work = work
+        self.trash = trash
+        self._epochs: list[EpochSummary] | None = None
+
+    def column(self, name: str) -> list[Any]:
+        """Field `name` (ROW_FIELDS) of every row, in order."""
+        return list(map(itemgetter(ROW_FIELDS.index(name)), self.rows))
+
+    @property
+    def epochs(self) -> list[EpochSummary]:
+        """The `EpochSummary` of every row, in order (built on first use)."""
+        if self._epochs is None:
+            prefix = self.layout.epochs + os.sep  # the directory of an epoch, as `epoch_dir`
+            self._epochs = [_summary(row, prefix + epoch_dirname(row[0])) for row in self.rows]
+        return self._epochs
 
     @property
     def abandoned(self) -> list[int]:
         """The epochs after `last`: a timeline a rollback left behind (empty without `last`)."""
         last = self.links["last"].epoch
-        return [] if last is None else [s.epoch for s in self.epochs if s.epoch > last]
+        return [] if last is None else [epoch for epoch in self.column("epoch") if epoch > last]
 
 
 def survey(layout: CheckpointLayout, use_index: bool = True) -> TreeSurvey:
@@ -306,15 +376,15 @@ def survey(layout: CheckpointLayout, use_index: bool = True) -> TreeSurvey:
         trash = []
     return TreeSurvey(
         layout,
-        _summaries(layout, use_index),
+        _rows(layout, use_index),
         {name: link_state(layout, name) for name in LINK_NAMES},
         os.path.lexists(layout.work),
         trash,
     )
 
 
-def _summaries(layout: CheckpointLayout, use_index: bool) -> list[EpochSummary]:
-    """The `EpochSummary` of every epoch directory, in numeric order."""
+def _rows(layout: CheckpointLayout, use_index: bool) -> list[list[Any]]:
+    """The row (ROW_FIELDS) of every epoch directory, in numeric order."""
     try:
         with os.scandir(layout.epochs) as entries:
             # the inode comes with the entry (readdir's d_ino): no stat per epoch
@@ -323,35 +393,20 @@ def _summaries(layout: CheckpointLayout, use_index: bool) -> list[EpochSummary]:
         return []
     index = read_index(layout.ckpts, len(found)) if use_index else {}
     prefix = layout.epochs + os.sep  # the directory of an epoch, as `epoch_dir` makes it
-    summaries: list[EpochSummary] = []
-    append = summaries.append
+    rows: list[list[Any]] = []
+    append = rows.append
     for name, inode in found:
         line = index.get(inode)
         # the line's epoch must be the directory's (a renamed directory keeps its inode)
         if line is not None and epoch_dirname(line[0]) == name:
-            epoch, _, timestamp, metric, best, value, size, checksummed, metrics, version = line
-            append(
-                EpochSummary(
-                    epoch,
-                    prefix + name,
-                    timestamp,
-                    metric,
-                    best,
-                    size,
-                    _CHECKSUM_STATES[checksummed],
-                    False,
-                    None,
-                    metrics,
-                    version,
-                    value,
-                )
-            )
+            line += _INDEXED
+            append(line)
         else:
             epoch = parse_epoch_dirname(name)
             if epoch is not None:
                 append(_summarise(epoch, prefix + name))
-    summaries.sort(key=attrgetter("epoch"))
-    return summaries
+    rows.sort(key=itemgetter(0))
+    return rows
 
 
 def describe_epochs(epochs: Iterable[int]) -> str:
