@@ -26,10 +26,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, cast
 
-from .info import finite_or_none, is_legacy, recorded_files
+from .info_keys import finite_or_none, is_legacy, recorded_files
 from .json_lines import json_line, json_text, parse_lines, read_chunks
+
+TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+if TYPE_CHECKING:
+    from typing import Any
 
 INDEX_FILE = "index.jsonl"
 # A line is about 180 bytes with three metrics. An index much larger than the epochs it can describe
@@ -123,7 +126,7 @@ def size_and_checksummed(info: Mapping[str, Any]) -> tuple[int | None, bool]:
     if is_legacy(info):
         return None, checksummed
     # every size is an int in a valid file; a None raises the TypeError
-    return sum([cast(int, size) for size, _ in files]), checksummed
+    return sum([size for size, _ in files]), checksummed  # type: ignore[misc]
 
 
 def append_index(ckpts: str, info: Mapping[str, Any], inode: int) -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+
+TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def json_text(value: Any) -> str:

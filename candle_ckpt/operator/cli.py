@@ -34,7 +34,6 @@ import re
 import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ..core.layout import DEFAULT_CKPT_DIRECTORY
@@ -48,9 +47,12 @@ from .inventory import (
     survey,
 )
 
+TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
 # The history, validation and CRC32 modules are imported by the commands that use them:
 # the command line's start-up imports no more than `list` runs.
 if TYPE_CHECKING:
+    from typing import IO, Any, NoReturn
+
     from ..core.history import EpochRecord, History
     from ..core.layout import CheckpointLayout
     from ..core.verify import FileCheck
@@ -575,7 +577,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "directory": tree.layout.root,
-                    "links": {name: state._asdict() for name, state in tree.links.items()},
+                    "links": {name: state.as_dict() for name, state in tree.links.items()},
                     "abandoned": tree.abandoned,
                     "work": tree.work,
                     "trash": tree.trash,

@@ -18,11 +18,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from operator import itemgetter
-from typing import Any, NamedTuple
 
 from ..core.errors import CheckpointError, LinkError, NoCheckpointError
 from ..core.index import FIELDS, decoded_metrics, read_index, size_and_checksummed
-from ..core.info import MAX_INFO_BYTES, finite_or_none, is_legacy
+from ..core.info_keys import MAX_INFO_BYTES, finite_or_none, is_legacy
 from ..core.layout import (
     DEFAULT_CKPT_DIRECTORY,
     INFO_FILE,
@@ -32,6 +31,10 @@ from ..core.layout import (
     parse_epoch_dirname,
 )
 from .json_head import HeadReader
+
+TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+if TYPE_CHECKING:
+    from typing import Any
 
 # What a summary shows: every upstream key (`checkpoint_info` needs them) and the keys
 # `list` shows. All of them precede the stop keys in the files the library writes.
@@ -85,10 +88,11 @@ def require_epoch_dir(layout: CheckpointLayout, epoch: int) -> None:
         )
 
 
-# A NamedTuple and plain classes, not dataclasses: see `core.info.CheckpointInfo`.
+# Plain classes, not NamedTuples or dataclasses: `list` imports neither `typing` nor
+# `dataclasses` (core/info_keys.py).
 
 
-class LinkState(NamedTuple):
+class LinkState:
     """Where a `last`/`best` link points.
 
     `target` is what the link stores (None when absent or not a link), `epoch` the
@@ -96,10 +100,24 @@ class LinkState(NamedTuple):
     or why the link cannot be followed.
     """
 
-    name: str
-    target: str | None
-    epoch: int | None
-    problem: str | None
+    __slots__ = ("epoch", "name", "problem", "target")
+
+    def __init__(
+        self, name: str, target: str | None, epoch: int | None, problem: str | None
+    ) -> None:
+        self.name = name
+        self.target = target
+        self.epoch = epoch
+        self.problem = problem
+
+    def as_dict(self) -> dict[str, Any]:
+        """{"name", "target", "epoch", "problem"}: the link as `list --json` prints it."""
+        return {
+            "name": self.name,
+            "target": self.target,
+            "epoch": self.epoch,
+            "problem": self.problem,
+        }
 
     def describe(self) -> str:
         """One line: "last -> epochs/005", "best: absent", or the problem."""
