@@ -72,7 +72,28 @@ class UsageError(Exception):
     """The command line is wrong: reported on one line, exit status 2."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help formatter, set up only when it formats something.
+
+    argparse makes a formatter for every argument it adds (to check its metavar, which
+    needs no setting up), and setting one up reads the terminal's width through shutil,
+    whose import (bz2, lzma) every run of `list` would pay for help it does not print.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self._deferred_prog = prog
+
+    def __getattr__(self, name: str) -> Any:
+        # an attribute HelpFormatter.__init__ sets, asked for the first time
+        super().__init__(self._deferred_prog)
+        return getattr(self, name)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)  # subparsers too
+        super().__init__(*args, **kwargs)
+
     # argparse would print the usage too, and exit itself
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
