@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 INDEX_FILE = "index.jsonl"
-# A line is about 180 bytes with three metrics. An index much larger than the epochs it can describe
+# A line is about 200 bytes with three metrics. An index much larger than the epochs it can describe
 # holds mostly the lines of epochs a keep policy deleted: reading it would cost more
 # than reading the heads of the few epochs there are, so readers ignore it.
 MAX_INDEX_BYTES_PER_EPOCH = 2048

@@ -84,8 +84,12 @@ class _HelpFormatter(argparse.HelpFormatter):
         self._deferred_prog = prog
 
     def __getattr__(self, name: str) -> Any:
-        # an attribute HelpFormatter.__init__ sets, asked for the first time
-        super().__init__(self._deferred_prog)
+        # An attribute not set: set them all up, once (popped, so that an attribute the
+        # setting up does not set is an AttributeError, not a loop).
+        prog = self.__dict__.pop("_deferred_prog", None)
+        if prog is None:
+            raise AttributeError(name)
+        super().__init__(prog)
         return getattr(self, name)
 
 
