@@ -145,7 +145,7 @@ def check_tree(root, previous_last):
 
 
 def _summary(summary):
-    return {name: getattr(summary, name) for name in summary.FIELDS}
+    return {name: getattr(summary, name) for name in summary.__slots__}
 
 
 def check_finished(root, target):

@@ -27,7 +27,7 @@ SCHEMA = os.path.join(os.path.dirname(HERE), "schemas", "index-line.schema.json"
 
 def rows(tree):
     return [
-        {name: getattr(summary, name) for name in inventory.EpochSummary.FIELDS}
+        {name: getattr(summary, name) for name in inventory.EpochSummary.__slots__}
         for summary in tree.epochs
     ]
 

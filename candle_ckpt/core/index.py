@@ -218,16 +218,34 @@ def _well_formed_before_metric_value(line: Any) -> bool:
     )
 
 
-def decoded_metrics(metrics: dict[str, Any] | str) -> dict[str, Any] | None:
-    """The metrics of a line read by `read_index`: a dict, or its text decoded (None when
-    that is not the JSON of an object: a damaged line, read as one without metrics)."""
-    if isinstance(metrics, dict):
-        return metrics
+def decoded_metrics(
+    metrics: list[dict[str, Any] | str | None],
+) -> list[dict[str, Any] | None]:
+    """The metrics of lines read by `read_index`, in order: a dict or None as it is, a
+    text decoded (None when it is not the JSON of an object: a damaged line, read as one
+    without metrics)."""
+    texts = [value for value in metrics if type(value) is str]
     try:
-        decoded = json.loads(metrics)
+        # One parse of every text, as the elements of one array (as json_lines parses
+        # lines), standing only if it found as many values as there are texts.
+        decoded = json.loads("[" + ",".join(texts) + "]")
+        if len(decoded) != len(texts):
+            raise ValueError("a text is not one JSON value")
+    except (ValueError, RecursionError):
+        decoded = list(map(_decoded_text, texts))
+    values = iter(decoded)
+    return [_object_or_none(next(values)) if isinstance(value, str) else value for value in metrics]
+
+
+def _decoded_text(text: str) -> Any:
+    try:
+        return json.loads(text)
     except (ValueError, RecursionError):
         return None
-    return decoded if type(decoded) is dict else None
+
+
+def _object_or_none(value: Any) -> dict[str, Any] | None:
+    return value if type(value) is dict else None
 
 
 def _with_metric_value(line: list[Any]) -> list[Any]:

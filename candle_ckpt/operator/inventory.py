@@ -157,7 +157,6 @@ class EpochSummary:
     """
 
     __slots__ = (
-        "_metrics",
         "best_value",
         "checksum",
         "directory",
@@ -166,24 +165,10 @@ class EpochSummary:
         "legacy",
         "metric",
         "metric_value",
-        "problem",
-        "size",
-        "timestamp",
-    )
-    # What a summary holds, as `repr` shows it and tests compare it.
-    FIELDS = (
-        "epoch",
-        "directory",
-        "timestamp",
-        "metric",
-        "best_value",
-        "size",
-        "checksum",
-        "legacy",
-        "problem",
         "metrics",
-        "format_version",
-        "metric_value",
+        "problem",
+        "size",
+        "timestamp",
     )
 
     def __init__(
@@ -197,12 +182,10 @@ class EpochSummary:
         checksum: str | None = None,
         legacy: bool | None = None,
         problem: str | None = None,
-        metrics: dict[str, Any] | str | None = None,
+        metrics: dict[str, Any] | None = None,
         format_version: int | None = None,
         metric_value: float | None = None,
     ) -> None:
-        """`metrics` may be the JSON text of the dict, as the list index keeps it: it is
-        decoded on first use (`list` shows only `metric_value` of most epochs)."""
         self.epoch = epoch
         self.directory = directory
         self.timestamp = timestamp
@@ -212,27 +195,20 @@ class EpochSummary:
         self.checksum = checksum
         self.legacy = legacy
         self.problem = problem
-        self._metrics = metrics
+        self.metrics = metrics
         self.format_version = format_version
         self.metric_value = metric_value
 
-    @property
-    def metrics(self) -> dict[str, Any] | None:
-        metrics = self._metrics
-        if metrics is None or type(metrics) is dict:
-            return metrics
-        self._metrics = decoded = decoded_metrics(metrics)
-        return decoded
-
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS)
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"EpochSummary({fields})"
 
 
 def summarise_epoch(layout: CheckpointLayout, epoch: int) -> EpochSummary:
     """The `EpochSummary` of one epoch directory (never raises for a bad file)."""
     directory = layout.epoch_dir(epoch)
-    return _summary(_summarise(epoch, directory), directory)
+    row = _summarise(epoch, directory)
+    return _summary(row, directory, row[ROW_FIELDS.index("metrics")])
 
 
 # What a survey holds of an epoch directory, in this order: the fields of a line of the
@@ -247,22 +223,10 @@ _INDEXED = (False, None)  # legacy and problem of an epoch the index describes
 CHECKSUM_STATES = {True: "not verified", False: "off", None: None}
 
 
-def _summary(row: list[Any], directory: str) -> EpochSummary:
-    """The `EpochSummary` of a survey's `row` of the epoch in `directory`."""
-    (
-        epoch,
-        _,
-        timestamp,
-        metric,
-        best,
-        value,
-        size,
-        checksummed,
-        metrics,
-        version,
-        legacy,
-        problem,
-    ) = row
+def _summary(row: list[Any], directory: str, metrics: dict[str, Any] | None) -> EpochSummary:
+    """The `EpochSummary` of a survey's `row` of the epoch in `directory`, its metrics
+    `metrics` (decoded: a row from the index holds their text)."""
+    epoch, _, timestamp, metric, best, value, size, checksummed, _, version, legacy, problem = row
     return EpochSummary(
         epoch,
         directory,
@@ -371,7 +335,10 @@ class TreeSurvey:
         """The `EpochSummary` of every row, in order (built on first use)."""
         if self._epochs is None:
             prefix = self.layout.epochs + os.sep  # the directory of an epoch, as `epoch_dir`
-            self._epochs = [_summary(row, prefix + epoch_dirname(row[0])) for row in self.rows]
+            self._epochs = [
+                _summary(row, prefix + epoch_dirname(row[0]), metrics)
+                for row, metrics in zip(self.rows, decoded_metrics(self.column("metrics")))
+            ]
         return self._epochs
 
     @property
