@@ -17,9 +17,9 @@ In a PyTorch benchmark, `CandleCkptPyTorch(params)` (see `candle_ckpt.pytorch.ck
 (`ckpt_parser`, ...) are loaded on first access.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+__version__ = "0.1.0"
 
 from .core.errors import (
     CheckpointError,
@@ -35,7 +35,10 @@ from .core.errors import (
     exit_status,
 )
 
+TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
 if TYPE_CHECKING:
+    from typing import Any
+
     from .core.params import (
         ParamRequired,
         ParamType,

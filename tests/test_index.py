@@ -102,6 +102,36 @@ def test_no_index_a_damaged_one_or_a_torn_line(make_checkpointer, heads_read):
     assert_same_as_without_index(layout, heads_read, [1, 2, 3, 4])
 
 
+def test_lines_written_before_metric_value_are_still_read(make_checkpointer, heads_read):
+    """Lines of nine fields, the metrics an object and no metric_value (the first release
+    of the index), are used as before."""
+    checkpointer = make_checkpointer(epochs=3)
+    save(checkpointer, range(1, 4))
+    layout = checkpointer.layout
+    lines = [json.loads(line) for line in index_lines(layout)]
+    older = [[*line[:5], *line[6:8], json.loads(line[8]), line[9]] for line in lines]
+    with open(os.path.join(layout.ckpts, INDEX_FILE), "w") as stream:
+        stream.writelines(json.dumps(line) + "\n" for line in older[:2] + lines[2:])
+    tree = assert_same_as_without_index(layout, heads_read, [])
+    assert [s.metric_value for s in tree.epochs] == [1.0 / epoch for epoch in range(1, 4)]
+
+
+def test_metrics_text_that_is_not_an_object_reads_as_no_metrics(make_checkpointer, heads_read):
+    checkpointer = make_checkpointer(epochs=2)
+    save(checkpointer, range(1, 3))
+    layout = checkpointer.layout
+    lines = [json.loads(line) for line in index_lines(layout)]
+    lines[0][8] = lines[0][8][:-1]  # damage that leaves the line itself well-formed
+    lines[1][8] = "[1]"
+    with open(os.path.join(layout.ckpts, INDEX_FILE), "w") as stream:
+        stream.writelines(json.dumps(line) + "\n" for line in lines)
+    heads_read.clear()
+    tree = inventory.survey(layout)
+    assert heads_read == []
+    assert [s.metrics for s in tree.epochs] == [None, None]
+    assert [s.metric_value for s in tree.epochs] == [1.0, 0.5]
+
+
 def test_a_line_naming_another_inode_or_epoch_is_not_used(make_checkpointer, heads_read):
     checkpointer = make_checkpointer(epochs=3)
     save(checkpointer, range(1, 4))

@@ -340,7 +340,7 @@ class Timelines:
         """Feed the complete lines of `data`, which follows the lines fed before."""
         first = self.lines
         values = parse_lines(
-            data,
+            [data],
             lambda number, error: _warn(
                 self.line_warnings,
                 f"{self.path}: line {first + number} is not JSON ({error}); skipped (a "

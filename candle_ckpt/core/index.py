@@ -23,21 +23,42 @@ docs/FORMAT.md says what to do then.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from typing import Any, cast
 
-from .info import finite_or_none, is_legacy, recorded_files
-from .json_lines import json_line, parse_lines
+from .info_keys import finite_or_none, is_legacy, recorded_files
+from .json_lines import json_line, json_text, parse_lines, read_chunks
+
+TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+if TYPE_CHECKING:
+    from typing import Any
 
 INDEX_FILE = "index.jsonl"
-# A line is about 170 bytes with three metrics. An index much larger than the epochs it can describe
+# A line is about 200 bytes with three metrics. An index much larger than the epochs it can describe
 # holds mostly the lines of epochs a keep policy deleted: reading it would cost more
 # than reading the heads of the few epochs there are, so readers ignore it.
 MAX_INDEX_BYTES_PER_EPOCH = 2048
 # The fields of a line, in order (docs/FORMAT.md): a JSON array, so that no key is parsed
-# with each value, as it would be in an object.
+# with each value, as it would be in an object. The table of `list` shows one metric of
+# an epoch, by default the tracked one: its value has a field of its own, and the
+# metrics object is kept as its JSON text, decoded only when another metric or every
+# one is shown (`list --metric`, `list --json`). Decoding every number of every epoch's
+# metrics was most of the time `list` spent reading the index.
 FIELDS = (
+    "epoch",
+    "inode",
+    "timestamp",
+    "save_best_metric",
+    "best_metric_last",
+    "metric_value",
+    "size",
+    "checksummed",
+    "metrics",
+    "format_version",
+)
+# What lines written before `metric_value` and the metrics text hold (still read).
+FIELDS_BEFORE_METRIC_VALUE = (
     "epoch",
     "inode",
     "timestamp",
@@ -74,15 +95,18 @@ def directory_inode(parent: str, name: str) -> int:
 def index_line(info: Mapping[str, Any], inode: int) -> bytes:
     """The index line of a format 2 ckpt-info dict `info` whose directory has `inode`."""
     size, checksummed = size_and_checksummed(info)
+    metric = info["save_best_metric"]
+    metrics = info.get("metrics")
     record = [
         info["epoch"],
         inode,
         info["timestamp"],
-        info["save_best_metric"],
+        metric,
         finite_or_none(info["best_metric_last"]),
+        None if metrics is None or metric is None else metrics.get(metric),
         size,
         checksummed,
-        info.get("metrics"),
+        None if metrics is None else json_text(metrics),
         info["format_version"],
     ]
     return json_line(record)
@@ -102,7 +126,7 @@ def size_and_checksummed(info: Mapping[str, Any]) -> tuple[int | None, bool]:
     if is_legacy(info):
         return None, checksummed
     # every size is an int in a valid file; a None raises the TypeError
-    return sum([cast(int, size) for size, _ in files]), checksummed
+    return sum([size for size, _ in files]), checksummed  # type: ignore[misc]
 
 
 def append_index(ckpts: str, info: Mapping[str, Any], inode: int) -> None:
@@ -119,7 +143,8 @@ def append_index(ckpts: str, info: Mapping[str, Any], inode: int) -> None:
 
 
 def read_index(ckpts: str, epochs_on_disk: int) -> dict[int, list[Any]]:
-    """{inode: the last well-formed line naming it} of `<ckpts>/index.jsonl`; never raises.
+    """{inode: the last well-formed line naming it} of `<ckpts>/index.jsonl`, each with the
+    FIELDS (an older line's metrics a dict, not its text); never raises.
 
     Keyed by inode, not epoch: the last line naming an inode is the one its directory's
     save appended (core/index.py), and a caller checks that the line's epoch is the
@@ -135,38 +160,97 @@ def read_index(ckpts: str, epochs_on_disk: int) -> dict[int, list[Any]]:
         size = os.fstat(descriptor).st_size
         if size > MAX_INDEX_BYTES_PER_EPOCH * (epochs_on_disk + 1):
             return {}
-        chunks = []
-        while True:
-            chunk = os.read(descriptor, size + 1)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        data = b"".join(chunks)
+        # read and parsed a piece at a time, not read whole: see json_lines
+        lines = parse_lines(read_chunks(descriptor))
     except OSError:
         return {}
     finally:
         os.close(descriptor)
-    lines = parse_lines(data)
-    return {line[1]: line for line in lines if _well_formed(line)}
+    index = {}
+    for line in lines:
+        if _well_formed(line):
+            index[line[1]] = line
+        elif _well_formed_before_metric_value(line):
+            index[line[1]] = _with_metric_value(line)
+    return index
 
 
 _NUMBER = (int, float)
 
 
 def _well_formed(line: Any) -> bool:
-    """Whether `line` has the fields and types an index line has (no value checks
-    beyond those a survey makes of a ckpt-info.json head)."""
+    """Whether `line` has the fields and types of a line (no value checks beyond those
+    a survey makes of a ckpt-info.json head; the metrics text is decoded on use)."""
+    if type(line) is not list or len(line) != len(FIELDS):
+        return False
+    epoch, inode, timestamp, metric, best, value, size, checksummed, metrics, version = line
     return (
-        type(line) is list
-        and len(line) == len(FIELDS)
-        and type(line[0]) is int
-        and line[0] >= 1
-        and type(line[1]) is int
-        and type(line[2]) is str
-        and (line[3] is None or type(line[3]) is str)
-        and (line[4] is None or type(line[4]) in _NUMBER)
-        and type(line[5]) is int
-        and type(line[6]) is bool
-        and (line[7] is None or type(line[7]) is dict)
-        and type(line[8]) is int
+        type(epoch) is int
+        and epoch >= 1
+        and type(inode) is int
+        and type(timestamp) is str
+        and (metric is None or type(metric) is str)
+        and (best is None or type(best) in _NUMBER)
+        and (value is None or type(value) in _NUMBER)
+        and type(size) is int
+        and type(checksummed) is bool
+        and (metrics is None or type(metrics) is str)
+        and type(version) is int
     )
+
+
+def _well_formed_before_metric_value(line: Any) -> bool:
+    """Whether `line` is a well-formed line of FIELDS_BEFORE_METRIC_VALUE."""
+    if type(line) is not list or len(line) != len(FIELDS_BEFORE_METRIC_VALUE):
+        return False
+    epoch, inode, timestamp, metric, best, size, checksummed, metrics, version = line
+    return (
+        type(epoch) is int
+        and epoch >= 1
+        and type(inode) is int
+        and type(timestamp) is str
+        and (metric is None or type(metric) is str)
+        and (best is None or type(best) in _NUMBER)
+        and type(size) is int
+        and type(checksummed) is bool
+        and (metrics is None or type(metrics) is dict)
+        and type(version) is int
+    )
+
+
+def decoded_metrics(
+    metrics: list[dict[str, Any] | str | None],
+) -> list[dict[str, Any] | None]:
+    """The metrics of lines read by `read_index`, in order: a dict or None as it is, a
+    text decoded (None when it is not the JSON of an object: a damaged line, read as one
+    without metrics)."""
+    texts = [value for value in metrics if type(value) is str]
+    try:
+        # One parse of every text, as the elements of one array (as json_lines parses
+        # lines), standing only if it found as many values as there are texts.
+        decoded = json.loads("[" + ",".join(texts) + "]")
+        if len(decoded) != len(texts):
+            raise ValueError("a text is not one JSON value")
+    except (ValueError, RecursionError):
+        decoded = list(map(_decoded_text, texts))
+    values = iter(decoded)
+    return [_object_or_none(next(values)) if isinstance(value, str) else value for value in metrics]
+
+
+def _decoded_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _object_or_none(value: Any) -> dict[str, Any] | None:
+    return value if type(value) is dict else None
+
+
+def _with_metric_value(line: list[Any]) -> list[Any]:
+    """A line of FIELDS_BEFORE_METRIC_VALUE as a line of FIELDS, its metrics decoded
+    (a survey takes a dict or the text of one)."""
+    epoch, inode, timestamp, metric, best, size, checksummed, metrics, version = line
+    value = None if metrics is None or metric is None else metrics.get(metric)
+    return [epoch, inode, timestamp, metric, best, value, size, checksummed, metrics, version]

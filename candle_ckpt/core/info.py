@@ -23,20 +23,19 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple, NoReturn
 
 from .errors import CheckpointFormatError
+from .info_keys import CHECKSUM_DISABLED as CHECKSUM_DISABLED
+from .info_keys import MAX_INFO_BYTES as MAX_INFO_BYTES
+from .info_keys import finite_or_none as finite_or_none
+from .info_keys import is_legacy as is_legacy
+from .info_keys import recorded_files as recorded_files
 from .layout import INFO_FILE
 
 FORMAT = "candle_ckpt"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-CHECKSUM_DISABLED = "__DISABLED__"
 FIRST_SAVE = "__FIRST__"
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 INFO_CRC_KEY = "info_crc32"
-
-# A version 2 ckpt-info.json is about 1 kB, and a version 1 file a few hundred kB even
-# with 10 000 epochs listed; anything far larger is not one, and reading it whole would
-# be a denial of service.
-MAX_INFO_BYTES = 16 << 20
 
 SCHEMA_FILE = "ckpt-info.schema.json"
 LEGACY_SCHEMA_FILE = "candle-legacy-ckpt-info.schema.json"
@@ -60,19 +59,6 @@ def _validator(schema_file: str) -> Any:
     validator_class = jsonschema.validators.validator_for(schema)
     validator_class.check_schema(schema)
     return validator_class(schema)
-
-
-def is_legacy(info: Mapping[str, Any]) -> bool:
-    """Whether a ckpt-info dict was written by upstream CANDLE rather than candle_ckpt."""
-    return "format" not in info
-
-
-def finite_or_none(value: Any) -> float | None:
-    """`value` as a float, or None when it is None, NaN or infinite (JSON has no inf)."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def numeric_metrics(logs: Mapping[Any, Any] | None) -> dict[str, float | None]:
@@ -145,15 +131,6 @@ class CheckpointInfo(NamedTuple):
         """The epoch's own value of metric `name`, or None (not finite, not recorded,
         or a file older than version 2, which records no per-epoch metrics)."""
         return None if self.metrics is None else self.metrics.get(name)
-
-
-def recorded_files(info: Mapping[str, Any]) -> dict[str, tuple[int | None, str | None]]:
-    """{file name: (size or None, CRC32 string or None)} of a ckpt-info dict of any
-    version; upstream files record only the model file's CRC32 (or __DISABLED__)."""
-    if is_legacy(info):
-        crc = info["checksum"]
-        return {info["model_file"]: (None, None if crc == CHECKSUM_DISABLED else crc)}
-    return {name: (entry["size"], entry["crc32"]) for name, entry in info["files"].items()}
 
 
 def checkpoint_info(info: Mapping[str, Any]) -> CheckpointInfo:

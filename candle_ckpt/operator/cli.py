@@ -32,12 +32,13 @@ import json
 import os
 import re
 import sys
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ..core.layout import DEFAULT_CKPT_DIRECTORY
 from .inventory import (
+    CHECKSUM_STATES,
     describe_epochs,
     link_state,
     open_tree,
@@ -46,9 +47,12 @@ from .inventory import (
     survey,
 )
 
+TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
 # The history, validation and CRC32 modules are imported by the commands that use them:
 # the command line's start-up imports no more than `list` runs.
 if TYPE_CHECKING:
+    from typing import IO, Any, NoReturn
+
     from ..core.history import EpochRecord, History
     from ..core.layout import CheckpointLayout
     from ..core.verify import FileCheck
@@ -68,7 +72,32 @@ class UsageError(Exception):
     """The command line is wrong: reported on one line, exit status 2."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help formatter, set up only when it formats something.
+
+    argparse makes a formatter for every argument it adds (to check its metavar, which
+    needs no setting up), and setting one up reads the terminal's width through shutil,
+    whose import (bz2, lzma) every run of `list` would pay for help it does not print.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self._deferred_prog = prog
+
+    def __getattr__(self, name: str) -> Any:
+        # An attribute not set: set them all up, once (popped, so that an attribute the
+        # setting up does not set is an AttributeError, not a loop).
+        prog = self.__dict__.pop("_deferred_prog", None)
+        if prog is None:
+            raise AttributeError(name)
+        super().__init__(prog)
+        return getattr(self, name)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)  # subparsers too
+        super().__init__(*args, **kwargs)
+
     # argparse would print the usage too, and exit itself
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
@@ -123,8 +152,12 @@ def _select_epoch(layout: CheckpointLayout, selector: str) -> int:
     return state.epoch
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `candle-ckpt` and its five subcommands."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of `candle-ckpt`: with every subcommand, or only `command`.
+
+    `main` builds only the command its command line names: the other subparsers are
+    most of the parser's construction, paid by every run of `list`.
+    """
     parser = _Parser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
@@ -136,11 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         parser_class=_Parser,
         metavar="{list,info,verify,rollback,prune,history,plot,export}",
+        # given, not derived: deriving it formats a usage line, which imports shutil
+        prog=PROG,
     )
-    tree_then_epoch = (
-        f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
-    )
+    for name, add_command in _SUBCOMMANDS.items():
+        if command is None or command == name:
+            add_command(commands)
+    return parser
 
+
+_TREE_THEN_EPOCH = f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
+
+
+def _add_list(commands: argparse._SubParsersAction[_Parser]) -> None:
     list_parser = commands.add_parser(
         "list", help="one row per epoch: size, time, metric, checksum, last/best marks"
     )
@@ -165,19 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
         "CRC32 (reads every model file, as verify --all)",
     )
 
+
+def _add_info(commands: argparse._SubParsersAction[_Parser]) -> None:
     info_parser = commands.add_parser("info", help="the ckpt-info.json of an epoch, validated")
     info_parser.add_argument(
-        "where", nargs="*", metavar="ARG", help=tree_then_epoch + " (default last)"
+        "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
     )
 
+
+def _add_verify(commands: argparse._SubParsersAction[_Parser]) -> None:
     verify_parser = commands.add_parser(
         "verify", help="recompute the CRC32 of every file an epoch lists"
     )
     verify_parser.add_argument(
-        "where", nargs="*", metavar="ARG", help=tree_then_epoch + " (default last)"
+        "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
     )
     verify_parser.add_argument("--all", action="store_true", help="verify every epoch")
 
+
+def _add_rollback(commands: argparse._SubParsersAction[_Parser]) -> None:
     rollback_parser = commands.add_parser(
         "rollback", help="verify EPOCH, then point last at it and best at the best before it"
     )
@@ -186,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print what would change, change nothing"
     )
 
+
+def _add_prune(commands: argparse._SubParsersAction[_Parser]) -> None:
     prune_parser = commands.add_parser(
         "prune", help="delete epochs by keep policy or after last; never last or best"
     )
@@ -211,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
     )
 
+
+def _add_history(commands: argparse._SubParsersAction[_Parser]) -> None:
     history_parser = commands.add_parser(
         "history", help="every completed epoch of every run, from ckpts/history.jsonl"
     )
@@ -224,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the live timeline up to last (no abandoned epochs)",
     )
 
+
+def _add_plot(commands: argparse._SubParsersAction[_Parser]) -> None:
     plot_parser = commands.add_parser(
         "plot",
         help="metric curves over epochs, last, best, saved epochs and rollbacks "
@@ -243,13 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a picture (.png or .svg; needs matplotlib, pip install 'candle_ckpt[plot]')",
     )
 
+
+def _add_export(commands: argparse._SubParsersAction[_Parser]) -> None:
     export_parser = commands.add_parser(
         "export",
         help="verify EPOCH, then write its weights for plain Keras "
         "(load_weights) or PyTorch (load_state_dict), with PATH.sha256",
     )
     export_parser.add_argument(
-        "where", nargs="*", metavar="ARG", help=tree_then_epoch + " (default last)"
+        "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
     )
     export_parser.add_argument(
         "--to",
@@ -258,7 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the file to write: NAME.weights.h5 for Keras, e.g. NAME.pt for PyTorch",
     )
     export_parser.add_argument("--force", action="store_true", help="replace PATH if it exists")
-    return parser
+
+
+# In the order `candle-ckpt --help` lists them.
+_SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction[_Parser]], None]] = {
+    "list": _add_list,
+    "info": _add_info,
+    "verify": _add_verify,
+    "rollback": _add_rollback,
+    "prune": _add_prune,
+    "history": _add_history,
+    "plot": _add_plot,
+    "export": _add_export,
+}
 
 
 # -- output -----------------------------------------------------------------------
@@ -341,8 +408,14 @@ def _shown_metric(tree: TreeSurvey, requested: str | None) -> str | None:
     """
     if requested is None:
         # the newest epoch's: the one an operator looks at first
+        metrics, problems = tree.column("save_best_metric"), tree.column("problem")
         return next(
-            (s.metric for s in reversed(tree.epochs) if s.problem is None and s.metric), None
+            (
+                m
+                for m, problem in zip(reversed(metrics), reversed(problems))
+                if problem is None and m
+            ),
+            None,
         )
     recorded = sorted({name for s in tree.epochs if s.metrics for name in s.metrics})
     if requested not in recorded:
@@ -357,7 +430,7 @@ def _shown_metric(tree: TreeSurvey, requested: str | None) -> str | None:
 def _checksums(tree: TreeSurvey, verify: bool) -> list[str | None]:
     """The checksum column: each summary's, or with `verify` each epoch's check."""
     if not verify:
-        return [summary.checksum for summary in tree.epochs]
+        return list(map(CHECKSUM_STATES.__getitem__, tree.column("checksummed")))
     states: list[str | None] = []
     for summary in tree.epochs:
         if summary.problem is None:
@@ -370,6 +443,8 @@ def _checksums(tree: TreeSurvey, verify: bool) -> list[str | None]:
 
 def _own_value(summary: EpochSummary, metric: str | None) -> Any:
     """The epoch's own value of `metric` (None when not recorded)."""
+    if metric == summary.metric:  # its metrics are decoded only for another metric
+        return summary.metric_value
     metrics = summary.metrics
     return None if metrics is None or metric is None else metrics.get(metric)
 
@@ -438,45 +513,62 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
     The epoch's own value of `metric` ("-" where not recorded: files older than format
     2), then the best value so far of the tracked metric.
     """
-    summaries = tree.epochs
-    tracked = {s.metric for s in summaries if s.problem is None}
+    metrics, problems = tree.column("save_best_metric"), tree.column("problem")
+    tracked = {m for m, problem in zip(metrics, problems) if problem is None}
     one_metric = len(tracked) == 1 and None not in tracked
-    last, best = tree.links["last"].epoch, tree.links["best"].epoch
-    # epochs after last are abandoned (TreeSurvey.abandoned); none without last
-    after = float("inf") if last is None else last
-    # Column by column, the cell formats written out (metrics "%.6g", "-" for none):
-    # a formatting call per cell would be most of the run of `list` on 10 000 epochs.
+    # Column by column: a field of every epoch by `TreeSurvey.column`, the cell formats
+    # written out (metrics "%.6g", "-" for none): a call per cell would be most of the
+    # run of `list` on 10 000 epochs.
+    epochs = tree.column("epoch")
     # Most epochs of a run have the same size: each size is formatted once.
-    sizes = {size: _human_size(size) for size in {s.size for s in summaries}}
-    values = [
-        "-" if (value := _own_value(s, metric)) is None else f"{value:.6g}" for s in summaries
-    ]
-    bests = ["-" if (value := s.best_value) is None else f"{value:.6g}" for s in summaries]
+    sizes = tree.column("size")
+    size_texts = {size: _human_size(size) for size in set(sizes)}
+    if tracked == {metric} and metric is not None:
+        # every epoch tracks the metric shown, whose value has a field of its own
+        own_values = tree.column("metric_value")
+    else:
+        own_values = [_own_value(s, metric) for s in tree.epochs]
+    values = ["-" if value is None else f"{value:.6g}" for value in own_values]
+    # The best value so far changes only when an epoch improves on it: each is
+    # formatted once.
+    best_values = tree.column("best_metric_last")
+    best_texts = {value: "-" if value is None else f"{value:.6g}" for value in set(best_values)}
+    bests = list(map(best_texts.__getitem__, best_values))
     if not one_metric:
-        bests = [
-            text if s.metric is None else f"{s.metric}={text}" for s, text in zip(summaries, bests)
-        ]
+        bests = [text if m is None else f"{m}={text}" for m, text in zip(metrics, bests)]
     columns: list[list[str]] = [
-        ["epoch", *[str(s.epoch) for s in summaries]],
-        ["size", *[sizes[s.size] for s in summaries]],
-        ["saved at", *[str(s.timestamp) for s in summaries]],
+        ["epoch", *map(str, epochs)],
+        ["size", *map(size_texts.__getitem__, sizes)],
+        ["saved at", *map(str, tree.column("timestamp"))],
         [metric or "metric", *values],
         [f"best {next(iter(tracked))}" if one_metric else "best metric", *bests],
-        ["checksum", *[str(checksum) for checksum in checksums]],
-        [
-            "",
-            *[
-                _LIST_FLAGS[(epoch := s.epoch) == last, epoch == best, epoch > after]
-                for s in summaries
-            ],
-        ],
+        ["checksum", *map(str, checksums)],
+        ["", *_flags(epochs, tree.links["last"].epoch, tree.links["best"].epoch)],
     ]
-    for row, summary in enumerate(summaries, 1):
-        if summary.problem is not None:
+    for row, problem in enumerate(problems, 1):
+        if problem is not None:
             for column in columns[1:5]:
                 column[row] = "-"
-            columns[5][row] = "INVALID: " + summary.problem
+            columns[5][row] = "INVALID: " + problem
     return _aligned(columns, right=(0, 1, 3, 4))
+
+
+def _flags(epochs: list[int], last: int | None, best: int | None) -> list[str]:
+    """The flags column of `list` for `epochs` (ascending): last, best, abandoned.
+
+    Only last, best and the epochs after last have any: their rows are found by
+    bisection, and every other row is "".
+    """
+    # epochs after last are abandoned (TreeSurvey.abandoned); none without last
+    after = float("inf") if last is None else last
+    flags = [""] * len(epochs)
+    marked = {bisect_left(epochs, epoch) for epoch in (last, best) if epoch is not None}
+    marked.update(range(bisect_right(epochs, after), len(epochs)))
+    for row in marked:
+        if row < len(epochs):
+            epoch = epochs[row]
+            flags[row] = _LIST_FLAGS[epoch == last, epoch == best, epoch > after]
+    return flags
 
 
 def _aligned(columns: list[list[str]], right: Collection[int] = ()) -> list[str]:
@@ -510,7 +602,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "directory": tree.layout.root,
-                    "links": {name: state._asdict() for name, state in tree.links.items()},
+                    "links": {name: state.as_dict() for name, state in tree.links.items()},
                     "abandoned": tree.abandoned,
                     "work": tree.work,
                     "trash": tree.trash,
@@ -521,7 +613,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
         return status
     lines = [tree.layout.root, "   ".join(state.describe() for state in tree.links.values())]
-    lines += _table(tree, checksums, metric) if tree.epochs else ["no epochs saved"]
+    lines += _table(tree, checksums, metric) if tree.rows else ["no epochs saved"]
     lines += _notes(tree)
     lines.append("")
     sys.stdout.write("\n".join(lines))
@@ -856,7 +948,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (the console script exits with it)."""
     try:
-        args = build_parser().parse_args(argv)
+        arguments = sys.argv[1:] if argv is None else argv
+        # only the named command's parser; all of them for --help or a wrong command
+        command = arguments[0] if arguments and arguments[0] in COMMANDS else None
+        args = build_parser(command).parse_args(arguments)
         return COMMANDS[args.command](args)
     except BrokenPipeError:
         # The reader went away (`candle-ckpt list | head`): nothing is wrong. Point

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from operator import attrgetter
-from typing import Any, NamedTuple
+from operator import itemgetter
 
 from ..core.errors import CheckpointError, LinkError, NoCheckpointError
-from ..core.index import read_index, size_and_checksummed
-from ..core.info import MAX_INFO_BYTES, finite_or_none, is_legacy
+from ..core.index import FIELDS, decoded_metrics, read_index, size_and_checksummed
+from ..core.info_keys import MAX_INFO_BYTES, finite_or_none, is_legacy
 from ..core.layout import (
     DEFAULT_CKPT_DIRECTORY,
     INFO_FILE,
@@ -32,6 +31,10 @@ from ..core.layout import (
     parse_epoch_dirname,
 )
 from .json_head import HeadReader
+
+TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+if TYPE_CHECKING:
+    from typing import Any
 
 # What a summary shows: every upstream key (`checkpoint_info` needs them) and the keys
 # `list` shows. All of them precede the stop keys in the files the library writes.
@@ -53,8 +56,6 @@ SUMMARY_KEYS = (
 STOP_KEYS = ("run_id", "epochs_saved")  # format 2's first: the files a run writes
 _HEAD_READER = HeadReader(SUMMARY_KEYS, STOP_KEYS, MAX_INFO_BYTES)
 _SEP_INFO_FILE = os.sep + INFO_FILE
-# The checksum column of a summary, by whether any file has a recorded CRC32.
-_CHECKSUM_STATES = {True: "not verified", False: "off"}
 
 
 def open_tree(directory: str) -> CheckpointLayout:
@@ -87,10 +88,11 @@ def require_epoch_dir(layout: CheckpointLayout, epoch: int) -> None:
         )
 
 
-# NamedTuples and a plain class, not dataclasses: see `core.info.CheckpointInfo`.
+# Plain classes, not NamedTuples or dataclasses: `list` imports neither `typing` nor
+# `dataclasses` (core/info_keys.py).
 
 
-class LinkState(NamedTuple):
+class LinkState:
     """Where a `last`/`best` link points.
 
     `target` is what the link stores (None when absent or not a link), `epoch` the
@@ -98,10 +100,24 @@ class LinkState(NamedTuple):
     or why the link cannot be followed.
     """
 
-    name: str
-    target: str | None
-    epoch: int | None
-    problem: str | None
+    __slots__ = ("epoch", "name", "problem", "target")
+
+    def __init__(
+        self, name: str, target: str | None, epoch: int | None, problem: str | None
+    ) -> None:
+        self.name = name
+        self.target = target
+        self.epoch = epoch
+        self.problem = problem
+
+    def as_dict(self) -> dict[str, Any]:
+        """{"name", "target", "epoch", "problem"}: the link as `list --json` prints it."""
+        return {
+            "name": self.name,
+            "target": self.target,
+            "epoch": self.epoch,
+            "problem": self.problem,
+        }
 
     def describe(self) -> str:
         """One line: "last -> epochs/005", "best: absent", or the problem."""
@@ -134,7 +150,8 @@ class EpochSummary:
     bytes of the directory's files). `checksum` is "not verified" when CRC32s are
     recorded (a survey reads no model file) and "off" when none are. `best_value` is
     `best_metric_last`, the best value of `metric` up to this epoch; `metrics` the
-    epoch's own values (None in files older than format 2, which do not record them).
+    epoch's own values (None in files older than format 2, which do not record them),
+    and `metric_value` its own value of `metric` (None when not recorded).
     `problem` is None or why the ckpt-info.json cannot be summarised; the other fields
     are then None.
     """
@@ -147,6 +164,7 @@ class EpochSummary:
         "format_version",
         "legacy",
         "metric",
+        "metric_value",
         "metrics",
         "problem",
         "size",
@@ -166,6 +184,7 @@ class EpochSummary:
         problem: str | None = None,
         metrics: dict[str, Any] | None = None,
         format_version: int | None = None,
+        metric_value: float | None = None,
     ) -> None:
         self.epoch = epoch
         self.directory = directory
@@ -178,6 +197,7 @@ class EpochSummary:
         self.problem = problem
         self.metrics = metrics
         self.format_version = format_version
+        self.metric_value = metric_value
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
@@ -186,24 +206,62 @@ class EpochSummary:
 
 def summarise_epoch(layout: CheckpointLayout, epoch: int) -> EpochSummary:
     """The `EpochSummary` of one epoch directory (never raises for a bad file)."""
-    return _summarise(epoch, layout.epoch_dir(epoch))
+    directory = layout.epoch_dir(epoch)
+    row = _summarise(epoch, directory)
+    return _summary(row, directory, row[ROW_FIELDS.index("metrics")])
 
 
-def _summarise(epoch: int, directory: str) -> EpochSummary:
+# What a survey holds of an epoch directory, in this order: the fields of a line of the
+# list index (core/index.py), then whether its ckpt-info.json is upstream CANDLE's and
+# why it cannot be summarised (None when it can; the other fields but the epoch are
+# then None). The line the index holds for a directory becomes its row as it is,
+# extended by those two: `list` builds no object per epoch, and an `EpochSummary` is
+# built from a row only for those who ask (`TreeSurvey.epochs`).
+ROW_FIELDS = (*FIELDS, "legacy", "problem")
+_INDEXED = (False, None)  # legacy and problem of an epoch the index describes
+# The checksum of an `EpochSummary`, by whether any file has a recorded CRC32.
+CHECKSUM_STATES = {True: "not verified", False: "off", None: None}
+
+
+def _summary(row: list[Any], directory: str, metrics: dict[str, Any] | None) -> EpochSummary:
+    """The `EpochSummary` of a survey's `row` of the epoch in `directory`, its metrics
+    `metrics` (decoded: a row from the index holds their text)."""
+    epoch, _, timestamp, metric, best, value, size, checksummed, _, version, legacy, problem = row
+    return EpochSummary(
+        epoch,
+        directory,
+        timestamp,
+        metric,
+        best,
+        size,
+        CHECKSUM_STATES[checksummed],
+        legacy,
+        problem,
+        metrics,
+        version,
+        value,
+    )
+
+
+def _problem_row(epoch: int, problem: str) -> list[Any]:
+    return [epoch, *[None] * (len(ROW_FIELDS) - 2), problem]
+
+
+def _summarise(epoch: int, directory: str) -> list[Any]:
+    """The row (ROW_FIELDS) of one epoch directory from its ckpt-info.json head (never
+    raises for a bad file; its inode None: only an index line names one)."""
     try:
         # Concatenated, not os.path.join: this runs once per epoch, 10 000 times a list.
         head = _HEAD_READER.read(directory + _SEP_INFO_FILE)
     except FileNotFoundError:
-        return EpochSummary(epoch, directory, problem=f"no {INFO_FILE} (not a complete epoch)")
+        return _problem_row(epoch, f"no {INFO_FILE} (not a complete epoch)")
     except (OSError, ValueError) as error:
-        return EpochSummary(epoch, directory, problem=f"{INFO_FILE} unreadable: {error}")
+        return _problem_row(epoch, f"{INFO_FILE} unreadable: {error}")
     try:
         if head["epoch"] != epoch:
-            return EpochSummary(
+            return _problem_row(
                 epoch,
-                directory,
-                problem=f"{INFO_FILE} records epoch "
-                f"{head['epoch']!r}; expected {epoch}, its directory's",
+                f"{INFO_FILE} records epoch {head['epoch']!r}; expected {epoch}, its directory's",
             )
         # The head's keys directly, not `checkpoint_info`: building the full record
         # costs as much again as reading the file, 10 000 or 100 000 times a list.
@@ -212,26 +270,28 @@ def _summarise(epoch: int, directory: str) -> EpochSummary:
         if size is None:  # upstream CANDLE records no sizes
             size = _bytes_in(directory)
         metrics = head.get("metrics")
-        return EpochSummary(
+        if type(metrics) is not dict:
+            metrics = None
+        metric = head["save_best_metric"]
+        return [
             epoch,
-            directory,
+            None,
             head["timestamp"],
-            head["save_best_metric"],
+            metric,
             finite_or_none(head["best_metric_last"]),
+            None if metrics is None or metric is None else metrics.get(metric),
             size,
-            _CHECKSUM_STATES[checksummed],
+            checksummed,
+            metrics,
+            None if legacy else head.get("format_version"),
             legacy,
             None,
-            metrics if type(metrics) is dict else None,
-            None if legacy else head.get("format_version"),
-        )
+        ]
     except KeyError as error:
         problem = f"{INFO_FILE} has no key {error}"
     except (TypeError, ValueError, AttributeError) as error:
         problem = f"{INFO_FILE} has a value of the wrong type ({error})"
-    return EpochSummary(
-        epoch, directory, problem=f"{problem}; 'candle-ckpt info {epoch}' shows the details"
-    )
+    return _problem_row(epoch, f"{problem}; 'candle-ckpt info {epoch}' shows the details")
 
 
 def _bytes_in(directory: str) -> int:
@@ -244,20 +304,48 @@ def _bytes_in(directory: str) -> int:
         )
 
 
-class TreeSurvey(NamedTuple):
-    """Everything `survey` found in one tree."""
+class TreeSurvey:
+    """Everything `survey` found in one tree: a row (ROW_FIELDS) of every epoch
+    directory, in numeric order; where the links point; whether `work/` is there; the
+    entries of `trash/`."""
 
-    layout: CheckpointLayout
-    epochs: list[EpochSummary]
-    links: dict[str, LinkState]
-    work: bool
-    trash: list[str]
+    __slots__ = ("_epochs", "layout", "links", "rows", "trash", "work")
+
+    def __init__(
+        self,
+        layout: CheckpointLayout,
+        rows: list[list[Any]],
+        links: dict[str, LinkState],
+        work: bool,
+        trash: list[str],
+    ) -> None:
+        self.layout = layout
+        self.rows = rows
+        self.links = links
+        self.work = work
+        self.trash = trash
+        self._epochs: list[EpochSummary] | None = None
+
+    def column(self, name: str) -> list[Any]:
+        """Field `name` (ROW_FIELDS) of every row, in order."""
+        return list(map(itemgetter(ROW_FIELDS.index(name)), self.rows))
+
+    @property
+    def epochs(self) -> list[EpochSummary]:
+        """The `EpochSummary` of every row, in order (built on first use)."""
+        if self._epochs is None:
+            prefix = self.layout.epochs + os.sep  # the directory of an epoch, as `epoch_dir`
+            self._epochs = [
+                _summary(row, prefix + epoch_dirname(row[0]), metrics)
+                for row, metrics in zip(self.rows, decoded_metrics(self.column("metrics")))
+            ]
+        return self._epochs
 
     @property
     def abandoned(self) -> list[int]:
         """The epochs after `last`: a timeline a rollback left behind (empty without `last`)."""
         last = self.links["last"].epoch
-        return [] if last is None else [s.epoch for s in self.epochs if s.epoch > last]
+        return [] if last is None else [epoch for epoch in self.column("epoch") if epoch > last]
 
 
 def survey(layout: CheckpointLayout, use_index: bool = True) -> TreeSurvey:
@@ -273,15 +361,15 @@ def survey(layout: CheckpointLayout, use_index: bool = True) -> TreeSurvey:
         trash = []
     return TreeSurvey(
         layout,
-        _summaries(layout, use_index),
+        _rows(layout, use_index),
         {name: link_state(layout, name) for name in LINK_NAMES},
         os.path.lexists(layout.work),
         trash,
     )
 
 
-def _summaries(layout: CheckpointLayout, use_index: bool) -> list[EpochSummary]:
-    """The `EpochSummary` of every epoch directory, in numeric order."""
+def _rows(layout: CheckpointLayout, use_index: bool) -> list[list[Any]]:
+    """The row (ROW_FIELDS) of every epoch directory, in numeric order."""
     try:
         with os.scandir(layout.epochs) as entries:
             # the inode comes with the entry (readdir's d_ino): no stat per epoch
@@ -290,34 +378,20 @@ def _summaries(layout: CheckpointLayout, use_index: bool) -> list[EpochSummary]:
         return []
     index = read_index(layout.ckpts, len(found)) if use_index else {}
     prefix = layout.epochs + os.sep  # the directory of an epoch, as `epoch_dir` makes it
-    summaries: list[EpochSummary] = []
-    append = summaries.append
+    rows: list[list[Any]] = []
+    append = rows.append
     for name, inode in found:
         line = index.get(inode)
         # the line's epoch must be the directory's (a renamed directory keeps its inode)
         if line is not None and epoch_dirname(line[0]) == name:
-            _, _, timestamp, metric, best, size, checksummed, metrics, version = line
-            append(
-                EpochSummary(
-                    line[0],
-                    prefix + name,
-                    timestamp,
-                    metric,
-                    best,
-                    size,
-                    _CHECKSUM_STATES[checksummed],
-                    False,
-                    None,
-                    metrics,
-                    version,
-                )
-            )
+            line += _INDEXED
+            append(line)
         else:
             epoch = parse_epoch_dirname(name)
             if epoch is not None:
                 append(_summarise(epoch, prefix + name))
-    summaries.sort(key=attrgetter("epoch"))
-    return summaries
+    rows.sort(key=itemgetter(0))
+    return rows
 
 
 def describe_epochs(epochs: Iterable[int]) -> str:

@@ -24,7 +24,10 @@ import functools
 import json
 import os
 from collections.abc import Iterable
-from typing import Any
+
+TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+if TYPE_CHECKING:
+    from typing import Any
 
 # The first read, doubled until the stop key is found: the head of a ckpt-info.json
 # as the library writes it, up to `epochs_saved` or `run_id`, is about 500 bytes.
