@@ -19,6 +19,12 @@ tf = pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def in_place_from_any_size(monkeypatch):
+    """These models are small: read them in place all the same."""
+    monkeypatch.setattr(checksum, "IN_PLACE_MIN_BYTES", 0)
+
+
 def wide_model(seed=1):
     """A model whose kernel and its Adam slots (128 KiB each) are read in place."""
     keras.utils.set_random_seed(seed)

@@ -61,6 +61,12 @@ LAST_PIECE_BYTES = 1 << 20
 # GIL) and combines them; below it, a second thread costs more than it saves.
 PARALLEL_MIN_BYTES = 64 << 20
 
+# From this size on, `read_file` reads regions into the caller's memory (`read_into`);
+# below it, what that adds (the file mapped and checksummed before it is read, and the
+# caller's planning) costs more than the new memory it spares, from the page cache and
+# from the disk alike.
+IN_PLACE_MIN_BYTES = 64 << 20
+
 # The one extra thread CRCs run in; a single worker runs its tasks in order.
 crc_thread = SharedThread("candle_ckpt-crc")
 
@@ -114,8 +120,9 @@ def read_file(
     computed when `compute_crc` is true, equals `zlib.crc32` of the file's bytes as read
     and is computed over exactly these bytes: what the caller verifies is what it uses.
 
-    `read_into` (with `compute_crc` and `expected_crc`) reads parts of the file into
-    the caller's own memory instead, already faulted in (a model's variables): the file's
+    `read_into` (with `compute_crc` and `expected_crc`, for a file of IN_PLACE_MIN_BYTES
+    or more) reads parts of the file into the caller's own memory instead, already
+    faulted in (a model's variables): the file's
     CRC32 is first computed from the file itself, mapped (`crc32_file`: no copy, no new
     memory), and only if it equals `expected_crc` is `read_into` called, with the path
     and the open file, for the regions to read where (`Regions`). Their bytes are then
@@ -129,7 +136,12 @@ def read_file(
     with open(path, "rb", buffering=0) as stream:
         size = os.fstat(stream.fileno()).st_size
         regions: list[tuple[int, memoryview]] = []
-        if read_into and compute_crc and _mapped_crc32(stream.fileno()) == expected_crc:
+        if (
+            read_into
+            and compute_crc
+            and size >= IN_PLACE_MIN_BYTES
+            and _mapped_crc32(stream.fileno()) == expected_crc
+        ):
             regions = _checked_regions(path, read_into(path, stream), size)
             stream.seek(0)
         # New memory at every restart: huge pages would risk a compaction stall
