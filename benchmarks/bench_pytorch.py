@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (
     SIZES_MB,
     copy_floor,
+    evict,
     header,
     interleave,
     ratio_line,
@@ -67,17 +68,6 @@ def cpu_seconds():
     page-cache writes count as system time of the thread that writes)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def evict(directory):
-    """Drop every file under `directory` from the page cache (they are all clean: fsynced)."""
-    for parent, _, names in os.walk(directory):
-        for name in names:
-            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def build(megabytes, seed=0):

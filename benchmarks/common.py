@@ -81,11 +81,12 @@ def callback_save(model, root):
     return lambda: callback.on_epoch_end(next(epochs), {})
 
 
-def compare_by_size(description, title, measure, candidate, baseline):
+def compare_by_size(description, title, measure, candidate, baseline, also=()):
     """Run a benchmark that compares two timings at each model size, and report.
 
     `measure(size, repetitions, directory)` returns (state bytes, {name: [seconds]});
-    the report gives every timing and the ratio `candidate` / `baseline`. Command line:
+    the report gives every timing and the ratio `candidate` / `baseline`, and that of
+    each (candidate, baseline) pair of `also`. Command line:
     --sizes (default 10MB,100MB; 1GB as well), --repetitions (default 7), --directory
     (where to write; a temporary directory is made in it and removed).
     """
@@ -108,9 +109,21 @@ def compare_by_size(description, title, measure, candidate, baseline):
             width = max(map(len, times))
             for name, seconds in times.items():
                 print(f"  {name:{width}s} {summary(seconds)}")
-            print("  " + ratio_line(f"{candidate} / {baseline}", times[candidate], times[baseline]))
+            for ours, theirs in ((candidate, baseline), *also):
+                print("  " + ratio_line(f"{ours} / {theirs}", times[ours], times[theirs]))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def evict(directory):
+    """Drop every file under `directory` from the page cache (they are all clean: fsynced)."""
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def timed(function):

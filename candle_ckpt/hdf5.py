@@ -79,12 +79,22 @@ def create_array(
     return created
 
 
-def dataset_array(dataset: h5py.Dataset, contents: Any, path: str) -> np.ndarray:
-    """The dataset's values: a view of `contents` where the dataset is stored as one
-    contiguous run of bytes (as h5py and Keras write them), else read by HDF5."""
+def contiguous_offset(dataset: h5py.Dataset) -> int | None:
+    """Where in the file the dataset's values are, if they are stored there as one
+    contiguous run of bytes (as h5py and Keras write them), else None."""
     offset = dataset.id.get_offset()  # None unless contiguous and allocated
     nbytes = dataset.size * dataset.dtype.itemsize
     if offset is None or nbytes == 0 or dataset.id.get_storage_size() != nbytes:
+        return None
+    return int(offset)
+
+
+def dataset_array(dataset: h5py.Dataset, contents: Any, path: str) -> np.ndarray:
+    """The dataset's values: a view of `contents` where the dataset is stored as one
+    contiguous run of bytes (`contiguous_offset`), else read by HDF5."""
+    offset = contiguous_offset(dataset)
+    nbytes = dataset.size * dataset.dtype.itemsize
+    if offset is None:
         return np.asarray(dataset[()])
     if offset + nbytes > len(contents):
         raise CheckpointFormatError(

@@ -70,3 +70,68 @@ def test_read_file_checksums_the_bytes_it_read_when_the_file_shrinks(tmp_path, m
     contents, crc = checksum.read_file(path)
     assert bytes(contents) == data[: checksum.CHUNK_BYTES + 5]
     assert crc == zlib.crc32(data[: checksum.CHUNK_BYTES + 5])
+
+
+@pytest.fixture()
+def in_place_from_any_size(monkeypatch):
+    monkeypatch.setattr(checksum, "IN_PLACE_MIN_BYTES", 0)
+
+
+def test_read_file_reads_the_regions_into_their_buffers_once_the_file_verifies(
+    tmp_path, in_place_from_any_size
+):
+    size = checksum.CHUNK_BYTES * 2 + 12345
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    places = [(4096, 3 * checksum.CHUNK_BYTES // 2), (checksum.CHUNK_BYTES * 2, 4096)]
+    buffers = [bytearray(length) for _, length in places]
+    contents, crc = checksum.read_file(
+        path,
+        read_into=lambda *_: [(at, buffer) for (at, _), buffer in zip(places, buffers)],
+        expected_crc=zlib.crc32(data),
+    )
+    assert crc == zlib.crc32(data) and len(contents) == size
+    for (at, length), buffer in zip(places, buffers):
+        assert bytes(buffer) == data[at : at + length]
+        assert bytes(contents[at : at + length]) == bytes(length)  # left unread
+    kept = bytearray(contents)
+    for at, length in places:
+        kept[at : at + length] = data[at : at + length]
+    assert bytes(kept) == data
+
+
+def test_read_file_reads_nothing_into_the_regions_of_a_file_that_fails_its_crc(
+    tmp_path, in_place_from_any_size
+):
+    data = os.urandom(3 * 4096)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    planned = []
+    contents, crc = checksum.read_file(
+        path, read_into=lambda *args: planned.append(args) or [], expected_crc=zlib.crc32(b"x")
+    )
+    assert not planned and bytes(contents) == data and crc == zlib.crc32(data)
+
+
+def test_read_file_reads_a_small_file_into_new_memory_only(tmp_path):
+    data = os.urandom(3 * 4096)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    planned = []
+    contents, crc = checksum.read_file(
+        path, read_into=lambda *args: planned.append(args) or [], expected_crc=zlib.crc32(data)
+    )
+    assert not planned and bytes(contents) == data and crc == zlib.crc32(data)
+
+
+def test_read_file_refuses_overlapping_regions(tmp_path, in_place_from_any_size):
+    data = os.urandom(3 * 4096)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="overlaps"):
+        checksum.read_file(
+            path,
+            read_into=lambda *_: [(0, bytearray(4096)), (4095, bytearray(10))],
+            expected_crc=zlib.crc32(data),
+        )

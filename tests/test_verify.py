@@ -39,9 +39,9 @@ def test_a_kept_file_with_a_flipped_byte_is_refused(epoch_dir):
 def test_a_kept_file_that_shrinks_while_it_is_read_is_refused(epoch_dir, monkeypatch):
     real_read_file = verify.read_file
 
-    def shrink_then_read(path, compute_crc):
+    def shrink_then_read(path, compute_crc, **in_place):
         os.truncate(path, 4096)
-        return real_read_file(path, compute_crc=compute_crc)
+        return real_read_file(path, compute_crc=compute_crc, **in_place)
 
     monkeypatch.setattr(verify, "read_file", shrink_then_read)
     with pytest.raises(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from .checksum import RegionPlanner
     from .logs import LibraryLogger
     from .protocol import ModelFile
     from .resume import Checkpoint
@@ -100,6 +101,12 @@ class FrameworkAdapter(Protocol):
         `protocol.ModelFile` with the CRC32 computed while writing (`checksum`: whether
         `ckpt_checksum` asks for one at all). May run in another thread; need not fsync
         (the protocol does)."""
+
+    def read_model_into(self) -> RegionPlanner | None:
+        """Where a restart reads the model file's large arrays: the framework's own
+        memory, straight from the file while it is verified (`checksum.read_file`'s
+        `read_into`), or None to read them into new memory with the rest. `restore`
+        then finds them loaded already, once the file has verified."""
 
     def restore(
         self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False

@@ -21,8 +21,8 @@ import concurrent.futures
 import errno
 import mmap
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO
 
 from .background import SharedThread
 
@@ -30,6 +30,11 @@ Progress = Callable[[int], None]
 """progress(bytes_done), called as a long file is checksummed."""
 CrcFunction = Callable[..., int]
 """crc(data, running_value=0) -> int, as `zlib.crc32`."""
+Regions = Sequence[tuple[int, Any]]
+"""(file offset, writable C-contiguous buffer) pairs: parts of a file to read into
+memory the caller has, rather than into new memory."""
+RegionPlanner = Callable[[str, BinaryIO], Regions]
+"""read_into(path, opened file) -> the `Regions` of the file `read_file` reads."""
 
 _crc32_combine: Callable[[int, int, int], int] | None
 try:
@@ -56,6 +61,12 @@ LAST_PIECE_BYTES = 1 << 20
 # GIL) and combines them; below it, a second thread costs more than it saves.
 PARALLEL_MIN_BYTES = 64 << 20
 
+# From this size on, `read_file` reads regions into the caller's memory (`read_into`);
+# below it, what that adds (the file mapped and checksummed before it is read, and the
+# caller's planning) costs more than the new memory it spares, from the page cache and
+# from the disk alike.
+IN_PLACE_MIN_BYTES = 64 << 20
+
 # The one extra thread CRCs run in; a single worker runs its tasks in order.
 crc_thread = SharedThread("candle_ckpt-crc")
 
@@ -73,54 +84,124 @@ def crc32_file(
     Files of PARALLEL_MIN_BYTES or more are checksummed in two threads when isal is the
     function and there is no progress callback.
     """
+    with open(path, "rb") as stream:
+        return _mapped_crc32(stream.fileno(), progress, crc_function)
+
+
+def _mapped_crc32(
+    fd: int, progress: Progress | None = None, crc_function: CrcFunction | None = None
+) -> int:
+    """`crc32_file` of the open file `fd`, from its first byte whatever its position."""
     parallel = progress is None and crc_function is None and _crc32_combine is not None
     crc_function = crc_function or crc32
-    with open(path, "rb") as stream:
-        size = os.fstat(stream.fileno()).st_size
-        if size == 0:
-            return 0
-        with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
-            view = memoryview(mapping)
-            try:
-                if parallel and size >= PARALLEL_MIN_BYTES:
-                    return _crc32_halves(view, size)
-                return _crc32_range(view, 0, size, crc_function, progress)
-            finally:
-                view.release()
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapping:
+        view = memoryview(mapping)
+        try:
+            if parallel and size >= PARALLEL_MIN_BYTES:
+                return _crc32_halves(view, size)
+            return _crc32_range(view, 0, size, crc_function, progress)
+        finally:
+            view.release()
 
 
-def read_file(path: str, compute_crc: bool = True) -> tuple[memoryview, int | None]:
+def read_file(
+    path: str,
+    compute_crc: bool = True,
+    read_into: RegionPlanner | None = None,
+    expected_crc: int | None = None,
+) -> tuple[memoryview, int | None]:
     """Read the whole file at `path` into memory; return (contents, CRC32 or None).
 
     `contents` is a read-only memoryview of the bytes read, in a page-aligned anonymous
     mapping (shorter than the file was at open only if it shrank meanwhile). The CRC32,
-    computed when `compute_crc` is true, equals `zlib.crc32(contents)` and is computed over
-    exactly these bytes: what the caller verifies is what it uses.
+    computed when `compute_crc` is true, equals `zlib.crc32` of the file's bytes as read
+    and is computed over exactly these bytes: what the caller verifies is what it uses.
+
+    `read_into` (with `compute_crc` and `expected_crc`, for a file of IN_PLACE_MIN_BYTES
+    or more) reads parts of the file into the caller's own memory instead, already
+    faulted in (a model's variables): the file's
+    CRC32 is first computed from the file itself, mapped (`crc32_file`: no copy, no new
+    memory), and only if it equals `expected_crc` is `read_into` called, with the path
+    and the open file, for the regions to read where (`Regions`). Their bytes are then
+    read into those buffers, in file order with the rest, and covered by the CRC32 from
+    there; their place in `contents` is left unread (zeros, never faulted in). So a
+    file that is bad when opened never reaches those buffers; one that changes between
+    the two reads does, and the CRC32 returned, of the second, then shows it.
     """
     from .direct_io import anonymous_memory  # here: direct_io imports this module
 
     with open(path, "rb", buffering=0) as stream:
         size = os.fstat(stream.fileno()).st_size
+        regions: list[tuple[int, memoryview]] = []
+        if (
+            read_into
+            and compute_crc
+            and size >= IN_PLACE_MIN_BYTES
+            and _mapped_crc32(stream.fileno()) == expected_crc
+        ):
+            regions = _checked_regions(path, read_into(path, stream), size)
+            stream.seek(0)
         # New memory at every restart: huge pages would risk a compaction stall
-        view = memoryview(anonymous_memory(size, huge_pages=False))
+        contents = memoryview(anonymous_memory(size, huge_pages=False))
         running = [0]
 
-        def add_to_crc(begin: int, end: int) -> None:  # in the CRC thread, chunk by chunk
-            running[0] = crc32(view[begin:end], running[0])
+        def add_to_crc(data: memoryview) -> None:  # in the CRC thread, chunk by chunk
+            running[0] = crc32(data, running[0])
 
         pending: list[concurrent.futures.Future[None]] = []
         filled = 0
-        while filled < size:
-            step = CHUNK_BYTES if size - filled > CHUNK_BYTES else LAST_PIECE_BYTES
-            count = stream.readinto(view[filled : min(filled + step, size)])
-            if not count:
+        for start, target in _destinations(contents, regions, size):
+            done = 0
+            while done < len(target):
+                step = CHUNK_BYTES if size - start - done > CHUNK_BYTES else LAST_PIECE_BYTES
+                count = stream.readinto(target[done : done + step])
+                if not count:
+                    break
+                if compute_crc:
+                    pending.append(crc_thread.submit(add_to_crc, target[done : done + count]))
+                done += count
+            filled = start + done
+            if done < len(target):  # the file ends early: it shrank
                 break
-            if compute_crc:
-                pending.append(crc_thread.submit(add_to_crc, filled, filled + count))
-            filled += count
         for chunk in pending:
             chunk.result()
-    return view[:filled].toreadonly(), running[0] if compute_crc else None
+    return contents[:filled].toreadonly(), running[0] if compute_crc else None
+
+
+def _checked_regions(path: str, regions: Regions, size: int) -> list[tuple[int, memoryview]]:
+    """`regions` as (offset, writable byte view), in file order, checked to lie inside
+    the file without overlapping."""
+    checked, end = [], 0
+    for offset, buffer in sorted(regions, key=lambda region: region[0]):
+        view = memoryview(buffer).cast("B")
+        if offset < end or offset + len(view) > size or view.readonly:
+            raise ValueError(
+                f"'{path}': a region of {len(view)} bytes at offset {offset} overlaps the one "
+                f"before (ending at {end}), ends past the file ({size} bytes) or is read-only"
+            )
+        checked.append((offset, view))
+        end = offset + len(view)
+    return checked
+
+
+def _destinations(
+    contents: memoryview, regions: list[tuple[int, memoryview]], size: int
+) -> list[tuple[int, memoryview]]:
+    """(file offset, buffer) for every byte of the file in order: the regions' own
+    buffers, and `contents` for the bytes between them."""
+    pieces, position = [], 0
+    for offset, view in regions:
+        if position < offset:
+            pieces.append((position, contents[position:offset]))
+        if len(view):
+            pieces.append((offset, view))
+        position = offset + len(view)
+    if position < size:
+        pieces.append((position, contents[position:size]))
+    return pieces
 
 
 class WrittenFileCrc:

@@ -6,8 +6,9 @@ writes (only the writer logs to ckpt.log), refuse a writer whose tree another jo
 writing (`lock.WriterLock.check_free`, before anything is read), follow `ckpts/last`
 to a verified epoch (`resume.find_checkpoint`), check that every process found the same one
 (`writer.agree_on_checkpoint`), let the adapter load the verified bytes, and log what
-was loaded. On any error nothing has been loaded, and a writer logs the refusal (with
-its remedy) to ckpt.log.
+was loaded. On any error nothing has been loaded (but for a model file that changed
+after it verified, read into the model by `adapter.read_model_into`: the error says
+so), and a writer logs the refusal (with its remedy) to ckpt.log.
 
 A run with no checkpoint of its own and `ckpt_init_from` set is warm-started: the model
 weights only are loaded from that verified checkpoint (`warm_start`), and where they
@@ -83,17 +84,21 @@ def restart_run(
     else:
         logger = console_logger("restart", verbose)
     will_lock = writer and settings["ckpt_save_interval"] > 0
+    gather = adapter.all_gather()
+    # One process reads the model file's arrays straight into the model; processes that
+    # must first agree on the checkpoint load nothing before they have.
+    read_into = adapter.read_model_into() if gather is None else None
 
     def find() -> Checkpoint | None:
         if will_lock:  # a second job is refused before it reads anything
             WriterLock(layout.ckpts, logger).check_free()
-        return find_checkpoint(layout, settings, logger)
+        return find_checkpoint(layout, settings, logger, read_into)
 
     started = time.perf_counter()
     try:
         checkpoint = None
         if settings["ckpt_restart_mode"] != "off":
-            checkpoint = agree_on_checkpoint(adapter.all_gather(), find)
+            checkpoint = agree_on_checkpoint(gather, find)
         if checkpoint is None:
             if init_from is not None:
                 _warm_starts[layout.root] = warm_start(init_from, adapter, logger)

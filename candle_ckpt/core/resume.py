@@ -3,8 +3,9 @@
 `find_checkpoint` follows `ckpts/last` (or wherever an operator relinked it), reads and
 validates its ckpt-info.json and verifies every file it lists. With
 `ckpt_restart_fallback`, a corrupt `last` is skipped (loudly) for the newest earlier
-epoch that verifies. The model file is read once, while it is verified; the framework
-adapter then loads those bytes.
+epoch that verifies. The model file is read once, while it is verified (mapped and
+checksummed first where its large arrays go straight into the model, which is then
+read and checksummed as it is filled); the framework adapter then loads those bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checksum import RegionPlanner
 from .errors import CheckpointError, LinkError, NoCheckpointError, add_remedy
 from .info import finite_or_none, is_legacy, read_info
 from .layout import INFO_FILE, CheckpointLayout
@@ -84,10 +86,23 @@ def legacy_best_epoch(layout: CheckpointLayout, info: Mapping[str, Any]) -> int 
 
 
 def load_verified(
-    layout: CheckpointLayout, epoch: int, verify_checksums: bool, logger: LibraryLogger
+    layout: CheckpointLayout,
+    epoch: int,
+    verify_checksums: bool,
+    logger: LibraryLogger,
+    read_into: RegionPlanner | None = None,
 ) -> Checkpoint:
-    """Read and verify epoch `epoch`; return a `Checkpoint` or raise a CheckpointError."""
-    check = check_epoch(layout, epoch, verify_checksums=verify_checksums, hold_model_contents=True)
+    """Read and verify epoch `epoch`; return a `Checkpoint` or raise a CheckpointError.
+
+    `read_into`: where the model file's large arrays are read instead of its contents
+    (`checksum.read_file`), already while it is verified."""
+    check = check_epoch(
+        layout,
+        epoch,
+        verify_checksums=verify_checksums,
+        hold_model_contents=True,
+        read_into=read_into,
+    )
     check.raise_if_bad()
     return _checkpoint(layout.epoch_dir(epoch), check.info, check.files, verify_checksums, logger)
 
@@ -133,7 +148,10 @@ def _checkpoint(
 
 
 def find_checkpoint(
-    layout: CheckpointLayout, settings: Mapping[str, Any], logger: LibraryLogger
+    layout: CheckpointLayout,
+    settings: Mapping[str, Any],
+    logger: LibraryLogger,
+    read_into: RegionPlanner | None = None,
 ) -> Checkpoint | None:
     """The verified checkpoint a restart should load, or None to start from scratch.
 
@@ -141,6 +159,8 @@ def find_checkpoint(
         layout: the tree.
         settings: validated parameters (restart mode, checksum, fallback).
         logger: where to log what was found and why.
+        read_into: where each model file read has its large arrays read (the model's
+            own memory: `FrameworkAdapter.read_model_into`), or None.
 
     Raises:
         NoCheckpointError: mode "required" and no usable `last`.
@@ -174,7 +194,7 @@ def find_checkpoint(
         return None
     verify_checksums = settings["ckpt_checksum"]
     try:
-        return load_verified(layout, epoch, verify_checksums, logger)
+        return load_verified(layout, epoch, verify_checksums, logger, read_into)
     except CheckpointError as error:
         if not settings["ckpt_restart_fallback"]:
             add_remedy(
@@ -190,7 +210,7 @@ def find_checkpoint(
         logger.error("CHECKPOINT OF EPOCH %d IS UNUSABLE: %s", epoch, error)
         for earlier in reversed([e for e in layout.list_epochs() if e < epoch]):
             try:
-                found = load_verified(layout, earlier, verify_checksums, logger)
+                found = load_verified(layout, earlier, verify_checksums, logger, read_into)
             except CheckpointError as skipped:
                 logger.error("skipping epoch %d as well: %s", earlier, skipped)
                 continue

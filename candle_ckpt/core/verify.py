@@ -11,18 +11,26 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
-from .checksum import crc32_file, read_file
+from .checksum import RegionPlanner, Regions, crc32_file, read_file
 from .errors import (
     CheckpointError,
     ChecksumMismatchError,
     CorruptCheckpointError,
     LinkError,
     NoCheckpointError,
+    add_remedy,
 )
 from .info import read_info, recorded_files
 from .layout import CheckpointLayout
+
+OVERWRITTEN = (
+    "The model file's large arrays were read straight into the model's own memory (to "
+    "spare a copy), so the model's values are now partly unverified bytes: load them "
+    "again from a checkpoint that verifies (ckpt_restart_fallback), or rebuild the model"
+)
+"""What a bad model file whose arrays went into the caller's memory has done to it."""
 
 FileProgress = Callable[[str, int, int], None]
 """progress(path, bytes_done, bytes_total) while a long file is checksummed."""
@@ -40,6 +48,9 @@ class FileCheck:
     `contents` holds the file's bytes (a read-only memoryview) when the check was asked
     to hold them, else None: the bytes that were checked, so a caller that uses them
     uses exactly what was verified.
+    `read_into_caller` is true when some of those bytes were read into the caller's own
+    memory instead (`checksum.read_file`'s `read_into`): a bad file has then already
+    overwritten it.
     """
 
     path: str
@@ -49,9 +60,15 @@ class FileCheck:
     actual_crc32: str | None
     problem: str | None
     contents: memoryview | None = field(default=None, repr=False, compare=False)
+    read_into_caller: bool = False
 
     def describe(self) -> str:
         """One line for a person: what is wrong with the file, or that it is fine."""
+        if self.read_into_caller and self.problem in ("size", "crc32"):
+            return f"{self._problem()}. {OVERWRITTEN}"
+        return self._problem()
+
+    def _problem(self) -> str:
         if self.problem == "missing":
             return f"{self.path}: listed in ckpt-info.json but missing"
         if self.problem == "type":
@@ -104,9 +121,10 @@ class EpochCheck:
         """
         for check in self.bad:
             if check.problem == "crc32":
-                raise ChecksumMismatchError(
+                error = ChecksumMismatchError(
                     check.path, str(check.expected_crc32), str(check.actual_crc32)
                 )
+                raise add_remedy(error, OVERWRITTEN) if check.read_into_caller else error
             raise CorruptCheckpointError(check.describe() + "; refusing to load this checkpoint")
 
 
@@ -116,6 +134,7 @@ def check_files(
     verify_checksums: bool = True,
     progress: FileProgress | None = None,
     hold_contents_of: str | None = None,
+    read_into: RegionPlanner | None = None,
 ) -> list[FileCheck]:
     """Check every file recorded in `info`, in name order; returns a list of FileCheck.
 
@@ -127,6 +146,8 @@ def check_files(
         progress: optional callable(path, bytes_done, bytes_total) for long files.
         hold_contents_of: the name of one file to read into memory while it is checked;
             its FileCheck's `contents` holds the bytes (no progress is reported for it).
+        read_into: for that file, where its large arrays go instead of the contents,
+            once the file matches its recorded CRC32 (`checksum.read_file`).
     """
     results = []
     for name, (size, crc) in sorted(recorded_files(info).items()):
@@ -146,18 +167,41 @@ def check_files(
         compute = verify_checksums and crc is not None
         contents = None
         computed: int | None = None
+        planned: list[Regions] = []
         if name == hold_contents_of:
-            contents, computed = read_file(path, compute_crc=compute)
+            contents, computed = read_file(
+                path,
+                compute_crc=compute,
+                read_into=_noting(read_into, planned),
+                expected_crc=int(crc) if crc is not None and crc.isdigit() else None,
+            )
             actual_size = len(contents)
+            overwritten = any(planned)
             if size is not None and actual_size != size:  # it shrank while being read
-                results.append(FileCheck(path, size, actual_size, crc, None, "size"))
+                results.append(
+                    FileCheck(path, size, actual_size, crc, None, "size", None, overwritten)
+                )
                 continue
         elif compute:
             computed = crc32_file(path, progress=_file_progress(progress, path, actual_size))
         actual_crc = None if computed is None else str(computed)
         problem = "crc32" if actual_crc is not None and actual_crc != crc else None
-        results.append(FileCheck(path, size, actual_size, crc, actual_crc, problem, contents))
+        results.append(
+            FileCheck(path, size, actual_size, crc, actual_crc, problem, contents, any(planned))
+        )
     return results
+
+
+def _noting(read_into: RegionPlanner | None, planned: list[Regions]) -> RegionPlanner | None:
+    """`read_into`, appending what it returns to `planned`."""
+    if read_into is None:
+        return None
+
+    def plan(path: str, stream: BinaryIO) -> Regions:
+        planned.append(read_into(path, stream))
+        return planned[-1]
+
+    return plan
 
 
 def _file_progress(
@@ -226,13 +270,15 @@ def check_epoch(
     verify_checksums: bool = True,
     progress: FileProgress | None = None,
     hold_model_contents: bool = False,
+    read_into: RegionPlanner | None = None,
 ) -> EpochCheck:
     """Read and validate epoch `epoch`'s ckpt-info.json, then check every file it lists.
 
     The ckpt-info.json is validated before any file it names is opened. Bad files are
     reported in the result (`EpochCheck.bad`), not raised; `EpochCheck.raise_if_bad`
     turns them into the error a restart raises. With `hold_model_contents`, the model
-    file's FileCheck holds its verified bytes (see `check_files`).
+    file's FileCheck holds its verified bytes (see `check_files`), its large arrays read
+    into `read_into`'s buffers if given.
 
     Raises:
         the errors of `read_epoch_info` (no, invalid or mismatched ckpt-info.json).
@@ -244,5 +290,6 @@ def check_epoch(
         verify_checksums,
         progress,
         info["model_file"] if hold_model_contents else None,
+        read_into,
     )
     return EpochCheck(epoch, info, files)

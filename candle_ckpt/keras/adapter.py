@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import keras
 import numpy
 
 from ..core.adapter import AllGather, Restored
+from ..core.checksum import RegionPlanner, Regions
 from ..core.durable import WritebackStarter
 from ..core.logs import LibraryLogger
 from ..core.protocol import ModelFile
@@ -39,6 +40,10 @@ class KerasAdapter:
     def __init__(self, model: Any, weights_only: bool = False) -> None:
         self.model = model
         self.weights_only = weights_only
+        self._in_place: h5.InPlaceRead | None = None  # the model file read last
+        # The variables any file of this restart was read into, verified or not: each
+        # must be loaded again by the checkpoint that is finally restored.
+        self._overwritten: set[int] = set()
 
     def library_versions(self) -> dict[str, str]:
         versions = {
@@ -79,6 +84,16 @@ class KerasAdapter:
         written = h5.write(snapshot, path, WritebackStarter(path), checksum=checksum)
         return ModelFile(h5.MODEL_FILE, written.crc32)
 
+    def read_model_into(self) -> RegionPlanner | None:
+        """The large arrays of a model file go straight into the built model's
+        variables (`h5.plan_in_place`); an unbuilt model has no buffers to take them."""
+        return None if h5.is_unbuilt(self.model) else self._plan
+
+    def _plan(self, path: str, stream: BinaryIO) -> Regions:
+        self._in_place = h5.plan_in_place(self.model, path, stream)
+        self._overwritten |= self._in_place.offsets.keys()
+        return self._in_place.regions
+
     def restore(
         self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False
     ) -> Restored:
@@ -95,7 +110,12 @@ class KerasAdapter:
     def load(
         self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False
     ) -> Restored:
-        """Load the verified `checkpoint` into the built model (`h5.restore`)."""
+        """Load the verified `checkpoint` into the built model (`h5.restore`), but for
+        what was read into its variables already (`read_model_into`)."""
+        in_place, self._in_place = self._in_place, None
+        if in_place is not None and in_place.path != checkpoint.model_path:
+            in_place = None
+        overwritten, self._overwritten = self._overwritten, set()
         with strategy_scope(self.model):
             loaded = h5.restore(
                 self.model,
@@ -103,6 +123,8 @@ class KerasAdapter:
                 contents=checkpoint.model_contents,
                 logger=logger,
                 weights_only=weights_only,
+                in_place=in_place,
+                overwritten=overwritten,
             )
         parts = ("weights",) + (("optimizer",) if loaded["optimizer_restored"] else ())
         return Restored.of(

@@ -37,14 +37,15 @@ rate itself is an optimizer variable and is restored).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import mmap
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -53,16 +54,19 @@ import tensorflow as tf
 from candle_ckpt.core.checksum import read_file
 from candle_ckpt.core.direct_io import Written, aligned, aligned_arrays, copy_into, write_at
 from candle_ckpt.core.errors import CheckpointFormatError
-from candle_ckpt.core.logs import LibraryLogger
-from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
+from candle_ckpt.core.logs import LibraryLogger, silent_logger
+from candle_ckpt.core.verify import OVERWRITTEN
 from candle_ckpt.hdf5 import (
+    DIRECT_MIN_BYTES,
     as_oserror,
+    contiguous_offset,
     create_array,
     create_file,
     layer_weights_root,
     raised_by_h5py,
     writable_contents,
 )
+from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
 from candle_ckpt.hdf5 import attr_str as _attr_str
 from candle_ckpt.hdf5 import dataset as _dataset
 from candle_ckpt.hdf5 import dataset_array as _array
@@ -290,6 +294,78 @@ def _write_file(
     return write_at(path, direct, progress, checksum=checksum)
 
 
+@dataclass(frozen=True)
+class InPlaceRead:
+    """The variables whose values a restart reads straight from `path` into their own
+    buffers (`plan_in_place`): no new memory to fault in, no copy to assign."""
+
+    path: str
+    offsets: dict[int, int]  # id(variable) -> the file offset of its dataset
+    regions: list[tuple[int, np.ndarray]]  # (that offset, the variable's buffer, writable)
+    tensors: list[Any]  # reads of those variables, which hold their buffers meanwhile
+
+
+def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
+    """Which of `model`'s variables the candle_ckpt file open as `stream` can be read
+    into in place, and where: every large contiguous dataset that a full `restore`
+    would load into a variable whose buffer is host memory of its own.
+
+    Reads only the file's metadata, logs nothing, and changes no value; a file it
+    cannot plan (an upstream file, or one that does not fit the model) gets no region,
+    and `restore` reports what is wrong with it. `checksum.read_file` writes the
+    buffers once the file has verified, and `restore` then skips the variables they
+    hold, after checking them against the file as verified. A restart writes them
+    before training, when no other tensor reads them; a buffer two variables share is
+    written for the first only (the second is assigned, which gives it one of its own).
+    """
+    plan = InPlaceRead(path, {}, [], [])
+    quiet = silent_logger()
+    try:
+        with h5py.File(stream, "r") as f:
+            version = _format_version(f, path)
+            if version is None:
+                return plan
+            pairs = _plan_weights(f, model, path, True, quiet)
+            pairs += _plan_rng(f, model, path, True, quiet)
+            pairs += _plan_optimizer(f, model, path, version, quiet) or []
+            buffers = set()
+            for variable, dataset in pairs:
+                offset = contiguous_offset(dataset)
+                held = (
+                    _own_buffer(variable, dataset) if dataset.nbytes >= DIRECT_MIN_BYTES else None
+                )
+                if offset is not None and held is not None and held[0].ctypes.data not in buffers:
+                    buffers.add(held[0].ctypes.data)
+                    plan.offsets[id(variable)] = offset
+                    plan.regions.append((offset, held[0]))
+                    plan.tensors.append(held[1])
+    except (CheckpointFormatError, OSError, KeyError, RuntimeError):
+        return InPlaceRead(path, {}, [], [])
+    return plan
+
+
+def _own_buffer(variable: Any, dataset: h5py.Dataset) -> tuple[np.ndarray, Any] | None:
+    """(a writable byte view of the buffer `variable` holds, a read holding it), where
+    that buffer is host memory of the variable's own that holds `dataset`'s values."""
+    if isinstance(variable.value, tf.distribute.DistributedValues):
+        return None  # one buffer per replica: writing one would leave the others
+    tensor, again = tf.convert_to_tensor(variable), tf.convert_to_tensor(variable)
+    try:
+        first, second = np.from_dlpack(tensor), np.from_dlpack(again)
+    except (BufferError, TypeError, ValueError, RuntimeError):
+        return None  # not host memory: DLPack refuses rather than copy
+    # Two reads of one variable share its buffer unless reading copies it (TensorFlow's
+    # copy-on-read mode): then writing either read would not reach the variable.
+    if (
+        first.ctypes.data != second.ctypes.data
+        or not first.flags.c_contiguous
+        or (first.shape, first.dtype) != (dataset.shape, dataset.dtype)
+    ):
+        return None
+    memory = (ctypes.c_ubyte * first.nbytes).from_address(first.ctypes.data)
+    return np.ctypeslib.as_array(memory), tensor
+
+
 def restore(
     model: Any,
     path: str | os.PathLike[str],
@@ -297,6 +373,8 @@ def restore(
     contents: memoryview | None = None,
     logger: LibraryLogger | None = None,
     weights_only: bool = False,
+    in_place: InPlaceRead | None = None,
+    overwritten: Set[int] = frozenset(),
 ) -> dict[str, Any]:
     """Load `path` into the built and compiled `model`: weights, optimizer, RNG state.
 
@@ -305,9 +383,10 @@ def restore(
 
     Everything is read and checked against the model (layer count and names, weight
     counts, shapes and dtypes, optimizer and SeedGenerator variables) before the first
-    assignment, so on any CheckpointFormatError the model's values are untouched; only
-    an unbuilt optimizer may have been built, which the first training step would do
-    anyway. Reads datasets and name lists only; never deserialises code.
+    assignment, so on any CheckpointFormatError the model's values are untouched (but
+    for what `in_place` says was read into them already); only an unbuilt optimizer may
+    have been built, which the first training step would do anyway. Reads datasets and
+    name lists only; never deserialises code.
 
     The file is read into memory once and parsed there; its arrays are assigned from
     that memory without another copy, and where it is private memory (a verified read,
@@ -315,7 +394,12 @@ def restore(
     (`_as_tensor`). `contents`, if given, are the file's bytes
     already read (and verified) by the caller (`checksum.read_file`): they are what is
     parsed and loaded, and the file is not opened at all. `path` then only names the
-    file in messages.
+    file in messages. `in_place`, the plan those bytes were read by, names the
+    variables that hold their values already (their datasets are zeros in `contents`):
+    each must be at the place the verified file gives its dataset, else the model holds
+    bytes that are not its values and CheckpointFormatError says so, as it does when
+    `overwritten` names a variable this file does not load (the ids of variables read
+    in place from a file that then failed verification).
 
     Returns {"optimizer_restored", "rng_restored", "legacy", "nbytes"}: `legacy` is true
     for a file without candle_ckpt's format attribute (plain Keras ``model.save``),
@@ -336,6 +420,20 @@ def restore(
                 pairs += _plan_rng(f, model, path, ours, log)
                 optimizer = _plan_optimizer(f, model, path, version, log)
                 pairs += optimizer or []
+            offsets = in_place.offsets if in_place is not None else {}
+            held = {id(v) for v, d in pairs if offsets.get(id(v), -1) == contiguous_offset(d)}
+            if held != offsets.keys():
+                raise CheckpointFormatError(
+                    f"'{path}' changed while it was read: the arrays read into the model's "
+                    f"memory are not where the file, as verified, has them. {OVERWRITTEN}"
+                )
+            if overwritten - {id(variable) for variable, _ in pairs}:
+                raise CheckpointFormatError(
+                    f"'{path}' does not load every variable that a model file which failed "
+                    f"verification was read into. {OVERWRITTEN}"
+                )
+            loaded = sum(d.nbytes for v, d in pairs if id(v) in held)
+            pairs = [(v, d) for v, d in pairs if id(v) not in held]
             source = writable_contents(contents)
             values = [_array(dataset, source, path) for _, dataset in pairs]
     except CheckpointFormatError:
@@ -360,7 +458,7 @@ def restore(
         "optimizer_restored": optimizer is not None,
         "rng_restored": ours and not weights_only,
         "legacy": not ours,
-        "nbytes": sum(v.nbytes for v in values),
+        "nbytes": loaded + sum(v.nbytes for v in values),
     }
 
 

@@ -28,7 +28,12 @@ def restart(
 
     The ckpt-info.json is validated, every file's CRC32 verified (`ckpt_checksum`),
     and only then are the weights, the optimizer state (unless the checkpoint is
-    weights-only) and the RNG state loaded. On any error the model is left untouched.
+    weights-only) and the RNG state loaded. On any error the model is left untouched,
+    but for one: the large arrays are read straight into the model's variables once the
+    file's CRC32 has verified, from a second read of it that is checksummed too; a file
+    that changes between the two (a checkpoint file is never rewritten) is refused with
+    an error saying that the model's values are partly overwritten. With
+    `ckpt_restart_fallback`, the earlier epoch then loaded overwrites them all.
     With `ckpt_restart_fallback`, a corrupt `last` is skipped for the newest earlier
     epoch that verifies.
 

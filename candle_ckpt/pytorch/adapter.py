@@ -95,6 +95,9 @@ class TorchAdapter:
         written = state.write(snapshot, path, WritebackStarter(path), checksum=checksum)
         return ModelFile(state.MODEL_FILE, written.crc32)
 
+    def read_model_into(self) -> None:
+        return None
+
     def restore(
         self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False
     ) -> Restored:
