@@ -104,7 +104,9 @@ class TorchAdapter:
         """The large tensors of a model file go straight into the registered modules'
         own (`state.plan_in_place`); without an initialised module there are none."""
         modules = [value for value in self.objects.values() if isinstance(value, torch.nn.Module)]
-        return None if not modules or state.uninitialized(self.objects) else self._plan
+        if not modules or state.uninitialized(self.objects):
+            return None
+        return RegionPlanner(self._plan, rest_in_new_memory=True)
 
     def _plan(self, path: str, stream: BinaryIO) -> Regions:
         self._in_place = state.plan_in_place(self.objects, path, stream)
