@@ -8,6 +8,7 @@ never reaches a model.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import io
 import os
@@ -87,6 +88,22 @@ def contiguous_offset(dataset: h5py.Dataset) -> int | None:
     if offset is None or nbytes == 0 or dataset.id.get_storage_size() != nbytes:
         return None
     return int(offset)
+
+
+def in_place_offset(dataset: h5py.Dataset) -> int | None:
+    """Where a restart reads `dataset` straight into the model's own buffer: its file
+    offset if it is contiguous and of DIRECT_MIN_BYTES or more, else None (a smaller
+    one costs more to plan than the copy it spares)."""
+    if dataset.size * dataset.dtype.itemsize < DIRECT_MIN_BYTES:
+        return None
+    return contiguous_offset(dataset)
+
+
+def writable_bytes(address: int, nbytes: int) -> np.ndarray:
+    """A writable uint8 array over `nbytes` of memory at `address` that a framework
+    owns (a variable's or tensor's buffer), for `checksum.read_file` to read into. It
+    holds no reference: whoever calls keeps the owner alive while it is used."""
+    return np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(address))
 
 
 def dataset_array(dataset: h5py.Dataset, contents: Any, path: str) -> np.ndarray:

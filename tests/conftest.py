@@ -124,3 +124,23 @@ def make_checkpointer(ckpt_dir):
         return Checkpointer(params, verbose=False)
 
     return make
+
+
+def change_after_its_crc(monkeypatch, path, offset):
+    """Make `path` change (64 bytes at `offset`) right after a restart's first CRC32 of
+    it, before its second read: the file that verified is not the file read."""
+    from candle_ckpt.core import checksum
+
+    real = checksum._mapped_crc32
+    done = []
+
+    def crc_then_change(fd, *args):
+        value = real(fd, *args)
+        if not done and os.path.samefile(f"/proc/self/fd/{fd}", path):
+            done.append(True)
+            with open(path, "r+b") as stream:
+                stream.seek(offset)
+                stream.write(b"\xff" * 64)
+        return value
+
+    monkeypatch.setattr(checksum, "_mapped_crc32", crc_then_change)

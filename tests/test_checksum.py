@@ -1,6 +1,7 @@
 """CRC32: isal and zlib agree, streamed over files of any size."""
 
 import os
+import time
 import zlib
 
 import pytest
@@ -88,7 +89,9 @@ def test_read_file_reads_the_regions_into_their_buffers_once_the_file_verifies(
     buffers = [bytearray(length) for _, length in places]
     contents, crc = checksum.read_file(
         path,
-        read_into=lambda *_: [(at, buffer) for (at, _), buffer in zip(places, buffers)],
+        read_into=checksum.RegionPlanner(
+            lambda *_: [(at, buffer) for (at, _), buffer in zip(places, buffers)]
+        ),
         expected_crc=zlib.crc32(data),
     )
     assert crc == zlib.crc32(data) and len(contents) == size
@@ -101,6 +104,60 @@ def test_read_file_reads_the_regions_into_their_buffers_once_the_file_verifies(
     assert bytes(kept) == data
 
 
+def mappings():
+    """{(begin, end): bytes mapped in (Rss)} of every mapping of this process."""
+    found, where = {}, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                where = tuple(int(x, 16) for x in first.split("-"))
+            elif first == "Rss:":
+                found[where] = int(line.split()[1]) * 1024
+    return found
+
+
+def resident_bytes(view):
+    """The bytes of the anonymous mapping under `view` that are mapped in."""
+    import ctypes
+
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view.obj))
+    return next(rss for (b, e), rss in mappings().items() if b <= address < e)
+
+
+@pytest.mark.parametrize("rest_in_new_memory", [True, False])
+def test_read_file_maps_the_memory_in_during_the_first_pass_if_asked_but_not_the_regions(
+    tmp_path, in_place_from_any_size, monkeypatch, rest_in_new_memory
+):
+    size = 8 << 20
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    real = checksum._mapped_crc32
+
+    def slow_disk(fd):
+        time.sleep(0.5)  # a disk read: time to map all the memory in
+        return real(fd)
+
+    monkeypatch.setattr(checksum, "_mapped_crc32", slow_disk)
+    buffer = bytearray(4 << 20)
+    mapped_in = []
+
+    def plan(*_):
+        mapped_in.extend(rss for (b, e), rss in mappings().items() if e - b == size)
+        return [(1 << 20, buffer)]
+
+    contents, crc = checksum.read_file(
+        path,
+        read_into=checksum.RegionPlanner(plan, rest_in_new_memory),
+        expected_crc=zlib.crc32(data),
+    )
+    assert (size in mapped_in) == rest_in_new_memory  # before the second pass
+    assert crc == zlib.crc32(data) and bytes(buffer) == data[1 << 20 : 5 << 20]
+    assert bytes(contents[1 << 20 : 5 << 20]) == bytes(4 << 20)
+    assert resident_bytes(contents) == size - len(buffer)
+
+
 def test_read_file_reads_nothing_into_the_regions_of_a_file_that_fails_its_crc(
     tmp_path, in_place_from_any_size
 ):
@@ -109,7 +166,9 @@ def test_read_file_reads_nothing_into_the_regions_of_a_file_that_fails_its_crc(
     path.write_bytes(data)
     planned = []
     contents, crc = checksum.read_file(
-        path, read_into=lambda *args: planned.append(args) or [], expected_crc=zlib.crc32(b"x")
+        path,
+        read_into=checksum.RegionPlanner(lambda *args: planned.append(args) or []),
+        expected_crc=zlib.crc32(b"x"),
     )
     assert not planned and bytes(contents) == data and crc == zlib.crc32(data)
 
@@ -120,7 +179,9 @@ def test_read_file_reads_a_small_file_into_new_memory_only(tmp_path):
     path.write_bytes(data)
     planned = []
     contents, crc = checksum.read_file(
-        path, read_into=lambda *args: planned.append(args) or [], expected_crc=zlib.crc32(data)
+        path,
+        read_into=checksum.RegionPlanner(lambda *args: planned.append(args) or []),
+        expected_crc=zlib.crc32(data),
     )
     assert not planned and bytes(contents) == data and crc == zlib.crc32(data)
 
@@ -132,6 +193,8 @@ def test_read_file_refuses_overlapping_regions(tmp_path, in_place_from_any_size)
     with pytest.raises(ValueError, match="overlaps"):
         checksum.read_file(
             path,
-            read_into=lambda *_: [(0, bytearray(4096)), (4095, bytearray(10))],
+            read_into=checksum.RegionPlanner(
+                lambda *_: [(0, bytearray(4096)), (4095, bytearray(10))]
+            ),
             expected_crc=zlib.crc32(data),
         )

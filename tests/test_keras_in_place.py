@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import change_after_its_crc
 from keras_helpers import fit_checkpointed
 from test_keras_restart import params_for
 
@@ -114,19 +115,7 @@ def changed_after_verification(trained, monkeypatch):
     """The newest model file changes between its CRC32 and the read into the model."""
     params, _ = trained
     path, offset = model_file(params, 2), kernel_offset(params, 2)
-    real = checksum._mapped_crc32
-    done = []
-
-    def crc_then_change(fd, *args):
-        value = real(fd, *args)
-        if not done and os.path.samefile(f"/proc/self/fd/{fd}", path):
-            done.append(True)
-            with open(path, "r+b") as stream:
-                stream.seek(offset)
-                stream.write(b"\xff" * 64)
-        return value
-
-    monkeypatch.setattr(checksum, "_mapped_crc32", crc_then_change)
+    change_after_its_crc(monkeypatch, path, offset)
     return params
 
 

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import functools
 import mmap
 import os
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .background import SharedThread
@@ -33,8 +36,18 @@ CrcFunction = Callable[..., int]
 Regions = Sequence[tuple[int, Any]]
 """(file offset, writable C-contiguous buffer) pairs: parts of a file to read into
 memory the caller has, rather than into new memory."""
-RegionPlanner = Callable[[str, BinaryIO], Regions]
-"""read_into(path, opened file) -> the `Regions` of the file `read_file` reads."""
+
+
+@dataclass(frozen=True)
+class RegionPlanner:
+    """`read_file`'s `read_into`: `plan(path, opened file)` -> the `Regions` of the
+    file it reads. `rest_in_new_memory`: the caller's buffers take only part of the
+    file (a restarting PyTorch optimizer has no tensors yet), so the new memory for the
+    rest is mapped in while the first pass runs."""
+
+    plan: Callable[[str, BinaryIO], Regions]
+    rest_in_new_memory: bool = False
+
 
 _crc32_combine: Callable[[int, int, int], int] | None
 try:
@@ -127,25 +140,37 @@ def read_file(
     memory), and only if it equals `expected_crc` is `read_into` called, with the path
     and the open file, for the regions to read where (`Regions`). Their bytes are then
     read into those buffers, in file order with the rest, and covered by the CRC32 from
-    there; their place in `contents` is left unread (zeros, never faulted in). So a
-    file that is bad when opened never reaches those buffers; one that changes between
-    the two reads does, and the CRC32 returned, of the second, then shows it.
+    there; their place in `contents` is left unread (zeros, taking no memory). The rest
+    of `contents` is mapped in by another thread (`_populate`) ahead of the second read,
+    and while the first runs if `read_into.rest_in_new_memory`. So a file that is bad
+    when opened never reaches those buffers; one that changes between the two reads
+    does, and the CRC32 returned, of the second, then shows it.
     """
     from .direct_io import anonymous_memory  # here: direct_io imports this module
 
     with open(path, "rb", buffering=0) as stream:
         size = os.fstat(stream.fileno()).st_size
-        regions: list[tuple[int, memoryview]] = []
-        if (
-            read_into
-            and compute_crc
-            and size >= IN_PLACE_MIN_BYTES
-            and _mapped_crc32(stream.fileno()) == expected_crc
-        ):
-            regions = _checked_regions(path, read_into(path, stream), size)
-            stream.seek(0)
         # New memory at every restart: huge pages would risk a compaction stall
         contents = memoryview(anonymous_memory(size, huge_pages=False))
+        regions: list[tuple[int, memoryview]] = []
+        if read_into and compute_crc and size >= IN_PLACE_MIN_BYTES:
+            # While the first pass waits for the disk, the memory the rest goes to is
+            # mapped in; from the page cache the first pass is short, and so is this.
+            first_pass = _Populating([contents] if read_into.rest_in_new_memory else [])
+            try:
+                verified = _mapped_crc32(stream.fileno()) == expected_crc
+            finally:
+                first_pass.stop()
+            if verified:
+                regions = _checked_regions(path, read_into.plan(path, stream), size)
+                if read_into.rest_in_new_memory:
+                    for offset, view in regions:  # read elsewhere: give back what was mapped
+                        _release(contents, offset, len(view))
+                stream.seek(0)
+        pieces = _destinations(contents, regions, size)
+        # The file was just read once, so this read is not waiting for the disk: the new
+        # memory between the regions is mapped in by another thread, ahead of the reader.
+        second_pass = _Populating([v for _, v in pieces if regions and v.obj is contents.obj])
         running = [0]
 
         def add_to_crc(data: memoryview) -> None:  # in the CRC thread, chunk by chunk
@@ -153,22 +178,85 @@ def read_file(
 
         pending: list[concurrent.futures.Future[None]] = []
         filled = 0
-        for start, target in _destinations(contents, regions, size):
-            done = 0
-            while done < len(target):
-                step = CHUNK_BYTES if size - start - done > CHUNK_BYTES else LAST_PIECE_BYTES
-                count = stream.readinto(target[done : done + step])
-                if not count:
+        try:
+            for start, target in pieces:
+                done = 0
+                while done < len(target):
+                    step = CHUNK_BYTES if size - start - done > CHUNK_BYTES else LAST_PIECE_BYTES
+                    count = stream.readinto(target[done : done + step])
+                    if not count:
+                        break
+                    if compute_crc:
+                        pending.append(crc_thread.submit(add_to_crc, target[done : done + count]))
+                    done += count
+                filled = start + done
+                if done < len(target):  # the file ends early: it shrank
                     break
-                if compute_crc:
-                    pending.append(crc_thread.submit(add_to_crc, target[done : done + count]))
-                done += count
-            filled = start + done
-            if done < len(target):  # the file ends early: it shrank
-                break
+        finally:
+            second_pass.stop()
         for chunk in pending:
             chunk.result()
     return contents[:filled].toreadonly(), running[0] if compute_crc else None
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14; the mmap module does not name it
+_POPULATE_STEP = 4 << 20
+
+
+class _Populating:
+    """`_populate(views)` in the copy thread, from now until `stop`."""
+
+    def __init__(self, views: list[memoryview]) -> None:
+        from .direct_io import copy_thread  # here: direct_io imports this module
+
+        self._stop = threading.Event()
+        self._done = copy_thread.submit(_populate, views, self._stop) if views else None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._done is not None:
+            self._done.result()
+
+
+def _populate(views: list[memoryview], stop: threading.Event) -> None:
+    """Map the anonymous memory under `views` in, in order, until `stop` is set (through
+    ctypes, which releases the GIL; a kernel without MADV_POPULATE_WRITE leaves it to
+    the faults of the read)."""
+    import ctypes
+
+    for view in views:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        begin = address // mmap.PAGESIZE * mmap.PAGESIZE
+        for at in range(begin, address + len(view), _POPULATE_STEP):
+            length = min(_POPULATE_STEP, address + len(view) - at)
+            if stop.is_set() or _madvise(at, length, _MADV_POPULATE_WRITE):
+                return
+
+
+def _release(contents: memoryview, offset: int, length: int) -> None:
+    """Give back the whole pages of `contents[offset:offset + length]` (MADV_DONTNEED:
+    they read as zeros again, and take no memory)."""
+    import ctypes
+
+    address = ctypes.addressof(ctypes.c_char.from_buffer(contents))
+    begin = -(-(address + offset) // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (address + offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > begin:
+        _madvise(begin, end - begin, mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _madvise(address: int, length: int, advice: int) -> int:
+    """madvise(2); 0, or -1 where the kernel refuses the advice."""
+    import ctypes
+
+    return int(_libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice))
 
 
 def _checked_regions(path: str, regions: Regions, size: int) -> list[tuple[int, memoryview]]:

@@ -198,10 +198,10 @@ def _noting(read_into: RegionPlanner | None, planned: list[Regions]) -> RegionPl
         return None
 
     def plan(path: str, stream: BinaryIO) -> Regions:
-        planned.append(read_into(path, stream))
+        planned.append(read_into.plan(path, stream))
         return planned[-1]
 
-    return plan
+    return RegionPlanner(plan, read_into.rest_in_new_memory)
 
 
 def _file_progress(

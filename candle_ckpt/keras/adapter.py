@@ -87,7 +87,7 @@ class KerasAdapter:
     def read_model_into(self) -> RegionPlanner | None:
         """The large arrays of a model file go straight into the built model's
         variables (`h5.plan_in_place`); an unbuilt model has no buffers to take them."""
-        return None if h5.is_unbuilt(self.model) else self._plan
+        return None if h5.is_unbuilt(self.model) else RegionPlanner(self._plan)
 
     def _plan(self, path: str, stream: BinaryIO) -> Regions:
         self._in_place = h5.plan_in_place(self.model, path, stream)

@@ -37,7 +37,6 @@ rate itself is an optimizer variable and is restored).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import mmap
@@ -56,17 +55,18 @@ from candle_ckpt.core.direct_io import Written, aligned, aligned_arrays, copy_in
 from candle_ckpt.core.errors import CheckpointFormatError
 from candle_ckpt.core.logs import LibraryLogger, silent_logger
 from candle_ckpt.core.verify import OVERWRITTEN
+from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
 from candle_ckpt.hdf5 import (
-    DIRECT_MIN_BYTES,
     as_oserror,
     contiguous_offset,
     create_array,
     create_file,
+    in_place_offset,
     layer_weights_root,
     raised_by_h5py,
+    writable_bytes,
     writable_contents,
 )
-from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
 from candle_ckpt.hdf5 import attr_str as _attr_str
 from candle_ckpt.hdf5 import dataset as _dataset
 from candle_ckpt.hdf5 import dataset_array as _array
@@ -330,10 +330,8 @@ def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
             pairs += _plan_optimizer(f, model, path, version, quiet) or []
             buffers = set()
             for variable, dataset in pairs:
-                offset = contiguous_offset(dataset)
-                held = (
-                    _own_buffer(variable, dataset) if dataset.nbytes >= DIRECT_MIN_BYTES else None
-                )
+                offset = in_place_offset(dataset)
+                held = _own_buffer(variable, dataset) if offset is not None else None
                 if offset is not None and held is not None and held[0].ctypes.data not in buffers:
                     buffers.add(held[0].ctypes.data)
                     plan.offsets[id(variable)] = offset
@@ -362,8 +360,7 @@ def _own_buffer(variable: Any, dataset: h5py.Dataset) -> tuple[np.ndarray, Any] 
         or (first.shape, first.dtype) != (dataset.shape, dataset.dtype)
     ):
         return None
-    memory = (ctypes.c_ubyte * first.nbytes).from_address(first.ctypes.data)
-    return np.ctypeslib.as_array(memory), tensor
+    return writable_bytes(first.ctypes.data, first.nbytes), tensor
 
 
 def restore(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy
@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.adapter import AllGather, Restored
+from ..core.checksum import RegionPlanner, Regions
 from ..core.durable import WritebackStarter
 from ..core.logs import LibraryLogger
 from ..core.protocol import ModelFile
@@ -40,6 +41,10 @@ class TorchAdapter:
     def __init__(self, objects: Mapping[str, Any], weights_only: bool = False) -> None:
         self.objects = dict(objects)
         self.weights_only = weights_only
+        self._in_place: state.InPlaceRead | None = None  # the model file read last
+        # The modules any file of this restart was read into, verified or not: each
+        # must be loaded again by the checkpoint that is finally restored.
+        self._overwritten: set[str] = set()
 
     def library_versions(self) -> dict[str, str]:
         return {
@@ -95,14 +100,38 @@ class TorchAdapter:
         written = state.write(snapshot, path, WritebackStarter(path), checksum=checksum)
         return ModelFile(state.MODEL_FILE, written.crc32)
 
-    def read_model_into(self) -> None:
-        return None
+    def read_model_into(self) -> RegionPlanner | None:
+        """The large tensors of a model file go straight into the registered modules'
+        own (`state.plan_in_place`); without an initialised module there are none."""
+        modules = [value for value in self.objects.values() if isinstance(value, torch.nn.Module)]
+        if not modules or state.uninitialized(self.objects):
+            return None
+        return RegionPlanner(self._plan, rest_in_new_memory=True)
+
+    def _plan(self, path: str, stream: BinaryIO) -> Regions:
+        self._in_place = state.plan_in_place(self.objects, path, stream)
+        self._overwritten |= {target.name for target in self._in_place.targets.values()}
+        return self._in_place.regions
 
     def restore(
         self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False
     ) -> Restored:
+        """Load the verified `checkpoint` (`state.restore`), but for what was read into
+        the modules already (`read_model_into`); only the modules' (`state.restore_modules`)
+        with `weights_only`."""
+        in_place, self._in_place = self._in_place, None
+        if in_place is not None and in_place.path != checkpoint.model_path:
+            in_place = None
+        overwritten, self._overwritten = self._overwritten, set()
         if weights_only:
             return state.restore_modules(
                 self.objects, checkpoint.model_path, checkpoint.model_contents
             )
-        return state.restore(self.objects, checkpoint.model_path, checkpoint.model_contents, logger)
+        return state.restore(
+            self.objects,
+            checkpoint.model_path,
+            checkpoint.model_contents,
+            logger,
+            in_place,
+            overwritten,
+        )

@@ -27,9 +27,9 @@ import io
 import json
 import pickle
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -39,6 +39,7 @@ from ..core.adapter import Restored
 from ..core.direct_io import Written, aligned_arrays, copy_into, write_at
 from ..core.errors import CheckpointFormatError
 from ..core.logs import LibraryLogger
+from ..core.verify import OVERWRITTEN
 from ..hdf5 import (
     DIRECT_MIN_BYTES,
     HDF5_MAGIC,
@@ -49,6 +50,8 @@ from ..hdf5 import (
     dataset,
     dataset_array,
     group,
+    in_place_offset,
+    writable_bytes,
     writable_contents,
 )
 
@@ -316,43 +319,84 @@ def _write_file(
 # -- reading ---------------------------------------------------------------------------
 
 
-def read(contents: memoryview, path: str) -> tuple[dict, bool]:
+def read(contents: memoryview, path: str, in_place: InPlaceRead | None = None) -> tuple[dict, bool]:
     """The file's state ({"objects", "rng"} decoded, tensors on the CPU) and weights_only.
+
+    `in_place` (`plan_in_place`'s, for the file these `contents` were read from) names
+    the datasets read into the modules' tensors already: each decodes to the module's
+    tensor itself, once the verified file is found to hold it where it was read from.
 
     Raises:
         CheckpointFormatError: not a candle_ckpt PyTorch file, or malformed (the
-            message names what and where).
+            message names what and where), or not holding the datasets of `in_place`
+            where they were read from.
     """
+    targets = in_place.targets if in_place is not None else {}
     try:
         with h5py.File(InMemoryFile(contents), "r") as f:
-            if FORMAT_ATTR not in f.attrs:
-                raise CheckpointFormatError(
-                    f"'{path}' is an HDF5 file without '{FORMAT_ATTR}': not written by "
-                    f"candle_ckpt's PyTorch adapter (a Keras checkpoint?)"
-                )
-            version = f.attrs[FORMAT_ATTR]
-            if not isinstance(version, (int, np.integer)) or not 1 <= version <= FORMAT_VERSION:
-                raise CheckpointFormatError(
-                    f"'{path}': {FORMAT_ATTR} is {version!r}; this candle_ckpt reads "
-                    f"versions 1 to {FORMAT_VERSION} (a newer candle_ckpt wrote it?)"
-                )
-            try:
-                text = np.asarray(dataset(f, "state", path)[()], np.uint8).tobytes()
-                encoded = json.loads(text.decode("utf8"))
-            except ValueError as error:
-                raise CheckpointFormatError(
-                    f"'{path}': dataset 'state' is not UTF-8 JSON: {error}"
-                ) from None
+            encoded, weights_only = _header(f, path)
             tensors = group(f, "tensors", path)
             source = writable_contents(contents)
-            values = [
-                _tensor(dataset(tensors, str(k), path), source, path) for k in range(len(tensors))
-            ]
-            weights_only = bool(f.attrs.get("weights_only", False))
+            values = []
+            for k in range(len(tensors)):
+                found = dataset(tensors, str(k), path)
+                target = targets.get(k)
+                if target is None:
+                    values.append(_tensor(found, source, path))
+                elif in_place_offset(found) == target.offset and _fits(found, target.tensor):
+                    values.append(target.tensor)
+                else:
+                    raise CheckpointFormatError(
+                        f"'{path}' changed while it was read: dataset '{found.name}', read "
+                        f"into the model's memory, is not where the file, as verified, has "
+                        f"it. {OVERWRITTEN}"
+                    )
     except CheckpointFormatError:
         raise
     except (OSError, KeyError, RuntimeError, TypeError) as error:
         raise CheckpointFormatError(f"'{path}' is not a readable HDF5 file: {error}") from error
+    state = _decoded(encoded, values, path)
+    references = _references(encoded)
+    for k, target in targets.items():
+        saved = state["objects"].get(target.name)
+        if (
+            references[k] != 1
+            or not isinstance(saved, dict)
+            or saved.get(target.key) is not target.tensor
+        ):
+            raise CheckpointFormatError(
+                f"'{path}' changed while it was read: dataset {k}, read into the model's "
+                f"memory, is not the file's '{target.name}.{target.key}' alone. {OVERWRITTEN}"
+            )
+    return state, weights_only
+
+
+def _header(f: h5py.File, path: str) -> tuple[Any, bool]:
+    """The open file's 'state' JSON, as parsed, and its weights_only attribute, once its
+    format attribute is found to be one this candle_ckpt reads."""
+    if FORMAT_ATTR not in f.attrs:
+        raise CheckpointFormatError(
+            f"'{path}' is an HDF5 file without '{FORMAT_ATTR}': not written by "
+            f"candle_ckpt's PyTorch adapter (a Keras checkpoint?)"
+        )
+    version = f.attrs[FORMAT_ATTR]
+    if not isinstance(version, (int, np.integer)) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"'{path}': {FORMAT_ATTR} is {version!r}; this candle_ckpt reads "
+            f"versions 1 to {FORMAT_VERSION} (a newer candle_ckpt wrote it?)"
+        )
+    try:
+        text = np.asarray(dataset(f, "state", path)[()], np.uint8).tobytes()
+        encoded = json.loads(text.decode("utf8"))
+    except ValueError as error:
+        raise CheckpointFormatError(
+            f"'{path}': dataset 'state' is not UTF-8 JSON: {error}"
+        ) from None
+    return encoded, bool(f.attrs.get("weights_only", False))
+
+
+def _decoded(encoded: Any, values: list, path: str) -> dict:
+    """The 'state' JSON `encoded` decoded, its tensor references replaced by `values`."""
     if not isinstance(encoded, dict) or set(encoded) != {"objects", "rng"}:
         found = sorted(encoded) if isinstance(encoded, dict) else encoded
         raise CheckpointFormatError(
@@ -366,7 +410,7 @@ def read(contents: memoryview, path: str) -> tuple[dict, bool]:
             f"are {[type(v).__name__ for v in state.values()]}; "
             f"expected dicts"
         )
-    return state, weights_only
+    return state
 
 
 def _tensor(found: h5py.Dataset, contents: memoryview, path: str) -> Any:
@@ -455,6 +499,134 @@ def _decode(value: Any, values: list, path: str, where: str) -> Any:
         f"'{path}': {where} is {value!r:.80}; expected a tagged "
         f"value (tensor, ndarray, tuple, dict, odict, dtype)"
     )
+
+
+def _references(encoded: Any) -> collections.Counter[int]:
+    """How many times the 'state' JSON `encoded` refers to each dataset (counting any
+    "tensor" or "ndarray" key, so never fewer times than `_decode` uses it)."""
+    counts: collections.Counter[int] = collections.Counter()
+    pending = [encoded]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            counts.update(
+                v for k, v in value.items() if k in ("tensor", "ndarray") and type(v) is int
+            )
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return counts
+
+
+def _placeholder(found: h5py.Dataset, path: str) -> Any:
+    """A dataset as `_tensor` would decode it, without its values: a tensor of its
+    dtype and shape on the meta device (no memory), or an empty numpy array."""
+    dtype = str(found.attrs.get("torch_dtype", ""))
+    if dtype.startswith(_NUMPY_PREFIX):
+        return np.empty(0)
+    torch_dtype = getattr(torch, dtype, None) if dtype else None
+    if not isinstance(torch_dtype, torch.dtype):
+        raise CheckpointFormatError(f"'{path}': dataset '{found.name}' has no torch dtype")
+    shape = tuple(int(n) for n in found.attrs.get("shape", ()))
+    return torch.empty(shape, dtype=torch_dtype, device="meta")
+
+
+# -- reading into the modules' own memory ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class InPlaceTarget:
+    """A module tensor that a restart reads its dataset straight into."""
+
+    offset: int  # of the dataset in the file
+    name: str  # the registered module's entry
+    key: str  # the tensor's key in the module's state dict
+    tensor: torch.Tensor  # the state dict's tensor: the module's memory itself
+    buffer: np.ndarray  # that memory as writable bytes
+
+
+@dataclass(frozen=True)
+class InPlaceRead:
+    """The datasets a restart reads from `path` straight into the modules' tensors
+    (`plan_in_place`): no new memory to fault in, no copy for load_state_dict."""
+
+    path: str
+    targets: dict[int, InPlaceTarget]  # dataset index -> where it is read
+
+    @property
+    def regions(self) -> list[tuple[int, np.ndarray]]:
+        return [(target.offset, target.buffer) for target in self.targets.values()]
+
+
+def plan_in_place(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> InPlaceRead:
+    """Which datasets of the candle_ckpt file open as `stream` a restart can read
+    straight into the registered modules' tensors, and where: every large contiguous
+    one (`hdf5.in_place_offset`) that the file refers to once, as a module's
+    state-dict entry whose tensor is dense CPU memory of its own (`_own_buffer`).
+
+    Reads only the file's metadata and changes nothing. The whole file is checked
+    against the objects first, as `restore` checks it (`check_restorable`, on tensors
+    without values): a file that would be refused, or that it cannot read, gets no
+    target. `checksum.read_file` writes the tensors once the file has verified, and
+    `read` then decodes those entries to the tensors themselves, so that
+    load_state_dict copies nothing onto them. A tensor two entries share (tied
+    weights) is read into for the first only; the second is loaded after it, as before.
+    """
+    plan = InPlaceRead(path, {})
+    try:
+        with h5py.File(stream, "r") as f:
+            encoded, weights_only = _header(f, path)
+            tensors = group(f, "tensors", path)
+            datasets = [dataset(tensors, str(k), path) for k in range(len(tensors))]
+            placeholders = [_placeholder(found, path) for found in datasets]
+            state = _decoded(encoded, placeholders, path)
+            check_restorable(objects, state, weights_only, path)
+            index = {id(value): k for k, value in enumerate(placeholders)}
+            references = _references(encoded)
+            taken: set[int] = set()
+            for name, module in objects.items():
+                if not isinstance(module, torch.nn.Module):
+                    continue
+                for key, tensor in module.state_dict().items():
+                    k = index.get(id(state["objects"][name][key]))
+                    if k is None or references[k] != 1 or not _fits(datasets[k], tensor):
+                        continue
+                    offset = in_place_offset(datasets[k])
+                    buffer = _own_buffer(tensor) if offset is not None else None
+                    if offset is not None and buffer is not None and tensor.data_ptr() not in taken:
+                        taken.add(tensor.data_ptr())
+                        plan.targets[k] = InPlaceTarget(offset, name, key, tensor, buffer)
+    except (CheckpointFormatError, OSError, KeyError, RuntimeError, TypeError, ValueError):
+        return InPlaceRead(path, {})
+    return plan
+
+
+def _fits(found: h5py.Dataset, tensor: torch.Tensor) -> bool:
+    """Whether the dataset holds a tensor of `tensor`'s dtype and shape, byte for byte."""
+    return (
+        str(found.attrs.get("torch_dtype", "")) == str(tensor.dtype).removeprefix("torch.")
+        and tuple(int(n) for n in found.attrs.get("shape", ())) == tuple(tensor.shape)
+        and found.size * found.dtype.itemsize == tensor.numel() * tensor.element_size()
+    )
+
+
+def _own_buffer(tensor: torch.Tensor) -> np.ndarray | None:
+    """`tensor`'s memory as writable bytes, where it is dense CPU memory that is the
+    whole of its storage: two such tensors then share all their memory or none."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if (
+        torch.nn.parameter.is_lazy(tensor)
+        or tensor.device.type != "cpu"
+        or tensor.layout != torch.strided
+        or tensor.is_quantized
+        or tensor.is_conj()
+        or tensor.is_neg()
+        or not tensor.is_contiguous()
+        or tensor.storage_offset() != 0
+        or tensor.untyped_storage().nbytes() != nbytes
+    ):
+        return None
+    return writable_bytes(tensor.data_ptr(), nbytes)
 
 
 # -- restoring -------------------------------------------------------------------------
@@ -584,19 +756,16 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def restore(
-    objects: Mapping[str, Any], path: str, contents: memoryview, logger: LibraryLogger
-) -> Restored:
-    """Load the verified file `contents` (of `path`) into the registered `objects`.
+def check_restorable(
+    objects: Mapping[str, Any], state: dict, weights_only: bool, path: str
+) -> list[str]:
+    """The names of the objects that the decoded `state` loads, once it is found to
+    hold exactly their entries, each fitting its object (`check_state`), and random
+    states `apply` can set.
 
-    Every entry is decoded and checked against its object (`check_state`) before the
-    first `load_state_dict`, so on any CheckpointFormatError nothing has changed. A
-    file that is not HDF5 is taken for upstream CANDLE's torch pickle
-    (`restore_upstream`).
+    Raises:
+        CheckpointFormatError: it does not.
     """
-    if bytes(contents[: len(HDF5_MAGIC)]) != HDF5_MAGIC:
-        return restore_upstream(objects, path, contents)
-    state, weights_only = read(contents, path)
     saved = state["objects"]
     wanted = [
         name
@@ -612,6 +781,30 @@ def restore(
     for name in wanted:
         check_state(name, objects[name], saved[name], path)
     check_rng(state["rng"], path)
+    return wanted
+
+
+def restore(
+    objects: Mapping[str, Any],
+    path: str,
+    contents: memoryview,
+    logger: LibraryLogger,
+    in_place: InPlaceRead | None = None,
+    overwritten: Set[str] = frozenset(),
+) -> Restored:
+    """Load the verified file `contents` (of `path`) into the registered `objects`.
+
+    Every entry is decoded and checked against its object (`check_restorable`) before
+    the first `load_state_dict`, so on any CheckpointFormatError nothing has changed
+    (but for what `in_place`, the plan `contents` were read by, read into the modules
+    already: `read` says so if the verified file does not hold it). A file that is not
+    HDF5 is taken for upstream CANDLE's torch pickle (`restore_upstream`); `overwritten`
+    names the modules a file that failed verification was read into, which it must load.
+    """
+    if bytes(contents[: len(HDF5_MAGIC)]) != HDF5_MAGIC:
+        return restore_upstream(objects, path, contents, overwritten)
+    state, weights_only = read(contents, path, in_place)
+    wanted = check_restorable(objects, state, weights_only, path)
     apply(objects, state, path, logger)
     return Restored.of(
         wanted,
@@ -657,15 +850,26 @@ def load_upstream(path: str, contents: memoryview) -> dict:
     return loaded
 
 
-def restore_upstream(objects: Mapping[str, Any], path: str, contents: memoryview) -> Restored:
+def restore_upstream(
+    objects: Mapping[str, Any],
+    path: str,
+    contents: memoryview,
+    overwritten: Set[str] = frozenset(),
+) -> Restored:
     """Restore the weights and optimizer of upstream CANDLE's ``model.h5`` torch pickle
-    (read by `load_upstream`, which never unpickles anything but tensors)."""
+    (read by `load_upstream`, which never unpickles anything but tensors), provided it
+    loads every module of `overwritten` (see `restore`)."""
     loaded = load_upstream(path, contents)
     plan = [(name, key) for name, key in UPSTREAM_KEYS.items() if name in objects and key in loaded]
     if not plan or plan[0][0] != "model":
         raise CheckpointFormatError(
             f"'{path}' is an upstream CANDLE checkpoint of a model "
             f"and optimizer; set_model registered no 'model'"
+        )
+    if overwritten - {name for name, _ in plan}:
+        raise CheckpointFormatError(
+            f"'{path}' does not load every module that a model file which failed "
+            f"verification was read into ({sorted(overwritten)}). {OVERWRITTEN}"
         )
     for name, key in plan:
         check_state(name, objects[name], loaded[key], path)
