@@ -1,16 +1,28 @@
-"""Benchmark 6: training-thread stall per save, async / synchronous; epoch times.
+"""Benchmark 6: what async saves cost training, against synchronous saves; the stall.
 
-A 100 MB model (300 MB of state) trains with model.fit for a few epochs of about 1-2 s
-each, saving every epoch, three ways, interleaved run by run: no checkpointing,
-synchronous saves, ckpt_async. Reported: the time on_epoch_end holds the training
-thread (the stall; the first save of each run separately), the wall time per epoch
-(the first epoch of a run, which traces the model, left out), and what checkpointing
-costs an epoch: (async - none) / (sync - none), the share of the synchronous cost that
-async saving leaves. Beside them, the state copied into aligned snapshot memory alone
-(`common.copy_floor`): the least an async save that copies the state can stall.
+A 100 MB model (300 MB of state) trains with model.fit in one run of many short epochs
+(about 0.4 s at 100 MB with the default --steps). The epochs go in cycles of four:
 
-    .venv/bin/python benchmarks/bench_async.py [--sizes 100MB] [--epochs 5] [--rounds 2] \
-        [--quick]
+    plain, then a synchronous save, then an async save, then plain
+
+so every cost is a difference between neighbouring epochs of the same cycle, which
+cancels the drift of a shared machine's speed over minutes (between separate runs per
+mode it was larger than a save's cost), and short epochs keep the noise of the steps
+that no save touches small. The epoch after the async save is where its background
+write runs; if it has not ended by the next cycle, the training thread waits for it
+there, and that wait counts too, as it would in a run that saves every epoch. Per cycle:
+
+    sync cost  = (sync-save epoch) - (plain epoch)
+    async cost = (async-save epoch) + (epoch after it) + (wait) - 2 x (plain epoch)
+
+and the ratio the target is about, async cost / sync cost (each the mean over cycles,
+with its standard error). Epoch times include the save's stall (the timer runs last).
+Also reported: the stall of each kind of save (the first async save separately: it
+must not be much longer than later ones), and the state copied into aligned snapshot
+memory alone (`common.copy_floor`): the least an async save that copies can stall.
+
+    .venv/bin/python benchmarks/bench_async.py [--sizes 100MB] [--cycles 60] \
+        [--steps 4] [--quick]
 
 The PyTorch counterpart is in bench_pytorch.py.
 """
@@ -25,122 +37,123 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (
+    ASYNC_SAVE,
+    PLAIN,
     SIZES_MB,
+    SYNC_SAVE,
     build_model,
     copy_floor,
     header,
     quiet_tensorflow,
+    report_cycles,
     scratch_directory,
     summary,
+    timed,
 )
 
 
-def run(model, mode, epochs, steps, directory):
+def run(model, cycles, steps, directory):
+    """Train `cycles` + 2 cycles (the first, which traces, and the last, whose wait is
+    the end of fit's, left out). Returns per cycle the epoch times by phase and the
+    seconds the training thread then waited for the async save; and the stalls of each
+    kind of save."""
     import keras
     import numpy as np
+    import tensorflow as tf
 
     import candle_ckpt
 
     width = model.input_shape[-1]
     x = np.random.default_rng(0).standard_normal((steps * 32, width)).astype("float32")
-    stalls, epoch_times = [], []
+    # One iterator for the whole run: from numpy arrays, fit makes a new tf.data iterator
+    # every epoch, and making it sometimes holds the first step for seconds, with or
+    # without checkpointing.
+    batches = tf.data.Dataset.from_tensor_slices((x, x)).batch(32).repeat()
+    stalls = {SYNC_SAVE: [], ASYNC_SAVE: []}
+    epoch_times, waits = [], []
+
+    class SavesInItsPhase(candle_ckpt.CandleCheckpointCallback):
+        """Saves only at the end of the epochs of its phase of the cycle, timed."""
+
+        def __init__(self, phase):
+            super().__init__(
+                {
+                    "ckpt_directory": os.path.join(
+                        directory, "async" if phase == ASYNC_SAVE else "sync"
+                    ),
+                    "epochs": 4 * (cycles + 2),
+                    "ckpt_save_best": False,
+                    "ckpt_keep_limit": 2,
+                    "ckpt_async": phase == ASYNC_SAVE,
+                },
+                verbose=False,
+            )
+            self.phase = phase
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch % 4 == self.phase:
+                started = time.perf_counter()
+                super().on_epoch_end(epoch, logs)
+                stalls[self.phase].append(time.perf_counter() - started)
+
+    saving = [SavesInItsPhase(SYNC_SAVE), SavesInItsPhase(ASYNC_SAVE)]
+    background = saving[1].checkpointer.background
+    logging.getLogger("candle_ckpt").propagate = False
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
+            if epoch % 4 == PLAIN:
+                waits.append(timed(background.wait))
             self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
             epoch_times.append(time.perf_counter() - self.started)
 
-    callbacks = []
-    if mode != "none":
-
-        class Timed(candle_ckpt.CandleCheckpointCallback):
-            def on_epoch_end(self, epoch, logs=None):
-                started = time.perf_counter()
-                super().on_epoch_end(epoch, logs)
-                stalls.append(time.perf_counter() - started)
-
-        root = os.path.join(directory, mode)
-        callbacks.append(
-            Timed(
-                {
-                    "ckpt_directory": root,
-                    "epochs": epochs,
-                    "ckpt_save_best": False,
-                    "ckpt_keep_limit": 2,
-                    "ckpt_async": mode == "async",
-                },
-                verbose=False,
-            )
-        )
-        logging.getLogger("candle_ckpt").propagate = False
     # the timer runs last, so an epoch's time includes the checkpoint stall
     model.fit(
-        x,
-        x,
-        batch_size=32,
-        epochs=epochs,
+        batches,
+        steps_per_epoch=steps,
+        epochs=4 * (cycles + 2),
         verbose=0,
-        shuffle=False,
-        callbacks=callbacks + [EpochTimer()],
+        callbacks=saving + [EpochTimer()],
     )
-    if mode != "none":
-        shutil.rmtree(os.path.join(directory, mode))
-    return stalls, epoch_times[1:]  # the first epoch includes tracing
+    for callback in saving:
+        shutil.rmtree(callback.session.settings["ckpt_directory"])
+    per_cycle = [epoch_times[4 * k : 4 * k + 4] for k in range(1, cycles + 1)]
+    return per_cycle, waits[2:], stalls  # the wait for cycle k's save starts cycle k + 1
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100MB")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=30, help="batches per epoch")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="100MB, 1 round of 4 epochs")
+    parser.add_argument("--cycles", type=int, default=60, help="cycles of 4 epochs")
+    parser.add_argument("--steps", type=int, default=4, help="batches per epoch")
+    parser.add_argument("--quick", action="store_true", help="100MB, 20 cycles")
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.rounds, args.epochs = "100MB", 1, 4
+        args.sizes, args.cycles = "100MB", 20
     quiet_tensorflow()
-    header("async save: training-thread stall and epoch time")
+    header("async save: what it costs training, against synchronous saves")
     directory = scratch_directory()
     try:
         for size in args.sizes.split(","):
             model = build_model(SIZES_MB[size])
-            results = {mode: ([], [], []) for mode in ("none", "sync", "async")}
-            for _ in range(args.rounds):
-                for mode in results:
-                    stalls, epochs = run(model, mode, args.epochs, args.steps, directory)
-                    if stalls:
-                        results[mode][0].append(stalls[0])
-                        results[mode][1].extend(stalls[1:])
-                    results[mode][2].extend(epochs)
+            cycles, waits, stalls = run(model, args.cycles, args.steps, directory)
             state = [v.numpy() for v in model.weights + model.optimizer.variables]
-            floor = copy_floor(state, len(results["async"][1]))
-            print(f"{size} model")
-            for mode, (first, stalls, epochs) in results.items():
-                if stalls:
-                    print(f"  {mode:5s} first save's stall: {summary(first)}")
-                    print(f"  {mode:5s} later saves' stall: {summary(stalls)}")
-                print(f"  {mode:5s} epoch time:          {summary(epochs)}")
-            median = {
-                mode: [statistics.median(r) for r in rs]
-                for mode, rs in results.items()
-                if mode != "none"
-            }
-            print(f"  stall async / sync: ratio {median['async'][1] / median['sync'][1]:.3f}")
-            print(
-                f"  first / later async stall: ratio {median['async'][0] / median['async'][1]:.3f}"
-            )
+            floor = copy_floor(state, len(stalls[ASYNC_SAVE]) - 1)
+            print(f"{size} model, {len(cycles)} cycles of 4 epochs of {args.steps} steps")
+            report_cycles(cycles, waits)
+            sync, first, later = stalls[SYNC_SAVE], stalls[ASYNC_SAVE][0], stalls[ASYNC_SAVE][1:]
+            print(f"  sync  save's stall: {summary(sync)}")
+            print(f"  async first save's stall: {first:.4f} s")
+            print(f"  async later saves' stall: {summary(later)}")
+            ratio = statistics.median(later) / statistics.median(sync)
+            print(f"  stall async / sync: ratio {ratio:.3f}")
+            print(f"  first / later async stall: ratio {first / statistics.median(later):.3f}")
             print(f"  state copied into snapshot memory alone: {summary(floor)}")
             print(
                 f"  copy alone / sync stall (the least a copying snapshot stalls): ratio "
-                f"{statistics.median(floor) / median['sync'][1]:.3f}"
-            )
-            none = statistics.median(results["none"][2])
-            cost = {mode: statistics.median(results[mode][2]) - none for mode in median}
-            print(
-                f"  epoch cost (async - none) / (sync - none): {cost['async']:.3f} / "
-                f"{cost['sync']:.3f} s = ratio {cost['async'] / cost['sync']:.3f}"
+                f"{statistics.median(floor) / statistics.median(sync):.3f}"
             )
         os.system("uptime")
     finally:

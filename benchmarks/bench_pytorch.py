@@ -21,37 +21,42 @@ baselines measured in the same run:
   the page cache) over its wall time: when training keeps every core busy, an async
   save still takes that CPU from it, so (async - none) / (sync - none) cannot go below
   about this ratio there;
-- training, three ways interleaved (no checkpointing, sync, `ckpt_async`), saving every
-  epoch of real steps (forward, backward, AdamW): the stall, what `ckpt_epoch` holds
-  the training thread, async ÷ sync (target <= 0.1) and the first async save's over a
-  later one's (target <= 2); the epoch time, and what checkpointing costs an epoch,
-  (async - none) ÷ (sync - none) (target <= 0.25);
+- training, epochs of real steps (forward, backward, AdamW) in cycles of four, as in
+  bench_async.py: plain, a synchronous save, an async save, the epoch its write
+  overlaps. The stall, what `ckpt_epoch` holds the training thread, async ÷ sync
+  (target <= 0.1) and the first async save's over a later one's (target <= 2); what
+  each kind of save costs training, from neighbouring epochs of a cycle
+  (`common.cycle_costs`), async ÷ sync (target <= 0.25);
 - copy_floor: the state copied into aligned snapshot memory alone (`common.copy_floor`),
   the least an async save that copies the state can stall, over the sync stall.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_pytorch.py [--sizes 100MB,1GB] \\
         [--repetitions 5] [--directory DIR] [--quick]
 
---quick: 100MB only, 3 repetitions, one training run per mode of 4 epochs.
+--quick: 100MB only, 3 repetitions, 10 training cycles.
 """
 
 import argparse
+import functools
 import logging
 import os
 import resource
 import shutil
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (
+    ASYNC_SAVE,
+    PLAIN,
     SIZES_MB,
+    SYNC_SAVE,
     copy_floor,
     evict,
     header,
     interleave,
     ratio_line,
+    report_cycles,
     scratch_directory,
     summary,
     timed,
@@ -59,8 +64,9 @@ from common import (
 
 from candle_ckpt.core.durable import fsync_dir, fsync_file
 
-# An async save overlaps the epoch after it only if that epoch outlasts the save.
-EPOCH_SECONDS = {"100MB": 2.0, "1GB": 8.0}
+# An async save's write overlaps the epoch after it, and should end within it.
+EPOCH_SECONDS = {"100MB": 1.0, "1GB": 4.0}
+CYCLES = {"100MB": 20, "1GB": 6}
 
 
 def cpu_seconds():
@@ -181,17 +187,18 @@ def measure(size, repetitions, directory):
     return state_bytes(model, optimizer), saves, restarts
 
 
-def training(size, rounds, epochs, epoch_seconds, directory, steps=None):
-    """Train `epochs` epochs of real steps three ways, interleaved run by run: without
-    checkpointing, saving every epoch synchronously, and with `ckpt_async`.
+def training(size, cycles, epoch_seconds, directory, steps=None):
+    """Train `cycles` + 2 cycles of four epochs of real steps (common.PHASE_NAMES: plain,
+    a synchronous save, an async save, the epoch its write overlaps), the first and the
+    last left out (allocator warm-up; the end's wait).
 
-    Returns ({mode: [epoch seconds]}, {"sync", "async_first", "async_later": [stall
-    seconds]}, steps per epoch). An epoch is `steps` steps, or as many as take about
-    `epoch_seconds` here without checkpointing (calibrated on one step: give `steps` to
-    compare two runs on a busy machine); its time includes `ckpt_epoch`. Each run
-    calls `restart()` first, as a CANDLE loop does (so `ckpt_async` allocates its
-    snapshot there, before the first step); its first epoch is left out of the epoch
-    times (allocator warm-up) but its save is the "first" stall.
+    Returns (per cycle the epoch times by phase, per cycle the seconds the training
+    thread waited for its async save at the start of the next, {"sync", "async_first",
+    "async_later", "copy_floor": [stall seconds]}, steps per epoch). An epoch is
+    `steps` steps, or as many as take about `epoch_seconds` here without checkpointing
+    (calibrated on one step); its time includes `ckpt_epoch`. Each session calls
+    `restart()` first, as a CANDLE loop does (so `ckpt_async` allocates its snapshot
+    there, before the first step).
     """
     import torch
 
@@ -205,33 +212,37 @@ def training(size, rounds, epochs, epoch_seconds, directory, steps=None):
 
     step()
     steps = steps or max(1, round(epoch_seconds / timed(step)))
-    epoch_times = {"none": [], "sync": [], "async": []}
-    stalls = {"sync": [], "async_first": [], "async_later": []}
-    for round_ in range(rounds):
-        for mode in epoch_times:
-            root = os.path.join(directory, f"train-{mode}-{round_}")
-            ckpt = None
-            if mode != "none":
-                ckpt = session(root, model, optimizer, asynchronous=mode == "async")
-                ckpt.restart(verbose=False)
-            for epoch in range(epochs):
-                started = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                if ckpt is not None:
-                    stall = timed(lambda ckpt=ckpt, epoch=epoch: ckpt.ckpt_epoch(epoch))
-                    key = (
-                        mode if mode == "sync" else ("async_first" if epoch == 0 else "async_later")
-                    )
-                    stalls[key].append(stall)
-                if epoch:
-                    epoch_times[mode].append(time.perf_counter() - started)
-            if ckpt is not None:
-                ckpt.finish()
-                shutil.rmtree(root)
+    saving = {
+        phase: session(os.path.join(directory, name), model, optimizer, phase == ASYNC_SAVE)
+        for phase, name in ((SYNC_SAVE, "train-sync"), (ASYNC_SAVE, "train-async"))
+    }
+    for ckpt in saving.values():
+        ckpt.restart(verbose=False)
+    background = saving[ASYNC_SAVE].session.checkpointer.background
+    epoch_times, waits = [], []
+    stalls = {SYNC_SAVE: [], ASYNC_SAVE: []}
+    for epoch in range(4 * (cycles + 2)):
+        phase = epoch % 4
+        if phase == PLAIN:
+            waits.append(timed(background.wait))
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if phase in saving:
+            stalls[phase].append(timed(functools.partial(saving[phase].ckpt_epoch, epoch)))
+        epoch_times.append(time.perf_counter() - started)
+    for ckpt in saving.values():
+        ckpt.finish()
+        shutil.rmtree(ckpt.session.settings["ckpt_directory"])
     arrays = [t.detach().numpy() for t in state_tensors(model, optimizer)]
-    stalls["copy_floor"] = copy_floor(arrays, len(stalls["async_later"]))
-    return epoch_times, stalls, steps
+    per_cycle = [epoch_times[4 * k : 4 * k + 4] for k in range(1, cycles + 1)]
+    stalls = {
+        "sync": stalls[SYNC_SAVE],
+        "async_first": stalls[ASYNC_SAVE][:1],
+        "async_later": stalls[ASYNC_SAVE][1:],
+        "copy_floor": copy_floor(arrays, len(stalls[ASYNC_SAVE]) - 1),
+    }
+    return per_cycle, waits[2:], stalls, steps
 
 
 def main():
@@ -244,9 +255,11 @@ def main():
         help="where to write (default: ./save, the checkpoint file system)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, help="training runs per mode (none, sync, async)"
+        "--cycles",
+        type=int,
+        default=None,
+        help="training cycles of 4 epochs (default: 20, 6 at 1GB)",
     )
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per training run")
     parser.add_argument(
         "--epoch-seconds",
         type=float,
@@ -258,26 +271,26 @@ def main():
         "--steps", type=int, default=None, help="steps per epoch (default: calibrated)"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="100MB, 3 repetitions, 1 round of 4 epochs"
+        "--quick", action="store_true", help="100MB, 3 repetitions, 10 training cycles"
     )
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.repetitions, args.rounds, args.epochs = "100MB", 3, 1, 4
+        args.sizes, args.repetitions, args.cycles = "100MB", 3, 10
     header("PyTorch: save, restart and async stall against torch.save / torch.load")
     directory = scratch_directory(args.directory)
     try:
         for size in args.sizes.split(","):
             nbytes, saves, restarts = measure(size, args.repetitions, directory)
             epoch_seconds = args.epoch_seconds or EPOCH_SECONDS.get(size, 2.0)
-            epoch_times, stalls, steps = training(
-                size, args.rounds, args.epochs, epoch_seconds, directory, args.steps
+            cycles = args.cycles or CYCLES.get(size, 20)
+            epoch_times, waits, stalls, steps = training(
+                size, cycles, epoch_seconds, directory, args.steps
             )
             print(f"{size} model, {nbytes / 1e6:.0f} MB state; training: {steps} steps per epoch")
             for label, times in (
                 ("save", saves),
                 ("restart", restarts),
                 ("stall", stalls),
-                ("epoch", epoch_times),
             ):
                 for name, seconds in times.items():
                     print(f"  {label:7s} {name:12s} {summary(seconds)}")
@@ -334,13 +347,7 @@ def main():
                     stalls["sync"],
                 )
             )
-            none = statistics.median(epoch_times["none"])
-            cost = {mode: statistics.median(epoch_times[mode]) - none for mode in ("sync", "async")}
-            print(
-                f"  epoch cost (async - none) / (sync - none) (<= 0.25): "
-                f"{cost['async']:.3f} / {cost['sync']:.3f} s = ratio "
-                f"{cost['async'] / cost['sync']:.3f}"
-            )
+            report_cycles(epoch_times, waits)
         print(
             f"# load average {os.getloadavg()} at {time.strftime('%H:%M')}; "
             f"medians of {args.repetitions}"

@@ -163,6 +163,52 @@ def interleave(repetitions, warmup=0, **candidates):
     return times
 
 
+# The epochs of a cycle (bench_async.py, bench_pytorch.py): a plain epoch, one that ends
+# in a synchronous save, one that ends in an async save, and the one its write overlaps.
+PLAIN, SYNC_SAVE, ASYNC_SAVE, AFTER_ASYNC = range(4)
+PHASE_NAMES = ("plain", "sync save", "async save", "after async")
+
+
+def cycle_costs(cycles, waits):
+    """What each cycle's saves cost training, (sync costs, async costs) in seconds.
+
+    `cycles` holds the epoch times of each cycle by phase, `waits` the seconds the
+    training thread waited for the cycle's async save at the start of the next one.
+    A sync save costs its epoch's excess over the plain epoch of its cycle, an async
+    save the excess of its epoch and the next, and any wait for it.
+    """
+    sync = [cycle[SYNC_SAVE] - cycle[PLAIN] for cycle in cycles]
+    asynchronous = [
+        cycle[ASYNC_SAVE] + cycle[AFTER_ASYNC] + wait - 2 * cycle[PLAIN]
+        for cycle, wait in zip(cycles, waits)
+    ]
+    return sync, asynchronous
+
+
+def report_cycles(cycles, waits, indent="  "):
+    """Print the epoch times by phase, the cost of each kind of save (mean and its
+    standard error over the cycles) and the ratio the async target is about."""
+    for phase, name in enumerate(PHASE_NAMES):
+        print(f"{indent}epoch time, {name:11s} {summary([c[phase] for c in cycles])}")
+    sync, asynchronous = cycle_costs(cycles, waits)
+    for name, costs in (("sync ", sync), ("async", asynchronous)):
+        error = statistics.stdev(costs) / len(costs) ** 0.5
+        print(
+            f"{indent}{name} save's cost to training: {statistics.mean(costs):.4f} s "
+            f"(standard error {error:.4f}, n={len(costs)})"
+        )
+    print(
+        f"{indent}epoch cost async / sync (<= 0.25): ratio "
+        f"{statistics.mean(asynchronous) / statistics.mean(sync):.3f} "
+        f"(of the medians: {statistics.median(asynchronous) / statistics.median(sync):.3f})"
+    )
+    late = [wait for wait in waits if wait > 0.001]
+    print(
+        f"{indent}async saves still running when their cycle ended: {len(late)} of "
+        f"{len(waits)}" + (f" (waited for, {sum(late):.3f} s in all)" if late else "")
+    )
+
+
 def summary(seconds):
     return (
         f"median {statistics.median(seconds):.4f} s "
