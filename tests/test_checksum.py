@@ -162,38 +162,42 @@ def test_read_file_maps_the_memory_in_during_the_first_pass_if_asked_but_not_the
     assert resident_bytes(contents) == size - len(buffer)
 
 
-def test_read_file_reads_nothing_into_the_regions_of_a_file_that_fails_its_crc(
-    tmp_path, in_place_from_any_size
-):
+def three_random_pages(tmp_path):
+    """(path, bytes) of a new file of three pages of random bytes."""
     data = os.urandom(3 * 4096)
     path = tmp_path / "f"
     path.write_bytes(data)
+    return path, data
+
+
+def read_recording_plans(path, expected_crc):
+    """`read_file` of `path` with a planner that plans nothing but records that it was
+    asked: (the planner's calls, contents, crc)."""
     planned = []
     contents, crc = checksum.read_file(
         path,
         read_into=checksum.RegionPlanner(lambda *args: planned.append(args) or []),
-        expected_crc=zlib.crc32(b"x"),
+        expected_crc=expected_crc,
     )
+    return planned, contents, crc
+
+
+def test_read_file_reads_nothing_into_the_regions_of_a_file_that_fails_its_crc(
+    tmp_path, in_place_from_any_size
+):
+    path, data = three_random_pages(tmp_path)
+    planned, contents, crc = read_recording_plans(path, expected_crc=zlib.crc32(b"x"))
     assert not planned and bytes(contents) == data and crc == zlib.crc32(data)
 
 
 def test_read_file_reads_a_small_file_into_new_memory_only(tmp_path):
-    data = os.urandom(3 * 4096)
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    planned = []
-    contents, crc = checksum.read_file(
-        path,
-        read_into=checksum.RegionPlanner(lambda *args: planned.append(args) or []),
-        expected_crc=zlib.crc32(data),
-    )
+    path, data = three_random_pages(tmp_path)
+    planned, contents, crc = read_recording_plans(path, expected_crc=zlib.crc32(data))
     assert not planned and bytes(contents) == data and crc == zlib.crc32(data)
 
 
 def test_read_file_refuses_overlapping_regions(tmp_path, in_place_from_any_size):
-    data = os.urandom(3 * 4096)
-    path = tmp_path / "f"
-    path.write_bytes(data)
+    path, data = three_random_pages(tmp_path)
     with pytest.raises(ValueError, match="overlaps"):
         checksum.read_file(
             path,

@@ -169,9 +169,7 @@ def read_index(ckpts: str, epochs_on_disk: int) -> dict[int, list[Any]]:
     index = {}
     for line in lines:
         if _well_formed(line):
-            index[line[1]] = line
-        elif _well_formed_before_metric_value(line):
-            index[line[1]] = _with_metric_value(line)
+            index[line[1]] = line if len(line) == len(FIELDS) else _with_metric_value(line)
     return index
 
 
@@ -179,11 +177,19 @@ _NUMBER = (int, float)
 
 
 def _well_formed(line: Any) -> bool:
-    """Whether `line` has the fields and types of a line (no value checks beyond those
-    a survey makes of a ckpt-info.json head; the metrics text is decoded on use)."""
-    if type(line) is not list or len(line) != len(FIELDS):
+    """Whether `line` has the fields and types of a line of FIELDS or of
+    FIELDS_BEFORE_METRIC_VALUE (no value checks beyond those a survey makes of a
+    ckpt-info.json head; the metrics text of a line of FIELDS is decoded on use)."""
+    if type(line) is not list:
         return False
-    epoch, inode, timestamp, metric, best, value, size, checksummed, metrics, version = line
+    if len(line) == len(FIELDS):
+        epoch, inode, timestamp, metric, best, value, size, checksummed, metrics, version = line
+        metrics_type: type = str
+    elif len(line) == len(FIELDS_BEFORE_METRIC_VALUE):
+        epoch, inode, timestamp, metric, best, size, checksummed, metrics, version = line
+        value, metrics_type = None, dict
+    else:
+        return False
     return (
         type(epoch) is int
         and epoch >= 1
@@ -194,26 +200,7 @@ def _well_formed(line: Any) -> bool:
         and (value is None or type(value) in _NUMBER)
         and type(size) is int
         and type(checksummed) is bool
-        and (metrics is None or type(metrics) is str)
-        and type(version) is int
-    )
-
-
-def _well_formed_before_metric_value(line: Any) -> bool:
-    """Whether `line` is a well-formed line of FIELDS_BEFORE_METRIC_VALUE."""
-    if type(line) is not list or len(line) != len(FIELDS_BEFORE_METRIC_VALUE):
-        return False
-    epoch, inode, timestamp, metric, best, size, checksummed, metrics, version = line
-    return (
-        type(epoch) is int
-        and epoch >= 1
-        and type(inode) is int
-        and type(timestamp) is str
-        and (metric is None or type(metric) is str)
-        and (best is None or type(best) in _NUMBER)
-        and type(size) is int
-        and type(checksummed) is bool
-        and (metrics is None or type(metrics) is dict)
+        and (metrics is None or type(metrics) is metrics_type)
         and type(version) is int
     )
 
