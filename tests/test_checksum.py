@@ -9,11 +9,17 @@ import pytest
 from candle_ckpt.core import checksum
 
 
+def random_file(tmp_path, size, name="f"):
+    """(path, bytes) of a new file `name` in `tmp_path` of `size` random bytes."""
+    data = os.urandom(size)
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path, data
+
+
 @pytest.mark.parametrize("size", [0, 1, 4095, checksum.CHUNK_BYTES, checksum.CHUNK_BYTES * 2 + 17])
 def test_file_crc_equals_zlib_of_the_bytes(tmp_path, size):
-    data = os.urandom(size)
-    path = tmp_path / "f"
-    path.write_bytes(data)
+    path, data = random_file(tmp_path, size)
     assert checksum.crc32_file(path) == zlib.crc32(data)
     assert checksum.crc32_file(path, crc_function=zlib.crc32) == zlib.crc32(data)
 
@@ -38,17 +44,13 @@ def test_large_files_are_checksummed_in_two_halves_with_the_same_value(tmp_path,
     pytest.importorskip("isal.isal_zlib")
     monkeypatch.setattr(checksum, "PARALLEL_MIN_BYTES", 1 << 20)
     for size in (1 << 20, (3 << 20) + 12345, checksum.CHUNK_BYTES * 3 + 1):
-        data = os.urandom(size)
-        path = tmp_path / f"f{size}"
-        path.write_bytes(data)
+        path, data = random_file(tmp_path, size, f"f{size}")
         assert checksum.crc32_file(path) == zlib.crc32(data)
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, checksum.CHUNK_BYTES, checksum.CHUNK_BYTES * 2 + 17])
 def test_read_file_returns_the_bytes_and_their_crc(tmp_path, size):
-    data = os.urandom(size)
-    path = tmp_path / "f"
-    path.write_bytes(data)
+    path, data = random_file(tmp_path, size)
     contents, crc = checksum.read_file(path)
     assert bytes(contents) == data and crc == zlib.crc32(data)
     assert contents.readonly
@@ -57,9 +59,7 @@ def test_read_file_returns_the_bytes_and_their_crc(tmp_path, size):
 
 
 def test_read_file_checksums_the_bytes_it_read_when_the_file_shrinks(tmp_path, monkeypatch):
-    data = os.urandom(checksum.CHUNK_BYTES * 2)
-    path = tmp_path / "f"
-    path.write_bytes(data)
+    path, data = random_file(tmp_path, checksum.CHUNK_BYTES * 2)
     real_fstat = os.fstat
 
     def fstat_then_truncate(fd):  # the file shrinks between open and read
@@ -82,9 +82,7 @@ def test_read_file_reads_the_regions_into_their_buffers_once_the_file_verifies(
     tmp_path, in_place_from_any_size
 ):
     size = checksum.CHUNK_BYTES * 2 + 12345
-    data = os.urandom(size)
-    path = tmp_path / "f"
-    path.write_bytes(data)
+    path, data = random_file(tmp_path, size)
     places = [(4096, 3 * checksum.CHUNK_BYTES // 2), (checksum.CHUNK_BYTES * 2, 4096)]
     buffers = [bytearray(length) for _, length in places]
     contents, crc = checksum.read_file(
@@ -130,9 +128,7 @@ def test_read_file_maps_the_memory_in_during_the_first_pass_if_asked_but_not_the
     tmp_path, in_place_from_any_size, monkeypatch, rest_in_new_memory
 ):
     size = 8 << 20
-    data = os.urandom(size)
-    path = tmp_path / "f"
-    path.write_bytes(data)
+    path, data = random_file(tmp_path, size)
     real = checksum._mapped_crc32
 
     def slow_disk(fd):
@@ -162,14 +158,6 @@ def test_read_file_maps_the_memory_in_during_the_first_pass_if_asked_but_not_the
     assert resident_bytes(contents) == size - len(buffer)
 
 
-def three_random_pages(tmp_path):
-    """(path, bytes) of a new file of three pages of random bytes."""
-    data = os.urandom(3 * 4096)
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    return path, data
-
-
 def read_recording_plans(path, expected_crc):
     """`read_file` of `path` with a planner that plans nothing but records that it was
     asked: (the planner's calls, contents, crc)."""
@@ -185,19 +173,19 @@ def read_recording_plans(path, expected_crc):
 def test_read_file_reads_nothing_into_the_regions_of_a_file_that_fails_its_crc(
     tmp_path, in_place_from_any_size
 ):
-    path, data = three_random_pages(tmp_path)
+    path, data = random_file(tmp_path, 3 * 4096)
     planned, contents, crc = read_recording_plans(path, expected_crc=zlib.crc32(b"x"))
     assert not planned and bytes(contents) == data and crc == zlib.crc32(data)
 
 
 def test_read_file_reads_a_small_file_into_new_memory_only(tmp_path):
-    path, data = three_random_pages(tmp_path)
+    path, data = random_file(tmp_path, 3 * 4096)
     planned, contents, crc = read_recording_plans(path, expected_crc=zlib.crc32(data))
     assert not planned and bytes(contents) == data and crc == zlib.crc32(data)
 
 
 def test_read_file_refuses_overlapping_regions(tmp_path, in_place_from_any_size):
-    path, data = three_random_pages(tmp_path)
+    path, data = random_file(tmp_path, 3 * 4096)
     with pytest.raises(ValueError, match="overlaps"):
         checksum.read_file(
             path,
