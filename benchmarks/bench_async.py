@@ -38,12 +38,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (
     ASYNC_SAVE,
+    EPOCHS_PER_CYCLE,
     PLAIN,
     SIZES_MB,
     SYNC_SAVE,
     build_model,
     copy_floor,
+    cycle_epochs,
     header,
+    kept_cycles,
     quiet_tensorflow,
     report_cycles,
     scratch_directory,
@@ -81,7 +84,7 @@ def run(model, cycles, steps, directory):
                     "ckpt_directory": os.path.join(
                         directory, "async" if phase == ASYNC_SAVE else "sync"
                     ),
-                    "epochs": 4 * (cycles + 2),
+                    "epochs": cycle_epochs(cycles),
                     "ckpt_save_best": False,
                     "ckpt_keep_limit": 2,
                     "ckpt_async": phase == ASYNC_SAVE,
@@ -91,7 +94,7 @@ def run(model, cycles, steps, directory):
             self.phase = phase
 
         def on_epoch_end(self, epoch, logs=None):
-            if epoch % 4 == self.phase:
+            if epoch % EPOCHS_PER_CYCLE == self.phase:
                 started = time.perf_counter()
                 super().on_epoch_end(epoch, logs)
                 stalls[self.phase].append(time.perf_counter() - started)
@@ -102,7 +105,7 @@ def run(model, cycles, steps, directory):
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            if epoch % 4 == PLAIN:
+            if epoch % EPOCHS_PER_CYCLE == PLAIN:
                 waits.append(timed(background.wait))
             self.started = time.perf_counter()
 
@@ -113,14 +116,13 @@ def run(model, cycles, steps, directory):
     model.fit(
         batches,
         steps_per_epoch=steps,
-        epochs=4 * (cycles + 2),
+        epochs=cycle_epochs(cycles),
         verbose=0,
         callbacks=saving + [EpochTimer()],
     )
     for callback in saving:
         shutil.rmtree(callback.session.settings["ckpt_directory"])
-    per_cycle = [epoch_times[4 * k : 4 * k + 4] for k in range(1, cycles + 1)]
-    return per_cycle, waits[2:], stalls  # the wait for cycle k's save starts cycle k + 1
+    return (*kept_cycles(epoch_times, waits, cycles), stalls)
 
 
 def main():

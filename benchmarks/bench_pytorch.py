@@ -48,13 +48,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (
     ASYNC_SAVE,
+    EPOCHS_PER_CYCLE,
     PLAIN,
     SIZES_MB,
     SYNC_SAVE,
     copy_floor,
+    cycle_epochs,
     evict,
     header,
     interleave,
+    kept_cycles,
     ratio_line,
     report_cycles,
     scratch_directory,
@@ -222,8 +225,8 @@ def training(size, cycles, epoch_seconds, directory, steps=None):
     background = saving[ASYNC_SAVE].session.checkpointer.background
     epoch_times, waits = [], []
     stalls = {SYNC_SAVE: [], ASYNC_SAVE: []}
-    for epoch in range(4 * (cycles + 2)):
-        phase = epoch % 4
+    for epoch in range(cycle_epochs(cycles)):
+        phase = epoch % EPOCHS_PER_CYCLE
         if phase == PLAIN:
             waits.append(timed(background.wait))
         started = time.perf_counter()
@@ -236,14 +239,14 @@ def training(size, cycles, epoch_seconds, directory, steps=None):
         ckpt.finish()
         shutil.rmtree(ckpt.session.settings["ckpt_directory"])
     arrays = [t.detach().numpy() for t in state_tensors(model, optimizer)]
-    per_cycle = [epoch_times[4 * k : 4 * k + 4] for k in range(1, cycles + 1)]
+    per_cycle, waits = kept_cycles(epoch_times, waits, cycles)
     stalls = {
         "sync": stalls[SYNC_SAVE],
         "async_first": stalls[ASYNC_SAVE][:1],
         "async_later": stalls[ASYNC_SAVE][1:],
         "copy_floor": copy_floor(arrays, len(stalls[ASYNC_SAVE]) - 1),
     }
-    return per_cycle, waits[2:], stalls, steps
+    return per_cycle, waits, stalls, steps
 
 
 def main():

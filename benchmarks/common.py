@@ -167,6 +167,24 @@ def interleave(repetitions, warmup=0, **candidates):
 # in a synchronous save, one that ends in an async save, and the one its write overlaps.
 PLAIN, SYNC_SAVE, ASYNC_SAVE, AFTER_ASYNC = range(4)
 PHASE_NAMES = ("plain", "sync save", "async save", "after async")
+EPOCHS_PER_CYCLE = len(PHASE_NAMES)
+
+
+def cycle_epochs(cycles):
+    """How many epochs to train for `cycles` kept cycles: one cycle more before them
+    (tracing, allocator warm-up) and one after (its async save is waited for by the end
+    of training, not at the start of a next cycle)."""
+    return EPOCHS_PER_CYCLE * (cycles + 2)
+
+
+def kept_cycles(epoch_times, waits, cycles):
+    """(the epoch times of each kept cycle by phase, the wait for each one's async save),
+    from the times of all `cycle_epochs(cycles)` epochs and the waits taken at the start
+    of every cycle: the wait for cycle k's save is the one cycle k + 1 starts with."""
+    per_cycle = [
+        epoch_times[EPOCHS_PER_CYCLE * k : EPOCHS_PER_CYCLE * (k + 1)] for k in range(1, cycles + 1)
+    ]
+    return per_cycle, waits[2 : cycles + 2]
 
 
 def cycle_costs(cycles, waits):
