@@ -170,7 +170,9 @@ def read_file(
         pieces = _destinations(contents, regions, size)
         # The file was just read once, so this read is not waiting for the disk: the new
         # memory between the regions is mapped in by another thread, ahead of the reader.
-        second_pass = _Populating([v for _, v in pieces if regions and v.obj is contents.obj])
+        second_pass = _Populating(
+            [view for _, view in pieces if view.obj is contents.obj] if regions else []
+        )
         running = [0]
 
         def add_to_crc(data: memoryview) -> None:  # in the CRC thread, chunk by chunk
