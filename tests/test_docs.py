@@ -47,3 +47,25 @@ def test_a_broken_link_fails_the_build(tmp_path):
     result = build_site(copy, tmp_path)
     assert result.returncode != 0
     assert "no-such-page.md" in result.stdout + result.stderr
+
+
+def test_every_command_s_help_says_its_defaults_and_refusals():
+    """`candle-ckpt COMMAND --help` alone tells an operator what DIR and EPOCH default
+    to, which forms are accepted, and what the command refuses (issue 30)."""
+    from candle_ckpt.operator.cli import build_parser
+
+    helps = {
+        name: sub.format_help()
+        for name, sub in generate_reference._subparsers(build_parser()).items()
+    }
+    assert len(helps) == 8
+    for name, text in helps.items():
+        assert "(default ./save)" in " ".join(text.split()), name
+    for name in ("info", "verify", "export"):
+        assert "a number, last or best (default last)" in " ".join(helps[name].split())
+    for name in ("rollback", "prune"):
+        text = " ".join(helps[name].split())
+        assert "ckpts/.lock (exit 2" in text and "between jobs" in text, name
+    rollback = " ".join(helps["rollback"].split())
+    assert "an epoch number" in rollback and "last and best are refused" in rollback
+    assert "does not verify (exit 1)" in rollback
