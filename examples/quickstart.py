@@ -1,31 +1,11 @@
 import argparse
-import os
-import sys
-import tempfile
 
 import numpy as np
 
 import candle_ckpt
 
-# TensorFlow writes start-up lines to stderr while it loads (oneDNN, no CUDA driver and,
-# without a GPU, "failed call to cuInit"), before its log level applies: hold them back
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-with tempfile.TemporaryFile() as held:
-    stderr = os.dup(2)
-    os.dup2(held.fileno(), 2)
-    try:
-        import keras
-        import tensorflow as tf
-
-        tf.config.list_physical_devices("GPU")  # where cuInit runs
-    finally:
-        os.dup2(stderr, 2)
-        held.seek(0)
-        for line in held.read().decode(errors="replace").splitlines(keepends=True):
-            if not line.startswith(("WARNING: All log messages before absl", "I0000 ")) and (
-                "failed call to cuInit" not in line or os.path.exists("/dev/nvidia0")
-            ):
-                sys.stderr.write(line)
+# TensorFlow and Keras, without the start-up lines TensorFlow writes to stderr
+tf, keras = candle_ckpt.import_tensorflow_quietly()
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=5)  # required by the callback
