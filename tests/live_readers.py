@@ -219,9 +219,10 @@ def flip(directory, corrupt):
     return epoch
 
 
-def soak(directory, scratch, job, seconds, asynchronous=False, corrupt=None):
-    """Run the soak (module docstring); returns {"runs", "false_alarms", "detections",
-    "vanished", "after_corruption", "failures": [(command, what)], "saved": epochs}."""
+def soak(directory, scratch, job, seconds, asynchronous=False, corrupt=None, only=None):
+    """Run the soak (module docstring), of the commands named in `only` if given;
+    returns {"runs", "false_alarms", "detections", "vanished", "after_corruption",
+    "saved": epochs, "runs_by_command", "failures": [(command, what)]}."""
     seed_tree(directory)
     process = start_job(job, directory, asynchronous)
     counts = {"runs": 0, "false_alarms": 0, "detections": 0, "vanished": 0}
@@ -230,6 +231,7 @@ def soak(directory, scratch, job, seconds, asynchronous=False, corrupt=None):
     try:
         wait_for_epochs(directory, 4, process)
         loop = commands(directory, job == "keras", scratch, corrupt)
+        loop = [(name, argv) for name, argv in loop if only is None or name in only]
         started = time.monotonic()
         corrupted = None
         while time.monotonic() - started < seconds:
@@ -273,6 +275,9 @@ def main():
     parser.add_argument("--async", dest="asynchronous", action="store_true")
     parser.add_argument("--corrupt", choices=("model", "info"))
     parser.add_argument("--show", type=int, default=5, help="failures to print")
+    parser.add_argument(
+        "--only", action="append", metavar="NAME", help="only this command (repeatable)"
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -284,6 +289,7 @@ def main():
             args.seconds,
             args.asynchronous,
             args.corrupt,
+            args.only,
         )
     by_command = {}
     for name, _ in outcome["failures"]:

@@ -182,14 +182,12 @@ def _read_selected(
     the epoch), the link is resolved and read again, LINK_ATTEMPTS times at most. An
     epoch named by number is read once: its going away is the error.
     """
-    for attempt in range(1, LINK_ATTEMPTS + 1):
+    for _ in range(LINK_ATTEMPTS - 1 if selector in LINK_SELECTORS else 0):
         epoch = _select_epoch(layout, selector)
-        try:
+        with contextlib.suppress(EpochVanishedError):
             return epoch, read(epoch)
-        except EpochVanishedError:
-            if selector not in LINK_SELECTORS or attempt == LINK_ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")  # the last attempt returned or raised
+    epoch = _select_epoch(layout, selector)
+    return epoch, read(epoch)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
