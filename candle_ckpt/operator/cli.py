@@ -667,7 +667,9 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
         if problem is not None:
             for column in columns[1:5]:
                 column[row] = "-"
-            columns[5][row] = "INVALID: " + problem
+            # BAD when --verify checked it (and found it so): exit status 1
+            bad = str(checksums[row - 1]).startswith("BAD")
+            columns[5][row] = ("BAD: " if bad else "INVALID: ") + problem
     return _aligned(columns, right=(0, 1, 3, 4))
 
 
