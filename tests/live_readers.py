@@ -178,7 +178,8 @@ def judge(name, result, corrupted):
         }
         if status == 1 and bad == {corrupted}:
             return "detected"
-        return f"missed or mixed: exit {status}, bad epochs {sorted(bad)}:\n{out}"
+        # missed, or reported beside epochs wrongly reported bad
+        return f"missed: exit {status}, bad epochs {sorted(bad)}:\n{out}"
     if name.endswith("(refused)"):
         refused = status == 2 and "is held by another writer" in result.stderr
         return "ok" if refused else f"not refused: exit {status}:\n{out}"
@@ -231,12 +232,12 @@ def flip(directory, corrupt):
 
 def soak(directory, scratch, job, seconds, asynchronous=False, corrupt=None, only=None):
     """Run the soak (module docstring), of the commands named in `only` if given;
-    returns {"runs", "false_alarms", "detections", "vanished", "after_corruption",
-    "saved": epochs, "runs_by_command", "failures": [(command, what)]}."""
+    returns {"runs", "false_alarms", "detections", "missed", "vanished",
+    "after_corruption", "saved": epochs, "runs_by_command", "failures": [(command, what)]}."""
     seed_tree(directory)
     process = start_job(job, directory, asynchronous)
     counts = {"runs": 0, "false_alarms": 0, "detections": 0, "vanished": 0}
-    counts["after_corruption"] = 0
+    counts["after_corruption"] = counts["missed"] = 0
     failures, per_command = [], {}
     try:
         wait_for_epochs(directory, 4, process)
@@ -244,10 +245,14 @@ def soak(directory, scratch, job, seconds, asynchronous=False, corrupt=None, onl
         loop = [(name, argv) for name, argv in loop if only is None or name in only]
         started = time.monotonic()
         corrupted = None
-        while time.monotonic() - started < seconds:
+        while True:
+            # whole rounds of the loop: at least one after the flip, however slow
+            elapsed = time.monotonic() - started
+            if corrupt and corrupted is None and elapsed > seconds / 2:
+                corrupted = flip(directory, corrupt)
+            elif elapsed >= seconds:
+                break
             for name, argv in loop:
-                if corrupt and corrupted is None and time.monotonic() - started > seconds / 2:
-                    corrupted = flip(directory, corrupt)
                 argv = [newest_epoch(directory) if a == "{newest}" else a for a in argv]
                 result = subprocess.run(
                     [sys.executable, "-m", "candle_ckpt", *argv],
@@ -265,6 +270,9 @@ def soak(directory, scratch, job, seconds, asynchronous=False, corrupt=None, onl
                     counts["detections"] += 1
                 elif verdict == "vanished":
                     counts["vanished"] += 1
+                elif verdict.startswith("missed"):
+                    counts["missed"] += 1
+                    failures.append((name, verdict))
                 elif verdict != "ok":
                     counts["false_alarms"] += 1
                     failures.append((name, verdict))
