@@ -20,6 +20,10 @@ EXAMPLES = os.path.join(TOP, "examples")
 ENV = dict(os.environ, PYTHONPATH=TOP, OMP_NUM_THREADS="1")
 ENV.pop("CANDLE_CKPT_FAULT", None)
 TORCH_SMALL = [*SMALL, "--lr_step", "2"]
+BOTH_BENCHMARKS = pytest.mark.parametrize(
+    "file, small, framework",
+    [("benchmark.py", SMALL, "keras"), ("benchmark_pytorch.py", TORCH_SMALL, "torch")],
+)
 
 
 def run(*command, cwd=TOP, expect=0):
@@ -130,10 +134,7 @@ def error_lines(stderr):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "file, small, framework",
-    [("benchmark.py", SMALL, "keras"), ("benchmark_pytorch.py", TORCH_SMALL, "torch")],
-)
+@BOTH_BENCHMARKS
 def test_a_refused_restart_is_one_line_and_status_3(tmp_path, file, small, framework):
     pytest.importorskip(framework)
     script, root = os.path.join(EXAMPLES, file), tmp_path / "save"
@@ -152,6 +153,23 @@ def test_a_refused_restart_is_one_line_and_status_3(tmp_path, file, small, frame
     run(
         script, *small, "--epochs", "3", "--ckpt_directory", root, "--ckpt_restart_fallback", "true"
     )
+
+
+@pytest.mark.slow
+@BOTH_BENCHMARKS
+def test_a_ckpt_directory_naming_a_file_is_one_line_and_status_2(tmp_path, file, small, framework):
+    pytest.importorskip(framework)
+    a_file = tmp_path / "results.csv"
+    a_file.write_text("epoch,loss\n")
+    refused = run(
+        os.path.join(EXAMPLES, file), *small, "--ckpt_directory", a_file, cwd=tmp_path, expect=2
+    )
+    lines = error_lines(refused.stderr)
+    assert len(lines) == 1, refused.stderr
+    assert lines[0].startswith(f"{file}: ParameterValueError: parameter 'ckpt_directory': ")
+    assert f"'{a_file}' is a file, expected a directory" in lines[0]
+    assert "Traceback" not in refused.stderr and "epoch 1" not in refused.stdout
+    assert a_file.read_text() == "epoch,loss\n" and os.listdir(tmp_path) == ["results.csv"]
 
 
 @pytest.mark.slow
