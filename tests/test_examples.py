@@ -119,6 +119,80 @@ def test_help_shows_the_parameter_files_defaults(file):
     assert re.search(r"--config_file CONFIG_FILE CANDLE parameter file .*default_model", text)
 
 
+def usage_error(file, *flags, config=None, cwd=TOP):
+    """The one line on stderr of `file` refusing its command line (`config`: the text of
+    a parameter file given with --config_file), checked to be all it printed."""
+    if config is not None:
+        with open(os.path.join(cwd, "params.txt"), "w") as stream:
+            stream.write(config)
+        flags = ("--config_file", "params.txt", *flags)
+    refused = run(os.path.join(EXAMPLES, file), *flags, cwd=cwd, expect=2)
+    assert refused.stdout == "" and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith(f"{file}: error: "), refused.stderr
+    assert refused.stderr.endswith(f" (see '{file} --help')\n") and "usage:" not in refused.stderr
+    return refused.stderr
+
+
+def default_config(file):
+    name = "default_model_pytorch.txt" if "pytorch" in file else "default_model.txt"
+    with open(os.path.join(EXAMPLES, name)) as stream:
+        return stream.read()
+
+
+@pytest.mark.parametrize("file", ["benchmark.py", "benchmark_pytorch.py"])
+def test_a_bad_flag_value_is_one_line_without_the_usage(file):
+    line = usage_error(file, "--ckpt_restart_mode", "sometimes")
+    assert (
+        "argument --ckpt_restart_mode: parameter 'ckpt_restart_mode': received 'sometimes';" in line
+    )
+    assert "expected one of ['off', 'auto', 'required']" in line
+    assert "invalid int value: 'x'" in usage_error(file, "--epochs", "x")
+
+
+@pytest.mark.parametrize("file", ["benchmark.py", "benchmark_pytorch.py"])
+def test_a_misspelled_flag_gets_the_nearest_one_suggested(file):
+    line = usage_error(file, "--ckpt_restart_mdoe", "auto")
+    assert "unrecognized arguments: --ckpt_restart_mdoe auto;" in line
+    assert "did you mean '--ckpt_restart_mode'?" in line
+    assert "did you mean '--ckpt_keep_limit'?" in usage_error(file, "--ckpt_keep_limt=3")
+    assert "did you mean" not in usage_error(file, "--frobnicate")
+
+
+@pytest.mark.parametrize("file", ["benchmark.py", "benchmark_pytorch.py"])
+def test_a_bad_value_in_the_parameter_file_names_the_file_and_the_key(file, tmp_path):
+    config = default_config(file).replace(
+        "ckpt_restart_mode = 'auto'", "ckpt_restart_mode = 'sometimes'"
+    )
+    line = usage_error(file, config=config, cwd=tmp_path)
+    assert "parameter file 'params.txt', key ckpt_restart_mode = 'sometimes': " in line
+    assert "expected one of ['off', 'auto', 'required']" in line
+    assert "argument --" not in line and "give --ckpt_restart_mode on the command line" in line
+    # candle_ckpt's flags check a value of any type, not only a string argparse converts
+    config = default_config(file).replace("ckpt_keep_limit = 3", "ckpt_keep_limit = -1")
+    line = usage_error(file, config=config, cwd=tmp_path)
+    assert "key ckpt_keep_limit = -1: parameter 'ckpt_keep_limit': received -1; expected" in line
+    config = default_config(file).replace("ckpt_restart_mode = 'auto'", "ckpt_restart_mode = auto")
+    line = usage_error(file, config=config, cwd=tmp_path)
+    assert "key ckpt_restart_mode = auto: expected a Python literal" in line
+    assert "not found" in usage_error(file, "--config_file", tmp_path / "missing.txt")
+
+
+def test_the_command_line_overrides_a_bad_value_of_the_parameter_file(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(EXAMPLES)
+    import candle_params
+
+    config = tmp_path / "params.txt"
+    config.write_text(default_config("benchmark.py").replace("= 'auto'", "= 'sometimes'"))
+    params = candle_params.initialize_parameters(
+        "test",
+        str(config),
+        argv=["--ckpt_restart_mode", "off"],
+        optimizer="Adam",
+        seeded="everything",
+    )
+    assert params["ckpt_restart_mode"] == "off" and params["ckpt_keep_limit"] == 3
+
+
 def corrupt_last(root):
     path = os.path.join(root, "ckpts", "last", "model.h5")
     flip_byte(path, os.path.getsize(path) // 2, 0x01)
