@@ -642,6 +642,21 @@ def test_plot_picture_without_matplotlib_names_the_extra(rolled_back, tmp_path):
     assert "candle_ckpt[plot]" in error
 
 
+def test_after_a_rollback_list_and_history_agree_on_what_is_live(make_checkpointer, ckpt_dir):
+    """Issue 30: a run to 60, a run from scratch by mistake to 10, `rollback 60`: `list`
+    and `history --live` both say the live timeline ends at epoch 60 of the first run."""
+    first = make_checkpointer(epochs=60)
+    run(first, [100.0 - epoch for epoch in range(1, 61)])
+    run(make_checkpointer(epochs=10, ckpt_restart_mode="off"), [200.0] * 10)
+    cli("rollback", ckpt_dir, "60")
+    assert json.loads(cli("list", ckpt_dir, "--json").stdout)["links"]["last"]["epoch"] == 60
+    live = json.loads(cli("history", ckpt_dir, "--live", "--json").stdout)["epochs"]
+    assert [(e["epoch"], e["run_id"]) for e in live] == [(n, first.run_id) for n in range(1, 61)]
+    table = cli("history", ckpt_dir, "--live").stdout.splitlines()
+    assert table[-2].split()[0] == "60" and table[-2].endswith("last best")
+    assert table[-1].startswith("2 runs, 60 epochs on the live timeline, 10 abandoned")
+
+
 def test_history_marks_epochs_after_last_before_the_next_run(tree):
     cli("rollback", tree.root, "3")
     epochs = json.loads(cli("history", tree.root, "--json").stdout)["epochs"]
