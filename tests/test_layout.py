@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from candle_ckpt.core.checkpointer import Checkpointer
 from candle_ckpt.core.errors import LinkError, ParameterValueError
 from candle_ckpt.core.layout import CheckpointLayout, epoch_dirname, parse_epoch_dirname
 
@@ -121,3 +122,11 @@ def test_a_new_or_existing_directory_can_hold_a_tree(tmp_path):
     os.makedirs(tmp_path / "old" / "ckpts")
     CheckpointLayout(tmp_path / "old").check_can_hold_a_tree()
     assert not os.path.exists(tmp_path / "new")
+
+
+def test_the_checkpointer_refuses_a_file_before_writing(tmp_path):
+    """The path a run with --ckpt_restart_mode off takes: no restart checked it first."""
+    (tmp_path / "save").write_text("")
+    with pytest.raises(ParameterValueError, match="'ckpt_directory'"):
+        Checkpointer({"epochs": 1, "ckpt_directory": str(tmp_path / "save")}, verbose=False)
+    assert (tmp_path / "save").read_text() == "" and os.listdir(tmp_path) == ["save"]
