@@ -121,6 +121,16 @@ def dataset_array(dataset: h5py.Dataset, contents: Any, path: str) -> np.ndarray
     return np.frombuffer(contents, dataset.dtype, dataset.size, offset).reshape(dataset.shape)
 
 
+def reads_as_view(dataset: h5py.Dataset, size: int) -> bool:
+    """Whether `dataset_array` reads the dataset of a file of `size` bytes as a view of
+    its contents, without HDF5 and so without a way to fail: it is empty, or stored
+    as one contiguous run of bytes inside the file. A restart that reads part of a file
+    into the model's own memory first checks this of every dataset it will read."""
+    nbytes = dataset.size * dataset.dtype.itemsize
+    offset = contiguous_offset(dataset)
+    return nbytes == 0 or (offset is not None and offset + nbytes <= size)
+
+
 def writable_contents(contents: memoryview) -> memoryview:
     """`contents` made writable when its memory is private (`direct_io.PrivateMemory`,
     what `checksum.read_file` reads a restart's model file into), else as it is.

@@ -8,7 +8,7 @@ from typing import Any
 from ..core.restart import restart_run
 from ..core.session import TrainingSession
 from .adapter import TorchAdapter
-from .state import is_generator
+from .fits import is_generator
 
 
 class CandleCkptPyTorch:

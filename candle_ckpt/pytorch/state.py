@@ -23,11 +23,13 @@ the types its allow-list knows; upstream CANDLE's torch pickles go through it
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
+import os
 import pickle
 import random
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -51,9 +53,11 @@ from ..hdf5 import (
     dataset_array,
     group,
     in_place_offset,
+    reads_as_view,
     writable_bytes,
     writable_contents,
 )
+from .fits import check_restorable, check_state, is_generator, sets_cuda_states
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1
@@ -78,10 +82,6 @@ class TrainingState:
     shapes: tuple
     weights_only: bool
     nbytes: int
-
-
-def is_generator(value: Any) -> bool:
-    return isinstance(value, torch.Generator)
 
 
 def uninitialized(objects: Mapping[str, Any]) -> list[str]:
@@ -413,6 +413,78 @@ def _decoded(encoded: Any, values: list, path: str) -> dict:
     return state
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What a dataset decodes to, from its attributes, checked against the dataset."""
+
+    dtype: Any  # torch.dtype of a tensor, np.dtype of an array ("numpy:" prefix)
+    shape: tuple[int, ...]
+    raw: bool  # a tensor's bytes as uint8 (a dtype numpy lacks, e.g. bfloat16)
+
+    @property
+    def is_array(self) -> bool:
+        return isinstance(self.dtype, np.dtype)
+
+
+def _layout(found: h5py.Dataset, path: str) -> _Layout:
+    """The dataset's `_Layout`, once its attributes (torch_dtype, shape) are found to
+    be ones `snapshot` writes and to describe the dataset itself: its dtype, byte order
+    and shape. Reads no values.
+
+    Raises:
+        CheckpointFormatError: they are not; names the dataset.
+    """
+    where = f"'{path}': dataset '{found.name}'"
+    name = found.attrs.get("torch_dtype", "")
+    name = name.decode("utf8", "replace") if isinstance(name, bytes) else str(name)
+    attr = np.asarray(found.attrs.get("shape", np.zeros(0, np.int64)))
+    if attr.ndim != 1 or attr.dtype.kind not in "iu" or (attr < 0).any():
+        raise CheckpointFormatError(
+            f"{where}: attribute shape is {attr!r:.80}; expected a list of sizes"
+        )
+    shape = tuple(int(n) for n in attr)
+    if name.startswith(_NUMPY_PREFIX):
+        try:
+            expected = np.dtype(name[len(_NUMPY_PREFIX) :])
+        except (TypeError, ValueError):
+            expected = None
+        if (
+            expected is None
+            or expected.hasobject
+            or (found.dtype, found.shape)
+            != (
+                expected,
+                shape,
+            )
+        ):
+            raise CheckpointFormatError(
+                f"{where} is {found.dtype} {found.shape}; its attributes say {name[:40]!r} {shape}"
+            )
+        return _Layout(expected, shape, raw=False)
+    dtype = getattr(torch, name, None) if name.isidentifier() else None
+    try:
+        if not isinstance(dtype, torch.dtype) or torch.empty(0, dtype=dtype).is_quantized:
+            raise TypeError(name)
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    except (TypeError, RuntimeError):
+        raise CheckpointFormatError(
+            f"{where}: attribute torch_dtype is {name[:40]!r}; "
+            f"expected a torch dtype name such as 'float32'"
+        ) from None
+    try:
+        native = torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:  # no numpy dtype: `snapshot` writes the bytes
+        native = None
+    if native is not None and (found.dtype, found.shape) == (native, shape):
+        return _Layout(dtype, shape, raw=False)
+    if (found.dtype, found.shape) == (np.dtype(np.uint8), (nbytes,)):
+        return _Layout(dtype, shape, raw=True)
+    raise CheckpointFormatError(
+        f"{where} is {found.dtype} {found.shape}; expected {name} of shape {shape}"
+        + (f" ({native}, this machine's byte order)" if native is not None else "")
+    )
+
+
 def _tensor(found: h5py.Dataset, contents: memoryview, path: str) -> Any:
     """A dataset as the torch tensor (or numpy array) it was, checked against its attrs.
 
@@ -422,39 +494,25 @@ def _tensor(found: h5py.Dataset, contents: memoryview, path: str) -> Any:
     `load_state_dict` then copies them into the parameters, and the optimizer's keeps
     them as its state.
     """
-    dtype = str(found.attrs.get("torch_dtype", ""))
-    shape = tuple(int(n) for n in found.attrs.get("shape", ()))
-    array = dataset_array(found, contents, path)
-    where = f"'{path}': dataset '{found.name}'"
-    if dtype.startswith(_NUMPY_PREFIX):
-        expected = np.dtype(dtype[len(_NUMPY_PREFIX) :])
-        if array.dtype != expected or array.shape != shape:
-            raise CheckpointFormatError(
-                f"{where} is {array.dtype} {array.shape}; its attrs say {expected} {shape}"
-            )
-        return array.copy()
-    torch_dtype = getattr(torch, dtype, None) if dtype else None
-    if not isinstance(torch_dtype, torch.dtype):
+    layout = _layout(found, path)
+    return _built(dataset_array(found, contents, path), layout, found, path)
+
+
+def _built(array: np.ndarray, layout: _Layout, found: h5py.Dataset, path: str) -> Any:
+    """The tensor (or array) of `layout` on `array`, the values of dataset `found`."""
+    if (array.dtype, array.shape) != (found.dtype, found.shape):
         raise CheckpointFormatError(
-            f"{where}: attribute torch_dtype is {dtype!r}; "
-            f"expected a torch dtype name such as 'float32'"
+            f"'{path}': dataset '{found.name}' reads as {array.dtype} {array.shape}, "
+            f"not as the {found.dtype} {found.shape} it declares"
         )
+    if layout.is_array:
+        return array.copy()
     if not array.flags.writeable or array.ctypes.data % _TENSOR_ALIGNMENT:
         array = array.copy()
-    raw = torch.from_numpy(array)
-    if raw.dtype != torch_dtype:
-        if (
-            raw.dtype != torch.uint8
-            or raw.numel()
-            != int(np.prod(shape)) * torch.empty((), dtype=torch_dtype).element_size()
-        ):
-            raise CheckpointFormatError(
-                f"{where} is {array.dtype} of {array.size} items; expected {dtype} of shape {shape}"
-            )
-        raw = raw.view(torch_dtype)
-    if raw.numel() != int(np.prod(shape)):
-        raise CheckpointFormatError(f"{where} has {raw.numel()} items; its shape attr is {shape}")
-    return raw.reshape(shape)
+    tensor = torch.from_numpy(array)
+    if layout.raw:
+        tensor = tensor.view(layout.dtype)
+    return tensor.reshape(layout.shape)
 
 
 def _decode(value: Any, values: list, path: str, where: str) -> Any:
@@ -489,16 +547,31 @@ def _decode(value: Any, values: list, path: str, where: str) -> Any:
                     f"'{path}': {where} holds {item!r:.80}; expected [key, value] pairs"
                 )
             key = _decode(item[0], values, path, f"{where} key")
-            result[key] = _decode(item[1], values, path, f"{where}[{key!r}]")
+            if not _is_key(key):
+                raise CheckpointFormatError(
+                    f"'{path}': {where} has a key {key!r:.80}; expected a number, a "
+                    f"string, None or a tuple of them"
+                )
+            result[key] = _decode(item[1], values, path, f"{where}[{key!r:.80}]")
         if tag == "odict" and value.get("metadata") is not None:
-            result._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
-                _decode(value["metadata"], values, path, f"{where}._metadata")
-            )
+            metadata = _decode(value["metadata"], values, path, f"{where}._metadata")
+            if not isinstance(metadata, dict):
+                raise CheckpointFormatError(
+                    f"'{path}': {where}._metadata is {metadata!r:.80}; expected a dict"
+                )
+            result._metadata = collections.OrderedDict(metadata)  # type: ignore[attr-defined]
         return result
     raise CheckpointFormatError(
         f"'{path}': {where} is {value!r:.80}; expected a tagged "
         f"value (tensor, ndarray, tuple, dict, odict, dtype)"
     )
+
+
+def _is_key(key: Any) -> bool:
+    """Whether a decoded dict key is one `snapshot` writes: hashable, never a tensor."""
+    if isinstance(key, tuple):
+        return all(_is_key(item) for item in key)
+    return key is None or isinstance(key, (bool, int, float, str, torch.dtype))
 
 
 def _references(encoded: Any) -> collections.Counter[int]:
@@ -519,16 +592,13 @@ def _references(encoded: Any) -> collections.Counter[int]:
 
 
 def _placeholder(found: h5py.Dataset, path: str) -> Any:
-    """A dataset as `_tensor` would decode it, without its values: a tensor of its
-    dtype and shape on the meta device (no memory), or an empty numpy array."""
-    dtype = str(found.attrs.get("torch_dtype", ""))
-    if dtype.startswith(_NUMPY_PREFIX):
-        return np.empty(0)
-    torch_dtype = getattr(torch, dtype, None) if dtype else None
-    if not isinstance(torch_dtype, torch.dtype):
-        raise CheckpointFormatError(f"'{path}': dataset '{found.name}' has no torch dtype")
-    shape = tuple(int(n) for n in found.attrs.get("shape", ()))
-    return torch.empty(shape, dtype=torch_dtype, device="meta")
+    """A dataset as `_tensor` would decode it, for every check but of its values: a
+    tensor of its dtype and shape on the meta device (no memory), or a read-only array
+    of its dtype and shape that holds one item."""
+    layout = _layout(found, path)
+    if layout.is_array:
+        return np.broadcast_to(np.zeros((), layout.dtype), layout.shape)
+    return torch.empty(layout.shape, dtype=layout.dtype, device="meta")
 
 
 # -- reading into the modules' own memory ----------------------------------------------
@@ -564,24 +634,28 @@ def plan_in_place(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> In
     one (`hdf5.in_place_offset`) that the file refers to once, as a module's
     state-dict entry whose tensor is dense CPU memory of its own (`_own_buffer`).
 
-    Reads only the file's metadata and changes nothing. The whole file is checked
-    against the objects first, as `restore` checks it (`check_restorable`, on tensors
-    without values): a file that would be refused, or that it cannot read, gets no
-    target. `checksum.read_file` writes the tensors once the file has verified, and
+    Reads the file's metadata and its small datasets, and changes nothing. The whole
+    plan is checked first: every dataset `read` will read, against its attributes
+    (`_layout`) and where it is stored (`_as_read`), and the whole state against the
+    objects, as `restore` checks it (`check_restorable`, large tensors without their
+    values): a file that `restore` would refuse, or that it cannot read, gets no target,
+    so no tensor is written before the file is refused. `checksum.read_file` writes
+    the tensors once the file has verified, and
     `read` then decodes those entries to the tensors themselves, so that
     load_state_dict copies nothing onto them. A tensor two entries share (tied
     weights) is read into for the first only; the second is loaded after it, as before.
     """
     plan = InPlaceRead(path, {})
     try:
+        size = os.fstat(stream.fileno()).st_size
         with h5py.File(stream, "r") as f:
             encoded, weights_only = _header(f, path)
             tensors = group(f, "tensors", path)
             datasets = [dataset(tensors, str(k), path) for k in range(len(tensors))]
-            placeholders = [_placeholder(found, path) for found in datasets]
-            state = _decoded(encoded, placeholders, path)
+            values = [_as_read(found, size, path) for found in datasets]
+            state = _decoded(encoded, values, path)
             check_restorable(objects, state, weights_only, path)
-            index = {id(value): k for k, value in enumerate(placeholders)}
+            index = {id(value): k for k, value in enumerate(values)}
             references = _references(encoded)
             taken: set[int] = set()
             for name, module in objects.items():
@@ -599,6 +673,20 @@ def plan_in_place(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> In
     except (CheckpointFormatError, OSError, KeyError, RuntimeError, TypeError, ValueError):
         return InPlaceRead(path, {})
     return plan
+
+
+def _as_read(found: h5py.Dataset, size: int, path: str) -> Any:
+    """Dataset `found` of a file of `size` bytes as `read` decodes it, for the checks a
+    plan makes: a small one with its values, read here (the random states, whose values
+    are checked, are all small), a large one as a `_placeholder`, once `read` is found
+    to read it as it is stored (`hdf5.reads_as_view`), which cannot fail."""
+    if not reads_as_view(found, size):
+        raise CheckpointFormatError(
+            f"'{path}': dataset '{found.name}' is not one run of bytes inside the file"
+        )
+    if found.size * found.dtype.itemsize < DIRECT_MIN_BYTES:
+        return _built(np.asarray(found[()]), _layout(found, path), found, path)
+    return _placeholder(found, path)
 
 
 def _fits(found: h5py.Dataset, tensor: torch.Tensor) -> bool:
@@ -632,156 +720,60 @@ def _own_buffer(tensor: torch.Tensor) -> np.ndarray | None:
 # -- restoring -------------------------------------------------------------------------
 
 
-def check_state(name: str, obj: Any, saved: Any, path: str) -> None:
-    """Raise CheckpointFormatError unless `saved` fits the registered object `obj`.
-
-    A module: the same keys, shapes and dtypes (`load_state_dict` would copy part of
-    them before failing); an uninitialised parameter of a lazy module takes the file's
-    shape (`load_state_dict` materialises it, in place, so an optimizer made before
-    holds the very Parameter), only its dtype is checked. An optimizer: as many
-    parameter groups and parameters. A generator: a state tensor like its own.
-    Anything else: the same top-level keys.
-    """
-    where = f"'{path}': entry '{name}'"
-    if is_generator(obj):
-        mine = obj.get_state()
-        if not isinstance(saved, torch.Tensor) or (saved.dtype, saved.shape) != (
-            mine.dtype,
-            mine.shape,
-        ):
-            raise CheckpointFormatError(
-                f"{where} is not a generator state like {mine.dtype} {tuple(mine.shape)}"
-            )
-        return
-    current = obj.state_dict()
-    if not isinstance(saved, dict):
-        raise CheckpointFormatError(
-            f"{where} is a {type(saved).__name__}; expected the "
-            f"state dict of a {type(obj).__name__}"
-        )
-    if isinstance(obj, torch.nn.Module):
-        missing = [k for k in current if k not in saved]
-        extra = [k for k in saved if k not in current]
-        if missing or extra:
-            raise CheckpointFormatError(
-                f"{where} does not match the {type(obj).__name__}: keys missing from the "
-                f"file {missing[:6]}, unexpected in it {extra[:6]}; was the model built "
-                f"the same way (and wrapped, e.g. in DistributedDataParallel, the same)?"
-            )
-        for key, tensor in current.items():
-            found = saved[key]
-            if torch.nn.parameter.is_lazy(tensor):
-                if not isinstance(found, torch.Tensor) or found.dtype != tensor.dtype:
-                    raise CheckpointFormatError(
-                        f"{where}, '{key}': {_describe(found)} in the file, the model's "
-                        f"uninitialised (lazy) parameter is "
-                        f"{str(tensor.dtype).removeprefix('torch.')}"
-                    )
-                continue
-            if not isinstance(found, torch.Tensor) or (found.shape, found.dtype) != (
-                tensor.shape,
-                tensor.dtype,
-            ):
-                raise CheckpointFormatError(
-                    f"{where}, '{key}': {_describe(found)} in the file, the model has "
-                    f"{_describe(tensor)}"
-                )
-        return
-    if sorted(map(str, saved)) != sorted(map(str, current)):
-        raise CheckpointFormatError(
-            f"{where} has keys {sorted(map(str, saved))}; the "
-            f"{type(obj).__name__} has {sorted(map(str, current))}"
-        )
-    if isinstance(obj, torch.optim.Optimizer):
-        groups = [len(g["params"]) for g in saved["param_groups"]]
-        mine = [len(g["params"]) for g in current["param_groups"]]
-        if groups != mine:
-            raise CheckpointFormatError(
-                f"{where}: parameters per group {groups} in the file, the optimizer has {mine}"
-            )
-
-
-def check_rng(rng: dict, path: str) -> None:
-    if not rng:
-        return
-    if set(rng) - {"torch", "numpy", "python", "cuda"} or not {"torch", "numpy", "python"} <= set(
-        rng
-    ):
-        raise CheckpointFormatError(
-            f"'{path}': random states {sorted(rng)}; expected torch, numpy, python (and cuda)"
-        )
-    mine = torch.get_rng_state()
-    if not isinstance(rng["torch"], torch.Tensor) or rng["torch"].shape != mine.shape:
-        raise CheckpointFormatError(
-            f"'{path}': the torch random state is not a {tuple(mine.shape)} byte tensor"
-        )
-
-
 def apply(objects: Mapping[str, Any], state: dict, path: str, logger: LibraryLogger) -> None:
-    """Load checked `state` into the objects and the global random generators.
+    """Load `state`, checked by `check_restorable`, into the objects and the global
+    random generators.
 
     Modules first: loading one materialises its lazy parameters, which an optimizer's
-    `load_state_dict` needs to cast its state to (their dtype and device)."""
+    `load_state_dict` needs to cast its state to (their dtype and device). What the
+    checks pass loads whole; should an object fail all the same (its own
+    `load_state_dict` refusing what torch's would take), the error says which entries
+    were loaded already.
+    """
     entries = sorted(
         state["objects"].items(), key=lambda item: not isinstance(objects[item[0]], torch.nn.Module)
     )
+    loaded: list[str] = []
     for name, saved in entries:
         obj = objects[name]
-        if is_generator(obj):
-            obj.set_state(saved)
-        else:
-            obj.load_state_dict(saved)
+        with _loading(name, loaded, path):
+            if is_generator(obj):
+                obj.set_state(saved)
+            else:
+                obj.load_state_dict(saved)
+        loaded.append(name)
     rng = state["rng"]
     if not rng:
         return
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if "cuda" in rng:
-        if torch.cuda.is_available() and torch.cuda.device_count() == len(rng["cuda"]):
+    with _loading("rng", loaded, path):
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and sets_cuda_states(rng["cuda"]):
             torch.cuda.set_rng_state_all(rng["cuda"])
-        else:
-            logger.warning(
-                "'%s' holds the random states of %d CUDA devices, this process "
-                "sees %d: CUDA random streams are not restored",
-                path,
-                len(rng["cuda"]),
-                torch.cuda.device_count() if torch.cuda.is_available() else 0,
-            )
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{str(value.dtype).removeprefix('torch.')} of shape {tuple(value.shape)}"
-    return type(value).__name__
-
-
-def check_restorable(
-    objects: Mapping[str, Any], state: dict, weights_only: bool, path: str
-) -> list[str]:
-    """The names of the objects that the decoded `state` loads, once it is found to
-    hold exactly their entries, each fitting its object (`check_state`), and random
-    states `apply` can set.
-
-    Raises:
-        CheckpointFormatError: it does not.
-    """
-    saved = state["objects"]
-    wanted = [
-        name
-        for name, value in objects.items()
-        if not weights_only or isinstance(value, torch.nn.Module)
-    ]
-    if sorted(saved) != sorted(wanted):
-        raise CheckpointFormatError(
-            f"'{path}' holds the state of {sorted(saved)}; set_model registered "
-            f"{sorted(wanted)}{' (modules only: a weights-only file)' if weights_only else ''}"
-            f". Register the same objects, under the same names, as the run that saved it"
+    if "cuda" in rng and not sets_cuda_states(rng["cuda"]):
+        logger.warning(
+            "'%s' holds the random states of %d CUDA devices, this process "
+            "sees %d: CUDA random streams are not restored",
+            path,
+            len(rng["cuda"]),
+            torch.cuda.device_count() if torch.cuda.is_available() else 0,
         )
-    for name in wanted:
-        check_state(name, objects[name], saved[name], path)
-    check_rng(state["rng"], path)
-    return wanted
+
+
+@contextlib.contextmanager
+def _loading(name: str, loaded: list[str], path: str) -> Iterator[None]:
+    """Raise an error of an object's own loading of entry `name` as a
+    CheckpointFormatError saying what is loaded already (`loaded`)."""
+    try:
+        yield
+    except Exception as error:
+        raise CheckpointFormatError(
+            f"'{path}': entry '{name}' passed every check, then failed to load "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"loaded before it: {loaded or 'nothing'}. Rebuild the objects, or restart from "
+            f"another checkpoint"
+        ) from error
 
 
 def restore(

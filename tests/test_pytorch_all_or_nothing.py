@@ -1,0 +1,258 @@
+"""A crafted PyTorch model file, resealed as anyone who can write the tree can (its
+CRC32 and ckpt-info.json's `info_crc32` recomputed), is refused whole: one line naming
+the entry, exit status 3 for the example job, and the model, optimizer, scheduler,
+generator and global random states exactly as they were (issue 34, findings 1 and 2).
+
+The tree is the PyTorch example's (tests/torch_job.py), its first weight large enough
+(128 KiB) to be read straight into the model's memory when the in-place read is on;
+each case restarts with the in-place read on and off.
+"""
+
+import copy
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import zlib
+
+import h5py
+import numpy as np
+import pytest
+from keras_job import load_example
+from test_pytorch_state import same
+from torch_job import SMALL
+
+torch = pytest.importorskip("torch")
+
+import candle_ckpt  # noqa: E402
+from candle_ckpt.core import checksum  # noqa: E402
+from candle_ckpt.core.info import read_info, write_info  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+JOB = os.path.join(HERE, "torch_job.py")
+EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "benchmark_pytorch.py")
+WIDE = ["--n_features", "256", "--dense", "[128,16]", "--seed", "5"]
+ENV = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def good_tree(tmp_path_factory):
+    """Two epochs of the example job, trained in a child process."""
+    root = str(tmp_path_factory.mktemp("all-or-nothing") / "save")
+    subprocess.run(
+        [sys.executable, JOB, "--ckpt_directory", root, "--epochs", "2", *WIDE],
+        check=True,
+        env=ENV,
+        capture_output=True,
+    )
+    return root
+
+
+@pytest.fixture
+def tree(good_tree, tmp_path):
+    root = str(tmp_path / "save")
+    shutil.copytree(good_tree, root, symlinks=True)
+    return root
+
+
+def epoch_dir(root, epoch=2):
+    return os.path.join(root, "ckpts", "epochs", f"{epoch:03d}")
+
+
+def entry(pairs_value, key):
+    """The value of `key` in an encoded dict ({"dict": [[k, v], ...]} or "odict")."""
+    body = pairs_value.get("dict", pairs_value.get("odict"))
+    return next(value for k, value in body if k == key)
+
+
+def set_entry(pairs_value, key, new):
+    body = pairs_value.get("dict", pairs_value.get("odict"))
+    for pair in body:
+        if pair[0] == key:
+            pair[1] = new
+            return
+    raise KeyError(key)
+
+
+def craft(root, change):
+    """Apply `change(f, encoded)` to epoch 2's model.h5 (an h5py file open r+ and its
+    'state' JSON, which it may edit), then reseal the file's CRC32 and ckpt-info.json."""
+    directory = epoch_dir(root)
+    path = os.path.join(directory, "model.h5")
+    with h5py.File(path, "r+") as f:
+        encoded = json.loads(np.asarray(f["state"][()], np.uint8).tobytes())
+        change(f, encoded)
+        del f["state"]
+        f.create_dataset("state", data=np.frombuffer(json.dumps(encoded).encode(), np.uint8))
+    with open(path, "rb") as stream:
+        crc = str(zlib.crc32(stream.read()))
+    info = read_info(directory)
+    info["checksum"] = crc
+    info["files"]["model.h5"] = {"size": os.path.getsize(path), "crc32": crc}
+    write_info(directory, info)
+
+
+def tensor_index(value):
+    return value["tensor"] if "tensor" in value else value["ndarray"]
+
+
+def optimizer_of(encoded):
+    return entry(encoded["objects"], "optimizer")
+
+
+def params_lists(f, encoded):
+    for group in entry(optimizer_of(encoded), "param_groups"):
+        params = entry(group, "params")
+        params[:] = [[k] for k in params]
+
+
+def metadata_five(f, encoded):
+    set_entry(entry(encoded["objects"], "model")["metadata"], "0", 5)
+
+
+def metadata_assign(f, encoded):
+    metadata = entry(encoded["objects"], "model")["metadata"]
+    set_entry(metadata, "0", {"dict": [["version", 1], ["assign_to_params_buffers", True]]})
+
+
+def numpy_position_string(f, encoded):
+    entry(encoded["rng"], "numpy")["tuple"][2] = "624"
+
+
+def python_state_cut(f, encoded):
+    words = entry(encoded["rng"], "python")["tuple"][1]["tuple"]
+    del words[10:]
+
+
+def all_255(name):
+    def change(f, encoded):
+        value = entry(encoded["objects"] if name == "generator" else encoded["rng"], name)
+        dataset = f["tensors"][str(tensor_index(value))]
+        dataset[...] = 255
+
+    return change
+
+
+def last_epoch_two(f, encoded):
+    set_entry(entry(encoded["objects"], "scheduler"), "last_epoch", "two")
+
+
+def exp_avg_wrong_shape(f, encoded):
+    state = entry(optimizer_of(encoded), "state")
+    first, second = (entry(state, k) for k in (0, 1))  # a weight's, then its bias'
+    set_entry(first, "exp_avg", entry(second, "exp_avg"))
+
+
+def numpy_dtype_bogus(f, encoded):
+    key = entry(encoded["rng"], "numpy")["tuple"][1]
+    f["tensors"][str(tensor_index(key))].attrs["torch_dtype"] = "numpy:no-such-dtype"
+
+
+CASES = {
+    "params-lists": (params_lists, "entry 'optimizer', param_groups[0]['params']"),
+    "metadata-five": (metadata_five, "entry 'model': _metadata['0'] is 5"),
+    "metadata-assign": (metadata_assign, "assign_to_params_buffers"),
+    "numpy-position": (numpy_position_string, "the numpy random state"),
+    "python-cut": (python_state_cut, "the Python random state"),
+    "generator-255": (all_255("generator"), "entry 'generator' is not a state"),
+    "torch-rng-255": (all_255("torch"), "the torch random state is not a state"),
+    "last-epoch-two": (last_epoch_two, "entry 'scheduler', key 'last_epoch' is a str"),
+    "exp-avg-shape": (exp_avg_wrong_shape, "state[0]['exp_avg'] is float32 of shape (128,)"),
+    "numpy-dtype": (numpy_dtype_bogus, "'numpy:no-such-dtype'"),
+}
+
+
+def objects(root):
+    """The example's registered objects, built as its run() builds them."""
+    example = load_example("benchmark_pytorch.py")
+    params = example.initialize_parameters(
+        SMALL + ["--ckpt_directory", root, "--epochs", "3", *WIDE]
+    )
+    torch.manual_seed(params["seed"])
+    net = example.build_model(params)
+    optimizer = torch.optim.AdamW(
+        net.parameters(), lr=params["learning_rate"], weight_decay=params["weight_decay"]
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, params["lr_step"], gamma=0.5)
+    generator = torch.Generator().manual_seed(params["seed"])
+    registered = {
+        "model": net,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "generator": generator,
+    }
+    return params, registered
+
+
+def everything(registered):
+    """Every registered object's state and the global random states, copied."""
+    return copy.deepcopy(
+        {
+            "model": registered["model"].state_dict(),
+            "optimizer": registered["optimizer"].state_dict(),
+            "scheduler": registered["scheduler"].state_dict(),
+            "generator": registered["generator"].get_state(),
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+    )
+
+
+def restart(params, registered):
+    ckpt = candle_ckpt.CandleCkptPyTorch(params, verbose=False)
+    ckpt.set_model(registered)
+    try:
+        return ckpt.restart(verbose=False)
+    finally:
+        ckpt.finish()
+
+
+@pytest.fixture(params=["in-place", "copied"])
+def in_place(request, monkeypatch):
+    """The large tensors read straight into the model (from any file size), or not."""
+    if request.param == "in-place":
+        monkeypatch.setattr(checksum, "IN_PLACE_MIN_BYTES", 0)
+    return request.param == "in-place"
+
+
+def test_the_resealed_tree_unchanged_restarts(tree, in_place):
+    """The crafting itself leaves a file that restarts: what the cases refuse is theirs."""
+    craft(tree, lambda f, encoded: None)
+    params, registered = objects(tree)
+    assert restart(params, registered)["epoch"] == 2
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_crafted_entry_is_refused_and_nothing_changes(tree, in_place, case):
+    change, fragment = CASES[case]
+    craft(tree, change)
+    params, registered = objects(tree)
+    # a trained step first, so that the optimizer and the random states are not fresh
+    registered["model"](torch.randn(4, 256)).sum().backward()
+    registered["optimizer"].step()
+    before = everything(registered)
+    with pytest.raises(candle_ckpt.CheckpointFormatError) as refused:
+        restart(params, registered)
+    message = str(refused.value)
+    assert fragment in message and "\n" not in message
+    same(before, everything(registered))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_example_job_exits_3_with_one_line_naming_the_entry(tree, case):
+    change, fragment = CASES[case]
+    craft(tree, change)
+    job = subprocess.run(
+        [sys.executable, EXAMPLE, *SMALL, "--ckpt_directory", tree, "--epochs", "3", *WIDE],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert job.returncode == 3, job.stderr
+    lines = job.stderr.strip().splitlines()
+    assert fragment in lines[-1]
+    assert lines[-1].startswith("benchmark_pytorch.py: CheckpointFormatError: ")
