@@ -103,6 +103,22 @@ def flip_byte(path, offset=3, mask=0xFF):
         stream.write(bytes([byte[0] ^ mask]))
 
 
+def reseal(directory, name="model.h5"):
+    """Record the file `name` of epoch `directory`, as it is now, in its ckpt-info.json
+    (CRC32 and size, `info_crc32` recomputed): what anyone who can write the tree can do
+    to a file they crafted."""
+    from candle_ckpt.core.info import read_info, write_info
+
+    path = os.path.join(directory, name)
+    with open(path, "rb") as stream:
+        crc = str(zlib.crc32(stream.read()))
+    info = read_info(directory)
+    if info["model_file"] == name:
+        info["checksum"] = crc
+    info["files"][name] = {"size": os.path.getsize(path), "crc32": crc}
+    write_info(directory, info)
+
+
 def as_format1(info, epochs_saved):
     """A format_version 1 ckpt-info dict made from a version 2 one, as candle_ckpt
     0.2 wrote it: without the version 2 keys, with the run's `epochs_saved`."""

@@ -15,11 +15,11 @@ import random
 import shutil
 import subprocess
 import sys
-import zlib
 
 import h5py
 import numpy as np
 import pytest
+from conftest import reseal
 from keras_job import load_example
 from test_pytorch_state import same
 from torch_job import SMALL
@@ -28,7 +28,6 @@ torch = pytest.importorskip("torch")
 
 import candle_ckpt  # noqa: E402
 from candle_ckpt.core import checksum  # noqa: E402
-from candle_ckpt.core.info import read_info, write_info  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "torch_job.py")
@@ -86,12 +85,7 @@ def craft(root, change):
         change(f, encoded)
         del f["state"]
         f.create_dataset("state", data=np.frombuffer(json.dumps(encoded).encode(), np.uint8))
-    with open(path, "rb") as stream:
-        crc = str(zlib.crc32(stream.read()))
-    info = read_info(directory)
-    info["checksum"] = crc
-    info["files"]["model.h5"] = {"size": os.path.getsize(path), "crc32": crc}
-    write_info(directory, info)
+    reseal(directory)
 
 
 def tensor_index(value):
@@ -256,3 +250,30 @@ def test_the_example_job_exits_3_with_one_line_naming_the_entry(tree, case):
     lines = job.stderr.strip().splitlines()
     assert fragment in lines[-1]
     assert lines[-1].startswith("benchmark_pytorch.py: CheckpointFormatError: ")
+
+
+class Picky:
+    """An object whose own load_state_dict refuses what its state_dict gave."""
+
+    def state_dict(self):
+        return {"x": 1}
+
+    def load_state_dict(self, state):
+        raise RuntimeError("not today")
+
+
+def test_an_object_that_fails_its_own_load_after_the_checks_says_what_is_loaded(tmp_path):
+    from candle_ckpt.pytorch import state
+
+    net = torch.nn.Linear(2, 2)
+    registered = {"model": net, "optimizer": torch.optim.SGD(net.parameters()), "picky": Picky()}
+    path = str(tmp_path / "model.h5")
+    state.write(state.snapshot(registered), path)
+    contents = checksum.read_file(path)[0]
+    with pytest.raises(candle_ckpt.CheckpointFormatError) as refused:
+        state.restore(registered, path, contents, None)
+    assert str(refused.value) == (
+        f"'{path}': entry 'picky' passed every check, then failed to load (RuntimeError: "
+        f"not today); loaded before it: ['model', 'optimizer']. Rebuild the model and its "
+        f"optimizer, or restart from another checkpoint"
+    )

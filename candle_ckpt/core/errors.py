@@ -22,6 +22,21 @@ def add_remedy(error: CheckpointError, remedy: str) -> CheckpointError:
     return error
 
 
+def failed_after_checks(
+    path: str, what: str, error: BaseException, loaded: str
+) -> CheckpointFormatError:
+    """The error for `what` ("entry 'optimizer'", "variable 'dense/kernel'") of the
+    model file `path`, which passed every check of a restart and then failed to load
+    with `error`: a check candle_ckpt lacks, so the message says what is loaded
+    already (`loaded`)."""
+    first_line = str(error).partition("\n")[0][:200]
+    return CheckpointFormatError(
+        f"'{path}': {what} passed every check, then failed to load "
+        f"({type(error).__name__}: {first_line}); loaded before it: {loaded}. Rebuild "
+        f"the model and its optimizer, or restart from another checkpoint"
+    )
+
+
 class ParameterTypeError(CheckpointError, TypeError):
     """A `--ckpt_*` parameter has a value of the wrong type."""
 

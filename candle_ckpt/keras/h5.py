@@ -52,7 +52,7 @@ import tensorflow as tf
 
 from candle_ckpt.core.checksum import read_file
 from candle_ckpt.core.direct_io import Written, aligned, aligned_arrays, copy_into, write_at
-from candle_ckpt.core.errors import CheckpointFormatError
+from candle_ckpt.core.errors import CheckpointFormatError, failed_after_checks
 from candle_ckpt.core.logs import LibraryLogger, silent_logger
 from candle_ckpt.core.verify import OVERWRITTEN
 from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
@@ -64,6 +64,7 @@ from candle_ckpt.hdf5 import (
     in_place_offset,
     layer_weights_root,
     raised_by_h5py,
+    reads_as_view,
     writable_bytes,
     writable_contents,
 )
@@ -310,17 +311,23 @@ def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
     into in place, and where: every large contiguous dataset that a full `restore`
     would load into a variable whose buffer is host memory of its own.
 
-    Reads only the file's metadata, logs nothing, and changes no value; a file it
-    cannot plan (an upstream file, or one that does not fit the model) gets no region,
-    and `restore` reports what is wrong with it. `checksum.read_file` writes the
-    buffers once the file has verified, and `restore` then skips the variables they
-    hold, after checking them against the file as verified. A restart writes them
-    before training, when no other tensor reads them; a buffer two variables share is
-    written for the first only (the second is assigned, which gives it one of its own).
+    Reads only the file's metadata, logs nothing, and changes no value. The whole plan
+    is checked first, as `restore` checks it: every dataset `restore` reads, whether
+    into a variable's own buffer or not, must fit its variable (shape, dtype and byte
+    order) and be stored as one run of bytes inside the file (`hdf5.reads_as_view`),
+    so that `restore` cannot fail to read it once buffers are written. A file it
+    cannot plan (an upstream file, one that does not fit the model, or that stores a
+    dataset otherwise) gets no region, and `restore` reports what is wrong with it.
+    `checksum.read_file` writes the buffers once the file has verified, and `restore`
+    then skips the variables they hold, after checking them against the file as
+    verified. A restart writes them before training, when no other tensor reads them; a
+    buffer two variables share is written for the first only (the second is assigned,
+    which gives it one of its own).
     """
     plan = InPlaceRead(path, {}, [], [])
     quiet = silent_logger()
     try:
+        size = os.fstat(stream.fileno()).st_size
         with h5py.File(stream, "r") as f:
             version = _format_version(f, path)
             if version is None:
@@ -328,6 +335,8 @@ def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
             pairs = _plan_weights(f, model, path, True, quiet)
             pairs += _plan_rng(f, model, path, True, quiet)
             pairs += _plan_optimizer(f, model, path, version, quiet) or []
+            if not all(reads_as_view(dataset, size) for _, dataset in pairs):
+                return plan  # `restore` reads one through HDF5, which may fail
             buffers = set()
             for variable, dataset in pairs:
                 offset = in_place_offset(dataset)
@@ -337,7 +346,7 @@ def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
                     plan.offsets[id(variable)] = offset
                     plan.regions.append((offset, held[0]))
                     plan.tensors.append(held[1])
-    except (CheckpointFormatError, OSError, KeyError, RuntimeError):
+    except (CheckpointFormatError, OSError, KeyError, RuntimeError, TypeError, ValueError):
         return InPlaceRead(path, {}, [], [])
     return plan
 
@@ -444,8 +453,13 @@ def restore(
             f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {e})"
         ) from e
     tensors = [_as_tensor(value) for value in values]  # all of them before any assign
-    for (variable, _), tensor in zip(pairs, tensors):
-        variable.assign(tensor)
+    for k, ((variable, _), tensor) in enumerate(zip(pairs, tensors)):
+        try:
+            variable.assign(tensor)
+        except Exception as error:  # a check this module lacks: say what is loaded
+            raise failed_after_checks(
+                path, f"variable '{variable.path}'", error, f"{k} of {len(pairs)} variables"
+            ) from error
     # Lookup and normalization layers derive tensors from their weights (Keras'
     # loader does this only for top-level layers; nested ones need it as well).
     for layer in model._flatten_layers(include_self=False):
@@ -747,10 +761,11 @@ def _match(
         dataset = _dataset(group, name, path)
         found = (tuple(dataset.shape), dataset.dtype.name)
         expected = (tuple(variable.shape), str(variable.dtype))
-        if found != expected:
+        if found != expected or not dataset.dtype.isnative:
+            order = "" if dataset.dtype.isnative else ", not in this machine's byte order"
             raise CheckpointFormatError(
-                f"'{path}': {where}, variable '{name}' is {_describe(*found)} in the file, "
-                f"the model's '{variable.path}' is {_describe(*expected)}"
+                f"'{path}': {where}, variable '{name}' is {_describe(*found)}{order} in the "
+                f"file, the model's '{variable.path}' is {_describe(*expected)}"
             )
         if renamed is not None and not _same_name(name, variable.name):
             renamed.append(f"{where}: weight '{name}' in the file, '{variable.path}' in the model")

@@ -39,7 +39,7 @@ import torch
 
 from ..core.adapter import Restored
 from ..core.direct_io import Written, aligned_arrays, copy_into, write_at
-from ..core.errors import CheckpointFormatError
+from ..core.errors import CheckpointFormatError, failed_after_checks
 from ..core.logs import LibraryLogger
 from ..core.verify import OVERWRITTEN
 from ..hdf5 import (
@@ -768,12 +768,8 @@ def _loading(name: str, loaded: list[str], path: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        raise CheckpointFormatError(
-            f"'{path}': entry '{name}' passed every check, then failed to load "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            f"loaded before it: {loaded or 'nothing'}. Rebuild the objects, or restart from "
-            f"another checkpoint"
-        ) from error
+        loaded_before = str(loaded or "nothing")
+        raise failed_after_checks(path, f"entry '{name}'", error, loaded_before) from error
 
 
 def restore(
