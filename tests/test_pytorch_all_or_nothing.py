@@ -144,6 +144,16 @@ def numpy_dtype_bogus(f, encoded):
     f["tensors"][str(tensor_index(key))].attrs["torch_dtype"] = "numpy:no-such-dtype"
 
 
+def big_endian_bias(f, encoded):
+    """The last layer's bias, stored big-endian: read after the large weight."""
+    index = tensor_index(entry(entry(encoded["objects"], "model"), "6.bias"))
+    tensors = f["tensors"]
+    values, attrs = tensors[str(index)][()], dict(tensors[str(index)].attrs)
+    del tensors[str(index)]
+    created = tensors.create_dataset(str(index), data=values.astype(">f4"))
+    created.attrs.update(attrs)
+
+
 CASES = {
     "params-lists": (params_lists, "entry 'optimizer', param_groups[0]['params']"),
     "metadata-five": (metadata_five, "entry 'model': _metadata['0'] is 5"),
@@ -155,6 +165,7 @@ CASES = {
     "last-epoch-two": (last_epoch_two, "entry 'scheduler', key 'last_epoch' is a str"),
     "exp-avg-shape": (exp_avg_wrong_shape, "state[0]['exp_avg'] is float32 of shape (128,)"),
     "numpy-dtype": (numpy_dtype_bogus, "'numpy:no-such-dtype'"),
+    "big-endian": (big_endian_bias, "(float32, this machine's byte order)"),
 }
 
 

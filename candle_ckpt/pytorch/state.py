@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import io
 import json
 import os
@@ -434,55 +435,60 @@ def _layout(found: h5py.Dataset, path: str) -> _Layout:
     Raises:
         CheckpointFormatError: they are not; names the dataset.
     """
-    where = f"'{path}': dataset '{found.name}'"
     name = found.attrs.get("torch_dtype", "")
     name = name.decode("utf8", "replace") if isinstance(name, bytes) else str(name)
     attr = np.asarray(found.attrs.get("shape", np.zeros(0, np.int64)))
     if attr.ndim != 1 or attr.dtype.kind not in "iu" or (attr < 0).any():
         raise CheckpointFormatError(
-            f"{where}: attribute shape is {attr!r:.80}; expected a list of sizes"
+            f"'{path}': dataset '{found.name}': attribute shape is {attr!r:.80}; "
+            f"expected a list of sizes"
         )
     shape = tuple(int(n) for n in attr)
+    stored = (found.dtype, found.shape)
     if name.startswith(_NUMPY_PREFIX):
         try:
             expected = np.dtype(name[len(_NUMPY_PREFIX) :])
         except (TypeError, ValueError):
             expected = None
-        if (
-            expected is None
-            or expected.hasobject
-            or (found.dtype, found.shape)
-            != (
-                expected,
-                shape,
-            )
-        ):
+        if expected is None or expected.hasobject or stored != (expected, shape):
             raise CheckpointFormatError(
-                f"{where} is {found.dtype} {found.shape}; its attributes say {name[:40]!r} {shape}"
+                f"'{path}': dataset '{found.name}' is {stored[0]} {stored[1]}; its "
+                f"attributes say {name[:40]!r} {shape}"
             )
         return _Layout(expected, shape, raw=False)
+    known = _torch_dtype(name)
+    if known is None:
+        raise CheckpointFormatError(
+            f"'{path}': dataset '{found.name}': attribute torch_dtype is {name[:40]!r}; "
+            f"expected a torch dtype name such as 'float32'"
+        )
+    dtype, itemsize, native = known
+    if native is not None and stored == (native, shape):
+        return _Layout(dtype, shape, raw=False)
+    if stored == (np.dtype(np.uint8), (int(np.prod(shape)) * itemsize,)):
+        return _Layout(dtype, shape, raw=True)
+    raise CheckpointFormatError(
+        f"'{path}': dataset '{found.name}' is {stored[0]} {stored[1]}; expected {name} of "
+        f"shape {shape}" + (f" ({native}, this machine's byte order)" if native else "")
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _torch_dtype(name: str) -> tuple[torch.dtype, int, np.dtype | None] | None:
+    """The torch dtype of that name as (dtype, bytes per element, its numpy dtype or
+    None), if it is one `snapshot` writes (not quantized), else None."""
     dtype = getattr(torch, name, None) if name.isidentifier() else None
     try:
         if not isinstance(dtype, torch.dtype) or torch.empty(0, dtype=dtype).is_quantized:
-            raise TypeError(name)
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            return None
+        itemsize = torch.empty((), dtype=dtype).element_size()
     except (TypeError, RuntimeError):
-        raise CheckpointFormatError(
-            f"{where}: attribute torch_dtype is {name[:40]!r}; "
-            f"expected a torch dtype name such as 'float32'"
-        ) from None
+        return None
     try:
         native = torch.empty(0, dtype=dtype).numpy().dtype
     except TypeError:  # no numpy dtype: `snapshot` writes the bytes
         native = None
-    if native is not None and (found.dtype, found.shape) == (native, shape):
-        return _Layout(dtype, shape, raw=False)
-    if (found.dtype, found.shape) == (np.dtype(np.uint8), (nbytes,)):
-        return _Layout(dtype, shape, raw=True)
-    raise CheckpointFormatError(
-        f"{where} is {found.dtype} {found.shape}; expected {name} of shape {shape}"
-        + (f" ({native}, this machine's byte order)" if native is not None else "")
-    )
+    return dtype, itemsize, native
 
 
 def _tensor(found: h5py.Dataset, contents: memoryview, path: str) -> Any:
@@ -654,8 +660,21 @@ def plan_in_place(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> In
             datasets = [dataset(tensors, str(k), path) for k in range(len(tensors))]
             values = [_as_read(found, size, path) for found in datasets]
             state = _decoded(encoded, values, path)
-            check_restorable(objects, state, weights_only, path)
             index = {id(value): k for k, value in enumerate(values)}
+            # The checks set the random states on scratch generators: read their values
+            # (those of a size no state has are refused for it, values or not).
+            valued = [
+                index[id(v)]
+                for v in _random_states(objects, state)
+                if id(v) in index and datasets[index[id(v)]].nbytes < DIRECT_MIN_BYTES
+            ]
+            if valued:
+                for k in valued:
+                    found = datasets[k]
+                    values[k] = _built(np.asarray(found[()]), _layout(found, path), found, path)
+                state = _decoded(encoded, values, path)
+                index = {id(value): k for k, value in enumerate(values)}
+            check_restorable(objects, state, weights_only, path)
             references = _references(encoded)
             taken: set[int] = set()
             for name, module in objects.items():
@@ -676,17 +695,29 @@ def plan_in_place(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> In
 
 
 def _as_read(found: h5py.Dataset, size: int, path: str) -> Any:
-    """Dataset `found` of a file of `size` bytes as `read` decodes it, for the checks a
-    plan makes: a small one with its values, read here (the random states, whose values
-    are checked, are all small), a large one as a `_placeholder`, once `read` is found
-    to read it as it is stored (`hdf5.reads_as_view`), which cannot fail."""
+    """Dataset `found` of a file of `size` bytes as a `_placeholder`, once `read` is
+    found to read it as it is stored (`hdf5.reads_as_view`), which cannot fail."""
     if not reads_as_view(found, size):
         raise CheckpointFormatError(
             f"'{path}': dataset '{found.name}' is not one run of bytes inside the file"
         )
-    if found.size * found.dtype.itemsize < DIRECT_MIN_BYTES:
-        return _built(np.asarray(found[()]), _layout(found, path), found, path)
     return _placeholder(found, path)
+
+
+def _random_states(objects: Mapping[str, Any], state: dict) -> Iterator[Any]:
+    """The tensors and arrays of the decoded `state` that hold random states (its
+    'rng', and the entries of registered generators): the only ones whose values the
+    checks read."""
+    pending = [state["rng"]]
+    pending += [state["objects"].get(name) for name, obj in objects.items() if is_generator(obj)]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            yield value
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
 
 
 def _fits(found: h5py.Dataset, tensor: torch.Tensor) -> bool:
