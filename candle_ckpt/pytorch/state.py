@@ -669,9 +669,10 @@ def plan_in_place(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> In
                 if id(v) in index and datasets[index[id(v)]].nbytes < DIRECT_MIN_BYTES
             ]
             if valued:
-                for k in valued:
-                    found = datasets[k]
-                    values[k] = _built(np.asarray(found[()]), _layout(found, path), found, path)
+                for number in valued:
+                    found = datasets[number]
+                    layout = _layout(found, path)
+                    values[number] = _built(np.asarray(found[()]), layout, found, path)
                 state = _decoded(encoded, values, path)
                 index = {id(value): k for k, value in enumerate(values)}
             check_restorable(objects, state, weights_only, path)
