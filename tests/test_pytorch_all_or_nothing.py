@@ -144,6 +144,11 @@ def numpy_dtype_bogus(f, encoded):
     f["tensors"][str(tensor_index(key))].attrs["torch_dtype"] = "numpy:no-such-dtype"
 
 
+def a_group_key_with_a_newline(f, encoded):
+    group = entry(optimizer_of(encoded), "param_groups")[0]
+    group["dict"].append(["lr\nRESTART OK", 0.5])
+
+
 def big_endian_bias(f, encoded):
     """The last layer's bias, stored big-endian: read after the large weight."""
     index = tensor_index(entry(entry(encoded["objects"], "model"), "6.bias"))
@@ -166,6 +171,7 @@ CASES = {
     "exp-avg-shape": (exp_avg_wrong_shape, "state[0]['exp_avg'] is float32 of shape (128,)"),
     "numpy-dtype": (numpy_dtype_bogus, "'numpy:no-such-dtype'"),
     "big-endian": (big_endian_bias, "(float32, this machine's byte order)"),
+    "group-key": (a_group_key_with_a_newline, "'lr\\nRESTART OK' (0.5), which the AdamW"),
 }
 
 

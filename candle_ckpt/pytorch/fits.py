@@ -74,10 +74,11 @@ def check_restorable(
         for name, value in objects.items()
         if not weights_only or isinstance(value, torch.nn.Module)
     ]
-    if sorted(map(str, saved)) != sorted(wanted):
+    if set(saved) != set(wanted):
         raise CheckpointFormatError(
-            f"'{path}' holds the state of {sorted(map(str, saved))}; set_model registered "
-            f"{sorted(wanted)}{' (modules only: a weights-only file)' if weights_only else ''}"
+            f"'{path}' holds the state of {shown(sorted(map(str, saved)), 200)}; set_model "
+            f"registered {sorted(wanted)}"
+            f"{' (modules only: a weights-only file)' if weights_only else ''}"
             f". Register the same objects, under the same names, as the run that saved it"
         )
     shapes = parameter_shapes(objects, saved)
@@ -132,10 +133,10 @@ def check_state(
     if isinstance(obj, torch.nn.Module):
         _check_module(where, obj, current, saved)
         return
-    if sorted(map(str, saved)) != sorted(map(str, current)):
+    if set(saved) != set(current):
         raise CheckpointFormatError(
-            f"{where} has keys {sorted(map(str, saved))}; the "
-            f"{type(obj).__name__} has {sorted(map(str, current))}"
+            f"{where} has keys {shown(sorted(map(repr, saved)), 200)}; the "
+            f"{type(obj).__name__} has {sorted(map(repr, current))}"
         )
     if isinstance(obj, torch.optim.Optimizer):
         check_optimizer(where, obj, saved, shapes or {})
@@ -234,7 +235,7 @@ def check_optimizer(
                 check_like(value, own[key], f"{at}['{key}']")
             elif key not in _SCHEDULER_GROUP_KEYS or not _is_number(value):
                 raise CheckpointFormatError(
-                    f"{at} has '{key}' ({shown(value)}), which the "
+                    f"{at} has {shown(key)} ({shown(value)}), which the "
                     f"{type(optimizer).__name__}'s groups do not; was it built the same way?"
                 )
     if not isinstance(state, dict):
@@ -252,7 +253,7 @@ def check_optimizer(
         if shape is None and not torch.nn.parameter.is_lazy(parameter):
             shape = tuple(parameter.shape)
         for key, value in values.items():
-            _check_parameter_state(value, key, shape, f"{at}['{key}']")
+            _check_parameter_state(value, key, shape, f"{at}[{shown(key)}]")
 
 
 def _check_parameter_state(value: Any, key: Any, shape: tuple | None, at: str) -> None:
