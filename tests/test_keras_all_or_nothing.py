@@ -142,9 +142,22 @@ def test_a_crafted_variable_is_refused_and_nothing_changes(params, monkeypatch, 
 
 
 def test_the_resealed_tree_unchanged_restarts_in_place(params, monkeypatch):
+    """The crafting itself leaves a file that restarts, its kernel and Adam slots read
+    in place: what the cases refuse is theirs, and on that path."""
+    from candle_ckpt.keras import h5
+
+    planned = []
+    real = h5.plan_in_place
+
+    def noting(*args):
+        planned.append(real(*args))
+        return planned[-1]
+
+    monkeypatch.setattr(h5, "plan_in_place", noting)
     monkeypatch.setattr(checksum, "IN_PLACE_MIN_BYTES", 0)
     craft(params, lambda f: None)
     assert candle_ckpt.restart(params, model_with_rng(seed=7), verbose=False)["epoch"] == 2
+    assert len(planned[0].offsets) == 3
 
 
 def test_a_variable_that_fails_to_assign_after_the_checks_says_what_is_loaded(params, monkeypatch):

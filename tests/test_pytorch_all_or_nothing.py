@@ -229,11 +229,24 @@ def in_place(request, monkeypatch):
     return request.param == "in-place"
 
 
-def test_the_resealed_tree_unchanged_restarts(tree, in_place):
-    """The crafting itself leaves a file that restarts: what the cases refuse is theirs."""
+def test_the_resealed_tree_unchanged_restarts(tree, in_place, monkeypatch):
+    """The crafting itself leaves a file that restarts, its first weight read in place
+    when that is on: what the cases refuse is theirs, and on that path."""
+    from candle_ckpt.pytorch import state
+
+    planned = []
+    real = state.plan_in_place
+
+    def noting(*args):
+        planned.append(real(*args))
+        return planned[-1]
+
+    monkeypatch.setattr(state, "plan_in_place", noting)
     craft(tree, lambda f, encoded: None)
     params, registered = objects(tree)
     assert restart(params, registered)["epoch"] == 2
+    read_in_place = [target.key for plan in planned for target in plan.targets.values()]
+    assert read_in_place == (["0.weight"] if in_place else [])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
