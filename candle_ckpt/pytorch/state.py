@@ -640,13 +640,13 @@ def plan_in_place(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> In
     one (`hdf5.in_place_offset`) that the file refers to once, as a module's
     state-dict entry whose tensor is dense CPU memory of its own (`_own_buffer`).
 
-    Reads the file's metadata and its small datasets, and changes nothing. The whole
-    plan is checked first: every dataset `read` will read, against its attributes
-    (`_layout`) and where it is stored (`_as_read`), and the whole state against the
-    objects, as `restore` checks it (`check_restorable`, large tensors without their
-    values): a file that `restore` would refuse, or that it cannot read, gets no target,
-    so no tensor is written before the file is refused. `checksum.read_file` writes
-    the tensors once the file has verified, and
+    Reads the file's metadata and the datasets of its random states, and changes
+    nothing. The whole plan is checked first: every dataset `read` will read, against
+    its attributes (`_layout`) and where it is stored (`_as_read`), and the whole state
+    against the objects, as `restore` checks it (`check_restorable`; tensors but the
+    random states without their values): a file that `restore` would refuse, or that
+    it cannot read, gets no target, so no tensor is written before the file is
+    refused. `checksum.read_file` writes the tensors once the file has verified, and
     `read` then decodes those entries to the tensors themselves, so that
     load_state_dict copies nothing onto them. A tensor two entries share (tied
     weights) is read into for the first only; the second is loaded after it, as before.
