@@ -307,3 +307,69 @@ def test_an_object_that_fails_its_own_load_after_the_checks_says_what_is_loaded(
         f"not today); loaded before it: ['model', 'optimizer']. Rebuild the model and its "
         f"optimizer, or restart from another checkpoint"
     )
+
+
+SCHEDULERS = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.5),
+    "MultiStepLR": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [1, 3], 0.5),
+    "CosineAnnealingWarmRestarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        o, 3
+    ),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.1, total_steps=100),
+    "CyclicLR": lambda o: torch.optim.lr_scheduler.CyclicLR(o, 0.001, 0.1, cycle_momentum=False),
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda epoch: 0.9**epoch),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o,
+        [torch.optim.lr_scheduler.ConstantLR(o), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)],
+        milestones=[2],
+    ),
+}
+OPTIMIZERS = ["SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "ASGD", "NAdam"]
+OPTIMIZERS += ["RAdam", "RMSprop", "Rprop", "LBFGS", "Adafactor"]
+
+
+def trained_with(optimizer, scheduler, seed, steps):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    kwargs = {"momentum": 0.9} if optimizer == "SGD" else {}
+    opt = getattr(torch.optim, optimizer)(net.parameters(), lr=0.01, **kwargs)
+    registered = {"model": net, "optimizer": opt, "scheduler": SCHEDULERS[scheduler](opt)}
+    for _ in range(steps):
+        train_step(registered)
+    return registered
+
+
+def train_step(registered):
+    """One step of the optimizer (and the scheduler), whatever their kind."""
+    net, opt, sched = registered["model"], registered["optimizer"], registered["scheduler"]
+
+    def loss():
+        opt.zero_grad()
+        value = net(torch.randn(16, 4)).pow(2).mean()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        sched.step(1.0)
+    else:
+        sched.step()
+
+
+@pytest.mark.parametrize(
+    "optimizer,scheduler",
+    [(name, "StepLR") for name in OPTIMIZERS if hasattr(torch.optim, name)]
+    + [("AdamW", name) for name in SCHEDULERS if name != "StepLR"],
+)
+def test_every_torch_optimizer_and_scheduler_state_passes_the_checks(
+    tmp_path, optimizer, scheduler
+):
+    """The checks refuse what torch would fail on, never what torch itself wrote."""
+    from candle_ckpt.pytorch import state
+
+    path = str(tmp_path / "model.h5")
+    state.write(state.snapshot(trained_with(optimizer, scheduler, 0, 4)), path)
+    fresh = trained_with(optimizer, scheduler, 1, 0)
+    state.restore(fresh, path, checksum.read_file(path)[0], None)
+    train_step(fresh)
