@@ -11,9 +11,11 @@ Usage in a CANDLE-style benchmark::
     model.fit(..., epochs=params["epochs"], initial_epoch=initial_epoch, callbacks=[ckpt])
 
 In a PyTorch benchmark, `CandleCkptPyTorch(params)` (see `candle_ckpt.pytorch.ckpt`).
+A benchmark written for upstream CANDLE (candle_lib) switches by its import:
+`CandleCkptKeras` and `CandleCkptPyTorch` have candle_lib's API and find its trees.
 
 `import candle_ckpt` imports neither TensorFlow nor torch: the Keras names (`restart`,
-`CandleCheckpointCallback`), `CandleCkptPyTorch` and the parameter functions
+`CandleCheckpointCallback`, `CandleCkptKeras`), `CandleCkptPyTorch` and the parameter functions
 (`ckpt_parser`, ...) are loaded on first access.
 """
 
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "CandleCheckpointCallback": "candle_ckpt.keras.callback",
+    "CandleCkptKeras": "candle_ckpt.keras.ckpt",
     "CandleCkptPyTorch": "candle_ckpt.pytorch.ckpt",
     "restart": "candle_ckpt.keras.restart",
     # the parameter table brings argparse, difflib, logging and subprocess (walltime),
@@ -82,6 +85,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CandleCheckpointCallback",
+    "CandleCkptKeras",
     "CandleCkptPyTorch",
     "CheckpointError",
     "CheckpointFormatError",

@@ -10,6 +10,8 @@ from ..core.session import TrainingSession
 from .adapter import TorchAdapter
 from .state import is_generator
 
+_LOOP_FIX = 'loop over range(J["epoch"], params["epochs"]) and pass that epoch to ckpt_epoch'
+
 
 class CandleCkptPyTorch:
     """Checkpoint a PyTorch training loop so a killed job resumes bit-identically.
@@ -62,6 +64,7 @@ class CandleCkptPyTorch:
         self.model: dict[str, Any] | None = None
         self._started = self._finished = False
         self._next_epoch = 0
+        self._epoch_ended = False  # whether ckpt_epoch was called yet
 
     def set_model(self, model: Mapping[str, Any]) -> None:
         """Register what a checkpoint holds: {"model": net, "optimizer": opt, ...}.
@@ -126,8 +129,16 @@ class CandleCkptPyTorch:
         `metric_value`: a dict of metrics, or a number taken as the value of
         `ckpt_save_best_metric` (better as `ckpt_best_metric_mode` says). The run's
         last epoch (`epochs`) also finishes (`finish`).
+
+        Raises:
+            ParameterValueError: the first `epoch` after a restart that restored
+                epoch E is not E (the loop did not start at `J["epoch"]`): nothing
+                of it is saved.
         """
         self._start(epoch)
+        if not self._epoch_ended:
+            self._epoch_ended = True
+            self.session.check_start(epoch, _LOOP_FIX)
         if isinstance(metric_value, Mapping):
             logs = dict(metric_value)
         else:
@@ -165,4 +176,4 @@ class CandleCkptPyTorch:
         if not self._started:
             self._started = True
             self.session.begin(self._adapter())
-            self.session.epoch_begin(completed)
+            self.session.epoch_begin(completed, _LOOP_FIX)
