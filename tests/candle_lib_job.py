@@ -6,8 +6,8 @@ candle_ckpt by its import: `CandleCkptKeras`, `set_model`, `restart(model)` befo
 
 The tree is candle_lib's default, `<OUTPUT_DIR>/ckpts` (`ckpt_directory` None). A
 Dropout layer with a seed makes the run depend on the RNG state as well.
-`--upstream N` first trains N epochs with candle_lib's own writer (tests/candle_lib_tree.py)
-in this process, as a job switched after N epochs would find the tree.
+`--upstream N` instead trains N epochs with candle_lib's own writer
+(tests/candle_lib_tree.py): the tree a job switched after N epochs finds.
 """
 
 import os
@@ -52,9 +52,10 @@ def build(dropout=True):
     import keras
 
     keras.utils.set_random_seed(1)
-    layers = [keras.Input((8,)), keras.layers.Dense(16, activation="relu")]
-    layers += [keras.layers.Dropout(0.2, seed=3)] if dropout else []
-    return keras.Sequential([*layers, keras.layers.Dense(1)])
+    # named: the file's names then do not depend on how many models this process built
+    layers = [keras.Input((8,)), keras.layers.Dense(16, activation="relu", name="hidden")]
+    layers += [keras.layers.Dropout(0.2, seed=3, name="dropout")] if dropout else []
+    return keras.Sequential([*layers, keras.layers.Dense(1, name="head")], name="nt3")
 
 
 def compile_model(model):
@@ -114,7 +115,8 @@ def main(argv):
     params = candle_lib_params(argv[0], int(argv[1]))
     if upstream_epochs:
         upstream(params, upstream_epochs[0])
-    nt3(params, [at_batch(kill_at, kill_myself)] if kill_at else [])
+    else:
+        nt3(params, [at_batch(kill_at, kill_myself)] if kill_at else [])
 
 
 if __name__ == "__main__":

@@ -363,8 +363,10 @@ def test_candle_ckpt_keras_resumes_exactly_after_kill_9(tmp_path):
     candle_lib tree of 2 epochs, rerun, it ends with the uninterrupted run's weights,
     optimizer and RNG state."""
     reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
-    run_job(reference, str(EPOCHS), "--upstream", "2")
-    run_job(interrupted, str(EPOCHS), "--upstream", "2", "--kill_at", "4:3", killed=True)
+    for out in (reference, interrupted):
+        run_job(out, str(EPOCHS), "--upstream", "2")
+    run_job(reference, str(EPOCHS))
+    run_job(interrupted, str(EPOCHS), "--kill_at", "4:3", killed=True)
     assert os.readlink(f"{interrupted}/ckpts/last") == "epochs/003"
     run_job(interrupted, str(EPOCHS))
     assert_same_state(
