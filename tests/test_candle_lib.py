@@ -372,3 +372,38 @@ def test_candle_ckpt_keras_resumes_exactly_after_kill_9(tmp_path):
     assert_same_state(
         f"{reference}/ckpts/epochs/006/model.h5", f"{interrupted}/ckpts/epochs/006/model.h5"
     )
+
+
+# -- candle_lib's parameters -----------------------------------------------------------
+
+
+def test_every_key_candle_lib_defines_or_reads_is_accepted_with_its_meaning(in_tmp):
+    """The values candle_lib's ckpt_parser gives (its defaults, explicitly), and the
+    keys its CandleCkpt reads besides (metadata, ckpt_best_metric_last,
+    ckpt_timestamp_last, output_dir)."""
+    from candle_ckpt.core.locate import run_layout
+    from candle_ckpt.core.params import validate_params
+
+    params = {
+        **job.candle_lib_params("out", EPOCHS),
+        "metadata": "job 42 on node7",
+        "ckpt_best_metric_last": 0.25,
+        "ckpt_timestamp_last": "2022-01-01 10:00:00",
+    }
+    settings = validate_params(params, require_epochs=True)
+    assert settings["ckpt_keep_mode"] == "linear"  # candle_lib's parser: no default
+    assert settings["ckpt_keep_limit"] == 5 and settings["ckpt_checksum"] is False
+    assert settings["ckpt_best_metric_last"] == 0.25 and settings["metadata"] == "job 42 on node7"
+    assert run_layout(settings).ckpts == str(in_tmp / "out" / "ckpts")
+
+
+def test_ckpt_best_metric_last_seeds_the_best_of_a_run_that_resumes_nothing(make_checkpointer):
+    from conftest import file_writer
+
+    checkpointer = make_checkpointer(
+        ckpt_best_metric_last=0.5, ckpt_save_interval=10, ckpt_save_best_metric="val_loss"
+    )
+    checkpointer.epoch_end(1, {"val_loss": 0.7}, file_writer())  # worse than 0.5
+    checkpointer.epoch_end(2, {"val_loss": 0.4}, file_writer())  # better
+    checkpointer.finish()
+    assert checkpointer.layout.list_epochs() == [2]

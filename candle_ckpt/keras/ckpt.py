@@ -38,13 +38,9 @@ class CandleCkptKeras(CandleCheckpointCallback):
     candle_lib wrote there (or at any `ckpt_directory`) is continued: see
     `candle_ckpt.core.locate`.
 
-    Args:
-        gParameters: the parameter dict, candle_lib's keys included
-            (`candle_ckpt.core.params`); `epochs` is required.
-        logger: "DEFAULT" logs to the tree's ckpt.log (and the console when verbose);
-            a `logging.Logger`; None for no log.
-        verbose: INFO messages also go to the console.
-        is_writer: True/False to say whether this process writes, or None to detect it.
+    Args: those of `CandleCheckpointCallback` (candle_lib's `gParameters`, `logger`
+    and `verbose`, and `is_writer`); `gParameters` may hold every key of candle_lib's
+    parser (`candle_ckpt.core.params`).
     """
 
     def __init__(
