@@ -52,14 +52,15 @@ class CandleCkptKeras(CandleCheckpointCallback):
     ) -> None:
         super().__init__(gParameters, logger=logger, verbose=verbose, is_writer=is_writer)
         self.gParameters = gParameters
-        self._is_writer = is_writer
+        self._is_writer, self._verbose = is_writer, verbose
 
-    def restart(self, model: Any = None, verbose: bool = True) -> dict | None:
+    def restart(self, model: Any = None, verbose: bool | None = None) -> dict | None:
         """Restore the model given to `set_model` from the tree's `last`, if
         `ckpt_restart_mode` asks (candle_lib's call; see `candle_ckpt.restart`).
 
         `model`: a Keras model (registered here if `set_model` was not called), or
-        anything else (Uno passes its parameters), which is ignored.
+        anything else (Uno passes its parameters), which is ignored. `verbose`: INFO on
+        the console; None (candle_lib ignores it) keeps the constructor's.
 
         Returns:
             The ckpt-info.json dict (`J["epoch"]`: the epochs completed, fit's
@@ -72,6 +73,8 @@ class CandleCkptKeras(CandleCheckpointCallback):
                 f"CandleCkptKeras.restart: received {type(model).__name__} and no model "
                 f"was registered; call ckpt.set_model(model) first, or pass the model"
             )
+        if verbose is None:  # candle_lib ignores it: the constructor's verbose decides
+            verbose = self._verbose
         return restart_model(
             self.gParameters, self.model, verbose=verbose, is_writer=self._is_writer
         )

@@ -60,7 +60,7 @@ class CandleCkptPyTorch:
     ) -> None:
         self.params = gParams
         self.session = TrainingSession(gParams, logger=logger, verbose=verbose, is_writer=is_writer)
-        self._is_writer = is_writer
+        self._is_writer, self._verbose = is_writer, verbose
         self.model: dict[str, Any] | None = None
         self._started = self._finished = False
         self._next_epoch = 0
@@ -93,7 +93,7 @@ class CandleCkptPyTorch:
                 )
         self.model = objects
 
-    def restart(self, model: Any = None, verbose: bool = True) -> dict | None:
+    def restart(self, model: Any = None, verbose: bool | None = None) -> dict | None:
         """Restore everything registered from `ckpts/last`, if `ckpt_restart_mode` asks.
 
         Call it after `set_model` (upstream passes the model again; it is not needed),
@@ -112,6 +112,8 @@ class CandleCkptPyTorch:
         """
         if isinstance(model, Mapping):
             self.set_model(model)
+        if verbose is None:  # candle_lib ignores it: the constructor's verbose decides
+            verbose = self._verbose
         J = restart_run(self.params, self._adapter(), verbose=verbose, is_writer=self._is_writer)
         self._next_epoch = J["epoch"] if J else 0
         self._start(self._next_epoch)
