@@ -15,8 +15,9 @@ A benchmark written for upstream CANDLE (candle_lib) switches by its import:
 `CandleCkptKeras` and `CandleCkptPyTorch` have candle_lib's API and find its trees.
 
 `import candle_ckpt` imports neither TensorFlow nor torch: the Keras names (`restart`,
-`CandleCheckpointCallback`, `CandleCkptKeras`), `CandleCkptPyTorch` and the parameter functions
-(`ckpt_parser`, ...) are loaded on first access.
+`CandleCheckpointCallback`, `CandleCkptKeras`), `CandleCkptPyTorch` and the parameter
+functions (`ckpt_parser`, ...) are loaded on first access. `import_tensorflow_quietly()`
+imports TensorFlow and Keras without their start-up lines on stderr.
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ if TYPE_CHECKING:
         str2bool,
         validate_params,
     )
+    from .tensorflow_startup import import_tensorflow_quietly
 
 _LAZY = {
     "CandleCheckpointCallback": "candle_ckpt.keras.callback",
     "CandleCkptKeras": "candle_ckpt.keras.ckpt",
     "CandleCkptPyTorch": "candle_ckpt.pytorch.ckpt",
     "restart": "candle_ckpt.keras.restart",
+    "import_tensorflow_quietly": "candle_ckpt.tensorflow_startup",
     # the parameter table brings argparse, difflib, logging and subprocess (walltime),
     # which the command line's read-only commands never use
     **dict.fromkeys(
@@ -102,6 +105,7 @@ __all__ = [
     "ckpt_defs",
     "ckpt_parser",
     "exit_status",
+    "import_tensorflow_quietly",
     "param",
     "restart",
     "str2bool",

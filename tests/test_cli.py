@@ -625,20 +625,19 @@ def test_plot_of_a_metric_no_epoch_has_lists_the_metrics(rolled_back):
 
 
 def test_plot_picture(rolled_back, tmp_path):
-    pytest.importorskip("matplotlib")
     for name in ("curves.png", "curves.svg"):
         cli("plot", rolled_back.root, "--out", tmp_path / name)
         assert os.path.getsize(tmp_path / name) > 1000
 
 
 def test_plot_picture_without_matplotlib_names_the_extra(rolled_back, tmp_path):
-    try:
-        import matplotlib  # noqa: F401
-
-        pytest.skip("matplotlib is installed")
-    except ImportError:
-        pass
-    error = cli("plot", rolled_back.root, "--out", tmp_path / "x.png", expect=2).stderr
+    # a matplotlib that fails to import stands in for one not installed
+    missing = tmp_path / "without" / "matplotlib"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    path = os.pathsep.join(filter(None, [str(missing.parent), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    error = cli("plot", rolled_back.root, "--out", tmp_path / "x.png", expect=2, env=env).stderr
     assert "candle_ckpt[plot]" in error
 
 

@@ -146,7 +146,7 @@ PARAMETERS = (
         DEFAULT_CKPT_DIRECTORY,
         "the directory of ckpt.log and the checkpoint tree: the tree is the directory "
         "itself when it is named ckpts or holds epochs/ or last (upstream CANDLE's "
-        "layout), else <ckpt_directory>/ckpts; None: <output_dir>/ckpts",
+        "layout), else ckpt_directory/ckpts; None: output_dir/ckpts",
         nullable=True,
     ),
     Parameter(
@@ -253,7 +253,7 @@ PARAMETERS = (
         P.STRING,
         None,
         "the benchmark's output directory: with ckpt_directory None the tree is "
-        "<output_dir>/ckpts (upstream CANDLE's rule)",
+        "output_dir/ckpts (upstream CANDLE's rule)",
         nullable=True,
         flag=False,
     ),

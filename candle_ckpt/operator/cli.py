@@ -11,16 +11,18 @@ starts in a fraction of a second on a login node. DIR is a `ckpt_directory` (def
     candle-ckpt rollback [DIR] EPOCH [--dry-run]
     candle-ckpt prune [DIR] (--keep N [--mode linear|exponential] | --abandoned) [--dry-run]
     candle-ckpt export [DIR] [EPOCH] --to PATH [--force]   (default: last)
-    candle-ckpt history [DIR] [--json | --csv] [--all]
+    candle-ckpt history [DIR] [--json | --csv] [--live]
     candle-ckpt plot [DIR] [--metric NAME ...] [--out FILE.png|.svg]
 
 A single positional argument is an EPOCH if it is a number, `last` or `best`, else the
 DIR (write ./5 for a directory named 5).
 
 Exit status: 0 success; 1 a file listed in ckpt-info.json is missing or fails its
-size or CRC32 check (verify, rollback, export); 2 a usage error, a DIR that is not a checkpoint
-tree, a missing epoch, a dangling or invalid link, an invalid ckpt-info.json. Errors
-are one line on stderr, never a traceback.
+size or CRC32 check (verify, list --verify, rollback, export); 2 a usage error, a DIR
+that is not a checkpoint tree, a missing epoch, a dangling or invalid link, an invalid
+ckpt-info.json, or a change refused because a training job holds the tree's lock
+(rollback, prune); 130 interrupted (Ctrl-C). Errors are one line on stderr, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -161,8 +163,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
-        epilog="Exit status: 0 ok; 1 a file is missing or corrupt; 2 usage, "
-        "tree, link or format error.",
+        epilog=f"DIR is a ckpt_directory (default {DEFAULT_CKPT_DIRECTORY}); EPOCH is a "
+        "number, last or best (a lone number, last or best is the EPOCH: write ./5 for a "
+        "directory named 5). "
+        "Exit status: 0 ok; 1 a file an epoch lists is missing or fails its CRC32 (verify, "
+        "list --verify, rollback, export); 2 a usage error, a DIR that is not a tree, a "
+        "missing epoch, a bad link or ckpt-info.json, or a training job holding the tree's "
+        "lock (rollback, prune); 130 interrupted. Errors are one line on stderr.",
     )
     commands = parser.add_subparsers(
         dest="command",
@@ -179,18 +186,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 _TREE_THEN_EPOCH = f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
+_DIR = f"a ckpt_directory (default {DEFAULT_CKPT_DIRECTORY})"
+_LOCK_REFUSAL = (
+    "while a training job holds the tree's lock, ckpts/.lock (exit 2, naming the job's "
+    "pid, host and start time): run it between jobs"
+)
 
 
 def _add_list(commands: argparse._SubParsersAction[_Parser]) -> None:
     list_parser = commands.add_parser(
-        "list", help="one row per epoch: size, time, metric, checksum, last/best marks"
+        "list",
+        help="one row per epoch: size, time, metric, checksum, last/best marks",
+        description="One row per epoch in numeric order: size, time saved, its own value "
+        "of the tracked metric (or NAME) and the best value so far; marks last, best, the "
+        "epochs after last (abandoned by a rollback) and leftover work/ and trash/. Reads "
+        "no model file unless --verify, which exits 1 when an epoch is BAD. Exit 2 when "
+        "DIR is not a checkpoint tree.",
     )
     list_parser.add_argument(
         "where",
         nargs="?",
         default=DEFAULT_CKPT_DIRECTORY,
         metavar="DIR",
-        help=f"default {DEFAULT_CKPT_DIRECTORY}",
+        help=_DIR,
     )
     list_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     list_parser.add_argument(
@@ -208,7 +226,13 @@ def _add_list(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _add_info(commands: argparse._SubParsersAction[_Parser]) -> None:
-    info_parser = commands.add_parser("info", help="the ckpt-info.json of an epoch, validated")
+    info_parser = commands.add_parser(
+        "info",
+        help="the ckpt-info.json of an epoch, validated",
+        description="Print an epoch's ckpt-info.json (default: the one last names), "
+        "validated against its schema. Exit 2 for a missing epoch, a dangling or invalid "
+        "link, or an invalid ckpt-info.json (naming the key).",
+    )
     info_parser.add_argument(
         "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
     )
@@ -216,19 +240,39 @@ def _add_info(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 def _add_verify(commands: argparse._SubParsersAction[_Parser]) -> None:
     verify_parser = commands.add_parser(
-        "verify", help="recompute the CRC32 of every file an epoch lists"
+        "verify",
+        help="recompute the CRC32 of every file an epoch lists",
+        description="Recompute the size and CRC32 of every file an epoch's "
+        "ckpt-info.json lists (default: the epoch last names; --all: every epoch) and "
+        "print each mismatch with the file, the expected and the actual value. A progress "
+        "bar on a terminal only. Exit 0 all good, 1 a mismatch or a missing file, 2 a "
+        "usage or format error.",
     )
     verify_parser.add_argument(
         "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
     )
-    verify_parser.add_argument("--all", action="store_true", help="verify every epoch")
+    verify_parser.add_argument(
+        "--all", action="store_true", help="verify every epoch (takes no EPOCH)"
+    )
 
 
 def _add_rollback(commands: argparse._SubParsersAction[_Parser]) -> None:
     rollback_parser = commands.add_parser(
-        "rollback", help="verify EPOCH, then point last at it and best at the best before it"
+        "rollback",
+        help="verify EPOCH, then point last at it and best at the best before it",
+        description="Verify EPOCH (every CRC32), then point best at the best epoch at or "
+        "before it (its recorded epoch_best) and last at EPOCH: relative links, each "
+        "replaced atomically, logged to ckpt.log. The next run resumes from EPOCH; the "
+        "epochs after it stay on disk as abandoned (prune --abandoned deletes them). "
+        "Refused, changing nothing: an EPOCH that does not verify (exit 1); " + _LOCK_REFUSAL + ".",
     )
-    rollback_parser.add_argument("where", nargs="*", metavar="ARG", help="[DIR] EPOCH")
+    rollback_parser.add_argument(
+        "where",
+        nargs="*",
+        metavar="ARG",
+        help=f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: an epoch number "
+        "(required; last and best are refused: name the epoch)",
+    )
     rollback_parser.add_argument(
         "--dry-run", action="store_true", help="print what would change, change nothing"
     )
@@ -236,9 +280,19 @@ def _add_rollback(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 def _add_prune(commands: argparse._SubParsersAction[_Parser]) -> None:
     prune_parser = commands.add_parser(
-        "prune", help="delete epochs by keep policy or after last; never last or best"
+        "prune",
+        help="delete epochs by keep policy or after last; never last or best",
+        description="Delete epochs, never the ones last and best name: --keep N applies "
+        "a keep policy to the epochs up to last, across runs; --abandoned deletes the "
+        "epochs after last (a timeline a rollback left). Each epoch is renamed into "
+        "ckpts/trash/ before it is removed, so a kill never leaves half of one in "
+        "epochs/; logged to ckpt.log. Refused, deleting nothing: while last or best is "
+        "dangling or invalid (exit 2; repair it with rollback first); --abandoned without "
+        "a last link (exit 2); " + _LOCK_REFUSAL + ".",
     )
-    prune_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR")
+    prune_parser.add_argument(
+        "where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR", help=_DIR
+    )
     how = prune_parser.add_mutually_exclusive_group(required=True)
     how.add_argument(
         "--keep",
@@ -263,9 +317,18 @@ def _add_prune(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 def _add_history(commands: argparse._SubParsersAction[_Parser]) -> None:
     history_parser = commands.add_parser(
-        "history", help="every completed epoch of every run, from ckpts/history.jsonl"
+        "history",
+        help="every completed epoch of every run, from ckpts/history.jsonl",
+        description="Every completed epoch of every run, saved or not, from "
+        "ckpts/history.jsonl: metrics, training and save seconds, last and best, the "
+        "epochs a restart or rollback abandoned and those after last. A damaged history "
+        "is read past the damage with a warning on stderr. The first read leaves "
+        "ckpts/history.cache (checked by CRC32, safe to delete); later reads parse only "
+        "the lines appended since. Exit 2 when DIR is not a checkpoint tree.",
     )
-    history_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR")
+    history_parser.add_argument(
+        "where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR", help=_DIR
+    )
     output = history_parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON for scripts")
     output.add_argument("--csv", action="store_true", help="print CSV (one row per epoch)")
@@ -281,8 +344,15 @@ def _add_plot(commands: argparse._SubParsersAction[_Parser]) -> None:
         "plot",
         help="metric curves over epochs, last, best, saved epochs and rollbacks "
         "marked: a picture with --out (needs matplotlib), else a text chart",
+        description="Metric curves over epochs from ckpts/history.jsonl: the live "
+        "timeline and the abandoned ones, with saved epochs, last, best and the epochs a "
+        "restart or rollback went back to marked. A text chart on the terminal; a picture "
+        "with --out. A metric no epoch recorded is an error listing those recorded "
+        "(exit 2).",
     )
-    plot_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR")
+    plot_parser.add_argument(
+        "where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR", help=_DIR
+    )
     plot_parser.add_argument(
         "--metric",
         action="append",
@@ -302,6 +372,14 @@ def _add_export(commands: argparse._SubParsersAction[_Parser]) -> None:
         "export",
         help="verify EPOCH, then write its weights for plain Keras "
         "(load_weights) or PyTorch (load_state_dict), with PATH.sha256",
+        description="Verify EPOCH (default: the epoch last names), then write its model "
+        "weights, no optimizer state: a Keras tree as Keras 3's .weights.h5 (for "
+        "model.load_weights on a model built as the one trained), a PyTorch tree as the "
+        "state dict registered as 'model' (for net.load_state_dict(torch.load(PATH, "
+        "weights_only=True))). PATH is written under a temporary name, fsynced and "
+        "renamed; its SHA-256 goes to PATH.sha256 (sha256sum format). Refused: an epoch "
+        "that does not verify (exit 1); an existing PATH without --force, a Keras PATH "
+        "not ending in .weights.h5, a subclassed Keras model (exit 2).",
     )
     export_parser.add_argument(
         "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
