@@ -326,18 +326,24 @@ def test_forgotten_start_epoch_in_a_pytorch_loop_is_refused_before_a_save(in_tmp
     assert os.readlink(f"{root}/last").endswith("epochs/003")
 
 
-def test_a_dangling_last_warns_naming_the_target_the_epochs_and_the_remedy(in_tmp, caplog):
+@pytest.mark.parametrize("link", ["epochs/009", None])
+def test_a_dangling_or_missing_last_beside_epochs_warns_with_the_remedy(in_tmp, caplog, link):
+    """A dangling last (a typo in a rollback by hand), or none beside saved epochs
+    (candle_lib killed between removing last and making it again), still means: start
+    from scratch, but loudly, naming the epochs there are and the remedy."""
     params, root = params_for("default")
     job.upstream(params, 3, dropout=False)
     os.remove(f"{root}/last")
-    os.symlink("epochs/009", f"{root}/last")
+    if link is not None:
+        os.symlink(link, f"{root}/last")
     ckpt = candle_ckpt.CandleCkptKeras(params, verbose=False)
     ckpt.set_model(job.build(dropout=False))
     with caplog.at_level(logging.WARNING, logger="candle_ckpt"):
         assert ckpt.restart() is None
     [record] = [r for r in caplog.records if r.name.startswith("candle_ckpt")]
     message = record.getMessage()
-    assert "STARTING FROM SCRATCH" in message and "epochs/009" in message
+    assert record.levelno == logging.WARNING and "STARTING FROM SCRATCH" in message
+    assert ("-> 'epochs/009'" in message) == (link is not None)
     assert "epochs on disk: 1, 2, 3" in message
     assert f"candle-ckpt rollback {in_tmp / root} N" in message
     assert "STARTING FROM SCRATCH" in open(f"{root}/ckpt.log").read()

@@ -189,12 +189,12 @@ def find_checkpoint(
                 f"--ckpt_directory, or run with --ckpt_restart_mode "
                 f"auto to start from scratch when there is none"
             )
-        if state == "absent":
+        if state == "absent" and not layout.list_epochs():
             logger.info(
                 "no checkpoint to restart from ('%s' is absent): starting from scratch", link
             )
         else:
-            logger.warning(_dangling_message(layout))
+            logger.warning(_from_scratch_message(layout))
         return None
     verify_checksums = settings["ckpt_checksum"]
     try:
@@ -232,23 +232,28 @@ def find_checkpoint(
         ) from error
 
 
-def _dangling_message(layout: CheckpointLayout) -> str:
-    """Why a run with a dangling `last` starts from scratch, and how to continue instead."""
+def _from_scratch_message(layout: CheckpointLayout) -> str:
+    """Why a run whose `last` is dangling, or absent beside saved epochs (a crash of
+    upstream CANDLE between removing the link and making it again leaves that), starts
+    from scratch, and how to continue one of those epochs instead."""
     link = layout.link("last")
+    if os.path.lexists(link):
+        target = os.readlink(link)
+        why = (
+            f"'{link}' -> '{target}' names '{os.path.join(os.path.dirname(link), target)}', "
+            f"which does not exist (a dangling last means: start from scratch)"
+        )
+    else:
+        why = f"'{link}' does not exist (no last means: start from scratch)"
     epochs = layout.list_epochs()
-    on_disk = ", ".join(map(str, epochs)) if epochs else "none"
     remedy = (
         f"to continue epoch N instead, stop this run and point last at it with "
         f"'candle-ckpt rollback {layout.root} N' (it verifies N first)"
         if epochs
         else "there is no epoch to continue"
     )
-    return (
-        f"STARTING FROM SCRATCH: '{link}' -> '{os.readlink(link)}' names "
-        f"'{os.path.join(os.path.dirname(link), os.readlink(link))}', which does not "
-        f"exist (a dangling last means: start from scratch); epochs on disk: {on_disk}; "
-        f"{remedy}"
-    )
+    on_disk = ", ".join(map(str, epochs)) if epochs else "none"
+    return f"STARTING FROM SCRATCH: {why}; epochs on disk: {on_disk}; {remedy}"
 
 
 INIT_SELECTORS = ("last", "best")
