@@ -71,8 +71,10 @@ def test_nt3_order_continues_a_candle_lib_tree_bit_identically(in_tmp, spelling,
     job.upstream(params, 3, dropout=False)
     assert os.readlink(f"{root}/last") == str(in_tmp / root / "epochs" / "003")
     with caplog.at_level(logging.INFO, logger="candle_ckpt"):
-        model = job.nt3(dict(params), dropout=False)
+        model = job.nt3({**params, "ckpt_keep_limit": 1}, dropout=False)
     assert_same_weights(expected, model)
+    # the keep policy deletes this run's epochs only, never those candle_lib wrote
+    assert sorted(os.listdir(f"{root}/epochs")) == ["001", "002", "003", "006"]
     assert "is not compiled: its weights are loaded now" in caplog.text
     assert os.readlink(f"{root}/last") == "epochs/006"
     assert not os.path.exists(f"{root}/ckpts")  # no second tree inside the first
