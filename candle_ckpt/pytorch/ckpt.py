@@ -37,6 +37,11 @@ class CandleCkptPyTorch:
     directory `epoch + 1`, and `J["epoch"]` counts the completed epochs, so the loop
     above starts where the checkpoint left off.
 
+    A benchmark written for upstream CANDLE switches by its import: `ckpt_directory`
+    None means `<output_dir>/ckpts`, and the tree upstream CANDLE wrote there (or at any
+    `ckpt_directory`) is continued (`candle_ckpt.core.locate`). A loop that does not
+    start at `J["epoch"]` after a restart is refused at its first `ckpt_epoch`.
+
     In a `torch.distributed` job rank 0 of the process group writes (else `RANK`, then
     the MPI/Slurm rank variables); `restart` checks, with an all_gather, that every rank
     found the same checkpoint before anything is loaded. `ckpt_signal` is refused when
