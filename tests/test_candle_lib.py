@@ -251,6 +251,8 @@ def test_the_rule_finds_each_layout_and_picks_one_for_a_new_run(in_tmp):
         (["run", "run/ckpts"], {"ckpt_directory": "run"}, "run", "run/ckpts"),
         # a new run where only a nested tree exists
         (["out/ckpts/ckpts"], {"ckpt_directory": "out"}, "out/ckpts", "out/ckpts/ckpts"),
+        # the default ckpt_directory, and candle_lib's default tree in output_dir
+        (["out/ckpts"], {"output_dir": "out"}, "save/ckpts", "out/ckpts"),
     ],
 )
 def test_a_tree_where_the_rule_did_not_look_first_is_refused(in_tmp, trees, params, picked, other):

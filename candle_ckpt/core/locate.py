@@ -13,7 +13,10 @@ and ckpt.log in `ckpt_directory` itself, and a `ckpt_directory` of None means
 3. No tree yet (a new run): D itself when it is named `ckpts`, else `D/ckpts`.
 4. A tree at any other of D, `D/ckpts` and `D/ckpts/ckpts` than the one picked is
    refused, naming both paths and what selects each, whatever `ckpt_restart_mode`:
-   a run never starts afresh, or writes, next to a tree it did not pick.
+   a run never starts afresh, or writes, next to a tree it did not pick. So is one at
+   `<output_dir>/ckpts` when `ckpt_directory` is the default `./save` (candle_lib's
+   default tree, which a benchmark that does not set `ckpt_directory` would otherwise
+   leave behind).
 
 ckpt.log is in D; `candle-ckpt` takes D (or anything this rule maps to the same tree).
 """
@@ -48,6 +51,11 @@ def run_layout(settings: Mapping[str, Any]) -> CheckpointLayout:
         ParameterValueError: a tree exists where the rule did not look first.
     """
     directory, output_dir = settings["ckpt_directory"], settings.get("output_dir")
+    if directory == DEFAULT_CKPT_DIRECTORY and output_dir is not None:
+        # the default, most likely not chosen: candle_lib's default tree must not be
+        # left behind for a new one in ./save
+        upstream = os.path.join(output_dir, TREE_DIR)
+        return locate(directory, f"ckpt_directory={directory!r} (the default)", upstream)
     if directory is not None:
         return locate(directory, f"ckpt_directory={directory!r}")
     if output_dir is None:
@@ -59,9 +67,11 @@ def run_layout(settings: Mapping[str, Any]) -> CheckpointLayout:
     )
 
 
-def locate(directory: str | os.PathLike[str], selected_by: str) -> CheckpointLayout:
+def locate(
+    directory: str | os.PathLike[str], selected_by: str, elsewhere: str | None = None
+) -> CheckpointLayout:
     """The layout the rule gives `directory` (D); `selected_by` says, for messages,
-    which parameters chose D.
+    which parameters chose D; `elsewhere`, one more place where a tree is refused.
 
     Raises:
         ParameterValueError: trees at two of the places the rule looks.
@@ -73,6 +83,8 @@ def locate(directory: str | os.PathLike[str], selected_by: str) -> CheckpointLay
         picked = trees[0]
     else:
         picked = root if os.path.basename(root) == TREE_DIR else candidates[1]
+    if elsewhere is not None and is_tree(elsewhere):
+        trees.append(os.path.abspath(elsewhere))
     others = [path for path in trees if path != picked]
     if others:
         raise ParameterValueError(_two_trees(root, picked, others[0], selected_by))
