@@ -405,6 +405,10 @@ def test_every_key_candle_lib_defines_or_reads_is_accepted_with_its_meaning(in_t
     assert settings["ckpt_keep_limit"] == 5 and settings["ckpt_checksum"] is False
     assert settings["ckpt_best_metric_last"] == 0.25 and settings["metadata"] == "job 42 on node7"
     assert run_layout(settings).ckpts == str(in_tmp / "out" / "ckpts")
+    # math.inf is candle_lib's "no best yet" (Uno copies J["best_metric_last"] back)
+    for infinite in (float("inf"), "inf", "Infinity"):
+        again = validate_params({**params, "ckpt_best_metric_last": infinite})
+        assert again["ckpt_best_metric_last"] is None
 
 
 def test_ckpt_best_metric_last_seeds_the_best_of_a_run_that_resumes_nothing(make_checkpointer):

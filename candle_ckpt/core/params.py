@@ -23,7 +23,8 @@ candle_lib's meaning differs from this table's, the table decides, once:
 - `ckpt_checksum`, `ckpt_keep_limit`, `ckpt_save_weights_only`: candle_lib's parser
   gives False, 5 and False explicitly, and those values are honoured as given (this
   table's defaults, True and 1000000, apply only to absent keys).
-- `ckpt_best_metric_last`: the best value of `ckpt_save_best_metric` before this run;
+- `ckpt_best_metric_last`: the best value of `ckpt_save_best_metric` before this run
+  (infinite, candle_lib's initial value, is none);
   a run that resumes a checkpoint continues the checkpoint's own best (as candle_lib,
   whose restart overwrites it), a run that resumes nothing starts from it.
 - `ckpt_timestamp_last`: accepted and not used: the time since the previous save is
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import enum
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -96,8 +98,9 @@ class Parameter:
         flag: whether `ckpt_parser` adds it (False for keys the benchmark owns).
         check_form: for a string with a syntax of its own, a callable that raises a
             ParameterValueError when the (type-checked) value does not follow it.
-        none_is: what None stands for, when upstream CANDLE's parser passes None for
-            a value this table names (None otherwise).
+        from_upstream: for a value upstream CANDLE spells otherwise (None for
+            "linear", math.inf for "no best yet"), a callable returning this table's
+            spelling of a value (any other value unchanged), or None.
     """
 
     name: str
@@ -108,12 +111,12 @@ class Parameter:
     nullable: bool = False
     flag: bool = True
     check_form: Callable[[str], None] | None = None
-    none_is: object = None
+    from_upstream: Callable[[object], object] | None = None
 
     def check(self, value: object) -> Any:
         """Return `value` converted to this parameter's type, or raise."""
-        if value is None and self.none_is is not None:
-            return self.none_is
+        if self.from_upstream is not None:
+            value = self.from_upstream(value)
         result = _check_value(self.name, value, self.type, self.allowed, self.nullable)
         if self.check_form is not None and result is not None:
             self.check_form(result)
@@ -184,7 +187,7 @@ PARAMETERS = (
         "which of this run's epochs to keep: linear (the newest ckpt_keep_limit), "
         "exponential (one per doubling window) or all",
         allowed=("linear", "exponential", "all"),
-        none_is="linear",
+        from_upstream=lambda value: "linear" if value is None else value,
     ),
     Parameter(
         "ckpt_keep_limit",
@@ -262,8 +265,10 @@ PARAMETERS = (
         P.FLOAT,
         None,
         "upstream CANDLE's best value of ckpt_save_best_metric before this run: a run "
-        "that resumes no checkpoint starts its best-metric tracking from it",
+        "that resumes no checkpoint starts its best-metric tracking from it (infinite: "
+        "none yet)",
         nullable=True,
+        from_upstream=lambda value: None if _is_infinite(value) else value,
         flag=False,
     ),
     Parameter(
@@ -286,6 +291,14 @@ PARAMETERS = (
 del P
 
 PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def _is_infinite(value: object) -> bool:
+    """Whether `value` is upstream CANDLE's "no best value yet", an infinite number."""
+    try:
+        return not isinstance(value, bool) and math.isinf(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def _what(value: object) -> str:
