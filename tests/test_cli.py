@@ -283,12 +283,13 @@ def test_verify_reports_a_missing_file(tree):
     assert "epoch 3: MISSING" in cli("verify", tree.root, "3", expect=1).stdout
 
 
-def test_verify_an_invalid_json_is_a_format_error(tree):
+def test_verify_an_invalid_json_is_a_format_error_and_with_all_corrupt(tree):
     with open(os.path.join(tree.epoch_dir(2), "ckpt-info.json"), "w") as stream:
         stream.write("[]")
     assert "top level is a list" in cli("verify", tree.root, "2", expect=2).stderr
-    result = cli("verify", tree.root, "--all", expect=2)
+    result = cli("verify", tree.root, "--all", expect=1)
     assert result.stdout.count(": ok (") == 4
+    assert "epoch 2: CORRUPT: " in result.stdout and "top level is a list" in result.stdout
 
 
 def test_verify_without_recorded_checksums_checks_sizes(make_checkpointer, ckpt_dir):

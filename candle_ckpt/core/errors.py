@@ -61,6 +61,11 @@ class LinkError(CheckpointError):
     """A `last`/`best` link resolves outside `ckpts/epochs/`, to a file, or in a loop."""
 
 
+class EpochVanishedError(NoCheckpointError):
+    """An epoch directory went away while it was read: pruned (moved into `trash/`) or
+    replaced by a writer. Not damage: what was read is gone, not wrong (core/verify.py)."""
+
+
 class WriterLockedError(CheckpointError):
     """Another process holds the writer lock (`ckpts/.lock`) of the checkpoint tree."""
 

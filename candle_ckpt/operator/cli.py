@@ -21,8 +21,15 @@ Exit status: 0 success; 1 a file listed in ckpt-info.json is missing or fails it
 size or CRC32 check (verify, list --verify, rollback, export); 2 a usage error, a DIR
 that is not a checkpoint tree, a missing epoch, a dangling or invalid link, an invalid
 ckpt-info.json, or a change refused because a training job holds the tree's lock
-(rollback, prune); 130 interrupted (Ctrl-C). Errors are one line on stderr, never a
-traceback.
+(rollback, prune); 3 the epoch named by number was pruned or moved away by the job
+writing the tree while it was read (not damage); 130 interrupted (Ctrl-C). Errors are
+one line on stderr, never a traceback.
+
+The read-only commands run beside a job that saves, repoints `last`/`best` and prunes:
+an epoch that goes away while it is read is not reported as damage (core/verify.py
+tells the two apart). `list --verify` marks it `pruned meanwhile`, `verify --all` says
+so on its line, neither counting it in the exit status; `last` or `best` is resolved
+once, its epoch read, and resolved and read again if that epoch went away meanwhile.
 """
 
 from __future__ import annotations
@@ -37,7 +44,12 @@ import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterator, Sequence
 
-from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from ..core.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    EpochVanishedError,
+    NoCheckpointError,
+)
 from ..core.layout import DEFAULT_CKPT_DIRECTORY
 from .inventory import (
     CHECKSUM_STATES,
@@ -53,14 +65,20 @@ TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.
 # The history, validation and CRC32 modules are imported by the commands that use them:
 # the command line's start-up imports no more than `list` runs.
 if TYPE_CHECKING:
-    from typing import IO, Any, NoReturn
+    from typing import IO, Any, NoReturn, TypeVar
 
     from ..core.history import EpochRecord, History
     from ..core.layout import CheckpointLayout
     from ..core.verify import FileCheck
     from .inventory import EpochSummary, TreeSurvey
 
-EXIT_OK, EXIT_CORRUPT, EXIT_ERROR = 0, 1, 2
+    _T = TypeVar("_T")
+
+EXIT_OK, EXIT_CORRUPT, EXIT_ERROR, EXIT_VANISHED = 0, 1, 2, 3
+PRUNED_MEANWHILE = "pruned meanwhile"
+# How many times an epoch `last` or `best` names is read when each one read goes away
+# meanwhile: a job repoints them at every save.
+LINK_ATTEMPTS = 5
 PROG = "candle-ckpt"
 
 LINK_SELECTORS = ("last", "best")
@@ -154,6 +172,24 @@ def _select_epoch(layout: CheckpointLayout, selector: str) -> int:
     return state.epoch
 
 
+def _read_selected(
+    layout: CheckpointLayout, selector: str, read: Callable[[int], _T]
+) -> tuple[int, _T]:
+    """(epoch, read(epoch)) for the epoch `selector` names.
+
+    `last` and `best` are resolved once per attempt and only that epoch is read; if it
+    went away meanwhile (`EpochVanishedError`: the job repointed the link and pruned
+    the epoch), the link is resolved and read again, LINK_ATTEMPTS times at most. An
+    epoch named by number is read once: its going away is the error.
+    """
+    for _ in range(LINK_ATTEMPTS - 1 if selector in LINK_SELECTORS else 0):
+        epoch = _select_epoch(layout, selector)
+        with contextlib.suppress(EpochVanishedError):
+            return epoch, read(epoch)
+    epoch = _select_epoch(layout, selector)
+    return epoch, read(epoch)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argparse parser of `candle-ckpt`: with every subcommand, or only `command`.
 
@@ -169,7 +205,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "Exit status: 0 ok; 1 a file an epoch lists is missing or fails its CRC32 (verify, "
         "list --verify, rollback, export); 2 a usage error, a DIR that is not a tree, a "
         "missing epoch, a bad link or ckpt-info.json, or a training job holding the tree's "
-        "lock (rollback, prune); 130 interrupted. Errors are one line on stderr.",
+        "lock (rollback, prune); 3 an epoch named by number was pruned while it was read "
+        "(not damage); 130 interrupted. Errors are one line on stderr.",
     )
     commands = parser.add_subparsers(
         dest="command",
@@ -471,6 +508,8 @@ def _check_state(layout: CheckpointLayout, epoch: int, progress: _ProgressBar | 
 
     try:
         check = check_epoch(layout, epoch, progress=progress)
+    except EpochVanishedError:
+        return PRUNED_MEANWHILE
     except CheckpointError:
         return "BAD: invalid ckpt-info.json"
     if check.bad:
@@ -510,12 +549,10 @@ def _checksums(tree: TreeSurvey, verify: bool) -> list[str | None]:
     if not verify:
         return list(map(CHECKSUM_STATES.__getitem__, tree.column("checksummed")))
     states: list[str | None] = []
-    for summary in tree.epochs:
-        if summary.problem is None:
-            with _progress() as progress:
-                states.append(_check_state(tree.layout, summary.epoch, progress))
-        else:
-            states.append(summary.checksum)
+    for epoch in tree.column("epoch"):
+        # an epoch whose summary failed too: its check says BAD (exit status 1)
+        with _progress() as progress:
+            states.append(_check_state(tree.layout, epoch, progress))
     return states
 
 
@@ -567,7 +604,10 @@ def _notes(tree: TreeSurvey) -> list[str]:
             f"'{PROG} prune --abandoned' deletes them)"
         )
     if tree.work:
-        notes.append("leftover: ckpts/work/ (a save was interrupted; the next save removes it)")
+        notes.append(
+            "leftover: ckpts/work/ (a save in progress, or one interrupted: "
+            "the next save removes it)"
+        )
     if tree.trash:
         deletions = _count(len(tree.trash), "interrupted deletion")
         notes.append(f"leftover: ckpts/trash/ holds {deletions} (the next run finishes it)")
@@ -627,7 +667,9 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
         if problem is not None:
             for column in columns[1:5]:
                 column[row] = "-"
-            columns[5][row] = "INVALID: " + problem
+            # BAD when --verify checked it (and found it so): exit status 1
+            bad = str(checksums[row - 1]).startswith("BAD")
+            columns[5][row] = ("BAD: " if bad else "INVALID: ") + problem
     return _aligned(columns, right=(0, 1, 3, 4))
 
 
@@ -704,23 +746,36 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     directory, selector = _split_positionals(args.where, "info")
     layout = open_tree(directory)
-    text = json.dumps(read_epoch_info(layout, _select_epoch(layout, selector)), indent=1)
+    _, info = _read_selected(layout, selector, lambda epoch: read_epoch_info(layout, epoch))
+    text = json.dumps(info, indent=1)
     # a format 1 epochs_saved names every epoch of the run: one line, not 10 000
     print(_NUMBER_LIST.sub(lambda match: json.dumps(json.loads(match.group())), text))
     return EXIT_OK
 
 
-def _verify_epoch(layout: CheckpointLayout, epoch: int) -> int:
-    """Verify one epoch, print the outcome; return its exit status."""
+def _verify_epoch(layout: CheckpointLayout, epoch: int, listed: bool = False) -> int:
+    """Verify one epoch, print the outcome; return its exit status.
+
+    An invalid ckpt-info.json is an error (exit status 2) for an epoch named; for one
+    `verify --all` `listed`, the epoch is CORRUPT (1) and the others are verified on.
+
+    Raises:
+        EpochVanishedError: the epoch went away while it was read (nothing printed).
+    """
     from ..core.verify import check_epoch
 
     try:
         with _progress() as progress:
             check = check_epoch(layout, epoch, progress=progress)
+    except EpochVanishedError:
+        raise
     except NoCheckpointError as error:
         print(f"epoch {epoch}: MISSING: {error}")
         return EXIT_CORRUPT
     except CheckpointError as error:
+        if listed:
+            print(f"epoch {epoch}: CORRUPT: {error}")
+            return EXIT_CORRUPT
         print(f"{PROG}: error: epoch {epoch}: {error}", file=sys.stderr)
         return EXIT_ERROR
     for bad in check.bad:
@@ -752,11 +807,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
         epochs = layout.list_epochs()
         if not epochs:
             raise NoCheckpointError(f"'{layout.epochs}' holds no epoch to verify")
-    else:
-        directory, selector = _split_positionals(args.where, "verify")
-        layout = open_tree(directory)
-        epochs = [_select_epoch(layout, selector)]
-    return max(_verify_epoch(layout, epoch) for epoch in epochs)
+        return max(_verify_listed(layout, epoch) for epoch in epochs)
+    directory, selector = _split_positionals(args.where, "verify")
+    layout = open_tree(directory)
+    return _read_selected(layout, selector, lambda epoch: _verify_epoch(layout, epoch))[1]
+
+
+def _verify_listed(layout: CheckpointLayout, epoch: int) -> int:
+    """`_verify_epoch` of an epoch `verify --all` listed; one pruned since is said so,
+    exit status 0: it is not damage."""
+    try:
+        return _verify_epoch(layout, epoch, listed=True)
+    except EpochVanishedError:
+        print(
+            f"epoch {epoch}: {PRUNED_MEANWHILE} (moved into trash/ by the job writing "
+            f"the tree while it was read; not damage)"
+        )
+        return EXIT_OK
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -815,8 +882,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     directory, selector = _split_positionals(args.where, "export")
     layout = open_tree(directory)
-    epoch = _select_epoch(layout, selector)
-    print_exported(export_epoch(layout, epoch, args.to, force=args.force), epoch)
+    epoch, exported = _read_selected(
+        layout, selector, lambda epoch: export_epoch(layout, epoch, args.to, force=args.force)
+    )
+    print_exported(exported, epoch)
     return EXIT_OK
 
 
@@ -829,16 +898,20 @@ def _no_cycle_collection() -> None:
     gc.disable()
 
 
-def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History]:
-    """(layout, History) of the tree in `directory`; damage is warned about on stderr."""
+def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History, int | None]:
+    """(layout, History, last) of the tree in `directory`; damage is warned about on
+    stderr. `last` is the epoch the history was read against, read before it: a job
+    records an epoch in the history before it saves it, so the history holds `last`
+    even while the job writes."""
     from ..core.history import read_history
 
     _no_cycle_collection()
     layout = open_tree(directory)
-    history = read_history(layout.ckpts, link_state(layout, "last").epoch, cache=True)
+    last = link_state(layout, "last").epoch
+    history = read_history(layout.ckpts, last, cache=True)
     for warning in history.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    return layout, history
+    return layout, history, last
 
 
 def _history_rows(history: History, live_only: bool) -> list[EpochRecord]:
@@ -861,10 +934,9 @@ def _history_flags(record: EpochRecord, last: int | None, best: int | None) -> s
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Print every completed epoch the history recorded (table, --json or --csv)."""
-    layout, history = _read_tree_history(args.where)
+    layout, history, last = _read_tree_history(args.where)
     records = _history_rows(history, args.live)
     names = history.metric_names
-    last = link_state(layout, "last").epoch
     best = link_state(layout, "best").epoch
     if args.json:
         print(
@@ -988,14 +1060,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Draw metric curves over epochs: a picture with --out, else a text chart."""
     from .plot import Marks, chosen_metrics, text_chart, write_picture
 
-    layout, history = _read_tree_history(args.where)
-    last_state = link_state(layout, "last")
-    tracked = None
-    if last_state.epoch is not None:
-        tracked = summarise_epoch(layout, last_state.epoch).metric
-    metrics = chosen_metrics(history, args.metric, tracked)
+    layout, history, last = _read_tree_history(args.where)
+    metrics = chosen_metrics(history, args.metric, _tracked_metric(layout, last))
     marks = Marks(
-        last_state.epoch,
+        last,
         link_state(layout, "best").epoch,
         [r.epoch for r in history.live if r.saved],
         history.rewinds,
@@ -1009,6 +1077,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
         lines += [*text_chart(history, metric, marks), ""]
     print("\n".join(lines).rstrip())
     return EXIT_OK
+
+
+def _tracked_metric(layout: CheckpointLayout, last: int | None) -> str | None:
+    """The metric the epoch `last` tracks; when that epoch was pruned meanwhile, the
+    one the epoch `last` names now tracks (None without `last`)."""
+    for _ in range(LINK_ATTEMPTS):
+        if last is None:
+            return None
+        summary = summarise_epoch(layout, last)
+        if summary is not None:
+            return summary.metric
+        last = link_state(layout, "last").epoch
+    return None
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -1036,6 +1117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout at /dev/null so that the interpreter's final flush stays quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except EpochVanishedError as error:
+        return _fail(error, EXIT_VANISHED)
     except CorruptCheckpointError as error:
         return _fail(error, EXIT_CORRUPT)
     except (UsageError, CheckpointError, OSError, ValueError) as error:
