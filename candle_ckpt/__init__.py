@@ -11,11 +11,13 @@ Usage in a CANDLE-style benchmark::
     model.fit(..., epochs=params["epochs"], initial_epoch=initial_epoch, callbacks=[ckpt])
 
 In a PyTorch benchmark, `CandleCkptPyTorch(params)` (see `candle_ckpt.pytorch.ckpt`).
+A benchmark written for upstream CANDLE (candle_lib) switches by its import:
+`CandleCkptKeras` and `CandleCkptPyTorch` have candle_lib's API and find its trees.
 
 `import candle_ckpt` imports neither TensorFlow nor torch: the Keras names (`restart`,
-`CandleCheckpointCallback`), `CandleCkptPyTorch` and the parameter functions
-(`ckpt_parser`, ...) are loaded on first access. `import_tensorflow_quietly()` imports
-TensorFlow and Keras without their start-up lines on stderr.
+`CandleCheckpointCallback`, `CandleCkptKeras`), `CandleCkptPyTorch` and the parameter
+functions (`ckpt_parser`, ...) are loaded on first access. `import_tensorflow_quietly()`
+imports TensorFlow and Keras without their start-up lines on stderr.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "CandleCheckpointCallback": "candle_ckpt.keras.callback",
+    "CandleCkptKeras": "candle_ckpt.keras.ckpt",
     "CandleCkptPyTorch": "candle_ckpt.pytorch.ckpt",
     "restart": "candle_ckpt.keras.restart",
     "import_tensorflow_quietly": "candle_ckpt.tensorflow_startup",
@@ -85,6 +88,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CandleCheckpointCallback",
+    "CandleCkptKeras",
     "CandleCkptPyTorch",
     "CheckpointError",
     "CheckpointFormatError",

@@ -16,7 +16,7 @@ BAD_VALUES = {
         (1.5, ValueError),
         (True, TypeError),
     ],
-    "ckpt_directory": [(42, TypeError), (None, TypeError)],
+    "ckpt_directory": [(42, TypeError)],
     "ckpt_save_best": [("nope", ValueError), ([], TypeError)],
     "ckpt_save_best_metric": [(3, TypeError)],
     "ckpt_best_metric_mode": [("up", ValueError), ("MIN", ValueError)],
@@ -31,6 +31,9 @@ BAD_VALUES = {
     "ckpt_end_time": [(3600, TypeError), ("3600", ValueError), ("tomorrow", ValueError)],
     "ckpt_init_from": [(5, TypeError), (["parent/save"], TypeError)],
     "metadata": [(12, TypeError)],
+    "output_dir": [(3, TypeError)],
+    "ckpt_best_metric_last": [("low", ValueError), (float("nan"), ValueError)],
+    "ckpt_timestamp_last": [(1.5, TypeError)],
     "epochs": [(-1, ValueError), ("ten", ValueError)],
 }
 

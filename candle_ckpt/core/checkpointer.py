@@ -36,7 +36,7 @@ from .info import (
     read_info,
     read_lineage,
 )
-from .layout import CheckpointLayout
+from .locate import run_layout
 from .lock import WriterLock
 from .logs import LibraryLogger, silent_logger, tree_logger
 from .params import validate_params
@@ -90,15 +90,18 @@ class Checkpointer:
         versions: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = validate_params(gParameters, require_epochs=True)
-        self.layout = CheckpointLayout(self.settings["ckpt_directory"])
-        self.layout.check_can_hold_a_tree()
+        self.layout = run_layout(self.settings)
         self.verbose = verbose
         self._logger: LibraryLogger | None = (
             None if logger == "DEFAULT" else logger or silent_logger()
         )
         metric = self.settings["ckpt_save_best_metric"]
         self.best = (
-            BestMetric(metric, infer_metric_mode(metric, self.settings["ckpt_best_metric_mode"]))
+            BestMetric(
+                metric,
+                infer_metric_mode(metric, self.settings["ckpt_best_metric_mode"]),
+                value=self.settings["ckpt_best_metric_last"],  # resume() replaces it
+            )
             if self.settings["ckpt_save_best"]
             else None
         )

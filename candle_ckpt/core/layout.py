@@ -12,6 +12,9 @@
         best -> epochs/NNN
 
 Every path derives from `ckpt_directory`; nothing here touches the disk except to read.
+A tree written by upstream CANDLE (candle_lib) has no `ckpts/` level: `epochs/`, `last`,
+`best` and ckpt.log sit in the directory it names (`CheckpointLayout(d, tree=d)`).
+Which of the two a run uses is decided by one rule, `core.locate`.
 """
 
 from __future__ import annotations
@@ -49,13 +52,20 @@ class CheckpointLayout:
 
     Args:
         ckpt_directory: the top directory, absolute or relative (to the current
-            directory at construction time; it is made absolute once here).
+            directory at construction time; it is made absolute once here): it holds
+            ckpt.log, and is what `candle-ckpt DIR` and every remedy name.
+        tree: the directory holding `epochs/`, `last` and `best`: by default
+            `<ckpt_directory>/ckpts`; `ckpt_directory` itself for upstream CANDLE's layout.
     """
 
-    def __init__(self, ckpt_directory: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, ckpt_directory: str | os.PathLike[str], tree: str | os.PathLike[str] | None = None
+    ) -> None:
         self.root = os.path.abspath(os.fspath(ckpt_directory))
         self.log_file = os.path.join(self.root, LOG_FILE)
-        self.ckpts = os.path.join(self.root, "ckpts")
+        self.ckpts = (
+            os.path.join(self.root, "ckpts") if tree is None else os.path.abspath(os.fspath(tree))
+        )
         self.work = os.path.join(self.ckpts, "work")
         self.trash = os.path.join(self.ckpts, "trash")
         self.epochs = os.path.join(self.ckpts, "epochs")

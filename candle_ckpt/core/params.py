@@ -12,6 +12,24 @@ Example::
     candle_ckpt.ckpt_parser(parser)
     settings = candle_ckpt.validate_params(vars(parser.parse_args()))
     settings["ckpt_keep_limit"]   # -> 1000000, an int
+
+upstream CANDLE (candle_lib's `ckpt_parser`/`ckpt_defs` and `CandleCkpt`): every key it
+reads is a row here, so a benchmark switched by its import keeps its parameters. Where
+candle_lib's meaning differs from this table's, the table decides, once:
+
+- `ckpt_directory`: None (candle_lib's default) means `<output_dir>/ckpts`; either
+  layout is found (`core.locate`). `output_dir` is a row for that alone.
+- `ckpt_keep_mode`: None (candle_lib's parser has no default) is "linear".
+- `ckpt_checksum`, `ckpt_keep_limit`, `ckpt_save_weights_only`: candle_lib's parser
+  gives False, 5 and False explicitly, and those values are honoured as given (this
+  table's defaults, True and 1000000, apply only to absent keys).
+- `ckpt_best_metric_last`: the best value of `ckpt_save_best_metric` before this run
+  (infinite, candle_lib's initial value, is none);
+  a run that resumes a checkpoint continues the checkpoint's own best (as candle_lib,
+  whose restart overwrites it), a run that resumes nothing starts from it.
+- `ckpt_timestamp_last`: accepted and not used: the time since the previous save is
+  measured from the save times the tree records.
+- `metadata`: stored in every ckpt-info.json, as in candle_lib.
 """
 
 from __future__ import annotations
@@ -19,6 +37,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import enum
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -79,6 +98,9 @@ class Parameter:
         flag: whether `ckpt_parser` adds it (False for keys the benchmark owns).
         check_form: for a string with a syntax of its own, a callable that raises a
             ParameterValueError when the (type-checked) value does not follow it.
+        from_upstream: for a value upstream CANDLE spells otherwise (None for
+            "linear", math.inf for "no best yet"), a callable returning this table's
+            spelling of a value (any other value unchanged), or None.
     """
 
     name: str
@@ -89,9 +111,12 @@ class Parameter:
     nullable: bool = False
     flag: bool = True
     check_form: Callable[[str], None] | None = None
+    from_upstream: Callable[[object], object] | None = None
 
     def check(self, value: object) -> Any:
         """Return `value` converted to this parameter's type, or raise."""
+        if self.from_upstream is not None:
+            value = self.from_upstream(value)
         result = _check_value(self.name, value, self.type, self.allowed, self.nullable)
         if self.check_form is not None and result is not None:
             self.check_form(result)
@@ -122,7 +147,10 @@ PARAMETERS = (
         "ckpt_directory",
         P.STRING,
         DEFAULT_CKPT_DIRECTORY,
-        "top directory of the checkpoint tree and ckpt.log",
+        "the directory of ckpt.log and the checkpoint tree: the tree is the directory "
+        "itself when it is named ckpts or holds epochs/ or last (upstream CANDLE's "
+        "layout), else ckpt_directory/ckpts; None: output_dir/ckpts",
+        nullable=True,
     ),
     Parameter(
         "ckpt_save_best",
@@ -159,6 +187,7 @@ PARAMETERS = (
         "which of this run's epochs to keep: linear (the newest ckpt_keep_limit), "
         "exponential (one per doubling window) or all",
         allowed=("linear", "exponential", "all"),
+        from_upstream=lambda value: "linear" if value is None else value,
     ),
     Parameter(
         "ckpt_keep_limit",
@@ -223,6 +252,35 @@ PARAMETERS = (
         nullable=True,
     ),
     Parameter(
+        "output_dir",
+        P.STRING,
+        None,
+        "the benchmark's output directory: with ckpt_directory None the tree is "
+        "output_dir/ckpts (upstream CANDLE's rule)",
+        nullable=True,
+        flag=False,
+    ),
+    Parameter(
+        "ckpt_best_metric_last",
+        P.FLOAT,
+        None,
+        "upstream CANDLE's best value of ckpt_save_best_metric before this run: a run "
+        "that resumes no checkpoint starts its best-metric tracking from it (infinite: "
+        "none yet)",
+        nullable=True,
+        from_upstream=lambda value: None if _is_infinite(value) else value,
+        flag=False,
+    ),
+    Parameter(
+        "ckpt_timestamp_last",
+        P.STRING,
+        None,
+        "upstream CANDLE's time of the previous save: accepted, not used (the tree "
+        "records its save times)",
+        nullable=True,
+        flag=False,
+    ),
+    Parameter(
         "epochs",
         P.INTEGER_NN,
         ParamRequired(),
@@ -234,8 +292,13 @@ del P
 
 PARAMETERS_BY_NAME = {p.name: p for p in PARAMETERS}
 
-# Keys upstream CANDLE read from gParameters that are internal state here.
-_IGNORED_CANDLE_KEYS = {"ckpt_best_metric_last", "ckpt_timestamp_last"}
+
+def _is_infinite(value: object) -> bool:
+    """Whether `value` is upstream CANDLE's "no best value yet", an infinite number."""
+    try:
+        return not isinstance(value, bool) and math.isinf(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def _what(value: object) -> str:
@@ -373,11 +436,7 @@ def validate_params(gParameters: Mapping[str, Any], require_epochs: bool = False
         `epochs` is None when absent and not required.
     """
     unknown = [
-        key
-        for key in gParameters
-        if key.startswith("ckpt_")
-        and key not in PARAMETERS_BY_NAME
-        and key not in _IGNORED_CANDLE_KEYS
+        key for key in gParameters if key.startswith("ckpt_") and key not in PARAMETERS_BY_NAME
     ]
     if unknown:
         key = sorted(unknown)[0]
@@ -389,17 +448,16 @@ def validate_params(gParameters: Mapping[str, Any], require_epochs: bool = False
         )
     settings: dict[str, Any] = {}
     for parameter in PARAMETERS:
-        default = parameter.default
-        if isinstance(default, ParamRequired) and not require_epochs:
-            default = None
-        if parameter.name not in gParameters and default is None:
+        if parameter.name in gParameters:
+            value = gParameters[parameter.name]
+        elif not isinstance(parameter.default, ParamRequired):
+            value = parameter.default
+        elif require_epochs:
+            raise ParameterValueError(f"parameter '{parameter.name}' is required but was not given")
+        else:
             settings[parameter.name] = None
             continue
-        settings[parameter.name] = param(
-            gParameters, parameter.name, default, parameter.type, parameter.allowed
-        )
-        if parameter.check_form is not None and settings[parameter.name] is not None:
-            parameter.check_form(settings[parameter.name])
+        settings[parameter.name] = parameter.check(value)
     return settings
 
 

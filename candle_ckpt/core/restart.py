@@ -26,6 +26,7 @@ from typing import Any
 from .adapter import FrameworkAdapter, Restored
 from .errors import CheckpointError, CheckpointFormatError
 from .layout import CheckpointLayout
+from .locate import run_layout
 from .lock import WriterLock
 from .logs import LibraryLogger, console_logger, log_to_file_only, tree_logger
 from .params import validate_params
@@ -37,10 +38,21 @@ from .writer import agree_on_checkpoint
 _warm_starts: dict[str, dict[str, Any]] = {}
 
 
+# ckpt_directory (absolute) -> the epoch restart_run restored for it, until the run's
+# TrainingSession takes it: training must then begin right after that epoch.
+_restored_epochs: dict[str, int] = {}
+
+
 def take_warm_start(layout: CheckpointLayout) -> dict[str, Any] | None:
     """The warm start's provenance ({"source", "epoch", "checksum"}) of the run writing
     `layout`, if its restart warm-started the model, else None; taken once."""
     return _warm_starts.pop(layout.root, None)
+
+
+def take_restored_epoch(layout: CheckpointLayout) -> int | None:
+    """The epoch a restart in this process restored into the run writing `layout`, or
+    None; taken once."""
+    return _restored_epochs.pop(layout.root, None)
 
 
 def restart_run(
@@ -77,9 +89,9 @@ def restart_run(
     init_from = settings["ckpt_init_from"]
     if settings["ckpt_restart_mode"] == "off" and init_from is None:
         return None
-    layout = CheckpointLayout(settings["ckpt_directory"])
-    layout.check_can_hold_a_tree()
+    layout = run_layout(settings)
     _warm_starts.pop(layout.root, None)
+    _restored_epochs.pop(layout.root, None)
     writer = adapter.writer_decision(is_writer).is_writer
     if writer:
         logger = tree_logger("restart", layout, verbose)
@@ -118,6 +130,7 @@ def restart_run(
         if writer:  # the console gets the error itself, from whoever catches it
             log_to_file_only(logger, logging.ERROR, "RESTART REFUSED: %s", error)
         raise
+    _restored_epochs[layout.root] = checkpoint.epoch
     if restored.deferred:
         logger.info(
             "restart from epoch %d: read and %s %d bytes (%s), load deferred: %s",

@@ -19,6 +19,7 @@ from .checksum import RegionPlanner
 from .errors import CheckpointError, LinkError, NoCheckpointError, add_remedy
 from .info import finite_or_none, is_legacy, read_info
 from .layout import INFO_FILE, CheckpointLayout
+from .locate import is_tree, locate
 from .logs import LibraryLogger
 from .verify import FileCheck, check_epoch, read_epoch_info, verify_files
 
@@ -188,9 +189,12 @@ def find_checkpoint(
                 f"--ckpt_directory, or run with --ckpt_restart_mode "
                 f"auto to start from scratch when there is none"
             )
-        logger.info(
-            "no checkpoint to restart from ('%s' is %s): starting from scratch", link, state
-        )
+        if state == "absent" and not layout.list_epochs():
+            logger.info(
+                "no checkpoint to restart from ('%s' is absent): starting from scratch", link
+            )
+        else:
+            logger.warning(_from_scratch_message(layout))
         return None
     verify_checksums = settings["ckpt_checksum"]
     try:
@@ -228,6 +232,30 @@ def find_checkpoint(
         ) from error
 
 
+def _from_scratch_message(layout: CheckpointLayout) -> str:
+    """Why a run whose `last` is dangling, or absent beside saved epochs (a crash of
+    upstream CANDLE between removing the link and making it again leaves that), starts
+    from scratch, and how to continue one of those epochs instead."""
+    link = layout.link("last")
+    if os.path.lexists(link):
+        target = os.readlink(link)
+        why = (
+            f"'{link}' -> '{target}' names '{os.path.join(os.path.dirname(link), target)}', "
+            f"which does not exist (a dangling last means: start from scratch)"
+        )
+    else:
+        why = f"'{link}' does not exist (no last means: start from scratch)"
+    epochs = layout.list_epochs()
+    remedy = (
+        f"to continue epoch N instead, stop this run and point last at it with "
+        f"'candle-ckpt rollback {layout.root} N' (it verifies N first)"
+        if epochs
+        else "there is no epoch to continue"
+    )
+    on_disk = ", ".join(map(str, epochs)) if epochs else "none"
+    return f"STARTING FROM SCRATCH: {why}; epochs on disk: {on_disk}; {remedy}"
+
+
 INIT_SELECTORS = ("last", "best")
 
 
@@ -260,8 +288,8 @@ def _init_checkpoint(source: str, logger: LibraryLogger) -> Checkpoint:
         head, tail = source.rsplit(":", 1)
         if tail in INIT_SELECTORS or (tail.isascii() and tail.isdigit()):
             tree, selector = head, tail
-    if os.path.isdir(os.path.join(tree, "ckpts")):
-        layout = CheckpointLayout(tree)
+    if os.path.isdir(os.path.join(tree, "ckpts")) or is_tree(tree):
+        layout = locate(tree, f"ckpt_init_from {source!r}")
         selector = selector or "last"
         if selector in INIT_SELECTORS:
             epoch = layout.resolve_link(selector)

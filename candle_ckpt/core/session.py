@@ -37,7 +37,7 @@ from .checkpointer import Checkpointer, SaveDecision, WriteFiles
 from .errors import NoCheckpointError, ParameterValueError
 from .logs import console_logger
 from .preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
-from .restart import take_warm_start
+from .restart import take_restored_epoch, take_warm_start
 from .resume import read_epoch_info
 from .walltime import StopEstimate, WallClockStop
 from .writer import check_is_writer
@@ -76,6 +76,7 @@ class TrainingSession:
         self._async_snapshot: Any = None  # reused copies (see _capture)
         self._held_snapshot: Any = None
         self._walltime: WallClockStop | None = None
+        self._restored_epoch: int | None = None  # what a restart in this process loaded
         self._check_walltime_settings()
 
     @property
@@ -115,6 +116,7 @@ class TrainingSession:
         """
         self._adapter = adapter
         self.checkpointer.init_from = take_warm_start(self.checkpointer.layout)
+        self._restored_epoch = take_restored_epoch(self.checkpointer.layout)
         self.checkpointer.describe_writer(
             adapter.adapter_name, adapter.model_format, adapter.library_versions()
         )
@@ -132,8 +134,14 @@ class TrainingSession:
             )
             self._walltime.start()
 
-    def epoch_begin(self, epoch: int) -> None:
-        """An epoch starts after `epoch` completed ones; the first one resumes the run."""
+    def epoch_begin(self, epoch: int, fix: str = 'fit(..., initial_epoch=J["epoch"])') -> None:
+        """An epoch starts after `epoch` completed ones; the first one resumes the run.
+
+        `fix`: how the caller's training starts after the restored epoch, for the
+        error of `check_start`.
+        """
+        if not self._first_epoch_seen:
+            self.check_start(epoch, fix)
         self._epoch = epoch + 1
         self._epoch_started = time.perf_counter()
         if self._first_epoch_seen:
@@ -143,6 +151,29 @@ class TrainingSession:
             self._watch.completed_epoch = epoch
         if epoch > 0 and self.is_writer:
             self._resume(epoch)
+
+    def check_start(self, completed: int, fix: str) -> None:
+        """Training begins after `completed` epochs: refuse (ending the session) unless
+        that is the epoch a restart in this process restored, if any.
+
+        A loop that starts elsewhere (`fit` without `initial_epoch`) would train the
+        restored epochs again and replace their checkpoints one by one.
+
+        Raises:
+            ParameterValueError: naming both epochs and `fix`.
+        """
+        restored = self._restored_epoch
+        if restored is None or completed == restored:
+            return
+        self.end()
+        raise ParameterValueError(
+            f"restart restored epoch {restored} from '{self.checkpointer.layout.ckpts}' "
+            f"in this process, but training begins at epoch {completed + 1} (after "
+            f"{completed} completed); expected it to begin at epoch {restored + 1}: "
+            f"{fix}, with J the dict restart returned. Refused before anything was "
+            f"saved: the epochs from {completed + 1} on would be trained again and "
+            f"replace the saved ones"
+        )
 
     def batch_end(self, batch: int) -> None:
         """0-based `batch` of the running epoch ended: stop here if pre-empted.

@@ -86,8 +86,14 @@ class KerasAdapter:
 
     def read_model_into(self) -> RegionPlanner | None:
         """The large arrays of a model file go straight into the built model's
-        variables (`h5.plan_in_place`); an unbuilt model has no buffers to take them."""
-        return None if h5.is_unbuilt(self.model) else RegionPlanner(self._plan)
+        variables (`h5.plan_in_place`); an unbuilt model has no buffers to take them,
+        and an uncompiled one is loaded from the file's bytes twice."""
+        if h5.is_unbuilt(self.model) or not self._compiled():
+            return None  # loaded twice (`restore`): the contents must hold every array
+        return RegionPlanner(self._plan)
+
+    def _compiled(self) -> bool:
+        return getattr(self.model, "optimizer", None) is not None
 
     def _plan(self, path: str, stream: BinaryIO) -> Regions:
         self._in_place = h5.plan_in_place(self.model, path, stream)
@@ -97,13 +103,25 @@ class KerasAdapter:
     def restore(
         self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False
     ) -> Restored:
-        """Load `checkpoint` now, or hold it (`deferred`) while the model is unbuilt."""
+        """Load `checkpoint` now, or hold it (`deferred`) while the model is unbuilt;
+        into a model not compiled yet, load the weights now and hold the rest."""
         if h5.is_unbuilt(self.model):
             return deferred.hold(
                 self.model,
                 checkpoint,
                 logger,
                 lambda: self.load(checkpoint, logger, weights_only=weights_only),
+            )
+        if not weights_only and not self._compiled():
+            self.load(checkpoint, logger, weights_only=True)
+            return deferred.hold(
+                self.model,
+                checkpoint,
+                logger,
+                lambda: self.load(checkpoint, logger),
+                why="is not compiled: its weights are loaded now; the whole checkpoint "
+                "(weights, optimizer and RNG state) is loaded again once fit starts "
+                "with this callback (CandleCkptKeras, CandleCheckpointCallback)",
             )
         return self.load(checkpoint, logger, weights_only=weights_only)
 

@@ -12,6 +12,12 @@ exactly as Keras builds it under a strategy (`Trainer._symbolic_build`: variable
 optimizer, metrics), the verified bytes are loaded, and only then does the first step
 run. The first update therefore starts from the checkpoint's weights, optimizer and
 RNG state, as in an uninterrupted run.
+
+A model built but not compiled yet (upstream CANDLE's benchmarks call restart before
+`model.compile`) has no optimizer to take the checkpoint's: `KerasAdapter.restore`
+loads the weights at once and holds the whole checkpoint here, loaded again at the
+start of fit (weights, optimizer and RNG state, as a compiled model's restart loads
+them), so the resume is exact all the same.
 """
 
 from __future__ import annotations
@@ -53,19 +59,18 @@ _pending: weakref.WeakKeyDictionary[Any, PendingLoad] = weakref.WeakKeyDictionar
 
 
 def hold(
-    model: Any, checkpoint: Checkpoint, logger: LibraryLogger, load: Callable[[], Restored]
+    model: Any,
+    checkpoint: Checkpoint,
+    logger: LibraryLogger,
+    load: Callable[[], Restored],
+    why: str = "has no variables yet; CandleCheckpointCallback loads the checkpoint "
+    "once fit has built the model, before the first training step",
 ) -> Restored:
     """Keep the verified `checkpoint` for `model` until `load_when_built`; `load` loads it
-    into the built model and returns what it restored."""
+    into the built model and returns what it restored. `why` ends the restart's log
+    line after the model's name."""
     _pending[model] = PendingLoad(checkpoint, logger, load)
-    return Restored(
-        parts=(),
-        exact=True,
-        deferred=True,
-        source=f"model '{model.name}' has no variables yet; "
-        f"CandleCheckpointCallback loads the checkpoint once fit has "
-        f"built the model, before the first training step",
-    )
+    return Restored(parts=(), exact=True, deferred=True, source=f"model '{model.name}' {why}")
 
 
 def is_pending(model: Any) -> bool:

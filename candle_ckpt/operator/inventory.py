@@ -34,6 +34,7 @@ from ..core.layout import (
     epoch_dirname,
     parse_epoch_dirname,
 )
+from ..core.locate import locate
 from .json_head import HeadReader
 
 TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
@@ -65,10 +66,14 @@ _SEP_INFO_FILE = os.sep + INFO_FILE
 def open_tree(directory: str) -> CheckpointLayout:
     """The `CheckpointLayout` of `directory`, which must hold a checkpoint tree.
 
+    `directory` is a `ckpt_directory`, found by the rule a training run follows
+    (`core.locate`): a tree of upstream CANDLE's layout in it, or `<directory>/ckpts`.
+
     Raises:
-        CheckpointError: `directory` does not exist or has no `ckpts/` directory.
+        CheckpointError: `directory` does not exist or holds no tree; trees at two
+            places the rule looks (ParameterValueError).
     """
-    layout = CheckpointLayout(directory)
+    layout = locate(directory, f"the directory {directory!r}")
     if not os.path.isdir(layout.root):
         raise CheckpointError(
             f"'{layout.root}' does not exist or is not a directory; "
@@ -77,7 +82,7 @@ def open_tree(directory: str) -> CheckpointLayout:
     if not os.path.isdir(layout.ckpts):
         raise CheckpointError(
             f"'{layout.root}' is not a checkpoint tree: it has no "
-            f"'ckpts/' directory; expected a ckpt_directory "
+            f"'ckpts/' directory, nor epochs/ or last of its own; expected a ckpt_directory "
             f"(default {DEFAULT_CKPT_DIRECTORY})"
         )
     return layout

@@ -10,6 +10,8 @@ from ..core.session import TrainingSession
 from .adapter import TorchAdapter
 from .fits import is_generator
 
+_LOOP_FIX = 'loop over range(J["epoch"], params["epochs"]) and pass that epoch to ckpt_epoch'
+
 
 class CandleCkptPyTorch:
     """Checkpoint a PyTorch training loop so a killed job resumes bit-identically.
@@ -35,6 +37,11 @@ class CandleCkptPyTorch:
     directory `epoch + 1`, and `J["epoch"]` counts the completed epochs, so the loop
     above starts where the checkpoint left off.
 
+    A benchmark written for upstream CANDLE switches by its import: `ckpt_directory`
+    None means `<output_dir>/ckpts`, and the tree upstream CANDLE wrote there (or at any
+    `ckpt_directory`) is continued (`candle_ckpt.core.locate`). A loop that does not
+    start at `J["epoch"]` after a restart is refused at its first `ckpt_epoch`.
+
     In a `torch.distributed` job rank 0 of the process group writes (else `RANK`, then
     the MPI/Slurm rank variables); `restart` checks, with an all_gather, that every rank
     found the same checkpoint before anything is loaded. `ckpt_signal` is refused when
@@ -58,10 +65,11 @@ class CandleCkptPyTorch:
     ) -> None:
         self.params = gParams
         self.session = TrainingSession(gParams, logger=logger, verbose=verbose, is_writer=is_writer)
-        self._is_writer = is_writer
+        self._is_writer, self._verbose = is_writer, verbose
         self.model: dict[str, Any] | None = None
         self._started = self._finished = False
         self._next_epoch = 0
+        self._epoch_ended = False  # whether ckpt_epoch was called yet
 
     def set_model(self, model: Mapping[str, Any]) -> None:
         """Register what a checkpoint holds: {"model": net, "optimizer": opt, ...}.
@@ -90,7 +98,7 @@ class CandleCkptPyTorch:
                 )
         self.model = objects
 
-    def restart(self, model: Any = None, verbose: bool = True) -> dict | None:
+    def restart(self, model: Any = None, verbose: bool | None = None) -> dict | None:
         """Restore everything registered from `ckpts/last`, if `ckpt_restart_mode` asks.
 
         Call it after `set_model` (upstream passes the model again; it is not needed),
@@ -109,6 +117,8 @@ class CandleCkptPyTorch:
         """
         if isinstance(model, Mapping):
             self.set_model(model)
+        if verbose is None:  # candle_lib ignores it: the constructor's verbose decides
+            verbose = self._verbose
         J = restart_run(self.params, self._adapter(), verbose=verbose, is_writer=self._is_writer)
         self._next_epoch = J["epoch"] if J else 0
         self._start(self._next_epoch)
@@ -126,8 +136,16 @@ class CandleCkptPyTorch:
         `metric_value`: a dict of metrics, or a number taken as the value of
         `ckpt_save_best_metric` (better as `ckpt_best_metric_mode` says). The run's
         last epoch (`epochs`) also finishes (`finish`).
+
+        Raises:
+            ParameterValueError: the first `epoch` after a restart that restored
+                epoch E is not E (the loop did not start at `J["epoch"]`): nothing
+                of it is saved.
         """
         self._start(epoch)
+        if not self._epoch_ended:
+            self._epoch_ended = True
+            self.session.check_start(epoch, _LOOP_FIX)
         if isinstance(metric_value, Mapping):
             logs = dict(metric_value)
         else:
@@ -165,4 +183,4 @@ class CandleCkptPyTorch:
         if not self._started:
             self._started = True
             self.session.begin(self._adapter())
-            self.session.epoch_begin(completed)
+            self.session.epoch_begin(completed, _LOOP_FIX)
