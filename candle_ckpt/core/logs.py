@@ -23,6 +23,7 @@ import threading
 from typing import TypeAlias
 
 from .layout import CheckpointLayout
+from .text import printable
 
 LibraryLogger: TypeAlias = "logging.Logger | logging.LoggerAdapter[logging.Logger]"
 """What the library logs to: a logger, or the adapter `tree_logger` returns."""
@@ -33,6 +34,14 @@ _file_handlers: dict[str, logging.Handler] = {}
 _console_handler: _ConsoleHandler | None = None
 _FILE_ONLY = "ckpt_file_only"  # a record attribute: keep it off the console
 logging.getLogger("candle_ckpt").propagate = False  # see the module docstring
+
+
+class _OneLineFormatter(logging.Formatter):
+    """One line per record, whatever strings from a tree its message holds: their
+    control characters are escaped (`text.printable`); a traceback follows as usual."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
 
 
 class _TreeLogHandler(logging.FileHandler):
@@ -100,7 +109,7 @@ def _ensure_file_handler(root: str, log_file: str) -> None:
             return
         os.makedirs(root, exist_ok=True)
         handler = _TreeLogHandler(log_file)
-        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.setFormatter(_OneLineFormatter(_FORMAT))
         handler.addFilter(_TreeFilter(root))
         logging.getLogger("candle_ckpt").addHandler(handler)
         _file_handlers[root] = handler
@@ -111,7 +120,7 @@ def _ensure_console_handler(verbose: bool) -> None:
     with _lock:
         if _console_handler is None:
             _console_handler = _ConsoleHandler()
-            _console_handler.setFormatter(logging.Formatter(_FORMAT))
+            _console_handler.setFormatter(_OneLineFormatter(_FORMAT))
             _console_handler.addFilter(lambda record: not getattr(record, _FILE_ONLY, False))
             logging.getLogger("candle_ckpt").addHandler(_console_handler)
         _console_handler.setLevel(logging.INFO if verbose else logging.WARNING)

@@ -51,6 +51,7 @@ from ..core.errors import (
     NoCheckpointError,
 )
 from ..core.layout import DEFAULT_CKPT_DIRECTORY
+from ..core.text import printable
 from .inventory import (
     CHECKSUM_STATES,
     describe_epochs,
@@ -736,7 +737,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     lines += _table(tree, checksums, metric) if tree.rows else ["no epochs saved"]
     lines += _notes(tree)
     lines.append("")
-    sys.stdout.write("\n".join(lines))
+    sys.stdout.write("\n".join(map(printable, lines)))
     return status
 
 
@@ -910,7 +911,7 @@ def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History, int |
     last = link_state(layout, "last").epoch
     history = read_history(layout.ckpts, last, cache=True)
     for warning in history.warnings:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        print(f"{PROG}: warning: {printable(warning)}", file=sys.stderr)
     return layout, history, last
 
 
@@ -1052,7 +1053,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             else ""
         )
     )
-    sys.stdout.write("\n".join(out) + "\n")
+    sys.stdout.write("\n".join(map(printable, out)) + "\n")
     return EXIT_OK
 
 
@@ -1075,7 +1076,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     lines = []
     for metric in metrics:
         lines += [*text_chart(history, metric, marks), ""]
-    print("\n".join(lines).rstrip())
+    print("\n".join(map(printable, lines)).rstrip())
     return EXIT_OK
 
 
@@ -1104,8 +1105,34 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class _PrintableStream:
+    """A text stream that writes control characters as escapes (`text.printable`),
+    but for the newlines, carriage returns and tabs that lay the output out: whatever a
+    command prints from a tree, no escape sequence of it reaches the terminal. (Tables
+    and error lines escape those too, `printable` per line: a tree's string is never a
+    line of its own.)"""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return int(self._stream.write(printable(text, keep_layout=True)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (the console script exits with it)."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _PrintableStream(sys.stdout), _PrintableStream(sys.stderr)
+    try:
+        return _run(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         arguments = sys.argv[1:] if argv is None else argv
         # only the named command's parser; all of them for --help or a wrong command
@@ -1132,5 +1159,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(error: BaseException | str, status: int) -> int:
-    print(f"{PROG}: error: {error}", file=sys.stderr)
+    print(f"{PROG}: error: {printable(str(error))}", file=sys.stderr)
     return status

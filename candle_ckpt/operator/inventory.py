@@ -299,6 +299,8 @@ def _summarise(epoch: int, directory: str) -> list[Any] | None:
         return _problem_row(epoch, f"no {INFO_FILE} (not a complete epoch)")
     except (OSError, ValueError) as error:
         return _problem_row(epoch, f"{INFO_FILE} unreadable: {error}")
+    except RecursionError:
+        return _problem_row(epoch, f"{INFO_FILE} unreadable: nested too deeply to parse")
     try:
         if head["epoch"] != epoch:
             return _problem_row(
