@@ -29,15 +29,17 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 DIRECT_MIN_BYTES = 64 << 10
 
 
-def raised_by_h5py(error: BaseException) -> bool:
-    """Whether h5py itself raised `error` (the innermost frame of its traceback is in
-    h5py, Cython modules included), rather than code it called or code around it."""
+def raised_in(error: BaseException, *packages: str) -> bool:
+    """Whether code of one of `packages` itself raised `error` (the innermost frame of
+    its traceback is in it, Cython modules included), rather than code it called or
+    code around it."""
     trace = error.__traceback__
     if trace is None:
         return False
     while trace.tb_next is not None:
         trace = trace.tb_next
-    return str(trace.tb_frame.f_globals.get("__name__", "")).startswith("h5py")
+    module = str(trace.tb_frame.f_globals.get("__name__", ""))
+    return any(module == package or module.startswith(package + ".") for package in packages)
 
 
 def as_oserror(error: BaseException, path: str | os.PathLike[str]) -> OSError:

@@ -22,12 +22,13 @@ import errno
 import functools
 import mmap
 import os
+import resource
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from .background import SharedThread
+from .background import SharedThread, available_memory_bytes
 
 Progress = Callable[[int], None]
 """progress(bytes_done), called as a long file is checksummed."""
@@ -151,7 +152,7 @@ def read_file(
     with open(path, "rb", buffering=0) as stream:
         size = os.fstat(stream.fileno()).st_size
         # New memory at every restart: huge pages would risk a compaction stall
-        contents = memoryview(anonymous_memory(size, huge_pages=False))
+        contents = memoryview(_memory_for(path, size, anonymous_memory))
         regions: list[tuple[int, memoryview]] = []
         if read_into and compute_crc and size >= IN_PLACE_MIN_BYTES:
             # While the first pass waits for the disk, the memory the rest goes to is
@@ -199,6 +200,29 @@ def read_file(
         for chunk in pending:
             chunk.result()
     return contents[:filled].toreadonly(), running[0] if compute_crc else None
+
+
+def _memory_for(path: str, size: int, allocate: Callable[..., Any]) -> Any:
+    """`allocate(size, huge_pages=False)`, or, where the system refuses that memory, a
+    CheckpointError saying so in one line: the file, its size, the memory there is
+    (MemAvailable, RLIMIT_AS) and what to do."""
+    try:
+        return allocate(size, huge_pages=False)
+    except (OSError, OverflowError, MemoryError) as error:
+        if isinstance(error, OSError) and error.errno != errno.ENOMEM:
+            raise
+    from .errors import CheckpointError
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    available = available_memory_bytes()
+    raise CheckpointError(
+        f"'{path}' is {size / 2**30:.1f} GiB, more memory than this process can allocate "
+        f"to read it (MemAvailable "
+        f"{'unknown' if available is None else f'{available / 2**30:.1f} GiB'}, RLIMIT_AS "
+        f"{'unlimited' if limit == resource.RLIM_INFINITY else f'{limit / 2**30:.1f} GiB'}); "
+        f"nothing was loaded. Restart on a node with more memory, or check the file: "
+        f"'candle-ckpt list' shows the size each epoch recorded"
+    )
 
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14; the mmap module does not name it

@@ -55,7 +55,6 @@ from candle_ckpt.core.direct_io import Written, aligned, aligned_arrays, copy_in
 from candle_ckpt.core.errors import CheckpointFormatError, failed_after_checks
 from candle_ckpt.core.logs import LibraryLogger, silent_logger
 from candle_ckpt.core.verify import OVERWRITTEN
-from candle_ckpt.hdf5 import InMemoryFile as _InMemoryFile
 from candle_ckpt.hdf5 import (
     as_oserror,
     contiguous_offset,
@@ -63,7 +62,7 @@ from candle_ckpt.hdf5 import (
     create_file,
     in_place_offset,
     layer_weights_root,
-    raised_by_h5py,
+    raised_in,
     reads_as_view,
     writable_bytes,
     writable_contents,
@@ -73,6 +72,7 @@ from candle_ckpt.hdf5 import dataset as _dataset
 from candle_ckpt.hdf5 import dataset_array as _array
 from candle_ckpt.hdf5 import group as _group
 from candle_ckpt.hdf5 import read_names as _read_names
+from candle_ckpt.hdf5_check import open_model_file
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1
@@ -328,7 +328,7 @@ def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
     quiet = silent_logger()
     try:
         size = os.fstat(stream.fileno()).st_size
-        with h5py.File(stream, "r") as f:
+        with open_model_file(stream, path) as f:
             version = _format_version(f, path)
             if version is None:
                 return plan
@@ -346,7 +346,7 @@ def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
                     plan.offsets[id(variable)] = offset
                     plan.regions.append((offset, held[0]))
                     plan.tensors.append(held[1])
-    except (CheckpointFormatError, OSError, KeyError, RuntimeError, TypeError, ValueError):
+    except Exception:  # `restore` says what is wrong with the file
         return InPlaceRead(path, {}, [], [])
     return plan
 
@@ -417,7 +417,7 @@ def restore(
     try:
         if contents is None:
             contents, _ = read_file(path, compute_crc=False)
-        with h5py.File(_InMemoryFile(contents), "r") as f:
+        with open_model_file(contents, path) as f:
             version = _format_version(f, path)
             ours = version is not None
             pairs = _plan_weights(f, model, path, ours, log)
@@ -444,13 +444,14 @@ def restore(
             values = [_array(dataset, source, path) for _, dataset in pairs]
     except CheckpointFormatError:
         raise
-    except (OSError, KeyError, RuntimeError) as e:
-        # What h5py raises for a truncated or corrupt file, at open or at any later read;
-        # a RuntimeError of other code (Keras, TensorFlow) is its own error, kept as it is.
-        if isinstance(e, RuntimeError) and not raised_by_h5py(e):
+    except Exception as e:
+        # An error of h5py, numpy or this package reading the file is the file's; one
+        # of other code (Keras, TensorFlow: planning asks the model for its variables)
+        # is that code's own, kept as it is.
+        if not raised_in(e, "h5py", "numpy", "candle_ckpt"):
             raise
         raise CheckpointFormatError(
-            f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {e})"
+            f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {str(e)[:300]})"
         ) from e
     tensors = [_as_tensor(value) for value in values]  # all of them before any assign
     for k, ((variable, _), tensor) in enumerate(zip(pairs, tensors)):

@@ -29,7 +29,6 @@ nested layer's own group).
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -37,7 +36,6 @@ import h5py
 
 from ..core.errors import CheckpointFormatError
 from ..hdf5 import (
-    InMemoryFile,
     attr_str,
     dataset,
     dataset_array,
@@ -45,6 +43,7 @@ from ..hdf5 import (
     layer_weights_root,
     read_names,
 )
+from ..hdf5_check import load_json, open_model_file
 
 WEIGHTS_SUFFIX = ".weights.h5"
 _MAPPABLE_MODELS = ("Sequential", "Functional")
@@ -71,13 +70,14 @@ def write_weights_h5(contents: memoryview, source: str, destination: str) -> int
             be mapped exactly (see the module docstring); the message says why.
     """
     try:
-        with h5py.File(InMemoryFile(contents), "r") as f:
+        with open_model_file(contents, source) as f:
             model_name, plan = _plan(f, contents, source)
     except CheckpointFormatError:
         raise
-    except (OSError, KeyError, RuntimeError, TypeError, ValueError) as error:
+    except Exception as error:  # any error reading the file is the file's
         raise CheckpointFormatError(
-            f"'{source}' is not a readable Keras HDF5 model file: {error}"
+            f"'{source}' is not a readable Keras HDF5 model file: "
+            f"{type(error).__name__}: {str(error)[:300]}"
         ) from error
     with h5py.File(destination, "w") as out:
         out.create_group("vars").attrs["name"] = model_name
@@ -161,12 +161,8 @@ def _model_config(f: h5py.File, source: str) -> dict:
             f"their groups in Keras 3's .weights.h5, are unknown. Load the checkpoint "
             f"with candle_ckpt.restart and call model.save_weights instead"
         )
-    try:
-        config = json.loads(attr_str(f.attrs["model_config"]))
-    except ValueError as error:
-        raise CheckpointFormatError(
-            f"'{source}': attribute model_config is not JSON: {error}"
-        ) from None
+    text = attr_str(f.attrs["model_config"]).encode("utf8", "surrogatepass")
+    config = load_json(text, source, "attribute model_config", max_string=1 << 20)
     if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
         raise CheckpointFormatError(
             f"'{source}': model_config is {str(config)[:80]!r}; "

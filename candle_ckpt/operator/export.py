@@ -74,7 +74,7 @@ def export_epoch(
         ) from error
     source = os.path.join(directory, info["model_file"])
     contents = next(r.contents for r in results if r.contents is not None)
-    framework = _framework(info, contents)
+    framework = _framework(info, contents, source)
     destination = os.path.abspath(destination)
     _check_destination(destination, framework, force)
     temporary = temporary_name(destination)
@@ -103,7 +103,7 @@ def export_epoch(
     )
 
 
-def _framework(info: dict, contents: memoryview) -> str:
+def _framework(info: dict, contents: memoryview, source: str) -> str:
     """ "keras" or "pytorch": the adapter recorded in ckpt-info.json, else (upstream CANDLE
     and older trees) what the model file is: Keras' legacy HDF5 layout has
     `model_weights` or `layer_names`; other HDF5 is ours for PyTorch, and a file that
@@ -115,14 +115,21 @@ def _framework(info: dict, contents: memoryview) -> str:
         raise CheckpointFormatError(
             f"ckpt-info.json records adapter {adapter!r}; export knows 'keras' and 'pytorch'"
         )
-    import h5py  # only here: list, info and verify never need it
-
-    from ..hdf5 import HDF5_MAGIC, InMemoryFile
+    # Only here: list, info and verify never need h5py
+    from ..hdf5 import HDF5_MAGIC
+    from ..hdf5_check import open_model_file
 
     if bytes(contents[: len(HDF5_MAGIC)]) != HDF5_MAGIC:
         return "pytorch"
-    with h5py.File(InMemoryFile(contents), "r") as f:
-        keras_file = "model_weights" in f or "layer_names" in f.attrs
+    try:
+        with open_model_file(contents, source) as f:
+            keras_file = "model_weights" in f or "layer_names" in f.attrs
+    except CheckpointFormatError:
+        raise
+    except Exception as error:  # any error reading the file is the file's
+        raise CheckpointFormatError(
+            f"'{source}' is not readable HDF5: {type(error).__name__}: {str(error)[:300]}"
+        ) from error
     return "keras" if keras_file else "pytorch"
 
 

@@ -46,7 +46,6 @@ from ..core.verify import OVERWRITTEN
 from ..hdf5 import (
     DIRECT_MIN_BYTES,
     HDF5_MAGIC,
-    InMemoryFile,
     as_oserror,
     create_array,
     create_file,
@@ -58,6 +57,7 @@ from ..hdf5 import (
     writable_bytes,
     writable_contents,
 )
+from ..hdf5_check import load_json, open_model_file
 from .fits import check_restorable, check_state, is_generator, sets_cuda_states
 
 MODEL_FILE = "model.h5"
@@ -334,7 +334,7 @@ def read(contents: memoryview, path: str, in_place: InPlaceRead | None = None) -
     """
     targets = in_place.targets if in_place is not None else {}
     try:
-        with h5py.File(InMemoryFile(contents), "r") as f:
+        with open_model_file(contents, path) as f:
             encoded, weights_only = _header(f, path)
             tensors = group(f, "tensors", path)
             source = writable_contents(contents)
@@ -354,8 +354,11 @@ def read(contents: memoryview, path: str, in_place: InPlaceRead | None = None) -
                     )
     except CheckpointFormatError:
         raise
-    except (OSError, KeyError, RuntimeError, TypeError) as error:
-        raise CheckpointFormatError(f"'{path}' is not a readable HDF5 file: {error}") from error
+    except Exception as error:  # any error reading the file is the file's
+        raise CheckpointFormatError(
+            f"'{path}' is not a readable candle_ckpt PyTorch file: "
+            f"{type(error).__name__}: {str(error)[:300]}"
+        ) from error
     state = _decoded(encoded, values, path)
     references = _references(encoded)
     for k, target in targets.items():
@@ -386,13 +389,8 @@ def _header(f: h5py.File, path: str) -> tuple[Any, bool]:
             f"'{path}': {FORMAT_ATTR} is {version!r}; this candle_ckpt reads "
             f"versions 1 to {FORMAT_VERSION} (a newer candle_ckpt wrote it?)"
         )
-    try:
-        text = np.asarray(dataset(f, "state", path)[()], np.uint8).tobytes()
-        encoded = json.loads(text.decode("utf8"))
-    except ValueError as error:
-        raise CheckpointFormatError(
-            f"'{path}': dataset 'state' is not UTF-8 JSON: {error}"
-        ) from None
+    text = np.asarray(dataset(f, "state", path)[()], np.uint8).tobytes()
+    encoded = load_json(text, path, "dataset 'state'")
     return encoded, bool(f.attrs.get("weights_only", False))
 
 
@@ -654,7 +652,7 @@ def plan_in_place(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> In
     plan = InPlaceRead(path, {})
     try:
         size = os.fstat(stream.fileno()).st_size
-        with h5py.File(stream, "r") as f:
+        with open_model_file(stream, path) as f:
             encoded, weights_only = _header(f, path)
             tensors = group(f, "tensors", path)
             datasets = [dataset(tensors, str(k), path) for k in range(len(tensors))]
@@ -690,7 +688,7 @@ def plan_in_place(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> In
                     if offset is not None and buffer is not None and tensor.data_ptr() not in taken:
                         taken.add(tensor.data_ptr())
                         plan.targets[k] = InPlaceTarget(offset, name, key, tensor, buffer)
-    except (CheckpointFormatError, OSError, KeyError, RuntimeError, TypeError, ValueError):
+    except Exception:  # `restore` says what is wrong with the file
         return InPlaceRead(path, {})
     return plan
 

@@ -1,0 +1,489 @@
+"""A model file checked against what candle_ckpt writes, before this process parses it.
+
+A model file is HDF5 of one narrow shape, whatever wrote it (the Keras and the
+PyTorch adapter, or upstream CANDLE's Keras `model.save`): superblock version 0, a tree
+of groups joined by hard links, attributes of numbers and strings, and datasets of
+numbers stored uncompressed as one contiguous run of bytes inside the file.
+`open_model_file` refuses anything else before the file's data is read, so that what
+reading costs is bounded by the file itself, and a file the HDF5 library cannot parse
+ends in a refusal rather than in the process:
+
+1. The superblock (the first 96 bytes) is read in Python, without the HDF5 library:
+   version, field sizes, base and end-of-file addresses, root object address.
+2. The whole object tree is then walked by h5py in a checker process (this Python,
+   started afresh: a fork would copy the page tables of a process holding a model,
+   and make its every page copy-on-write), which reads the file's bytes from this
+   process through a pipe, as HDF5 asks for them (its headers, not the data), under
+   a cap on the memory it may take (RLIMIT_AS: what it has plus CHILD_MEMORY_BYTES)
+   and a time limit (CHECK_SECONDS). It visits every group, dataset and attribute the way
+   the readers do (iterating, then looking each name up, and the names the readers
+   look for: `LOOKED_UP`), reads every attribute, and checks every dataset's storage
+   (`_dataset_problem`). A crash of the HDF5 library on a damaged header (a segfault,
+   an endless loop, an allocation the cap refuses) thus ends the checker, and the
+   file is refused naming it; HDF5 parses the same bytes the same way in this process
+   afterwards, so only a file that the checker walked to the end is opened here.
+
+`load_json` bounds a JSON text held in a model file (size, nesting depth, string
+lengths) before it is parsed, so that what it decodes to stays in proportion to it.
+
+docs/THREATS.md says what this defends against and what it does not.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import mmap
+import os
+import re
+import resource
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .core.errors import CheckpointFormatError
+from .core.text import printable
+from .hdf5 import HDF5_MAGIC, InMemoryFile
+
+CHECK_SECONDS = 60.0
+"""How long the child may take to walk a file; a walk that takes longer is taken for
+an endless loop in the HDF5 library, and the file is refused."""
+
+CHILD_MEMORY_BYTES = 256 << 20
+"""What the child may allocate beyond the file's size (RLIMIT_AS, over what it has)."""
+
+LOOKED_UP = (
+    "model_weights",
+    "top_level_model_weights",
+    "optimizer_weights",
+    "candle_ckpt_rng",
+    "state",
+    "tensors",
+)
+"""Group members the readers look up by name whether or not the file has them (a
+lookup of an absent name walks the group's index along a path iteration does not)."""
+
+# Dataset element kinds the adapters write: bool, integers, floats, complex.
+_NUMBER_KINDS = "biufc"
+
+_SUPERBLOCK = struct.Struct("<8sBBBBBBBBHHIQQQQQQ")
+_UNDEFINED = 0xFFFFFFFFFFFFFFFF  # HDF5's undefined address
+_MESSAGE_BYTES = 4096  # of a refusal, sent from the child
+_REQUEST = struct.Struct("<QQ")  # a read the child asks for: offset, length
+_COUNT = struct.Struct("<Q")  # the bytes that follow
+_BLOCK_BYTES = 64 << 10
+_CACHED_BLOCKS = 1024
+
+
+def open_model_file(source: Any, path: str) -> h5py.File:
+    """The model file `source` (its bytes, or a binary file open on it) opened by h5py
+    for reading, once `check` found it to be a file candle_ckpt writes.
+
+    Raises:
+        CheckpointFormatError: it is not (names `path` and what is wrong).
+    """
+    contents = _bytes_of(source, path)
+    check(contents, path)
+    return h5py.File(InMemoryFile(contents), "r")
+
+
+def check(contents: Any, path: str) -> None:
+    """Raise CheckpointFormatError unless `contents` are an HDF5 file of the shape
+    candle_ckpt writes (module docstring), found so by a child process that parsed
+    them to the end without crashing, hanging or running out of memory."""
+    view = memoryview(contents).cast("B")
+    _check_superblock(view, path)
+    child = subprocess.Popen(
+        _child_command(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        _write_all(child.stdin.fileno(), _COUNT.pack(len(view)))
+        finished, problem = _serve(child.stdin.fileno(), child.stdout.fileno(), view)
+    finally:
+        if child.poll() is None and not finished:
+            child.kill()
+        child.stdin.close()
+        child.stdout.close()
+        status = child.wait()
+    if not finished:
+        _refuse(path, f"parsing it did not end within {CHECK_SECONDS:g} s (a loop in its headers)")
+    if status < 0:
+        name = signal.Signals(-status).name
+        _refuse(path, f"the HDF5 library crashed ({name}) parsing its headers")
+    if problem is None or status != 0:
+        _refuse(path, f"checking it ended with status {status} and no verdict")
+    if problem:
+        _refuse(path, problem)
+
+
+def _child_command() -> list[str]:
+    """The checker: this Python, isolated from the environment, importing this package
+    from where this process has it."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (
+        f"import sys; sys.path.insert(0, {package_parent!r}); "
+        f"from candle_ckpt.hdf5_check import child_main; child_main()"
+    )
+    return [sys.executable, "-I", "-c", script]
+
+
+def _serve(to_child: int, from_child: int, view: memoryview) -> tuple[bool, str | None]:
+    """Answer the child's reads of `view` until it gives its verdict or CHECK_SECONDS
+    pass: (whether it finished, its verdict: "" for a good file, the problem, or None
+    when it ended without one)."""
+    deadline = time.monotonic() + CHECK_SECONDS
+    reader = _Reader(from_child, deadline)
+    try:
+        while True:
+            kind = reader.take(1)
+            if kind == b"R":
+                offset, length = _REQUEST.unpack(reader.take(_REQUEST.size))
+                piece = view[min(offset, len(view)) : min(offset + length, len(view))]
+                _write_all(to_child, _COUNT.pack(len(piece)))
+                _write_all(to_child, piece)
+            elif kind == b"V":
+                (length,) = _COUNT.unpack(reader.take(_COUNT.size))
+                return True, reader.take(min(length, _MESSAGE_BYTES)).decode("utf8", "replace")
+            else:
+                return True, None  # the child ended (or wrote something else)
+    except TimeoutError:
+        return False, None
+    except (BrokenPipeError, EOFError):
+        return True, None
+
+
+class _Reader:
+    """Exact reads from the child's pipe, each by `deadline` (TimeoutError), EOFError
+    when the child closes it first."""
+
+    def __init__(self, fd: int, deadline: float) -> None:
+        self.fd, self.deadline = fd, deadline
+
+    def take(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.fd, count - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _refuse(path: str, problem: str) -> None:
+    raise CheckpointFormatError(
+        f"'{path}' is not a model file candle_ckpt reads: {printable(problem)}; refusing to load it"
+    )
+
+
+def _bytes_of(source: Any, path: str) -> Any:
+    """`source` as bytes in memory: itself, or the file it is open on mapped read-only."""
+    if not hasattr(source, "fileno"):
+        return source
+    size = os.fstat(source.fileno()).st_size
+    if size == 0:
+        _refuse(path, "it is empty")
+    return mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _check_superblock(view: memoryview, path: str) -> None:
+    """The superblock h5py writes (version 0, 8-byte addresses and lengths, no driver
+    information), naming a root object inside the file, read without the HDF5 library."""
+    if len(view) < _SUPERBLOCK.size + 16:
+        _refuse(path, f"{len(view)} bytes, shorter than an HDF5 superblock")
+    (
+        magic,
+        version,
+        free_space_version,
+        root_version,
+        _,
+        shared_version,
+        offset_size,
+        length_size,
+        _,
+        leaf_k,
+        internal_k,
+        _flags,
+        base,
+        _free_space,
+        end,
+        driver,
+        _link_name,
+        root,
+    ) = _SUPERBLOCK.unpack_from(view)
+    problem = ""
+    if magic != HDF5_MAGIC:
+        problem = "it does not start with the HDF5 signature"
+    elif (version, free_space_version, root_version, shared_version) != (0, 0, 0, 0):
+        problem = f"superblock version {version} (candle_ckpt writes version 0)"
+    elif (offset_size, length_size) != (8, 8):
+        problem = f"{offset_size}-byte addresses and {length_size}-byte lengths (expected 8)"
+    elif not (leaf_k and internal_k) or base != 0 or driver != _UNDEFINED:
+        problem = "a superblock with a base address, a driver block or no group node size"
+    elif not root < end <= len(view):
+        problem = (
+            f"the superblock records an end of file at {end} and a root object at "
+            f"{root}; the file has {len(view)} bytes"
+        )
+    if problem:
+        _refuse(path, problem)
+
+
+def child_main() -> None:
+    """The checker process (`_child_command`): walk the file its parent serves on stdin
+    and stdout, give the verdict, exit. Nothing here returns to a caller."""
+    sys.stdout = sys.stderr  # the protocol owns file descriptor 1
+    with open("/proc/self/statm") as stream:
+        mapped = int(stream.read().split()[0]) * mmap.PAGESIZE
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mapped + CHILD_MEMORY_BYTES
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard), hard))
+    served = _ServedFile(0, 1)
+    problem = _walk(served)
+    message = problem.encode("utf8", "backslashreplace")[:_MESSAGE_BYTES]
+    _write_all(1, b"V" + _COUNT.pack(len(message)) + message)
+    os._exit(0)
+
+
+class _ServedFile(io.RawIOBase):
+    """In the checker: the parent's file, read through the pipes in blocks of
+    _BLOCK_BYTES (kept, up to _CACHED_BLOCKS of them: HDF5 reads its headers in many
+    small pieces)."""
+
+    def __init__(self, from_parent: int, to_parent: int) -> None:
+        super().__init__()
+        self._in, self._out = from_parent, to_parent
+        self._position = 0
+        (self._size,) = _COUNT.unpack(_read_exactly(from_parent, _COUNT.size))
+        self._blocks: dict[int, bytes] = {}
+
+    def _request(self, offset: int, length: int) -> bytes:
+        _write_all(self._out, b"R" + _REQUEST.pack(offset, length))
+        (count,) = _COUNT.unpack(_read_exactly(self._in, _COUNT.size))
+        return _read_exactly(self._in, count)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(target) and self._position < self._size:
+            index, within = divmod(self._position, _BLOCK_BYTES)
+            block = self._block(index)
+            piece = block[within : within + len(target) - done]
+            if not piece:
+                break
+            target[done : done + len(piece)] = piece
+            done += len(piece)
+            self._position += len(piece)
+        return done
+
+    def _block(self, index: int) -> bytes:
+        if index not in self._blocks:
+            if len(self._blocks) >= _CACHED_BLOCKS:
+                self._blocks.clear()
+            self._blocks[index] = self._request(index * _BLOCK_BYTES, _BLOCK_BYTES)
+        return self._blocks[index]
+
+
+def _read_exactly(fd: int, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = os.read(fd, count - len(data))
+        if not chunk:
+            raise EOFError("the parent closed the pipe")
+        data += chunk
+    return data
+
+
+def _walk(served: _ServedFile) -> str:
+    """In the checker: "" if every object of the file is one candle_ckpt writes, else
+    what is wrong with the first that is not."""
+    try:
+        with h5py.File(served, "r") as f:
+            return _walk_objects(f, served.seek(0, io.SEEK_END))
+    except Exception as error:  # whatever h5py raises on a damaged file is the answer
+        return f"h5py cannot read it ({type(error).__name__}: {str(error)[:300]})"
+
+
+def _walk_objects(f: h5py.File, size: int) -> str:
+    seen = {h5py.h5o.get_info(f.id).addr}
+    pending: list[Any] = [f]
+    while pending:
+        node = pending.pop()
+        for name in node.attrs:
+            problem = _attribute_problem(node, name, size)
+            if problem:
+                return problem
+        if isinstance(node, h5py.Dataset):
+            problem = _dataset_problem(node, size)
+            if problem:
+                return problem
+            continue
+        for name in LOOKED_UP:
+            _ = name in node
+        for name in _names_in_attributes(node):
+            _probe(node, name)
+        for name in node:
+            link = node.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                return f"'{node.name}/{name}' is a {type(link).__name__} (candle_ckpt writes none)"
+            child = node[name]
+            if not isinstance(child, (h5py.Group, h5py.Dataset)):
+                return f"'{child.name}' is a {type(child).__name__} (candle_ckpt writes none)"
+            address = h5py.h5o.get_info(child.id).addr
+            if address in seen:
+                return f"'{child.name}' is reached twice (candle_ckpt writes a tree)"
+            seen.add(address)
+            pending.append(child)
+    return ""
+
+
+def _names_in_attributes(node: Any) -> list[str]:
+    """The strings `node`'s attributes hold (Keras' layer and weight names, which the
+    readers look up as paths under it)."""
+    names = []
+    for value in node.attrs.values():
+        for item in np.atleast_1d(value).ravel()[:100_000]:
+            if isinstance(item, bytes):
+                item = item.decode("utf8", "replace")
+            if isinstance(item, str) and len(item) <= 1024:
+                names.append(item)
+    return names
+
+
+def _probe(node: Any, name: str) -> None:
+    """Look `name` up under `node` part by part, as `hdf5.group` and `hdf5.dataset` do."""
+    for part in name.split("/"):
+        if not part or not isinstance(node, h5py.Group):
+            return
+        if not isinstance(node.get(part, getlink=True), h5py.HardLink):
+            return
+        node = node[part]
+
+
+def _attribute_problem(node: Any, name: str, size: int) -> str:
+    """What is wrong with attribute `name` of `node`, read in full, or ""."""
+    attribute = h5py.h5a.open(node.id, name.encode("utf8"))
+    dtype = attribute.dtype
+    count = int(np.prod(attribute.shape, dtype=object)) if attribute.shape else 1
+    where = f"attribute '{name}' of '{node.name}'"
+    if count * dtype.itemsize > size:
+        return f"{where} declares {count} items, more than the file's {size} bytes hold"
+    string = h5py.check_string_dtype(dtype)
+    if dtype.kind not in _NUMBER_KINDS + "S" and (string is None or dtype.kind != "O"):
+        return f"{where} is of type {dtype} (candle_ckpt writes numbers and strings)"
+    _ = node.attrs[name]
+    return ""
+
+
+def _dataset_problem(dataset: h5py.Dataset, size: int) -> str:
+    """What is wrong with how `dataset` is stored, or "": its values must be numbers in
+    this machine's byte order, stored uncompressed as one run of bytes in the file."""
+    where = f"dataset '{dataset.name}'"
+    plist = dataset.id.get_create_plist()
+    layout = plist.get_layout()
+    if layout != h5py.h5d.CONTIGUOUS:
+        kinds = {h5py.h5d.COMPACT: "compact", h5py.h5d.CHUNKED: "chunked"}
+        return f"{where} is {kinds.get(layout, 'virtual')} (candle_ckpt writes contiguous datasets)"
+    if plist.get_nfilters() or plist.get_external_count():
+        return f"{where} is filtered (compressed) or stored in other files"
+    dtype = dataset.dtype
+    if dtype.kind not in _NUMBER_KINDS or not dtype.isnative:
+        return f"{where} holds {dtype.str} values (candle_ckpt writes numbers in native byte order)"
+    if dataset.shape is None:
+        return f"{where} has no dataspace"
+    nbytes = int(np.prod(dataset.shape, dtype=object)) * dtype.itemsize
+    if nbytes == 0:
+        return ""
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.id.get_storage_size() != nbytes or offset + nbytes > size:
+        return (
+            f"{where} declares {nbytes} bytes, not stored whole inside the file "
+            f"({size} bytes; at offset {offset}, {dataset.id.get_storage_size()} stored)"
+        )
+    return ""
+
+
+# -- JSON held in a model file ---------------------------------------------------------
+
+MAX_JSON_DEPTH = 64
+"""How deeply a model file's JSON may nest arrays and objects."""
+
+# One string JSON encodes in at most this many bytes, then any other text: a string of
+# more bytes leaves a quote behind when these are taken out.
+_SHORT_STRINGS = {
+    limit: re.compile(rb'"(?:[^"\\]|\\.){0,%d}"' % limit) for limit in (4096, 1 << 20)
+}
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+
+
+def load_json(text: bytes, path: str, what: str, max_string: int = 4096) -> Any:
+    """The JSON `text` (`what` of the model file `path`) parsed, once it is found to
+    nest at most MAX_JSON_DEPTH deep and to hold no string longer than `max_string`
+    bytes as encoded (4096 or 1 MiB): checked in one pass over the text, in memory
+    proportional to it, so that a text that fails is refused before it is parsed and
+    one that is parsed decodes to objects in proportion to its size.
+
+    Raises:
+        CheckpointFormatError: the text is not UTF-8 JSON, or exceeds those bounds.
+    """
+    where = f"'{path}': {what}"
+    stripped = _SHORT_STRINGS[max_string].sub(b"", text)
+    if b'"' in stripped:
+        raise CheckpointFormatError(
+            f"{where} holds a string longer than {max_string} bytes (or is not JSON); "
+            f"candle_ckpt writes none"
+        )
+    depth = _depth(stripped.translate(None, _NOT_BRACKETS))
+    if depth > MAX_JSON_DEPTH:
+        raise CheckpointFormatError(
+            f"{where} nests {depth} levels deep; candle_ckpt reads at most {MAX_JSON_DEPTH}"
+        )
+    try:
+        return json.loads(text.decode("utf8"))
+    except (ValueError, RecursionError) as error:
+        raise CheckpointFormatError(f"{where} is not UTF-8 JSON: {error}") from None
+
+
+def _depth(brackets: bytes) -> int:
+    """The deepest nesting of a run of JSON brackets, counted in slices of 1 MiB."""
+    deepest, level = 0, 0
+    for start in range(0, len(brackets), 1 << 20):
+        piece = np.frombuffer(brackets, np.uint8, min(1 << 20, len(brackets) - start), start)
+        steps = np.where((piece == ord("[")) | (piece == ord("{")), 1, -1).astype(np.int32)
+        levels = np.cumsum(steps, dtype=np.int64) + level
+        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
