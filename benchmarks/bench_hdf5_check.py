@@ -4,8 +4,10 @@ A PyTorch model of the given size of parameters (one square Linear layer trained
 step with AdamW, as bench_pytorch.py: the state is about 3x that) is saved once; then
 `ckpt.restart()` into fresh objects is timed, repetition by repetition, with the check
 as it is and with the check reduced to its superblock test (no checker process), in
-alternation. Printed: the median of each, their difference, and the check alone
-(`hdf5_check.check` on the file's bytes), beside the process's resident memory.
+alternation, each restart starting its own checker process, as a job's one restart
+does. Printed: the median of each, their difference, and the check alone
+(`hdf5_check.check` on the file's bytes, checker included), beside the process's
+resident memory.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_hdf5_check.py [--sizes 100MB,1GB] \\
         [--repetitions 5] [--directory DIR]
@@ -43,6 +45,15 @@ def superblock_only(contents, path):
     hdf5_check._check_superblock(memoryview(contents).cast("B"), path)
 
 
+def stop_checker():
+    """End the checker process a check kept, so that the next check starts one."""
+    checker = hdf5_check._checker
+    if checker is not None:
+        checker.kill()
+        checker.wait()
+        hdf5_check._checker = None
+
+
 def resident_bytes():
     with open("/proc/self/statm") as stream:
         return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -63,12 +74,14 @@ def measure(size, repetitions, directory):
     for _ in range(repetitions):
         for label, check in (("check", real_check), ("superblock only", superblock_only)):
             hdf5_check.check = check
+            stop_checker()  # a job restarts once: its checker process starts then
             ckpt = candle_ckpt.CandleCkptPyTorch(params, logger=None, verbose=False)
             ckpt.set_model(fresh)
             started = time.perf_counter()
             ckpt.restart(verbose=False)
             times[label].append(time.perf_counter() - started)
         hdf5_check.check = real_check
+        stop_checker()
         started = time.perf_counter()
         real_check(contents, model_file)
         times["check alone"].append(time.perf_counter() - started)

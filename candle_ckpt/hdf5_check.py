@@ -42,6 +42,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -57,7 +58,10 @@ CHECK_SECONDS = 60.0
 an endless loop in the HDF5 library, and the file is refused."""
 
 CHILD_MEMORY_BYTES = 256 << 20
-"""What the child may allocate beyond the file's size (RLIMIT_AS, over what it has)."""
+"""What the checker may allocate (RLIMIT_AS, over what it has once started)."""
+
+IDLE_SECONDS = 30.0
+"""How long the checker waits for another file before it exits."""
 
 LOOKED_UP = (
     "model_weights",
@@ -96,36 +100,60 @@ def open_model_file(source: Any, path: str) -> h5py.File:
 
 def check(contents: Any, path: str) -> None:
     """Raise CheckpointFormatError unless `contents` are an HDF5 file of the shape
-    candle_ckpt writes (module docstring), found so by a child process that parsed
-    them to the end without crashing, hanging or running out of memory."""
+    candle_ckpt writes (module docstring), found so by the checker process, which
+    parsed them to the end without crashing, hanging or running out of memory."""
     view = memoryview(contents).cast("B")
     _check_superblock(view, path)
-    child = subprocess.Popen(
-        _child_command(),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        close_fds=True,
-    )
-    assert child.stdin is not None and child.stdout is not None
-    try:
-        _write_all(child.stdin.fileno(), _COUNT.pack(len(view)))
-        finished, problem = _serve(child.stdin.fileno(), child.stdout.fileno(), view)
-    finally:
-        if child.poll() is None and not finished:
-            child.kill()
-        child.stdin.close()
-        child.stdout.close()
-        status = child.wait()
+    with _checker_lock:
+        finished, problem, status = _checked(view)
     if not finished:
         _refuse(path, f"parsing it did not end within {CHECK_SECONDS:g} s (a loop in its headers)")
-    if status < 0:
+    if status is not None and status < 0:
         name = signal.Signals(-status).name
         _refuse(path, f"the HDF5 library crashed ({name}) parsing its headers")
-    if problem is None or status != 0:
+    if problem is None:
         _refuse(path, f"checking it ended with status {status} and no verdict")
     if problem:
         _refuse(path, problem)
+
+
+# The checker process, kept between checks (a restart checks a file twice when it reads
+# it into the model's memory); it exits after IDLE_SECONDS without one.
+_checker: subprocess.Popen[bytes] | None = None
+_checker_parent = 0  # the pid of the process that started it
+_checker_lock = threading.Lock()
+
+
+def _checked(view: memoryview) -> tuple[bool, str | None, int | None]:
+    """(whether the checker finished in time, its verdict on `view`: "" for a good
+    file, the problem, or None when it ended without one; its exit status if it ended)."""
+    global _checker, _checker_parent
+    while True:
+        # A forked process inherits the checker without being its parent: it cannot
+        # poll it, and learns whether it still runs from the pipe.
+        if _checker is None or (_checker_parent == os.getpid() and _checker.poll() is not None):
+            _checker_parent = os.getpid()
+            _checker = subprocess.Popen(
+                _child_command(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        checker = _checker
+        assert checker.stdin is not None and checker.stdout is not None
+        finished, started, problem = _serve(checker.stdin.fileno(), checker.stdout.fileno(), view)
+        if finished and problem is not None:
+            return True, problem, None
+        _checker = None
+        if checker.poll() is None:
+            checker.kill()
+        checker.stdin.close()
+        checker.stdout.close()
+        status = checker.wait()
+        if finished and not started and status == 0:
+            continue  # it had just exited, idle: a new one checks the file
+        return finished, None, status
 
 
 def _child_command() -> list[str]:
@@ -139,29 +167,33 @@ def _child_command() -> list[str]:
     return [sys.executable, "-I", "-c", script]
 
 
-def _serve(to_child: int, from_child: int, view: memoryview) -> tuple[bool, str | None]:
-    """Answer the child's reads of `view` until it gives its verdict or CHECK_SECONDS
-    pass: (whether it finished, its verdict: "" for a good file, the problem, or None
-    when it ended without one)."""
-    deadline = time.monotonic() + CHECK_SECONDS
-    reader = _Reader(from_child, deadline)
+def _serve(to_child: int, from_child: int, view: memoryview) -> tuple[bool, bool, str | None]:
+    """Hand `view` to the checker and answer its reads until it gives its verdict or
+    CHECK_SECONDS pass: (whether it finished, whether it started on the file, its
+    verdict: "" for a good file, the problem, or None when it ended without one)."""
+    reader = _Reader(from_child, time.monotonic() + CHECK_SECONDS)
+    started = False
     try:
+        _write_all(to_child, _COUNT.pack(len(view)))
         while True:
             kind = reader.take(1)
-            if kind == b"R":
+            if kind == b"S":
+                started = True
+            elif kind == b"R":
                 offset, length = _REQUEST.unpack(reader.take(_REQUEST.size))
                 piece = view[min(offset, len(view)) : min(offset + length, len(view))]
                 _write_all(to_child, _COUNT.pack(len(piece)))
                 _write_all(to_child, piece)
             elif kind == b"V":
                 (length,) = _COUNT.unpack(reader.take(_COUNT.size))
-                return True, reader.take(min(length, _MESSAGE_BYTES)).decode("utf8", "replace")
+                message = reader.take(min(length, _MESSAGE_BYTES))
+                return True, started, message.decode("utf8", "replace")
             else:
-                return True, None  # the child ended (or wrote something else)
+                return True, started, None  # the checker wrote something else
     except TimeoutError:
-        return False, None
+        return False, started, None
     except (BrokenPipeError, EOFError):
-        return True, None
+        return True, started, None
 
 
 class _Reader:
@@ -250,18 +282,25 @@ def _check_superblock(view: memoryview, path: str) -> None:
 
 
 def child_main() -> None:
-    """The checker process (`_child_command`): walk the file its parent serves on stdin
-    and stdout, give the verdict, exit. Nothing here returns to a caller."""
+    """The checker process (`_child_command`): for each file its parent hands it on
+    stdin and stdout (its size, then its bytes as asked for), walk it and give the
+    verdict; exit when the parent closes the pipe or after IDLE_SECONDS without a file.
+    Nothing here returns to a caller."""
     sys.stdout = sys.stderr  # the protocol owns file descriptor 1
     with open("/proc/self/statm") as stream:
         mapped = int(stream.read().split()[0]) * mmap.PAGESIZE
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = mapped + CHILD_MEMORY_BYTES
     resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard), hard))
-    served = _ServedFile(0, 1)
-    problem = _walk(served)
-    message = problem.encode("utf8", "backslashreplace")[:_MESSAGE_BYTES]
-    _write_all(1, b"V" + _COUNT.pack(len(message)) + message)
+    while select.select([0], [], [], IDLE_SECONDS)[0]:
+        try:
+            (size,) = _COUNT.unpack(_read_exactly(0, _COUNT.size))
+        except EOFError:
+            break
+        _write_all(1, b"S")
+        problem = _walk(_ServedFile(0, 1, size))
+        message = problem.encode("utf8", "backslashreplace")[:_MESSAGE_BYTES]
+        _write_all(1, b"V" + _COUNT.pack(len(message)) + message)
     os._exit(0)
 
 
@@ -270,11 +309,10 @@ class _ServedFile(io.RawIOBase):
     _BLOCK_BYTES (kept, up to _CACHED_BLOCKS of them: HDF5 reads its headers in many
     small pieces)."""
 
-    def __init__(self, from_parent: int, to_parent: int) -> None:
+    def __init__(self, from_parent: int, to_parent: int, size: int) -> None:
         super().__init__()
         self._in, self._out = from_parent, to_parent
-        self._position = 0
-        (self._size,) = _COUNT.unpack(_read_exactly(from_parent, _COUNT.size))
+        self._position, self._size = 0, size
         self._blocks: dict[int, bytes] = {}
 
     def _request(self, offset: int, length: int) -> bytes:

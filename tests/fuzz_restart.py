@@ -214,6 +214,9 @@ def main(argv):
             with open(os.path.join(directory, name), "rb") as stream:
                 pristine[name] = stream.read()
         objects = trained(seed=1, steps=1)
+        # The checker process starts here, once: each case's fork uses it (and starts
+        # another only when a case ended it).
+        hdf5_check.check(pristine["model.h5"], "the pristine model.h5")
         if args.corpus:
             cases = corpus_cases(args.corpus)
         else:

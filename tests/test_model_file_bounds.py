@@ -217,12 +217,20 @@ def checker_that(monkeypatch, code):
     root = os.path.dirname(HERE)
     script = f"import sys; sys.path.insert(0, {root!r}); import candle_ckpt.hdf5_check as c; "
     monkeypatch.setattr(hdf5_check, "_child_command", lambda: [sys.executable, "-c", script + code])
+    monkeypatch.setattr(hdf5_check, "_checker", None)  # not the one kept from before
 
 
-def test_the_checker_sees_the_file_and_passes_it(tmp_path, monkeypatch):
+def test_one_checker_checks_file_after_file_and_a_new_one_follows_it(tmp_path, monkeypatch):
     contents = torch_file(str(tmp_path / "model.h5"), {"0.weight": plain})
-    checker_that(monkeypatch, "c.child_main()")
+    monkeypatch.setattr(hdf5_check, "IDLE_SECONDS", 2.0)
+    checker_that(monkeypatch, "c.IDLE_SECONDS = 2.0; c.child_main()")
     hdf5_check.check(contents, "model.h5")
+    first = hdf5_check._checker.pid
+    hdf5_check.check(contents, "model.h5")
+    assert hdf5_check._checker.pid == first
+    hdf5_check._checker.wait(timeout=30)  # idle: it exits by itself
+    hdf5_check.check(contents, "model.h5")
+    assert hdf5_check._checker.pid != first
 
 
 def test_a_crash_of_the_hdf5_library_is_a_refusal(tmp_path, monkeypatch):
