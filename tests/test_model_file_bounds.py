@@ -381,3 +381,57 @@ def test_a_model_file_larger_than_memory_is_refused_in_one_line_before_allocatin
     assert outcome == "ok", message
     assert message.startswith("(3, ") and "50.0 GiB, more memory than this process" in message
     assert "RLIMIT_AS" in message and "\\n" not in message
+
+
+@pytest.mark.parametrize("side", [4, 4200], ids=["small", "read-in-place"])
+def test_a_corrupt_model_file_is_refused_by_its_crc_before_any_parser_sees_it(
+    tmp_path, monkeypatch, side
+):
+    """With checksums on, a flipped byte never reaches HDF5 (nor torch.load): not at a
+    restart (also one reading a file of 64 MiB or more into the model's memory), a warm
+    start or an export."""
+    from candle_ckpt.core.errors import ChecksumMismatchError
+    from candle_ckpt.core.layout import CheckpointLayout
+    from candle_ckpt.operator.export import export_epoch
+
+    params = {"ckpt_directory": str(tmp_path / "save"), "epochs": 1}
+    ckpt = candle_ckpt.CandleCkptPyTorch(params, logger=None, verbose=False)
+    ckpt.set_model({"model": torch.nn.Linear(side, side, bias=False)})
+    ckpt.ckpt_epoch(0, {"val_loss": 1.0})
+    ckpt.finish()
+    path = os.path.join(params["ckpt_directory"], "ckpts", "epochs", "001", "model.h5")
+    with open(path, "r+b") as stream:  # a byte of the superblock: any parser would see it
+        stream.seek(20)
+        byte = stream.read(1)
+        stream.seek(20)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+
+    def parsed(*args, **kwargs):
+        raise AssertionError("a parser saw the corrupt file")
+
+    monkeypatch.setattr(h5py, "File", parsed)
+    monkeypatch.setattr(hdf5_check, "check", parsed)
+    monkeypatch.setattr(torch, "load", parsed)
+    model = torch.nn.Linear(side, side, bias=False)
+    before = model.weight.detach().clone()
+    restart = candle_ckpt.CandleCkptPyTorch(
+        dict(params, ckpt_restart_mode="required"), logger=None, verbose=False
+    )
+    restart.set_model({"model": model})
+    with pytest.raises(ChecksumMismatchError, match="model.h5"):
+        restart.restart(verbose=False)
+    warm = candle_ckpt.CandleCkptPyTorch(
+        {
+            "ckpt_directory": str(tmp_path / "new"),
+            "epochs": 1,
+            "ckpt_init_from": params["ckpt_directory"],
+        },
+        logger=None,
+        verbose=False,
+    )
+    warm.set_model({"model": model})
+    with pytest.raises(CheckpointError, match="CRC32"):
+        warm.restart(verbose=False)
+    assert torch.equal(before, model.weight)  # read in place only once it verified
+    with pytest.raises(CheckpointError, match="fails verification"):
+        export_epoch(CheckpointLayout(params["ckpt_directory"]), 1, str(tmp_path / "out.pt"))
