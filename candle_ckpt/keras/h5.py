@@ -54,6 +54,7 @@ from candle_ckpt.core.checksum import read_file
 from candle_ckpt.core.direct_io import Written, aligned, aligned_arrays, copy_into, write_at
 from candle_ckpt.core.errors import CheckpointFormatError, failed_after_checks
 from candle_ckpt.core.logs import LibraryLogger, silent_logger
+from candle_ckpt.core.text import printable
 from candle_ckpt.core.verify import OVERWRITTEN
 from candle_ckpt.hdf5 import (
     as_oserror,
@@ -451,7 +452,7 @@ def restore(
         if not raised_in(e, "h5py", "numpy", "candle_ckpt"):
             raise
         raise CheckpointFormatError(
-            f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {str(e)[:300]})"
+            f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {printable(str(e)[:300])})"
         ) from e
     tensors = [_as_tensor(value) for value in values]  # all of them before any assign
     for k, ((variable, _), tensor) in enumerate(zip(pairs, tensors)):

@@ -35,6 +35,7 @@ from typing import Any
 import h5py
 
 from ..core.errors import CheckpointFormatError
+from ..core.text import printable
 from ..hdf5 import (
     attr_str,
     dataset,
@@ -77,7 +78,7 @@ def write_weights_h5(contents: memoryview, source: str, destination: str) -> int
     except Exception as error:  # any error reading the file is the file's
         raise CheckpointFormatError(
             f"'{source}' is not a readable Keras HDF5 model file: "
-            f"{type(error).__name__}: {str(error)[:300]}"
+            f"{type(error).__name__}: {printable(str(error)[:300])}"
         ) from error
     with h5py.File(destination, "w") as out:
         out.create_group("vars").attrs["name"] = model_name

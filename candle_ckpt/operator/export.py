@@ -33,6 +33,7 @@ from ..core.durable import (
 from ..core.errors import CheckpointError, CheckpointFormatError, CorruptCheckpointError
 from ..core.faults import fault_point
 from ..core.layout import CheckpointLayout
+from ..core.text import printable
 from ..core.verify import check_epoch
 
 KERAS_SUFFIX = ".weights.h5"
@@ -128,7 +129,8 @@ def _framework(info: dict, contents: memoryview, source: str) -> str:
         raise
     except Exception as error:  # any error reading the file is the file's
         raise CheckpointFormatError(
-            f"'{source}' is not readable HDF5: {type(error).__name__}: {str(error)[:300]}"
+            f"'{source}' is not readable HDF5: "
+            f"{type(error).__name__}: {printable(str(error)[:300])}"
         ) from error
     return "keras" if keras_file else "pytorch"
 

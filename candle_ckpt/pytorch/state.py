@@ -42,6 +42,7 @@ from ..core.adapter import Restored
 from ..core.direct_io import Written, aligned_arrays, copy_into, write_at
 from ..core.errors import CheckpointFormatError, failed_after_checks
 from ..core.logs import LibraryLogger
+from ..core.text import printable
 from ..core.verify import OVERWRITTEN
 from ..hdf5 import (
     DIRECT_MIN_BYTES,
@@ -357,7 +358,7 @@ def read(contents: memoryview, path: str, in_place: InPlaceRead | None = None) -
     except Exception as error:  # any error reading the file is the file's
         raise CheckpointFormatError(
             f"'{path}' is not a readable candle_ckpt PyTorch file: "
-            f"{type(error).__name__}: {str(error)[:300]}"
+            f"{type(error).__name__}: {printable(str(error)[:300])}"
         ) from error
     state = _decoded(encoded, values, path)
     references = _references(encoded)
