@@ -15,13 +15,15 @@ ends in a refusal rather than in the process:
    and make its every page copy-on-write), which reads the file's bytes from this
    process through a pipe, as HDF5 asks for them (its headers, not the data), under
    a cap on the memory it may take (RLIMIT_AS: what it has plus CHILD_MEMORY_BYTES)
-   and a time limit (CHECK_SECONDS). It visits every group, dataset and attribute the way
-   the readers do (iterating, then looking each name up, and the names the readers
-   look for: `LOOKED_UP`), reads every attribute, and checks every dataset's storage
-   (`_dataset_problem`). A crash of the HDF5 library on a damaged header (a segfault,
-   an endless loop, an allocation the cap refuses) thus ends the checker, and the
-   file is refused naming it; HDF5 parses the same bytes the same way in this process
-   afterwards, so only a file that the checker walked to the end is opened here.
+   and a time limit (CHECK_SECONDS). It visits every group, dataset and attribute the
+   way the readers do: iterating, then looking up each name found, and every name a
+   reader may look up that a group may lack (`LOOKED_UP`, the names its attributes
+   list, "0" to "n-1" in a group of n members); it reads every attribute and checks
+   every dataset's storage (`_dataset_problem`). A crash of the HDF5 library on a
+   damaged header (a segfault, an endless loop, an allocation the cap refuses) thus
+   ends the checker, and the file is refused naming it; HDF5 parses the same bytes
+   the same way in this process afterwards, so only a file that the checker walked
+   to the end is opened here.
 
 `load_json` bounds a JSON text held in a model file (size, nesting depth, string
 lengths) before it is parsed, so that what it decodes to stays in proportion to it.
@@ -54,7 +56,7 @@ from .core.text import printable
 from .hdf5 import HDF5_MAGIC, InMemoryFile
 
 CHECK_SECONDS = 60.0
-"""How long the child may take to walk a file; a walk that takes longer is taken for
+"""How long the checker may take to walk a file; a walk that takes longer is taken for
 an endless loop in the HDF5 library, and the file is refused."""
 
 CHILD_MEMORY_BYTES = 256 << 20
@@ -79,8 +81,8 @@ _NUMBER_KINDS = "biufc"
 
 _SUPERBLOCK = struct.Struct("<8sBBBBBBBBHHIQQQQQQ")
 _UNDEFINED = 0xFFFFFFFFFFFFFFFF  # HDF5's undefined address
-_MESSAGE_BYTES = 4096  # of a refusal, sent from the child
-_REQUEST = struct.Struct("<QQ")  # a read the child asks for: offset, length
+_MESSAGE_BYTES = 4096  # of a refusal, sent from the checker
+_REQUEST = struct.Struct("<QQ")  # a read the checker asks for: offset, length
 _COUNT = struct.Struct("<Q")  # the bytes that follow
 _BLOCK_BYTES = 64 << 10
 _CACHED_BLOCKS = 1024
@@ -197,8 +199,8 @@ def _serve(to_child: int, from_child: int, view: memoryview) -> tuple[bool, bool
 
 
 class _Reader:
-    """Exact reads from the child's pipe, each by `deadline` (TimeoutError), EOFError
-    when the child closes it first."""
+    """Exact reads from the checker's pipe, each by `deadline` (TimeoutError), EOFError
+    when the checker closes it first."""
 
     def __init__(self, fd: int, deadline: float) -> None:
         self.fd, self.deadline = fd, deadline
@@ -392,7 +394,7 @@ def _walk_objects(f: h5py.File, size: int) -> str:
             continue
         for name in LOOKED_UP:
             _ = name in node
-        for name in _names_in_attributes(node):
+        for name in [*_names_in_attributes(node), *map(str, range(len(node)))]:
             _probe(node, name)
         for name in node:
             link = node.get(name, getlink=True)
