@@ -26,6 +26,7 @@ GOOD = ("loaded", "refused")
 AWAITING_VALIDATION = {
     "model.h5.python-rng-version": "Random.setstate raises a raw ValueError",
     "model.h5.optimizer-state-without-step": "Adam's load_state_dict raises KeyError 'step'",
+    "model.h5.python-rng-float": "Random.setstate raises a raw TypeError",
 }
 
 
