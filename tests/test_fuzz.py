@@ -21,14 +21,6 @@ CORPUS = os.path.join(HERE, "fuzz_corpus")
 ENV = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), OMP_NUM_THREADS="1")
 GOOD = ("loaded", "refused")
 
-# Corpus entries whose fix is validation before apply (the registered objects' state
-# checked whole before the first one changes), which this branch does not hold yet.
-AWAITING_VALIDATION = {
-    "model.h5.python-rng-version": "Random.setstate raises a raw ValueError",
-    "model.h5.optimizer-state-without-step": "Adam's load_state_dict raises KeyError 'step'",
-    "model.h5.python-rng-float": "Random.setstate raises a raw TypeError",
-}
-
 
 def harness(*args, timeout):
     result = subprocess.run(
@@ -60,18 +52,7 @@ def corpus_outcomes():
     return {case["offset"]: case for case in harness("--corpus", CORPUS, timeout=240)}
 
 
-@pytest.mark.parametrize(
-    "entry",
-    [
-        pytest.param(
-            entry,
-            marks=pytest.mark.xfail(strict=True, reason=AWAITING_VALIDATION[entry])
-            if entry in AWAITING_VALIDATION
-            else (),
-        )
-        for entry in sorted(os.listdir(CORPUS))
-    ],
-)
+@pytest.mark.parametrize("entry", sorted(os.listdir(CORPUS)))
 def test_each_corpus_file_loads_or_is_refused_whole(corpus_outcomes, entry):
     case = corpus_outcomes[entry]
     assert case["outcome"] in GOOD, case

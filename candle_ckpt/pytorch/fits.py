@@ -45,6 +45,26 @@ _LIKE_THE_PARAMETER = frozenset(
 )
 # Per-parameter state that is one number (a 0-d tensor, or a number in older files).
 _ONE_NUMBER = frozenset({"step", "mu", "eta", "mu_product"})
+# Optimizers whose per-parameter state always holds a 'step' once it holds anything:
+# their `__setstate__` reads it after the state is already in place, so a file without
+# it would fail half-loaded.
+_STEPPED = tuple(
+    getattr(torch.optim, name)
+    for name in (
+        "Adam",
+        "AdamW",
+        "Adamax",
+        "NAdam",
+        "RAdam",
+        "Adagrad",
+        "Adadelta",
+        "RMSprop",
+        "Rprop",
+        "ASGD",
+        "SparseAdam",
+    )
+    if hasattr(torch.optim, name)
+)
 # Keys an LR scheduler adds to its optimizer's parameter groups: a group may hold them
 # although the optimizer being restored has no such scheduler (yet).
 _SCHEDULER_GROUP_KEYS = frozenset(
@@ -252,6 +272,11 @@ def check_optimizer(
         shape = shapes.get(id(parameter))
         if shape is None and not torch.nn.parameter.is_lazy(parameter):
             shape = tuple(parameter.shape)
+        if values and "step" not in values and isinstance(optimizer, _STEPPED):
+            raise CheckpointFormatError(
+                f"{at} has no 'step'; a {type(optimizer).__name__}'s state for a "
+                f"parameter always has one (it holds {', '.join(map(shown, values))})"
+            )
         for key, value in values.items():
             _check_parameter_state(value, key, shape, f"{at}[{shown(key)}]")
 
