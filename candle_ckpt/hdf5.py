@@ -1,9 +1,12 @@
-"""HDF5 reading shared by the Keras and PyTorch model files: no framework, h5py only.
+"""HDF5 writing and reading shared by the Keras and PyTorch model files: no framework,
+h5py only.
 
-A verified model file is parsed from the bytes that were checksummed (`InMemoryFile`),
-its contiguous datasets read as views of those bytes (`dataset_array`), and only hard
-links inside the file are followed (`group`, `dataset`): data stored in other files
-never reaches a model.
+A model file is laid out by h5py in memory (`FileImage`, `create_file`, `create_array`)
+and written by the library's own writer (`write_file`), so that no file-system error
+ever happens inside HDF5. A verified model file is parsed from the bytes that were
+checksummed (`InMemoryFile`), its contiguous datasets read as views of those bytes
+(`dataset_array`), and only hard links inside the file are followed (`group`,
+`dataset`): data stored in other files never reaches a model.
 """
 
 from __future__ import annotations
@@ -12,20 +15,21 @@ import ctypes
 import errno
 import io
 import os
-import re
+from collections.abc import Callable
 from typing import Any
 
 import h5py
 import numpy as np
 
-from .core.direct_io import ALIGNMENT, PrivateMemory
+from .core.direct_io import ALIGNMENT, PrivateMemory, Written, write_at
 from .core.errors import CheckpointFormatError
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 """The first bytes of an HDF5 file (with no user block)."""
 
 # Arrays from this size on are laid out by h5py on an ALIGNMENT boundary and written by
-# `direct_io.write_at` (`create_file`, `create_array`), with O_DIRECT where it can.
+# `direct_io.write_at` (`create_file`, `create_array`, `write_file`), with O_DIRECT
+# where it can.
 DIRECT_MIN_BYTES = 64 << 10
 
 
@@ -42,30 +46,137 @@ def raised_in(error: BaseException, *packages: str) -> bool:
     return any(module == package or module.startswith(package + ".") for package in packages)
 
 
-def as_oserror(error: BaseException, path: str | os.PathLike[str]) -> OSError:
-    """h5py's RuntimeError for a write that failed when the file was flushed, as the
-    OSError (with HDF5's errno) every other I/O error of the save path is."""
-    found = re.search(r"errno = (\d+)", str(error))
-    number = int(found.group(1)) if found else errno.EIO
-    return OSError(
-        number, f"{os.strerror(number)} (HDF5: {str(error).splitlines()[0]})", os.fspath(path)
-    )
+class FileImage(io.RawIOBase):
+    """A new HDF5 file laid out in memory, for h5py's file-object driver: it keeps
+    what HDF5 writes (the layout, a few kilobytes, and the small arrays), never the
+    space of the datasets HDF5 allocates and leaves unwritten (`create_array`), which
+    reads as zeros.
+
+    HDF5 thus never writes to a file system. A write that fails there (a full disk, an
+    exceeded quota, EIO) fails in `write_file`, as an OSError, rather than inside HDF5,
+    whose state does not survive an error while it writes its own metadata: h5py then
+    reports it from object destructors that cannot raise, and the process can end in a
+    segmentation fault.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._writes: list[tuple[int, bytes]] = []  # (offset, bytes) in the order written
+        self._position = 0
+        self.size = 0
+        """The file's size: where HDF5 ended it (its last `truncate`)."""
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self._writes.append((self._position, chunk))
+        self._position += len(chunk)
+        self.size = max(self.size, self._position)
+        return len(chunk)
+
+    def truncate(self, size: int | None = None) -> int:
+        self.size = self._position if size is None else size
+        return self.size
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        count = max(0, min(len(target), self.size - self._position))
+        _apply(self._writes, self._position, target[:count])
+        self._position += count
+        return count
+
+    def regions(self) -> list[tuple[int, memoryview]]:
+        """What HDF5 wrote, as (offset, bytes) runs of the file in offset order: each
+        run as many adjacent or overlapping writes as left it, the later winning."""
+        extents: list[list[int]] = []
+        spans = ((offset, min(offset + len(chunk), self.size)) for offset, chunk in self._writes)
+        for start, stop in sorted(span for span in spans if span[0] < span[1]):
+            if extents and start <= extents[-1][1]:
+                extents[-1][1] = max(extents[-1][1], stop)
+            else:
+                extents.append([start, stop])
+        runs = []
+        for start, stop in extents:
+            run = memoryview(bytearray(stop - start))
+            _apply(self._writes, start, run)
+            runs.append((start, run))
+        return runs
 
 
-def create_file(path: str) -> h5py.File:
-    """A new HDF5 file at `path` (truncated) whose datasets of DIRECT_MIN_BYTES or more
-    start on an ALIGNMENT boundary: `direct_io.write_at` can write them with O_DIRECT, and
-    they are page-aligned in memory once the file is read into page-aligned memory, so
-    they can be used in place."""
-    return h5py.File(path, "w", alignment_threshold=DIRECT_MIN_BYTES, alignment_interval=ALIGNMENT)
+def _apply(writes: list[tuple[int, bytes]], start: int, target: memoryview) -> None:
+    """Fill `target`, the file's bytes from `start`, from `writes` (zeros where none)."""
+    target[:] = bytes(len(target))
+    stop = start + len(target)
+    for offset, chunk in writes:
+        low, high = max(offset, start), min(offset + len(chunk), stop)
+        if low < high:
+            target[low - start : high - start] = chunk[low - offset : high - offset]
+
+
+def create_file(image: FileImage) -> h5py.File:
+    """A new HDF5 file laid out in `image`, whose datasets of DIRECT_MIN_BYTES or more
+    start on an ALIGNMENT boundary: `direct_io.write_at` can write them with O_DIRECT,
+    and they are page-aligned in memory once the file is read into page-aligned memory,
+    so they can be used in place. `write_file` writes it once it is closed."""
+    return h5py.File(image, "w", alignment_threshold=DIRECT_MIN_BYTES, alignment_interval=ALIGNMENT)
+
+
+def write_file(
+    path: str,
+    image: FileImage,
+    direct: list[tuple[int, Any]],
+    progress: Callable[[int], None] | None = None,
+    *,
+    checksum: bool = True,
+) -> Written:
+    """Write the closed HDF5 file of `image`, with the arrays of `direct` (`create_array`)
+    in the space it left for them, to `path` (created or truncated); return what
+    `direct_io.write_at` wrote, with the file's CRC32 (None without `checksum`).
+
+    The file is created at its full size, unfilled, and every byte of it is written by
+    `write_at` (`progress` as there). Does not fsync.
+
+    Raises:
+        OSError: a write failed, naming `path`; out of space (ENOSPC) or over quota
+            (EDQUOT), with the size the file needs.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.ftruncate(fd, image.size)
+    finally:
+        os.close(fd)
+    try:
+        return write_at(path, [*image.regions(), *direct], progress, checksum=checksum)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(
+            error.errno, f"{error.strerror} (a file of {image.size} bytes)", path
+        ) from error
 
 
 def create_array(
     group: h5py.Group, name: str, array: np.ndarray, direct: list[tuple[int, np.ndarray]]
 ) -> h5py.Dataset:
     """Create dataset `name` in `group` for `array` and return it: a small array written
-    by h5py, a large one allocated unfilled, its (file offset, array) appended to
-    `direct` for `direct_io.write_at` to write once the file is closed.
+    by h5py (into the `FileImage`), a large one allocated unfilled, its (file offset,
+    array) appended to `direct` for `write_file` to write once the file is closed.
 
     h5py holds the GIL while HDF5 writes a dataset; `write_at` does not, so a training
     thread running alongside a background save keeps going. The dataset is contiguous

@@ -182,7 +182,7 @@ def test_a_file_of_the_earlier_writer_unaligned_and_written_by_h5py_restores(tmp
     def by_h5py(group, name, array, direct):
         return group.create_dataset(name, data=array)
 
-    monkeypatch.setattr(state, "create_file", lambda path: h5py.File(path, "w"))
+    monkeypatch.setattr(state, "create_file", lambda image: h5py.File(image, "w"))
     monkeypatch.setattr(state, "create_array", by_h5py)
     objects = large()
     path = str(tmp_path / "model.h5")

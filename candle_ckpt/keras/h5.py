@@ -13,10 +13,12 @@ read); this module is its one implementation.
 How it is written
 -----------------
 h5py holds the GIL while HDF5 writes a dataset, which stalls a training thread running
-alongside a background save. So h5py only lays the file out: every large dataset is
-created empty with its space allocated at once and never filled, the file is closed,
-and the arrays are written into that space with ``os.pwrite``, which releases the GIL
-(`candle_ckpt.core.direct_io.write_at`). Small arrays are written by h5py directly.
+alongside a background save. So h5py only lays the file out, in memory
+(`candle_ckpt.hdf5.FileImage`): every large dataset is created empty with its space
+allocated at once and never filled, small arrays are written by h5py, the file is
+closed, and the layout and the arrays are written into the file with ``os.pwrite``,
+which releases the GIL (`candle_ckpt.hdf5.write_file`). HDF5 itself never writes to
+the file system, so a full disk fails there as an OSError, never inside HDF5.
 
 Why these choices
 -----------------
@@ -51,13 +53,13 @@ import numpy as np
 import tensorflow as tf
 
 from candle_ckpt.core.checksum import read_file
-from candle_ckpt.core.direct_io import Written, aligned, aligned_arrays, copy_into, write_at
+from candle_ckpt.core.direct_io import Written, aligned, aligned_arrays, copy_into
 from candle_ckpt.core.errors import CheckpointFormatError, failed_after_checks
 from candle_ckpt.core.logs import LibraryLogger, silent_logger
 from candle_ckpt.core.text import printable
 from candle_ckpt.core.verify import OVERWRITTEN
 from candle_ckpt.hdf5 import (
-    as_oserror,
+    FileImage,
     contiguous_offset,
     create_array,
     create_file,
@@ -67,6 +69,7 @@ from candle_ckpt.hdf5 import (
     reads_as_view,
     writable_bytes,
     writable_contents,
+    write_file,
 )
 from candle_ckpt.hdf5 import attr_str as _attr_str
 from candle_ckpt.hdf5 import dataset as _dataset
@@ -252,30 +255,20 @@ def write(
     `checksum`).
 
     May run in a background thread. Does not fsync: the save protocol does that once for
-    every file of the epoch. h5py lays the file out and writes the small arrays; the
-    large ones are written in place by `direct_io.write_at` (with O_DIRECT where it
-    can), which calls `progress`, if given, with the bytes it wrote through the page
-    cache so far (the save path uses it to start disk writeback early:
-    `durable.WritebackStarter`).
+    every file of the epoch. h5py lays the file out in memory and writes the small
+    arrays there; `hdf5.write_file` writes the layout and the large arrays into the
+    file (with O_DIRECT where it can), and calls `progress`, if given, with the bytes
+    it wrote through the page cache so far (the save path uses it to start disk
+    writeback early: `durable.WritebackStarter`).
 
     Raises:
-        OSError: the file could not be written (disk full, EIO). h5py reports a write
-            that fails when the file is flushed as a RuntimeError; it is raised as an
-            OSError with the errno HDF5 reports, like any other I/O error.
+        OSError: the file could not be written (disk full, quota, EIO).
     """
-    try:
-        return _write_file(state, os.fspath(path), progress, checksum)
-    except RuntimeError as error:
-        raise as_oserror(error, path) from error
-
-
-def _write_file(
-    state: TrainingState, path: str, progress: Callable[[int], None] | None, checksum: bool
-) -> Written:
     # (dataset offset, array) of the arrays pwrite writes. Any: write_at is typed for a
     # memoryview, create_array for an ndarray; Python 3.10 has no Buffer type for both.
     direct: list[tuple[int, Any]] = []
-    with create_file(path) as f:
+    image = FileImage()
+    with create_file(image) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
         f.attrs[WEIGHTS_ONLY_ATTR] = state.weights_only
         f.attrs["keras_version"] = state.keras_version
@@ -293,7 +286,7 @@ def _write_file(
         if state.optimizer is not None:
             _write_arrays(f.create_group("optimizer_weights"), state.optimizer, direct)
         _write_arrays(f.create_group(RNG_GROUP), state.rng, direct)
-    return write_at(path, direct, progress, checksum=checksum)
+    return write_file(os.fspath(path), image, direct, progress, checksum=checksum)
 
 
 @dataclass(frozen=True)

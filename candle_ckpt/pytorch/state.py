@@ -1,8 +1,8 @@
 """What is written: a PyTorch run's training state as ``model.h5``, and back, exactly.
 
 `snapshot` takes every registered object's state on the training thread, `write` turns
-it into ``model.h5`` (h5py lays the file out, `direct_io.write_at` writes the large
-tensors without holding the GIL, so it may run in a background thread beside
+it into ``model.h5`` (h5py lays the file out in memory, `hdf5.write_file` writes it and
+the large tensors without holding the GIL, so it may run in a background thread beside
 training), and `restore` loads a file into the registered objects, validating
 everything first and building the tensors on the verified bytes in place.
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..core.adapter import Restored
-from ..core.direct_io import Written, aligned_arrays, copy_into, write_at
+from ..core.direct_io import Written, aligned_arrays, copy_into
 from ..core.errors import CheckpointFormatError, failed_after_checks
 from ..core.logs import LibraryLogger
 from ..core.text import printable
@@ -47,7 +47,7 @@ from ..core.verify import OVERWRITTEN
 from ..hdf5 import (
     DIRECT_MIN_BYTES,
     HDF5_MAGIC,
-    as_oserror,
+    FileImage,
     create_array,
     create_file,
     dataset,
@@ -57,6 +57,7 @@ from ..hdf5 import (
     reads_as_view,
     writable_bytes,
     writable_contents,
+    write_file,
 )
 from ..hdf5_check import load_json, open_model_file
 from .fits import check_restorable, check_state, is_generator, sets_cuda_states
@@ -284,27 +285,19 @@ def write(
     return what `direct_io.write_at` wrote, with the file's CRC32 (None without
     `checksum`).
 
-    h5py lays the file out and writes the small arrays; the large ones are written into
-    the space it allocated by `direct_io.write_at` (with O_DIRECT where it can), which
-    releases the GIL, so a background save leaves the training thread running. No fsync
-    (the protocol does it). `progress` is called with the bytes `write_at` has written
-    through the page cache so far.
+    h5py lays the file out in memory and writes the small arrays there; the layout and
+    the large arrays, in the space it allocated for them, are written into the file by
+    `hdf5.write_file` (with O_DIRECT where it can), which releases the GIL, so a
+    background save leaves the training thread running, and which alone touches the
+    file system, so a full disk never fails inside HDF5. No fsync (the protocol does
+    it). `progress` is called with the bytes written through the page cache so far.
 
     Raises:
-        OSError: the file could not be written (disk full, EIO), also when HDF5 reports
-            it as a RuntimeError at the final flush.
+        OSError: the file could not be written (disk full, quota, EIO).
     """
-    try:
-        return _write_file(state, path, progress, checksum)
-    except RuntimeError as error:
-        raise as_oserror(error, path) from error
-
-
-def _write_file(
-    state: TrainingState, path: str, progress: Callable[[int], None] | None, checksum: bool
-) -> Written:
-    direct: list = []  # (dataset offset, array) of the arrays write_at writes
-    with create_file(path) as f:
+    direct: list = []  # (dataset offset, array) of the arrays write_file writes
+    image = FileImage()
+    with create_file(image) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
         f.attrs["weights_only"] = state.weights_only
         f.attrs["torch_version"] = str(torch.__version__)
@@ -315,7 +308,7 @@ def _write_file(
             created = create_array(tensors, str(k), array, direct)
             created.attrs["torch_dtype"] = dtype
             created.attrs["shape"] = np.asarray(shape, dtype=np.int64)
-    return write_at(path, direct, progress, checksum=checksum)
+    return write_file(path, image, direct, progress, checksum=checksum)
 
 
 # -- reading ---------------------------------------------------------------------------
