@@ -9,7 +9,9 @@ tests, with plain-file writers.
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
+import logging
 import os
 import platform
 import time
@@ -38,7 +40,7 @@ from .info import (
 )
 from .locate import run_layout
 from .lock import WriterLock
-from .logs import LibraryLogger, silent_logger, tree_logger
+from .logs import LibraryLogger, log_to_file_only, silent_logger, tree_logger
 from .params import validate_params
 from .policies import BestMetric, epochs_to_keep, infer_metric_mode, save_reason
 from .protocol import (
@@ -117,6 +119,7 @@ class Checkpointer:
         self.adapter_name: str | None = None
         self.model_format: str | None = None
         self.last_write_seconds: float | None = None  # the last save protocol that succeeded
+        self.last_save_bytes: int | None = None  # the bytes of that save's files
         self.run_id = uuid.uuid4().hex
         self.run_started = utc_time(time.time())
         # The lineage: this run and the runs it resumed, back to one started from scratch
@@ -408,18 +411,19 @@ class Checkpointer:
         """Run the save protocol; an OSError becomes a CheckpointWriteError naming `last`."""
         write_started = time.perf_counter()
         try:
-            self._run_protocol(decision, write_files, started)
+            self.last_save_bytes = self._run_protocol(decision, write_files, started)
             self.last_write_seconds = time.perf_counter() - write_started
         except OSError as error:
             # The next save starts by finishing what this one left (work/, trash/).
             self.prepared = False
-            raise CheckpointWriteError(
-                error.errno,
-                (
-                    f"saving epoch {decision.epoch} into '{self.layout.ckpts}' failed: {error}; "
-                    f"'last' names epoch {self.layout.resolve_link('last')}"
-                ),
-            ) from error
+            message = (
+                f"saving epoch {decision.epoch} into '{self.layout.ckpts}' failed: {error}; "
+                f"'last' names epoch {self.layout.resolve_link('last')}"
+                f"{out_of_space_remedy(error, self.layout.ckpts, self.last_save_bytes)}"
+            )
+            # Raised, so whoever catches it shows it on the console (in one line).
+            log_to_file_only(self.logger, logging.ERROR, "SAVE FAILED: %s", message)
+            raise CheckpointWriteError(error.errno, message) from error
         finally:
             self.trash.poke()  # whatever the save moved aside, even if it failed
         try:
@@ -434,10 +438,9 @@ class Checkpointer:
                 error,
             )
 
-    def _run_protocol(
-        self, decision: SaveDecision, write_files: WriteFiles, started: float
-    ) -> None:
-        """Steps 2-8 of the save protocol for the epoch of `decision`."""
+    def _run_protocol(self, decision: SaveDecision, write_files: WriteFiles, started: float) -> int:
+        """Steps 2-8 of the save protocol for the epoch of `decision`; return the bytes
+        of the epoch's files."""
         epoch = decision.epoch
         _, written = save_epoch(
             self.layout,
@@ -469,6 +472,7 @@ class Checkpointer:
             written.nbytes / 1e6 / max(written.write_seconds, 1e-9),
             self.layout.epoch_dir(epoch),
         )
+        return written.nbytes
 
     def report_final(self) -> None:
         """Log how many of this run's epochs are kept, and which."""
@@ -606,3 +610,42 @@ def _parse_timestamp(text: str) -> float | None:
         return time.mktime(time.strptime(text, TIMESTAMP_FORMAT))
     except ValueError:
         return None
+
+
+def out_of_space_remedy(error: OSError, directory: str, save_bytes: int | None) -> str:
+    """For a save that failed with ENOSPC or EDQUOT, what to do, with the free space of
+    `directory`'s file system and `save_bytes`, what the last successful save wrote
+    (None: none yet); for any other error, nothing.
+
+    The two differ in their remedy: a full file system is freed, or left for a larger
+    one; an exceeded quota (the user's or the group's, e.g. Lustre's and GPFS's
+    project quotas) is freed within the quota or raised, and statvfs's free space does
+    not show it.
+    """
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return ""
+    try:
+        found = os.statvfs(directory)
+        free = f"{_megabytes(found.f_bavail * found.f_frsize)} free"
+    except OSError as statvfs_error:
+        free = f"free space unknown ({statvfs_error.strerror})"
+    needed = (
+        f"the last save wrote {_megabytes(save_bytes)}"
+        if save_bytes is not None
+        else "no save of this run succeeded yet"
+    )
+    if error.errno == errno.EDQUOT:
+        return (
+            f". The disk quota is exceeded (its file system has {free}; {needed}): "
+            f"delete files counted in the quota or ask for a larger one (see `quota -s`, "
+            f"`lfs quota -u $USER DIR`), then rerun: the job resumes from 'last'"
+        )
+    return (
+        f". The file system is full ({free}; {needed}): free space on it (e.g. "
+        f"`candle-ckpt prune`) or move ckpt_directory to a larger one, then rerun: the "
+        f"job resumes from 'last'"
+    )
+
+
+def _megabytes(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.3f} MB"

@@ -8,6 +8,7 @@ system, as `rename(2)` requires. POSIX only.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 import shutil
@@ -101,7 +102,9 @@ def append_line(path: str, data: bytes, *, sync: bool) -> None:
         written = os.write(descriptor, data)
         if written != len(data):
             os.write(descriptor, b"\n")
-            raise OSError(f"'{path}': wrote {written} of {len(data)} bytes of a line (disk full?)")
+            raise OSError(
+                errno.ENOSPC, f"wrote {written} of {len(data)} bytes of a line (disk full?)", path
+            )
         if sync:
             os.fsync(descriptor)
     finally:
@@ -137,9 +140,12 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.lexists(temporary):
             os.unlink(temporary)
+        if isinstance(error, OSError) and error.filename is None:
+            # A buffered write's error (ENOSPC at the flush) names no file.
+            raise OSError(error.errno, error.strerror, path) from error
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
