@@ -11,6 +11,7 @@ checksummed (`InMemoryFile`), its contiguous datasets read as views of those byt
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import io
@@ -76,18 +77,22 @@ class FileImage(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
-        self._position = base + offset
+        # HDF5 seeks before every write (thousands for a model of many small layers)
+        if whence == io.SEEK_SET:
+            self._position = offset
+        else:
+            self._position = offset + (self._position if whence == io.SEEK_CUR else self.size)
         return self._position
 
     def tell(self) -> int:
         return self._position
 
     def write(self, data: Any) -> int:
-        chunk = bytes(data)
+        chunk = bytes(data)  # h5py's buffer is valid during the call only
         self._writes.append((self._position, chunk))
         self._position += len(chunk)
-        self.size = max(self.size, self._position)
+        if self._position > self.size:
+            self.size = self._position
         return len(chunk)
 
     def truncate(self, size: int | None = None) -> int:
@@ -111,12 +116,14 @@ class FileImage(io.RawIOBase):
                 extents[-1][1] = max(extents[-1][1], stop)
             else:
                 extents.append([start, stop])
-        runs = []
-        for start, stop in extents:
-            run = memoryview(bytearray(stop - start))
-            _apply(self._writes, start, run)
-            runs.append((start, run))
-        return runs
+        starts = [start for start, _ in extents]
+        runs = [bytearray(stop - start) for start, stop in extents]
+        for offset, chunk in self._writes:  # each inside one run, by construction
+            stop = min(offset + len(chunk), self.size)
+            if offset < stop:
+                k = bisect.bisect_right(starts, offset) - 1
+                runs[k][offset - starts[k] : stop - starts[k]] = chunk[: stop - offset]
+        return [(start, memoryview(run)) for start, run in zip(starts, runs)]
 
 
 def _apply(writes: list[tuple[int, bytes]], start: int, target: memoryview) -> None:
@@ -147,28 +154,33 @@ def write_file(
 ) -> Written:
     """Write the closed HDF5 file of `image`, with the arrays of `direct` (`create_array`)
     in the space it left for them, to `path` (created or truncated); return what
-    `direct_io.write_at` wrote, with the file's CRC32 (None without `checksum`).
+    `direct_io.write_at` wrote of the arrays, with the file's CRC32 (None without
+    `checksum`).
 
-    The file is created at its full size, unfilled, and every byte of it is written by
-    `write_at` (`progress` as there). Does not fsync.
+    The file is created at its full size and what HDF5 wrote (a few kilobytes, and the
+    small arrays) is written through the page cache, as HDF5 would have; then
+    `write_at` writes the arrays (`progress` as there). Does not fsync.
 
     Raises:
         OSError: a write failed, naming `path`; out of space (ENOSPC) or over quota
             (EDQUOT), with the size the file needs.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        os.ftruncate(fd, image.size)
-    finally:
-        os.close(fd)
-    try:
-        return write_at(path, [*image.regions(), *direct], progress, checksum=checksum)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            os.ftruncate(fd, image.size)
+            for offset, run in image.regions():
+                done = 0
+                while done < len(run):
+                    done += os.pwrite(fd, run[done:], offset + done)
+        finally:
+            os.close(fd)
+        return write_at(path, direct, progress, checksum=checksum)
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise OSError(
-            error.errno, f"{error.strerror} (a file of {image.size} bytes)", path
-        ) from error
+        strerror = error.strerror
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            strerror = f"{strerror} (a file of {image.size} bytes)"
+        raise OSError(error.errno, strerror, path) from error
 
 
 def create_array(

@@ -69,22 +69,16 @@ def o_direct():
 
 
 def check_written(written, path, large, o_direct):
-    """Assert what `hdf5.write_file` reported writing the file `path`, whose large
-    arrays are `large`: the CRC32 of the file's bytes; the arrays' bytes and the
-    layout's (HDF5's own and the small arrays, more than nothing, at most the rest of
-    the file); where the directory takes O_DIRECT (`o_direct`, the fixture), the whole
-    4 KiB blocks of every array written directly, their tails and most of the layout
-    through the page cache. Returns the file's bytes."""
+    """Assert what `direct_io.write_at` reported writing the file `path`, whose large
+    arrays are `large`: the CRC32 of the file's bytes, the arrays' bytes and, where the
+    directory takes O_DIRECT (`o_direct`, the fixture), the whole 4 KiB blocks of every
+    array written directly, their tails through the page cache. Returns the file's bytes."""
     with open(path, "rb") as stream:
         contents = stream.read()
     assert written.crc32 == zlib.crc32(contents)
-    arrays = sum(a.nbytes for a in large)
-    assert arrays < written.nbytes <= len(contents)
+    assert written.nbytes == sum(a.nbytes for a in large)
     blocks = sum(a.nbytes - a.nbytes % 4096 for a in large)
-    if o_direct(os.path.dirname(path)):
-        assert blocks <= written.direct_bytes <= blocks + (written.nbytes - arrays)
-    else:
-        assert written.direct_bytes == 0
+    assert written.direct_bytes == (blocks if o_direct(os.path.dirname(path)) else 0)
     return contents
 
 

@@ -39,6 +39,19 @@ def datasets(path):
     return found
 
 
+def seeded_state(path, framework):
+    """`datasets` of a model file without what an example job leaves unseeded: a torch
+    file's Python and NumPy generator states (in the JSON part, and NumPy's array),
+    which fresh processes start differently since the examples draw from neither."""
+    import json
+
+    state = datasets(path)
+    if framework == "torch":
+        rng = dict(json.loads(state.pop("state").tobytes())["rng"]["dict"])
+        del state[f"tensors/{rng['numpy']['tuple'][1]['ndarray']}"]
+    return state
+
+
 def assert_same_state(path_a, path_b):
     """Every weight, optimizer variable and RNG state is bit-identical."""
     a, b = datasets(path_a), datasets(path_b)

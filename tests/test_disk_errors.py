@@ -10,15 +10,19 @@ mount one) then fails inside h5py while Keras saves.
 import builtins
 import errno
 import os
+import re
 import shutil
 import subprocess
+import sys
 import threading
+import zlib
 
 import numpy as np
 import pytest
 from conftest import file_writer
+from keras_helpers import seeded_state
 
-from candle_ckpt.core.errors import CheckpointWriteError
+from candle_ckpt.core.errors import SAVE_FAILED_EXIT_STATUS, CheckpointWriteError, exit_status
 from candle_ckpt.core.layout import CheckpointLayout
 from candle_ckpt.core.logs import silent_logger
 from candle_ckpt.core.params import validate_params
@@ -145,6 +149,70 @@ def test_an_io_error_at_every_step_of_a_save(
         assert any(seen.startswith(step) for seen in steps_seen), step
 
 
+@pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_out_of_space_and_over_quota_say_what_to_do(
+    make_checkpointer, ckpt_dir, monkeypatch, caplog, error_number
+):
+    """The remedy differs: a full file system is freed or left, a quota freed or raised."""
+    injector = Injector(monkeypatch, ckpt_dir, error_number)
+    checkpointer = make_checkpointer()
+    checkpointer.epoch_end(1, {"loss": 1.0}, file_writer(os.urandom(5000)))
+    injector.arm(10**6)  # counts the calls of a save, failing none
+    checkpointer.epoch_end(2, {"loss": 0.5}, file_writer(os.urandom(5000)))
+    n = injector.calls.index("open(ckpts/work/model.h5)") + 1
+    injector.arm(n)
+    with pytest.raises(CheckpointWriteError) as raised:
+        checkpointer.epoch_end(3, {"loss": 0.25}, file_writer(os.urandom(5000)))
+    injector.disarm()
+    message = str(raised.value)
+    assert injector.calls[n - 1] == "open(ckpts/work/model.h5)"
+    assert exit_status(raised.value) == SAVE_FAILED_EXIT_STATUS
+    free = os.statvfs(ckpt_dir).f_bavail * os.statvfs(ckpt_dir).f_frsize
+    found = re.search(r"([\d.]+) MB free; the last save wrote ([\d.]+) MB\)", message)
+    assert abs(float(found.group(1)) * 1e6 - free) < 50e6  # others write to this disk too
+    assert float(found.group(2)) * 1e6 >= 5000
+    if error_number == errno.EDQUOT:
+        assert "Disk quota exceeded" in message and "The disk quota is exceeded" in message
+        assert "ask for a larger one" in message and "file system is full" not in message
+    else:
+        assert "No space left on device" in message and "The file system is full" in message
+        assert "quota" not in message
+    assert message.endswith("then rerun: the job resumes from 'last'")
+    assert f"SAVE FAILED: {message.split('] ', 1)[1]}" in caplog.text
+
+
+def test_a_file_laid_out_in_memory_is_the_file_hdf5_wrote(tmp_path):
+    """HDF5 writes into a `FileImage` (rewriting some of its bytes, as it does its
+    superblock); `write_file` puts those bytes and the large arrays at their offsets."""
+    import h5py
+
+    from candle_ckpt.hdf5 import FileImage, create_array, create_file, write_file
+
+    arrays = {str(k): np.random.default_rng(k).random(size) for k, size in enumerate((3, 9000, 50))}
+    image, direct = FileImage(), []
+    with create_file(image) as f:
+        f.attrs["note"] = "x" * 100
+        for name, array in arrays.items():
+            create_array(f.create_group(f"g{name}"), name, array, direct)
+    assert len(direct) == 1  # the 72 000-byte array, left for write_at
+    path = str(tmp_path / "model.h5")
+    written = write_file(path, image, direct)
+    with open(path, "rb") as stream:
+        contents = stream.read()
+    assert len(contents) == image.size and written.crc32 == zlib.crc32(contents)
+    image.seek(0)
+    assert (
+        image.read(image.size)
+        == contents[: direct[0][0]]
+        + bytes(direct[0][1].nbytes)
+        + contents[direct[0][0] + direct[0][1].nbytes :]
+    )
+    with h5py.File(path, "r") as f:
+        assert f.attrs["note"] == "x" * 100
+        for name, array in arrays.items():
+            assert np.array_equal(f[f"g{name}/{name}"][()], array)
+
+
 def mount_tmpfs(path, size):
     os.makedirs(path)
     result = subprocess.run(
@@ -236,3 +304,119 @@ def test_a_failed_removal_is_retried_by_the_next_deletion(make_checkpointer, mon
     checkpointer.trash.wait()
     assert_clean(checkpointer.layout)
     assert checkpointer.layout.list_epochs() == [3]
+
+
+# The issue 33 job: about 0.6 MB a model file, every epoch kept, so a small tmpfs fills
+# within a few epochs.
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+SCRIPTS = {"keras": "benchmark.py", "torch": "benchmark_pytorch.py"}
+FULL_DISK_JOB = [
+    *("--n_samples", "256", "--n_features", "64", "--dense", "[200,200]"),
+    *("--ckpt_keep_mode", "all"),
+]
+PAGE = 4096  # tmpfs counts its size in pages
+
+
+def run_example(framework, root, epochs, mode, expect):
+    """Run the framework's example benchmark on the tree `root`; return its stderr lines
+    that are not the library's log records (what the job itself printed)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, SCRIPTS[framework]),
+            *FULL_DISK_JOB,
+            *("--epochs", str(epochs), "--ckpt_directory", str(root)),
+            *("--ckpt_async", "true" if mode == "async" else "false"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == expect, result.stderr[-3000:]
+    return [
+        line
+        for line in result.stderr.splitlines()
+        if line and not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ candle_ckpt", line)
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """{framework: the tree of an uninterrupted 4-epoch run of its example}, made once."""
+    made = {}
+
+    def tree(framework):
+        if framework not in made:
+            made[framework] = tmp_path_factory.mktemp(framework) / "save"
+            run_example(framework, made[framework], 4, "sync", expect=0)
+        return made[framework]
+
+    return tree
+
+
+def fill(mount, leave_pages):
+    """Fill the file system at `mount` with a file, leaving `leave_pages` pages free."""
+    found = os.statvfs(mount)
+    free_pages = found.f_bavail * found.f_frsize // PAGE
+    with open(os.path.join(mount, "filler"), "wb") as filler:
+        filler.write(b"\0" * (free_pages - leave_pages) * PAGE)
+
+
+def check_full_disk_run(framework, mode, root, lines):
+    """One line, status 5 (asserted by `run_example`); `last` verifies and is the epoch
+    the line names; ckpt.log has the error if it could be written. Returns the line."""
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith(f"{SCRIPTS[framework]}: CheckpointWriteError: [Errno 28] saving ")
+    assert "No space left on device" in line and "The file system is full (" in line
+    assert "h5py" not in line and "HDF5" not in line
+    last = last_verified(str(root))
+    assert f"'last' names epoch {last}" in line
+    verified = subprocess.run(
+        [sys.executable, "-m", "candle_ckpt", "verify", str(root)], capture_output=True, text=True
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    with open(os.path.join(root, "ckpt.log"), errors="replace") as log:
+        text = log.read()
+    assert "SAVE FAILED: saving epoch" in text or not text.endswith("\n")
+    return line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "framework, mode, leave",
+    [
+        ("keras", "sync", -1),  # in model.h5
+        ("keras", "async", 0),  # model.h5 fits, what follows does not
+        ("torch", "sync", 0),
+        ("torch", "async", -1),
+    ],
+)
+def test_a_full_file_system_stops_the_job_with_status_5_and_one_line(
+    tmp_path, uninterrupted, framework, mode, leave
+):
+    """A real tmpfs, filled so that epoch 3's save finds `leave` pages more than its model
+    file needs: the job exits 5 with one line, `last` verifies, and once space is freed
+    the rerun resumes from `last` and ends as an uninterrupted run does, bit for bit."""
+    pytest.importorskip(framework)
+    reference = uninterrupted(framework)
+    mount = str(tmp_path / "small")
+    mount_tmpfs(mount, "4m")
+    root = os.path.join(mount, "save")
+    try:
+        run_example(framework, root, 2, mode, expect=0)
+        model_file = os.path.join(root, "ckpts", "last", "model.h5")
+        fill(mount, -(-os.path.getsize(model_file) // PAGE) + leave)
+        lines = run_example(framework, root, 4, mode, expect=5)
+        print(check_full_disk_run(framework, mode, root, lines))
+        os.unlink(os.path.join(mount, "filler"))
+        assert run_example(framework, root, 4, mode, expect=0) == []
+        assert last_verified(root) == 4
+        ours = seeded_state(os.path.join(root, "ckpts", "epochs", "004", "model.h5"), framework)
+        theirs = seeded_state(reference / "ckpts" / "epochs" / "004" / "model.h5", framework)
+        assert sorted(ours) == sorted(theirs)
+        for name in ours:
+            assert ours[name].tobytes() == theirs[name].tobytes(), name
+    finally:
+        subprocess.run(["umount", mount], check=True)
