@@ -3,9 +3,10 @@
 A background save competes with training on the same cores. h5py holds the GIL for as
 long as HDF5 writes a dataset, so the training thread, which needs the GIL between its
 kernels, waits for each of those writes. The file formats therefore only lay the file
-out (a few kilobytes of metadata, written by their own library) and leave the bulk of
-the bytes to `write_at`, whose `os.pwrite` calls each release the GIL. The Keras h5
-format uses it (`candle_ckpt.keras.h5.write`), and so does the PyTorch one.
+out (a few kilobytes of metadata, laid out in memory by their own library and written
+by `candle_ckpt.hdf5.write_file`) and leave the bulk of the bytes to `write_at`, whose
+`os.pwrite` calls each release the GIL. The Keras h5 format uses it
+(`candle_ckpt.keras.h5.write`), and so does the PyTorch one.
 
 `write_at` writes what it can with `O_DIRECT`: the kernel then moves the bytes from the
 caller's memory to the disk without copying them into the page cache, a copy that
