@@ -107,23 +107,35 @@ class FileImage(io.RawIOBase):
         return count
 
     def regions(self) -> list[tuple[int, memoryview]]:
-        """What HDF5 wrote, as (offset, bytes) runs of the file in offset order: each
-        run as many adjacent or overlapping writes as left it, the later winning."""
-        extents: list[list[int]] = []
+        """What HDF5 wrote, as (offset, bytes) of the file in offset order, none
+        overlapping: each write as it was, but writes that overlap (HDF5 rewrites its
+        superblock) merged into one run, the later winning. Only merged runs are copies,
+        so the small arrays are not held twice."""
         spans = ((offset, min(offset + len(chunk), self.size)) for offset, chunk in self._writes)
+        extents: list[list[int]] = []
         for start, stop in sorted(span for span in spans if span[0] < span[1]):
-            if extents and start <= extents[-1][1]:
+            if extents and start < extents[-1][1]:
                 extents[-1][1] = max(extents[-1][1], stop)
             else:
                 extents.append([start, stop])
         starts = [start for start, _ in extents]
-        runs = [bytearray(stop - start) for start, stop in extents]
-        for offset, chunk in self._writes:  # each inside one run, by construction
+        members: list[list[tuple[int, bytes]]] = [[] for _ in extents]
+        for offset, chunk in self._writes:  # each inside one extent, by construction
             stop = min(offset + len(chunk), self.size)
             if offset < stop:
-                k = bisect.bisect_right(starts, offset) - 1
-                runs[k][offset - starts[k] : stop - starts[k]] = chunk[: stop - offset]
-        return [(start, memoryview(run)) for start, run in zip(starts, runs)]
+                members[bisect.bisect_right(starts, offset) - 1].append(
+                    (offset, chunk[: stop - offset])
+                )
+        runs = []
+        for (start, stop), written in zip(extents, members):
+            if len(written) == 1:
+                runs.append((start, memoryview(written[0][1])))
+                continue
+            run = bytearray(stop - start)
+            for offset, chunk in written:
+                run[offset - start : offset - start + len(chunk)] = chunk
+            runs.append((start, memoryview(run)))
+        return runs
 
 
 def _apply(writes: list[tuple[int, bytes]], start: int, target: memoryview) -> None:
