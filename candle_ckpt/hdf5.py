@@ -28,6 +28,9 @@ from .core.errors import CheckpointFormatError
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 """The first bytes of an HDF5 file (with no user block)."""
 
+# How many buffers one `os.pwritev` takes (Linux's IOV_MAX).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
 # Arrays from this size on are laid out by h5py on an ALIGNMENT boundary and written by
 # `direct_io.write_at` (`create_file`, `create_array`, `write_file`), with O_DIRECT
 # where it can.
@@ -181,10 +184,7 @@ def write_file(
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             os.ftruncate(fd, image.size)
-            for offset, run in image.regions():
-                done = 0
-                while done < len(run):
-                    done += os.pwrite(fd, run[done:], offset + done)
+            _write_runs(fd, image.regions())
         finally:
             os.close(fd)
         return write_at(path, direct, progress, checksum=checksum)
@@ -193,6 +193,26 @@ def write_file(
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             strerror = f"{strerror} (a file of {image.size} bytes)"
         raise OSError(error.errno, strerror, path) from error
+
+
+def _write_runs(fd: int, runs: list[tuple[int, memoryview]]) -> None:
+    """Write `runs` ((offset, bytes), in offset order) into `fd`: each series of runs
+    that follow one another in the file with one `os.pwritev` of up to _IOV_MAX of them
+    (HDF5 writes a model of many small layers in thousands of pieces)."""
+    k = 0
+    while k < len(runs):
+        start, end = runs[k][0], runs[k][0]
+        batch: list[memoryview] = []
+        while k < len(runs) and runs[k][0] == end and len(batch) < _IOV_MAX:
+            batch.append(runs[k][1])
+            end += len(runs[k][1])
+            k += 1
+        done = os.pwritev(fd, batch, start)
+        if done < end - start:  # a short write (the disk filling): the rest one by one
+            rest = memoryview(b"".join(batch))[done:]
+            while rest:
+                count = os.pwrite(fd, rest, start + done)
+                done, rest = done + count, rest[count:]
 
 
 def create_array(

@@ -181,10 +181,17 @@ def test_out_of_space_and_over_quota_say_what_to_do(
     assert f"SAVE FAILED: {message.split('] ', 1)[1]}" in caplog.text
 
 
-def test_a_file_laid_out_in_memory_is_the_file_hdf5_wrote(tmp_path):
+@pytest.mark.parametrize("short_writes", [False, True], ids=["whole", "short"])
+def test_a_file_laid_out_in_memory_is_the_file_hdf5_wrote(tmp_path, monkeypatch, short_writes):
     """HDF5 writes into a `FileImage` (rewriting some of its bytes, as it does its
-    superblock); `write_file` puts those bytes and the large arrays at their offsets."""
+    superblock); `write_file` puts those bytes and the large arrays at their offsets,
+    continuing short writes (a file system filling up writes part of what it is given)."""
     import h5py
+
+    if short_writes:
+        monkeypatch.setattr(
+            os, "pwritev", lambda fd, buffers, at: os.pwrite(fd, buffers[0][:7], at)
+        )
 
     from candle_ckpt.hdf5 import FileImage, create_array, create_file, write_file
 
