@@ -111,9 +111,12 @@ def a_seed_state_of_another_dtype(f):
 
 
 CASES = {
-    "does-not-inflate": (a_compressed_variable_that_does_not_inflate, "not a readable HDF5"),
+    "does-not-inflate": (
+        a_compressed_variable_that_does_not_inflate,
+        "is chunked (candle_ckpt writes contiguous datasets)",
+    ),
     "other-shape": (an_optimizer_variable_of_another_shape, "float32 of shape (2,) in the file"),
-    "big-endian": (a_big_endian_optimizer_variable, "not in this machine's byte order"),
+    "big-endian": (a_big_endian_optimizer_variable, "native byte order"),
     "seed-dtype": (a_seed_state_of_another_dtype, "(SeedGenerator states), variable"),
 }
 
