@@ -36,8 +36,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (
     SIZES_MB,
+    against_fastest,
     build_model,
     callback_save,
+    directory_argument,
     header,
     interleave,
     quiet_tensorflow,
@@ -58,18 +60,28 @@ def fsynced(paths, directory):
 
 
 def measure(size, repetitions, directory):
+    return measure_model(build_model(SIZES_MB[size]), size, repetitions, directory)
+
+
+PEERS = ("tf_checkpoint", "keras_weights_h5", "keras_model")
+
+
+def measure_model(model, label, repetitions, directory, peers=PEERS):
+    """Save and restore times of a compiled `model` whose optimizer is built, candle_ckpt
+    and `peers` (some of `PEERS`) interleaved: (state bytes, saves, restores),
+    {name: [seconds]} each. Every restore goes into `model` itself (`load_model` makes
+    a new one)."""
     import keras
     import tensorflow as tf
 
     import candle_ckpt
 
-    model = build_model(SIZES_MB[size])
-    root = os.path.join(directory, f"ckpt-{size}")
-    peers = os.path.join(directory, f"peers-{size}")
-    os.makedirs(peers)
-    prefix = os.path.join(peers, "tf", "ckpt")
-    weights = os.path.join(peers, "x.weights.h5")
-    keras_file = os.path.join(peers, "x.keras")
+    root = os.path.join(directory, f"ckpt-{label}")
+    files = os.path.join(directory, f"peers-{label}")
+    os.makedirs(files)
+    prefix = os.path.join(files, "tf", "ckpt")
+    weights = os.path.join(files, "x.weights.h5")
+    keras_file = os.path.join(files, "x.keras")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
 
     def tf_save():
@@ -78,32 +90,38 @@ def measure(size, repetitions, directory):
 
     def weights_save():
         model.save_weights(weights)
-        fsynced([weights], peers)
+        fsynced([weights], files)
 
     def keras_save():
         model.save(keras_file)
-        fsynced([keras_file], peers)
+        fsynced([keras_file], files)
 
+    peer_saves = {
+        "tf_checkpoint": tf_save,
+        "keras_weights_h5": weights_save,
+        "keras_model": keras_save,
+    }
     saves = interleave(
         repetitions,
         warmup=1,
         candle_ckpt=callback_save(model, root),
-        tf_checkpoint=tf_save,
-        keras_weights_h5=weights_save,
-        keras_model=keras_save,
+        **{name: peer_saves[name] for name in peers},
     )
     logging.getLogger("candle_ckpt").propagate = False
     params = {"ckpt_directory": root, "ckpt_restart_mode": "required"}
+    peer_restores = {
+        "tf_checkpoint": lambda: checkpoint.restore(prefix),
+        "keras_weights_h5": lambda: model.load_weights(weights),
+        "keras_model": lambda: keras.models.load_model(keras_file),
+    }
     restores = interleave(
         repetitions,
         warmup=2,
         candle_ckpt=lambda: candle_ckpt.restart(params, model, verbose=False),
-        tf_checkpoint=lambda: checkpoint.restore(prefix),
-        keras_weights_h5=lambda: model.load_weights(weights),
-        keras_model=lambda: keras.models.load_model(keras_file),
+        **{name: peer_restores[name] for name in peers},
     )
     shutil.rmtree(root)
-    shutil.rmtree(peers)
+    shutil.rmtree(files)
     return state_bytes(model), saves, restores
 
 
@@ -121,19 +139,15 @@ def report(kind, times, ours_first):
             print(f"    candle_ckpt / {name}: ratio {ours / theirs:.3f}")
         else:
             print(f"    {name} / candle_ckpt: ratio {theirs / ours:.3f}")
-    fastest = min((statistics.median(s), n) for n, s in times.items() if n != "candle_ckpt")
-    print(f"    candle_ckpt / fastest peer ({fastest[1]}): ratio {ours / fastest[0]:.3f}")
+    peer, ratio, _ = against_fastest(times)
+    print(f"    candle_ckpt / fastest peer ({peer}): ratio {ratio:.3f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100MB,1GB")
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument(
-        "--directory",
-        default=None,
-        help="where to write (default: ./save, the checkpoint file system)",
-    )
+    directory_argument(parser)
     parser.add_argument("--quick", action="store_true", help="100MB, 3 repetitions")
     args = parser.parse_args()
     if args.quick:

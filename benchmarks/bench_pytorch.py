@@ -54,7 +54,9 @@ from common import (
     SYNC_SAVE,
     copy_floor,
     cycle_epochs,
+    directory_argument,
     evict,
+    footer,
     header,
     interleave,
     kept_cycles,
@@ -129,13 +131,31 @@ def session(root, model, optimizer, asynchronous=False, keep_limit=2):
     return ckpt
 
 
+def restart_into(root, model, optimizer):
+    """A verified restart of `model` and `optimizer` from the newest epoch under `root`."""
+    restarted = session(root, model, optimizer)
+    if restarted.restart(verbose=False) is None:
+        raise RuntimeError(f"nothing to restart from in {root}")
+    restarted.finish()
+
+
 def measure(size, repetitions, directory):
+    return measure_model(build, SIZES_MB[size], size, repetitions, directory)
+
+
+def measure_model(build, spec, label, repetitions, directory, cold=True):
+    """Save and restart times of `build(spec)`'s model and optimizer, candle_ckpt and
+    torch interleaved: (state bytes, saves, restarts), {name: [seconds]} each.
+
+    The restarts go into a second build (`build(spec, seed=1)`), whose state must then
+    equal the first's; `cold` adds restarts with both files evicted from the page cache.
+    """
     import torch
 
     logging.getLogger("candle_ckpt").propagate = False
-    model, optimizer = build(SIZES_MB[size])
-    root = os.path.join(directory, "ckpts-" + size)
-    baseline_dir = os.path.join(directory, "torch-" + size)
+    model, optimizer = build(spec)
+    root = os.path.join(directory, "ckpts-" + label)
+    baseline_dir = os.path.join(directory, "torch-" + label)
     os.makedirs(baseline_dir)
     ckpt = session(root, model, optimizer, keep_limit=None)
     epochs = iter(range(10**6))
@@ -161,13 +181,10 @@ def measure(size, repetitions, directory):
     ckpt.finish()
 
     baseline_file = os.path.join(baseline_dir, f"state-{repetitions}.pt")  # the last
-    fresh_model, fresh_optimizer = build(SIZES_MB[size], seed=1)
+    fresh_model, fresh_optimizer = build(spec, seed=1)
 
     def candle_restart():
-        restarted = session(root, fresh_model, fresh_optimizer)
-        if restarted.restart(verbose=False) is None:
-            raise RuntimeError(f"nothing to restart from in {root}")
-        restarted.finish()
+        restart_into(root, fresh_model, fresh_optimizer)
 
     def torch_restart():
         loaded = torch.load(baseline_file, map_location="cpu", weights_only=True)
@@ -177,15 +194,16 @@ def measure(size, repetitions, directory):
     restarts = interleave(
         repetitions, warmup=1, candle_ckpt=candle_restart, torch_load=torch_restart
     )
-    for _ in range(repetitions):
+    for _ in range(repetitions if cold else 0):
         for name, function, where in (
             ("candle_ckpt_cold", candle_restart, root),
             ("torch_load_cold", torch_restart, baseline_dir),
         ):
             evict(where)
             restarts.setdefault(name, []).append(timed(function))
-    if not torch.equal(fresh_model.weight, model.weight):
-        raise RuntimeError("the restarted weights differ from the saved ones")
+    saved, restored = state_tensors(model, optimizer), state_tensors(fresh_model, fresh_optimizer)
+    if len(saved) != len(restored) or not all(map(torch.equal, saved, restored)):
+        raise RuntimeError("the restarted state differs from the saved one")
     shutil.rmtree(root)
     shutil.rmtree(baseline_dir)
     return state_bytes(model, optimizer), saves, restarts
@@ -253,11 +271,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100MB,1GB")
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument(
-        "--directory",
-        default=None,
-        help="where to write (default: ./save, the checkpoint file system)",
-    )
+    directory_argument(parser)
     parser.add_argument(
         "--cycles",
         type=int,
@@ -352,10 +366,7 @@ def main():
                 )
             )
             report_cycles(epoch_times, waits)
-        print(
-            f"# load average {os.getloadavg()} at {time.strftime('%H:%M')}; "
-            f"medians of {args.repetitions}"
-        )
+        footer(args.repetitions)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -64,7 +64,8 @@ def scratch_directory(parent=None):
 def callback_save(model, root):
     """A function that saves `model` into `root` through the callback's on_epoch_end,
     one epoch further at each call: the full synchronous save (no best link; keep limit
-    2, so that saves also delete)."""
+    2, so that saves also delete). Its `end()` ends the session as the end of training
+    does, releasing the tree's writer lock for a restart in the same process."""
     import candle_ckpt
 
     params = {
@@ -78,7 +79,12 @@ def callback_save(model, root):
     callback.set_model(model)
     callback.on_train_begin()
     epochs = itertools.count()
-    return lambda: callback.on_epoch_end(next(epochs), {})
+
+    def save():
+        callback.on_epoch_end(next(epochs), {})
+
+    save.end = callback.on_train_end
+    return save
 
 
 def compare_by_size(description, title, measure, candidate, baseline, also=()):
@@ -93,11 +99,7 @@ def compare_by_size(description, title, measure, candidate, baseline, also=()):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--sizes", default="10MB,100MB")
     parser.add_argument("--repetitions", type=int, default=7)
-    parser.add_argument(
-        "--directory",
-        default=None,
-        help="where to write (default: ./save, the checkpoint file system)",
-    )
+    directory_argument(parser)
     args = parser.parse_args()
     quiet_tensorflow()
     header(title)
@@ -113,6 +115,15 @@ def compare_by_size(description, title, measure, candidate, baseline, also=()):
                 print("  " + ratio_line(f"{ours} / {theirs}", times[ours], times[theirs]))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def directory_argument(parser):
+    """Add --directory, where a benchmark writes (it makes a scratch directory there)."""
+    parser.add_argument(
+        "--directory",
+        default=None,
+        help="where to write (default: ./save, the checkpoint file system)",
+    )
 
 
 def evict(directory):
@@ -234,6 +245,16 @@ def summary(seconds):
     )
 
 
+def against_fastest(times, ours="candle_ckpt", peers=None):
+    """How `ours` compares with the fastest of `peers` (default: every other name in
+    `times`, {name: [seconds]}), by medians: (that peer's name, ours / its time, ours
+    minus its time in seconds)."""
+    names = peers if peers is not None else [name for name in times if name != ours]
+    peer = min(names, key=lambda name: statistics.median(times[name]))
+    mine, theirs = statistics.median(times[ours]), statistics.median(times[peer])
+    return peer, mine / theirs, mine - theirs
+
+
 def ratio_line(label, candidate, baseline):
     ratio = statistics.median(candidate) / statistics.median(baseline)
     return f"{label}: ratio {ratio:.3f}"
@@ -245,3 +266,8 @@ def header(title):
         f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {os.cpu_count()} cores, "
         f"python {platform.python_version()}, command: {' '.join([sys.executable] + sys.argv)}"
     )
+
+
+def footer(repetitions):
+    """The last line of a report: how loaded the machine was, and the medians' size."""
+    print(f"# load average {os.getloadavg()} at {time.strftime('%H:%M')}; medians of {repetitions}")
