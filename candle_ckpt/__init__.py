@@ -31,6 +31,7 @@ from .core.errors import (
     NoCheckpointError,
     ParameterTypeError,
     ParameterValueError,
+    UnsafePathError,
     WriterLockedError,
     exit_status,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "ParamType",
     "ParameterTypeError",
     "ParameterValueError",
+    "UnsafePathError",
     "WriterLockedError",
     "ckpt_defs",
     "ckpt_parser",

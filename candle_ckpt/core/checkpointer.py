@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import __version__
+from . import tree_fs
 from .background import BackgroundWriter, TrashCollector
 from .errors import CheckpointFormatError, CheckpointWriteError, ParameterValueError
 from .faults import fault_point
@@ -142,7 +143,7 @@ class Checkpointer:
     @functools.cached_property
     def trash(self) -> TrashCollector:
         """The `TrashCollector` that empties this tree's trash/ in the background."""
-        return TrashCollector(self.layout.trash, self.logger)
+        return TrashCollector(self.layout, self.logger)
 
     @functools.cached_property
     def history(self) -> HistoryWriter:
@@ -262,10 +263,13 @@ class Checkpointer:
         writer left (work/, trash/). Nothing happens when saving is disabled.
 
         Raises:
+            UnsafePathError: a path the writer writes is a link or of the wrong kind
+                (core/tree_fs.py); refused before the lock or anything else is written.
             WriterLockedError: another process writes this tree.
         """
         if self.settings["ckpt_save_interval"] == 0:
             return
+        tree_fs.refuse_unsafe_tree(self.layout)
         self.writer_lock.acquire()
         self._prepare_once()
 

@@ -35,6 +35,7 @@ import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterator, Sequence
 
+from ..core import tree_fs
 from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
 from ..core.layout import DEFAULT_CKPT_DIRECTORY
 from .inventory import (
@@ -585,10 +586,24 @@ def _aligned(columns: list[list[str]], right: Collection[int] = ()) -> list[str]
 # -- commands ---------------------------------------------------------------------
 
 
+def _open_tree(directory: str, *, report: bool = True) -> CheckpointLayout:
+    """`inventory.open_tree`, then, if `report`, each path a writer of the tree would
+    refuse (a planted link: core/tree_fs.py) as a warning on stderr. The command goes on
+    reading what it safely can: no reader follows such a link but last and best."""
+    layout = open_tree(directory)
+    if report:
+        for problem in tree_fs.check_tree(layout):
+            print(f"{PROG}: warning: {problem}; {_REFUSED}", file=sys.stderr)
+    return layout
+
+
+_REFUSED = "a job, rollback and prune refuse this tree until it is removed"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the table (or JSON) of every epoch; reads no model file unless --verify."""
     _no_cycle_collection()
-    tree = survey(open_tree(args.where))
+    tree = survey(_open_tree(args.where))
     metric = _shown_metric(tree, args.metric)
     checksums = _checksums(tree, args.verify)
     # like `verify`: a bad epoch found by --verify is exit status 1, for scripts
@@ -625,7 +640,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..core.resume import read_epoch_info
 
     directory, selector = _split_positionals(args.where, "info")
-    layout = open_tree(directory)
+    layout = _open_tree(directory)
     text = json.dumps(read_epoch_info(layout, _select_epoch(layout, selector)), indent=1)
     # a format 1 epochs_saved names every epoch of the run: one line, not 10 000
     print(_NUMBER_LIST.sub(lambda match: json.dumps(json.loads(match.group())), text))
@@ -670,13 +685,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.all:
         if len(args.where) > 1 or (args.where and _is_selector(args.where[0])):
             raise UsageError("verify: --all takes no EPOCH")
-        layout = open_tree((args.where or [DEFAULT_CKPT_DIRECTORY])[0])
+        layout = _open_tree((args.where or [DEFAULT_CKPT_DIRECTORY])[0])
         epochs = layout.list_epochs()
         if not epochs:
             raise NoCheckpointError(f"'{layout.epochs}' holds no epoch to verify")
     else:
         directory, selector = _split_positionals(args.where, "verify")
-        layout = open_tree(directory)
+        layout = _open_tree(directory)
         epochs = [_select_epoch(layout, selector)]
     return max(_verify_epoch(layout, epoch) for epoch in epochs)
 
@@ -691,7 +706,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     directory, selector = _split_positionals(args.where, "rollback", epoch_required=True)
     if not selector.isdigit():
         raise UsageError(f"rollback: EPOCH is {selector!r}; expected an epoch number")
-    layout = open_tree(directory)
+    layout = _open_tree(directory, report=args.dry_run)  # else refused by apply_rollback
     before = {name: link_state(layout, name).describe() for name in ("last", "best")}
     with _progress() as progress:
         plan = plan_rollback(layout, int(selector), progress=progress)
@@ -713,7 +728,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..core.logs import tree_logger
     from .admin import apply_prune, plan_abandoned, plan_prune  # see cmd_rollback
 
-    layout = open_tree(args.where)
+    layout = _open_tree(args.where, report=args.dry_run)  # else refused by apply_prune
     if args.abandoned:
         if args.mode is not None:
             raise UsageError("prune: --mode applies to --keep, not to --abandoned")
@@ -736,7 +751,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_epoch, print_exported
 
     directory, selector = _split_positionals(args.where, "export")
-    layout = open_tree(directory)
+    layout = _open_tree(directory)
     epoch = _select_epoch(layout, selector)
     print_exported(export_epoch(layout, epoch, args.to, force=args.force), epoch)
     return EXIT_OK
@@ -756,10 +771,12 @@ def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History]:
     from ..core.history import read_history
 
     _no_cycle_collection()
-    layout = open_tree(directory)
+    layout = _open_tree(directory)
     history = read_history(layout.ckpts, link_state(layout, "last").epoch, cache=True)
+    reported = tree_fs.check_tree(layout)
     for warning in history.warnings:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        if not any(warning.startswith(problem) for problem in reported):
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return layout, history
 
 
