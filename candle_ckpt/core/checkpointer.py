@@ -21,7 +21,12 @@ from typing import Any, Literal
 from .. import __version__
 from . import tree_fs
 from .background import BackgroundWriter, TrashCollector
-from .errors import CheckpointFormatError, CheckpointWriteError, ParameterValueError
+from .errors import (
+    CheckpointFormatError,
+    CheckpointWriteError,
+    ParameterValueError,
+    UnsafePathError,
+)
 from .faults import fault_point
 from .history import HistoryWriter, utc_time
 from .info import (
@@ -303,13 +308,14 @@ class Checkpointer:
 
         Nothing is recorded when saving is disabled (ckpt_save_interval 0: the tree is
         not written at all). A failure to append is logged, not raised: the history is
-        a record for people, and training goes on without it.
+        a record for people, and training goes on without it. So is a history file
+        replaced by a link while the job runs (refused, not followed).
         """
         if self.settings["ckpt_save_interval"] == 0:
             return
         try:
             self.history.record_epoch(epoch, numeric_metrics(logs), train_seconds)
-        except OSError as error:
+        except (OSError, UnsafePathError) as error:
             self.logger.error("epoch %d: not recorded in %s: %s", epoch, self.history.path, error)
 
     def decide(
@@ -426,7 +432,7 @@ class Checkpointer:
             self.history.record_saved(
                 decision.epoch, decision.reason, time.perf_counter() - started
             )
-        except OSError as error:
+        except (OSError, UnsafePathError) as error:
             self.logger.error(
                 "epoch %d: its save is not recorded in %s: %s",
                 decision.epoch,

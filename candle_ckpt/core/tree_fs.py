@@ -29,8 +29,7 @@ from .layout import CheckpointLayout, parse_epoch_dirname
 
 REMEDY = (
     "Remove it or move it out of the tree ('rm' of a link removes the link, not what it "
-    "points to) and run again; the library follows no link in the tree but last and "
-    "best, and changed nothing"
+    "points to), then run again; the library follows no link in the tree but last and best"
 )
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Which errors mean "not the kind of entry asked for" when opening without following.
@@ -140,8 +139,14 @@ def open_subdirectory(dir_fd: int, name: str, path: str) -> int:
         return os.open(name, _DIRECTORY_FLAGS, dir_fd=dir_fd)
     except OSError as error:
         if error.errno not in _WRONG_KIND:
-            raise
+            raise _named(error, path) from None
         raise unsafe(path, describe(dir_fd, name), "a directory") from None
+
+
+def _named(error: OSError, path: str) -> OSError:
+    """`error` of a call on a name relative to a descriptor, naming the whole `path`
+    instead (same errno, so the same OSError subclass)."""
+    return OSError(error.errno, error.strerror, path)
 
 
 def require_entry_is(dir_fd: int, name: str, path: str, expected: os.stat_result) -> None:
@@ -193,7 +198,7 @@ def open_file(dir_fd: int | None, name: str, path: str, flags: int, mode: int = 
         )
     except OSError as error:
         if error.errno not in _WRONG_KIND:
-            raise
+            raise _named(error, path) from None
         raise unsafe(path, describe(dir_fd, name), "a regular file") from None
     kind = os.fstat(fd).st_mode
     if not stat.S_ISREG(kind):
@@ -276,4 +281,4 @@ def refuse_unsafe_tree(layout: CheckpointLayout) -> None:
     """
     problems = check_tree(layout)
     if problems:
-        raise UnsafePathError(f"{'; '.join(problems)}. {REMEDY}")
+        raise UnsafePathError(f"{'; '.join(problems)}. {REMEDY}; nothing was written")

@@ -586,14 +586,16 @@ def _aligned(columns: list[list[str]], right: Collection[int] = ()) -> list[str]
 # -- commands ---------------------------------------------------------------------
 
 
-def _open_tree(directory: str, *, report: bool = True) -> CheckpointLayout:
-    """`inventory.open_tree`, then, if `report`, each path a writer of the tree would
-    refuse (a planted link: core/tree_fs.py) as a warning on stderr. The command goes on
-    reading what it safely can: no reader follows such a link but last and best."""
+def _open_tree(directory: str, *, writing: bool = False) -> CheckpointLayout:
+    """`inventory.open_tree`, then each path a writer of the tree refuses (a planted
+    link: core/tree_fs.py): for a command `writing` the tree, refused before it reads
+    anything (UnsafePathError); else a warning on stderr, and the command goes on
+    reading what it safely can."""
     layout = open_tree(directory)
-    if report:
-        for problem in tree_fs.check_tree(layout):
-            print(f"{PROG}: warning: {problem}; {_REFUSED}", file=sys.stderr)
+    if writing:
+        tree_fs.refuse_unsafe_tree(layout)
+    for problem in tree_fs.check_tree(layout):
+        print(f"{PROG}: warning: {problem}; {_REFUSED}", file=sys.stderr)
     return layout
 
 
@@ -706,7 +708,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     directory, selector = _split_positionals(args.where, "rollback", epoch_required=True)
     if not selector.isdigit():
         raise UsageError(f"rollback: EPOCH is {selector!r}; expected an epoch number")
-    layout = _open_tree(directory, report=args.dry_run)  # else refused by apply_rollback
+    layout = _open_tree(directory, writing=not args.dry_run)
     before = {name: link_state(layout, name).describe() for name in ("last", "best")}
     with _progress() as progress:
         plan = plan_rollback(layout, int(selector), progress=progress)
@@ -728,7 +730,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..core.logs import tree_logger
     from .admin import apply_prune, plan_abandoned, plan_prune  # see cmd_rollback
 
-    layout = _open_tree(args.where, report=args.dry_run)  # else refused by apply_prune
+    layout = _open_tree(args.where, writing=not args.dry_run)
     if args.abandoned:
         if args.mode is not None:
             raise UsageError("prune: --mode applies to --keep, not to --abandoned")
