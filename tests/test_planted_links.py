@@ -314,3 +314,35 @@ def test_a_directory_swapped_for_a_link_while_a_job_runs_is_not_followed(tmp_pat
     if job.returncode != 0:  # refused, or the directory was away (named either way)
         assert f"'{path}'" in stderr, stderr
     assert snapshot(tmp_path / "victims") == before
+
+
+# -- the example benchmarks, real jobs --------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_", ["false", "true"], ids=["sync", "async"])
+@pytest.mark.parametrize("example", ["benchmark.py", "benchmark_pytorch.py"])
+def test_the_example_benchmark_exits_3_naming_a_planted_trash_link(tmp_path, example, async_):
+    """The issue's first row: trash -> a directory made the resumed job delete every
+    file in it. Now the job stops before training, exit status 3, naming the link."""
+    import keras_job
+    import torch_job
+
+    small = keras_job.SMALL if example == "benchmark.py" else torch_job.SMALL
+    root = tmp_path / "save"
+    command = [sys.executable, os.path.join(TOP, "examples", example), *small]
+    flags = ["--ckpt_directory", str(root), "--ckpt_keep_limit", "1", "--ckpt_async", async_]
+    env = dict(os.environ, PYTHONPATH=TOP)
+    first = subprocess.run([*command, *flags, "--epochs", "2"], env=env, capture_output=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    victim_dir, _ = make_victims(tmp_path / "victims")
+    before = snapshot(tmp_path / "victims")
+    shutil.rmtree(root / "ckpts" / "trash", ignore_errors=True)
+    os.symlink(victim_dir, root / "ckpts" / "trash")
+    again = subprocess.run(
+        [*command, *flags, "--epochs", "4"], env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 3, again.stderr[-2000:]
+    refusal = f"UnsafePathError: '{root}/ckpts/trash' is a symbolic link to '{victim_dir}'"
+    assert refusal in again.stderr and "Traceback" not in again.stderr
+    assert snapshot(tmp_path / "victims") == before

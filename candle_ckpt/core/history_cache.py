@@ -100,7 +100,7 @@ def store(ckpts: str, state: Cached) -> None:
                     return
             temporary = os.path.basename(temporary_name(path))
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-            descriptor = tree_fs.open_file(directory, temporary, path, flags)
+            descriptor = tree_fs.open_file(directory, temporary, path, flags, 0o666)
             try:
                 with open(descriptor, "wb") as stream:
                     stream.write(_encode(state))

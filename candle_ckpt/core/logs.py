@@ -54,7 +54,8 @@ class _TreeLogHandler(logging.FileHandler):
         """
         root = os.path.dirname(self.baseFilename)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-        descriptor = tree_fs.open_tree_file(root, self.baseFilename, flags)
+        # 0666 less the umask, as `open` makes it: a team's operators log here too
+        descriptor = tree_fs.open_tree_file(root, self.baseFilename, flags, 0o666)
         return open(descriptor, "a", encoding=self.encoding, errors=self.errors)
 
     def handleError(self, record: logging.LogRecord) -> None:
