@@ -16,6 +16,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import file_writer
 
 torch = pytest.importorskip("torch")
 
@@ -247,6 +248,38 @@ def test_a_link_planted_while_the_job_runs_is_never_followed(tmp_path, name, asy
     assert snapshot(tmp_path / "victims") == before
     if name != "epochs":  # else last names an epoch of the directory moved away
         assert CheckpointLayout(root).resolve_link("last") in (2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "replacement, found", [("a link", "a symbolic link to '"), ("a directory", "a directory, not")]
+)
+def test_work_replaced_while_the_model_is_written_is_refused_before_anything_else(
+    make_checkpointer, tmp_path, replacement, found
+):
+    """The model writer writes by path: once it returns, `work/` must still be the
+    directory the save made, or nothing more is written (ckpt-info.json, the index)
+    and nothing is renamed into epochs/."""
+    victim_dir, _ = make_victims(tmp_path / "victims")
+    before = snapshot(tmp_path / "victims")
+    checkpointer = make_checkpointer()
+    checkpointer.start_writing()
+
+    def swapping_writer(directory):
+        file_writer()(directory)
+        os.rename(directory, directory + ".moved")
+        if replacement == "a link":
+            os.symlink(victim_dir, directory)
+        else:
+            os.mkdir(directory)
+        return "model.h5"
+
+    layout = checkpointer.layout
+    with pytest.raises(UnsafePathError) as refused:
+        checkpointer.epoch_end(1, {"loss": 1.0}, swapping_writer)
+    assert f"'{layout.work}' is {found}" in str(refused.value)
+    assert not os.path.lexists(layout.epoch_dir(1)) and layout.resolve_link("last") is None
+    assert not os.path.exists(os.path.join(layout.ckpts, "index.jsonl"))
+    assert snapshot(tmp_path / "victims") == before
 
 
 # -- a real job while another process swaps a directory for a link ---------------------

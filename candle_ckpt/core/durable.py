@@ -7,6 +7,7 @@ system, as `rename(2)` requires. POSIX only.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -126,25 +127,36 @@ def is_temporary_name(name: str) -> bool:
     return _TEMPORARY_NAME.match(name) is not None
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
+def write_bytes_atomic(path: str, data: bytes, *, directory: int | None = None) -> None:
     """Replace the file `path` by `data`: readers see the old file or the whole new one.
 
-    Writes a temporary sibling, fsyncs it, renames it over `path` and fsyncs the
-    directory. After a crash `path` is either the old or the new file; at worst a
-    temporary sibling is left behind.
+    Writes a temporary sibling (created, never opened through a link), fsyncs it,
+    renames it over `path` and fsyncs the directory. After a crash `path` is either the
+    old or the new file; at worst a temporary sibling is left behind. `directory`: the
+    descriptor of `path`'s directory, to write through it rather than look the directory
+    up by path (core/tree_fs.py); by default the directory is opened by path.
     """
-    temporary = temporary_name(path)
+    if directory is None:
+        parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            write_bytes_atomic(path, data, directory=parent)
+        finally:
+            os.close(parent)
+        return
+    temporary = os.path.basename(temporary_name(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    descriptor = tree_fs.open_file(directory, temporary, path, flags, 0o666)
     try:
-        with open(temporary, "wb") as stream:
+        with open(descriptor, "wb") as stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, os.path.basename(path), src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=directory)
         raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    os.fsync(directory)
 
 
 def rename_durable(source: str, destination: str) -> None:

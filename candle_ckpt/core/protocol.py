@@ -133,6 +133,7 @@ def _write_into_work(
         model = ModelFile(model)
     model_file = model.name
     fault_point("after_write")
+    # It wrote by path: into this directory? (Everything after goes through `work`.)
     tree_fs.require_same(layout.root, layout.work, work)
     files, nbytes = {}, 0
     for name in sorted(os.listdir(work)):
@@ -199,9 +200,8 @@ def save_epoch(
                 made = os.fstat(work)
                 written = _write_into_work(layout, work, write_files, compute_checksums)
                 info = build_info(written)
-                write_info(layout.work, info)
+                write_info(layout.work, info, dir_fd=work)
                 fault_point("after_info")
-                tree_fs.require_same(layout.root, layout.work, work)  # write_info wrote by path
                 os.fchmod(work, mode)
             finally:
                 os.close(work)
