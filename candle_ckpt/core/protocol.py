@@ -100,8 +100,9 @@ def _make_work(layout: CheckpointLayout, ckpts: int) -> tuple[int, int]:
     model writer fills it; return (its descriptor, the mode to give it back).
 
     The model writers open their files by path, so nobody else may put a link where
-    they will write: the directory gets mode 0700 until `_release_work`, and is checked
-    empty once it has it (whatever another user put in before is refused).
+    they will write: the directory has mode 0700 until `save_epoch` has written its
+    ckpt-info.json, and is checked empty once it has it (whatever another user put in
+    before is refused).
     """
     os.mkdir("work", dir_fd=ckpts)
     work = tree_fs.open_subdirectory(ckpts, "work", layout.work)
