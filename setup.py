@@ -1,5 +1,6 @@
-"""Install candle_ckpt: `pip install .` (`-e` to develop; `.[test]` adds pytest, ruff, mypy;
-`.[torch]` the PyTorch adapter's torch; `.[plot]` matplotlib, for `candle-ckpt plot --out`)."""
+"""Install candle_ckpt: `pip install .` (`-e` to develop; `.[test]` adds what the tests run:
+pytest, ruff, mypy, matplotlib and the docs site's builder; `.[torch]` the PyTorch adapter's
+torch; `.[plot]` matplotlib, for `candle-ckpt plot --out`; `.[docs]` mkdocs, for the site)."""
 
 import re
 from pathlib import Path
@@ -10,6 +11,10 @@ HERE = Path(__file__).parent
 VERSION = re.search(
     r'^__version__ = "(.+)"$', (HERE / "candle_ckpt" / "__init__.py").read_text(), re.M
 ).group(1)
+
+PLOT = ["matplotlib>=3.5"]
+# pinned: a new release's strict mode may judge the same pages differently
+DOCS = ["mkdocs==1.6.1", "mkdocs-material==9.8.2"]
 
 setup(
     name="candle_ckpt",
@@ -43,9 +48,12 @@ setup(
     # torch is pinned: on these machines `torch==2.13.0` resolves to the CPU build already
     # on disk, while a bare `torch` or an open range downloads a multi-GB CUDA build.
     extras_require={
-        "test": ["pytest>=7", "ruff==0.17.6", "mypy==2.4.1"],
+        # the tests build the docs site and draw a plot: a test skipped for a missing
+        # package would be a hole
+        "test": ["pytest>=7", "ruff==0.17.6", "mypy==2.4.1", *PLOT, *DOCS],
         "torch": ["torch==2.13.0"],
-        "plot": ["matplotlib>=3.5"],
+        "plot": PLOT,
+        "docs": DOCS,
     },
     entry_points={"console_scripts": ["candle-ckpt = candle_ckpt.operator.cli:main"]},
 )

@@ -14,7 +14,8 @@ In a PyTorch benchmark, `CandleCkptPyTorch(params)` (see `candle_ckpt.pytorch.ck
 
 `import candle_ckpt` imports neither TensorFlow nor torch: the Keras names (`restart`,
 `CandleCheckpointCallback`), `CandleCkptPyTorch` and the parameter functions
-(`ckpt_parser`, ...) are loaded on first access.
+(`ckpt_parser`, ...) are loaded on first access. `import_tensorflow_quietly()` imports
+TensorFlow and Keras without their start-up lines on stderr.
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ if TYPE_CHECKING:
         str2bool,
         validate_params,
     )
+    from .tensorflow_startup import import_tensorflow_quietly
 
 _LAZY = {
     "CandleCheckpointCallback": "candle_ckpt.keras.callback",
     "CandleCkptPyTorch": "candle_ckpt.pytorch.ckpt",
     "restart": "candle_ckpt.keras.restart",
+    "import_tensorflow_quietly": "candle_ckpt.tensorflow_startup",
     # the parameter table brings argparse, difflib, logging and subprocess (walltime),
     # which the command line's read-only commands never use
     **dict.fromkeys(
@@ -100,6 +103,7 @@ __all__ = [
     "ckpt_defs",
     "ckpt_parser",
     "exit_status",
+    "import_tensorflow_quietly",
     "param",
     "restart",
     "str2bool",

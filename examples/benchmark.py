@@ -26,7 +26,6 @@ to restart from is unusable, 4 another job writes the checkpoint tree, 5 a save 
 
 import os
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # candle_params.py sits beside this script
@@ -45,50 +44,6 @@ def initialize_parameters(argv=None):
         optimizer="Adam",
         seeded="the data, the weights and Dropout",
     )
-
-
-# Startup lines TensorFlow writes to stderr while it loads, each harmless on a CPU
-# machine; TF_CPP_MIN_LOG_LEVEL does not reach them (they precede absl's log setup).
-_TENSORFLOW_STARTUP_NOISE = (
-    "WARNING: All log messages before absl::InitializeLog()",
-    "I0000 ",
-    "To enable the following instructions:",
-)
-_NO_GPU_NOISE = "failed call to cuInit"
-
-
-def import_tensorflow_quietly():
-    """Import TensorFlow and Keras with their startup lines held back.
-
-    Everything written to stderr meanwhile is kept; only the known startup lines are
-    dropped (the cuInit failure only where there is no NVIDIA device to use), the rest
-    is written out afterwards, and all of it if the import fails.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own INFO/WARNING
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        failed = True
-        try:
-            import keras  # noqa: F401
-            import tensorflow as tf
-
-            tf.config.list_physical_devices("GPU")  # where cuInit runs, and complains
-            failed = False
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
-            has_gpu = os.path.exists("/dev/nvidia0")
-            for line in lines:
-                noise = line.startswith(_TENSORFLOW_STARTUP_NOISE) or (
-                    _NO_GPU_NOISE in line and not has_gpu
-                )
-                if failed or not noise:
-                    sys.stderr.write(line)
 
 
 def build_model(params):
@@ -112,12 +67,9 @@ def build_model(params):
 
 def run(params, callbacks=()):
     """Restart if there is a checkpoint, train to params["epochs"], return the history."""
-    import_tensorflow_quietly()
-    import keras
-    import tensorflow as tf
-
     import candle_ckpt
 
+    tf, keras = candle_ckpt.import_tensorflow_quietly()
     keras.utils.set_random_seed(params["seed"])
     tf.config.experimental.enable_op_determinism()
     (x, y), validation = make_data(params)

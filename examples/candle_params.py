@@ -9,21 +9,100 @@ from __future__ import annotations
 import argparse
 import ast
 import configparser
+import difflib
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from candle_ckpt import CheckpointError
 
 
 def read_config(path: str) -> dict[str, Any]:
-    """The [Global_Params] section of a CANDLE parameter file, values as Python literals."""
+    """The [Global_Params] section of a CANDLE parameter file, values as Python literals.
+
+    Raises:
+        ValueError: the file is missing or unreadable, has no [Global_Params], or a value
+            is not a Python literal; the message names the file (and the key).
+    """
     parser = configparser.ConfigParser()
-    if not parser.read(path):
-        raise FileNotFoundError(f"parameter file '{path}' not found")
-    return {key: ast.literal_eval(value) for key, value in parser["Global_Params"].items()}
+    try:
+        if not parser.read(path):
+            raise ValueError(f"parameter file '{path}' not found")
+    except configparser.Error as error:
+        reason = " ".join(str(error).split())  # configparser's spans lines
+        raise ValueError(f"parameter file '{path}' is not an INI file: {reason}") from None
+    if not parser.has_section("Global_Params"):
+        raise ValueError(f"parameter file '{path}' has no [Global_Params] section")
+    config = {}
+    for key, text in parser["Global_Params"].items():
+        try:
+            config[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(
+                f"parameter file '{path}', key {key} = {text}: expected a Python literal "
+                f"(strings are quoted: {key} = {text!r})"
+            ) from None
+    return config
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, as `candle-ckpt`'s are:
+    argparse prints the whole usage (every `--ckpt_*` flag) before the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_args(self, args: Sequence[str] | None = None) -> argparse.Namespace:
+        """As argparse's, but an unrecognized flag gets the nearest known one suggested."""
+        namespace, extras = self.parse_known_args(args)
+        if extras:
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            near = [
+                difflib.get_close_matches(extra.split("=")[0], flags, n=1)
+                for extra in extras
+                if extra.startswith("--")
+            ]
+            hint = next((f"; did you mean '{n[0]}'?" for n in near if n), "")
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace
+
+
+class _RefusedFileValue:
+    """A parameter file's value that its flag refuses. It stands as the flag's default
+    (--help shows it as written) and is reported, naming the file and the key, unless the
+    command line gives the flag; argparse would report it as `argument --<key>`, sending
+    the user to a command line that does not hold it."""
+
+    def __init__(self, text: object, problem: str) -> None:
+        self.text, self.problem = text, problem
+
+    def __str__(self) -> str:
+        return str(self.text)
+
+
+def _refuse_bad_file_values(
+    parser: argparse.ArgumentParser, config: dict[str, Any]
+) -> dict[str, Any]:
+    """`config` with each value its flag refuses replaced by a `_RefusedFileValue`.
+
+    argparse converts a default only when it is a string; candle_ckpt's own flags check
+    a value of any type (a `ckpt_keep_limit = -1`).
+    """
+    actions = {action.dest: action for action in parser._actions}
+    checked = dict(config)
+    for key, value in config.items():
+        action = actions.get(key)
+        if action is None or action.type is None or action.type is str:
+            continue
+        if not (isinstance(value, str) or key.startswith("ckpt_")):
+            continue
+        try:
+            action.type(value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+            checked[key] = _RefusedFileValue(value, str(error))
+    return checked
 
 
 def initialize_parameters(
@@ -50,7 +129,7 @@ def initialize_parameters(
     """
     import candle_ckpt
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineParser(add_help=False)
     pre.add_argument(
         "--config_file",
         default=default_config,
@@ -61,7 +140,7 @@ def initialize_parameters(
 
     # Every "(default: ...)" shown by --help is the effective one: the parameter file's
     # values are set as the parser's defaults before the help is printed.
-    parser = argparse.ArgumentParser(description=description, parents=[pre])
+    parser = OneLineParser(description=description, parents=[pre])
     parser.add_argument(
         "--epochs", type=int, help="train up to this (1-based) epoch (default: %(default)s)"
     )
@@ -81,11 +160,21 @@ def initialize_parameters(
     if add_arguments is not None:
         add_arguments(parser)
     candle_ckpt.ckpt_parser(parser)
-    config = read_config(config_file)
+    try:
+        config = read_config(config_file)
+    except ValueError as error:
+        parser.error(str(error))
     for key in not_from_config:
         config.pop(key, None)
-    parser.set_defaults(**config)
-    return vars(parser.parse_args(argv))
+    parser.set_defaults(**_refuse_bad_file_values(parser, config))
+    params = vars(parser.parse_args(argv))
+    for key, value in params.items():
+        if isinstance(value, _RefusedFileValue):
+            parser.error(
+                f"parameter file '{config_file}', key {key} = {value.text!r}: {value.problem}; "
+                f"correct the file, or give --{key} on the command line"
+            )
+    return params
 
 
 def regression_data(params: dict[str, Any]) -> tuple[tuple[Any, Any], tuple[Any, Any]]:

@@ -1,10 +1,11 @@
 import argparse
 
-import keras
 import numpy as np
-import tensorflow as tf
 
 import candle_ckpt
+
+# TensorFlow and Keras, without the start-up lines TensorFlow writes to stderr
+tf, keras = candle_ckpt.import_tensorflow_quietly()
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=5)  # required by the callback

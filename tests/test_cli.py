@@ -283,12 +283,13 @@ def test_verify_reports_a_missing_file(tree):
     assert "epoch 3: MISSING" in cli("verify", tree.root, "3", expect=1).stdout
 
 
-def test_verify_an_invalid_json_is_a_format_error(tree):
+def test_verify_an_invalid_json_is_a_format_error_and_with_all_corrupt(tree):
     with open(os.path.join(tree.epoch_dir(2), "ckpt-info.json"), "w") as stream:
         stream.write("[]")
     assert "top level is a list" in cli("verify", tree.root, "2", expect=2).stderr
-    result = cli("verify", tree.root, "--all", expect=2)
+    result = cli("verify", tree.root, "--all", expect=1)
     assert result.stdout.count(": ok (") == 4
+    assert "epoch 2: CORRUPT: " in result.stdout and "top level is a list" in result.stdout
 
 
 def test_verify_without_recorded_checksums_checks_sizes(make_checkpointer, ckpt_dir):
@@ -625,21 +626,35 @@ def test_plot_of_a_metric_no_epoch_has_lists_the_metrics(rolled_back):
 
 
 def test_plot_picture(rolled_back, tmp_path):
-    pytest.importorskip("matplotlib")
     for name in ("curves.png", "curves.svg"):
         cli("plot", rolled_back.root, "--out", tmp_path / name)
         assert os.path.getsize(tmp_path / name) > 1000
 
 
 def test_plot_picture_without_matplotlib_names_the_extra(rolled_back, tmp_path):
-    try:
-        import matplotlib  # noqa: F401
-
-        pytest.skip("matplotlib is installed")
-    except ImportError:
-        pass
-    error = cli("plot", rolled_back.root, "--out", tmp_path / "x.png", expect=2).stderr
+    # a matplotlib that fails to import stands in for one not installed
+    missing = tmp_path / "without" / "matplotlib"
+    missing.mkdir(parents=True)
+    (missing / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    path = os.pathsep.join(filter(None, [str(missing.parent), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    error = cli("plot", rolled_back.root, "--out", tmp_path / "x.png", expect=2, env=env).stderr
     assert "candle_ckpt[plot]" in error
+
+
+def test_after_a_rollback_list_and_history_agree_on_what_is_live(make_checkpointer, ckpt_dir):
+    """Issue 30: a run to 60, a run from scratch by mistake to 10, `rollback 60`: `list`
+    and `history --live` both say the live timeline ends at epoch 60 of the first run."""
+    first = make_checkpointer(epochs=60)
+    run(first, [100.0 - epoch for epoch in range(1, 61)])
+    run(make_checkpointer(epochs=10, ckpt_restart_mode="off"), [200.0] * 10)
+    cli("rollback", ckpt_dir, "60")
+    assert json.loads(cli("list", ckpt_dir, "--json").stdout)["links"]["last"]["epoch"] == 60
+    live = json.loads(cli("history", ckpt_dir, "--live", "--json").stdout)["epochs"]
+    assert [(e["epoch"], e["run_id"]) for e in live] == [(n, first.run_id) for n in range(1, 61)]
+    table = cli("history", ckpt_dir, "--live").stdout.splitlines()
+    assert table[-2].split()[0] == "60" and table[-2].endswith("last best")
+    assert table[-1].startswith("2 runs, 60 epochs on the live timeline, 10 abandoned")
 
 
 def test_history_marks_epochs_after_last_before_the_next_run(tree):

@@ -20,6 +20,10 @@ EXAMPLES = os.path.join(TOP, "examples")
 ENV = dict(os.environ, PYTHONPATH=TOP, OMP_NUM_THREADS="1")
 ENV.pop("CANDLE_CKPT_FAULT", None)
 TORCH_SMALL = [*SMALL, "--lr_step", "2"]
+BOTH_BENCHMARKS = pytest.mark.parametrize(
+    "file, small, framework",
+    [("benchmark.py", SMALL, "keras"), ("benchmark_pytorch.py", TORCH_SMALL, "torch")],
+)
 
 
 def run(*command, cwd=TOP, expect=0):
@@ -47,8 +51,8 @@ def readme_block(section, language):
 @pytest.mark.parametrize(
     "section, file",
     [
-        ("Using it in a benchmark", "quickstart.py"),
-        ("Using it in a PyTorch benchmark", "quickstart_pytorch.py"),
+        ("Keras quickstart", "quickstart.py"),
+        ("PyTorch quickstart", "quickstart_pytorch.py"),
     ],
 )
 def test_the_readme_snippet_is_the_quickstart_file(section, file):
@@ -62,7 +66,28 @@ def test_the_readme_snippet_is_the_quickstart_file(section, file):
 )
 def test_the_quickstart_resumes_bit_for_bit(tmp_path, file, framework):
     pytest.importorskip(framework)
-    script = os.path.join(EXAMPLES, file)
+    first = assert_resumes_bit_for_bit(tmp_path, os.path.join(EXAMPLES, file), framework)
+    # the file users copy holds TensorFlow's start-up lines back, as the benchmark does
+    assert "absl::InitializeLog" not in first.stderr and "I0000" not in first.stderr
+    assert "failed call to cuInit" not in first.stderr or os.path.exists("/dev/nvidia0")
+
+
+@pytest.mark.slow
+def test_the_keras_quickstart_with_shuffle_true_resumes_bit_for_bit(tmp_path):
+    """The README's checklist: Keras shuffles NumPy arrays in one seeded order every
+    epoch (a new iterator per epoch), so fit(shuffle=True) resumes exactly too."""
+    pytest.importorskip("keras")
+    with open(os.path.join(EXAMPLES, "quickstart.py")) as stream:
+        source = stream.read()
+    assert source.count("shuffle=False") == 1
+    script = tmp_path / "quickstart_shuffled.py"
+    script.write_text(source.replace("shuffle=False", "shuffle=True"))
+    assert_resumes_bit_for_bit(tmp_path, script, "keras")
+
+
+def assert_resumes_bit_for_bit(tmp_path, script, framework):
+    """Run `script` for 2 epochs, resume it to 3, and compare epoch 3's state with that
+    of an uninterrupted run of 3; return the first run's CompletedProcess."""
     first = run(script, "--epochs", "2", cwd=tmp_path)
     assert "no checkpoint to restart from" in first.stderr
     resumed = run(script, "--epochs", "3", cwd=tmp_path)
@@ -80,6 +105,7 @@ def test_the_quickstart_resumes_bit_for_bit(tmp_path, file, framework):
     assert sorted(ours) == sorted(theirs) and len(ours) > 2
     for name in ours:
         assert ours[name].tobytes() == theirs[name].tobytes(), name
+    return first
 
 
 @pytest.mark.parametrize("file", ["benchmark.py", "benchmark_pytorch.py"])
@@ -91,6 +117,80 @@ def test_help_shows_the_parameter_files_defaults(file):
     assert "--batch_size BATCH_SIZE (default: 64)" in text
     assert "--ckpt_signal {off,USR1,USR2,TERM,INT}" in text
     assert re.search(r"--config_file CONFIG_FILE CANDLE parameter file .*default_model", text)
+
+
+def usage_error(file, *flags, config=None, cwd=TOP):
+    """The one line on stderr of `file` refusing its command line (`config`: the text of
+    a parameter file given with --config_file), checked to be all it printed."""
+    if config is not None:
+        with open(os.path.join(cwd, "params.txt"), "w") as stream:
+            stream.write(config)
+        flags = ("--config_file", "params.txt", *flags)
+    refused = run(os.path.join(EXAMPLES, file), *flags, cwd=cwd, expect=2)
+    assert refused.stdout == "" and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith(f"{file}: error: "), refused.stderr
+    assert refused.stderr.endswith(f" (see '{file} --help')\n") and "usage:" not in refused.stderr
+    return refused.stderr
+
+
+def default_config(file):
+    name = "default_model_pytorch.txt" if "pytorch" in file else "default_model.txt"
+    with open(os.path.join(EXAMPLES, name)) as stream:
+        return stream.read()
+
+
+@pytest.mark.parametrize("file", ["benchmark.py", "benchmark_pytorch.py"])
+def test_a_bad_flag_value_is_one_line_without_the_usage(file):
+    line = usage_error(file, "--ckpt_restart_mode", "sometimes")
+    assert (
+        "argument --ckpt_restart_mode: parameter 'ckpt_restart_mode': received 'sometimes';" in line
+    )
+    assert "expected one of ['off', 'auto', 'required']" in line
+    assert "invalid int value: 'x'" in usage_error(file, "--epochs", "x")
+
+
+@pytest.mark.parametrize("file", ["benchmark.py", "benchmark_pytorch.py"])
+def test_a_misspelled_flag_gets_the_nearest_one_suggested(file):
+    line = usage_error(file, "--ckpt_restart_mdoe", "auto")
+    assert "unrecognized arguments: --ckpt_restart_mdoe auto;" in line
+    assert "did you mean '--ckpt_restart_mode'?" in line
+    assert "did you mean '--ckpt_keep_limit'?" in usage_error(file, "--ckpt_keep_limt=3")
+    assert "did you mean" not in usage_error(file, "--frobnicate")
+
+
+@pytest.mark.parametrize("file", ["benchmark.py", "benchmark_pytorch.py"])
+def test_a_bad_value_in_the_parameter_file_names_the_file_and_the_key(file, tmp_path):
+    config = default_config(file).replace(
+        "ckpt_restart_mode = 'auto'", "ckpt_restart_mode = 'sometimes'"
+    )
+    line = usage_error(file, config=config, cwd=tmp_path)
+    assert "parameter file 'params.txt', key ckpt_restart_mode = 'sometimes': " in line
+    assert "expected one of ['off', 'auto', 'required']" in line
+    assert "argument --" not in line and "give --ckpt_restart_mode on the command line" in line
+    # candle_ckpt's flags check a value of any type, not only a string argparse converts
+    config = default_config(file).replace("ckpt_keep_limit = 3", "ckpt_keep_limit = -1")
+    line = usage_error(file, config=config, cwd=tmp_path)
+    assert "key ckpt_keep_limit = -1: parameter 'ckpt_keep_limit': received -1; expected" in line
+    config = default_config(file).replace("ckpt_restart_mode = 'auto'", "ckpt_restart_mode = auto")
+    line = usage_error(file, config=config, cwd=tmp_path)
+    assert "key ckpt_restart_mode = auto: expected a Python literal" in line
+    assert "not found" in usage_error(file, "--config_file", tmp_path / "missing.txt")
+
+
+def test_the_command_line_overrides_a_bad_value_of_the_parameter_file(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(EXAMPLES)
+    import candle_params
+
+    config = tmp_path / "params.txt"
+    config.write_text(default_config("benchmark.py").replace("= 'auto'", "= 'sometimes'"))
+    params = candle_params.initialize_parameters(
+        "test",
+        str(config),
+        argv=["--ckpt_restart_mode", "off"],
+        optimizer="Adam",
+        seeded="everything",
+    )
+    assert params["ckpt_restart_mode"] == "off" and params["ckpt_keep_limit"] == 3
 
 
 def corrupt_last(root):
@@ -108,10 +208,7 @@ def error_lines(stderr):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "file, small, framework",
-    [("benchmark.py", SMALL, "keras"), ("benchmark_pytorch.py", TORCH_SMALL, "torch")],
-)
+@BOTH_BENCHMARKS
 def test_a_refused_restart_is_one_line_and_status_3(tmp_path, file, small, framework):
     pytest.importorskip(framework)
     script, root = os.path.join(EXAMPLES, file), tmp_path / "save"
@@ -130,6 +227,23 @@ def test_a_refused_restart_is_one_line_and_status_3(tmp_path, file, small, frame
     run(
         script, *small, "--epochs", "3", "--ckpt_directory", root, "--ckpt_restart_fallback", "true"
     )
+
+
+@pytest.mark.slow
+@BOTH_BENCHMARKS
+def test_a_ckpt_directory_naming_a_file_is_one_line_and_status_2(tmp_path, file, small, framework):
+    pytest.importorskip(framework)
+    a_file = tmp_path / "results.csv"
+    a_file.write_text("epoch,loss\n")
+    refused = run(
+        os.path.join(EXAMPLES, file), *small, "--ckpt_directory", a_file, cwd=tmp_path, expect=2
+    )
+    lines = error_lines(refused.stderr)
+    assert len(lines) == 1, refused.stderr
+    assert lines[0].startswith(f"{file}: ParameterValueError: parameter 'ckpt_directory': ")
+    assert f"'{a_file}' is a file, expected a directory" in lines[0]
+    assert "Traceback" not in refused.stderr and "epoch 1" not in refused.stdout
+    assert a_file.read_text() == "epoch,loss\n" and os.listdir(tmp_path) == ["results.csv"]
 
 
 @pytest.mark.slow

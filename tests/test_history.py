@@ -76,6 +76,73 @@ def test_restart_and_rollback_abandon_the_epochs_after_the_resumed_one(make_chec
     assert history.runs[1].resumed_from == 4 and history.runs[1].lineage_id == first.run_id
 
 
+def train(checkpointer, epochs, loss=10.0):
+    for epoch in epochs:
+        checkpointer.epoch_end(epoch, {"loss": loss - epoch / 100}, file_writer())
+    return checkpointer.run_id
+
+
+def test_a_rollback_to_an_epoch_a_scratch_run_abandoned_makes_its_timeline_live(
+    make_checkpointer, ckpt_dir
+):
+    """Issue 30: a run to 6, a run from scratch by mistake to 3, `rollback 6`: the live
+    timeline is the one that led to epoch 6, as `last` says, and stays so as training
+    resumes from it."""
+    layout = CheckpointLayout(ckpt_dir)
+    first = train(make_checkpointer(epochs=6), range(1, 7))
+    scratch = train(make_checkpointer(epochs=3, ckpt_restart_mode="off"), range(1, 4), 20.0)
+    assert [r.run_id for r in read_history(layout.ckpts, last=3).live] == [scratch] * 3
+    point_link(layout, "last", 6)  # what `candle-ckpt rollback 6` does to the links
+    history = read_history(layout.ckpts, last=6)
+    assert [(r.epoch, r.run_id) for r in history.live] == [(e, first) for e in range(1, 7)]
+    assert [(r.epoch, r.run_id) for r in history.epochs if r.abandoned] == [
+        (e, scratch) for e in range(1, 4)
+    ]
+    resumed = make_checkpointer(epochs=8)
+    resumed.resume(read_info(layout.epoch_dir(6)))
+    train(resumed, (7, 8))
+    history = read_history(layout.ckpts, last=8)
+    assert [r.run_id for r in history.live] == [first] * 6 + [resumed.run_id] * 2
+    assert {r.run_id for r in history.epochs if r.abandoned} == {scratch}
+
+
+def test_a_rollback_to_an_abandoned_epoch_of_the_same_lineage_follows_it_back(
+    make_checkpointer, ckpt_dir
+):
+    layout = CheckpointLayout(ckpt_dir)
+    first = train(make_checkpointer(epochs=6), range(1, 7))
+    point_link(layout, "last", 4)
+    again = make_checkpointer(epochs=6, ckpt_save_interval=10, ckpt_save_best=False)
+    again.resume(read_info(layout.epoch_dir(4)))
+    second = train(again, [5])  # killed after epoch 5, before any save: last is 4
+    point_link(layout, "last", 6)  # epochs/006 is still the first run's
+    history = read_history(layout.ckpts, last=6)
+    assert [(r.epoch, r.run_id) for r in history.live] == [(e, first) for e in range(1, 7)]
+    assert [(r.epoch, r.run_id) for r in history.epochs if r.abandoned] == [(5, second)]
+    # without a ckpt-info.json naming its run (older formats), the lines' timeline stands
+    os.unlink(os.path.join(layout.epoch_dir(6), "ckpt-info.json"))
+    history = read_history(layout.ckpts, last=6)
+    assert [r.run_id for r in history.live] == [first] * 4 + [second]
+
+
+def test_a_resumed_epoch_whose_saved_line_a_crash_lost_still_leads_back(
+    make_checkpointer, ckpt_dir
+):
+    layout = CheckpointLayout(ckpt_dir)
+    first = train(make_checkpointer(epochs=6), range(1, 7))
+    path = os.path.join(layout.ckpts, "history.jsonl")
+    with open(path) as stream:  # killed after last -> 006, before its `saved` line
+        lines = [line for line in stream if '"saved"' not in line or '"epoch":6,' not in line]
+    with open(path, "w") as stream:
+        stream.writelines(lines)
+    resumed = make_checkpointer(epochs=8)
+    resumed.resume(read_info(layout.epoch_dir(6)))
+    train(resumed, (7, 8))
+    history = read_history(layout.ckpts, last=8)
+    assert [r.run_id for r in history.live] == [first] * 6 + [resumed.run_id] * 2
+    assert not any(r.abandoned for r in history.epochs)
+
+
 def test_a_torn_last_line_is_ignored_and_the_next_writer_ends_it(tmp_path):
     ckpts = str(tmp_path)
     writer = HistoryWriter(ckpts, RUN)

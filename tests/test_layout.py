@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from candle_ckpt.core.errors import LinkError
+from candle_ckpt.core.checkpointer import Checkpointer
+from candle_ckpt.core.errors import LinkError, ParameterValueError
 from candle_ckpt.core.layout import CheckpointLayout, epoch_dirname, parse_epoch_dirname
 
 
@@ -89,3 +90,43 @@ def test_moved_tree_keeps_relative_links_valid(layout, tmp_path):
     os.symlink(layout.relative_epoch_target(3), layout.link("last"))
     os.rename(layout.root, tmp_path / "moved")
     assert CheckpointLayout(tmp_path / "moved").resolve_link("last") == 3
+
+
+@pytest.mark.parametrize(
+    "make, directory, culprit",
+    [
+        (lambda top: (top / "save").write_text(""), "save", "save"),
+        (lambda top: (top / "save").write_text(""), "save/sub", "save"),
+        (lambda top: (top / "save").symlink_to(top / "gone"), "save", "save"),
+        (
+            lambda top: ((top / "save").mkdir(), (top / "save/ckpts").write_text("")),
+            "save",
+            "save/ckpts",
+        ),
+    ],
+    ids=["a file", "under a file", "a dangling symlink", "ckpts a file"],
+)
+def test_a_ckpt_directory_no_tree_can_live_in_is_a_bad_parameter(
+    tmp_path, make, directory, culprit
+):
+    make(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ParameterValueError, match="parameter 'ckpt_directory'") as refused:
+        CheckpointLayout(tmp_path / directory).check_can_hold_a_tree()
+    assert f"'{tmp_path / culprit}' is a " in str(refused.value)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_new_or_existing_directory_can_hold_a_tree(tmp_path):
+    CheckpointLayout(tmp_path / "new" / "save").check_can_hold_a_tree()
+    os.makedirs(tmp_path / "old" / "ckpts")
+    CheckpointLayout(tmp_path / "old").check_can_hold_a_tree()
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_the_checkpointer_refuses_a_file_before_writing(tmp_path):
+    """The path a run with --ckpt_restart_mode off takes: no restart checked it first."""
+    (tmp_path / "save").write_text("")
+    with pytest.raises(ParameterValueError, match="'ckpt_directory'"):
+        Checkpointer({"epochs": 1, "ckpt_directory": str(tmp_path / "save")}, verbose=False)
+    assert (tmp_path / "save").read_text() == "" and os.listdir(tmp_path) == ["save"]

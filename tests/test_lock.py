@@ -79,12 +79,58 @@ def test_two_writers_in_one_process_are_caught_and_release_frees_it(tmp_path):
     second = WriterLock(str(tmp_path / "ckpts"), silent_logger())
     first.acquire()
     first.acquire()  # again: a no-op
-    with pytest.raises(WriterLockedError, match=f"pid {os.getpid()} "):
+    with pytest.raises(WriterLockedError, match=f"held by this process \\(pid {os.getpid()},"):
         second.acquire()
     first.release()
     second.acquire()
     assert second.held and not first.held
     second.release()
+
+
+def test_a_restart_beside_this_processs_own_writer_says_this_process_holds_it(tmp_path):
+    ckpts = str(tmp_path / "ckpts")
+    writer = WriterLock(ckpts, silent_logger())
+    writer.acquire()
+    with pytest.raises(WriterLockedError) as refused:
+        WriterLock(ckpts, silent_logger()).check_free()
+    message = str(refused.value)
+    assert f"'{ckpts}/.lock' is held by this process (pid {os.getpid()}, since 20" in message
+    assert "another writer" not in message and "Stop that job" not in message
+    assert "CandleCkptPyTorch.finish()" in message and "model.fit returning" in message
+    writer.release()
+    WriterLock(ckpts, silent_logger()).check_free()
+
+
+RESTART_TWICE = """
+import sys, torch, candle_ckpt
+params = {"epochs": 3, "ckpt_directory": sys.argv[1], "ckpt_save_best": False}
+ckpt = candle_ckpt.CandleCkptPyTorch(params, verbose=False)
+ckpt.set_model({"model": torch.nn.Linear(2, 1)})
+ckpt.restart(verbose=False)
+ckpt.ckpt_epoch(0, {"loss": 1.0})  # training goes on: the callback holds the lock
+try:
+    ckpt.restart(verbose=False)
+except candle_ckpt.CheckpointError as error:
+    print(f"{type(error).__name__}: {error}", file=sys.stderr)
+    sys.exit(candle_ckpt.exit_status(error))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_restart_during_training_is_status_4_naming_this_process(tmp_path):
+    pytest.importorskip("torch")
+    refused = subprocess.run(
+        [sys.executable, "-c", RESTART_TWICE, str(tmp_path / "save")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 4, refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if " candle_ckpt." not in line]
+    assert len(lines) == 1, refused.stderr
+    assert lines[0].startswith("WriterLockedError: '")
+    assert "is held by this process (pid " in lines[0] and "another writer" not in lines[0]
+    assert "call restart() once, before training" in lines[0]
 
 
 def test_readers_do_not_need_the_lock(make_checkpointer, ckpt_dir, tmp_path, holder):

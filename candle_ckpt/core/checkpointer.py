@@ -97,6 +97,7 @@ class Checkpointer:
     ) -> None:
         self.settings = validate_params(gParameters, require_epochs=True)
         self.layout = CheckpointLayout(self.settings["ckpt_directory"])
+        self.layout.check_can_hold_a_tree()
         self.verbose = verbose
         self._logger: LibraryLogger | None = (
             None if logger == "DEFAULT" else logger or silent_logger()

@@ -67,6 +67,11 @@ class UnsafePathError(CheckpointError):
     reverse. Refused rather than followed or repaired (core/tree_fs.py)."""
 
 
+class EpochVanishedError(NoCheckpointError):
+    """An epoch directory went away while it was read: pruned (moved into `trash/`) or
+    replaced by a writer. Not damage: what was read is gone, not wrong (core/verify.py)."""
+
+
 class WriterLockedError(CheckpointError):
     """Another process holds the writer lock (`ckpts/.lock`) of the checkpoint tree."""
 

@@ -27,7 +27,9 @@ from typing import Any, BinaryIO, NamedTuple
 from .checksum import crc32
 from .durable import append_line
 from .errors import UnsafePathError
+from .info import read_run_id
 from .json_lines import json_line, parse_lines
+from .layout import epoch_dirname
 from .tree_fs import open_file
 
 HISTORY_FILE = "history.jsonl"
@@ -216,8 +218,8 @@ def history_path(ckpts: str) -> str:
 def read_history(ckpts: str, last: int | None = None, *, cache: bool = False) -> History:
     """Read `<ckpts>/history.jsonl` (see the module docstring); never raises for damage.
 
-    `last`: the epoch the `last` link names, or None; live epochs after it are marked
-    `after_last`.
+    `last`: the epoch the `last` link names, or None; the live timeline is then the one
+    that led to it (`_follow_last`), and live epochs after it are marked `after_last`.
     `cache`: use `<ckpts>/history.cache` (core/history_cache.py) for the lines it covers,
     and write a new one when many lines were not covered; the result is the same.
 
@@ -243,15 +245,91 @@ def read_history(ckpts: str, last: int | None = None, *, cache: bool = False) ->
             timelines = _read_every_line(path, stream)
     history = timelines.history()
     if last is not None:
-        for record in history.epochs:
-            if not record.abandoned and record.epoch > last:
-                record.after_last = True
+        _follow_last(history, last, read_run_id(os.path.join(ckpts, "epochs", epoch_dirname(last))))
     return history
 
 
 def _open_no_link(path: str, flags: int) -> int:
     """`open`'s opener for a file the library wrote: never through a link, never a pipe."""
     return open_file(None, path, path, flags)
+
+
+def _follow_last(history: History, last: int, run_id: str | None) -> None:
+    """Make the live timeline the one that led to the checkpoint `last` names, written by
+    run `run_id`; mark the live epochs after `last` `after_last`.
+
+    The lines alone make the live timeline the newest run's. After a rollback to an
+    epoch a later run had abandoned (a run from scratch by mistake, rolled back to the
+    epoch 60 of the run before), `last` names an epoch off that timeline; the timeline
+    leading to it is rebuilt backwards: the epochs its run recorded after the one it
+    resumed from, then the saved epoch of that lineage it resumed from, and so on back
+    to a run started from scratch. Every other epoch up to `last` is abandoned. Without
+    the record of `last` (no run_id: files older than format 2; a damaged history), the
+    lines' timeline stands.
+    """
+    epochs = history.epochs
+    target = next(
+        (
+            index
+            for index in range(len(epochs) - 1, -1, -1)
+            if epochs[index].epoch == last and epochs[index].run_id == run_id
+        ),
+        None,
+    )
+    if target is None:
+        for record in epochs:
+            if record.epoch > last and not record.abandoned:
+                record.after_last = True
+        return
+    for record in epochs[target + 1 :]:  # a later run's epochs, or a running job's
+        if record.epoch > last:
+            record.after_last = not record.abandoned
+        else:
+            record.abandoned = True
+    resumed_from = {run.run_id: run.resumed_from or 0 for run in history.runs}
+    lineage_of = {run.run_id: run.lineage_id for run in history.runs}
+    index: int | None = target
+    while index is not None:
+        index = _walk_back(epochs, index, last, resumed_from, lineage_of)
+
+
+def _walk_back(
+    epochs: list[EpochRecord],
+    start: int,
+    last: int,
+    resumed_from: Mapping[str, int],
+    lineage_of: Mapping[str, str | None],
+) -> int | None:
+    """Mark the records up to `start` (backwards, in one pass) on or off the timeline
+    that ends at `epochs[start]`; epochs after `last` only get `after_last`.
+
+    Returns None when done, or the index of the record to walk back from again: when no
+    saved epoch a run could have resumed from was found, the latest unsaved one (its
+    `saved` line lost to a crash after `last` was repointed, docs/FORMAT.md step 9).
+    """
+    run, expected = epochs[start].run_id, epochs[start].epoch  # next epoch to find on it
+    resumed, lineage = resumed_from.get(run, 0), lineage_of.get(run)
+    unsaved: int | None = None
+    for index in range(start, -1, -1):
+        record = epochs[index]
+        epoch = record.epoch
+        if epoch > last:
+            record.after_last = not record.abandoned
+            continue
+        record.abandoned = True
+        if expected == 0:
+            continue
+        if record.run_id == run and resumed < epoch <= expected:
+            record.abandoned, expected = False, epoch - 1
+        elif epoch == resumed != 0 and lineage_of.get(record.run_id) == lineage:
+            if not record.saved:  # kept in case no saved one comes
+                unsaved = index if unsaved is None else unsaved
+                continue
+            # the checkpoint `run` resumed from: follow its run back
+            record.abandoned, unsaved = False, None
+            run, expected = record.run_id, epoch - 1
+            resumed = resumed_from.get(run, 0)
+    return unsaved if expected != 0 else None
 
 
 def _read_every_line(path: str, stream: BinaryIO) -> Timelines:

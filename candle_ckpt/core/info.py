@@ -374,18 +374,37 @@ def read_lineage(directory: str) -> tuple[int, str | None]:
     """(format_version, lineage_id) of `<directory>/ckpt-info.json`, read cheaply and
     not validated: (0, None) for an upstream, unreadable or missing file, (1, None) for
     version 1. A restart reads this for every epoch up to the one it resumes from."""
+    version, info = _read_unvalidated(directory)
+    if info is None:
+        return version, None
+    lineage = info.get("lineage_id")
+    return (version, lineage) if isinstance(lineage, str) else (0, None)
+
+
+def read_run_id(directory: str) -> str | None:
+    """The `run_id` of `<directory>/ckpt-info.json` (the run that wrote it), read cheaply
+    and not validated; None for a version 1, upstream, unreadable or missing file."""
+    _, info = _read_unvalidated(directory)
+    run_id = None if info is None else info.get("run_id")
+    return run_id if isinstance(run_id, str) else None
+
+
+def _read_unvalidated(directory: str) -> tuple[int, dict[str, Any] | None]:
+    """(format_version, the parsed object) of `<directory>/ckpt-info.json`: (0, None) for
+    an unreadable or missing file or one without an integer format_version (upstream),
+    (1, None) for version 1 (not parsed: its files can be long, listing `epochs_saved`)."""
     try:
         with open(os.path.join(directory, INFO_FILE), "rb") as stream:
             data = stream.read(MAX_INFO_BYTES + 1)
     except OSError:
         return 0, None
     if b'"format_version": 1,' in data[:256]:
-        return 1, None  # not parsed: version 1 files can be long (epochs_saved)
+        return 1, None
     try:
         info = json.loads(data)
-        version, lineage = info["format_version"], info["lineage_id"]
+        version = info["format_version"]
     except (ValueError, KeyError, TypeError):
         return 0, None
-    if type(version) is not int or not isinstance(lineage, str):
+    if type(version) is not int:
         return 0, None
-    return version, lineage
+    return version, info

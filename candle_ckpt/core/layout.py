@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import LinkError
+from .errors import LinkError, ParameterValueError
 
 DEFAULT_CKPT_DIRECTORY = "./save"  # the default of the ckpt_directory parameter
 INFO_FILE = "ckpt-info.json"
@@ -62,6 +62,29 @@ class CheckpointLayout:
 
     def __repr__(self) -> str:
         return f"CheckpointLayout({self.root!r})"
+
+    def check_can_hold_a_tree(self) -> None:
+        """Refuse a `ckpt_directory` that no tree can be written under, before anything is.
+
+        The root, or the nearest part of its path that exists, must be a directory, and so
+        must `ckpts/` where it exists: otherwise the first write (ckpt.log, the lock) would
+        fail with a bare FileExistsError or NotADirectoryError naming no parameter.
+
+        Raises:
+            ParameterValueError: naming the path that is not a directory and the remedy.
+        """
+        path = self.root
+        while not os.path.lexists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        if os.path.isdir(path) and os.path.lexists(self.ckpts):
+            path = self.ckpts
+        if not os.path.isdir(path):
+            found = "a file" if os.path.exists(path) else "a dangling symlink"
+            raise ParameterValueError(
+                f"parameter 'ckpt_directory': '{self.root}' cannot hold a checkpoint tree: "
+                f"'{path}' is {found}, expected a directory. Give --ckpt_directory a "
+                f"directory (or a path to create one at), or move '{path}' away"
+            )
 
     def link(self, name: str) -> str:
         """The path of the `last` or `best` link."""

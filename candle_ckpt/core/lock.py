@@ -120,12 +120,7 @@ class WriterLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise WriterLockedError(
-                f"'{self.path}' is held by another writer of this checkpoint tree: pid "
-                f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, writing "
-                f"since {holder.get('started', '?')}; expected no other writer. "
-                f"{self.remedy}"
-            ) from None
+            raise WriterLockedError(self._refusal(holder)) from None
         except OSError as error:
             os.close(fd)
             if error.errno not in _UNSUPPORTED:
@@ -138,6 +133,26 @@ class WriterLock:
             )
             return False
         return True
+
+    def _refusal(self, holder: dict[str, Any]) -> str:
+        """The message of the WriterLockedError for the lock's `holder` (its record)."""
+        since = holder.get("started", "?")
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            # flock belongs to the open file: this process's own training, not yet ended,
+            # holds it through another descriptor
+            return (
+                f"'{self.path}' is held by this process (pid {os.getpid()}, since {since}): "
+                f"a training of this checkpoint tree in this process has not ended; "
+                f"expected no other writer. Its end releases the lock (Keras: model.fit "
+                f"returning, or the callback's on_train_end(); PyTorch: "
+                f"CandleCkptPyTorch.finish(), run at the last epoch), as does this "
+                f"process's exit: call restart() once, before training"
+            )
+        return (
+            f"'{self.path}' is held by another writer of this checkpoint tree: pid "
+            f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, writing "
+            f"since {since}; expected no other writer. {self.remedy}"
+        )
 
     def release(self) -> None:
         """Drop the lock (a no-op if it is not held). The file stays; it is harmless."""

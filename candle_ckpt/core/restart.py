@@ -67,7 +67,8 @@ def restart_run(
         None when there is nothing to restart from.
 
     Raises:
-        ParameterTypeError / ParameterValueError: a bad parameter.
+        ParameterTypeError / ParameterValueError: a bad parameter (a ckpt_directory
+            that is a file among them).
         NoCheckpointError, LinkError, CheckpointFormatError, CorruptCheckpointError,
         ChecksumMismatchError: as their names say; each message names the path and
             the remedy (fallback, rollback, verify).
@@ -79,6 +80,7 @@ def restart_run(
     if settings["ckpt_restart_mode"] == "off" and init_from is None:
         return None
     layout = CheckpointLayout(settings["ckpt_directory"])
+    layout.check_can_hold_a_tree()
     _warm_starts.pop(layout.root, None)
     writer = adapter.writer_decision(is_writer).is_writer
     if writer:

@@ -3,6 +3,17 @@
 The one owner of "read an epoch's ckpt-info.json, check its files, say what is wrong":
 a restart (`resume.load_verified`), `candle-ckpt verify`, `list --verify` and
 `rollback` all go through `check_epoch`.
+
+A tree is read while its job writes it: the keep policy moves an epoch into `trash/`
+at every save, and a rollback re-run replaces `epochs/NNN`. An epoch that goes away
+while it is read looks, file by file, like damage (a file "missing", a ckpt-info.json
+not found, or one directory's ckpt-info.json beside another's model file). So when a
+read fails or finds a bad file, `read_epoch_info` and `check_epoch` look again: if
+`epochs/NNN` is gone, or is no longer the directory (inode) the read began with, they
+raise `EpochVanishedError` (what was read is gone, not wrong); if it is the same
+directory, the damage is real and is reported as such. A writer never changes a
+directory once it is `epochs/NNN` (docs/FORMAT.md), so the same inode means the same
+files.
 """
 
 from __future__ import annotations
@@ -11,13 +22,14 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from .checksum import RegionPlanner, Regions, crc32_file, read_file
 from .errors import (
     CheckpointError,
     ChecksumMismatchError,
     CorruptCheckpointError,
+    EpochVanishedError,
     LinkError,
     NoCheckpointError,
     add_remedy,
@@ -31,6 +43,8 @@ OVERWRITTEN = (
     "again from a checkpoint that verifies (ckpt_restart_fallback), or rebuild the model"
 )
 """What a bad model file whose arrays went into the caller's memory has done to it."""
+
+_Read = TypeVar("_Read")
 
 FileProgress = Callable[[str, int, int], None]
 """progress(path, bytes_done, bytes_total) while a long file is checksummed."""
@@ -234,15 +248,79 @@ def verify_files(
     return files
 
 
+EpochIdentity = tuple[int, int]
+"""(st_dev, st_ino) of an epoch directory: which directory a read began with."""
+
+
+def epoch_identity(layout: CheckpointLayout, epoch: int) -> EpochIdentity:
+    """The identity of epoch `epoch`'s directory, to tell later whether it went away.
+
+    Raises:
+        EpochVanishedError: there is no `epochs/NNN` (any more): every caller has just
+            seen the epoch, in a listing or through a link.
+    """
+    directory = layout.epoch_dir(epoch)
+    try:
+        status = os.lstat(directory)
+    except FileNotFoundError:
+        raise _vanished(epoch, directory, "is gone") from None
+    return status.st_dev, status.st_ino
+
+
+def raise_if_moved(layout: CheckpointLayout, epoch: int, identity: EpochIdentity) -> None:
+    """Raise EpochVanishedError if epoch `epoch`'s directory is no longer the one
+    `identity` names (gone, or replaced); return if it is the same directory."""
+    directory = layout.epoch_dir(epoch)
+    try:
+        status = os.lstat(directory)
+    except FileNotFoundError:
+        raise _vanished(epoch, directory, "is gone") from None
+    if (status.st_dev, status.st_ino) != identity:
+        raise _vanished(epoch, directory, "was replaced by another directory")
+
+
+def _vanished(epoch: int, directory: str, what: str) -> EpochVanishedError:
+    return EpochVanishedError(
+        f"epoch {epoch}: '{directory}' {what}: pruned or moved away (into trash/) by "
+        f"the job writing the tree while it was read; not damage. Run the command again, "
+        f"or name an epoch the job keeps"
+    )
+
+
 def read_epoch_info(layout: CheckpointLayout, epoch: int) -> dict[str, Any]:
     """The validated ckpt-info dict of epoch `epoch`, which must record that epoch.
 
     Raises:
+        EpochVanishedError: the directory was pruned or replaced before or while the
+            file was read (see the module docstring).
         LinkError: the epoch directory is a symbolic link.
         NoCheckpointError: the epoch directory has no ckpt-info.json.
         CheckpointFormatError: the file is unreadable or invalid (see `read_info`).
         CheckpointError: the file records another epoch than its directory's.
     """
+    return _unless_moved(layout, epoch, lambda: _read_epoch_info(layout, epoch))
+
+
+def _unless_moved(
+    layout: CheckpointLayout,
+    epoch: int,
+    read: Callable[[], _Read],
+    damaged: Callable[[_Read], bool] = lambda _: False,
+) -> _Read:
+    """read() of epoch `epoch`; when it fails, or finds its result `damaged`, first
+    EpochVanishedError if the directory is no longer the one the read began with."""
+    identity = epoch_identity(layout, epoch)
+    try:
+        result = read()
+    except (CheckpointError, OSError):
+        raise_if_moved(layout, epoch, identity)
+        raise
+    if damaged(result):
+        raise_if_moved(layout, epoch, identity)
+    return result
+
+
+def _read_epoch_info(layout: CheckpointLayout, epoch: int) -> dict[str, Any]:
     directory = layout.epoch_dir(epoch)
     if os.path.islink(directory):
         raise LinkError(
@@ -280,16 +358,24 @@ def check_epoch(
     file's FileCheck holds its verified bytes (see `check_files`), its large arrays read
     into `read_into`'s buffers if given.
 
+    A file found bad, or a read that fails, is damage only if `epochs/NNN` is still
+    the directory the check began with (see the module docstring).
+
     Raises:
+        EpochVanishedError: the directory was pruned or replaced during the check.
         the errors of `read_epoch_info` (no, invalid or mismatched ckpt-info.json).
     """
-    info = read_epoch_info(layout, epoch)
-    files = check_files(
-        layout.epoch_dir(epoch),
-        info,
-        verify_checksums,
-        progress,
-        info["model_file"] if hold_model_contents else None,
-        read_into,
-    )
-    return EpochCheck(epoch, info, files)
+
+    def read() -> EpochCheck:
+        info = _read_epoch_info(layout, epoch)
+        files = check_files(
+            layout.epoch_dir(epoch),
+            info,
+            verify_checksums,
+            progress,
+            info["model_file"] if hold_model_contents else None,
+            read_into,
+        )
+        return EpochCheck(epoch, info, files)
+
+    return _unless_moved(layout, epoch, read, lambda check: bool(check.bad))

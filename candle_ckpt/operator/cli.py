@@ -11,16 +11,25 @@ starts in a fraction of a second on a login node. DIR is a `ckpt_directory` (def
     candle-ckpt rollback [DIR] EPOCH [--dry-run]
     candle-ckpt prune [DIR] (--keep N [--mode linear|exponential] | --abandoned) [--dry-run]
     candle-ckpt export [DIR] [EPOCH] --to PATH [--force]   (default: last)
-    candle-ckpt history [DIR] [--json | --csv] [--all]
+    candle-ckpt history [DIR] [--json | --csv] [--live]
     candle-ckpt plot [DIR] [--metric NAME ...] [--out FILE.png|.svg]
 
 A single positional argument is an EPOCH if it is a number, `last` or `best`, else the
 DIR (write ./5 for a directory named 5).
 
 Exit status: 0 success; 1 a file listed in ckpt-info.json is missing or fails its
-size or CRC32 check (verify, rollback, export); 2 a usage error, a DIR that is not a checkpoint
-tree, a missing epoch, a dangling or invalid link, an invalid ckpt-info.json. Errors
-are one line on stderr, never a traceback.
+size or CRC32 check (verify, list --verify, rollback, export); 2 a usage error, a DIR
+that is not a checkpoint tree, a missing epoch, a dangling or invalid link, an invalid
+ckpt-info.json, or a change refused because a training job holds the tree's lock
+(rollback, prune); 3 the epoch named by number was pruned or moved away by the job
+writing the tree while it was read (not damage); 130 interrupted (Ctrl-C). Errors are
+one line on stderr, never a traceback.
+
+The read-only commands run beside a job that saves, repoints `last`/`best` and prunes:
+an epoch that goes away while it is read is not reported as damage (core/verify.py
+tells the two apart). `list --verify` marks it `pruned meanwhile`, `verify --all` says
+so on its line, neither counting it in the exit status; `last` or `best` is resolved
+once, its epoch read, and resolved and read again if that epoch went away meanwhile.
 """
 
 from __future__ import annotations
@@ -36,7 +45,12 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterator, Sequence
 
 from ..core import tree_fs
-from ..core.errors import CheckpointError, CorruptCheckpointError, NoCheckpointError
+from ..core.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    EpochVanishedError,
+    NoCheckpointError,
+)
 from ..core.layout import DEFAULT_CKPT_DIRECTORY
 from .inventory import (
     CHECKSUM_STATES,
@@ -52,14 +66,20 @@ TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.
 # The history, validation and CRC32 modules are imported by the commands that use them:
 # the command line's start-up imports no more than `list` runs.
 if TYPE_CHECKING:
-    from typing import IO, Any, NoReturn
+    from typing import IO, Any, NoReturn, TypeVar
 
     from ..core.history import EpochRecord, History
     from ..core.layout import CheckpointLayout
     from ..core.verify import FileCheck
     from .inventory import EpochSummary, TreeSurvey
 
-EXIT_OK, EXIT_CORRUPT, EXIT_ERROR = 0, 1, 2
+    _T = TypeVar("_T")
+
+EXIT_OK, EXIT_CORRUPT, EXIT_ERROR, EXIT_VANISHED = 0, 1, 2, 3
+PRUNED_MEANWHILE = "pruned meanwhile"
+# How many times an epoch `last` or `best` names is read when each one read goes away
+# meanwhile: a job repoints them at every save.
+LINK_ATTEMPTS = 5
 PROG = "candle-ckpt"
 
 LINK_SELECTORS = ("last", "best")
@@ -153,6 +173,24 @@ def _select_epoch(layout: CheckpointLayout, selector: str) -> int:
     return state.epoch
 
 
+def _read_selected(
+    layout: CheckpointLayout, selector: str, read: Callable[[int], _T]
+) -> tuple[int, _T]:
+    """(epoch, read(epoch)) for the epoch `selector` names.
+
+    `last` and `best` are resolved once per attempt and only that epoch is read; if it
+    went away meanwhile (`EpochVanishedError`: the job repointed the link and pruned
+    the epoch), the link is resolved and read again, LINK_ATTEMPTS times at most. An
+    epoch named by number is read once: its going away is the error.
+    """
+    for _ in range(LINK_ATTEMPTS - 1 if selector in LINK_SELECTORS else 0):
+        epoch = _select_epoch(layout, selector)
+        with contextlib.suppress(EpochVanishedError):
+            return epoch, read(epoch)
+    epoch = _select_epoch(layout, selector)
+    return epoch, read(epoch)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argparse parser of `candle-ckpt`: with every subcommand, or only `command`.
 
@@ -162,8 +200,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
-        epilog="Exit status: 0 ok; 1 a file is missing or corrupt; 2 usage, "
-        "tree, link or format error.",
+        epilog=f"DIR is a ckpt_directory (default {DEFAULT_CKPT_DIRECTORY}); EPOCH is a "
+        "number, last or best (a lone number, last or best is the EPOCH: write ./5 for a "
+        "directory named 5). "
+        "Exit status: 0 ok; 1 a file an epoch lists is missing or fails its CRC32 (verify, "
+        "list --verify, rollback, export); 2 a usage error, a DIR that is not a tree, a "
+        "missing epoch, a bad link or ckpt-info.json, or a training job holding the tree's "
+        "lock (rollback, prune); 3 an epoch named by number was pruned while it was read "
+        "(not damage); 130 interrupted. Errors are one line on stderr.",
     )
     commands = parser.add_subparsers(
         dest="command",
@@ -180,18 +224,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 _TREE_THEN_EPOCH = f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: a number, last or best"
+_DIR = f"a ckpt_directory (default {DEFAULT_CKPT_DIRECTORY})"
+_LOCK_REFUSAL = (
+    "while a training job holds the tree's lock, ckpts/.lock (exit 2, naming the job's "
+    "pid, host and start time): run it between jobs"
+)
 
 
 def _add_list(commands: argparse._SubParsersAction[_Parser]) -> None:
     list_parser = commands.add_parser(
-        "list", help="one row per epoch: size, time, metric, checksum, last/best marks"
+        "list",
+        help="one row per epoch: size, time, metric, checksum, last/best marks",
+        description="One row per epoch in numeric order: size, time saved, its own value "
+        "of the tracked metric (or NAME) and the best value so far; marks last, best, the "
+        "epochs after last (abandoned by a rollback) and leftover work/ and trash/. Reads "
+        "no model file unless --verify, which exits 1 when an epoch is BAD. Exit 2 when "
+        "DIR is not a checkpoint tree.",
     )
     list_parser.add_argument(
         "where",
         nargs="?",
         default=DEFAULT_CKPT_DIRECTORY,
         metavar="DIR",
-        help=f"default {DEFAULT_CKPT_DIRECTORY}",
+        help=_DIR,
     )
     list_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     list_parser.add_argument(
@@ -209,7 +264,13 @@ def _add_list(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _add_info(commands: argparse._SubParsersAction[_Parser]) -> None:
-    info_parser = commands.add_parser("info", help="the ckpt-info.json of an epoch, validated")
+    info_parser = commands.add_parser(
+        "info",
+        help="the ckpt-info.json of an epoch, validated",
+        description="Print an epoch's ckpt-info.json (default: the one last names), "
+        "validated against its schema. Exit 2 for a missing epoch, a dangling or invalid "
+        "link, or an invalid ckpt-info.json (naming the key).",
+    )
     info_parser.add_argument(
         "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
     )
@@ -217,19 +278,39 @@ def _add_info(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 def _add_verify(commands: argparse._SubParsersAction[_Parser]) -> None:
     verify_parser = commands.add_parser(
-        "verify", help="recompute the CRC32 of every file an epoch lists"
+        "verify",
+        help="recompute the CRC32 of every file an epoch lists",
+        description="Recompute the size and CRC32 of every file an epoch's "
+        "ckpt-info.json lists (default: the epoch last names; --all: every epoch) and "
+        "print each mismatch with the file, the expected and the actual value. A progress "
+        "bar on a terminal only. Exit 0 all good, 1 a mismatch or a missing file, 2 a "
+        "usage or format error.",
     )
     verify_parser.add_argument(
         "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
     )
-    verify_parser.add_argument("--all", action="store_true", help="verify every epoch")
+    verify_parser.add_argument(
+        "--all", action="store_true", help="verify every epoch (takes no EPOCH)"
+    )
 
 
 def _add_rollback(commands: argparse._SubParsersAction[_Parser]) -> None:
     rollback_parser = commands.add_parser(
-        "rollback", help="verify EPOCH, then point last at it and best at the best before it"
+        "rollback",
+        help="verify EPOCH, then point last at it and best at the best before it",
+        description="Verify EPOCH (every CRC32), then point best at the best epoch at or "
+        "before it (its recorded epoch_best) and last at EPOCH: relative links, each "
+        "replaced atomically, logged to ckpt.log. The next run resumes from EPOCH; the "
+        "epochs after it stay on disk as abandoned (prune --abandoned deletes them). "
+        "Refused, changing nothing: an EPOCH that does not verify (exit 1); " + _LOCK_REFUSAL + ".",
     )
-    rollback_parser.add_argument("where", nargs="*", metavar="ARG", help="[DIR] EPOCH")
+    rollback_parser.add_argument(
+        "where",
+        nargs="*",
+        metavar="ARG",
+        help=f"[DIR] (default {DEFAULT_CKPT_DIRECTORY}), then EPOCH: an epoch number "
+        "(required; last and best are refused: name the epoch)",
+    )
     rollback_parser.add_argument(
         "--dry-run", action="store_true", help="print what would change, change nothing"
     )
@@ -237,9 +318,19 @@ def _add_rollback(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 def _add_prune(commands: argparse._SubParsersAction[_Parser]) -> None:
     prune_parser = commands.add_parser(
-        "prune", help="delete epochs by keep policy or after last; never last or best"
+        "prune",
+        help="delete epochs by keep policy or after last; never last or best",
+        description="Delete epochs, never the ones last and best name: --keep N applies "
+        "a keep policy to the epochs up to last, across runs; --abandoned deletes the "
+        "epochs after last (a timeline a rollback left). Each epoch is renamed into "
+        "ckpts/trash/ before it is removed, so a kill never leaves half of one in "
+        "epochs/; logged to ckpt.log. Refused, deleting nothing: while last or best is "
+        "dangling or invalid (exit 2; repair it with rollback first); --abandoned without "
+        "a last link (exit 2); " + _LOCK_REFUSAL + ".",
     )
-    prune_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR")
+    prune_parser.add_argument(
+        "where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR", help=_DIR
+    )
     how = prune_parser.add_mutually_exclusive_group(required=True)
     how.add_argument(
         "--keep",
@@ -264,9 +355,18 @@ def _add_prune(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 def _add_history(commands: argparse._SubParsersAction[_Parser]) -> None:
     history_parser = commands.add_parser(
-        "history", help="every completed epoch of every run, from ckpts/history.jsonl"
+        "history",
+        help="every completed epoch of every run, from ckpts/history.jsonl",
+        description="Every completed epoch of every run, saved or not, from "
+        "ckpts/history.jsonl: metrics, training and save seconds, last and best, the "
+        "epochs a restart or rollback abandoned and those after last. A damaged history "
+        "is read past the damage with a warning on stderr. The first read leaves "
+        "ckpts/history.cache (checked by CRC32, safe to delete); later reads parse only "
+        "the lines appended since. Exit 2 when DIR is not a checkpoint tree.",
     )
-    history_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR")
+    history_parser.add_argument(
+        "where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR", help=_DIR
+    )
     output = history_parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON for scripts")
     output.add_argument("--csv", action="store_true", help="print CSV (one row per epoch)")
@@ -282,8 +382,15 @@ def _add_plot(commands: argparse._SubParsersAction[_Parser]) -> None:
         "plot",
         help="metric curves over epochs, last, best, saved epochs and rollbacks "
         "marked: a picture with --out (needs matplotlib), else a text chart",
+        description="Metric curves over epochs from ckpts/history.jsonl: the live "
+        "timeline and the abandoned ones, with saved epochs, last, best and the epochs a "
+        "restart or rollback went back to marked. A text chart on the terminal; a picture "
+        "with --out. A metric no epoch recorded is an error listing those recorded "
+        "(exit 2).",
     )
-    plot_parser.add_argument("where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR")
+    plot_parser.add_argument(
+        "where", nargs="?", default=DEFAULT_CKPT_DIRECTORY, metavar="DIR", help=_DIR
+    )
     plot_parser.add_argument(
         "--metric",
         action="append",
@@ -303,6 +410,14 @@ def _add_export(commands: argparse._SubParsersAction[_Parser]) -> None:
         "export",
         help="verify EPOCH, then write its weights for plain Keras "
         "(load_weights) or PyTorch (load_state_dict), with PATH.sha256",
+        description="Verify EPOCH (default: the epoch last names), then write its model "
+        "weights, no optimizer state: a Keras tree as Keras 3's .weights.h5 (for "
+        "model.load_weights on a model built as the one trained), a PyTorch tree as the "
+        "state dict registered as 'model' (for net.load_state_dict(torch.load(PATH, "
+        "weights_only=True))). PATH is written under a temporary name, fsynced and "
+        "renamed; its SHA-256 goes to PATH.sha256 (sha256sum format). Refused: an epoch "
+        "that does not verify (exit 1); an existing PATH without --force, a Keras PATH "
+        "not ending in .weights.h5, a subclassed Keras model (exit 2).",
     )
     export_parser.add_argument(
         "where", nargs="*", metavar="ARG", help=_TREE_THEN_EPOCH + " (default last)"
@@ -394,6 +509,8 @@ def _check_state(layout: CheckpointLayout, epoch: int, progress: _ProgressBar | 
 
     try:
         check = check_epoch(layout, epoch, progress=progress)
+    except EpochVanishedError:
+        return PRUNED_MEANWHILE
     except CheckpointError:
         return "BAD: invalid ckpt-info.json"
     if check.bad:
@@ -433,12 +550,10 @@ def _checksums(tree: TreeSurvey, verify: bool) -> list[str | None]:
     if not verify:
         return list(map(CHECKSUM_STATES.__getitem__, tree.column("checksummed")))
     states: list[str | None] = []
-    for summary in tree.epochs:
-        if summary.problem is None:
-            with _progress() as progress:
-                states.append(_check_state(tree.layout, summary.epoch, progress))
-        else:
-            states.append(summary.checksum)
+    for epoch in tree.column("epoch"):
+        # an epoch whose summary failed too: its check says BAD (exit status 1)
+        with _progress() as progress:
+            states.append(_check_state(tree.layout, epoch, progress))
     return states
 
 
@@ -490,7 +605,10 @@ def _notes(tree: TreeSurvey) -> list[str]:
             f"'{PROG} prune --abandoned' deletes them)"
         )
     if tree.work:
-        notes.append("leftover: ckpts/work/ (a save was interrupted; the next save removes it)")
+        notes.append(
+            "leftover: ckpts/work/ (a save in progress, or one interrupted: "
+            "the next save removes it)"
+        )
     if tree.trash:
         deletions = _count(len(tree.trash), "interrupted deletion")
         notes.append(f"leftover: ckpts/trash/ holds {deletions} (the next run finishes it)")
@@ -550,7 +668,9 @@ def _table(tree: TreeSurvey, checksums: list[str | None], metric: str | None) ->
         if problem is not None:
             for column in columns[1:5]:
                 column[row] = "-"
-            columns[5][row] = "INVALID: " + problem
+            # BAD when --verify checked it (and found it so): exit status 1
+            bad = str(checksums[row - 1]).startswith("BAD")
+            columns[5][row] = ("BAD: " if bad else "INVALID: ") + problem
     return _aligned(columns, right=(0, 1, 3, 4))
 
 
@@ -643,23 +763,36 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     directory, selector = _split_positionals(args.where, "info")
     layout = _open_tree(directory)
-    text = json.dumps(read_epoch_info(layout, _select_epoch(layout, selector)), indent=1)
+    _, info = _read_selected(layout, selector, lambda epoch: read_epoch_info(layout, epoch))
+    text = json.dumps(info, indent=1)
     # a format 1 epochs_saved names every epoch of the run: one line, not 10 000
     print(_NUMBER_LIST.sub(lambda match: json.dumps(json.loads(match.group())), text))
     return EXIT_OK
 
 
-def _verify_epoch(layout: CheckpointLayout, epoch: int) -> int:
-    """Verify one epoch, print the outcome; return its exit status."""
+def _verify_epoch(layout: CheckpointLayout, epoch: int, listed: bool = False) -> int:
+    """Verify one epoch, print the outcome; return its exit status.
+
+    An invalid ckpt-info.json is an error (exit status 2) for an epoch named; for one
+    `verify --all` `listed`, the epoch is CORRUPT (1) and the others are verified on.
+
+    Raises:
+        EpochVanishedError: the epoch went away while it was read (nothing printed).
+    """
     from ..core.verify import check_epoch
 
     try:
         with _progress() as progress:
             check = check_epoch(layout, epoch, progress=progress)
+    except EpochVanishedError:
+        raise
     except NoCheckpointError as error:
         print(f"epoch {epoch}: MISSING: {error}")
         return EXIT_CORRUPT
     except CheckpointError as error:
+        if listed:
+            print(f"epoch {epoch}: CORRUPT: {error}")
+            return EXIT_CORRUPT
         print(f"{PROG}: error: epoch {epoch}: {error}", file=sys.stderr)
         return EXIT_ERROR
     for bad in check.bad:
@@ -691,11 +824,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
         epochs = layout.list_epochs()
         if not epochs:
             raise NoCheckpointError(f"'{layout.epochs}' holds no epoch to verify")
-    else:
-        directory, selector = _split_positionals(args.where, "verify")
-        layout = _open_tree(directory)
-        epochs = [_select_epoch(layout, selector)]
-    return max(_verify_epoch(layout, epoch) for epoch in epochs)
+        return max(_verify_listed(layout, epoch) for epoch in epochs)
+    directory, selector = _split_positionals(args.where, "verify")
+    layout = _open_tree(directory)
+    return _read_selected(layout, selector, lambda epoch: _verify_epoch(layout, epoch))[1]
+
+
+def _verify_listed(layout: CheckpointLayout, epoch: int) -> int:
+    """`_verify_epoch` of an epoch `verify --all` listed; one pruned since is said so,
+    exit status 0: it is not damage."""
+    try:
+        return _verify_epoch(layout, epoch, listed=True)
+    except EpochVanishedError:
+        print(
+            f"epoch {epoch}: {PRUNED_MEANWHILE} (moved into trash/ by the job writing "
+            f"the tree while it was read; not damage)"
+        )
+        return EXIT_OK
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -754,8 +899,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     directory, selector = _split_positionals(args.where, "export")
     layout = _open_tree(directory)
-    epoch = _select_epoch(layout, selector)
-    print_exported(export_epoch(layout, epoch, args.to, force=args.force), epoch)
+    epoch, exported = _read_selected(
+        layout, selector, lambda epoch: export_epoch(layout, epoch, args.to, force=args.force)
+    )
+    print_exported(exported, epoch)
     return EXIT_OK
 
 
@@ -768,18 +915,22 @@ def _no_cycle_collection() -> None:
     gc.disable()
 
 
-def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History]:
-    """(layout, History) of the tree in `directory`; damage is warned about on stderr."""
+def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History, int | None]:
+    """(layout, History, last) of the tree in `directory`; damage is warned about on
+    stderr. `last` is the epoch the history was read against, read before it: a job
+    records an epoch in the history before it saves it, so the history holds `last`
+    even while the job writes."""
     from ..core.history import read_history
 
     _no_cycle_collection()
     layout = _open_tree(directory)
-    history = read_history(layout.ckpts, link_state(layout, "last").epoch, cache=True)
+    last = link_state(layout, "last").epoch
+    history = read_history(layout.ckpts, last, cache=True)
     reported = tree_fs.check_tree(layout)
     for warning in history.warnings:
         if not any(warning.startswith(problem) for problem in reported):
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    return layout, history
+    return layout, history, last
 
 
 def _history_rows(history: History, live_only: bool) -> list[EpochRecord]:
@@ -802,10 +953,9 @@ def _history_flags(record: EpochRecord, last: int | None, best: int | None) -> s
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Print every completed epoch the history recorded (table, --json or --csv)."""
-    layout, history = _read_tree_history(args.where)
+    layout, history, last = _read_tree_history(args.where)
     records = _history_rows(history, args.live)
     names = history.metric_names
-    last = link_state(layout, "last").epoch
     best = link_state(layout, "best").epoch
     if args.json:
         print(
@@ -929,14 +1079,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Draw metric curves over epochs: a picture with --out, else a text chart."""
     from .plot import Marks, chosen_metrics, text_chart, write_picture
 
-    layout, history = _read_tree_history(args.where)
-    last_state = link_state(layout, "last")
-    tracked = None
-    if last_state.epoch is not None:
-        tracked = summarise_epoch(layout, last_state.epoch).metric
-    metrics = chosen_metrics(history, args.metric, tracked)
+    layout, history, last = _read_tree_history(args.where)
+    metrics = chosen_metrics(history, args.metric, _tracked_metric(layout, last))
     marks = Marks(
-        last_state.epoch,
+        last,
         link_state(layout, "best").epoch,
         [r.epoch for r in history.live if r.saved],
         history.rewinds,
@@ -950,6 +1096,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
         lines += [*text_chart(history, metric, marks), ""]
     print("\n".join(lines).rstrip())
     return EXIT_OK
+
+
+def _tracked_metric(layout: CheckpointLayout, last: int | None) -> str | None:
+    """The metric the epoch `last` tracks; when that epoch was pruned meanwhile, the
+    one the epoch `last` names now tracks (None without `last`)."""
+    for _ in range(LINK_ATTEMPTS):
+        if last is None:
+            return None
+        summary = summarise_epoch(layout, last)
+        if summary is not None:
+            return summary.metric
+        last = link_state(layout, "last").epoch
+    return None
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -977,6 +1136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout at /dev/null so that the interpreter's final flush stays quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except EpochVanishedError as error:
+        return _fail(error, EXIT_VANISHED)
     except CorruptCheckpointError as error:
         return _fail(error, EXIT_CORRUPT)
     except (UsageError, CheckpointError, OSError, ValueError) as error:

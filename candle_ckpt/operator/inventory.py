@@ -11,6 +11,10 @@ the list that makes the files of a long run large) and before `run_id` (format 2
 survey parses no more than it shows, and validating every file against the schema
 would take far longer, so a survey does not validate; `read_epoch_info` does, for the
 one epoch an operator acts on.
+
+The job writing a tree may prune an epoch between the scan of `epochs/` and the read
+of its ckpt-info.json: such an epoch is left out, as if the scan had come a moment
+later; `last` and `best` are each read as they were at one instant (`link_state`).
 """
 
 from __future__ import annotations
@@ -128,10 +132,39 @@ class LinkState:
         return f"{self.name} -> {self.target}"
 
 
+LINK_READS = 5
+"""How many times `link_state` reads a link that a writer keeps repointing."""
+
+
 def link_state(layout: CheckpointLayout, name: str) -> LinkState:
-    """The `LinkState` of the `last` or `best` link of `layout`."""
+    """The `LinkState` of the `last` or `best` link of `layout`, as it was at one instant.
+
+    A job repoints its links at every save and then prunes the epoch a link named
+    before: a link read while that happens could pair the target of one readlink with
+    the resolution of the next, or resolve a target pruned meanwhile ("dangling"). The
+    state counts only when the link still stores the same target afterwards; else it
+    is read again (at most LINK_READS times). A link that dangles while it stays the
+    same is reported as dangling.
+    """
     path = layout.link(name)
-    target = os.readlink(path) if os.path.islink(path) else None
+    state = _link_state_once(layout, name, path)
+    for _ in range(LINK_READS - 1):
+        if _stored_target(path) == state.target:
+            break
+        state = _link_state_once(layout, name, path)
+    return state
+
+
+def _stored_target(path: str) -> str | None:
+    """What the link at `path` stores; None when there is no link."""
+    try:
+        return os.readlink(path)
+    except OSError:  # absent, or not a link
+        return None
+
+
+def _link_state_once(layout: CheckpointLayout, name: str, path: str) -> LinkState:
+    target = _stored_target(path)
     try:
         epoch = layout.resolve_link(name)
     except LinkError as error:
@@ -204,11 +237,12 @@ class EpochSummary:
         return f"EpochSummary({fields})"
 
 
-def summarise_epoch(layout: CheckpointLayout, epoch: int) -> EpochSummary:
-    """The `EpochSummary` of one epoch directory (never raises for a bad file)."""
+def summarise_epoch(layout: CheckpointLayout, epoch: int) -> EpochSummary | None:
+    """The `EpochSummary` of one epoch directory (never raises for a bad file); None
+    when the directory went away while it was read (pruned by the job writing the tree)."""
     directory = layout.epoch_dir(epoch)
     row = _summarise(epoch, directory)
-    return _summary(row, directory, row[ROW_FIELDS.index("metrics")])
+    return None if row is None else _summary(row, directory, row[ROW_FIELDS.index("metrics")])
 
 
 # What a survey holds of an epoch directory, in this order: the fields of a line of the
@@ -247,13 +281,16 @@ def _problem_row(epoch: int, problem: str) -> list[Any]:
     return [epoch, *[None] * (len(ROW_FIELDS) - 2), problem]
 
 
-def _summarise(epoch: int, directory: str) -> list[Any]:
+def _summarise(epoch: int, directory: str) -> list[Any] | None:
     """The row (ROW_FIELDS) of one epoch directory from its ckpt-info.json head (never
-    raises for a bad file; its inode None: only an index line names one)."""
+    raises for a bad file; its inode None: only an index line names one); None when the
+    directory is gone (pruned since it was listed: not a problem of the tree)."""
     try:
         # Concatenated, not os.path.join: this runs once per epoch, 10 000 times a list.
         head = _HEAD_READER.read(directory + _SEP_INFO_FILE)
     except FileNotFoundError:
+        if not os.path.lexists(directory):
+            return None
         return _problem_row(epoch, f"no {INFO_FILE} (not a complete epoch)")
     except (OSError, ValueError) as error:
         return _problem_row(epoch, f"{INFO_FILE} unreadable: {error}")
@@ -268,7 +305,10 @@ def _summarise(epoch: int, directory: str) -> list[Any]:
         legacy = is_legacy(head)
         size, checksummed = size_and_checksummed(head)
         if size is None:  # upstream CANDLE records no sizes
-            size = _bytes_in(directory)
+            try:
+                size = _bytes_in(directory)
+            except FileNotFoundError:
+                return None  # pruned since its ckpt-info.json was read
         metrics = head.get("metrics")
         if type(metrics) is not dict:
             metrics = None
@@ -388,8 +428,9 @@ def _rows(layout: CheckpointLayout, use_index: bool) -> list[list[Any]]:
             append(line)
         else:
             epoch = parse_epoch_dirname(name)
-            if epoch is not None:
-                append(_summarise(epoch, prefix + name))
+            row = None if epoch is None else _summarise(epoch, prefix + name)
+            if row is not None:  # None: pruned since the scan, left out
+                append(row)
     rows.sort(key=itemgetter(0))
     return rows
 
