@@ -34,6 +34,7 @@ from .core.errors import (
     NoCheckpointError,
     ParameterTypeError,
     ParameterValueError,
+    UnsafePathError,
     WriterLockedError,
     exit_status,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "ParamType",
     "ParameterTypeError",
     "ParameterValueError",
+    "UnsafePathError",
     "WriterLockedError",
     "ckpt_defs",
     "ckpt_parser",

@@ -181,7 +181,7 @@ def write_file(
             (EDQUOT), with the size the file needs.
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
         try:
             os.ftruncate(fd, image.size)
             _write_runs(fd, image.regions())

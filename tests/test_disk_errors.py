@@ -56,13 +56,27 @@ class Injector:
 
     def _wrap(self, real, name):
         def call(*args, **kwargs):
-            # a descriptor, or the first path in the tree (symlink's is its second)
-            target = next(
-                (a for a in args[:2] if isinstance(a, int) or str(a).startswith(self.root)), None
+            # a descriptor, a name in a directory given by descriptor (every such call of
+            # the library is in the tree), or the first path in the tree (symlink's is
+            # its second)
+            in_directory = kwargs.get("dir_fd", kwargs.get("src_dir_fd")) is not None
+            target = (
+                args[1 if name == "symlink" else 0]
+                if in_directory
+                else next(
+                    (a for a in args[:2] if isinstance(a, int) or str(a).startswith(self.root)),
+                    None,
+                )
             )
             background = threading.current_thread().name.startswith("candle_ckpt-trash")
             if self.fail_at is not None and target is not None and not background:
-                where = "fd" if isinstance(target, int) else os.path.relpath(target, self.root)
+                where = (
+                    "fd"
+                    if isinstance(target, int)
+                    else target
+                    if in_directory
+                    else os.path.relpath(target, self.root)
+                )
                 self.calls.append(f"{name}({where})")
                 if len(self.calls) == self.fail_at:
                     raise OSError(self.error_number, os.strerror(self.error_number), target)
@@ -119,13 +133,14 @@ def test_an_io_error_at_every_step_of_a_save(
         else:
             if len(injector.calls) < n:
                 break
-            # os.makedirs(exist_ok=True) ignores an error on a directory that exists; a
-            # history line (opened per line; its `saved` line fsynced after the save
-            # completed) that fails is logged, not raised (docs/FORMAT.md)
+            # a history line (opened per line, reached from the root one directory at a
+            # time; its `saved` line fsynced after the save completed) that fails is
+            # logged, not raised (docs/FORMAT.md)
             assert injector.calls[n - 1] in (
-                "mkdir(ckpts/trash)",
                 "fsync(fd)",
-                "open(ckpts/history.jsonl)",
+                "open(.)",
+                "open(ckpts)",
+                "open(history.jsonl)",
             )
             assert last_verified(ckpt_dir) == 3
         finally:
@@ -137,14 +152,16 @@ def test_an_io_error_at_every_step_of_a_save(
         assert_clean(checkpointer.layout)
     print(f"{len(steps_seen)} injected {errno.errorcode[error_number]}: {steps_seen}")
     assert len(steps_seen) > 25
+    # a name without a directory: a call relative to a directory's descriptor
     for step in (
-        "mkdir(ckpts/work)",
+        "mkdir(work)",
         "open(ckpts/work/model.h5)",
+        "open(index.jsonl)",
         "fsync(fd)",
-        "rename(ckpts/work)",
-        "symlink(ckpts/.last.tmp",
-        "replace(ckpts/.best.tmp",
-        "rename(ckpts/epochs/002)",
+        "rename(work)",
+        "symlink(.last.tmp",
+        "replace(.best.tmp",
+        "rename(002)",
     ):
         assert any(seen.startswith(step) for seen in steps_seen), step
 
@@ -293,18 +310,18 @@ def open_files_under(directory):
 
 def test_a_failed_removal_is_retried_by_the_next_deletion(make_checkpointer, monkeypatch, caplog):
     """The trash collector logs a failed removal and empties the trash at the next poke."""
-    from candle_ckpt.core import durable
+    from candle_ckpt.core import trash
 
     checkpointer = make_checkpointer(ckpt_keep_limit=1, ckpt_save_best=False)
-    real_empty_trash, failures = durable.empty_trash, []
+    real_empty_trash, failures = trash.empty_trash, []
 
-    def failing_once(trash_dir):
+    def failing_once(layout):
         if not failures:
-            failures.append(trash_dir)
-            raise OSError(errno.EIO, os.strerror(errno.EIO), trash_dir)
-        return real_empty_trash(trash_dir)
+            failures.append(layout)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), layout.trash)
+        return real_empty_trash(layout)
 
-    monkeypatch.setattr(durable, "empty_trash", failing_once)
+    monkeypatch.setattr(trash, "empty_trash", failing_once)
     with caplog.at_level("WARNING", logger="candle_ckpt"):
         for epoch in (1, 2):
             checkpointer.epoch_end(epoch, {}, file_writer())

@@ -166,7 +166,7 @@ def test_a_cache_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
     first_run(ckpts)
     monkeypatch.setattr(history_cache, "REWRITE_AFTER_BYTES", 1)
 
-    def refuse(source, destination):
+    def refuse(source, destination, **dir_fds):
         raise PermissionError(13, "Permission denied", destination)
 
     monkeypatch.setattr(history_cache.os, "replace", refuse)

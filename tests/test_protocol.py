@@ -189,7 +189,7 @@ def test_deleted_epochs_leave_the_training_thread_at_once(make_checkpointer, ckp
 
 def test_trash_left_by_a_crash_is_emptied_by_the_next_run(make_checkpointer, ckpt_dir):
     layout = CheckpointLayout(ckpt_dir)
-    os.makedirs(os.path.join(layout.trash, "007.deadbeef"))
+    os.makedirs(os.path.join(layout.trash, "007.0123456789ab"))
     checkpointer = make_checkpointer(epochs=1)
     run(checkpointer, [1.0])
     checkpointer.trash.wait()

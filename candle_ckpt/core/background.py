@@ -16,8 +16,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from . import durable
-from .errors import CheckpointError
+from . import trash
+from .errors import CheckpointError, UnsafePathError
+from .layout import CheckpointLayout
 from .logs import LibraryLogger
 
 Result = TypeVar("Result")
@@ -107,13 +108,14 @@ class TrashCollector:
     waits for the running collection, so a normal exit leaves no trash behind.
 
     Args:
-        trash_dir: the directory to empty.
+        layout: the tree whose `trash/` to empty (`trash.empty_trash`).
         logger: where failures are logged (a failed removal is retried at the next poke).
     """
 
-    def __init__(self, trash_dir: str, logger: LibraryLogger) -> None:
-        self.trash_dir = trash_dir
+    def __init__(self, layout: CheckpointLayout, logger: LibraryLogger) -> None:
+        self.layout = layout
         self.logger = logger
+        self._reported: set[str] = set()  # foreign entries, warned about once
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="candle_ckpt-trash", initializer=lower_thread_priority
         )
@@ -135,14 +137,24 @@ class TrashCollector:
 
     def _collect(self) -> None:
         try:
-            removed = durable.empty_trash(self.trash_dir)
-        except OSError as error:
+            removed, foreign = trash.empty_trash(self.layout)
+        except (OSError, UnsafePathError) as error:
             self.logger.warning(
-                "emptying '%s' failed (%s); will retry at the next deletion", self.trash_dir, error
+                "emptying '%s' failed (%s); will retry at the next deletion",
+                self.layout.trash,
+                error,
             )
             return
         if removed:
             self.logger.debug("removed from trash: %s", ", ".join(removed))
+        foreign = [name for name in foreign if name not in self._reported]
+        if foreign:
+            self._reported.update(foreign)
+            self.logger.warning(
+                "left %s in '%s': not named as the library names what it moves there",
+                ", ".join(foreign),
+                self.layout.trash,
+            )
 
 
 class BackgroundWriter:

@@ -21,8 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import __version__
+from . import tree_fs
 from .background import BackgroundWriter, TrashCollector
-from .errors import CheckpointFormatError, CheckpointWriteError, ParameterValueError
+from .errors import (
+    CheckpointFormatError,
+    CheckpointWriteError,
+    ParameterValueError,
+    UnsafePathError,
+)
 from .faults import fault_point
 from .history import HistoryWriter, utc_time
 from .info import (
@@ -149,7 +155,7 @@ class Checkpointer:
     @functools.cached_property
     def trash(self) -> TrashCollector:
         """The `TrashCollector` that empties this tree's trash/ in the background."""
-        return TrashCollector(self.layout.trash, self.logger)
+        return TrashCollector(self.layout, self.logger)
 
     @functools.cached_property
     def history(self) -> HistoryWriter:
@@ -269,10 +275,13 @@ class Checkpointer:
         writer left (work/, trash/). Nothing happens when saving is disabled.
 
         Raises:
+            UnsafePathError: a path the writer writes is a link or of the wrong kind
+                (core/tree_fs.py); refused before the lock or anything else is written.
             WriterLockedError: another process writes this tree.
         """
         if self.settings["ckpt_save_interval"] == 0:
             return
+        tree_fs.refuse_unsafe_tree(self.layout)
         self.writer_lock.acquire()
         self._prepare_once()
 
@@ -306,13 +315,14 @@ class Checkpointer:
 
         Nothing is recorded when saving is disabled (ckpt_save_interval 0: the tree is
         not written at all). A failure to append is logged, not raised: the history is
-        a record for people, and training goes on without it.
+        a record for people, and training goes on without it. So is a history file
+        replaced by a link while the job runs (refused, not followed).
         """
         if self.settings["ckpt_save_interval"] == 0:
             return
         try:
             self.history.record_epoch(epoch, numeric_metrics(logs), train_seconds)
-        except OSError as error:
+        except (OSError, UnsafePathError) as error:
             self.logger.error("epoch %d: not recorded in %s: %s", epoch, self.history.path, error)
 
     def decide(
@@ -430,7 +440,7 @@ class Checkpointer:
             self.history.record_saved(
                 decision.epoch, decision.reason, time.perf_counter() - started
             )
-        except OSError as error:
+        except (OSError, UnsafePathError) as error:
             self.logger.error(
                 "epoch %d: its save is not recorded in %s: %s",
                 decision.epoch,

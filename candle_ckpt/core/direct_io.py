@@ -186,7 +186,7 @@ def write_at(
 
     arrays = ((offset, np.frombuffer(buffer, np.uint8)) for offset, buffer in regions)
     ordered = sorted(((o, a) for o, a in arrays if a.nbytes), key=lambda region: region[0])
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     try:
         size = os.fstat(fd).st_size
         for offset, data in ordered:
@@ -219,7 +219,7 @@ def _open_direct(path: str) -> int | None:
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+        return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW)
     except OSError as error:
         if error.errno == errno.EINVAL:  # file systems without O_DIRECT (tmpfs before 6.6)
             return None

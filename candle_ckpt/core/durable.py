@@ -7,17 +7,18 @@ system, as `rename(2)` requires. POSIX only.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import re
-import shutil
 import sys
 import uuid
 from collections.abc import Callable
 
-from .faults import fault_point
+from . import tree_fs
 
+_DIRECTORY_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMPORARY_NAME = re.compile(r"\..+\.tmp\.[0-9a-f]{12}\Z")
 
 
@@ -81,20 +82,22 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def append_line(path: str, data: bytes, *, sync: bool) -> None:
-    """Append one line (`data`, ending in a newline) to the file `path` in one `write(2)`.
+def append_line(root: str, path: str, data: bytes, *, sync: bool) -> None:
+    """Append one line (`data`, ending in a newline) to the file `path` of the checkpoint
+    tree `root` in one `write(2)`.
 
-    The file is opened with O_APPEND for this line only, so a process that dies by an
-    exception leaves no descriptor open. A kill leaves at most this line torn (no
-    newline at its end); a line torn earlier is ended with a newline first, so that it
-    and this one are not read as one. With `sync` the line is fsynced.
+    The file is reached without following a link (`tree_fs.open_tree_file`; `ckpts/`
+    is made if missing) and opened with O_APPEND for this line only, so a process that
+    dies by an exception leaves no descriptor open. A kill leaves at most this line
+    torn (no newline at its end); a line torn earlier is ended with a newline first, so
+    that it and this one are not read as one. With `sync` the line is fsynced.
 
     Raises:
+        UnsafePathError: the file or a directory on the way is a link or of the wrong kind.
         OSError: the file cannot be opened or written (a short write, on a full disk,
             is ended with a newline and raised).
     """
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT
-    descriptor = os.open(path, flags, 0o644)
+    descriptor = tree_fs.open_tree_file(root, path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
         size = os.fstat(descriptor).st_size
         if size and os.pread(descriptor, 1, size - 1) != b"\n":
@@ -126,35 +129,47 @@ def is_temporary_name(name: str) -> bool:
     return _TEMPORARY_NAME.match(name) is not None
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
+def write_bytes_atomic(path: str, data: bytes, *, directory: int | None = None) -> None:
     """Replace the file `path` by `data`: readers see the old file or the whole new one.
 
-    Writes a temporary sibling, fsyncs it, renames it over `path` and fsyncs the
-    directory. After a crash `path` is either the old or the new file; at worst a
-    temporary sibling is left behind.
+    Writes a temporary sibling (created, never opened through a link), fsyncs it,
+    renames it over `path` and fsyncs the directory. After a crash `path` is either the
+    old or the new file; at worst a temporary sibling is left behind. `directory`: the
+    descriptor of `path`'s directory, to write through it rather than look the directory
+    up by path (core/tree_fs.py); by default the directory is opened by path.
     """
-    temporary = temporary_name(path)
+    if directory is None:
+        parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            write_bytes_atomic(path, data, directory=parent)
+        finally:
+            os.close(parent)
+        return
+    temporary = os.path.basename(temporary_name(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    descriptor = tree_fs.open_file(directory, temporary, path, flags, 0o666)
     try:
-        with open(temporary, "wb") as stream:
+        with open(descriptor, "wb") as stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, os.path.basename(path), src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException as error:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=directory)
         if isinstance(error, OSError) and error.filename is None:
             # A buffered write's error (ENOSPC at the flush) names no file.
             raise OSError(error.errno, error.strerror, path) from error
         raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    os.fsync(directory)
 
 
 def rename_durable(source: str, destination: str) -> None:
     """Rename `source` to `destination` and make the rename durable.
 
     After a crash, exactly one of the two names exists. Both parent directories are
-    fsynced (once if they are the same).
+    fsynced (once if they are the same). For paths outside a checkpoint tree (an
+    export); inside one, `rename_at`.
     """
     os.rename(source, destination)
     destination_parent = os.path.dirname(os.path.abspath(destination))
@@ -164,75 +179,84 @@ def rename_durable(source: str, destination: str) -> None:
         fsync_dir(source_parent)
 
 
-def replace_symlink(target: str, link_path: str) -> None:
-    """Point the symlink `link_path` at `target` atomically, replacing any old link.
+def rename_at(source_dir: int, source: str, destination_dir: int, destination: str) -> None:
+    """Rename the entry `source` of the directory open as `source_dir` to `destination`
+    of `destination_dir`, durably: after a crash exactly one of the two names exists.
 
-    Creates the link under a temporary name and `os.replace`s it over `link_path`, then
-    fsyncs the directory: at every instant `link_path` is the old link or the new one,
-    never absent. `target` is stored as given (pass a relative path for a movable tree).
+    The entry itself is renamed, never what a link points to, and neither directory is
+    looked up by path, so a link swapped in for one of them is not followed. An
+    existing `destination` is replaced when `rename(2)` allows it (a file by a file, an
+    empty directory by a directory). Both directories are fsynced (once if the same).
     """
-    temporary = temporary_name(link_path)
-    os.symlink(target, temporary)
+    os.rename(source, destination, src_dir_fd=source_dir, dst_dir_fd=destination_dir)
+    os.fsync(destination_dir)
+    if not os.path.samestat(os.fstat(source_dir), os.fstat(destination_dir)):
+        os.fsync(source_dir)
+
+
+def replace_symlink(target: str, directory: int, name: str) -> None:
+    """Point the symlink `name` of the directory open as `directory` at `target`
+    atomically, replacing any old link.
+
+    Creates the link under a temporary name and renames it over `name`, then fsyncs the
+    directory: at every instant `name` is the old link or the new one, never absent.
+    `target` is stored as given (pass a relative path for a movable tree).
+    """
+    temporary = temporary_name(name)
+    os.symlink(target, temporary, dir_fd=directory)
     try:
-        os.replace(temporary, link_path)
+        os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
-        os.unlink(temporary)
+        os.unlink(temporary, dir_fd=directory)
         raise
-    fsync_dir(os.path.dirname(os.path.abspath(link_path)))
+    os.fsync(directory)
+
+
+def remove_entry(directory: int, name: str) -> bool:
+    """Remove the non-directory entry `name` (a link itself, never its target) of the
+    directory open as `directory`, durably; False if there was none."""
+    try:
+        os.unlink(name, dir_fd=directory)
+    except FileNotFoundError:
+        return False
+    os.fsync(directory)
+    return True
 
 
 def remove_link(link_path: str) -> None:
-    """Remove the symlink `link_path` if it exists, durably."""
+    """Remove the symlink (or file) `link_path` if it exists, durably."""
+    parent = os.open(os.path.dirname(os.path.abspath(link_path)), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.unlink(link_path)
-    except FileNotFoundError:
+        remove_entry(parent, os.path.basename(link_path))
+    finally:
+        os.close(parent)
+
+
+def remove_tree(directory: int, name: str) -> None:
+    """Delete the entry `name` of the directory open as `directory` and, if it is a real
+    directory, everything below it; a link is removed itself, never what it points to.
+
+    Walks by directory descriptors, opening each directory with O_NOFOLLOW and removing
+    each entry relative to its parent's descriptor, as `shutil.rmtree`'s
+    symlink-attack-resistant walk does (Python 3.11 offers it with `dir_fd` only), so a
+    link swapped in anywhere below `name` while it runs is removed, not followed. Not
+    durable by itself: callers remove only what they have moved out of sight.
+    """
+    try:
+        fd = os.open(name, _DIRECTORY_NOFOLLOW, dir_fd=directory)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        os.unlink(name, dir_fd=directory)
         return
-    fsync_dir(os.path.dirname(os.path.abspath(link_path)))
-
-
-def move_to_trash(path: str, trash_dir: str) -> str | None:
-    """Rename the directory `path` into `trash_dir` durably; return where it went.
-
-    After this, no reader sees `path`, and nothing was deleted yet: the slow removal
-    can run later or elsewhere (`empty_trash`). `trash_dir` must be on the same file
-    system and is ignored by readers. Returns None when `path` did not exist.
-    """
-    os.makedirs(trash_dir, exist_ok=True)
-    moved = os.path.join(trash_dir, f"{os.path.basename(path)}.{uuid.uuid4().hex[:12]}")
     try:
-        rename_durable(path, moved)
-    except FileNotFoundError:
-        return None
-    fault_point("after_trash_rename")
-    return moved
-
-
-def discard_tree(path: str, trash_dir: str) -> str | None:
-    """Delete the directory `path` now, so that no reader ever sees it half-deleted.
-
-    `move_to_trash`, then remove it there. A crash leaves either the whole tree at
-    `path` or a leftover in `trash_dir`, which `empty_trash` finishes.
-    Returns the trash path it was moved to, or None when `path` did not exist.
-    """
-    moved = move_to_trash(path, trash_dir)
-    if moved is not None:
-        shutil.rmtree(moved)
-    return moved
-
-
-def empty_trash(trash_dir: str) -> list[str]:
-    """Finish deletions a crash interrupted: remove everything inside `trash_dir`.
-
-    Returns the names removed.
-    """
-    try:
-        names = sorted(os.listdir(trash_dir))
-    except FileNotFoundError:
-        return []
-    for name in names:
-        entry = os.path.join(trash_dir, name)
-        if os.path.isdir(entry) and not os.path.islink(entry):
-            shutil.rmtree(entry)
-        else:
-            os.unlink(entry)
-    return names
+        with os.scandir(fd) as entries:
+            children = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+        for child, is_directory in children:
+            if is_directory:
+                remove_tree(fd, child)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=directory)

@@ -76,6 +76,12 @@ class LinkError(CheckpointError):
     """A `last`/`best` link resolves outside `ckpts/epochs/`, to a file, or in a loop."""
 
 
+class UnsafePathError(CheckpointError):
+    """A path the library writes in a checkpoint tree is not what it writes there: a
+    link (planted, or a typo in an `ln -s`), a file where a directory belongs, or the
+    reverse. Refused rather than followed or repaired (core/tree_fs.py)."""
+
+
 class EpochVanishedError(NoCheckpointError):
     """An epoch directory went away while it was read: pruned (moved into `trash/`) or
     replaced by a writer. Not damage: what was read is gone, not wrong (core/verify.py)."""
@@ -91,7 +97,8 @@ BAD_PARAMETER_EXIT_STATUS = 2
 """A `ckpt_*` parameter is wrong (argparse's status for a bad command line)."""
 RESTART_REFUSED_EXIT_STATUS = 3
 """The checkpoint to restart from is unusable: corrupt, invalid, a bad `last` link,
-none in `required` mode, or the processes disagree on it."""
+none in `required` mode, or the processes disagree on it; or a path the job writes in
+the tree is a link or of the wrong kind (`UnsafePathError`)."""
 TREE_LOCKED_EXIT_STATUS = 4
 """Another job writes the checkpoint tree (`ckpts/.lock`)."""
 SAVE_FAILED_EXIT_STATUS = 5

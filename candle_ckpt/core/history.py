@@ -26,9 +26,11 @@ from typing import Any, BinaryIO, NamedTuple
 
 from .checksum import crc32
 from .durable import append_line
+from .errors import UnsafePathError
 from .info import read_run_id
 from .json_lines import json_line, parse_lines
 from .layout import epoch_dirname
+from .tree_fs import open_file
 
 HISTORY_FILE = "history.jsonl"
 # A line is a few hundred bytes; a far larger file is not a history, and reading it
@@ -52,12 +54,14 @@ class HistoryWriter:
     so that the history holds every saved epoch that `last` can name.
 
     Args:
-        ckpts: the tree's `ckpts/` directory (created if missing).
+        ckpts: the tree's `ckpts/` directory (created if missing; the file and it are
+            reached without following a link: `durable.append_line`).
         run: the fields of the run's `start` line (run_id, run_started, lineage_id).
     """
 
     def __init__(self, ckpts: str, run: Mapping[str, Any]) -> None:
         self.path = os.path.join(ckpts, HISTORY_FILE)
+        self._root = os.path.dirname(ckpts)
         self._run = dict(run)
         self._lock = threading.Lock()
         self._started = False
@@ -104,12 +108,7 @@ class HistoryWriter:
             )
 
     def _append(self, record: dict[str, Any], sync: bool) -> None:
-        data = history_line(record)
-        try:
-            append_line(self.path, data, sync=sync)
-        except FileNotFoundError:  # no ckpts/ yet: a run that records before it saves
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            append_line(self.path, data, sync=sync)
+        append_line(self._root, self.path, history_line(record), sync=sync)
 
 
 def history_line(record: Mapping[str, Any]) -> bytes:
@@ -225,16 +224,19 @@ def read_history(ckpts: str, last: int | None = None, *, cache: bool = False) ->
     and write a new one when many lines were not covered; the result is the same.
 
     Returns an empty `History` when the file does not exist (a tree written before the
-    history existed, or by upstream CANDLE).
+    history existed, or by upstream CANDLE), and one with a warning when it is a link
+    or not a regular file, which is not read.
 
     Raises:
         OSError: the file exists but cannot be read (permissions, I/O error).
     """
     path = history_path(ckpts)
     try:
-        stream = open(path, "rb")
+        stream = open(path, "rb", opener=_open_no_link)
     except FileNotFoundError:
         return History(path, [], [], [], [])
+    except UnsafePathError as error:
+        return History(path, [], [], [str(error)], [])
     with stream:
         size = os.fstat(stream.fileno()).st_size
         if cache and 0 < size <= MAX_HISTORY_BYTES:
@@ -245,6 +247,11 @@ def read_history(ckpts: str, last: int | None = None, *, cache: bool = False) ->
     if last is not None:
         _follow_last(history, last, read_run_id(os.path.join(ckpts, "epochs", epoch_dirname(last))))
     return history
+
+
+def _open_no_link(path: str, flags: int) -> int:
+    """`open`'s opener for a file the library wrote: never through a link, never a pipe."""
+    return open_file(None, path, path, flags)
 
 
 def _follow_last(history: History, last: int, run_id: str | None) -> None:

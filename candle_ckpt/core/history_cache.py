@@ -17,19 +17,24 @@ Loading it never executes anything from it: a text header (JSON), then `array` b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
 import os
+import stat
 import sys
 from array import array
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
+from . import tree_fs
 from .checksum import crc32
 from .durable import temporary_name
+from .errors import UnsafePathError
 from .history import EpochRecord, RunStart, Timelines
+from .tree_fs import open_file
 
 CACHE_FILE = "history.cache"
 MAGIC = b"candle_ckpt history cache 1\n"
@@ -68,11 +73,12 @@ class Cached(NamedTuple):
 def load(ckpts: str, history_path: str, history: Buffer) -> Cached | None:
     """The state the cache holds, or None when there is no cache, or it is damaged, of
     another version or machine, or does not describe the first bytes of `history` (the
-    history file's contents, mapped or read)."""
+    history file's contents, mapped or read). A link is not read."""
+    path = cache_path(ckpts)
     try:
-        with open(cache_path(ckpts), "rb") as stream:
+        with open(path, "rb", opener=partial(open_file, None, path)) as stream:
             data = stream.read()
-    except OSError:
+    except (OSError, UnsafePathError):
         return None
     try:
         return _decode(data, history_path, history)
@@ -82,19 +88,29 @@ def load(ckpts: str, history_path: str, history: Buffer) -> Cached | None:
 
 def store(ckpts: str, state: Cached) -> None:
     """Write the cache of `state`. Best effort: a tree the reader may not write to, or a
-    full disk, leaves the old cache or none."""
+    full disk, leaves the old cache or none; so does a cache path that is a link or not
+    a regular file (left as it is: `candle-ckpt history` reports it, core/tree_fs.py)."""
     path = cache_path(ckpts)
-    temporary = temporary_name(path)
     try:
-        with open(temporary, "wb") as stream:
-            stream.write(_encode(state))
-        # Not fsynced: a cache torn by a crash fails its CRC32 and is rebuilt.
-        os.replace(temporary, path)
-    except OSError:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
+        with tree_fs.directory(os.path.dirname(ckpts), ckpts) as directory:
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISREG(
+                    os.stat(CACHE_FILE, dir_fd=directory, follow_symlinks=False).st_mode
+                ):
+                    return
+            temporary = os.path.basename(temporary_name(path))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            descriptor = tree_fs.open_file(directory, temporary, path, flags, 0o666)
+            try:
+                with open(descriptor, "wb") as stream:
+                    stream.write(_encode(state))
+                # Not fsynced: a cache torn by a crash fails its CRC32 and is rebuilt.
+                os.replace(temporary, CACHE_FILE, src_dir_fd=directory, dst_dir_fd=directory)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary, dir_fd=directory)
+    except (OSError, UnsafePathError):
+        return
 
 
 # -- the file: MAGIC, one line of JSON (the header), then the columns' bytes ----------

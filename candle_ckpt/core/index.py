@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 
 from .info_keys import finite_or_none, is_legacy, recorded_files
@@ -76,8 +77,9 @@ def index_path(ckpts: str) -> str:
     return os.path.join(ckpts, INDEX_FILE)
 
 
-def directory_inode(parent: str, name: str) -> int:
-    """The inode number `readdir` reports for entry `name` of directory `parent`.
+def directory_inode(parent: str | int, name: str) -> int:
+    """The inode number `readdir` reports for entry `name` of directory `parent` (a path,
+    or a descriptor).
 
     Taken from `scandir`, as a reader sees it, not from `stat`: on some file systems
     (overlayfs) the two differ, and a reader compares against `scandir`'s.
@@ -89,7 +91,7 @@ def directory_inode(parent: str, name: str) -> int:
         for entry in entries:
             if entry.name == name:
                 return entry.inode()
-    raise FileNotFoundError(f"'{os.path.join(parent, name)}' does not exist")
+    raise FileNotFoundError(f"'{name}' does not exist in directory {parent!r}")
 
 
 def index_line(info: Mapping[str, Any], inode: int) -> bytes:
@@ -129,17 +131,19 @@ def size_and_checksummed(info: Mapping[str, Any]) -> tuple[int | None, bool]:
     return sum([size for size, _ in files]), checksummed  # type: ignore[misc]
 
 
-def append_index(ckpts: str, info: Mapping[str, Any], inode: int) -> None:
-    """Append the line of the epoch `info` records, whose directory has `inode` (fsynced).
+def append_index(root: str, info: Mapping[str, Any], inode: int) -> None:
+    """Append the line of the epoch `info` records, whose directory has `inode`, to the
+    index of the tree `root` (fsynced; the file is reached without following a link).
 
     Raises:
+        UnsafePathError: the index or `ckpts/` is a link or of the wrong kind.
         OSError: the line cannot be written (the save fails, as on any step of it).
     """
     # Imported here: `list` reads the index, and durable's imports (ctypes, shutil,
     # uuid) would be a sizeable share of its run.
     from .durable import append_line
 
-    append_line(index_path(ckpts), index_line(info, inode), sync=True)
+    append_line(root, index_path(os.path.join(root, "ckpts")), index_line(info, inode), sync=True)
 
 
 def read_index(ckpts: str, epochs_on_disk: int) -> dict[int, list[Any]]:
@@ -153,12 +157,16 @@ def read_index(ckpts: str, epochs_on_disk: int) -> dict[int, list[Any]]:
     well-formed (torn by a kill, damaged) is left out; a torn last line has no newline.
     """
     try:
-        descriptor = os.open(index_path(ckpts), os.O_RDONLY)
+        # A link is not an index the library wrote: not followed (list then reads heads)
+        descriptor = os.open(index_path(ckpts), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return {}
     try:
-        size = os.fstat(descriptor).st_size
-        if size > MAX_INDEX_BYTES_PER_EPOCH * (epochs_on_disk + 1):
+        status = os.fstat(descriptor)
+        size = status.st_size
+        if not stat.S_ISREG(status.st_mode) or size > MAX_INDEX_BYTES_PER_EPOCH * (
+            epochs_on_disk + 1
+        ):
             return {}
         # read and parsed a piece at a time, not read whole: see json_lines
         lines = parse_lines(read_chunks(descriptor))

@@ -252,8 +252,9 @@ def _content_crc32(info: Mapping[str, Any]) -> str:
     return str(zlib.crc32(encode_info(content)))
 
 
-def write_info(directory: str, info: Mapping[str, Any]) -> str:
-    """Validate `info` and write it atomically as `<directory>/ckpt-info.json`.
+def write_info(directory: str, info: Mapping[str, Any], *, dir_fd: int | None = None) -> str:
+    """Validate `info` and write it atomically as `<directory>/ckpt-info.json` (through
+    `dir_fd`, the descriptor of `directory`, if given: `durable.write_bytes_atomic`).
 
     The file also records `info_crc32`, the CRC32 of its own content, so that a
     corrupted value (a flipped digit in `best_metric_last`, say) is refused on reading.
@@ -262,7 +263,7 @@ def write_info(directory: str, info: Mapping[str, Any]) -> str:
 
     path = os.path.join(directory, INFO_FILE)
     validate_info(info, f"{path} (about to be written)")
-    durable.write_bytes_atomic(path, info_file_bytes(info))
+    durable.write_bytes_atomic(path, info_file_bytes(info), directory=dir_fd)
     return path
 
 

@@ -26,6 +26,7 @@ import socket
 import weakref
 from typing import Any
 
+from . import tree_fs
 from .errors import WriterLockedError
 from .logs import LibraryLogger
 
@@ -63,11 +64,11 @@ class WriterLock:
 
         Raises:
             WriterLockedError: another open file holds it; names its pid, host and time.
+            UnsafePathError: `.lock` or `ckpts/` is a link or of the wrong kind.
         """
         if self.held:
             return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open(os.O_RDWR | os.O_CREAT)
         if not self._try_flock(fd, fcntl.LOCK_EX):
             return
         record = (
@@ -95,16 +96,21 @@ class WriterLock:
         training begins).
 
         Raises:
-            WriterLockedError: as `acquire`.
+            WriterLockedError, UnsafePathError: as `acquire`.
         """
         if self.held:
             return
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = self._open(os.O_RDONLY)
         except FileNotFoundError:
             return  # no writer ever ran here
         if self._try_flock(fd, fcntl.LOCK_SH):
             os.close(fd)  # closing the only descriptor of this open file drops the lock
+
+    def _open(self, flags: int) -> int:
+        """Open the lock file, never through a link (`tree_fs.open_tree_file`)."""
+        ckpts = os.path.dirname(self.path)
+        return tree_fs.open_tree_file(os.path.dirname(ckpts), self.path, flags)
 
     def _try_flock(self, fd: int, operation: int) -> bool:
         """flock `fd` (LOCK_EX or LOCK_SH); True if locked, False if the file system cannot lock

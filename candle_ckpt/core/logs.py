@@ -16,12 +16,14 @@ and INFO even with `verbose=False`. To receive the records elsewhere, add a hand
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
 import threading
 from typing import TypeAlias
 
+from . import tree_fs
 from .layout import CheckpointLayout
 from .text import printable
 
@@ -52,6 +54,18 @@ class _TreeLogHandler(logging.FileHandler):
     def __init__(self, log_file: str) -> None:
         super().__init__(log_file, encoding="utf-8")
         self.failed = False
+
+    def _open(self) -> io.TextIOWrapper:
+        """Open the log file for appending, never through a link (core/tree_fs.py).
+
+        Raises:
+            UnsafePathError: ckpt.log is a link or not a regular file.
+        """
+        root = os.path.dirname(self.baseFilename)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        # 0666 less the umask, as `open` makes it: a team's operators log here too
+        descriptor = tree_fs.open_tree_file(root, self.baseFilename, flags, 0o666)
+        return open(descriptor, "a", encoding=self.encoding, errors=self.errors)
 
     def handleError(self, record: logging.LogRecord) -> None:
         if not self.failed:

@@ -13,20 +13,22 @@ that rename is durable.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import durable
+from . import durable, trash, tree_fs
 from .background import SharedThread
 from .checksum import crc32_file
-from .errors import LinkError
+from .errors import LinkError, UnsafePathError
 from .faults import fault_point
 from .index import append_index, directory_inode
 from .info import write_info
-from .layout import CheckpointLayout
+from .layout import CheckpointLayout, epoch_dirname
 from .logs import LibraryLogger
 
 # Where a saved file is fsynced while its CRC32 is computed on the saving thread.
@@ -58,18 +60,24 @@ def prepare_tree(layout: CheckpointLayout, logger: LibraryLogger) -> None:
     """Create the tree's directories; drop a save and temporary links a crash interrupted.
 
     Deletions a crash interrupted are left in `trash/` for the trash collector.
+
+    Raises:
+        UnsafePathError: a path the writer writes is a link or of the wrong kind
+            (`tree_fs.check_tree`); nothing was changed.
     """
-    os.makedirs(layout.epochs, exist_ok=True)
+    tree_fs.refuse_unsafe_tree(layout)
+    with tree_fs.directory(layout.root, layout.epochs, create=True):
+        pass
     _drop_leftover_work(layout, logger)
-    for name in os.listdir(layout.ckpts):  # a link update killed before its os.replace
-        if durable.is_temporary_name(name):
-            os.unlink(os.path.join(layout.ckpts, name))
-            logger.warning("removed leftover temporary link '%s'", name)
+    with tree_fs.directory(layout.root, layout.ckpts) as ckpts:
+        for name in os.listdir(ckpts):  # a link update killed before its rename
+            if durable.is_temporary_name(name):
+                durable.remove_entry(ckpts, name)
+                logger.warning("removed leftover temporary link '%s'", name)
 
 
 def _drop_leftover_work(layout: CheckpointLayout, logger: LibraryLogger) -> None:
-    if os.path.lexists(layout.work):
-        durable.move_to_trash(layout.work, layout.trash)
+    if trash.move_to_trash(layout, layout.work) is not None:
         logger.warning("removed leftover '%s' of an interrupted save", layout.work)
 
 
@@ -87,31 +95,60 @@ def _flush_and_checksum(path: str, compute_checksum: bool, known: int | None) ->
     return crc
 
 
+def _make_work(layout: CheckpointLayout, ckpts: int) -> tuple[int, int]:
+    """Make `work/` in the directory open as `ckpts`, private to this user while the
+    model writer fills it; return (its descriptor, the mode to give it back).
+
+    The model writers open their files by path, so nobody else may put a link where
+    they will write: the directory has mode 0700 until `save_epoch` has written its
+    ckpt-info.json, and is checked empty once it has it (whatever another user put in
+    before is refused).
+    """
+    os.mkdir("work", dir_fd=ckpts)
+    work = tree_fs.open_subdirectory(ckpts, "work", layout.work)
+    try:
+        mode = stat.S_IMODE(os.fstat(work).st_mode)
+        os.fchmod(work, 0o700)
+        planted = os.listdir(work)
+        if planted:
+            raise tree_fs.unsafe(
+                layout.work,
+                f"holding {planted} just after this save made it",
+                "an empty directory",
+            )
+    except BaseException:
+        os.close(work)
+        raise
+    return work, mode
+
+
 def _write_into_work(
     layout: CheckpointLayout,
+    work: int,
     write_files: Callable[[str], str | ModelFile],
     compute_checksums: bool,
 ) -> WrittenFiles:
     started = time.perf_counter()
-    os.mkdir(layout.work)
     model = write_files(layout.work)
     if not isinstance(model, ModelFile):
         model = ModelFile(model)
     model_file = model.name
     fault_point("after_write")
+    # It wrote by path: into this directory? (Everything after goes through `work`.)
+    tree_fs.require_same(layout.root, layout.work, work)
     files, nbytes = {}, 0
-    for name in sorted(os.listdir(layout.work)):
+    for name in sorted(os.listdir(work)):
         path = os.path.join(layout.work, name)
-        if not os.path.isfile(path) or os.path.islink(path):
+        status = os.stat(name, dir_fd=work, follow_symlinks=False)
+        if not stat.S_ISREG(status.st_mode):
             raise ValueError(
                 f"the model writer left '{path}', which is not a regular file; "
                 f"expected only files in the epoch directory"
             )
-        size = os.path.getsize(path)
-        nbytes += size
+        nbytes += status.st_size
         known = model.crc32 if name == model_file else None
         files[name] = {
-            "size": size,
+            "size": status.st_size,
             "crc32": _flush_and_checksum(path, compute_checksums, known),
         }
     if model_file not in files:
@@ -150,39 +187,64 @@ def save_epoch(
     On an error up to and including the rename, `work/` is removed and the error
     re-raised: `last` and the epochs on disk are as they were (but for an epoch this
     one was replacing).
+
+    Raises:
+        UnsafePathError: a directory of the tree, or `work/` while it was written, was
+            replaced by a link or something else (core/tree_fs.py); nothing outside the
+            tree was followed.
     """
     _drop_leftover_work(layout, logger)
-    try:
-        written = _write_into_work(layout, write_files, compute_checksums)
-        info = build_info(written)
-        write_info(layout.work, info)
-        fault_point("after_info")
-        # Before the rename, which keeps the inode: see core/index.py for why.
-        append_index(layout.ckpts, info, directory_inode(layout.ckpts, "work"))
-        fault_point("after_index")
-        destination = layout.epoch_dir(epoch)
-        if os.path.lexists(destination):
-            durable.move_to_trash(destination, layout.trash)
+    with tree_fs.directory(layout.root, layout.ckpts) as ckpts:
+        try:
+            work, mode = _make_work(layout, ckpts)
+            try:
+                made = os.fstat(work)
+                written = _write_into_work(layout, work, write_files, compute_checksums)
+                info = build_info(written)
+                write_info(layout.work, info, dir_fd=work)
+                fault_point("after_info")
+                os.fchmod(work, mode)
+            finally:
+                os.close(work)
+            # Before the rename, which keeps the inode: see core/index.py for why.
+            append_index(layout.root, info, directory_inode(ckpts, "work"))
+            fault_point("after_index")
+            _rename_work(layout, ckpts, epoch, made, logger)
+        except BaseException:
+            with contextlib.suppress(UnsafePathError):  # a link there is left, not followed
+                trash.move_to_trash(layout, layout.work)
+            raise
+    fault_point("after_rename")
+    return info, written
+
+
+def _rename_work(
+    layout: CheckpointLayout, ckpts: int, epoch: int, made: os.stat_result, logger: LibraryLogger
+) -> None:
+    """Rename `work/` (the directory whose status is `made`) to `epochs/NNN` (step 5-6)."""
+    destination, name = layout.epoch_dir(epoch), epoch_dirname(epoch)
+    with tree_fs.directory(layout.root, layout.epochs) as epochs:
+        if tree_fs.require_directory(epochs, name, destination) is not None:
+            trash.move_to_trash(layout, destination)
             logger.info(
                 "replaced existing epoch %d (a timeline abandoned by a rollback or "
                 "a restart from an earlier epoch)",
                 epoch,
             )
-        durable.rename_durable(layout.work, destination)
-    except BaseException:
-        if os.path.lexists(layout.work):
-            durable.move_to_trash(layout.work, layout.trash)
-        raise
-    fault_point("after_rename")
-    return info, written
+        tree_fs.require_entry_is(ckpts, "work", layout.work, made)
+        durable.rename_at(ckpts, "work", epochs, name)
+        # A swap between the check and the rename moved another entry there: refused
+        # before a link names it (a link there is never followed: see resolve_link).
+        tree_fs.require_entry_is(epochs, name, destination, made)
 
 
 def point_link(layout: CheckpointLayout, name: str, epoch: int | None) -> None:
     """Atomically point `last`/`best` at `epoch` (relative link), or remove it if None."""
-    if epoch is None:
-        durable.remove_link(layout.link(name))
-    else:
-        durable.replace_symlink(layout.relative_epoch_target(epoch), layout.link(name))
+    with tree_fs.directory(layout.root, layout.ckpts) as ckpts:
+        if epoch is None:
+            durable.remove_entry(ckpts, name)
+        else:
+            durable.replace_symlink(layout.relative_epoch_target(epoch), ckpts, name)
 
 
 def repoint_links(
@@ -245,7 +307,7 @@ def _point_best(layout: CheckpointLayout, best: int | None, logger: LibraryLogge
 def discard_epochs(layout: CheckpointLayout, epochs: list[int], logger: LibraryLogger) -> None:
     """Move whole epoch directories out of `epochs/` into `trash/` (crash-safe deletion)."""
     for epoch in epochs:
-        if durable.move_to_trash(layout.epoch_dir(epoch), layout.trash) is None:
+        if trash.move_to_trash(layout, layout.epoch_dir(epoch)) is None:
             logger.warning("epoch %d was to be deleted but is already gone", epoch)
         else:
             logger.debug("deleted epoch %d (keep policy)", epoch)

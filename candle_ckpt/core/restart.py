@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from . import tree_fs
 from .adapter import FrameworkAdapter, Restored
 from .errors import CheckpointError, CheckpointFormatError
 from .layout import CheckpointLayout
@@ -84,6 +85,7 @@ def restart_run(
         ChecksumMismatchError: as their names say; each message names the path and
             the remedy (fallback, rollback, verify).
         WriterLockedError: another job writes the tree (names its pid and host).
+        UnsafePathError: a path the job would write is a link or of the wrong kind.
     """
     settings = validate_params(gParameters)
     init_from = settings["ckpt_init_from"]
@@ -104,7 +106,8 @@ def restart_run(
     read_into = adapter.read_model_into() if gather is None else None
 
     def find() -> Checkpoint | None:
-        if will_lock:  # a second job is refused before it reads anything
+        if will_lock:  # a second job, or a tree it cannot write, before it reads anything
+            tree_fs.refuse_unsafe_tree(layout)
             WriterLock(layout.ckpts, logger).check_free()
         return find_checkpoint(layout, settings, logger, read_into)
 

@@ -3,7 +3,7 @@
 Each operation is planned first, reading only (that plan is what `--dry-run` prints),
 then applied with the save protocol's own crash-safe steps: links are repointed
 atomically and stored relative (`protocol.point_link`), epochs are deleted by renaming
-them out of `epochs/` before removing them (`durable.discard_tree`). Neither touches
+them out of `epochs/` before removing them (`trash.discard_tree`). Neither touches
 `work/` or the leftovers in `trash/`, which the next run cleans. Each takes the writer
 lock on `ckpts/.lock` while it applies (`as_the_writer`), so it refuses while a training
 job writes the tree.
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..core import durable
+from ..core import trash, tree_fs
 from ..core.errors import CheckpointError, CorruptCheckpointError
 from ..core.info import checkpoint_info
 from ..core.layout import LINK_NAMES, CheckpointLayout
@@ -92,8 +92,11 @@ def as_the_writer(layout: CheckpointLayout, logger: LibraryLogger) -> Iterator[N
     """Change the tree only while no training job writes it: hold `ckpts/.lock`.
 
     Raises:
+        UnsafePathError: a path the operation may write is a link or of the wrong kind
+            (core/tree_fs.py); nothing is changed.
         WriterLockedError: a running job holds the lock (names its pid, host, start).
     """
+    tree_fs.refuse_unsafe_tree(layout)
     lock = WriterLock(layout.ckpts, logger, remedy=OPERATOR_REMEDY)
     lock.acquire()
     try:
@@ -167,12 +170,12 @@ def apply_prune(
 ) -> None:
     """Delete `epochs` now, crash-safely: each is renamed out of `epochs/`, then removed.
 
-    `durable.discard_tree` rather than the save path's `protocol.discard_epochs`, which
+    `trash.discard_tree` rather than the save path's `protocol.discard_epochs`, which
     may leave the removal to the training job's background trash collector: a prune
     frees the space before it returns. Done as the tree's writer (`as_the_writer`).
     """
     with as_the_writer(layout, logger):
         logger.info("prune (%s): deleting epochs %s", reason, describe_epochs(epochs))
         for epoch in epochs:
-            if durable.discard_tree(layout.epoch_dir(epoch), layout.trash) is None:
+            if trash.discard_tree(layout, layout.epoch_dir(epoch)) is None:
                 logger.warning("epoch %d was to be deleted but is already gone", epoch)

@@ -44,6 +44,7 @@ import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterator, Sequence
 
+from ..core import tree_fs
 from ..core.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -706,10 +707,26 @@ def _aligned(columns: list[list[str]], right: Collection[int] = ()) -> list[str]
 # -- commands ---------------------------------------------------------------------
 
 
+def _open_tree(directory: str, *, writing: bool = False) -> CheckpointLayout:
+    """`inventory.open_tree`, then each path a writer of the tree refuses (a planted
+    link: core/tree_fs.py): for a command `writing` the tree, refused before it reads
+    anything (UnsafePathError); else a warning on stderr, and the command goes on
+    reading what it safely can."""
+    layout = open_tree(directory)
+    if writing:
+        tree_fs.refuse_unsafe_tree(layout)
+    for problem in tree_fs.check_tree(layout):
+        print(f"{PROG}: warning: {problem}; {_REFUSED}", file=sys.stderr)
+    return layout
+
+
+_REFUSED = "a job, rollback and prune refuse this tree until it is removed"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the table (or JSON) of every epoch; reads no model file unless --verify."""
     _no_cycle_collection()
-    tree = survey(open_tree(args.where))
+    tree = survey(_open_tree(args.where))
     metric = _shown_metric(tree, args.metric)
     checksums = _checksums(tree, args.verify)
     # like `verify`: a bad epoch found by --verify is exit status 1, for scripts
@@ -746,7 +763,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..core.resume import read_epoch_info
 
     directory, selector = _split_positionals(args.where, "info")
-    layout = open_tree(directory)
+    layout = _open_tree(directory)
     _, info = _read_selected(layout, selector, lambda epoch: read_epoch_info(layout, epoch))
     text = json.dumps(info, indent=1)
     # a format 1 epochs_saved names every epoch of the run: one line, not 10 000
@@ -804,13 +821,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.all:
         if len(args.where) > 1 or (args.where and _is_selector(args.where[0])):
             raise UsageError("verify: --all takes no EPOCH")
-        layout = open_tree((args.where or [DEFAULT_CKPT_DIRECTORY])[0])
+        layout = _open_tree((args.where or [DEFAULT_CKPT_DIRECTORY])[0])
         epochs = layout.list_epochs()
         if not epochs:
             raise NoCheckpointError(f"'{layout.epochs}' holds no epoch to verify")
         return max(_verify_listed(layout, epoch) for epoch in epochs)
     directory, selector = _split_positionals(args.where, "verify")
-    layout = open_tree(directory)
+    layout = _open_tree(directory)
     return _read_selected(layout, selector, lambda epoch: _verify_epoch(layout, epoch))[1]
 
 
@@ -837,7 +854,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     directory, selector = _split_positionals(args.where, "rollback", epoch_required=True)
     if not selector.isdigit():
         raise UsageError(f"rollback: EPOCH is {selector!r}; expected an epoch number")
-    layout = open_tree(directory)
+    layout = _open_tree(directory, writing=not args.dry_run)
     before = {name: link_state(layout, name).describe() for name in ("last", "best")}
     with _progress() as progress:
         plan = plan_rollback(layout, int(selector), progress=progress)
@@ -859,7 +876,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..core.logs import tree_logger
     from .admin import apply_prune, plan_abandoned, plan_prune  # see cmd_rollback
 
-    layout = open_tree(args.where)
+    layout = _open_tree(args.where, writing=not args.dry_run)
     if args.abandoned:
         if args.mode is not None:
             raise UsageError("prune: --mode applies to --keep, not to --abandoned")
@@ -882,7 +899,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_epoch, print_exported
 
     directory, selector = _split_positionals(args.where, "export")
-    layout = open_tree(directory)
+    layout = _open_tree(directory)
     epoch, exported = _read_selected(
         layout, selector, lambda epoch: export_epoch(layout, epoch, args.to, force=args.force)
     )
@@ -907,11 +924,13 @@ def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History, int |
     from ..core.history import read_history
 
     _no_cycle_collection()
-    layout = open_tree(directory)
+    layout = _open_tree(directory)
     last = link_state(layout, "last").epoch
     history = read_history(layout.ckpts, last, cache=True)
+    reported = tree_fs.check_tree(layout)
     for warning in history.warnings:
-        print(f"{PROG}: warning: {printable(warning)}", file=sys.stderr)
+        if not any(warning.startswith(problem) for problem in reported):
+            print(f"{PROG}: warning: {printable(warning)}", file=sys.stderr)
     return layout, history, last
 
 
