@@ -131,9 +131,10 @@ def size_and_checksummed(info: Mapping[str, Any]) -> tuple[int | None, bool]:
     return sum([size for size, _ in files]), checksummed  # type: ignore[misc]
 
 
-def append_index(root: str, info: Mapping[str, Any], inode: int) -> None:
+def append_index(root: str, ckpts: str, info: Mapping[str, Any], inode: int) -> None:
     """Append the line of the epoch `info` records, whose directory has `inode`, to the
-    index of the tree `root` (fsynced; the file is reached without following a link).
+    index in `ckpts`, the tree below the root `root` (fsynced; the file is reached from
+    `root` without following a link).
 
     Raises:
         UnsafePathError: the index or `ckpts/` is a link or of the wrong kind.
@@ -143,7 +144,7 @@ def append_index(root: str, info: Mapping[str, Any], inode: int) -> None:
     # uuid) would be a sizeable share of its run.
     from .durable import append_line
 
-    append_line(root, index_path(os.path.join(root, "ckpts")), index_line(info, inode), sync=True)
+    append_line(root, index_path(ckpts), index_line(info, inode), sync=True)
 
 
 def read_index(ckpts: str, epochs_on_disk: int) -> dict[int, list[Any]]:

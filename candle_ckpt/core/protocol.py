@@ -207,7 +207,7 @@ def save_epoch(
             finally:
                 os.close(work)
             # Before the rename, which keeps the inode: see core/index.py for why.
-            append_index(layout.root, info, directory_inode(ckpts, "work"))
+            append_index(layout.root, layout.ckpts, info, directory_inode(ckpts, "work"))
             fault_point("after_index")
             _rename_work(layout, ckpts, epoch, made, logger)
         except BaseException:

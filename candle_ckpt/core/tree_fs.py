@@ -244,7 +244,9 @@ def check_tree(layout: CheckpointLayout) -> list[str]:
     from .lock import LOCK_FILE
 
     directory_ = "a directory"
-    expected = [(layout.root, LOG_FILE, "a regular file"), (layout.root, "ckpts", directory_)]
+    expected = [(layout.root, LOG_FILE, "a regular file")]
+    if layout.ckpts != layout.root:  # upstream CANDLE's layout: the root is the tree
+        expected.append((os.path.dirname(layout.ckpts), os.path.basename(layout.ckpts), directory_))
     for name in ("work", "trash", "epochs"):
         expected.append((layout.ckpts, name, directory_))
     for name in (LOCK_FILE, HISTORY_FILE, INDEX_FILE, CACHE_FILE):
@@ -259,7 +261,7 @@ def check_tree(layout: CheckpointLayout) -> list[str]:
         if _kind(mode) != kind:
             found = describe(None, path)
             problems.append(f"'{path}' is {found}; expected {kind}")
-            if parent == layout.root and name == "ckpts":
+            if path == layout.ckpts:
                 return problems  # nothing below it is the tree's
     try:
         entries = list(os.scandir(layout.epochs))
