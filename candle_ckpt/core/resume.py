@@ -300,6 +300,12 @@ def _init_checkpoint(source: str, logger: LibraryLogger) -> Checkpoint:
                 )
         else:
             epoch = int(selector)
+            if not os.path.isdir(layout.epoch_dir(epoch)):
+                # named by the user, not seen in a listing: absent, not pruned meanwhile
+                raise NoCheckpointError(
+                    f"'{layout.epoch_dir(epoch)}' does not exist, so it has no {INFO_FILE}; "
+                    f"expected a saved epoch ('candle-ckpt list {tree}' shows them)"
+                )
         return load_verified(layout, epoch, True, logger)
     if selector is None and os.path.isfile(os.path.join(tree, INFO_FILE)):
         directory = os.path.realpath(tree)
