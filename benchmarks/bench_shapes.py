@@ -279,6 +279,31 @@ def compare(kind, times, tensors):
     return peer, ratio, per_tensor
 
 
+def draw_chart(rows, path, options):
+    """A bar per shape and kind (save, restore) of ours / the fastest peer, on a log
+    scale with the parity line: the picture of the table, made from the same run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{framework}\n{label}" for framework, label, *_ in rows]
+    positions = range(len(rows))
+    figure, axes = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.2))
+    for offset, kind, column in ((-0.2, "save", 4), (0.2, "restore", 5)):
+        ratios = [row[column][1] for row in rows]
+        axes.bar([p + offset for p in positions], ratios, width=0.4, label=kind)
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_yscale("log")
+    axes.set_ylabel("candle_ckpt / fastest peer (below 1: faster)")
+    axes.set_xticks(list(positions), labels, fontsize=8)
+    axes.legend()
+    axes.set_title(f"bench_shapes.py {options} ({time.strftime('%Y-%m-%d %H:%M')})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+    print(f"# chart: {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frameworks", default="keras,pytorch")
@@ -298,6 +323,12 @@ def main():
         metavar="N",
         help="instead of timing against the peers, profile one save and one restore of "
         "candle_ckpt per shape and print the N functions of most own time",
+    )
+    parser.add_argument(
+        "--chart",
+        metavar="FILE",
+        help="also draw the table's ratios (ours / fastest peer, save and restore, per "
+        "shape) into FILE (.png or .svg; needs matplotlib)",
     )
     parser.add_argument(
         "--quick",
@@ -346,6 +377,8 @@ def main():
                 cells += [f"**{ratio:.2f}** ({peer})", f"{per_tensor:+.3f} ms"]
             print("| " + " | ".join(cells) + " |")
         footer(args.repetitions)
+        if args.chart:
+            draw_chart(rows, args.chart, " ".join(sys.argv[1:]))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
