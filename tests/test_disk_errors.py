@@ -41,6 +41,9 @@ CALLS = [
 ]
 
 
+THROUGH_FD = "/proc/self/fd/"  # how the model writer reaches work/ (tree_fs.through_descriptor)
+
+
 class Injector:
     """Fails the `fail_at`-th call of CALLS that touches `root` (or takes a descriptor).
 
@@ -64,7 +67,11 @@ class Injector:
                 args[1 if name == "symlink" else 0]
                 if in_directory
                 else next(
-                    (a for a in args[:2] if isinstance(a, int) or str(a).startswith(self.root)),
+                    (
+                        a
+                        for a in args[:2]
+                        if isinstance(a, int) or str(a).startswith((self.root, THROUGH_FD))
+                    ),
                     None,
                 )
             )
@@ -75,6 +82,9 @@ class Injector:
                     if isinstance(target, int)
                     else target
                     if in_directory
+                    # the model writer's files, reached through work/'s descriptor
+                    else "work/" + target.split("/", 5)[5]
+                    if target.startswith(THROUGH_FD)
                     else os.path.relpath(target, self.root)
                 )
                 self.calls.append(f"{name}({where})")
@@ -155,7 +165,7 @@ def test_an_io_error_at_every_step_of_a_save(
     # a name without a directory: a call relative to a directory's descriptor
     for step in (
         "mkdir(work)",
-        "open(ckpts/work/model.h5)",
+        "open(work/model.h5)",
         "open(index.jsonl)",
         "fsync(fd)",
         "rename(work)",
@@ -176,13 +186,13 @@ def test_out_of_space_and_over_quota_say_what_to_do(
     checkpointer.epoch_end(1, {"loss": 1.0}, file_writer(os.urandom(5000)))
     injector.arm(10**6)  # counts the calls of a save, failing none
     checkpointer.epoch_end(2, {"loss": 0.5}, file_writer(os.urandom(5000)))
-    n = injector.calls.index("open(ckpts/work/model.h5)") + 1
+    n = injector.calls.index("open(work/model.h5)") + 1
     injector.arm(n)
     with pytest.raises(CheckpointWriteError) as raised:
         checkpointer.epoch_end(3, {"loss": 0.25}, file_writer(os.urandom(5000)))
     injector.disarm()
     message = str(raised.value)
-    assert injector.calls[n - 1] == "open(ckpts/work/model.h5)"
+    assert injector.calls[n - 1] == "open(work/model.h5)"
     assert exit_status(raised.value) == SAVE_FAILED_EXIT_STATUS
     free = os.statvfs(ckpt_dir).f_bavail * os.statvfs(ckpt_dir).f_frsize
     found = re.search(r"([\d.]+) MB free; the last save wrote ([\d.]+) MB\)", message)

@@ -250,30 +250,38 @@ def test_a_link_planted_while_the_job_runs_is_never_followed(tmp_path, name, asy
         assert CheckpointLayout(root).resolve_link("last") in (2, 3, 4)
 
 
+@pytest.mark.parametrize("when", ["before the model is written", "after it is written"])
 @pytest.mark.parametrize(
     "replacement, found", [("a link", "a symbolic link to '"), ("a directory", "a directory, not")]
 )
 def test_work_replaced_while_the_model_is_written_is_refused_before_anything_else(
-    make_checkpointer, tmp_path, replacement, found
+    make_checkpointer, tmp_path, replacement, found, when
 ):
-    """The model writer writes by path: once it returns, `work/` must still be the
-    directory the save made, or nothing more is written (ckpt-info.json, the index)
-    and nothing is renamed into epochs/."""
+    """The model writer is handed `work/` through its descriptor: a link swapped in
+    for it, before or after the model is written, is never followed, and once the
+    writer returns `work/` must still be the directory the save made, or nothing more
+    is written (ckpt-info.json, the index) and nothing is renamed into epochs/."""
     victim_dir, _ = make_victims(tmp_path / "victims")
     before = snapshot(tmp_path / "victims")
     checkpointer = make_checkpointer()
     checkpointer.start_writing()
+    layout = checkpointer.layout
+
+    def swap():
+        os.rename(layout.work, layout.work + ".moved")
+        if replacement == "a link":
+            os.symlink(victim_dir, layout.work)
+        else:
+            os.mkdir(layout.work)
 
     def swapping_writer(directory):
+        if when == "before the model is written":
+            swap()
         file_writer()(directory)
-        os.rename(directory, directory + ".moved")
-        if replacement == "a link":
-            os.symlink(victim_dir, directory)
-        else:
-            os.mkdir(directory)
+        if when == "after it is written":
+            swap()
         return "model.h5"
 
-    layout = checkpointer.layout
     with pytest.raises(UnsafePathError) as refused:
         checkpointer.epoch_end(1, {"loss": 1.0}, swapping_writer)
     assert f"'{layout.work}' is {found}" in str(refused.value)

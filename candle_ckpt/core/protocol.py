@@ -99,8 +99,9 @@ def _make_work(layout: CheckpointLayout, ckpts: int) -> tuple[int, int]:
     """Make `work/` in the directory open as `ckpts`, private to this user while the
     model writer fills it; return (its descriptor, the mode to give it back).
 
-    The model writers open their files by path, so nobody else may put a link where
-    they will write: the directory has mode 0700 until `save_epoch` has written its
+    The model writers open their files by path (through this descriptor where /proc
+    allows: `tree_fs.through_descriptor`), so nobody else may put a link where they
+    will write: the directory has mode 0700 until `save_epoch` has written its
     ckpt-info.json, and is checked empty once it has it (whatever another user put in
     before is refused).
     """
@@ -129,7 +130,14 @@ def _write_into_work(
     compute_checksums: bool,
 ) -> WrittenFiles:
     started = time.perf_counter()
-    model = write_files(layout.work)
+    # The writers open their files by path; through `work`'s descriptor, a link swapped
+    # in for `ckpts/` or `work/` meanwhile is not followed (the kernel resolves
+    # /proc/self/fd/N to the open directory itself, not to a path looked up again).
+    reached = tree_fs.through_descriptor(work, layout.work)
+    try:
+        model = write_files(reached)
+    except OSError as error:
+        raise tree_fs.named_by_path(error, reached, layout.work) from None
     if not isinstance(model, ModelFile):
         model = ModelFile(model)
     model_file = model.name
@@ -147,10 +155,11 @@ def _write_into_work(
             )
         nbytes += status.st_size
         known = model.crc32 if name == model_file else None
-        files[name] = {
-            "size": status.st_size,
-            "crc32": _flush_and_checksum(path, compute_checksums, known),
-        }
+        try:
+            crc32 = _flush_and_checksum(os.path.join(reached, name), compute_checksums, known)
+        except OSError as error:
+            raise tree_fs.named_by_path(error, reached, layout.work) from None
+        files[name] = {"size": status.st_size, "crc32": crc32}
     if model_file not in files:
         raise ValueError(
             f"the model writer reported model file {model_file!r} but wrote "

@@ -284,3 +284,28 @@ def refuse_unsafe_tree(layout: CheckpointLayout) -> None:
     problems = check_tree(layout)
     if problems:
         raise UnsafePathError(f"{'; '.join(problems)}. {REMEDY}; nothing was written")
+
+
+_PROC_FD = "/proc/self/fd"
+
+
+def through_descriptor(dir_fd: int, path: str) -> str:
+    """A path to the directory open as `dir_fd` that the kernel resolves through the
+    descriptor (`/proc/self/fd/N`), for code that can only open files by path: a link
+    swapped in for `path` or a directory above it is not followed. `path` itself where
+    /proc is not mounted."""
+    reached = f"{_PROC_FD}/{dir_fd}"
+    try:
+        same = os.path.samestat(os.stat(reached), os.fstat(dir_fd))
+    except OSError:
+        return path
+    return reached if same else path
+
+
+def named_by_path(error: OSError, reached: str, path: str) -> OSError:
+    """`error` naming `path` where it names a file below `reached` (`through_descriptor`'s
+    path of the same directory): messages name the tree's paths, not /proc's."""
+    filename = error.filename
+    if reached != path and isinstance(filename, str) and filename.startswith(reached):
+        error.filename = path + filename[len(reached) :]
+    return error
