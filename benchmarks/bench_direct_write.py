@@ -19,7 +19,7 @@ Then, copy into a snapshot: a copy of the same size from numpy's memory into reu
 page-aligned huge-page memory, `np.copyto` (one thread) against `direct_io.copy_into`
 (two threads from PARALLEL_COPY_BYTES on): the snapshot's part of an async save's stall.
 
-These are the measurements the comments of core/direct_io.py refer to.
+These are the measurements the comments of core/storage/direct_io.py refer to.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_direct_write.py [--megabytes 100,1000]
         [--repetitions 5] [--bounce-mib 8] [--directory DIR]
@@ -36,9 +36,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import header, interleave, ratio_line, scratch_directory, summary
 
-from candle_ckpt.core import direct_io
-from candle_ckpt.core.checksum import crc32_file
-from candle_ckpt.core.durable import fsync_file
+from candle_ckpt.core.storage import direct_io
+from candle_ckpt.core.storage.checksum import crc32_file
+from candle_ckpt.core.storage.durable import fsync_file
 
 
 def cpu_seconds():

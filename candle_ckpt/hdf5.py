@@ -22,8 +22,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .core.direct_io import ALIGNMENT, PrivateMemory, Written, write_at
 from .core.errors import CheckpointFormatError
+from .core.storage.direct_io import ALIGNMENT, PrivateMemory, Written, write_at
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 """The first bytes of an HDF5 file (with no user block)."""

@@ -8,8 +8,8 @@ import zlib
 import numpy as np
 import pytest
 
-from candle_ckpt.core import direct_io
-from candle_ckpt.core.direct_io import ALIGNMENT, BOUNCE_BYTES, PIECE_BYTES, write_at
+from candle_ckpt.core.storage import direct_io
+from candle_ckpt.core.storage.direct_io import ALIGNMENT, BOUNCE_BYTES, PIECE_BYTES, write_at
 
 if not hasattr(os, "O_DIRECT"):
     pytest.skip("no O_DIRECT on this platform", allow_module_level=True)

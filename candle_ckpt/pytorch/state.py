@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from ..core.adapter import Restored
-from ..core.direct_io import Written, aligned_arrays, copy_into
 from ..core.errors import CheckpointFormatError, failed_after_checks
 from ..core.logs import LibraryLogger
+from ..core.restore.verify import OVERWRITTEN
+from ..core.storage.direct_io import Written, aligned_arrays, copy_into
 from ..core.text import printable
-from ..core.verify import OVERWRITTEN
 from ..hdf5 import (
     DIRECT_MIN_BYTES,
     HDF5_MAGIC,

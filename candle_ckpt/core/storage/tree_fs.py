@@ -24,8 +24,8 @@ import os
 import stat
 from collections.abc import Iterator
 
-from .errors import UnsafePathError
-from .layout import CheckpointLayout, parse_epoch_dirname
+from ..errors import UnsafePathError
+from ..format.layout import CheckpointLayout, parse_epoch_dirname
 
 REMEDY = (
     "Remove it or move it out of the tree ('rm' of a link removes the link, not what it "
@@ -237,11 +237,11 @@ def check_tree(layout: CheckpointLayout) -> list[str]:
     fine. `last` and `best` are left to `layout.resolve_link`.
     """
     # Imported here: these modules import this one.
-    from .history import HISTORY_FILE
-    from .history_cache import CACHE_FILE
-    from .index import INDEX_FILE
-    from .layout import LOG_FILE
-    from .lock import LOCK_FILE
+    from ..format.history import HISTORY_FILE
+    from ..format.history_cache import CACHE_FILE
+    from ..format.index import INDEX_FILE
+    from ..format.layout import LOG_FILE
+    from ..run.lock import LOCK_FILE
 
     directory_ = "a directory"
     expected = [(layout.root, LOG_FILE, "a regular file"), (layout.root, "ckpts", directory_)]

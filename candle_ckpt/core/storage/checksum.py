@@ -211,7 +211,7 @@ def _memory_for(path: str, size: int, allocate: Callable[..., Any]) -> Any:
     except (OSError, OverflowError, MemoryError) as error:
         if isinstance(error, OSError) and error.errno != errno.ENOMEM:
             raise
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     available = available_memory_bytes()

@@ -14,14 +14,14 @@
 Every path derives from `ckpt_directory`; nothing here touches the disk except to read.
 A tree written by upstream CANDLE (candle_lib) has no `ckpts/` level: `epochs/`, `last`,
 `best` and ckpt.log sit in the directory it names (`CheckpointLayout(d, tree=d)`).
-Which of the two a run uses is decided by one rule, `core.locate`.
+Which of the two a run uses is decided by one rule, `core.format.locate`.
 """
 
 from __future__ import annotations
 
 import os
 
-from .errors import LinkError, ParameterValueError
+from ..errors import LinkError, ParameterValueError
 
 DEFAULT_CKPT_DIRECTORY = "./save"  # the default of the ckpt_directory parameter
 INFO_FILE = "ckpt-info.json"

@@ -24,13 +24,13 @@ from itertools import chain
 from operator import attrgetter
 from typing import Any, BinaryIO, NamedTuple
 
-from .checksum import crc32
-from .durable import append_line
-from .errors import UnsafePathError
+from ..errors import UnsafePathError
+from ..storage.checksum import crc32
+from ..storage.durable import append_line
+from ..storage.tree_fs import open_file
 from .info import read_run_id
 from .json_lines import json_line, parse_lines
 from .layout import epoch_dirname
-from .tree_fs import open_file
 
 HISTORY_FILE = "history.jsonl"
 # A line is a few hundred bytes; a far larger file is not a history, and reading it
@@ -123,7 +123,7 @@ def _rounded(seconds: float | None) -> float | None:
 # -- reading ---------------------------------------------------------------------------
 
 
-# A plain class and NamedTuples, not dataclasses: see `core.info.CheckpointInfo`.
+# A plain class and NamedTuples, not dataclasses: see `core.format.info.CheckpointInfo`.
 
 
 class EpochRecord:
@@ -220,7 +220,7 @@ def read_history(ckpts: str, last: int | None = None, *, cache: bool = False) ->
 
     `last`: the epoch the `last` link names, or None; the live timeline is then the one
     that led to it (`_follow_last`), and live epochs after it are marked `after_last`.
-    `cache`: use `<ckpts>/history.cache` (core/history_cache.py) for the lines it covers,
+    `cache`: use `<ckpts>/history.cache` (core/format/history_cache.py) for the lines it covers,
     and write a new one when many lines were not covered; the result is the same.
 
     Returns an empty `History` when the file does not exist (a tree written before the

@@ -26,9 +26,9 @@ import socket
 import weakref
 from typing import Any
 
-from . import tree_fs
-from .errors import WriterLockedError
-from .logs import LibraryLogger
+from ..errors import WriterLockedError
+from ..logs import LibraryLogger
+from ..storage import tree_fs
 
 LOCK_FILE = ".lock"
 TRAINING_REMEDY = "Stop that job, or give this one another ckpt_directory (--ckpt_directory)"
