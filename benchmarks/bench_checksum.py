@@ -9,7 +9,7 @@ after a save), then times, interleaved:
   into zlib;
 - reading a file whole (`checksum.read_file`, the restart path): with the CRC computed
   alongside, without it, and reading into a bytearray instead of the page-aligned
-  anonymous memory of `direct_io.anonymous_memory`.
+  anonymous memory of `memory.anonymous_memory`.
 
 These are the measurements the comments of core/storage/checksum.py and core/storage/direct_io.py
 refer to. `--chunk-mib` times the library with another slice size as well.

@@ -36,11 +36,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from candle_ckpt.core.format.history import HISTORY_FILE, history_line, utc_time  # noqa: E402
+from candle_ckpt.core.format.history import history_line, utc_time  # noqa: E402
 from candle_ckpt.core.format.history_cache import cache_path  # noqa: E402
 from candle_ckpt.core.format.index import index_line, index_path  # noqa: E402
 from candle_ckpt.core.format.info import TIMESTAMP_FORMAT, info_file_bytes, read_info  # noqa: E402
-from candle_ckpt.core.format.layout import INFO_FILE, CheckpointLayout  # noqa: E402
+from candle_ckpt.core.format.layout import (  # noqa: E402
+    HISTORY_FILE,
+    INFO_FILE,
+    CheckpointLayout,
+)
 from candle_ckpt.core.save.checkpointer import Checkpointer  # noqa: E402
 from candle_ckpt.core.save.policies import BestMetric  # noqa: E402
 from candle_ckpt.core.save.protocol import point_link  # noqa: E402

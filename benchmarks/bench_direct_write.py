@@ -39,6 +39,7 @@ from common import header, interleave, ratio_line, scratch_directory, summary
 from candle_ckpt.core.storage import direct_io
 from candle_ckpt.core.storage.checksum import crc32_file
 from candle_ckpt.core.storage.durable import fsync_file
+from candle_ckpt.core.storage.memory import anonymous_memory
 
 
 def cpu_seconds():
@@ -72,7 +73,7 @@ def through_write_at(path, source):
 def measure(megabytes, directory, repetitions, bounce_mib):
     """{name: [wall seconds]}, {name: [CPU seconds]} of every way, interleaved."""
     size = megabytes * 10**6
-    memory = direct_io.anonymous_memory(size + direct_io.ALIGNMENT)
+    memory = anonymous_memory(size + direct_io.ALIGNMENT)
     whole = memoryview(memory)
     whole[:] = os.urandom(len(whole))
     aligned = whole[:size]
@@ -113,7 +114,7 @@ def measure_copy(megabytes, repetitions):
     import numpy as np
 
     source = np.random.default_rng(0).integers(0, 256, megabytes * 10**6, dtype=np.uint8)
-    target = np.frombuffer(direct_io.anonymous_memory(source.nbytes), np.uint8)
+    target = np.frombuffer(anonymous_memory(source.nbytes), np.uint8)
     np.copyto(target, source)  # fault the pages in, as a reused snapshot has them
     return interleave(
         repetitions,

@@ -54,11 +54,14 @@ STARTED = re.compile(r"restarted from epoch (\d+)|no checkpoint to restart from"
 sys.path.insert(0, TOP)
 
 from candle_ckpt.core.errors import CheckpointError  # noqa: E402
-from candle_ckpt.core.format.history import HISTORY_FILE  # noqa: E402
-from candle_ckpt.core.format.history_cache import CACHE_FILE  # noqa: E402
-from candle_ckpt.core.format.index import INDEX_FILE  # noqa: E402
 from candle_ckpt.core.format.info import read_info  # noqa: E402
-from candle_ckpt.core.format.layout import CheckpointLayout, parse_epoch_dirname  # noqa: E402
+from candle_ckpt.core.format.layout import (  # noqa: E402  # noqa: E402
+    CACHE_FILE,
+    HISTORY_FILE,
+    INDEX_FILE,
+    CheckpointLayout,
+    parse_epoch_dirname,
+)
 from candle_ckpt.core.logs import silent_logger  # noqa: E402
 from candle_ckpt.core.params import validate_params  # noqa: E402
 from candle_ckpt.core.restore.resume import find_checkpoint  # noqa: E402

@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 from conftest import file_writer
 
-from candle_ckpt.core.format.index import INDEX_FILE, MAX_INDEX_BYTES_PER_EPOCH, read_index
-from candle_ckpt.core.format.layout import CheckpointLayout
+from candle_ckpt.core.format.index import MAX_INDEX_BYTES_PER_EPOCH, read_index
+from candle_ckpt.core.format.layout import INDEX_FILE, CheckpointLayout
 from candle_ckpt.core.restore.resume import read_epoch_info
 from candle_ckpt.operator import inventory
 

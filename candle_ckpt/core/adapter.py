@@ -11,19 +11,16 @@ are the two implementations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .logs import LibraryLogger
     from .restore.resume import Checkpoint
-    from .run.writer import WriterDecision
+    from .run.writer import AllGather, WriterDecision
     from .save.protocol import ModelFile
     from .storage.checksum import RegionPlanner
-
-AllGather = Callable[[Sequence[int]], list[tuple[int, ...]]]
-"""A collective: every process's tuple of ints, in rank order (every process calls it)."""
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ import h5py
 import keras
 import numpy
 
-from ..core.adapter import AllGather, Restored
+from ..core.adapter import Restored
 from ..core.logs import LibraryLogger
 from ..core.restore.resume import Checkpoint
-from ..core.run.writer import WriterDecision, writer_decision
+from ..core.run.writer import AllGather, WriterDecision, writer_decision
 from ..core.save.protocol import ModelFile
 from ..core.storage.checksum import RegionPlanner, Regions
 from ..core.storage.durable import WritebackStarter

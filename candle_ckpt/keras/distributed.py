@@ -6,8 +6,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from ..core.adapter import AllGather
-from ..core.run.writer import WriterDecision
+from ..core.run.writer import AllGather, WriterDecision
 
 
 def multi_worker_strategy(model: Any) -> Any | None:

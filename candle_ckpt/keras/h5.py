@@ -136,7 +136,7 @@ def snapshot(
     `into`, an earlier snapshot of this model that nobody reads any more, is
     overwritten where the variables still match it: a copy then costs no new memory
     and no page faults (its pages are mapped already). A copy without `into` is made
-    into one block of page-aligned memory in huge pages (`direct_io.anonymous_memory`),
+    into one block of page-aligned memory in huge pages (`memory.anonymous_memory`),
     which takes fewer page faults to fill for the first time than memory numpy
     allocates page by page.
 

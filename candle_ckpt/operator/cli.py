@@ -69,8 +69,8 @@ TYPE_CHECKING = False  # typing's, without importing typing: see core/format/inf
 if TYPE_CHECKING:
     from typing import IO, Any, NoReturn, TypeVar
 
-    from ..core.format.history import EpochRecord, History
     from ..core.format.layout import CheckpointLayout
+    from ..core.format.timelines import EpochRecord, History
     from ..core.restore.verify import FileCheck
     from .inventory import EpochSummary, TreeSurvey
 

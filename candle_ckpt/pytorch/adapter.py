@@ -12,10 +12,10 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from ..core.adapter import AllGather, Restored
+from ..core.adapter import Restored
 from ..core.logs import LibraryLogger
 from ..core.restore.resume import Checkpoint
-from ..core.run.writer import RANK_VARIABLES, WriterDecision, writer_decision
+from ..core.run.writer import RANK_VARIABLES, AllGather, WriterDecision, writer_decision
 from ..core.save.protocol import ModelFile
 from ..core.storage.checksum import RegionPlanner, Regions
 from ..core.storage.durable import WritebackStarter

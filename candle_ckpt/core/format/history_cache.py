@@ -34,9 +34,9 @@ from ..storage import tree_fs
 from ..storage.checksum import crc32
 from ..storage.durable import temporary_name
 from ..storage.tree_fs import open_file
-from .history import EpochRecord, RunStart, Timelines
+from .layout import CACHE_FILE
+from .timelines import EpochRecord, RunStart, Timelines
 
-CACHE_FILE = "history.cache"
 MAGIC = b"candle_ckpt history cache 1\n"
 # A read that parsed at least this many bytes the cache did not cover writes a new one;
 # below it, parsing the rest costs less than rewriting the cache each time.

@@ -30,12 +30,12 @@ from collections.abc import Mapping
 
 from .info_keys import finite_or_none, is_legacy, recorded_files
 from .json_lines import json_line, json_text, parse_lines, read_chunks
+from .layout import INDEX_FILE
 
 TYPE_CHECKING = False  # typing's, without importing typing: see core/format/info_keys.py
 if TYPE_CHECKING:
     from typing import Any
 
-INDEX_FILE = "index.jsonl"
 # A line is about 200 bytes with three metrics. An index much larger than the epochs it can describe
 # holds mostly the lines of epochs a keep policy deleted: reading it would cost more
 # than reading the heads of the few epochs there are, so readers ignore it.

@@ -26,6 +26,12 @@ from ..errors import LinkError, ParameterValueError
 DEFAULT_CKPT_DIRECTORY = "./save"  # the default of the ckpt_directory parameter
 INFO_FILE = "ckpt-info.json"
 LOG_FILE = "ckpt.log"
+# The files of `ckpts/` beside the epochs (docs/FORMAT.md): named here, so that
+# `tree_fs.check_tree` knows them without importing the modules that write them.
+LOCK_FILE = ".lock"
+HISTORY_FILE = "history.jsonl"
+INDEX_FILE = "index.jsonl"
+CACHE_FILE = "history.cache"
 LINK_NAMES = ("last", "best")
 
 
