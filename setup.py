@@ -30,6 +30,11 @@ setup(
     packages=[
         "candle_ckpt",
         "candle_ckpt.core",
+        "candle_ckpt.core.format",
+        "candle_ckpt.core.restore",
+        "candle_ckpt.core.run",
+        "candle_ckpt.core.save",
+        "candle_ckpt.core.storage",
         "candle_ckpt.keras",
         "candle_ckpt.pytorch",
         "candle_ckpt.operator",

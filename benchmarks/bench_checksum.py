@@ -9,9 +9,9 @@ after a save), then times, interleaved:
   into zlib;
 - reading a file whole (`checksum.read_file`, the restart path): with the CRC computed
   alongside, without it, and reading into a bytearray instead of the page-aligned
-  anonymous memory of `direct_io.anonymous_memory`.
+  anonymous memory of `memory.anonymous_memory`.
 
-These are the measurements the comments of core/checksum.py and core/direct_io.py
+These are the measurements the comments of core/storage/checksum.py and core/storage/direct_io.py
 refer to. `--chunk-mib` times the library with another slice size as well.
 
     .venv/bin/python benchmarks/bench_checksum.py [--megabytes 300] [--repetitions 9]
@@ -81,7 +81,7 @@ def main():
         help="also time the library with slices of this many MiB",
     )
     args = parser.parse_args()
-    from candle_ckpt.core import checksum
+    from candle_ckpt.core.storage import checksum
 
     header(f"CRC32 throughput, {args.megabytes} MB file in page cache, backend {checksum.BACKEND}")
     os.makedirs("save", exist_ok=True)

@@ -36,14 +36,18 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from candle_ckpt.core.checkpointer import Checkpointer  # noqa: E402
-from candle_ckpt.core.history import HISTORY_FILE, history_line, utc_time  # noqa: E402
-from candle_ckpt.core.history_cache import cache_path  # noqa: E402
-from candle_ckpt.core.index import index_line, index_path  # noqa: E402
-from candle_ckpt.core.info import TIMESTAMP_FORMAT, info_file_bytes, read_info  # noqa: E402
-from candle_ckpt.core.layout import INFO_FILE, CheckpointLayout  # noqa: E402
-from candle_ckpt.core.policies import BestMetric  # noqa: E402
-from candle_ckpt.core.protocol import point_link  # noqa: E402
+from candle_ckpt.core.format.history import history_line, utc_time  # noqa: E402
+from candle_ckpt.core.format.history_cache import cache_path  # noqa: E402
+from candle_ckpt.core.format.index import index_line, index_path  # noqa: E402
+from candle_ckpt.core.format.info import TIMESTAMP_FORMAT, info_file_bytes, read_info  # noqa: E402
+from candle_ckpt.core.format.layout import (  # noqa: E402
+    HISTORY_FILE,
+    INFO_FILE,
+    CheckpointLayout,
+)
+from candle_ckpt.core.save.checkpointer import Checkpointer  # noqa: E402
+from candle_ckpt.core.save.policies import BestMetric  # noqa: E402
+from candle_ckpt.core.save.protocol import point_link  # noqa: E402
 
 PAYLOAD = b"weights"
 # What `epochs_saved` added to a format 1 file per listed epoch: ",\n  N" with indent 1.

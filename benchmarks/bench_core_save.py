@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 
-from candle_ckpt.core.checkpointer import Checkpointer
+from candle_ckpt.core.save.checkpointer import Checkpointer
 
 
 def write_model(directory):

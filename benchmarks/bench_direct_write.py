@@ -19,7 +19,7 @@ Then, copy into a snapshot: a copy of the same size from numpy's memory into reu
 page-aligned huge-page memory, `np.copyto` (one thread) against `direct_io.copy_into`
 (two threads from PARALLEL_COPY_BYTES on): the snapshot's part of an async save's stall.
 
-These are the measurements the comments of core/direct_io.py refer to.
+These are the measurements the comments of core/storage/direct_io.py refer to.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_direct_write.py [--megabytes 100,1000]
         [--repetitions 5] [--bounce-mib 8] [--directory DIR]
@@ -36,9 +36,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import header, interleave, ratio_line, scratch_directory, summary
 
-from candle_ckpt.core import direct_io
-from candle_ckpt.core.checksum import crc32_file
-from candle_ckpt.core.durable import fsync_file
+from candle_ckpt.core.storage import direct_io
+from candle_ckpt.core.storage.checksum import crc32_file
+from candle_ckpt.core.storage.durable import fsync_file
+from candle_ckpt.core.storage.memory import anonymous_memory
 
 
 def cpu_seconds():
@@ -72,7 +73,7 @@ def through_write_at(path, source):
 def measure(megabytes, directory, repetitions, bounce_mib):
     """{name: [wall seconds]}, {name: [CPU seconds]} of every way, interleaved."""
     size = megabytes * 10**6
-    memory = direct_io.anonymous_memory(size + direct_io.ALIGNMENT)
+    memory = anonymous_memory(size + direct_io.ALIGNMENT)
     whole = memoryview(memory)
     whole[:] = os.urandom(len(whole))
     aligned = whole[:size]
@@ -113,7 +114,7 @@ def measure_copy(megabytes, repetitions):
     import numpy as np
 
     source = np.random.default_rng(0).integers(0, 256, megabytes * 10**6, dtype=np.uint8)
-    target = np.frombuffer(direct_io.anonymous_memory(source.nbytes), np.uint8)
+    target = np.frombuffer(anonymous_memory(source.nbytes), np.uint8)
     np.copyto(target, source)  # fault the pages in, as a reused snapshot has them
     return interleave(
         repetitions,

@@ -48,7 +48,7 @@ from common import (
     summary,
 )
 
-from candle_ckpt.core.durable import fsync_dir, fsync_file
+from candle_ckpt.core.storage.durable import fsync_dir, fsync_file
 
 
 def fsynced(paths, directory):

@@ -27,7 +27,7 @@ def main():
     args = parser.parse_args()
     quiet_tensorflow()
     import candle_ckpt
-    from candle_ckpt.core import checkpointer as checkpointer_module
+    from candle_ckpt.core.save import checkpointer as checkpointer_module
 
     header(f"training-thread time in pruning, {args.size} model, keep_limit 1")
     directory = scratch_directory()

@@ -67,7 +67,7 @@ from common import (
     timed,
 )
 
-from candle_ckpt.core.durable import fsync_dir, fsync_file
+from candle_ckpt.core.storage.durable import fsync_dir, fsync_file
 
 # Short epochs: the steps no save touches add noise to the cost of a save, not signal.
 # An async save's write that outlasts the epoch after it is waited for, and counted.

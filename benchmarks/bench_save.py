@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SIZES_MB, build_model, callback_save, compare_by_size, interleave, state_bytes
 
-from candle_ckpt.core.durable import fsync_file
+from candle_ckpt.core.storage.durable import fsync_file
 
 
 def measure(size, repetitions, directory):

@@ -147,7 +147,7 @@ def copy_floor(arrays, repetitions):
     """Seconds to copy `arrays` into one block of aligned snapshot memory, filled once
     untimed first, with `direct_io.copy_into` (two threads for large arrays), as an
     async save copies the state: the least a snapshot that copies can stall training."""
-    from candle_ckpt.core.direct_io import aligned_arrays, copy_into
+    from candle_ckpt.core.storage.direct_io import aligned_arrays, copy_into
 
     block = aligned_arrays([(a.dtype, a.shape) for a in arrays])
 

@@ -53,22 +53,25 @@ MODEL = [
 STARTED = re.compile(r"restarted from epoch (\d+)|no checkpoint to restart from")
 sys.path.insert(0, TOP)
 
-from candle_ckpt.core.durable import is_temporary_name  # noqa: E402
 from candle_ckpt.core.errors import CheckpointError  # noqa: E402
-from candle_ckpt.core.faults import POINTS  # noqa: E402
-from candle_ckpt.core.history import HISTORY_FILE  # noqa: E402
-from candle_ckpt.core.history_cache import CACHE_FILE  # noqa: E402
-from candle_ckpt.core.index import INDEX_FILE  # noqa: E402
-from candle_ckpt.core.info import read_info  # noqa: E402
-from candle_ckpt.core.layout import CheckpointLayout, parse_epoch_dirname  # noqa: E402
+from candle_ckpt.core.format.info import read_info  # noqa: E402
+from candle_ckpt.core.format.layout import (  # noqa: E402  # noqa: E402
+    CACHE_FILE,
+    HISTORY_FILE,
+    INDEX_FILE,
+    CheckpointLayout,
+    parse_epoch_dirname,
+)
 from candle_ckpt.core.logs import silent_logger  # noqa: E402
 from candle_ckpt.core.params import validate_params  # noqa: E402
-from candle_ckpt.core.resume import find_checkpoint  # noqa: E402
-from candle_ckpt.core.verify import verify_files  # noqa: E402
+from candle_ckpt.core.restore.resume import find_checkpoint  # noqa: E402
+from candle_ckpt.core.restore.verify import verify_files  # noqa: E402
+from candle_ckpt.core.storage.durable import is_temporary_name  # noqa: E402
+from candle_ckpt.core.storage.faults import POINTS  # noqa: E402
 from candle_ckpt.operator.inventory import survey  # noqa: E402
 
-# Every fault point of candle_ckpt.core.faults, for consecutive lives of one trial: the first
-# is killed saving epoch 2 (epoch 1 is complete), each later one at its first save.
+# Every fault point of candle_ckpt.core.storage.faults, for consecutive lives of one trial:
+# the first is killed saving epoch 2 (epoch 1 is complete), each later one at its first save.
 # after_trash_rename comes after after_last, whose kill leaves no work/ to delete, so it
 # stops the keep policy's deletion.
 FAULTS = (f"{POINTS[0]}:2",) + tuple(f"{point}:1" for point in POINTS[1:])
@@ -291,7 +294,7 @@ def main(argv=None):
     parser.add_argument(
         "--faults",
         action="store_true",
-        help="also one kill at each fault point of candle_ckpt.core.faults",
+        help="also one kill at each fault point of candle_ckpt.core.storage.faults",
     )
     args = parser.parse_args(argv)
     import tempfile

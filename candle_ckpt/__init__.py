@@ -39,7 +39,7 @@ from .core.errors import (
     exit_status,
 )
 
-TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+TYPE_CHECKING = False  # typing's, without importing typing: see core/format/info_keys.py
 if TYPE_CHECKING:
     from typing import Any
 

@@ -22,8 +22,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .core.direct_io import ALIGNMENT, PrivateMemory, Written, write_at
 from .core.errors import CheckpointFormatError
+from .core.storage.direct_io import ALIGNMENT, Written, write_at
+from .core.storage.memory import PrivateMemory
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 """The first bytes of an HDF5 file (with no user block)."""
@@ -289,7 +290,7 @@ def reads_as_view(dataset: h5py.Dataset, size: int) -> bool:
 
 
 def writable_contents(contents: memoryview) -> memoryview:
-    """`contents` made writable when its memory is private (`direct_io.PrivateMemory`,
+    """`contents` made writable when its memory is private (`memory.PrivateMemory`,
     what `checksum.read_file` reads a restart's model file into), else as it is.
 
     Arrays read from the writable view (`dataset_array`) can become the restored

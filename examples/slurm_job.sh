@@ -40,7 +40,7 @@
 
 set -u
 
-PREEMPTED=75                                   # candle_ckpt.core.preemption.PREEMPTED_EXIT_STATUS
+PREEMPTED=75                                   # candle_ckpt.core.run.preemption.PREEMPTED_EXIT_STATUS
 if [ -n "${SLURM_SUBMIT_DIR:-}" ]; then
     REPO=${REPO:-$SLURM_SUBMIT_DIR}
 else

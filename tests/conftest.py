@@ -5,8 +5,8 @@ import zlib
 
 import pytest
 
-from candle_ckpt.core.checkpointer import Checkpointer
-from candle_ckpt.core.direct_io import write_at
+from candle_ckpt.core.save.checkpointer import Checkpointer
+from candle_ckpt.core.storage.direct_io import write_at
 
 
 def file_writer(payload=b"weights", name="model.h5"):
@@ -107,7 +107,7 @@ def reseal(directory, name="model.h5"):
     """Record the file `name` of epoch `directory`, as it is now, in its ckpt-info.json
     (CRC32 and size, `info_crc32` recomputed): what anyone who can write the tree can do
     to a file they crafted."""
-    from candle_ckpt.core.info import read_info, write_info
+    from candle_ckpt.core.format.info import read_info, write_info
 
     path = os.path.join(directory, name)
     with open(path, "rb") as stream:
@@ -145,7 +145,7 @@ def make_checkpointer(ckpt_dir):
 def change_after_its_crc(monkeypatch, path, offset):
     """Make `path` change (64 bytes at `offset`) right after a restart's first CRC32 of
     it, before its second read: the file that verified is not the file read."""
-    from candle_ckpt.core import checksum
+    from candle_ckpt.core.storage import checksum
 
     real = checksum._mapped_crc32
     done = []

@@ -45,7 +45,7 @@ from test_pytorch_state import trained  # noqa: E402
 import candle_ckpt  # noqa: E402
 from candle_ckpt import hdf5_check  # noqa: E402
 from candle_ckpt.core.errors import CheckpointError, exit_status  # noqa: E402
-from candle_ckpt.core.info import info_file_bytes  # noqa: E402
+from candle_ckpt.core.format.info import info_file_bytes  # noqa: E402
 from candle_ckpt.pytorch import state  # noqa: E402
 
 FILES = ("model.h5", "ckpt-info.json")

@@ -15,11 +15,11 @@ import json
 import os
 import sys
 
-from candle_ckpt.core import checkpointer as checkpointer_module
-from candle_ckpt.core.checkpointer import Checkpointer
-from candle_ckpt.core.info import read_info
-from candle_ckpt.core.layout import CheckpointLayout
-from candle_ckpt.core.protocol import point_link
+from candle_ckpt.core.format.info import read_info
+from candle_ckpt.core.format.layout import CheckpointLayout
+from candle_ckpt.core.save import checkpointer as checkpointer_module
+from candle_ckpt.core.save.checkpointer import Checkpointer
+from candle_ckpt.core.save.protocol import point_link
 
 MODES = {"linear": 3, "exponential": 4, "all": 1}
 

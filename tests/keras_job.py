@@ -9,7 +9,7 @@ real kill -9 in the middle of an epoch, at a reproducible point.
 (up to 120 s) until a signal arrives, e.g. the test's `os.kill(pid, SIGUSR1)`: a real
 signal from outside, always at the same point of training.
 
-`--virtual_clock S` makes the wall clock of the wall-clock stop (core/walltime.py) run
+`--virtual_clock S` makes the wall clock of the wall-clock stop (core/run/walltime.py) run
 S seconds ahead per trained batch: epochs then "take" a known time, so a test of
 ckpt_walltime_margin stops at the same epoch however loaded the machine is.
 `--subclassed` trains the same network as a subclassed `keras.Model` whose layers are
@@ -97,11 +97,11 @@ def take_value(argv, flag):
 
 
 def install_virtual_clock(seconds_per_batch):
-    """Make core/walltime.py's clock real time plus `seconds_per_batch` per call of
+    """Make core/run/walltime.py's clock real time plus `seconds_per_batch` per call of
     the returned `advance()` (one call per trained batch)."""
     import time
 
-    from candle_ckpt.core import walltime
+    from candle_ckpt.core.run import walltime
 
     batches = [0]
 

@@ -30,7 +30,7 @@ VANISHED = 3  # the exit status of a named epoch pruned while it was read (READM
 PLAIN_JOB = textwrap.dedent(
     """
     import os, sys, time
-    from candle_ckpt.core.checkpointer import Checkpointer
+    from candle_ckpt.core.save.checkpointer import Checkpointer
 
     directory, asynchronous = sys.argv[1], sys.argv[2] == "1"
     payload = os.urandom(877_000)
@@ -61,7 +61,7 @@ PLAIN_JOB = textwrap.dedent(
 
 def seed_tree(directory):
     """Epochs 900 and 901 of an earlier run, as plain files; no links."""
-    from candle_ckpt.core.checkpointer import Checkpointer
+    from candle_ckpt.core.save.checkpointer import Checkpointer
 
     sys.path.insert(0, HERE)
     from conftest import file_writer

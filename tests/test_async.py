@@ -7,10 +7,10 @@ import time
 import pytest
 from conftest import file_writer
 
-from candle_ckpt.core.background import check_snapshot_fits
 from candle_ckpt.core.errors import CheckpointError
-from candle_ckpt.core.info import read_info
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.info import read_info
+from candle_ckpt.core.format.layout import CheckpointLayout
+from candle_ckpt.core.storage.background import check_snapshot_fits
 
 
 def test_async_run_produces_the_same_tree(make_checkpointer, ckpt_dir, tmp_path):
@@ -85,7 +85,7 @@ def test_a_snapshot_that_does_not_fit_is_refused():
 
 
 def test_a_save_training_waits_for_runs_at_trainings_priority_not_the_background_one():
-    from candle_ckpt.core.background import BACKGROUND_NICE, BackgroundWriter
+    from candle_ckpt.core.storage.background import BACKGROUND_NICE, BackgroundWriter
 
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     started, release, seen = threading.Event(), threading.Event(), {}

@@ -207,13 +207,13 @@ def test_p1b1_pytorch_order_continues_a_candle_lib_tree_bit_identically(in_tmp, 
 
 
 def seed_tree(ckpt_directory):
-    """What the seed's rule (before `core.locate`) made of `ckpt_directory`: a tree in
+    """What the seed's rule (before `core.format.locate`) made of `ckpt_directory`: a tree in
     <ckpt_directory>/ckpts, whatever its name."""
     os.makedirs(os.path.join(ckpt_directory, "ckpts", "epochs"))
 
 
 def test_the_rule_finds_each_layout_and_picks_one_for_a_new_run(in_tmp):
-    from candle_ckpt.core.locate import run_layout
+    from candle_ckpt.core.format.locate import run_layout
     from candle_ckpt.core.params import validate_params
 
     def tree(**params):
@@ -391,7 +391,7 @@ def test_every_key_candle_lib_defines_or_reads_is_accepted_with_its_meaning(in_t
     """The values candle_lib's ckpt_parser gives (its defaults, explicitly), and the
     keys its CandleCkpt reads besides (metadata, ckpt_best_metric_last,
     ckpt_timestamp_last, output_dir)."""
-    from candle_ckpt.core.locate import run_layout
+    from candle_ckpt.core.format.locate import run_layout
     from candle_ckpt.core.params import validate_params
 
     params = {

@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from candle_ckpt.core import checksum
+from candle_ckpt.core.storage import checksum
 
 
 def random_file(tmp_path, size, name="f"):

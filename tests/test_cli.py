@@ -15,9 +15,9 @@ import pytest
 from conftest import as_format1, file_writer, flip_byte
 from keras_helpers import run_job
 
-from candle_ckpt.core.info import read_info, write_info
-from candle_ckpt.core.layout import CheckpointLayout
-from candle_ckpt.core.policies import epochs_to_keep
+from candle_ckpt.core.format.info import read_info, write_info
+from candle_ckpt.core.format.layout import CheckpointLayout
+from candle_ckpt.core.save.policies import epochs_to_keep
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "candle-ckpt")
@@ -545,8 +545,8 @@ def test_benchmark_tree_is_what_the_library_writes(make_checkpointer, ckpt_dir, 
 @pytest.mark.parametrize("command", [("rollback", "2"), ("prune", "--keep", "1")])
 def test_rollback_and_prune_refuse_while_a_training_job_writes(tree, command):
     """A running job holds ckpts/.lock: the operator is told who, and nothing changes."""
-    from candle_ckpt.core.lock import WriterLock
     from candle_ckpt.core.logs import silent_logger
+    from candle_ckpt.core.run.lock import WriterLock
 
     layout = tree
     before = (layout.list_epochs(), os.readlink(layout.link("last")))

@@ -15,7 +15,7 @@ import pytest
 from test_keras_restart import fit, params_for, tiny_model
 
 import candle_ckpt
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.layout import CheckpointLayout
 
 keras = pytest.importorskip("keras")
 

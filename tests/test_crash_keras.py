@@ -10,7 +10,7 @@ import os
 import pytest
 from conftest import file_writer
 
-from candle_ckpt.core.durable import temporary_name
+from candle_ckpt.core.storage.durable import temporary_name
 
 pytest.importorskip("keras")
 

@@ -2,7 +2,7 @@
 
 A subprocess saves epochs with a plain-file writer (laid out, then written in place by
 `direct_io.write_at`, as the Keras h5 writer does) and kills itself at a named fault
-point (candle_ckpt.core.faults); afterwards `last` must resolve to an epoch whose
+point (candle_ckpt.core.storage.faults); afterwards `last` must resolve to an epoch whose
 ckpt-info.json validates and whose files verify, and a new run must finish the job.
 """
 
@@ -15,18 +15,18 @@ import pytest
 from conftest import file_writer
 from test_index import rows
 
-from candle_ckpt.core.checkpointer import Checkpointer
-from candle_ckpt.core.faults import POINTS
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.layout import CheckpointLayout
 from candle_ckpt.core.logs import silent_logger
 from candle_ckpt.core.params import validate_params
-from candle_ckpt.core.resume import find_checkpoint
+from candle_ckpt.core.restore.resume import find_checkpoint
+from candle_ckpt.core.save.checkpointer import Checkpointer
+from candle_ckpt.core.storage.faults import POINTS
 from candle_ckpt.operator.inventory import survey
 
 JOB = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
-    from candle_ckpt.core.checkpointer import Checkpointer
+    from candle_ckpt.core.save.checkpointer import Checkpointer
     from conftest import direct_writer
     checkpointer = Checkpointer({{"epochs": 6, "ckpt_directory": {root!r}, "ckpt_keep_limit": 2,
                                  "ckpt_save_best_metric": "loss"}}, verbose=False)

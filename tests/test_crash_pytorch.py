@@ -29,9 +29,9 @@ MODEL = [
 def test_killed_at_each_save_step_and_at_random_instants_every_restart_is_good(tmp_path):
     soak = load_soak()
     # Every protocol point, during_direct_write included (the torch format writes its
-    # large tensors through core/direct_io). The first kill is at the second save (epoch
+    # large tensors through core/storage/direct_io). The first kill is at the second save (epoch
     # 1 complete), as in soak.FAULTS.
-    from candle_ckpt.core.faults import POINTS
+    from candle_ckpt.core.storage.faults import POINTS
 
     faults = (f"{POINTS[0]}:2",) + tuple(f"{point}:1" for point in POINTS[1:])
     tally = soak.soak(

@@ -8,8 +8,9 @@ import zlib
 import numpy as np
 import pytest
 
-from candle_ckpt.core import direct_io
-from candle_ckpt.core.direct_io import ALIGNMENT, BOUNCE_BYTES, PIECE_BYTES, write_at
+from candle_ckpt.core.storage import direct_io
+from candle_ckpt.core.storage.direct_io import ALIGNMENT, BOUNCE_BYTES, PIECE_BYTES, write_at
+from candle_ckpt.core.storage.memory import anonymous_memory
 
 if not hasattr(os, "O_DIRECT"):
     pytest.skip("no O_DIRECT on this platform", allow_module_level=True)
@@ -33,7 +34,7 @@ def laid_out(path, size, seed=1):
 
 def aligned_memory(data):
     """`data` copied into page-aligned memory (a snapshot block)."""
-    memory = direct_io.anonymous_memory(len(data))
+    memory = anonymous_memory(len(data))
     view = memoryview(memory)[: len(data)]
     view[:] = data
     return view

@@ -23,10 +23,10 @@ from conftest import file_writer
 from keras_helpers import seeded_state
 
 from candle_ckpt.core.errors import SAVE_FAILED_EXIT_STATUS, CheckpointWriteError, exit_status
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.layout import CheckpointLayout
 from candle_ckpt.core.logs import silent_logger
 from candle_ckpt.core.params import validate_params
-from candle_ckpt.core.resume import find_checkpoint
+from candle_ckpt.core.restore.resume import find_checkpoint
 
 CALLS = [
     (os, "mkdir"),
@@ -320,7 +320,7 @@ def open_files_under(directory):
 
 def test_a_failed_removal_is_retried_by_the_next_deletion(make_checkpointer, monkeypatch, caplog):
     """The trash collector logs a failed removal and empties the trash at the next poke."""
-    from candle_ckpt.core import trash
+    from candle_ckpt.core.storage import trash
 
     checkpointer = make_checkpointer(ckpt_keep_limit=1, ckpt_save_best=False)
     real_empty_trash, failures = trash.empty_trash, []

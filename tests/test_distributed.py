@@ -7,7 +7,7 @@ import os
 import pytest
 
 from candle_ckpt.core.errors import CheckpointError
-from candle_ckpt.core.writer import agree_on_checkpoint, writer_decision
+from candle_ckpt.core.run.writer import agree_on_checkpoint, writer_decision
 
 
 def tf_config(task_type, index, chief=False):

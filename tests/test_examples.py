@@ -248,7 +248,7 @@ def test_a_locked_tree_is_status_4_before_anything_is_read(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom candle_ckpt.core.lock import "
+            "import sys, time\nfrom candle_ckpt.core.run.lock import "
             "WriterLock\nfrom candle_ckpt.core.logs import silent_logger\nlock = WriterLock("
             "sys.argv[1], silent_logger())\nlock.acquire()\nprint('locked', flush=True)\n"
             "time.sleep(600)",

@@ -13,7 +13,7 @@ import pytest
 from test_cli import GUARD, cli
 
 import candle_ckpt
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.layout import CheckpointLayout
 
 keras = pytest.importorskip("keras")
 torch = pytest.importorskip("torch")
@@ -288,7 +288,7 @@ def test_pytorch_export_of_an_upstream_candle_pickle(tmp_path):
 
 @pytest.mark.parametrize("point", ["export_written", "export_digest_removed", "export_renamed"])
 def test_killed_export_never_leaves_a_half_written_file_or_a_wrong_digest(tmp_path, point):
-    from candle_ckpt.core.faults import EXPORT_POINTS
+    from candle_ckpt.core.storage.faults import EXPORT_POINTS
 
     assert point in EXPORT_POINTS
     train_keras(sequential(1), tmp_path / "save", epochs=1)

@@ -8,11 +8,11 @@ import sys
 import pytest
 from conftest import file_writer
 
-from candle_ckpt.core.history import HistoryWriter, read_history
-from candle_ckpt.core.info import read_info
-from candle_ckpt.core.layout import CheckpointLayout
-from candle_ckpt.core.protocol import point_link
-from candle_ckpt.core.session import TrainingSession
+from candle_ckpt.core.format.history import HistoryWriter, read_history
+from candle_ckpt.core.format.info import read_info
+from candle_ckpt.core.format.layout import CheckpointLayout
+from candle_ckpt.core.run.session import TrainingSession
+from candle_ckpt.core.save.protocol import point_link
 
 RUN = {"run_id": "a" * 32, "run_started": "2026-12-03T08:00:00Z", "lineage_id": "a" * 32}
 
@@ -183,7 +183,7 @@ def test_a_kill_mid_write_leaves_a_readable_history(tmp_path):
     """SIGKILL while a process appends as fast as it can: at most the last line torn."""
     code = (
         f"import sys; sys.path.insert(0, {os.getcwd()!r})\n"
-        "from candle_ckpt.core.history import HistoryWriter\n"
+        "from candle_ckpt.core.format.history import HistoryWriter\n"
         f"w = HistoryWriter({str(tmp_path)!r}, {RUN!r})\n"
         "epoch = 0\n"
         "while True:\n"
@@ -210,7 +210,7 @@ def test_the_session_records_train_seconds(ckpt_dir):
             return {}
 
         def writer_decision(self, explicit):
-            from candle_ckpt.core.writer import WriterDecision
+            from candle_ckpt.core.run.writer import WriterDecision
 
             return WriterDecision(True, "test")
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from candle_ckpt.core import history_cache
-from candle_ckpt.core.history import history_line, read_history
+from candle_ckpt.core.format import history_cache
+from candle_ckpt.core.format.history import history_line, read_history
 
 RUN_A, RUN_B, RUN_C = "a" * 32, "b" * 32, "c" * 32
 

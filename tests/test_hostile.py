@@ -14,8 +14,8 @@ import pytest
 from test_keras_restart import fit, params_for, tiny_model
 
 import candle_ckpt
-from candle_ckpt.core.info import read_info, write_info
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.info import read_info, write_info
+from candle_ckpt.core.format.layout import CheckpointLayout
 from candle_ckpt.keras import h5 as keras_h5
 
 keras = pytest.importorskip("keras")
@@ -227,7 +227,7 @@ def test_a_lambda_layer_in_the_file_is_never_executed(tree, tmp_path):
 
     with h5py.File(model_file, "r+") as f:
         f.attrs["model_config"] = model_config.encode("utf8")
-    from candle_ckpt.core.checksum import crc32_file
+    from candle_ckpt.core.storage.checksum import crc32_file
 
     crc = str(crc32_file(model_file))
     write_info(

@@ -16,9 +16,9 @@ import jsonschema
 import pytest
 from conftest import file_writer
 
-from candle_ckpt.core.index import INDEX_FILE, MAX_INDEX_BYTES_PER_EPOCH, read_index
-from candle_ckpt.core.layout import CheckpointLayout
-from candle_ckpt.core.resume import read_epoch_info
+from candle_ckpt.core.format.index import MAX_INDEX_BYTES_PER_EPOCH, read_index
+from candle_ckpt.core.format.layout import INDEX_FILE, CheckpointLayout
+from candle_ckpt.core.restore.resume import read_epoch_info
 from candle_ckpt.operator import inventory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -187,10 +187,10 @@ def test_an_index_of_mostly_deleted_epochs_is_not_read(make_checkpointer, heads_
 REPLACE_JOB = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})
-    from candle_ckpt.core.checkpointer import Checkpointer
-    from candle_ckpt.core.resume import read_epoch_info
-    from candle_ckpt.core.layout import CheckpointLayout
-    from candle_ckpt.core.protocol import point_link
+    from candle_ckpt.core.save.checkpointer import Checkpointer
+    from candle_ckpt.core.restore.resume import read_epoch_info
+    from candle_ckpt.core.format.layout import CheckpointLayout
+    from candle_ckpt.core.save.protocol import point_link
     from conftest import file_writer
     params = {{"epochs": 3, "ckpt_directory": {root!r}, "ckpt_save_best": False}}
     if sys.argv[1] == "first":

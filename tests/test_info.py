@@ -7,7 +7,7 @@ import pytest
 from conftest import as_format1, file_writer
 
 from candle_ckpt.core.errors import CheckpointFormatError
-from candle_ckpt.core.info import encode_info, read_info, write_info
+from candle_ckpt.core.format.info import encode_info, read_info, write_info
 
 
 @pytest.fixture

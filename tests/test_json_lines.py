@@ -1,12 +1,12 @@
-"""core/json_lines.py: the values of a JSON-lines file, read a piece at a time."""
+"""core/format/json_lines.py: the values of a JSON-lines file, read a piece at a time."""
 
 import json
 import os
 
 import pytest
 
-from candle_ckpt.core import json_lines
-from candle_ckpt.core.json_lines import json_line, parse_lines, read_chunks
+from candle_ckpt.core.format import json_lines
+from candle_ckpt.core.format.json_lines import json_line, parse_lines, read_chunks
 
 LINES = [
     json_line([1, "a", 0.5]),

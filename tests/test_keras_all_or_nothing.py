@@ -18,7 +18,7 @@ from keras_helpers import fit_checkpointed
 from test_keras_restart import params_for
 
 import candle_ckpt
-from candle_ckpt.core import checksum
+from candle_ckpt.core.storage import checksum
 from candle_ckpt.hdf5 import read_names
 
 keras = pytest.importorskip("keras")

@@ -118,7 +118,7 @@ def test_restored_model_continues_bit_for_bit(build, tmp_path):
 
 
 def test_large_variables_take_the_verified_read_buffer_and_training_goes_on(tmp_path):
-    from candle_ckpt.core.checksum import read_file
+    from candle_ckpt.core.storage.checksum import read_file
 
     def wide():
         return dense_adam(hidden=8192)  # a 128 KiB kernel: laid out for pwrite, aligned

@@ -11,7 +11,7 @@ from keras_helpers import fit_checkpointed
 from test_keras_restart import params_for
 
 import candle_ckpt
-from candle_ckpt.core import checksum
+from candle_ckpt.core.storage import checksum
 from candle_ckpt.keras import h5
 
 keras = pytest.importorskip("keras")

@@ -12,7 +12,7 @@ from conftest import flip_byte
 from keras_helpers import assert_same_state, fit_checkpointed, run_job, tree_summary
 
 import candle_ckpt
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.layout import CheckpointLayout
 
 keras = pytest.importorskip("keras")
 
@@ -157,7 +157,7 @@ def test_bit_flip_in_model_file_is_refused_and_model_untouched(tmp_path):
 
 
 def test_restart_loads_the_bytes_it_verified_and_reads_the_file_once(tmp_path, monkeypatch):
-    from candle_ckpt.core import restart as restart_flow
+    from candle_ckpt.core.restore import restart as restart_flow
 
     params = params_for(tmp_path)
     model = tiny_model()

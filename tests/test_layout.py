@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from candle_ckpt.core.checkpointer import Checkpointer
 from candle_ckpt.core.errors import LinkError, ParameterValueError
-from candle_ckpt.core.layout import CheckpointLayout, epoch_dirname, parse_epoch_dirname
+from candle_ckpt.core.format.layout import CheckpointLayout, epoch_dirname, parse_epoch_dirname
+from candle_ckpt.core.save.checkpointer import Checkpointer
 
 
 @pytest.fixture

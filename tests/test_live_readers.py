@@ -13,8 +13,8 @@ import pytest
 from conftest import file_writer, flip_byte
 from live_readers import soak
 
-from candle_ckpt.core import verify
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.layout import CheckpointLayout
+from candle_ckpt.core.restore import verify
 from candle_ckpt.operator import inventory
 from candle_ckpt.operator.cli import main
 

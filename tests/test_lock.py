@@ -16,15 +16,15 @@ from conftest import file_writer
 from keras_helpers import JOB, run_job
 
 from candle_ckpt.core.errors import WriterLockedError
-from candle_ckpt.core.layout import CheckpointLayout
-from candle_ckpt.core.lock import WriterLock
+from candle_ckpt.core.format.layout import CheckpointLayout
 from candle_ckpt.core.logs import silent_logger
 from candle_ckpt.core.params import validate_params
-from candle_ckpt.core.resume import find_checkpoint
+from candle_ckpt.core.restore.resume import find_checkpoint
+from candle_ckpt.core.run.lock import WriterLock
 
 HOLD = """
 import sys, time
-from candle_ckpt.core.lock import WriterLock
+from candle_ckpt.core.run.lock import WriterLock
 from candle_ckpt.core.logs import silent_logger
 lock = WriterLock(sys.argv[1], silent_logger())
 lock.acquire()

@@ -12,7 +12,7 @@ CODE = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="ROOT %(name)s %(message)s")    # as an application does
-    from candle_ckpt.core.layout import CheckpointLayout
+    from candle_ckpt.core.format.layout import CheckpointLayout
     from candle_ckpt.core.logs import tree_logger
     logger = tree_logger("save", CheckpointLayout(sys.argv[1]), verbose=False)
     for n in range(3):

@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 import candle_ckpt  # noqa: E402
 from candle_ckpt import hdf5_check  # noqa: E402
 from candle_ckpt.core.errors import CheckpointError, CheckpointFormatError  # noqa: E402
-from candle_ckpt.core.info import info_file_bytes  # noqa: E402
+from candle_ckpt.core.format.info import info_file_bytes  # noqa: E402
 from candle_ckpt.keras.weights_h5 import write_weights_h5  # noqa: E402
 from candle_ckpt.pytorch import state  # noqa: E402
 
@@ -391,7 +391,7 @@ def test_a_corrupt_model_file_is_refused_by_its_crc_before_any_parser_sees_it(
     restart (also one reading a file of 64 MiB or more into the model's memory), a warm
     start or an export."""
     from candle_ckpt.core.errors import ChecksumMismatchError
-    from candle_ckpt.core.layout import CheckpointLayout
+    from candle_ckpt.core.format.layout import CheckpointLayout
     from candle_ckpt.operator.export import export_epoch
 
     params = {"ckpt_directory": str(tmp_path / "save"), "epochs": 1}

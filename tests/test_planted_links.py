@@ -21,9 +21,9 @@ from conftest import file_writer
 torch = pytest.importorskip("torch")
 
 import candle_ckpt  # noqa: E402
-from candle_ckpt.core import history_cache  # noqa: E402
 from candle_ckpt.core.errors import UnsafePathError, exit_status  # noqa: E402
-from candle_ckpt.core.layout import CheckpointLayout  # noqa: E402
+from candle_ckpt.core.format import history_cache  # noqa: E402
+from candle_ckpt.core.format.layout import CheckpointLayout  # noqa: E402
 from candle_ckpt.operator import cli  # noqa: E402
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,7 +294,7 @@ def test_work_replaced_while_the_model_is_written_is_refused_before_anything_els
 
 JOB = textwrap.dedent("""
     import sys
-    from candle_ckpt.core.checkpointer import Checkpointer
+    from candle_ckpt.core.save.checkpointer import Checkpointer
     sys.path.insert(0, sys.argv[2])
     from conftest import file_writer
     ckpt = Checkpointer({"ckpt_directory": sys.argv[1], "epochs": 400, "ckpt_keep_limit": 1,

@@ -6,7 +6,7 @@ import keep_scenario
 import pytest
 
 from candle_ckpt.core.errors import ParameterValueError
-from candle_ckpt.core.policies import (
+from candle_ckpt.core.save.policies import (
     BestMetric,
     epochs_to_keep,
     exponential_survivors,

@@ -11,7 +11,7 @@ import pytest
 from keras_helpers import assert_same_state, job_command, run_job
 
 import candle_ckpt
-from candle_ckpt.core.preemption import PREEMPTED_EXIT_STATUS
+from candle_ckpt.core.run.preemption import PREEMPTED_EXIT_STATUS
 
 keras = pytest.importorskip("keras")
 

@@ -12,9 +12,9 @@ import pytest
 from conftest import as_format1, file_writer
 
 from candle_ckpt.core.errors import ParameterValueError
-from candle_ckpt.core.info import read_info, write_info
-from candle_ckpt.core.layout import CheckpointLayout
-from candle_ckpt.core.verify import check_files
+from candle_ckpt.core.format.info import read_info, write_info
+from candle_ckpt.core.format.layout import CheckpointLayout
+from candle_ckpt.core.restore.verify import check_files
 
 
 def run(checkpointer, losses, start=1):
@@ -139,7 +139,7 @@ def test_resume_continues_best_and_repairs_best_after_rollback(make_checkpointer
 
 
 def test_logger_none_is_silent_and_custom_logger_is_used(ckpt_dir, caplog):
-    from candle_ckpt.core.checkpointer import Checkpointer
+    from candle_ckpt.core.save.checkpointer import Checkpointer
 
     Checkpointer(
         {"epochs": 1, "ckpt_directory": ckpt_dir, "ckpt_save_best": False}, logger=None
@@ -161,10 +161,11 @@ def test_the_core_and_the_operator_side_import_no_framework():
     import candle_ckpt.core
     import candle_ckpt.operator
 
+    # walk_packages, not iter_modules: the core's modules are in its subpackages.
     modules = ["candle_ckpt"] + [
-        f"{package.__name__}.{info.name}"
+        info.name
         for package in (candle_ckpt.core, candle_ckpt.operator)
-        for info in pkgutil.iter_modules(package.__path__)
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
     ]
     code = (
         f"import importlib, json, sys; [importlib.import_module(m) for m in {modules!r}]; "
@@ -222,7 +223,7 @@ def test_saves_reuse_one_fsync_thread_rather_than_one_per_file(make_checkpointer
 def test_a_shared_thread_runs_tasks_at_the_submitters_nice_value_and_after_fork():
     code = textwrap.dedent("""
         import os, threading
-        from candle_ckpt.core.background import SharedThread, lower_thread_priority
+        from candle_ckpt.core.storage.background import SharedThread, lower_thread_priority
         shared = SharedThread("test-shared")
         nice = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         before = shared.submit(nice).result()
@@ -271,7 +272,7 @@ def test_a_crc_the_writer_computed_is_recorded_and_only_other_files_are_read_bac
     memory as it wrote) spares reading it back; any other file is still read back."""
     import zlib
 
-    from candle_ckpt.core import protocol
+    from candle_ckpt.core.save import protocol
 
     read_back = []
     real = protocol.crc32_file

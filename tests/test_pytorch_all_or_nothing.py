@@ -27,7 +27,7 @@ from torch_job import SMALL
 torch = pytest.importorskip("torch")
 
 import candle_ckpt  # noqa: E402
-from candle_ckpt.core import checksum  # noqa: E402
+from candle_ckpt.core.storage import checksum  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "torch_job.py")

@@ -13,7 +13,7 @@ from conftest import change_after_its_crc
 torch = pytest.importorskip("torch")
 
 import candle_ckpt  # noqa: E402
-from candle_ckpt.core import checksum  # noqa: E402
+from candle_ckpt.core.storage import checksum  # noqa: E402
 from candle_ckpt.pytorch import state  # noqa: E402
 from candle_ckpt.pytorch.adapter import TorchAdapter  # noqa: E402
 

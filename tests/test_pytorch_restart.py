@@ -24,8 +24,8 @@ from candle_ckpt.core.errors import (  # noqa: E402
     ChecksumMismatchError,
     WriterLockedError,
 )
-from candle_ckpt.core.info import CHECKSUM_DISABLED  # noqa: E402
-from candle_ckpt.core.layout import CheckpointLayout  # noqa: E402
+from candle_ckpt.core.format.info import CHECKSUM_DISABLED  # noqa: E402
+from candle_ckpt.core.format.layout import CheckpointLayout  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)

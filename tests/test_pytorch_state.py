@@ -12,8 +12,8 @@ from conftest import check_written
 torch = pytest.importorskip("torch")
 
 import candle_ckpt  # noqa: E402
-from candle_ckpt.core.checksum import read_file  # noqa: E402
 from candle_ckpt.core.errors import CheckpointFormatError  # noqa: E402
+from candle_ckpt.core.storage.checksum import read_file  # noqa: E402
 from candle_ckpt.pytorch import state  # noqa: E402
 from candle_ckpt.pytorch.adapter import TorchAdapter  # noqa: E402
 

@@ -15,7 +15,6 @@ from conftest import flip_byte
 torch = pytest.importorskip("torch")
 
 import candle_ckpt  # noqa: E402
-from candle_ckpt.core import restart as core_restart  # noqa: E402
 from candle_ckpt.core.errors import (  # noqa: E402
     CheckpointError,
     CheckpointWriteError,
@@ -26,13 +25,14 @@ from candle_ckpt.core.errors import (  # noqa: E402
     WriterLockedError,
     exit_status,
 )
-from candle_ckpt.core.layout import CheckpointLayout  # noqa: E402
-from candle_ckpt.core.lock import WriterLock  # noqa: E402
+from candle_ckpt.core.format.layout import CheckpointLayout  # noqa: E402
 from candle_ckpt.core.logs import close_tree_log, silent_logger  # noqa: E402
+from candle_ckpt.core.restore import restart as core_restart  # noqa: E402
+from candle_ckpt.core.run.lock import WriterLock  # noqa: E402
 
 HOLD = """
 import sys, time
-from candle_ckpt.core.lock import WriterLock
+from candle_ckpt.core.run.lock import WriterLock
 from candle_ckpt.core.logs import silent_logger
 lock = WriterLock(sys.argv[1], silent_logger())
 lock.acquire()

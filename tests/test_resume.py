@@ -6,11 +6,11 @@ import os
 import pytest
 from conftest import file_writer
 
-from candle_ckpt.core.checkpointer import Checkpointer
 from candle_ckpt.core.errors import NoCheckpointError
-from candle_ckpt.core.layout import CheckpointLayout
-from candle_ckpt.core.resume import legacy_best_epoch, read_epoch_info
-from candle_ckpt.core.verify import check_epoch
+from candle_ckpt.core.format.layout import CheckpointLayout
+from candle_ckpt.core.restore.resume import legacy_best_epoch, read_epoch_info
+from candle_ckpt.core.restore.verify import check_epoch
+from candle_ckpt.core.save.checkpointer import Checkpointer
 from candle_ckpt.operator.admin import best_epoch_at
 
 

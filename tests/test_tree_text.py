@@ -10,8 +10,8 @@ from conftest import file_writer
 from test_cli import cli, drop_index_lines, run
 
 from candle_ckpt.core.errors import CheckpointFormatError
-from candle_ckpt.core.info import info_file_bytes, read_info, validate_info
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.info import info_file_bytes, read_info, validate_info
+from candle_ckpt.core.format.layout import CheckpointLayout
 from candle_ckpt.core.logs import close_tree_log, tree_logger
 from candle_ckpt.core.text import printable
 

@@ -5,10 +5,10 @@ import os
 import pytest
 from conftest import file_writer
 
-from candle_ckpt.core import verify
 from candle_ckpt.core.errors import ChecksumMismatchError, CorruptCheckpointError
-from candle_ckpt.core.info import read_info
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.info import read_info
+from candle_ckpt.core.format.layout import CheckpointLayout
+from candle_ckpt.core.restore import verify
 
 PAYLOAD = os.urandom(100_000)
 

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 from keras_helpers import assert_same_state, job_command
 
-from candle_ckpt.core import walltime
 from candle_ckpt.core.errors import ParameterValueError
-from candle_ckpt.core.preemption import PREEMPTED_EXIT_STATUS
-from candle_ckpt.core.session import TrainingSession
-from candle_ckpt.core.walltime import (
+from candle_ckpt.core.run import walltime
+from candle_ckpt.core.run.preemption import PREEMPTED_EXIT_STATUS
+from candle_ckpt.core.run.session import TrainingSession
+from candle_ckpt.core.run.walltime import (
     REASK_SECONDS,
     WallClockStop,
     find_job_end,

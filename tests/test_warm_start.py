@@ -12,8 +12,8 @@ from keras_helpers import fit_checkpointed
 
 import candle_ckpt
 from candle_ckpt.core.errors import CheckpointError
-from candle_ckpt.core.info import read_info
-from candle_ckpt.core.layout import CheckpointLayout
+from candle_ckpt.core.format.info import read_info
+from candle_ckpt.core.format.layout import CheckpointLayout
 from candle_ckpt.core.params import ckpt_defs, ckpt_parser, validate_params
 
 keras = pytest.importorskip("keras")

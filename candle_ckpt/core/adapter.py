@@ -11,19 +11,16 @@ are the two implementations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .checksum import RegionPlanner
     from .logs import LibraryLogger
-    from .protocol import ModelFile
-    from .resume import Checkpoint
-    from .writer import WriterDecision
-
-AllGather = Callable[[Sequence[int]], list[tuple[int, ...]]]
-"""A collective: every process's tuple of ints, in rank order (every process calls it)."""
+    from .restore.resume import Checkpoint
+    from .run.writer import AllGather, WriterDecision
+    from .save.protocol import ModelFile
+    from .storage.checksum import RegionPlanner
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,7 @@ class Restored:
         deferred: nothing was loaded yet: the checkpoint is verified and held until the
             framework's objects exist (a model built by its first batch); `source` then
             says when and by what it will be loaded, and that load logs itself
-            (`core.restart.log_restored`).
+            (`core.restore.restart.log_restored`).
     """
 
     parts: tuple[str, ...]
@@ -73,7 +70,7 @@ class FrameworkAdapter(Protocol):
         """The framework's library versions, recorded in every ckpt-info.json."""
 
     def writer_decision(self, explicit: bool | None) -> WriterDecision:
-        """Whether this process writes the tree (`core.writer.writer_decision` rules)."""
+        """Whether this process writes the tree (`core.run.writer.writer_decision` rules)."""
 
     def all_gather(self) -> AllGather | None:
         """The collective the restart agreement runs on, or None for a single process."""

@@ -79,12 +79,12 @@ class LinkError(CheckpointError):
 class UnsafePathError(CheckpointError):
     """A path the library writes in a checkpoint tree is not what it writes there: a
     link (planted, or a typo in an `ln -s`), a file where a directory belongs, or the
-    reverse. Refused rather than followed or repaired (core/tree_fs.py)."""
+    reverse. Refused rather than followed or repaired (core/storage/tree_fs.py)."""
 
 
 class EpochVanishedError(NoCheckpointError):
     """An epoch directory went away while it was read: pruned (moved into `trash/`) or
-    replaced by a writer. Not damage: what was read is gone, not wrong (core/verify.py)."""
+    replaced by a writer. Not damage: what was read is gone, not wrong (core/restore/verify.py)."""
 
 
 class WriterLockedError(CheckpointError):

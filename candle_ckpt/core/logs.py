@@ -23,8 +23,8 @@ import sys
 import threading
 from typing import TypeAlias
 
-from . import tree_fs
-from .layout import CheckpointLayout
+from .format.layout import CheckpointLayout
+from .storage import tree_fs
 from .text import printable
 
 LibraryLogger: TypeAlias = "logging.Logger | logging.LoggerAdapter[logging.Logger]"
@@ -56,7 +56,7 @@ class _TreeLogHandler(logging.FileHandler):
         self.failed = False
 
     def _open(self) -> io.TextIOWrapper:
-        """Open the log file for appending, never through a link (core/tree_fs.py).
+        """Open the log file for appending, never through a link (core/storage/tree_fs.py).
 
         Raises:
             UnsafePathError: ckpt.log is a link or not a regular file.

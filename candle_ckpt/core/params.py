@@ -18,7 +18,7 @@ reads is a row here, so a benchmark switched by its import keeps its parameters.
 candle_lib's meaning differs from this table's, the table decides, once:
 
 - `ckpt_directory`: None (candle_lib's default) means `<output_dir>/ckpts`; either
-  layout is found (`core.locate`). `output_dir` is a row for that alone.
+  layout is found (`core.format.locate`). `output_dir` is a row for that alone.
 - `ckpt_keep_mode`: None (candle_lib's parser has no default) is "linear".
 - `ckpt_checksum`, `ckpt_keep_limit`, `ckpt_save_weights_only`: candle_lib's parser
   gives False, 5 and False explicitly, and those values are honoured as given (this
@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ParameterTypeError, ParameterValueError
-from .layout import DEFAULT_CKPT_DIRECTORY
-from .walltime import check_end_time
+from .format.layout import DEFAULT_CKPT_DIRECTORY
+from .run.walltime import check_end_time
 
 
 class ParamType(enum.Enum):

@@ -10,13 +10,13 @@ import h5py
 import keras
 import numpy
 
-from ..core.adapter import AllGather, Restored
-from ..core.checksum import RegionPlanner, Regions
-from ..core.durable import WritebackStarter
+from ..core.adapter import Restored
 from ..core.logs import LibraryLogger
-from ..core.protocol import ModelFile
-from ..core.resume import Checkpoint
-from ..core.writer import WriterDecision, writer_decision
+from ..core.restore.resume import Checkpoint
+from ..core.run.writer import AllGather, WriterDecision, writer_decision
+from ..core.save.protocol import ModelFile
+from ..core.storage.checksum import RegionPlanner, Regions
+from ..core.storage.durable import WritebackStarter
 from . import deferred, h5
 from .distributed import (
     multi_worker_strategy,

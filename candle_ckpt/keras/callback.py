@@ -8,7 +8,7 @@ from typing import Any
 import keras
 
 from ..core.logs import set_progress_line_open
-from ..core.session import TrainingSession
+from ..core.run.session import TrainingSession
 from . import deferred
 from .adapter import KerasAdapter
 
@@ -41,7 +41,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     and save times; epochs after it (a timeline abandoned by a rollback) are replaced as
     training reaches them.
 
-    In a multi-process job only one process writes (see `candle_ckpt.core.writer`):
+    In a multi-process job only one process writes (see `candle_ckpt.core.run.writer`):
     by default the chief of a `MultiWorkerMirroredStrategy`, else the chief or worker 0
     of `TF_CONFIG`, else rank 0 of `OMPI_COMM_WORLD_RANK`/`PMI_RANK`/`SLURM_PROCID`;
     `is_writer` overrides the detection. The other processes write nothing in
@@ -51,9 +51,9 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     the callback handles that signal during fit: at the end of the running batch it
     stops, saves the last completed epoch if the interval skipped it (from a snapshot
     taken at that epoch's end), logs it and exits with status 75 (see
-    `candle_ckpt.core.preemption`). With `ckpt_walltime_margin` it also stops that way at
+    `candle_ckpt.core.run.preemption`). With `ckpt_walltime_margin` it also stops that way at
     an epoch end when the next epoch and a save would not finish before the job's end
-    (`candle_ckpt.core.walltime`).
+    (`candle_ckpt.core.run.walltime`).
 
     The writer holds an advisory lock on `ckpts/.lock` from the start of fit to its end
     (the kernel drops it if the process dies): a second job writing the same tree fails

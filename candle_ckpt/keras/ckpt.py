@@ -36,7 +36,7 @@ class CandleCkptKeras(CandleCheckpointCallback):
 
     `ckpt_directory` None (candle_lib's default) means `<output_dir>/ckpts`, and a tree
     candle_lib wrote there (or at any `ckpt_directory`) is continued: see
-    `candle_ckpt.core.locate`.
+    `candle_ckpt.core.format.locate`.
 
     Args: those of `CandleCheckpointCallback` (candle_lib's `gParameters`, `logger`
     and `verbose`, and `is_writer`); `gParameters` may hold every key of candle_lib's

@@ -31,8 +31,8 @@ from typing import Any
 from ..core.adapter import Restored
 from ..core.errors import CheckpointError
 from ..core.logs import LibraryLogger
-from ..core.restart import log_restored
-from ..core.resume import Checkpoint
+from ..core.restore.restart import log_restored
+from ..core.restore.resume import Checkpoint
 from . import h5
 from .distributed import strategy_scope
 

@@ -6,8 +6,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from ..core.adapter import AllGather
-from ..core.writer import WriterDecision
+from ..core.run.writer import AllGather, WriterDecision
 
 
 def multi_worker_strategy(model: Any) -> Any | None:
@@ -20,7 +19,7 @@ def multi_worker_strategy(model: Any) -> Any | None:
 
 
 def strategy_decision(model: Any) -> WriterDecision | None:
-    """Rule 2 of `core.writer`: the chief of a multi-worker strategy writes."""
+    """Rule 2 of `core.run.writer`: the chief of a multi-worker strategy writes."""
     strategy = multi_worker_strategy(model)
     if strategy is None:
         return None

@@ -52,12 +52,12 @@ import h5py
 import numpy as np
 import tensorflow as tf
 
-from candle_ckpt.core.checksum import read_file
-from candle_ckpt.core.direct_io import Written, aligned, aligned_arrays, copy_into
 from candle_ckpt.core.errors import CheckpointFormatError, failed_after_checks
 from candle_ckpt.core.logs import LibraryLogger, silent_logger
+from candle_ckpt.core.restore.verify import OVERWRITTEN
+from candle_ckpt.core.storage.checksum import read_file
+from candle_ckpt.core.storage.direct_io import Written, aligned, aligned_arrays, copy_into
 from candle_ckpt.core.text import printable
-from candle_ckpt.core.verify import OVERWRITTEN
 from candle_ckpt.hdf5 import (
     FileImage,
     contiguous_offset,
@@ -136,7 +136,7 @@ def snapshot(
     `into`, an earlier snapshot of this model that nobody reads any more, is
     overwritten where the variables still match it: a copy then costs no new memory
     and no page faults (its pages are mapped already). A copy without `into` is made
-    into one block of page-aligned memory in huge pages (`direct_io.anonymous_memory`),
+    into one block of page-aligned memory in huge pages (`memory.anonymous_memory`),
     which takes fewer page faults to fill for the first time than memory numpy
     allocates page by page.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..core.restart import restart_run
+from ..core.restore.restart import restart_run
 from .adapter import KerasAdapter
 
 
@@ -49,7 +49,7 @@ def restart(
     callback to fit, or build the model first (call it on one batch).
 
     Several processes: every worker calls restart. Only the writer (see
-    `candle_ckpt.core.writer`) logs to ckpt.log; the others log to the console. Under
+    `candle_ckpt.core.run.writer`) logs to ckpt.log; the others log to the console. Under
     a multi-worker `tf.distribute` strategy the workers check, with a collective, that
     they all found the same epoch and model CRC32, and all raise CheckpointError
     otherwise, before loading anything.

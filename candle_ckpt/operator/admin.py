@@ -17,16 +17,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..core import trash, tree_fs
 from ..core.errors import CheckpointError, CorruptCheckpointError
-from ..core.info import checkpoint_info
-from ..core.layout import LINK_NAMES, CheckpointLayout
-from ..core.lock import OPERATOR_REMEDY, WriterLock
+from ..core.format.info import checkpoint_info
+from ..core.format.layout import LINK_NAMES, CheckpointLayout
 from ..core.logs import LibraryLogger
-from ..core.policies import epochs_to_keep
-from ..core.protocol import repoint_links
-from ..core.resume import legacy_best_epoch
-from ..core.verify import FileCheck, FileProgress, check_epoch
+from ..core.restore.resume import legacy_best_epoch
+from ..core.restore.verify import FileCheck, FileProgress, check_epoch
+from ..core.run.lock import OPERATOR_REMEDY, WriterLock
+from ..core.save.policies import epochs_to_keep
+from ..core.save.protocol import repoint_links
+from ..core.storage import trash, tree_fs
 from .inventory import describe_epochs, link_state, require_epoch_dir
 
 
@@ -93,7 +93,7 @@ def as_the_writer(layout: CheckpointLayout, logger: LibraryLogger) -> Iterator[N
 
     Raises:
         UnsafePathError: a path the operation may write is a link or of the wrong kind
-            (core/tree_fs.py); nothing is changed.
+            (core/storage/tree_fs.py); nothing is changed.
         WriterLockedError: a running job holds the lock (names its pid, host, start).
     """
     tree_fs.refuse_unsafe_tree(layout)

@@ -26,7 +26,7 @@ writing the tree while it was read (not damage); 130 interrupted (Ctrl-C). Error
 one line on stderr, never a traceback.
 
 The read-only commands run beside a job that saves, repoints `last`/`best` and prunes:
-an epoch that goes away while it is read is not reported as damage (core/verify.py
+an epoch that goes away while it is read is not reported as damage (core/restore/verify.py
 tells the two apart). `list --verify` marks it `pruned meanwhile`, `verify --all` says
 so on its line, neither counting it in the exit status; `last` or `best` is resolved
 once, its epoch read, and resolved and read again if that epoch went away meanwhile.
@@ -44,14 +44,14 @@ import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterator, Sequence
 
-from ..core import tree_fs
 from ..core.errors import (
     CheckpointError,
     CorruptCheckpointError,
     EpochVanishedError,
     NoCheckpointError,
 )
-from ..core.layout import DEFAULT_CKPT_DIRECTORY
+from ..core.format.layout import DEFAULT_CKPT_DIRECTORY
+from ..core.storage import tree_fs
 from ..core.text import printable
 from .inventory import (
     CHECKSUM_STATES,
@@ -63,15 +63,15 @@ from .inventory import (
     survey,
 )
 
-TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+TYPE_CHECKING = False  # typing's, without importing typing: see core/format/info_keys.py
 # The history, validation and CRC32 modules are imported by the commands that use them:
 # the command line's start-up imports no more than `list` runs.
 if TYPE_CHECKING:
     from typing import IO, Any, NoReturn, TypeVar
 
-    from ..core.history import EpochRecord, History
-    from ..core.layout import CheckpointLayout
-    from ..core.verify import FileCheck
+    from ..core.format.layout import CheckpointLayout
+    from ..core.format.timelines import EpochRecord, History
+    from ..core.restore.verify import FileCheck
     from .inventory import EpochSummary, TreeSurvey
 
     _T = TypeVar("_T")
@@ -506,7 +506,7 @@ def _check_state(layout: CheckpointLayout, epoch: int, progress: _ProgressBar | 
     The ckpt-info.json is read whole and validated first, as `verify` does, so that no
     file name from an unvalidated file is ever opened.
     """
-    from ..core.verify import check_epoch
+    from ..core.restore.verify import check_epoch
 
     try:
         check = check_epoch(layout, epoch, progress=progress)
@@ -709,7 +709,7 @@ def _aligned(columns: list[list[str]], right: Collection[int] = ()) -> list[str]
 
 def _open_tree(directory: str, *, writing: bool = False) -> CheckpointLayout:
     """`inventory.open_tree`, then each path a writer of the tree refuses (a planted
-    link: core/tree_fs.py): for a command `writing` the tree, refused before it reads
+    link: core/storage/tree_fs.py): for a command `writing` the tree, refused before it reads
     anything (UnsafePathError); else a warning on stderr, and the command goes on
     reading what it safely can."""
     layout = open_tree(directory)
@@ -760,7 +760,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the validated ckpt-info.json of one epoch."""
-    from ..core.resume import read_epoch_info
+    from ..core.restore.resume import read_epoch_info
 
     directory, selector = _split_positionals(args.where, "info")
     layout = _open_tree(directory)
@@ -780,7 +780,7 @@ def _verify_epoch(layout: CheckpointLayout, epoch: int, listed: bool = False) ->
     Raises:
         EpochVanishedError: the epoch went away while it was read (nothing printed).
     """
-    from ..core.verify import check_epoch
+    from ..core.restore.verify import check_epoch
 
     try:
         with _progress() as progress:
@@ -921,7 +921,7 @@ def _read_tree_history(directory: str) -> tuple[CheckpointLayout, History, int |
     stderr. `last` is the epoch the history was read against, read before it: a job
     records an epoch in the history before it saves it, so the history holds `last`
     even while the job writes."""
-    from ..core.history import read_history
+    from ..core.format.history import read_history
 
     _no_cycle_collection()
     layout = _open_tree(directory)

@@ -1,6 +1,6 @@
 """`candle-ckpt export`: one epoch's weights as a file plain Keras or PyTorch loads.
 
-The epoch is verified first (every file's size and CRC32, `core.verify`); its model file
+The epoch is verified first (every file's size and CRC32, `core.restore.verify`); its model file
 is converted from the verified bytes, so what is exported is exactly what was checked:
 
 - a Keras tree (or an upstream CANDLE Keras file): Keras 3's `.weights.h5`, written
@@ -11,7 +11,7 @@ is converted from the verified bytes, so what is exported is exactly what was ch
   ``net.load_state_dict(torch.load(PATH, weights_only=True))``.
 
 The file is written under a temporary name in the destination's directory, fsynced and
-renamed over PATH (`core.durable`); then ``PATH.sha256`` (sha256sum's format) is written
+renamed over PATH (`core.storage.durable`); then ``PATH.sha256`` (sha256sum's format) is written
 atomically. Any old ``PATH.sha256`` is removed before PATH is replaced, so a kill at any
 instant leaves PATH whole (old or new) and never a digest file that does not match it.
 """
@@ -23,18 +23,18 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..core.durable import (
+from ..core.errors import CheckpointError, CheckpointFormatError, CorruptCheckpointError
+from ..core.format.layout import CheckpointLayout
+from ..core.restore.verify import check_epoch
+from ..core.storage.durable import (
     fsync_file,
     remove_link,
     rename_durable,
     temporary_name,
     write_bytes_atomic,
 )
-from ..core.errors import CheckpointError, CheckpointFormatError, CorruptCheckpointError
-from ..core.faults import fault_point
-from ..core.layout import CheckpointLayout
+from ..core.storage.faults import fault_point
 from ..core.text import printable
-from ..core.verify import check_epoch
 
 KERAS_SUFFIX = ".weights.h5"
 DIGEST_SUFFIX = ".sha256"

@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from operator import itemgetter
 
 from ..core.errors import CheckpointError, LinkError, NoCheckpointError
-from ..core.index import FIELDS, decoded_metrics, read_index, size_and_checksummed
-from ..core.info_keys import MAX_INFO_BYTES, finite_or_none, is_legacy
-from ..core.layout import (
+from ..core.format.index import FIELDS, decoded_metrics, read_index, size_and_checksummed
+from ..core.format.info_keys import MAX_INFO_BYTES, finite_or_none, is_legacy
+from ..core.format.layout import (
     DEFAULT_CKPT_DIRECTORY,
     INFO_FILE,
     LINK_NAMES,
@@ -34,10 +34,10 @@ from ..core.layout import (
     epoch_dirname,
     parse_epoch_dirname,
 )
-from ..core.locate import locate
+from ..core.format.locate import locate
 from .json_head import HeadReader
 
-TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+TYPE_CHECKING = False  # typing's, without importing typing: see core/format/info_keys.py
 if TYPE_CHECKING:
     from typing import Any
 
@@ -67,7 +67,7 @@ def open_tree(directory: str) -> CheckpointLayout:
     """The `CheckpointLayout` of `directory`, which must hold a checkpoint tree.
 
     `directory` is a `ckpt_directory`, found by the rule a training run follows
-    (`core.locate`): a tree of upstream CANDLE's layout in it, or `<directory>/ckpts`.
+    (`core.format.locate`): a tree of upstream CANDLE's layout in it, or `<directory>/ckpts`.
 
     Raises:
         CheckpointError: `directory` does not exist or holds no tree; trees at two
@@ -98,7 +98,7 @@ def require_epoch_dir(layout: CheckpointLayout, epoch: int) -> None:
 
 
 # Plain classes, not NamedTuples or dataclasses: `list` imports neither `typing` nor
-# `dataclasses` (core/info_keys.py).
+# `dataclasses` (core/format/info_keys.py).
 
 
 class LinkState:
@@ -251,7 +251,7 @@ def summarise_epoch(layout: CheckpointLayout, epoch: int) -> EpochSummary | None
 
 
 # What a survey holds of an epoch directory, in this order: the fields of a line of the
-# list index (core/index.py), then whether its ckpt-info.json is upstream CANDLE's and
+# list index (core/format/index.py), then whether its ckpt-info.json is upstream CANDLE's and
 # why it cannot be summarised (None when it can; the other fields but the epoch are
 # then None). The line the index holds for a directory becomes its row as it is,
 # extended by those two: `list` builds no object per epoch, and an `EpochSummary` is
@@ -400,7 +400,7 @@ def survey(layout: CheckpointLayout, use_index: bool = True) -> TreeSurvey:
 
     With `use_index`, an epoch directory that `ckpts/index.jsonl` describes (its line
     names the directory's inode) is summarised from that line, and only the others
-    from their ckpt-info.json (core/index.py); without, every one from its file.
+    from their ckpt-info.json (core/format/index.py); without, every one from its file.
     """
     try:
         trash = sorted(os.listdir(layout.trash))

@@ -25,7 +25,7 @@ import json
 import os
 from collections.abc import Iterable
 
-TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+TYPE_CHECKING = False  # typing's, without importing typing: see core/format/info_keys.py
 if TYPE_CHECKING:
     from typing import Any
 

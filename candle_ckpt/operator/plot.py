@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core.errors import CheckpointError
-from ..core.history import EpochRecord, History
+from ..core.format.timelines import EpochRecord, History
 
 TEXT_WIDTH = 72
 TEXT_HEIGHT = 16

@@ -12,13 +12,13 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from ..core.adapter import AllGather, Restored
-from ..core.checksum import RegionPlanner, Regions
-from ..core.durable import WritebackStarter
+from ..core.adapter import Restored
 from ..core.logs import LibraryLogger
-from ..core.protocol import ModelFile
-from ..core.resume import Checkpoint
-from ..core.writer import RANK_VARIABLES, WriterDecision, writer_decision
+from ..core.restore.resume import Checkpoint
+from ..core.run.writer import RANK_VARIABLES, AllGather, WriterDecision, writer_decision
+from ..core.save.protocol import ModelFile
+from ..core.storage.checksum import RegionPlanner, Regions
+from ..core.storage.durable import WritebackStarter
 from . import state
 
 

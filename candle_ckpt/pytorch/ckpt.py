@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..core.restart import restart_run
-from ..core.session import TrainingSession
+from ..core.restore.restart import restart_run
+from ..core.run.session import TrainingSession
 from .adapter import TorchAdapter
 from .fits import is_generator
 
@@ -39,7 +39,7 @@ class CandleCkptPyTorch:
 
     A benchmark written for upstream CANDLE switches by its import: `ckpt_directory`
     None means `<output_dir>/ckpts`, and the tree upstream CANDLE wrote there (or at any
-    `ckpt_directory`) is continued (`candle_ckpt.core.locate`). A loop that does not
+    `ckpt_directory`) is continued (`candle_ckpt.core.format.locate`). A loop that does not
     start at `J["epoch"]` after a restart is refused at its first `ckpt_epoch`.
 
     In a `torch.distributed` job rank 0 of the process group writes (else `RANK`, then

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from ..core.adapter import Restored
-from ..core.direct_io import Written, aligned_arrays, copy_into
 from ..core.errors import CheckpointFormatError, failed_after_checks
 from ..core.logs import LibraryLogger
+from ..core.restore.verify import OVERWRITTEN
+from ..core.storage.direct_io import Written, aligned_arrays, copy_into
 from ..core.text import printable
-from ..core.verify import OVERWRITTEN
 from ..hdf5 import (
     DIRECT_MIN_BYTES,
     HDF5_MAGIC,
@@ -226,7 +226,7 @@ def snapshot(
 
 def _copy_into_block(arrays: list, indices: list[int]) -> None:
     """Replace each `arrays[k]` of `indices` by a read-only copy carved out of one new
-    block of `direct_io.anonymous_memory`, each starting on an ALIGNMENT boundary."""
+    block of `memory.anonymous_memory`, each starting on an ALIGNMENT boundary."""
     targets = aligned_arrays([(arrays[k].dtype, arrays[k].shape) for k in indices])
     for k, target in zip(indices, targets):
         copy_into(target, arrays[k])

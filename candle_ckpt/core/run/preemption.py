@@ -44,7 +44,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from .logs import LibraryLogger
+from ..logs import LibraryLogger
 
 PREEMPTED_EXIT_STATUS = 75
 

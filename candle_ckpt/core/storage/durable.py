@@ -136,7 +136,7 @@ def write_bytes_atomic(path: str, data: bytes, *, directory: int | None = None) 
     renames it over `path` and fsyncs the directory. After a crash `path` is either the
     old or the new file; at worst a temporary sibling is left behind. `directory`: the
     descriptor of `path`'s directory, to write through it rather than look the directory
-    up by path (core/tree_fs.py); by default the directory is opened by path.
+    up by path (core/storage/tree_fs.py); by default the directory is opened by path.
     """
     if directory is None:
         parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)

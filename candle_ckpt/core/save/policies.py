@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from .errors import ParameterValueError
+from ..errors import ParameterValueError
 
 # Checked in order; the first fragment found in the metric name decides.
 _MINIMISED = ("loss", "error", "mse", "mae", "mape", "msle", "crossentropy", "hinge", "perplexity")

@@ -16,25 +16,22 @@ in the page cache, reading the file back for its CRC32 would read the disk:
 `write_at` computes the CRC32 from the memory it writes instead
 (`checksum.WrittenFileCrc`).
 
-`anonymous_memory` is where snapshots and restart reads live: page-aligned private
-memory (snapshots in huge pages), so that filling it is not dominated by page faults,
-and so that an array carved out of it on an ALIGNMENT boundary is written by O_DIRECT
-straight from where it is.
+Snapshots and restart reads live in `memory.anonymous_memory`, so that an array carved
+out of it on an ALIGNMENT boundary is written by O_DIRECT straight from where it is.
 """
 
 from __future__ import annotations
 
 import errno
 import math
-import mmap
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .background import SharedThread
 from .checksum import WrittenFileCrc
 from .faults import fault_point
+from .memory import anonymous_memory, copy_thread
 
 # One pwrite per piece: short enough that the progress callback (writeback start) runs
 # often and the CRC thread follows the writes closely, long enough that the per-call
@@ -58,30 +55,6 @@ BOUNCE_BYTES = 2 << 20
 # which stalls training, takes the core training leaves idle meanwhile
 # (benchmarks/bench_direct_write.py, "copy into a snapshot").
 PARALLEL_COPY_BYTES = 16 << 20
-
-copy_thread = SharedThread("candle_ckpt-copy")
-
-
-class PrivateMemory(mmap.mmap):
-    """Memory `anonymous_memory` made: no file behind it and no other process sharing it,
-    so whoever holds it may write into it (a restart builds tensors on it in place)."""
-
-
-def anonymous_memory(size: int, huge_pages: bool = True) -> PrivateMemory:
-    """`size` bytes of private, zeroed, page-aligned memory: fewer page faults to fill
-    than shared memory or a bytearray (benchmarks/bench_checksum.py, read_only against
-    read_bytearray).
-
-    `huge_pages` asks for huge pages (MADV_HUGEPAGE), fewer faults still, for memory
-    filled once and reused (snapshots). Under the common THP setting `defrag=madvise` the
-    kernel then compacts memory synchronously on the first touch when it is fragmented,
-    which can stall the filling thread for longer than the faults it saves: memory
-    allocated anew each time (a restart's read) is better off without.
-    """
-    mapping = PrivateMemory(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    return mapping
 
 
 def copy_into(target: Any, source: Any) -> None:

@@ -19,7 +19,7 @@ The Keras callback maps its hooks onto these one to one; `CandleCkptPyTorch` cal
 them from `ckpt_epoch`.
 
 With `ckpt_walltime_margin`, `epoch_end` also stops the run before the job's wall-clock
-end (core/walltime.py). Only the writer asks for the end and times the epochs; in a
+end (core/run/walltime.py). Only the writer asks for the end and times the epochs; in a
 multi-process job every process then joins one collective per epoch end
 (`FrameworkAdapter.all_gather`) that carries the writer's verdict, so all of them stop
 after the same epoch and none waits for a peer that left.
@@ -31,14 +31,14 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from .adapter import FrameworkAdapter
-from .background import check_snapshot_fits
-from .checkpointer import Checkpointer, SaveDecision, WriteFiles
-from .errors import NoCheckpointError, ParameterValueError
-from .logs import console_logger
+from ..adapter import FrameworkAdapter
+from ..errors import NoCheckpointError, ParameterValueError
+from ..logs import console_logger
+from ..restore.restart import take_restored_epoch, take_warm_start
+from ..restore.resume import read_epoch_info
+from ..save.checkpointer import Checkpointer, SaveDecision, WriteFiles
+from ..storage.background import check_snapshot_fits
 from .preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
-from .restart import take_restored_epoch, take_warm_start
-from .resume import read_epoch_info
 from .walltime import StopEstimate, WallClockStop
 from .writer import check_is_writer
 
@@ -53,7 +53,7 @@ class TrainingSession:
             verbose); a `logging.Logger` to use instead; None for no log.
         verbose: whether INFO messages also go to the console.
         is_writer: True/False to say whether this process writes the tree, or None to
-            detect it (`core.writer`).
+            detect it (`core.run.writer`).
     """
 
     def __init__(

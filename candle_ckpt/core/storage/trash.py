@@ -8,7 +8,7 @@ in the background (`background.TrashCollector`) or at once (`discard_tree`). A c
 between leaves it in the trash, which the next writer empties.
 
 Every step goes through descriptors of directories reached without following a link
-(core/tree_fs.py): what is moved must be a real directory, `trash/` must be a real
+(core/storage/tree_fs.py): what is moved must be a real directory, `trash/` must be a real
 directory of the tree, and the collector removes only entries with the names it gives
 (a link among them is removed itself, never what it points to), each by a
 descriptor-walking `rmtree` (`durable.remove_tree`).
@@ -20,9 +20,9 @@ import os
 import re
 import uuid
 
+from ..format.layout import CheckpointLayout
 from . import durable, tree_fs
 from .faults import fault_point
-from .layout import CheckpointLayout
 
 # What `move_to_trash` names an entry: the directory's own name ("work" or an epoch's)
 # and a random suffix, so two deletions of the same epoch never collide.

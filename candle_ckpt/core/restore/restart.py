@@ -23,16 +23,16 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from . import tree_fs
-from .adapter import FrameworkAdapter, Restored
-from .errors import CheckpointError, CheckpointFormatError
-from .layout import CheckpointLayout
-from .locate import run_layout
-from .lock import WriterLock
-from .logs import LibraryLogger, console_logger, log_to_file_only, tree_logger
-from .params import validate_params
+from ..adapter import FrameworkAdapter, Restored
+from ..errors import CheckpointError, CheckpointFormatError
+from ..format.layout import CheckpointLayout
+from ..format.locate import run_layout
+from ..logs import LibraryLogger, console_logger, log_to_file_only, tree_logger
+from ..params import validate_params
+from ..run.lock import WriterLock
+from ..run.writer import agree_on_checkpoint
+from ..storage import tree_fs
 from .resume import Checkpoint, find_checkpoint, find_init_checkpoint
-from .writer import agree_on_checkpoint
 
 # ckpt_directory (absolute) -> the provenance of the warm start restart_run did for it,
 # until the run's TrainingSession takes it (a restart and its training share a process).

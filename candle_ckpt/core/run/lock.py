@@ -26,11 +26,11 @@ import socket
 import weakref
 from typing import Any
 
-from . import tree_fs
-from .errors import WriterLockedError
-from .logs import LibraryLogger
+from ..errors import WriterLockedError
+from ..format.layout import LOCK_FILE
+from ..logs import LibraryLogger
+from ..storage import tree_fs
 
-LOCK_FILE = ".lock"
 TRAINING_REMEDY = "Stop that job, or give this one another ckpt_directory (--ckpt_directory)"
 OPERATOR_REMEDY = (
     "Run this command between jobs: wait for that job to end (or stop "

@@ -16,10 +16,10 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..errors import CheckpointError, UnsafePathError
+from ..format.layout import CheckpointLayout
+from ..logs import LibraryLogger
 from . import trash
-from .errors import CheckpointError, UnsafePathError
-from .layout import CheckpointLayout
-from .logs import LibraryLogger
 
 Result = TypeVar("Result")
 

@@ -30,12 +30,12 @@ from collections.abc import Mapping
 
 from .info_keys import finite_or_none, is_legacy, recorded_files
 from .json_lines import json_line, json_text, parse_lines, read_chunks
+from .layout import INDEX_FILE
 
-TYPE_CHECKING = False  # typing's, without importing typing: see core/info_keys.py
+TYPE_CHECKING = False  # typing's, without importing typing: see core/format/info_keys.py
 if TYPE_CHECKING:
     from typing import Any
 
-INDEX_FILE = "index.jsonl"
 # A line is about 200 bytes with three metrics. An index much larger than the epochs it can describe
 # holds mostly the lines of epochs a keep policy deleted: reading it would cost more
 # than reading the heads of the few epochs there are, so readers ignore it.
@@ -142,7 +142,7 @@ def append_index(root: str, ckpts: str, info: Mapping[str, Any], inode: int) -> 
     """
     # Imported here: `list` reads the index, and durable's imports (ctypes, shutil,
     # uuid) would be a sizeable share of its run.
-    from .durable import append_line
+    from ..storage.durable import append_line
 
     append_line(root, index_path(ckpts), index_line(info, inode), sync=True)
 
@@ -152,7 +152,7 @@ def read_index(ckpts: str, epochs_on_disk: int) -> dict[int, list[Any]]:
     FIELDS (an older line's metrics a dict, not its text); never raises.
 
     Keyed by inode, not epoch: the last line naming an inode is the one its directory's
-    save appended (core/index.py), and a caller checks that the line's epoch is the
+    save appended (core/format/index.py), and a caller checks that the line's epoch is the
     directory's. Empty when the file is absent, unreadable, or larger than
     `epochs_on_disk` epochs can explain (MAX_INDEX_BYTES_PER_EPOCH). A line that is not
     well-formed (torn by a kill, damaged) is left out; a torn last line has no newline.

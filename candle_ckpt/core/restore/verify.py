@@ -24,8 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-from .checksum import RegionPlanner, Regions, crc32_file, read_file
-from .errors import (
+from ..errors import (
     CheckpointError,
     ChecksumMismatchError,
     CorruptCheckpointError,
@@ -34,8 +33,9 @@ from .errors import (
     NoCheckpointError,
     add_remedy,
 )
-from .info import read_info, recorded_files
-from .layout import CheckpointLayout
+from ..format.info import read_info, recorded_files
+from ..format.layout import CheckpointLayout
+from ..storage.checksum import RegionPlanner, Regions, crc32_file, read_file
 
 OVERWRITTEN = (
     "The model file's large arrays were read straight into the model's own memory (to "

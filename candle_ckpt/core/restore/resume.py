@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checksum import RegionPlanner
-from .errors import CheckpointError, LinkError, NoCheckpointError, add_remedy
-from .info import finite_or_none, is_legacy, read_info
-from .layout import INFO_FILE, CheckpointLayout
-from .locate import is_tree, locate
-from .logs import LibraryLogger
+from ..errors import CheckpointError, LinkError, NoCheckpointError, add_remedy
+from ..format.info import finite_or_none, is_legacy, read_info
+from ..format.layout import INFO_FILE, CheckpointLayout
+from ..format.locate import is_tree, locate
+from ..logs import LibraryLogger
+from ..storage.checksum import RegionPlanner
 from .verify import FileCheck, check_epoch, read_epoch_info, verify_files
 
 __all__ = [

@@ -4,7 +4,7 @@ Batch systems kill a job at its time limit. Many send no warning signal, or the 
 forgot `--signal`, so with `ckpt_walltime_margin` (seconds, > 0) the session stops at an
 epoch end when the next epoch plus a save plus the margin would not finish before the
 job's end: it saves the last completed epoch if the policy did not, logs why, and exits
-with status 75 like `ckpt_signal` (core/preemption.py), so the job script requeues.
+with status 75 like `ckpt_signal` (core/run/preemption.py), so the job script requeues.
 
 Where the job's end comes from, first found wins (asked once, when training begins):
 
@@ -38,8 +38,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .errors import ParameterValueError
-from .logs import LibraryLogger
+from ..errors import ParameterValueError
+from ..logs import LibraryLogger
 
 clock: Callable[[], float] = time.time
 """The wall clock every estimate reads (tests/keras_job.py --virtual_clock replaces it)."""

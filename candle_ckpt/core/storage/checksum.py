@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .background import SharedThread, available_memory_bytes
+from .memory import anonymous_memory, copy_thread
 
 Progress = Callable[[int], None]
 """progress(bytes_done), called as a long file is checksummed."""
@@ -147,8 +148,6 @@ def read_file(
     when opened never reaches those buffers; one that changes between the two reads
     does, and the CRC32 returned, of the second, then shows it.
     """
-    from .direct_io import anonymous_memory  # here: direct_io imports this module
-
     with open(path, "rb", buffering=0) as stream:
         size = os.fstat(stream.fileno()).st_size
         # New memory at every restart: huge pages would risk a compaction stall
@@ -211,7 +210,7 @@ def _memory_for(path: str, size: int, allocate: Callable[..., Any]) -> Any:
     except (OSError, OverflowError, MemoryError) as error:
         if isinstance(error, OSError) and error.errno != errno.ENOMEM:
             raise
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     available = available_memory_bytes()
@@ -233,8 +232,6 @@ class _Populating:
     """`_populate(views)` in the copy thread, from now until `stop`."""
 
     def __init__(self, views: list[memoryview]) -> None:
-        from .direct_io import copy_thread  # here: direct_io imports this module
-
         self._stop = threading.Event()
         self._done = copy_thread.submit(_populate, views, self._stop) if views else None
 

@@ -24,8 +24,16 @@ import os
 import stat
 from collections.abc import Iterator
 
-from .errors import UnsafePathError
-from .layout import CheckpointLayout, parse_epoch_dirname
+from ..errors import UnsafePathError
+from ..format.layout import (
+    CACHE_FILE,
+    HISTORY_FILE,
+    INDEX_FILE,
+    LOCK_FILE,
+    LOG_FILE,
+    CheckpointLayout,
+    parse_epoch_dirname,
+)
 
 REMEDY = (
     "Remove it or move it out of the tree ('rm' of a link removes the link, not what it "
@@ -236,13 +244,6 @@ def check_tree(layout: CheckpointLayout) -> list[str]:
     sentence each naming the path and what was found. Reads only; an absent entry is
     fine. `last` and `best` are left to `layout.resolve_link`.
     """
-    # Imported here: these modules import this one.
-    from .history import HISTORY_FILE
-    from .history_cache import CACHE_FILE
-    from .index import INDEX_FILE
-    from .layout import LOG_FILE
-    from .lock import LOCK_FILE
-
     directory_ = "a directory"
     expected = [(layout.root, LOG_FILE, "a regular file")]
     if layout.ckpts != layout.root:  # upstream CANDLE's layout: the root is the tree

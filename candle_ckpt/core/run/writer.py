@@ -34,15 +34,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 if TYPE_CHECKING:
-    from .adapter import AllGather
-    from .resume import Checkpoint
+    from ..restore.resume import Checkpoint
+
+AllGather = Callable[[Sequence[int]], list[tuple[int, ...]]]
+"""A collective: every process's tuple of ints, in rank order (every process calls it)."""
 
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 

@@ -29,14 +29,14 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
-from . import tree_fs
-from .checksum import crc32
-from .durable import temporary_name
-from .errors import UnsafePathError
-from .history import EpochRecord, RunStart, Timelines
-from .tree_fs import open_file
+from ..errors import UnsafePathError
+from ..storage import tree_fs
+from ..storage.checksum import crc32
+from ..storage.durable import temporary_name
+from ..storage.tree_fs import open_file
+from .layout import CACHE_FILE
+from .timelines import EpochRecord, RunStart, Timelines
 
-CACHE_FILE = "history.cache"
 MAGIC = b"candle_ckpt history cache 1\n"
 # A read that parsed at least this many bytes the cache did not cover writes a new one;
 # below it, parsing the rest costs less than rewriting the cache each time.
@@ -89,7 +89,7 @@ def load(ckpts: str, history_path: str, history: Buffer) -> Cached | None:
 def store(ckpts: str, state: Cached) -> None:
     """Write the cache of `state`. Best effort: a tree the reader may not write to, or a
     full disk, leaves the old cache or none; so does a cache path that is a link or not
-    a regular file (left as it is: `candle-ckpt history` reports it, core/tree_fs.py)."""
+    a regular file (left as it is: `candle-ckpt history` reports it, core/storage/tree_fs.py)."""
     path = cache_path(ckpts)
     try:
         with tree_fs.directory(os.path.dirname(ckpts), ckpts) as directory:

@@ -20,18 +20,18 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .. import __version__
-from . import tree_fs
-from .background import BackgroundWriter, TrashCollector
-from .errors import (
+from ... import __version__
+from ..storage import tree_fs
+from ..storage.background import BackgroundWriter, TrashCollector
+from ..errors import (
     CheckpointFormatError,
     CheckpointWriteError,
     ParameterValueError,
     UnsafePathError,
 )
-from .faults import fault_point
-from .history import HistoryWriter, utc_time
-from .info import (
+from ..storage.faults import fault_point
+from ..format.history import HistoryWriter, utc_time
+from ..format.info import (
     CHECKSUM_DISABLED,
     FIRST_SAVE,
     FORMAT,
@@ -44,10 +44,10 @@ from .info import (
     read_info,
     read_lineage,
 )
-from .locate import run_layout
-from .lock import WriterLock
-from .logs import LibraryLogger, log_to_file_only, silent_logger, tree_logger
-from .params import validate_params
+from ..format.locate import run_layout
+from ..run.lock import WriterLock
+from ..logs import LibraryLogger, log_to_file_only, silent_logger, tree_logger
+from ..params import validate_params
 from .policies import BestMetric, epochs_to_keep, infer_metric_mode, save_reason
 from .protocol import (
     ModelFile,
@@ -57,7 +57,7 @@ from .protocol import (
     repoint_links,
     save_epoch,
 )
-from .resume import legacy_best_epoch
+from ..restore.resume import legacy_best_epoch
 
 WriteFiles = Callable[[str], str | ModelFile]
 """write_files(directory) -> the model file's name, or a `protocol.ModelFile` with its
@@ -276,7 +276,7 @@ class Checkpointer:
 
         Raises:
             UnsafePathError: a path the writer writes is a link or of the wrong kind
-                (core/tree_fs.py); refused before the lock or anything else is written.
+                (core/storage/tree_fs.py); refused before the lock or anything else is written.
             WriterLockedError: another process writes this tree.
         """
         if self.settings["ckpt_save_interval"] == 0:

@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple, NoReturn
 
-from .errors import CheckpointFormatError
+from ..errors import CheckpointFormatError
 from .info_keys import CHECKSUM_DISABLED as CHECKSUM_DISABLED
 from .info_keys import MAX_INFO_BYTES as MAX_INFO_BYTES
 from .info_keys import finite_or_none as finite_or_none
@@ -259,7 +259,7 @@ def write_info(directory: str, info: Mapping[str, Any], *, dir_fd: int | None = 
     The file also records `info_crc32`, the CRC32 of its own content, so that a
     corrupted value (a flipped digit in `best_metric_last`, say) is refused on reading.
     """
-    from . import durable  # here: the command line reads ckpt-info.json, never writes it
+    from ..storage import durable  # here: the command line reads ckpt-info.json, never writes it
 
     path = os.path.join(directory, INFO_FILE)
     validate_info(info, f"{path} (about to be written)")

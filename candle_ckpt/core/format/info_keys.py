@@ -1,7 +1,7 @@
 """What the keys of a ckpt-info.json mean, for the readers that do not validate it.
 
 A survey (`candle-ckpt list`) reads only the head of each file and the list index;
-these rules are the ones it shares with `core/info.py`, which builds, validates and
+these rules are the ones it shares with `core/format/info.py`, which builds, validates and
 reads whole files. Kept apart so that `list` does not import `info`'s record type,
 whose NamedTuple brings the `typing` module, a sizeable share of a `list` run.
 """

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import ParameterValueError
+from ..errors import ParameterValueError
 from .layout import DEFAULT_CKPT_DIRECTORY, CheckpointLayout
 
 TYPE_CHECKING = False  # typing's, without importing typing: the CLI's `list` uses this

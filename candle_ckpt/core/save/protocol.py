@@ -21,15 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import durable, trash, tree_fs
-from .background import SharedThread
-from .checksum import crc32_file
-from .errors import LinkError, UnsafePathError
-from .faults import fault_point
-from .index import append_index, directory_inode
-from .info import write_info
-from .layout import CheckpointLayout, epoch_dirname
-from .logs import LibraryLogger
+from ..storage import durable, trash, tree_fs
+from ..storage.background import SharedThread
+from ..storage.checksum import crc32_file
+from ..errors import LinkError, UnsafePathError
+from ..storage.faults import fault_point
+from ..format.index import append_index, directory_inode
+from ..format.info import write_info
+from ..format.layout import CheckpointLayout, epoch_dirname
+from ..logs import LibraryLogger
 
 # Where a saved file is fsynced while its CRC32 is computed on the saving thread.
 _fsync_thread = SharedThread("candle_ckpt-fsync")
@@ -199,7 +199,7 @@ def save_epoch(
 
     Raises:
         UnsafePathError: a directory of the tree, or `work/` while it was written, was
-            replaced by a link or something else (core/tree_fs.py); nothing outside the
+            replaced by a link or something else (core/storage/tree_fs.py); nothing outside the
             tree was followed.
     """
     _drop_leftover_work(layout, logger)
@@ -215,7 +215,7 @@ def save_epoch(
                 os.fchmod(work, mode)
             finally:
                 os.close(work)
-            # Before the rename, which keeps the inode: see core/index.py for why.
+            # Before the rename, which keeps the inode: see core/format/index.py for why.
             append_index(layout.root, layout.ckpts, info, directory_inode(ckpts, "work"))
             fault_point("after_index")
             _rename_work(layout, ckpts, epoch, made, logger)

@@ -14,18 +14,24 @@
 Every path derives from `ckpt_directory`; nothing here touches the disk except to read.
 A tree written by upstream CANDLE (candle_lib) has no `ckpts/` level: `epochs/`, `last`,
 `best` and ckpt.log sit in the directory it names (`CheckpointLayout(d, tree=d)`).
-Which of the two a run uses is decided by one rule, `core.locate`.
+Which of the two a run uses is decided by one rule, `core.format.locate`.
 """
 
 from __future__ import annotations
 
 import os
 
-from .errors import LinkError, ParameterValueError
+from ..errors import LinkError, ParameterValueError
 
 DEFAULT_CKPT_DIRECTORY = "./save"  # the default of the ckpt_directory parameter
 INFO_FILE = "ckpt-info.json"
 LOG_FILE = "ckpt.log"
+# The files of `ckpts/` beside the epochs (docs/FORMAT.md): named here, so that
+# `tree_fs.check_tree` knows them without importing the modules that write them.
+LOCK_FILE = ".lock"
+HISTORY_FILE = "history.jsonl"
+INDEX_FILE = "index.jsonl"
+CACHE_FILE = "history.cache"
 LINK_NAMES = ("last", "best")
 
 
