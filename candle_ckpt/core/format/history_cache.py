@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 from ..errors import UnsafePathError
 from ..storage import tree_fs
 from ..storage.checksum import crc32
-from ..storage.durable import temporary_name
+from ..storage.durable import write_bytes_atomic
 from ..storage.tree_fs import open_file
 from .layout import CACHE_FILE
 from .timelines import EpochRecord, RunStart, Timelines
@@ -98,17 +98,8 @@ def store(ckpts: str, state: Cached) -> None:
                     os.stat(CACHE_FILE, dir_fd=directory, follow_symlinks=False).st_mode
                 ):
                     return
-            temporary = os.path.basename(temporary_name(path))
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-            descriptor = tree_fs.open_file(directory, temporary, path, flags, 0o666)
-            try:
-                with open(descriptor, "wb") as stream:
-                    stream.write(_encode(state))
-                # Not fsynced: a cache torn by a crash fails its CRC32 and is rebuilt.
-                os.replace(temporary, CACHE_FILE, src_dir_fd=directory, dst_dir_fd=directory)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary, dir_fd=directory)
+            # Not fsynced: a cache torn by a crash fails its CRC32 and is rebuilt.
+            write_bytes_atomic(path, _encode(state), directory=directory, sync=False)
     except (OSError, UnsafePathError):
         return
 

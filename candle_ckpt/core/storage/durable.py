@@ -129,7 +129,9 @@ def is_temporary_name(name: str) -> bool:
     return _TEMPORARY_NAME.match(name) is not None
 
 
-def write_bytes_atomic(path: str, data: bytes, *, directory: int | None = None) -> None:
+def write_bytes_atomic(
+    path: str, data: bytes, *, directory: int | None = None, sync: bool = True
+) -> None:
     """Replace the file `path` by `data`: readers see the old file or the whole new one.
 
     Writes a temporary sibling (created, never opened through a link), fsyncs it,
@@ -137,11 +139,13 @@ def write_bytes_atomic(path: str, data: bytes, *, directory: int | None = None) 
     old or the new file; at worst a temporary sibling is left behind. `directory`: the
     descriptor of `path`'s directory, to write through it rather than look the directory
     up by path (core/storage/tree_fs.py); by default the directory is opened by path.
+    `sync=False` skips both fsyncs, for a file whose loss or tearing by a crash is
+    detected and harmless (a cache): readers still never see a half-written file.
     """
     if directory is None:
         parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
         try:
-            write_bytes_atomic(path, data, directory=parent)
+            write_bytes_atomic(path, data, directory=parent, sync=sync)
         finally:
             os.close(parent)
         return
@@ -152,7 +156,8 @@ def write_bytes_atomic(path: str, data: bytes, *, directory: int | None = None) 
         with open(descriptor, "wb") as stream:
             stream.write(data)
             stream.flush()
-            os.fsync(stream.fileno())
+            if sync:
+                os.fsync(stream.fileno())
         os.replace(temporary, os.path.basename(path), src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
@@ -161,7 +166,8 @@ def write_bytes_atomic(path: str, data: bytes, *, directory: int | None = None) 
             # A buffered write's error (ENOSPC at the flush) names no file.
             raise OSError(error.errno, error.strerror, path) from error
         raise
-    os.fsync(directory)
+    if sync:
+        os.fsync(directory)
 
 
 def rename_durable(source: str, destination: str) -> None:
