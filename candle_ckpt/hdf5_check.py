@@ -33,6 +33,7 @@ docs/THREATS.md says what this defends against and what it does not.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import mmap
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import h5py
@@ -86,6 +88,21 @@ _REQUEST = struct.Struct("<QQ")  # a read the checker asks for: offset, length
 _COUNT = struct.Struct("<Q")  # the bytes that follow
 _BLOCK_BYTES = 64 << 10
 _CACHED_BLOCKS = 1024
+
+
+@contextlib.contextmanager
+def errors_are_the_files(path: str, expected: str) -> Iterator[None]:
+    """Any error raised while reading the model file `path` is the file's: a
+    CheckpointFormatError saying it is not `expected` ("a readable ... file"), with
+    the error's printable start; a CheckpointFormatError passes as it is."""
+    try:
+        yield
+    except CheckpointFormatError:
+        raise
+    except Exception as error:
+        raise CheckpointFormatError(
+            f"'{path}' is not {expected}: {type(error).__name__}: {printable(str(error)[:300])}"
+        ) from error
 
 
 def open_model_file(source: Any, path: str) -> h5py.File:

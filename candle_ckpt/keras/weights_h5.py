@@ -35,7 +35,6 @@ from typing import Any
 import h5py
 
 from ..core.errors import CheckpointFormatError
-from ..core.text import printable
 from ..hdf5 import (
     attr_str,
     dataset,
@@ -44,7 +43,7 @@ from ..hdf5 import (
     layer_weights_root,
     read_names,
 )
-from ..hdf5_check import load_json, open_model_file
+from ..hdf5_check import errors_are_the_files, load_json, open_model_file
 
 WEIGHTS_SUFFIX = ".weights.h5"
 _MAPPABLE_MODELS = ("Sequential", "Functional")
@@ -70,16 +69,11 @@ def write_weights_h5(contents: memoryview, source: str, destination: str) -> int
         CheckpointFormatError: the file is not a Keras model file, or its model cannot
             be mapped exactly (see the module docstring); the message says why.
     """
-    try:
-        with open_model_file(contents, source) as f:
-            model_name, plan = _plan(f, contents, source)
-    except CheckpointFormatError:
-        raise
-    except Exception as error:  # any error reading the file is the file's
-        raise CheckpointFormatError(
-            f"'{source}' is not a readable Keras HDF5 model file: "
-            f"{type(error).__name__}: {printable(str(error)[:300])}"
-        ) from error
+    with (
+        errors_are_the_files(source, "a readable Keras HDF5 model file"),
+        open_model_file(contents, source) as f,
+    ):
+        model_name, plan = _plan(f, contents, source)
     with h5py.File(destination, "w") as out:
         out.create_group("vars").attrs["name"] = model_name
         for path, name, arrays in plan:

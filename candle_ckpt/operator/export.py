@@ -34,7 +34,6 @@ from ..core.storage.durable import (
     write_bytes_atomic,
 )
 from ..core.storage.faults import fault_point
-from ..core.text import printable
 
 KERAS_SUFFIX = ".weights.h5"
 DIGEST_SUFFIX = ".sha256"
@@ -118,20 +117,12 @@ def _framework(info: dict, contents: memoryview, source: str) -> str:
         )
     # Only here: list, info and verify never need h5py
     from ..hdf5 import HDF5_MAGIC
-    from ..hdf5_check import open_model_file
+    from ..hdf5_check import errors_are_the_files, open_model_file
 
     if bytes(contents[: len(HDF5_MAGIC)]) != HDF5_MAGIC:
         return "pytorch"
-    try:
-        with open_model_file(contents, source) as f:
-            keras_file = "model_weights" in f or "layer_names" in f.attrs
-    except CheckpointFormatError:
-        raise
-    except Exception as error:  # any error reading the file is the file's
-        raise CheckpointFormatError(
-            f"'{source}' is not readable HDF5: "
-            f"{type(error).__name__}: {printable(str(error)[:300])}"
-        ) from error
+    with errors_are_the_files(source, "readable HDF5"), open_model_file(contents, source) as f:
+        keras_file = "model_weights" in f or "layer_names" in f.attrs
     return "keras" if keras_file else "pytorch"
 
 

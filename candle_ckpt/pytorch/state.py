@@ -43,7 +43,6 @@ from ..core.errors import CheckpointFormatError, failed_after_checks
 from ..core.logs import LibraryLogger
 from ..core.restore.verify import OVERWRITTEN
 from ..core.storage.direct_io import Written, aligned_arrays, copy_into
-from ..core.text import printable
 from ..hdf5 import (
     DIRECT_MIN_BYTES,
     HDF5_MAGIC,
@@ -59,7 +58,7 @@ from ..hdf5 import (
     writable_contents,
     write_file,
 )
-from ..hdf5_check import load_json, open_model_file
+from ..hdf5_check import errors_are_the_files, load_json, open_model_file
 from .fits import check_restorable, check_state, is_generator, sets_cuda_states
 
 MODEL_FILE = "model.h5"
@@ -327,32 +326,27 @@ def read(contents: memoryview, path: str, in_place: InPlaceRead | None = None) -
             where they were read from.
     """
     targets = in_place.targets if in_place is not None else {}
-    try:
-        with open_model_file(contents, path) as f:
-            encoded, weights_only = _header(f, path)
-            tensors = group(f, "tensors", path)
-            source = writable_contents(contents)
-            values = []
-            for k in range(len(tensors)):
-                found = dataset(tensors, str(k), path)
-                target = targets.get(k)
-                if target is None:
-                    values.append(_tensor(found, source, path))
-                elif in_place_offset(found) == target.offset and _fits(found, target.tensor):
-                    values.append(target.tensor)
-                else:
-                    raise CheckpointFormatError(
-                        f"'{path}' changed while it was read: dataset '{found.name}', read "
-                        f"into the model's memory, is not where the file, as verified, has "
-                        f"it. {OVERWRITTEN}"
-                    )
-    except CheckpointFormatError:
-        raise
-    except Exception as error:  # any error reading the file is the file's
-        raise CheckpointFormatError(
-            f"'{path}' is not a readable candle_ckpt PyTorch file: "
-            f"{type(error).__name__}: {printable(str(error)[:300])}"
-        ) from error
+    with (
+        errors_are_the_files(path, "a readable candle_ckpt PyTorch file"),
+        open_model_file(contents, path) as f,
+    ):
+        encoded, weights_only = _header(f, path)
+        tensors = group(f, "tensors", path)
+        source = writable_contents(contents)
+        values = []
+        for k in range(len(tensors)):
+            found = dataset(tensors, str(k), path)
+            target = targets.get(k)
+            if target is None:
+                values.append(_tensor(found, source, path))
+            elif in_place_offset(found) == target.offset and _fits(found, target.tensor):
+                values.append(target.tensor)
+            else:
+                raise CheckpointFormatError(
+                    f"'{path}' changed while it was read: dataset '{found.name}', read "
+                    f"into the model's memory, is not where the file, as verified, has "
+                    f"it. {OVERWRITTEN}"
+                )
     state = _decoded(encoded, values, path)
     references = _references(encoded)
     for k, target in targets.items():
