@@ -101,7 +101,7 @@ def main(argv):
     ckpt = candle_ckpt.CandleCkptPyTorch(params, verbose=False)
     ckpt.set_model({"model": model, "optimizer": optimizer, "shuffle": shuffle, "order": order})
     J = ckpt.restart()
-    start = J["batch"] if J else 0
+    start = J.get("batch", 0) if J else 0  # get: the previous release has no J["batch"]
     for epoch in range(J["epoch"] if J else 0, epochs):
         if start == 0:
             order.order = torch.randperm(SAMPLES, generator=shuffle)

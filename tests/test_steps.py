@@ -155,6 +155,17 @@ def test_a_loop_resumes_inside_the_epoch_exactly(tmp_path):
     assert layout.list_steps() == [] and not os.path.lexists(layout.link("last_step"))
 
 
+def test_a_step_at_the_epochs_last_batch_resumes_at_the_next_epoch(tmp_path):
+    _, _, expected = loop(tmp_path / "whole", 2)
+    root = tmp_path / "cut"
+    with pytest.raises(Stop):
+        loop(root, 2, stop_at=(2, 0), steps=12, ckpt_save_interval=2)
+    assert CheckpointLayout(root).resolve_step_link() == (0, 12)  # epoch 1 not saved
+    J, trained, digest = loop(root, 2, steps=12, ckpt_save_interval=2)
+    assert (J["epoch"], J["batch"]) == (0, 12) and trained[0] == (2, 0)
+    assert digest == expected
+
+
 def test_an_epoch_checkpoint_returns_batch_zero(tmp_path):
     loop(tmp_path, 1, steps=0)
     J, trained, _ = loop(tmp_path, 2, steps=0)

@@ -260,6 +260,8 @@ def find_step_checkpoint(
     """The verified step checkpoint that continues `last` (epoch `last`, or None when
     there is no usable `last`), or None: the restart then loads `last`.
 
+    Step checkpoints are resumed only with `ckpt_save_steps` other than 0: it says
+    that the training loop honours J["batch"] (skips the batches already trained).
     `last_step` names the newest step checkpoint. It continues `last` when its
     `after_last` records the epoch and ckpt-info.json CRC32 that `last` names now; it
     does not when a reader that knows nothing of step checkpoints (the previous
@@ -283,6 +285,14 @@ def find_step_checkpoint(
         )
         raise
     if named is None:
+        return None
+    if settings["ckpt_save_steps"] == 0:
+        logger.info(
+            "step checkpoint '%s' is not resumed: ckpt_save_steps is 0 (the training "
+            "loop resumes at epoch ends only); resuming from 'last', the epoch's batches "
+            "done since are trained again",
+            layout.step_dir(*named),
+        )
         return None
     candidates = [named] + [s for s in reversed(layout.list_steps()) if s < named]
     identity = None if last is None else info_file_crc32(layout.epoch_dir(last))

@@ -52,6 +52,10 @@ from .preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
 from .walltime import StopEstimate, WallClockStop
 from .writer import check_is_writer
 
+# Batches between two wall-clock checks at batch ends where every check is a collective
+# (a multi-process job): the estimate then covers that many batches.
+WALLTIME_CHECK_BATCHES = 16
+
 
 class TrainingSession:
     """Checkpoints one training run for a framework's loop (see the module docstring).
@@ -92,6 +96,7 @@ class TrainingSession:
         self._first_batch: int | None = None  # what the first batch_end must be
         self._batch_clock: float | None = None  # perf_counter() at the last batch end
         self._step_saved: tuple[int, int] | None = None  # the last step checkpoint's
+        self._walltime_every = 1  # batches between two wall-clock checks (begin)
         self._check_walltime_settings()
 
     @property
@@ -147,6 +152,9 @@ class TrainingSession:
                 )
         self._watch = self._start_preemption_watch()
         self._check_walltime_agreement()
+        if adapter.all_gather() is not None:
+            # each check is a collective: not at every batch
+            self._walltime_every = WALLTIME_CHECK_BATCHES
         if self.settings["ckpt_walltime_margin"] > 0 and self.is_writer:
             self._walltime = WallClockStop(
                 self.settings["ckpt_walltime_margin"],
@@ -168,6 +176,8 @@ class TrainingSession:
             self.check_start(epoch, fix, batch)
         self._epoch = epoch + 1
         self._epoch_started = self._batch_clock = time.perf_counter()
+        if self._walltime is not None:
+            self._walltime.batch_begins()
         if self._first_epoch_seen:
             return
         self._first_epoch_seen = True
@@ -239,10 +249,20 @@ class TrainingSession:
         seconds = None if self._batch_clock is None else ended - self._batch_clock
         if self._steps is not None:
             self._steps.batch_ended(seconds)
+        if self._walltime is not None:
+            self._walltime.batch_ended()
         if self._watch is not None and self._watch.requested:
             raise self._stop_preempted(f"epoch {self._epoch}, batch {batch + 1}", position)
         if self._steps is not None and self._steps.due() and self._epoch_may_save():
             self._save_step(position, "steps")
+        if self._stops_at_batches() and (batch + 1) % self._walltime_every == 0:
+            estimate = (
+                self._walltime.should_stop_batch(self._walltime_every)
+                if (self._walltime is not None)
+                else None
+            )
+            if self._all_agree_to_stop(estimate is not None):
+                raise self._stop_walltime_at_batch(position, estimate)
         self._batch_clock = time.perf_counter()
 
     def epoch_end(self, epoch: int, logs: Mapping[str, Any] | None) -> None:
@@ -254,6 +274,8 @@ class TrainingSession:
             Preempted: the signal came during the epoch, or (ckpt_walltime_margin) the
                 next epoch and a save would not finish before the job's end.
         """
+        # a restart at the epoch's last batch (a step saved there) trains no batch of it
+        self._first_batch = None
         train_seconds = (
             None if self._epoch_started is None else time.perf_counter() - self._epoch_started
         )
@@ -286,7 +308,14 @@ class TrainingSession:
             if self._watch.requested:
                 raise self._stop_preempted(f"epoch {epoch}")
         if self.settings["ckpt_walltime_margin"] > 0 and epoch < self.settings["epochs"]:
-            estimate = self._walltime.should_stop() if self._walltime is not None else None
+            # with step checkpoints the next epoch need not fit: its batches until the
+            # margin do (and are saved), so stop when not even the next ones fit
+            if self._walltime is None:
+                estimate = None
+            elif self._stops_at_batches():
+                estimate = self._walltime.should_stop_batch(self._walltime_every)
+            else:
+                estimate = self._walltime.should_stop()
             if self._all_agree_to_stop(estimate is not None):
                 raise self._stop_walltime(epoch, saved=decision is not None, estimate=estimate)
 
@@ -349,6 +378,16 @@ class TrainingSession:
         """ckpt_skip_epochs: nothing is saved in the epochs before it."""
         return self._epoch >= self.settings["ckpt_skip_epochs"]
 
+    def _stops_at_batches(self) -> bool:
+        """Whether the wall-clock stop may come at a batch end (step checkpoints on).
+        The same in every process, writer or not: each check may be a collective."""
+        settings = self.settings
+        return (
+            settings["ckpt_walltime_margin"] > 0
+            and settings["ckpt_save_steps"] != 0
+            and settings["ckpt_save_interval"] != 0
+        )
+
     def _save_step(self, position: tuple[int, int], reason: str) -> None:
         """Save the state now as the step checkpoint after `position` = (epochs
         completed, batches done), unless it is already the last one saved."""
@@ -358,8 +397,14 @@ class TrainingSession:
         decision = self.checkpointer.step_decision(*position, reason)
         self.checkpointer.save(decision, lambda: self._capture(*position))
         self._step_saved = position
+        stall = time.perf_counter() - started
         assert self._steps is not None
-        self._steps.saved(time.perf_counter() - started)
+        self._steps.saved(stall)
+        if self._walltime is not None:
+            background = self.checkpointer.background is not None
+            self._walltime.step_save_ended(
+                stall, self.checkpointer.last_write_seconds if background else None
+            )
 
     # -- capturing the state -----------------------------------------------------------
 
@@ -519,6 +564,34 @@ class TrainingSession:
             f"WALL-CLOCK STOP after epoch {epoch}: {estimate.describe()}; {kept}; "
             f"exiting with status {PREEMPTED_EXIT_STATUS} so that the job script "
             f"can requeue"
+        )
+        self.checkpointer.logger.warning(message)
+        return Preempted(message)
+
+    def _stop_walltime_at_batch(
+        self, position: tuple[int, int], estimate: StopEstimate | None
+    ) -> Preempted:
+        """Save the state of the batch that ended (`position`) as a step checkpoint,
+        log why; the stop to raise."""
+        if self._watch is not None:
+            self._watch.uninstall()
+        where = f"epoch {position[0] + 1}, batch {position[1]}"
+        if not self.is_writer:
+            message = (
+                f"WALL-CLOCK STOP after {where}: the checkpoint writer says the next "
+                f"batches would not finish before the job's end; exiting with status "
+                f"{PREEMPTED_EXIT_STATUS}"
+            )
+            console_logger("save", self._verbose).warning(message)
+            return Preempted(message)
+        self._wait_for_saves()
+        self._save_step(position, "wall-clock")
+        self._wait_for_saves()
+        assert estimate is not None
+        message = (
+            f"WALL-CLOCK STOP after {where}: {estimate.describe()}; {where} is on disk "
+            f"(a step checkpoint: the epoch resumes after this batch); exiting with "
+            f"status {PREEMPTED_EXIT_STATUS} so that the job script can requeue"
         )
         self.checkpointer.logger.warning(message)
         return Preempted(message)
