@@ -191,3 +191,36 @@ def test_step_checkpoints_never_become_best_and_skip_epochs_holds(tmp_path):
         loop(tmp_path / "b", 3, stop_at=(2, 6), ckpt_save_best=True, ckpt_save_best_metric="loss")
     layout = CheckpointLayout(tmp_path / "b")
     assert layout.resolve_link("best") == 1 and layout.resolve_step_link() == (1, 4)
+
+
+def test_a_corrupt_step_checkpoint_is_refused_then_falls_back_to_last(tmp_path):
+    from candle_ckpt.core.errors import ChecksumMismatchError
+
+    _, _, expected = loop(tmp_path / "whole", 3)
+    root = tmp_path / "cut"
+    with pytest.raises(Stop):
+        loop(root, 3, stop_at=(2, 9))
+    model = CheckpointLayout(root).step_dir(1, 8) + "/model.h5"
+    with open(model, "r+b") as stream:
+        stream.seek(os.path.getsize(model) // 2)
+        byte = stream.read(1)
+        stream.seek(-1, os.SEEK_CUR)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ChecksumMismatchError, match="ckpt_restart_fallback.*last_step"):
+        loop(root, 3)
+    J, trained, digest = loop(root, 3, ckpt_restart_fallback=True)
+    assert (J["epoch"], J["batch"]) == (1, 0) and trained[0] == (2, 0)
+    assert digest == expected
+    log = open(root / "ckpt.log").read()
+    assert "STEP CHECKPOINT" in log and "IS UNUSABLE" in log and "FALLING BACK" in log
+
+
+def test_a_run_without_ckpt_save_steps_resumes_from_last(tmp_path):
+    _, _, expected = loop(tmp_path / "whole", 3)
+    root = tmp_path / "cut"
+    with pytest.raises(Stop):
+        loop(root, 3, stop_at=(2, 9))
+    J, trained, digest = loop(root, 3, steps=0)
+    assert (J["epoch"], J["batch"]) == (1, 0) and trained[0] == (2, 0)
+    assert digest == expected
+    assert "is not resumed: ckpt_save_steps is 0" in open(root / "ckpt.log").read()
