@@ -224,3 +224,40 @@ def test_a_run_without_ckpt_save_steps_resumes_from_last(tmp_path):
     assert (J["epoch"], J["batch"]) == (1, 0) and trained[0] == (2, 0)
     assert digest == expected
     assert "is not resumed: ckpt_save_steps is 0" in open(root / "ckpt.log").read()
+
+
+def test_the_operator_lists_verifies_rolls_back_and_prunes_step_checkpoints(tmp_path, capsys):
+    import json
+
+    from candle_ckpt.operator.cli import main
+
+    def cli(*args):
+        status = main([*args])
+        return status, capsys.readouterr().out
+
+    with pytest.raises(Stop):
+        loop(tmp_path, 3, stop_at=(2, 9))
+    status, out = cli("list", str(tmp_path))
+    assert status == 0
+    assert (
+        "step checkpoint steps/001.000008 (epoch 2 after batch 8; last_step): a restart "
+        "with ckpt_save_steps resumes here"
+    ) in out
+    listed = json.loads(cli("list", "--json", str(tmp_path))[1])["steps"]
+    assert [(s["epoch"], s["batch"], s["resumed"]) for s in listed] == [(1, 8, True)]
+    status, out = cli("verify", str(tmp_path), "--all")
+    assert status == 0 and "epoch 1: ok" in out and "step steps/001.000008: ok" in out
+
+    status, out = cli("rollback", str(tmp_path), "1")
+    assert status == 0 and "removed last_step (was -> steps/001.000008)" in out
+    assert "not named by last_step" in cli("list", str(tmp_path))[1]
+    J, trained, _ = loop(tmp_path, 2)  # a rollback resumes at the epoch end
+    assert (J["epoch"], J["batch"]) == (1, 0) and trained[0] == (2, 0)
+
+    with pytest.raises(Stop):
+        loop(tmp_path, 3, stop_at=(3, 5))  # a step of epoch 3 continues epoch 2's
+    os.makedirs(CheckpointLayout(tmp_path).step_dir(1, 4))  # an unreadable one
+    status, out = cli("prune", str(tmp_path), "--abandoned")
+    assert status == 0
+    assert "deleted 1 step checkpoint no restart resumes: steps/001.000004" in out
+    assert CheckpointLayout(tmp_path).list_steps() == [(2, 4)]

@@ -381,17 +381,6 @@ def read_info(directory: str) -> dict[str, Any]:
     return info
 
 
-def info_file_crc32(directory: str) -> str | None:
-    """The CRC32 of the bytes of `<directory>/ckpt-info.json` as they are on disk (None
-    when it cannot be read): which checkpoint of an epoch a step checkpoint continues
-    (`after_last`), whichever writer wrote it."""
-    try:
-        with open(os.path.join(directory, INFO_FILE), "rb") as stream:
-            return str(zlib.crc32(stream.read(MAX_INFO_BYTES + 1)))
-    except OSError:
-        return None
-
-
 def read_lineage(directory: str) -> tuple[int, str | None]:
     """(format_version, lineage_id) of `<directory>/ckpt-info.json`, read cheaply and
     not validated: (0, None) for an upstream, unreadable or missing file, (1, None) for

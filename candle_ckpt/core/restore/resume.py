@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError, LinkError, NoCheckpointError, add_remedy
-from ..format.info import finite_or_none, info_file_crc32, is_legacy, read_info
+from ..format.info import finite_or_none, is_legacy, read_info
 from ..format.layout import INFO_FILE, CheckpointLayout
 from ..format.locate import is_tree, locate
+from ..format.steps import continues, last_identity
 from ..logs import LibraryLogger
 from ..storage.checksum import RegionPlanner
 from .verify import FileCheck, check_epoch, read_epoch_info, verify_files
@@ -295,20 +296,19 @@ def find_step_checkpoint(
         )
         return None
     candidates = [named] + [s for s in reversed(layout.list_steps()) if s < named]
-    identity = None if last is None else info_file_crc32(layout.epoch_dir(last))
+    identity = last_identity(layout)
     for position in candidates:
         where = layout.step_dir(*position)
         try:
             info = read_epoch_info(layout, *position)
-            after = info["after_last"]
-            if (after["epoch"], after["crc32"]) != (last, identity):
+            if not continues(info["after_last"], identity):
                 logger.warning(
                     "step checkpoint '%s' continues the checkpoint of epoch %s, but 'last' "
                     "names %s now (saved or relinked by a release that knows no step "
                     "checkpoints, or a rollback): ignored; resuming from 'last'",
                     where,
-                    after["epoch"],
-                    "nothing" if last is None else f"epoch {last} ({identity})",
+                    info["after_last"]["epoch"],
+                    "nothing" if last is None else f"epoch {last}",
                 )
                 return None
             return load_verified(

@@ -27,7 +27,6 @@ from ..storage.background import BackgroundWriter, TrashCollector
 from ..errors import (
     CheckpointFormatError,
     CheckpointWriteError,
-    LinkError,
     ParameterValueError,
     UnsafePathError,
 )
@@ -43,13 +42,13 @@ from ..format.info import (
     CheckpointInfo,
     checkpoint_info,
     finite_or_none,
-    info_file_crc32,
     numeric_metrics,
     read_info,
     read_lineage,
 )
-from ..format.layout import STEP_LINK, CheckpointLayout
+from ..format.layout import STEP_LINK
 from ..format.locate import run_layout
+from ..format.steps import last_identity
 from ..run.lock import WriterLock
 from ..logs import LibraryLogger, log_to_file_only, silent_logger, tree_logger
 from ..params import validate_params
@@ -664,19 +663,6 @@ class Checkpointer:
         doomed = [e for e in self.run_epochs if e not in keep]
         discard_epochs(self.layout, doomed, self.logger)
         self.run_epochs = [e for e in self.run_epochs if e in keep]
-
-
-def last_identity(layout: CheckpointLayout) -> dict[str, Any]:
-    """The checkpoint `last` names now, as a step checkpoint's `after_last` records it:
-    {"epoch": its epoch or None (no usable last), "crc32": of its ckpt-info.json's bytes}.
-    """
-    try:
-        epoch = layout.resolve_link("last")
-    except LinkError:
-        epoch = None
-    if epoch is None:
-        return {"epoch": None, "crc32": None}
-    return {"epoch": epoch, "crc32": info_file_crc32(layout.epoch_dir(epoch))}
 
 
 def _parse_timestamp(text: str) -> float | None:
