@@ -261,3 +261,51 @@ def test_the_operator_lists_verifies_rolls_back_and_prunes_step_checkpoints(tmp_
     assert status == 0
     assert "deleted 1 step checkpoint no restart resumes: steps/001.000004" in out
     assert CheckpointLayout(tmp_path).list_steps() == [(2, 4)]
+
+
+def step_saves(root):
+    import json
+
+    with open(os.path.join(root, "ckpts", "history.jsonl")) as stream:
+        lines = [json.loads(line) for line in stream]
+    return [(line["epoch"], line["batch"]) for line in lines if line["kind"] == "step_saved"]
+
+
+def test_no_step_save_at_an_epochs_last_batch_when_its_end_is_saved(tmp_path):
+    loop(tmp_path, 3, ckpt_save_interval=2)
+    # epoch 1: its length is not known yet; epoch 2 ends saved (interval): none at 12;
+    # epoch 3 is the final one, saved
+    assert step_saves(tmp_path) == [(0, 4), (0, 8), (0, 12), (1, 4), (1, 8), (2, 4), (2, 8)]
+
+
+def test_auto_saves_within_the_budget_and_logs_the_interval(tmp_path):
+    loop(tmp_path, 2, steps="auto", ckpt_save_overhead=50)
+    saves = step_saves(tmp_path)
+    assert saves[0] == (0, FIRST_AUTO_BATCHES)  # the first measures the cost
+    log = open(tmp_path / "ckpt.log").read()
+    assert "ckpt_save_steps auto: a save every" in log and "budget 50% of training" in log
+
+
+def test_the_wall_clock_stop_at_a_batch_end_counts_the_next_batches_and_a_save():
+    from candle_ckpt.core.run import walltime
+
+    now = [1000.0]
+    real, walltime.clock = walltime.clock, lambda: now[0]
+    try:
+        stop = walltime.WallClockStop(30, "+100", Log())
+        stop.start()
+        for _ in range(3):
+            now[0] += 10  # a batch of 10 s
+            stop.batch_ended()
+        # no save timed yet: as long as all training so far (30 s)
+        assert stop.should_stop_batch() is None  # 1030 + 10 + 30 + 30 = 1100: fits
+        now[0] += 10
+        stop.batch_ended()
+        estimate = stop.should_stop_batch()
+        assert estimate is not None and estimate.save_seconds == 40
+        assert estimate.describe().startswith("the next 1 batch (10 s, from the longest")
+        stop.step_save_ended(2.0)
+        assert stop.should_stop_batch() is None  # 1040 + 10 + 2 + 30 = 1082
+        assert stop.should_stop_batch(every=3) is not None  # 1040 + 30 + 2 + 30 = 1102
+    finally:
+        walltime.clock = real

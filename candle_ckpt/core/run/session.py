@@ -46,6 +46,7 @@ from ..logs import console_logger
 from ..restore.restart import take_restored_epoch, take_warm_start
 from ..restore.resume import read_epoch_info
 from ..save.checkpointer import Checkpointer, SaveDecision, WriteFiles
+from ..save.policies import save_reason
 from ..save.steps import StepSchedule
 from ..storage.background import check_snapshot_fits
 from .preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
@@ -97,6 +98,8 @@ class TrainingSession:
         self._batch_clock: float | None = None  # perf_counter() at the last batch end
         self._step_saved: tuple[int, int] | None = None  # the last step checkpoint's
         self._walltime_every = 1  # batches between two wall-clock checks (begin)
+        self._epoch_batches: int | None = None  # the batches of the last epoch that ended
+        self._last_batch: int | None = None  # of the running epoch
         self._check_walltime_settings()
 
     @property
@@ -246,6 +249,7 @@ class TrainingSession:
                     f"and number the others from there, with J the dict restart returned"
                 )
         position = (self._epoch - 1, batch + 1)
+        self._last_batch = batch
         seconds = None if self._batch_clock is None else ended - self._batch_clock
         if self._steps is not None:
             self._steps.batch_ended(seconds)
@@ -253,7 +257,12 @@ class TrainingSession:
             self._walltime.batch_ended()
         if self._watch is not None and self._watch.requested:
             raise self._stop_preempted(f"epoch {self._epoch}, batch {batch + 1}", position)
-        if self._steps is not None and self._steps.due() and self._epoch_may_save():
+        if (
+            self._steps is not None
+            and self._steps.due()
+            and self._epoch_may_save()
+            and not self._epoch_end_saves_next(batch)
+        ):
             self._save_step(position, "steps")
         if self._stops_at_batches() and (batch + 1) % self._walltime_every == 0:
             estimate = (
@@ -276,6 +285,8 @@ class TrainingSession:
         """
         # a restart at the epoch's last batch (a step saved there) trains no batch of it
         self._first_batch = None
+        if self._last_batch is not None:
+            self._epoch_batches, self._last_batch = self._last_batch + 1, None
         train_seconds = (
             None if self._epoch_started is None else time.perf_counter() - self._epoch_started
         )
@@ -373,6 +384,24 @@ class TrainingSession:
         """Whether this run saves step checkpoints: ckpt_save_steps is not 0 (the loop
         then resumes at J["batch"]: an opt-in) and this process saves."""
         return self.settings["ckpt_save_steps"] != 0 and self._not_saving() is None
+
+    def _epoch_end_saves_next(self, batch: int) -> bool:
+        """Whether `batch` is the epoch's last (as long as the last epoch was) and the
+        policy saves the epoch's end whatever its metrics (interval, final): a step
+        save now would be superseded a moment later. When it is not the last after
+        all, the step save is still due at the next batch."""
+        if self._epoch_batches is None or batch + 1 != self._epoch_batches:
+            return False
+        return (
+            save_reason(
+                self._epoch,
+                final_epoch=self.settings["epochs"],
+                interval=self.settings["ckpt_save_interval"],
+                skip_epochs=self.settings["ckpt_skip_epochs"],
+                improved=False,
+            )
+            is not None
+        )
 
     def _epoch_may_save(self) -> bool:
         """ckpt_skip_epochs: nothing is saved in the epochs before it."""
