@@ -309,3 +309,16 @@ def test_the_wall_clock_stop_at_a_batch_end_counts_the_next_batches_and_a_save()
         assert stop.should_stop_batch(every=3) is not None  # 1040 + 30 + 2 + 30 = 1102
     finally:
         walltime.clock = real
+
+
+def test_processes_that_would_resume_at_different_batches_all_fail():
+    from candle_ckpt.core.errors import CheckpointError
+    from candle_ckpt.core.restore.resume import Checkpoint
+    from candle_ckpt.core.run.writer import agree_on_checkpoint
+
+    found = Checkpoint(1, "/tree/ckpts/steps/001.000008", {"checksum": "77"}, memoryview(b""))
+    step = Checkpoint(1, found.directory, found.info, found.model_contents, batch=8)
+    assert agree_on_checkpoint(lambda mine: [mine, (1, 8, 77)], lambda: step) is step
+    for other in [(1, 4, 77), (1, 0, 77)]:  # another batch; the epoch's end
+        with pytest.raises(CheckpointError, match=r"\(epoch, batch, model CRC32\)"):
+            agree_on_checkpoint(lambda mine, other=other: [mine, other], lambda: step)

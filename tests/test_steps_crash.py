@@ -238,3 +238,32 @@ def test_a_second_job_is_refused_while_the_first_writes_steps(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_at_the_same_batch_at_the_wall_clock_margin(tmp_path):
+    """Every 16th batch the writer's verdict is shared (a collective): both ranks stop
+    after the same batch, exit 75, and rank 0 has saved that batch."""
+    from test_pytorch_distributed import two_ranks
+
+    results = two_ranks(
+        [tmp_path] * 2,
+        "--n_samples",
+        "4096",  # 32 batches of 64 per rank and epoch
+        "--ckpt_save_steps",
+        "1000",
+        "--ckpt_walltime_margin",
+        "60",
+        "--ckpt_end_time",
+        "+900",
+        "--virtual_clock",
+        "10",
+        epochs=3,
+    )
+    assert [code for code, _, _ in results] == [PREEMPTED_EXIT_STATUS] * 2, results[1][2][-2000:]
+    stop = re.search(r"WALL-CLOCK STOP after epoch (\d+), batch (\d+)", results[0][2])
+    assert stop is not None, results[0][2][-2000:]
+    epoch, batch = int(stop.group(1)), int(stop.group(2))
+    assert batch % 16 == 0 and f"after epoch {epoch}, batch {batch}" in results[1][2]
+    step = os.readlink(tmp_path / "ckpts" / "last_step")
+    assert step == f"steps/{epoch - 1:03d}.{batch:06d}"

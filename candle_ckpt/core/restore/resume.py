@@ -63,8 +63,11 @@ class Checkpoint:
     """Batches completed in the running epoch (0: an epoch-end checkpoint)."""
 
     def describe(self) -> str:
-        """ "epoch 3", or "epoch 2, batch 150" (2 epochs and 150 batches done)."""
-        return f"epoch {self.epoch}, batch {self.batch}" if self.batch else f"epoch {self.epoch}"
+        """ "epoch 3" (completed), or for a step checkpoint "epoch 3, batch 150" (150
+        batches of epoch 3 done), as the save's log line says it."""
+        if self.batch:
+            return f"epoch {self.epoch + 1}, batch {self.batch}"
+        return f"epoch {self.epoch}"
 
     @property
     def model_path(self) -> str:

@@ -155,7 +155,7 @@ class TrainingSession:
                 )
         self._watch = self._start_preemption_watch()
         self._check_walltime_agreement()
-        if adapter.all_gather() is not None:
+        if self._stops_at_batches() and adapter.all_gather() is not None:
             # each check is a collective: not at every batch
             self._walltime_every = WALLTIME_CHECK_BATCHES
         if self.settings["ckpt_walltime_margin"] > 0 and self.is_writer:

@@ -33,8 +33,8 @@ POINTS = (
     "between_links",
     "after_last",
     "after_trash_rename",
-    "after_step_link",
 )
+STEP_POINTS = ("after_step_link",)  # reached by step checkpoints' saves only
 EXPORT_POINTS = ("export_written", "export_digest_removed", "export_renamed")
 
 
@@ -42,10 +42,10 @@ def _parse(spec: str | None) -> tuple[str | None, int]:
     if not spec:
         return None, 0
     name, _, count = spec.partition(":")
-    if name not in POINTS + EXPORT_POINTS:
+    if name not in POINTS + STEP_POINTS + EXPORT_POINTS:
         raise ValueError(
             f"CANDLE_CKPT_FAULT={spec!r}: unknown point {name!r}; "
-            f"expected one of {list(POINTS + EXPORT_POINTS)}"
+            f"expected one of {list(POINTS + STEP_POINTS + EXPORT_POINTS)}"
         )
     return name, int(count or 1)
 
