@@ -307,6 +307,16 @@ def test_the_wall_clock_stop_at_a_batch_end_counts_the_next_batches_and_a_save()
         stop.step_save_ended(2.0)
         assert stop.should_stop_batch() is None  # 1040 + 10 + 2 + 30 = 1082
         assert stop.should_stop_batch(every=3) is not None  # 1040 + 30 + 2 + 30 = 1102
+        now[0] += 5  # validation, the epoch end: 5 s between the epochs
+        stop.batch_begins()
+        assert stop.should_stop_batch() is None  # 1045 + 10 + 2 + 30 = 1087
+        estimate = stop.should_stop_batch(epoch_ends=True)  # + 5 s, and in a new run
+        assert estimate is None and list(stop.between_epochs) == [5]
+        now[0] += 10
+        stop.batch_ended()  # 1055 + 10 + 5 + 2 + 30 = 1102
+        assert stop.should_stop_batch() is None
+        estimate = stop.should_stop_batch(epoch_ends=True)
+        assert estimate.describe().startswith("the next 1 batch and the epoch's end (15 s")
     finally:
         walltime.clock = real
 

@@ -38,6 +38,7 @@ def previous_release(tmp_path_factory):
         capture_output=True,
         text=True,
         check=True,
+        cwd=str(where),  # not this checkout, which `-c` and `-m` would import first
     )
     assert imported.stdout.startswith(str(where)), imported.stdout  # not this release
     return str(where)
@@ -84,14 +85,17 @@ def test_the_previous_release_and_candle_lib_train_the_partial_epoch_again(
 
     # the previous release: list and verify show the epochs and pass
     for args in (["list", str(tmp_path)], ["verify", str(tmp_path), "--all"]):
+        # (`-m` imports from the current directory first: the previous release's)
         shown = subprocess.run(
             [sys.executable, "-m", "candle_ckpt", *args],
             env=environment(PYTHONPATH=previous_release),
             capture_output=True,
             text=True,
             timeout=120,
+            cwd=previous_release,
         )
         assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert "step" not in shown.stdout  # epochs only
     # its restart loads epoch 1 and trains all of epoch 2 again (it knows no
     # ckpt_save_steps: refused as an unknown parameter, so not given), exactly
     done = run_with(previous_release, tmp_path)

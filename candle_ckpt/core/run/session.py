@@ -265,11 +265,12 @@ class TrainingSession:
         ):
             self._save_step(position, "steps")
         if self._stops_at_batches() and (batch + 1) % self._walltime_every == 0:
-            estimate = (
-                self._walltime.should_stop_batch(self._walltime_every)
-                if (self._walltime is not None)
-                else None
-            )
+            estimate = None
+            if self._walltime is not None:
+                ends = self._epoch_batches is not None and (
+                    batch + 1 + self._walltime_every >= self._epoch_batches
+                )
+                estimate = self._walltime.should_stop_batch(self._walltime_every, ends)
             if self._all_agree_to_stop(estimate is not None):
                 raise self._stop_walltime_at_batch(position, estimate)
         self._batch_clock = time.perf_counter()

@@ -245,7 +245,11 @@ class WallClockStop:
         self.epoch_seconds: deque[float] = deque(maxlen=WINDOW)
         self.save_seconds: deque[float] = deque(maxlen=WINDOW)
         self.batch_seconds: deque[float] = deque(maxlen=BATCH_WINDOW)
+        # from an epoch's last batch end to the next epoch's begin: validation, the
+        # epoch end's save, whatever the loop does there
+        self.between_epochs: deque[float] = deque(maxlen=WINDOW)
         self._batch_mark = 0.0
+        self._last_batch_end: float | None = None
         self._started = 0.0
 
     def start(self) -> None:
@@ -280,14 +284,18 @@ class WallClockStop:
         self._mark = now
 
     def batch_begins(self) -> None:
-        """A batch starts now (an epoch's first: what came before is not its time)."""
+        """An epoch's first batch starts now: what came before is not its time (but
+        what came since the last batch end is the time between two epochs)."""
         self._batch_mark = clock()
+        if self._last_batch_end is not None:
+            self.between_epochs.append(self._batch_mark - self._last_batch_end)
+            self._last_batch_end = None
 
     def batch_ended(self) -> None:
         """A batch ended: time it; the next one is timed from now."""
         now = clock()
         self.batch_seconds.append(now - self._batch_mark)
-        self._batch_mark = now
+        self._batch_mark = self._last_batch_end = now
 
     def step_save_ended(self, stall: float, background_seconds: float | None = None) -> None:
         """A step save stalled training `stall` seconds (`background_seconds`: as for
@@ -301,13 +309,18 @@ class WallClockStop:
             return None
         return self._estimate(max(self.epoch_seconds), "epoch")
 
-    def should_stop_batch(self, every: int = 1) -> StopEstimate | None:
+    def should_stop_batch(self, every: int = 1, epoch_ends: bool = False) -> StopEstimate | None:
         """The estimate that says stop now, at a batch end (step checkpoints), when the
-        next check is `every` batches away; or None to go on."""
+        next check is `every` batches away (`epoch_ends`: and an epoch's end comes
+        before it, whose time between epochs is added); or None to go on."""
         if not self.batch_seconds:
             return None
+        seconds = max(self.batch_seconds) * every
         unit = f"{every} batch{'es' if every > 1 else ''}"
-        return self._estimate(max(self.batch_seconds) * every, unit)
+        if epoch_ends and self.between_epochs:
+            seconds += max(self.between_epochs)
+            unit += " and the epoch's end"
+        return self._estimate(seconds, unit)
 
     def _estimate(self, seconds: float, unit: str) -> StopEstimate | None:
         if self.end is None:
