@@ -109,3 +109,19 @@ def test_the_previous_release_and_candle_lib_train_the_partial_epoch_again(
     assert trained(done.stdout) == [] and final_digest(done.stdout) == reference
     log = open(os.path.join(tmp_path, "ckpt.log")).read()
     assert "step checkpoint" in log and "continues the checkpoint of epoch 1, but 'last'" in log
+
+    # the previous release's rollback to epoch 1 leaves last_step: the step checkpoint
+    # continues epoch 1's again, and this release resumes it (later in the same
+    # training: nothing skipped)
+    rolled = subprocess.run(
+        [sys.executable, "-m", "candle_ckpt", "rollback", str(tmp_path), "1"],
+        env=environment(PYTHONPATH=previous_release),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=previous_release,
+    )
+    assert rolled.returncode == 0 and "last_step" not in rolled.stdout, rolled.stderr
+    assert os.readlink(os.path.join(tree, "last_step")) == "steps/001.000008"
+    done = run_with(TOP, tmp_path, *steps)
+    assert trained(done.stdout)[0] == (2, 8) and final_digest(done.stdout) == reference
