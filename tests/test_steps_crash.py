@@ -162,8 +162,11 @@ def test_kill_9_during_step_saves_then_the_rerun_is_exact(tmp_path, reference, m
 
 
 @pytest.mark.slow
-def test_signal_mid_epoch_saves_that_batch_and_the_requeued_run_is_exact(tmp_path, reference):
-    flags = ("--ckpt_save_steps", "7", "--ckpt_signal", "USR1", "--pause_at", "2:10")
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_signal_mid_epoch_saves_that_batch_and_the_requeued_run_is_exact(tmp_path, reference, mode):
+    asynchronous = str(mode == "async")
+    saving = ("--ckpt_save_steps", "7", "--ckpt_signal", "USR1", "--ckpt_async", asynchronous)
+    flags = (*saving, "--pause_at", "2:10")
     process = subprocess.Popen(
         command(tmp_path, *flags),
         env=environment(),
@@ -186,7 +189,7 @@ def test_signal_mid_epoch_saves_that_batch_and_the_requeued_run_is_exact(tmp_pat
         "epoch resumes after this batch; epoch 2, batch 11 saved now"
     ) in log
     assert os.readlink(tmp_path / "ckpts" / "last_step") == "steps/001.000011"
-    done = run(tmp_path, "--ckpt_save_steps", "7", "--ckpt_signal", "USR1")
+    done = run(tmp_path, *saving)
     assert trained(done.stdout)[0] == (2, 11)
     assert final_digest(done.stdout) == reference
 
