@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..core.errors import CheckpointFormatError
+from . import loader as loaders
 
 # Per-parameter optimizer state that torch.optim's optimizers create like the parameter
 # (`torch.zeros_like(p)`...): it must have the parameter's shape. 'momentum_buffer' is
@@ -144,6 +145,12 @@ def check_state(
     if is_generator(obj):
         check_generator_state(saved, obj.get_state(), obj.device, where)
         return
+    if loaders.is_stateful_loader(obj):
+        check_loader_state(where, obj, saved)
+        return
+    if isinstance(obj, loaders.EpochPosition):
+        check_epoch_position(where, obj, saved)
+        return
     current = obj.state_dict()
     if not isinstance(saved, dict):
         raise CheckpointFormatError(
@@ -163,6 +170,74 @@ def check_state(
         return
     for key, value in current.items():
         check_like(saved[key], value, f"{where}, key '{key}'")
+
+
+def check_loader_state(where: str, loader: Any, saved: Any) -> None:
+    """A StatefulDataLoader's entry (`loader.loader_state`), against the loader, without
+    asking the loader for its state (that makes an iterator): a generator state where
+    the loader has that generator, None where it has none, and a position inside an
+    epoch made with as many workers as the loader has (torchdata asserts it only when
+    the resumed epoch's iteration starts)."""
+    if not isinstance(saved, dict) or set(saved) != loaders.KEYS:
+        found = sorted(map(str, saved)) if isinstance(saved, dict) else describe(saved)
+        raise CheckpointFormatError(
+            f"{where} holds {shown(found, 200)}; the registered StatefulDataLoader's entry "
+            f"has keys {sorted(loaders.KEYS)}"
+        )
+    for key, generator in zip(
+        (loaders.GENERATOR, loaders.SAMPLER_GENERATOR), loaders.generators(loader)
+    ):
+        if generator is not None:
+            check_generator_state(
+                saved[key], generator.get_state(), generator.device, f"{where}, '{key}'"
+            )
+        elif saved[key] is not None:
+            raise CheckpointFormatError(
+                f"{where}: '{key}' holds a generator state; the registered "
+                f"StatefulDataLoader has no such generator. Build it as the run that "
+                f"saved it did (shuffle=True, generator=...)"
+            )
+    position = saved[loaders.ITERATOR]
+    if position is None:
+        return
+    snapshot = position.get("_snapshot") if isinstance(position, dict) else None
+    main = snapshot.get("_main_snapshot") if isinstance(snapshot, dict) else None
+    workers = main.get("_num_workers") if isinstance(main, dict) else 0
+    if not isinstance(position, dict) or (not main and "_num_yielded" not in position):
+        raise CheckpointFormatError(
+            f"{where}: '{loaders.ITERATOR}' is {shown(position)}; expected a "
+            f"StatefulDataLoader state_dict"
+        )
+    if workers != loader.num_workers:
+        raise CheckpointFormatError(
+            f"{where}: the epoch was loaded with num_workers={workers}; the registered "
+            f"StatefulDataLoader has num_workers={loader.num_workers}. Resume it with "
+            f"the number of workers the run that saved it had"
+        )
+
+
+def check_epoch_position(where: str, position: loaders.EpochPosition, saved: Any) -> None:
+    """An `EpochPosition`'s entry: its generator's state (`check_generator_state`), and
+    between epochs no start and no batch count, inside one a start of that kind and a
+    count >= 0."""
+    keys = {"generator", "epoch_start", "batches"}
+    if not isinstance(saved, dict) or set(saved) != keys:
+        found = sorted(map(str, saved)) if isinstance(saved, dict) else describe(saved)
+        raise CheckpointFormatError(
+            f"{where} holds {shown(found, 200)}; an EpochPosition's has keys {sorted(keys)}"
+        )
+    generator = position.loader.generator
+    assert generator is not None  # EpochPosition.__init__ checks it
+    mine = generator.get_state()
+    check_generator_state(saved["generator"], mine, generator.device, f"{where}, 'generator'")
+    start, done = saved["epoch_start"], saved["batches"]
+    if (start is None) != (done is None) or not (done is None or (_is_int(done) and done >= 0)):
+        raise CheckpointFormatError(
+            f"{where}: epoch_start is {describe(start)} and batches {shown(done)}; expected "
+            f"both None (between epochs) or a generator state and a number of batches"
+        )
+    if start is not None:
+        check_generator_state(start, mine, generator.device, f"{where}, 'epoch_start'")
 
 
 def _check_module(where: str, module: torch.nn.Module, current: dict, saved: dict) -> None:

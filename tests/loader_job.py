@@ -1,0 +1,158 @@
+"""A PyTorch training job whose data position is a registered loader (tests/test_loader.py).
+
+    python tests/loader_job.py --ckpt_directory DIR --epochs 4 --loader stateful
+        [--num_workers 2] [--augment] [--trace FILE] [--kill_at E:B] [--signal_at E:B]
+        [--kill_after_epoch E] [--ckpt_* ...]
+
+`--loader stateful`: a torchdata StatefulDataLoader (shuffle=True, a seeded generator)
+registered as "loader"; `--loader plain`: a DataLoader registered through
+`candle_ckpt.pytorch.loader.EpochPosition` as "data". Nothing else about the data is
+registered: the loader entry alone must resume it. `--augment` adds noise drawn from
+torch's random state to each sample (in the workers with `--num_workers`).
+
+`--kill_at E:B` sends SIGKILL to the job after batch B (1-based) of epoch E (1-based)
+has ended (`batch_end` has run, and saved if it was to); `--signal_at E:B` sends it
+SIGUSR1 before that batch's `batch_end`; `--kill_after_epoch E` kills it once epoch E's
+`ckpt_epoch` has returned. `--trace FILE` appends a line "E B i,j,..." per trained batch
+(1-based epoch, 0-based batch, its samples). Each epoch prints "epoch E: loss L
+val_loss V"; the end prints "final digest H" (the weights and the optimizer's state).
+"""
+
+import hashlib
+import os
+import signal
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from keras_job import kill_myself, take_point, take_value  # noqa: E402
+
+N_SAMPLES, N_FEATURES, BATCH = 200, 8, 16
+
+
+class Samples:
+    """A map-style dataset of (index, x, y); `augment` adds torch-random noise to x."""
+
+    def __init__(self, x, y, augment):
+        self.x, self.y, self.augment = x, y, augment
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, k):
+        import torch
+
+        x = self.x[k] + 0.01 * torch.randn(self.x.shape[1]) if self.augment else self.x[k]
+        return k, x, self.y[k]
+
+
+def digest(net, optimizer):
+    """SHA-256 of the weights and the optimizer's state, tensors by their bytes."""
+    import torch
+
+    h = hashlib.sha256()
+
+    def add(value):
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for key in value:
+                h.update(repr(key).encode())
+                add(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                add(item)
+        else:
+            h.update(repr(value).encode())
+
+    add(net.state_dict())
+    add(optimizer.state_dict())
+    return h.hexdigest()
+
+
+def main(argv):
+    import argparse
+
+    argv, kill_at = take_point(argv, "--kill_at")
+    argv, signal_at = take_point(argv, "--signal_at")
+    argv, kill_after_epoch = take_value(argv, "--kill_after_epoch")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--loader", choices=("stateful", "plain"), required=True)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--trace")
+    import candle_ckpt
+
+    candle_ckpt.ckpt_parser(parser)
+    params = vars(parser.parse_args(argv))
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(2026)
+    torch.use_deterministic_algorithms(True)
+    x = torch.randn(N_SAMPLES + 40, N_FEATURES)
+    y = torch.sin(x).sum(dim=1, keepdim=True)
+    data = Samples(x[:N_SAMPLES], y[:N_SAMPLES], params["augment"])
+    generator = torch.Generator().manual_seed(7)
+    common = dict(batch_size=BATCH, shuffle=True, generator=generator)
+    common["num_workers"] = params["num_workers"]
+    if params["loader"] == "stateful":
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        loader = StatefulDataLoader(data, **common)
+        position = loader
+        registered = {"loader": loader}
+    else:
+        from candle_ckpt.pytorch.loader import EpochPosition
+
+        loader = DataLoader(data, **common)
+        position = EpochPosition(loader)
+        registered = {"data": position}
+    net = torch.nn.Sequential(
+        torch.nn.Linear(N_FEATURES, 32),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(32, 1),
+    )
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
+
+    ckpt = candle_ckpt.CandleCkptPyTorch(params)
+    ckpt.set_model({"model": net, "optimizer": optimizer, "scheduler": scheduler, **registered})
+    J = ckpt.restart(net)
+    start = J["epoch"] if J else 0
+    resumed_at = J.get("batch", 0) if J else 0
+    trace = open(params["trace"], "a") if params["trace"] else None
+    for epoch in range(start, params["epochs"]):
+        first = resumed_at if epoch == start else 0
+        batches = loader if position is loader else position.batches(first)
+        net.train()
+        for batch, (index, xb, yb) in enumerate(batches, start=first):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(xb), yb)
+            loss.backward()
+            optimizer.step()
+            if trace is not None:
+                print(epoch + 1, batch, ",".join(map(str, index.tolist())), file=trace, flush=True)
+            if signal_at == (epoch + 1, batch + 1):
+                os.kill(os.getpid(), signal.SIGUSR1)
+            ckpt.batch_end(batch)
+            if kill_at == (epoch + 1, batch + 1):
+                kill_myself()
+        scheduler.step()
+        net.eval()
+        with torch.no_grad():
+            val_loss = torch.nn.functional.mse_loss(net(x[N_SAMPLES:]), y[N_SAMPLES:]).item()
+        print(f"epoch {epoch + 1}: loss {loss.item()!r} val_loss {val_loss!r}", flush=True)
+        ckpt.ckpt_epoch(epoch, {"val_loss": val_loss})
+        if kill_after_epoch == epoch + 1:
+            kill_myself()
+    ckpt.finish()
+    print(f"final digest {digest(net, optimizer)}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
