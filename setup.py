@@ -1,6 +1,7 @@
 """Install candle_ckpt: `pip install .` (`-e` to develop; `.[test]` adds what the tests run:
 pytest, ruff, mypy, matplotlib and the docs site's builder; `.[torch]` the PyTorch adapter's
-torch; `.[plot]` matplotlib, for `candle-ckpt plot --out`; `.[docs]` mkdocs, for the site)."""
+torch and torchdata; `.[plot]` matplotlib, for `candle-ckpt plot --out`; `.[docs]` mkdocs,
+for the site)."""
 
 import re
 from pathlib import Path

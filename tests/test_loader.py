@@ -318,3 +318,25 @@ def test_a_job_killed_after_an_epoch_resumes_bit_identically(tmp_path, flags):
     rest = job(tmp_path / "killed", *flags, "--trace", trace)
     assert outcome(first) + outcome(rest) == outcome(whole)
     assert trained(trace) == trained(tmp_path / "whole.trace")  # each batch once, in order
+
+
+class Bare:
+    """A loader as candle_ckpt stored it before loader.py: its state_dict alone."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+def test_an_earlier_releases_loader_entry_loads_as_it_did(tmp_path):
+    loader = stateful()
+    next(iter(loader))
+    path, contents = save({"loader": Bare(loader)}, tmp_path)
+    fresh = stateful(seed=99)
+    state.restore({"loader": fresh}, path, contents, LOG)
+    assert len(values(fresh)) == 9

@@ -177,7 +177,10 @@ def check_loader_state(where: str, loader: Any, saved: Any) -> None:
     asking the loader for its state (that makes an iterator): a generator state where
     the loader has that generator, None where it has none, and a position inside an
     epoch made with as many workers as the loader has (torchdata asserts it only when
-    the resumed epoch's iteration starts)."""
+    the resumed epoch's iteration starts). An earlier release's entry, the loader's
+    state_dict alone, is taken as it was (not exact: it holds no generator state)."""
+    if isinstance(saved, dict) and loaders.TORCHDATA_KEY in saved:
+        return
     if not isinstance(saved, dict) or set(saved) != loaders.KEYS:
         found = sorted(map(str, saved)) if isinstance(saved, dict) else describe(saved)
         raise CheckpointFormatError(

@@ -39,6 +39,9 @@ ITERATOR = "iterator"  # its state_dict inside an epoch; None: the next epoch st
 GENERATOR = "generator"  # its `generator`'s state, or None without one
 SAMPLER_GENERATOR = "sampler_generator"  # its sampler's own generator's, else None
 KEYS = frozenset({ITERATOR, GENERATOR, SAMPLER_GENERATOR})
+# A key of every StatefulDataLoader state_dict: an entry holding it is the state_dict
+# alone, as candle_ckpt before this module stored it.
+TORCHDATA_KEY = "_iterator_finished"
 
 # The one-shot hook a restored StatefulDataLoader makes its next iterator with.
 _RESUME = "_candle_ckpt_resume"
@@ -116,7 +119,8 @@ def loader_state(loader: Any) -> dict:
 
 
 def restore_loader(loader: Any, saved: dict) -> None:
-    """Load an entry of `loader_state`, checked by `fits.check_loader_state`.
+    """Load an entry of `loader_state`, checked by `fits.check_loader_state` (or the
+    loader's bare state_dict an earlier release saved, as that release loaded it).
 
     An epoch end: the loader is reset and its generators set, so its next `iter`
     draws the next epoch as the uninterrupted run did. Inside an epoch: the position is
@@ -124,7 +128,9 @@ def restore_loader(loader: Any, saved: dict) -> None:
     state back to the saved ones (`_Resume`).
     """
     setattr(loader, _RESUME, None)
-    if saved[ITERATOR] is None:
+    if TORCHDATA_KEY in saved:  # an earlier release's entry: loaded as it loaded it
+        loader.load_state_dict(saved)
+    elif saved[ITERATOR] is None:
         loader.load_state_dict({})
         _set_generators(loader, saved)
     else:
