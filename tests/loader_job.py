@@ -15,7 +15,8 @@ has ended (`batch_end` has run, and saved if it was to); `--signal_at E:B` sends
 SIGUSR1 before that batch's `batch_end`; `--kill_after_epoch E` kills it once epoch E's
 `ckpt_epoch` has returned. `--trace FILE` appends a line "E B i,j,..." per trained batch
 (1-based epoch, 0-based batch, its samples). Each epoch prints "epoch E: loss L
-val_loss V"; the end prints "final digest H" (the weights and the optimizer's state).
+val_loss V"; the end prints "final digest H" (the weights and the optimizer's state),
+a restart "resumed at E:B" (1-based epoch, batches of it already trained).
 """
 
 import hashlib
@@ -125,6 +126,8 @@ def main(argv):
     J = ckpt.restart(net)
     start = J["epoch"] if J else 0
     resumed_at = J.get("batch", 0) if J else 0
+    if J:
+        print(f"resumed at {start + 1}:{resumed_at}", flush=True)
     trace = open(params["trace"], "a") if params["trace"] else None
     for epoch in range(start, params["epochs"]):
         first = resumed_at if epoch == start else 0

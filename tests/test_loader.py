@@ -22,6 +22,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
 import candle_ckpt  # noqa: E402
 from candle_ckpt.core.errors import CheckpointFormatError, ParameterValueError  # noqa: E402
+from candle_ckpt.core.params import PARAMETERS_BY_NAME  # noqa: E402
 from candle_ckpt.pytorch import state  # noqa: E402
 from candle_ckpt.pytorch.loader import EpochPosition  # noqa: E402
 
@@ -281,7 +282,7 @@ def test_a_registered_loader_leaves_the_restart_reading_into_the_modules(tmp_pat
 def job(directory, *flags, expect=0):
     env = dict(os.environ, PYTHONPATH=TOP, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, JOB, "--ckpt_directory", str(directory), *flags],
+        [sys.executable, JOB, "--ckpt_directory", str(directory), *map(str, flags)],
         capture_output=True,
         text=True,
         env=env,
@@ -301,23 +302,75 @@ def trained(trace):
         return stream.read().splitlines()
 
 
+JOBS = {
+    "stateful": ("--loader", "stateful", "--augment"),
+    "stateful-2-workers": ("--loader", "stateful", "--num_workers", "2"),
+    "plain": ("--loader", "plain", "--augment"),
+    "plain-2-workers": ("--loader", "plain", "--num_workers", "2"),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """{config: (what the job printed, the batches it trained)}, each run once."""
+    runs = {}
+
+    def run(config):
+        if config not in runs:
+            directory = tmp_path_factory.mktemp(config)
+            stdout = job(directory / "save", *JOBS[config], "--trace", directory / "trace")
+            runs[config] = outcome(stdout), trained(directory / "trace")
+        return runs[config]
+
+    return run
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ("--loader", "stateful", "--augment"),
-        ("--loader", "stateful", "--augment", "--num_workers", "2"),
-        ("--loader", "plain", "--augment"),
-    ],
-    ids=["stateful", "stateful-2-workers", "plain"],
+@pytest.mark.parametrize("config", ["stateful", "stateful-2-workers", "plain"])
+def test_a_job_killed_after_an_epoch_resumes_bit_identically(tmp_path, config, uninterrupted):
+    flags = (*JOBS[config], "--trace", tmp_path / "trace")
+    first = job(tmp_path, *flags, "--kill_after_epoch", "2", expect=-9)
+    rest = job(tmp_path, *flags)
+    assert "resumed at 3:0" in rest
+    assert (outcome(first) + outcome(rest), trained(tmp_path / "trace")) == uninterrupted(config)
+
+
+# Until the step saves (issue 29 item 1, branch `steps`) are in, there is no save inside
+# an epoch to resume from.
+STEP_SAVES = pytest.mark.skipif(
+    "ckpt_save_steps" not in PARAMETERS_BY_NAME, reason="no ckpt_save_steps yet"
 )
-def test_a_job_killed_after_an_epoch_resumes_bit_identically(tmp_path, flags):
-    whole = job(tmp_path / "whole", *flags, "--trace", tmp_path / "whole.trace")
-    trace = tmp_path / "killed.trace"
-    first = job(tmp_path / "killed", *flags, "--trace", trace, "--kill_after_epoch", "2", expect=-9)
-    rest = job(tmp_path / "killed", *flags, "--trace", trace)
-    assert outcome(first) + outcome(rest) == outcome(whole)
-    assert trained(trace) == trained(tmp_path / "whole.trace")  # each batch once, in order
+
+
+@pytest.mark.slow
+@STEP_SAVES
+@pytest.mark.parametrize("config", list(JOBS))
+def test_a_job_killed_inside_an_epoch_resumes_at_its_batch_bit_identically(
+    tmp_path, config, uninterrupted
+):
+    # Saving after every batch, the job is killed once a save has returned: the rerun
+    # starts at the very next batch, so the traces add up to the uninterrupted run's
+    # with no batch twice. The second kill is at the last batch of an epoch, before its
+    # end: the rerun trains no batch of that epoch and ends it.
+    flags = (*JOBS[config], "--trace", tmp_path / "trace", "--ckpt_save_steps", "1")
+    runs = [job(tmp_path, *flags, "--kill_at", "2:5", expect=-9)]
+    runs.append(job(tmp_path, *flags, "--kill_at", "3:13", expect=-9))
+    runs.append(job(tmp_path, *flags))
+    assert ["resumed at 2:5" in runs[1], "resumed at 3:13" in runs[2]] == [True, True]
+    logs = [line for run in runs for line in outcome(run)]
+    assert (logs, trained(tmp_path / "trace")) == uninterrupted(config)
+
+
+@pytest.mark.slow
+@STEP_SAVES
+def test_a_signalled_job_saves_its_batch_and_resumes_there(tmp_path, uninterrupted):
+    flags = (*JOBS["stateful"], "--trace", tmp_path / "trace", "--ckpt_signal", "USR1")
+    first = job(tmp_path, *flags, "--signal_at", "2:7", expect=75)
+    rest = job(tmp_path, *flags)
+    assert "resumed at 2:7" in rest
+    assert (outcome(first) + outcome(rest), trained(tmp_path / "trace")) == uninterrupted(
+        "stateful"
+    )
 
 
 class Bare:
