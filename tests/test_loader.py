@@ -19,6 +19,7 @@ pytest.importorskip("torchdata")
 
 from torch.utils.data import DataLoader  # noqa: E402
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
+from torchdata.stateful_dataloader.sampler import RandomSampler  # noqa: E402
 
 import candle_ckpt  # noqa: E402
 from candle_ckpt.core.errors import CheckpointFormatError, ParameterValueError  # noqa: E402
@@ -112,6 +113,25 @@ def test_a_stateful_loader_resumes_exactly_inside_an_epoch_and_at_its_end(
     assert len(done) + len(got) == 30  # three epochs of ten batches, none twice
     assert all(map(torch.equal, generator_states(fresh), expected_generators))
     assert torch.equal(torch.get_rng_state(), expected_rng)
+
+
+def test_a_sampler_with_replacement_and_a_generator_of_its_own_resumes_exactly(tmp_path):
+    def replacing(seed):
+        data = Indexed(100)
+        sampler = RandomSampler(data, True, generator=torch.Generator().manual_seed(seed))
+        return StatefulDataLoader(
+            data, batch_size=4, sampler=sampler, generator=torch.Generator().manual_seed(seed)
+        )
+
+    loader = replacing(1)
+    running = iter(loader)
+    for _ in range(10):  # past the sampler's first 32 draws
+        next(running)
+    path, contents = save({"loader": loader}, tmp_path)
+    expected = values(running) + values(loader)
+    fresh = replacing(2)
+    state.restore({"loader": fresh}, path, contents, LOG)
+    assert values(fresh) + values(fresh) == expected
 
 
 def test_a_stateful_loader_resumed_inside_an_epoch_reads_only_the_rest(tmp_path):
@@ -212,6 +232,14 @@ def test_set_model_refuses_a_stateful_loader_it_cannot_resume_exactly(tmp_path):
     )
     with pytest.raises(ParameterValueError, match="torch.utils.data.RandomSampler"):
         ckpt.set_model({"model": net, "loader": unstateful})
+    shared = torch.Generator()
+    replacing = StatefulDataLoader(
+        data, batch_size=4, sampler=RandomSampler(data, True, generator=shared), generator=shared
+    )
+    with pytest.raises(ParameterValueError, match="replacement from the loader's own generator"):
+        ckpt.set_model({"model": net, "loader": replacing})
+    own = RandomSampler(data, True, generator=torch.Generator())
+    ckpt.set_model({"model": net, "loader": StatefulDataLoader(data, batch_size=4, sampler=own)})
 
 
 class Remembers(Indexed):

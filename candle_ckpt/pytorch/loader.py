@@ -65,7 +65,8 @@ def check_registered(name: str, value: Any) -> None:
 
     Raises:
         ParameterValueError: persistent workers (their random streams run on from one
-            epoch to the next, and a new process cannot restore them), or a
+            epoch to the next, and a new process cannot restore them); a sampler drawing
+            with replacement from the loader's generator; or a
             `torch.utils.data.RandomSampler` (not stateful: torchdata would replay the
             epoch's indices from the generator's current state, another permutation).
     """
@@ -78,7 +79,17 @@ def check_registered(name: str, value: Any) -> None:
             f"from epoch to epoch and cannot be restored in a new process. Build it with "
             f"persistent_workers=False"
         )
-    if isinstance(value.sampler, torch.utils.data.RandomSampler):
+    sampler = value.sampler
+    if getattr(sampler, "replacement", False) and getattr(sampler, "generator", None) is (
+        value.generator or False
+    ):
+        raise ParameterValueError(
+            f"set_model: entry {name!r} is a StatefulDataLoader whose sampler draws with "
+            f"replacement from the loader's own generator, which also draws the workers' "
+            f"seed between the sampler's draws: torchdata resumes such an epoch with "
+            f"other samples. Give the sampler a generator of its own"
+        )
+    if isinstance(sampler, torch.utils.data.RandomSampler):
         raise ParameterValueError(
             f"set_model: entry {name!r} is a StatefulDataLoader with a "
             f"torch.utils.data.RandomSampler, which keeps no position: a resumed epoch "
@@ -128,6 +139,7 @@ def restore_loader(loader: Any, saved: dict) -> None:
     state back to the saved ones (`_Resume`).
     """
     setattr(loader, _RESUME, None)
+    loader.__dict__.pop("_get_iterator", None)  # an earlier restore's `_Resume`
     if TORCHDATA_KEY in saved:  # an earlier release's entry: loaded as it loaded it
         loader.load_state_dict(saved)
     elif saved[ITERATOR] is None:
