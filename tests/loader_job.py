@@ -15,8 +15,9 @@ has ended (`batch_end` has run, and saved if it was to); `--signal_at E:B` sends
 SIGUSR1 before that batch's `batch_end`; `--kill_after_epoch E` kills it once epoch E's
 `ckpt_epoch` has returned. `--trace FILE` appends a line "E B i,j,..." per trained batch
 (1-based epoch, 0-based batch, its samples). Each epoch prints "epoch E: loss L
-val_loss V"; the end prints "final digest H" (the weights and the optimizer's state),
-a restart "resumed at E:B" (1-based epoch, batches of it already trained).
+val_loss V" (L: the epoch's mean training loss, a registered object's); the end prints
+"final digest H" (the weights and the optimizer's state), a restart "resumed at E:B"
+(1-based epoch, batches of it already trained).
 """
 
 import hashlib
@@ -46,6 +47,28 @@ class Samples:
 
         x = self.x[k] + 0.01 * torch.randn(self.x.shape[1]) if self.augment else self.x[k]
         return k, x, self.y[k]
+
+
+class Mean:
+    """The epoch's mean training loss so far, registered so that a run resumed inside
+    the epoch logs the mean of all its batches."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, value):
+        self.total, self.count = self.total + value, self.count + 1
+
+    def result(self):
+        result = self.total / self.count
+        self.total, self.count = 0.0, 0
+        return result
+
+    def state_dict(self):
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.total, self.count = state["total"], state["count"]
 
 
 def digest(net, optimizer):
@@ -122,7 +145,9 @@ def main(argv):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
 
     ckpt = candle_ckpt.CandleCkptPyTorch(params)
-    ckpt.set_model({"model": net, "optimizer": optimizer, "scheduler": scheduler, **registered})
+    train_loss = Mean()
+    objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler, **registered}
+    ckpt.set_model({**objects, "train_loss": train_loss})
     J = ckpt.restart(net)
     start = J["epoch"] if J else 0
     resumed_at = J.get("batch", 0) if J else 0
@@ -138,6 +163,7 @@ def main(argv):
             loss = torch.nn.functional.mse_loss(net(xb), yb)
             loss.backward()
             optimizer.step()
+            train_loss.add(loss.item())
             if trace is not None:
                 print(epoch + 1, batch, ",".join(map(str, index.tolist())), file=trace, flush=True)
             if signal_at == (epoch + 1, batch + 1):
@@ -149,7 +175,8 @@ def main(argv):
         net.eval()
         with torch.no_grad():
             val_loss = torch.nn.functional.mse_loss(net(x[N_SAMPLES:]), y[N_SAMPLES:]).item()
-        print(f"epoch {epoch + 1}: loss {loss.item()!r} val_loss {val_loss!r}", flush=True)
+        mean = train_loss.result()
+        print(f"epoch {epoch + 1}: loss {mean!r} val_loss {val_loss!r}", flush=True)
         ckpt.ckpt_epoch(epoch, {"val_loss": val_loss})
         if kill_after_epoch == epoch + 1:
             kill_myself()
