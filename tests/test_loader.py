@@ -377,6 +377,33 @@ def test_a_job_killed_inside_an_epoch_resumes_at_its_batch_bit_identically(
     assert (outcome(first) + outcome(rest), trained(tmp_path / "trace")) == uninterrupted(config)
 
 
+def resumed_at(stdout):
+    """(1-based epoch, batches of it done) of the job's "resumed at E:B" line."""
+    line = next(line for line in stdout.splitlines() if line.startswith("resumed at "))
+    epoch, batches = line.removeprefix("resumed at ").split(":")
+    return int(epoch), int(batches)
+
+
+@pytest.mark.slow
+def test_a_job_killed_during_background_step_saves_resumes_bit_identically(tmp_path, uninterrupted):
+    # With ckpt_async the kill may come before the running save is in place: the rerun
+    # resumes at the newest one that is, and trains again only the batches after it.
+    flags = (*JOBS["stateful-2-workers"], "--ckpt_save_steps", "2", "--ckpt_async", "true")
+    first = job(tmp_path, *flags, "--trace", tmp_path / "first", "--kill_at", "2:8", expect=-9)
+    rest = job(tmp_path, *flags, "--trace", tmp_path / "rest")
+    epoch, done = resumed_at(rest)
+    assert (2, 4) <= (epoch, done) <= (2, 8)
+    before = [
+        line
+        for line in trained(tmp_path / "first")
+        if tuple(map(int, line.split()[:2])) < (epoch, done)
+    ]
+    logs = [line for line in outcome(first) if int(line.split()[1][:-1]) < epoch]
+    assert (logs + outcome(rest), before + trained(tmp_path / "rest")) == uninterrupted(
+        "stateful-2-workers"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
