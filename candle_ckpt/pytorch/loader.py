@@ -80,9 +80,8 @@ def check_registered(name: str, value: Any) -> None:
             f"persistent_workers=False"
         )
     sampler = value.sampler
-    if getattr(sampler, "replacement", False) and getattr(sampler, "generator", None) is (
-        value.generator or False
-    ):
+    shared = value.generator is not None and getattr(sampler, "generator", None) is value.generator
+    if getattr(sampler, "replacement", False) and shared:
         raise ParameterValueError(
             f"set_model: entry {name!r} is a StatefulDataLoader whose sampler draws with "
             f"replacement from the loader's own generator, which also draws the workers' "
