@@ -405,11 +405,6 @@ def test_a_job_killed_during_background_step_saves_resumes_bit_identically(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="steps: TrainingSession keeps expecting batch_end(J['batch']) after an epoch "
-    "that resumed at its end and ended with no batch; the next epoch's batch 0 is refused",
-)
 def test_a_job_killed_after_an_epochs_last_batch_resumes_with_none_of_it(tmp_path, uninterrupted):
     # The step save of the last batch (13 of 13) comes before the epoch's end: the
     # rerun trains no batch of that epoch, ends it and goes on.
