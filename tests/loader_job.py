@@ -10,6 +10,11 @@ registered as "loader"; `--loader plain`: a DataLoader registered through
 registered: the loader entry alone must resume it. `--augment` adds noise drawn from
 torch's random state to each sample (in the workers with `--num_workers`).
 
+Under WORLD_SIZE > 1 (MASTER_ADDR, MASTER_PORT, RANK set) it trains with
+DistributedDataParallel over gloo, each rank its shard (torchdata's
+StatefulDistributedSampler, or torch's DistributedSampler for `plain`), its trace in
+FILE.RANK.
+
 `--kill_at E:B` sends SIGKILL to the job after batch B (1-based) of epoch E (1-based)
 has ended (`batch_end` has run, and saved if it was to); `--signal_at E:B` sends it
 SIGUSR1 before that batch's `batch_end`; `--kill_after_epoch E` kills it once epoch E's
@@ -29,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from keras_job import kill_myself, take_point, take_value  # noqa: E402
+from torch_job import leave_process_group  # noqa: E402
 
 N_SAMPLES, N_FEATURES, BATCH = 200, 8, 16
 
@@ -113,8 +119,11 @@ def main(argv):
     params = vars(parser.parse_args(argv))
 
     import torch
+    import torch.distributed as dist
     from torch.utils.data import DataLoader
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
     torch.manual_seed(2026)
     torch.use_deterministic_algorithms(True)
     x = torch.randn(N_SAMPLES + 40, N_FEATURES)
@@ -123,6 +132,16 @@ def main(argv):
     generator = torch.Generator().manual_seed(7)
     common = dict(batch_size=BATCH, shuffle=True, generator=generator)
     common["num_workers"] = params["num_workers"]
+    sampler = None
+    if dist.is_initialized():  # each rank its shard, shuffled by seed and epoch
+        from torch.utils.data.distributed import DistributedSampler
+        from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+        kind = StatefulDistributedSampler if params["loader"] == "stateful" else DistributedSampler
+        sampler = kind(data, seed=7)
+        common.update(shuffle=False, sampler=sampler)
+        if params["trace"]:
+            params["trace"] += f".{dist.get_rank()}"
     if params["loader"] == "stateful":
         from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -141,12 +160,13 @@ def main(argv):
         torch.nn.Dropout(0.2),
         torch.nn.Linear(32, 1),
     )
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    model = torch.nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
 
     ckpt = candle_ckpt.CandleCkptPyTorch(params)
     train_loss = Mean()
-    objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler, **registered}
+    objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **registered}
     ckpt.set_model({**objects, "train_loss": train_loss})
     J = ckpt.restart(net)
     start = J["epoch"] if J else 0
@@ -156,11 +176,13 @@ def main(argv):
     trace = open(params["trace"], "a") if params["trace"] else None
     for epoch in range(start, params["epochs"]):
         first = resumed_at if epoch == start else 0
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         batches = loader if position is loader else position.batches(first)
-        net.train()
+        model.train()
         for batch, (index, xb, yb) in enumerate(batches, start=first):
             optimizer.zero_grad()
-            loss = torch.nn.functional.mse_loss(net(xb), yb)
+            loss = torch.nn.functional.mse_loss(model(xb), yb)
             loss.backward()
             optimizer.step()
             train_loss.add(loss.item())
@@ -182,6 +204,7 @@ def main(argv):
             kill_myself()
     ckpt.finish()
     print(f"final digest {digest(net, optimizer)}", flush=True)
+    leave_process_group(failed=False)
 
 
 if __name__ == "__main__":

@@ -451,3 +451,27 @@ def test_an_earlier_releases_loader_entry_loads_as_it_did(tmp_path):
     fresh = stateful(seed=99)
     state.restore({"loader": fresh}, path, contents, LOG)
     assert len(values(fresh)) == 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["stateful", "plain"])
+def test_two_ranks_killed_inside_an_epoch_resume_each_its_shard_bit_identically(tmp_path, loader):
+    """DistributedDataParallel over gloo, each rank its shard of every epoch: both killed
+    after a step save, rerun together, each rank goes on with the batches of its own
+    shard from there (rank 0's entry restores both: a position is a count)."""
+    from test_pytorch_distributed import digests, two_ranks
+
+    flags = ("--loader", loader, "--ckpt_save_steps", "1", "--epochs", "3")
+
+    def ranks(name, *more):
+        return two_ranks([tmp_path / name] * 2, *flags, "--trace", tmp_path / name, *more, job=JOB)
+
+    whole = ranks("whole")
+    killed = ranks("run", "--kill_at", "2:3")
+    assert [code for code, _, _ in killed] == [-9, -9], killed[0][2][-2000:]
+    rest = ranks("run")
+    assert digests(rest) == digests(whole)
+    assert all("resumed at 2:3" in out for _, out, _ in rest)
+    for rank in (0, 1):
+        assert trained(f"{tmp_path / 'run'}.{rank}") == trained(f"{tmp_path / 'whole'}.{rank}")
+    assert outcome(killed[0][1]) + outcome(rest[0][1]) == outcome(whole[0][1])
