@@ -199,6 +199,21 @@ def test_an_epoch_position_refuses_a_start_other_than_the_checkpoints(tmp_path):
         next(plain().batches(3))
 
 
+def test_an_epoch_position_entry_that_does_not_fit_is_refused_before_anything_changes():
+    from candle_ckpt.pytorch.fits import check_state
+
+    position = plain()
+    state_now = position.state_dict()
+    for broken, match in [
+        ({**state_now, "batches": 3}, "epoch_start is a NoneType and batches 3"),
+        ({**state_now, "generator": torch.zeros(3, dtype=torch.uint8)}, "'generator' is uint8"),
+        ({"generator": state_now["generator"]}, "an EpochPosition's has keys"),
+    ]:
+        with pytest.raises(CheckpointFormatError, match=match):
+            check_state("data", position, broken, "f.h5")
+    assert torch.equal(position.loader.generator.get_state(), state_now["generator"])
+
+
 def test_an_epoch_position_needs_a_generator_and_batches():
     data = Indexed()
     with pytest.raises(ParameterValueError, match="no generator"):
