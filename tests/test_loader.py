@@ -306,6 +306,30 @@ def test_a_loader_built_otherwise_is_refused_before_anything_changes(tmp_path):
         assert all(map(torch.equal, before, other_net.state_dict().values()))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_crafted_position_is_refused_before_the_epoch_resumes(workers):
+    """A count torchdata would skip one by one, or a sampler generator state it would
+    set when the epoch resumes, is checked at the restart."""
+    from candle_ckpt.pytorch.fits import check_state
+    from candle_ckpt.pytorch.loader import loader_state
+
+    loader = stateful(workers)
+    next(iter(loader))
+    entry = loader_state(loader)
+    position = entry["iterator"]
+    where = position["_snapshot"]["_main_snapshot"] if workers else position
+    check_state("loader", stateful(workers), entry, "f.h5")
+    where["_sampler_iter_state"]["sampler_iter_state"]["yielded"] = 10**12
+    with pytest.raises(CheckpointFormatError, match=r"\['yielded'\] is 1000000000000; .* 0 to 40"):
+        check_state("loader", stateful(workers), entry, "f.h5")
+    where["_sampler_iter_state"]["sampler_iter_state"]["yielded"] = 4
+    where["_sampler_iter_state"]["sampler_iter_state"]["generator"] = torch.zeros(
+        5056, dtype=torch.uint8
+    )
+    with pytest.raises(CheckpointFormatError, match=r"\['generator'\] is not a state"):
+        check_state("loader", stateful(workers), entry, "f.h5")
+
+
 def test_a_registered_loader_leaves_the_restart_reading_into_the_modules(tmp_path):
     net = torch.nn.Linear(512, 512)
     loader = stateful()

@@ -217,6 +217,51 @@ def check_loader_state(where: str, loader: Any, saved: Any) -> None:
             f"StatefulDataLoader has num_workers={loader.num_workers}. Resume it with "
             f"the number of workers the run that saved it had"
         )
+    _check_position(f"{where}, '{loaders.ITERATOR}'", loader, position)
+
+
+# The counts of a StatefulDataLoader state_dict, in batches or samples: torchdata skips
+# that many on loading, one by one.
+_POSITION_COUNTS = frozenset(
+    {
+        "_num_yielded",
+        "_sampler_iter_yielded",
+        "samples_yielded",
+        "yielded",
+        "_snapshot_step",
+        "_steps_since_snapshot",
+    }
+)
+
+
+def _check_position(where: str, loader: Any, position: dict) -> None:
+    """The counts and generator states inside a StatefulDataLoader's state_dict: each
+    count an int from 0 to the epoch's samples (where the dataset has a length), so a
+    file cannot make the resumed epoch skip without end; each sampler generator state
+    one the sampler's generator takes (torchdata sets it when the epoch resumes, after
+    the restart)."""
+    try:
+        bound: int | None = max(len(loader), len(loader.sampler))
+    except TypeError:  # an IterableDataset: no length
+        bound = None
+    mine = getattr(loader.sampler, "generator", None)
+    mine = mine if isinstance(mine, torch.Generator) else torch.Generator()
+    pending = [(where, position)]
+    while pending:
+        at, value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend((f"{at}[{shown(key)}]", item) for key, item in value.items())
+            for key in _POSITION_COUNTS & value.keys():
+                count = value[key]
+                if not _is_int(count) or count < 0 or (bound is not None and count > bound):
+                    raise CheckpointFormatError(
+                        f"{at}[{key!r}] is {shown(count)}; expected a count from 0 to "
+                        f"{bound if bound is not None else 'any size'} (the loader's epoch)"
+                    )
+            if isinstance(value.get("generator"), torch.Tensor):
+                check_generator_state(
+                    value["generator"], mine.get_state(), mine.device, f"{at}['generator']"
+                )
 
 
 def check_epoch_position(where: str, position: loaders.EpochPosition, saved: Any) -> None:
