@@ -121,7 +121,7 @@ def test_the_loader_example_killed_inside_an_epoch_resumes_bit_for_bit(tmp_path)
     )
     assert killed.returncode == -signal.SIGKILL
     resumed = run(script, "--epochs", "3", cwd=tmp_path)
-    assert "restarted from epoch 1, batch 4" in resumed.stderr
+    assert "restarted from epoch 2, batch 4" in resumed.stderr
     run(script, "--epochs", "3", "--ckpt_directory", tmp_path / "whole", cwd=tmp_path)
     ours = seeded_state(tmp_path / "save_loader_pytorch/ckpts/epochs/003/model.h5", "torch")
     theirs = seeded_state(tmp_path / "whole/ckpts/epochs/003/model.h5", "torch")
