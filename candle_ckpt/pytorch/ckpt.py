@@ -9,6 +9,7 @@ from ..core.restore.restart import restart_run
 from ..core.run.session import TrainingSession
 from .adapter import TorchAdapter
 from .fits import is_generator
+from .loader import check_registered
 
 _LOOP_FIX = 'loop over range(J["epoch"], params["epochs"]) and pass that epoch to ckpt_epoch'
 
@@ -89,7 +90,11 @@ class CandleCkptPyTorch:
         """Register what a checkpoint holds: {"model": net, "optimizer": opt, ...}.
 
         Any value with `state_dict`/`load_state_dict` (LR scheduler, GradScaler, EMA)
-        or a `torch.Generator` (the one a shuffled DataLoader draws from). Upstream's
+        or a `torch.Generator` (the one a shuffled DataLoader draws from). A
+        `torchdata.stateful_dataloader.StatefulDataLoader` (or a plain DataLoader's
+        `candle_ckpt.pytorch.loader.EpochPosition`) is the data position: registered,
+        it is enough for a resume that reads the very batches an uninterrupted run
+        reads, at an epoch end or inside one (`candle_ckpt.pytorch.loader`). Upstream's
         older key "net" is taken as "model".
         """
         if not isinstance(model, Mapping) or not model:
@@ -110,6 +115,7 @@ class CandleCkptPyTorch:
                     f"expected an object with state_dict and load_state_dict, "
                     f"or a torch.Generator"
                 )
+            check_registered(name, value)
         self.model = objects
 
     def restart(self, model: Any = None, verbose: bool | None = None) -> dict | None:

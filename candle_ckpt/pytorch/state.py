@@ -59,6 +59,7 @@ from ..hdf5 import (
     write_file,
 )
 from ..hdf5_check import errors_are_the_files, load_json, open_model_file
+from . import loader
 from .fits import check_restorable, check_state, is_generator, sets_cuda_states
 
 MODEL_FILE = "model.h5"
@@ -101,7 +102,11 @@ def uninitialized(objects: Mapping[str, Any]) -> list[str]:
 def object_states(objects: Mapping[str, Any], weights_only: bool) -> dict:
     """{name: state} of the objects a snapshot holds (modules only if `weights_only`)."""
     return {
-        name: value.get_state() if is_generator(value) else value.state_dict()
+        name: value.get_state()
+        if is_generator(value)
+        else loader.loader_state(value)
+        if loader.is_stateful_loader(value)
+        else value.state_dict()
         for name, value in objects.items()
         if not weights_only or isinstance(value, torch.nn.Module)
     }
@@ -693,10 +698,14 @@ def _as_read(found: h5py.Dataset, size: int, path: str) -> Any:
 
 def _random_states(objects: Mapping[str, Any], state: dict) -> Iterator[Any]:
     """The tensors and arrays of the decoded `state` that hold random states (its
-    'rng', and the entries of registered generators): the only ones whose values the
-    checks read."""
+    'rng', and the entries of registered generators and data positions): the only ones
+    whose values the checks read."""
     pending = [state["rng"]]
-    pending += [state["objects"].get(name) for name, obj in objects.items() if is_generator(obj)]
+    pending += [
+        state["objects"].get(name)
+        for name, obj in objects.items()
+        if is_generator(obj) or loader.is_data_position(obj)
+    ]
     while pending:
         value = pending.pop()
         if isinstance(value, (torch.Tensor, np.ndarray)):
@@ -757,6 +766,8 @@ def apply(objects: Mapping[str, Any], state: dict, path: str, logger: LibraryLog
         with _loading(name, loaded, path):
             if is_generator(obj):
                 obj.set_state(saved)
+            elif loader.is_stateful_loader(obj):
+                loader.restore_loader(obj, saved)
             else:
                 obj.load_state_dict(saved)
         loaded.append(name)
