@@ -120,11 +120,16 @@ def python_state_cut(f, encoded):
     del words[10:]
 
 
+def described(encoded, value):
+    """The table entry ([dtype, shape, offset, bytes]) of the tensor `value` refers to."""
+    return encoded["tensors"][tensor_index(value)]
+
+
 def all_255(name):
     def change(f, encoded):
         value = entry(encoded["objects"] if name == "generator" else encoded["rng"], name)
-        dataset = f["tensors"][str(tensor_index(value))]
-        dataset[...] = 255
+        _, _, offset, nbytes = described(encoded, value)
+        f["data"][offset : offset + nbytes] = 255
 
     return change
 
@@ -139,9 +144,13 @@ def exp_avg_wrong_shape(f, encoded):
     set_entry(first, "exp_avg", entry(second, "exp_avg"))
 
 
+def numpy_key(encoded):
+    """The table entry of the numpy random state's key array."""
+    return described(encoded, entry(encoded["rng"], "numpy")["tuple"][1])
+
+
 def numpy_dtype_bogus(f, encoded):
-    key = entry(encoded["rng"], "numpy")["tuple"][1]
-    f["tensors"][str(tensor_index(key))].attrs["torch_dtype"] = "numpy:no-such-dtype"
+    numpy_key(encoded)[0] = "numpy:no-such-dtype"
 
 
 def a_group_key_with_a_newline(f, encoded):
@@ -149,14 +158,49 @@ def a_group_key_with_a_newline(f, encoded):
     group["dict"].append(["lr\nRESTART OK", 0.5])
 
 
-def big_endian_bias(f, encoded):
-    """The last layer's bias, stored big-endian: read after the large weight."""
-    index = tensor_index(entry(entry(encoded["objects"], "model"), "6.bias"))
-    tensors = f["tensors"]
-    values, attrs = tensors[str(index)][()], dict(tensors[str(index)].attrs)
-    del tensors[str(index)]
-    created = tensors.create_dataset(str(index), data=values.astype(">f4"))
-    created.attrs.update(attrs)
+def numpy_key_big_endian(f, encoded):
+    numpy_key(encoded)[0] = "numpy:>u4"
+
+
+def numpy_key_objects(f, encoded):
+    numpy_key(encoded)[0] = "numpy:O"
+
+
+def byteorder_big(f, encoded):
+    encoded["byteorder"] = "big"
+
+
+def model_entry(encoded, key):
+    return described(encoded, entry(entry(encoded["objects"], "model"), key))
+
+
+def bias_past_the_data(f, encoded):
+    """The last layer's bias (read after the large weight) ends past the data."""
+    model_entry(encoded, "6.bias")[2] = f["data"].size - 2
+
+
+def moment_on_the_weight(f, encoded):
+    """The first moment of the last bias shares the bytes of the first weight."""
+    state = entry(optimizer_of(encoded), "state")
+    last = max(k for k, _ in state["dict"])
+    moment = described(encoded, entry(entry(state, last), "exp_avg"))
+    moment[2] = model_entry(encoded, "0.weight")[2]
+
+
+def bias_bytes_wrong(f, encoded):
+    model_entry(encoded, "6.bias")[3] += 4
+
+
+def bias_dtype_unknown(f, encoded):
+    model_entry(encoded, "6.bias")[0] = "float33"
+
+
+def bias_shape_negative(f, encoded):
+    model_entry(encoded, "6.bias")[1] = [-1]
+
+
+def table_missing(f, encoded):
+    del encoded["tensors"]
 
 
 CASES = {
@@ -170,7 +214,15 @@ CASES = {
     "last-epoch-two": (last_epoch_two, "entry 'scheduler', key 'last_epoch' is a str"),
     "exp-avg-shape": (exp_avg_wrong_shape, "state[0]['exp_avg'] is float32 of shape (128,)"),
     "numpy-dtype": (numpy_dtype_bogus, "'numpy:no-such-dtype'"),
-    "big-endian": (big_endian_bias, "byte order"),
+    "big-endian": (numpy_key_big_endian, "numpy dtype of numbers in this machine's byte order"),
+    "byteorder": (byteorder_big, "in another byte order than this machine's"),
+    "object-dtype": (numpy_key_objects, "'numpy:O'; expected a numpy dtype of numbers"),
+    "past-the-data": (bias_past_the_data, "the data dataset holds"),
+    "overlap": (moment_on_the_weight, "overlaps tensor"),
+    "bytes-wrong": (bias_bytes_wrong, "is described as"),
+    "dtype-unknown": (bias_dtype_unknown, "'float33'; expected a torch dtype name"),
+    "shape-negative": (bias_shape_negative, "expected [dtype name, [sizes], offset, bytes]"),
+    "table-missing": (table_missing, "expected a dict with keys"),
     "group-key": (a_group_key_with_a_newline, "'lr\\nRESTART OK' (0.5), which the AdamW"),
 }
 

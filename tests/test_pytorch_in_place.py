@@ -102,12 +102,12 @@ def model_file(params, epoch):
 
 
 def tensor_offset(params, epoch, key):
-    """Where the file has the dataset of the module's state-dict entry `key`."""
+    """Where the file has the bytes of the module's state-dict entry `key`."""
     with h5py.File(model_file(params, epoch), "r") as f:
         encoded = json.loads(np.asarray(f["state"][()], np.uint8).tobytes())
         module = dict(encoded["objects"]["dict"])["model"]
         index = dict(module["odict"])[key]["tensor"]
-        return f["tensors"][str(index)].id.get_offset()
+        return f[state.DATA].id.get_offset() + encoded["tensors"][index][2]
 
 
 @pytest.fixture()
