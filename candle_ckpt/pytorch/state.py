@@ -865,21 +865,18 @@ def _plan(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> InPlaceRea
     mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
     with open_model_file(mapped, path) as f:
         encoded, weights_only, stored = _contents(f, len(mapped), path)
-    values = [_placeholder(found) for found in stored]
+    # The checks set the random states on scratch generators: read their values
+    # (those of a size no state has are refused for it, values or not); read-only
+    # bytes, which `_built` copies.
+    random = _random_states(objects, encoded)
+    values = [
+        _built(_array(found, mapped), found.layout)
+        if k in random and found.nbytes < DIRECT_MIN_BYTES
+        else _placeholder(found)
+        for k, found in enumerate(stored)
+    ]
     state = _decoded(encoded, values, path)
     index = {id(value): k for k, value in enumerate(values)}
-    # The checks set the random states on scratch generators: read their values
-    # (those of a size no state has are refused for it, values or not).
-    valued = [
-        index[id(v)]
-        for v in _random_states(objects, state)
-        if id(v) in index and stored[index[id(v)]].nbytes < DIRECT_MIN_BYTES
-    ]
-    for number in valued:  # read-only bytes: `_built` copies them
-        values[number] = _built(_array(stored[number], mapped), stored[number].layout)
-    if valued:
-        state = _decoded(encoded, values, path)
-        index = {id(value): k for k, value in enumerate(values)}
     check_restorable(objects, state, weights_only, path)
     references = _references(encoded)
     taken: set[int] = set()
@@ -898,20 +895,13 @@ def _plan(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> InPlaceRea
     return plan
 
 
-def _random_states(objects: Mapping[str, Any], state: dict) -> Iterator[Any]:
-    """The tensors and arrays of the decoded `state` that hold random states (its
-    'rng', and the entries of registered generators): the only ones whose values the
-    checks read."""
-    pending = [state["rng"]]
-    pending += [state["objects"].get(name) for name, obj in objects.items() if is_generator(obj)]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, (torch.Tensor, np.ndarray)):
-            yield value
-        elif isinstance(value, dict):
-            pending.extend(value.values())
-        elif isinstance(value, (list, tuple)):
-            pending.extend(value)
+def _random_states(objects: Mapping[str, Any], encoded: Any) -> set[int]:
+    """The stored tensors that the 'state' JSON `encoded` (as the file has it) holds
+    random states in: its 'rng', and the entries of registered generators; the only
+    ones whose values the checks read."""
+    generators = {name for name, value in objects.items() if is_generator(value)}
+    entries = [value for name, value in encoded["objects"]["dict"] if name in generators]
+    return set(_references([encoded["rng"], *entries]))
 
 
 def _fits(found: _Stored, tensor: torch.Tensor) -> bool:
