@@ -28,6 +28,7 @@ torch = pytest.importorskip("torch")
 
 import candle_ckpt  # noqa: E402
 from candle_ckpt.core.storage import checksum  # noqa: E402
+from candle_ckpt.pytorch import state  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "torch_job.py")
@@ -278,14 +279,13 @@ def in_place(request, monkeypatch):
     """The large tensors read straight into the model (from any file size), or not."""
     if request.param == "in-place":
         monkeypatch.setattr(checksum, "IN_PLACE_MIN_BYTES", 0)
+        monkeypatch.setattr(state, "IN_PLACE_MIN_BYTES", 0)
     return request.param == "in-place"
 
 
 def test_the_resealed_tree_unchanged_restarts(tree, in_place, monkeypatch):
     """The crafting itself leaves a file that restarts, its first weight read in place
     when that is on: what the cases refuse is theirs, and on that path."""
-    from candle_ckpt.pytorch import state
-
     planned = []
     real = state.plan_in_place
 
@@ -345,8 +345,6 @@ class Picky:
 
 
 def test_an_object_that_fails_its_own_load_after_the_checks_says_what_is_loaded(tmp_path):
-    from candle_ckpt.pytorch import state
-
     net = torch.nn.Linear(2, 2)
     registered = {"model": net, "optimizer": torch.optim.SGD(net.parameters()), "picky": Picky()}
     path = str(tmp_path / "model.h5")
@@ -418,8 +416,6 @@ def test_every_torch_optimizer_and_scheduler_state_passes_the_checks(
     tmp_path, optimizer, scheduler
 ):
     """The checks refuse what torch would fail on, never what torch itself wrote."""
-    from candle_ckpt.pytorch import state
-
     path = str(tmp_path / "model.h5")
     state.write(state.snapshot(trained_with(optimizer, scheduler, 0, 4)), path)
     fresh = trained_with(optimizer, scheduler, 1, 0)

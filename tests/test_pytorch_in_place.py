@@ -22,6 +22,7 @@ from candle_ckpt.pytorch.adapter import TorchAdapter  # noqa: E402
 def in_place_from_any_size(monkeypatch):
     """These models are small: read them in place all the same."""
     monkeypatch.setattr(checksum, "IN_PLACE_MIN_BYTES", 0)
+    monkeypatch.setattr(state, "IN_PLACE_MIN_BYTES", 0)
 
 
 class Tied(torch.nn.Module):

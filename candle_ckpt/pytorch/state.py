@@ -72,6 +72,11 @@ FORMAT_VERSION = 2
 FORMAT_ATTR = "candle_ckpt_torch_format_version"
 DATA = "data"
 """The version 2 dataset holding every tensor's bytes."""
+IN_PLACE_MIN_BYTES = 256 << 20
+"""From this file size on, a restart reads the modules' large tensors straight into
+their memory (`plan_in_place`); below it, reading the file once into new memory and
+copying the parameters out of it was measured faster (docs/PERFORMANCE.md): the
+in-place read checksums the file in a first pass of its own."""
 _NUMPY_PREFIX = "numpy:"
 # A tensor is built in place on the bytes read only where they start on this boundary
 # (what a CPU allocator guarantees); elsewhere it is copied. Version 2 files put every
