@@ -278,7 +278,7 @@ def data_layout(sizes: Sequence[int]) -> tuple[list[int], int]:
 
 _Path = Any
 """Where a value is in the state, built only for an error message (`_path_text`): the
-root's name, or (the parent's path, "item" / "key" / "metadata", the key)."""
+root's name, or (the parent's path, "item" / "key" / "a key" / "metadata", the key)."""
 
 
 def _path_text(path: _Path) -> str:
@@ -287,7 +287,12 @@ def _path_text(path: _Path) -> str:
     while isinstance(path, tuple):
         path, kind, key = path
         suffixes.append(
-            {"item": f"[{key!r}]", "key": f" key {key!r}", "metadata": "._metadata"}[kind]
+            {
+                "item": f"[{key!r:.80}]",
+                "key": f" key {key!r:.80}",
+                "a key": " key",
+                "metadata": "._metadata",
+            }[kind]
         )
     return str(path) + "".join(reversed(suffixes))
 
@@ -726,54 +731,61 @@ def _decoded(encoded: Any, values: list, path: str) -> dict:
     return state
 
 
-def _decode(value: Any, values: list, path: str, where: str) -> Any:
+def _decode(value: Any, values: list, path: str, where: _Path) -> Any:
+    """The encoded `value` (of the file `path`, at `where` in its state) decoded, its
+    tensor references replaced by `values`."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
-        return [_decode(item, values, path, f"{where}[{k}]") for k, item in enumerate(value)]
+        return [_decode(item, values, path, (where, "item", k)) for k, item in enumerate(value)]
     if not isinstance(value, dict) or len(value) not in (1, 2):
         raise CheckpointFormatError(
-            f"'{path}': {where} is {value!r:.80}; expected a "
+            f"'{path}': {_path_text(where)} is {value!r:.80}; expected a "
             f"tagged value (see candle_ckpt.pytorch.state)"
         )
     tag, body = next(iter(value.items()))
     if tag in ("tensor", "ndarray"):
         if type(body) is not int or not 0 <= body < len(values):
             raise CheckpointFormatError(
-                f"'{path}': {where} refers to tensor {body!r}; the file has {len(values)}"
+                f"'{path}': {_path_text(where)} refers to tensor {body!r}; the file has "
+                f"{len(values)}"
             )
         found = values[body]
         if isinstance(found, torch.Tensor) != (tag == "tensor"):
-            raise CheckpointFormatError(f"'{path}': {where}: dataset {body} is not a {tag}")
+            raise CheckpointFormatError(
+                f"'{path}': {_path_text(where)}: tensor {body} is not a {tag}"
+            )
         return found
     if tag == "dtype" and isinstance(getattr(torch, str(body), None), torch.dtype):
         return getattr(torch, body)
     if tag == "tuple" and isinstance(body, list):
-        return tuple(_decode(item, values, path, f"{where}[{k}]") for k, item in enumerate(body))
+        return tuple(_decode(item, values, path, (where, "item", k)) for k, item in enumerate(body))
     if tag in ("dict", "odict") and isinstance(body, list):
         result: dict = {} if tag == "dict" else collections.OrderedDict()
         for item in body:
             if not isinstance(item, list) or len(item) != 2:
                 raise CheckpointFormatError(
-                    f"'{path}': {where} holds {item!r:.80}; expected [key, value] pairs"
+                    f"'{path}': {_path_text(where)} holds {item!r:.80}; expected [key, value] pairs"
                 )
-            key = _decode(item[0], values, path, f"{where} key")
-            if not _is_key(key):
-                raise CheckpointFormatError(
-                    f"'{path}': {where} has a key {key!r:.80}; expected a number, a "
-                    f"string, None or a tuple of them"
-                )
-            result[key] = _decode(item[1], values, path, f"{where}[{key!r:.80}]")
+            key = item[0]
+            if type(key) is not str:  # a string is a key as it is
+                key = _decode(key, values, path, (where, "a key", None))
+                if not _is_key(key):
+                    raise CheckpointFormatError(
+                        f"'{path}': {_path_text(where)} has a key {key!r:.80}; expected a "
+                        f"number, a string, None or a tuple of them"
+                    )
+            result[key] = _decode(item[1], values, path, (where, "item", key))
         if tag == "odict" and value.get("metadata") is not None:
-            metadata = _decode(value["metadata"], values, path, f"{where}._metadata")
+            metadata = _decode(value["metadata"], values, path, (where, "metadata", None))
             if not isinstance(metadata, dict):
                 raise CheckpointFormatError(
-                    f"'{path}': {where}._metadata is {metadata!r:.80}; expected a dict"
+                    f"'{path}': {_path_text(where)}._metadata is {metadata!r:.80}; expected a dict"
                 )
             result._metadata = collections.OrderedDict(metadata)  # type: ignore[attr-defined]
         return result
     raise CheckpointFormatError(
-        f"'{path}': {where} is {value!r:.80}; expected a tagged "
+        f"'{path}': {_path_text(where)} is {value!r:.80}; expected a tagged "
         f"value (tensor, ndarray, tuple, dict, odict, dtype)"
     )
 
@@ -786,20 +798,22 @@ def _is_key(key: Any) -> bool:
 
 
 def _references(encoded: Any) -> collections.Counter[int]:
-    """How many times the 'state' JSON `encoded` refers to each dataset (counting any
-    "tensor" or "ndarray" key, so never fewer times than `_decode` uses it)."""
-    counts: collections.Counter[int] = collections.Counter()
+    """How many times the 'state' JSON `encoded` refers to each stored tensor (counting
+    any "tensor" or "ndarray" key, so never fewer times than `_decode` uses it)."""
+    found = []
     pending = [encoded]
     while pending:
         value = pending.pop()
         if isinstance(value, dict):
-            counts.update(
-                v for k, v in value.items() if k in ("tensor", "ndarray") and type(v) is int
-            )
-            pending.extend(value.values())
+            for key, item in value.items():
+                if type(item) is int:
+                    if key in ("tensor", "ndarray"):
+                        found.append(item)
+                elif isinstance(item, (dict, list)):
+                    pending.append(item)
         elif isinstance(value, list):
-            pending.extend(value)
-    return counts
+            pending.extend(item for item in value if isinstance(item, (dict, list)))
+    return collections.Counter(found)
 
 
 def _placeholder(found: _Stored) -> Any:
