@@ -812,7 +812,9 @@ def _references(encoded: Any) -> collections.Counter[int]:
                 elif isinstance(item, (dict, list)):
                     pending.append(item)
         elif isinstance(value, list):
-            pending.extend(item for item in value if isinstance(item, (dict, list)))
+            for item in value:
+                if isinstance(item, (dict, list)):
+                    pending.append(item)
     return collections.Counter(found)
 
 
