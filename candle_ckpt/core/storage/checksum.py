@@ -171,11 +171,12 @@ def read_file(
                         _release(contents, offset, len(view))
                 stream.seek(0)
         pieces = _destinations(contents, regions, size)
-        # The file was just read once, so this read is not waiting for the disk: the new
-        # memory between the regions is mapped in by another thread, ahead of the reader.
-        second_pass = _Populating(
-            [view for _, view in pieces if view.obj is contents.obj] if regions else []
-        )
+        # The new memory (between the regions, if any) is mapped in by another thread,
+        # ahead of the reader, which then copies from the page cache into memory mapped
+        # in already: a file just read once, or still in the page cache since its save,
+        # is read faster so (benchmarks/bench_shapes.py); one read from the disk is not
+        # read slower.
+        second_pass = _Populating([view for _, view in pieces if view.obj is contents.obj])
         running = [0]
 
         def add_to_crc(data: memoryview) -> None:  # in the CRC thread, chunk by chunk
