@@ -39,7 +39,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import h5py
 import numpy as np
@@ -505,8 +505,7 @@ _V2_KEYS = {"objects", "rng", "tensors", "byteorder"}
 _MAX_DIMENSIONS = 32
 
 
-@dataclass(frozen=True)
-class _Layout:
+class _Layout(NamedTuple):
     """What a stored tensor decodes to, from its description (v1: the dataset's
     attributes; v2: its entry of the table), checked against how it is stored."""
 
@@ -517,9 +516,9 @@ class _Layout:
     raw: bool  # a tensor's bytes stored as uint8 (a dtype numpy lacks, e.g. bfloat16)
 
 
-@dataclass(frozen=True)
-class _Stored:
-    """A tensor of a model file: what it decodes to, and where its bytes are."""
+class _Stored(NamedTuple):
+    """A tensor of a model file: what it decodes to, and where its bytes are (a
+    NamedTuple, not a dataclass: a restart makes thousands)."""
 
     name: str  # for messages: "dataset '/tensors/3'" (v1), "tensor 3 of '/data'" (v2)
     layout: _Layout
@@ -588,12 +587,13 @@ def _stored_v2(f: h5py.File, table: Any, size: int, path: str) -> list[_Stored]:
         name = f"tensor {k} of '/{DATA}'"
         where = f"'{path}': {name}"
         if not (
-            isinstance(entry, list)
+            type(entry) is list
             and len(entry) == 4
-            and isinstance(entry[0], str)
-            and isinstance(entry[1], list)
+            and type(entry[0]) is str
+            and type(entry[1]) is list
             and len(entry[1]) <= _MAX_DIMENSIONS
-            and all(type(n) is int and 0 <= n < 2**63 for n in [*entry[1], *entry[2:]])
+            and _sizes(entry[1])
+            and _sizes(entry[2:])
         ):
             raise CheckpointFormatError(
                 f"{where} is described as {entry!r:.120}; expected [dtype name, [sizes], "
@@ -610,7 +610,7 @@ def _stored_v2(f: h5py.File, table: Any, size: int, path: str) -> list[_Stored]:
             )
         stored.append(_Stored(name, layout, start + offset if nbytes else 0, nbytes))
     end, previous = 0, ""
-    for found in sorted((s for s in stored if s.nbytes), key=lambda s: s.offset):
+    for found in sorted((s for s in stored if s.nbytes), key=_by_offset):
         if found.offset < end:
             raise CheckpointFormatError(
                 f"'{path}': {found.name} overlaps {previous} (their bytes are shared); "
@@ -620,6 +620,15 @@ def _stored_v2(f: h5py.File, table: Any, size: int, path: str) -> list[_Stored]:
     return stored
 
 
+def _sizes(values: list) -> bool:
+    """Whether `values` are all sizes of a file: ints (never bools) from 0 below 2^63."""
+    return all(type(value) is int and 0 <= value < 2**63 for value in values)
+
+
+def _by_offset(found: _Stored) -> int:
+    return found.offset
+
+
 def _layout_of(name: str, shape: tuple[int, ...], what: str) -> _Layout:
     """The `_Layout` of a tensor described as dtype `name` (a torch dtype name, or
     "numpy:" and a numpy dtype of numbers in this machine's byte order) and `shape`.
@@ -627,14 +636,24 @@ def _layout_of(name: str, shape: tuple[int, ...], what: str) -> _Layout:
     Raises:
         CheckpointFormatError: `name` is none of these; `what` names it.
     """
-    described = _described_dtype(name)
-    if described is None:
+    layout = _cached_layout(name, shape)
+    if layout is None:
         expected = (
             "a numpy dtype of numbers in this machine's byte order"
             if name.startswith(_NUMPY_PREFIX)
             else "a torch dtype name such as 'float32'"
         )
         raise CheckpointFormatError(f"{what} is {name[:40]!r}; expected {expected}")
+    return layout
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_layout(name: str, shape: tuple[int, ...]) -> _Layout | None:
+    """`_layout_of`, None for a dtype `snapshot` does not write (the layers of a model
+    share their few shapes)."""
+    described = _described_dtype(name)
+    if described is None:
+        return None
     dtype, stored, is_array, raw = described
     return _Layout(dtype, shape, stored, is_array, raw)
 
