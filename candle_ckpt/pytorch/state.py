@@ -202,10 +202,11 @@ def snapshot(
         dtypes.append(dtype)
         return len(arrays) - 1
 
-    encoded = {
-        "objects": _encode(object_states(objects, weights_only), "state", array_of),
-        "rng": _encode({} if weights_only else rng_states(), "rng", array_of),
-    }
+    with _collector_paused():
+        encoded = {
+            "objects": _encode(object_states(objects, weights_only), "state", array_of),
+            "rng": _encode({} if weights_only else rng_states(), "rng", array_of),
+        }
     offsets, data_nbytes = data_layout([array.nbytes for array in arrays])
     block = None
     if copy:
@@ -1072,10 +1073,10 @@ def _copy_into(module: torch.nn.Module, saved: Mapping[str, Any], prefix: str = 
 
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused: decoding a state of thousands of
-    tensors allocates tens of thousands of containers, none of them garbage, and the
-    collections they would trigger walk every object of the process (the model's
-    included) for nothing."""
+    """Python's cyclic garbage collector paused: encoding or decoding a state of
+    thousands of tensors allocates tens of thousands of containers, none of them
+    garbage, and the collections they would trigger walk every object of the process
+    (the model's included) for nothing."""
     enabled = gc.isenabled()
     gc.disable()
     try:
