@@ -241,3 +241,26 @@ def test_modules_that_load_their_own_way_go_through_load_state_dict(tmp_path):
         torch.nn.Module.load_state_dict = real
     assert plain["model"][0].weight is weight
     same(state.object_states(saved, False), state.object_states(plain, False))
+
+
+def test_tied_weights_and_non_persistent_buffers_load_as_load_state_dict_loads_them(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(8, 4)
+            self.out = torch.nn.Linear(4, 8, bias=False)
+            self.out.weight = self.embed.weight
+            self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+    torch.manual_seed(0)
+    saved = {"model": Tied()}
+    path = str(tmp_path / "model.h5")
+    state.write(state.snapshot(saved, copy=False), path)
+    torch.manual_seed(1)
+    fresh = {"model": Tied()}
+    fresh["model"].scratch.fill_(5)
+    assert state._loads_plainly(fresh["model"])
+    state.restore(fresh, path, read_bytes(path), LOG)
+    assert fresh["model"].out.weight is fresh["model"].embed.weight
+    assert torch.equal(fresh["model"].embed.weight, saved["model"].embed.weight)
+    assert torch.equal(fresh["model"].scratch, torch.full((3,), 5.0))  # not in the file
