@@ -264,3 +264,27 @@ def test_tied_weights_and_non_persistent_buffers_load_as_load_state_dict_loads_t
     assert fresh["model"].out.weight is fresh["model"].embed.weight
     assert torch.equal(fresh["model"].embed.weight, saved["model"].embed.weight)
     assert torch.equal(fresh["model"].scratch, torch.full((3,), 5.0))  # not in the file
+
+
+def test_a_refusal_of_the_table_names_the_entries_of_the_state(tmp_path):
+    path, contents = rewritten(tmp_path, overlapping)
+    with pytest.raises(CheckpointFormatError) as refused:
+        state.read(contents, path)
+    assert (
+        "tensor 1 of '/data' (objects['model']['0.bias']) overlaps tensor 0 "
+        "(objects['model']['0.weight'])"
+    ) in str(refused.value)
+    path, contents = rewritten(tmp_path, set_in(0, "numpy:O"))
+    with pytest.raises(CheckpointFormatError, match=r"tensor 0 of '/data' \(objects\['model'\]"):
+        state.read(contents, path)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_state_without_tensors_round_trips(tmp_path, copy):
+    objects = {"model": torch.nn.ReLU()}
+    path = str(tmp_path / "model.h5")
+    snap = state.snapshot(objects, weights_only=True, copy=copy)
+    assert snap.data_nbytes == 0
+    state.write(snap, path)
+    restored = state.restore(objects, path, read_bytes(path), LOG)
+    assert restored.parts == ("model",)

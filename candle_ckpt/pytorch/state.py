@@ -497,7 +497,7 @@ def _contents(f: h5py.File, size: int, path: str) -> tuple[Any, bool, list[_Stor
             f"'{path}' holds its tensors in another byte order than this machine's "
             f"({sys.byteorder}); restart on a machine of the byte order that wrote it"
         )
-    return encoded, weights_only, _stored_v2(f, encoded.pop("tensors"), size, path)
+    return encoded, weights_only, _stored_v2(f, encoded, size, path)
 
 
 _V2_KEYS = {"objects", "rng", "tensors", "byteorder"}
@@ -565,12 +565,14 @@ def _stored_v1(found: h5py.Dataset, size: int, path: str) -> _Stored:
     return _Stored(name, layout, offset, nbytes)
 
 
-def _stored_v2(f: h5py.File, table: Any, size: int, path: str) -> list[_Stored]:
-    """Version 2: every entry of the JSON's `table` ([dtype, shape, offset, nbytes],
-    the offset within the data dataset), once each is found to be one `snapshot`
-    writes: a dtype it writes, a shape of sizes, nbytes those of the dtype and shape,
-    inside the data dataset, which is one run of uint8 inside the file (a file of
-    `size` bytes), and no two overlapping."""
+def _stored_v2(f: h5py.File, encoded: dict, size: int, path: str) -> list[_Stored]:
+    """Version 2: every entry of the JSON's table (`encoded`'s "tensors", which this
+    takes out of it: [dtype, shape, offset, nbytes], the offset within the data
+    dataset), once each is found to be one `snapshot` writes: a dtype it writes, a
+    shape of sizes, nbytes those of the dtype and shape, inside the data dataset, which
+    is one run of uint8 inside the file (a file of `size` bytes), and no two
+    overlapping. A refusal names the entry and where the state refers to it."""
+    table = encoded.pop("tensors")
     data = dataset(f, DATA, path)
     length = data.size if data.dtype == np.uint8 and data.ndim == 1 else None
     start = contiguous_offset(data) if length else 0
@@ -583,10 +585,12 @@ def _stored_v2(f: h5py.File, table: Any, size: int, path: str) -> list[_Stored]:
         raise CheckpointFormatError(
             f"'{path}': the table of tensors is {table!r:.80}; expected a list"
         )
+
+    def named(k: int) -> str:
+        return f"'{path}': tensor {k} of '/{DATA}' ({_referred_as(encoded, k)})"
+
     stored = []
     for k, entry in enumerate(table):
-        name = f"tensor {k} of '/{DATA}'"
-        where = f"'{path}': {name}"
         if not (
             type(entry) is list
             and len(entry) == 4
@@ -597,37 +601,60 @@ def _stored_v2(f: h5py.File, table: Any, size: int, path: str) -> list[_Stored]:
             and _sizes(entry[2:])
         ):
             raise CheckpointFormatError(
-                f"{where} is described as {entry!r:.120}; expected [dtype name, [sizes], "
-                f"offset, bytes]"
+                f"{named(k)} is described as {entry!r:.120}; expected [dtype name, "
+                f"[sizes], offset, bytes]"
             )
         dtype_name, shape, offset, nbytes = entry
-        layout = _layout_of(dtype_name, tuple(shape), f"{where}: its dtype")
+        layout = _cached_layout(dtype_name, tuple(shape)) or _layout_of(
+            dtype_name, tuple(shape), f"{named(k)}: its dtype"
+        )
         if nbytes != math.prod(shape) * _itemsize(layout) or offset + nbytes > length:
             raise CheckpointFormatError(
-                f"{where} is described as {nbytes} bytes at offset {offset}; a "
+                f"{named(k)} is described as {nbytes} bytes at offset {offset}; a "
                 f"{dtype_name} of shape {tuple(shape)} is "
                 f"{math.prod(shape) * _itemsize(layout)} bytes, and the data dataset "
                 f"holds {length}"
             )
+        name = f"tensor {k} of '/{DATA}'"
         stored.append(_Stored(name, layout, start + offset if nbytes else 0, nbytes))
-    end, previous = 0, ""
-    for found in sorted((s for s in stored if s.nbytes), key=_by_offset):
-        if found.offset < end:
+    end, previous = 0, 0
+    for offset, nbytes, k in sorted((s.offset, s.nbytes, k) for k, s in enumerate(stored)):
+        if nbytes and offset < end:
             raise CheckpointFormatError(
-                f"'{path}': {found.name} overlaps {previous} (their bytes are shared); "
-                f"candle_ckpt writes every tensor apart"
+                f"{named(k)} overlaps tensor {previous} ({_referred_as(encoded, previous)}): "
+                f"their bytes are shared; candle_ckpt writes every tensor apart"
             )
-        end, previous = found.offset + found.nbytes, found.name
+        if nbytes:
+            end, previous = offset + nbytes, k
     return stored
+
+
+def _referred_as(encoded: dict, index: int) -> str:
+    """Where the state JSON `encoded` (its "objects" and "rng") refers to stored tensor
+    `index`, as the messages name a place in the state (for a refusal only)."""
+    pending: list[tuple[Any, _Path]] = [(encoded.get(root), root) for root in ("rng", "objects")]
+    while pending:
+        value, where = pending.pop()
+        if isinstance(value, list):
+            pending.extend((item, (where, "item", k)) for k, item in enumerate(value))
+        elif isinstance(value, dict) and value:
+            tag, body = next(iter(value.items()))
+            if tag in ("tensor", "ndarray") and type(body) is int and body == index:
+                return _path_text(where)
+            if tag == "tuple" and isinstance(body, list):
+                pending.extend((item, (where, "item", k)) for k, item in enumerate(body))
+            elif tag in ("dict", "odict") and isinstance(body, list):
+                pending.extend(
+                    (item[1], (where, "item", item[0] if type(item[0]) is str else "..."))
+                    for item in body
+                    if isinstance(item, list) and len(item) == 2
+                )
+    return "referred to nowhere"
 
 
 def _sizes(values: list) -> bool:
     """Whether `values` are all sizes of a file: ints (never bools) from 0 below 2^63."""
     return all(type(value) is int and 0 <= value < 2**63 for value in values)
-
-
-def _by_offset(found: _Stored) -> int:
-    return found.offset
 
 
 def _layout_of(name: str, shape: tuple[int, ...], what: str) -> _Layout:
