@@ -384,27 +384,40 @@ def check_optimizer(
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{where}: state is a {type(state).__name__}; expected a dict")
     for index, values in state.items():
-        at = f"{where}, state[{shown(index)}]"
         if not _is_int(index) or index not in parameters:
             raise CheckpointFormatError(
-                f"{at}: no parameter of that number in param_groups (they number {len(parameters)})"
+                f"{_state_of(where, index)}: no parameter of that number in param_groups "
+                f"(they number {len(parameters)})"
             )
         if not isinstance(values, dict):
-            raise CheckpointFormatError(f"{at} is a {type(values).__name__}; expected a dict")
+            raise CheckpointFormatError(
+                f"{_state_of(where, index)} is a {type(values).__name__}; expected a dict"
+            )
         parameter = parameters[index]
         shape = shapes.get(id(parameter))
         if shape is None and not torch.nn.parameter.is_lazy(parameter):
             shape = tuple(parameter.shape)
         if values and "step" not in values and isinstance(optimizer, _STEPPED):
             raise CheckpointFormatError(
-                f"{at} has no 'step'; a {type(optimizer).__name__}'s state for a "
-                f"parameter always has one (it holds {', '.join(map(shown, values))})"
+                f"{_state_of(where, index)} has no 'step'; a {type(optimizer).__name__}'s "
+                f"state for a parameter always has one (it holds "
+                f"{', '.join(map(shown, values))})"
             )
         for key, value in values.items():
-            _check_parameter_state(value, key, shape, f"{at}[{shown(key)}]")
+            _check_parameter_state(value, key, shape, where, index)
 
 
-def _check_parameter_state(value: Any, key: Any, shape: tuple | None, at: str) -> None:
+def _state_of(where: str, index: Any) -> str:
+    """How a message names the optimizer state of parameter `index` (formatted only
+    for an error: a restart checks thousands)."""
+    return f"{where}, state[{shown(index)}]"
+
+
+def _check_parameter_state(
+    value: Any, key: Any, shape: tuple | None, where: str, index: Any
+) -> None:
+    """Raise CheckpointFormatError unless `value` is what the optimizer state `key` of
+    parameter `index` (of `shape`) can hold."""
     if key in _LIKE_THE_PARAMETER:
         if value is None and key == "momentum_buffer":
             return
@@ -414,14 +427,20 @@ def _check_parameter_state(value: Any, key: Any, shape: tuple | None, at: str) -
             or (shape is not None and tuple(value.shape) != shape)
         ):
             raise CheckpointFormatError(
-                f"{at} is {describe(value)}; the parameter is of shape {shape} and its "
-                f"'{key}' must be a float tensor of that shape"
+                f"{_state_of(where, index)}[{shown(key)}] is {describe(value)}; the "
+                f"parameter is of shape {shape} and its '{key}' must be a float tensor of "
+                f"that shape"
             )
     elif key in _ONE_NUMBER:
         if not (_is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1)):
-            raise CheckpointFormatError(f"{at} is {describe(value)}; expected one number")
+            raise CheckpointFormatError(
+                f"{_state_of(where, index)}[{shown(key)}] is {describe(value)}; expected one number"
+            )
     elif not isinstance(key, str):
-        raise CheckpointFormatError(f"{at}: a key {shown(key)}; expected the names of state")
+        raise CheckpointFormatError(
+            f"{_state_of(where, index)}[{shown(key)}]: a key {shown(key)}; expected the "
+            f"names of state"
+        )
 
 
 def check_like(saved: Any, live: Any, where: str) -> None:

@@ -18,6 +18,7 @@ files.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Callable
@@ -215,7 +216,7 @@ def _noting(read_into: RegionPlanner | None, planned: list[Regions]) -> RegionPl
         planned.append(read_into.plan(path, stream))
         return planned[-1]
 
-    return RegionPlanner(plan, read_into.rest_in_new_memory)
+    return dataclasses.replace(read_into, plan=plan)
 
 
 def _file_progress(
