@@ -9,7 +9,7 @@ import keras
 
 from ..core.logs import set_progress_line_open
 from ..core.run.session import TrainingSession
-from . import deferred
+from . import deferred, steps
 from .adapter import KerasAdapter
 
 
@@ -97,22 +97,29 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.checkpointer = self.session.checkpointer
         self._progress_bar = False
         self._metrics_checked = False
+        self._start = steps.AT_EPOCH_START
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         # fit(verbose=1), or "auto" (1 here), redraws one line of stdout per batch; a
         # callback driven by hand, outside fit, has no params
         self._progress_bar = (self.params or {}).get("verbose") in (1, "auto")
         self._metrics_checked = False
+        batches_per_epoch = (self.params or {}).get("steps")
+        # Before `deferred` wraps the train function, so that a deferred load comes first.
+        self._start = steps.start_fit(self.model, batches_per_epoch)
         deferred.load_when_built(self.model)
         weights_only = self.session.settings["ckpt_save_weights_only"]
-        self.session.begin(KerasAdapter(self.model, weights_only))
+        self.session.begin(KerasAdapter(self.model, weights_only, batches_per_epoch))
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         # This callback runs before Keras' ProgbarLogger, which ended the last epoch's line.
         set_progress_line_open(False)
         self.session.epoch_begin(epoch)
+        steps.epoch_began(self.model)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._start.skipped(batch):
+            return  # trained before the restart: fit resumes after it
         if not self._metrics_checked:
             # Keras 3 builds the compiled metrics in the first train step, so their
             # names are first known here, not in on_train_begin; validation reports
@@ -128,6 +135,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.session.batch_end(batch)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = steps.AT_EPOCH_START
         self.session.epoch_end(epoch + 1, logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
