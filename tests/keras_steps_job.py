@@ -50,15 +50,7 @@ def main(argv):
     rng = np.random.default_rng(11)
     x = rng.standard_normal((SAMPLES, FEATURES)).astype("float32")
     y = (np.sin(x).sum(axis=1, keepdims=True) + 0.1).astype("float32")
-    model = keras.Sequential(
-        [
-            keras.Input((FEATURES,)),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dropout(0.2),
-            keras.layers.Dense(1),
-        ]
-    )
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+    model = build_model(keras)
 
     ckpt = candle_ckpt.CandleCkptKeras(params, verbose=False)
     ckpt.set_model(model)
@@ -82,7 +74,10 @@ def main(argv):
     )
     state = {
         f"{group}/{i}": v.numpy()
-        for group, variables in (("weights", model.weights), ("optimizer", model.optimizer.variables))
+        for group, variables in (
+            ("weights", model.weights),
+            ("optimizer", model.optimizer.variables),
+        )
         for i, v in enumerate(variables)
     }
     np.savez(params["out"][: -len(".json")] + ".npz", **state)
@@ -94,6 +89,20 @@ def main(argv):
             },
             stream,
         )
+
+
+def build_model(keras):
+    """The job's compiled model (seed it first)."""
+    model = keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+    return model
 
 
 def epoch_logger(out):

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 
-import h5py
 import numpy as np
 import pytest
 
@@ -24,7 +23,13 @@ def run(tmp_path, name, *args, expect=0):
     """Run the job as run `name` in tmp_path (tree tmp_path/save); return its JSON, or
     None for a run that did not end normally."""
     result = subprocess.run(
-        [sys.executable, JOB, "--ckpt_directory", str(tmp_path / "save"), *job_args(tmp_path, name, args)],
+        [
+            sys.executable,
+            JOB,
+            "--ckpt_directory",
+            str(tmp_path / "save"),
+            *job_args(tmp_path, name, args),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -51,14 +56,27 @@ def final_state(tmp_path, name):
         return {key: loaded[key] for key in loaded.files}
 
 
-def assert_resumed_exactly(tmp_path, data_args, resumed_at):
-    """The reference run (never interrupted) and the interrupted one then `resumed`
-    agree bit for bit; the resumed run trained only the batches after `resumed_at`
-    (epochs completed, batch)."""
-    reference_dir = tmp_path / "reference"
-    reference_dir.mkdir()
-    run(reference_dir, "run", *data_args)
-    resumed = run(tmp_path, "resumed", *data_args)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """reference(data_args): the directory of a run never interrupted on that data
+    (one per module and data: the checkpoint flags do not change the training)."""
+    made = {}
+
+    def made_for(data_args):
+        key = tuple(data_args)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("reference")
+            run(made[key], "run", *data_args)
+        return made[key]
+
+    return made_for
+
+
+def assert_resumed_exactly(tmp_path, reference_dir, args, resumed_at):
+    """The run never interrupted in `reference_dir` and the one interrupted in
+    `tmp_path` ("first") then rerun with `args` ("resumed") agree bit for bit; the
+    resumed run trained only the batches after `resumed_at` (epochs completed, batch)."""
+    resumed = run(tmp_path, "resumed", *args)
     assert (resumed["J"]["epoch"], resumed["J"]["batch"]) == resumed_at
     epoch, batch = resumed_at
     assert resumed["trained"] == EPOCHS * BATCHES - epoch * BATCHES - batch
@@ -72,15 +90,19 @@ def assert_resumed_exactly(tmp_path, data_args, resumed_at):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data", ["arrays", "pydataset"])
-def test_killed_after_a_step_save_resumes_at_its_batch_bit_identical(tmp_path, data):
-    args = ["--data", data, "--shuffle", "--ckpt_save_steps", "3"]
+def test_killed_after_a_step_save_resumes_at_its_batch_bit_identical(tmp_path, reference, data):
+    data_args = ["--data", data, "--shuffle"]
+    args = [*data_args, "--ckpt_save_steps", "3"]
     run(tmp_path, "first", *args, "--kill_at", "2:5", expect=-signal.SIGKILL)
-    assert_resumed_exactly(tmp_path, args, resumed_at=(1, 3))
+    assert_resumed_exactly(tmp_path, reference(data_args), args, resumed_at=(1, 3))
 
 
 @pytest.mark.slow
-def test_signalled_mid_epoch_saves_that_batch_and_resumes_there_bit_identical(tmp_path):
-    args = ["--ckpt_signal", "USR1"]
+def test_signalled_mid_epoch_saves_that_batch_and_resumes_there_bit_identical(tmp_path, reference):
+    """fit(x, y, shuffle=False). The job waits for the signal in a callback after batch
+    4 of epoch 2, after candle_ckpt's own: candle_ckpt sees it at the end of batch 5,
+    and saves that batch."""
+    args = ["--ckpt_signal", "USR1", "--ckpt_save_steps", "1000"]
     job = subprocess.Popen(
         [sys.executable, JOB, "--ckpt_directory", str(tmp_path / "save")]
         + job_args(tmp_path, "first", [*args, "--pause_at", "2:4"]),
@@ -95,5 +117,42 @@ def test_signalled_mid_epoch_saves_that_batch_and_resumes_there_bit_identical(tm
         assert job.wait(timeout=120) == 75, job.stderr.read()[-3000:]
     finally:
         job.kill()
-    assert_resumed_exactly(tmp_path, args, resumed_at=(1, 4))
+    assert_resumed_exactly(tmp_path, reference([]), args, resumed_at=(1, 5))
 
+
+@pytest.mark.parametrize("damage", ["other batch", "no group"])
+def test_a_step_checkpoint_whose_model_file_disagrees_with_its_record_is_refused(tmp_path, damage):
+    """All or nothing: the step state in model.h5 is checked against its record
+    (ckpt-info.json's epoch and batch) before anything is loaded."""
+    from keras_steps_job import FEATURES, build_model
+
+    import candle_ckpt
+    from candle_ckpt.core.logs import silent_logger
+    from candle_ckpt.core.restore.resume import Checkpoint
+    from candle_ckpt.keras import steps
+    from candle_ckpt.keras.adapter import KerasAdapter
+
+    _, keras = candle_ckpt.import_tensorflow_quietly()
+    x = np.ones((32, FEATURES), "float32")
+    trained = build_model(keras)
+    trained.fit(x, x[:, :1], batch_size=16, verbose=0)  # metrics and optimizer built
+    writer = KerasAdapter(trained, batches_per_epoch=2)
+    writer.set_position(1, 0 if damage == "no group" else 1)
+    writer.write_model_file(writer.snapshot(copy=False), str(tmp_path), checksum=False)
+    record = {"model_file": "model.h5", "batch": 2 if damage == "other batch" else 1}
+    checkpoint = Checkpoint(
+        1, str(tmp_path), record, memoryview((tmp_path / "model.h5").read_bytes())
+    )
+
+    model = build_model(keras)
+    before = [v.numpy() for v in model.weights]
+    with pytest.raises(candle_ckpt.CheckpointFormatError) as refused:
+        KerasAdapter(model).restore(checkpoint, silent_logger())
+    expected = {
+        "other batch": "group 'candle_ckpt_steps' is at (epochs completed, batch) (1, 1), "
+        "its ckpt-info.json at (1, 2)",
+        "no group": "has no 'candle_ckpt_steps' group, but its ckpt-info.json records batch 1",
+    }[damage]
+    assert expected in str(refused.value)
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.weights))
+    assert steps.take(model) is None

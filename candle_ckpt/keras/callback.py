@@ -114,7 +114,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         # This callback runs before Keras' ProgbarLogger, which ended the last epoch's line.
         set_progress_line_open(False)
-        self.session.epoch_begin(epoch)
+        self.session.epoch_begin(epoch, batch=self._start.batch)
         steps.epoch_began(self.model)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
