@@ -127,6 +127,14 @@ class KerasAdapter:
         step = None if weights_only else steps.read(checkpoint)
         restored = self._restore(checkpoint, logger, weights_only)
         steps.hold(self.model, step)
+        if step is not None and not step.metrics_saved:
+            logger.warning(
+                "the checkpoint after batch %d of epoch %d was saved under a multi-worker "
+                "strategy, without the metrics' running state: that epoch's logs will "
+                "average only its batches trained from here",
+                step.batch,
+                step.epoch + 1,
+            )
         return restored
 
     def _restore(

@@ -12,7 +12,8 @@ to run as if never interrupted, is written beside them in the group
   its record is refused), and the batches per epoch the run's data had;
 - the values of the model's metric variables (`model.metrics_variables`: the running
   mean of the loss and of each compiled metric over the epoch's batches so far), so
-  that the resumed epoch's logs, and the history, are those of an uninterrupted run;
+  that the resumed epoch's logs, and the history, are those of an uninterrupted run
+  (not under a multi-worker strategy: see `StepState.capture`);
 - the state of Python's global `random` generator as the epoch began: Keras shuffles a
   `PyDataset`'s batches (`fit(shuffle=True)`) with `random.shuffle` once per epoch,
   after `on_epoch_begin`, so that the resumed epoch, started from this state, draws
@@ -56,7 +57,7 @@ from ..hdf5 import dataset as _dataset
 from ..hdf5 import dataset_array, read_names
 from ..hdf5 import group as _group
 from ..hdf5_check import errors_are_the_files, open_model_file
-from .distributed import strategy_all_gather, strategy_scope
+from .distributed import multi_worker_strategy, strategy_all_gather, strategy_scope
 
 STEPS_GROUP = "candle_ckpt_steps"
 _NAMES = "metric_names"
@@ -76,13 +77,20 @@ class StepState:
     metric_names: tuple[str, ...]  # the metric variables' paths
     metric_values: tuple[np.ndarray, ...]
     python_random: tuple[Any, ...]  # random.getstate() as the epoch began
+    metrics_saved: bool = True
 
     @classmethod
     def capture(
         cls, model: Any, epoch: int, batch: int, batches_per_epoch: int | None
     ) -> StepState:
-        """The state of `model` after `batch` batches of epoch `epoch` + 1 (a copy)."""
-        variables = model.metrics_variables
+        """The state of `model` after `batch` batches of epoch `epoch` + 1 (a copy).
+
+        Under a multi-worker strategy the metric variables are not captured: each
+        worker holds its own part of each, and reading one is a collective of every
+        worker, while only the writer saves, at batches it alone decides.
+        """
+        metrics_saved = multi_worker_strategy(model) is None
+        variables = model.metrics_variables if metrics_saved else []
         return cls(
             epoch,
             batch,
@@ -90,6 +98,7 @@ class StepState:
             tuple(v.path for v in variables),
             tuple(np.array(v.numpy()) for v in variables),
             _epoch_random.get(model) or random.getstate(),
+            metrics_saved,
         )
 
     def write(self, f: h5py.File) -> None:
@@ -98,6 +107,7 @@ class StepState:
         group.attrs["epoch"] = self.epoch
         group.attrs["batch"] = self.batch
         group.attrs["batches_per_epoch"] = self.batches_per_epoch
+        group.attrs["metrics_saved"] = self.metrics_saved
         group.attrs[_NAMES] = np.array([n.encode("utf8") for n in self.metric_names], dtype=bytes)
         for k, value in enumerate(self.metric_values):
             group.create_dataset(str(k), data=value)
@@ -155,6 +165,12 @@ def _parse(group: h5py.Group, contents: memoryview, path: str) -> StepState:
             f"'{path}': group '{STEPS_GROUP}' is at epoch {values['epoch']}, batch "
             f"{values['batch']}; expected epochs completed >= 0 and batch >= 1"
         )
+    metrics_saved = group.attrs.get("metrics_saved")
+    if not isinstance(metrics_saved, (bool, np.bool_)):
+        raise CheckpointFormatError(
+            f"'{path}': attribute 'metrics_saved' of group '{STEPS_GROUP}' is "
+            f"{metrics_saved!r}; expected a boolean"
+        )
     names = tuple(read_names(group, _NAMES))
     arrays = tuple(
         np.array(dataset_array(_dataset(group, str(k), path), contents, path))
@@ -167,6 +183,7 @@ def _parse(group: h5py.Group, contents: memoryview, path: str) -> StepState:
         names,
         arrays,
         _parse_random(group, contents, path),
+        bool(metrics_saved),
     )
 
 
@@ -316,6 +333,8 @@ def start_at_batch(model: Any, state: StepState, batches_per_epoch: int | None) 
 
 def _restore_metrics(model: Any, state: StepState, iterator: Any) -> None:
     """Assign the saved metric values, after checking them all (fit has reset them)."""
+    if not state.metrics_saved:
+        return  # restart warned: the epoch's logs average the batches trained from here
     variables = model.metrics_variables
     if len(variables) != len(state.metric_names):
         # Keras builds the compiled metrics in the first training step; they must hold
