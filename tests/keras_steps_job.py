@@ -1,11 +1,12 @@
 """A Keras job for the mid-epoch tests: CANDLE's pattern, optionally killed or signalled.
 
     python tests/keras_steps_job.py --ckpt_directory DIR --epochs 3 --out RUN.json
-        [--data arrays|pydataset] [--shuffle] [--kill_at E:B] [--pause_at E:B] [flags]
+        [--data arrays|pydataset|tfdata] [--shuffle] [--kill_at E:B] [--pause_at E:B] [flags]
 
 Trains a small MLP with Dropout (seeded, deterministic kernels) through
 `CandleCkptKeras` (`J = ckpt.restart(model)`, `fit(initial_epoch=J["epoch"])`) on
-NumPy arrays or on a `keras.utils.PyDataset` of the same batches, with fit's `shuffle`.
+NumPy arrays, a `keras.utils.PyDataset` of the same batches or a `tf.data.Dataset` of
+them, with fit's `shuffle` (the dataset's own with `reshuffle_each_iteration=False`).
 `--kill_at` and `--pause_at` are tests/keras_job.py's (kill -9, or wait for a signal,
 after batch B of 1-based epoch E). Every epoch's logs are appended to RUN.json's
 sibling RUN.epochs.jsonl as they end, so a killed run leaves those it completed;
@@ -33,7 +34,7 @@ def parse(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--data", choices=("arrays", "pydataset"), default="arrays")
+    parser.add_argument("--data", choices=("arrays", "pydataset", "tfdata"), default="arrays")
     parser.add_argument("--shuffle", action="store_true")
     candle_ckpt.ckpt_parser(parser)
     parser.set_defaults(ckpt_save_best_metric="loss")
@@ -64,6 +65,11 @@ def main(argv):
     data = {"x": x, "y": y, "batch_size": BATCH_SIZE}
     if params["data"] == "pydataset":
         data = {"x": Batches(keras, x, y)}
+    if params["data"] == "tfdata":
+        dataset = tf.data.Dataset.from_tensor_slices((x, y))
+        if params["shuffle"]:
+            dataset = dataset.shuffle(SAMPLES, seed=5, reshuffle_each_iteration=False)
+        data = {"x": dataset.batch(BATCH_SIZE)}
     model.fit(
         **data,
         epochs=params["epochs"],

@@ -1,7 +1,7 @@
 """Keras fit resumed mid-epoch: a run killed (kill -9) or signalled after a step save,
 rerun with the same command, ends bit for bit as a run never interrupted (weights,
 optimizer, every epoch's logs) and trains none of the saved batches again; on NumPy
-arrays and a PyDataset, with fit's shuffle on and off. Real subprocesses
+arrays, a PyDataset and a tf.data.Dataset, shuffled or not. Real subprocesses
 (tests/keras_steps_job.py, 10 batches per epoch, 3 epochs)."""
 
 import json
@@ -89,7 +89,7 @@ def assert_resumed_exactly(tmp_path, reference_dir, args, resumed_at):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data", ["arrays", "pydataset"])
+@pytest.mark.parametrize("data", ["arrays", "pydataset", "tfdata"])
 def test_killed_after_a_step_save_resumes_at_its_batch_bit_identical(tmp_path, reference, data):
     data_args = ["--data", data, "--shuffle"]
     args = [*data_args, "--ckpt_save_steps", "3"]
