@@ -19,7 +19,7 @@ JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keras_steps_job.
 BATCHES, EPOCHS = 10, 3
 
 
-def run(tmp_path, name, *args, expect=0):
+def run(tmp_path, name, *args, expect=0, env=None):
     """Run the job as run `name` in tmp_path (tree tmp_path/save); return its JSON, or
     None for a run that did not end normally."""
     result = subprocess.run(
@@ -33,6 +33,7 @@ def run(tmp_path, name, *args, expect=0):
         capture_output=True,
         text=True,
         timeout=300,
+        env=None if env is None else {**os.environ, **env},
     )
     assert result.returncode == expect, result.stderr[-3000:]
     return json.loads((tmp_path / f"{name}.json").read_text()) if expect == 0 else None
@@ -98,11 +99,30 @@ def test_killed_after_a_step_save_resumes_at_its_batch_bit_identical(tmp_path, r
 
 
 @pytest.mark.slow
-def test_signalled_mid_epoch_saves_that_batch_and_resumes_there_bit_identical(tmp_path, reference):
+@pytest.mark.parametrize(
+    ("fault", "resumed_at"),
+    [("after_write:6", (1, 3)), ("after_step_link:5", (1, 6))],
+    ids=["model file of a step half saved", "new step linked, old one not yet removed"],
+)
+def test_killed_during_a_step_save_resumes_from_the_newest_complete_one(
+    tmp_path, reference, fault, resumed_at
+):
+    """Saves every 3 batches: batches 3, 6, 9 of epoch 1, its end, then 3 and 6 of
+    epoch 2; the kill -9 hits the save of batch 6 of epoch 2 (CANDLE_CKPT_FAULT)."""
+    args = ["--ckpt_save_steps", "3"]
+    run(tmp_path, "first", *args, expect=-signal.SIGKILL, env={"CANDLE_CKPT_FAULT": fault})
+    assert_resumed_exactly(tmp_path, reference([]), args, resumed_at=resumed_at)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt_async", ["false", "true"])
+def test_signalled_mid_epoch_saves_that_batch_and_resumes_there_bit_identical(
+    tmp_path, reference, ckpt_async
+):
     """fit(x, y, shuffle=False). The job waits for the signal in a callback after batch
     4 of epoch 2, after candle_ckpt's own: candle_ckpt sees it at the end of batch 5,
     and saves that batch."""
-    args = ["--ckpt_signal", "USR1", "--ckpt_save_steps", "1000"]
+    args = ["--ckpt_signal", "USR1", "--ckpt_save_steps", "1000", "--ckpt_async", ckpt_async]
     job = subprocess.Popen(
         [sys.executable, JOB, "--ckpt_directory", str(tmp_path / "save")]
         + job_args(tmp_path, "first", [*args, "--pause_at", "2:4"]),
