@@ -36,6 +36,9 @@ def parse(argv):
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", choices=("arrays", "pydataset", "tfdata"), default="arrays")
     parser.add_argument("--shuffle", action="store_true")
+    parser.add_argument(
+        "--compile_after_restart", action="store_true", help="NT3's order: restart, then compile"
+    )
     candle_ckpt.ckpt_parser(parser)
     parser.set_defaults(ckpt_save_best_metric="loss")
     return vars(parser.parse_args(argv)), kill_at, pause_at
@@ -51,13 +54,15 @@ def main(argv):
     rng = np.random.default_rng(11)
     x = rng.standard_normal((SAMPLES, FEATURES)).astype("float32")
     y = (np.sin(x).sum(axis=1, keepdims=True) + 0.1).astype("float32")
-    model = build_model(keras)
+    model = build_model(keras, compiled=not params["compile_after_restart"])
 
     ckpt = candle_ckpt.CandleCkptKeras(params, verbose=False)
     ckpt.set_model(model)
     J = ckpt.restart(model)
-    trained_before = int(model.optimizer.iterations.numpy())
-    callbacks = [ckpt, epoch_logger(params["out"])]
+    if params["compile_after_restart"]:
+        compile_model(keras, model)
+    logger = epoch_logger(params["out"])
+    callbacks = [ckpt, logger]
     if kill_at:
         callbacks.append(at_batch(kill_at, kill_myself))
     if pause_at:
@@ -91,14 +96,14 @@ def main(argv):
         json.dump(
             {
                 "J": J,
-                "trained": int(model.optimizer.iterations.numpy()) - trained_before,
+                "trained": int(model.optimizer.iterations.numpy()) - logger.iterations_at_start,
             },
             stream,
         )
 
 
-def build_model(keras):
-    """The job's compiled model (seed it first)."""
+def build_model(keras, compiled=True):
+    """The job's model, compiled unless told (seed first)."""
     model = keras.Sequential(
         [
             keras.Input((FEATURES,)),
@@ -107,17 +112,27 @@ def build_model(keras):
             keras.layers.Dense(1),
         ]
     )
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+    if compiled:
+        compile_model(keras, model)
     return model
 
 
+def compile_model(keras, model):
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+
+
 def epoch_logger(out):
-    """A callback appending {"epoch": 1-based, **logs} to OUT's .epochs.jsonl."""
+    """A callback appending {"epoch": 1-based, **logs} to OUT's .epochs.jsonl, which
+    notes the optimizer's iteration count as fit starts (after candle_ckpt's callback
+    loaded a deferred checkpoint) in `iterations_at_start`."""
     import keras
 
     path = out[: -len(".json")] + ".epochs.jsonl"
 
     class EpochLogs(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.iterations_at_start = int(self.model.optimizer.iterations.numpy())
+
         def on_epoch_end(self, epoch, logs=None):
             row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
             with open(path, "a") as stream:

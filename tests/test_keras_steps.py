@@ -90,9 +90,19 @@ def assert_resumed_exactly(tmp_path, reference_dir, args, resumed_at):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data", ["arrays", "pydataset", "tfdata"])
-def test_killed_after_a_step_save_resumes_at_its_batch_bit_identical(tmp_path, reference, data):
-    data_args = ["--data", data, "--shuffle"]
+@pytest.mark.parametrize(
+    "data_args",
+    [
+        ["--data", "arrays", "--shuffle"],
+        ["--data", "pydataset", "--shuffle"],
+        ["--data", "tfdata", "--shuffle"],
+        ["--compile_after_restart"],
+    ],
+    ids=["arrays", "pydataset", "tfdata", "arrays, compiled after restart (NT3's order)"],
+)
+def test_killed_after_a_step_save_resumes_at_its_batch_bit_identical(
+    tmp_path, reference, data_args
+):
     args = [*data_args, "--ckpt_save_steps", "3"]
     run(tmp_path, "first", *args, "--kill_at", "2:5", expect=-signal.SIGKILL)
     assert_resumed_exactly(tmp_path, reference(data_args), args, resumed_at=(1, 3))

@@ -55,6 +55,13 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     an epoch end when the next epoch and a save would not finish before the job's end
     (`candle_ckpt.core.run.walltime`).
 
+    With `ckpt_save_steps` it also saves step checkpoints inside an epoch, every N
+    batches and when `ckpt_signal` comes (`TrainingSession.batch_end`). After
+    `restart()` resumed one (`J["batch"]` > 0), the same fit call, with
+    `initial_epoch=J["epoch"]`, starts at that batch: its first `J["batch"]` steps train
+    nothing, the metrics' running state is restored and the data move past the trained
+    batches (`candle_ckpt.keras.steps`).
+
     The writer holds an advisory lock on `ckpts/.lock` from the start of fit to its end
     (the kernel drops it if the process dies): a second job writing the same tree fails
     with a `WriterLockedError` naming the holder's pid, host and start time, in
@@ -118,6 +125,8 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         steps.epoch_began(self.model)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._progress_bar:
+            set_progress_line_open(True)
         if self._start.skipped(batch):
             return  # trained before the restart: fit resumes after it
         if not self._metrics_checked:
@@ -130,8 +139,6 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
                 names + [f"val_{name}" for name in names],
                 "the metrics this model reports (val_* with validation data)",
             )
-        if self._progress_bar:
-            set_progress_line_open(True)
         self.session.batch_end(batch)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

@@ -316,15 +316,18 @@ def start_at_batch(model: Any, state: StepState, batches_per_epoch: int | None) 
         )
     train_function = model.train_function
     calls = 0
+    restored_logs: dict[str, Any] = {}
 
     def resume_then_train(iterator: Any) -> Any:
         nonlocal calls
         if calls == 0:
             _restore_metrics(model, state, iterator)
             _skip(iterator, state)
+            # the logs of every skipped step: computed once, they do not change
+            restored_logs.update(model.get_metrics_result())
         calls += 1
         if calls <= batch // per_call:
-            return model.get_metrics_result()
+            return dict(restored_logs)
         model.train_function = train_function
         return train_function(iterator)
 
