@@ -7,8 +7,9 @@ Trains a small MLP with Dropout (seeded, deterministic kernels) through
 `CandleCkptKeras` (`J = ckpt.restart(model)`, `fit(initial_epoch=J["epoch"])`) on
 NumPy arrays, a `keras.utils.PyDataset` of the same batches or a `tf.data.Dataset` of
 them, with fit's `shuffle` (the dataset's own with `reshuffle_each_iteration=False`).
-`--kill_at` and `--pause_at` are tests/keras_job.py's (kill -9, or wait for a signal,
-after batch B of 1-based epoch E). Every epoch's logs are appended to RUN.json's
+`--kill_at`, `--pause_at` and `--virtual_clock S` are tests/keras_job.py's (kill -9,
+or wait for a signal, after batch B of 1-based epoch E; S more seconds on the wall-time
+stop's clock per batch). Every epoch's logs are appended to RUN.json's
 sibling RUN.epochs.jsonl as they end, so a killed run leaves those it completed;
 a run that ends writes RUN.json: `J` as restart returned it, the batches this process
 trained (the optimizer's iteration count, before and after fit) and its final weights
@@ -21,7 +22,15 @@ import os
 import sys
 
 import numpy as np
-from keras_job import at_batch, kill_myself, take_point, wait_for_a_signal
+from keras_job import (
+    at_batch,
+    at_every_batch,
+    install_virtual_clock,
+    kill_myself,
+    take_point,
+    take_value,
+    wait_for_a_signal,
+)
 
 BATCH_SIZE, SAMPLES, FEATURES = 16, 160, 8  # 10 batches per epoch
 
@@ -31,6 +40,7 @@ def parse(argv):
 
     argv, kill_at = take_point(argv, "--kill_at")
     argv, pause_at = take_point(argv, "--pause_at")
+    argv, tick = take_value(argv, "--virtual_clock")
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--out", required=True)
@@ -41,11 +51,11 @@ def parse(argv):
     )
     candle_ckpt.ckpt_parser(parser)
     parser.set_defaults(ckpt_save_best_metric="loss")
-    return vars(parser.parse_args(argv)), kill_at, pause_at
+    return vars(parser.parse_args(argv)), kill_at, pause_at, tick
 
 
 def main(argv):
-    params, kill_at, pause_at = parse(argv)
+    params, kill_at, pause_at, tick = parse(argv)
     import candle_ckpt
 
     tf, keras = candle_ckpt.import_tensorflow_quietly()
@@ -67,6 +77,8 @@ def main(argv):
         callbacks.append(at_batch(kill_at, kill_myself))
     if pause_at:
         callbacks.append(at_batch(pause_at, wait_for_a_signal))
+    if tick is not None:
+        callbacks.append(at_every_batch(install_virtual_clock(tick)))
     data = {"x": x, "y": y, "batch_size": BATCH_SIZE}
     if params["data"] == "pydataset":
         data = {"x": Batches(keras, x, y)}

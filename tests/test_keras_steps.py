@@ -73,10 +73,14 @@ def reference(tmp_path_factory):
     return made_for
 
 
-def assert_resumed_exactly(tmp_path, reference_dir, args, resumed_at):
+def assert_resumed_exactly(tmp_path, reference_dir, args, resumed_at=None):
     """The run never interrupted in `reference_dir` and the one interrupted in
     `tmp_path` ("first") then rerun with `args` ("resumed") agree bit for bit; the
-    resumed run trained only the batches after `resumed_at` (epochs completed, batch)."""
+    resumed run trained only the batches after `resumed_at` (epochs completed, batch;
+    None: the step checkpoint `last_step` names)."""
+    if resumed_at is None:
+        name = os.readlink(tmp_path / "save" / "ckpts" / "last_step")
+        resumed_at = tuple(int(part) for part in name.removeprefix("steps/").split("."))
     resumed = run(tmp_path, "resumed", *args)
     assert (resumed["J"]["epoch"], resumed["J"]["batch"]) == resumed_at
     epoch, batch = resumed_at
@@ -148,6 +152,19 @@ def test_signalled_mid_epoch_saves_that_batch_and_resumes_there_bit_identical(
     finally:
         job.kill()
     assert_resumed_exactly(tmp_path, reference([]), args, resumed_at=(1, 5))
+
+
+@pytest.mark.slow
+def test_stopped_at_the_wall_time_margin_mid_epoch_resumes_there_bit_identical(tmp_path, reference):
+    """10 virtual seconds per batch: a job ending 260 s after it starts, with a 20 s
+    margin, stops inside epoch 3 (of 10 batches each) after a step save."""
+    args = ["--ckpt_save_steps", "1000", "--ckpt_walltime_margin", "20"]
+    args += ["--ckpt_end_time", "+260", "--virtual_clock", "10"]
+    run(tmp_path, "first", *args, expect=75)
+    name = os.readlink(tmp_path / "save" / "ckpts" / "last_step")
+    assert name.startswith("steps/002."), name
+    assert "WALL-CLOCK STOP after epoch 3, batch" in (tmp_path / "save" / "ckpt.log").read_text()
+    assert_resumed_exactly(tmp_path, reference([]), args)
 
 
 @pytest.mark.parametrize("damage", ["other batch", "no group"])
