@@ -44,11 +44,15 @@ def job_args(tmp_path, name, args):
 
 
 def epoch_logs(tmp_path, *names):
-    rows = []
+    """{epoch: its logs} of these runs in order: a later run's replace an earlier's
+    (a run resumed at an epoch's last batch logs that epoch again)."""
+    rows = {}
     for name in names:
         path = tmp_path / f"{name}.epochs.jsonl"
         if path.exists():
-            rows += [json.loads(line) for line in path.read_text().splitlines()]
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                rows[row["epoch"]] = row
     return rows
 
 
@@ -126,6 +130,15 @@ def test_killed_during_a_step_save_resumes_from_the_newest_complete_one(
     args = ["--ckpt_save_steps", "3"]
     run(tmp_path, "first", *args, expect=-signal.SIGKILL, env={"CANDLE_CKPT_FAULT": fault})
     assert_resumed_exactly(tmp_path, reference([]), args, resumed_at=resumed_at)
+
+
+@pytest.mark.slow
+def test_a_step_saved_at_an_epochs_last_batch_resumes_with_none_of_it_to_train(tmp_path, reference):
+    """Epoch 1's end is not saved (interval 2, no best), its batch 10 is: the rerun
+    starts fit at epoch 1, trains none of it, and still logs it as the first run did."""
+    args = ["--ckpt_save_steps", "5", "--ckpt_save_interval", "2", "--ckpt_save_best", "false"]
+    run(tmp_path, "first", *args, "--kill_at", "2:1", expect=-signal.SIGKILL)
+    assert_resumed_exactly(tmp_path, reference([]), args, resumed_at=(0, 10))
 
 
 @pytest.mark.slow
