@@ -193,6 +193,7 @@ def test_a_step_checkpoint_whose_model_file_disagrees_with_its_record_is_refused
     from candle_ckpt.keras.adapter import KerasAdapter
 
     _, keras = candle_ckpt.import_tensorflow_quietly()
+    keras.utils.set_random_seed(0)  # other tests in this process may enable op determinism
     x = np.ones((32, FEATURES), "float32")
     trained = build_model(keras)
     trained.fit(x, x[:, :1], batch_size=16, verbose=0)  # metrics and optimizer built
