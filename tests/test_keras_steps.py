@@ -217,3 +217,22 @@ def test_a_step_checkpoint_whose_model_file_disagrees_with_its_record_is_refused
     assert expected in str(refused.value)
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.weights))
     assert steps.take(model) is None
+
+
+def test_step_saves_of_a_model_training_several_batches_per_call_are_refused(tmp_path):
+    """fit reports only every k-th batch with steps_per_execution=k: refused before
+    anything is trained or saved."""
+    import candle_ckpt
+
+    _, keras = candle_ckpt.import_tensorflow_quietly()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("adam", "mse", steps_per_execution=2)
+    params = {"ckpt_directory": str(tmp_path), "epochs": 1, "ckpt_save_steps": 2}
+    callback = candle_ckpt.CandleCheckpointCallback(params, verbose=False)
+    x = np.ones((32, 4), "float32")
+    with pytest.raises(candle_ckpt.ParameterValueError) as refused:
+        model.fit(x, x[:, :1], batch_size=8, verbose=0, callbacks=[callback])
+    assert "compiled with steps_per_execution=2; step checkpoints need" in str(refused.value)
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert not (tmp_path / "ckpts").exists()

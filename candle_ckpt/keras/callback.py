@@ -112,6 +112,7 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self._progress_bar = (self.params or {}).get("verbose") in (1, "auto")
         self._metrics_checked = False
         batches_per_epoch = (self.params or {}).get("steps")
+        steps.check_steps_per_execution(self.model, self.session.settings["ckpt_save_steps"])
         # Before `deferred` wraps the train function, so that a deferred load comes first.
         self._start = steps.start_fit(self.model, batches_per_epoch)
         deferred.load_when_built(self.model)

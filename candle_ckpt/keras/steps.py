@@ -51,7 +51,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..core.errors import CheckpointError, CheckpointFormatError
+from ..core.errors import CheckpointError, CheckpointFormatError, ParameterValueError
 from ..core.restore.resume import Checkpoint
 from ..hdf5 import dataset as _dataset
 from ..hdf5 import dataset_array, read_names
@@ -258,6 +258,25 @@ class FitStart:
 AT_EPOCH_START = FitStart()
 
 
+def check_steps_per_execution(model: Any, save_steps: int | str) -> None:
+    """Refuse step saves (`ckpt_save_steps`) of a model that trains several batches per
+    call (`compile(steps_per_execution=k)`, k > 1): fit reports only every k-th batch's
+    end, and a fit resumed inside an epoch could not report the saved batch as the
+    first one it trains, which the session checks.
+
+    Raises:
+        ParameterValueError: naming both values and the remedy.
+    """
+    per_call = getattr(model, "steps_per_execution", 1) or 1
+    if save_steps != 0 and per_call != 1:
+        raise ParameterValueError(
+            f"parameter 'ckpt_save_steps' is {save_steps!r} for model '{model.name}' "
+            f"compiled with steps_per_execution={per_call}; step checkpoints need "
+            f"steps_per_execution=1 (fit then reports every batch): compile it so, or "
+            f"set ckpt_save_steps to 0 (saves at epoch ends only)"
+        )
+
+
 def start_fit(model: Any, batches_per_epoch: int | None) -> FitStart:
     """At the start of fit: where its first epoch starts, made so (`start_at_batch`)
     when `restart()` loaded a step checkpoint into `model`.
@@ -293,8 +312,8 @@ def start_at_batch(model: Any, state: StepState, batches_per_epoch: int | None) 
     (module docstring).
 
     Raises:
-        CheckpointError: the run's data has another number of batches per epoch, or
-            `steps_per_execution` does not divide the batch; nothing was trained.
+        CheckpointError: the run's data has another number of batches per epoch;
+            nothing was trained.
     """
     batch = state.batch
     if state.batches_per_epoch != _UNKNOWN and batches_per_epoch not in (
@@ -306,13 +325,6 @@ def start_at_batch(model: Any, state: StepState, batches_per_epoch: int | None) 
             f"of a run whose data had {state.batches_per_epoch} batches per epoch; this "
             f"fit has {batches_per_epoch}. Resume with the same data, batch_size and "
             f"steps_per_epoch (or restart from an epoch end: candle-ckpt rollback)"
-        )
-    per_call = int(getattr(model, "steps_per_execution", 1) or 1)
-    if batch % per_call:
-        raise CheckpointError(
-            f"the checkpoint was saved after batch {batch} of epoch {state.epoch + 1}, "
-            f"which this fit's steps_per_execution={per_call} cannot start at; compile "
-            f"the model with the steps_per_execution of the run that saved it"
         )
     train_function = model.train_function
     calls = 0
@@ -326,7 +338,7 @@ def start_at_batch(model: Any, state: StepState, batches_per_epoch: int | None) 
             # the logs of every skipped step: computed once, they do not change
             restored_logs.update(model.get_metrics_result())
         calls += 1
-        if calls <= batch // per_call:
+        if calls <= batch:
             return dict(restored_logs)
         model.train_function = train_function
         return train_function(iterator)
