@@ -118,6 +118,8 @@ class TrainingState:
     rng: _Arrays
     weights_only: bool
     nbytes: int
+    # Writers of more groups, each called with the file being laid out (keras/steps.py).
+    extra: tuple[Callable[[h5py.File], None], ...] = ()
 
 
 def snapshot(
@@ -286,6 +288,8 @@ def write(
         if state.optimizer is not None:
             _write_arrays(f.create_group("optimizer_weights"), state.optimizer, direct)
         _write_arrays(f.create_group(RNG_GROUP), state.rng, direct)
+        for write_group in state.extra:
+            write_group(f)
     return write_file(os.fspath(path), image, direct, progress, checksum=checksum)
 
 
