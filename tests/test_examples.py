@@ -95,7 +95,7 @@ def assert_resumes_bit_for_bit(tmp_path, script, framework):
     tree = "save_quickstart" if framework == "keras" else "save_quickstart_pytorch"
     ours = seeded_state(tmp_path / tree / "ckpts" / "epochs" / "003" / "model.h5", framework)
     theirs = seeded_state(tmp_path / "whole" / "ckpts" / "epochs" / "003" / "model.h5", framework)
-    assert sorted(ours) == sorted(theirs) and len(ours) > 2
+    assert sorted(ours) == sorted(theirs) and sum(array.nbytes for array in ours.values()) > 1000
     for name in ours:
         assert ours[name].tobytes() == theirs[name].tobytes(), name
     return first
@@ -125,7 +125,7 @@ def test_the_loader_example_killed_inside_an_epoch_resumes_bit_for_bit(tmp_path)
     run(script, "--epochs", "3", "--ckpt_directory", tmp_path / "whole", cwd=tmp_path)
     ours = seeded_state(tmp_path / "save_loader_pytorch/ckpts/epochs/003/model.h5", "torch")
     theirs = seeded_state(tmp_path / "whole/ckpts/epochs/003/model.h5", "torch")
-    assert sorted(ours) == sorted(theirs) and len(ours) > 2
+    assert sorted(ours) == sorted(theirs) and sum(array.nbytes for array in ours.values()) > 1000
     for name in ours:
         assert ours[name].tobytes() == theirs[name].tobytes(), name
 
