@@ -119,3 +119,72 @@ def test_a_save_training_waits_for_runs_at_trainings_priority_not_the_background
     assert measured.wait(10)  # before wait(), which would raise it again
     writer.wait()
     assert seen["next_save"] == max(mine, BACKGROUND_NICE)  # lowered again for the next
+
+
+class WritePathAdapter:
+    """A framework adapter of bytes that records, for each model file it writes, whether
+    it was told training goes on meanwhile (`background`)."""
+
+    adapter_name, model_format = "test", "bytes/1"
+
+    def __init__(self):
+        self.background = []
+
+    def library_versions(self):
+        return {}
+
+    def writer_decision(self, explicit):
+        from candle_ckpt.core.run.writer import WriterDecision
+
+        return WriterDecision(True, "test")
+
+    def trains_in_lockstep(self):
+        return False
+
+    def state_exists(self):
+        return True
+
+    def state_nbytes(self):
+        return 5
+
+    def snapshot(self, copy, into=None):
+        return b"state"
+
+    def write_model_file(self, snapshot, directory, checksum, background):
+        self.background.append(background)
+        return file_writer(snapshot)(directory)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_only_a_save_training_does_not_wait_for_is_written_in_the_background_way(
+    ckpt_dir, asynchronous
+):
+    """The model writer is told whether training goes on while it writes (O_DIRECT,
+    sparing training's CPU) or waits for it (the page cache, sooner): an async save, and
+    not a synchronous one nor the pre-empted epoch written when the job stops."""
+    import signal
+
+    from candle_ckpt.core.run.session import TrainingSession
+
+    session = TrainingSession(
+        {
+            "epochs": 5,
+            "ckpt_directory": ckpt_dir,
+            "ckpt_async": asynchronous,
+            "ckpt_save_interval": 2,
+            "ckpt_save_best": False,
+            "ckpt_signal": "USR1",
+        },
+        logger=None,
+    )
+    adapter = WritePathAdapter()
+    session.begin(adapter)
+    for epoch in range(3):  # epoch 2 saved; epoch 3 held in memory, unsaved
+        session.epoch_begin(epoch)
+        session.epoch_end(epoch + 1, {})
+    session.epoch_begin(3)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(SystemExit):
+        session.batch_end(0)  # saves epoch 3 before the job exits
+    assert CheckpointLayout(ckpt_dir).list_epochs() == [2, 3]
+    assert adapter.background == [asynchronous, False]
