@@ -167,7 +167,6 @@ def write_file(
     progress: Callable[[int], None] | None = None,
     *,
     checksum: bool = True,
-    background: bool = True,
 ) -> Written:
     """Write the closed HDF5 file of `image`, with the arrays of `direct` (`create_array`)
     in the space it left for them, to `path` (created or truncated); return what
@@ -176,8 +175,7 @@ def write_file(
 
     The file is created at its full size and what HDF5 wrote (a few kilobytes, and the
     small arrays) is written through the page cache, as HDF5 would have; then
-    `write_at` writes the arrays (`progress`, and `background`: whether training goes
-    on meanwhile, which chooses O_DIRECT, as there). Does not fsync.
+    `write_at` writes the arrays (`progress` as there). Does not fsync.
 
     Raises:
         OSError: a write failed, naming `path`; out of space (ENOSPC) or over quota
@@ -190,7 +188,7 @@ def write_file(
             _write_runs(fd, image.regions())
         finally:
             os.close(fd)
-        return write_at(path, direct, progress, checksum=checksum, background=background)
+        return write_at(path, direct, progress, checksum=checksum)
     except OSError as error:
         strerror = error.strerror
         if error.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -68,19 +68,17 @@ def o_direct():
     return works
 
 
-def check_written(written, path, large, o_direct, background=True):
+def check_written(written, path, large, o_direct):
     """Assert what `direct_io.write_at` reported writing the file `path`, whose large
-    arrays are `large`: the CRC32 of the file's bytes, the arrays' bytes and, for a
-    `background` write where the directory takes O_DIRECT (`o_direct`, the fixture), the
-    whole 4 KiB blocks of every array written directly, their tails through the page
-    cache; everything through the page cache otherwise. Returns the file's bytes."""
+    arrays are `large`: the CRC32 of the file's bytes, the arrays' bytes and, where the
+    directory takes O_DIRECT (`o_direct`, the fixture), the whole 4 KiB blocks of every
+    array written directly, their tails through the page cache. Returns the file's bytes."""
     with open(path, "rb") as stream:
         contents = stream.read()
     assert written.crc32 == zlib.crc32(contents)
     assert written.nbytes == sum(a.nbytes for a in large)
     blocks = sum(a.nbytes - a.nbytes % 4096 for a in large)
-    direct = background and o_direct(os.path.dirname(path))
-    assert written.direct_bytes == (blocks if direct else 0)
+    assert written.direct_bytes == (blocks if o_direct(os.path.dirname(path)) else 0)
     return contents
 
 

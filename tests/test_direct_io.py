@@ -160,29 +160,6 @@ def test_page_cache_bytes_only_reach_progress(tmp_path, o_direct):
     assert progress == [10]
 
 
-def test_a_write_training_waits_for_goes_through_the_page_cache(tmp_path, monkeypatch):
-    """`background=False`: O_DIRECT is not even tried; every byte reaches `progress`
-    (writeback starts as the writes go on) and the CRC32 is still the file's."""
-    real_open = os.open
-
-    def no_direct_open(path, flags, *args):
-        assert not flags & os.O_DIRECT, "O_DIRECT opened for a write training waits for"
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(direct_io.os, "open", no_direct_open)
-    path = str(tmp_path / "f")
-    size = 3 * PIECE_BYTES
-    laid_out(path, size)
-    regions = [
-        (0, aligned_memory(random_bytes(PIECE_BYTES + 77, 2))),
-        (2 * PIECE_BYTES, random_bytes(3 * ALIGNMENT, 3)),  # unaligned memory
-    ]
-    progress = []
-    written = write_at(path, regions, progress.append, background=False)
-    check(path, regions, written, size, direct=0)
-    assert progress == [PIECE_BYTES, PIECE_BYTES + 77, PIECE_BYTES + 77 + 3 * ALIGNMENT]
-
-
 def refuse_direct_open(monkeypatch):
     real_open = os.open
 
@@ -238,8 +215,7 @@ def test_o_direct_refused_at_the_first_write_falls_back_for_the_rest(tmp_path, m
     assert direct_fds
 
 
-@pytest.mark.parametrize("background", [True, False], ids=["background", "waited_for"])
-def test_other_write_errors_are_raised_naming_the_file(tmp_path, monkeypatch, background):
+def test_other_write_errors_are_raised_naming_the_file(tmp_path, monkeypatch):
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -248,7 +224,7 @@ def test_other_write_errors_are_raised_naming_the_file(tmp_path, monkeypatch, ba
     laid_out(path, 4 * ALIGNMENT)
     for source in (aligned_memory(random_bytes(2 * ALIGNMENT)), random_bytes(2 * ALIGNMENT)):
         with pytest.raises(OSError) as raised:
-            write_at(path, [(0, source)], background=background)
+            write_at(path, [(0, source)])
         assert raised.value.errno == errno.ENOSPC and raised.value.filename == path
 
 

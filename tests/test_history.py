@@ -217,7 +217,7 @@ def test_the_session_records_train_seconds(ckpt_dir):
         def snapshot(self, copy, into=None):
             return b"state"
 
-        def write_model_file(self, snapshot, directory, checksum, background):
+        def write_model_file(self, snapshot, directory, checksum):
             return file_writer(snapshot)(directory)
 
         def trains_in_lockstep(self):

@@ -462,13 +462,11 @@ def odd_sized_model():
     return model
 
 
-@pytest.mark.parametrize("background", [True, False], ids=["background", "waited_for"])
 @pytest.mark.parametrize("copy", [True, False])
-def test_the_crc_from_memory_is_the_files(tmp_path, copy, background, o_direct):
+def test_the_crc_from_memory_is_the_files(tmp_path, copy, o_direct):
     """The CRC32 `write` computes from memory and the layout read back equals zlib's over
-    the file's bytes, for a snapshot (in the background: O_DIRECT from its own memory)
-    and for views of the variables (through the bounce buffer), or through the page
-    cache for a write training waits for."""
+    the file's bytes, for a snapshot (O_DIRECT from its own memory) and for views of the
+    variables (through the bounce buffer)."""
 
     model = odd_sized_model()
     snap = keras_h5.snapshot(model, copy=copy)
@@ -477,8 +475,7 @@ def test_the_crc_from_memory_is_the_files(tmp_path, copy, background, o_direct):
     if copy:
         assert all(a.ctypes.data % 4096 == 0 for a in large)
     path = str(tmp_path / keras_h5.MODEL_FILE)
-    written = keras_h5.write(snap, path, background=background)
-    check_written(written, path, large, o_direct, background)
+    check_written(keras_h5.write(snap, path), path, large, o_direct)
     fresh = odd_sized_model()
     keras_h5.restore(fresh, path)
     assert_bit_equal(state(fresh), state(model))

@@ -93,14 +93,11 @@ class FrameworkAdapter(Protocol):
         save), copies otherwise, made into `into` (an older snapshot nobody reads any
         more) where possible. The result must not refer to live framework objects."""
 
-    def write_model_file(
-        self, snapshot: Any, directory: str, checksum: bool, background: bool
-    ) -> str | ModelFile:
+    def write_model_file(self, snapshot: Any, directory: str, checksum: bool) -> str | ModelFile:
         """Write `snapshot` into `directory`; return the model file's name, or a
         `protocol.ModelFile` with the CRC32 computed while writing (`checksum`: whether
-        `ckpt_checksum` asks for one at all). `background`: whether training goes on
-        while this write does (`ckpt_async`; `direct_io.write_at` then spares its CPU)
-        or waits for it. May run in another thread; need not fsync (the protocol does)."""
+        `ckpt_checksum` asks for one at all). May run in another thread; need not fsync
+        (the protocol does)."""
 
     def read_model_into(self) -> RegionPlanner | None:
         """Where a restart reads the model file's large arrays: the framework's own

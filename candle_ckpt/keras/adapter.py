@@ -78,11 +78,10 @@ class KerasAdapter:
         return h5.snapshot(self.model, self.weights_only, copy=copy, into=into)
 
     def write_model_file(
-        self, snapshot: h5.TrainingState, directory: str, checksum: bool, background: bool
+        self, snapshot: h5.TrainingState, directory: str, checksum: bool
     ) -> ModelFile:
         path = os.path.join(directory, h5.MODEL_FILE)
-        progress = WritebackStarter(path)
-        written = h5.write(snapshot, path, progress, checksum=checksum, background=background)
+        written = h5.write(snapshot, path, WritebackStarter(path), checksum=checksum)
         return ModelFile(h5.MODEL_FILE, written.crc32)
 
     def read_model_into(self) -> RegionPlanner | None:

@@ -249,7 +249,6 @@ def write(
     progress: Callable[[int], None] | None = None,
     *,
     checksum: bool = True,
-    background: bool = True,
 ) -> Written:
     """Write `state` to `path` (created or truncated) in the layout of the module docstring;
     return what `direct_io.write_at` wrote, with the file's CRC32 (None without
@@ -258,9 +257,9 @@ def write(
     May run in a background thread. Does not fsync: the save protocol does that once for
     every file of the epoch. h5py lays the file out in memory and writes the small
     arrays there; `hdf5.write_file` writes the layout and the large arrays into the
-    file (with O_DIRECT where it can if training goes on meanwhile: `background`), and
-    calls `progress`, if given, with the bytes it wrote through the page cache so far
-    (the save path uses it to start disk writeback early: `durable.WritebackStarter`).
+    file (with O_DIRECT where it can), and calls `progress`, if given, with the bytes
+    it wrote through the page cache so far (the save path uses it to start disk
+    writeback early: `durable.WritebackStarter`).
 
     Raises:
         OSError: the file could not be written (disk full, quota, EIO).
@@ -287,9 +286,7 @@ def write(
         if state.optimizer is not None:
             _write_arrays(f.create_group("optimizer_weights"), state.optimizer, direct)
         _write_arrays(f.create_group(RNG_GROUP), state.rng, direct)
-    return write_file(
-        os.fspath(path), image, direct, progress, checksum=checksum, background=background
-    )
+    return write_file(os.fspath(path), image, direct, progress, checksum=checksum)
 
 
 @dataclass(frozen=True)

@@ -94,11 +94,10 @@ class TorchAdapter:
         return state.snapshot(self.objects, self.weights_only, copy=copy, into=into)
 
     def write_model_file(
-        self, snapshot: state.TrainingState, directory: str, checksum: bool, background: bool
+        self, snapshot: state.TrainingState, directory: str, checksum: bool
     ) -> ModelFile:
         path = os.path.join(directory, state.MODEL_FILE)
-        progress = WritebackStarter(path)
-        written = state.write(snapshot, path, progress, checksum=checksum, background=background)
+        written = state.write(snapshot, path, WritebackStarter(path), checksum=checksum)
         return ModelFile(state.MODEL_FILE, written.crc32)
 
     def read_model_into(self) -> RegionPlanner | None:

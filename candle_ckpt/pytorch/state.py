@@ -279,7 +279,6 @@ def write(
     progress: Callable[[int], None] | None = None,
     *,
     checksum: bool = True,
-    background: bool = True,
 ) -> Written:
     """Write `state` to `path` (created or truncated), in the module docstring's layout;
     return what `direct_io.write_at` wrote, with the file's CRC32 (None without
@@ -287,8 +286,7 @@ def write(
 
     h5py lays the file out in memory and writes the small arrays there; the layout and
     the large arrays, in the space it allocated for them, are written into the file by
-    `hdf5.write_file` (with O_DIRECT where it can if training goes on meanwhile:
-    `background`), which releases the GIL, so a
+    `hdf5.write_file` (with O_DIRECT where it can), which releases the GIL, so a
     background save leaves the training thread running, and which alone touches the
     file system, so a full disk never fails inside HDF5. No fsync (the protocol does
     it). `progress` is called with the bytes written through the page cache so far.
@@ -309,7 +307,7 @@ def write(
             created = create_array(tensors, str(k), array, direct)
             created.attrs["torch_dtype"] = dtype
             created.attrs["shape"] = np.asarray(shape, dtype=np.int64)
-    return write_file(path, image, direct, progress, checksum=checksum, background=background)
+    return write_file(path, image, direct, progress, checksum=checksum)
 
 
 # -- reading ---------------------------------------------------------------------------

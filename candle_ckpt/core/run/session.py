@@ -450,11 +450,11 @@ class TrainingSession:
         """
         self._set_position(epoch, batch)
         if self.checkpointer.background is None:
-            return self._files_writer(self.adapter.snapshot(copy=False), background=False)
+            return self._files_writer(self.adapter.snapshot(copy=False))
         self._async_snapshot = self._copy_state(
             self._async_snapshot, "ckpt_async=true", "ckpt_async=false"
         )
-        return self._files_writer(self._async_snapshot, background=True)
+        return self._files_writer(self._async_snapshot)
 
     def _hold(
         self, epoch: int, logs: Mapping[str, Any] | None, train_seconds: float | None
@@ -468,8 +468,7 @@ class TrainingSession:
         decision = self.checkpointer.decision_with_current_best(
             epoch, "pre-emption", logs=logs, train_seconds=train_seconds
         )
-        # written when the job stops, which waits for it
-        return decision, self._files_writer(self._held_snapshot, background=False)
+        return decision, self._files_writer(self._held_snapshot)
 
     def _set_position(self, epoch: int, batch: int) -> None:
         set_position = getattr(self.adapter, "set_position", None)
@@ -483,10 +482,9 @@ class TrainingSession:
             check_snapshot_fits(self.adapter.state_nbytes(), setting, off)
         return self.adapter.snapshot(copy=True, into=spare)
 
-    def _files_writer(self, snapshot: Any, *, background: bool) -> WriteFiles:
-        """The writer of `snapshot`; `background`: training goes on while it writes."""
+    def _files_writer(self, snapshot: Any) -> WriteFiles:
         adapter, checksum = self.adapter, self.settings["ckpt_checksum"]
-        return lambda directory: adapter.write_model_file(snapshot, directory, checksum, background)
+        return lambda directory: adapter.write_model_file(snapshot, directory, checksum)
 
     # -- pre-emption (ckpt_signal) -----------------------------------------------------
 

@@ -8,16 +8,13 @@ by `candle_ckpt.hdf5.write_file`) and leave the bulk of the bytes to `write_at`,
 `os.pwrite` calls each release the GIL. The Keras h5 format uses it
 (`candle_ckpt.keras.h5.write`), and so does the PyTorch one.
 
-A background save (`background=True`) is written with `O_DIRECT` where it can be: the
-kernel then moves the bytes from the caller's memory to the disk without copying them
-into the page cache, a copy that costs about as much CPU time as the whole write takes
-wall time, CPU a background save takes from training. A save training waits for is
-written through the page cache: there is no training to spare CPU for, and the copy
-into the page cache, with writeback started while the writes go on (`progress`),
-finishes sooner than O_DIRECT's writes, each of which waits for the disk
-(benchmarks/bench_direct_write.py measures both ways and whole saves either way). Either
-way `write_at` computes the CRC32 from the memory it writes, not by reading the file
-back, which after O_DIRECT would read the disk (`checksum.WrittenFileCrc`).
+`write_at` writes what it can with `O_DIRECT`: the kernel then moves the bytes from the
+caller's memory to the disk without copying them into the page cache, a copy that
+costs about as much CPU time as the whole write takes wall time, CPU a background save
+takes from training (benchmarks/bench_direct_write.py). Since nothing of those bytes is
+in the page cache, reading the file back for its CRC32 would read the disk:
+`write_at` computes the CRC32 from the memory it writes instead
+(`checksum.WrittenFileCrc`).
 
 Snapshots and restart reads live in `memory.anonymous_memory`, so that an array carved
 out of it on an ALIGNMENT boundary is written by O_DIRECT straight from where it is.
@@ -118,7 +115,6 @@ def write_at(
     progress: Callable[[int], None] | None = None,
     *,
     checksum: bool = True,
-    background: bool = True,
 ) -> Written:
     """Write each (offset, bytes) of `regions` into the existing file `path`, in place,
     and return what was written with the file's CRC32.
@@ -130,13 +126,12 @@ def write_at(
     epoch before it renames the epoch into place, so a process killed during or after
     these writes leaves no epoch that holds them half-written.
 
-    With `background`, a region that starts on an ALIGNMENT boundary of the file is
-    written with O_DIRECT up to its last whole ALIGNMENT block: from its own memory
-    where that is aligned too (a snapshot carved out of `anonymous_memory`), else
-    through an aligned bounce buffer. The rest (a region's tail, a region at an
-    unaligned offset, every region on a file system that refuses O_DIRECT, such as
-    tmpfs before Linux 6.6) goes through the page cache, and so does everything
-    without `background`.
+    A region that starts on an ALIGNMENT boundary of the file is written with O_DIRECT up
+    to its last whole ALIGNMENT block: from its own memory where that is aligned too (a
+    snapshot carved out of `anonymous_memory`), else through an aligned bounce buffer.
+    The rest (a region's tail, a region at an unaligned offset, every region on a file
+    system that refuses O_DIRECT, such as tmpfs before Linux 6.6) goes through the page
+    cache.
 
     The CRC32 is computed in the CRC thread while the writes go on, from the memory each
     region is written from and from the bytes between the regions read back from the
@@ -151,9 +146,6 @@ def write_at(
             are on the disk already).
         checksum: whether to compute the CRC32 (`ckpt_checksum` false: no CRC work
             competes with training for the cores).
-        background: whether training goes on while this write does (`ckpt_async`),
-            so that the CPU O_DIRECT spares is training's; false for a save the
-            training thread waits for, which the page cache finishes sooner.
 
     Returns:
         `Written`: the bytes written, how many of them with O_DIRECT, the file's CRC32
@@ -176,7 +168,7 @@ def write_at(
                     f"'{path}': a region of {data.nbytes} bytes at offset {offset} ends past "
                     f"the end of the file ({size} bytes); expected the layout to hold it"
                 )
-        writer = _RegionWriter(path, fd, progress, direct=background)
+        writer = _RegionWriter(path, fd, progress)
         crc = WrittenFileCrc(fd, path) if checksum else None
         try:
             for number, (offset, data) in enumerate(ordered):
@@ -208,15 +200,12 @@ def _open_direct(path: str) -> int | None:
 
 
 class _RegionWriter:
-    """Writes regions of one file: with `direct`, the aligned part of each with O_DIRECT
-    while the file system takes it; the rest, and everything without `direct`, through
-    the page cache."""
+    """Writes regions of one file: the aligned part of each with O_DIRECT while the file
+    system takes it, the rest through the page cache."""
 
-    def __init__(
-        self, path: str, fd: int, progress: Callable[[int], None] | None, *, direct: bool
-    ) -> None:
+    def __init__(self, path: str, fd: int, progress: Callable[[int], None] | None) -> None:
         self.path, self.fd, self.progress = path, fd, progress
-        self.direct = _open_direct(path) if direct else None
+        self.direct = _open_direct(path)
         self.bounce: Any = None  # numpy array on page-aligned memory, made when needed
         self.written, self.direct_written, self.buffered_written = 0, 0, 0
 
