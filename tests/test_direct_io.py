@@ -215,6 +215,60 @@ def test_o_direct_refused_at_the_first_write_falls_back_for_the_rest(tmp_path, m
     assert direct_fds
 
 
+def unaligned_copy(data):
+    """`data` in memory one byte past a page boundary (a live tensor's is 64)."""
+    source = memoryview(bytearray(ALIGNMENT + len(data)))
+    start = 1 + (-np.frombuffer(source, np.uint8).ctypes.data) % ALIGNMENT
+    source = source[start : start + len(data)]
+    source[:] = data
+    return source
+
+
+@pytest.mark.parametrize("count", [0, ALIGNMENT, None], ids=["refused", "short", "error"])
+def test_a_bounced_write_refused_or_short_mid_array_leaves_the_rest_to_the_page_cache(
+    tmp_path, monkeypatch, o_direct, count
+):
+    """The third bounced piece's O_DIRECT write is refused (EINVAL), written in part, or
+    fails (EIO) while the caller copies the next piece: the rest goes through the page
+    cache (the file as asked, the CRC32 its own), or the error is raised naming the
+    file, once the write in flight has ended."""
+    needs_o_direct(o_direct, tmp_path)
+    direct_fds, direct_calls = set(), []
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def recording_open(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def failing_pwrite(fd, data, offset):
+        if fd in direct_fds:
+            direct_calls.append(offset)
+            if len(direct_calls) == 3:
+                if count is None:
+                    raise OSError(errno.EIO, "Input/output error")
+                if count == 0:
+                    raise OSError(errno.EINVAL, "Invalid argument")
+                return real_pwrite(fd, memoryview(data)[:count], offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "open", recording_open)
+    monkeypatch.setattr(direct_io.os, "pwrite", failing_pwrite)
+    path = str(tmp_path / "f")
+    size = 6 * BOUNCE_BYTES
+    laid_out(path, size)
+    regions = [(ALIGNMENT, unaligned_copy(random_bytes(4 * BOUNCE_BYTES + 5 * ALIGNMENT, 2)))]
+    if count is None:
+        with pytest.raises(OSError) as raised:
+            write_at(path, regions)
+        assert raised.value.errno == errno.EIO and raised.value.filename == path
+        return
+    written = write_at(path, regions)
+    check(path, regions, written, size, direct=2 * BOUNCE_BYTES + count)
+    assert direct_calls == [ALIGNMENT + k * BOUNCE_BYTES for k in range(3)]
+
+
 def test_other_write_errors_are_raised_naming_the_file(tmp_path, monkeypatch):
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
