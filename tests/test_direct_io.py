@@ -241,9 +241,8 @@ def test_a_bounced_write_refused_or_short_mid_array_leaves_the_rest_to_the_page_
     tmp_path, monkeypatch, o_direct, count
 ):
     """The third bounced piece's O_DIRECT write is refused (EINVAL), written in part, or
-    fails (EIO) while the caller copies the next piece: the rest goes through the page
-    cache (the file as asked, the CRC32 its own), or the error is raised naming the
-    file, once the write in flight has ended."""
+    fails (EIO): the rest goes through the page cache (the file as asked, the CRC32 its
+    own), or the error is raised naming the file; no O_DIRECT write follows."""
     needs_o_direct(o_direct, tmp_path)
 
     def failing_pwrite(real_pwrite, fd, data, offset):

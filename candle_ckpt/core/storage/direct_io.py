@@ -22,7 +22,6 @@ out of it on an ALIGNMENT boundary is written by O_DIRECT straight from where it
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import math
 import os
@@ -30,14 +29,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .background import SharedThread
 from .checksum import WrittenFileCrc
 from .faults import fault_point
 from .memory import anonymous_memory, copy_thread
-
-# Writes a piece from one bounce buffer while the caller copies the next piece into the
-# other (`_RegionWriter._write_bounced`).
-_write_thread = SharedThread("candle_ckpt-write")
 
 # One pwrite per piece: short enough that the progress callback (writeback start) runs
 # often and the CRC thread follows the writes closely, long enough that the per-call
@@ -49,11 +43,10 @@ PIECE_BYTES = 8 << 20
 # common one (512, 4096).
 ALIGNMENT = 4096
 
-# A source not on an ALIGNMENT boundary (a live tensor, a synchronous save) is copied
-# into aligned bounce buffers of this size, one piece while the piece before is written,
-# and written from there: a piece stays in the CPU's cache between the copy and the
-# write (benchmarks/bench_direct_write.py compares sizes, the copy against a buffered
-# write, and whole synchronous saves either way).
+# A source not on an ALIGNMENT boundary (a live tensor) is copied into an aligned bounce
+# buffer of this size, one piece at a time, and written from there: a piece that stays
+# in the CPU's cache between the copy and the write (benchmarks/bench_direct_write.py
+# compares sizes, and the copy against a buffered write).
 BOUNCE_BYTES = 2 << 20
 
 
@@ -233,61 +226,30 @@ class _RegionWriter:
         """Write whole ALIGNMENT blocks of `data` with O_DIRECT; return how many bytes were
         written, fewer than all when the file system refused (the caller writes the rest
         through the page cache)."""
-        if data.ctypes.data % ALIGNMENT:
-            return self._write_bounced(offset, data)
-        position = 0
-        while position < data.nbytes:
-            piece = data[position : position + PIECE_BYTES]
-            count = self._pwrite_direct(piece, offset + position)
-            position += count
-            if count < piece.nbytes:
-                break
-        return position
-
-    def _write_bounced(self, offset: int, data: Any) -> int:
-        """`_write_direct` of memory off an ALIGNMENT boundary: each piece of BOUNCE_BYTES
-        is copied into one of two aligned bounce buffers while the write thread writes
-        the piece before from the other, so the copies take no time of their own (the
-        writes hold no CPU while the disk takes them)."""
         import numpy as np
 
-        if self.bounce is None:
-            memory = anonymous_memory(2 * BOUNCE_BYTES, False)
-            self.bounce = np.frombuffer(memory, np.uint8).reshape(2, BOUNCE_BYTES)
+        aligned = data.ctypes.data % ALIGNMENT == 0
+        step = PIECE_BYTES if aligned else BOUNCE_BYTES
         position = 0
-        writing: concurrent.futures.Future[int] | None = None  # the piece at `position`
-        try:
-            for number, start in enumerate(range(0, data.nbytes, BOUNCE_BYTES)):
-                piece = data[start : start + BOUNCE_BYTES]
-                target = self.bounce[number % 2, : piece.nbytes]
-                np.copyto(target, piece)
-                if writing is not None:
-                    count, writing = writing.result(), None
-                    position += count
-                    if position < start:  # refused, or short: the rest is not aligned
-                        return position
-                writing = _write_thread.submit(self._pwrite_direct, target, offset + start)
-            if writing is not None:
-                count, writing = writing.result(), None
-                position += count
-        finally:
-            if writing is not None:  # an error: the buffers are not freed under a write
-                concurrent.futures.wait([writing])
+        while position < data.nbytes:
+            piece = data[position : position + step]
+            if not aligned:
+                if self.bounce is None:
+                    self.bounce = np.frombuffer(anonymous_memory(BOUNCE_BYTES, False), np.uint8)
+                np.copyto(self.bounce[: piece.nbytes], piece)
+                piece = self.bounce[: piece.nbytes]
+            try:
+                count = self._pwrite(self.direct, piece, offset + position, once=True)
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                count = 0  # O_DIRECT opened but refused at writing (alignment): no more
+            self.direct_written += count
+            position += count
+            if count < piece.nbytes:  # what is left is no longer aligned, or refused
+                self._close_direct()
+                break
         return position
-
-    def _pwrite_direct(self, piece: Any, offset: int) -> int:
-        """One O_DIRECT write of `piece` at `offset`; the bytes written. Fewer than all
-        (none where the file system refused: EINVAL) closes the O_DIRECT descriptor."""
-        try:
-            count = self._pwrite(self.direct, piece, offset, once=True)
-        except OSError as error:
-            if error.errno != errno.EINVAL:
-                raise
-            count = 0  # O_DIRECT opened but refused at writing (alignment): no more
-        self.direct_written += count
-        if count < piece.nbytes:  # what is left is no longer aligned, or refused
-            self._close_direct()
-        return count
 
     def _pwrite(self, fd: int | None, data: Any, offset: int, once: bool = False) -> int:
         """Write `data` at `offset`, continuing short writes unless `once`."""
