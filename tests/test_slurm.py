@@ -353,3 +353,80 @@ def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slur
         reference / "ckpts" / "epochs" / "004" / "model.h5",
         save / "ckpts" / "epochs" / "004" / "model.h5",
     )
+
+
+# A PyTorch loop with step checkpoints (tests/steps_job.py, 30 batches an epoch) made
+# slow (--batch_seconds), so that a signal at a set time finds it inside an epoch.
+STEPS_JOB = os.path.join(HERE, "slurm_steps_job.py")
+STEPS = ("--epochs", "2", "--ckpt_save_steps", "7")
+
+
+def uninterrupted_steps_digest(directory):
+    """The final digest of an uninterrupted run of steps_job.py with STEPS."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "steps_job.py"), str(directory), "2"]
+        + ["--ckpt_save_steps", "7"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": TOP, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return re.findall(r"final digest (\w+)", result.stdout)[-1]
+
+
+def submit_steps_job(slurm, tmp_path, *sbatch_options, signal="USR1", batch_seconds="0.6"):
+    """Submit STEPS_JOB through examples/slurm_job.sh; return (job id, output file, tree)."""
+    save, output = tmp_path / "save", tmp_path / "job.out"
+    env = {
+        "PYTHON": sys.executable,
+        "PYTHONPATH": TOP,
+        "OMP_NUM_THREADS": "1",
+        "CKPT_DIR": str(save),
+        "CKPT_SIGNAL": signal,
+        "BENCHMARK": STEPS_JOB,
+        "MAX_REQUEUES": "4",
+    }
+    submitted = slurm.run(
+        "sbatch",
+        "--parsable",
+        "--cpus-per-task=1",
+        f"--output={output}",
+        *sbatch_options,
+        SLURM_JOB,
+        *STEPS,
+        *("--batch_seconds", batch_seconds),
+        cwd=tmp_path,
+        env=env,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0], output, save
+
+
+def check_resumed_mid_epoch(text, log, signal, expected_digest):
+    """Every run but the last exited 75 and the last 0; each was stopped inside an epoch
+    by `signal` and saved that batch; together they trained every batch once, in order,
+    and the last ends with the uninterrupted run's digest."""
+    statuses = re.findall(r"training exited with status (\d+)", text)
+    assert len(statuses) >= 2 and statuses[-1] == "0", text[-3000:]
+    assert set(statuses[:-1]) == {"75"}, text[-3000:]
+    stops = re.findall(rf"PRE-EMPTED by SIG{signal} at the end of epoch (\d), batch (\d+)", log)
+    assert len(stops) == len(statuses) - 1, log[-3000:]
+    assert all(0 < int(batch) < 30 for _, batch in stops), stops  # inside an epoch
+    trained = re.findall(r"^trained (\d):(\d+)$", text, re.M)
+    assert trained == [(str(e), str(b)) for e in (1, 2) for b in range(30)], trained
+    assert re.findall(r"final digest (\w+)", text) == [expected_digest]
+
+
+@pytest.mark.slow
+def test_real_slurm_signal_saves_mid_epoch_and_the_requeued_job_ends_bit_identical(slurm, tmp_path):
+    """`--signal=B:USR1@30` with a one-minute limit: the signal comes 30 s in, inside
+    epoch 2 of a 36-second run; the job saves that batch, exits 75 and requeues itself,
+    and the requeued run trains the rest and ends as an uninterrupted run does."""
+    expected = uninterrupted_steps_digest(tmp_path / "reference")
+    job_id, output, save = submit_steps_job(slurm, tmp_path, "--time=1", "--signal=B:USR1@30")
+    finished = slurm.wait_for(job_id, 400)
+    text = output.read_text() if output.exists() else ""
+    assert finished, f"job {job_id} still queued:\n{text[-3000:]}\n{slurm.log_tails()}"
+    assert f"pre-empted: requeueing job {job_id}" in text and "(restart count 1)" in text
+    check_resumed_mid_epoch(text, (save / "ckpt.log").read_text(), "USR1", expected)
