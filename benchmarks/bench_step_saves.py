@@ -27,9 +27,12 @@ same round; the CPU time the process used (every thread) over none's: the work t
 saves add, which is what they would cost a training that kept every core busy, and
 which other jobs on the machine cannot hide (under load, the writer thread takes its
 CPU from them as much as from training, so the wall-time overhead can read low); the
-saves made and the seconds between two saves of one segment (median and largest, from
-the time each save's "saved" log record was made, when its background write ended);
-for auto, the intervals in batches it logged; the batch time.
+CPU time of the training thread alone over none's (the stalls, and what sharing caches
+and memory with the save's threads costs it: what the saves cost a training that has
+the other cores to itself); the saves made and the seconds between two saves of one
+segment (median and largest, from the time each save's "saved" log record was made,
+when its background write ended); for auto, the intervals in batches it logged; the
+batch time.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_step_saves.py [--sizes 100MB,1GB]
         [--rounds 3] [--segment-seconds 20,60] [--every-seconds 5,30] [--threads 1]
@@ -131,6 +134,7 @@ def measure(size, directory, rounds, segment_seconds, every_seconds):
     epochs = dict.fromkeys(sessions, 0)
     seconds = {mode: [] for mode in MODES}
     cpu = {mode: [] for mode in MODES}
+    thread = {mode: [] for mode in MODES}
     between = {mode: [] for mode in MODES}
     saves = dict.fromkeys(MODES, 0)
     try:
@@ -141,6 +145,7 @@ def measure(size, directory, rounds, segment_seconds, every_seconds):
                     ckpt.ckpt_epoch(epochs[mode] - 1)  # untimed: the epoch before ends
                 del records.saves[:]
                 started, cpu_before = time.perf_counter(), cpu_seconds()
+                thread_before = time.thread_time()
                 for index in range(batches):
                     step()
                     if ckpt is not None:
@@ -150,6 +155,7 @@ def measure(size, directory, rounds, segment_seconds, every_seconds):
                 ended = time.perf_counter()
                 seconds[mode].append(ended - started)
                 cpu[mode].append(cpu_seconds() - cpu_before)
+                thread[mode].append(time.thread_time() - thread_before)
                 if ckpt is not None:
                     epochs[mode] += 1
                     saves[mode] += len(records.saves)
@@ -162,6 +168,7 @@ def measure(size, directory, rounds, segment_seconds, every_seconds):
     return (
         seconds,
         cpu,
+        thread,
         between,
         saves,
         records.auto,
@@ -197,7 +204,7 @@ def main():
     directory = scratch_directory(args.directory)
     try:
         for size in sizes:
-            seconds, cpu, between, saves, auto, batch_seconds, n, nbytes = measure(
+            seconds, cpu, thread, between, saves, auto, batch_seconds, n, nbytes = measure(
                 size, os.path.join(directory, size), args.rounds, segment[size], every[size]
             )
             print(
@@ -214,9 +221,11 @@ def main():
                         for ours, theirs in zip(seconds[mode], seconds["none"])
                     )
                     work = 100 * (sum(cpu[mode]) / sum(cpu["none"]) - 1)
+                    own = 100 * (sum(thread[mode]) / sum(thread["none"]) - 1)
                     gaps = between[mode] or [float("nan")]
                     line += (
-                        f"; overhead {overhead:+.2f} % (by round: {rounds}), CPU {work:+.2f} %; "
+                        f"; overhead {overhead:+.2f} % (by round: {rounds}), CPU {work:+.2f} %, "
+                        f"training thread's CPU {own:+.2f} %; "
                         f"{saves[mode]} saves, seconds between saves median "
                         f"{statistics.median(gaps):.2f}, max {max(gaps):.2f}"
                     )

@@ -307,29 +307,20 @@ EPOCHS = ("--epochs", "4", "--ckpt_save_best", "false")
 STOPPED = ("--ckpt_walltime_margin", "5", "--virtual_clock", "2")
 
 
-@pytest.mark.slow
-def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slurm, tmp_path):
-    reference = tmp_path / "reference"
-    run_job(reference, *EPOCHS)
-    save = tmp_path / "save"
-    output = tmp_path / "job.out"
-    env = {
-        "PYTHON": sys.executable,
-        "PYTHONPATH": TOP,
-        "CKPT_DIR": str(save),
-        "BENCHMARK": os.path.join(HERE, "keras_job.py"),
-        "MAX_REQUEUES": "8",
-    }
+def run_slurm_job(slurm, tmp_path, options, arguments, **env):
+    """Submit examples/slurm_job.sh with sbatch `options` and the benchmark's
+    `arguments` (`env` adds to its environment: BENCHMARK, ...), its tree in
+    tmp_path/save; wait until it has left the queue; return (job id, tree, output)."""
+    save, output = tmp_path / "save", tmp_path / "job.out"
+    env = {"PYTHON": sys.executable, "PYTHONPATH": TOP, "CKPT_DIR": str(save), **env}
     submitted = slurm.run(
         "sbatch",
         "--parsable",
-        "--time=1",
-        "--signal=B:USR1@5",
         "--cpus-per-task=1",
         f"--output={output}",
+        *options,
         SLURM_JOB,
-        *EPOCHS,
-        *STOPPED,
+        *arguments,
         cwd=tmp_path,
         env=env,
     )
@@ -338,6 +329,21 @@ def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slur
     finished = slurm.wait_for(job_id, 400)
     text = output.read_text() if output.exists() else ""
     assert finished, f"job {job_id} still queued:\n{text[-3000:]}\n{slurm.log_tails()}"
+    return job_id, save, text
+
+
+@pytest.mark.slow
+def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slurm, tmp_path):
+    reference = tmp_path / "reference"
+    run_job(reference, *EPOCHS)
+    job_id, save, text = run_slurm_job(
+        slurm,
+        tmp_path,
+        ("--time=1", "--signal=B:USR1@5"),
+        (*EPOCHS, *STOPPED),
+        BENCHMARK=os.path.join(HERE, "keras_job.py"),
+        MAX_REQUEUES="8",
+    )
     statuses = re.findall(r"training exited with status (\d+)", text)
     assert statuses and statuses[-1] == "0" and set(statuses[:-1]) == {"75"}, text[-3000:]
     assert f"pre-empted: requeueing job {job_id}" in text
@@ -375,34 +381,6 @@ def uninterrupted_steps_digest(directory):
     return re.findall(r"final digest (\w+)", result.stdout)[-1]
 
 
-def submit_steps_job(slurm, tmp_path, *sbatch_options, signal="USR1", batch_seconds="0.6"):
-    """Submit STEPS_JOB through examples/slurm_job.sh; return (job id, output file, tree)."""
-    save, output = tmp_path / "save", tmp_path / "job.out"
-    env = {
-        "PYTHON": sys.executable,
-        "PYTHONPATH": TOP,
-        "OMP_NUM_THREADS": "1",
-        "CKPT_DIR": str(save),
-        "CKPT_SIGNAL": signal,
-        "BENCHMARK": STEPS_JOB,
-        "MAX_REQUEUES": "4",
-    }
-    submitted = slurm.run(
-        "sbatch",
-        "--parsable",
-        "--cpus-per-task=1",
-        f"--output={output}",
-        *sbatch_options,
-        SLURM_JOB,
-        *STEPS,
-        *("--batch_seconds", batch_seconds),
-        cwd=tmp_path,
-        env=env,
-    )
-    assert submitted.returncode == 0, submitted.stderr
-    return submitted.stdout.strip().split(";")[0], output, save
-
-
 def check_resumed_mid_epoch(text, log, signal, expected_digest):
     """Every run but the last exited 75 and the last 0; each was stopped inside an epoch
     by `signal` and saved that batch; together they trained every batch once, in order,
@@ -424,9 +402,14 @@ def test_real_slurm_signal_saves_mid_epoch_and_the_requeued_job_ends_bit_identic
     epoch 2 of a 36-second run; the job saves that batch, exits 75 and requeues itself,
     and the requeued run trains the rest and ends as an uninterrupted run does."""
     expected = uninterrupted_steps_digest(tmp_path / "reference")
-    job_id, output, save = submit_steps_job(slurm, tmp_path, "--time=1", "--signal=B:USR1@30")
-    finished = slurm.wait_for(job_id, 400)
-    text = output.read_text() if output.exists() else ""
-    assert finished, f"job {job_id} still queued:\n{text[-3000:]}\n{slurm.log_tails()}"
+    job_id, save, text = run_slurm_job(
+        slurm,
+        tmp_path,
+        ("--time=1", "--signal=B:USR1@30"),
+        (*STEPS, "--batch_seconds", "0.6"),
+        BENCHMARK=STEPS_JOB,
+        OMP_NUM_THREADS="1",
+        MAX_REQUEUES="4",
+    )
     assert f"pre-empted: requeueing job {job_id}" in text and "(restart count 1)" in text
     check_resumed_mid_epoch(text, (save / "ckpt.log").read_text(), "USR1", expected)
