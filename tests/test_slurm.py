@@ -307,8 +307,8 @@ EPOCHS = ("--epochs", "4", "--ckpt_save_best", "false")
 STOPPED = ("--ckpt_walltime_margin", "5", "--virtual_clock", "2")
 
 
-def run_slurm_job(slurm, tmp_path, options, arguments, **env):
-    """Submit examples/slurm_job.sh with sbatch `options` and the benchmark's
+def run_slurm_job(slurm, tmp_path, options, arguments, script=SLURM_JOB, **env):
+    """Submit `script` (examples/slurm_job.sh) with sbatch `options` and the benchmark's
     `arguments` (`env` adds to its environment: BENCHMARK, ...), its tree in
     tmp_path/save; wait until it has left the queue; return (job id, tree, output)."""
     save, output = tmp_path / "save", tmp_path / "job.out"
@@ -319,7 +319,7 @@ def run_slurm_job(slurm, tmp_path, options, arguments, **env):
         "--cpus-per-task=1",
         f"--output={output}",
         *options,
-        SLURM_JOB,
+        script,
         *arguments,
         cwd=tmp_path,
         env=env,
@@ -413,3 +413,35 @@ def test_real_slurm_signal_saves_mid_epoch_and_the_requeued_job_ends_bit_identic
     )
     assert f"pre-empted: requeueing job {job_id}" in text and "(restart count 1)" in text
     check_resumed_mid_epoch(text, (save / "ckpt.log").read_text(), "USR1", expected)
+
+
+@pytest.mark.slow
+def test_real_slurm_sigterm_at_the_time_limit_saves_mid_epoch_and_the_job_ends_bit_identical(
+    slurm, tmp_path
+):
+    """No --signal (clusters without it; the script's #SBATCH --signal line removed): at
+    the one-minute limit Slurm sends SIGTERM to every process of the job, and SIGKILL
+    after KillWait; with ckpt_signal TERM the job, inside epoch 2 then, saves that batch
+    and exits 75, requeues itself (Slurm allows it after the time limit too), and the
+    requeued run trains the rest and ends as an uninterrupted run does."""
+    expected = uninterrupted_steps_digest(tmp_path / "reference")
+    with open(SLURM_JOB) as stream:  # the job script as a cluster without --signal has it
+        lines = [line for line in stream if not line.startswith("#SBATCH --signal=")]
+    script = tmp_path / "slurm_job_without_signal.sh"
+    script.write_text("".join(lines))
+    # slurmctld checks time limits every 30 s: SIGTERM comes 60-90 s in, inside
+    # epoch 2 (from about 51 s to 99 s)
+    job_id, save, text = run_slurm_job(
+        slurm,
+        tmp_path,
+        ("--time=1",),
+        (*STEPS, "--batch_seconds", "1.6"),
+        script=str(script),
+        BENCHMARK=STEPS_JOB,
+        OMP_NUM_THREADS="1",
+        CKPT_SIGNAL="TERM",
+        MAX_REQUEUES="4",
+    )
+    assert f"JOB {job_id} ON " in text and "DUE TO TIME LIMIT" in text, text[-3000:]
+    assert "TERM received: forwarding to" in text and "(restart count 1)" in text
+    check_resumed_mid_epoch(text, (save / "ckpt.log").read_text(), "TERM", expected)
