@@ -382,15 +382,16 @@ def uninterrupted_steps_digest(directory):
 
 
 def check_resumed_mid_epoch(text, log, signal, expected_digest):
-    """Every run but the last exited 75 and the last 0; each was stopped inside an epoch
-    by `signal` and saved that batch; together they trained every batch once, in order,
-    and the last ends with the uninterrupted run's digest."""
+    """Every run but the last exited 75 and the last 0, each stopped by `signal` and
+    saving the batch it was at, the first inside an epoch (a later run, on a slow day,
+    may be signalled anywhere); together they trained every batch once, in order, and
+    the last ends with the uninterrupted run's digest."""
     statuses = re.findall(r"training exited with status (\d+)", text)
     assert len(statuses) >= 2 and statuses[-1] == "0", text[-3000:]
     assert set(statuses[:-1]) == {"75"}, text[-3000:]
     stops = re.findall(rf"PRE-EMPTED by SIG{signal} at the end of epoch (\d), batch (\d+)", log)
     assert len(stops) == len(statuses) - 1, log[-3000:]
-    assert all(0 < int(batch) < 30 for _, batch in stops), stops  # inside an epoch
+    assert 0 < int(stops[0][1]) < 30, stops  # inside an epoch
     trained = re.findall(r"^trained (\d):(\d+)$", text, re.M)
     assert trained == [(str(e), str(b)) for e in (1, 2) for b in range(30)], trained
     assert re.findall(r"final digest (\w+)", text) == [expected_digest]
