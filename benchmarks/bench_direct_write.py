@@ -21,16 +21,35 @@ page-aligned huge-page memory, `np.copyto` (one thread) against `direct_io.copy_
 
 These are the measurements the comments of core/storage/direct_io.py refer to.
 
+--saves: whole synchronous saves instead (issue 29: is a save training waits for
+faster through the page cache?), each framework's in its own process
+(`save_worker.py`: the callback's `on_epoch_end` for a Keras MLP, `ckpt_epoch` for a
+PyTorch Linear, both with Adam's state, `--megabytes` of state in all), interleaved
+save by save with the raw buffered and direct writes above of the same number of bytes:
+
+- keras/pytorch chosen: the save as the library makes it (O_DIRECT, the live tensors
+  through the bounce buffer);
+- keras/pytorch page cache: the same with every byte through the page cache, as on a
+  file system that refuses O_DIRECT;
+- keras/pytorch <commit> (`--against`, default 48132fc, the last commit before
+  O_DIRECT; '' for none): that commit's code, extracted with `git archive`, saving the
+  same model (PyTorch where the commit has it).
+
     PYTHONPATH=. .venv/bin/python benchmarks/bench_direct_write.py [--megabytes 100,1000]
         [--repetitions 5] [--bounce-mib 8] [--directory DIR]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_direct_write.py --saves
+        [--megabytes 100,400] [--repetitions 7] [--against 48132fc,COMMIT]
 """
 
 import argparse
+import json
 import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -124,13 +143,178 @@ def measure_copy(megabytes, repetitions):
     )
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class SaveWorker:
+    """A `save_worker.py` process saving a `framework` model of `megabytes` of state
+    with the library found in `tree`."""
+
+    def __init__(self, framework, megabytes, directory, tree):
+        environment = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}
+        self.errors = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "save_worker.py"), framework, str(megabytes)]
+            + [os.path.abspath(directory)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.errors,
+            text=True,
+            env=environment,
+        )
+        self.state_bytes = self._answer()["state_bytes"]
+
+    def save(self, mode):
+        self.process.stdin.write(mode + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def _answer(self):
+        line = self.process.stdout.readline()
+        if not line:
+            status = self.process.wait()
+            self.errors.seek(0)
+            raise RuntimeError(f"a save worker ended with status {status}: {self.errors.read()}")
+        return json.loads(line)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+        self.errors.close()
+
+
+def extract_commit(commit):
+    """A temporary directory holding `commit`'s files (`git archive`), or None with a
+    note when this is not a git checkout that has it."""
+    target = tempfile.mkdtemp(prefix=f"candle_ckpt-{commit}-")
+    archive = subprocess.run(
+        ["git", "-C", os.path.dirname(HERE), "archive", commit], capture_output=True
+    )
+    if archive.returncode != 0:
+        print(f"# commit {commit} not measured: {archive.stderr.decode().strip()}")
+        shutil.rmtree(target)
+        return None
+    subprocess.run(["tar", "-x", "-C", target], input=archive.stdout, check=True)
+    return target
+
+
+def save_candidates(megabytes, directory, trees):
+    """The save workers and {name: (worker, write path)} of every save to time: each
+    framework's save in this tree as the library makes it ("chosen", O_DIRECT) and with
+    the page cache forced ("page cache"), and in each of `trees` ({commit: its files})
+    that has the framework."""
+    workers, candidates = [], {}
+    here = os.path.dirname(HERE)
+    for framework in ("keras", "pytorch"):
+        worker = SaveWorker(framework, megabytes, directory, here)
+        workers.append(worker)
+        for mode in ("chosen", "page cache"):
+            candidates[f"{framework} {mode}"] = (worker, mode)
+        for commit, tree in trees.items():
+            if os.path.isdir(os.path.join(tree, "candle_ckpt", framework)) or framework == "keras":
+                worker = SaveWorker(framework, megabytes, directory, tree)
+                workers.append(worker)
+                candidates[f"{framework} {commit}"] = (worker, "chosen")
+    return workers, candidates
+
+
+def measure_saves(megabytes, directory, repetitions, trees):
+    """{name: [wall seconds]}, {name: [CPU seconds]}, {name: O_DIRECT bytes} and
+    {name: state bytes} of whole sync saves (`save_candidates`), interleaved with the
+    raw buffered and direct writes of as many bytes as the Keras state."""
+    workers, candidates = save_candidates(megabytes, directory, trees)
+    size = workers[0].state_bytes
+    memory = anonymous_memory(size)
+    source = memoryview(memory)[:size]
+    source[:] = os.urandom(size)
+    path = os.path.join(directory, "raw.h5")
+    raw = {
+        "raw buffered": lambda: buffered(path, source),
+        "raw direct": lambda: through_write_at(path, source),
+    }
+    names = list(raw) + list(candidates)
+    wall, cpu = ({name: [] for name in names} for _ in range(2))
+    direct = dict.fromkeys(names)
+    try:
+        for repetition in range(repetitions + 1):  # the first is a warm-up
+            for name in names:
+                if name in raw:
+                    laid_out(path, size)
+                    started, before = time.perf_counter(), cpu_seconds()
+                    raw[name]()
+                    seconds, used = time.perf_counter() - started, cpu_seconds() - before
+                    os.unlink(path)
+                    os.sync()
+                else:
+                    worker, mode = candidates[name]
+                    answer = worker.save(mode)
+                    seconds, used, direct[name] = (
+                        answer["seconds"],
+                        answer["cpu"],
+                        answer["direct_bytes"],
+                    )
+                if repetition:
+                    wall[name].append(seconds)
+                    cpu[name].append(used)
+    finally:
+        for worker in workers:
+            worker.close()
+    states = {name: worker.state_bytes for name, (worker, _) in candidates.items()}
+    return wall, cpu, direct, states
+
+
+def report_saves(args, directory):
+    commits = [commit for commit in args.against.split(",") if commit]
+    trees = {commit: extract_commit(commit) for commit in commits}
+    trees = {commit: tree for commit, tree in trees.items() if tree is not None}
+    try:
+        for megabytes in (int(m) for m in args.megabytes.split(",")):
+            wall, cpu, direct, states = measure_saves(megabytes, directory, args.repetitions, trees)
+            print(f"{megabytes} MB of state; raw writes of the Keras state's bytes")
+            for name in wall:
+                note = f", state {states[name] / 1e6:.1f} MB" if name in states else ""
+                if direct[name] is not None:
+                    note += f", O_DIRECT {direct[name] / 1e6:.1f} MB"
+                print(f"  {name:20s} wall {summary(wall[name])}")
+                print(f"  {name:20s} CPU  {summary(cpu[name])}{note}")
+            pairs = [("raw buffered", "raw direct")]
+            for framework in ("keras", "pytorch"):
+                others = ["page cache"] + commits
+                pairs += [(f"{framework} chosen", f"{framework} {other}") for other in others]
+            for ours, theirs in pairs:
+                if theirs not in wall:
+                    continue
+                print(
+                    "  " + ratio_line(f"{ours} / {theirs}", wall[ours], wall[theirs]) + ", CPU "
+                    f"{statistics.median(cpu[ours]) / statistics.median(cpu[theirs]):.3f}"
+                )
+    finally:
+        for tree in trees.values():
+            shutil.rmtree(tree)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--megabytes", default="100,1000")
-    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--megabytes", default=None, help="default 100,1000; 100,400 --saves")
+    parser.add_argument("--repetitions", type=int, default=None, help="default 5; 7 --saves")
     parser.add_argument("--bounce-mib", type=int, default=None)
     parser.add_argument("--directory", default=None)
+    parser.add_argument("--saves", action="store_true", help="whole sync saves (docstring)")
+    parser.add_argument("--against", default="48132fc", help="commits to compare, a,b")
     args = parser.parse_args()
+    if args.saves:
+        args.megabytes = args.megabytes or "100,400"
+        args.repetitions = args.repetitions or 7
+        header("synchronous saves: O_DIRECT (chosen) against the page cache and older commits")
+        directory = scratch_directory(args.directory)
+        try:
+            report_saves(args, directory)
+        finally:
+            shutil.rmtree(directory)
+        print(f"# load average {os.getloadavg()} at {time.strftime('%H:%M')}")
+        return
+    args.megabytes = args.megabytes or "100,1000"
+    args.repetitions = args.repetitions or 5
     header("O_DIRECT model-file writes against the page cache (write + fsync)")
     directory = scratch_directory(args.directory)
     try:

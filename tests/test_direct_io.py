@@ -185,9 +185,10 @@ def test_a_file_system_refusing_o_direct_gets_every_byte_through_the_page_cache(
     assert progress == [PIECE_BYTES, PIECE_BYTES + 77]
 
 
-def test_o_direct_refused_at_the_first_write_falls_back_for_the_rest(tmp_path, monkeypatch):
-    """Some file systems accept the O_DIRECT open, then refuse a write (EINVAL)."""
-    direct_fds = set()
+def route_direct_writes(monkeypatch, write):
+    """Send every pwrite to a descriptor opened with O_DIRECT to `write(real_pwrite, fd,
+    data, offset)`; return the list of those writes' offsets, filled as they happen."""
+    direct_fds, offsets = set(), []
     real_open, real_pwrite = os.open, os.pwrite
 
     def recording_open(path, flags, *args):
@@ -196,13 +197,24 @@ def test_o_direct_refused_at_the_first_write_falls_back_for_the_rest(tmp_path, m
             direct_fds.add(fd)
         return fd
 
-    def refusing_pwrite(fd, data, offset):
-        if fd in direct_fds:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
+    def routed_pwrite(fd, data, offset):
+        if fd not in direct_fds:
+            return real_pwrite(fd, data, offset)
+        offsets.append(offset)
+        return write(real_pwrite, fd, data, offset)
 
     monkeypatch.setattr(direct_io.os, "open", recording_open)
-    monkeypatch.setattr(direct_io.os, "pwrite", refusing_pwrite)
+    monkeypatch.setattr(direct_io.os, "pwrite", routed_pwrite)
+    return offsets
+
+
+def test_o_direct_refused_at_the_first_write_falls_back_for_the_rest(tmp_path, monkeypatch):
+    """Some file systems accept the O_DIRECT open, then refuse a write (EINVAL)."""
+
+    def refusing_pwrite(real_pwrite, fd, data, offset):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    direct_calls = route_direct_writes(monkeypatch, refusing_pwrite)
     path = str(tmp_path / "f")
     size = 3 * PIECE_BYTES
     laid_out(path, size)
@@ -212,7 +224,49 @@ def test_o_direct_refused_at_the_first_write_falls_back_for_the_rest(tmp_path, m
     ]
     written = write_at(path, regions)
     check(path, regions, written, size, direct=0)
-    assert direct_fds
+    assert direct_calls == [0]
+
+
+def unaligned_copy(data):
+    """`data` in memory one byte past a page boundary (a live tensor's is 64)."""
+    source = memoryview(bytearray(ALIGNMENT + len(data)))
+    start = 1 + (-np.frombuffer(source, np.uint8).ctypes.data) % ALIGNMENT
+    source = source[start : start + len(data)]
+    source[:] = data
+    return source
+
+
+@pytest.mark.parametrize("count", [0, ALIGNMENT, None], ids=["refused", "short", "error"])
+def test_a_bounced_write_refused_or_short_mid_array_leaves_the_rest_to_the_page_cache(
+    tmp_path, monkeypatch, o_direct, count
+):
+    """The third bounced piece's O_DIRECT write is refused (EINVAL), written in part, or
+    fails (EIO): the rest goes through the page cache (the file as asked, the CRC32 its
+    own), or the error is raised naming the file; no O_DIRECT write follows."""
+    needs_o_direct(o_direct, tmp_path)
+
+    def failing_pwrite(real_pwrite, fd, data, offset):
+        if len(direct_calls) == 3:
+            if count is None:
+                raise OSError(errno.EIO, "Input/output error")
+            if count == 0:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd, memoryview(data)[:count], offset)
+        return real_pwrite(fd, data, offset)
+
+    direct_calls = route_direct_writes(monkeypatch, failing_pwrite)
+    path = str(tmp_path / "f")
+    size = 6 * BOUNCE_BYTES
+    laid_out(path, size)
+    regions = [(ALIGNMENT, unaligned_copy(random_bytes(4 * BOUNCE_BYTES + 5 * ALIGNMENT, 2)))]
+    if count is None:
+        with pytest.raises(OSError) as raised:
+            write_at(path, regions)
+        assert raised.value.errno == errno.EIO and raised.value.filename == path
+        return
+    written = write_at(path, regions)
+    check(path, regions, written, size, direct=2 * BOUNCE_BYTES + count)
+    assert direct_calls == [ALIGNMENT + k * BOUNCE_BYTES for k in range(3)]
 
 
 def test_other_write_errors_are_raised_naming_the_file(tmp_path, monkeypatch):

@@ -307,29 +307,20 @@ EPOCHS = ("--epochs", "4", "--ckpt_save_best", "false")
 STOPPED = ("--ckpt_walltime_margin", "5", "--virtual_clock", "2")
 
 
-@pytest.mark.slow
-def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slurm, tmp_path):
-    reference = tmp_path / "reference"
-    run_job(reference, *EPOCHS)
-    save = tmp_path / "save"
-    output = tmp_path / "job.out"
-    env = {
-        "PYTHON": sys.executable,
-        "PYTHONPATH": TOP,
-        "CKPT_DIR": str(save),
-        "BENCHMARK": os.path.join(HERE, "keras_job.py"),
-        "MAX_REQUEUES": "8",
-    }
+def run_slurm_job(slurm, tmp_path, options, arguments, script=SLURM_JOB, **env):
+    """Submit `script` (examples/slurm_job.sh) with sbatch `options` and the benchmark's
+    `arguments` (`env` adds to its environment: BENCHMARK, ...), its tree in
+    tmp_path/save; wait until it has left the queue; return (job id, tree, output)."""
+    save, output = tmp_path / "save", tmp_path / "job.out"
+    env = {"PYTHON": sys.executable, "PYTHONPATH": TOP, "CKPT_DIR": str(save), **env}
     submitted = slurm.run(
         "sbatch",
         "--parsable",
-        "--time=1",
-        "--signal=B:USR1@5",
         "--cpus-per-task=1",
         f"--output={output}",
-        SLURM_JOB,
-        *EPOCHS,
-        *STOPPED,
+        *options,
+        script,
+        *arguments,
         cwd=tmp_path,
         env=env,
     )
@@ -338,6 +329,21 @@ def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slur
     finished = slurm.wait_for(job_id, 400)
     text = output.read_text() if output.exists() else ""
     assert finished, f"job {job_id} still queued:\n{text[-3000:]}\n{slurm.log_tails()}"
+    return job_id, save, text
+
+
+@pytest.mark.slow
+def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slurm, tmp_path):
+    reference = tmp_path / "reference"
+    run_job(reference, *EPOCHS)
+    job_id, save, text = run_slurm_job(
+        slurm,
+        tmp_path,
+        ("--time=1", "--signal=B:USR1@5"),
+        (*EPOCHS, *STOPPED),
+        BENCHMARK=os.path.join(HERE, "keras_job.py"),
+        MAX_REQUEUES="8",
+    )
     statuses = re.findall(r"training exited with status (\d+)", text)
     assert statuses and statuses[-1] == "0" and set(statuses[:-1]) == {"75"}, text[-3000:]
     assert f"pre-empted: requeueing job {job_id}" in text
@@ -353,3 +359,90 @@ def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slur
         reference / "ckpts" / "epochs" / "004" / "model.h5",
         save / "ckpts" / "epochs" / "004" / "model.h5",
     )
+
+
+# A PyTorch loop with step checkpoints (tests/steps_job.py, 30 batches an epoch) made
+# slow (--batch_seconds), so that a signal at a set time finds it inside an epoch.
+STEPS_JOB = os.path.join(HERE, "slurm_steps_job.py")
+STEPS = ("--epochs", "2", "--ckpt_save_steps", "7")
+
+
+def uninterrupted_steps_digest(directory):
+    """The final digest of an uninterrupted run of steps_job.py with STEPS."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "steps_job.py"), str(directory), "2"]
+        + ["--ckpt_save_steps", "7"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": TOP, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return re.findall(r"final digest (\w+)", result.stdout)[-1]
+
+
+def check_resumed_mid_epoch(text, log, signal, expected_digest):
+    """Every run but the last exited 75 and the last 0, each stopped by `signal` and
+    saving the batch it was at, the first inside an epoch (a later run, on a slow day,
+    may be signalled anywhere); together they trained every batch once, in order, and
+    the last ends with the uninterrupted run's digest."""
+    statuses = re.findall(r"training exited with status (\d+)", text)
+    assert len(statuses) >= 2 and statuses[-1] == "0", text[-3000:]
+    assert set(statuses[:-1]) == {"75"}, text[-3000:]
+    stops = re.findall(rf"PRE-EMPTED by SIG{signal} at the end of epoch (\d), batch (\d+)", log)
+    assert len(stops) == len(statuses) - 1, log[-3000:]
+    assert 0 < int(stops[0][1]) < 30, stops  # inside an epoch
+    trained = re.findall(r"^trained (\d):(\d+)$", text, re.M)
+    assert trained == [(str(e), str(b)) for e in (1, 2) for b in range(30)], trained
+    assert re.findall(r"final digest (\w+)", text) == [expected_digest]
+
+
+@pytest.mark.slow
+def test_real_slurm_signal_saves_mid_epoch_and_the_requeued_job_ends_bit_identical(slurm, tmp_path):
+    """`--signal=B:USR1@30` with a one-minute limit: the signal comes 30 s in, inside
+    epoch 2 of a 36-second run; the job saves that batch, exits 75 and requeues itself,
+    and the requeued run trains the rest and ends as an uninterrupted run does."""
+    expected = uninterrupted_steps_digest(tmp_path / "reference")
+    job_id, save, text = run_slurm_job(
+        slurm,
+        tmp_path,
+        ("--time=1", "--signal=B:USR1@30"),
+        (*STEPS, "--batch_seconds", "0.6"),
+        BENCHMARK=STEPS_JOB,
+        OMP_NUM_THREADS="1",
+        MAX_REQUEUES="4",
+    )
+    assert f"pre-empted: requeueing job {job_id}" in text and "(restart count 1)" in text
+    check_resumed_mid_epoch(text, (save / "ckpt.log").read_text(), "USR1", expected)
+
+
+@pytest.mark.slow
+def test_real_slurm_sigterm_at_the_time_limit_saves_mid_epoch_and_the_job_ends_bit_identical(
+    slurm, tmp_path
+):
+    """No --signal (clusters without it; the script's #SBATCH --signal line removed): at
+    the one-minute limit Slurm sends SIGTERM to every process of the job, and SIGKILL
+    after KillWait; with ckpt_signal TERM the job, inside epoch 2 then, saves that batch
+    and exits 75, requeues itself (Slurm allows it after the time limit too), and the
+    requeued run trains the rest and ends as an uninterrupted run does."""
+    expected = uninterrupted_steps_digest(tmp_path / "reference")
+    with open(SLURM_JOB) as stream:  # the job script as a cluster without --signal has it
+        lines = [line for line in stream if not line.startswith("#SBATCH --signal=")]
+    script = tmp_path / "slurm_job_without_signal.sh"
+    script.write_text("".join(lines))
+    # slurmctld checks time limits every 30 s: SIGTERM comes 60-90 s in, inside
+    # epoch 2 (from about 51 s to 99 s)
+    job_id, save, text = run_slurm_job(
+        slurm,
+        tmp_path,
+        ("--time=1",),
+        (*STEPS, "--batch_seconds", "1.6"),
+        script=str(script),
+        BENCHMARK=STEPS_JOB,
+        OMP_NUM_THREADS="1",
+        CKPT_SIGNAL="TERM",
+        MAX_REQUEUES="4",
+    )
+    assert f"JOB {job_id} ON " in text and "DUE TO TIME LIMIT" in text, text[-3000:]
+    assert "TERM received: forwarding to" in text and "(restart count 1)" in text
+    check_resumed_mid_epoch(text, (save / "ckpt.log").read_text(), "TERM", expected)
