@@ -74,6 +74,17 @@ def test_auto_measures_one_save_then_saves_as_the_budget_allows():
     assert count == 40
 
 
+def test_auto_charges_an_async_save_its_background_write_too():
+    """The training thread's stall alone let `auto` save several times a second with
+    ckpt_async (bench_step_saves.py): the background write is charged as well."""
+    schedule = StepSchedule("auto", 5.0, Log())
+    schedule.batch_ended(0.1)
+    schedule.saved(0.02, background_seconds=0.18)  # 0.2 s at 5 %: 4 s, 40 batches
+    assert schedule.auto_interval() == 40
+    schedule.saved(0.02, background_seconds=None)  # no write finished yet: the stall
+    assert schedule.auto_interval() == 4
+
+
 def test_auto_logs_the_interval_only_when_it_changes_much():
     log = Log()
     schedule = StepSchedule("auto", 10.0, log)

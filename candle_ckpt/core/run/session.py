@@ -304,12 +304,10 @@ class TrainingSession:
                 started = time.perf_counter()
                 self.checkpointer.save(decision, lambda: self._capture(epoch, 0))
                 if self._steps is not None:
-                    self._steps.saved(time.perf_counter() - started)
+                    self._steps.saved(time.perf_counter() - started, self._background_seconds())
         if self._walltime is not None:
-            background = self.checkpointer.background is not None
             self._walltime.save_ended(
-                saved=decision is not None,
-                background_seconds=self.checkpointer.last_write_seconds if background else None,
+                saved=decision is not None, background_seconds=self._background_seconds()
             )
         if self._watch is not None:
             self._watch.epoch_completed(
@@ -429,12 +427,15 @@ class TrainingSession:
         self._step_saved = position
         stall = time.perf_counter() - started
         assert self._steps is not None
-        self._steps.saved(stall)
+        self._steps.saved(stall, self._background_seconds())
         if self._walltime is not None:
-            background = self.checkpointer.background is not None
-            self._walltime.step_save_ended(
-                stall, self.checkpointer.last_write_seconds if background else None
-            )
+            self._walltime.step_save_ended(stall, self._background_seconds())
+
+    def _background_seconds(self) -> float | None:
+        """With ckpt_async: how long the last finished background write took."""
+        if self.checkpointer.background is None:
+            return None
+        return self.checkpointer.last_write_seconds
 
     # -- capturing the state -----------------------------------------------------------
 
