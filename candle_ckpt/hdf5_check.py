@@ -33,6 +33,7 @@ docs/THREATS.md says what this defends against and what it does not.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
 import json
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,7 @@ import h5py
 import numpy as np
 
 from .core.errors import CheckpointFormatError
+from .core.storage.checksum import crc32
 from .core.text import printable
 from .hdf5 import HDF5_MAGIC, InMemoryFile
 
@@ -126,7 +128,66 @@ def check(contents: Any, path: str) -> None:
     _verdict(contents, path, _CHECK)
 
 
-def list_model_file(source: Any, path: str) -> ListedGroup:
+@dataclass(frozen=True)
+class Listing:
+    """What `list_model_file` found: the file's tree, and the pieces of the file the
+    checker read to find it (`Reads`)."""
+
+    root: ListedGroup
+    reads: Reads
+
+
+@dataclass(frozen=True)
+class Reads:
+    """The pieces of a file of `size` bytes the checker read, as (offset, length,
+    CRC32 of their bytes): HDF5 made the listing from these bytes alone, so a file
+    whose bytes are the same there has the same listing."""
+
+    size: int
+    pieces: tuple[tuple[int, int, int], ...]
+
+    def found_in(self, contents: Any, regions: Sequence[tuple[int, Any]] = ()) -> bool:
+        """Whether the file read as `contents`, but for `regions` ((offset, buffer):
+        the parts read elsewhere, left out of `contents`, not overlapping), holds
+        the same bytes in every piece."""
+        if len(contents) != self.size:
+            return False
+        view = memoryview(contents).cast("B")
+        placed = sorted((offset, memoryview(buffer).cast("B")) for offset, buffer in regions)
+        starts = [offset for offset, _ in placed]
+        for offset, length, crc in self.pieces:
+            if _crc32_of(view, placed, starts, offset, offset + length) != crc:
+                return False
+        return True
+
+
+def _crc32_of(
+    view: memoryview,
+    placed: list[tuple[int, memoryview]],
+    starts: list[int],
+    start: int,
+    stop: int,
+) -> int:
+    """The CRC32 of bytes `start` to `stop` of a file: from `placed` ((offset, bytes),
+    in file order, `starts` their offsets) where one lies, else from `view`."""
+    crc, position = 0, start
+    k = max(0, bisect.bisect_right(starts, start) - 1)
+    while position < stop:
+        if k < len(placed) and placed[k][0] + len(placed[k][1]) <= position:
+            k += 1
+            continue
+        if k < len(placed) and placed[k][0] <= position:
+            offset, buffer = placed[k]
+            end = min(stop, offset + len(buffer))
+            crc = crc32(buffer[position - offset : end - offset], crc)
+        else:
+            end = min(stop, placed[k][0]) if k < len(placed) else stop
+            crc = crc32(view[position:end], crc)
+        position = end
+    return crc
+
+
+def list_model_file(source: Any, path: str) -> Listing:
     """The tree of the model file `source` (its bytes, or a binary file open on it), as
     the checker process found it walking the file: every group and dataset with its
     attributes, and where each dataset's values are. This process never parses the
@@ -140,12 +201,14 @@ def list_model_file(source: Any, path: str) -> ListedGroup:
         CheckpointFormatError: the file is not one candle_ckpt reads (names `path`).
     """
     contents = _bytes_of(source, path)
-    listing = _verdict(contents, path, _LIST)
+    pieces: dict[int, tuple[int, int, int]] = {}
+    listing = _verdict(contents, path, _LIST, pieces)
     try:
-        return _listed_tree(json.loads(listing.decode("ascii")), path)
+        root = _listed_tree(json.loads(listing.decode("ascii")), path)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         _refuse(path, f"the checker's listing of it is malformed ({type(error).__name__})")
         raise AssertionError("unreachable") from error
+    return Listing(root, Reads(len(contents), tuple(pieces.values())))
 
 
 @dataclass(frozen=True)
@@ -258,13 +321,17 @@ def prestart() -> None:
         _running_checker()
 
 
-def _verdict(contents: Any, path: str, mode: bytes) -> bytes:
+def _verdict(
+    contents: Any, path: str, mode: bytes, pieces: dict[int, tuple[int, int, int]] | None = None
+) -> bytes:
     """The checker's verdict on `contents` in `mode` (`_CHECK`, `_LIST`): what it
-    sent with a good verdict (the listing, or nothing); CheckpointFormatError else."""
+    sent with a good verdict (the listing, or nothing); CheckpointFormatError else.
+    `pieces`, if given, gets (offset, length, CRC32) of each piece the checker read,
+    by offset."""
     view = memoryview(contents).cast("B")
     _check_superblock(view, path)
     with _checker_lock:
-        finished, problem, status, sent = _checked(view, mode)
+        finished, problem, status, sent = _checked(view, mode, pieces)
     if not finished:
         _refuse(path, f"parsing it did not end within {CHECK_SECONDS:g} s (a loop in its headers)")
     if status is not None and status < 0:
@@ -301,7 +368,9 @@ def _running_checker() -> subprocess.Popen[bytes]:
     return _checker
 
 
-def _checked(view: memoryview, mode: bytes) -> tuple[bool, str | None, int | None, bytes]:
+def _checked(
+    view: memoryview, mode: bytes, pieces: dict[int, tuple[int, int, int]] | None
+) -> tuple[bool, str | None, int | None, bytes]:
     """(whether the checker finished in time, its verdict on `view`: "" for a good
     file, the problem, or None when it ended without one; its exit status if it ended;
     what it sent with a good verdict in `mode`)."""
@@ -310,7 +379,7 @@ def _checked(view: memoryview, mode: bytes) -> tuple[bool, str | None, int | Non
         checker = _running_checker()
         assert checker.stdin is not None and checker.stdout is not None
         finished, started, problem, sent = _serve(
-            checker.stdin.fileno(), checker.stdout.fileno(), view, mode
+            checker.stdin.fileno(), checker.stdout.fileno(), view, mode, pieces
         )
         if finished and problem is not None:
             return True, problem, None, sent
@@ -337,12 +406,17 @@ def _child_command() -> list[str]:
 
 
 def _serve(
-    to_child: int, from_child: int, view: memoryview, mode: bytes
+    to_child: int,
+    from_child: int,
+    view: memoryview,
+    mode: bytes,
+    pieces: dict[int, tuple[int, int, int]] | None,
 ) -> tuple[bool, bool, str | None, bytes]:
     """Hand `view` to the checker in `mode` and answer its reads until it gives its
     verdict or CHECK_SECONDS pass: (whether it finished, whether it started on the
     file, its verdict: "" for a good file, the problem, or None when it ended without
-    one; what it sent before a good verdict, at most `_listing_limit` bytes)."""
+    one; what it sent before a good verdict, at most `_listing_limit` bytes). Each
+    piece of `view` sent goes into `pieces`, if given (`_verdict`)."""
     reader = _Reader(from_child, time.monotonic() + CHECK_SECONDS)
     started = False
     sent = b""
@@ -354,7 +428,13 @@ def _serve(
                 started = True
             elif kind == b"R":
                 offset, length = _REQUEST.unpack(reader.take(_REQUEST.size))
-                piece = view[min(offset, len(view)) : min(offset + length, len(view))]
+                start = min(offset, len(view))
+                piece = view[start : min(offset + length, len(view))]
+                if pieces is not None:
+                    crc = crc32(piece)
+                    if pieces.get(start, (0, 0, crc))[2] != crc:
+                        crc = -1  # served twice, changed between: matches no file
+                    pieces[start] = (start, len(piece), crc)
                 _write_all(to_child, _COUNT.pack(len(piece)))
                 _write_all(to_child, piece)
             elif kind == b"L" and not sent:

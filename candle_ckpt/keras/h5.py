@@ -72,7 +72,7 @@ from candle_ckpt.hdf5 import (
 )
 from candle_ckpt.hdf5 import attr_str as _attr_str
 from candle_ckpt.hdf5 import read_names as _read_names
-from candle_ckpt.hdf5_check import ListedGroup, StoredArray, list_model_file
+from candle_ckpt.hdf5_check import ListedGroup, Listing, StoredArray, list_model_file
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1
@@ -294,6 +294,7 @@ class InPlaceRead:
     offsets: dict[int, int]  # id(variable) -> the file offset of its dataset
     regions: list[tuple[int, np.ndarray]]  # (that offset, the variable's buffer, writable)
     tensors: list[Any]  # reads of those variables, which hold their buffers meanwhile
+    listing: Listing | None = None  # of the file as planned
 
 
 def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
@@ -318,10 +319,12 @@ def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
     quiet = silent_logger()
     try:
         size = os.fstat(stream.fileno()).st_size
-        f = list_model_file(stream, path)
+        listing = list_model_file(stream, path)
+        f = listing.root
         version = _format_version(f, path)
         if version is None:
             return plan
+        plan = InPlaceRead(path, {}, [], [], listing)
         pairs = _plan_weights(f, model, path, True, quiet)
         pairs += _plan_rng(f, model, path, True, quiet)
         pairs += _plan_optimizer(f, model, path, version, quiet) or []
@@ -407,7 +410,7 @@ def restore(
     try:
         if contents is None:
             contents, _ = read_file(path, compute_crc=False)
-        f = list_model_file(contents, path)
+        f = _listing(contents, path, in_place).root
         version = _format_version(f, path)
         ours = version is not None
         pairs = _plan_weights(f, model, path, ours, log)
@@ -462,6 +465,18 @@ def restore(
         "legacy": not ours,
         "nbytes": loaded + sum(v.nbytes for v in values),
     }
+
+
+def _listing(contents: Any, path: str, in_place: InPlaceRead | None) -> Listing:
+    """The listing of the model file read as `contents` (`hdf5_check.list_model_file`):
+    that of the plan `contents` were read by, where the file as read holds the same
+    bytes wherever the checker read it for the plan (so HDF5 lists it the same way),
+    else a new one."""
+    if in_place is not None and in_place.listing is not None:
+        planned = in_place.listing
+        if planned.reads.found_in(contents, in_place.regions):
+            return planned
+    return list_model_file(contents, path)
 
 
 # -- what the model holds ------------------------------------------------------------
