@@ -37,6 +37,7 @@ import bisect
 import contextlib
 import io
 import json
+import math
 import mmap
 import os
 import re
@@ -225,7 +226,7 @@ class StoredArray:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -749,9 +750,11 @@ def _list_objects(f: h5py.File, size: int) -> tuple[str, dict[str, Any]]:
     pending: list[tuple[Any, str]] = [(f.id, "")]
     while pending:
         group, path = pending.pop()
-        problem, groups[path] = _listed_attributes(h5py.Group(group), size)
-        if problem:
-            return problem, {}
+        groups[path] = {}
+        if h5py.h5a.get_num_attrs(group):
+            problem, groups[path] = _listed_attributes(h5py.Group(group), size)
+            if problem:
+                return problem, {}
         for name, kind, address in _links(group):
             member = f"{path}/{name.decode('utf8', 'surrogateescape')}".lstrip("/")
             if kind != h5py.h5l.TYPE_HARD:
@@ -766,18 +769,13 @@ def _list_objects(f: h5py.File, size: int) -> tuple[str, dict[str, Any]]:
                 continue
             if not isinstance(opened, h5py.h5d.DatasetID):
                 return f"'/{member}' is a {type(opened).__name__} (candle_ckpt writes none)", {}
-            problem = _storage_problem(opened, f"dataset '/{member}'", size)
+            problem, offset, shape = _stored(opened, f"dataset '/{member}'", size)
             attributes: dict[str, Any] = {}
             if not problem and h5py.h5a.get_num_attrs(opened):
                 problem, attributes = _listed_attributes(h5py.Dataset(opened), size)
             if problem:
                 return problem, {}
-            datasets[member] = [
-                opened.get_offset() or 0,
-                list(opened.shape),
-                opened.dtype.str,
-                attributes,
-            ]
+            datasets[member] = [offset, shape, opened.dtype.str, attributes]
     return "", {"groups": groups, "datasets": datasets}
 
 
@@ -830,36 +828,46 @@ def _listed_value(value: Any) -> list[Any] | None:
 
 
 def _dataset_problem(dataset: h5py.Dataset, size: int) -> str:
-    """What is wrong with how `dataset` is stored, or "" (`_storage_problem`)."""
-    return _storage_problem(dataset.id, f"dataset '{dataset.name}'", size)
+    """What is wrong with how `dataset` is stored, or "" (`_stored`)."""
+    return _stored(dataset.id, f"dataset '{dataset.name}'", size)[0]
 
 
-def _storage_problem(dataset: Any, where: str, size: int) -> str:
-    """What is wrong with how the dataset `dataset` (an h5py DatasetID, named `where`)
-    is stored, or "": its values must be numbers in this machine's byte order, stored
-    uncompressed as one run of bytes in the file."""
+def _stored(dataset: Any, where: str, size: int) -> tuple[str, int, tuple[int, ...]]:
+    """(what is wrong with how the dataset `dataset` (an h5py DatasetID, named `where`)
+    is stored or "", the offset of its values in the file, its shape): its values must
+    be numbers in this machine's byte order, stored uncompressed as one run of bytes
+    in the file."""
     plist = dataset.get_create_plist()
     layout = plist.get_layout()
     if layout != h5py.h5d.CONTIGUOUS:
         kinds = {h5py.h5d.COMPACT: "compact", h5py.h5d.CHUNKED: "chunked"}
-        return f"{where} is {kinds.get(layout, 'virtual')} (candle_ckpt writes contiguous datasets)"
+        problem = (
+            f"{where} is {kinds.get(layout, 'virtual')} (candle_ckpt writes contiguous datasets)"
+        )
+        return problem, 0, ()
     if plist.get_nfilters() or plist.get_external_count():
-        return f"{where} is filtered (compressed) or stored in other files"
+        return f"{where} is filtered (compressed) or stored in other files", 0, ()
     dtype = dataset.dtype
     if dtype.kind not in _NUMBER_KINDS or not dtype.isnative:
-        return f"{where} holds {dtype.str} values (candle_ckpt writes numbers in native byte order)"
-    if dataset.shape is None:
-        return f"{where} has no dataspace"
-    nbytes = int(np.prod(dataset.shape, dtype=object)) * dtype.itemsize
+        problem = (
+            f"{where} holds {dtype.str} values (candle_ckpt writes numbers in native byte order)"
+        )
+        return problem, 0, ()
+    shape = dataset.shape
+    if shape is None:
+        return f"{where} has no dataspace", 0, ()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
-        return ""
-    offset = dataset.get_offset()
-    if offset is None or dataset.get_storage_size() != nbytes or offset + nbytes > size:
+        return "", 0, shape
+    offset, stored = dataset.get_offset(), dataset.get_storage_size()
+    if offset is None or stored != nbytes or offset + nbytes > size:
         return (
             f"{where} declares {nbytes} bytes, not stored whole inside the file "
-            f"({size} bytes; at offset {offset}, {dataset.get_storage_size()} stored)"
+            f"({size} bytes; at offset {offset}, {stored} stored)",
+            0,
+            (),
         )
-    return ""
+    return "", offset, shape
 
 
 # -- JSON held in a model file ---------------------------------------------------------

@@ -51,7 +51,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.ops.resource_variable_ops import ResourceVariable
+from tensorflow.python.ops.resource_variable_ops import BaseResourceVariable
 
 from candle_ckpt.core.errors import CheckpointFormatError, failed_after_checks
 from candle_ckpt.core.logs import LibraryLogger, silent_logger
@@ -509,13 +509,15 @@ def _as_tensor(array: np.ndarray) -> Any:
 def _assign(variable: Any, tensor: Any) -> None:
     """`variable.assign(tensor)`, for a `tensor` of the variable's shape and dtype.
 
-    A variable of one TensorFlow resource variable is assigned with TensorFlow's own
-    assignment op, which is what Keras' and TensorFlow's `assign` end in after their
-    checks of shape and dtype (`_match` has made them) and costs a fraction of it: a
-    model of thousands of small variables restores in a fraction of the time.
+    A variable held by one TensorFlow resource variable (the optimizer's slots are
+    created in a tf.function: a subclass) is assigned with the op TensorFlow's own
+    `assign` ends in, after its shape check (`_match` made it): for a model of
+    thousands of small variables, Keras' and TensorFlow's checks and wrappers around
+    it cost several times the op itself. A variable of a distribution strategy (one
+    per replica) goes through its own `assign`.
     """
     value = getattr(variable, "value", None)
-    if isinstance(value, ResourceVariable) and type(value) is ResourceVariable:
+    if isinstance(value, BaseResourceVariable):
         tf.raw_ops.AssignVariableOp(resource=value.handle, value=tensor)
     else:
         variable.assign(tensor)
