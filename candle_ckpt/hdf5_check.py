@@ -49,7 +49,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,7 +188,7 @@ def _crc32_of(
     return crc
 
 
-def list_model_file(source: Any, path: str) -> Listing:
+def list_model_file(source: Any, path: str, found: Callable[[Any], None] | None = None) -> Listing:
     """The tree of the model file `source` (its bytes, or a binary file open on it), as
     the checker process found it walking the file: every group and dataset with its
     attributes, and where each dataset's values are. This process never parses the
@@ -198,12 +198,17 @@ def list_model_file(source: Any, path: str) -> Listing:
     The checker refuses what `check` refuses, but does not look up names the
     attributes hold (nothing is looked up by name in HDF5 here).
 
+    `found`, if given, is called in this thread while the checker walks on, with
+    [offset, shape, dtype] (JSON data) of each dataset it found stored as `check`
+    requires: for work that may start before the verdict (nothing may reach a model
+    before it, and a file refused later may have had good datasets first).
+
     Raises:
         CheckpointFormatError: the file is not one candle_ckpt reads (names `path`).
     """
     contents = _bytes_of(source, path)
     pieces: dict[int, tuple[int, int, int]] = {}
-    listing = _verdict(contents, path, _LIST, pieces)
+    listing = _verdict(contents, path, _LIST, pieces, found)
     try:
         root = _listed_tree(json.loads(listing.decode("ascii")), path)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
@@ -323,16 +328,20 @@ def prestart() -> None:
 
 
 def _verdict(
-    contents: Any, path: str, mode: bytes, pieces: dict[int, tuple[int, int, int]] | None = None
+    contents: Any,
+    path: str,
+    mode: bytes,
+    pieces: dict[int, tuple[int, int, int]] | None = None,
+    found: Callable[[Any], None] | None = None,
 ) -> bytes:
     """The checker's verdict on `contents` in `mode` (`_CHECK`, `_LIST`): what it
     sent with a good verdict (the listing, or nothing); CheckpointFormatError else.
     `pieces`, if given, gets (offset, length, CRC32) of each piece the checker read,
-    by offset."""
+    by offset; `found` is called as `list_model_file` says."""
     view = memoryview(contents).cast("B")
     _check_superblock(view, path)
     with _checker_lock:
-        finished, problem, status, sent = _checked(view, mode, pieces)
+        finished, problem, status, sent = _checked(view, mode, pieces, found)
     if not finished:
         _refuse(path, f"parsing it did not end within {CHECK_SECONDS:g} s (a loop in its headers)")
     if status is not None and status < 0:
@@ -370,7 +379,10 @@ def _running_checker() -> subprocess.Popen[bytes]:
 
 
 def _checked(
-    view: memoryview, mode: bytes, pieces: dict[int, tuple[int, int, int]] | None
+    view: memoryview,
+    mode: bytes,
+    pieces: dict[int, tuple[int, int, int]] | None = None,
+    found: Callable[[Any], None] | None = None,
 ) -> tuple[bool, str | None, int | None, bytes]:
     """(whether the checker finished in time, its verdict on `view`: "" for a good
     file, the problem, or None when it ended without one; its exit status if it ended;
@@ -380,7 +392,7 @@ def _checked(
         checker = _running_checker()
         assert checker.stdin is not None and checker.stdout is not None
         finished, started, problem, sent = _serve(
-            checker.stdin.fileno(), checker.stdout.fileno(), view, mode, pieces
+            checker.stdin.fileno(), checker.stdout.fileno(), view, mode, pieces, found
         )
         if finished and problem is not None:
             return True, problem, None, sent
@@ -412,15 +424,19 @@ def _serve(
     view: memoryview,
     mode: bytes,
     pieces: dict[int, tuple[int, int, int]] | None,
+    found: Callable[[Any], None] | None,
 ) -> tuple[bool, bool, str | None, bytes]:
     """Hand `view` to the checker in `mode` and answer its reads until it gives its
     verdict or CHECK_SECONDS pass: (whether it finished, whether it started on the
     file, its verdict: "" for a good file, the problem, or None when it ended without
     one; what it sent before a good verdict, at most `_listing_limit` bytes). Each
-    piece of `view` sent goes into `pieces`, if given (`_verdict`)."""
+    piece of `view` sent goes into `pieces`, if given, and each dataset's place the
+    checker sends (`_list`) to `found`, if given (`_verdict`); an error `found` raises
+    is raised once the checker gave its verdict, so that it can take the next file."""
     reader = _Reader(from_child, time.monotonic() + CHECK_SECONDS)
     started = False
     sent = b""
+    failure: Exception | None = None
     try:
         _write_all(to_child, _COUNT.pack(len(view)) + mode)
         while True:
@@ -438,6 +454,16 @@ def _serve(
                     pieces[start] = (start, len(piece), crc)
                 _write_all(to_child, _COUNT.pack(len(piece)))
                 _write_all(to_child, piece)
+            elif kind == b"D":
+                (length,) = _COUNT.unpack(reader.take(_COUNT.size))
+                if length > _MESSAGE_BYTES:
+                    return True, started, f"it sent a dataset's place of {length} bytes", b""
+                place = reader.take(length)
+                if found is not None:
+                    try:
+                        found(json.loads(place))
+                    except Exception as error:  # raised with the verdict: the checker is done
+                        failure, found = error, None
             elif kind == b"L" and not sent:
                 (length,) = _COUNT.unpack(reader.take(_COUNT.size))
                 if length > _listing_limit(len(view)):
@@ -446,6 +472,8 @@ def _serve(
             elif kind == b"V":
                 (length,) = _COUNT.unpack(reader.take(_COUNT.size))
                 message = reader.take(min(length, _MESSAGE_BYTES))
+                if failure is not None:
+                    raise failure
                 return True, started, message.decode("utf8", "replace"), sent
             else:
                 return True, started, None, b""  # the checker wrote something else
@@ -727,10 +755,16 @@ def _attribute(node: Any, name: str, size: int) -> tuple[str, Any]:
 def _list(served: _ServedFile) -> tuple[str, bytes]:
     """In the checker: ("", the listing of every object of the file as JSON) if every
     object is one candle_ckpt writes, else (what is wrong with the first that is not,
-    b"")."""
+    b""). Each dataset's place is sent to the parent as soon as it is found (b"D"),
+    so that the parent can prepare its values meanwhile (`list_model_file`)."""
+
+    def found(place: list[Any]) -> None:
+        text = json.dumps(place, separators=(",", ":")).encode("ascii")
+        _write_all(1, b"D" + _COUNT.pack(len(text)) + text)
+
     try:
         with h5py.File(served, "r") as f:
-            problem, listing = _list_objects(f, served.seek(0, io.SEEK_END))
+            problem, listing = _list_objects(f, served.seek(0, io.SEEK_END), found)
     except Exception as error:  # whatever h5py raises on a damaged file is the answer
         return f"h5py cannot read it ({type(error).__name__}: {str(error)[:300]})", b""
     if problem:
@@ -738,12 +772,15 @@ def _list(served: _ServedFile) -> tuple[str, bytes]:
     return "", json.dumps(listing, separators=(",", ":")).encode("ascii")
 
 
-def _list_objects(f: h5py.File, size: int) -> tuple[str, dict[str, Any]]:
+def _list_objects(
+    f: h5py.File, size: int, found: Callable[[list[Any]], None] = lambda place: None
+) -> tuple[str, dict[str, Any]]:
     """What `_walk_objects` checks, through h5py's low-level interface, each object
     opened from its group by its own name (no path is looked up), and what
     `_listed_tree` makes the tree of: {"groups": {path: attributes}, "datasets":
     {path: [offset, shape, dtype, attributes]}}, a group listed before its members,
-    paths relative to the root ("" is the root)."""
+    paths relative to the root ("" is the root). `found([offset, shape, dtype])` is
+    called with each dataset that passed its checks."""
     groups: dict[str, Any] = {}
     datasets: dict[str, Any] = {}
     seen = {h5py.h5o.get_info(f.id).addr}
@@ -758,8 +795,8 @@ def _list_objects(f: h5py.File, size: int) -> tuple[str, dict[str, Any]]:
         for name, kind, address in _links(group):
             member = f"{path}/{name.decode('utf8', 'surrogateescape')}".lstrip("/")
             if kind != h5py.h5l.TYPE_HARD:
-                found = _LINK_KINDS.get(kind, f"a link of type {kind}")
-                return f"'/{member}' is {found} (candle_ckpt writes none)", {}
+                link = _LINK_KINDS.get(kind, f"a link of type {kind}")
+                return f"'/{member}' is {link} (candle_ckpt writes none)", {}
             if address in seen:
                 return f"'/{member}' is reached twice (candle_ckpt writes a tree)", {}
             seen.add(address)
@@ -776,6 +813,7 @@ def _list_objects(f: h5py.File, size: int) -> tuple[str, dict[str, Any]]:
             if problem:
                 return problem, {}
             datasets[member] = [offset, shape, opened.dtype.str, attributes]
+            found(datasets[member][:3])
     return "", {"groups": groups, "datasets": datasets}
 
 

@@ -147,3 +147,25 @@ def test_a_restart_reading_in_place_lists_the_file_once(tmp_path, monkeypatch):
     fresh = wide_model(seed=5)
     assert candle_ckpt.restart(params, fresh, verbose=False)["epoch"] == 1
     assert len(listed) == 1
+
+
+def test_an_error_of_the_early_work_is_raised_once_the_checker_is_done(tmp_path):
+    path = save(trained(dense_adam), tmp_path)
+    contents = path.read_bytes()
+    places = []
+
+    def fails(place):
+        places.append(place)
+        raise RuntimeError("early work failed")
+
+    with pytest.raises(RuntimeError, match="early work failed"):
+        hdf5_check.list_model_file(contents, str(path), fails)
+    assert len(places) == 1  # not called again after it failed
+    checker = hdf5_check._checker.pid
+    seen = []
+    listing = hdf5_check.list_model_file(contents, str(path), seen.append)
+    assert hdf5_check._checker.pid == checker  # in step with this process: kept
+    stored = [node for node in listed_view(listing.root).values() if isinstance(node, tuple)]
+    assert sorted(seen) == sorted(
+        [[offset, list(shape), dtype.str] for offset, shape, dtype in stored]
+    )

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -410,7 +411,9 @@ def restore(
     try:
         if contents is None:
             contents, _ = read_file(path, compute_crc=False)
-        f = _listing(contents, path, in_place).root
+        source = writable_contents(contents)
+        premade: dict[tuple[int, tuple[int, ...], str], Any] = {}
+        f = _listing(contents, path, in_place, _premade_tensors(source, premade)).root
         version = _format_version(f, path)
         ours = version is not None
         pairs = _plan_weights(f, model, path, ours, log)
@@ -433,7 +436,6 @@ def restore(
             )
         loaded = sum(d.nbytes for v, d in pairs if id(v) in held)
         pairs = [(v, d) for v, d in pairs if id(v) not in held]
-        source = writable_contents(contents)
         values = [dataset.array(source, path) for _, dataset in pairs]
     except CheckpointFormatError:
         raise
@@ -446,7 +448,10 @@ def restore(
         raise CheckpointFormatError(
             f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {printable(str(e)[:300])})"
         ) from e
-    tensors = [_as_tensor(value) for value in values]  # all of them before any assign
+    tensors = []  # all of them before any assign
+    for (_, dataset), value in zip(pairs, values):
+        tensor = premade.get((dataset.offset, dataset.shape, dataset.dtype.str))
+        tensors.append(_as_tensor(value) if tensor is None else tensor)
     for k, ((variable, _), tensor) in enumerate(zip(pairs, tensors)):
         try:
             _assign(variable, tensor)
@@ -467,16 +472,39 @@ def restore(
     }
 
 
-def _listing(contents: Any, path: str, in_place: InPlaceRead | None) -> Listing:
-    """The listing of the model file read as `contents` (`hdf5_check.list_model_file`):
-    that of the plan `contents` were read by, where the file as read holds the same
-    bytes wherever the checker read it for the plan (so HDF5 lists it the same way),
-    else a new one."""
+def _listing(
+    contents: Any, path: str, in_place: InPlaceRead | None, found: Callable[[Any], None]
+) -> Listing:
+    """The listing of the model file read as `contents` (`hdf5_check.list_model_file`,
+    with `found`): that of the plan `contents` were read by, where the file as read
+    holds the same bytes wherever the checker read it for the plan (so HDF5 lists it
+    the same way), else a new one."""
     if in_place is not None and in_place.listing is not None:
         planned = in_place.listing
         if planned.reads.found_in(contents, in_place.regions):
             return planned
-    return list_model_file(contents, path)
+    return list_model_file(contents, path, found)
+
+
+def _premade_tensors(
+    source: Any, premade: dict[tuple[int, tuple[int, ...], str], Any]
+) -> Callable[[Any], None]:
+    """`list_model_file`'s `found` for `restore`: the values of each small dataset of
+    `source` (the file's bytes), as a new tensor in `premade` by (offset, shape,
+    dtype), made while the checker walks the rest of the file. A tensor reaches no
+    model there: `restore` takes those of the datasets it loads once the whole file
+    is listed and checked against the model. Large datasets become tensors later, on
+    `source`'s own memory (`_as_tensor`)."""
+
+    def found(place: Any) -> None:
+        offset, shape, dtype = int(place[0]), tuple(int(n) for n in place[1]), np.dtype(place[2])
+        size = math.prod(shape)
+        nbytes = size * dtype.itemsize
+        if 0 < nbytes < DIRECT_MIN_BYTES and offset + nbytes <= len(source):
+            values = np.frombuffer(source, dtype, size, offset).reshape(shape)
+            premade[(offset, shape, place[2])] = tf.constant(values)
+
+    return found
 
 
 # -- what the model holds ------------------------------------------------------------
