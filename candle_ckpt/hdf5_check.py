@@ -25,6 +25,15 @@ ends in a refusal rather than in the process:
    the same way in this process afterwards, so only a file that the checker walked
    to the end is opened here.
 
+3. `list_model_file` has the checker do that walk with h5py's low-level interface
+   (each object opened from its group; no name looked up, since nothing will be) and
+   send back the file's tree: every group's attributes and every dataset's offset,
+   shape and dtype, as JSON (`Listing`). A reader of the listing (the Keras restart)
+   never parses the file with HDF5 in this process at all: it takes what it needs
+   from the listing and the values from the verified bytes by offset. The pieces of
+   the file the checker read are kept as CRC32s (`Reads`), so that a listing made
+   from one read of a file serves a second read holding the same bytes there.
+
 `load_json` bounds a JSON text held in a model file (size, nesting depth, string
 lengths) before it is parsed, so that what it decodes to stays in proportion to it.
 
