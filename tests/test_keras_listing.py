@@ -169,3 +169,31 @@ def test_an_error_of_the_early_work_is_raised_once_the_checker_is_done(tmp_path)
     assert sorted(seen) == sorted(
         [[offset, list(shape), dtype.str] for offset, shape, dtype in stored]
     )
+
+
+def test_damaged_headers_load_or_are_refused_leaving_the_model_untouched(tmp_path):
+    """Bytes flipped where the checker reads (HDF5's headers, names, attributes): each
+    restore loads the file or refuses it with a CheckpointFormatError, the model as it
+    was; never another exception."""
+    original = trained(dense_adam)
+    path = save(original, tmp_path)
+    pristine = path.read_bytes()
+    read = hdf5_check.list_model_file(pristine, str(path)).reads.pieces
+    rng = np.random.default_rng(35)
+    fresh = dense_adam()
+    before = state(fresh)
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(120):
+        offset, length, _ = read[rng.integers(len(read))]
+        damaged = bytearray(pristine)
+        damaged[offset + rng.integers(length)] ^= 1 << int(rng.integers(8))
+        try:
+            keras_h5.restore(fresh, path, contents=memoryview(bytes(damaged)))
+        except CheckpointFormatError:
+            outcomes["refused"] += 1
+            assert_bit_equal(before, state(fresh))
+        else:
+            outcomes["loaded"] += 1  # a flip in a value, or one HDF5 does not read
+            keras_h5.restore(fresh, path, contents=memoryview(pristine))
+            before = state(fresh)
+    assert outcomes["refused"] > 0
