@@ -205,7 +205,8 @@ def list_model_file(source: Any, path: str, found: Callable[[Any], None] | None 
     values from `source` by offset (`StoredArray.array`), costs no HDF5 lookup.
 
     The checker refuses what `check` refuses, but does not look up names the
-    attributes hold (nothing is looked up by name in HDF5 here).
+    attributes hold (nothing is looked up by name in HDF5 here), nor read the filter
+    pipeline of a contiguous dataset (HDF5 applies none to one, `_stored`).
 
     `found`, if given, is called in this thread while the checker walks on, with
     [offset, shape, dtype] (JSON data) of each dataset it found stored as `check`
@@ -815,7 +816,7 @@ def _list_objects(
                 continue
             if not isinstance(opened, h5py.h5d.DatasetID):
                 return f"'/{member}' is a {type(opened).__name__} (candle_ckpt writes none)", {}
-            problem, offset, shape = _stored(opened, f"dataset '/{member}'", size)
+            problem, offset, shape = _stored(opened, f"dataset '/{member}'", size, True)
             attributes: dict[str, Any] = {}
             if not problem and h5py.h5a.get_num_attrs(opened):
                 problem, attributes = _listed_attributes(h5py.Dataset(opened), size)
@@ -879,34 +880,43 @@ def _dataset_problem(dataset: h5py.Dataset, size: int) -> str:
     return _stored(dataset.id, f"dataset '{dataset.name}'", size)[0]
 
 
-def _stored(dataset: Any, where: str, size: int) -> tuple[str, int, tuple[int, ...]]:
+def _stored(
+    dataset: Any, where: str, size: int, by_offset: bool = False
+) -> tuple[str, int, tuple[int, ...]]:
     """(what is wrong with how the dataset `dataset` (an h5py DatasetID, named `where`)
     is stored or "", the offset of its values in the file, its shape): its values must
     be numbers in this machine's byte order, stored uncompressed as one run of bytes
-    in the file."""
-    plist = dataset.get_create_plist()
-    layout = plist.get_layout()
-    if layout != h5py.h5d.CONTIGUOUS:
-        kinds = {h5py.h5d.COMPACT: "compact", h5py.h5d.CHUNKED: "chunked"}
-        problem = (
-            f"{where} is {kinds.get(layout, 'virtual')} (candle_ckpt writes contiguous datasets)"
-        )
-        return problem, 0, ()
-    if plist.get_nfilters() or plist.get_external_count():
-        return f"{where} is filtered (compressed) or stored in other files", 0, ()
+    in the file.
+
+    `by_offset`: for a reader that takes the values from the file's bytes at that
+    offset (a listing), never through HDF5. HDF5 gives a dataset's offset only for
+    contiguous storage in the file itself (not chunked, compact, virtual or external),
+    and applies a filter pipeline to chunked data only, so the creation properties are
+    read only for a dataset without an offset, to say what it is.
+    """
     dtype = dataset.dtype
     if dtype.kind not in _NUMBER_KINDS or not dtype.isnative:
         problem = (
             f"{where} holds {dtype.str} values (candle_ckpt writes numbers in native byte order)"
         )
         return problem, 0, ()
+    offset = dataset.get_offset()
+    if not (by_offset and offset is not None):
+        plist = dataset.get_create_plist()
+        layout = plist.get_layout()
+        if layout != h5py.h5d.CONTIGUOUS:
+            kinds = {h5py.h5d.COMPACT: "compact", h5py.h5d.CHUNKED: "chunked"}
+            kind = kinds.get(layout, "virtual")
+            return f"{where} is {kind} (candle_ckpt writes contiguous datasets)", 0, ()
+        if plist.get_nfilters() or plist.get_external_count():
+            return f"{where} is filtered (compressed) or stored in other files", 0, ()
     shape = dataset.shape
     if shape is None:
         return f"{where} has no dataspace", 0, ()
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return "", 0, shape
-    offset, stored = dataset.get_offset(), dataset.get_storage_size()
+    stored = dataset.get_storage_size()
     if offset is None or stored != nbytes or offset + nbytes > size:
         return (
             f"{where} declares {nbytes} bytes, not stored whole inside the file "
