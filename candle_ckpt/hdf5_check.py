@@ -99,6 +99,8 @@ _UNDEFINED = 0xFFFFFFFFFFFFFFFF  # HDF5's undefined address
 _MESSAGE_BYTES = 4096  # of a refusal, sent from the checker
 _REQUEST = struct.Struct("<QQ")  # a read the checker asks for: offset, length
 _COUNT = struct.Struct("<Q")  # the bytes that follow
+_PLACES_PER_MESSAGE = 64  # datasets' places the checker sends at once
+_PLACE_BYTES = 1024  # a place as JSON: an offset, at most 32 dimensions and a dtype
 _CHECK, _LIST = b"C", b"L"  # what the checker is asked for: a verdict, or the listing too
 _BLOCK_BYTES = 64 << 10
 _CACHED_BLOCKS = 1024
@@ -466,12 +468,14 @@ def _serve(
                 _write_all(to_child, piece)
             elif kind == b"D":
                 (length,) = _COUNT.unpack(reader.take(_COUNT.size))
-                if length > _MESSAGE_BYTES:
-                    return True, started, f"it sent a dataset's place of {length} bytes", b""
-                place = reader.take(length)
+                if length > _PLACES_PER_MESSAGE * _PLACE_BYTES:
+                    return True, started, f"it sent datasets' places of {length} bytes", b""
+                places = reader.take(length)
                 if found is not None:
+                    use = found
                     try:
-                        found(json.loads(place))
+                        for place in json.loads(places):
+                            use(place)
                     except Exception as error:  # raised with the verdict: the checker is done
                         failure, found = error, None
             elif kind == b"L" and not sent:
@@ -765,12 +769,20 @@ def _attribute(node: Any, name: str, size: int) -> tuple[str, Any]:
 def _list(served: _ServedFile) -> tuple[str, bytes]:
     """In the checker: ("", the listing of every object of the file as JSON) if every
     object is one candle_ckpt writes, else (what is wrong with the first that is not,
-    b""). Each dataset's place is sent to the parent as soon as it is found (b"D"),
-    so that the parent can prepare its values meanwhile (`list_model_file`)."""
+    b""). The datasets' places are sent to the parent as they are found (b"D", in
+    batches of _PLACES_PER_MESSAGE), so that it can prepare their values meanwhile
+    (`list_model_file`)."""
+    places: list[list[Any]] = []
+
+    def send() -> None:
+        text = json.dumps(places, separators=(",", ":")).encode("ascii")
+        _write_all(1, b"D" + _COUNT.pack(len(text)) + text)
+        places.clear()
 
     def found(place: list[Any]) -> None:
-        text = json.dumps(place, separators=(",", ":")).encode("ascii")
-        _write_all(1, b"D" + _COUNT.pack(len(text)) + text)
+        places.append(place)
+        if len(places) == _PLACES_PER_MESSAGE:
+            send()
 
     try:
         with h5py.File(served, "r") as f:
@@ -779,6 +791,8 @@ def _list(served: _ServedFile) -> tuple[str, bytes]:
         return f"h5py cannot read it ({type(error).__name__}: {str(error)[:300]})", b""
     if problem:
         return problem, b""
+    if places:
+        send()
     return "", json.dumps(listing, separators=(",", ":")).encode("ascii")
 
 
