@@ -1,6 +1,7 @@
 """Install candle_ckpt: `pip install .` (`-e` to develop; `.[test]` adds what the tests run:
 pytest, ruff, mypy, matplotlib and the docs site's builder; `.[torch]` the PyTorch adapter's
-torch; `.[plot]` matplotlib, for `candle-ckpt plot --out`; `.[docs]` mkdocs, for the site)."""
+torch and torchdata; `.[plot]` matplotlib, for `candle-ckpt plot --out`; `.[docs]` mkdocs,
+for the site)."""
 
 import re
 from pathlib import Path
@@ -52,11 +53,13 @@ setup(
     # ruff and mypy are pinned: CI fails on their findings, which change between releases.
     # torch is pinned: on these machines `torch==2.13.0` resolves to the CPU build already
     # on disk, while a bare `torch` or an open range downloads a multi-GB CUDA build.
+    # torchdata is pinned: candle_ckpt/pytorch/loader.py restores a StatefulDataLoader
+    # through the iterator torchdata 0.11.0 makes, and its state_dict's layout.
     extras_require={
         # the tests build the docs site and draw a plot: a test skipped for a missing
         # package would be a hole
         "test": ["pytest>=7", "ruff==0.17.6", "mypy==2.4.1", *PLOT, *DOCS],
-        "torch": ["torch==2.13.0"],
+        "torch": ["torch==2.13.0", "torchdata==0.11.0"],
         "plot": PLOT,
         "docs": DOCS,
     },

@@ -230,12 +230,21 @@ def create_array(
     if array.nbytes < DIRECT_MIN_BYTES or not array.flags.c_contiguous:
         # h5py hands a C-contiguous array to HDF5 uncopied.
         return group.create_dataset(name, data=array)
+    created = create_unfilled(group, name, array.shape, array.dtype)
+    direct.append((created.id.get_offset(), array))
+    return created
+
+
+def create_unfilled(
+    group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any
+) -> h5py.Dataset:
+    """Create dataset `name` in `group`, contiguous and uncompressed, its space allocated
+    in the file (its offset known: `dataset.id.get_offset()`, None when empty) but
+    never written by HDF5: `write_file` writes its bytes there (`create_array`)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    created = group.create_dataset(name, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
-    direct.append((created.id.get_offset(), array))
-    return created
+    return group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
 
 
 def contiguous_offset(dataset: h5py.Dataset) -> int | None:

@@ -85,6 +85,7 @@ LOOKED_UP = (
     "top_level_model_weights",
     "optimizer_weights",
     "candle_ckpt_rng",
+    "candle_ckpt_steps",
     "state",
     "tensors",
 )

@@ -8,7 +8,9 @@ worker `--index`; without it, the same training runs in a single process (the
 reference). Every worker restarts from DIR, trains to `--epochs` with the checkpoint
 callback, and saves its final weights and optimizer variables to `--out`.
 `--kill_at E:B` SIGKILLs the process after batch B of epoch E (every worker is given
-the same point, so that they all die after the same step). `--fail_restore` makes
+the same point, so that they all die after the same step). `--ckpt_save_steps N`
+saves a step checkpoint every N batches. Each worker prints on stderr "trained K
+batches" (its optimizer's steps in this run) when fit ends. `--fail_restore` makes
 loading the checkpoint fail on this worker only, after the workers agreed on it.
 
 Keras 3.15 cannot run `model.fit` under MultiWorkerMirroredStrategy as it is
@@ -35,6 +37,7 @@ def parse(argv):
     parser.add_argument("--workers", help="comma-separated loopback ports, one per worker")
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--fail_restore", action="store_true")
+    parser.add_argument("--ckpt_save_steps", type=int, default=0)
     return parser.parse_args(argv), kill_at
 
 
@@ -83,6 +86,7 @@ def main(argv):
         "ckpt_directory": args.ckpt_directory,
         "epochs": args.epochs,
         "ckpt_save_best_metric": "loss",
+        "ckpt_save_steps": args.ckpt_save_steps,
     }
     if args.fail_restore:
         from candle_ckpt.keras import h5 as keras_h5
@@ -92,6 +96,7 @@ def main(argv):
 
         keras_h5.restore = failing_restore
     J = candle_ckpt.restart(params, model)
+    trained_before = int(model.optimizer.iterations.numpy())
     callbacks = [candle_ckpt.CandleCheckpointCallback(params)]
     if kill_at:
         callbacks.append(at_batch(kill_at, kill_myself))
@@ -105,6 +110,8 @@ def main(argv):
         verbose=2,
         callbacks=callbacks,
     )
+    trained = int(model.optimizer.iterations.numpy()) - trained_before
+    print(f"trained {trained} batches", file=sys.stderr)
     np.savez(
         args.out,
         **{

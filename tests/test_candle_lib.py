@@ -93,8 +93,10 @@ def test_uno_order_restart_with_params_then_best_metric_last(in_tmp):
     ckpt = candle_ckpt.CandleCkptKeras(params, verbose=True)
     ckpt.set_model(template_model)
     J = ckpt.restart(params)
+    assert J["batch"] == 0  # always added: the batches of the next epoch already trained
     assert sorted(J) == sorted(
         [
+            "batch",
             "epoch",
             "save_best_metric",
             "best_metric_last",

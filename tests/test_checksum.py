@@ -102,6 +102,19 @@ def test_read_file_reads_the_regions_into_their_buffers_once_the_file_verifies(
     assert bytes(kept) == data
 
 
+def test_a_file_below_the_planners_own_minimum_is_read_whole_without_planning(
+    tmp_path, in_place_from_any_size
+):
+    path, data = random_file(tmp_path, 4096 * 3)
+    planned = []
+    planner = checksum.RegionPlanner(lambda *_: planned.append(1) or [], min_file_bytes=4096 * 4)
+    contents, crc = checksum.read_file(path, read_into=planner, expected_crc=zlib.crc32(data))
+    assert planned == [] and bytes(contents) == data and crc == zlib.crc32(data)
+    planner = checksum.RegionPlanner(lambda *_: planned.append(1) or [], min_file_bytes=4096 * 3)
+    checksum.read_file(path, read_into=planner, expected_crc=zlib.crc32(data))
+    assert planned == [1]
+
+
 def mappings():
     """{(begin, end): bytes mapped in (Rss)} of every mapping of this process."""
     found, where = {}, None

@@ -143,6 +143,35 @@ def test_two_workers_killed_in_epoch_2_restart_from_the_same_epoch_and_agree(tmp
         np.testing.assert_allclose(chief[name], alone[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_two_workers_killed_mid_epoch_resume_at_the_saved_batch_bit_identical(tmp_path):
+    """A step checkpoint every batch; killed after batch 3 of epoch 2 (of 4), both
+    workers restart at that batch, train only the 5 batches left, and end bit for bit
+    as two workers never interrupted."""
+    ckpt_dir = tmp_path / "save"
+    steps = ("--epochs", "3", "--ckpt_save_steps", "1")
+    killed = run_workers(ckpt_dir, tmp_path, *steps, "--kill_at", "2:3")
+    assert [code for code, _ in killed] != [0, 0], "the kill point was not reached"
+    assert os.readlink(ckpt_dir / "ckpts" / "last_step") == "steps/001.000003"
+
+    finished = run_workers(ckpt_dir, tmp_path, *steps)
+    for index, (code, stderr) in enumerate(finished):
+        assert code == 0, f"worker {index}: {stderr[-3000:]}"
+        assert "trained 5 batches" in stderr, stderr[-3000:]
+
+    uninterrupted = tmp_path / "uninterrupted"
+    uninterrupted.mkdir()
+    assert [code for code, _ in run_workers(uninterrupted / "save", uninterrupted, *steps)] == [
+        0,
+        0,
+    ]
+    never_killed = arrays(uninterrupted / "worker0.npz")
+    for worker in ("worker0", "worker1"):
+        resumed = arrays(tmp_path / f"{worker}.npz")
+        assert sorted(resumed) == sorted(never_killed)
+        for name in resumed:
+            assert np.array_equal(resumed[name], never_killed[name]), f"{worker} {name}"
+
+
 def one_epoch_tree(tmp_path, name):
     """A tree with epoch 1, written by a single process."""
     tree = tmp_path / name / "save"

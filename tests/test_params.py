@@ -23,6 +23,15 @@ BAD_VALUES = {
     "ckpt_signal": [("HUP", ValueError), ("SIGUSR1", ValueError), (10, TypeError)],
     "ckpt_save_weights_only": [("2", ValueError)],
     "ckpt_save_interval": [(-3, ValueError), ("x", ValueError)],
+    "ckpt_save_steps": [
+        (-1, ValueError),
+        ("often", ValueError),
+        (2.5, ValueError),
+        ("-4", ValueError),
+        (True, TypeError),
+        ([5], TypeError),
+    ],
+    "ckpt_save_overhead": [(0, ValueError), (100, ValueError), (-1, ValueError), ("x", ValueError)],
     "ckpt_keep_mode": [("fifo", ValueError)],
     "ckpt_keep_limit": [(0, ValueError), (-1, ValueError), (float("inf"), ValueError)],
     "ckpt_restart_fallback": [("sure", ValueError)],
@@ -36,6 +45,19 @@ BAD_VALUES = {
     "ckpt_timestamp_last": [(1.5, TypeError)],
     "epochs": [(-1, ValueError), ("ten", ValueError)],
 }
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [(0, 0), (25, 25), ("25", 25), ("auto", "auto"), (" AUTO ", "auto"), (100.0, 100)],
+)
+def test_save_steps_is_a_count_or_auto(value, expected):
+    assert validate_params({"ckpt_save_steps": value})["ckpt_save_steps"] == expected
+
+
+def test_save_overhead_is_a_percentage_defaulting_to_checkfreq_bound():
+    assert validate_params({})["ckpt_save_overhead"] == 3.5
+    assert validate_params({"ckpt_save_overhead": "10"})["ckpt_save_overhead"] == 10
 
 
 def test_every_parameter_has_bad_values_tested():

@@ -28,6 +28,7 @@ torch = pytest.importorskip("torch")
 
 import candle_ckpt  # noqa: E402
 from candle_ckpt.core.storage import checksum  # noqa: E402
+from candle_ckpt.pytorch import state  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "torch_job.py")
@@ -120,11 +121,16 @@ def python_state_cut(f, encoded):
     del words[10:]
 
 
+def described(encoded, value):
+    """The table entry ([dtype, shape, offset, bytes]) of the tensor `value` refers to."""
+    return encoded["tensors"][tensor_index(value)]
+
+
 def all_255(name):
     def change(f, encoded):
         value = entry(encoded["objects"] if name == "generator" else encoded["rng"], name)
-        dataset = f["tensors"][str(tensor_index(value))]
-        dataset[...] = 255
+        _, _, offset, nbytes = described(encoded, value)
+        f["data"][offset : offset + nbytes] = 255
 
     return change
 
@@ -139,9 +145,13 @@ def exp_avg_wrong_shape(f, encoded):
     set_entry(first, "exp_avg", entry(second, "exp_avg"))
 
 
+def numpy_key(encoded):
+    """The table entry of the numpy random state's key array."""
+    return described(encoded, entry(encoded["rng"], "numpy")["tuple"][1])
+
+
 def numpy_dtype_bogus(f, encoded):
-    key = entry(encoded["rng"], "numpy")["tuple"][1]
-    f["tensors"][str(tensor_index(key))].attrs["torch_dtype"] = "numpy:no-such-dtype"
+    numpy_key(encoded)[0] = "numpy:no-such-dtype"
 
 
 def a_group_key_with_a_newline(f, encoded):
@@ -149,14 +159,49 @@ def a_group_key_with_a_newline(f, encoded):
     group["dict"].append(["lr\nRESTART OK", 0.5])
 
 
-def big_endian_bias(f, encoded):
-    """The last layer's bias, stored big-endian: read after the large weight."""
-    index = tensor_index(entry(entry(encoded["objects"], "model"), "6.bias"))
-    tensors = f["tensors"]
-    values, attrs = tensors[str(index)][()], dict(tensors[str(index)].attrs)
-    del tensors[str(index)]
-    created = tensors.create_dataset(str(index), data=values.astype(">f4"))
-    created.attrs.update(attrs)
+def numpy_key_big_endian(f, encoded):
+    numpy_key(encoded)[0] = "numpy:>u4"
+
+
+def numpy_key_objects(f, encoded):
+    numpy_key(encoded)[0] = "numpy:O"
+
+
+def byteorder_big(f, encoded):
+    encoded["byteorder"] = "big"
+
+
+def model_entry(encoded, key):
+    return described(encoded, entry(entry(encoded["objects"], "model"), key))
+
+
+def bias_past_the_data(f, encoded):
+    """The last layer's bias (read after the large weight) ends past the data."""
+    model_entry(encoded, "6.bias")[2] = f["data"].size - 2
+
+
+def moment_on_the_weight(f, encoded):
+    """The first moment of the last bias shares the bytes of the first weight."""
+    state = entry(optimizer_of(encoded), "state")
+    last = max(k for k, _ in state["dict"])
+    moment = described(encoded, entry(entry(state, last), "exp_avg"))
+    moment[2] = model_entry(encoded, "0.weight")[2]
+
+
+def bias_bytes_wrong(f, encoded):
+    model_entry(encoded, "6.bias")[3] += 4
+
+
+def bias_dtype_unknown(f, encoded):
+    model_entry(encoded, "6.bias")[0] = "float33"
+
+
+def bias_shape_negative(f, encoded):
+    model_entry(encoded, "6.bias")[1] = [-1]
+
+
+def table_missing(f, encoded):
+    del encoded["tensors"]
 
 
 CASES = {
@@ -170,7 +215,15 @@ CASES = {
     "last-epoch-two": (last_epoch_two, "entry 'scheduler', key 'last_epoch' is a str"),
     "exp-avg-shape": (exp_avg_wrong_shape, "state[0]['exp_avg'] is float32 of shape (128,)"),
     "numpy-dtype": (numpy_dtype_bogus, "'numpy:no-such-dtype'"),
-    "big-endian": (big_endian_bias, "byte order"),
+    "big-endian": (numpy_key_big_endian, "numpy dtype of numbers in this machine's byte order"),
+    "byteorder": (byteorder_big, "in another byte order than this machine's"),
+    "object-dtype": (numpy_key_objects, "'numpy:O'; expected a numpy dtype of numbers"),
+    "past-the-data": (bias_past_the_data, "the data dataset holds"),
+    "overlap": (moment_on_the_weight, "overlaps tensor"),
+    "bytes-wrong": (bias_bytes_wrong, "is described as"),
+    "dtype-unknown": (bias_dtype_unknown, "'float33'; expected a torch dtype name"),
+    "shape-negative": (bias_shape_negative, "expected [dtype name, [sizes], offset, bytes]"),
+    "table-missing": (table_missing, "expected a dict with keys"),
     "group-key": (a_group_key_with_a_newline, "'lr\\nRESTART OK' (0.5), which the AdamW"),
 }
 
@@ -226,14 +279,13 @@ def in_place(request, monkeypatch):
     """The large tensors read straight into the model (from any file size), or not."""
     if request.param == "in-place":
         monkeypatch.setattr(checksum, "IN_PLACE_MIN_BYTES", 0)
+        monkeypatch.setattr(state, "IN_PLACE_MIN_BYTES", 0)
     return request.param == "in-place"
 
 
 def test_the_resealed_tree_unchanged_restarts(tree, in_place, monkeypatch):
     """The crafting itself leaves a file that restarts, its first weight read in place
     when that is on: what the cases refuse is theirs, and on that path."""
-    from candle_ckpt.pytorch import state
-
     planned = []
     real = state.plan_in_place
 
@@ -293,8 +345,6 @@ class Picky:
 
 
 def test_an_object_that_fails_its_own_load_after_the_checks_says_what_is_loaded(tmp_path):
-    from candle_ckpt.pytorch import state
-
     net = torch.nn.Linear(2, 2)
     registered = {"model": net, "optimizer": torch.optim.SGD(net.parameters()), "picky": Picky()}
     path = str(tmp_path / "model.h5")
@@ -366,8 +416,6 @@ def test_every_torch_optimizer_and_scheduler_state_passes_the_checks(
     tmp_path, optimizer, scheduler
 ):
     """The checks refuse what torch would fail on, never what torch itself wrote."""
-    from candle_ckpt.pytorch import state
-
     path = str(tmp_path / "model.h5")
     state.write(state.snapshot(trained_with(optimizer, scheduler, 0, 4)), path)
     fresh = trained_with(optimizer, scheduler, 1, 0)

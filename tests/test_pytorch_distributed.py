@@ -24,12 +24,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def two_ranks(roots, *args, epochs=4):
-    """Run both ranks (rank r on roots[r]); return [(returncode, stdout, stderr)]."""
+def two_ranks(roots, *args, epochs=4, job=JOB):
+    """Run both ranks of `job` (rank r on roots[r]); return [(returncode, stdout, stderr)]."""
     port = str(free_port())
     processes = [
         subprocess.Popen(
-            [sys.executable, JOB, "--ckpt_directory", str(root), "--epochs", str(epochs), *args],
+            [sys.executable, job, "--ckpt_directory", str(root), "--epochs", str(epochs), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

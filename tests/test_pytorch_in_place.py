@@ -22,6 +22,7 @@ from candle_ckpt.pytorch.adapter import TorchAdapter  # noqa: E402
 def in_place_from_any_size(monkeypatch):
     """These models are small: read them in place all the same."""
     monkeypatch.setattr(checksum, "IN_PLACE_MIN_BYTES", 0)
+    monkeypatch.setattr(state, "IN_PLACE_MIN_BYTES", 0)
 
 
 class Tied(torch.nn.Module):
@@ -102,12 +103,12 @@ def model_file(params, epoch):
 
 
 def tensor_offset(params, epoch, key):
-    """Where the file has the dataset of the module's state-dict entry `key`."""
+    """Where the file has the bytes of the module's state-dict entry `key`."""
     with h5py.File(model_file(params, epoch), "r") as f:
         encoded = json.loads(np.asarray(f["state"][()], np.uint8).tobytes())
         module = dict(encoded["objects"]["dict"])["model"]
         index = dict(module["odict"])[key]["tensor"]
-        return f["tensors"][str(index)].id.get_offset()
+        return f[state.DATA].id.get_offset() + encoded["tensors"][index][2]
 
 
 @pytest.fixture()

@@ -145,7 +145,7 @@ def test_operator_commands_and_rollback_on_a_pytorch_tree(tmp_path, uninterrupte
     listing = cli("list", root)
     assert re.findall(r"^ +(\d+) ", listing, re.M) == [str(e) for e in range(1, EPOCHS + 1)]
     assert '"adapter": "pytorch"' in cli("info", root)
-    assert '"model_format": "torch-h5/1"' in cli("info", root)
+    assert '"model_format": "torch-h5/2"' in cli("info", root)
     assert cli("verify", root, "--all").count(": ok (") == EPOCHS
     assert "epochs/002" in cli("rollback", root, "2")
     assert os.readlink(root / "ckpts" / "last") == "epochs/002"

@@ -58,6 +58,7 @@ class ParamType(enum.Enum):
     INTEGER_GZ = "an integer > 0"
     FLOAT = "a number"
     FLOAT_NN = "a number >= 0"
+    STEPS = "an integer >= 0 or 'auto'"
 
 
 class ParamRequired:
@@ -96,8 +97,9 @@ class Parameter:
         allowed: the allowed values of a string parameter, or None.
         nullable: whether None is a valid value.
         flag: whether `ckpt_parser` adds it (False for keys the benchmark owns).
-        check_form: for a string with a syntax of its own, a callable that raises a
-            ParameterValueError when the (type-checked) value does not follow it.
+        check_form: for a value with a rule of its own (a string's syntax, a number's
+            range), a callable that raises a ParameterValueError when the
+            (type-checked) value does not follow it.
         from_upstream: for a value upstream CANDLE spells otherwise (None for
             "linear", math.inf for "no best yet"), a callable returning this table's
             spelling of a value (any other value unchanged), or None.
@@ -110,7 +112,7 @@ class Parameter:
     allowed: tuple | None = None
     nullable: bool = False
     flag: bool = True
-    check_form: Callable[[str], None] | None = None
+    check_form: Callable[[Any], None] | None = None
     from_upstream: Callable[[object], object] | None = None
 
     def check(self, value: object) -> Any:
@@ -210,11 +212,28 @@ PARAMETERS = (
         "thread writes it (one save in flight, one extra copy of the state in memory)",
     ),
     Parameter(
+        "ckpt_save_steps",
+        P.STEPS,
+        0,
+        "also save inside an epoch, every N training batches (a step checkpoint, "
+        "resumed at that batch); auto: as often as ckpt_save_overhead allows, from the "
+        "measured save and batch times; 0 is off",
+    ),
+    Parameter(
+        "ckpt_save_overhead",
+        P.FLOAT_NN,
+        3.5,
+        "with ckpt_save_steps auto: the share of training time, in percent, that "
+        "step saves may cost",
+        check_form=lambda value: _check_percent("ckpt_save_overhead", value),
+    ),
+    Parameter(
         "ckpt_signal",
         P.STRING,
         "off",
         "on this signal (Slurm --signal): stop at the end of the batch, make sure "
-        "the last completed epoch is on disk, exit with status 75 (requeue)",
+        "the last completed epoch is on disk (with ckpt_save_steps, save that batch), "
+        "exit with status 75 (requeue)",
         allowed=("off", "USR1", "USR2", "TERM", "INT"),
     ),
     Parameter(
@@ -223,7 +242,8 @@ PARAMETERS = (
         0,
         "seconds kept free before the job's end: at an epoch end, stop (saving the "
         "last epoch, exit status 75) when the next epoch and a save would not end "
-        "that long before it; 0 is off",
+        "that long before it (with ckpt_save_steps: at a batch end, the next batch, "
+        "saving that batch); 0 is off",
     ),
     Parameter(
         "ckpt_end_time",
@@ -299,6 +319,14 @@ def _is_infinite(value: object) -> bool:
         return not isinstance(value, bool) and math.isinf(float(value))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return False
+
+
+def _check_percent(key: str, value: float) -> None:
+    if not 0 < value < 100:
+        raise ParameterValueError(
+            f"parameter '{key}': received {value!r}; expected a percentage of training "
+            f"time > 0 and < 100, e.g. 3.5"
+        )
 
 
 def _what(value: object) -> str:
@@ -381,6 +409,19 @@ def _check_number(key: str, value: object, type_: ParamType) -> int | float:
     return number
 
 
+def _check_steps(key: str, value: object, type_: ParamType) -> int | str:
+    """`ckpt_save_steps`: "auto" (any case), else an integer >= 0 (as a number or text);
+    a value of another type (a bool, a list) is a ParameterTypeError."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(_check_number(key, value, ParamType.INTEGER_NN))
+    except ParameterValueError:
+        raise ParameterValueError(
+            f"parameter '{key}': received {_what(value)}; expected {type_.value}"
+        ) from None
+
+
 _CHECKERS: dict[ParamType, Callable[[str, object, ParamType], object]] = {
     ParamType.STRING: _check_string,
     ParamType.BOOLEAN: _check_bool,
@@ -389,6 +430,7 @@ _CHECKERS: dict[ParamType, Callable[[str, object, ParamType], object]] = {
     ParamType.INTEGER_GZ: _check_number,
     ParamType.FLOAT: _check_number,
     ParamType.FLOAT_NN: _check_number,
+    ParamType.STEPS: _check_steps,
 }
 
 

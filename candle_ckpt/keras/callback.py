@@ -9,7 +9,7 @@ import keras
 
 from ..core.logs import set_progress_line_open
 from ..core.run.session import TrainingSession
-from . import deferred
+from . import deferred, steps
 from .adapter import KerasAdapter
 
 
@@ -55,6 +55,13 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
     an epoch end when the next epoch and a save would not finish before the job's end
     (`candle_ckpt.core.run.walltime`).
 
+    With `ckpt_save_steps` it also saves step checkpoints inside an epoch, every N
+    batches and when `ckpt_signal` comes (`TrainingSession.batch_end`). After
+    `restart()` resumed one (`J["batch"]` > 0), the same fit call, with
+    `initial_epoch=J["epoch"]`, starts at that batch: its first `J["batch"]` steps train
+    nothing, the metrics' running state is restored and the data move past the trained
+    batches (`candle_ckpt.keras.steps`).
+
     The writer holds an advisory lock on `ckpts/.lock` from the start of fit to its end
     (the kernel drops it if the process dies): a second job writing the same tree fails
     with a `WriterLockedError` naming the holder's pid, host and start time, in
@@ -97,22 +104,32 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
         self.checkpointer = self.session.checkpointer
         self._progress_bar = False
         self._metrics_checked = False
+        self._start = steps.AT_EPOCH_START
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         # fit(verbose=1), or "auto" (1 here), redraws one line of stdout per batch; a
         # callback driven by hand, outside fit, has no params
         self._progress_bar = (self.params or {}).get("verbose") in (1, "auto")
         self._metrics_checked = False
+        batches_per_epoch = (self.params or {}).get("steps")
+        steps.check_steps_per_execution(self.model, self.session.settings["ckpt_save_steps"])
+        # Before `deferred` wraps the train function, so that a deferred load comes first.
+        self._start = steps.start_fit(self.model, batches_per_epoch)
         deferred.load_when_built(self.model)
         weights_only = self.session.settings["ckpt_save_weights_only"]
-        self.session.begin(KerasAdapter(self.model, weights_only))
+        self.session.begin(KerasAdapter(self.model, weights_only, batches_per_epoch))
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         # This callback runs before Keras' ProgbarLogger, which ended the last epoch's line.
         set_progress_line_open(False)
-        self.session.epoch_begin(epoch)
+        self.session.epoch_begin(epoch, batch=self._start.batch)
+        steps.epoch_began(self.model)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._progress_bar:
+            set_progress_line_open(True)
+        if self._start.skipped(batch):
+            return  # trained before the restart: fit resumes after it
         if not self._metrics_checked:
             # Keras 3 builds the compiled metrics in the first train step, so their
             # names are first known here, not in on_train_begin; validation reports
@@ -123,11 +140,10 @@ class CandleCheckpointCallback(keras.callbacks.Callback):
                 names + [f"val_{name}" for name in names],
                 "the metrics this model reports (val_* with validation data)",
             )
-        if self._progress_bar:
-            set_progress_line_open(True)
         self.session.batch_end(batch)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = steps.AT_EPOCH_START
         self.session.epoch_end(epoch + 1, logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:

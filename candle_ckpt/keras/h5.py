@@ -115,6 +115,8 @@ class TrainingState:
     rng: _Arrays
     weights_only: bool
     nbytes: int
+    # Writers of more groups, each called with the file being laid out (keras/steps.py).
+    extra: tuple[Callable[[h5py.File], None], ...] = ()
 
 
 def snapshot(
@@ -283,6 +285,8 @@ def write(
         if state.optimizer is not None:
             _write_arrays(f.create_group("optimizer_weights"), state.optimizer, direct)
         _write_arrays(f.create_group(RNG_GROUP), state.rng, direct)
+        for write_group in state.extra:
+            write_group(f)
     return write_file(os.fspath(path), image, direct, progress, checksum=checksum)
 
 
@@ -375,6 +379,7 @@ def restore(
     weights_only: bool = False,
     in_place: InPlaceRead | None = None,
     overwritten: Set[int] = frozenset(),
+    listed: Listed | None = None,
 ) -> dict[str, Any]:
     """Load `path` into the built and compiled `model`: weights, optimizer, RNG state.
 
@@ -412,8 +417,9 @@ def restore(
         if contents is None:
             contents, _ = read_file(path, compute_crc=False)
         source = writable_contents(contents)
-        premade: dict[tuple[int, tuple[int, ...], str], Any] = {}
-        f = _listing(contents, path, in_place, _premade_tensors(source, premade)).root
+        if listed is None:
+            listed = list_for_restore(contents, path, in_place)
+        f, premade = listed.listing.root, listed.premade
         version = _format_version(f, path)
         ours = version is not None
         pairs = _plan_weights(f, model, path, ours, log)
@@ -472,18 +478,28 @@ def restore(
     }
 
 
-def _listing(
-    contents: Any, path: str, in_place: InPlaceRead | None, found: Callable[[Any], None]
-) -> Listing:
-    """The listing of the model file read as `contents` (`hdf5_check.list_model_file`,
-    with `found`): that of the plan `contents` were read by, where the file as read
-    holds the same bytes wherever the checker read it for the plan (so HDF5 lists it
-    the same way), else a new one."""
+@dataclass(frozen=True)
+class Listed:
+    """A model file's listing as `restore` reads it (`list_for_restore`)."""
+
+    listing: Listing
+    premade: dict[tuple[int, tuple[int, ...], str], Any]  # tensors, by place
+
+
+def list_for_restore(contents: Any, path: str, in_place: InPlaceRead | None = None) -> Listed:
+    """The listing of the model file read as `contents` (`hdf5_check.list_model_file`)
+    for `restore` (and for what else a restart reads from it first: `steps.read`):
+    that of the plan `contents` were read by, where the file as read holds the same
+    bytes wherever the checker read it for the plan (so HDF5 lists it the same way),
+    else a new one, during which the small datasets' tensors are made
+    (`_premade_tensors`)."""
+    premade: dict[tuple[int, tuple[int, ...], str], Any] = {}
     if in_place is not None and in_place.listing is not None:
         planned = in_place.listing
         if planned.reads.found_in(contents, in_place.regions):
-            return planned
-    return list_model_file(contents, path, found)
+            return Listed(planned, premade)
+    source = writable_contents(contents)
+    return Listed(list_model_file(contents, path, _premade_tensors(source, premade)), premade)
 
 
 def _premade_tensors(

@@ -20,12 +20,13 @@ from typing import Any
 from ..core.errors import CheckpointError, CorruptCheckpointError
 from ..core.format.info import checkpoint_info
 from ..core.format.layout import LINK_NAMES, CheckpointLayout
+from ..core.format.steps import StepState, survey_steps
 from ..core.logs import LibraryLogger
 from ..core.restore.resume import legacy_best_epoch
 from ..core.restore.verify import FileCheck, FileProgress, check_epoch
 from ..core.run.lock import OPERATOR_REMEDY, WriterLock
 from ..core.save.policies import epochs_to_keep
-from ..core.save.protocol import repoint_links
+from ..core.save.protocol import point_step_link, repoint_links
 from ..core.storage import trash, tree_fs
 from .inventory import describe_epochs, link_state, require_epoch_dir
 
@@ -107,9 +108,13 @@ def as_the_writer(layout: CheckpointLayout, logger: LibraryLogger) -> Iterator[N
 
 def apply_rollback(layout: CheckpointLayout, plan: RollbackPlan, logger: LibraryLogger) -> None:
     """Repoint `last` and `best`, each atomically and in the save protocol's order
-    (`protocol.repoint_links`), as the tree's writer (`as_the_writer`)."""
+    (`protocol.repoint_links`), as the tree's writer (`as_the_writer`); then remove
+    `last_step`: the run resumes at the end of the epoch rolled back to, even when
+    that is the epoch a step checkpoint continues (the step checkpoints stay, as
+    abandoned epochs do, until `prune --abandoned`)."""
     with as_the_writer(layout, logger):
         repoint_links(layout, plan.epoch, plan.best, logger)
+        point_step_link(layout, None)
     logger.info(
         "rollback: last -> epoch %d, best -> %s (%s)",
         plan.epoch,
@@ -163,6 +168,22 @@ def plan_abandoned(layout: CheckpointLayout) -> list[int]:
             f"after it; expected a link to the epoch to keep"
         )
     return [e for e in layout.list_epochs() if e > last and e != best]
+
+
+def plan_abandoned_steps(layout: CheckpointLayout) -> list[StepState]:
+    """The step checkpoints no restart resumes from (superseded, unlinked, unreadable):
+    all but the one `last_step` names while it continues `last`."""
+    return [state for state in survey_steps(layout) if not state.resumed]
+
+
+def apply_prune_steps(
+    layout: CheckpointLayout, steps: list[StepState], logger: LibraryLogger
+) -> None:
+    """Delete the step checkpoints `steps` now, as `apply_prune` deletes epochs."""
+    with as_the_writer(layout, logger):
+        for state in steps:
+            logger.info("prune (--abandoned): deleting step checkpoint %s", state.directory)
+            trash.discard_tree(layout, state.directory)
 
 
 def apply_prune(

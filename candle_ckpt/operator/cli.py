@@ -50,7 +50,8 @@ from ..core.errors import (
     EpochVanishedError,
     NoCheckpointError,
 )
-from ..core.format.layout import DEFAULT_CKPT_DIRECTORY
+from ..core.format.layout import DEFAULT_CKPT_DIRECTORY, STEP_LINK
+from ..core.format.steps import survey_steps
 from ..core.storage import tree_fs
 from ..core.text import printable
 from .inventory import (
@@ -301,8 +302,9 @@ def _add_rollback(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="verify EPOCH, then point last at it and best at the best before it",
         description="Verify EPOCH (every CRC32), then point best at the best epoch at or "
         "before it (its recorded epoch_best) and last at EPOCH: relative links, each "
-        "replaced atomically, logged to ckpt.log. The next run resumes from EPOCH; the "
-        "epochs after it stay on disk as abandoned (prune --abandoned deletes them). "
+        "replaced atomically, logged to ckpt.log; last_step is removed. The next run "
+        "resumes from the end of EPOCH; the epochs after it, and the step checkpoints, "
+        "stay on disk as abandoned (prune --abandoned deletes them). "
         "Refused, changing nothing: an EPOCH that does not verify (exit 1); " + _LOCK_REFUSAL + ".",
     )
     rollback_parser.add_argument(
@@ -323,7 +325,8 @@ def _add_prune(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="delete epochs by keep policy or after last; never last or best",
         description="Delete epochs, never the ones last and best name: --keep N applies "
         "a keep policy to the epochs up to last, across runs; --abandoned deletes the "
-        "epochs after last (a timeline a rollback left). Each epoch is renamed into "
+        "epochs after last (a timeline a rollback left) and the step checkpoints no "
+        "restart resumes (superseded, or unlinked by a rollback). Each epoch is renamed into "
         "ckpts/trash/ before it is removed, so a kill never leaves half of one in "
         "epochs/; logged to ckpt.log. Refused, deleting nothing: while last or best is "
         "dangling or invalid (exit 2; repair it with rollback first); --abandoned without "
@@ -342,7 +345,8 @@ def _add_prune(commands: argparse._SubParsersAction[_Parser]) -> None:
     how.add_argument(
         "--abandoned",
         action="store_true",
-        help="delete the epochs after last (a timeline a rollback left)",
+        help="delete the epochs after last (a timeline a rollback left) and the step "
+        "checkpoints no restart resumes",
     )
     prune_parser.add_argument(
         "--mode",
@@ -727,6 +731,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     """Print the table (or JSON) of every epoch; reads no model file unless --verify."""
     _no_cycle_collection()
     tree = survey(_open_tree(args.where))
+    steps = survey_steps(tree.layout)
     metric = _shown_metric(tree, args.metric)
     checksums = _checksums(tree, args.verify)
     # like `verify`: a bad epoch found by --verify is exit status 1, for scripts
@@ -745,6 +750,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "work": tree.work,
                     "trash": tree.trash,
                     "epochs": _rows(tree, checksums, metric),
+                    "steps": [state.as_dict() for state in steps],
                 },
                 indent=1,
             )
@@ -752,6 +758,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return status
     lines = [tree.layout.root, "   ".join(state.describe() for state in tree.links.values())]
     lines += _table(tree, checksums, metric) if tree.rows else ["no epochs saved"]
+    lines += [state.describe(tree.layout.ckpts) for state in steps]
     lines += _notes(tree)
     lines.append("")
     sys.stdout.write("\n".join(map(printable, lines)))
@@ -771,8 +778,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _verify_epoch(layout: CheckpointLayout, epoch: int, listed: bool = False) -> int:
-    """Verify one epoch, print the outcome; return its exit status.
+def _verify_epoch(
+    layout: CheckpointLayout, epoch: int, listed: bool = False, batch: int = 0
+) -> int:
+    """Verify one epoch (with `batch`: that step checkpoint), print the outcome;
+    return its exit status.
 
     An invalid ckpt-info.json is an error (exit status 2) for an epoch named; for one
     `verify --all` `listed`, the epoch is CORRUPT (1) and the others are verified on.
@@ -782,26 +792,29 @@ def _verify_epoch(layout: CheckpointLayout, epoch: int, listed: bool = False) ->
     """
     from ..core.restore.verify import check_epoch
 
+    name = f"epoch {epoch}"
+    if batch:
+        name = f"step {os.path.relpath(layout.step_dir(epoch, batch), layout.ckpts)}"
     try:
         with _progress() as progress:
-            check = check_epoch(layout, epoch, progress=progress)
+            check = check_epoch(layout, epoch, progress=progress, batch=batch)
     except EpochVanishedError:
         raise
     except NoCheckpointError as error:
-        print(f"epoch {epoch}: MISSING: {error}")
+        print(f"{name}: MISSING: {error}")
         return EXIT_CORRUPT
     except CheckpointError as error:
         if listed:
-            print(f"epoch {epoch}: CORRUPT: {error}")
+            print(f"{name}: CORRUPT: {error}")
             return EXIT_CORRUPT
-        print(f"{PROG}: error: epoch {epoch}: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {name}: {error}", file=sys.stderr)
         return EXIT_ERROR
     for bad in check.bad:
-        print(f"epoch {epoch}: {bad.describe()}")
+        print(f"{name}: {bad.describe()}")
     if check.bad:
-        print(f"epoch {epoch}: CORRUPT ({len(check.bad)} of {_count(len(check.files), 'file')})")
+        print(f"{name}: CORRUPT ({len(check.bad)} of {_count(len(check.files), 'file')})")
         return EXIT_CORRUPT
-    print(f"epoch {epoch}: {_verified(check.files)}")
+    print(f"{name}: {_verified(check.files)}")
     return EXIT_OK
 
 
@@ -822,20 +835,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if len(args.where) > 1 or (args.where and _is_selector(args.where[0])):
             raise UsageError("verify: --all takes no EPOCH")
         layout = _open_tree((args.where or [DEFAULT_CKPT_DIRECTORY])[0])
-        epochs = layout.list_epochs()
-        if not epochs:
+        epochs, steps = layout.list_epochs(), layout.list_steps()
+        if not epochs and not steps:
             raise NoCheckpointError(f"'{layout.epochs}' holds no epoch to verify")
-        return max(_verify_listed(layout, epoch) for epoch in epochs)
+        statuses = [_verify_listed(layout, epoch) for epoch in epochs]
+        statuses += [_verify_listed(layout, *step) for step in steps]
+        return max(statuses)
     directory, selector = _split_positionals(args.where, "verify")
     layout = _open_tree(directory)
     return _read_selected(layout, selector, lambda epoch: _verify_epoch(layout, epoch))[1]
 
 
-def _verify_listed(layout: CheckpointLayout, epoch: int) -> int:
-    """`_verify_epoch` of an epoch `verify --all` listed; one pruned since is said so,
-    exit status 0: it is not damage."""
+def _verify_listed(layout: CheckpointLayout, epoch: int, batch: int = 0) -> int:
+    """`_verify_epoch` of an epoch (or step checkpoint) `verify --all` listed; one
+    pruned since is said so, exit status 0: it is not damage."""
     try:
-        return _verify_epoch(layout, epoch, listed=True)
+        return _verify_epoch(layout, epoch, listed=True, batch=batch)
     except EpochVanishedError:
         print(
             f"epoch {epoch}: {PRUNED_MEANWHILE} (moved into trash/ by the job writing "
@@ -856,6 +871,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         raise UsageError(f"rollback: EPOCH is {selector!r}; expected an epoch number")
     layout = _open_tree(directory, writing=not args.dry_run)
     before = {name: link_state(layout, name).describe() for name in ("last", "best")}
+    step_link = layout.link(STEP_LINK)
+    step_before = os.readlink(step_link) if os.path.islink(step_link) else None
     with _progress() as progress:
         plan = plan_rollback(layout, int(selector), progress=progress)
     print(f"epoch {plan.epoch}: {_verified(plan.checks)}")
@@ -868,13 +885,24 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         f"{remove if plan.best is None else point} {best} (was {before['best']}): "
         f"{plan.best_reason}"
     )
+    if step_before is not None:
+        print(
+            f"{remove} {STEP_LINK} (was -> {step_before}): the run resumes at the end of "
+            f"epoch {plan.epoch}; '{PROG} prune --abandoned' deletes the step checkpoints"
+        )
     return EXIT_OK
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete epochs by policy or after last, never last or best."""
     from ..core.logs import tree_logger
-    from .admin import apply_prune, plan_abandoned, plan_prune  # see cmd_rollback
+    from .admin import (  # see cmd_rollback
+        apply_prune,
+        apply_prune_steps,
+        plan_abandoned,
+        plan_abandoned_steps,
+        plan_prune,
+    )
 
     layout = _open_tree(args.where, writing=not args.dry_run)
     if args.abandoned:
@@ -890,6 +918,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if doomed and not args.dry_run:
         apply_prune(layout, doomed, reason, tree_logger("operator", layout, verbose=False))
     print(f"{verb} {_count(len(doomed), 'epoch')}: {describe_epochs(doomed)}")
+    steps = plan_abandoned_steps(layout) if args.abandoned else []
+    if steps:
+        if not args.dry_run:
+            apply_prune_steps(layout, steps, tree_logger("operator", layout, verbose=False))
+        names = ", ".join(os.path.relpath(state.directory, layout.ckpts) for state in steps)
+        print(f"{verb} {_count(len(steps), 'step checkpoint')} no restart resumes: {names}")
     return EXIT_OK
 
 

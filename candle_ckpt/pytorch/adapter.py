@@ -101,12 +101,15 @@ class TorchAdapter:
         return ModelFile(state.MODEL_FILE, written.crc32)
 
     def read_model_into(self) -> RegionPlanner | None:
-        """The large tensors of a model file go straight into the registered modules'
-        own (`state.plan_in_place`); without an initialised module there are none."""
+        """The large tensors of a model file of `state.IN_PLACE_MIN_BYTES` or more go
+        straight into the registered modules' own (`state.plan_in_place`); without an
+        initialised module there are none."""
         modules = [value for value in self.objects.values() if isinstance(value, torch.nn.Module)]
         if not modules or state.uninitialized(self.objects):
             return None
-        return RegionPlanner(self._plan, rest_in_new_memory=True)
+        return RegionPlanner(
+            self._plan, rest_in_new_memory=True, min_file_bytes=state.IN_PLACE_MIN_BYTES
+        )
 
     def _plan(self, path: str, stream: BinaryIO) -> Regions:
         self._in_place = state.plan_in_place(self.objects, path, stream)

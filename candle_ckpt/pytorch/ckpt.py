@@ -9,6 +9,7 @@ from ..core.restore.restart import restart_run
 from ..core.run.session import TrainingSession
 from .adapter import TorchAdapter
 from .fits import is_generator
+from .loader import check_registered
 
 _LOOP_FIX = 'loop over range(J["epoch"], params["epochs"]) and pass that epoch to ckpt_epoch'
 
@@ -29,6 +30,19 @@ class CandleCkptPyTorch:
                 ...train one step...
                 ckpt.batch_end(batch)          # optional: stop here on ckpt_signal
             ckpt.ckpt_epoch(epoch, {"val_loss": val_loss})   # the last one finishes
+
+    With `ckpt_save_steps`, `batch_end` also saves inside the epoch (a step checkpoint;
+    ckpt_signal and the wall-clock stop save the batch that just ended), and a restart
+    may resume inside an epoch: `J["batch"]` batches of epoch `J["epoch"] + 1` are
+    already trained, and the loop skips them, numbering the rest from there::
+
+        start = J["batch"] if J else 0
+        for epoch in range(J["epoch"] if J else 0, params["epochs"]):
+            for batch in range(start, batches_per_epoch):
+                ...train on batch `batch` of this epoch's order...
+                ckpt.batch_end(batch)          # saves when a step save is due
+            start = 0
+            ckpt.ckpt_epoch(epoch, {"val_loss": val_loss})
 
     Each save holds every registered object's `state_dict()` (a `torch.Generator`'s
     `get_state()`) and the torch, CUDA, numpy and Python random states, in
@@ -69,13 +83,18 @@ class CandleCkptPyTorch:
         self.model: dict[str, Any] | None = None
         self._started = self._finished = False
         self._next_epoch = 0
+        self._restored_batch = 0  # J["batch"] of the restart, if any
         self._epoch_ended = False  # whether ckpt_epoch was called yet
 
     def set_model(self, model: Mapping[str, Any]) -> None:
         """Register what a checkpoint holds: {"model": net, "optimizer": opt, ...}.
 
         Any value with `state_dict`/`load_state_dict` (LR scheduler, GradScaler, EMA)
-        or a `torch.Generator` (the one a shuffled DataLoader draws from). Upstream's
+        or a `torch.Generator` (the one a shuffled DataLoader draws from). A
+        `torchdata.stateful_dataloader.StatefulDataLoader` (or a plain DataLoader's
+        `candle_ckpt.pytorch.loader.EpochPosition`) is the data position: registered,
+        it is enough for a resume that reads the very batches an uninterrupted run
+        reads, at an epoch end or inside one (`candle_ckpt.pytorch.loader`). Upstream's
         older key "net" is taken as "model".
         """
         if not isinstance(model, Mapping) or not model:
@@ -96,6 +115,7 @@ class CandleCkptPyTorch:
                     f"expected an object with state_dict and load_state_dict, "
                     f"or a torch.Generator"
                 )
+            check_registered(name, value)
         self.model = objects
 
     def restart(self, model: Any = None, verbose: bool | None = None) -> dict | None:
@@ -113,7 +133,9 @@ class CandleCkptPyTorch:
         exact.
 
         Returns:
-            The ckpt-info.json dict (`J["epoch"]`: epochs completed), or None.
+            The ckpt-info.json dict (`J["epoch"]`: epochs completed; `J["batch"]`:
+            batches of the next epoch already trained, 0 but after a step
+            checkpoint), or None.
         """
         if isinstance(model, Mapping):
             self.set_model(model)
@@ -121,12 +143,20 @@ class CandleCkptPyTorch:
             verbose = self._verbose
         J = restart_run(self.params, self._adapter(), verbose=verbose, is_writer=self._is_writer)
         self._next_epoch = J["epoch"] if J else 0
+        self._restored_batch = J["batch"] if J else 0
         self._start(self._next_epoch)
         return J
 
     def batch_end(self, batch: int) -> None:
-        """0-based `batch` of the running epoch ended: with `ckpt_signal`, stop here
-        (saving the last completed epoch, exit status 75) if the signal came."""
+        """0-based `batch` of the running epoch ended (counted from the epoch's start,
+        also after a restart at `J["batch"]`): save a step checkpoint when one is due
+        (ckpt_save_steps); with `ckpt_signal`, stop here if the signal came (saving this
+        batch with ckpt_save_steps, else keeping the last completed epoch; exit
+        status 75).
+
+        Raises:
+            ParameterValueError: the first batch after a restart is not `J["batch"]`.
+        """
         self._start(self._next_epoch)
         self.session.batch_end(batch)
 
@@ -145,7 +175,7 @@ class CandleCkptPyTorch:
         self._start(epoch)
         if not self._epoch_ended:
             self._epoch_ended = True
-            self.session.check_start(epoch, _LOOP_FIX)
+            self.session.check_start(epoch, _LOOP_FIX, self._restored_batch)
         if isinstance(metric_value, Mapping):
             logs = dict(metric_value)
         else:
@@ -183,4 +213,4 @@ class CandleCkptPyTorch:
         if not self._started:
             self._started = True
             self.session.begin(self._adapter())
-            self.session.epoch_begin(completed, _LOOP_FIX)
+            self.session.epoch_begin(completed, _LOOP_FIX, batch=self._restored_batch)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..core.errors import CheckpointFormatError
+from . import loader as loaders
 
 # Per-parameter optimizer state that torch.optim's optimizers create like the parameter
 # (`torch.zeros_like(p)`...): it must have the parameter's shape. 'momentum_buffer' is
@@ -144,6 +145,12 @@ def check_state(
     if is_generator(obj):
         check_generator_state(saved, obj.get_state(), obj.device, where)
         return
+    if loaders.is_stateful_loader(obj):
+        check_loader_state(where, obj, saved)
+        return
+    if isinstance(obj, loaders.EpochPosition):
+        check_epoch_position(where, obj, saved)
+        return
     current = obj.state_dict()
     if not isinstance(saved, dict):
         raise CheckpointFormatError(
@@ -163,6 +170,122 @@ def check_state(
         return
     for key, value in current.items():
         check_like(saved[key], value, f"{where}, key '{key}'")
+
+
+def check_loader_state(where: str, loader: Any, saved: Any) -> None:
+    """A StatefulDataLoader's entry (`loader.loader_state`), against the loader, without
+    asking the loader for its state (that makes an iterator): a generator state where
+    the loader has that generator, None where it has none, and a position inside an
+    epoch made with as many workers as the loader has (torchdata asserts it only when
+    the resumed epoch's iteration starts). An earlier release's entry, the loader's
+    state_dict alone, is taken as it was (not exact: it holds no generator state)."""
+    if isinstance(saved, dict) and loaders.TORCHDATA_KEY in saved:
+        return
+    if not isinstance(saved, dict) or set(saved) != loaders.KEYS:
+        found = sorted(map(str, saved)) if isinstance(saved, dict) else describe(saved)
+        raise CheckpointFormatError(
+            f"{where} holds {shown(found, 200)}; the registered StatefulDataLoader's entry "
+            f"has keys {sorted(loaders.KEYS)}"
+        )
+    for key, generator in zip(
+        (loaders.GENERATOR, loaders.SAMPLER_GENERATOR), loaders.generators(loader)
+    ):
+        if generator is not None:
+            check_generator_state(
+                saved[key], generator.get_state(), generator.device, f"{where}, '{key}'"
+            )
+        elif saved[key] is not None:
+            raise CheckpointFormatError(
+                f"{where}: '{key}' holds a generator state; the registered "
+                f"StatefulDataLoader has no such generator. Build it as the run that "
+                f"saved it did (shuffle=True, generator=...)"
+            )
+    position = saved[loaders.ITERATOR]
+    if position is None:
+        return
+    snapshot = position.get("_snapshot") if isinstance(position, dict) else None
+    main = snapshot.get("_main_snapshot") if isinstance(snapshot, dict) else None
+    workers = main.get("_num_workers") if isinstance(main, dict) else 0
+    if not isinstance(position, dict) or (not main and "_num_yielded" not in position):
+        raise CheckpointFormatError(
+            f"{where}: '{loaders.ITERATOR}' is {shown(position)}; expected a "
+            f"StatefulDataLoader state_dict"
+        )
+    if workers != loader.num_workers:
+        raise CheckpointFormatError(
+            f"{where}: the epoch was loaded with num_workers={workers}; the registered "
+            f"StatefulDataLoader has num_workers={loader.num_workers}. Resume it with "
+            f"the number of workers the run that saved it had"
+        )
+    _check_position(f"{where}, '{loaders.ITERATOR}'", loader, position)
+
+
+# The counts of a StatefulDataLoader state_dict, in batches or samples: torchdata skips
+# that many on loading, one by one.
+_POSITION_COUNTS = frozenset(
+    {
+        "_num_yielded",
+        "_sampler_iter_yielded",
+        "samples_yielded",
+        "yielded",
+        "_snapshot_step",
+        "_steps_since_snapshot",
+    }
+)
+
+
+def _check_position(where: str, loader: Any, position: dict) -> None:
+    """The counts and generator states inside a StatefulDataLoader's state_dict: each
+    count an int from 0 to the epoch's samples (where the dataset has a length), so a
+    file cannot make the resumed epoch skip without end; each sampler generator state
+    one the sampler's generator takes (torchdata sets it when the epoch resumes, after
+    the restart)."""
+    try:
+        bound: int | None = max(len(loader), len(loader.sampler))
+    except TypeError:  # an IterableDataset: no length
+        bound = None
+    mine = getattr(loader.sampler, "generator", None)
+    mine = mine if isinstance(mine, torch.Generator) else torch.Generator()
+    pending = [(where, position)]
+    while pending:
+        at, value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend((f"{at}[{shown(key)}]", item) for key, item in value.items())
+            for key in _POSITION_COUNTS & value.keys():
+                count = value[key]
+                if not _is_int(count) or count < 0 or (bound is not None and count > bound):
+                    raise CheckpointFormatError(
+                        f"{at}[{key!r}] is {shown(count)}; expected a count from 0 to "
+                        f"{bound if bound is not None else 'any size'} (the loader's epoch)"
+                    )
+            if isinstance(value.get("generator"), torch.Tensor):
+                check_generator_state(
+                    value["generator"], mine.get_state(), mine.device, f"{at}['generator']"
+                )
+
+
+def check_epoch_position(where: str, position: loaders.EpochPosition, saved: Any) -> None:
+    """An `EpochPosition`'s entry: its generator's state (`check_generator_state`), and
+    between epochs no start and no batch count, inside one a start of that kind and a
+    count >= 0."""
+    keys = {"generator", "epoch_start", "batches"}
+    if not isinstance(saved, dict) or set(saved) != keys:
+        found = sorted(map(str, saved)) if isinstance(saved, dict) else describe(saved)
+        raise CheckpointFormatError(
+            f"{where} holds {shown(found, 200)}; an EpochPosition's has keys {sorted(keys)}"
+        )
+    generator = position.loader.generator
+    assert generator is not None  # EpochPosition.__init__ checks it
+    mine = generator.get_state()
+    check_generator_state(saved["generator"], mine, generator.device, f"{where}, 'generator'")
+    start, done = saved["epoch_start"], saved["batches"]
+    if (start is None) != (done is None) or not (done is None or (_is_int(done) and done >= 0)):
+        raise CheckpointFormatError(
+            f"{where}: epoch_start is {describe(start)} and batches {shown(done)}; expected "
+            f"both None (between epochs) or a generator state and a number of batches"
+        )
+    if start is not None:
+        check_generator_state(start, mine, generator.device, f"{where}, 'epoch_start'")
 
 
 def _check_module(where: str, module: torch.nn.Module, current: dict, saved: dict) -> None:
@@ -261,27 +384,40 @@ def check_optimizer(
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{where}: state is a {type(state).__name__}; expected a dict")
     for index, values in state.items():
-        at = f"{where}, state[{shown(index)}]"
         if not _is_int(index) or index not in parameters:
             raise CheckpointFormatError(
-                f"{at}: no parameter of that number in param_groups (they number {len(parameters)})"
+                f"{_state_of(where, index)}: no parameter of that number in param_groups "
+                f"(they number {len(parameters)})"
             )
         if not isinstance(values, dict):
-            raise CheckpointFormatError(f"{at} is a {type(values).__name__}; expected a dict")
+            raise CheckpointFormatError(
+                f"{_state_of(where, index)} is a {type(values).__name__}; expected a dict"
+            )
         parameter = parameters[index]
         shape = shapes.get(id(parameter))
         if shape is None and not torch.nn.parameter.is_lazy(parameter):
             shape = tuple(parameter.shape)
         if values and "step" not in values and isinstance(optimizer, _STEPPED):
             raise CheckpointFormatError(
-                f"{at} has no 'step'; a {type(optimizer).__name__}'s state for a "
-                f"parameter always has one (it holds {', '.join(map(shown, values))})"
+                f"{_state_of(where, index)} has no 'step'; a {type(optimizer).__name__}'s "
+                f"state for a parameter always has one (it holds "
+                f"{', '.join(map(shown, values))})"
             )
         for key, value in values.items():
-            _check_parameter_state(value, key, shape, f"{at}[{shown(key)}]")
+            _check_parameter_state(value, key, shape, where, index)
 
 
-def _check_parameter_state(value: Any, key: Any, shape: tuple | None, at: str) -> None:
+def _state_of(where: str, index: Any) -> str:
+    """How a message names the optimizer state of parameter `index` (formatted only
+    for an error: a restart checks thousands)."""
+    return f"{where}, state[{shown(index)}]"
+
+
+def _check_parameter_state(
+    value: Any, key: Any, shape: tuple | None, where: str, index: Any
+) -> None:
+    """Raise CheckpointFormatError unless `value` is what the optimizer state `key` of
+    parameter `index` (of `shape`) can hold."""
     if key in _LIKE_THE_PARAMETER:
         if value is None and key == "momentum_buffer":
             return
@@ -291,14 +427,20 @@ def _check_parameter_state(value: Any, key: Any, shape: tuple | None, at: str) -
             or (shape is not None and tuple(value.shape) != shape)
         ):
             raise CheckpointFormatError(
-                f"{at} is {describe(value)}; the parameter is of shape {shape} and its "
-                f"'{key}' must be a float tensor of that shape"
+                f"{_state_of(where, index)}[{shown(key)}] is {describe(value)}; the "
+                f"parameter is of shape {shape} and its '{key}' must be a float tensor of "
+                f"that shape"
             )
     elif key in _ONE_NUMBER:
         if not (_is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1)):
-            raise CheckpointFormatError(f"{at} is {describe(value)}; expected one number")
+            raise CheckpointFormatError(
+                f"{_state_of(where, index)}[{shown(key)}] is {describe(value)}; expected one number"
+            )
     elif not isinstance(key, str):
-        raise CheckpointFormatError(f"{at}: a key {shown(key)}; expected the names of state")
+        raise CheckpointFormatError(
+            f"{_state_of(where, index)}[{shown(key)}]: a key {shown(key)}; expected the "
+            f"names of state"
+        )
 
 
 def check_like(saved: Any, live: Any, where: str) -> None:

@@ -6,10 +6,13 @@ the large tensors without holding the GIL, so it may run in a background thread 
 training), and `restore` loads a file into the registered objects, validating
 everything first and building the tensors on the verified bytes in place.
 
-File layout (format version 1)
-------------------------------
-An HDF5 file holding the state as JSON and every tensor as a dataset: docs/FORMAT.md,
-"Model files", describes it; this module is its one implementation.
+File layout (format version 2; version 1 is still read)
+------------------------------------------------------
+An HDF5 file holding the state as JSON and every tensor's bytes in one dataset, which
+the JSON's table describes (version 1: one dataset per tensor): docs/FORMAT.md, "Model
+files", describes both; this module is their one implementation. One dataset, not
+thousands, because HDF5's work per dataset and attribute (creating, finding, parsing,
+checking) was most of the time a model of many small tensors took to save and restore.
 
 Why HDF5 and JSON
 -----------------
@@ -25,14 +28,18 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import gc
 import io
 import json
-import os
+import math
+import mmap
 import pickle
 import random
-from collections.abc import Callable, Iterator, Mapping, Set
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import h5py
 import numpy as np
@@ -42,32 +49,43 @@ from ..core.adapter import Restored
 from ..core.errors import CheckpointFormatError, failed_after_checks
 from ..core.logs import LibraryLogger
 from ..core.restore.verify import OVERWRITTEN
-from ..core.storage.direct_io import Written, aligned_arrays, copy_into
+from ..core.storage.direct_io import ALIGNMENT, Written, copy_into
+from ..core.storage.memory import anonymous_memory
 from ..hdf5 import (
     DIRECT_MIN_BYTES,
     HDF5_MAGIC,
     FileImage,
-    create_array,
+    contiguous_offset,
     create_file,
+    create_unfilled,
     dataset,
-    dataset_array,
     group,
-    in_place_offset,
-    reads_as_view,
     writable_bytes,
     writable_contents,
     write_file,
 )
 from ..hdf5_check import errors_are_the_files, load_json, open_model_file
+from . import loader
 from .fits import check_restorable, check_state, is_generator, sets_cuda_states
 
 MODEL_FILE = "model.h5"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT_ATTR = "candle_ckpt_torch_format_version"
+DATA = "data"
+"""The version 2 dataset holding every tensor's bytes."""
+IN_PLACE_MIN_BYTES = 256 << 20
+"""From this file size on, a restart reads the modules' large tensors straight into
+their memory (`plan_in_place`); below it, reading the file once into new memory and
+copying the parameters out of it was measured faster (docs/PERFORMANCE.md): the
+in-place read checksums the file in a first pass of its own."""
 _NUMPY_PREFIX = "numpy:"
 # A tensor is built in place on the bytes read only where they start on this boundary
-# (what a CPU allocator guarantees); elsewhere it is copied.
+# (what a CPU allocator guarantees); elsewhere it is copied. Version 2 files put every
+# tensor on one.
 _TENSOR_ALIGNMENT = 64
+# The numpy dtype kinds a version 2 table may name (bool, integers, floats, complex:
+# the dataset kinds `hdf5_check` lets a version 1 file hold).
+_NUMBER_KINDS = "biufc"
 
 
 @dataclass(frozen=True)
@@ -75,13 +93,18 @@ class TrainingState:
     """The registered objects' state at one instant: JSON text plus numpy arrays.
 
     Safe to hand to another thread: nothing in it refers to a live torch object. The
-    arrays are copies, or views of the tensors' memory (see `snapshot`).
+    arrays are copies, or views of the tensors' memory (see `snapshot`). `offsets`
+    places each array in the file's `data` dataset (`data_layout`); a copied snapshot
+    holds the whole of that dataset's bytes in `block`, each array a view of it.
     """
 
     state: str
     arrays: tuple
     dtypes: tuple  # torch dtype name (or "numpy:<dtype>") of each array
     shapes: tuple
+    offsets: tuple  # of each array in the data dataset
+    data_nbytes: int
+    block: np.ndarray | None  # uint8: the data dataset's bytes (a copied snapshot)
     weights_only: bool
     nbytes: int
 
@@ -101,7 +124,11 @@ def uninitialized(objects: Mapping[str, Any]) -> list[str]:
 def object_states(objects: Mapping[str, Any], weights_only: bool) -> dict:
     """{name: state} of the objects a snapshot holds (modules only if `weights_only`)."""
     return {
-        name: value.get_state() if is_generator(value) else value.state_dict()
+        name: value.get_state()
+        if is_generator(value)
+        else loader.loader_state(value)
+        if loader.is_stateful_loader(value)
+        else value.state_dict()
         for name, value in objects.items()
         if not weights_only or isinstance(value, torch.nn.Module)
     }
@@ -151,33 +178,22 @@ def snapshot(
 ) -> TrainingState:
     """Every registered object's state and the random states, now (training thread).
 
-    With `copy`, the arrays are copies in host memory, made into `into`'s arrays (an
-    older snapshot nobody reads any more) where shape and dtype match; the other large
-    ones into one block of huge-page memory, each on a `direct_io.ALIGNMENT` boundary, so
-    that `write` writes them with O_DIRECT from where they are. Without, CPU tensors are
-    views of their memory: meant for a save written at once, before the next optimizer
-    step changes them in place.
+    With `copy`, the arrays are copied into one block of huge-page memory laid out as
+    the file's `data` dataset (`data_layout`: large arrays on `direct_io.ALIGNMENT`
+    boundaries), so that `write` writes it whole with O_DIRECT from where it is; into
+    `into`'s block (an older snapshot nobody reads any more) when it is laid out the
+    same. Without, CPU tensors are views of their memory: meant for a save written at
+    once, before the next optimizer step changes them in place.
     """
     arrays: list = []
     dtypes: list = []
     shapes: list = []
-    spare = into.arrays if into is not None else ()
-    fresh: list[int] = []  # arrays still views, to copy into a new block
 
-    def array_of(value: Any, path: str) -> int:
+    def array_of(value: Any, path: _Path) -> int:
         if isinstance(value, torch.Tensor):
-            if torch.nn.parameter.is_lazy(value):
-                raise CheckpointFormatError(
-                    f"cannot save {path}: an uninitialised parameter of a lazy module "
-                    f"(torch.nn.LazyLinear...), which has no shape until the module's "
-                    f"first call; call the model on a batch before the first save"
-                )
-            if value.layout != torch.strided or value.is_quantized:
-                raise CheckpointFormatError(
-                    f"cannot save {path}: a {value.layout} tensor ({value.dtype}); expected "
-                    f"a dense tensor (call .to_dense() in state_dict)"
-                )
-            dtype = str(value.dtype).removeprefix("torch.")
+            if _is_lazy(value) or value.layout != torch.strided or value.is_quantized:
+                raise _unsavable(value, path)
+            dtype = _DTYPE_NAMES.get(value.dtype) or str(value.dtype).removeprefix("torch.")
             shapes.append(tuple(value.shape))
             host = value.detach().cpu().contiguous()
             try:
@@ -187,72 +203,119 @@ def snapshot(
         else:
             dtype, array = _NUMPY_PREFIX + value.dtype.str, np.ascontiguousarray(value)
             shapes.append(value.shape)
-        if copy:
-            k = len(arrays)
-            previous = spare[k] if k < len(spare) else None
-            if (
-                previous is not None
-                and previous.shape == array.shape
-                and previous.dtype == array.dtype
-            ):
-                previous.flags.writeable = True
-                copy_into(previous, array)
-                array = previous
-            elif array.nbytes >= DIRECT_MIN_BYTES:
-                fresh.append(len(arrays))
-            else:
-                array = array.copy()
-        array.flags.writeable = False
         arrays.append(array)
         dtypes.append(dtype)
         return len(arrays) - 1
 
-    encoded = {
-        "objects": _encode(object_states(objects, weights_only), "state", array_of),
-        "rng": _encode({} if weights_only else rng_states(), "rng", array_of),
-    }
-    if fresh:
-        _copy_into_block(arrays, fresh)
+    with _collector_paused():
+        encoded = {
+            "objects": _encode(object_states(objects, weights_only), "state", array_of),
+            "rng": _encode({} if weights_only else rng_states(), "rng", array_of),
+        }
+    offsets, data_nbytes = data_layout([array.nbytes for array in arrays])
+    block = None
+    if copy:
+        reusable = into is not None and (into.offsets, into.data_nbytes) == (
+            tuple(offsets),
+            data_nbytes,
+        )
+        block = into.block if reusable and into is not None else None
+        if block is None:
+            block = np.frombuffer(anonymous_memory(data_nbytes), np.uint8, data_nbytes)
+        for k, (array, offset) in enumerate(zip(arrays, offsets)):
+            target = np.frombuffer(block, array.dtype, array.size, offset).reshape(array.shape)
+            copy_into(target, array)
+            arrays[k] = target
+    for array in arrays:
+        array.flags.writeable = False
+    encoded["tensors"] = [
+        [dtype, list(shape), offset, array.nbytes]
+        for dtype, shape, offset, array in zip(dtypes, shapes, offsets, arrays)
+    ]
+    encoded["byteorder"] = sys.byteorder
     return TrainingState(
         json.dumps(encoded),
         tuple(arrays),
         tuple(dtypes),
         tuple(shapes),
+        tuple(offsets),
+        data_nbytes,
+        block,
         weights_only,
         sum(a.nbytes for a in arrays),
     )
 
 
-def _copy_into_block(arrays: list, indices: list[int]) -> None:
-    """Replace each `arrays[k]` of `indices` by a read-only copy carved out of one new
-    block of `memory.anonymous_memory`, each starting on an ALIGNMENT boundary."""
-    targets = aligned_arrays([(arrays[k].dtype, arrays[k].shape) for k in indices])
-    for k, target in zip(indices, targets):
-        copy_into(target, arrays[k])
-        target.flags.writeable = False
-        arrays[k] = target
+_is_lazy = torch.nn.parameter.is_lazy
+# The names `snapshot` writes of the common dtypes, without formatting each tensor's.
+_DTYPE_NAMES = {
+    dtype: str(dtype).removeprefix("torch.")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64)
+}
 
 
-def _encode(value: Any, path: str, array_of: Callable[[Any, str], int]) -> Any:
+def _unsavable(value: torch.Tensor, path: _Path) -> CheckpointFormatError:
+    """The error for a tensor `snapshot` cannot save."""
+    if _is_lazy(value):
+        return CheckpointFormatError(
+            f"cannot save {_path_text(path)}: an uninitialised parameter of a lazy module "
+            f"(torch.nn.LazyLinear...), which has no shape until the module's "
+            f"first call; call the model on a batch before the first save"
+        )
+    return CheckpointFormatError(
+        f"cannot save {_path_text(path)}: a {value.layout} tensor ({value.dtype}); expected "
+        f"a dense tensor (call .to_dense() in state_dict)"
+    )
+
+
+def data_layout(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """(offset of each of arrays of `sizes` bytes in the data dataset, its size): in
+    order, those of DIRECT_MIN_BYTES or more on an ALIGNMENT boundary (written with
+    O_DIRECT, read straight into a module's memory), the others packed on
+    _TENSOR_ALIGNMENT boundaries (built in place on the bytes read)."""
+    offsets, end = [], 0
+    for size in sizes:
+        step = ALIGNMENT if size >= DIRECT_MIN_BYTES else _TENSOR_ALIGNMENT
+        end = -(-end // step) * step
+        offsets.append(end)
+        end += size
+    return offsets, end
+
+
+_Path = Any
+"""Where a value is in the state, built only for an error message (`_path_text`): the
+root's name, or (the parent's path, "item" / "key" / "a key" / "metadata", the key)."""
+
+
+def _path_text(path: _Path) -> str:
+    """`path` as the error messages say it: state['model']['0.weight']."""
+    suffixes = []
+    while isinstance(path, tuple):
+        path, kind, key = path
+        suffixes.append(
+            {
+                "item": f"[{key!r:.80}]",
+                "key": f" key {key!r:.80}",
+                "a key": " key",
+                "metadata": "._metadata",
+            }[kind]
+        )
+    return str(path) + "".join(reversed(suffixes))
+
+
+def _encode(value: Any, path: _Path, array_of: Callable[[Any, _Path], int]) -> Any:
     """`value` as JSON-able data, its tensors and arrays replaced by their index."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        key = "tensor" if isinstance(value, torch.Tensor) else "ndarray"
-        return {key: array_of(value, path)}
-    if isinstance(value, np.generic):
-        return _encode(value.item(), path, array_of)
-    if isinstance(value, torch.dtype):
-        return {"dtype": str(value).removeprefix("torch.")}
-    if isinstance(value, list):
-        return [_encode(item, f"{path}[{k}]", array_of) for k, item in enumerate(value)]
-    if isinstance(value, tuple):
-        return {"tuple": [_encode(item, f"{path}[{k}]", array_of) for k, item in enumerate(value)]}
+    if isinstance(value, torch.Tensor):
+        return {"tensor": array_of(value, path)}
+    if isinstance(value, np.ndarray):
+        return {"ndarray": array_of(value, path)}
     if isinstance(value, dict):
         items = [
             [
-                _encode(key, f"{path} key {key!r}", array_of),
-                _encode(item, f"{path}[{key!r}]", array_of),
+                key if isinstance(key, str) else _encode(key, (path, "key", key), array_of),
+                _encode(item, (path, "item", key), array_of),
             ]
             for key, item in value.items()
         ]
@@ -262,14 +325,24 @@ def _encode(value: Any, path: str, array_of: Callable[[Any, str], int]) -> Any:
                 "odict": items,
                 "metadata": None
                 if metadata is None
-                else _encode(dict(metadata), f"{path}._metadata", array_of),
+                else _encode(dict(metadata), (path, "metadata", None), array_of),
             }
         return {"dict": items}
+    if isinstance(value, list):
+        return [_encode(item, (path, "item", k), array_of) for k, item in enumerate(value)]
+    if isinstance(value, tuple):
+        return {
+            "tuple": [_encode(item, (path, "item", k), array_of) for k, item in enumerate(value)]
+        }
+    if isinstance(value, np.generic):
+        return _encode(value.item(), path, array_of)
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
     raise CheckpointFormatError(
-        f"cannot save {path}: a {type(value).__module__}.{type(value).__qualname__} "
-        f"({value!r:.80}); expected tensors, numpy arrays, numbers, strings, None and "
-        f"lists, tuples and dicts of them (a state_dict holding other objects cannot be "
-        f"restored without unpickling)"
+        f"cannot save {_path_text(path)}: a {type(value).__module__}."
+        f"{type(value).__qualname__} ({value!r:.80}); expected tensors, numpy arrays, "
+        f"numbers, strings, None and lists, tuples and dicts of them (a state_dict "
+        f"holding other objects cannot be restored without unpickling)"
     )
 
 
@@ -284,17 +357,16 @@ def write(
     return what `direct_io.write_at` wrote, with the file's CRC32 (None without
     `checksum`).
 
-    h5py lays the file out in memory and writes the small arrays there; the layout and
-    the large arrays, in the space it allocated for them, are written into the file by
-    `hdf5.write_file` (with O_DIRECT where it can), which releases the GIL, so a
-    background save leaves the training thread running, and which alone touches the
-    file system, so a full disk never fails inside HDF5. No fsync (the protocol does
-    it). `progress` is called with the bytes written through the page cache so far.
+    h5py lays the file out in memory (a few kilobytes: the attributes, the JSON and the
+    space of the data dataset); `hdf5.write_file` writes it and the data (with O_DIRECT
+    where it can), releasing the GIL, so a background save leaves the training thread
+    running, and alone touches the file system, so a full disk never fails inside
+    HDF5. No fsync (the protocol does it). `progress` is called with the bytes written
+    through the page cache so far.
 
     Raises:
         OSError: the file could not be written (disk full, quota, EIO).
     """
-    direct: list = []  # (dataset offset, array) of the arrays write_file writes
     image = FileImage()
     with create_file(image) as f:
         f.attrs[FORMAT_ATTR] = FORMAT_VERSION
@@ -302,12 +374,41 @@ def write(
         f.attrs["torch_version"] = str(torch.__version__)
         # A dataset, not an attribute: HDF5 attributes hold at most 64 KiB.
         f.create_dataset("state", data=np.frombuffer(state.state.encode("utf8"), np.uint8))
-        tensors = f.create_group("tensors")
-        for k, (array, dtype, shape) in enumerate(zip(state.arrays, state.dtypes, state.shapes)):
-            created = create_array(tensors, str(k), array, direct)
-            created.attrs["torch_dtype"] = dtype
-            created.attrs["shape"] = np.asarray(shape, dtype=np.int64)
-    return write_file(path, image, direct, progress, checksum=checksum)
+        start = create_unfilled(f, DATA, (state.data_nbytes,), np.uint8).id.get_offset()
+        regions = [(start + offset, buffer) for offset, buffer in _data_regions(state)]
+    return write_file(path, image, regions, progress, checksum=checksum)
+
+
+def _data_regions(state: TrainingState) -> list[tuple[int, Any]]:
+    """(offset in the data dataset, bytes) to write for `state`: its block whole, or
+    each large array from where it is and each run of small ones between them packed
+    into one new buffer (one write, not one per tensor)."""
+    if state.block is not None:
+        return [(0, state.block)] if state.data_nbytes else []
+    regions: list[tuple[int, Any]] = []
+    run: list[tuple[int, np.ndarray]] = []
+
+    def pack() -> None:
+        start, (last, array) = run[0][0], run[-1]
+        nbytes = last + array.nbytes - start
+        # page-aligned memory where O_DIRECT may write it from where it is
+        memory = anonymous_memory(nbytes, False) if nbytes >= DIRECT_MIN_BYTES else None
+        buffer = memoryview(memory if memory is not None else bytearray(nbytes))[:nbytes]
+        for offset, small in run:
+            buffer[offset - start : offset - start + small.nbytes] = small.data.cast("B")
+        regions.append((start, buffer))
+        run.clear()
+
+    for offset, array in zip(state.offsets, state.arrays):
+        if array.nbytes >= DIRECT_MIN_BYTES:
+            if run:
+                pack()
+            regions.append((offset, array))
+        elif array.nbytes:
+            run.append((offset, array))
+    if run:
+        pack()
+    return regions
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -317,12 +418,12 @@ def read(contents: memoryview, path: str, in_place: InPlaceRead | None = None) -
     """The file's state ({"objects", "rng"} decoded, tensors on the CPU) and weights_only.
 
     `in_place` (`plan_in_place`'s, for the file these `contents` were read from) names
-    the datasets read into the modules' tensors already: each decodes to the module's
-    tensor itself, once the verified file is found to hold it where it was read from.
+    the tensors read into the modules' already: each decodes to the module's tensor
+    itself, once the verified file is found to hold it where it was read from.
 
     Raises:
         CheckpointFormatError: not a candle_ckpt PyTorch file, or malformed (the
-            message names what and where), or not holding the datasets of `in_place`
+            message names what and where), or not holding the tensors of `in_place`
             where they were read from.
     """
     targets = in_place.targets if in_place is not None else {}
@@ -330,22 +431,22 @@ def read(contents: memoryview, path: str, in_place: InPlaceRead | None = None) -
         errors_are_the_files(path, "a readable candle_ckpt PyTorch file"),
         open_model_file(contents, path) as f,
     ):
-        encoded, weights_only = _header(f, path)
-        tensors = group(f, "tensors", path)
+        encoded, weights_only, stored = _contents(f, len(contents), path)
         source = writable_contents(contents)
+        # In place only on private memory starting on a boundary (a restart's read).
+        writable = not source.readonly and not _address(source) % _TENSOR_ALIGNMENT
         values = []
-        for k in range(len(tensors)):
-            found = dataset(tensors, str(k), path)
+        for k, found in enumerate(stored):
             target = targets.get(k)
             if target is None:
-                values.append(_tensor(found, source, path))
-            elif in_place_offset(found) == target.offset and _fits(found, target.tensor):
+                values.append(_value(found, source, writable))
+            elif found.offset == target.offset and _fits(found, target.tensor):
                 values.append(target.tensor)
             else:
                 raise CheckpointFormatError(
-                    f"'{path}' changed while it was read: dataset '{found.name}', read "
-                    f"into the model's memory, is not where the file, as verified, has "
-                    f"it. {OVERWRITTEN}"
+                    f"'{path}' changed while it was read: {found.name}, read into the "
+                    f"model's memory, is not where the file, as verified, has it. "
+                    f"{OVERWRITTEN}"
                 )
     state = _decoded(encoded, values, path)
     references = _references(encoded)
@@ -357,15 +458,18 @@ def read(contents: memoryview, path: str, in_place: InPlaceRead | None = None) -
             or saved.get(target.key) is not target.tensor
         ):
             raise CheckpointFormatError(
-                f"'{path}' changed while it was read: dataset {k}, read into the model's "
-                f"memory, is not the file's '{target.name}.{target.key}' alone. {OVERWRITTEN}"
+                f"'{path}' changed while it was read: {stored[k].name}, read into the "
+                f"model's memory, is not the file's '{target.name}.{target.key}' alone. "
+                f"{OVERWRITTEN}"
             )
     return state, weights_only
 
 
-def _header(f: h5py.File, path: str) -> tuple[Any, bool]:
-    """The open file's 'state' JSON, as parsed, and its weights_only attribute, once its
-    format attribute is found to be one this candle_ckpt reads."""
+def _contents(f: h5py.File, size: int, path: str) -> tuple[Any, bool, list[_Stored]]:
+    """The open file's 'state' JSON as parsed (without the version 2 table), its
+    weights_only attribute and where each tensor is stored, once its format attribute
+    is found to be one this candle_ckpt reads and every tensor is found to be stored as
+    its description says, inside the file (a file of `size` bytes)."""
     if FORMAT_ATTR not in f.attrs:
         raise CheckpointFormatError(
             f"'{path}' is an HDF5 file without '{FORMAT_ATTR}': not written by "
@@ -373,13 +477,292 @@ def _header(f: h5py.File, path: str) -> tuple[Any, bool]:
         )
     version = f.attrs[FORMAT_ATTR]
     if not isinstance(version, (int, np.integer)) or not 1 <= version <= FORMAT_VERSION:
+        shown = int(version) if isinstance(version, (int, np.integer)) else repr(version)
         raise CheckpointFormatError(
-            f"'{path}': {FORMAT_ATTR} is {version!r}; this candle_ckpt reads "
+            f"'{path}': {FORMAT_ATTR} is {shown}; this candle_ckpt reads "
             f"versions 1 to {FORMAT_VERSION} (a newer candle_ckpt wrote it?)"
         )
     text = np.asarray(dataset(f, "state", path)[()], np.uint8).tobytes()
     encoded = load_json(text, path, "dataset 'state'")
-    return encoded, bool(f.attrs.get("weights_only", False))
+    weights_only = bool(f.attrs.get("weights_only", False))
+    if version == 1:
+        tensors = group(f, "tensors", path)
+        stored = [
+            _stored_v1(dataset(tensors, str(k), path), size, path) for k in range(len(tensors))
+        ]
+        return encoded, weights_only, stored
+    if not isinstance(encoded, dict) or set(encoded) != _V2_KEYS:
+        found = sorted(encoded) if isinstance(encoded, dict) else encoded
+        raise CheckpointFormatError(
+            f"'{path}': dataset 'state' is {found!r:.80}; expected a dict with keys "
+            f"{sorted(_V2_KEYS)}"
+        )
+    if encoded.pop("byteorder") != sys.byteorder:
+        raise CheckpointFormatError(
+            f"'{path}' holds its tensors in another byte order than this machine's "
+            f"({sys.byteorder}); restart on a machine of the byte order that wrote it"
+        )
+    return encoded, weights_only, _stored_v2(f, encoded, size, path)
+
+
+_V2_KEYS = {"objects", "rng", "tensors", "byteorder"}
+# How many dimensions a tensor of a version 2 file may have (HDF5's own limit, which
+# bounded version 1 files).
+_MAX_DIMENSIONS = 32
+
+
+class _Layout(NamedTuple):
+    """What a stored tensor decodes to, from its description (v1: the dataset's
+    attributes; v2: its entry of the table), checked against how it is stored."""
+
+    dtype: Any  # torch.dtype of a tensor, np.dtype of an array ("numpy:" prefix)
+    shape: tuple[int, ...]
+    stored: np.dtype  # the dtype of its bytes: uint8 for a dtype numpy lacks (bfloat16)
+    is_array: bool  # a numpy array, not a tensor
+    raw: bool  # a tensor's bytes stored as uint8 (a dtype numpy lacks, e.g. bfloat16)
+
+
+class _Stored(NamedTuple):
+    """A tensor of a model file: what it decodes to, and where its bytes are (a
+    NamedTuple, not a dataclass: a restart makes thousands)."""
+
+    name: str  # for messages: "dataset '/tensors/3'" (v1), "tensor 3 of '/data'" (v2)
+    layout: _Layout
+    offset: int  # in the file; 0 when nbytes is 0
+    nbytes: int
+
+
+def _stored_v1(found: h5py.Dataset, size: int, path: str) -> _Stored:
+    """Version 1: the dataset `found`, of a file of `size` bytes, once its attributes
+    (torch_dtype, shape) are found to be ones `snapshot` writes and to describe the
+    dataset itself (dtype, byte order, shape), and it to be stored as one run of bytes
+    inside the file. Reads no values."""
+    name = f"dataset '{found.name}'"
+    dtype_name = found.attrs.get("torch_dtype", "")
+    dtype_name = (
+        dtype_name.decode("utf8", "replace") if isinstance(dtype_name, bytes) else str(dtype_name)
+    )
+    attr = np.asarray(found.attrs.get("shape", np.zeros(0, np.int64)))
+    if attr.ndim != 1 or attr.dtype.kind not in "iu" or (attr < 0).any():
+        raise CheckpointFormatError(
+            f"'{path}': {name}: attribute shape is {attr!r:.80}; expected a list of sizes"
+        )
+    shape = tuple(int(n) for n in attr)
+    layout = _layout_of(dtype_name, shape, f"'{path}': {name}: attribute torch_dtype")
+    expected = (layout.stored, shape if not layout.raw else (math.prod(shape) * _itemsize(layout),))
+    if (found.dtype, found.shape) != expected:
+        native = (
+            ""
+            if layout.raw or layout.is_array
+            else f" ({layout.stored}, this machine's byte order)"
+        )
+        raise CheckpointFormatError(
+            f"'{path}': {name} is {found.dtype} {found.shape}; its attributes say "
+            f"{dtype_name[:40]!r} of shape {shape}{native}"
+        )
+    nbytes = found.size * found.dtype.itemsize
+    offset = contiguous_offset(found) if nbytes else 0
+    if offset is None or offset + nbytes > size:
+        raise CheckpointFormatError(
+            f"'{path}': {name} ({nbytes} bytes) is not one run of bytes inside the file "
+            f"({size} bytes)"
+        )
+    return _Stored(name, layout, offset, nbytes)
+
+
+def _stored_v2(f: h5py.File, encoded: dict, size: int, path: str) -> list[_Stored]:
+    """Version 2: every entry of the JSON's table (`encoded`'s "tensors", which this
+    takes out of it: [dtype, shape, offset, nbytes], the offset within the data
+    dataset), once each is found to be one `snapshot` writes: a dtype it writes, a
+    shape of sizes, nbytes those of the dtype and shape, inside the data dataset, which
+    is one run of uint8 inside the file (a file of `size` bytes), and no two
+    overlapping. A refusal names the entry and where the state refers to it."""
+    table = encoded.pop("tensors")
+    data = dataset(f, DATA, path)
+    length = data.size if data.dtype == np.uint8 and data.ndim == 1 else None
+    start = contiguous_offset(data) if length else 0
+    if length is None or start is None or start + length > size:
+        raise CheckpointFormatError(
+            f"'{path}': dataset '/{DATA}' is {data.dtype} {data.shape}; expected one run of "
+            f"uint8 bytes inside the file ({size} bytes)"
+        )
+    if not isinstance(table, list):
+        raise CheckpointFormatError(
+            f"'{path}': the table of tensors is {table!r:.80}; expected a list"
+        )
+
+    def named(k: int) -> str:
+        return f"'{path}': tensor {k} of '/{DATA}' ({_referred_as(encoded, k)})"
+
+    stored = []
+    for k, entry in enumerate(table):
+        if not (
+            type(entry) is list
+            and len(entry) == 4
+            and type(entry[0]) is str
+            and type(entry[1]) is list
+            and len(entry[1]) <= _MAX_DIMENSIONS
+            and _sizes(entry[1])
+            and _sizes(entry[2:])
+        ):
+            raise CheckpointFormatError(
+                f"{named(k)} is described as {entry!r:.120}; expected [dtype name, "
+                f"[sizes], offset, bytes]"
+            )
+        dtype_name, shape, offset, nbytes = entry
+        layout = _cached_layout(dtype_name, tuple(shape)) or _layout_of(
+            dtype_name, tuple(shape), f"{named(k)}: its dtype"
+        )
+        if nbytes != math.prod(shape) * _itemsize(layout) or offset + nbytes > length:
+            raise CheckpointFormatError(
+                f"{named(k)} is described as {nbytes} bytes at offset {offset}; a "
+                f"{dtype_name} of shape {tuple(shape)} is "
+                f"{math.prod(shape) * _itemsize(layout)} bytes, and the data dataset "
+                f"holds {length}"
+            )
+        name = f"tensor {k} of '/{DATA}'"
+        stored.append(_Stored(name, layout, start + offset if nbytes else 0, nbytes))
+    end, previous = 0, 0
+    for offset, nbytes, k in sorted((s.offset, s.nbytes, k) for k, s in enumerate(stored)):
+        if nbytes and offset < end:
+            raise CheckpointFormatError(
+                f"{named(k)} overlaps tensor {previous} ({_referred_as(encoded, previous)}): "
+                f"their bytes are shared; candle_ckpt writes every tensor apart"
+            )
+        if nbytes:
+            end, previous = offset + nbytes, k
+    return stored
+
+
+def _referred_as(encoded: dict, index: int) -> str:
+    """Where the state JSON `encoded` (its "objects" and "rng") refers to stored tensor
+    `index`, as the messages name a place in the state (for a refusal only)."""
+    pending: list[tuple[Any, _Path]] = [(encoded.get(root), root) for root in ("rng", "objects")]
+    while pending:
+        value, where = pending.pop()
+        if isinstance(value, list):
+            pending.extend((item, (where, "item", k)) for k, item in enumerate(value))
+        elif isinstance(value, dict) and value:
+            tag, body = next(iter(value.items()))
+            if tag in ("tensor", "ndarray") and type(body) is int and body == index:
+                return _path_text(where)
+            if tag == "tuple" and isinstance(body, list):
+                pending.extend((item, (where, "item", k)) for k, item in enumerate(body))
+            elif tag in ("dict", "odict") and isinstance(body, list):
+                pending.extend(
+                    (item[1], (where, "item", item[0] if type(item[0]) is str else "..."))
+                    for item in body
+                    if isinstance(item, list) and len(item) == 2
+                )
+    return "referred to nowhere"
+
+
+def _sizes(values: list) -> bool:
+    """Whether `values` are all sizes of a file: ints (never bools) from 0 below 2^63."""
+    return all(type(value) is int and 0 <= value < 2**63 for value in values)
+
+
+def _layout_of(name: str, shape: tuple[int, ...], what: str) -> _Layout:
+    """The `_Layout` of a tensor described as dtype `name` (a torch dtype name, or
+    "numpy:" and a numpy dtype of numbers in this machine's byte order) and `shape`.
+
+    Raises:
+        CheckpointFormatError: `name` is none of these; `what` names it.
+    """
+    layout = _cached_layout(name, shape)
+    if layout is None:
+        expected = (
+            "a numpy dtype of numbers in this machine's byte order"
+            if name.startswith(_NUMPY_PREFIX)
+            else "a torch dtype name such as 'float32'"
+        )
+        raise CheckpointFormatError(f"{what} is {name[:40]!r}; expected {expected}")
+    return layout
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_layout(name: str, shape: tuple[int, ...]) -> _Layout | None:
+    """`_layout_of`, None for a dtype `snapshot` does not write (the layers of a model
+    share their few shapes)."""
+    described = _described_dtype(name)
+    if described is None:
+        return None
+    dtype, stored, is_array, raw = described
+    return _Layout(dtype, shape, stored, is_array, raw)
+
+
+@functools.lru_cache(maxsize=64)
+def _described_dtype(name: str) -> tuple[Any, np.dtype, bool, bool] | None:
+    """(dtype, dtype of its stored bytes, is a numpy array, raw) of the dtype `name`
+    describes (`_Layout`), if it is one `snapshot` writes, else None."""
+    if name.startswith(_NUMPY_PREFIX):
+        try:
+            array_dtype = np.dtype(name[len(_NUMPY_PREFIX) :])
+        except (TypeError, ValueError):
+            return None
+        if array_dtype.kind not in _NUMBER_KINDS or not array_dtype.isnative:
+            return None
+        return array_dtype, array_dtype, True, False
+    dtype = getattr(torch, name, None) if name.isidentifier() else None
+    try:
+        with warnings.catch_warnings():  # quantized dtypes warn of their deprecation
+            warnings.simplefilter("ignore")
+            if not isinstance(dtype, torch.dtype) or torch.empty(0, dtype=dtype).is_quantized:
+                return None
+    except (TypeError, RuntimeError):
+        return None
+    try:
+        return dtype, torch.empty(0, dtype=dtype).numpy().dtype, False, False
+    except TypeError:  # no numpy dtype: `snapshot` writes the bytes
+        return dtype, np.dtype(np.uint8), False, True
+
+
+def _itemsize(layout: _Layout) -> int:
+    return int(layout.dtype.itemsize)
+
+
+def _address(contents: memoryview) -> int:
+    """Where `contents` start in memory (0 when empty)."""
+    return int(np.frombuffer(contents, np.uint8, 1).ctypes.data) if contents.nbytes else 0
+
+
+def _array(found: _Stored, contents: Any) -> np.ndarray:
+    """The stored tensor's bytes in `contents` (the file's), as a numpy array of its
+    stored dtype: a view."""
+    layout = found.layout
+    count = found.nbytes // layout.stored.itemsize
+    array = np.frombuffer(contents, layout.stored, count, found.offset) if count else None
+    if array is None:
+        array = np.empty(0, layout.stored)
+    return array if layout.raw else array.reshape(layout.shape)
+
+
+def _value(found: _Stored, contents: Any, writable: bool) -> Any:
+    """The stored tensor (or array) `found` of the file's `contents`: a tensor built on
+    them in place where they are `writable` (see `hdf5.writable_contents`) and it
+    starts on a _TENSOR_ALIGNMENT boundary (every tensor of a version 2 file; the
+    large ones of a version 1 file), else on a copy. The modules' parameters are then
+    copied from it, and the optimizer keeps it as its state."""
+    layout = found.layout
+    if writable and found.nbytes and not layout.is_array and not found.offset % _TENSOR_ALIGNMENT:
+        count = found.nbytes // _itemsize(layout)
+        return torch.frombuffer(
+            contents, dtype=layout.dtype, count=count, offset=found.offset
+        ).view(layout.shape)
+    return _built(_array(found, contents), layout)
+
+
+def _built(array: np.ndarray, layout: _Layout) -> Any:
+    """The tensor (or array) of `layout` on `array`, its stored bytes (`_array`): on a
+    copy unless they are writable and on a _TENSOR_ALIGNMENT boundary."""
+    if layout.is_array:
+        return array.copy()
+    if not array.flags.writeable or array.ctypes.data % _TENSOR_ALIGNMENT:
+        array = array.copy()
+    tensor = torch.from_numpy(array)
+    if layout.raw:
+        tensor = tensor.view(layout.dtype)
+    return tensor.reshape(layout.shape)
 
 
 def _decoded(encoded: Any, values: list, path: str) -> dict:
@@ -400,161 +783,61 @@ def _decoded(encoded: Any, values: list, path: str) -> dict:
     return state
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """What a dataset decodes to, from its attributes, checked against the dataset."""
-
-    dtype: Any  # torch.dtype of a tensor, np.dtype of an array ("numpy:" prefix)
-    shape: tuple[int, ...]
-    raw: bool  # a tensor's bytes as uint8 (a dtype numpy lacks, e.g. bfloat16)
-
-    @property
-    def is_array(self) -> bool:
-        return isinstance(self.dtype, np.dtype)
-
-
-def _layout(found: h5py.Dataset, path: str) -> _Layout:
-    """The dataset's `_Layout`, once its attributes (torch_dtype, shape) are found to
-    be ones `snapshot` writes and to describe the dataset itself: its dtype, byte order
-    and shape. Reads no values.
-
-    Raises:
-        CheckpointFormatError: they are not; names the dataset.
-    """
-    name = found.attrs.get("torch_dtype", "")
-    name = name.decode("utf8", "replace") if isinstance(name, bytes) else str(name)
-    attr = np.asarray(found.attrs.get("shape", np.zeros(0, np.int64)))
-    if attr.ndim != 1 or attr.dtype.kind not in "iu" or (attr < 0).any():
-        raise CheckpointFormatError(
-            f"'{path}': dataset '{found.name}': attribute shape is {attr!r:.80}; "
-            f"expected a list of sizes"
-        )
-    shape = tuple(int(n) for n in attr)
-    stored = (found.dtype, found.shape)
-    if name.startswith(_NUMPY_PREFIX):
-        try:
-            expected = np.dtype(name[len(_NUMPY_PREFIX) :])
-        except (TypeError, ValueError):
-            expected = None
-        if expected is None or expected.hasobject or stored != (expected, shape):
-            raise CheckpointFormatError(
-                f"'{path}': dataset '{found.name}' is {stored[0]} {stored[1]}; its "
-                f"attributes say {name[:40]!r} {shape}"
-            )
-        return _Layout(expected, shape, raw=False)
-    known = _torch_dtype(name)
-    if known is None:
-        raise CheckpointFormatError(
-            f"'{path}': dataset '{found.name}': attribute torch_dtype is {name[:40]!r}; "
-            f"expected a torch dtype name such as 'float32'"
-        )
-    dtype, itemsize, native = known
-    if native is not None and stored == (native, shape):
-        return _Layout(dtype, shape, raw=False)
-    if stored == (np.dtype(np.uint8), (int(np.prod(shape)) * itemsize,)):
-        return _Layout(dtype, shape, raw=True)
-    raise CheckpointFormatError(
-        f"'{path}': dataset '{found.name}' is {stored[0]} {stored[1]}; expected {name} of "
-        f"shape {shape}" + (f" ({native}, this machine's byte order)" if native else "")
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _torch_dtype(name: str) -> tuple[torch.dtype, int, np.dtype | None] | None:
-    """The torch dtype of that name as (dtype, bytes per element, its numpy dtype or
-    None), if it is one `snapshot` writes (not quantized), else None."""
-    dtype = getattr(torch, name, None) if name.isidentifier() else None
-    try:
-        if not isinstance(dtype, torch.dtype) or torch.empty(0, dtype=dtype).is_quantized:
-            return None
-        itemsize = torch.empty((), dtype=dtype).element_size()
-    except (TypeError, RuntimeError):
-        return None
-    try:
-        native = torch.empty(0, dtype=dtype).numpy().dtype
-    except TypeError:  # no numpy dtype: `snapshot` writes the bytes
-        native = None
-    return dtype, itemsize, native
-
-
-def _tensor(found: h5py.Dataset, contents: memoryview, path: str) -> Any:
-    """A dataset as the torch tensor (or numpy array) it was, checked against its attrs.
-
-    A tensor is built on `contents` in place where they are writable (see
-    `hdf5.writable_contents`) and the dataset starts on a _TENSOR_ALIGNMENT boundary
-    (the large ones: `hdf5.create_file`), else on a copy. The modules'
-    `load_state_dict` then copies them into the parameters, and the optimizer's keeps
-    them as its state.
-    """
-    layout = _layout(found, path)
-    return _built(dataset_array(found, contents, path), layout, found, path)
-
-
-def _built(array: np.ndarray, layout: _Layout, found: h5py.Dataset, path: str) -> Any:
-    """The tensor (or array) of `layout` on `array`, the values of dataset `found`."""
-    if (array.dtype, array.shape) != (found.dtype, found.shape):
-        raise CheckpointFormatError(
-            f"'{path}': dataset '{found.name}' reads as {array.dtype} {array.shape}, "
-            f"not as the {found.dtype} {found.shape} it declares"
-        )
-    if layout.is_array:
-        return array.copy()
-    if not array.flags.writeable or array.ctypes.data % _TENSOR_ALIGNMENT:
-        array = array.copy()
-    tensor = torch.from_numpy(array)
-    if layout.raw:
-        tensor = tensor.view(layout.dtype)
-    return tensor.reshape(layout.shape)
-
-
-def _decode(value: Any, values: list, path: str, where: str) -> Any:
+def _decode(value: Any, values: list, path: str, where: _Path) -> Any:
+    """The encoded `value` (of the file `path`, at `where` in its state) decoded, its
+    tensor references replaced by `values`."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
-        return [_decode(item, values, path, f"{where}[{k}]") for k, item in enumerate(value)]
+        return [_decode(item, values, path, (where, "item", k)) for k, item in enumerate(value)]
     if not isinstance(value, dict) or len(value) not in (1, 2):
         raise CheckpointFormatError(
-            f"'{path}': {where} is {value!r:.80}; expected a "
+            f"'{path}': {_path_text(where)} is {value!r:.80}; expected a "
             f"tagged value (see candle_ckpt.pytorch.state)"
         )
     tag, body = next(iter(value.items()))
     if tag in ("tensor", "ndarray"):
         if type(body) is not int or not 0 <= body < len(values):
             raise CheckpointFormatError(
-                f"'{path}': {where} refers to tensor {body!r}; the file has {len(values)}"
+                f"'{path}': {_path_text(where)} refers to tensor {body!r}; the file has "
+                f"{len(values)}"
             )
         found = values[body]
         if isinstance(found, torch.Tensor) != (tag == "tensor"):
-            raise CheckpointFormatError(f"'{path}': {where}: dataset {body} is not a {tag}")
+            raise CheckpointFormatError(
+                f"'{path}': {_path_text(where)}: tensor {body} is not a {tag}"
+            )
         return found
     if tag == "dtype" and isinstance(getattr(torch, str(body), None), torch.dtype):
         return getattr(torch, body)
     if tag == "tuple" and isinstance(body, list):
-        return tuple(_decode(item, values, path, f"{where}[{k}]") for k, item in enumerate(body))
+        return tuple(_decode(item, values, path, (where, "item", k)) for k, item in enumerate(body))
     if tag in ("dict", "odict") and isinstance(body, list):
         result: dict = {} if tag == "dict" else collections.OrderedDict()
         for item in body:
             if not isinstance(item, list) or len(item) != 2:
                 raise CheckpointFormatError(
-                    f"'{path}': {where} holds {item!r:.80}; expected [key, value] pairs"
+                    f"'{path}': {_path_text(where)} holds {item!r:.80}; expected [key, value] pairs"
                 )
-            key = _decode(item[0], values, path, f"{where} key")
-            if not _is_key(key):
-                raise CheckpointFormatError(
-                    f"'{path}': {where} has a key {key!r:.80}; expected a number, a "
-                    f"string, None or a tuple of them"
-                )
-            result[key] = _decode(item[1], values, path, f"{where}[{key!r:.80}]")
+            key = item[0]
+            if type(key) is not str:  # a string is a key as it is
+                key = _decode(key, values, path, (where, "a key", None))
+                if not _is_key(key):
+                    raise CheckpointFormatError(
+                        f"'{path}': {_path_text(where)} has a key {key!r:.80}; expected a "
+                        f"number, a string, None or a tuple of them"
+                    )
+            result[key] = _decode(item[1], values, path, (where, "item", key))
         if tag == "odict" and value.get("metadata") is not None:
-            metadata = _decode(value["metadata"], values, path, f"{where}._metadata")
+            metadata = _decode(value["metadata"], values, path, (where, "metadata", None))
             if not isinstance(metadata, dict):
                 raise CheckpointFormatError(
-                    f"'{path}': {where}._metadata is {metadata!r:.80}; expected a dict"
+                    f"'{path}': {_path_text(where)}._metadata is {metadata!r:.80}; expected a dict"
                 )
             result._metadata = collections.OrderedDict(metadata)  # type: ignore[attr-defined]
         return result
     raise CheckpointFormatError(
-        f"'{path}': {where} is {value!r:.80}; expected a tagged "
+        f"'{path}': {_path_text(where)} is {value!r:.80}; expected a tagged "
         f"value (tensor, ndarray, tuple, dict, odict, dtype)"
     )
 
@@ -567,27 +850,31 @@ def _is_key(key: Any) -> bool:
 
 
 def _references(encoded: Any) -> collections.Counter[int]:
-    """How many times the 'state' JSON `encoded` refers to each dataset (counting any
-    "tensor" or "ndarray" key, so never fewer times than `_decode` uses it)."""
-    counts: collections.Counter[int] = collections.Counter()
+    """How many times the 'state' JSON `encoded` refers to each stored tensor (counting
+    any "tensor" or "ndarray" key, so never fewer times than `_decode` uses it)."""
+    found = []
     pending = [encoded]
     while pending:
         value = pending.pop()
         if isinstance(value, dict):
-            counts.update(
-                v for k, v in value.items() if k in ("tensor", "ndarray") and type(v) is int
-            )
-            pending.extend(value.values())
+            for key, item in value.items():
+                if type(item) is int:
+                    if key in ("tensor", "ndarray"):
+                        found.append(item)
+                elif isinstance(item, (dict, list)):
+                    pending.append(item)
         elif isinstance(value, list):
-            pending.extend(value)
-    return counts
+            for item in value:
+                if isinstance(item, (dict, list)):
+                    pending.append(item)
+    return collections.Counter(found)
 
 
-def _placeholder(found: h5py.Dataset, path: str) -> Any:
-    """A dataset as `_tensor` would decode it, for every check but of its values: a
+def _placeholder(found: _Stored) -> Any:
+    """A stored tensor as `read` would decode it, for every check but of its values: a
     tensor of its dtype and shape on the meta device (no memory), or a read-only array
     of its dtype and shape that holds one item."""
-    layout = _layout(found, path)
+    layout = found.layout
     if layout.is_array:
         return np.broadcast_to(np.zeros((), layout.dtype), layout.shape)
     return torch.empty(layout.shape, dtype=layout.dtype, device="meta")
@@ -598,9 +885,9 @@ def _placeholder(found: h5py.Dataset, path: str) -> Any:
 
 @dataclass(frozen=True)
 class InPlaceTarget:
-    """A module tensor that a restart reads its dataset straight into."""
+    """A module tensor that a restart reads its stored bytes straight into."""
 
-    offset: int  # of the dataset in the file
+    offset: int  # of the tensor's bytes in the file
     name: str  # the registered module's entry
     key: str  # the tensor's key in the module's state dict
     tensor: torch.Tensor  # the state dict's tensor: the module's memory itself
@@ -609,11 +896,11 @@ class InPlaceTarget:
 
 @dataclass(frozen=True)
 class InPlaceRead:
-    """The datasets a restart reads from `path` straight into the modules' tensors
+    """The tensors a restart reads from `path` straight into the modules' own
     (`plan_in_place`): no new memory to fault in, no copy for load_state_dict."""
 
     path: str
-    targets: dict[int, InPlaceTarget]  # dataset index -> where it is read
+    targets: dict[int, InPlaceTarget]  # stored tensor's index -> where it is read
 
     @property
     def regions(self) -> list[tuple[int, np.ndarray]]:
@@ -621,98 +908,86 @@ class InPlaceRead:
 
 
 def plan_in_place(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> InPlaceRead:
-    """Which datasets of the candle_ckpt file open as `stream` a restart can read
-    straight into the registered modules' tensors, and where: every large contiguous
-    one (`hdf5.in_place_offset`) that the file refers to once, as a module's
-    state-dict entry whose tensor is dense CPU memory of its own (`_own_buffer`).
+    """Which stored tensors of the candle_ckpt file open as `stream` a restart can read
+    straight into the registered modules' tensors, and where: every one of
+    DIRECT_MIN_BYTES or more that the file refers to once, as a module's state-dict
+    entry whose tensor is dense CPU memory of its own (`_own_buffer`).
 
-    Reads the file's metadata and the datasets of its random states, and changes
-    nothing. The whole plan is checked first: every dataset `read` will read, against
-    its attributes (`_layout`) and where it is stored (`_as_read`), and the whole state
-    against the objects, as `restore` checks it (`check_restorable`; tensors but the
-    random states without their values): a file that `restore` would refuse, or that
-    it cannot read, gets no target, so no tensor is written before the file is
-    refused. `checksum.read_file` writes the tensors once the file has verified, and
-    `read` then decodes those entries to the tensors themselves, so that
-    load_state_dict copies nothing onto them. A tensor two entries share (tied
-    weights) is read into for the first only; the second is loaded after it, as before.
+    Reads the file's metadata and the values of its random states, and changes
+    nothing. The whole plan is checked first: every tensor `read` will read, against
+    its description and where it is stored (`_contents`), and the whole state against
+    the objects, as `restore` checks it (`check_restorable`; tensors but the random
+    states without their values): a file that `restore` would refuse, or that it
+    cannot read, gets no target, so no tensor is written before the file is refused.
+    `checksum.read_file` writes the tensors once the file has verified, and `read`
+    then decodes those entries to the tensors themselves, so that load_state_dict
+    copies nothing onto them. A tensor two entries share (tied weights) is read into
+    for the first only; the second is loaded after it, as before.
     """
     plan = InPlaceRead(path, {})
     try:
-        size = os.fstat(stream.fileno()).st_size
-        with open_model_file(stream, path) as f:
-            encoded, weights_only = _header(f, path)
-            tensors = group(f, "tensors", path)
-            datasets = [dataset(tensors, str(k), path) for k in range(len(tensors))]
-            values = [_as_read(found, size, path) for found in datasets]
-            state = _decoded(encoded, values, path)
-            index = {id(value): k for k, value in enumerate(values)}
-            # The checks set the random states on scratch generators: read their values
-            # (those of a size no state has are refused for it, values or not).
-            valued = [
-                index[id(v)]
-                for v in _random_states(objects, state)
-                if id(v) in index and datasets[index[id(v)]].nbytes < DIRECT_MIN_BYTES
-            ]
-            if valued:
-                for number in valued:
-                    found = datasets[number]
-                    layout = _layout(found, path)
-                    values[number] = _built(np.asarray(found[()]), layout, found, path)
-                state = _decoded(encoded, values, path)
-                index = {id(value): k for k, value in enumerate(values)}
-            check_restorable(objects, state, weights_only, path)
-            references = _references(encoded)
-            taken: set[int] = set()
-            for name, module in objects.items():
-                if not isinstance(module, torch.nn.Module):
-                    continue
-                for key, tensor in module.state_dict().items():
-                    k = index.get(id(state["objects"][name][key]))
-                    if k is None or references[k] != 1 or not _fits(datasets[k], tensor):
-                        continue
-                    offset = in_place_offset(datasets[k])
-                    buffer = _own_buffer(tensor) if offset is not None else None
-                    if offset is not None and buffer is not None and tensor.data_ptr() not in taken:
-                        taken.add(tensor.data_ptr())
-                        plan.targets[k] = InPlaceTarget(offset, name, key, tensor, buffer)
+        with _collector_paused():
+            return _plan(objects, path, stream)
     except Exception:  # `restore` says what is wrong with the file
-        return InPlaceRead(path, {})
+        return plan
+
+
+def _plan(objects: Mapping[str, Any], path: str, stream: BinaryIO) -> InPlaceRead:
+    """`plan_in_place`, raising on a file `restore` would refuse."""
+    plan = InPlaceRead(path, {})
+    mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+    with open_model_file(mapped, path) as f:
+        encoded, weights_only, stored = _contents(f, len(mapped), path)
+    # The checks set the random states on scratch generators: read their values
+    # (those of a size no state has are refused for it, values or not); read-only
+    # bytes, which `_built` copies.
+    random = _random_states(objects, encoded)
+    values = [
+        _built(_array(found, mapped), found.layout)
+        if k in random and found.nbytes < DIRECT_MIN_BYTES
+        else _placeholder(found)
+        for k, found in enumerate(stored)
+    ]
+    state = _decoded(encoded, values, path)
+    index = {id(value): k for k, value in enumerate(values)}
+    check_restorable(objects, state, weights_only, path)
+    references = _references(encoded)
+    taken: set[int] = set()
+    for name, module in objects.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for key, tensor in module.state_dict().items():
+            k = index.get(id(state["objects"][name][key]))
+            if k is None or references[k] != 1 or not _fits(stored[k], tensor):
+                continue
+            large = stored[k].nbytes >= DIRECT_MIN_BYTES
+            buffer = _own_buffer(tensor) if large else None
+            if buffer is not None and tensor.data_ptr() not in taken:
+                taken.add(tensor.data_ptr())
+                plan.targets[k] = InPlaceTarget(stored[k].offset, name, key, tensor, buffer)
     return plan
 
 
-def _as_read(found: h5py.Dataset, size: int, path: str) -> Any:
-    """Dataset `found` of a file of `size` bytes as a `_placeholder`, once `read` is
-    found to read it as it is stored (`hdf5.reads_as_view`), which cannot fail."""
-    if not reads_as_view(found, size):
-        raise CheckpointFormatError(
-            f"'{path}': dataset '{found.name}' is not one run of bytes inside the file"
-        )
-    return _placeholder(found, path)
+def _random_states(objects: Mapping[str, Any], encoded: Any) -> set[int]:
+    """The stored tensors that the 'state' JSON `encoded` (as the file has it) holds
+    random states in: its 'rng', and the entries of registered generators and data
+    positions; the only ones whose values the checks read."""
+    generators = {
+        name
+        for name, value in objects.items()
+        if is_generator(value) or loader.is_data_position(value)
+    }
+    entries = [value for name, value in encoded["objects"]["dict"] if name in generators]
+    return set(_references([encoded["rng"], *entries]))
 
 
-def _random_states(objects: Mapping[str, Any], state: dict) -> Iterator[Any]:
-    """The tensors and arrays of the decoded `state` that hold random states (its
-    'rng', and the entries of registered generators): the only ones whose values the
-    checks read."""
-    pending = [state["rng"]]
-    pending += [state["objects"].get(name) for name, obj in objects.items() if is_generator(obj)]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, (torch.Tensor, np.ndarray)):
-            yield value
-        elif isinstance(value, dict):
-            pending.extend(value.values())
-        elif isinstance(value, (list, tuple)):
-            pending.extend(value)
-
-
-def _fits(found: h5py.Dataset, tensor: torch.Tensor) -> bool:
-    """Whether the dataset holds a tensor of `tensor`'s dtype and shape, byte for byte."""
+def _fits(found: _Stored, tensor: torch.Tensor) -> bool:
+    """Whether the stored tensor is one of `tensor`'s dtype and shape, byte for byte."""
     return (
-        str(found.attrs.get("torch_dtype", "")) == str(tensor.dtype).removeprefix("torch.")
-        and tuple(int(n) for n in found.attrs.get("shape", ())) == tuple(tensor.shape)
-        and found.size * found.dtype.itemsize == tensor.numel() * tensor.element_size()
+        not found.layout.is_array
+        and found.layout.dtype == tensor.dtype
+        and found.layout.shape == tuple(tensor.shape)
+        and found.nbytes == tensor.numel() * tensor.element_size()
     )
 
 
@@ -757,6 +1032,11 @@ def apply(objects: Mapping[str, Any], state: dict, path: str, logger: LibraryLog
         with _loading(name, loaded, path):
             if is_generator(obj):
                 obj.set_state(saved)
+            elif loader.is_stateful_loader(obj):
+                loader.restore_loader(obj, saved)
+            elif isinstance(obj, torch.nn.Module) and _loads_plainly(obj):
+                with torch.no_grad():
+                    _copy_into(obj, saved)
             else:
                 obj.load_state_dict(saved)
         loaded.append(name)
@@ -777,6 +1057,71 @@ def apply(objects: Mapping[str, Any], state: dict, path: str, logger: LibraryLog
             len(rng["cuda"]),
             torch.cuda.device_count() if torch.cuda.is_available() else 0,
         )
+
+
+def _loads_plainly(module: torch.nn.Module) -> bool:
+    """Whether `module.load_state_dict` of a state `check_restorable` passed would do
+    nothing but `_copy_into`: no module in it loads or saves its state its own way
+    (BatchNorm does, for files of old torch versions) or has state-dict hooks or extra
+    state, none of its tensors is lazy or on the meta device, and torch does not swap
+    tensors on loading. Where it is not, `load_state_dict` runs."""
+    if torch.__future__.get_swap_module_params_on_conversion():
+        return False
+    plain = torch.nn.Module
+    for submodule in module.modules():
+        kind = type(submodule)
+        if (
+            kind._load_from_state_dict is not plain._load_from_state_dict
+            or kind._save_to_state_dict is not plain._save_to_state_dict
+            or kind.get_extra_state is not plain.get_extra_state
+            or kind.set_extra_state is not plain.set_extra_state
+            or submodule._load_state_dict_pre_hooks
+            or submodule._load_state_dict_post_hooks
+            or submodule._state_dict_hooks
+            or submodule._state_dict_pre_hooks
+        ):
+            return False
+        for tensor in [*submodule._parameters.values(), *submodule._buffers.values()]:
+            if tensor is not None and (torch.nn.parameter.is_lazy(tensor) or tensor.is_meta):
+                return False
+    return True
+
+
+def _copy_into(module: torch.nn.Module, saved: Mapping[str, Any], prefix: str = "") -> None:
+    """Copy each tensor of `saved` into the parameter or persistent buffer of its key,
+    in the order and with the copies `load_state_dict` makes (`_loads_plainly`), but
+    without its scan of every key of the state per submodule, and without copying a
+    tensor read into the module's own memory (`plan_in_place`) onto itself."""
+    tensors = [*module._parameters.items(), *module._buffers.items()]
+    for name, tensor in tensors:
+        if tensor is None or name in module._non_persistent_buffers_set:
+            continue
+        value = saved[prefix + name]
+        if not (
+            value.data_ptr() == tensor.data_ptr()
+            and value.dtype == tensor.dtype
+            and value.shape == tensor.shape
+            and value.stride() == tensor.stride()
+        ):
+            tensor.copy_(value)
+    for name, child in module._modules.items():
+        if child is not None:
+            _copy_into(child, saved, prefix + name + ".")
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused: encoding or decoding a state of
+    thousands of tensors allocates tens of thousands of containers, none of them
+    garbage, and the collections they would trigger walk every object of the process
+    (the model's included) for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager
@@ -809,9 +1154,10 @@ def restore(
     """
     if bytes(contents[: len(HDF5_MAGIC)]) != HDF5_MAGIC:
         return restore_upstream(objects, path, contents, overwritten)
-    state, weights_only = read(contents, path, in_place)
-    wanted = check_restorable(objects, state, weights_only, path)
-    apply(objects, state, path, logger)
+    with _collector_paused():
+        state, weights_only = read(contents, path, in_place)
+        wanted = check_restorable(objects, state, weights_only, path)
+        apply(objects, state, path, logger)
     return Restored.of(
         wanted,
         rng_restored=bool(state["rng"]),

@@ -104,6 +104,23 @@ class HistoryWriter:
                 sync=True,
             )
 
+    def record_step_saved(self, epoch: int, batch: int, reason: str, save_seconds: float) -> None:
+        """The step checkpoint after `epoch` epochs and `batch` batches is complete
+        (`last_step` names it). A kind of its own: a reader that knows nothing of step
+        checkpoints skips it, and no epoch shows as saved for it."""
+        with self._lock:
+            self._append(
+                {
+                    "kind": "step_saved",
+                    "run_id": self._run["run_id"],
+                    "epoch": epoch,
+                    "batch": batch,
+                    "reason": reason,
+                    "save_seconds": _rounded(save_seconds),
+                },
+                sync=True,
+            )
+
     def _append(self, record: dict[str, Any], sync: bool) -> None:
         append_line(self._root, self.path, history_line(record), sync=sync)
 

@@ -1,10 +1,11 @@
 """ckpt-info.json: build, validate, write and read the record of one checkpoint.
 
-New files follow `schemas/ckpt-info.schema.json` (format_version 2; version 1 files are
-still read), are validated before they are written and after they are read, and are
-always strict JSON (no Infinity/NaN). Files written by upstream CANDLE (8 keys,
-`best_metric_last` possibly `Infinity`) are read through a separate legacy schema; they
-are never written. docs/FORMAT.md describes every key of every version.
+New files follow `schemas/ckpt-info.schema.json` (format_version 2 for an epoch, 3 for a
+step checkpoint inside one; version 1 files are still read), are validated before they
+are written and after they are read, and are always strict JSON (no Infinity/NaN). Files
+written by upstream CANDLE (8 keys, `best_metric_last` possibly `Infinity`) are read
+through a separate legacy schema; they are never written. docs/FORMAT.md describes every
+key of every version.
 
 `checkpoint_info` turns any of the three into one `CheckpointInfo`, the record the rest
 of the library reasons about, so that version differences are settled here once.
@@ -32,7 +33,11 @@ from .layout import INFO_FILE
 
 FORMAT = "candle_ckpt"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# A step checkpoint's record: version 2 and the batch position. Its own version, so
+# that a reader of version 2 (the previous release) refuses it naming the version
+# rather than a key (it never reaches one: docs/FORMAT.md, "Step checkpoints").
+STEP_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 FIRST_SAVE = "__FIRST__"
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 INFO_CRC_KEY = "info_crc32"
@@ -87,8 +92,10 @@ class CheckpointInfo(NamedTuple):
     brings `inspect`) is a sizeable share of a `candle-ckpt list` run, which imports
     this module.
 
-    `format_version` is None for a file upstream CANDLE wrote. Keys a version does not
-    have are None: `epochs_saved` exists only in version 1; `metrics`, the timings and
+    `format_version` is None for a file upstream CANDLE wrote. `batch` is the batches
+    completed in the running epoch, 0 but for a step checkpoint (version 3), whose
+    `after_last` names the checkpoint `last` named when it was saved. Keys a version
+    does not have are None: `epochs_saved` exists only in version 1; `metrics`, the timings and
     the run and lineage ids only in version 2. `best_metric_last` is a finite float or
     None (upstream's Infinity becomes None). `files` maps each recorded file to
     (size or None, CRC32 string or None); upstream files record only the model file's
@@ -120,6 +127,8 @@ class CheckpointInfo(NamedTuple):
     model_format: str | None
     versions: Mapping[str, str | None]
     init_from: Mapping[str, Any] | None
+    batch: int
+    after_last: Mapping[str, Any] | None
     raw: Mapping[str, Any]
 
     @property
@@ -172,6 +181,8 @@ def checkpoint_info(info: Mapping[str, Any]) -> CheckpointInfo:
         model_format=info.get("model_format"),
         versions=dict(info.get("versions") or {}),
         init_from=info.get("init_from"),
+        batch=info.get("batch", 0),
+        after_last=info.get("after_last"),
         raw=info,
     )
 

@@ -8,8 +8,10 @@
         work/          a save in progress
         trash/         directories being deleted (renamed here first, then removed)
         epochs/001/    one directory per saved epoch, "%03d" of the 1-based epoch
+        steps/002.000150/  a step checkpoint: 2 epochs and 150 batches of the third
         last -> epochs/NNN
         best -> epochs/NNN
+        last_step -> steps/NNN.BBBBBB   the step checkpoint that continues `last`
 
 Every path derives from `ckpt_directory`; nothing here touches the disk except to read.
 A tree written by upstream CANDLE (candle_lib) has no `ckpts/` level: `epochs/`, `last`,
@@ -33,6 +35,7 @@ HISTORY_FILE = "history.jsonl"
 INDEX_FILE = "index.jsonl"
 CACHE_FILE = "history.cache"
 LINK_NAMES = ("last", "best")
+STEP_LINK = "last_step"
 
 
 def epoch_dirname(epoch: int) -> str:
@@ -51,6 +54,27 @@ def parse_epoch_dirname(name: str) -> int | None:
         return None
     epoch = int(name)
     return epoch if epoch >= 1 and epoch_dirname(epoch) == name else None
+
+
+def step_dirname(epoch: int, batch: int) -> str:
+    """The directory name of a step checkpoint after `epoch` completed epochs and
+    `batch` batches of the next one (J["epoch"], J["batch"]): "002.000150"."""
+    return "%03d.%06d" % (epoch, batch)
+
+
+def parse_step_dirname(name: str) -> tuple[int, int] | None:
+    """(epochs completed, batches) of a step checkpoint's directory name, or None.
+
+    Only canonical names count, as for epochs; a step checkpoint holds at least one
+    batch (batch 0 is the epoch-end checkpoint of `epochs/`).
+    """
+    epoch_text, dot, batch_text = name.partition(".")
+    if not (dot and (epoch_text + batch_text).isascii() and (epoch_text + batch_text).isdigit()):
+        return None
+    epoch, batch = int(epoch_text), int(batch_text)
+    if batch < 1 or step_dirname(epoch, batch) != name:
+        return None
+    return epoch, batch
 
 
 class CheckpointLayout:
@@ -75,6 +99,7 @@ class CheckpointLayout:
         self.work = os.path.join(self.ckpts, "work")
         self.trash = os.path.join(self.ckpts, "trash")
         self.epochs = os.path.join(self.ckpts, "epochs")
+        self.steps = os.path.join(self.ckpts, "steps")
 
     def __repr__(self) -> str:
         return f"CheckpointLayout({self.root!r})"
@@ -109,6 +134,57 @@ class CheckpointLayout:
     def epoch_dir(self, epoch: int) -> str:
         """The directory of a 1-based epoch."""
         return os.path.join(self.epochs, epoch_dirname(epoch))
+
+    def step_dir(self, epoch: int, batch: int) -> str:
+        """The directory of the step checkpoint after `epoch` epochs and `batch` batches."""
+        return os.path.join(self.steps, step_dirname(epoch, batch))
+
+    def checkpoint_dir(self, epoch: int, batch: int = 0) -> str:
+        """The directory of a checkpoint: an epoch's (`batch` 0) or a step checkpoint's."""
+        return self.step_dir(epoch, batch) if batch else self.epoch_dir(epoch)
+
+    def list_steps(self) -> list[tuple[int, int]]:
+        """The step checkpoints present in `steps/`, oldest first."""
+        try:
+            names = os.listdir(self.steps)
+        except FileNotFoundError:
+            return []
+        return sorted(step for step in map(parse_step_dirname, names) if step is not None)
+
+    def resolve_step_link(self) -> tuple[int, int] | None:
+        """(epochs completed, batches) of the step checkpoint `last_step` names, or None
+        when the link is absent or dangling (the step checkpoint was pruned).
+
+        Raises:
+            LinkError: the link is not a link, or resolves to anything but a directory
+                directly inside `ckpts/steps/` with a step checkpoint's name.
+        """
+        path = self.link(STEP_LINK)
+        if not os.path.lexists(path):
+            return None
+        expected = "expected a link to steps/NNN.BBBBBB"
+        if not os.path.islink(path):
+            raise LinkError(f"'{path}' is not a symlink; {expected}")
+        try:
+            target = os.path.realpath(path, strict=True)
+        except FileNotFoundError:
+            return None
+        except OSError as error:  # ELOOP
+            raise LinkError(
+                f"'{path}' -> '{os.readlink(path)}' cannot be resolved ({error.strerror}); "
+                f"{expected}"
+            ) from None
+        step = parse_step_dirname(os.path.basename(target))
+        if (
+            os.path.dirname(target) != os.path.realpath(self.steps)
+            or step is None
+            or not os.path.isdir(target)
+        ):
+            raise LinkError(
+                f"'{path}' -> '{os.readlink(path)}' resolves to '{target}', which is not "
+                f"a step checkpoint directory of '{self.steps}'; {expected}"
+            )
+        return step
 
     def relative_epoch_target(self, epoch: int) -> str:
         """What `last`/`best` store to point at an epoch: relative, so the tree can move."""

@@ -39,9 +39,9 @@ from .resume import Checkpoint, find_checkpoint, find_init_checkpoint
 _warm_starts: dict[str, dict[str, Any]] = {}
 
 
-# ckpt_directory (absolute) -> the epoch restart_run restored for it, until the run's
-# TrainingSession takes it: training must then begin right after that epoch.
-_restored_epochs: dict[str, int] = {}
+# ckpt_directory (absolute) -> the (epoch, batch) restart_run restored for it, until
+# the run's TrainingSession takes it: training must then begin right there.
+_restored_epochs: dict[str, tuple[int, int]] = {}
 
 
 def take_warm_start(layout: CheckpointLayout) -> dict[str, Any] | None:
@@ -50,9 +50,9 @@ def take_warm_start(layout: CheckpointLayout) -> dict[str, Any] | None:
     return _warm_starts.pop(layout.root, None)
 
 
-def take_restored_epoch(layout: CheckpointLayout) -> int | None:
-    """The epoch a restart in this process restored into the run writing `layout`, or
-    None; taken once."""
+def take_restored_epoch(layout: CheckpointLayout) -> tuple[int, int] | None:
+    """(epochs completed, batches done in the next) a restart in this process restored
+    into the run writing `layout`, or None; taken once."""
     return _restored_epochs.pop(layout.root, None)
 
 
@@ -75,8 +75,9 @@ def restart_run(
     (`warm_start`) and None is returned: the run starts at epoch 0.
 
     Returns:
-        The ckpt-info.json dict resumed from (`J["epoch"]`: the epochs completed), or
-        None when there is nothing to restart from.
+        The ckpt-info.json dict resumed from, or None when there is nothing to restart
+        from. `J["epoch"]`: the epochs completed; `J["batch"]`: the batches of the
+        next epoch already trained (a step checkpoint's; 0, and added, for an epoch's).
 
     Raises:
         ParameterTypeError / ParameterValueError: a bad parameter (a ckpt_directory
@@ -133,19 +134,20 @@ def restart_run(
         if writer:  # the console gets the error itself, from whoever catches it
             log_to_file_only(logger, logging.ERROR, "RESTART REFUSED: %s", error)
         raise
-    _restored_epochs[layout.root] = checkpoint.epoch
+    _restored_epochs[layout.root] = (checkpoint.epoch, checkpoint.batch)
+    J = {**checkpoint.info, "batch": checkpoint.batch}
     if restored.deferred:
         logger.info(
-            "restart from epoch %d: read and %s %d bytes (%s), load deferred: %s",
-            checkpoint.epoch,
+            "restart from %s: read and %s %d bytes (%s), load deferred: %s",
+            checkpoint.describe(),
             _how_checked(checkpoint),
             checkpoint.verified_nbytes,
             _file_names(checkpoint),
             restored.source,
         )
-        return checkpoint.info
+        return J
     log_restored(logger, checkpoint, restored, started)
-    return checkpoint.info
+    return J
 
 
 def _how_checked(checkpoint: Checkpoint) -> str:
@@ -168,9 +170,8 @@ def log_restored(
     seconds = time.perf_counter() - started
     nbytes = checkpoint.verified_nbytes
     logger.info(
-        "restarted from epoch %d: read and %s %d bytes (%s), loaded %s (%s%s) "
-        "in %.3f s (%.1f MB/s)%s",
-        checkpoint.epoch,
+        "restarted from %s: read and %s %d bytes (%s), loaded %s (%s%s) in %.3f s (%.1f MB/s)%s",
+        checkpoint.describe(),
         _how_checked(checkpoint),
         nbytes,
         _file_names(checkpoint),
@@ -183,9 +184,9 @@ def log_restored(
     )
     if not restored.exact:
         logger.warning(
-            "epoch %d: no %s restored; training continues without it and will "
+            "%s: no %s restored; training continues without it and will "
             "not match an uninterrupted run",
-            checkpoint.epoch,
+            checkpoint.describe(),
             restored.missing,
         )
 

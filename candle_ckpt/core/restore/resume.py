@@ -1,11 +1,14 @@
 """Which checkpoint a restart loads, verified, without any framework.
 
 `find_checkpoint` follows `ckpts/last` (or wherever an operator relinked it), reads and
-validates its ckpt-info.json and verifies every file it lists. With
-`ckpt_restart_fallback`, a corrupt `last` is skipped (loudly) for the newest earlier
-epoch that verifies. The model file is read once, while it is verified (mapped and
-checksummed first where its large arrays go straight into the model, which is then
-read and checksummed as it is filled); the framework adapter then loads those bytes.
+validates its ckpt-info.json and verifies every file it lists. A step checkpoint
+(`last_step`, inside the epoch after `last`'s) is taken instead while it continues the
+checkpoint `last` names (its `after_last`: docs/FORMAT.md, "Step checkpoints"). With
+`ckpt_restart_fallback`, a corrupt checkpoint is skipped (loudly) for the newest earlier
+one that verifies, a step checkpoint or an epoch. The model file is read once, while it
+is verified (mapped and checksummed first where its large arrays go straight into the
+model, which is then read and checksummed as it is filled); the framework adapter then
+loads those bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ..errors import CheckpointError, LinkError, NoCheckpointError, add_remedy
 from ..format.info import finite_or_none, is_legacy, read_info
 from ..format.layout import INFO_FILE, CheckpointLayout
 from ..format.locate import is_tree, locate
+from ..format.steps import continues, last_identity
 from ..logs import LibraryLogger
 from ..storage.checksum import RegionPlanner
 from .verify import FileCheck, check_epoch, read_epoch_info, verify_files
@@ -37,11 +41,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A verified epoch directory: its epoch, path, ckpt-info dict and model file path.
+    """A verified epoch directory: its epoch, path, ckpt-info dict and model file path
+    (a step checkpoint's: `batch` > 0, the batches done in epoch `epoch` + 1).
 
-    `model_contents` holds the model file's bytes as they were verified (a read-only
-    memoryview): loading them, rather than reading the file again, means that what is
-    loaded is exactly what was verified, and the file is read only once.
+        `model_contents` holds the model file's bytes as they were verified (a read-only
+        memoryview): loading them, rather than reading the file again, means that what is
+        loaded is exactly what was verified, and the file is read only once.
     """
 
     epoch: int
@@ -54,6 +59,15 @@ class Checkpoint:
     """Their sizes on disk, summed: the bytes read and checked."""
     checksummed: bool = False
     """Whether every one of them had its CRC32 recomputed (else size only)."""
+    batch: int = 0
+    """Batches completed in the running epoch (0: an epoch-end checkpoint)."""
+
+    def describe(self) -> str:
+        """ "epoch 3" (completed), or for a step checkpoint "epoch 3, batch 150" (150
+        batches of epoch 3 done), as the save's log line says it."""
+        if self.batch:
+            return f"epoch {self.epoch + 1}, batch {self.batch}"
+        return f"epoch {self.epoch}"
 
     @property
     def model_path(self) -> str:
@@ -92,8 +106,10 @@ def load_verified(
     verify_checksums: bool,
     logger: LibraryLogger,
     read_into: RegionPlanner | None = None,
+    batch: int = 0,
 ) -> Checkpoint:
-    """Read and verify epoch `epoch`; return a `Checkpoint` or raise a CheckpointError.
+    """Read and verify epoch `epoch` (with `batch` > 0: that step checkpoint); return a
+    `Checkpoint` or raise a CheckpointError.
 
     `read_into`: where the model file's large arrays are read instead of its contents
     (`checksum.read_file`), already while it is verified."""
@@ -103,9 +119,11 @@ def load_verified(
         verify_checksums=verify_checksums,
         hold_model_contents=True,
         read_into=read_into,
+        batch=batch,
     )
     check.raise_if_bad()
-    return _checkpoint(layout.epoch_dir(epoch), check.info, check.files, verify_checksums, logger)
+    directory = layout.checkpoint_dir(epoch, batch)
+    return _checkpoint(directory, check.info, check.files, verify_checksums, logger)
 
 
 def verified_checkpoint(
@@ -145,6 +163,7 @@ def _checkpoint(
         verified_files=tuple(r.path for r in results),
         verified_nbytes=sum(r.actual_size or 0 for r in results),
         checksummed=verify_checksums and not unverified,
+        batch=info.get("batch", 0),
     )
 
 
@@ -179,6 +198,9 @@ def find_checkpoint(
             f"(ckpt_restart_fallback does not apply to a bad link)",
         )
         raise
+    step = find_step_checkpoint(layout, settings, logger, epoch, read_into)
+    if step is not None:
+        return step
     if epoch is None:
         link = layout.link("last")
         state = "dangling" if os.path.lexists(link) else "absent"
@@ -230,6 +252,87 @@ def find_checkpoint(
             f"{layout.root} --all' shows what is wrong with each epoch; to train "
             f"afresh, use another --ckpt_directory or --ckpt_restart_mode off"
         ) from error
+
+
+def find_step_checkpoint(
+    layout: CheckpointLayout,
+    settings: Mapping[str, Any],
+    logger: LibraryLogger,
+    last: int | None,
+    read_into: RegionPlanner | None = None,
+) -> Checkpoint | None:
+    """The verified step checkpoint that continues `last` (epoch `last`, or None when
+    there is no usable `last`), or None: the restart then loads `last`.
+
+    Step checkpoints are resumed only with `ckpt_save_steps` other than 0: it says
+    that the training loop honours J["batch"] (skips the batches already trained).
+    `last_step` names the newest step checkpoint. It continues `last` when its
+    `after_last` records the epoch and ckpt-info.json CRC32 that `last` names now; it
+    does not when a reader that knows nothing of step checkpoints (the previous
+    release, candle_lib) saved an epoch or moved `last` since: then it is ignored, with
+    a warning, and the run resumes from `last` as that reader left it. With
+    `ckpt_restart_fallback` an unusable one is skipped for an older step checkpoint
+    that continues `last` (a kill between a step save and the pruning of the one it
+    superseded leaves one), then for `last` itself.
+
+    Raises:
+        LinkError: `last_step` is not a link to a step checkpoint directory.
+        CheckpointError: the step checkpoint is invalid or corrupt, and fallback is off.
+    """
+    try:
+        named = layout.resolve_step_link()
+    except LinkError as error:
+        add_remedy(
+            error,
+            f"Remove it ('rm {layout.link('last_step')}': the restart then resumes from "
+            f"'last', at an epoch end) or point it at a directory of '{layout.steps}'",
+        )
+        raise
+    if named is None:
+        return None
+    if settings["ckpt_save_steps"] == 0:
+        logger.info(
+            "step checkpoint '%s' is not resumed: ckpt_save_steps is 0 (the training "
+            "loop resumes at epoch ends only); resuming from 'last', the epoch's batches "
+            "done since are trained again",
+            layout.step_dir(*named),
+        )
+        return None
+    candidates = [named] + [s for s in reversed(layout.list_steps()) if s < named]
+    identity = last_identity(layout)
+    for position in candidates:
+        where = layout.step_dir(*position)
+        try:
+            info = read_epoch_info(layout, *position)
+            if not continues(info["after_last"], identity):
+                logger.warning(
+                    "step checkpoint '%s' continues the checkpoint of epoch %s, but 'last' "
+                    "names %s now (saved or relinked by a release that knows no step "
+                    "checkpoints, or a rollback): ignored; resuming from 'last'",
+                    where,
+                    info["after_last"]["epoch"],
+                    "nothing" if last is None else f"epoch {last}",
+                )
+                return None
+            return load_verified(
+                layout, position[0], settings["ckpt_checksum"], logger, read_into, position[1]
+            )
+        except CheckpointError as error:
+            if not settings["ckpt_restart_fallback"]:
+                add_remedy(
+                    error,
+                    f"Remedies: rerun with --ckpt_restart_fallback true to restart from the "
+                    f"newest earlier checkpoint that verifies, or remove "
+                    f"'{layout.link('last_step')}' to resume from 'last' (the epoch's "
+                    f"batches done since are then trained again)",
+                )
+                raise
+            logger.error("STEP CHECKPOINT '%s' IS UNUSABLE: %s", where, error)
+    logger.error(
+        "FALLING BACK from the step checkpoints to 'last' (ckpt_restart_fallback=true): "
+        "the batches of the epoch done since are trained again"
+    )
+    return None
 
 
 def _from_scratch_message(layout: CheckpointLayout) -> str:

@@ -18,6 +18,7 @@ files.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Callable
@@ -215,7 +216,7 @@ def _noting(read_into: RegionPlanner | None, planned: list[Regions]) -> RegionPl
         planned.append(read_into.plan(path, stream))
         return planned[-1]
 
-    return RegionPlanner(plan, read_into.rest_in_new_memory)
+    return dataclasses.replace(read_into, plan=plan)
 
 
 def _file_progress(
@@ -252,14 +253,15 @@ EpochIdentity = tuple[int, int]
 """(st_dev, st_ino) of an epoch directory: which directory a read began with."""
 
 
-def epoch_identity(layout: CheckpointLayout, epoch: int) -> EpochIdentity:
-    """The identity of epoch `epoch`'s directory, to tell later whether it went away.
+def epoch_identity(layout: CheckpointLayout, epoch: int, batch: int = 0) -> EpochIdentity:
+    """The identity of epoch `epoch`'s directory (with `batch` > 0: of the step
+    checkpoint's), to tell later whether it went away.
 
     Raises:
         EpochVanishedError: there is no `epochs/NNN` (any more): every caller has just
             seen the epoch, in a listing or through a link.
     """
-    directory = layout.epoch_dir(epoch)
+    directory = layout.checkpoint_dir(epoch, batch)
     try:
         status = os.lstat(directory)
     except FileNotFoundError:
@@ -267,10 +269,13 @@ def epoch_identity(layout: CheckpointLayout, epoch: int) -> EpochIdentity:
     return status.st_dev, status.st_ino
 
 
-def raise_if_moved(layout: CheckpointLayout, epoch: int, identity: EpochIdentity) -> None:
-    """Raise EpochVanishedError if epoch `epoch`'s directory is no longer the one
-    `identity` names (gone, or replaced); return if it is the same directory."""
-    directory = layout.epoch_dir(epoch)
+def raise_if_moved(
+    layout: CheckpointLayout, epoch: int, identity: EpochIdentity, batch: int = 0
+) -> None:
+    """Raise EpochVanishedError if epoch `epoch`'s directory (`batch`: see
+    `epoch_identity`) is no longer the one `identity` names (gone, or replaced);
+    return if it is the same directory."""
+    directory = layout.checkpoint_dir(epoch, batch)
     try:
         status = os.lstat(directory)
     except FileNotFoundError:
@@ -287,8 +292,9 @@ def _vanished(epoch: int, directory: str, what: str) -> EpochVanishedError:
     )
 
 
-def read_epoch_info(layout: CheckpointLayout, epoch: int) -> dict[str, Any]:
-    """The validated ckpt-info dict of epoch `epoch`, which must record that epoch.
+def read_epoch_info(layout: CheckpointLayout, epoch: int, batch: int = 0) -> dict[str, Any]:
+    """The validated ckpt-info dict of epoch `epoch`, which must record that epoch
+    (with `batch` > 0: of that step checkpoint, which must record both).
 
     Raises:
         EpochVanishedError: the directory was pruned or replaced before or while the
@@ -298,34 +304,36 @@ def read_epoch_info(layout: CheckpointLayout, epoch: int) -> dict[str, Any]:
         CheckpointFormatError: the file is unreadable or invalid (see `read_info`).
         CheckpointError: the file records another epoch than its directory's.
     """
-    return _unless_moved(layout, epoch, lambda: _read_epoch_info(layout, epoch))
+    return _unless_moved(layout, epoch, lambda: _read_epoch_info(layout, epoch, batch), batch)
 
 
 def _unless_moved(
     layout: CheckpointLayout,
     epoch: int,
     read: Callable[[], _Read],
+    batch: int = 0,
     damaged: Callable[[_Read], bool] = lambda _: False,
 ) -> _Read:
-    """read() of epoch `epoch`; when it fails, or finds its result `damaged`, first
-    EpochVanishedError if the directory is no longer the one the read began with."""
-    identity = epoch_identity(layout, epoch)
+    """read() of epoch `epoch` (`batch`: see `epoch_identity`); when it fails, or finds
+    its result `damaged`, first EpochVanishedError if the directory is no longer the
+    one the read began with."""
+    identity = epoch_identity(layout, epoch, batch)
     try:
         result = read()
     except (CheckpointError, OSError):
-        raise_if_moved(layout, epoch, identity)
+        raise_if_moved(layout, epoch, identity, batch)
         raise
     if damaged(result):
-        raise_if_moved(layout, epoch, identity)
+        raise_if_moved(layout, epoch, identity, batch)
     return result
 
 
-def _read_epoch_info(layout: CheckpointLayout, epoch: int) -> dict[str, Any]:
-    directory = layout.epoch_dir(epoch)
+def _read_epoch_info(layout: CheckpointLayout, epoch: int, batch: int = 0) -> dict[str, Any]:
+    directory = layout.checkpoint_dir(epoch, batch)
     if os.path.islink(directory):
         raise LinkError(
             f"'{directory}' is a symbolic link (-> '{os.readlink(directory)}'); "
-            f"expected an epoch directory inside '{layout.epochs}'"
+            f"expected a checkpoint directory inside '{os.path.dirname(directory)}'"
         )
     try:
         info = read_info(directory)
@@ -338,6 +346,11 @@ def _read_epoch_info(layout: CheckpointLayout, epoch: int) -> dict[str, Any]:
             f"'{directory}/ckpt-info.json': key 'epoch' is {info['epoch']}; "
             f"expected {epoch}, the epoch of its directory"
         )
+    if info.get("batch", 0) != batch:
+        raise CheckpointError(
+            f"'{directory}/ckpt-info.json': key 'batch' is {info.get('batch', 0)}; "
+            f"expected {batch}, the batch of its directory"
+        )
     return info
 
 
@@ -349,8 +362,11 @@ def check_epoch(
     progress: FileProgress | None = None,
     hold_model_contents: bool = False,
     read_into: RegionPlanner | None = None,
+    batch: int = 0,
 ) -> EpochCheck:
-    """Read and validate epoch `epoch`'s ckpt-info.json, then check every file it lists.
+    """Read and validate epoch `epoch`'s ckpt-info.json, then check every file it lists
+    (with `batch` > 0: those of the step checkpoint after `epoch` epochs and `batch`
+    batches).
 
     The ckpt-info.json is validated before any file it names is opened. Bad files are
     reported in the result (`EpochCheck.bad`), not raised; `EpochCheck.raise_if_bad`
@@ -367,9 +383,9 @@ def check_epoch(
     """
 
     def read() -> EpochCheck:
-        info = _read_epoch_info(layout, epoch)
+        info = _read_epoch_info(layout, epoch, batch)
         files = check_files(
-            layout.epoch_dir(epoch),
+            layout.checkpoint_dir(epoch, batch),
             info,
             verify_checksums,
             progress,
@@ -378,4 +394,4 @@ def check_epoch(
         )
         return EpochCheck(epoch, info, files)
 
-    return _unless_moved(layout, epoch, read, lambda check: bool(check.bad))
+    return _unless_moved(layout, epoch, read, batch, lambda check: bool(check.bad))

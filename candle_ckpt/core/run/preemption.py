@@ -1,5 +1,9 @@
 """Pre-emption: on a signal, stop at the end of the batch, keep the last epoch, exit 75.
 
+With `ckpt_save_steps` (step checkpoints on), step 2 below is instead: save the state
+at the end of that batch as a step checkpoint (core/run/session.py), so that the
+restart resumes after it and trains no batch twice.
+
 Batch systems warn a job before killing it (Slurm: `#SBATCH --signal=B:USR1@120`, or
 SIGTERM at the time limit). With `ckpt_signal` set (USR1, USR2, TERM or INT), the
 callback installs a handler for that signal when training begins. The handler only
@@ -99,7 +103,11 @@ class PreemptionWatch:
         self.pending = None if saved else take_snapshot()
 
     def stop(
-        self, stopped_at: str, save_pending: Callable[[int, Any], None] | str, logger: LibraryLogger
+        self,
+        stopped_at: str,
+        save_pending: Callable[[int, Any], None] | str,
+        logger: LibraryLogger,
+        step_saved: str | None = None,
     ) -> Preempted:
         """Save the pending epoch if any, log, uninstall; return the `Preempted` to raise.
 
@@ -109,9 +117,16 @@ class PreemptionWatch:
                 this process saves nothing, a string saying why (a non-writer worker,
                 `ckpt_save_interval` 0).
             logger: where to log.
+            step_saved: what was kept instead, when the caller saved the state at this
+                very batch (a step checkpoint, ckpt_save_steps): nothing pending is
+                saved and the epoch resumes after that batch.
         """
         epoch = self.completed_epoch
-        if isinstance(save_pending, str):
+        resumes = "the partial epoch will be re-run"
+        if step_saved is not None:
+            kept, resumes = step_saved, "the epoch resumes after this batch"
+            self.pending = None
+        elif isinstance(save_pending, str):
             kept = f"nothing saved: {save_pending}"
         elif epoch == 0:
             kept = "no epoch completed in this run"
@@ -124,7 +139,7 @@ class PreemptionWatch:
         self.uninstall()
         message = (
             f"PRE-EMPTED by {self.signal_name} at the end of {stopped_at}: training "
-            f"stopped, the partial epoch will be re-run; {kept}; exiting with status "
+            f"stopped, {resumes}; {kept}; exiting with status "
             f"{PREEMPTED_EXIT_STATUS} so that the job script can requeue"
         )
         logger.warning(message)

@@ -9,14 +9,23 @@ calls five methods at the matching points of its loop::
 
     session = TrainingSession(params)           # checks every ckpt_* parameter
     session.begin(adapter)                      # training starts (takes the lock)
-    for epoch in range(initial_epoch, params["epochs"]):
-        session.epoch_begin(epoch)              # epochs completed so far
-        for batch ...: train; session.batch_end(batch)
+    for epoch in range(J["epoch"], params["epochs"]):
+        session.epoch_begin(epoch, batch=first) # epochs completed so far; `first`:
+                                                # J["batch"] at the first, then 0
+        for batch in range(first, n): train; session.batch_end(batch)
         session.epoch_end(epoch + 1, logs)      # the 1-based epoch that just ended
     session.end()                               # waits for the last save, unlocks
 
 The Keras callback maps its hooks onto these one to one; `CandleCkptPyTorch` calls
 them from `ckpt_epoch`.
+
+With `ckpt_save_steps`, `batch_end` also saves step checkpoints inside the epoch
+(`core/save/steps.py` says when; docs/FORMAT.md, "Step checkpoints", where), and the
+signal and the wall-clock stop save the state of the batch that just ended rather
+than keep only the last completed epoch. `batch_end`'s index is absolute within the
+epoch: after a restart at J["batch"] = B its first call is `batch_end(B)`. Before each
+save the adapter learns its position (`set_position(epochs_completed, batches_done)`,
+if it has that method), for the data position it keeps in the model file.
 
 With `ckpt_walltime_margin`, `epoch_end` also stops the run before the job's wall-clock
 end (core/run/walltime.py). Only the writer asks for the end and times the epochs; in a
@@ -37,10 +46,16 @@ from ..logs import console_logger
 from ..restore.restart import take_restored_epoch, take_warm_start
 from ..restore.resume import read_epoch_info
 from ..save.checkpointer import Checkpointer, SaveDecision, WriteFiles
+from ..save.policies import save_reason
+from ..save.steps import StepSchedule
 from ..storage.background import check_snapshot_fits
 from .preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionWatch
 from .walltime import StopEstimate, WallClockStop
 from .writer import check_is_writer
+
+# Batches between two wall-clock checks at batch ends where every check is a collective
+# (a multi-process job): the estimate then covers that many batches.
+WALLTIME_CHECK_BATCHES = 16
 
 
 class TrainingSession:
@@ -76,7 +91,15 @@ class TrainingSession:
         self._async_snapshot: Any = None  # reused copies (see _capture)
         self._held_snapshot: Any = None
         self._walltime: WallClockStop | None = None
-        self._restored_epoch: int | None = None  # what a restart in this process loaded
+        # (epochs, batches) a restart in this process loaded
+        self._restored: tuple[int, int] | None = None
+        self._steps: StepSchedule | None = None  # the step-save trigger of a writer
+        self._first_batch: int | None = None  # what the first batch_end must be
+        self._batch_clock: float | None = None  # perf_counter() at the last batch end
+        self._step_saved: tuple[int, int] | None = None  # the last step checkpoint's
+        self._walltime_every = 1  # batches between two wall-clock checks (begin)
+        self._epoch_batches: int | None = None  # the batches of the last epoch that ended
+        self._last_batch: int | None = None  # of the running epoch
         self._check_walltime_settings()
 
     @property
@@ -116,7 +139,7 @@ class TrainingSession:
         """
         self._adapter = adapter
         self.checkpointer.init_from = take_warm_start(self.checkpointer.layout)
-        self._restored_epoch = take_restored_epoch(self.checkpointer.layout)
+        self._restored = take_restored_epoch(self.checkpointer.layout)
         self.checkpointer.describe_writer(
             adapter.adapter_name, adapter.model_format, adapter.library_versions()
         )
@@ -124,8 +147,17 @@ class TrainingSession:
             self.checkpointer.start_writing()
             if self.checkpointer.background is not None and adapter.state_exists():
                 self._async_snapshot = self._copy_state(None, "ckpt_async=true", "ckpt_async=false")
+            if self._saves_steps():
+                self._steps = StepSchedule(
+                    self.settings["ckpt_save_steps"],
+                    self.settings["ckpt_save_overhead"],
+                    self.checkpointer.logger,
+                )
         self._watch = self._start_preemption_watch()
         self._check_walltime_agreement()
+        if self._stops_at_batches() and adapter.all_gather() is not None:
+            # each check is a collective: not at every batch
+            self._walltime_every = WALLTIME_CHECK_BATCHES
         if self.settings["ckpt_walltime_margin"] > 0 and self.is_writer:
             self._walltime = WallClockStop(
                 self.settings["ckpt_walltime_margin"],
@@ -134,55 +166,114 @@ class TrainingSession:
             )
             self._walltime.start()
 
-    def epoch_begin(self, epoch: int, fix: str = 'fit(..., initial_epoch=J["epoch"])') -> None:
-        """An epoch starts after `epoch` completed ones; the first one resumes the run.
+    def epoch_begin(
+        self, epoch: int, fix: str = 'fit(..., initial_epoch=J["epoch"])', batch: int = 0
+    ) -> None:
+        """An epoch starts after `epoch` completed ones; the first one resumes the run,
+        `batch` batches into that epoch (J["batch"] after a restart; later epochs: 0).
 
         `fix`: how the caller's training starts after the restored epoch, for the
         error of `check_start`.
         """
         if not self._first_epoch_seen:
-            self.check_start(epoch, fix)
+            self.check_start(epoch, fix, batch)
         self._epoch = epoch + 1
-        self._epoch_started = time.perf_counter()
+        self._epoch_started = self._batch_clock = time.perf_counter()
+        if self._walltime is not None:
+            self._walltime.batch_begins()
         if self._first_epoch_seen:
             return
         self._first_epoch_seen = True
+        self._first_batch = batch if batch > 0 else None
         if self._watch is not None:
             self._watch.completed_epoch = epoch
-        if epoch > 0 and self.is_writer:
-            self._resume(epoch)
+        if (epoch > 0 or batch > 0) and self.is_writer:
+            self._resume(epoch, batch)
 
-    def check_start(self, completed: int, fix: str) -> None:
-        """Training begins after `completed` epochs: refuse (ending the session) unless
-        that is the epoch a restart in this process restored, if any.
+    def check_start(self, completed: int, fix: str, batch: int = 0) -> None:
+        """Training begins after `completed` epochs and `batch` batches of the next:
+        refuse (ending the session) unless that is what a restart in this process
+        restored, if any.
 
-        A loop that starts elsewhere (`fit` without `initial_epoch`) would train the
-        restored epochs again and replace their checkpoints one by one.
+        A loop that starts elsewhere (`fit` without `initial_epoch`, a loop that does
+        not skip the J["batch"] batches already trained) would train the restored
+        batches again and replace their checkpoints.
 
         Raises:
-            ParameterValueError: naming both epochs and `fix`.
+            ParameterValueError: naming both positions and `fix`.
         """
-        restored = self._restored_epoch
-        if restored is None or completed == restored:
+        restored = self._restored
+        if restored is None or (completed, batch) == restored:
             return
         self.end()
+        restored_epoch, restored_batch = restored
+        if (completed, restored_batch) == restored:  # the right epoch, another batch
+            raise ParameterValueError(
+                f"restart restored epoch {completed + 1} after batch {restored_batch} "
+                f"from '{self.checkpointer.layout.ckpts}' in this process, but training "
+                f"begins at batch {batch} of that epoch; expected it to begin at batch "
+                f'{restored_batch} (0-based): skip the first J["batch"] batches of the '
+                f"first epoch, with J the dict restart returned. Refused before anything "
+                f"was saved: those batches would be trained twice"
+            )
         raise ParameterValueError(
-            f"restart restored epoch {restored} from '{self.checkpointer.layout.ckpts}' "
-            f"in this process, but training begins at epoch {completed + 1} (after "
-            f"{completed} completed); expected it to begin at epoch {restored + 1}: "
-            f"{fix}, with J the dict restart returned. Refused before anything was "
-            f"saved: the epochs from {completed + 1} on would be trained again and "
-            f"replace the saved ones"
+            f"restart restored epoch {restored_epoch}"
+            f"{f' and {restored_batch} batches' if restored_batch else ''} from "
+            f"'{self.checkpointer.layout.ckpts}' in this process, but training begins at "
+            f"epoch {completed + 1} (after {completed} completed); expected it to begin "
+            f"at epoch {restored_epoch + 1}: {fix}, with J the dict restart returned. "
+            f"Refused before anything was saved: the epochs from {completed + 1} on "
+            f"would be trained again and replace the saved ones"
         )
 
     def batch_end(self, batch: int) -> None:
-        """0-based `batch` of the running epoch ended: stop here if pre-empted.
+        """0-based `batch` of the running epoch ended (absolute in the epoch): save a
+        step checkpoint if one is due (ckpt_save_steps); stop here if pre-empted.
 
         Raises:
+            ParameterValueError: the first batch after a restart at J["batch"] = B is
+                not B (the loop did not skip the batches already trained).
+            CheckpointWriteError: a step save failed (with ckpt_async: the previous one).
             Preempted: the signal came (a SystemExit with status 75).
         """
+        ended = time.perf_counter()
+        if self._first_batch is not None:
+            expected, self._first_batch = self._first_batch, None
+            if batch != expected:
+                self.end()
+                raise ParameterValueError(
+                    f"restart restored epoch {self._epoch} after batch {expected} from "
+                    f"'{self.checkpointer.layout.ckpts}' in this process, but the first "
+                    f"batch that ended is batch {batch} (0-based); expected batch "
+                    f'{expected}: skip the first J["batch"] batches of the first epoch '
+                    f"and number the others from there, with J the dict restart returned"
+                )
+        position = (self._epoch - 1, batch + 1)
+        self._last_batch = batch
+        seconds = None if self._batch_clock is None else ended - self._batch_clock
+        if self._steps is not None:
+            self._steps.batch_ended(seconds)
+        if self._walltime is not None:
+            self._walltime.batch_ended()
         if self._watch is not None and self._watch.requested:
-            raise self._stop_preempted(f"epoch {self._epoch}, batch {batch + 1}")
+            raise self._stop_preempted(f"epoch {self._epoch}, batch {batch + 1}", position)
+        if (
+            self._steps is not None
+            and self._steps.due()
+            and self._epoch_may_save()
+            and not self._epoch_end_saves_next(batch)
+        ):
+            self._save_step(position, "steps")
+        if self._stops_at_batches() and (batch + 1) % self._walltime_every == 0:
+            estimate = None
+            if self._walltime is not None:
+                ends = self._epoch_batches is not None and (
+                    batch + 1 + self._walltime_every >= self._epoch_batches
+                )
+                estimate = self._walltime.should_stop_batch(self._walltime_every, ends)
+            if self._all_agree_to_stop(estimate is not None):
+                raise self._stop_walltime_at_batch(position, estimate)
+        self._batch_clock = time.perf_counter()
 
     def epoch_end(self, epoch: int, logs: Mapping[str, Any] | None) -> None:
         """1-based `epoch` ended with metrics `logs`: record it in the history, and save
@@ -193,6 +284,10 @@ class TrainingSession:
             Preempted: the signal came during the epoch, or (ckpt_walltime_margin) the
                 next epoch and a save would not finish before the job's end.
         """
+        # a restart at the epoch's last batch (a step saved there) trains no batch of it
+        self._first_batch = None
+        if self._last_batch is not None:
+            self._epoch_batches, self._last_batch = self._last_batch + 1, None
         train_seconds = (
             None if self._epoch_started is None else time.perf_counter() - self._epoch_started
         )
@@ -206,7 +301,10 @@ class TrainingSession:
                 lambda: self.checkpointer.decide(epoch, logs, train_seconds)
             )
             if decision is not None:
-                self.checkpointer.save(decision, self._capture)
+                started = time.perf_counter()
+                self.checkpointer.save(decision, lambda: self._capture(epoch, 0))
+                if self._steps is not None:
+                    self._steps.saved(time.perf_counter() - started)
         if self._walltime is not None:
             background = self.checkpointer.background is not None
             self._walltime.save_ended(
@@ -222,7 +320,14 @@ class TrainingSession:
             if self._watch.requested:
                 raise self._stop_preempted(f"epoch {epoch}")
         if self.settings["ckpt_walltime_margin"] > 0 and epoch < self.settings["epochs"]:
-            estimate = self._walltime.should_stop() if self._walltime is not None else None
+            # with step checkpoints the next epoch need not fit: its batches until the
+            # margin do (and are saved), so stop when not even the next ones fit
+            if self._walltime is None:
+                estimate = None
+            elif self._stops_at_batches():
+                estimate = self._walltime.should_stop_batch(self._walltime_every)
+            else:
+                estimate = self._walltime.should_stop()
             if self._all_agree_to_stop(estimate is not None):
                 raise self._stop_walltime(epoch, saved=decision is not None, estimate=estimate)
 
@@ -256,25 +361,87 @@ class TrainingSession:
 
     # -- resuming ----------------------------------------------------------------------
 
-    def _resume(self, initial_epoch: int) -> None:
-        """Continue the run whose checkpoint of `initial_epoch` the restart loaded."""
+    def _resume(self, initial_epoch: int, batch: int) -> None:
+        """Continue the run whose checkpoint of `initial_epoch` (and `batch`) the
+        restart loaded."""
         layout = self.checkpointer.layout
         try:
-            info = read_epoch_info(layout, initial_epoch)
+            info = read_epoch_info(layout, initial_epoch, batch)
         except NoCheckpointError:
             self.checkpointer.logger.warning(
                 "training starts at epoch %d but '%s' has no checkpoint: best-metric and "
                 "keep state start afresh",
                 initial_epoch + 1,
-                layout.epoch_dir(initial_epoch),
+                layout.checkpoint_dir(initial_epoch, batch),
             )
             return
         self.checkpointer.resume(info)
+        if batch:
+            self._step_saved = (initial_epoch, batch)
+
+    # -- step checkpoints (ckpt_save_steps) --------------------------------------------
+
+    def _saves_steps(self) -> bool:
+        """Whether this run saves step checkpoints: ckpt_save_steps is not 0 (the loop
+        then resumes at J["batch"]: an opt-in) and this process saves."""
+        return self.settings["ckpt_save_steps"] != 0 and self._not_saving() is None
+
+    def _epoch_end_saves_next(self, batch: int) -> bool:
+        """Whether `batch` is the epoch's last (as long as the last epoch was) and the
+        policy saves the epoch's end whatever its metrics (interval, final): a step
+        save now would be superseded a moment later. When it is not the last after
+        all, the step save is still due at the next batch."""
+        if self._epoch_batches is None or batch + 1 != self._epoch_batches:
+            return False
+        return (
+            save_reason(
+                self._epoch,
+                final_epoch=self.settings["epochs"],
+                interval=self.settings["ckpt_save_interval"],
+                skip_epochs=self.settings["ckpt_skip_epochs"],
+                improved=False,
+            )
+            is not None
+        )
+
+    def _epoch_may_save(self) -> bool:
+        """ckpt_skip_epochs: nothing is saved in the epochs before it."""
+        return self._epoch >= self.settings["ckpt_skip_epochs"]
+
+    def _stops_at_batches(self) -> bool:
+        """Whether the wall-clock stop may come at a batch end (step checkpoints on).
+        The same in every process, writer or not: each check may be a collective."""
+        settings = self.settings
+        return (
+            settings["ckpt_walltime_margin"] > 0
+            and settings["ckpt_save_steps"] != 0
+            and settings["ckpt_save_interval"] != 0
+        )
+
+    def _save_step(self, position: tuple[int, int], reason: str) -> None:
+        """Save the state now as the step checkpoint after `position` = (epochs
+        completed, batches done), unless it is already the last one saved."""
+        if position == self._step_saved:
+            return
+        started = time.perf_counter()
+        decision = self.checkpointer.step_decision(*position, reason)
+        self.checkpointer.save(decision, lambda: self._capture(*position))
+        self._step_saved = position
+        stall = time.perf_counter() - started
+        assert self._steps is not None
+        self._steps.saved(stall)
+        if self._walltime is not None:
+            background = self.checkpointer.background is not None
+            self._walltime.step_save_ended(
+                stall, self.checkpointer.last_write_seconds if background else None
+            )
 
     # -- capturing the state -----------------------------------------------------------
 
-    def _capture(self) -> WriteFiles:
-        """Snapshot the state for a save now (training thread); return its writer.
+    def _capture(self, epoch: int, batch: int) -> WriteFiles:
+        """Snapshot the state for a save now (training thread) of the checkpoint after
+        `epoch` epochs and `batch` batches (which the adapter learns first, if it has
+        `set_position`); return its writer.
 
         A synchronous save is written at once, before training goes on: its snapshot
         is made of views and costs neither a copy nor memory. With ckpt_async it is
@@ -282,6 +449,7 @@ class TrainingSession:
         previous save's (written by then: `Checkpointer.save` waits for it), so that
         the memory is allocated once per run.
         """
+        self._set_position(epoch, batch)
         if self.checkpointer.background is None:
             return self._files_writer(self.adapter.snapshot(copy=False))
         self._async_snapshot = self._copy_state(
@@ -294,6 +462,7 @@ class TrainingSession:
     ) -> tuple[SaveDecision, WriteFiles]:
         """Copy the state of unsaved `epoch` for a save pre-emption may ask for later."""
         signal = self.settings["ckpt_signal"]
+        self._set_position(epoch, 0)
         self._held_snapshot = self._copy_state(
             self._held_snapshot, f"ckpt_signal={signal}", "ckpt_signal=off"
         )
@@ -301,6 +470,11 @@ class TrainingSession:
             epoch, "pre-emption", logs=logs, train_seconds=train_seconds
         )
         return decision, self._files_writer(self._held_snapshot)
+
+    def _set_position(self, epoch: int, batch: int) -> None:
+        set_position = getattr(self.adapter, "set_position", None)
+        if set_position is not None:
+            set_position(epoch, batch)
 
     def _copy_state(self, spare: Any, setting: str, off: str) -> Any:
         """A host-memory copy of the state, into `spare` (a snapshot no longer needed);
@@ -337,12 +511,19 @@ class TrainingSession:
             return "ckpt_save_interval is 0"
         return None
 
-    def _stop_preempted(self, where: str) -> Preempted:
+    def _stop_preempted(self, where: str, position: tuple[int, int] | None = None) -> Preempted:
+        """Stop on the signal at `where`: with step checkpoints and a batch `position`,
+        saving the state of that batch; else keeping the last completed epoch."""
         watch = self._watch
         assert watch is not None
         if not self.is_writer:
             return watch.stop(where, self._not_saving() or "", console_logger("save"))
         self._wait_for_saves()
+        if position is not None and self._steps is not None:
+            self._save_step(position, "pre-emption")
+            self._wait_for_saves()
+            step = f"epoch {position[0] + 1}, batch {position[1]} saved now"
+            return watch.stop(where, "", self.checkpointer.logger, step_saved=step)
 
         def save_pending(epoch: int, pending: tuple[SaveDecision, WriteFiles]) -> None:
             decision, write_files = pending
@@ -405,7 +586,7 @@ class TrainingSession:
             kept = f"epoch {epoch} is already on disk"
         else:
             decision = self.checkpointer.decision_with_current_best(epoch, "wall-clock")
-            self.checkpointer.save(decision, self._capture)
+            self.checkpointer.save(decision, lambda: self._capture(epoch, 0))
             kept = f"epoch {epoch} saved now"
         self._wait_for_saves()
         assert estimate is not None
@@ -413,6 +594,34 @@ class TrainingSession:
             f"WALL-CLOCK STOP after epoch {epoch}: {estimate.describe()}; {kept}; "
             f"exiting with status {PREEMPTED_EXIT_STATUS} so that the job script "
             f"can requeue"
+        )
+        self.checkpointer.logger.warning(message)
+        return Preempted(message)
+
+    def _stop_walltime_at_batch(
+        self, position: tuple[int, int], estimate: StopEstimate | None
+    ) -> Preempted:
+        """Save the state of the batch that ended (`position`) as a step checkpoint,
+        log why; the stop to raise."""
+        if self._watch is not None:
+            self._watch.uninstall()
+        where = f"epoch {position[0] + 1}, batch {position[1]}"
+        if not self.is_writer:
+            message = (
+                f"WALL-CLOCK STOP after {where}: the checkpoint writer says the next "
+                f"batches would not finish before the job's end; exiting with status "
+                f"{PREEMPTED_EXIT_STATUS}"
+            )
+            console_logger("save", self._verbose).warning(message)
+            return Preempted(message)
+        self._wait_for_saves()
+        self._save_step(position, "wall-clock")
+        self._wait_for_saves()
+        assert estimate is not None
+        message = (
+            f"WALL-CLOCK STOP after {where}: {estimate.describe()}; {where} is on disk "
+            f"(a step checkpoint: the epoch resumes after this batch); exiting with "
+            f"status {PREEMPTED_EXIT_STATUS} so that the job script can requeue"
         )
         self.checkpointer.logger.warning(message)
         return Preempted(message)

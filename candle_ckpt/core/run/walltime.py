@@ -23,9 +23,16 @@ without the wall-clock stop.
 The estimates are the longest of the last `WINDOW` measured epochs and saves: the
 longest rather than the mean because an underestimate costs the job its last epoch,
 and a short window so that the first epoch's compilation stops counting after a few.
-Before any save of this run was timed, a save is assumed to take as long as an epoch.
+Before any save of this run was timed, a save is assumed to take as long as an epoch
+(at a batch end before the first epoch ended: as long as all training so far).
 With ckpt_async a save's time is the longer of the training loop's stall and the last
 background write (a stop waits for the write in flight).
+
+With step checkpoints (`ckpt_save_steps`), the stop can come at any batch end instead:
+the unit is then the next `every` batches (the longest of the last `BATCH_WINDOW`
+measured, times `every`, the batches until the next check: 1, or more where the
+processes must agree through a collective), and a save is a step save, so an
+allocation is used to its last safe minute rather than to its last whole epoch.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ clock: Callable[[], float] = time.time
 """The wall clock every estimate reads (tests/keras_job.py --virtual_clock replaces it)."""
 
 WINDOW = 3
+BATCH_WINDOW = 16
 REASK_SECONDS = 600.0
 SQUEUE_TIMEOUT_SECONDS = 20.0
 
@@ -184,15 +192,22 @@ class StopEstimate:
     save_seconds: float
     margin: float
     end: JobEnd
+    unit: str = "epoch"  # what epoch_seconds times: "epoch", or "N batch(es)"
 
     @property
     def finish(self) -> float:
         return self.now + self.epoch_seconds + self.save_seconds + self.margin
 
     def describe(self) -> str:
+        if self.unit == "epoch":
+            next_one = f"{self.epoch_seconds:.1f} s, the longest of the last {WINDOW} measured"
+        else:
+            next_one = (
+                f"{self.epoch_seconds:.3g} s, from the longest of the last {BATCH_WINDOW} "
+                f"measured batches"
+            )
         return (
-            f"the next epoch ({self.epoch_seconds:.1f} s, the longest of the last "
-            f"{WINDOW} measured) plus a save ({self.save_seconds:.1f} s) plus "
+            f"the next {self.unit} ({next_one}) plus a save ({self.save_seconds:.1f} s) plus "
             f"ckpt_walltime_margin ({self.margin:g} s) would end at "
             f"{_clock_time(self.finish)}, after the job's end {_clock_time(self.end.time)}"
             f" ({self.end.source}; {self.end.time - self.now:.0f} s left)"
@@ -229,10 +244,17 @@ class WallClockStop:
         self._epoch_ended_at = 0.0
         self.epoch_seconds: deque[float] = deque(maxlen=WINDOW)
         self.save_seconds: deque[float] = deque(maxlen=WINDOW)
+        self.batch_seconds: deque[float] = deque(maxlen=BATCH_WINDOW)
+        # from an epoch's last batch end to the next epoch's begin: validation, the
+        # epoch end's save, whatever the loop does there
+        self.between_epochs: deque[float] = deque(maxlen=WINDOW)
+        self._batch_mark = 0.0
+        self._last_batch_end: float | None = None
+        self._started = 0.0
 
     def start(self) -> None:
         """Training begins: find the job's end, start timing the first epoch."""
-        self._mark = self._asked_at = clock()
+        self._mark = self._asked_at = self._started = self._batch_mark = clock()
         self.end = find_job_end(self._end_time, self._environ, self._mark, self._logger)
         if self.end is not None:
             self._logger.info(
@@ -261,9 +283,47 @@ class WallClockStop:
             self.save_seconds.append(max(now - self._epoch_ended_at, background_seconds or 0.0))
         self._mark = now
 
+    def batch_begins(self) -> None:
+        """An epoch's first batch starts now: what came before is not its time (but
+        what came since the last batch end is the time between two epochs)."""
+        self._batch_mark = clock()
+        if self._last_batch_end is not None:
+            self.between_epochs.append(self._batch_mark - self._last_batch_end)
+            self._last_batch_end = None
+
+    def batch_ended(self) -> None:
+        """A batch ended: time it; the next one is timed from now."""
+        now = clock()
+        self.batch_seconds.append(now - self._batch_mark)
+        self._batch_mark = self._last_batch_end = now
+
+    def step_save_ended(self, stall: float, background_seconds: float | None = None) -> None:
+        """A step save stalled training `stall` seconds (`background_seconds`: as for
+        `save_ended`); the next batch is timed from now, without it."""
+        self.save_seconds.append(max(stall, background_seconds or 0.0))
+        self._batch_mark = clock()
+
     def should_stop(self) -> StopEstimate | None:
-        """The estimate that says stop now, or None to go on."""
-        if self.end is None or not self.epoch_seconds:
+        """The estimate that says stop now, at an epoch end, or None to go on."""
+        if not self.epoch_seconds:
+            return None
+        return self._estimate(max(self.epoch_seconds), "epoch")
+
+    def should_stop_batch(self, every: int = 1, epoch_ends: bool = False) -> StopEstimate | None:
+        """The estimate that says stop now, at a batch end (step checkpoints), when the
+        next check is `every` batches away (`epoch_ends`: and an epoch's end comes
+        before it, whose time between epochs is added); or None to go on."""
+        if not self.batch_seconds:
+            return None
+        seconds = max(self.batch_seconds) * every
+        unit = f"{every} batch{'es' if every > 1 else ''}"
+        if epoch_ends and self.between_epochs:
+            seconds += max(self.between_epochs)
+            unit += " and the epoch's end"
+        return self._estimate(seconds, unit)
+
+    def _estimate(self, seconds: float, unit: str) -> StopEstimate | None:
+        if self.end is None:
             return None
         now = clock()
         if self.end.asks_squeue and now - self._asked_at >= REASK_SECONDS:
@@ -271,9 +331,11 @@ class WallClockStop:
             self._reask()
             if self.end is None:
                 return None
-        epoch = max(self.epoch_seconds)
-        save = max(self.save_seconds) if self.save_seconds else epoch
-        estimate = StopEstimate(now, epoch, save, self.margin, self.end)
+        if self.save_seconds:
+            save = max(self.save_seconds)
+        else:  # none timed yet: as long as an epoch, or all training so far
+            save = max(self.epoch_seconds) if self.epoch_seconds else now - self._started
+        estimate = StopEstimate(now, seconds, save, self.margin, self.end, unit)
         return estimate if estimate.finish > self.end.time else None
 
     def _reask(self) -> None:

@@ -152,11 +152,12 @@ def agree_on_checkpoint(
         find: callable() -> a `resume.Checkpoint` or None; may raise.
 
     Returns:
-        What `find()` returned, the same epoch on every worker.
+        What `find()` returned, the same checkpoint (epoch and batch) on every worker.
 
     Raises:
         What `find()` raised on this worker; or CheckpointError when any other worker
-        failed or found another (epoch, model CRC32) than this one.
+        failed or found another (epoch, batch, model CRC32) than this one: a rank
+        that would resume at another batch fails before training.
     """
     try:
         checkpoint, error = find(), None
@@ -178,19 +179,20 @@ def agree_on_checkpoint(
         )
     if any(found != mine for found in everyone):
         raise CheckpointError(
-            f"the workers do not agree on the checkpoint to restart from: (epoch, model "
-            f"CRC32) per process is {everyone} (epoch {_NOTHING}: none "
+            f"the workers do not agree on the checkpoint to restart from: (epoch, batch, "
+            f"model CRC32) per process is {everyone} ({(_NOTHING, 0, 0)}: none "
             f"found); expected the same on every worker. Is ckpt_directory on a file "
-            f"system every worker sees, and was 'last' relinked while the job started?"
+            f"system every worker sees, and was 'last' (or 'last_step') relinked while "
+            f"the job started?"
         )
     return checkpoint
 
 
-def _identity(checkpoint: Checkpoint | None, error: Exception | None) -> tuple[int, int]:
-    """(epoch, CRC32 of the model file or 0) of what this worker found, as two ints."""
+def _identity(checkpoint: Checkpoint | None, error: Exception | None) -> tuple[int, int, int]:
+    """(epoch, batch, CRC32 of the model file or 0) of what this worker found, as ints."""
     if error is not None:
-        return (_FAILED, 0)
+        return (_FAILED, 0, 0)
     if checkpoint is None:
-        return (_NOTHING, 0)
+        return (_NOTHING, 0, 0)
     model_crc = str(checkpoint.info.get("checksum"))  # a digit string, or the disabled marker
-    return (checkpoint.epoch, int(model_crc) if model_crc.isdigit() else 0)
+    return (checkpoint.epoch, checkpoint.batch, int(model_crc) if model_crc.isdigit() else 0)

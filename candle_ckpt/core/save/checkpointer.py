@@ -8,6 +8,7 @@ tests, with plain-file writers.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import errno
 import functools
@@ -36,6 +37,7 @@ from ..format.info import (
     FIRST_SAVE,
     FORMAT,
     FORMAT_VERSION,
+    STEP_FORMAT_VERSION,
     TIMESTAMP_FORMAT,
     CheckpointInfo,
     checkpoint_info,
@@ -44,7 +46,9 @@ from ..format.info import (
     read_info,
     read_lineage,
 )
+from ..format.layout import STEP_LINK
 from ..format.locate import run_layout
+from ..format.steps import last_identity
 from ..run.lock import WriterLock
 from ..logs import LibraryLogger, log_to_file_only, silent_logger, tree_logger
 from ..params import validate_params
@@ -53,6 +57,8 @@ from .protocol import (
     ModelFile,
     WrittenFiles,
     discard_epochs,
+    discard_steps,
+    point_step_link,
     prepare_tree,
     repoint_links,
     save_epoch,
@@ -66,16 +72,26 @@ CRC32 too: writes an epoch's files there."""
 
 @dataclass(frozen=True)
 class SaveDecision:
-    """That an epoch is saved, why, and the best-metric state and metrics of that epoch."""
+    """That an epoch is saved, why, and the best-metric state and metrics of that epoch.
+
+    With `batch` > 0, a step checkpoint: `epoch` epochs completed and `batch` batches
+    of the next one (docs/FORMAT.md, "Step checkpoints")."""
 
     epoch: int
-    reason: str  # "best", "final", "interval" (or another caller's reason)
+    reason: str  # "best", "final", "interval", "steps" (or another caller's reason)
     improved: bool
     time: float  # time.time() at the epoch's end
     best_value: float | None
     best_epoch: int | None
     metrics: Mapping[str, float | None] = field(default_factory=dict)
     train_seconds: float | None = None
+    batch: int = 0
+
+    def describe(self) -> str:
+        """ "epoch 3", or "epoch 3, batch 150" for a step checkpoint inside epoch 3."""
+        if self.batch:
+            return f"epoch {self.epoch + 1}, batch {self.batch}"
+        return f"epoch {self.epoch}"
 
 
 class Checkpointer:
@@ -238,7 +254,8 @@ class Checkpointer:
             format1_saved = self._format1_epochs_saved(format1_epoch)
         mine = []
         for epoch in self.layout.list_epochs():
-            if epoch >= resumed.epoch:
+            # a step checkpoint's own epoch E may be another lineage's: checked below
+            if epoch > resumed.epoch or (epoch == resumed.epoch and not resumed.batch):
                 mine += [epoch] if epoch == resumed.epoch else []
                 break
             version, lineage = read_lineage(self.layout.epoch_dir(epoch))
@@ -375,6 +392,12 @@ class Checkpointer:
             train_seconds,
         )
 
+    def step_decision(self, epoch: int, batch: int, reason: str) -> SaveDecision:
+        """A `SaveDecision` for a step checkpoint after `epoch` completed epochs and
+        `batch` batches of the next, with the best-metric state as it is now (of the
+        last completed epoch: a step records no metrics)."""
+        return dataclasses.replace(self.decision_with_current_best(epoch, reason), batch=batch)
+
     def save(self, decision: SaveDecision, capture: Callable[[], WriteFiles]) -> None:
         """Save the epoch of `decision`; with ckpt_async, in the background.
 
@@ -427,7 +450,7 @@ class Checkpointer:
             # The next save starts by finishing what this one left (work/, trash/).
             self.prepared = False
             message = (
-                f"saving epoch {decision.epoch} into '{self.layout.ckpts}' failed: {error}; "
+                f"saving {decision.describe()} into '{self.layout.ckpts}' failed: {error}; "
                 f"'last' names epoch {self.layout.resolve_link('last')}"
                 f"{out_of_space_remedy(error, self.layout.ckpts, self.last_save_bytes)}"
             )
@@ -437,13 +460,18 @@ class Checkpointer:
         finally:
             self.trash.poke()  # whatever the save moved aside, even if it failed
         try:
-            self.history.record_saved(
-                decision.epoch, decision.reason, time.perf_counter() - started
-            )
+            if decision.batch:
+                self.history.record_step_saved(
+                    decision.epoch, decision.batch, decision.reason, time.perf_counter() - started
+                )
+            else:
+                self.history.record_saved(
+                    decision.epoch, decision.reason, time.perf_counter() - started
+                )
         except (OSError, UnsafePathError) as error:
             self.logger.error(
-                "epoch %d: its save is not recorded in %s: %s",
-                decision.epoch,
+                "%s: its save is not recorded in %s: %s",
+                decision.describe(),
                 self.history.path,
                 error,
             )
@@ -459,8 +487,16 @@ class Checkpointer:
             lambda written: self._build_info(decision, written, started),
             compute_checksums=self.settings["ckpt_checksum"],
             logger=self.logger,
+            batch=decision.batch,
         )
         self.last_save_time = decision.time
+        if decision.batch:
+            step = (epoch, decision.batch)
+            point_step_link(self.layout, step)
+            fault_point("after_step_link")
+            discard_steps(self.layout, step, self.logger)
+            self._log_saved(decision, written, self.layout.step_dir(*step))
+            return written.nbytes
         repoint_links(
             self.layout,
             epoch,
@@ -469,20 +505,28 @@ class Checkpointer:
             update_best=self.best is not None,
         )
         fault_point("after_last")
+        # `last` moved on, so a step checkpoint no longer continues it (its after_last
+        # names the previous one): superseded, whether or not this removal completes.
+        if os.path.lexists(self.layout.link(STEP_LINK)) or self.layout.list_steps():
+            point_step_link(self.layout, None)
+            discard_steps(self.layout, None, self.logger)
         if not self.run_epochs or self.run_epochs[-1] != epoch:
             self.run_epochs.append(epoch)
         self._apply_keep_policy(epoch, decision.best_epoch)
+        self._log_saved(decision, written, self.layout.epoch_dir(epoch))
+        return written.nbytes
+
+    def _log_saved(self, decision: SaveDecision, written: WrittenFiles, directory: str) -> None:
         self.logger.info(
-            "epoch %d saved (%s%s): %d bytes in %.3f s (%.1f MB/s) -> %s",
-            epoch,
+            "%s saved (%s%s): %d bytes in %.3f s (%.1f MB/s) -> %s",
+            decision.describe(),
             decision.reason,
             ", best" if decision.improved and decision.reason != "best" else "",
             written.nbytes,
             written.write_seconds,
             written.nbytes / 1e6 / max(written.write_seconds, 1e-9),
-            self.layout.epoch_dir(epoch),
+            directory,
         )
-        return written.nbytes
 
     def report_final(self) -> None:
         """Log how many of this run's epochs are kept, and which."""
@@ -591,6 +635,12 @@ class Checkpointer:
             info.update(adapter=self.adapter_name, model_format=self.model_format)
         if self.init_from is not None:
             info["init_from"] = dict(self.init_from)
+        if decision.batch:
+            info.update(
+                format_version=STEP_FORMAT_VERSION,
+                batch=decision.batch,
+                after_last=last_identity(self.layout),
+            )
         return info
 
     def _best_on_disk(self, wanted: int | None) -> int | None:

@@ -28,7 +28,7 @@ from ..errors import LinkError, UnsafePathError
 from ..storage.faults import fault_point
 from ..format.index import append_index, directory_inode
 from ..format.info import write_info
-from ..format.layout import CheckpointLayout, epoch_dirname
+from ..format.layout import STEP_LINK, CheckpointLayout
 from ..logs import LibraryLogger
 
 # Where a saved file is fsynced while its CRC32 is computed on the saving thread.
@@ -177,12 +177,17 @@ def save_epoch(
     *,
     compute_checksums: bool,
     logger: LibraryLogger,
+    batch: int = 0,
 ) -> tuple[dict[str, Any], WrittenFiles]:
     """Write one epoch into `epochs/NNN` (steps 2-6); the caller then repoints the links.
 
+    With `batch` > 0, a step checkpoint instead: `steps/NNN.BBBBBB`, after `epoch`
+    completed epochs and `batch` batches of the next, with no line in the list index
+    (which describes `epochs/` only).
+
     Args:
         layout: the tree's `CheckpointLayout` (`prepare_tree` must have run).
-        epoch: the 1-based epoch.
+        epoch: the 1-based epoch (of a step checkpoint: the epochs completed).
         write_files: callable(directory) that writes the model's files into `directory`
             and returns the model file's name, or a `ModelFile` with its CRC32 too. It
             need not fsync.
@@ -215,10 +220,12 @@ def save_epoch(
                 os.fchmod(work, mode)
             finally:
                 os.close(work)
-            # Before the rename, which keeps the inode: see core/format/index.py for why.
-            append_index(layout.root, layout.ckpts, info, directory_inode(ckpts, "work"))
-            fault_point("after_index")
-            _rename_work(layout, ckpts, epoch, made, logger)
+            if not batch:
+                # Before the rename, which keeps the inode: see core/format/index.py.
+                append_index(layout.root, layout.ckpts, info, directory_inode(ckpts, "work"))
+                fault_point("after_index")
+            what = f"step checkpoint {epoch}.{batch}" if batch else f"epoch {epoch}"
+            _rename_work(layout, ckpts, layout.checkpoint_dir(epoch, batch), made, logger, what)
         except BaseException:
             with contextlib.suppress(UnsafePathError):  # a link there is left, not followed
                 trash.move_to_trash(layout, layout.work)
@@ -228,17 +235,23 @@ def save_epoch(
 
 
 def _rename_work(
-    layout: CheckpointLayout, ckpts: int, epoch: int, made: os.stat_result, logger: LibraryLogger
+    layout: CheckpointLayout,
+    ckpts: int,
+    destination: str,
+    made: os.stat_result,
+    logger: LibraryLogger,
+    what: str,
 ) -> None:
-    """Rename `work/` (the directory whose status is `made`) to `epochs/NNN` (step 5-6)."""
-    destination, name = layout.epoch_dir(epoch), epoch_dirname(epoch)
-    with tree_fs.directory(layout.root, layout.epochs) as epochs:
+    """Rename `work/` (the directory whose status is `made`) to `destination`,
+    `epochs/NNN` or `steps/NNN.BBBBBB` (step 5-6); `what` names it in the log."""
+    name = os.path.basename(destination)
+    with tree_fs.directory(layout.root, os.path.dirname(destination), create=True) as epochs:
         if tree_fs.require_directory(epochs, name, destination) is not None:
             trash.move_to_trash(layout, destination)
             logger.info(
-                "replaced existing epoch %d (a timeline abandoned by a rollback or "
-                "a restart from an earlier epoch)",
-                epoch,
+                "replaced existing %s (a timeline abandoned by a rollback or a restart "
+                "from an earlier checkpoint)",
+                what,
             )
         tree_fs.require_entry_is(ckpts, "work", layout.work, made)
         durable.rename_at(ckpts, "work", epochs, name)
@@ -311,6 +324,27 @@ def _point_best(layout: CheckpointLayout, best: int | None, logger: LibraryLogge
         return
     if current != best or (best is None and os.path.lexists(layout.link("best"))):
         point_link(layout, "best", best)
+
+
+def point_step_link(layout: CheckpointLayout, step: tuple[int, int] | None) -> None:
+    """Atomically point `last_step` at the step checkpoint `step` (epochs, batches), or
+    remove it if None."""
+    with tree_fs.directory(layout.root, layout.ckpts) as ckpts:
+        if step is None:
+            durable.remove_entry(ckpts, STEP_LINK)
+        else:
+            target = os.path.relpath(layout.step_dir(*step), layout.ckpts)
+            durable.replace_symlink(target, ckpts, STEP_LINK)
+
+
+def discard_steps(
+    layout: CheckpointLayout, keep: tuple[int, int] | None, logger: LibraryLogger
+) -> None:
+    """Move every step checkpoint but `keep` out of `steps/` into `trash/`: a later
+    save supersedes them (docs/FORMAT.md, "Step checkpoints")."""
+    for step in layout.list_steps():
+        if step != keep and trash.move_to_trash(layout, layout.step_dir(*step)) is not None:
+            logger.debug("deleted step checkpoint %s (superseded)", layout.step_dir(*step))
 
 
 def discard_epochs(layout: CheckpointLayout, epochs: list[int], logger: LibraryLogger) -> None:

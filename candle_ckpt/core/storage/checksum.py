@@ -45,10 +45,13 @@ class RegionPlanner:
     """`read_file`'s `read_into`: `plan(path, opened file)` -> the `Regions` of the
     file it reads. `rest_in_new_memory`: the caller's buffers take only part of the
     file (a restarting PyTorch optimizer has no tensors yet), so the new memory for the
-    rest is mapped in while the first pass runs."""
+    rest is mapped in while the first pass runs. `min_file_bytes`: a file smaller than
+    this (or than IN_PLACE_MIN_BYTES) is read whole into new memory, where the caller
+    found the two passes to cost more than the memory they spare."""
 
     plan: Callable[[str, BinaryIO], Regions]
     rest_in_new_memory: bool = False
+    min_file_bytes: int = 0
 
 
 _crc32_combine: Callable[[int, int, int], int] | None
@@ -136,10 +139,10 @@ def read_file(
     and is computed over exactly these bytes: what the caller verifies is what it uses.
 
     `read_into` (with `compute_crc` and `expected_crc`, for a file of IN_PLACE_MIN_BYTES
-    or more) reads parts of the file into the caller's own memory instead, already
-    faulted in (a model's variables): the file's
-    CRC32 is first computed from the file itself, mapped (`crc32_file`: no copy, no new
-    memory), and only if it equals `expected_crc` is `read_into` called, with the path
+    and its `min_file_bytes` or more) reads parts of the file into the caller's own
+    memory instead, already faulted in (a model's variables): the file's CRC32 is first
+    computed from the file itself, mapped (`crc32_file`: no copy, no new memory), and
+    only if it equals `expected_crc` is `read_into` called, with the path
     and the open file, for the regions to read where (`Regions`). Their bytes are then
     read into those buffers, in file order with the rest, and covered by the CRC32 from
     there; their place in `contents` is left unread (zeros, taking no memory). The rest
@@ -153,7 +156,7 @@ def read_file(
         # New memory at every restart: huge pages would risk a compaction stall
         contents = memoryview(_memory_for(path, size, anonymous_memory))
         regions: list[tuple[int, memoryview]] = []
-        if read_into and compute_crc and size >= IN_PLACE_MIN_BYTES:
+        if read_into and compute_crc and size >= max(IN_PLACE_MIN_BYTES, read_into.min_file_bytes):
             # While the first pass waits for the disk, the memory the rest goes to is
             # mapped in; from the page cache the first pass is short, and so is this.
             first_pass = _Populating([contents] if read_into.rest_in_new_memory else [])
@@ -168,11 +171,12 @@ def read_file(
                         _release(contents, offset, len(view))
                 stream.seek(0)
         pieces = _destinations(contents, regions, size)
-        # The file was just read once, so this read is not waiting for the disk: the new
-        # memory between the regions is mapped in by another thread, ahead of the reader.
-        second_pass = _Populating(
-            [view for _, view in pieces if view.obj is contents.obj] if regions else []
-        )
+        # The new memory (between the regions, if any) is mapped in by another thread,
+        # ahead of the reader, which then copies from the page cache into memory mapped
+        # in already: a file just read once, or still in the page cache since its save,
+        # is read faster so (benchmarks/bench_shapes.py); one read from the disk is not
+        # read slower.
+        second_pass = _Populating([view for _, view in pieces if view.obj is contents.obj])
         running = [0]
 
         def add_to_crc(data: memoryview) -> None:  # in the CRC thread, chunk by chunk

@@ -24,9 +24,9 @@ from ..format.layout import CheckpointLayout
 from . import durable, tree_fs
 from .faults import fault_point
 
-# What `move_to_trash` names an entry: the directory's own name ("work" or an epoch's)
-# and a random suffix, so two deletions of the same epoch never collide.
-_TRASH_NAME = re.compile(r"(work|[0-9]{3,})\.[0-9a-f]{12}\Z")
+# What `move_to_trash` names an entry: the directory's own name ("work", an epoch's or
+# a step checkpoint's) and a random suffix, so two deletions of one never collide.
+_TRASH_NAME = re.compile(r"(work|[0-9]{3,}|[0-9]{3,}\.[0-9]{6,})\.[0-9a-f]{12}\Z")
 
 
 def is_trash_name(name: str) -> bool:

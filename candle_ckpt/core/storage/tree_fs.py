@@ -33,6 +33,7 @@ from ..format.layout import (
     LOG_FILE,
     CheckpointLayout,
     parse_epoch_dirname,
+    parse_step_dirname,
 )
 
 REMEDY = (
@@ -248,7 +249,7 @@ def check_tree(layout: CheckpointLayout) -> list[str]:
     expected = [(layout.root, LOG_FILE, "a regular file")]
     if layout.ckpts != layout.root:  # upstream CANDLE's layout: the root is the tree
         expected.append((os.path.dirname(layout.ckpts), os.path.basename(layout.ckpts), directory_))
-    for name in ("work", "trash", "epochs"):
+    for name in ("work", "trash", "epochs", "steps"):
         expected.append((layout.ckpts, name, directory_))
     for name in (LOCK_FILE, HISTORY_FILE, INDEX_FILE, CACHE_FILE):
         expected.append((layout.ckpts, name, "a regular file"))
@@ -264,15 +265,16 @@ def check_tree(layout: CheckpointLayout) -> list[str]:
             problems.append(f"'{path}' is {found}; expected {kind}")
             if path == layout.ckpts:
                 return problems  # nothing below it is the tree's
-    try:
-        entries = list(os.scandir(layout.epochs))
-    except OSError:  # absent, or already reported as not a directory
-        return problems
-    for entry in entries:
-        if parse_epoch_dirname(entry.name) is not None and not entry.is_dir(follow_symlinks=False):
-            problems.append(
-                f"'{entry.path}' is {describe(None, entry.path)}; expected {directory_}"
-            )
+    for holder, parse in ((layout.epochs, parse_epoch_dirname), (layout.steps, parse_step_dirname)):
+        try:
+            entries = list(os.scandir(holder))
+        except OSError:  # absent, or already reported as not a directory
+            continue
+        for entry in entries:
+            if parse(entry.name) is not None and not entry.is_dir(follow_symlinks=False):
+                problems.append(
+                    f"'{entry.path}' is {describe(None, entry.path)}; expected {directory_}"
+                )
     return problems
 
 
