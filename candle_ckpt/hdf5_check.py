@@ -25,6 +25,15 @@ ends in a refusal rather than in the process:
    the same way in this process afterwards, so only a file that the checker walked
    to the end is opened here.
 
+3. `list_model_file` has the checker do that walk with h5py's low-level interface
+   (each object opened from its group; no name looked up, since nothing will be) and
+   send back the file's tree: every group's attributes and every dataset's offset,
+   shape and dtype, as JSON (`Listing`). A reader of the listing (the Keras restart)
+   never parses the file with HDF5 in this process at all: it takes what it needs
+   from the listing and the values from the verified bytes by offset. The pieces of
+   the file the checker read are kept as CRC32s (`Reads`), so that a listing made
+   from one read of a file serves a second read holding the same bytes there.
+
 `load_json` bounds a JSON text held in a model file (size, nesting depth, string
 lengths) before it is parsed, so that what it decodes to stays in proportion to it.
 
@@ -33,9 +42,11 @@ docs/THREATS.md says what this defends against and what it does not.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
 import json
+import math
 import mmap
 import os
 import re
@@ -47,13 +58,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
 import numpy as np
 
 from .core.errors import CheckpointFormatError
+from .core.storage.checksum import crc32
 from .core.text import printable
 from .hdf5 import HDF5_MAGIC, InMemoryFile
 
@@ -87,6 +100,9 @@ _UNDEFINED = 0xFFFFFFFFFFFFFFFF  # HDF5's undefined address
 _MESSAGE_BYTES = 4096  # of a refusal, sent from the checker
 _REQUEST = struct.Struct("<QQ")  # a read the checker asks for: offset, length
 _COUNT = struct.Struct("<Q")  # the bytes that follow
+_PLACES_PER_MESSAGE = 64  # datasets' places the checker sends at once
+_PLACE_BYTES = 1024  # a place as JSON: an offset, at most 32 dimensions and a dtype
+_CHECK, _LIST = b"C", b"L"  # what the checker is asked for: a verdict, or the listing too
 _BLOCK_BYTES = 64 << 10
 _CACHED_BLOCKS = 1024
 
@@ -122,10 +138,223 @@ def check(contents: Any, path: str) -> None:
     """Raise CheckpointFormatError unless `contents` are an HDF5 file of the shape
     candle_ckpt writes (module docstring), found so by the checker process, which
     parsed them to the end without crashing, hanging or running out of memory."""
+    _verdict(contents, path, _CHECK)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What `list_model_file` found: the file's tree, and the pieces of the file the
+    checker read to find it (`Reads`)."""
+
+    root: ListedGroup
+    reads: Reads
+
+
+@dataclass(frozen=True)
+class Reads:
+    """The pieces of a file of `size` bytes the checker read, as (offset, length,
+    CRC32 of their bytes): HDF5 made the listing from these bytes alone, so a file
+    whose bytes are the same there has the same listing."""
+
+    size: int
+    pieces: tuple[tuple[int, int, int], ...]
+
+    def found_in(self, contents: Any, regions: Sequence[tuple[int, Any]] = ()) -> bool:
+        """Whether the file read as `contents`, but for `regions` ((offset, buffer):
+        the parts read elsewhere, left out of `contents`, not overlapping), holds
+        the same bytes in every piece."""
+        if len(contents) != self.size:
+            return False
+        view = memoryview(contents).cast("B")
+        placed = sorted((offset, memoryview(buffer).cast("B")) for offset, buffer in regions)
+        starts = [offset for offset, _ in placed]
+        for offset, length, crc in self.pieces:
+            if _crc32_of(view, placed, starts, offset, offset + length) != crc:
+                return False
+        return True
+
+
+def _crc32_of(
+    view: memoryview,
+    placed: list[tuple[int, memoryview]],
+    starts: list[int],
+    start: int,
+    stop: int,
+) -> int:
+    """The CRC32 of bytes `start` to `stop` of a file: from `placed` ((offset, bytes),
+    in file order, `starts` their offsets) where one lies, else from `view`."""
+    crc, position = 0, start
+    k = max(0, bisect.bisect_right(starts, start) - 1)
+    while position < stop:
+        if k < len(placed) and placed[k][0] + len(placed[k][1]) <= position:
+            k += 1
+            continue
+        if k < len(placed) and placed[k][0] <= position:
+            offset, buffer = placed[k]
+            end = min(stop, offset + len(buffer))
+            crc = crc32(buffer[position - offset : end - offset], crc)
+        else:
+            end = min(stop, placed[k][0]) if k < len(placed) else stop
+            crc = crc32(view[position:end], crc)
+        position = end
+    return crc
+
+
+def list_model_file(source: Any, path: str, found: Callable[[Any], None] | None = None) -> Listing:
+    """The tree of the model file `source` (its bytes, or a binary file open on it), as
+    the checker process found it walking the file: every group and dataset with its
+    attributes, and where each dataset's values are. This process never parses the
+    file with HDF5: a reader that takes what it needs from the listing, and the
+    values from `source` by offset (`StoredArray.array`), costs no HDF5 lookup.
+
+    The checker refuses what `check` refuses, but does not look up names the
+    attributes hold (nothing is looked up by name in HDF5 here), nor read the filter
+    pipeline of a contiguous dataset (HDF5 applies none to one, `_stored`).
+
+    `found`, if given, is called in this thread while the checker walks on, with
+    [offset, shape, dtype] (JSON data) of each dataset it found stored as `check`
+    requires: for work that may start before the verdict (nothing may reach a model
+    before it, and a file refused later may have had good datasets first).
+
+    Raises:
+        CheckpointFormatError: the file is not one candle_ckpt reads (names `path`).
+    """
+    contents = _bytes_of(source, path)
+    pieces: dict[int, tuple[int, int, int]] = {}
+    listing = _verdict(contents, path, _LIST, pieces, found)
+    try:
+        root = _listed_tree(json.loads(listing.decode("ascii")), path)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        _refuse(path, f"the checker's listing of it is malformed ({type(error).__name__})")
+        raise AssertionError("unreachable") from error
+    return Listing(root, Reads(len(contents), tuple(pieces.values())))
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """A dataset of a listed model file (`list_model_file`): its values are `nbytes`
+    at `offset` of the file (which the checker found inside it), numbers of `dtype`
+    in this machine's byte order."""
+
+    name: str  # its path in the file, from "/"
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    attrs: dict[str, Any]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def array(self, contents: Any, path: str) -> np.ndarray:
+        """Its values: a view of `contents`, the file's bytes (`path` names it)."""
+        if self.offset + self.nbytes > len(contents):
+            raise CheckpointFormatError(
+                f"'{path}': dataset '{self.name}' ({self.nbytes} bytes at offset "
+                f"{self.offset}) extends past the end of the file ({len(contents)} bytes)"
+            )
+        return np.frombuffer(contents, self.dtype, self.size, self.offset).reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class ListedGroup:
+    """A group of a listed model file: its attributes (`_listed_value`: numbers as
+    numpy scalars or arrays, strings as str or lists of str) and its members."""
+
+    name: str  # its path in the file, from "/"
+    attrs: dict[str, Any]
+    members: dict[str, ListedGroup | StoredArray]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.members
+
+    def group(self, name: str, path: str) -> ListedGroup:
+        """The group `name` ("a/b": parts below this one) of the file `path`."""
+        found = self._follow(name, path)
+        if not isinstance(found, ListedGroup):
+            raise CheckpointFormatError(f"'{path}': '{found.name}' is a dataset, expected a group")
+        return found
+
+    def dataset(self, name: str, path: str) -> StoredArray:
+        """The dataset `name` ("a/b": parts below this one) of the file `path`."""
+        found = self._follow(name, path)
+        if not isinstance(found, StoredArray):
+            raise CheckpointFormatError(f"'{path}': '{found.name}' is a group, expected a dataset")
+        return found
+
+    def _follow(self, name: str, path: str) -> ListedGroup | StoredArray:
+        node: ListedGroup | StoredArray = self
+        for part in name.split("/"):
+            if not isinstance(node, ListedGroup) or part not in node.members:
+                raise CheckpointFormatError(
+                    f"'{path}': no '{name}' under '{self.name}' (stopped at "
+                    f"'{node.name}': no entry '{part}')"
+                )
+            node = node.members[part]
+        return node
+
+
+def _listed_tree(listing: dict[str, Any], path: str) -> ListedGroup:
+    """The root of the tree `_list_objects` listed."""
+    groups: dict[str, ListedGroup] = {}
+    for member, attributes in listing["groups"].items():
+        group = ListedGroup(f"/{member}", _attributes(attributes), {})
+        if member:
+            parent, _, name = member.rpartition("/")
+            groups[parent].members[name] = group
+        groups[member] = group
+    for member, (offset, shape, dtype, attributes) in listing["datasets"].items():
+        parent, _, name = member.rpartition("/")
+        stored = np.dtype(dtype)
+        if stored.kind not in _NUMBER_KINDS or not stored.isnative or stored.fields:
+            raise ValueError(f"dataset '{member}' of type {dtype}")
+        groups[parent].members[name] = StoredArray(
+            f"/{member}", int(offset), tuple(int(n) for n in shape), stored, _attributes(attributes)
+        )
+    return groups[""]
+
+
+def _attributes(listed: dict[str, Any]) -> dict[str, Any]:
+    """Attributes as `_listed_value` lists them, as h5py would read them."""
+    types = {"b": np.bool_, "i": np.int64, "f": np.float64}
+    attributes: dict[str, Any] = {}
+    for name, (kind, value) in listed.items():
+        if kind == "s":
+            attributes[name] = value if isinstance(value, str) else [str(v) for v in value]
+        elif isinstance(value, list):
+            attributes[name] = np.array(value, types[kind])
+        else:
+            attributes[name] = types[kind](value)
+    return attributes
+
+
+def prestart() -> None:
+    """Start the checker process now, if none is running, so that the first check of a
+    job (a restart) does not wait for it to start: it starts while the restart finds
+    and verifies the checkpoint."""
+    with _checker_lock:
+        _running_checker()
+
+
+def _verdict(
+    contents: Any,
+    path: str,
+    mode: bytes,
+    pieces: dict[int, tuple[int, int, int]] | None = None,
+    found: Callable[[Any], None] | None = None,
+) -> bytes:
+    """The checker's verdict on `contents` in `mode` (`_CHECK`, `_LIST`): what it
+    sent with a good verdict (the listing, or nothing); CheckpointFormatError else.
+    `pieces`, if given, gets (offset, length, CRC32) of each piece the checker read,
+    by offset; `found` is called as `list_model_file` says."""
     view = memoryview(contents).cast("B")
     _check_superblock(view, path)
     with _checker_lock:
-        finished, problem, status = _checked(view)
+        finished, problem, status, sent = _checked(view, mode, pieces, found)
     if not finished:
         _refuse(path, f"parsing it did not end within {CHECK_SECONDS:g} s (a loop in its headers)")
     if status is not None and status < 0:
@@ -135,6 +364,7 @@ def check(contents: Any, path: str) -> None:
         _refuse(path, f"checking it ended with status {status} and no verdict")
     if problem:
         _refuse(path, problem)
+    return sent
 
 
 # The checker process, kept between checks (a restart checks a file twice when it reads
@@ -144,27 +374,41 @@ _checker_parent = 0  # the pid of the process that started it
 _checker_lock = threading.Lock()
 
 
-def _checked(view: memoryview) -> tuple[bool, str | None, int | None]:
-    """(whether the checker finished in time, its verdict on `view`: "" for a good
-    file, the problem, or None when it ended without one; its exit status if it ended)."""
+def _running_checker() -> subprocess.Popen[bytes]:
+    """The checker process, started if there is none (under _checker_lock)."""
     global _checker, _checker_parent
+    # A forked process inherits the checker without being its parent: it cannot
+    # poll it, and learns whether it still runs from the pipe.
+    if _checker is None or (_checker_parent == os.getpid() and _checker.poll() is not None):
+        _checker_parent = os.getpid()
+        _checker = subprocess.Popen(
+            _child_command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+        )
+    return _checker
+
+
+def _checked(
+    view: memoryview,
+    mode: bytes,
+    pieces: dict[int, tuple[int, int, int]] | None = None,
+    found: Callable[[Any], None] | None = None,
+) -> tuple[bool, str | None, int | None, bytes]:
+    """(whether the checker finished in time, its verdict on `view`: "" for a good
+    file, the problem, or None when it ended without one; its exit status if it ended;
+    what it sent with a good verdict in `mode`)."""
+    global _checker
     while True:
-        # A forked process inherits the checker without being its parent: it cannot
-        # poll it, and learns whether it still runs from the pipe.
-        if _checker is None or (_checker_parent == os.getpid() and _checker.poll() is not None):
-            _checker_parent = os.getpid()
-            _checker = subprocess.Popen(
-                _child_command(),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                close_fds=True,
-            )
-        checker = _checker
+        checker = _running_checker()
         assert checker.stdin is not None and checker.stdout is not None
-        finished, started, problem = _serve(checker.stdin.fileno(), checker.stdout.fileno(), view)
+        finished, started, problem, sent = _serve(
+            checker.stdin.fileno(), checker.stdout.fileno(), view, mode, pieces, found
+        )
         if finished and problem is not None:
-            return True, problem, None
+            return True, problem, None, sent
         _checker = None
         if checker.poll() is None:
             checker.kill()
@@ -173,7 +417,7 @@ def _checked(view: memoryview) -> tuple[bool, str | None, int | None]:
         status = checker.wait()
         if finished and not started and status == 0:
             continue  # it had just exited, idle: a new one checks the file
-        return finished, None, status
+        return finished, None, status, b""
 
 
 def _child_command() -> list[str]:
@@ -187,33 +431,78 @@ def _child_command() -> list[str]:
     return [sys.executable, "-I", "-c", script]
 
 
-def _serve(to_child: int, from_child: int, view: memoryview) -> tuple[bool, bool, str | None]:
-    """Hand `view` to the checker and answer its reads until it gives its verdict or
-    CHECK_SECONDS pass: (whether it finished, whether it started on the file, its
-    verdict: "" for a good file, the problem, or None when it ended without one)."""
+def _serve(
+    to_child: int,
+    from_child: int,
+    view: memoryview,
+    mode: bytes,
+    pieces: dict[int, tuple[int, int, int]] | None,
+    found: Callable[[Any], None] | None,
+) -> tuple[bool, bool, str | None, bytes]:
+    """Hand `view` to the checker in `mode` and answer its reads until it gives its
+    verdict or CHECK_SECONDS pass: (whether it finished, whether it started on the
+    file, its verdict: "" for a good file, the problem, or None when it ended without
+    one; what it sent before a good verdict, at most `_listing_limit` bytes). Each
+    piece of `view` sent goes into `pieces`, if given, and each dataset's place the
+    checker sends (`_list`) to `found`, if given (`_verdict`); an error `found` raises
+    is raised once the checker gave its verdict, so that it can take the next file."""
     reader = _Reader(from_child, time.monotonic() + CHECK_SECONDS)
     started = False
+    sent = b""
+    failure: Exception | None = None
     try:
-        _write_all(to_child, _COUNT.pack(len(view)))
+        _write_all(to_child, _COUNT.pack(len(view)) + mode)
         while True:
             kind = reader.take(1)
             if kind == b"S":
                 started = True
             elif kind == b"R":
                 offset, length = _REQUEST.unpack(reader.take(_REQUEST.size))
-                piece = view[min(offset, len(view)) : min(offset + length, len(view))]
+                start = min(offset, len(view))
+                piece = view[start : min(offset + length, len(view))]
+                if pieces is not None:
+                    crc = crc32(piece)
+                    if pieces.get(start, (0, 0, crc))[2] != crc:
+                        crc = -1  # served twice, changed between: matches no file
+                    pieces[start] = (start, len(piece), crc)
                 _write_all(to_child, _COUNT.pack(len(piece)))
                 _write_all(to_child, piece)
+            elif kind == b"D":
+                (length,) = _COUNT.unpack(reader.take(_COUNT.size))
+                if length > _PLACES_PER_MESSAGE * _PLACE_BYTES:
+                    return True, started, f"it sent datasets' places of {length} bytes", b""
+                places = reader.take(length)
+                if found is not None:
+                    use = found
+                    try:
+                        for place in json.loads(places):
+                            use(place)
+                    except Exception as error:  # raised with the verdict: the checker is done
+                        failure, found = error, None
+            elif kind == b"L" and not sent:
+                (length,) = _COUNT.unpack(reader.take(_COUNT.size))
+                if length > _listing_limit(len(view)):
+                    return True, started, f"its listing takes {length} bytes", b""
+                sent = reader.take(length)
             elif kind == b"V":
                 (length,) = _COUNT.unpack(reader.take(_COUNT.size))
                 message = reader.take(min(length, _MESSAGE_BYTES))
-                return True, started, message.decode("utf8", "replace")
+                if failure is not None:
+                    raise failure
+                return True, started, message.decode("utf8", "replace"), sent
             else:
-                return True, started, None  # the checker wrote something else
+                return True, started, None, b""  # the checker wrote something else
     except TimeoutError:
-        return False, started, None
+        return False, started, None, b""
     except (BrokenPipeError, EOFError):
-        return True, started, None
+        return True, started, None, b""
+
+
+def _listing_limit(size: int) -> int:
+    """The most bytes the listing of a file of `size` bytes may take: it lists what the
+    file holds (names, strings, numbers, shapes), a byte of the file in at most 6 bytes
+    of JSON (a byte that is not UTF-8 as \\udcXX), so only a broken checker sends more."""
+    return 8 * size + (1 << 20)
 
 
 class _Reader:
@@ -303,8 +592,9 @@ def _check_superblock(view: memoryview, path: str) -> None:
 
 def child_main() -> None:
     """The checker process (`_child_command`): for each file its parent hands it on
-    stdin and stdout (its size, then its bytes as asked for), walk it and give the
-    verdict; exit when the parent closes the pipe or after IDLE_SECONDS without a file.
+    stdin and stdout (its size and what is asked, then its bytes as asked for), walk
+    it and give the verdict, after the listing if asked for it (`_list`); exit when
+    the parent closes the pipe or after IDLE_SECONDS without a file.
     Nothing here returns to a caller."""
     sys.stdout = sys.stderr  # the protocol owns file descriptor 1
     with open("/proc/self/statm") as stream:
@@ -315,10 +605,16 @@ def child_main() -> None:
     while select.select([0], [], [], IDLE_SECONDS)[0]:
         try:
             (size,) = _COUNT.unpack(_read_exactly(0, _COUNT.size))
+            mode = _read_exactly(0, 1)
         except EOFError:
             break
         _write_all(1, b"S")
-        problem = _walk(_ServedFile(0, 1, size))
+        if mode == _LIST:
+            problem, listing = _list(_ServedFile(0, 1, size))
+            if not problem:
+                _write_all(1, b"L" + _COUNT.pack(len(listing)) + listing)
+        else:
+            problem = _walk(_ServedFile(0, 1, size))
         message = problem.encode("utf8", "backslashreplace")[:_MESSAGE_BYTES]
         _write_all(1, b"V" + _COUNT.pack(len(message)) + message)
     os._exit(0)
@@ -454,45 +750,196 @@ def _probe(node: Any, name: str) -> None:
 
 def _attribute_problem(node: Any, name: str, size: int) -> str:
     """What is wrong with attribute `name` of `node`, read in full, or ""."""
+    return _attribute(node, name, size)[0]
+
+
+def _attribute(node: Any, name: str, size: int) -> tuple[str, Any]:
+    """(what is wrong with attribute `name` of `node` or "", its value read in full)."""
     attribute = h5py.h5a.open(node.id, name.encode("utf8"))
     dtype = attribute.dtype
     count = int(np.prod(attribute.shape, dtype=object)) if attribute.shape else 1
     where = f"attribute '{name}' of '{node.name}'"
     if count * dtype.itemsize > size:
-        return f"{where} declares {count} items, more than the file's {size} bytes hold"
+        return f"{where} declares {count} items, more than the file's {size} bytes hold", None
     string = h5py.check_string_dtype(dtype)
     if dtype.kind not in _NUMBER_KINDS + "S" and (string is None or dtype.kind != "O"):
-        return f"{where} is of type {dtype} (candle_ckpt writes numbers and strings)"
-    _ = node.attrs[name]
-    return ""
+        return f"{where} is of type {dtype} (candle_ckpt writes numbers and strings)", None
+    return "", node.attrs[name]
+
+
+def _list(served: _ServedFile) -> tuple[str, bytes]:
+    """In the checker: ("", the listing of every object of the file as JSON) if every
+    object is one candle_ckpt writes, else (what is wrong with the first that is not,
+    b""). The datasets' places are sent to the parent as they are found (b"D", in
+    batches of _PLACES_PER_MESSAGE), so that it can prepare their values meanwhile
+    (`list_model_file`)."""
+    places: list[list[Any]] = []
+
+    def send() -> None:
+        text = json.dumps(places, separators=(",", ":")).encode("ascii")
+        _write_all(1, b"D" + _COUNT.pack(len(text)) + text)
+        places.clear()
+
+    def found(place: list[Any]) -> None:
+        places.append(place)
+        if len(places) == _PLACES_PER_MESSAGE:
+            send()
+
+    try:
+        with h5py.File(served, "r") as f:
+            problem, listing = _list_objects(f, served.seek(0, io.SEEK_END), found)
+    except Exception as error:  # whatever h5py raises on a damaged file is the answer
+        return f"h5py cannot read it ({type(error).__name__}: {str(error)[:300]})", b""
+    if problem:
+        return problem, b""
+    if places:
+        send()
+    return "", json.dumps(listing, separators=(",", ":")).encode("ascii")
+
+
+def _list_objects(
+    f: h5py.File, size: int, found: Callable[[list[Any]], None] = lambda place: None
+) -> tuple[str, dict[str, Any]]:
+    """What `_walk_objects` checks, through h5py's low-level interface, each object
+    opened from its group by its own name (no path is looked up), and what
+    `_listed_tree` makes the tree of: {"groups": {path: attributes}, "datasets":
+    {path: [offset, shape, dtype, attributes]}}, a group listed before its members,
+    paths relative to the root ("" is the root). `found([offset, shape, dtype])` is
+    called with each dataset that passed its checks."""
+    groups: dict[str, Any] = {}
+    datasets: dict[str, Any] = {}
+    seen = {h5py.h5o.get_info(f.id).addr}
+    pending: list[tuple[Any, str]] = [(f.id, "")]
+    while pending:
+        group, path = pending.pop()
+        groups[path] = {}
+        if h5py.h5a.get_num_attrs(group):
+            problem, groups[path] = _listed_attributes(h5py.Group(group), size)
+            if problem:
+                return problem, {}
+        for name, kind, address in _links(group):
+            member = f"{path}/{name.decode('utf8', 'surrogateescape')}".lstrip("/")
+            if kind != h5py.h5l.TYPE_HARD:
+                link = _LINK_KINDS.get(kind, f"a link of type {kind}")
+                return f"'/{member}' is {link} (candle_ckpt writes none)", {}
+            if address in seen:
+                return f"'/{member}' is reached twice (candle_ckpt writes a tree)", {}
+            seen.add(address)
+            opened = h5py.h5o.open(group, name)
+            if isinstance(opened, h5py.h5g.GroupID):
+                pending.append((opened, member))
+                continue
+            if not isinstance(opened, h5py.h5d.DatasetID):
+                return f"'/{member}' is a {type(opened).__name__} (candle_ckpt writes none)", {}
+            problem, offset, shape = _stored(opened, f"dataset '/{member}'", size, True)
+            attributes: dict[str, Any] = {}
+            if not problem and h5py.h5a.get_num_attrs(opened):
+                problem, attributes = _listed_attributes(h5py.Dataset(opened), size)
+            if problem:
+                return problem, {}
+            datasets[member] = [offset, shape, opened.dtype.str, attributes]
+            found(datasets[member][:3])
+    return "", {"groups": groups, "datasets": datasets}
+
+
+def _links(group: Any) -> list[tuple[bytes, int, int]]:
+    """(name, link type, address for a hard link) of every link of the GroupID `group`."""
+    links: list[tuple[bytes, int, int]] = []
+    # h5py hands the callback one LinkInfo, overwritten link by link: copied at once
+    group.links.iterate(lambda name, info: links.append((name, info.type, info.u)), info=True)
+    return links
+
+
+_LINK_KINDS = {h5py.h5l.TYPE_SOFT: "a SoftLink", h5py.h5l.TYPE_EXTERNAL: "an ExternalLink"}
+
+_LISTED_STRING_BYTES = 64 << 10
+"""A longer string attribute (Keras' model_config) is checked but left out of the
+listing: the readers of listings read names and numbers."""
+
+
+def _listed_attributes(node: Any, size: int) -> tuple[str, dict[str, Any]]:
+    """(what is wrong with an attribute of `node` or "", its attributes as the listing
+    holds them: `_listed_value`, those it leaves out omitted)."""
+    listed = {}
+    for name in node.attrs:
+        problem, value = _attribute(node, name, size)
+        if problem:
+            return problem, {}
+        entry = _listed_value(value)
+        if entry is not None:
+            listed[name] = entry
+    return "", listed
+
+
+def _listed_value(value: Any) -> list[Any] | None:
+    """An attribute's value as [kind, value] ("s" strings, "b" booleans, "i" integers,
+    "f" floats: one, or a list of them), or None for what a listing leaves out (complex
+    numbers, a string longer than _LISTED_STRING_BYTES)."""
+    array = np.asarray(value)
+    if array.dtype.kind in "SOU":
+        items = [
+            item.decode("utf8", "surrogateescape") if isinstance(item, bytes) else str(item)
+            for item in array.ravel().tolist()
+        ]
+        if any(len(item) > _LISTED_STRING_BYTES for item in items):
+            return None
+        return ["s", items[0] if array.ndim == 0 else items]
+    if array.dtype.kind == "c":
+        return None
+    kind = {"b": "b", "i": "i", "u": "i"}.get(array.dtype.kind, "f")
+    return [kind, array.tolist()]
 
 
 def _dataset_problem(dataset: h5py.Dataset, size: int) -> str:
-    """What is wrong with how `dataset` is stored, or "": its values must be numbers in
-    this machine's byte order, stored uncompressed as one run of bytes in the file."""
-    where = f"dataset '{dataset.name}'"
-    plist = dataset.id.get_create_plist()
-    layout = plist.get_layout()
-    if layout != h5py.h5d.CONTIGUOUS:
-        kinds = {h5py.h5d.COMPACT: "compact", h5py.h5d.CHUNKED: "chunked"}
-        return f"{where} is {kinds.get(layout, 'virtual')} (candle_ckpt writes contiguous datasets)"
-    if plist.get_nfilters() or plist.get_external_count():
-        return f"{where} is filtered (compressed) or stored in other files"
+    """What is wrong with how `dataset` is stored, or "" (`_stored`)."""
+    return _stored(dataset.id, f"dataset '{dataset.name}'", size)[0]
+
+
+def _stored(
+    dataset: Any, where: str, size: int, by_offset: bool = False
+) -> tuple[str, int, tuple[int, ...]]:
+    """(what is wrong with how the dataset `dataset` (an h5py DatasetID, named `where`)
+    is stored or "", the offset of its values in the file, its shape): its values must
+    be numbers in this machine's byte order, stored uncompressed as one run of bytes
+    in the file.
+
+    `by_offset`: for a reader that takes the values from the file's bytes at that
+    offset (a listing), never through HDF5. HDF5 gives a dataset's offset only for
+    contiguous storage in the file itself (not chunked, compact, virtual or external),
+    and applies a filter pipeline to chunked data only, so the creation properties are
+    read only for a dataset without an offset, to say what it is.
+    """
     dtype = dataset.dtype
     if dtype.kind not in _NUMBER_KINDS or not dtype.isnative:
-        return f"{where} holds {dtype.str} values (candle_ckpt writes numbers in native byte order)"
-    if dataset.shape is None:
-        return f"{where} has no dataspace"
-    nbytes = int(np.prod(dataset.shape, dtype=object)) * dtype.itemsize
+        problem = (
+            f"{where} holds {dtype.str} values (candle_ckpt writes numbers in native byte order)"
+        )
+        return problem, 0, ()
+    offset = dataset.get_offset()
+    if not (by_offset and offset is not None):
+        plist = dataset.get_create_plist()
+        layout = plist.get_layout()
+        if layout != h5py.h5d.CONTIGUOUS:
+            kinds = {h5py.h5d.COMPACT: "compact", h5py.h5d.CHUNKED: "chunked"}
+            kind = kinds.get(layout, "virtual")
+            return f"{where} is {kind} (candle_ckpt writes contiguous datasets)", 0, ()
+        if plist.get_nfilters() or plist.get_external_count():
+            return f"{where} is filtered (compressed) or stored in other files", 0, ()
+    shape = dataset.shape
+    if shape is None:
+        return f"{where} has no dataspace", 0, ()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
-        return ""
-    offset = dataset.id.get_offset()
-    if offset is None or dataset.id.get_storage_size() != nbytes or offset + nbytes > size:
+        return "", 0, shape
+    stored = dataset.get_storage_size()
+    if offset is None or stored != nbytes or offset + nbytes > size:
         return (
             f"{where} declares {nbytes} bytes, not stored whole inside the file "
-            f"({size} bytes; at offset {offset}, {dataset.id.get_storage_size()} stored)"
+            f"({size} bytes; at offset {offset}, {stored} stored)",
+            0,
+            (),
         )
-    return ""
+    return "", offset, shape
 
 
 # -- JSON held in a model file ---------------------------------------------------------

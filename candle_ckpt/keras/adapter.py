@@ -124,8 +124,13 @@ class KerasAdapter:
         into a model not compiled yet, load the weights now and hold the rest. A step
         checkpoint's position and metrics (`steps.read`, checked first) are held for
         the callback to start fit at its batch."""
-        step = None if weights_only else steps.read(checkpoint)
-        restored = self._restore(checkpoint, logger, weights_only)
+        listed = None
+        if not weights_only:  # one listing of the file for both (`h5.list_for_restore`)
+            listed = h5.list_for_restore(
+                checkpoint.model_contents, checkpoint.model_path, self._planned(checkpoint)
+            )
+        step = None if listed is None else steps.read(checkpoint, listed.listing.root)
+        restored = self._restore(checkpoint, logger, weights_only, listed)
         steps.hold(self.model, step)
         if step is not None and not step.metrics_saved:
             logger.warning(
@@ -138,36 +143,49 @@ class KerasAdapter:
         return restored
 
     def _restore(
-        self, checkpoint: Checkpoint, logger: LibraryLogger, weights_only: bool
+        self,
+        checkpoint: Checkpoint,
+        logger: LibraryLogger,
+        weights_only: bool,
+        listed: h5.Listed | None,
     ) -> Restored:
         if h5.is_unbuilt(self.model):
             return deferred.hold(
                 self.model,
                 checkpoint,
                 logger,
-                lambda: self.load(checkpoint, logger, weights_only=weights_only),
+                lambda: self.load(checkpoint, logger, weights_only=weights_only, listed=listed),
             )
         if not weights_only and not self._compiled():
-            self.load(checkpoint, logger, weights_only=True)
+            self.load(checkpoint, logger, weights_only=True, listed=listed)
             return deferred.hold(
                 self.model,
                 checkpoint,
                 logger,
-                lambda: self.load(checkpoint, logger),
+                lambda: self.load(checkpoint, logger, listed=listed),
                 why="is not compiled: its weights are loaded now; the whole checkpoint "
                 "(weights, optimizer and RNG state) is loaded again once fit starts "
                 "with this callback (CandleCkptKeras, CandleCheckpointCallback)",
             )
-        return self.load(checkpoint, logger, weights_only=weights_only)
+        return self.load(checkpoint, logger, weights_only=weights_only, listed=listed)
+
+    def _planned(self, checkpoint: Checkpoint) -> h5.InPlaceRead | None:
+        """The plan `checkpoint`'s model file was read by (`read_model_into`), if any."""
+        in_place = self._in_place
+        return in_place if in_place is not None and in_place.path == checkpoint.model_path else None
 
     def load(
-        self, checkpoint: Checkpoint, logger: LibraryLogger, *, weights_only: bool = False
+        self,
+        checkpoint: Checkpoint,
+        logger: LibraryLogger,
+        *,
+        weights_only: bool = False,
+        listed: h5.Listed | None = None,
     ) -> Restored:
-        """Load the verified `checkpoint` into the built model (`h5.restore`), but for
-        what was read into its variables already (`read_model_into`)."""
-        in_place, self._in_place = self._in_place, None
-        if in_place is not None and in_place.path != checkpoint.model_path:
-            in_place = None
+        """Load the verified `checkpoint` into the built model (`h5.restore`, from
+        `listed` if `restore` listed the file), but for what was read into its
+        variables already (`read_model_into`)."""
+        in_place, self._in_place = self._planned(checkpoint), None
         overwritten, self._overwritten = self._overwritten, set()
         with strategy_scope(self.model):
             loaded = h5.restore(
@@ -178,6 +196,7 @@ class KerasAdapter:
                 weights_only=weights_only,
                 in_place=in_place,
                 overwritten=overwritten,
+                listed=listed,
             )
         parts = ("weights",) + (("optimizer",) if loaded["optimizer_restored"] else ())
         return Restored.of(

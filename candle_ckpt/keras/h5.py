@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -51,6 +52,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops.resource_variable_ops import BaseResourceVariable
 
 from candle_ckpt.core.errors import CheckpointFormatError, failed_after_checks
 from candle_ckpt.core.logs import LibraryLogger, silent_logger
@@ -59,24 +61,19 @@ from candle_ckpt.core.storage.checksum import read_file
 from candle_ckpt.core.storage.direct_io import Written, aligned, aligned_arrays, copy_into
 from candle_ckpt.core.text import printable
 from candle_ckpt.hdf5 import (
+    DIRECT_MIN_BYTES,
     FileImage,
-    contiguous_offset,
     create_array,
     create_file,
-    in_place_offset,
-    layer_weights_root,
+    has_names,
     raised_in,
-    reads_as_view,
     writable_bytes,
     writable_contents,
     write_file,
 )
 from candle_ckpt.hdf5 import attr_str as _attr_str
-from candle_ckpt.hdf5 import dataset as _dataset
-from candle_ckpt.hdf5 import dataset_array as _array
-from candle_ckpt.hdf5 import group as _group
 from candle_ckpt.hdf5 import read_names as _read_names
-from candle_ckpt.hdf5_check import open_model_file
+from candle_ckpt.hdf5_check import ListedGroup, Listing, StoredArray, list_model_file
 
 MODEL_FILE = "model.h5"
 FORMAT_VERSION = 1
@@ -302,6 +299,7 @@ class InPlaceRead:
     offsets: dict[int, int]  # id(variable) -> the file offset of its dataset
     regions: list[tuple[int, np.ndarray]]  # (that offset, the variable's buffer, writable)
     tensors: list[Any]  # reads of those variables, which hold their buffers meanwhile
+    listing: Listing | None = None  # of the file as planned
 
 
 def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
@@ -326,30 +324,32 @@ def plan_in_place(model: Any, path: str, stream: BinaryIO) -> InPlaceRead:
     quiet = silent_logger()
     try:
         size = os.fstat(stream.fileno()).st_size
-        with open_model_file(stream, path) as f:
-            version = _format_version(f, path)
-            if version is None:
-                return plan
-            pairs = _plan_weights(f, model, path, True, quiet)
-            pairs += _plan_rng(f, model, path, True, quiet)
-            pairs += _plan_optimizer(f, model, path, version, quiet) or []
-            if not all(reads_as_view(dataset, size) for _, dataset in pairs):
-                return plan  # `restore` reads one through HDF5, which may fail
-            buffers = set()
-            for variable, dataset in pairs:
-                offset = in_place_offset(dataset)
-                held = _own_buffer(variable, dataset) if offset is not None else None
-                if offset is not None and held is not None and held[0].ctypes.data not in buffers:
-                    buffers.add(held[0].ctypes.data)
-                    plan.offsets[id(variable)] = offset
-                    plan.regions.append((offset, held[0]))
-                    plan.tensors.append(held[1])
+        listing = list_model_file(stream, path)
+        f = listing.root
+        version = _format_version(f, path)
+        if version is None:
+            return plan
+        plan = InPlaceRead(path, {}, [], [], listing)
+        pairs = _plan_weights(f, model, path, True, quiet)
+        pairs += _plan_rng(f, model, path, True, quiet)
+        pairs += _plan_optimizer(f, model, path, version, quiet) or []
+        if not all(dataset.offset + dataset.nbytes <= size for _, dataset in pairs):
+            return plan  # `restore` says what is wrong with the file
+        buffers = set()
+        for variable, dataset in pairs:
+            large = dataset.nbytes >= DIRECT_MIN_BYTES
+            held = _own_buffer(variable, dataset) if large else None
+            if held is not None and held[0].ctypes.data not in buffers:
+                buffers.add(held[0].ctypes.data)
+                plan.offsets[id(variable)] = dataset.offset
+                plan.regions.append((dataset.offset, held[0]))
+                plan.tensors.append(held[1])
     except Exception:  # `restore` says what is wrong with the file
         return InPlaceRead(path, {}, [], [])
     return plan
 
 
-def _own_buffer(variable: Any, dataset: h5py.Dataset) -> tuple[np.ndarray, Any] | None:
+def _own_buffer(variable: Any, dataset: StoredArray) -> tuple[np.ndarray, Any] | None:
     """(a writable byte view of the buffer `variable` holds, a read holding it), where
     that buffer is host memory of the variable's own that holds `dataset`'s values."""
     if isinstance(variable.value, tf.distribute.DistributedValues):
@@ -379,6 +379,7 @@ def restore(
     weights_only: bool = False,
     in_place: InPlaceRead | None = None,
     overwritten: Set[int] = frozenset(),
+    listed: Listed | None = None,
 ) -> dict[str, Any]:
     """Load `path` into the built and compiled `model`: weights, optimizer, RNG state.
 
@@ -415,46 +416,51 @@ def restore(
     try:
         if contents is None:
             contents, _ = read_file(path, compute_crc=False)
-        with open_model_file(contents, path) as f:
-            version = _format_version(f, path)
-            ours = version is not None
-            pairs = _plan_weights(f, model, path, ours, log)
-            optimizer = None
-            if not weights_only:
-                pairs += _plan_rng(f, model, path, ours, log)
-                optimizer = _plan_optimizer(f, model, path, version, log)
-                pairs += optimizer or []
-            offsets = in_place.offsets if in_place is not None else {}
-            held = {id(v) for v, d in pairs if offsets.get(id(v), -1) == contiguous_offset(d)}
-            if held != offsets.keys():
-                raise CheckpointFormatError(
-                    f"'{path}' changed while it was read: the arrays read into the model's "
-                    f"memory are not where the file, as verified, has them. {OVERWRITTEN}"
-                )
-            if overwritten - {id(variable) for variable, _ in pairs}:
-                raise CheckpointFormatError(
-                    f"'{path}' does not load every variable that a model file which failed "
-                    f"verification was read into. {OVERWRITTEN}"
-                )
-            loaded = sum(d.nbytes for v, d in pairs if id(v) in held)
-            pairs = [(v, d) for v, d in pairs if id(v) not in held]
-            source = writable_contents(contents)
-            values = [_array(dataset, source, path) for _, dataset in pairs]
+        source = writable_contents(contents)
+        if listed is None:
+            listed = list_for_restore(contents, path, in_place)
+        f, premade = listed.listing.root, listed.premade
+        version = _format_version(f, path)
+        ours = version is not None
+        pairs = _plan_weights(f, model, path, ours, log)
+        optimizer = None
+        if not weights_only:
+            pairs += _plan_rng(f, model, path, ours, log)
+            optimizer = _plan_optimizer(f, model, path, version, log)
+            pairs += optimizer or []
+        offsets = in_place.offsets if in_place is not None else {}
+        held = {id(v) for v, d in pairs if offsets.get(id(v), -1) == d.offset}
+        if held != offsets.keys():
+            raise CheckpointFormatError(
+                f"'{path}' changed while it was read: the arrays read into the model's "
+                f"memory are not where the file, as verified, has them. {OVERWRITTEN}"
+            )
+        if overwritten - {id(variable) for variable, _ in pairs}:
+            raise CheckpointFormatError(
+                f"'{path}' does not load every variable that a model file which failed "
+                f"verification was read into. {OVERWRITTEN}"
+            )
+        loaded = sum(d.nbytes for v, d in pairs if id(v) in held)
+        pairs = [(v, d) for v, d in pairs if id(v) not in held]
+        values = [dataset.array(source, path) for _, dataset in pairs]
     except CheckpointFormatError:
         raise
     except Exception as e:
-        # An error of h5py, numpy or this package reading the file is the file's; one
+        # An error of numpy or this package reading the file is the file's; one
         # of other code (Keras, TensorFlow: planning asks the model for its variables)
         # is that code's own, kept as it is.
-        if not raised_in(e, "h5py", "numpy", "candle_ckpt"):
+        if not raised_in(e, "numpy", "candle_ckpt"):
             raise
         raise CheckpointFormatError(
             f"'{path}' is not a readable HDF5 file ({type(e).__name__}: {printable(str(e)[:300])})"
         ) from e
-    tensors = [_as_tensor(value) for value in values]  # all of them before any assign
+    tensors = []  # all of them before any assign
+    for (_, dataset), value in zip(pairs, values):
+        tensor = premade.get((dataset.offset, dataset.shape, dataset.dtype.str))
+        tensors.append(_as_tensor(value) if tensor is None else tensor)
     for k, ((variable, _), tensor) in enumerate(zip(pairs, tensors)):
         try:
-            variable.assign(tensor)
+            _assign(variable, tensor)
         except Exception as error:  # a check this module lacks: say what is loaded
             raise failed_after_checks(
                 path, f"variable '{variable.path}'", error, f"{k} of {len(pairs)} variables"
@@ -470,6 +476,51 @@ def restore(
         "legacy": not ours,
         "nbytes": loaded + sum(v.nbytes for v in values),
     }
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A model file's listing as `restore` reads it (`list_for_restore`)."""
+
+    listing: Listing
+    premade: dict[tuple[int, tuple[int, ...], str], Any]  # tensors, by place
+
+
+def list_for_restore(contents: Any, path: str, in_place: InPlaceRead | None = None) -> Listed:
+    """The listing of the model file read as `contents` (`hdf5_check.list_model_file`)
+    for `restore` (and for what else a restart reads from it first: `steps.read`):
+    that of the plan `contents` were read by, where the file as read holds the same
+    bytes wherever the checker read it for the plan (so HDF5 lists it the same way),
+    else a new one, during which the small datasets' tensors are made
+    (`_premade_tensors`)."""
+    premade: dict[tuple[int, tuple[int, ...], str], Any] = {}
+    if in_place is not None and in_place.listing is not None:
+        planned = in_place.listing
+        if planned.reads.found_in(contents, in_place.regions):
+            return Listed(planned, premade)
+    source = writable_contents(contents)
+    return Listed(list_model_file(contents, path, _premade_tensors(source, premade)), premade)
+
+
+def _premade_tensors(
+    source: Any, premade: dict[tuple[int, tuple[int, ...], str], Any]
+) -> Callable[[Any], None]:
+    """`list_model_file`'s `found` for `restore`: the values of each small dataset of
+    `source` (the file's bytes), as a new tensor in `premade` by (offset, shape,
+    dtype), made while the checker walks the rest of the file. A tensor reaches no
+    model there: `restore` takes those of the datasets it loads once the whole file
+    is listed and checked against the model. Large datasets become tensors later, on
+    `source`'s own memory (`_as_tensor`)."""
+
+    def found(place: Any) -> None:
+        offset, shape, dtype = int(place[0]), tuple(int(n) for n in place[1]), np.dtype(place[2])
+        size = math.prod(shape)
+        nbytes = size * dtype.itemsize
+        if 0 < nbytes < DIRECT_MIN_BYTES and offset + nbytes <= len(source):
+            values = np.frombuffer(source, dtype, size, offset).reshape(shape)
+            premade[(offset, shape, place[2])] = tf.constant(values)
+
+    return found
 
 
 # -- what the model holds ------------------------------------------------------------
@@ -497,6 +548,23 @@ def _as_tensor(array: np.ndarray) -> Any:
         return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
     except (BufferError, TypeError, ValueError, RuntimeError, tf.errors.OpError):
         return array  # a dtype DLPack lacks: assign copies it
+
+
+def _assign(variable: Any, tensor: Any) -> None:
+    """`variable.assign(tensor)`, for a `tensor` of the variable's shape and dtype.
+
+    A variable held by one TensorFlow resource variable (the optimizer's slots are
+    created in a tf.function: a subclass) is assigned with the op TensorFlow's own
+    `assign` ends in, after its shape check (`_match` made it): for a model of
+    thousands of small variables, Keras' and TensorFlow's checks and wrappers around
+    it cost several times the op itself. A variable of a distribution strategy (one
+    per replica) goes through its own `assign`.
+    """
+    value = getattr(variable, "value", None)
+    if isinstance(value, BaseResourceVariable):
+        tf.raw_ops.AssignVariableOp(resource=value.handle, value=tensor)
+    else:
+        variable.assign(tensor)
 
 
 def _legacy_weights(layer: Any) -> list[Any]:
@@ -614,7 +682,7 @@ def _write_names(group: h5py.Group, key: str, names: Sequence[str]) -> None:
 # -- reading and validating ----------------------------------------------------------
 
 
-def _format_version(f: h5py.File, path: str) -> int | None:
+def _format_version(f: ListedGroup, path: str) -> int | None:
     """candle_ckpt's format version of the file, or None for an upstream Keras file."""
     if FORMAT_ATTR not in f.attrs:
         return None
@@ -627,15 +695,32 @@ def _format_version(f: h5py.File, path: str) -> int | None:
     return int(version)
 
 
+def _layer_weights_root(f: ListedGroup, path: str) -> ListedGroup:
+    """The group that holds `layer_names` and one group per layer: the file itself
+    (`save_weights`), or its `model_weights` (`model.save`, and candle_ckpt).
+
+    Raises:
+        CheckpointFormatError: neither holds `layer_names` (not a Keras model file).
+    """
+    root = f
+    if "layer_names" not in f.attrs and "model_weights" in f:
+        root = f.group("model_weights", path)
+    if not has_names(root, "layer_names"):
+        raise CheckpointFormatError(
+            f"'{path}' is not a Keras HDF5 model file: no 'layer_names' attribute in '{root.name}'"
+        )
+    return root
+
+
 def _plan_weights(
-    f: h5py.File, model: Any, path: str, ours: bool, log: LibraryLogger
-) -> list[tuple[Any, h5py.Dataset]]:
+    f: ListedGroup, model: Any, path: str, ours: bool, log: LibraryLogger
+) -> list[tuple[Any, StoredArray]]:
     """[(variable, dataset)] for every layer weight; checks counts, shapes, dtypes, names."""
-    root = layer_weights_root(f, path)
+    root = _layer_weights_root(f, path)
     saved = [
         name
         for name in _read_names(root, "layer_names")
-        if _read_names(_group(root, name, path), "weight_names")
+        if _read_names(root.group(name, path), "weight_names")
     ]
     layers = [layer for layer in model.layers if _legacy_weights(layer)]
     if len(saved) != len(layers):
@@ -648,7 +733,7 @@ def _plan_weights(
         if not _same_name(name, layer.name):
             renamed.append(f"layer #{k} is '{name}' in the file, '{layer.name}' in the model")
         pairs += _match(
-            _group(root, name, path),
+            root.group(name, path),
             _legacy_weights(layer),
             f"layer #{k} '{layer.name}' ('{name}' in the file)",
             path,
@@ -656,7 +741,7 @@ def _plan_weights(
         )
     if "top_level_model_weights" in root:
         pairs += _match(
-            _group(root, "top_level_model_weights", path),
+            root.group("top_level_model_weights", path),
             _top_level_weights(model),
             "group 'top_level_model_weights'",
             path,
@@ -676,8 +761,8 @@ def _plan_weights(
 
 
 def _plan_rng(
-    f: h5py.File, model: Any, path: str, ours: bool, log: LibraryLogger
-) -> list[tuple[Any, h5py.Dataset]]:
+    f: ListedGroup, model: Any, path: str, ours: bool, log: LibraryLogger
+) -> list[tuple[Any, StoredArray]]:
     if not ours:
         if _rng_states(model):
             log.info(
@@ -692,7 +777,7 @@ def _plan_rng(
             f"candle_ckpt file of format {FORMAT_VERSION} has one"
         )
     return _match(
-        _group(f, RNG_GROUP, path),
+        f.group(RNG_GROUP, path),
         _rng_states(model),
         f"group '{RNG_GROUP}' (SeedGenerator states)",
         path,
@@ -700,8 +785,8 @@ def _plan_rng(
 
 
 def _plan_optimizer(
-    f: h5py.File, model: Any, path: str, version: int | None, log: LibraryLogger
-) -> list[tuple[Any, h5py.Dataset]] | None:
+    f: ListedGroup, model: Any, path: str, version: int | None, log: LibraryLogger
+) -> list[tuple[Any, StoredArray]] | None:
     """[(variable, dataset)] for the optimizer, or None if it is not to be restored."""
     if "optimizer_weights" not in f:
         if version is not None and not f.attrs.get(WEIGHTS_ONLY_ATTR, False):
@@ -729,7 +814,7 @@ def _plan_optimizer(
         )
         return None
     _build_optimizer(model)
-    group = _group(f, "optimizer_weights", path)
+    group = f.group("optimizer_weights", path)
     try:
         return _match(group, optimizer.variables, f"optimizer '{optimizer.name}'", path)
     except CheckpointFormatError as e:
@@ -740,12 +825,12 @@ def _plan_optimizer(
 
 
 def _match(
-    group: h5py.Group,
+    group: ListedGroup,
     variables: Sequence[Any],
     where: str,
     path: str,
     renamed: list[str] | None = None,
-) -> list[tuple[Any, h5py.Dataset]]:
+) -> list[tuple[Any, StoredArray]]:
     """Pair `group`'s datasets (in weight_names order) with `variables`, position by
     position, after checking count, shape and dtype. Leaf-name differences are appended
     to `renamed` if given."""
@@ -757,7 +842,7 @@ def _match(
         )
     pairs = []
     for name, variable in zip(names, variables):
-        dataset = _dataset(group, name, path)
+        dataset = group.dataset(name, path)
         found = (tuple(dataset.shape), dataset.dtype.name)
         expected = (tuple(variable.shape), str(variable.dtype))
         if found != expected or not dataset.dtype.isnative:

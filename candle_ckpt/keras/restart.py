@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..core.params import validate_params
 from ..core.restore.restart import restart_run
+from ..hdf5_check import prestart
 from .adapter import KerasAdapter
 
 
@@ -70,4 +72,9 @@ def restart(
         NoCheckpointError, LinkError, CheckpointFormatError, CorruptCheckpointError,
         ChecksumMismatchError: as their names say; each message names the path.
     """
+    settings = validate_params(gParameters)
+    if settings["ckpt_restart_mode"] != "off" or settings["ckpt_init_from"] is not None:
+        # The checker process of the model file (`hdf5_check`) starts in a new job's
+        # process while the checkpoint is found and verified, rather than after.
+        prestart()
     return restart_run(gParameters, KerasAdapter(model), verbose=verbose, is_writer=is_writer)

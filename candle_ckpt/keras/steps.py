@@ -53,10 +53,8 @@ import numpy as np
 
 from ..core.errors import CheckpointError, CheckpointFormatError, ParameterValueError
 from ..core.restore.resume import Checkpoint
-from ..hdf5 import dataset as _dataset
-from ..hdf5 import dataset_array, read_names
-from ..hdf5 import group as _group
-from ..hdf5_check import errors_are_the_files, open_model_file
+from ..hdf5 import read_names
+from ..hdf5_check import ListedGroup, errors_are_the_files
 from .distributed import multi_worker_strategy, strategy_all_gather, strategy_scope
 
 STEPS_GROUP = "candle_ckpt_steps"
@@ -117,9 +115,10 @@ class StepState:
         group.attrs["python_random_gauss"] = np.nan if gauss is None else gauss
 
 
-def read(checkpoint: Checkpoint) -> StepState | None:
-    """The step state in `checkpoint`'s verified model file, None for an epoch-end
-    checkpoint; checked against the checkpoint's record before the model is touched.
+def read(checkpoint: Checkpoint, f: ListedGroup) -> StepState | None:
+    """The step state in `checkpoint`'s verified model file (`f`, its listing:
+    `h5.list_for_restore`), None for an epoch-end checkpoint; checked against the
+    checkpoint's record before the model is touched.
 
     Raises:
         CheckpointFormatError: the record says a batch the file does not (or the
@@ -128,10 +127,7 @@ def read(checkpoint: Checkpoint) -> StepState | None:
     """
     path = checkpoint.model_path
     info_batch = int(checkpoint.info.get("batch", 0))
-    with (
-        errors_are_the_files(path, "a readable candle_ckpt model file"),
-        open_model_file(checkpoint.model_contents, path) as f,
-    ):
+    with errors_are_the_files(path, "a readable candle_ckpt model file"):
         if STEPS_GROUP not in f:
             if info_batch:
                 raise CheckpointFormatError(
@@ -140,7 +136,7 @@ def read(checkpoint: Checkpoint) -> StepState | None:
                     f"step checkpoint's model file holds its position and metrics"
                 )
             return None
-        state = _parse(_group(f, STEPS_GROUP, path), checkpoint.model_contents, path)
+        state = _parse(f.group(STEPS_GROUP, path), checkpoint.model_contents, path)
     found = (state.epoch, state.batch)
     if found != (checkpoint.epoch, info_batch):
         raise CheckpointFormatError(
@@ -150,7 +146,7 @@ def read(checkpoint: Checkpoint) -> StepState | None:
     return state
 
 
-def _parse(group: h5py.Group, contents: memoryview, path: str) -> StepState:
+def _parse(group: ListedGroup, contents: memoryview, path: str) -> StepState:
     values = {}
     for key in ("epoch", "batch", "batches_per_epoch"):
         value = group.attrs.get(key)
@@ -173,8 +169,7 @@ def _parse(group: h5py.Group, contents: memoryview, path: str) -> StepState:
         )
     names = tuple(read_names(group, _NAMES))
     arrays = tuple(
-        np.array(dataset_array(_dataset(group, str(k), path), contents, path))
-        for k in range(len(names))
+        np.array(group.dataset(str(k), path).array(contents, path)) for k in range(len(names))
     )
     return StepState(
         values["epoch"],
@@ -187,10 +182,10 @@ def _parse(group: h5py.Group, contents: memoryview, path: str) -> StepState:
     )
 
 
-def _parse_random(group: h5py.Group, contents: memoryview, path: str) -> tuple[Any, ...]:
+def _parse_random(group: ListedGroup, contents: memoryview, path: str) -> tuple[Any, ...]:
     """random.getstate() from the group, checked by random.setstate on a scratch
     generator (it refuses a state the Mersenne Twister cannot have)."""
-    words = dataset_array(_dataset(group, _RANDOM, path), contents, path)
+    words = group.dataset(_RANDOM, path).array(contents, path)
     version = group.attrs.get("python_random_version")
     gauss = group.attrs.get("python_random_gauss")
     if words.dtype != np.uint32 or words.shape != (_RANDOM_WORDS,) or version != _RANDOM_VERSION:
