@@ -440,7 +440,8 @@ def assert_resumed_at_the_signalled_batch(job_id, text, save, signal_name, refer
         f"training stopped, the epoch resumes after this batch; epoch {epoch}, batch "
         f"{batch + 1} saved now"
     ) in log, log[-3000:]
-    assert re.search(rf"restarted from .*steps/{epoch - 1:03d}\.{batch + 1:06d}", log), log
+    step = f"steps/{epoch - 1:03d}.{batch + 1:06d}/model.h5"
+    assert re.search(rf"restarted from epoch {epoch}, batch {batch + 1}: .*{step}", log), log
     assert final_digest(text) == [reference]
 
 
