@@ -13,11 +13,11 @@
 # - Slurm sends SIGUSR1 to this batch shell 120 s before the time limit (--signal=B:...).
 #   The shell forwards it to Python, whose checkpoint callback (--ckpt_signal USR1)
 #   stops at the end of the running batch, makes sure the last completed epoch is on
-#   disk, and exits with status 75.
+#   disk (with --ckpt_save_steps N: saves that batch), and exits with status 75.
 # - Status 75: the script requeues the job (scontrol requeue; --requeue allows it). The
 #   requeued job runs this script again; --ckpt_restart_mode auto resumes from
-#   save/ckpts/last and re-runs the interrupted epoch. Training is bit-identical to an
-#   uninterrupted run.
+#   save/ckpts/last and re-runs the interrupted epoch (or, from a step checkpoint, goes
+#   on after its batch). Training is bit-identical to an uninterrupted run.
 # - Status 0: training is done (a finished run restarted trains nothing more).
 # - Anything else: a real failure; the job ends and is not requeued.
 # - A node failure or kill -9 gives no warning: the job (requeued by Slurm if the
@@ -27,6 +27,10 @@
 #   last epoch end where one more epoch and a save would not fit, with status 75.
 # - If the cluster pre-empts with SIGTERM (PreemptMode=REQUEUE plus GraceTime), use
 #   --signal=B:TERM@120 and CKPT_SIGNAL=TERM instead.
+# - With no --signal at all (delete the #SBATCH --signal line), set CKPT_SIGNAL=TERM and
+#   pass --ckpt_save_steps: Slurm's SIGTERM at the time limit then saves the running
+#   batch, which must end and save before the SIGKILL that follows after KillWait
+#   (30 s by default; `scontrol show config | grep KillWait`).
 #
 #SBATCH --job-name=candle-benchmark
 #SBATCH --nodes=1

@@ -1,7 +1,8 @@
 """examples/slurm_job.sh: it finds the project's Python the way sbatch runs it (a fake
 sbatch on PATH), and, under a real one-node Slurm started here, a job with a one-minute
 limit is stopped before its end, requeued, resumed from `last` and ends with the weights
-of an uninterrupted run."""
+of an uninterrupted run; and a job with step checkpoints, stopped mid-epoch by Slurm's
+`--signal` or by the bare SIGTERM of its time limit, resumes at that batch exactly."""
 
 import os
 import re
@@ -133,6 +134,8 @@ SelectType=select/cons_tres
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=1
 ReturnToService=2
+# SIGTERM at the time limit, SIGKILL this long after (30 s by default)
+KillWait=10
 MpiDefault=none
 NodeName={host} CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
@@ -227,10 +230,34 @@ class OneNodeSlurm:
         """Wait until job `job_id` has left the queue; False if it is still there."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if not self.run("squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip():
+            queued = self.run("squeue", "-h", "-j", job_id, "-o", "%T")
+            # a busy slurmctld makes squeue time out, with nothing on stdout either
+            if queued.returncode == 0 and not queued.stdout.strip():
                 return True
             time.sleep(1)
         return False
+
+    def one_minute_job(self, output, script, *args, sbatch_flags=(), cwd, env):
+        """Submit `script args` with a one-minute limit and wait until the job has left
+        the queue; return (its id, the text of its `output` file)."""
+        submitted = self.run(
+            "sbatch",
+            "--parsable",
+            "--time=1",
+            "--cpus-per-task=1",
+            f"--output={output}",
+            *sbatch_flags,
+            script,
+            *args,
+            cwd=cwd,
+            env=env,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip().split(";")[0]
+        finished = self.wait_for(job_id, 400)
+        text = output.read_text() if output.exists() else ""
+        assert finished, f"job {job_id} still queued:\n{text[-3000:]}\n{self.log_tails()}"
+        return job_id, text
 
     def log_tails(self):
         tails = []
@@ -307,42 +334,27 @@ EPOCHS = ("--epochs", "4", "--ckpt_save_best", "false")
 STOPPED = ("--ckpt_walltime_margin", "5", "--virtual_clock", "2")
 
 
-def run_slurm_job(slurm, tmp_path, options, arguments, script=SLURM_JOB, **env):
-    """Submit `script` (examples/slurm_job.sh) with sbatch `options` and the benchmark's
-    `arguments` (`env` adds to its environment: BENCHMARK, ...), its tree in
-    tmp_path/save; wait until it has left the queue; return (job id, tree, output)."""
-    save, output = tmp_path / "save", tmp_path / "job.out"
-    env = {"PYTHON": sys.executable, "PYTHONPATH": TOP, "CKPT_DIR": str(save), **env}
-    submitted = slurm.run(
-        "sbatch",
-        "--parsable",
-        "--cpus-per-task=1",
-        f"--output={output}",
-        *options,
-        script,
-        *arguments,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
-    finished = slurm.wait_for(job_id, 400)
-    text = output.read_text() if output.exists() else ""
-    assert finished, f"job {job_id} still queued:\n{text[-3000:]}\n{slurm.log_tails()}"
-    return job_id, save, text
-
-
 @pytest.mark.slow
 def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slurm, tmp_path):
     reference = tmp_path / "reference"
     run_job(reference, *EPOCHS)
-    job_id, save, text = run_slurm_job(
-        slurm,
-        tmp_path,
-        ("--time=1", "--signal=B:USR1@5"),
-        (*EPOCHS, *STOPPED),
-        BENCHMARK=os.path.join(HERE, "keras_job.py"),
-        MAX_REQUEUES="8",
+    save = tmp_path / "save"
+    output = tmp_path / "job.out"
+    env = {
+        "PYTHON": sys.executable,
+        "PYTHONPATH": TOP,
+        "CKPT_DIR": str(save),
+        "BENCHMARK": os.path.join(HERE, "keras_job.py"),
+        "MAX_REQUEUES": "8",
+    }
+    job_id, text = slurm.one_minute_job(
+        output,
+        SLURM_JOB,
+        *EPOCHS,
+        *STOPPED,
+        sbatch_flags=["--signal=B:USR1@5"],
+        cwd=tmp_path,
+        env=env,
     )
     statuses = re.findall(r"training exited with status (\d+)", text)
     assert statuses and statuses[-1] == "0" and set(statuses[:-1]) == {"75"}, text[-3000:]
@@ -361,88 +373,116 @@ def test_real_slurm_job_stops_before_its_limit_requeues_and_resumes_exactly(slur
     )
 
 
-# A PyTorch loop with step checkpoints (tests/steps_job.py, 30 batches an epoch) made
-# slow (--batch_seconds), so that a signal at a set time finds it inside an epoch.
-STEPS_JOB = os.path.join(HERE, "slurm_steps_job.py")
-STEPS = ("--epochs", "2", "--ckpt_save_steps", "7")
+# -- mid-epoch under a real Slurm -------------------------------------------------------
+
+# tests/steps_job.py trains 3 epochs of 30 batches and waits at PAUSE (epoch 2, batch 10,
+# 0-based) until a signal comes: Slurm's, whenever it comes, always at the same batch.
+STEPS_EPOCHS, STEPS_BATCHES, PAUSE = 3, 30, (2, 10)
+TRAINED = re.compile(r"^trained (\d+):(\d+)$", re.M)
+# slurm_job.sh passes flags only; steps_job.py takes its directory and epochs first (the
+# --ckpt_directory flag that follows overrides the first).
+STEPS_JOB = """\
+import sys
+sys.path.insert(0, {here!r})
+import steps_job
+steps_job.main([{directory!r}, "{epochs}", *sys.argv[1:]])
+"""
 
 
-def uninterrupted_steps_digest(directory):
-    """The final digest of an uninterrupted run of steps_job.py with STEPS."""
-    result = subprocess.run(
-        [sys.executable, os.path.join(HERE, "steps_job.py"), str(directory), "2"]
-        + ["--ckpt_save_steps", "7"],
+def trained(text):
+    return [(int(epoch), int(batch)) for epoch, batch in TRAINED.findall(text)]
+
+
+def final_digest(text):
+    return re.findall(r"^final digest (\w+)$", text, re.M)
+
+
+def mid_epoch_job(slurm, tmp_path, script, signal_name, *sbatch_flags):
+    """Submit `script` (slurm_job.sh) running tests/steps_job.py with ckpt_save_steps and
+    ckpt_signal `signal_name`, paused at PAUSE in its first run; wait until it has left
+    the queue and return (job id, its output, its checkpoint directory)."""
+    save = tmp_path / "save"
+    output = tmp_path / "job.out"
+    job = tmp_path / "steps_slurm_job.py"
+    job.write_text(STEPS_JOB.format(here=HERE, directory=str(save), epochs=STEPS_EPOCHS))
+    env = {
+        "PYTHON": sys.executable,
+        "PYTHONPATH": TOP,
+        "OMP_NUM_THREADS": "1",
+        "CKPT_DIR": str(save),
+        "CKPT_SIGNAL": signal_name,
+        "BENCHMARK": str(job),
+        "MAX_REQUEUES": "4",
+    }
+    # The pause is reached in the first run only: the requeued one resumes after it.
+    flags = ("--ckpt_save_steps", "1000", "--pause_at", ":".join(map(str, PAUSE)))
+    job_id, text = slurm.one_minute_job(
+        output, script, *flags, sbatch_flags=sbatch_flags, cwd=tmp_path, env=env
+    )
+    return job_id, text, save
+
+
+def assert_resumed_at_the_signalled_batch(job_id, text, save, signal_name, reference):
+    """The first run stopped after the paused batch with a step checkpoint of it and
+    exit status 75; the requeued run began with the next batch; together they trained
+    every batch exactly once and ended with the reference's weights and optimizer."""
+    statuses = re.findall(r"training exited with status (\d+)", text)
+    assert statuses == ["75", "0"], text[-3000:]
+    assert f"pre-empted: requeueing job {job_id}" in text and "(restart count 1)" in text
+    first, requeued = text.split("(restart count 1)")
+    epoch, batch = PAUSE
+    assert trained(first)[-1] == PAUSE and trained(requeued)[0] == (epoch, batch + 1)
+    everything = [(e, b) for e in range(1, STEPS_EPOCHS + 1) for b in range(STEPS_BATCHES)]
+    assert trained(text) == everything  # none trained again, none skipped
+    log = (save / "ckpt.log").read_text()
+    assert (
+        f"PRE-EMPTED by SIG{signal_name} at the end of epoch {epoch}, batch {batch + 1}: "
+        f"training stopped, the epoch resumes after this batch; epoch {epoch}, batch "
+        f"{batch + 1} saved now"
+    ) in log, log[-3000:]
+    step = f"steps/{epoch - 1:03d}.{batch + 1:06d}/model.h5"
+    assert re.search(rf"restarted from epoch {epoch}, batch {batch + 1}: .*{step}", log), log
+    assert final_digest(text) == [reference]
+
+
+@pytest.fixture
+def steps_reference(tmp_path):
+    """The digest of an uninterrupted tests/steps_job.py run (no step saves: they must
+    not change training)."""
+    directory = str(tmp_path / "reference")
+    done = subprocess.run(
+        [sys.executable, os.path.join(HERE, "steps_job.py"), directory, str(STEPS_EPOCHS)],
+        env={**os.environ, "PYTHONPATH": TOP, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": TOP, "OMP_NUM_THREADS": "1"},
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return re.findall(r"final digest (\w+)", result.stdout)[-1]
-
-
-def check_resumed_mid_epoch(text, log, signal, expected_digest):
-    """Every run but the last exited 75 and the last 0, each stopped by `signal` and
-    saving the batch it was at, the first inside an epoch (a later run, on a slow day,
-    may be signalled anywhere); together they trained every batch once, in order, and
-    the last ends with the uninterrupted run's digest."""
-    statuses = re.findall(r"training exited with status (\d+)", text)
-    assert len(statuses) >= 2 and statuses[-1] == "0", text[-3000:]
-    assert set(statuses[:-1]) == {"75"}, text[-3000:]
-    stops = re.findall(rf"PRE-EMPTED by SIG{signal} at the end of epoch (\d), batch (\d+)", log)
-    assert len(stops) == len(statuses) - 1, log[-3000:]
-    assert 0 < int(stops[0][1]) < 30, stops  # inside an epoch
-    trained = re.findall(r"^trained (\d):(\d+)$", text, re.M)
-    assert trained == [(str(e), str(b)) for e in (1, 2) for b in range(30)], trained
-    assert re.findall(r"final digest (\w+)", text) == [expected_digest]
+    assert done.returncode == 0, done.stderr[-3000:]
+    return final_digest(done.stdout)[0]
 
 
 @pytest.mark.slow
-def test_real_slurm_signal_saves_mid_epoch_and_the_requeued_job_ends_bit_identical(slurm, tmp_path):
-    """`--signal=B:USR1@30` with a one-minute limit: the signal comes 30 s in, inside
-    epoch 2 of a 36-second run; the job saves that batch, exits 75 and requeues itself,
-    and the requeued run trains the rest and ends as an uninterrupted run does."""
-    expected = uninterrupted_steps_digest(tmp_path / "reference")
-    job_id, save, text = run_slurm_job(
-        slurm,
-        tmp_path,
-        ("--time=1", "--signal=B:USR1@30"),
-        (*STEPS, "--batch_seconds", "0.6"),
-        BENCHMARK=STEPS_JOB,
-        OMP_NUM_THREADS="1",
-        MAX_REQUEUES="4",
-    )
-    assert f"pre-empted: requeueing job {job_id}" in text and "(restart count 1)" in text
-    check_resumed_mid_epoch(text, (save / "ckpt.log").read_text(), "USR1", expected)
-
-
-@pytest.mark.slow
-def test_real_slurm_sigterm_at_the_time_limit_saves_mid_epoch_and_the_job_ends_bit_identical(
-    slurm, tmp_path
+def test_real_slurm_signal_saves_mid_epoch_and_the_requeued_run_resumes_at_that_batch(
+    slurm, steps_reference, tmp_path
 ):
-    """No --signal (clusters without it; the script's #SBATCH --signal line removed): at
-    the one-minute limit Slurm sends SIGTERM to every process of the job, and SIGKILL
-    after KillWait; with ckpt_signal TERM the job, inside epoch 2 then, saves that batch
-    and exits 75, requeues itself (Slurm allows it after the time limit too), and the
-    requeued run trains the rest and ends as an uninterrupted run does."""
-    expected = uninterrupted_steps_digest(tmp_path / "reference")
-    with open(SLURM_JOB) as stream:  # the job script as a cluster without --signal has it
-        lines = [line for line in stream if not line.startswith("#SBATCH --signal=")]
-    script = tmp_path / "slurm_job_without_signal.sh"
-    script.write_text("".join(lines))
-    # slurmctld checks time limits every 30 s: SIGTERM comes 60-90 s in, inside
-    # epoch 2 (from about 51 s to 99 s)
-    job_id, save, text = run_slurm_job(
-        slurm,
-        tmp_path,
-        ("--time=1",),
-        (*STEPS, "--batch_seconds", "1.6"),
-        script=str(script),
-        BENCHMARK=STEPS_JOB,
-        OMP_NUM_THREADS="1",
-        CKPT_SIGNAL="TERM",
-        MAX_REQUEUES="4",
-    )
-    assert f"JOB {job_id} ON " in text and "DUE TO TIME LIMIT" in text, text[-3000:]
-    assert "TERM received: forwarding to" in text and "(restart count 1)" in text
-    check_resumed_mid_epoch(text, (save / "ckpt.log").read_text(), "TERM", expected)
+    # Slurm sends the signal at its first check (every 30 s) with at most 40 s left:
+    # 20 to 50 s after the start, when the first run has long been paused mid-epoch.
+    job_id, text, save = mid_epoch_job(slurm, tmp_path, SLURM_JOB, "USR1", "--signal=B:USR1@40")
+    assert "USR1 received: forwarding to" in text
+    assert_resumed_at_the_signalled_batch(job_id, text, save, "USR1", steps_reference)
+
+
+@pytest.mark.slow
+def test_real_slurm_time_limit_sigterm_saves_mid_epoch_within_killwait_and_resumes(
+    slurm, steps_reference, tmp_path
+):
+    # No --signal (the script's #SBATCH line deleted, as its comment says for such a
+    # cluster): at the one-minute limit Slurm sends SIGTERM to the job's processes, and
+    # SIGKILL KillWait (10 s) later; the step save fits between the two.
+    script = tmp_path / "slurm_job.sh"
+    lines = open(SLURM_JOB).read().splitlines(keepends=True)
+    script.write_text("".join(line for line in lines if not line.startswith("#SBATCH --signal")))
+    job_id, text, save = mid_epoch_job(slurm, tmp_path, script, "TERM")
+    assert "CANCELLED AT" in text and "DUE TO TIME LIMIT" in text
+    assert "TERM received: forwarding to" in text
+    assert_resumed_at_the_signalled_batch(job_id, text, save, "TERM", steps_reference)
