@@ -4,8 +4,10 @@ The previous release (c7e8069, the code step checkpoints were added to) is run f
 own source, extracted with `git archive`; upstream CANDLE's restart (candle_lib's
 `CandleCkpt.restart`) is emulated as candle_lib/ckpt_utils.py does it: follow
 `ckpts/last`, read its ckpt-info.json, train from epoch `J["epoch"]`. Both find `last`
-naming the last epoch-end checkpoint, so they train the partial epoch again from its
-first batch; neither skips it, neither fails. docs/FORMAT.md, "Step checkpoints".
+naming the last epoch-end checkpoint: candle_lib trains the partial epoch again from
+its first batch; the previous release's commands see the epochs only, and its restart
+refuses this release's PyTorch model file (torch-h5/2) before loading anything. Neither
+skips a batch. docs/FORMAT.md, "Step checkpoints" and the PyTorch model file.
 """
 
 import json
@@ -65,63 +67,82 @@ def candle_lib_restart_epoch(tree):
         return json.load(stream)["epoch"]
 
 
-@pytest.mark.slow
-def test_the_previous_release_and_candle_lib_train_the_partial_epoch_again(
-    tmp_path,
-    previous_release,
-    reference,  # noqa: F811
-):
-    steps = ("--ckpt_save_steps", "4")
+def killed_mid_epoch(root, epoch):
+    """A run with step checkpoints killed at batch 10 of `epoch` (1-based): `last` names
+    epoch `epoch - 1`, `last_step` its step after batch 8; returns the tree."""
     killed = subprocess.run(
-        command(tmp_path, *steps, "--kill_at", "2:10"), env=environment(), capture_output=True
+        command(root, *STEPS, "--kill_at", f"{epoch}:10"), env=environment(), capture_output=True
     )
     assert killed.returncode == -9
-    tree = os.path.join(tmp_path, "ckpts")
-    assert os.readlink(os.path.join(tree, "last")) == "epochs/001"
-    assert os.readlink(os.path.join(tree, "last_step")) == "steps/001.000008"
+    tree = os.path.join(root, "ckpts")
+    assert os.readlink(os.path.join(tree, "last")) == f"epochs/{epoch - 1:03d}"
+    assert os.readlink(os.path.join(tree, "last_step")) == f"steps/{epoch - 1:03d}.000008"
+    return tree
 
-    # candle_lib restarts from epoch 1: its loop starts epoch 2 at its first batch
-    assert candle_lib_restart_epoch(tree) == 1
 
-    # the previous release: list and verify show the epochs and pass
-    for args in (["list", str(tmp_path)], ["verify", str(tmp_path), "--all"]):
-        # (`-m` imports from the current directory first: the previous release's)
-        shown = subprocess.run(
-            [sys.executable, "-m", "candle_ckpt", *args],
-            env=environment(PYTHONPATH=previous_release),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=previous_release,
-        )
-        assert shown.returncode == 0, shown.stdout + shown.stderr
-        assert "step" not in shown.stdout  # epochs only
-    # its restart loads epoch 1 and trains all of epoch 2 again (it knows no
-    # ckpt_save_steps: refused as an unknown parameter, so not given), exactly
-    done = run_with(previous_release, tmp_path)
-    assert trained(done.stdout)[0] == (2, 0)
-    assert final_digest(done.stdout) == reference
-    assert os.readlink(os.path.join(tree, "last")) == "epochs/003"
-
-    # this release: the step checkpoint continues epoch 1's, not the epoch 3 the
-    # previous release saved since: ignored, with a warning
-    done = run_with(TOP, tmp_path, *steps)
-    assert trained(done.stdout) == [] and final_digest(done.stdout) == reference
-    log = open(os.path.join(tmp_path, "ckpt.log")).read()
-    assert "step checkpoint" in log and "continues the checkpoint of epoch 1, but 'last'" in log
-
-    # the previous release's rollback to epoch 1 leaves last_step: the step checkpoint
-    # continues epoch 1's again, and this release resumes it (later in the same
-    # training: nothing skipped)
-    rolled = subprocess.run(
-        [sys.executable, "-m", "candle_ckpt", "rollback", str(tmp_path), "1"],
+def previous_cli(previous_release, *args):
+    # (`-m` imports from the current directory first: the previous release's)
+    return subprocess.run(
+        [sys.executable, "-m", "candle_ckpt", *args],
         env=environment(PYTHONPATH=previous_release),
         capture_output=True,
         text=True,
         timeout=120,
         cwd=previous_release,
     )
+
+
+STEPS = ("--ckpt_save_steps", "4")
+
+
+@pytest.mark.slow
+def test_the_previous_release_sees_epochs_only_and_candle_lib_trains_the_partial_epoch_again(
+    tmp_path,
+    previous_release,
+    reference,  # noqa: F811
+):
+    tree = killed_mid_epoch(tmp_path, 3)
+
+    # candle_lib restarts from epoch 2: its loop starts epoch 3 at its first batch
+    assert candle_lib_restart_epoch(tree) == 2
+
+    # the previous release: list and verify show the epochs and pass
+    for args in (["list", str(tmp_path)], ["verify", str(tmp_path), "--all"]):
+        shown = previous_cli(previous_release, *args)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert "step" not in shown.stdout  # epochs only
+    # its restart refuses this release's torch-h5/2 model file before loading anything
+    # (docs/FORMAT.md, the PyTorch model file's version step), naming the version
+    # (it knows no ckpt_save_steps: refused as an unknown parameter, so not given)
+    refused = run_with(previous_release, tmp_path, status=1)
+    assert "candle_ckpt_torch_format_version is" in refused.stderr
+    assert "reads versions 1 to 1" in refused.stderr
+    assert trained(refused.stdout) == []
+    assert os.readlink(os.path.join(tree, "last")) == "epochs/002"
+
+    # its rollback to epoch 1 leaves last_step, whose step continues epoch 2's: this
+    # release ignores it with a warning and trains epoch 2 again from its first batch
+    rolled = previous_cli(previous_release, "rollback", str(tmp_path), "1")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert os.readlink(os.path.join(tree, "last_step")) == "steps/002.000008"
+    done = run_with(TOP, tmp_path, *STEPS)
+    assert trained(done.stdout)[0] == (2, 0) and final_digest(done.stdout) == reference
+    log = open(os.path.join(tmp_path, "ckpt.log")).read()
+    assert "step checkpoint" in log and "continues the checkpoint of epoch 2, but 'last'" in log
+
+
+@pytest.mark.slow
+def test_a_rollback_by_the_previous_release_to_the_epoch_last_names_keeps_the_step(
+    tmp_path,
+    previous_release,
+    reference,  # noqa: F811
+):
+    """The previous release's rollback to the very epoch `last` names leaves last_step:
+    the step continues that epoch's checkpoint, and this release resumes it (later in
+    the same training: nothing skipped)."""
+    tree = killed_mid_epoch(tmp_path, 2)
+    rolled = previous_cli(previous_release, "rollback", str(tmp_path), "1")
     assert rolled.returncode == 0 and "last_step" not in rolled.stdout, rolled.stderr
     assert os.readlink(os.path.join(tree, "last_step")) == "steps/001.000008"
-    done = run_with(TOP, tmp_path, *steps)
+    done = run_with(TOP, tmp_path, *STEPS)
     assert trained(done.stdout)[0] == (2, 8) and final_digest(done.stdout) == reference
