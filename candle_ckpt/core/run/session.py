@@ -573,13 +573,7 @@ class TrainingSession:
         if self._watch is not None:
             self._watch.uninstall()
         if not self.is_writer:
-            message = (
-                f"WALL-CLOCK STOP after epoch {epoch}: the checkpoint writer says the "
-                f"next epoch would not finish before the job's end; exiting with "
-                f"status {PREEMPTED_EXIT_STATUS}"
-            )
-            console_logger("save", self._verbose).warning(message)
-            return Preempted(message)
+            return self._stop_as_the_writer_says(f"epoch {epoch}", "next epoch")
         not_saving = self._not_saving()
         if not_saving is not None:
             kept = f"nothing saved: {not_saving}"
@@ -599,6 +593,16 @@ class TrainingSession:
         self.checkpointer.logger.warning(message)
         return Preempted(message)
 
+    def _stop_as_the_writer_says(self, where: str, what: str) -> Preempted:
+        """A process that does not write stops after `where` because the writer said
+        `what` would not finish before the job's end; the stop to raise."""
+        message = (
+            f"WALL-CLOCK STOP after {where}: the checkpoint writer says the {what} would "
+            f"not finish before the job's end; exiting with status {PREEMPTED_EXIT_STATUS}"
+        )
+        console_logger("save", self._verbose).warning(message)
+        return Preempted(message)
+
     def _stop_walltime_at_batch(
         self, position: tuple[int, int], estimate: StopEstimate | None
     ) -> Preempted:
@@ -608,13 +612,7 @@ class TrainingSession:
             self._watch.uninstall()
         where = f"epoch {position[0] + 1}, batch {position[1]}"
         if not self.is_writer:
-            message = (
-                f"WALL-CLOCK STOP after {where}: the checkpoint writer says the next "
-                f"batches would not finish before the job's end; exiting with status "
-                f"{PREEMPTED_EXIT_STATUS}"
-            )
-            console_logger("save", self._verbose).warning(message)
-            return Preempted(message)
+            return self._stop_as_the_writer_says(where, "next batches")
         self._wait_for_saves()
         self._save_step(position, "wall-clock")
         self._wait_for_saves()
