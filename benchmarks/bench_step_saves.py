@@ -59,12 +59,22 @@ from common import SIZES_MB, directory_argument, footer, header, scratch_directo
 MODES = ("none", "every", "auto")
 
 
-def build(megabytes, seed=0):
-    """Four Linear(w, w) layers with about `megabytes` MB of state with AdamW (parameters,
-    exp_avg, exp_avg_sq: 3 x 4 bytes a parameter), one step taken so that the
-    optimizer's state exists; and the batch it trains on."""
+def build(size, seed=0):
+    """The model of `size`, its AdamW with one step taken so that the optimizer's state
+    exists, and the batch it trains on. A size in MB (`SIZES_MB`): four Linear(w, w)
+    layers with about that much state (parameters, exp_avg, exp_avg_sq: 3 x 4 bytes a
+    parameter); "transformer" or "deep": `bench_shapes.py`'s model of that name."""
+    if size in ("transformer", "deep"):
+        import bench_shapes
+
+        if size == "deep":
+            model, optimizer = bench_shapes.torch_deep(bench_shapes.DEEP_LAYERS["pytorch"], seed)
+            return model, optimizer, torch.randn(32, bench_shapes.DEEP_WIDTH)
+        spec = bench_shapes.TRANSFORMERS[size]
+        model, optimizer = bench_shapes.torch_transformer(spec, seed)
+        return model, optimizer, torch.randn(32, bench_shapes.SEQUENCE, spec[0])
     torch.manual_seed(seed)
-    width = int((megabytes * 1e6 / 48) ** 0.5)
+    width = int((SIZES_MB[size] * 1e6 / 48) ** 0.5)
     model = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(4)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = torch.randn(32, width, generator=torch.Generator().manual_seed(seed))
@@ -104,7 +114,7 @@ def session(root, steps):
 def measure(size, directory, rounds, segment_seconds, every_seconds):
     """{mode: [segment seconds]}, {mode: [training seconds between saves]}, {mode:
     saves}, auto's logged intervals, the batch time and N, and the state bytes."""
-    model, optimizer, batch = build(SIZES_MB[size])
+    model, optimizer, batch = build(size)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -189,7 +199,12 @@ def per_size(values, sizes, name):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100MB,1GB")
+    parser.add_argument(
+        "--sizes",
+        default="100MB,1GB",
+        help="MLP state sizes, or the shapes 'transformer' (d=256, 114 MB) and 'deep' "
+        "(500 x Linear(64, 64)) of bench_shapes.py",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--segment-seconds", default="20,60")
     parser.add_argument("--every-seconds", default="5,30")
