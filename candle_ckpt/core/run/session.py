@@ -584,14 +584,7 @@ class TrainingSession:
             self.checkpointer.save(decision, lambda: self._capture(epoch, 0))
             kept = f"epoch {epoch} saved now"
         self._wait_for_saves()
-        assert estimate is not None
-        message = (
-            f"WALL-CLOCK STOP after epoch {epoch}: {estimate.describe()}; {kept}; "
-            f"exiting with status {PREEMPTED_EXIT_STATUS} so that the job script "
-            f"can requeue"
-        )
-        self.checkpointer.logger.warning(message)
-        return Preempted(message)
+        return self._stopped_writing(f"epoch {epoch}", estimate, kept)
 
     def _stop_as_the_writer_says(self, where: str, what: str) -> Preempted:
         """A process that does not write stops after `where` because the writer said
@@ -616,10 +609,15 @@ class TrainingSession:
         self._wait_for_saves()
         self._save_step(position, "wall-clock")
         self._wait_for_saves()
+        kept = f"{where} is on disk (a step checkpoint: the epoch resumes after this batch)"
+        return self._stopped_writing(where, estimate, kept)
+
+    def _stopped_writing(self, where: str, estimate: StopEstimate | None, kept: str) -> Preempted:
+        """The writer stops after `where`, for `estimate`, having `kept` the state on
+        disk as said: logged; the stop to raise."""
         assert estimate is not None
         message = (
-            f"WALL-CLOCK STOP after {where}: {estimate.describe()}; {where} is on disk "
-            f"(a step checkpoint: the epoch resumes after this batch); exiting with "
+            f"WALL-CLOCK STOP after {where}: {estimate.describe()}; {kept}; exiting with "
             f"status {PREEMPTED_EXIT_STATUS} so that the job script can requeue"
         )
         self.checkpointer.logger.warning(message)
